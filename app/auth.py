@@ -1,0 +1,35 @@
+"""Bearer-token guard (constant-time comparison) and the matching OpenAPI security scheme."""
+
+from __future__ import annotations
+
+import hmac
+
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi.spec import Components, SecurityScheme
+
+SECURITY_SCHEME_NAME = "BearerAuth"
+BEARER_COMPONENTS = Components(
+    security_schemes={
+        SECURITY_SCHEME_NAME: SecurityScheme(
+            type="http", scheme="bearer", description="The server's API_KEY, sent as `Authorization: Bearer <key>`."
+        )
+    }
+)
+SECURITY_REQUIREMENT = [{SECURITY_SCHEME_NAME: []}]
+
+
+def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Let the request through when no key is configured or the bearer token matches it."""
+    expected: bytes | None = connection.app.state.api_key_bytes
+    if expected is None:
+        return
+    header = connection.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # compare_digest on bytes of any length: no early exit that would leak the key's prefix.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        raise NotAuthorizedException(
+            detail="invalid or missing API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

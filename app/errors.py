@@ -1,0 +1,145 @@
+"""Every error leaves the server in the OpenAI shape: {"error": {message, type, param, code}}.
+
+One table maps exception classes to (status, OpenAI type, default code). Unexpected exceptions
+become a generic 500; their details go to the log only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import msgspec
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+
+from app.schemas.common import ErrorBody, ErrorResponse
+from scheduler.errors import (
+    ContextLengthExceededError,
+    EngineError,
+    GenerationError,
+    InvalidImageError,
+    InvalidRequestError,
+    ModelNotReadyError,
+    OverloadedError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(EngineError):
+    code = "model_not_found"
+
+
+class PayloadTooLargeError(EngineError):
+    code = "request_too_large"
+
+
+# (status, OpenAI error type); most specific classes first.
+ENGINE_ERRORS: tuple[tuple[type[EngineError], int, str], ...] = (
+    (ContextLengthExceededError, 400, "invalid_request_error"),
+    (InvalidImageError, 400, "invalid_request_error"),
+    (InvalidRequestError, 400, "invalid_request_error"),
+    (ModelNotFoundError, 404, "invalid_request_error"),
+    (PayloadTooLargeError, 413, "invalid_request_error"),
+    (OverloadedError, 503, "server_error"),
+    (ModelNotReadyError, 503, "server_error"),
+    (GenerationError, 500, "server_error"),
+)
+
+HTTP_CODES: dict[int, tuple[str, str, str]] = {
+    400: ("invalid_request_error", "invalid_request", "the request is invalid"),
+    401: ("authentication_error", "invalid_api_key", "invalid or missing API key"),
+    403: ("permission_error", "forbidden", "forbidden"),
+    404: ("invalid_request_error", "not_found", "not found"),
+    405: ("invalid_request_error", "method_not_allowed", "method not allowed"),
+    413: ("invalid_request_error", "request_too_large", "the request body is too large"),
+    415: ("invalid_request_error", "unsupported_media_type", "unsupported media type"),
+    429: ("rate_limit_error", "rate_limited", "too many requests"),
+    503: ("server_error", "unavailable", "the service is unavailable"),
+}
+
+_PATH_IN_MESSAGE = re.compile(r" - at `\$\.?([^`]*)`")
+
+
+def error_body(status: int, message: str, *, type_: str | None = None, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    default_type, default_code, _ = HTTP_CODES.get(status, ("server_error", "internal_error", ""))
+    return ErrorResponse(ErrorBody(message=message, type=type_ or default_type, param=param, code=code or default_code))
+
+
+def error_response(status: int, body: ErrorResponse, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(content=msgspec.json.encode(body), status_code=status, media_type=MediaType.JSON, headers=headers)
+
+
+def engine_error_to_response(exc: EngineError) -> tuple[int, ErrorResponse, dict[str, str] | None]:
+    for cls, status, type_ in ENGINE_ERRORS:
+        if isinstance(exc, cls):
+            headers = None
+            if isinstance(exc, OverloadedError):
+                headers = {"Retry-After": str(exc.retry_after_s)}
+            elif isinstance(exc, ModelNotReadyError):
+                headers = {"Retry-After": "5"}
+            message = exc.message if status < 500 or not isinstance(exc, GenerationError) else "generation failed"
+            return status, error_body(status, message, type_=type_, param=exc.param, code=exc.code), headers
+    return 500, error_body(500, "internal server error", code="internal_error"), None
+
+
+def handle_engine_error(request: Request, exc: EngineError) -> Response[bytes]:
+    status, body, headers = engine_error_to_response(exc)
+    return error_response(status, body, headers)
+
+
+def handle_validation_error(request: Request, exc: ValidationException) -> Response[bytes]:
+    message, param = _describe_validation(exc)
+    return error_response(400, error_body(400, message, param=param, code="invalid_request"))
+
+
+def handle_http_exception(request: Request, exc: HTTPException) -> Response[bytes]:
+    status = exc.status_code
+    type_, code, default_message = HTTP_CODES.get(status, ("server_error" if status >= 500 else "invalid_request_error", "http_error", "error"))
+    headers = dict(exc.headers or {})
+    if isinstance(exc, NotAuthorizedException):
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    if status == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    elif status == 405:
+        message = f"method {request.method} is not allowed for {request.url.path}"
+    elif status >= 500:
+        message = default_message or "internal server error"
+    else:
+        message = exc.detail if isinstance(exc.detail, str) and exc.detail else default_message
+    return error_response(status, error_body(status, message, type_=type_, code=code), headers or None)
+
+
+def handle_unexpected(request: Request, exc: Exception) -> Response[bytes]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, error_body(500, "internal server error", code="internal_error"))
+
+
+def _describe_validation(exc: ValidationException) -> tuple[str, str | None]:
+    """msgspec says e.g. "Expected `float` <= 2.0 - at `$.temperature`": keep the sentence, turn
+    the JSON path into OpenAI's `param`."""
+    extra: Any = exc.extra
+    detail = None
+    if isinstance(extra, list) and extra:
+        first = extra[0]
+        if isinstance(first, dict):
+            detail = first.get("message")
+    text = detail or (exc.detail if isinstance(exc.detail, str) else "") or "the request body is invalid"
+    if "JSON is malformed" in text or "Malformed" in text or "invalid character" in text.lower():
+        return "the request body is not valid JSON", None
+    param = None
+    match = _PATH_IN_MESSAGE.search(text)
+    if match:
+        param = match.group(1) or None
+        text = text[: match.start()] + f" (at {param})" if param else text[: match.start()]
+    return f"invalid request: {text}", param
+
+
+EXCEPTION_HANDLERS = {
+    EngineError: handle_engine_error,
+    ValidationException: handle_validation_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

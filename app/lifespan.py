@@ -1,0 +1,102 @@
+"""Application lifespan: build the Scheduler inside an anyio task group, load replicas in the
+background (so /health answers `loading` meanwhile), drain in-flight requests on shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import AsyncIterator
+
+import anyio
+from anyio.from_thread import BlockingPortal
+from litestar import Litestar
+
+from app.media import new_image_client
+from app.settings import Settings
+from models.devices import resolve_devices, set_cpu_threads
+from models.images import ImageLimits
+from models.loader import LoadSpec
+from models.replica import ReplicaConfig
+from scheduler.core import Scheduler, SchedulerConfig
+from scheduler.executor import ExecutorConfig
+
+log = logging.getLogger("docoserve.server")
+
+
+def scheduler_config(settings: Settings) -> SchedulerConfig:
+    devices = resolve_devices(
+        device=settings.device, gpu_ids=settings.gpu_ids, gpu_count=settings.gpu_count, cpu_replicas=settings.cpu_replicas
+    )
+    return SchedulerConfig(
+        load=LoadSpec(
+            source=settings.model_path,
+            revision=settings.model_revision,
+            trust_remote_code=settings.trust_remote_code,
+            token=settings.hf_token,
+            cache_dir=settings.cache_dir,
+            dtype=settings.dtype,
+            attn_impl=settings.attn_impl,
+            attn_strict=settings.attn_strict,
+            redact_source=settings.redact_source,
+        ),
+        devices=tuple(devices),
+        replica=ReplicaConfig(
+            max_batch_size=settings.max_batch_size,
+            max_input_tokens=settings.max_input_tokens,
+            max_new_tokens=settings.default_max_tokens,
+        ),
+        executor=ExecutorConfig(
+            max_queue_size=settings.max_queue_size,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            batch_timeout_s=settings.batch_timeout_ms / 1000.0,
+        ),
+        image_limits=ImageLimits(
+            max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_side=settings.max_image_size
+        ),
+        max_images_per_request=settings.max_images_per_request,
+    )
+
+
+@contextlib.asynccontextmanager
+async def serve_model(app: Litestar) -> AsyncIterator[None]:
+    services = app.state.services
+    settings: Settings = services.settings
+    config = scheduler_config(settings)
+    if all(d == "cpu" for d in config.devices):
+        set_cpu_threads(len(config.devices))
+    log.info("[server] model=%s devices=%s", settings.model_name, ",".join(config.devices))
+    translator = services.translator
+    async with contextlib.AsyncExitStack() as stack:
+        translator.image_client = await stack.enter_async_context(new_image_client(translator.image_policy))
+        portal = await stack.enter_async_context(BlockingPortal())
+        task_group = await stack.enter_async_context(anyio.create_task_group())
+        scheduler = Scheduler(config)
+        await scheduler.start(portal)
+        services.scheduler = scheduler
+        task_group.start_soon(_announce_readiness, scheduler, settings)
+        try:
+            yield
+        finally:
+            log.info("[server] shutting down: draining in-flight requests (up to %.0fs)", settings.shutdown_grace_s)
+            await scheduler.drain(settings.shutdown_grace_s)
+            task_group.cancel_scope.cancel()
+
+
+async def _announce_readiness(scheduler: Scheduler, settings: Settings) -> None:
+    """The seed's startup heartbeat (PROGRESS_LOGS) and its readiness line."""
+    started = time.monotonic()
+    last_line = started
+    while scheduler.status == "loading":
+        await anyio.sleep(0.5)
+        if settings.progress_logs:
+            print(".", end="", flush=True)
+            if time.monotonic() - last_line >= 5:
+                last_line = time.monotonic()
+                print(f"\n[startup] loading… {last_line - started:.0f}s", flush=True)
+    url = f"http://{settings.host}:{settings.port}/health"
+    if scheduler.status == "ready":
+        log.info("[server] Ready in %.1fs. Health: %s", time.monotonic() - started, url)
+    else:
+        errors = "; ".join(f"replica {e.name}: {e.error}" for e in scheduler.executors if e.error)
+        log.error("[server] Not ready (degraded). Health: %s Error: %s", url, errors or scheduler.status)

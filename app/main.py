@@ -1,0 +1,87 @@
+"""`create_app()`: the Litestar application (granian's factory target)."""
+
+from __future__ import annotations
+
+import logging
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+
+from app.auth import BEARER_COMPONENTS
+from app.errors import EXCEPTION_HANDLERS
+from app.lifespan import serve_model
+from app.media import ImageFetchPolicy
+from app.metrics import Metrics
+from app.routes.chat import chat_completions
+from app.routes.docs import JSON_SCHEMA, REDOC, SCHEMA_PATH, SWAGGER, openapi_json, redoc_ui, schema_router, swagger_ui
+from app.routes.generate import generate
+from app.routes.health import health, live, metrics
+from app.routes.models import list_models, retrieve_model
+from app.routes.templates import apply_template
+from app.services import Services
+from app.settings import Settings
+from app.translate import Translator
+
+VERSION = "0.1.0"
+ROUTES = [
+    chat_completions,
+    generate,
+    apply_template,
+    list_models,
+    retrieve_model,
+    health,
+    live,
+    metrics,
+    swagger_ui,
+    redoc_ui,
+    openapi_json,
+]
+
+
+def configure_logging(settings: Settings) -> None:
+    level = logging.DEBUG if settings.log_level in ("debug", "trace") else getattr(logging, settings.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if not settings.debug:
+        for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Per-request lines are opt-in (PROGRESS_LOGS); errors are always logged.
+    logging.getLogger("docoserve.requests").setLevel(logging.INFO)
+
+
+def image_policy(settings: Settings) -> ImageFetchPolicy:
+    return ImageFetchPolicy(
+        allow_remote=settings.allow_remote_images,
+        allowed_hosts=settings.image_url_allowed_hosts,
+        allow_private=settings.allow_private_image_urls,
+        allowed_private_networks=settings.image_url_allowed_networks,
+        max_bytes=settings.max_image_bytes,
+        timeout_s=settings.image_fetch_timeout_s,
+    )
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+    configure_logging(settings)
+    holder: dict[str, Services] = {}
+    metrics_registry = Metrics(lambda: holder["services"].scheduler if "services" in holder else None)
+    services = Services(settings=settings, translator=Translator(settings, image_policy(settings), None), metrics=metrics_registry)
+    holder["services"] = services
+    app = Litestar(
+        route_handlers=ROUTES,
+        lifespan=[serve_model],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OpenAPIConfig(
+            title=f"{settings.model_name} - Docomentsio",
+            version=VERSION,
+            description="OpenAI-compatible text and vision-language inference server.",
+            components=BEARER_COMPONENTS,
+            path=SCHEMA_PATH,
+            render_plugins=[SWAGGER, REDOC, JSON_SCHEMA],
+            openapi_router=schema_router(),
+        ),
+        request_max_body_size=settings.max_request_body_bytes,
+        debug=False,
+    )
+    app.state.services = services
+    app.state.api_key_bytes = settings.api_key.encode() if settings.api_key else None
+    return app

@@ -1,0 +1,54 @@
+"""Swagger UI at /docs, ReDoc at /redoc and the schema at /openapi.json, behind the API key.
+
+Litestar also mounts its own schema router (at /schema, guarded the same way); these root paths
+are the ones the product documents.
+"""
+
+from __future__ import annotations
+
+from litestar import MediaType, Request, Response, Router, get
+from litestar.openapi.plugins import JsonRenderPlugin, RedocRenderPlugin, SwaggerRenderPlugin
+
+from app.auth import require_api_key
+from app.errors import error_body, error_response
+
+SCHEMA_PATH = "/schema"
+SWAGGER = SwaggerRenderPlugin(path="/swagger")
+REDOC = RedocRenderPlugin(path="/redoc")
+JSON_SCHEMA = JsonRenderPlugin(path="/openapi.json")
+
+
+def _schema(request: Request) -> dict:
+    return request.app.openapi_schema.to_schema()
+
+
+@get("/docs", guards=[require_api_key], include_in_schema=False, media_type=MediaType.HTML, sync_to_thread=False)
+def swagger_ui(request: Request) -> Response[bytes]:
+    return Response(SWAGGER.render(request, _schema(request)), media_type=MediaType.HTML)
+
+
+@get("/redoc", guards=[require_api_key], include_in_schema=False, media_type=MediaType.HTML, sync_to_thread=False)
+def redoc_ui(request: Request) -> Response[bytes]:
+    return Response(REDOC.render(request, _schema(request)), media_type=MediaType.HTML)
+
+
+@get("/openapi.json", guards=[require_api_key], include_in_schema=False, media_type=MediaType.JSON, sync_to_thread=False)
+def openapi_json(request: Request) -> Response[bytes]:
+    return Response(JSON_SCHEMA.render(request, _schema(request)), media_type=MediaType.JSON)
+
+
+def _schema_not_found_as_json(response: Response) -> Response:
+    # Litestar's schema router answers unknown schema paths with an HTML page; keep our shape.
+    if response.status_code == 404:
+        return error_response(404, error_body(404, "not found"))
+    return response
+
+
+def schema_router() -> Router:
+    return Router(
+        SCHEMA_PATH,
+        route_handlers=[],
+        guards=[require_api_key],
+        include_in_schema=False,
+        after_request=_schema_not_found_as_json,
+    )

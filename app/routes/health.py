@@ -1,0 +1,40 @@
+"""Health (readiness and liveness) and Prometheus metrics: open, never behind the API key."""
+
+from __future__ import annotations
+
+import time
+
+from litestar import MediaType, Request, Response, get
+
+from app.schemas.models import HealthResponse
+from app.services import services
+
+
+def _health(request: Request) -> Response[HealthResponse]:
+    svc = services(request)
+    scheduler = svc.scheduler
+    status = scheduler.status if scheduler is not None else "loading"
+    body = HealthResponse(
+        status=status,
+        model=svc.settings.model_name,
+        ready=status == "ready",
+        uptime_s=round(time.monotonic() - scheduler.started_at, 3) if scheduler is not None else 0.0,
+        replicas=scheduler.replica_stats() if scheduler is not None else [],
+        source=None if svc.settings.redact_source else svc.settings.model_path,
+    )
+    return Response(body, status_code=200 if status == "ready" else 503)
+
+
+@get(["/health", "/health/ready"], tags=["Health"], summary="Readiness: 200 when every replica serves, else 503", cache=False)
+async def health(request: Request) -> Response[HealthResponse]:
+    return _health(request)
+
+
+@get("/health/live", tags=["Health"], summary="Liveness: 200 while the process answers", cache=False)
+async def live() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@get("/metrics", tags=["Health"], summary="Prometheus metrics", media_type=MediaType.TEXT, cache=False)
+async def metrics(request: Request) -> Response[bytes]:
+    return Response(services(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,26 @@
+"""GET /v1/models and GET /v1/models/{model}."""
+
+from __future__ import annotations
+
+from litestar import Request, get
+
+from app.auth import SECURITY_REQUIREMENT, require_api_key
+from app.schemas.models import ModelCard, ModelList
+from app.services import services
+
+
+def _card(request: Request) -> ModelCard:
+    svc = services(request)
+    context = svc.scheduler.max_context if svc.scheduler is not None else None
+    return ModelCard(id=svc.settings.model_name, created=svc.created, max_model_len=context)
+
+
+@get("/v1/models", guards=[require_api_key], security=SECURITY_REQUIREMENT, tags=["OpenAI"], summary="List the served model")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_card(request)])
+
+
+@get("/v1/models/{model_id:path}", guards=[require_api_key], security=SECURITY_REQUIREMENT, tags=["OpenAI"], summary="Describe the served model")
+async def retrieve_model(request: Request, model_id: str) -> ModelCard:
+    services(request).translator.check_model(model_id.lstrip("/"))
+    return _card(request)

@@ -1,0 +1,29 @@
+"""`/v1/models` and `/health` wire types."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    created: int
+    owned_by: str = "docoserve"
+    object: str = "model"
+    max_model_len: int | None = None
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class HealthResponse(msgspec.Struct):
+    status: str
+    model: str
+    ready: bool
+    uptime_s: float
+    replicas: list[dict[str, Any]]
+    source: str | None = None

@@ -1,0 +1,89 @@
+"""What route handlers need, built once per app and reached through `request.app.state`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+from litestar import Request
+
+from app.errors import engine_error_to_response
+from app.metrics import Metrics, log_request
+from app.settings import Settings
+from app.translate import Translator
+from scheduler.errors import EngineError, ModelNotReadyError
+
+if TYPE_CHECKING:
+    from scheduler.core import Scheduler
+    from scheduler.request import RequestStream
+
+log = logging.getLogger(__name__)
+SYSTEM_FINGERPRINT = "fp_docoserve_0_1"
+
+
+@dataclass
+class Services:
+    settings: Settings
+    translator: Translator
+    metrics: Metrics
+    scheduler: "Scheduler | None" = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def require_scheduler(self) -> "Scheduler":
+        if self.scheduler is None:
+            raise ModelNotReadyError("the server is starting; retry shortly")
+        return self.scheduler
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def new_request_id(prefix: str, request: Request) -> str:
+    """Use the caller's X-Request-Id when it is sane, so logs line up across services."""
+    supplied = request.headers.get("x-request-id", "")
+    if supplied and len(supplied) <= 128 and supplied.isascii() and supplied.isprintable():
+        return supplied
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class RequestTracker:
+    """Records how a request ended (metrics, and the PROGRESS_LOGS line) exactly once."""
+
+    def __init__(self, svc: Services, endpoint: str, request_id: str) -> None:
+        self.svc = svc
+        self.endpoint = endpoint
+        self.request_id = request_id
+        self.started = time.monotonic()
+        self._done = False
+
+    def finish(self, status: int, stream: "RequestStream | None" = None, error: str | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.svc.metrics.observe(self.endpoint, status, self.started, stream)
+        if self.svc.settings.progress_logs or status >= 500:
+            log_request(self.endpoint, status, self.request_id, self.started, stream, error)
+
+    @contextlib.contextmanager
+    def failures(self) -> Iterator[None]:
+        """Errors raised before a response exists are recorded with the status they will get."""
+        try:
+            yield
+        except EngineError as exc:
+            status, _, _ = engine_error_to_response(exc)
+            self.finish(status, error=exc.message)
+            raise
+        except Exception as exc:
+            self.finish(getattr(exc, "status_code", 500), error=type(exc).__name__)
+            raise
+
+
+def warning_headers(warnings: list[str]) -> dict[str, str] | None:
+    if not warnings:
+        return None
+    return {"X-Request-Warnings": " | ".join(w.replace("\n", " ") for w in warnings)}

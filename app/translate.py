@@ -1,0 +1,247 @@
+"""Wire Structs -> engine requests. The only place that knows both.
+
+Applies the server's defaults (settings), the model-name contract, and fetches images referenced
+by URL (async, SSRF-guarded) so that nothing below the app sees a URL or a msgspec Struct.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import anyio
+import httpx
+
+from app.errors import ModelNotFoundError
+from app.media import ImageFetchPolicy, load_image_bytes
+from app.schemas.chat import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
+from app.schemas.generate import GenerateRequest
+from app.schemas.templates import ApplyTemplateRequest
+from app.settings import Settings
+from scheduler.errors import InvalidRequestError
+from scheduler.request import EngineRequest, PromptInput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 4
+_ROLE_ALIASES = {"developer": "system", "function": "tool"}
+
+
+class Translator:
+    def __init__(self, settings: Settings, image_policy: ImageFetchPolicy, image_client: httpx.AsyncClient | None) -> None:
+        self.settings = settings
+        self.image_policy = image_policy
+        self.image_client = image_client
+
+    # -- contract ------------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.model_name:
+            raise ModelNotFoundError(
+                f"The model '{model}' does not exist; this server serves '{self.settings.model_name}'", param="model"
+            )
+
+    # -- sampling ------------------------------------------------------------------------------
+    def sampling(
+        self,
+        *,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        do_sample: bool | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
+        logit_bias: dict[str, float] | None = None,
+        skip_special_tokens: bool = True,
+        grammar: Any = None,
+    ) -> SamplingParams:
+        s = self.settings
+        if do_sample is None:
+            do_sample = s.default_do_sample if temperature is None else temperature > 0
+        resolved_temperature = 0.0
+        if do_sample:
+            resolved_temperature = s.default_temperature if temperature is None else temperature
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=resolved_temperature,
+            top_p=s.default_top_p if top_p is None else top_p,
+            top_k=max(0, s.default_top_k if top_k is None else top_k),
+            min_p=s.default_min_p if min_p is None else min_p,
+            repetition_penalty=s.default_repetition_penalty if repetition_penalty is None else repetition_penalty,
+            presence_penalty=presence_penalty or 0.0,
+            frequency_penalty=frequency_penalty or 0.0,
+            seed=s.default_seed if seed is None else seed,
+            stop=_stops(stop),
+            stop_token_ids=tuple(stop_token_ids or ()),
+            ignore_eos=ignore_eos,
+            min_tokens=min_tokens,
+            logprobs=logprobs,
+            logit_bias=_logit_bias(logit_bias),
+            skip_special_tokens=skip_special_tokens,
+            grammar=grammar,
+        )
+
+    # -- endpoints -----------------------------------------------------------------------------
+    async def chat(self, req: ChatCompletionRequest, request_id: str, *, grammar: Any = None) -> EngineRequest:
+        self.check_model(req.model)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        prompt = await self.chat_prompt(
+            req.messages,
+            tools=req.tools if req.tool_choice != "none" else None,
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template_kwargs=req.chat_template_kwargs,
+        )
+        params = self.sampling(
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            seed=req.seed,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            logit_bias=req.logit_bias,
+            skip_special_tokens=req.skip_special_tokens,
+            grammar=grammar,
+        )
+        return EngineRequest(request_id, prompt, params, n=req.n, kind="chat")
+
+    def generate(self, req: GenerateRequest, request_id: str) -> EngineRequest:
+        p = req.parameters
+        params = self.sampling(
+            max_tokens=p.max_new_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            repetition_penalty=p.repetition_penalty,
+            do_sample=p.do_sample,
+            seed=p.seed,
+            stop=p.stop,
+            min_tokens=p.min_new_tokens,
+        )
+        return EngineRequest(request_id, PromptInput(text=req.inputs), params, kind="generate")
+
+    async def template_prompt(self, req: ApplyTemplateRequest) -> PromptInput:
+        self.check_model(req.model)
+        # Rendering needs no pixels: image parts become placeholders without fetching anything.
+        return await self.chat_prompt(
+            req.messages,
+            tools=req.tools,
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template_kwargs=req.chat_template_kwargs,
+            fetch_images=False,
+        )
+
+    async def chat_prompt(
+        self,
+        messages: list[ChatMessage],
+        *,
+        tools: list[Any] | None,
+        add_generation_prompt: bool,
+        chat_template_kwargs: dict[str, Any] | None,
+        fetch_images: bool = True,
+    ) -> PromptInput:
+        converted, urls = _messages(messages)
+        limit = self.settings.max_images_per_request
+        if len(urls) > limit:
+            raise InvalidRequestError(
+                f"{len(urls)} images sent; this server accepts at most {limit} per request", param="messages"
+            )
+        images = await self._fetch_all(urls) if fetch_images else ()
+        return PromptInput(
+            messages=tuple(converted),
+            tools=tuple(_to_builtins(t) for t in tools) if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            images=images,
+            chat_template_kwargs=dict(chat_template_kwargs or {}),
+        )
+
+    async def _fetch_all(self, urls: list[str]) -> tuple[bytes, ...]:
+        if not urls:
+            return ()
+        results: list[bytes | None] = [None] * len(urls)
+
+        async def fetch(i: int, url: str) -> None:
+            results[i] = await load_image_bytes(url, self.image_policy, client=self.image_client)
+
+        async with anyio.create_task_group() as tg:
+            for i, url in enumerate(urls):
+                tg.start_soon(fetch, i, url)
+        return tuple(r for r in results if r is not None)
+
+
+def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[str]]:
+    """OpenAI messages -> template-ready dicts; image parts become `{"type": "image"}` placeholders
+    and their URLs are returned in order."""
+    converted: list[dict[str, Any]] = []
+    urls: list[str] = []
+    for i, message in enumerate(messages):
+        item: dict[str, Any] = {"role": _ROLE_ALIASES.get(message.role, message.role)}
+        content = message.content
+        if isinstance(content, list):
+            parts: list[dict[str, Any]] = []
+            for part in content:
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                elif isinstance(part, ImageUrlPart):
+                    urls.append(part.image_url.url)
+                    parts.append({"type": "image"})
+                else:
+                    kind = type(part).__name__.removesuffix("Part")
+                    raise InvalidRequestError(
+                        f"content parts of type '{kind}' are not supported by this server", param=f"messages[{i}].content"
+                    )
+            item["content"] = parts
+        else:
+            item["content"] = content if content is not None else ""
+        if message.name is not None:
+            item["name"] = message.name
+        if message.tool_calls:
+            item["tool_calls"] = [_to_builtins(c) for c in message.tool_calls]
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
+        converted.append(item)
+    return converted, urls
+
+
+def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidRequestError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}", param="stop")
+    return tuple(s for s in stops if s)
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    parsed: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequestError(f"logit_bias keys must be token ids, got '{key[:32]}'", param="logit_bias") from None
+        parsed[token] = float(value)
+    return parsed
+
+
+def _to_builtins(value: Any) -> Any:
+    import msgspec
+
+    return msgspec.to_builtins(value)

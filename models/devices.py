@@ -1,0 +1,68 @@
+"""Which devices replicas run on, and the per-thread device/stream scope each replica enters."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+
+
+def cuda_device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_devices(
+    *, device: str = "auto", gpu_ids: Sequence[int] | None = None, gpu_count: int | None = None, cpu_replicas: int = 1
+) -> list[str]:
+    """`GPU_IDS` beats `GPU_COUNT`; with no usable GPU (or `DEVICE=cpu`) run `cpu_replicas` CPU replicas.
+
+    Raises ValueError for a GPU selection the machine cannot satisfy, so startup fails clearly
+    instead of silently running on fewer devices than asked.
+    """
+    visible = cuda_device_count()
+    if device == "cpu" or (device == "auto" and visible == 0):
+        if device == "cuda":
+            raise ValueError("DEVICE=cuda but no CUDA device is visible")
+        return ["cpu"] * max(1, cpu_replicas)
+    if visible == 0:
+        raise ValueError("DEVICE=cuda but no CUDA device is visible")
+    if gpu_ids:
+        missing = [i for i in gpu_ids if i >= visible]
+        if missing:
+            raise ValueError(f"GPU_IDS names device(s) {missing} but only {visible} are visible")
+        return [f"cuda:{i}" for i in gpu_ids]
+    count = gpu_count or 1
+    if count > visible:
+        raise ValueError(f"GPU_COUNT={count} but only {visible} CUDA device(s) are visible")
+    return [f"cuda:{i}" for i in range(count)]
+
+
+class DeviceScope:
+    """Enters the replica's CUDA device and its own stream; a no-op on CPU.
+
+    Entered around every unit of work in the replica's thread, never process-wide, so replicas on
+    different GPUs never share a current device or stream.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self._stream = None
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(device=self.device)
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        if self._stream is None:
+            yield
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            yield
+
+
+def set_cpu_threads(num_replicas: int) -> None:
+    """Share the cores between CPU replicas instead of letting each claim all of them."""
+    import os
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(1, num_replicas)))

@@ -1,0 +1,420 @@
+"""Load a Hugging Face model (text or vision-language) for serving.
+
+`load_model` turns a `LoadSpec` into a `LoadedModel`: it resolves the source (local folder, hub id
+or `builtin:*`), decides text vs vision-language from the config, picks the dtype and the attention
+implementation with fallbacks (flash_attention_2 -> sdpa -> eager), and runs one warmup forward pass
+so that a broken model fails at startup instead of on the first request. Every choice is kept as a
+human-readable line in `LoadedModel.decisions` and logged.
+
+No process-global torch state is touched: several replicas load in parallel threads.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+
+from models.tiny import BUILTIN_MODELS, ensure_builtin
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ATTN_IMPLS = ("flash_attention_2", "sdpa", "eager")
+BUILTIN_PREFIX = "builtin:"
+DEFAULT_MAX_CONTEXT = 2048
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# Tokenizers without a known limit report a huge sentinel (transformers' VERY_LARGE_INTEGER).
+_UNKNOWN_TOKENIZER_LIMIT = 10**9
+
+
+class ModelLoadError(Exception):
+    """The model cannot be loaded as configured; the message is one line, safe to log."""
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    source: str  # local dir, hub id, or "builtin:tiny" / "builtin:tiny-vlm"
+    revision: str | None = None
+    trust_remote_code: bool = True
+    token: str | None = None
+    cache_dir: str | None = None  # hub cache (HF_HUB_CACHE) and builtin build dir
+    dtype: str = "bf16"  # "bf16" | "fp16" | "fp32"
+    attn_impl: str = "flash_attention_2"  # | "sdpa" | "eager"
+    attn_strict: bool = False
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    redact_source: bool = True  # logs never show the path/hub id when true
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel  # eval(), requires_grad off, on `device`
+    tokenizer: PreTrainedTokenizerBase
+    processor: ProcessorMixin | None  # vision-language models only
+    is_vision: bool
+    dtype: torch.dtype  # what was actually used
+    attn_impl: str  # what was actually used
+    device: torch.device
+    max_context: int
+    eos_token_ids: frozenset[int]
+    chat_template: str | None
+    image_token_id: int | None
+    decisions: tuple[str, ...]
+
+
+def resolve_source(spec: LoadSpec) -> str:
+    """A `builtin:<name>` source becomes the folder it is built into; anything else is unchanged."""
+    if not spec.source.startswith(BUILTIN_PREFIX):
+        return spec.source
+    name = spec.source[len(BUILTIN_PREFIX) :]
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(
+            f"unknown builtin model {name!r}; valid names: {', '.join(sorted(BUILTIN_MODELS))}"
+        )
+    try:
+        return str(ensure_builtin(name, _builtin_cache_dir(spec)))
+    except OSError as exc:
+        raise ModelLoadError(f"could not build builtin model {name!r}: {exc}") from exc
+
+
+def load_model(spec: LoadSpec) -> LoadedModel:
+    """Load, place and warm up the model; raises ModelLoadError with a one-line reason."""
+    decisions: list[str] = []
+
+    def decide(line: str, *, level: int = logging.INFO) -> None:
+        decisions.append(line)
+        logger.log(level, "model load: %s", line)
+
+    display = _display(spec)
+    logger.info("Loading model %s on %s", display, spec.device)
+    requested_dtype = _parse_dtype(spec.dtype)
+    if spec.attn_impl not in ATTN_IMPLS:
+        raise ModelLoadError(
+            f"invalid attention implementation {spec.attn_impl!r}; expected one of {ATTN_IMPLS}"
+        )
+    device = _parse_device(spec.device)
+
+    path = resolve_source(spec)
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        raise ModelLoadError(f"model folder {display} does not exist or is not a directory")
+    hub_kwargs = dict(
+        revision=spec.revision,
+        token=spec.token,
+        trust_remote_code=spec.trust_remote_code,
+        cache_dir=spec.cache_dir,
+    )
+    with _errors_as_load_error("load model config", spec, path):
+        config = AutoConfig.from_pretrained(path, **hub_kwargs)
+
+    is_vision, why = _detect_vision(config)
+    decide(f"kind={'vision-language' if is_vision else 'text'} ({why})")
+    tokenizer, processor = _load_tokenizer(path, is_vision, hub_kwargs, spec)
+
+    dtype, dtype_reason = _pick_dtype(requested_dtype, device)
+    decide(f"dtype={_DTYPE_NAMES[dtype]} ({dtype_reason})")
+
+    model_class = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
+
+    def load(impl: str) -> PreTrainedModel:
+        # Loaded on CPU, then moved: a single-device device_map would need accelerate.
+        model = model_class.from_pretrained(
+            path, config=copy.deepcopy(config), dtype=dtype, attn_implementation=impl, **hub_kwargs
+        )
+        model = model.to(device).eval().requires_grad_(False)
+        _warmup(model, tokenizer, device)
+        return model
+
+    model, attn_impl = _load_with_attention_fallback(load, dtype, device, spec, path, decide)
+
+    max_context, context_reason = _max_context(config, tokenizer)
+    decide(f"max_context={max_context} ({context_reason})")
+    eos_token_ids = _eos_token_ids(model, tokenizer)
+    if not eos_token_ids:
+        decide(
+            "eos_token_ids=none (generation stops only on max_tokens or stop strings)", level=logging.WARNING
+        )
+    chat_template = _chat_template(tokenizer, processor)
+    if chat_template is None:
+        decide("chat_template=none (chat requests need a template)", level=logging.WARNING)
+
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        processor=processor,
+        is_vision=is_vision,
+        dtype=dtype,
+        attn_impl=attn_impl,
+        device=device,
+        max_context=max_context,
+        eos_token_ids=eos_token_ids,
+        chat_template=chat_template,
+        image_token_id=_image_token_id(config, processor, tokenizer) if is_vision else None,
+        decisions=tuple(decisions),
+    )
+
+
+# --- spec parsing ------------------------------------------------------------------------------
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"invalid dtype {name!r}; expected one of {tuple(DTYPES)}")
+    return DTYPES[name]
+
+
+def _parse_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"invalid device {name!r}; expected 'cpu' or 'cuda:N'") from exc
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ModelLoadError(f"unsupported device {name!r}; expected 'cpu' or 'cuda:N'")
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} requested but CUDA is not available")
+    device = torch.device("cuda", device.index or 0)
+    if device.index >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {name!r} requested but only {torch.cuda.device_count()} CUDA devices exist"
+        )
+    return device
+
+
+def _builtin_cache_dir(spec: LoadSpec) -> str:
+    if spec.cache_dir:
+        return spec.cache_dir
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _display(spec: LoadSpec) -> str:
+    if spec.source.startswith(BUILTIN_PREFIX) or not spec.redact_source:
+        return repr(spec.source)
+    return "<redacted>"
+
+
+def _looks_local(source: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything absolute, relative-marked or on disk is a folder.
+    return os.path.isabs(source) or source.startswith((".", "~")) or os.path.exists(source)
+
+
+@contextmanager
+def _errors_as_load_error(what: str, spec: LoadSpec, path: str) -> Iterator[None]:
+    """Turns any exception from transformers or the hub into a one-line ModelLoadError, path scrubbed."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"could not {what} for {_display(spec)}: {_scrub(exc, spec, path)}") from exc
+
+
+def _scrub(exc: BaseException, spec: LoadSpec, path: str) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if spec.redact_source:
+        for secret in sorted({spec.source, path}, key=len, reverse=True):
+            if secret:
+                text = text.replace(secret, "<redacted>")
+    if spec.token:
+        text = text.replace(spec.token, "<token>")
+    return text[:300]
+
+
+# --- what kind of model ------------------------------------------------------------------------
+
+
+def _detect_vision(config: PreTrainedConfig) -> tuple[bool, str]:
+    if getattr(config, "vision_config", None) is not None:
+        return True, "config has vision_config"
+    model_type = getattr(config, "model_type", "")
+    if (
+        model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return True, f"model_type {model_type!r} is image-text-to-text"
+    auto_map = getattr(config, "auto_map", None) or {}
+    if "AutoModelForCausalLM" not in auto_map and {
+        "AutoModelForImageTextToText",
+        "AutoModelForVision2Seq",
+    } & set(auto_map):
+        return True, "remote code registers an image-text-to-text model"
+    return False, "no vision config"
+
+
+def _load_tokenizer(
+    path: str, is_vision: bool, hub_kwargs: dict[str, Any], spec: LoadSpec
+) -> tuple[PreTrainedTokenizerBase, ProcessorMixin | None]:
+    if not is_vision:
+        with _errors_as_load_error("load tokenizer", spec, path):
+            return AutoTokenizer.from_pretrained(path, **hub_kwargs), None
+    with _errors_as_load_error("load processor", spec, path):
+        processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or getattr(processor, "image_processor", None) is None:
+        raise ModelLoadError(f"processor for {_display(spec)} lacks a tokenizer or an image processor")
+    return tokenizer, processor
+
+
+# --- dtype and attention -----------------------------------------------------------------------
+
+
+def _pick_dtype(requested: torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
+    name = _DTYPE_NAMES[requested]
+    if device.type == "cpu":
+        if requested == torch.float32:
+            return requested, "requested"
+        return torch.float32, f"{name} requested; forced on CPU"
+    if requested == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
+        return torch.float16, "bf16 requested; GPU has no bf16 support"
+    return requested, "requested"
+
+
+def _attention_unavailable(impl: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why `impl` cannot work here before even trying, or None; model support is checked by loading."""
+    if impl != "flash_attention_2":
+        return None
+    if device.type != "cuda":
+        return "needs a CUDA device"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "needs fp16 or bf16"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash_attn not installed"
+    return None
+
+
+def _load_with_attention_fallback(
+    load: Callable[[str], PreTrainedModel],
+    dtype: torch.dtype,
+    device: torch.device,
+    spec: LoadSpec,
+    path: str,
+    decide: Callable[..., None],
+) -> tuple[PreTrainedModel, str]:
+    """Try `load(impl)` down the chain from the requested implementation; strict mode tries only that one."""
+    requested = spec.attn_impl
+    candidates = (requested,) if spec.attn_strict else ATTN_IMPLS[ATTN_IMPLS.index(requested) :]
+    failures: list[str] = []
+    for impl in candidates:
+        reason = _attention_unavailable(impl, device, dtype)
+        if reason is None:
+            logger.info("Loading model (attn=%s, dtype=%s, device=%s)", impl, _DTYPE_NAMES[dtype], device)
+            try:
+                model = load(impl)
+            except Exception as exc:  # noqa: BLE001 - a kernel may fail at load or at first forward
+                reason = f"{type(exc).__name__}: {_scrub(exc, spec, path)}"
+                _release_memory(device)
+            else:
+                actual = getattr(model.config, "_attn_implementation", None) or impl
+                if actual == requested:
+                    decide(f"attention={actual} (requested)")
+                else:
+                    why = "; ".join(failures) or "chosen by transformers"
+                    decide(f"attention={actual} ({requested} requested; {why})", level=logging.WARNING)
+                return model, actual
+        if spec.attn_strict:
+            raise ModelLoadError(f"attention {impl} unavailable and ATTN_STRICT is set ({reason})")
+        failures.append(f"{impl}: {reason}")
+        logger.warning("Attention %s unavailable (%s); falling back", impl, reason)
+    raise ModelLoadError(
+        f"could not load {_display(spec)} with any attention implementation: {'; '.join(failures)}"
+    )
+
+
+def _release_memory(device: torch.device) -> None:
+    # Free a failed attempt's weights before the next attempt allocates its own.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _warmup(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
+    """One short text-only forward pass; raises when the model cannot run or yields non-finite logits."""
+    ids = tokenizer.encode("Hello, world!", add_special_tokens=False)[:8] or [0]
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, seq]
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
+    if not torch.isfinite(logits).all():
+        raise RuntimeError("warmup produced non-finite logits")
+
+
+# --- derived facts -----------------------------------------------------------------------------
+
+
+def _max_context(config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for source, cfg in (("text_config", text_config), ("config", config)):
+        for key in _CONTEXT_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value, f"{source}.{key}"
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < _UNKNOWN_TOKENIZER_LIMIT:
+        return limit, "tokenizer.model_max_length"
+    return DEFAULT_MAX_CONTEXT, "not found in config or tokenizer; default"
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    ids: set[int] = set()
+    generation_config = getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(i for i in eos if isinstance(i, int))
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _chat_template(tokenizer: PreTrainedTokenizerBase, processor: ProcessorMixin | None) -> str | None:
+    for owner in (processor, tokenizer):
+        template = getattr(owner, "chat_template", None)
+        if isinstance(template, dict):  # named templates: the unnamed one is "default"
+            template = template.get("default")
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
+def _image_token_id(
+    config: PreTrainedConfig, processor: ProcessorMixin | None, tokenizer: PreTrainedTokenizerBase
+) -> int | None:
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    value = getattr(processor, "image_token_id", None)
+    if isinstance(value, int):
+        return value
+    token = getattr(processor, "image_token", None)
+    if isinstance(token, str):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            return token_id
+    return None

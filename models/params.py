@@ -1,0 +1,60 @@
+"""Per-request generation parameters as the engine sees them (no wire types here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Everything that decides which tokens a sequence gets; each row of a batch has its own.
+
+    `temperature == 0` means greedy. Penalties follow OpenAI (presence/frequency, over generated
+    tokens) and Hugging Face (repetition, over prompt + generated tokens).
+    """
+
+    max_tokens: int | None = None  # None: the server decides (its default, within the context)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    # None: no logprobs; 0..20: the chosen token's logprob plus that many alternatives.
+    logprobs: int | None = None
+    logit_bias: Mapping[int, float] | None = None
+    skip_special_tokens: bool = True
+    # A compiled grammar request (JSON schema, regex, Lark); interpreted by models.grammar.
+    grammar: Any = None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PromptInput:
+    """What to render: chat messages (OpenAI-shaped dicts, images already replaced by
+    `{"type": "image"}` parts) or a raw prompt (text or token ids)."""
+
+    messages: tuple[Mapping[str, Any], ...] | None = None
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    tools: tuple[Mapping[str, Any], ...] | None = None
+    add_generation_prompt: bool = True
+    # Raw encoded images in the order their placeholders appear in `messages`.
+    images: tuple[bytes, ...] = ()
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)

@@ -1,0 +1,195 @@
+"""Prompt rendering and tokenization: chat templates (text and multimodal), raw prompts, images.
+
+Runs in worker threads (never on the event loop, never on a replica's step loop). Produces the
+token ids and the extra model inputs (pixel values and friends) of one request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from models.errors import InvalidRequestError
+from models.images import DecodedImageCache, ImageLimits
+from models.params import PromptInput
+
+log = logging.getLogger(__name__)
+
+# Used only when a checkpoint ships no chat template at all (base models).
+_FALLBACK_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+# A template that loops over message content expects OpenAI-style part lists.
+_ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+(?:\w+\[['\"]content['\"]\]|\w+\.content)")
+_CHECKS_STRING = re.compile(r"content['\"]?\]?\s+is\s+string|content\s+is\s+string")
+
+
+@dataclass(slots=True)
+class PreparedPrompt:
+    token_ids: list[int]
+    mm_inputs: dict[str, Any] | None = None  # processor outputs besides input ids, on CPU
+    num_images: int = 0
+    num_image_tokens: int = 0
+    truncated_tokens: int = 0  # dropped from the left to respect max_input_tokens
+    warnings: list[str] = field(default_factory=list)
+
+
+class PromptBuilder:
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        processor=None,
+        chat_template: str | None,
+        image_token_id: int | None,
+        max_input_tokens: int,
+        image_limits: ImageLimits,
+        image_cache: DecodedImageCache | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.is_vision = processor is not None and getattr(processor, "image_processor", None) is not None
+        self.max_input_tokens = max_input_tokens
+        self.image_limits = image_limits
+        self.image_cache = image_cache or DecodedImageCache()
+        self.image_token_id = image_token_id
+        self.image_token = getattr(processor, "image_token", None) if processor is not None else None
+        self.chat_template = chat_template or _FALLBACK_TEMPLATE
+        if chat_template is None:
+            log.warning("the model has no chat template; chat requests use a plain 'role: content' fallback")
+        iterates = bool(_ITERATES_CONTENT.search(self.chat_template))
+        self.content_as_parts = iterates and not _CHECKS_STRING.search(self.chat_template) and self.is_vision
+        self.accepts_parts = iterates
+
+    # -- rendering -----------------------------------------------------------------------------
+    def render(self, prompt: PromptInput) -> str:
+        """The chat template applied to the messages (with the generation prompt when asked)."""
+        if prompt.messages is None:
+            raise InvalidRequestError("messages are required", param="messages")
+        messages = [self._normalise_message(m) for m in prompt.messages]
+        kwargs = dict(prompt.chat_template_kwargs)
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                tools=list(prompt.tools) if prompt.tools else None,
+                add_generation_prompt=prompt.add_generation_prompt,
+                tokenize=False,
+                chat_template=self.chat_template,
+                **kwargs,
+            )
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # template errors (raise_exception in Jinja, bad roles) are the client's
+            log.debug("chat template failed", exc_info=True)
+            raise InvalidRequestError(f"the chat template rejected the messages: {_short(exc)}", param="messages") from None
+
+    def _normalise_message(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(message)
+        content = out.get("content")
+        if isinstance(content, list):
+            out["content"] = self._normalise_parts(content)
+        elif isinstance(content, str) and self.content_as_parts:
+            out["content"] = [{"type": "text", "text": content}]
+        elif content is None:
+            out["content"] = "" if not self.content_as_parts else []
+        calls = out.get("tool_calls")
+        if calls:
+            out["tool_calls"] = [_tool_call_for_template(c) for c in calls]
+        return out
+
+    def _normalise_parts(self, parts: list[Mapping[str, Any]]) -> str | list[dict[str, Any]]:
+        has_image = any(p.get("type") == "image" for p in parts)
+        if has_image and not self.is_vision:
+            raise InvalidRequestError("this model does not accept images (it is a text-only model)", param="messages")
+        if self.is_vision and self.accepts_parts:
+            return [dict(p) for p in parts]
+        # String-content templates: text parts joined, images as the processor's placeholder.
+        pieces = []
+        for part in parts:
+            if part.get("type") == "image":
+                pieces.append(self.image_token or "")
+            else:
+                pieces.append(str(part.get("text", "")))
+        return "\n".join(pieces)
+
+    # -- tokenization ----------------------------------------------------------------------------
+    def prepare(self, prompt: PromptInput) -> PreparedPrompt:
+        """Token ids and model inputs for one request. Text prompts longer than max_input_tokens
+        are left-truncated and the result says so; image prompts cannot be cut and are refused."""
+        if prompt.token_ids is not None:
+            return self._truncate(PreparedPrompt(list(prompt.token_ids)))
+        if prompt.messages is not None:
+            text, special = self.render(prompt), False
+        else:
+            text, special = prompt.text or "", True
+        if prompt.images:
+            return self._prepare_multimodal(text, prompt.images, special)
+        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return self._truncate(PreparedPrompt(list(ids)))
+
+    def _prepare_multimodal(self, text: str, images: tuple[bytes, ...], special: bool) -> PreparedPrompt:
+        if not self.is_vision:
+            raise InvalidRequestError("this model does not accept images (it is a text-only model)", param="messages")
+        decoded = [self.image_cache.get_or_decode(data, self.image_limits) for data in images]
+        try:
+            batch = self.processor(text=[text], images=decoded, return_tensors="pt", add_special_tokens=special)
+        except Exception as exc:
+            log.debug("processor failed", exc_info=True)
+            raise InvalidRequestError(f"the images could not be prepared for this model: {_short(exc)}", param="messages") from None
+        ids = batch["input_ids"][0].tolist()
+        mm = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+        image_tokens = sum(1 for t in ids if t == self.image_token_id) if self.image_token_id is not None else 0
+        prepared = PreparedPrompt(ids, mm or None, num_images=len(decoded), num_image_tokens=image_tokens)
+        if len(ids) > self.max_input_tokens:
+            from models.errors import ContextLengthExceededError
+
+            raise ContextLengthExceededError(
+                f"the prompt is {len(ids)} tokens ({image_tokens} of them for {len(decoded)} images), more than "
+                f"the {self.max_input_tokens} input tokens this server accepts; prompts with images cannot be truncated",
+                param="messages",
+            )
+        return prepared
+
+    def _truncate(self, prepared: PreparedPrompt) -> PreparedPrompt:
+        excess = len(prepared.token_ids) - self.max_input_tokens
+        if excess > 0:
+            prepared.token_ids = prepared.token_ids[excess:]
+            prepared.truncated_tokens = excess
+            prepared.warnings.append(
+                f"the prompt was {self.max_input_tokens + excess} tokens; the first {excess} were dropped "
+                f"to fit MAX_INPUT_TOKENS={self.max_input_tokens}"
+            )
+        return prepared
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:
+    """Templates read `arguments` as a mapping (Qwen, Hermes, Llama 3); OpenAI sends a JSON string."""
+    call = dict(call)
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            pass
+    call["function"] = function
+    return call
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

@@ -1,0 +1,256 @@
+"""The fast path: one packed forward per step over a per-slot KV cache.
+
+A step feeds the model `[1, T]` tokens: one for every decoding row (in slot order), then the
+prefill chunks of newcomers. `logits_to_keep` limits the LM head to the rows that sample this step.
+Each row then samples with its own parameters. The scheduler decides who is in a step; this class
+only runs it, so it holds no queueing logic.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence as Seq
+
+import torch
+
+from models import attention
+from models.attention import FastPathUnsupported, Segment, StepLayout
+from models.kv_cache import SlotKVCache
+from models.sampling import sample
+from models.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class SlotRunner:
+    """Runs steps for up to `num_slots` concurrent sequences of one model replica."""
+
+    kind = "fast"
+
+    def __init__(self, model, *, num_slots: int, max_seq_len: int, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.cache = SlotKVCache(num_slots, max_seq_len, device)
+        self._by_slot: list[Sequence] = []  # active sequences, index == slot
+        text_config = model.config.get_text_config(decoder=True)
+        self._text_config = text_config
+        self._original_attn = text_config._attn_implementation or "sdpa"
+        attention.register()
+        text_config._slot_fallback_attn = self._original_attn
+        text_config._attn_implementation = attention.ATTENTION_NAME
+
+    # -- slots ---------------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return self.num_slots - len(self._by_slot)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._by_slot)
+
+    def admit(self, seq: Sequence) -> None:
+        if not self.free_slots:
+            raise RuntimeError("no free slot")
+        seq.slot = len(self._by_slot)
+        self._by_slot.append(seq)
+
+    @torch.inference_mode()
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give `child` a slot holding a copy of `parent`'s cached prompt (n > 1 shares one prefill)."""
+        self.admit(child)
+        self.cache.move(parent.slot, child.slot, parent.num_cached)
+        child.num_cached = parent.num_cached
+
+    @torch.inference_mode()
+    def release(self, seq: Sequence) -> None:
+        """Free the slot; the last active slot moves into the hole so active slots stay dense."""
+        slot = seq.slot
+        if slot is None:
+            return
+        seq.slot = None
+        last = self._by_slot.pop()
+        if last is not seq:
+            self.cache.move(last.slot, slot, last.num_cached)
+            last.slot = slot
+            self._by_slot[slot] = last
+        if not self._by_slot:
+            self.cache.release_memory()
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, decode: Seq[Sequence], prefill: Seq[tuple[Sequence, int]]) -> None:
+        """Advance every sequence in `decode` by one token and every `(seq, n)` in `prefill` by
+        `n` prompt tokens; sequences whose prompt completes sample their first token."""
+        decode = sorted(decode, key=lambda s: s.slot)
+        tokens: list[int] = [s.last_token for s in decode]
+        positions: list[int] = [s.total_len - 1 for s in decode]
+        keep: list[int] = list(range(len(decode)))
+        samplers: list[list[Sequence]] = [[s] for s in decode]
+        segments: list[Segment] = []
+        mm_inputs: dict = {}
+        for seq, n in prefill:
+            start = len(tokens)
+            chunk = seq.prompt_ids[seq.num_cached : seq.num_cached + n]
+            tokens.extend(chunk)
+            positions.extend(range(seq.num_cached, seq.num_cached + n))
+            segments.append(Segment(seq.slot, start, n, seq.num_cached))
+            if seq.mm_inputs and seq.num_cached == 0:
+                mm_inputs.update(seq.mm_inputs)
+            if seq.num_cached + n == len(seq.prompt_ids):
+                keep.append(len(tokens) - 1)
+                samplers.append([seq, *seq.children])
+
+        layout = self._layout(
+            [s.slot for s in decode], [s.total_len - 1 for s in decode], segments, max(positions) + 1
+        )
+        device = self.device
+        out = self.model(
+            input_ids=torch.tensor([tokens], dtype=torch.long, device=device),
+            position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+            use_cache=False,
+            slot_layout=layout,
+            **mm_inputs,
+        )
+        for seq in decode:
+            seq.num_cached += 1
+        for seq, n in prefill:
+            seq.num_cached += n
+            if not seq.is_prefilling:
+                for child in seq.children:
+                    self.fork(seq, child)
+        if samplers:
+            logits = out.logits[0]
+            # Siblings share their parent's last prompt position: repeat that row for each.
+            rows = torch.repeat_interleave(
+                torch.arange(len(samplers), device=logits.device),
+                torch.tensor([len(group) for group in samplers], device=logits.device),
+            )
+            self._sample(logits[rows], [seq for group in samplers for seq in group])
+
+    def _layout(
+        self, slots: list[int], positions: list[int], segments: list[Segment], needed_len: int
+    ) -> StepLayout:
+        """`slots`/`positions`: the decoding rows in slot order and the position each writes."""
+        self.cache.reserve(needed_len)
+        device = self.device
+        layout = StepLayout(cache=self.cache, segments=segments, num_active=len(self._by_slot))
+        if slots:
+            length = max(positions) + 1
+            layout.num_decode = len(slots)
+            layout.decode_slots = torch.tensor(slots, dtype=torch.long, device=device)
+            layout.decode_positions = torch.tensor(positions, dtype=torch.long, device=device)
+            layout.decode_is_dense = slots == list(range(layout.num_active))
+            # Rows of slots that do not decode this step attend to position 0 only: their output
+            # is discarded, the mask just keeps softmax finite.
+            row_positions = torch.zeros(layout.num_active, dtype=torch.long, device=device)
+            row_positions[layout.decode_slots] = layout.decode_positions
+            keys = torch.arange(length, device=device)
+            layout.decode_mask = (keys[None, :] <= row_positions[:, None])[:, None, None, :]
+            layout.decode_len = length
+        fresh = [s for s in segments if s.offset == 0]
+        if len(fresh) > 1 and len(fresh) == len(segments):
+            ids = torch.cat([torch.full((s.length,), i, device=device) for i, s in enumerate(segments)])
+            causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
+            layout.fresh_mask = (causal & (ids[:, None] == ids[None, :]))[None, None]
+        return layout
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        tokens, logprobs = sample(logits, [s.sampler for s in seqs])
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            if token is None:
+                log.warning("sequence %d produced non-finite logits; failing it alone", seq.seq_id)
+                seq.abort("error", "the model produced invalid (non-finite) scores for this request")
+            else:
+                seq.append(token, logprob)
+
+    # -- self-test -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def self_test(self, prompt_ids: list[int], mm_inputs: dict | None, *, dtype: torch.dtype) -> str | None:
+        """Compare the fast path with the model's own forward on one prompt (chunked prefill, then
+        decode). Returns None when they agree, else the reason the fast path cannot be used."""
+        if len(prompt_ids) < 4:
+            return "self-test prompt too short"
+        reference = self._reference_logits(prompt_ids, mm_inputs)
+        probe = _Probe(prompt_ids, mm_inputs)
+        try:
+            self.admit(probe)
+            split = len(prompt_ids) - 2
+            if mm_inputs:
+                self._probe_prefill(probe, split)
+            else:
+                half = split // 2
+                self._probe_prefill(probe, half)
+                self._probe_prefill(probe, split - half)
+            got = [self._probe_decode(probe), self._probe_decode(probe)]
+        except FastPathUnsupported as exc:
+            return str(exc)
+        except Exception as exc:  # any model that cannot run packed steps takes the generic path
+            log.debug("fast path self-test raised", exc_info=True)
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            self.release(probe)
+        expected = reference[-2:]
+        actual = torch.stack(got)
+        return _compare(expected, actual, dtype)
+
+    def _probe_prefill(self, probe: "_Probe", n: int) -> None:
+        start = probe.num_cached
+        layout = self._layout([], [], [Segment(probe.slot, 0, n, start)], start + n)
+        self._probe_forward(probe, n, layout)
+
+    def _probe_decode(self, probe: "_Probe") -> torch.Tensor:
+        pos = probe.num_cached
+        layout = self._layout([probe.slot], [pos], [], pos + 1)
+        return self._probe_forward(probe, 1, layout)
+
+    def _probe_forward(self, probe: "_Probe", n: int, layout: StepLayout) -> torch.Tensor:
+        start = probe.num_cached
+        mm = probe.mm_inputs if (probe.mm_inputs and start == 0) else {}
+        out = self.model(
+            input_ids=torch.tensor([probe.prompt_ids[start : start + n]], device=self.device),
+            position_ids=torch.arange(start, start + n, device=self.device)[None],
+            logits_to_keep=1,
+            use_cache=False,
+            slot_layout=layout,
+            **mm,
+        )
+        probe.num_cached += n
+        return out.logits[0, -1].float()
+
+    def _reference_logits(self, prompt_ids: list[int], mm_inputs: dict | None) -> torch.Tensor:
+        config = self._text_config
+        config._attn_implementation = self._original_attn
+        try:
+            out = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=False, **(mm_inputs or {}))
+        finally:
+            config._attn_implementation = attention.ATTENTION_NAME
+        return out.logits[0].float()
+
+    def restore_attention(self) -> None:
+        """Give the model back its own attention (when the generic path takes over)."""
+        self._text_config._attn_implementation = self._original_attn
+
+
+class _Probe:
+    """Minimal stand-in for a Sequence during the self-test."""
+
+    def __init__(self, prompt_ids, mm_inputs) -> None:
+        self.prompt_ids = prompt_ids
+        self.mm_inputs = mm_inputs
+        self.num_cached = 0
+        self.slot = None
+
+
+def _compare(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype) -> str | None:
+    if not torch.isfinite(actual).all():
+        return "fast path produced non-finite logits"
+    if dtype == torch.float32:
+        scale = expected.abs().max().clamp(min=1.0)
+        err = float((expected - actual).abs().max() / scale)
+        return None if err < 1e-3 else f"fast path logits differ from the reference (relative error {err:.2e})"
+    cos = torch.nn.functional.cosine_similarity(expected, actual, dim=-1).min()
+    same_top = bool((expected.argmax(-1) == actual.argmax(-1)).all())
+    return None if (cos > 0.995 and same_top) else f"fast path logits differ from the reference (cosine {float(cos):.4f})"

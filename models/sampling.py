@@ -1,0 +1,173 @@
+"""Per-row sampling for a batch: every row keeps its own parameters, penalties and RNG.
+
+`sample()` takes the logits of the rows that produce a token this step (`[B, vocab]`) and one
+`RowSampler` per row. Greedy rows take the argmax of the processed logits; sampled rows draw from
+their own seeded `torch.Generator`, so a seeded request is reproducible whatever else is batched
+with it. Log-probabilities are those of the model's distribution before any sampling transform.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from models.params import SamplingParams
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # most likely alternatives, best first
+    # Filled in by the sequence's detokenizer (replica thread), so the HTTP layer needs no tokenizer.
+    token: str = ""
+    top_tokens: list[str] | None = None
+
+
+class RowSampler:
+    """Sampling state of one sequence; lives as long as the sequence."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        *,
+        vocab_size: int,
+        device: torch.device,
+        prompt_ids: Sequence[int],
+        eos_token_ids: frozenset[int],
+        seed: int | None,
+    ) -> None:
+        self.params = params
+        self.num_generated = 0
+        self.constraint = None  # a models.grammar matcher when the request is constrained
+        self.generator: torch.Generator | None = None
+        if not params.is_greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.stop_ids = frozenset(stops)
+        # Tokens to forbid while min_tokens is not reached (end-of-sequence and stop tokens).
+        self._min_tokens_banned = sorted(set(eos_token_ids) | set(params.stop_token_ids))
+        self._bias_ids = self._bias_values = None
+        if params.logit_bias:
+            self._bias_ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long, device=device)
+            self._bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+        self._seen = self._counts = None
+        if params.needs_penalties:
+            self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            if prompt_ids:
+                self._seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
+            self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    def fork(self, seed: int | None) -> "RowSampler":
+        """A sibling for another choice of the same prompt (n > 1): same state, its own RNG."""
+        twin = object.__new__(RowSampler)
+        for name in ("params", "num_generated", "constraint", "stop_ids", "_min_tokens_banned", "_bias_ids", "_bias_values"):
+            setattr(twin, name, getattr(self, name))
+        twin._seen = None if self._seen is None else self._seen.clone()
+        twin._counts = None if self._counts is None else self._counts.clone()
+        twin.generator = None
+        if self.generator is not None:
+            twin.generator = torch.Generator(device=self.generator.device)
+            twin.generator.manual_seed(seed if seed is not None else torch.seed())
+        if self.constraint is not None:
+            twin.constraint = self.constraint.fork()
+        return twin
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """Penalties, bias, min_tokens and grammar applied to one row `[vocab]` (in place)."""
+        params = self.params
+        if self._seen is not None:
+            if params.repetition_penalty != 1.0:
+                penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+                logits = torch.where(self._seen, penalised, logits)
+            if params.frequency_penalty or params.presence_penalty:
+                logits = logits - params.frequency_penalty * self._counts
+                logits = logits - params.presence_penalty * (self._counts > 0).to(logits.dtype)
+        if self._bias_ids is not None:
+            logits = logits.index_add(0, self._bias_ids, self._bias_values)
+        if self.num_generated < params.min_tokens and self._min_tokens_banned:
+            logits[self._min_tokens_banned] = float("-inf")
+        if self.constraint is not None:
+            logits = self.constraint.mask_logits(logits)
+        return logits
+
+    def accept(self, token_id: int) -> None:
+        self.num_generated += 1
+        if self._seen is not None:
+            self._seen[token_id] = True
+            self._counts[token_id] += 1
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
+
+
+def _filter_sampled(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p for one row `[vocab]`; returns probabilities."""
+    logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+        drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs
+
+
+def sample(
+    logits: torch.Tensor, rows: Sequence[RowSampler]
+) -> tuple[list[int | None], list[TokenLogprob | None]]:
+    """One token per row. A row whose logits are not finite gets None (the caller fails that row
+    alone) instead of poisoning the batch."""
+    logits = logits.float()
+    broken = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
+    want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+
+    plain = all(
+        r._seen is None and r._bias_ids is None and r.constraint is None and r.num_generated >= r.params.min_tokens
+        for r in rows
+    )
+    greedy_rows = [i for i, r in enumerate(rows) if r.params.is_greedy]
+    tokens: list[int | None] = [None] * len(rows)
+    if plain and len(greedy_rows) == len(rows):
+        # Common case: a pure greedy batch is one argmax.
+        for i, token in enumerate(torch.argmax(logits, dim=-1).tolist()):
+            tokens[i] = token
+    else:
+        for i, row in enumerate(rows):
+            row_logits = row.process(logits[i].clone())
+            if row.params.is_greedy:
+                tokens[i] = int(torch.argmax(row_logits))
+                continue
+            probs = _filter_sampled(row_logits, row.params)
+            if not torch.isfinite(probs).all() or float(probs.sum()) <= 0.0:
+                tokens[i] = None
+                continue
+            tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator))
+
+    for i in torch.nonzero(broken).flatten().tolist():
+        tokens[i] = None
+
+    logprobs: list[TokenLogprob | None] = [None] * len(rows)
+    for j, i in enumerate(want_logprobs):
+        if tokens[i] is None:
+            continue
+        row_lp = raw_logprobs[j]
+        top_n = min(rows[i].params.logprobs or 0, MAX_TOP_LOGPROBS)
+        top: list[tuple[int, float]] = []
+        if top_n:
+            values, ids = torch.topk(row_lp, top_n)
+            top = list(zip(ids.tolist(), values.tolist()))
+        logprobs[i] = TokenLogprob(tokens[i], float(row_lp[tokens[i]]), top)
+    return tokens, logprobs

@@ -1,0 +1,139 @@
+"""One generated sequence: its tokens, cache slot, sampler, detokenizer and stop rules.
+
+Owned by one replica thread. The scheduler reads `finish_reason` and drains `take_delta()` once
+per step; everything else is the runner's business.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.detokenize import IncrementalDetokenizer, StopStringMatcher
+from models.sampling import RowSampler, TokenLogprob
+
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class SequenceDelta:
+    """What a sequence produced since the last hand-off."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class Sequence:
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        sampler: RowSampler,
+        detokenizer: IncrementalDetokenizer,
+        *,
+        max_tokens: int,
+        mm_inputs: dict[str, Any] | None = None,
+        owner: Any = None,
+        index: int = 0,
+    ) -> None:
+        self.seq_id = next(_ids)
+        self.owner = owner  # the scheduler's request, opaque here
+        self.index = index  # choice index for n > 1
+        self.prompt_ids = prompt_ids
+        self.mm_inputs = mm_inputs
+        self.sampler = sampler
+        self.max_tokens = max_tokens
+        self.output_ids: list[int] = []
+        self.num_cached = 0  # tokens whose keys/values are in the cache
+        self.slot: int | None = None
+        # Further choices of the same prompt (n > 1): they get a copy of this sequence's cache
+        # once its prefill completes, and sample their first token from the same logits.
+        self.children: list[Sequence] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._detok = detokenizer
+        self._stops = StopStringMatcher(sampler.params.stop)
+        self._emitted = ""
+        self._delta = SequenceDelta()
+
+    # -- state the scheduler reads -------------------------------------------------------------
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_cached < len(self.prompt_ids)
+
+    @property
+    def remaining_prompt(self) -> int:
+        return len(self.prompt_ids) - self.num_cached
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def take_delta(self) -> SequenceDelta | None:
+        delta = self._delta
+        if not (delta.token_ids or delta.text or delta.finish_reason):
+            return None
+        self._delta = SequenceDelta()
+        return delta
+
+    # -- updates from the runner ---------------------------------------------------------------
+    def append(self, token_id: int, logprob: TokenLogprob | None) -> None:
+        self.output_ids.append(token_id)
+        self.sampler.accept(token_id)
+        delta = self._delta
+        delta.token_ids.append(token_id)
+        if logprob is not None:
+            texts = self._detok.token_texts([token_id, *(t for t, _ in logprob.top)])
+            logprob.token, logprob.top_tokens = texts[0], texts[1:]
+            delta.logprobs.append(logprob)
+        if token_id in self.sampler.stop_ids and self.sampler.num_generated >= self.sampler.params.min_tokens:
+            # Stop tokens end the text; their own text is never part of the answer.
+            self._finish("stop", flush_text=True)
+            return
+        text, hit_stop = self._stops.feed(self._detok.push(token_id))
+        self._emit(text)
+        if hit_stop:
+            self._finish("stop", flush_text=False)
+        elif len(self.output_ids) >= self.max_tokens:
+            self._finish("length", flush_text=True)
+        elif self.sampler.constraint is not None and self.sampler.constraint.is_finished():
+            self._finish("stop", flush_text=True)
+
+    def abort(self, reason: str = "abort", error: str | None = None) -> None:
+        if self.finish_reason is None:
+            self.error = error
+            self._delta.error = error
+            self._finish(reason, flush_text=False)
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self._emitted += text
+            self._delta.text += text
+
+    def _finish(self, reason: str, *, flush_text: bool) -> None:
+        if flush_text:
+            ids = self.output_ids
+            if reason == "stop" and ids and ids[-1] in self.sampler.stop_ids:
+                ids = ids[:-1]
+            tail = self._detok.flush(ids, self._emitted + self._stops.pending)
+            text, hit = self._stops.feed(tail)
+            self._emit(text)
+            if not hit:
+                self._emit(self._stops.flush())
+        self.finish_reason = reason
+        self._delta.finish_reason = reason

@@ -1,0 +1,281 @@
+"""The Scheduler: admission, routing and the lifecycle of replicas.
+
+Created by the app's lifespan inside an anyio task group. `submit()` refuses at once when the
+server cannot take the request (loading, draining, every queue full), prepares the prompt in a
+worker thread (templates, tokenization, image decoding), checks lengths, and hands the request to
+the least-loaded replica. Replica threads deliver outputs through a BlockingPortal, once per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import anyio
+from anyio.from_thread import BlockingPortal
+
+from models.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
+from models.images import DecodedImageCache, ImageLimits
+from models.loader import LoadSpec
+from models.params import PromptInput
+from models.prompt import PreparedPrompt, PromptBuilder
+from models.replica import ReplicaConfig, build_replica
+from scheduler.executor import Delivery, Executor, ExecutorConfig, Job
+from scheduler.request import EngineRequest, RequestStream
+from scheduler.router import pick_replica
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    load: LoadSpec  # device is filled per replica
+    devices: tuple[str, ...]
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    max_images_per_request: int = 10
+    retry_after_s: int = 1
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, *, on_finished: Callable[[RequestStream], None] | None = None) -> None:
+        self.config = config
+        self.executors = [
+            Executor(f"{i}", device, self._builder_for(device), self._deliver, config.executor)
+            for i, device in enumerate(config.devices)
+        ]
+        self.started_at = time.monotonic()
+        self.draining = False
+        self._portal: BlockingPortal | None = None
+        self._prompt_builder: PromptBuilder | None = None
+        self._builder_lock = anyio.Lock()
+        self._prep_limiter = anyio.CapacityLimiter(2)
+        self._image_cache = DecodedImageCache()
+        self._inflight: dict[RequestStream, tuple[Executor, int]] = {}
+        self._on_finished = on_finished
+
+    def _builder_for(self, device: str) -> Callable[[], Any]:
+        spec = dataclasses.replace(self.config.load, device=device)
+        return lambda: build_replica(spec, self.config.replica)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, portal: BlockingPortal) -> None:
+        """Start every replica thread; loading goes on in the background while /health says so."""
+        self._portal = portal
+        for executor in self.executors:
+            executor.start()
+
+    async def drain(self, grace_s: float) -> None:
+        """Refuse new work, give in-flight requests `grace_s` to finish, then stop the replicas."""
+        self.draining = True
+        with anyio.move_on_after(grace_s):
+            while self._inflight:
+                await anyio.sleep(0.05)
+        if self._inflight:
+            log.warning("shutdown: %d request(s) still running after %.0fs; stopping them", len(self._inflight), grace_s)
+        for executor in self.executors:
+            executor.stop()
+        await anyio.to_thread.run_sync(self._join_all)
+
+    def _join_all(self) -> None:
+        for executor in self.executors:
+            executor.join(timeout=10)
+
+    # -- readiness -----------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        states = [e.state for e in self.executors]
+        if self.draining:
+            return "draining"
+        if any(s in ("failed", "stopped") for s in states):
+            return "degraded"
+        if all(s == "ready" for s in states):
+            return "ready"
+        return "loading"
+
+    @property
+    def ready_replica(self):
+        for executor in self.executors:
+            if executor.state == "ready" and executor.replica is not None:
+                return executor.replica
+        return None
+
+    def replica_stats(self) -> list[dict[str, Any]]:
+        stats = []
+        for e in self.executors:
+            item = {"name": e.name, "device": e.device, "state": e.state, "running": e.num_running, "queued": e.queue_depth, "outstanding_tokens": e.outstanding_tokens, "steps": e.steps}
+            if e.replica is not None:
+                item["path"] = e.replica.path
+                item["path_reason"] = e.replica.path_reason
+                item["attention"] = e.replica.loaded.attn_impl
+                item["dtype"] = str(e.replica.loaded.dtype).removeprefix("torch.")
+            if e.error:
+                item["error"] = e.error
+            stats.append(item)
+        return stats
+
+    # -- requests ------------------------------------------------------------------------------
+    async def submit(self, request: EngineRequest) -> RequestStream:
+        self._check_can_accept()
+        if len(request.prompt.images) > self.config.max_images_per_request:
+            raise InvalidRequestError(
+                f"{len(request.prompt.images)} images sent; this server accepts at most {self.config.max_images_per_request} per request",
+                param="messages",
+            )
+        builder = await self._builder()
+        prepared = await anyio.to_thread.run_sync(builder.prepare, request.prompt, limiter=self._prep_limiter)
+        request = self._resolve_lengths(request, prepared)
+        executor = pick_replica(self.executors)
+        if executor is None:
+            self._check_can_accept()
+            raise OverloadedError("every replica queue is full; retry shortly", retry_after_s=self.config.retry_after_s)
+        stream = RequestStream(request, prepared)
+        stream.replica_name = executor.name
+        stream._on_cancel = lambda _stream: executor.wake()
+        cost = len(prepared.token_ids) + request.params.max_tokens * request.n
+        executor.submit(Job(stream, prepared, cost))
+        executor.outstanding_tokens += cost
+        self._inflight[stream] = (executor, cost)
+        return stream
+
+    def _check_can_accept(self) -> None:
+        if self.draining:
+            raise OverloadedError("the server is shutting down", retry_after_s=self.config.retry_after_s)
+        ready = [e for e in self.executors if e.is_ready]
+        if not ready:
+            if any(e.state == "loading" for e in self.executors):
+                raise ModelNotReadyError("the model is still loading; retry shortly")
+            raise ModelNotReadyError("the model failed to load; see the server log")
+        if not any(e.has_room() for e in ready):
+            raise OverloadedError("every replica queue is full; retry shortly", retry_after_s=self.config.retry_after_s)
+
+    def _resolve_lengths(self, request: EngineRequest, prepared: PreparedPrompt) -> EngineRequest:
+        """Prompt plus completion must fit the context; then the server's max-tokens cap applies
+        (reported in the request's warnings, never silent)."""
+        replica = self.ready_replica
+        context = replica.loaded.max_context
+        prompt_len = len(prepared.token_ids)
+        if prompt_len == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        params = request.params
+        cap = self.config.replica.max_new_tokens
+        room = min(context, replica.max_seq_len) - prompt_len
+        if params.max_tokens is None:
+            if room < 1:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {context} tokens; the prompt alone is {prompt_len} tokens.",
+                    param="messages",
+                )
+            max_tokens = min(cap, room)
+        else:
+            if prompt_len + params.max_tokens > context:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {context} tokens. However, you requested "
+                    f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, {params.max_tokens} for the "
+                    "completion). Please reduce the prompt or max_tokens.",
+                    param="max_tokens",
+                )
+            max_tokens = params.max_tokens
+            if max_tokens > cap:
+                prepared.warnings.append(f"max_tokens {max_tokens} was lowered to this server's limit of {cap} (MAX_NEW_TOKENS_DEFAULT)")
+                max_tokens = cap
+            if max_tokens > room:
+                raise ContextLengthExceededError(
+                    f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the {replica.max_seq_len} "
+                    "tokens a sequence may hold on this server",
+                    param="max_tokens",
+                )
+        vocab = replica.vocab_size
+        for token in [*(params.logit_bias or ()), *params.stop_token_ids]:
+            if not 0 <= token < vocab:
+                param = "logit_bias" if params.logit_bias and token in params.logit_bias else "stop_token_ids"
+                raise InvalidRequestError(f"token id {token} is outside the vocabulary (0..{vocab - 1})", param=param)
+        if params.min_tokens > max_tokens:
+            raise InvalidRequestError(f"min_tokens ({params.min_tokens}) is larger than max_tokens ({max_tokens})", param="min_tokens")
+        return dataclasses.replace(request, params=dataclasses.replace(params, max_tokens=max_tokens))
+
+    # -- prompt utilities (apply_template, tokenize, detokenize) ---------------------------------
+    async def _builder(self) -> PromptBuilder:
+        if self._prompt_builder is None:
+            async with self._builder_lock:
+                if self._prompt_builder is None:
+                    replica = self.ready_replica
+                    if replica is None:
+                        self._check_can_accept()
+                    self._prompt_builder = await anyio.to_thread.run_sync(self._make_builder, replica)
+        return self._prompt_builder
+
+    def _make_builder(self, replica) -> PromptBuilder:
+        loaded = replica.loaded
+        # Its own copies: a fast tokenizer must not be used by two threads at once.
+        processor = copy.deepcopy(loaded.processor) if loaded.processor is not None else None
+        tokenizer = processor.tokenizer if processor is not None else copy.deepcopy(loaded.tokenizer)
+        return PromptBuilder(
+            tokenizer,
+            processor=processor,
+            chat_template=loaded.chat_template,
+            image_token_id=loaded.image_token_id,
+            max_input_tokens=self.config.replica.max_input_tokens,
+            image_limits=self.config.image_limits,
+            image_cache=self._image_cache,
+        )
+
+    async def render(self, prompt: PromptInput) -> str:
+        self._check_loaded()
+        builder = await self._builder()
+        return await anyio.to_thread.run_sync(builder.render, prompt, limiter=self._prep_limiter)
+
+    async def tokenize(self, prompt: PromptInput) -> PreparedPrompt:
+        self._check_loaded()
+        builder = await self._builder()
+        return await anyio.to_thread.run_sync(builder.prepare, prompt, limiter=self._prep_limiter)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        self._check_loaded()
+        builder = await self._builder()
+        return await anyio.to_thread.run_sync(builder.detokenize, token_ids, limiter=self._prep_limiter)
+
+    def _check_loaded(self) -> None:
+        if self.ready_replica is None:
+            self._check_can_accept()
+
+    @property
+    def max_context(self) -> int | None:
+        replica = self.ready_replica
+        return replica.loaded.max_context if replica is not None else None
+
+    @property
+    def is_vision(self) -> bool | None:
+        replica = self.ready_replica
+        return replica.loaded.is_vision if replica is not None else None
+
+    # -- outputs -------------------------------------------------------------------------------
+    def _deliver(self, items: Delivery) -> None:
+        """Called from replica threads once per step; never blocks them."""
+        portal = self._portal
+        if portal is None:
+            return
+        try:
+            portal.start_task_soon(self._apply, items)
+        except RuntimeError:
+            pass  # the loop is gone (shutdown): nobody is listening any more
+
+    def _apply(self, items: Delivery) -> None:
+        for stream, index, delta in items:
+            stream.push(index, delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, delta.error)
+            if stream.finished:
+                self._retire(stream)
+
+    def _retire(self, stream: RequestStream) -> None:
+        entry = self._inflight.pop(stream, None)
+        if entry is None:
+            return
+        executor, cost = entry
+        executor.outstanding_tokens -= cost
+        if self._on_finished is not None:
+            self._on_finished(stream)

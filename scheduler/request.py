@@ -1,0 +1,116 @@
+"""Requests in flight: what the app submits and what it reads back.
+
+An `EngineRequest` is built by `app/translate.py` (the only place that sees wire types). The
+scheduler answers with a `RequestStream`: an async iterator of `StreamUpdate`s, one per hand-off
+from the replica. Its collector coalesces everything a slow reader has not consumed yet, so the
+replica never waits for a client.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from models.params import PromptInput, SamplingParams
+from models.sampling import TokenLogprob
+
+if TYPE_CHECKING:
+    from models.prompt import PreparedPrompt
+
+__all__ = ["ChoiceUpdate", "EngineRequest", "PromptInput", "RequestStream", "SamplingParams", "StreamUpdate", "TokenLogprob"]
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt: PromptInput
+    params: SamplingParams
+    n: int = 1
+    kind: str = "chat"  # chat | completion | generate, for logs and metrics
+
+
+@dataclass(slots=True)
+class ChoiceUpdate:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class StreamUpdate:
+    choices: list[ChoiceUpdate]
+    error: str | None = None  # set when the request failed after it started
+
+
+class RequestStream:
+    """Per-request output collector (loop side). Iterate it to receive updates."""
+
+    def __init__(self, request: EngineRequest, prepared: "PreparedPrompt") -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.prompt_tokens = len(prepared.token_ids)
+        self.num_images = prepared.num_images
+        self.num_image_tokens = prepared.num_image_tokens
+        self.warnings = list(prepared.warnings)
+        self.completion_tokens = 0
+        self.created = time.time()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.replica_name = ""
+        self.cancelled = False  # read by the replica thread between steps
+        self._pending: dict[int, ChoiceUpdate] = {}
+        self._open_choices = set(range(request.n))
+        self._error: str | None = None
+        self._wakeup = anyio.Event()
+        self._on_cancel: Any = None
+
+    # -- replica -> loop -----------------------------------------------------------------------
+    def push(self, index: int, text: str, token_ids: list[int], logprobs: list[TokenLogprob], finish_reason: str | None, error: str | None) -> None:
+        update = self._pending.get(index)
+        if update is None:
+            update = self._pending[index] = ChoiceUpdate(index)
+        update.text += text
+        update.token_ids.extend(token_ids)
+        update.logprobs.extend(logprobs)
+        self.completion_tokens += len(token_ids)
+        if token_ids and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if finish_reason is not None:
+            update.finish_reason = finish_reason
+            self._open_choices.discard(index)
+            if error and self._error is None:
+                self._error = error
+            if not self._open_choices:
+                self.finished_at = time.monotonic()
+        self._wakeup.set()
+
+    @property
+    def finished(self) -> bool:
+        return not self._open_choices
+
+    # -- reader --------------------------------------------------------------------------------
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> StreamUpdate:
+        while not self._pending:
+            if not self._open_choices:
+                raise StopAsyncIteration
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+        choices = [self._pending[i] for i in sorted(self._pending)]
+        self._pending = {}
+        error = self._error if not self._open_choices else None
+        return StreamUpdate(choices, error)
+
+    def cancel(self) -> None:
+        """The client is gone (disconnect, timeout): free the batch slot at the next step."""
+        if not self.cancelled and not self.finished:
+            self.cancelled = True
+            if self._on_cancel is not None:
+                self._on_cancel(self)

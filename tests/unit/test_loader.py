@@ -1,0 +1,191 @@
+"""load_model on real tiny checkpoints: dtype and attention decisions, fallbacks, clear errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlavaProcessor
+
+from models import loader
+from models.loader import LoadSpec, ModelLoadError, load_model, resolve_source
+from models.tiny import BUILD_VERSION, IM_END, IMAGE_TOKEN
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("hub-cache"))
+
+
+@pytest.fixture(scope="module")
+def text_model(builtin_cache: str):
+    return load_model(LoadSpec(source="builtin:tiny", cache_dir=builtin_cache))
+
+
+@pytest.fixture(scope="module")
+def vlm_model(builtin_cache: str):
+    return load_model(LoadSpec(source="builtin:tiny-vlm", cache_dir=builtin_cache))
+
+
+def test_resolve_source(builtin_cache: str) -> None:
+    path = resolve_source(LoadSpec(source="builtin:tiny", cache_dir=builtin_cache))
+    assert path == str(Path(builtin_cache) / "builtin" / f"tiny-v{BUILD_VERSION}")
+    assert resolve_source(LoadSpec(source="org/model")) == "org/model"
+    with pytest.raises(ModelLoadError, match="valid names: tiny, tiny-vlm"):
+        resolve_source(LoadSpec(source="builtin:nope", cache_dir=builtin_cache))
+
+
+def test_builtin_text_model(text_model) -> None:
+    loaded = text_model
+    assert not loaded.is_vision and loaded.processor is None
+    assert loaded.dtype == torch.float32 and loaded.model.dtype == torch.float32
+    assert "dtype=fp32 (bf16 requested; forced on CPU)" in loaded.decisions
+    assert loaded.attn_impl == "sdpa"
+    assert loaded.device == torch.device("cpu")
+    assert loaded.tokenizer.convert_tokens_to_ids(IM_END) in loaded.eos_token_ids
+    assert loaded.eos_token_ids == frozenset(
+        loaded.tokenizer.convert_tokens_to_ids([IM_END, "<|endoftext|>"])
+    )
+    assert loaded.max_context == 4096
+    assert loaded.chat_template and "<|im_start|>" in loaded.chat_template
+    assert loaded.image_token_id is None
+    assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+def test_flash_attention_on_cpu_falls_back_to_sdpa_with_reason(text_model) -> None:
+    [line] = [d for d in text_model.decisions if d.startswith("attention=")]
+    assert line.startswith("attention=sdpa (flash_attention_2 requested;")
+    assert "CUDA" in line
+
+
+def test_builtin_vlm_model(vlm_model) -> None:
+    loaded = vlm_model
+    assert loaded.is_vision
+    assert isinstance(loaded.processor, LlavaProcessor)
+    assert loaded.tokenizer is loaded.processor.tokenizer
+    assert loaded.image_token_id == loaded.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert loaded.tokenizer.convert_tokens_to_ids(IM_END) in loaded.eos_token_ids
+    assert loaded.max_context == 4096
+    assert loaded.dtype == torch.float32 and loaded.attn_impl == "sdpa"
+    assert any(d.startswith("kind=vision-language") for d in loaded.decisions)
+    assert "<image>" in loaded.chat_template
+
+
+def test_strict_attention_raises_instead_of_falling_back(tiny_text_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="flash_attention_2"):
+        load_model(LoadSpec(source=str(tiny_text_path), attn_strict=True))
+
+
+def test_flash_attn_missing_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA branch cannot run here; the availability check itself is pure.
+    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
+    reason = loader._attention_unavailable("flash_attention_2", torch.device("cuda", 0), torch.bfloat16)
+    assert reason == "flash_attn not installed"
+    assert loader._attention_unavailable("flash_attention_2", torch.device("cuda", 0), torch.float32)
+    assert loader._attention_unavailable("sdpa", torch.device("cpu"), torch.float32) is None
+
+
+def _sdpa_breaks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    tried: list[str] = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        tried.append(kwargs.get("attn_implementation"))
+        if kwargs.get("attn_implementation") == "sdpa":
+            raise ValueError("simulated: sdpa kernel unavailable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    return tried
+
+
+def test_sdpa_failure_falls_back_to_eager(tiny_text_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tried = _sdpa_breaks(monkeypatch)
+    loaded = load_model(LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"))
+    assert tried == ["sdpa", "eager"]
+    assert loaded.attn_impl == "eager"
+    [line] = [d for d in loaded.decisions if d.startswith("attention=")]
+    assert (
+        line.startswith("attention=eager (sdpa requested;") and "simulated: sdpa kernel unavailable" in line
+    )
+    assert "dtype=fp32 (requested)" in loaded.decisions
+
+
+def test_sdpa_failure_with_strict_raises(tiny_text_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tried = _sdpa_breaks(monkeypatch)
+    with pytest.raises(ModelLoadError, match="sdpa.*simulated"):
+        load_model(LoadSpec(source=str(tiny_text_path), attn_impl="sdpa", attn_strict=True))
+    assert tried == ["sdpa"]
+
+
+def test_warmup_failure_falls_back(tiny_text_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def warmup(model, tokenizer, device):
+        calls.append(model.config._attn_implementation)
+        if len(calls) == 1:
+            raise RuntimeError("simulated kernel crash")
+
+    monkeypatch.setattr(loader, "_warmup", warmup)
+    loaded = load_model(LoadSpec(source=str(tiny_text_path), attn_impl="sdpa"))
+    assert calls == ["sdpa", "eager"] and loaded.attn_impl == "eager"
+
+
+def test_eager_requested(tiny_text_path: Path) -> None:
+    loaded = load_model(LoadSpec(source=str(tiny_text_path), attn_impl="eager", dtype="fp16"))
+    assert loaded.attn_impl == "eager" and "attention=eager (requested)" in loaded.decisions
+    assert "dtype=fp32 (fp16 requested; forced on CPU)" in loaded.decisions
+    assert torch.get_default_dtype() == torch.float32  # no process-global state was touched
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (LoadSpec(source="builtin:tiny", dtype="int8"), "invalid dtype 'int8'"),
+        (LoadSpec(source="builtin:tiny", attn_impl="flash"), "invalid attention implementation"),
+        (LoadSpec(source="builtin:tiny", device="tpu"), "device"),
+    ],
+)
+def test_invalid_spec(spec: LoadSpec, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(spec)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda() -> None:
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        load_model(LoadSpec(source="builtin:tiny", device="cuda:0"))
+
+
+def test_missing_local_folder(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelLoadError, match="does not exist") as redacted:
+        load_model(LoadSpec(source=str(missing)))
+    assert str(missing) not in str(redacted.value)
+    with pytest.raises(ModelLoadError, match="does not exist") as shown:
+        load_model(LoadSpec(source=str(missing), redact_source=False))
+    assert str(missing) in str(shown.value)
+
+
+def test_uncached_hub_id_offline(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="could not load model config") as info:
+        load_model(LoadSpec(source="secret-org/secret-model", cache_dir=str(tmp_path)))
+    assert "secret" not in str(info.value)
+
+
+def test_logs_never_show_the_source(tiny_text_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="models.loader"):
+        load_model(LoadSpec(source=str(tiny_text_path)))
+    messages = [r.getMessage() for r in caplog.records if r.name == "models.loader"]
+    assert messages and not any(str(tiny_text_path) in m for m in messages)
