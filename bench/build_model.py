@@ -40,6 +40,7 @@ def _build_atomically(out_dir: Path, build: Callable[[Path], Path], force: bool)
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a server running as another user must read it
     try:
         build(staging)
         if out_dir.exists():
