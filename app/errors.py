@@ -122,18 +122,26 @@ def _describe_validation(exc: ValidationException) -> tuple[str, str | None]:
     the JSON path into OpenAI's `param`."""
     extra: Any = exc.extra
     detail = None
+    key = None
     if isinstance(extra, list) and extra:
         first = extra[0]
         if isinstance(first, dict):
             detail = first.get("message")
+            key = first.get("key")
     text = detail or (exc.detail if isinstance(exc.detail, str) else "") or "the request body is invalid"
     if "JSON is malformed" in text or "Malformed" in text or "invalid character" in text.lower():
         return "the request body is not valid JSON", None
-    param = None
+    if key == "data" and text == "'data'":
+        # Litestar's KeyError for a handler whose body never arrived.
+        return "the request body is empty: send a JSON object", None
+    # Litestar strips msgspec's " - at `$.x`" suffix and reports the path as `key` ("data" = the body).
+    param = key if isinstance(key, str) and key != "data" else None
     match = _PATH_IN_MESSAGE.search(text)
     if match:
-        param = match.group(1) or None
-        text = text[: match.start()] + f" (at {param})" if param else text[: match.start()]
+        param = match.group(1) or param
+        text = text[: match.start()]
+    if param:
+        text = f"{text} (at {param})"
     return f"invalid request: {text}", param
 
 

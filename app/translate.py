@@ -18,7 +18,7 @@ from app.schemas.chat import ChatCompletionRequest, ChatMessage, ImageUrlPart, T
 from app.schemas.generate import GenerateRequest
 from app.schemas.templates import ApplyTemplateRequest
 from app.settings import Settings
-from scheduler.errors import InvalidRequestError
+from scheduler.errors import EngineError, InvalidRequestError
 from scheduler.request import EngineRequest, PromptInput, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,20 @@ class Translator:
         async def fetch(i: int, url: str) -> None:
             results[i] = await load_image_bytes(url, self.image_policy, client=self.image_client)
 
-        async with anyio.create_task_group() as tg:
-            for i, url in enumerate(urls):
-                tg.start_soon(fetch, i, url)
+        try:
+            async with anyio.create_task_group() as tg:
+                for i, url in enumerate(urls):
+                    tg.start_soon(fetch, i, url)
+        except BaseExceptionGroup as group:
+            # The task group wraps a rejected image in an ExceptionGroup; unwrap it so the client
+            # gets its 400 (InvalidImageError) instead of a generic 500.
+            rejected = group.subgroup(EngineError)
+            if rejected is None:
+                raise
+            first: BaseException = rejected
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
         return tuple(r for r in results if r is not None)
 
 

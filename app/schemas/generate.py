@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from app.schemas.chat import Probability, Temperature
+from app.schemas.chat import Probability, Seed, Temperature
 
 
 class GenerateParameters(msgspec.Struct, kw_only=True):
@@ -18,7 +18,7 @@ class GenerateParameters(msgspec.Struct, kw_only=True):
     top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
     stop: list[str] | str | None = None
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):

@@ -1,0 +1,209 @@
+"""The batching invariant on real tiny models: a greedy request gets exactly the same tokens
+whether it runs alone or joins a busy batch at any step (text and image+text), and the same
+tokens transformers' own generate() produces."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from models.loader import LoadSpec
+from models.params import PromptInput, SamplingParams
+from models.prompt import PreparedPrompt, PromptBuilder
+from models.replica import ReplicaConfig, build_replica
+from models.images import ImageLimits
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def text_replica(tiny_text_path):
+    return build_replica(LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(max_batch_size=8))
+
+
+@pytest.fixture(scope="module")
+def vlm_replica(tiny_vlm_path):
+    return build_replica(LoadSpec(source=str(tiny_vlm_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(max_batch_size=8))
+
+
+def prepared_text(replica, text: str) -> PreparedPrompt:
+    return PreparedPrompt(replica.loaded.tokenizer(text)["input_ids"])
+
+
+def builder(replica) -> PromptBuilder:
+    loaded = replica.loaded
+    return PromptBuilder(
+        loaded.tokenizer,
+        processor=loaded.processor,
+        chat_template=loaded.chat_template,
+        image_token_id=loaded.image_token_id,
+        max_input_tokens=4096,
+        image_limits=ImageLimits(),
+    )
+
+
+def png(seed: int) -> bytes:
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (40, 56, 3), generator=gen, dtype=torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prepared_image(replica, text: str, seed: int) -> PreparedPrompt:
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+    return builder(replica).prepare(PromptInput(messages=(message,), images=(png(seed),)))
+
+
+def run(replica, jobs, *, prefill_budget=10_000):
+    """jobs: list of (join_step, prepared, params). Drives the runner like the executor does and
+    returns each job's output ids."""
+    runner = replica.runner
+    pending = sorted(enumerate(jobs), key=lambda item: item[1][0])
+    seqs = {}
+    running = []
+    step = 0
+    while pending or running:
+        while pending and pending[0][1][0] <= step:
+            index, (_, prepared, params) = pending.pop(0)
+            seq = replica.new_sequences(prepared, params)[0]
+            runner.admit(seq)
+            seqs[index] = seq
+            running.append(seq)
+        decode = [s for s in running if not s.is_prefilling]
+        budget, prefill = prefill_budget, []
+        for s in running:
+            if s.is_prefilling and budget > 0:
+                take = s.remaining_prompt if s.mm_inputs and s.num_cached == 0 else min(s.remaining_prompt, budget)
+                prefill.append((s, take))
+                budget -= take
+        if decode or prefill:
+            runner.step(decode, prefill)
+        for s in [s for s in running if s.is_finished]:
+            runner.release(s)
+            running.remove(s)
+        step += 1
+    return [seqs[i].output_ids for i in range(len(jobs))]
+
+
+def hf_greedy(replica, prepared: PreparedPrompt, max_new_tokens: int) -> list[int]:
+    model = replica.loaded.model
+    config = model.config.get_text_config(decoder=True)
+    original = config._attn_implementation
+    config._attn_implementation = "sdpa"
+    try:
+        inputs = {"input_ids": torch.tensor([prepared.token_ids])}
+        inputs.update(prepared.mm_inputs or {})
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    finally:
+        config._attn_implementation = original
+    return out[0, len(prepared.token_ids) :].tolist()
+
+
+def test_text_model_takes_the_fast_path(text_replica):
+    assert text_replica.path == "fast"
+
+
+def test_greedy_tokens_match_transformers_generate(text_replica):
+    prepared = prepared_text(text_replica, "Hello there, how are you today?")
+    alone = run(text_replica, [(0, prepared, SamplingParams(max_tokens=24, **GREEDY))])[0]
+    assert alone == hf_greedy(text_replica, prepared, 24)
+
+
+@pytest.mark.parametrize("join_step", [0, 1, 5, 17])
+def test_greedy_request_is_identical_alone_and_joining_a_busy_batch(text_replica, join_step):
+    target = prepared_text(text_replica, "The target request asks about the weather in Paris.")
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    alone = run(text_replica, [(0, target, params)])[0]
+    others = [
+        (0, prepared_text(text_replica, "A long running neighbour " * 3), SamplingParams(max_tokens=40, **GREEDY)),
+        (2, prepared_text(text_replica, "Short one"), SamplingParams(max_tokens=3, **GREEDY)),
+        (3, prepared_text(text_replica, "Sampled neighbour with its own seed"), SamplingParams(max_tokens=30, temperature=0.9, seed=7, ignore_eos=True)),
+    ]
+    busy = run(text_replica, [*others, (join_step, target, params)], prefill_budget=16)
+    assert busy[-1] == alone
+
+
+def test_chunked_prefill_matches_a_single_chunk(text_replica):
+    prepared = prepared_text(text_replica, "one two three four five six seven eight nine ten " * 4)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    whole = run(text_replica, [(0, prepared, params)])[0]
+    chunked = run(text_replica, [(0, prepared, params)], prefill_budget=7)[0]
+    assert chunked == whole
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(text_replica):
+    prepared = prepared_text(text_replica, "Tell me a story")
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = run(text_replica, [(0, prepared, params)])[0]
+    neighbour = (0, prepared_text(text_replica, "noise " * 5), SamplingParams(max_tokens=25, temperature=1.0, seed=99, ignore_eos=True))
+    busy = run(text_replica, [neighbour, (4, prepared, params)])[1]
+    assert busy == alone
+    other_seed = run(text_replica, [(0, prepared, SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=4321, ignore_eos=True))])[0]
+    assert other_seed != alone
+
+
+def test_n_choices_share_one_prefill(text_replica):
+    runner = text_replica.runner
+    prepared = prepared_text(text_replica, "Pick a number")
+    seqs = text_replica.new_sequences(prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True), n=3)
+    parent, children = seqs[0], seqs[1:]
+    parent.children = children
+    runner.admit(parent)
+    runner.step([], [(parent, len(prepared.token_ids))])
+    assert all(child.slot is not None and child.num_cached == parent.num_cached for child in children)
+    assert all(len(s.output_ids) == 1 for s in seqs)
+    while not all(s.is_finished for s in seqs):
+        runner.step([s for s in seqs if not s.is_finished], [])
+    for s in seqs:
+        runner.release(s)
+    outputs = [tuple(s.output_ids) for s in seqs]
+    assert len(set(outputs)) > 1  # independent samples
+    assert runner.num_active == 0
+
+
+def test_generic_path_gives_the_same_greedy_tokens(tiny_text_path, text_replica):
+    generic = build_replica(
+        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(force_generic=True)
+    )
+    assert generic.path == "generic"
+    prepared = prepared_text(text_replica, "Generic path check")
+    seq = generic.new_sequences(prepared, SamplingParams(max_tokens=10, **GREEDY))[0]
+    generic.runner.run(seq, on_token=lambda: None, cancelled=lambda: False)
+    fast = run(text_replica, [(0, prepared, SamplingParams(max_tokens=10, **GREEDY))])[0]
+    assert seq.output_ids == fast
+    assert seq.finish_reason == "length"
+
+
+def test_vlm_takes_the_fast_path_and_matches_generate(vlm_replica):
+    assert vlm_replica.path == "fast"
+    prepared = prepared_image(vlm_replica, "What is in this picture?", seed=1)
+    assert prepared.num_image_tokens == 16
+    alone = run(vlm_replica, [(0, prepared, SamplingParams(max_tokens=16, **GREEDY))])[0]
+    assert alone == hf_greedy(vlm_replica, prepared, 16)
+
+
+@pytest.mark.parametrize("join_step", [0, 3])
+def test_image_request_is_identical_alone_and_in_a_mixed_batch(vlm_replica, join_step):
+    target = prepared_image(vlm_replica, "Describe the image.", seed=2)
+    params = SamplingParams(max_tokens=14, **GREEDY)
+    alone = run(vlm_replica, [(0, target, params)])[0]
+    text_neighbour = PreparedPrompt(vlm_replica.loaded.tokenizer("a text request in the same batch")["input_ids"])
+    others = [
+        (0, text_neighbour, SamplingParams(max_tokens=30, **GREEDY)),
+        (1, prepared_image(vlm_replica, "Another image", seed=3), SamplingParams(max_tokens=20, **GREEDY)),
+    ]
+    busy = run(vlm_replica, [*others, (join_step, target, params)], prefill_budget=8)
+    assert busy[-1] == alone
+
+
+def test_slots_are_recycled_and_compacted(text_replica):
+    runner = text_replica.runner
+    params = SamplingParams(max_tokens=5, **GREEDY)
+    jobs = [(i, prepared_text(text_replica, f"request {i} " * (i + 1)), params) for i in range(12)]
+    outputs = run(text_replica, jobs)
+    assert all(len(o) == 5 for o in outputs)
+    assert runner.num_active == 0 and runner.free_slots == runner.num_slots

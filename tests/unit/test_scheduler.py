@@ -1,0 +1,181 @@
+"""The scheduler with real tiny models, in-process: admission, lengths, routing, cancellation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio
+import pytest
+from anyio.from_thread import BlockingPortal
+
+from models.loader import LoadSpec
+from models.params import PromptInput, SamplingParams
+from models.replica import ReplicaConfig
+from scheduler.core import Scheduler, SchedulerConfig
+from scheduler.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
+from scheduler.executor import ExecutorConfig
+from scheduler.request import EngineRequest
+from scheduler.router import pick_replica
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def running_scheduler(model_path, *, devices=("cpu",), max_queue_size=64, max_batch_size=8, max_new_tokens=64):
+    config = SchedulerConfig(
+        load=LoadSpec(source=str(model_path), dtype="fp32", attn_impl="sdpa"),
+        devices=tuple(devices),
+        replica=ReplicaConfig(max_batch_size=max_batch_size, max_input_tokens=200, max_new_tokens=max_new_tokens),
+        executor=ExecutorConfig(max_queue_size=max_queue_size, max_prefill_tokens=64),
+    )
+    scheduler = Scheduler(config)
+    async with BlockingPortal() as portal:
+        await scheduler.start(portal)
+        with anyio.fail_after(120):
+            while scheduler.status == "loading":
+                await anyio.sleep(0.05)
+        assert scheduler.status == "ready", scheduler.replica_stats()
+        try:
+            yield scheduler
+        finally:
+            await scheduler.drain(5)
+
+
+def request(i: int, max_tokens: int | None = 8, text: str = "hello", **params) -> EngineRequest:
+    params.setdefault("temperature", 0.0)
+    params.setdefault("ignore_eos", True)
+    messages = ({"role": "user", "content": f"{text} {i}"},)
+    return EngineRequest(f"r{i}", PromptInput(messages=messages), SamplingParams(max_tokens=max_tokens, **params))
+
+
+async def consume(stream) -> str:
+    text = ""
+    async for update in stream:
+        text += "".join(c.text for c in update.choices)
+    return text
+
+
+async def test_concurrent_requests_complete_with_their_own_lengths(tiny_text_path):
+    async with running_scheduler(tiny_text_path) as scheduler:
+        streams = [await scheduler.submit(request(i, max_tokens=3 + i)) for i in range(6)]
+        async with anyio.create_task_group() as tg:
+            for s in streams:
+                tg.start_soon(consume, s)
+        assert [s.completion_tokens for s in streams] == [3 + i for i in range(6)]
+        assert all(s.finished for s in streams)
+        assert all(e.outstanding_tokens == 0 for e in scheduler.executors)
+
+
+async def test_lengths_are_checked_and_the_cap_is_reported(tiny_text_path):
+    async with running_scheduler(tiny_text_path, max_new_tokens=16) as scheduler:
+        with pytest.raises(ContextLengthExceededError) as info:
+            await scheduler.submit(request(0, max_tokens=10_000))
+        assert info.value.param == "max_tokens" and "4096" in info.value.message
+        stream = await scheduler.submit(request(1, max_tokens=40))
+        await consume(stream)
+        assert stream.completion_tokens == 16
+        assert any("lowered" in w for w in stream.warnings)
+        with pytest.raises(InvalidRequestError):
+            await scheduler.submit(request(2, logit_bias={10**6: 1.0}))
+
+
+async def test_long_prompts_are_left_truncated_and_say_so(tiny_text_path):
+    async with running_scheduler(tiny_text_path) as scheduler:
+        stream = await scheduler.submit(request(0, text="word " * 400))
+        await consume(stream)
+        assert stream.prompt_tokens == 200
+        assert any("dropped" in w for w in stream.warnings)
+
+
+async def test_cancelled_requests_free_their_slots(tiny_text_path):
+    async with running_scheduler(tiny_text_path, max_new_tokens=512) as scheduler:
+        streams = [await scheduler.submit(request(i, max_tokens=500)) for i in range(8)]
+        await anyio.sleep(0.3)
+        for s in streams:
+            s.cancel()
+        executor = scheduler.executors[0]
+        with anyio.fail_after(10):
+            while executor.num_running or scheduler._inflight:
+                await anyio.sleep(0.02)
+        assert executor.replica.runner.num_active == 0
+        assert all(s.completion_tokens < 500 for s in streams)
+        short = await scheduler.submit(request(99, max_tokens=4))
+        with anyio.fail_after(10):
+            await consume(short)
+        assert short.completion_tokens == 4
+
+
+async def test_full_queues_refuse_at_once(tiny_text_path):
+    async with running_scheduler(tiny_text_path, max_queue_size=1, max_batch_size=1, max_new_tokens=512) as scheduler:
+        busy = await scheduler.submit(request(0, max_tokens=400))
+        with anyio.fail_after(10):
+            while scheduler.executors[0].queue_depth:
+                await anyio.sleep(0.01)
+        queued = await scheduler.submit(request(1, max_tokens=400))
+        await anyio.sleep(0.2)
+        with pytest.raises(OverloadedError) as info:
+            await scheduler.submit(request(2))
+        assert info.value.retry_after_s >= 1
+        busy.cancel()
+        queued.cancel()
+
+
+async def test_draining_refuses_new_work(tiny_text_path):
+    async with running_scheduler(tiny_text_path) as scheduler:
+        scheduler.draining = True
+        with pytest.raises(OverloadedError):
+            await scheduler.submit(request(0))
+        scheduler.draining = False
+
+
+async def test_two_cpu_replicas_share_the_load(tiny_text_path):
+    async with running_scheduler(tiny_text_path, devices=("cpu", "cpu")) as scheduler:
+        streams = [await scheduler.submit(request(i, max_tokens=12)) for i in range(8)]
+        assert {s.replica_name for s in streams} == {"0", "1"}
+        async with anyio.create_task_group() as tg:
+            for s in streams:
+                tg.start_soon(consume, s)
+        assert all(e.steps > 0 for e in scheduler.executors)
+
+
+async def test_a_model_that_fails_to_load_makes_the_server_degraded(tmp_path):
+    config = SchedulerConfig(load=LoadSpec(source=str(tmp_path / "missing")), devices=("cpu",))
+    scheduler = Scheduler(config)
+    async with BlockingPortal() as portal:
+        await scheduler.start(portal)
+        with anyio.fail_after(30):
+            while scheduler.status == "loading":
+                await anyio.sleep(0.05)
+        assert scheduler.status == "degraded"
+        with pytest.raises(ModelNotReadyError):
+            await scheduler.submit(request(0))
+        await scheduler.drain(1)
+
+
+class FakeReplica:
+    def __init__(self, name, load, ready=True, room=True, depth=0):
+        self.name, self.outstanding_tokens, self._ready, self._room, self._depth = name, load, ready, room, depth
+
+    @property
+    def is_ready(self):
+        return self._ready
+
+    @property
+    def queue_depth(self):
+        return self._depth
+
+    def has_room(self):
+        return self._room
+
+
+def test_router_picks_the_least_loaded_ready_replica_with_room():
+    replicas = [FakeReplica("a", 50), FakeReplica("b", 10), FakeReplica("c", 5, ready=False), FakeReplica("d", 1, room=False)]
+    assert pick_replica(replicas).name == "b"
+    assert pick_replica([FakeReplica("x", 0, ready=False)]) is None
+    tie = [FakeReplica("a", 10, depth=3), FakeReplica("b", 10, depth=1)]
+    assert pick_replica(tie).name == "b"
