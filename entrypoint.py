@@ -47,6 +47,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--gpu-count",), "gpu_count", "Use the first N visible GPUs (unset: 1 if any GPU is visible)"),
     Flag(("--device",), "device", "auto | cuda | cpu; auto uses CUDA when available"),
     Flag(("--cpu-replicas",), "cpu_replicas", "Model replicas when running on CPU (1..16)"),
+    Flag(("--cpu-packed-linears",), "cpu_packed_linears", "oneDNN pre-packed linear weights on CPU", True),
     # Model
     Flag(
         ("--model-path", "--model-id"),

@@ -61,6 +61,7 @@ HTTP_CODES: dict[int, tuple[str, str, str]] = {
 }
 
 _PATH_IN_MESSAGE = re.compile(r" - at `\$\.?([^`]*)`")
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 
 
 def error_body(status: int, message: str, *, type_: str | None = None, param: str | None = None, code: str | None = None) -> ErrorResponse:
@@ -136,6 +137,9 @@ def _describe_validation(exc: ValidationException) -> tuple[str, str | None]:
         return "the request body is empty: send a JSON object", None
     # Litestar strips msgspec's " - at `$.x`" suffix and reports the path as `key` ("data" = the body).
     param = key if isinstance(key, str) and key != "data" else None
+    missing = _MISSING_FIELD.search(text)
+    if missing:
+        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
     match = _PATH_IN_MESSAGE.search(text)
     if match:
         param = match.group(1) or param

@@ -45,6 +45,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
             max_batch_size=settings.max_batch_size,
             max_input_tokens=settings.max_input_tokens,
             max_new_tokens=settings.default_max_tokens,
+            pack_cpu_linears=settings.cpu_packed_linears,
         ),
         executor=ExecutorConfig(
             max_queue_size=settings.max_queue_size,

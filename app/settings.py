@@ -65,6 +65,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     gpu_count: int | None = None
     device: Device = "auto"
     cpu_replicas: int = 1  # replicas when running on CPU (lets routing be exercised without GPUs)
+    cpu_packed_linears: bool = True  # oneDNN pre-packed linear weights on CPU (~1.7x faster decode)
 
     # Batching, limits, backpressure
     max_batch_size: int = 32
@@ -295,6 +296,7 @@ _VARS: tuple[_Var, ...] = (
     _Var("gpu_count", ("GPU_COUNT",), _int(1)),
     _Var("device", ("DEVICE",), _choice(("auto", "cuda", "cpu"))),
     _Var("cpu_replicas", ("CPU_REPLICAS",), _int(1, 16)),
+    _Var("cpu_packed_linears", ("CPU_PACKED_LINEARS",), _bool),
     _Var("max_batch_size", ("MAX_BATCH_SIZE",), _int(1, 1024)),
     _Var("batch_timeout_ms", ("BATCH_TIMEOUT_MS",), _float(0, 1000)),
     _Var("max_prefill_tokens", ("MAX_PREFILL_TOKENS",), _int(16)),

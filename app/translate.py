@@ -6,6 +6,7 @@ by URL (async, SSRF-guarded) so that nothing below the app sees a URL or a msgsp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Sequence
 
@@ -15,8 +16,10 @@ import httpx
 from app.errors import ModelNotFoundError
 from app.media import ImageFetchPolicy, load_image_bytes
 from app.schemas.chat import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
+from app.schemas.completions import CompletionRequest, PromptElement
 from app.schemas.generate import GenerateRequest
 from app.schemas.templates import ApplyTemplateRequest
+from app.schemas.tokenize import TokenizeRequest
 from app.settings import Settings
 from scheduler.errors import EngineError, InvalidRequestError
 from scheduler.request import EngineRequest, PromptInput, SamplingParams
@@ -136,6 +139,50 @@ class Translator:
         )
         return EngineRequest(request_id, PromptInput(text=req.inputs), params, kind="generate")
 
+    def completion(self, req: CompletionRequest, request_id: str) -> list[EngineRequest]:
+        """One engine request per prompt, all with the same parameters."""
+        self.check_model(req.model)
+        if req.suffix:
+            raise InvalidRequestError("suffix is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            # Ranking candidates needs their cumulative logprobs server-side; not implemented.
+            raise InvalidRequestError(f"best_of ({req.best_of}) must equal n ({req.n}) on this server", param="best_of")
+        params = self.sampling(
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            seed=req.seed,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=req.logprobs,
+            logit_bias=req.logit_bias,
+            skip_special_tokens=req.skip_special_tokens,
+        )
+        prompts = _completion_prompts(req.prompt, req.add_special_tokens)
+        return [EngineRequest(request_id, prompt, params, n=req.n, kind="completion") for prompt in prompts]
+
+    async def tokenize_prompt(self, req: TokenizeRequest) -> PromptInput:
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise InvalidRequestError("send either prompt or messages (exactly one)", param="prompt")
+        if req.messages is None:
+            return PromptInput(text=req.prompt, add_special_tokens=req.add_special_tokens)
+        # Images are fetched like chat does so that the count includes their expanded tokens.
+        prompt = await self.chat_prompt(
+            req.messages,
+            tools=req.tools,
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template_kwargs=req.chat_template_kwargs,
+        )
+        return dataclasses.replace(prompt, add_special_tokens=req.add_special_tokens)
+
     async def template_prompt(self, req: ApplyTemplateRequest) -> PromptInput:
         self.check_model(req.model)
         # Rendering needs no pixels: image parts become placeholders without fetching anything.
@@ -228,6 +275,24 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
             item["tool_call_id"] = message.tool_call_id
         converted.append(item)
     return converted, urls
+
+
+def _completion_prompts(prompt: str | list[PromptElement], add_special_tokens: bool) -> list[PromptInput]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    if isinstance(prompt, str):
+        return [PromptInput(text=prompt, add_special_tokens=add_special_tokens)]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be an empty list", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [PromptInput(text=p, add_special_tokens=add_special_tokens) for p in prompt]
+    if all(isinstance(p, int) for p in prompt):
+        return [PromptInput(token_ids=tuple(prompt))]
+    if all(isinstance(p, list) for p in prompt):
+        return [PromptInput(token_ids=tuple(p)) for p in prompt]
+    raise InvalidRequestError(
+        "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists, not a mix",
+        param="prompt",
+    )
 
 
 def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:

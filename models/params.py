@@ -55,6 +55,9 @@ class PromptInput:
     token_ids: tuple[int, ...] | None = None
     tools: tuple[Mapping[str, Any], ...] | None = None
     add_generation_prompt: bool = True
+    # None: a raw text prompt gets the tokenizer's special tokens (BOS), a rendered chat does not
+    # (its template already wrote them).
+    add_special_tokens: bool | None = None
     # Raw encoded images in the order their placeholders appear in `messages`.
     images: tuple[bytes, ...] = ()
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)

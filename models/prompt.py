@@ -121,11 +121,16 @@ class PromptBuilder:
         """Token ids and model inputs for one request. Text prompts longer than max_input_tokens
         are left-truncated and the result says so; image prompts cannot be cut and are refused."""
         if prompt.token_ids is not None:
+            # An id past the embedding table would fail inside the model (on CUDA, a device-side
+            # assert that poisons the whole replica), so it is refused here as the client's error.
+            self._check_ids(prompt.token_ids, param="prompt")
             return self._truncate(PreparedPrompt(list(prompt.token_ids)))
         if prompt.messages is not None:
             text, special = self.render(prompt), False
         else:
             text, special = prompt.text or "", True
+        if prompt.add_special_tokens is not None:
+            special = prompt.add_special_tokens
         if prompt.images:
             return self._prepare_multimodal(text, prompt.images, special)
         ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
@@ -169,11 +174,14 @@ class PromptBuilder:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        self._check_ids(ids, param="tokens")
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _check_ids(self, ids, *, param: str) -> None:
         vocab = len(self.tokenizer)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=param)
 
 
 def _tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:

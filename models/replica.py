@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.cpu_kernels import pack_linears
 from models.detokenize import IncrementalDetokenizer
 from models.generic import GenericRunner
 from models.images import ImageLimits
@@ -34,6 +35,7 @@ class ReplicaConfig:
     max_input_tokens: int = 16384
     max_new_tokens: int = 128
     force_generic: bool = False  # tests and operators can pin the generic path
+    pack_cpu_linears: bool = True  # oneDNN pre-packed weights on CPU (fast path only)
 
 
 class ModelReplica:
@@ -84,6 +86,11 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
     if reason is not None:
         runner.restore_attention()
         return _generic(loaded, f"fast path self-test failed: {reason}", max_seq_len)
+    if config.pack_cpu_linears and loaded.device.type == "cpu":
+        log.info(pack_linears(loaded.model, batch_hint=min(16, config.max_batch_size)))
+        reason = _self_test(runner, loaded)
+        if reason is not None:  # packing is an optimisation: never serve wrong numbers for it
+            raise RuntimeError(f"self-test failed after packing CPU linears ({reason}); set CPU_PACKED_LINEARS=false")
     log.info("execution path: fast (per-slot KV cache, %d slots, up to %d tokens each)", config.max_batch_size, max_seq_len)
     return ModelReplica(loaded, runner, "self-test matched the model's own forward", max_seq_len)
 

@@ -1,0 +1,71 @@
+"""`/v1/completions` wire types: OpenAI's legacy text completions (plus peers' extensions)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+import msgspec
+
+from app.schemas.chat import Penalty, PositiveInt, Probability, Seed, Temperature
+from app.schemas.common import StreamOptions, Usage
+
+# A string, a list of strings, a list of token ids or a list of such lists. msgspec allows one
+# array type per union, so the element union is checked for consistency in translate.
+PromptElement = Union[str, int, list[int]]
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    prompt: str | list[PromptElement]
+    model: str | None = None
+    max_tokens: PositiveInt | None = 16  # OpenAI's default for this endpoint; null: the server's
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    best_of: PositiveInt | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]] | None = None
+    # OpenAI allows 0..5; vLLM (and this server) up to 20.
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    user: str | None = None
+    # Extensions peers accept (vLLM, SGLang, TGI).
+    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
+    min_p: Probability | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    add_special_tokens: bool = True
+
+
+class CompletionLogprobs(msgspec.Struct):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: str | None
+
+
+class CompletionResponse(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    object: str = "text_completion"
+    system_fingerprint: str | None = None
+    latency_seconds: float | None = None
+    warnings: list[str] | None = None

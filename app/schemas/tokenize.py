@@ -1,0 +1,38 @@
+"""`/tokenize` and `/detokenize` wire types, shaped like vLLM's."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from app.schemas.chat import ChatMessage, Tool
+from app.schemas.common import JSONObject
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """Either `prompt` (raw text) or `messages` (rendered with the chat template), not both."""
+
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)] | None = None
+    model: str | None = None
+    # null: true for `prompt`, false for `messages` (the template already wrote them).
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: JSONObject | None = None
+
+
+class TokenizeResponse(msgspec.Struct):
+    tokens: list[int]
+    count: int
+    max_model_len: int | None
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    tokens: list[int]
+    model: str | None = None
+
+
+class DetokenizeResponse(msgspec.Struct):
+    prompt: str

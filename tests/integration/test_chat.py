@@ -1,0 +1,241 @@
+"""POST /v1/chat/completions with the official openai client (sync and async) and raw httpx."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import anyio
+import pytest
+
+from tests.integration.conftest import Server
+from tests.integration.helpers import chat_body, sse_chunks, user
+
+FINISH_REASONS = {"stop", "length"}
+
+
+def _assert_usage(usage, *, max_tokens: int) -> None:
+    assert usage.prompt_tokens > 0
+    assert 0 <= usage.completion_tokens <= max_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_non_streaming(text_server: Server) -> None:
+    completion = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user("Tell me a story"), max_tokens=12
+    )
+    assert completion.object == "chat.completion"
+    assert completion.id
+    assert completion.model == text_server.model_name
+    assert len(completion.choices) == 1
+    choice = completion.choices[0]
+    assert choice.index == 0
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in FINISH_REASONS
+    _assert_usage(completion.usage, max_tokens=12)
+    if choice.finish_reason == "length":
+        assert completion.usage.completion_tokens == 12
+
+
+def test_non_streaming_raw_body(text_server: Server) -> None:
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", json=chat_body(max_tokens=4))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert isinstance(body["created"], int)
+    assert isinstance(body["latency_seconds"], float) and body["latency_seconds"] >= 0  # the seed's extension
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_streaming_with_openai_client(text_server: Server) -> None:
+    stream = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user("Tell me a story"), max_tokens=10, stream=True
+    )
+    chunks = list(stream)
+    assert chunks
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1 and finishes[0] in FINISH_REASONS
+    assert chunks[-1].choices[0].finish_reason == finishes[0]
+    assert all(c.usage is None for c in chunks)  # no usage unless asked for
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert isinstance(text, str)
+
+
+def test_stream_include_usage(text_server: Server) -> None:
+    client = text_server.openai()
+    stream = client.chat.completions.create(
+        model=text_server.model_name,
+        messages=user("Count to ten"),
+        max_tokens=9,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    _assert_usage(last.usage, max_tokens=9)
+    assert all(c.usage is None for c in chunks[:-1])
+    # Same prompt, same prompt-token count as a non-streamed request.
+    plain = client.chat.completions.create(model=text_server.model_name, messages=user("Count to ten"), max_tokens=1)
+    assert plain.usage.prompt_tokens == last.usage.prompt_tokens
+
+
+def test_raw_sse_ends_with_done(text_server: Server) -> None:
+    body = chat_body("Hi there", max_tokens=6, stream=True, stream_options={"include_usage": True})
+    with text_server.http() as client, client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    assert raw.rstrip("\n").endswith("data: [DONE]")
+    chunks = sse_chunks(raw)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == []
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    content_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(content_chunks) <= usage["completion_tokens"]
+
+
+def test_greedy_is_deterministic(text_server: Server) -> None:
+    client = text_server.openai()
+
+    def run() -> str:
+        completion = client.chat.completions.create(
+            model=text_server.model_name, messages=user("Once upon a time"), max_tokens=16, temperature=0
+        )
+        return completion.choices[0].message.content
+
+    first, second = run(), run()
+    assert first == second
+    assert first  # the tiny model does produce text
+
+
+def test_greedy_stream_matches_non_stream(text_server: Server) -> None:
+    client = text_server.openai()
+    kwargs = dict(model=text_server.model_name, messages=user("The weather today"), max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs) if c.choices)
+    assert streamed == whole
+
+
+def test_seed_makes_sampling_reproducible(text_server: Server) -> None:
+    client = text_server.openai()
+
+    def run(seed: int) -> str:
+        completion = client.chat.completions.create(
+            model=text_server.model_name, messages=user("Pick some words"), max_tokens=16, temperature=1.0, seed=seed
+        )
+        return completion.choices[0].message.content
+
+    assert run(1234) == run(1234)
+    # Different seeds draw differently (16 tokens from a flat random model: a collision is ~impossible).
+    assert len({run(1), run(2), run(3)}) > 1
+
+
+def test_max_tokens_is_clamped_to_server_default(text_server: Server) -> None:
+    """DEFAULT_MAX_TOKENS (128) caps a request's max_tokens."""
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", json=chat_body(max_tokens=1000, ignore_eos=True))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["completion_tokens"] == 128
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_truncates_output(text_server: Server) -> None:
+    client = text_server.openai()
+    kwargs = dict(model=text_server.model_name, messages=user("Say something long"), max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    words = [m for m in re.finditer(r"[A-Za-z]{3,}", full) if m.start() > 0 and full.find(m.group()) == m.start()]
+    if not words:
+        pytest.skip(f"greedy output has no usable stop word: {full!r}")
+    stop = words[0].group()
+    stopped = client.chat.completions.create(stop=[stop], **kwargs).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.message.content == full[: words[0].start()]
+
+
+def test_logprobs(text_server: Server) -> None:
+    completion = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user(), max_tokens=5, logprobs=True, top_logprobs=3, temperature=0
+    )
+    content = completion.choices[0].logprobs.content
+    assert len(content) == completion.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0.0
+        assert len(entry.top_logprobs) == 3
+        # Greedy picks the most likely token.
+        assert entry.logprob == pytest.approx(max(t.logprob for t in entry.top_logprobs), abs=1e-4)
+
+
+def test_n_choices(text_server: Server) -> None:
+    completion = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user(), max_tokens=4, n=3, temperature=1.0, seed=7
+    )
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    assert all(isinstance(c.message.content, str) for c in completion.choices)
+    assert completion.usage.completion_tokens <= 3 * 4
+
+
+def test_unknown_fields_are_accepted(text_server: Server) -> None:
+    body = chat_body(max_tokens=2, foo=1, metadata={"x": "y"}, store=False)
+    body["messages"][0]["not_a_field"] = True
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in FINISH_REASONS
+
+
+def test_openai_client_extra_body_is_accepted(text_server: Server) -> None:
+    completion = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user(), max_tokens=2, extra_body={"foo": 1, "top_k": 5}
+    )
+    assert completion.choices[0].finish_reason in FINISH_REASONS
+
+
+def test_async_client_concurrent_requests(text_server: Server) -> None:
+    async def main() -> list:
+        client = text_server.async_openai()
+        results: list = [None] * 4
+
+        async def one(i: int) -> None:
+            if i % 2:
+                stream = await client.chat.completions.create(
+                    model=text_server.model_name, messages=user(f"request {i}"), max_tokens=6, temperature=0, stream=True
+                )
+                results[i] = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            else:
+                completion = await client.chat.completions.create(
+                    model=text_server.model_name, messages=user(f"request {i}"), max_tokens=6, temperature=0
+                )
+                results[i] = completion.choices[0].message.content
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(one, i)
+        await client.close()
+        return results
+
+    results = anyio.run(main)
+    assert all(isinstance(r, str) for r in results)
+    # Batched greedy equals greedy alone: rerun one request by itself.
+    alone = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user("request 0"), max_tokens=6, temperature=0
+    )
+    assert alone.choices[0].message.content == results[0]
+
+
+def test_response_is_json_even_for_non_ascii(text_server: Server) -> None:
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", json=chat_body("héllo 世界 👋", max_tokens=4))
+    assert response.status_code == 200
+    json.loads(response.content.decode("utf-8"))

@@ -1,0 +1,90 @@
+"""/v1/models (httpx and the openai client), /health, /metrics."""
+
+from __future__ import annotations
+
+import re
+
+import openai
+import pytest
+
+from tests.integration.conftest import Server
+from tests.integration.helpers import assert_openai_error, chat_body
+
+
+def test_models_list_over_http(text_server: Server) -> None:
+    with text_server.http() as client:
+        response = client.get("/v1/models")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "list"
+    assert [card["id"] for card in body["data"]] == [text_server.model_name]
+    card = body["data"][0]
+    assert card["object"] == "model"
+    assert isinstance(card["created"], int) and card["created"] > 0
+    assert isinstance(card["owned_by"], str)
+
+
+def test_models_list_with_openai_client(text_server: Server) -> None:
+    models = list(text_server.openai().models.list())
+    assert [m.id for m in models] == [text_server.model_name]
+    assert models[0].object == "model"
+
+
+def test_retrieve_model(text_server: Server) -> None:
+    model = text_server.openai().models.retrieve(text_server.model_name)
+    assert model.id == text_server.model_name
+    with text_server.http() as client:
+        response = client.get(f"/v1/models/{text_server.model_name}")
+    assert response.status_code == 200
+    assert response.json()["id"] == text_server.model_name
+
+
+def test_retrieve_unknown_model_is_404(text_server: Server) -> None:
+    with text_server.http() as client:
+        assert_openai_error(client.get("/v1/models/not-this-one"), 404, code="model_not_found", param="model")
+    with pytest.raises(openai.NotFoundError) as caught:
+        text_server.openai().models.retrieve("not-this-one")
+    assert caught.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/ready"])
+def test_health_is_ready_with_replica_info(vlm_server: Server, path: str) -> None:
+    with vlm_server.http() as client:
+        response = client.get(path)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert body["ready"] is True
+    assert body["model"] == vlm_server.model_name
+    assert body["uptime_s"] >= 0
+    assert body["source"] is None  # REDACT_SOURCE defaults to on: no model path in /health
+    replicas = body["replicas"]
+    assert len(replicas) >= 1
+    for replica in replicas:
+        assert replica["state"] == "ready"
+        assert {"name", "device", "running", "queued"} <= set(replica)
+
+
+def test_health_live(text_server: Server) -> None:
+    with text_server.http(authenticated=False) as client:
+        response = client.get("/health/live")
+    assert response.status_code == 200
+    assert response.json() == {"status": "alive"}
+
+
+def _requests_total(text: str, endpoint: str, status: str) -> float:
+    pattern = rf'^docoserve_requests_total\{{endpoint="{endpoint}",status="{status}"\}} (\S+)$'
+    match = re.search(pattern, text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_metrics_count_requests(text_server: Server) -> None:
+    with text_server.http() as client:
+        before = _requests_total(client.get("/metrics").text, "chat", "200")
+        assert client.post("/v1/chat/completions", json=chat_body(max_tokens=2)).status_code == 200
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "# TYPE docoserve_requests_total counter" in response.text
+    assert _requests_total(response.text, "chat", "200") >= before + 1
+    assert re.search(r'^docoserve_replica_ready\{replica="0"\} 1\.0$', response.text, re.MULTILINE)
