@@ -13,11 +13,13 @@ from app.lifespan import serve_model
 from app.media import ImageFetchPolicy
 from app.metrics import Metrics
 from app.routes.chat import chat_completions
+from app.routes.completions import completions
 from app.routes.docs import JSON_SCHEMA, REDOC, SCHEMA_PATH, SWAGGER, openapi_json, redoc_ui, schema_router, swagger_ui
 from app.routes.generate import generate
 from app.routes.health import health, live, metrics
 from app.routes.models import list_models, retrieve_model
 from app.routes.templates import apply_template
+from app.routes.tokenize import detokenize, tokenize
 from app.services import Services
 from app.settings import Settings
 from app.translate import Translator
@@ -25,8 +27,11 @@ from app.translate import Translator
 VERSION = "0.1.0"
 ROUTES = [
     chat_completions,
+    completions,
     generate,
     apply_template,
+    tokenize,
+    detokenize,
     list_models,
     retrieve_model,
     health,

@@ -15,7 +15,8 @@ import msgspec
 from litestar import Request
 
 from app.errors import error_body
-from scheduler.request import RequestStream, StreamUpdate, TokenLogprob
+from app.tool_calls import ToolCallParser, finish_reason_for
+from scheduler.request import ChoiceUpdate, RequestStream, StreamUpdate, TokenLogprob
 
 DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.encode
@@ -112,10 +113,13 @@ async def chat_event_stream(
     base: dict[str, Any],
     include_usage: bool,
     on_done: Callable[[RequestStream, str | None], None],
+    tool_parser: Callable[[], ToolCallParser] | None = None,
 ) -> AsyncIterator[bytes]:
     """`chat.completion.chunk` events, a usage chunk when asked, then `[DONE]`. A failure after the
-    stream started is sent as a final error event before `[DONE]`."""
+    stream started is sent as a final error event before `[DONE]`. With `tool_parser`, each
+    choice's text goes through its own parser: content and `tool_calls` deltas."""
     error: str | None = None
+    parsers = [tool_parser() for _ in range(stream.request.n)] if tool_parser is not None else None
     try:
         for index in range(stream.request.n):
             yield sse(_chunk(base, index, {"role": "assistant", "content": ""}))
@@ -123,6 +127,10 @@ async def chat_event_stream(
             for choice in update.choices:
                 if choice.finish_reason == "error":
                     error = update.error or "generation failed"
+                    continue
+                if parsers is not None:
+                    for event in _parsed_chunks(base, choice, parsers[choice.index]):
+                        yield event
                     continue
                 if choice.text or choice.logprobs:
                     logprobs = logprobs_payload(choice.logprobs) if choice.logprobs else None
@@ -139,6 +147,23 @@ async def chat_event_stream(
     finally:
         stream.cancel()  # no-op when finished; frees the slot when the client went away
         on_done(stream, error)
+
+
+def _parsed_chunks(base: dict[str, Any], choice: ChoiceUpdate, parser: ToolCallParser) -> list[bytes]:
+    deltas = parser.feed(choice.text) if choice.text else []
+    if choice.finish_reason is not None:
+        deltas += parser.finish()
+    logprobs = logprobs_payload(choice.logprobs) if choice.logprobs else None
+    events = []
+    for delta in deltas:
+        payload = {"content": delta} if isinstance(delta, str) else {"tool_calls": [delta.payload()]}
+        events.append(sse(_chunk(base, choice.index, payload, logprobs=logprobs)))
+        logprobs = None  # once per update, on its first chunk
+    if logprobs is not None:  # the text is held back (a tag may be starting); its logprobs are not
+        events.append(sse(_chunk(base, choice.index, {}, logprobs=logprobs)))
+    if choice.finish_reason is not None:
+        events.append(sse(_chunk(base, choice.index, {}, finish_reason=finish_reason_for(choice.finish_reason, parser.num_calls))))
+    return events
 
 
 def _chunk(base: dict[str, Any], index: int, delta: dict[str, Any], *, finish_reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ by URL (async, SSRF-guarded) so that nothing below the app sees a URL or a msgsp
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any, Sequence
 
@@ -15,14 +16,15 @@ import httpx
 
 from app.errors import ModelNotFoundError
 from app.media import ImageFetchPolicy, load_image_bytes
-from app.schemas.chat import ChatCompletionRequest, ChatMessage, ImageUrlPart, TextPart
+from app.schemas.chat import ChatCompletionRequest, ChatMessage, ImageUrlPart, NamedToolChoice, TextPart
 from app.schemas.completions import CompletionRequest, PromptElement
 from app.schemas.generate import GenerateRequest
 from app.schemas.templates import ApplyTemplateRequest
 from app.schemas.tokenize import TokenizeRequest
 from app.settings import Settings
+from app.tool_calls import HERMES, forces_tool_calls, parser_factory
 from scheduler.errors import EngineError, InvalidRequestError
-from scheduler.request import EngineRequest, PromptInput, SamplingParams
+from scheduler.request import EngineRequest, GrammarSpec, PromptInput, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +95,11 @@ class Translator:
         )
 
     # -- endpoints -----------------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest, request_id: str, *, grammar: Any = None) -> EngineRequest:
+    async def chat(self, req: ChatCompletionRequest, request_id: str) -> EngineRequest:
         self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        grammar = _chat_grammar(req)
         prompt = await self.chat_prompt(
             req.messages,
             tools=req.tools if req.tool_choice != "none" else None,
@@ -119,7 +122,8 @@ class Translator:
             min_tokens=req.min_tokens,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             logit_bias=req.logit_bias,
-            skip_special_tokens=req.skip_special_tokens,
+            # Some chat formats mark their tool-call tags special; the parser must see them.
+            skip_special_tokens=req.skip_special_tokens and parser_factory(req) is None,
             grammar=grammar,
         )
         return EngineRequest(request_id, prompt, params, n=req.n, kind="chat")
@@ -293,6 +297,31 @@ def _completion_prompts(prompt: str | list[PromptElement], add_special_tokens: b
         "prompt must be a string, a list of strings, a list of token ids or a list of token-id lists, not a mix",
         param="prompt",
     )
+
+
+def _chat_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
+    """response_format and tool_choice -> what the output must match; None: free text."""
+    forced = forces_tool_calls(req)
+    if forced and not req.tools:
+        raise InvalidRequestError("tool_choice 'required' or a named function needs tools", param="tool_choice")
+    named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+    if named is not None and named not in {tool.function.name for tool in req.tools}:
+        raise InvalidRequestError(f"tool_choice names the function '{named[:64]}', which is not among the tools", param="tool_choice")
+    response_format = req.response_format
+    if response_format is not None and response_format.type != "text":
+        if forced:
+            raise InvalidRequestError(
+                "response_format cannot be combined with tool_choice 'required' or a named function", param="response_format"
+            )
+        if response_format.type == "json_object":
+            return GrammarSpec("json_object")
+        if response_format.json_schema is None or response_format.json_schema.schema is None:
+            raise InvalidRequestError("response_format of type json_schema needs json_schema.schema", param="response_format")
+        return GrammarSpec("json_schema", json.dumps(response_format.json_schema.schema), param="response_format")
+    if forced:
+        tools = [_to_builtins(tool) for tool in req.tools]
+        return HERMES.grammar(tools, only=named, parallel=req.parallel_tool_calls is not False)
+    return None
 
 
 def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:

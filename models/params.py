@@ -3,7 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
+
+GrammarKind = Literal["json_object", "json_schema", "regex", "lark", "tool_calls"]
+
+
+@dataclass(frozen=True, slots=True)
+class GrammarSpec:
+    """What the output must match; `models.grammar` compiles it (cached by value, so equal specs
+    share one compiled grammar).
+
+    `source` is the JSON schema as JSON text (json_schema), a regex, an llguidance Lark grammar, or
+    for tool_calls a JSON object `{"begin", "end", "separator", "tools": [{"name", "parameters"}],
+    "parallel"}`: one or more `begin {"name": ..., "arguments": ...} end` blocks (the chat format's
+    markup; the compiler binds it to the tokenizer's own tokens). Empty for json_object. `param`
+    names the request field it came from, for error messages only.
+    """
+
+    kind: GrammarKind
+    source: str = ""
+    param: str = field(default="response_format", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +50,8 @@ class SamplingParams:
     logprobs: int | None = None
     logit_bias: Mapping[int, float] | None = None
     skip_special_tokens: bool = True
-    # A compiled grammar request (JSON schema, regex, Lark); interpreted by models.grammar.
-    grammar: Any = None
+    # Constrained decoding: the output must match this grammar (models.grammar).
+    grammar: GrammarSpec | None = None
 
     @property
     def is_greedy(self) -> bool:

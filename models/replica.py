@@ -16,6 +16,7 @@ import torch
 from models.cpu_kernels import pack_linears
 from models.detokenize import IncrementalDetokenizer
 from models.generic import GenericRunner
+from models.grammar import GrammarCompiler
 from models.images import ImageLimits
 from models.loader import LoadedModel, LoadSpec, load_model
 from models.params import PromptInput, SamplingParams
@@ -45,6 +46,7 @@ class ModelReplica:
         self.path_reason = path_reason
         self.max_seq_len = max_seq_len
         self.vocab_size = _vocab_size(loaded)
+        self.grammars = GrammarCompiler(loaded.tokenizer, vocab_size=self.vocab_size, eos_token_ids=loaded.eos_token_ids)
 
     @property
     def path(self) -> str:
@@ -67,6 +69,9 @@ class ModelReplica:
                 eos_token_ids=self.loaded.eos_token_ids,
                 seed=seed,
             )
+            if params.grammar is not None:
+                # Compiled and validated before admission (Scheduler.submit); here it is a cache hit.
+                sampler.constraint = self.grammars.constraint(params.grammar)
             detok = IncrementalDetokenizer(
                 self.loaded.tokenizer, prepared.token_ids, skip_special_tokens=params.skip_special_tokens
             )

@@ -109,10 +109,16 @@ class Sequence:
         self._emit(text)
         if hit_stop:
             self._finish("stop", flush_text=False)
+        elif self.sampler.constraint is not None and self.sampler.constraint.is_finished():
+            # Checked before the length: output that completes its grammar on the last allowed
+            # token is whole, not cut.
+            if self.sampler.constraint.error:
+                # The grammar rejected a token it had allowed: the output is no longer guaranteed.
+                self.abort("error", "constrained decoding failed")
+            else:
+                self._finish("stop", flush_text=True)
         elif len(self.output_ids) >= self.max_tokens:
             self._finish("length", flush_text=True)
-        elif self.sampler.constraint is not None and self.sampler.constraint.is_finished():
-            self._finish("stop", flush_text=True)
 
     def abort(self, reason: str = "abort", error: str | None = None) -> None:
         if self.finish_reason is None:

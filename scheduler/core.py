@@ -134,6 +134,10 @@ class Scheduler:
         if executor is None:
             self._check_can_accept()
             raise OverloadedError("every replica queue is full; retry shortly", retry_after_s=self.config.retry_after_s)
+        if request.params.grammar is not None:
+            # Compiled off the loop by the replica that will run it: a bad schema is a 400 now, and
+            # admission later only copies the cached matcher.
+            await anyio.to_thread.run_sync(executor.replica.grammars.validate, request.params.grammar, limiter=self._prep_limiter)
         stream = RequestStream(request, prepared)
         stream.replica_name = executor.name
         stream._on_cancel = lambda _stream: executor.wake()

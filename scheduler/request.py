@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from models.params import PromptInput, SamplingParams
+from models.params import GrammarSpec, PromptInput, SamplingParams
 from models.sampling import TokenLogprob
 
 if TYPE_CHECKING:
     from models.prompt import PreparedPrompt
 
-__all__ = ["ChoiceUpdate", "EngineRequest", "PromptInput", "RequestStream", "SamplingParams", "StreamUpdate", "TokenLogprob"]
+__all__ = ["ChoiceUpdate", "EngineRequest", "GrammarSpec", "PromptInput", "RequestStream", "SamplingParams", "StreamUpdate", "TokenLogprob"]
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from litestar import Request, Response, post
 from litestar.response import Stream
@@ -11,7 +12,8 @@ from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.chat import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse
 from app.schemas.common import ChoiceLogprobs, PromptTokensDetails, Usage
 from app.services import SYSTEM_FINGERPRINT, RequestTracker, new_request_id, services, warning_headers
-from app.streaming import chat_event_stream, collect, logprobs_payload, now
+from app.streaming import ChoiceResult, chat_event_stream, collect, logprobs_payload, now
+from app.tool_calls import ToolCallParser, finish_reason_for, parse_message, parser_factory
 from scheduler.errors import GenerationError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -35,15 +37,18 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         stream = await scheduler.submit(engine_request)
     model = svc.settings.model_name
     headers = warning_headers(stream.warnings) or {}
+    tool_parser = parser_factory(data)
 
     if data.stream:
         base = {"id": request_id, "object": "chat.completion.chunk", "created": now(), "model": model, "system_fingerprint": SYSTEM_FINGERPRINT}
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
         def on_done(finished_stream, error):
-            tracker.finish(500 if error else 200, finished_stream, error)
+            # `cancelled` is set when the client left before the end (as 499 for non-streamed requests).
+            status = 500 if error else 499 if finished_stream.cancelled else 200
+            tracker.finish(status, finished_stream, error)
 
-        events = chat_event_stream(stream, base=base, include_usage=include_usage, on_done=on_done)
+        events = chat_event_stream(stream, base=base, include_usage=include_usage, on_done=on_done, tool_parser=tool_parser)
         return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
     collected = await collect(request, stream)
@@ -52,15 +57,11 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         tracker.finish(500, stream, collected.error or "generation failed")
         raise GenerationError("generation failed")
     tracker.finish(499 if collected.disconnected else 200, stream)
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=choice.text),
-            finish_reason=choice.finish_reason,
-            logprobs=ChoiceLogprobs(**logprobs_payload(choice.logprobs)) if data.logprobs else None,
-        )
-        for i, choice in enumerate(collected.choices)
-    ]
+    choices = []
+    for i, choice in enumerate(collected.choices):
+        message, finish_reason = _message(choice, tool_parser)
+        logprobs = ChoiceLogprobs(**logprobs_payload(choice.logprobs)) if data.logprobs else None
+        choices.append(ChatChoice(index=i, message=message, finish_reason=finish_reason, logprobs=logprobs))
     usage = Usage(
         prompt_tokens=stream.prompt_tokens,
         completion_tokens=stream.completion_tokens,
@@ -78,3 +79,11 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         warnings=stream.warnings or None,
     )
     return Response(body, headers=headers or None)
+
+
+def _message(choice: ChoiceResult, tool_parser: Callable[[], ToolCallParser] | None) -> tuple[AssistantMessage, str | None]:
+    if tool_parser is None:
+        return AssistantMessage(content=choice.text), choice.finish_reason
+    parsed = parse_message(choice.text, tool_parser())
+    message = AssistantMessage(content=parsed.content, tool_calls=parsed.tool_calls or None)
+    return message, finish_reason_for(choice.finish_reason, len(parsed.tool_calls))

@@ -6,9 +6,10 @@ processes of every server the collected tests need are launched together on firs
 in parallel), and each server fixture waits for its own `/health` to say ready. One model cache is
 shared, so each built-in model is built once per session.
 
-  text_server  builtin:tiny, API key, 2 MiB body limit; MODEL_NAME and API_KEY set both in the
-               environment and by flag, so the flag values must win (precedence checks).
-  vlm_server   builtin:tiny-vlm, no API key, MODEL_NAME only from the environment.
+  text_server  builtin:tiny, API key, 2 MiB body limit, 64 max new tokens; MODEL_NAME and API_KEY
+               set both in the environment and by flag, so the flag values must win (precedence).
+  vlm_server   builtin:tiny-vlm, no API key, MODEL_NAME only from the environment, 2048 max new
+               tokens (room for requests that outlive their client), SEED_DEFAULT = 2**64 - 1.
 
 A failing test gets the tail of each server log it used appended to its report.
 """
@@ -42,7 +43,9 @@ TEXT_MODEL_NAME_ENV = "text-from-env"  # loses to --model-name
 TEXT_API_KEY = "flag-key-0123456789"
 TEXT_API_KEY_ENV = "env-key-0123456789"  # loses to --api-key
 VLM_MODEL_NAME = "vlm-from-env"
+VLM_DEFAULT_SEED = 2**64 - 1
 MAX_BODY_BYTES = 2 * 1024 * 1024
+TEXT_DEFAULT_MAX_TOKENS = 64  # below the default 128: the clamp test stays cheap on CPU
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,13 @@ SERVER_SPECS: dict[str, ServerSpec] = {
         model_path="builtin:tiny",
         model_name=TEXT_MODEL_NAME,
         api_key=TEXT_API_KEY,
-        flags=("--model-name", TEXT_MODEL_NAME, "--api-key", TEXT_API_KEY, "--dtype", "fp32", "--progress", "true"),
+        flags=(
+            "--model-name", TEXT_MODEL_NAME,
+            "--api-key", TEXT_API_KEY,
+            "--default-max-tokens", str(TEXT_DEFAULT_MAX_TOKENS),
+            "--dtype", "fp32",
+            "--progress", "true",
+        ),
         env={
             "MODEL_NAME": TEXT_MODEL_NAME_ENV,
             "API_KEY": TEXT_API_KEY_ENV,
@@ -71,7 +80,14 @@ SERVER_SPECS: dict[str, ServerSpec] = {
         model_name=VLM_MODEL_NAME,
         api_key=None,
         flags=("--progress", "true"),
-        env={"MODEL_NAME": VLM_MODEL_NAME, "DTYPE": "fp32"},
+        env={
+            "MODEL_NAME": VLM_MODEL_NAME,
+            "DTYPE": "fp32",
+            # Room for long generations: the disconnect tests need requests that outlive their client.
+            "MAX_NEW_TOKENS_DEFAULT": "2048",
+            # The largest seed Settings accepts; choice i of a request samples with seed + i.
+            "SEED_DEFAULT": str(VLM_DEFAULT_SEED),
+        },
     ),
 }
 
@@ -217,9 +233,17 @@ class Launcher:
             stop(server)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "integration: starts real servers (entrypoint.py subprocesses)")
+    config.addinivalue_line("markers", "slow: takes several seconds even on a warm server")
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    needed = {name for item in items for name in getattr(item, "fixturenames", ()) if name in SERVER_SPECS}
-    config.stash[_NEEDED] = needed
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.integration)
+    config.stash[_NEEDED] = {name for item in items for name in getattr(item, "fixturenames", ()) if name in SERVER_SPECS}
 
 
 _NEEDED = pytest.StashKey[set]()

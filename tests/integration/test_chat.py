@@ -8,7 +8,7 @@ import re
 import anyio
 import pytest
 
-from tests.integration.conftest import Server
+from tests.integration.conftest import TEXT_DEFAULT_MAX_TOKENS, Server
 from tests.integration.helpers import chat_body, sse_chunks, user
 
 FINISH_REASONS = {"stop", "length"}
@@ -141,13 +141,14 @@ def test_seed_makes_sampling_reproducible(text_server: Server) -> None:
     assert len({run(1), run(2), run(3)}) > 1
 
 
+@pytest.mark.slow
 def test_max_tokens_is_clamped_to_server_default(text_server: Server) -> None:
-    """DEFAULT_MAX_TOKENS (128) caps a request's max_tokens."""
+    """--default-max-tokens caps a request's max_tokens (and is the default when it is omitted)."""
     with text_server.http() as client:
         response = client.post("/v1/chat/completions", json=chat_body(max_tokens=1000, ignore_eos=True))
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["usage"]["completion_tokens"] == 128
+    assert body["usage"]["completion_tokens"] == TEXT_DEFAULT_MAX_TOKENS
     assert body["choices"][0]["finish_reason"] == "length"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.integration.conftest import Server
+from tests.integration.conftest import TEXT_DEFAULT_MAX_TOKENS, Server
 from tests.integration.helpers import assert_openai_error, user
 
 
@@ -29,7 +29,7 @@ def test_generate_without_parameters(text_server: Server) -> None:
     with text_server.http() as client:
         response = client.post("/generate", json={"inputs": "hello"})
     assert response.status_code == 200, response.text
-    assert response.json()["generated_tokens"] <= 128  # the server's default cap
+    assert response.json()["generated_tokens"] <= TEXT_DEFAULT_MAX_TOKENS  # the server's default cap
 
 
 def test_generate_rejects_empty_inputs(text_server: Server) -> None:

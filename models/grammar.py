@@ -1,0 +1,225 @@
+"""Constrained decoding with llguidance, on the CPU beside the sampler.
+
+A `GrammarCompiler` belongs to one replica. It wraps the replica's tokenizer for llguidance once
+(lazily: most servers never see a grammar) and compiles each `GrammarSpec` into a pristine matcher,
+cached by value and bounded; every sequence gets a deep copy of it as its `GrammarConstraint`,
+the `RowSampler.constraint` hook:
+
+    mask_logits(logits[vocab]) -> logits with every token the grammar forbids at -inf
+    advance(token_id)          -> the matcher consumes the sampled token
+    is_finished()              -> the grammar cannot be extended (only EOS could follow)
+    fork()                     -> an independent copy at the same position (n > 1)
+
+While the grammar is complete but could go on (`{"a": 1}` then maybe more tool calls), the mask
+allows the model's EOS tokens, so the model decides; once nothing but EOS can follow, the sequence
+ends with "stop" without spending a step on EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from typing import Iterable
+
+import llguidance
+import llguidance.hf
+import torch
+
+from models.errors import InvalidRequestError
+from models.params import GrammarSpec
+
+log = logging.getLogger(__name__)
+
+# JSON as models usually write it (json.dumps' separators) and no free whitespace: a model that
+# drifts into newlines or spaces could otherwise fill max_tokens without ever closing the object.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+MAX_ERROR_CHARS = 500
+
+
+class GrammarCompiler:
+    """Compiled grammars of one replica. Thread-safe: the scheduler validates specs in a worker
+    thread while the replica thread builds constraints from the same cache."""
+
+    def __init__(self, tokenizer, *, vocab_size: int, eos_token_ids: Iterable[int], max_cached: int = 64) -> None:
+        self._hf_tokenizer = tokenizer
+        self._eos = sorted(eos_token_ids)
+        # The model's logits may be wider than the tokenizer (padded embeddings), never narrower
+        # than what llguidance needs to address every tokenizer id.
+        self._num_ids = max(vocab_size, len(tokenizer))
+        self._max_cached = max_cached
+        self._lock = threading.Lock()
+        self._lltokenizer: llguidance.LLTokenizer | None = None
+        self._special: dict[str, int] = {}  # text -> id of tokens llguidance treats as special
+        self._compiled: OrderedDict[GrammarSpec, llguidance.LLMatcher] = OrderedDict()
+        self._limits = llguidance.LLParserLimits(verbose_errors=False)
+
+    def validate(self, spec: GrammarSpec) -> None:
+        """Compile `spec` (or find it cached); raise InvalidRequestError when it cannot be used."""
+        self._pristine(spec)
+
+    def constraint(self, spec: GrammarSpec) -> "GrammarConstraint":
+        pristine = self._pristine(spec)
+        with self._lock:
+            matcher = pristine.deep_copy()
+        return GrammarConstraint(matcher)
+
+    # -- compilation ---------------------------------------------------------------------------
+    def _pristine(self, spec: GrammarSpec) -> llguidance.LLMatcher:
+        with self._lock:
+            matcher = self._compiled.get(spec)
+            if matcher is not None:
+                self._compiled.move_to_end(spec)
+                return matcher
+            tokenizer = self._tokenizer()
+        # Outside the lock: compiling a large schema takes a while and releases the GIL.
+        matcher = llguidance.LLMatcher(tokenizer, _grammar_text(spec, self._special), log_level=0, limits=self._limits)
+        if matcher.is_error():
+            raise InvalidRequestError(_invalid(spec, matcher.get_error()), param=spec.param)
+        with self._lock:
+            self._compiled[spec] = matcher
+            while len(self._compiled) > self._max_cached:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def _tokenizer(self) -> llguidance.LLTokenizer:
+        if self._lltokenizer is None:
+            try:
+                lltokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self._num_ids, eos_token=self._eos or None)
+            except Exception as exc:
+                log.warning("constrained decoding unavailable for this tokenizer: %s", exc)
+                raise InvalidRequestError(
+                    "structured outputs (response_format, required or named tool_choice) are not supported for this model's tokenizer",
+                    param="response_format",
+                ) from None
+            added = getattr(self._hf_tokenizer, "added_tokens_decoder", {})
+            self._special = {t.content: i for i, t in added.items() if t.content and lltokenizer.is_special_token(i)}
+            self._lltokenizer = lltokenizer
+        return self._lltokenizer
+
+
+def _grammar_text(spec: GrammarSpec, special: dict[str, int]) -> str:
+    """The spec as an llguidance grammar; a schema that is not even JSON is the client's error."""
+    if spec.kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_STYLE)
+    if spec.kind == "json_schema":
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_json_source(spec, "JSON schema")), overrides=JSON_STYLE)
+    if spec.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec.source)
+    if spec.kind == "lark":
+        return llguidance.LLMatcher.grammar_from_lark(spec.source)
+    if spec.kind == "tool_calls":
+        return llguidance.LLMatcher.grammar_from_lark(tool_calls_lark(_json_source(spec, "tool definition"), special))
+    raise InvalidRequestError(f"unknown grammar kind '{spec.kind}'", param=spec.param)
+
+
+def _json_source(spec: GrammarSpec, what: str) -> dict:
+    try:
+        value = json.loads(spec.source)
+    except ValueError:
+        raise InvalidRequestError(f"the {what} is not valid JSON", param=spec.param) from None
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"the {what} must be a JSON object", param=spec.param)
+    return value
+
+
+def tool_calls_lark(config: dict, special: dict[str, int]) -> str:
+    """Lark for `begin {"name": <a tool>, "arguments": <its parameters>} end`, once or repeated
+    with `separator` between calls. Markup that is one special token of this tokenizer (Qwen's
+    `<tool_call>`) must be written as that token: llguidance never spells a special token out of
+    plain bytes, so a quoted literal would force the model off the token it was trained on."""
+    calls = []
+    for i, tool in enumerate(config["tools"]):
+        root = "#/properties/arguments" if len(config["tools"]) == 1 else f"#/anyOf/{i}/properties/arguments"
+        parameters = tool.get("parameters") or {"type": "object"}
+        calls.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": tool["name"]}, "arguments": _reroot(parameters, root)},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    body = dict(calls[0]) if len(calls) == 1 else {"anyOf": calls}
+    body["x-guidance"] = JSON_STYLE
+    call = f"{_lark_literal(config['begin'], special)} %json {json.dumps(body)} {_lark_literal(config['end'], special)}"
+    repeat = f" ({_lark_literal(config['separator'], special)} call)*" if config.get("parallel", True) else ""
+    return f"start: call{repeat}\ncall: {call}\n"
+
+
+def _lark_literal(text: str, special: dict[str, int]) -> str:
+    """`text` as a Lark sequence: special-token texts become token references (`<[id]>`)."""
+    parts: list[str] = []
+    rest = text
+    while rest:
+        hits = [(rest.find(t), -len(t), t) for t in special if t in rest]
+        if not hits:
+            parts.append(json.dumps(rest))
+            break
+        at, _, token = min(hits)
+        if at:
+            parts.append(json.dumps(rest[:at]))
+        parts.append(f"<[{special[token]}]>")
+        rest = rest[at + len(token) :]
+    return " ".join(parts) if parts else '""'
+
+
+def _reroot(schema, root: str):
+    """A tool's parameters schema moved under `root`: its local `$ref`s ("#/$defs/X") must now
+    point below the new location."""
+    if isinstance(schema, dict):
+        moved = {k: _reroot(v, root) for k, v in schema.items()}
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            moved["$ref"] = root + ref[1:]
+        return moved
+    if isinstance(schema, list):
+        return [_reroot(v, root) for v in schema]
+    return schema
+
+
+def _invalid(spec: GrammarSpec, error: str) -> str:
+    what = {"json_object": "JSON", "json_schema": "JSON schema", "regex": "regular expression", "lark": "grammar", "tool_calls": "tool definitions"}[spec.kind]
+    error = " ".join(error.split())
+    if len(error) > MAX_ERROR_CHARS:
+        error = error[:MAX_ERROR_CHARS] + "..."
+    return f"the {what} cannot be used for constrained decoding: {error}"
+
+
+class GrammarConstraint:
+    """One sequence's position in its grammar; lives on the replica thread."""
+
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self._matcher = matcher
+        self._shifts: torch.Tensor | None = None  # [32] on the logits' device
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [vocab] -> the same with forbidden tokens at -inf."""
+        # One bit per token id, packed in int32 words: [ceil(ids / 32)]
+        words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
+        words = words.to(logits.device)
+        if self._shifts is None or self._shifts.device != logits.device:
+            self._shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+        allowed = ((words.unsqueeze(-1) >> self._shifts) & 1).flatten().bool()  # [words * 32]
+        vocab = logits.shape[-1]
+        if allowed.shape[0] < vocab:
+            allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[0]), value=False)
+        return logits.masked_fill(~allowed[:vocab], float("-inf"))
+
+    def advance(self, token_id: int) -> None:
+        if not self._matcher.consume_token(token_id):
+            log.warning("constrained decoding rejected token %d: %s", token_id, self._matcher.get_error())
+
+    def is_finished(self) -> bool:
+        return self._matcher.is_stopped()
+
+    @property
+    def error(self) -> str | None:
+        """Set when the matcher broke (a token outside the mask); its output cannot be trusted."""
+        if not self._matcher.is_error():
+            return None
+        return self._matcher.get_error() or "constrained decoding failed"
+
+    def fork(self) -> "GrammarConstraint":
+        return GrammarConstraint(self._matcher.deep_copy())

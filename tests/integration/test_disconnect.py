@@ -1,0 +1,77 @@
+"""A client that goes away frees its batch slot (and is counted as 499, not as a success)."""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+
+import anyio
+import httpx
+import pytest
+
+from tests.integration.conftest import Server
+from tests.integration.helpers import chat_body
+
+SETTLE_S = 10.0
+pytestmark = pytest.mark.slow
+
+
+def _busy(client: httpx.Client) -> int:
+    replicas = client.get("/health").json()["replicas"]
+    return sum(r["running"] + r["queued"] for r in replicas)
+
+
+def _count_499(client: httpx.Client) -> float:
+    match = re.search(r'^docoserve_requests_total\{endpoint="chat",status="499"\} (\S+)$', client.get("/metrics").text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _wait_until(predicate, timeout_s: float = SETTLE_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def idle_vlm(vlm_server: Server) -> Server:
+    """The VLM server with nothing running (these tests look at its running/queued counters)."""
+    with vlm_server.http() as client:
+        assert _wait_until(lambda: _busy(client) == 0), "server busy before the test"
+    return vlm_server
+
+
+def test_stream_disconnect_frees_the_slot(idle_vlm: Server) -> None:
+    body = chat_body(max_tokens=2000, ignore_eos=True, stream=True)
+    with idle_vlm.http() as client:
+        before = _count_499(client)
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            for _ in range(3):
+                next(lines)
+            assert _busy(client) == 1
+        # The connection is closed mid-stream: the row leaves the batch at the next step.
+        assert _wait_until(lambda: _busy(client) == 0), "a cancelled stream kept its slot"
+        assert _wait_until(lambda: _count_499(client) >= before + 1), "a cancelled stream was not counted as 499"
+
+
+def test_non_streamed_disconnect_frees_the_slot(idle_vlm: Server) -> None:
+    async def abandon() -> None:
+        async with idle_vlm.async_http() as client:
+            async with anyio.create_task_group() as tg:
+                body = chat_body(max_tokens=2000, ignore_eos=True)
+                tg.start_soon(functools.partial(client.post, "/v1/chat/completions", json=body))
+                with anyio.fail_after(SETTLE_S):
+                    while sum(r["running"] for r in (await client.get("/health")).json()["replicas"]) == 0:
+                        await anyio.sleep(0.02)
+                tg.cancel_scope.cancel()  # drops the connection while the request is generating
+
+    with idle_vlm.http() as client:
+        before = _count_499(client)
+        anyio.run(abandon)
+        assert _wait_until(lambda: _busy(client) == 0), "an abandoned request kept its slot"
+        assert _wait_until(lambda: _count_499(client) >= before + 1), "an abandoned request was not counted as 499"

@@ -1,0 +1,224 @@
+"""Malformed requests: the right status, the OpenAI error shape, `param` naming the field, and never
+a Litestar default body, an HTML page or a stack trace."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import MAX_BODY_BYTES, Server
+from tests.integration.helpers import assert_no_trace, assert_openai_error, image_message, png_data_url, sse_chunks, user
+
+ANY = ...  # leave `param` unchecked
+
+
+class Case(NamedTuple):
+    id: str
+    body: Any  # dict -> JSON; bytes -> sent raw; None -> no body
+    status: int
+    code: str | None = None
+    param: Any = ANY
+    path: str = "/v1/chat/completions"
+    method: str = "POST"
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"messages": user(), "max_tokens": 4, **extra}
+
+
+CASES = [
+    Case("non-JSON body", b"this is not json", 400, param=None),
+    Case("truncated JSON", b'{"messages": [', 400, param=None),
+    Case("empty body", b"", 400, param=None),
+    Case("JSON array body", b"[1, 2]", 400),
+    Case("missing messages", {"model": "x"}, 400, param="messages"),
+    Case("empty messages", {"messages": []}, 400, param="messages"),
+    Case("messages not a list", {"messages": "hello"}, 400, param="messages"),
+    Case("max_tokens wrong type", _chat(max_tokens="x"), 400, param="max_tokens"),
+    Case("max_tokens zero", _chat(max_tokens=0), 400, param="max_tokens"),
+    Case("temperature too high", _chat(temperature=5), 400, param="temperature"),
+    Case("top_p negative", _chat(top_p=-1), 400, param="top_p"),
+    Case("n zero", _chat(n=0), 400, param="n"),
+    Case("top_logprobs too many", _chat(logprobs=True, top_logprobs=50), 400, param="top_logprobs"),
+    Case("top_logprobs without logprobs", _chat(top_logprobs=2), 400, param="top_logprobs"),
+    Case("five stop strings", _chat(stop=["a", "b", "c", "d", "e"]), 400, param="stop"),
+    Case("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, param="messages[0].role"),
+    Case(
+        "unknown content part",
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]},
+        400,
+        param="messages[0].content[0].type",
+    ),
+    Case(
+        "unsupported content part",
+        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+        400,
+        param="messages[0].content",
+    ),
+    Case("logit_bias non-numeric key", _chat(logit_bias={"abc": 1}), 400, param="logit_bias"),
+    Case("logit_bias out of vocabulary", _chat(logit_bias={"99999999": 1}), 400, param="logit_bias"),
+    Case("stop_token_ids out of vocabulary", _chat(stop_token_ids=[-1]), 400, param="stop_token_ids"),
+    Case("min_tokens above max_tokens", _chat(min_tokens=100, max_tokens=2), 400, param="min_tokens"),
+    Case("seed wider than 64 bits", _chat(seed=2**70), 400, param="seed"),
+    Case("max_tokens beyond context", _chat(max_tokens=100_000), 400, code="context_length_exceeded", param="max_tokens"),
+    Case("wrong model", _chat(model="nope"), 404, code="model_not_found", param="model"),
+    Case("generate without inputs", {"parameters": {}}, 400, param="inputs", path="/generate"),
+    Case("generate seed wider than 64 bits", {"inputs": "hi", "parameters": {"seed": -(2**70)}}, 400, param="parameters.seed", path="/generate"),
+    Case("generate temperature", {"inputs": "hi", "parameters": {"temperature": -1}}, 400, param="parameters.temperature", path="/generate"),
+    Case("apply_template empty messages", {"messages": []}, 400, param="messages", path="/v1/apply_template"),
+    Case("unknown route", None, 404, code="not_found", path="/v1/completions-nope", method="GET"),
+    Case("unknown POST route", {"x": 1}, 404, code="not_found", path="/v2/chat/completions"),
+    Case("wrong method (GET)", None, 405, code="method_not_allowed", method="GET"),
+    Case("wrong method (DELETE)", None, 405, code="method_not_allowed", method="DELETE"),
+    Case("wrong method on models", {"x": 1}, 405, code="method_not_allowed", path="/v1/models"),
+]
+
+
+def _send(client: httpx.Client, case: Case) -> httpx.Response:
+    if isinstance(case.body, bytes):
+        return client.request(case.method, case.path, content=case.body, headers={"Content-Type": "application/json"})
+    if case.body is None:
+        return client.request(case.method, case.path)
+    return client.request(case.method, case.path, json=case.body)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_malformed_request(text_server: Server, case: Case) -> None:
+    with text_server.http() as client:
+        response = _send(client, case)
+    assert_openai_error(response, case.status, code=case.code, param=case.param)
+
+
+def test_validation_messages_name_the_field(text_server: Server) -> None:
+    with text_server.http() as client:
+        error = assert_openai_error(client.post("/v1/chat/completions", json=_chat(temperature=5)), 400)
+    assert "temperature" in error["message"]
+    assert "2.0" in error["message"]
+
+
+def test_context_length_exceeded_by_prompt(text_server: Server) -> None:
+    long_prompt = "word " * 6000  # well past the tiny model's 4096-token context
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", json={"messages": user(long_prompt), "max_tokens": 4})
+    error = assert_openai_error(response, 400, code="context_length_exceeded")
+    assert "4096" in error["message"]
+
+
+def test_body_over_limit_is_413(text_server: Server) -> None:
+    body = b'{"messages": [{"role": "user", "content": "' + b"a" * (MAX_BODY_BYTES + 1) + b'"}]}'
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 413, code="request_too_large")
+
+
+def test_chunked_body_over_limit_is_413(text_server: Server) -> None:
+    """No Content-Length: the limit still holds while the body streams in."""
+
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}]}'
+
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 413, code="request_too_large")
+
+
+def test_openai_client_maps_errors(text_server: Server) -> None:
+    client = text_server.openai()
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=text_server.model_name, messages=user(), temperature=5)
+    assert caught.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=text_server.model_name, messages=user(), max_tokens=100_000)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_streaming_request_errors_before_the_stream_are_plain_json(text_server: Server) -> None:
+    body = _chat(stream=True, max_tokens=100_000)
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", json=body)
+    assert_openai_error(response, 400, code="context_length_exceeded")
+
+
+# Requests that once failed deep inside the server (a 500 with the engine's exception) although the
+# fault was the client's. A 500 must never leak a trace either way.
+HOSTILE_VLM = [
+    ("image payload not base64", {"messages": image_message("x", "data:image/png;base64,@@@"), "max_tokens": 2}),
+    ("image URL with file scheme", {"messages": image_message("x", "file:///etc/passwd"), "max_tokens": 2}),
+    ("image URL on loopback", {"messages": image_message("x", "http://127.0.0.1:9/a.png"), "max_tokens": 2}),
+    ("two images, second bad", {"messages": image_message("x", png_data_url()) + image_message("y", "ftp://x/y.png"), "max_tokens": 2}),
+    ("seed above uint64", {"messages": image_message("x", png_data_url()), "max_tokens": 2, "seed": 2**64 + 5}),
+]
+
+
+@pytest.mark.parametrize("body", [b for _, b in HOSTILE_VLM], ids=[i for i, _ in HOSTILE_VLM])
+def test_client_faults_are_400_not_500(vlm_server: Server, body: dict[str, Any]) -> None:
+    with vlm_server.http() as client:
+        for stream in (False, True):
+            response = client.post("/v1/chat/completions", json={**body, "stream": stream})
+            assert_no_trace(response.text)
+            assert_openai_error(response, 400)
+
+
+def test_server_errors_never_carry_a_trace(text_server: Server) -> None:
+    """Whatever status a batch of odd requests gets, 5xx bodies are the generic OpenAI shape."""
+    odd = [
+        _chat(seed=2**63 - 1, n=16, temperature=1.0, max_tokens=1),
+        _chat(seed=-(2**63), n=2, temperature=1.0, max_tokens=1),
+        _chat(chat_template_kwargs={"messages": 5}),
+        _chat(top_k=2**62, max_tokens=1),
+        {"messages": [{"role": "tool", "content": None}], "max_tokens": 1},
+        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}], "max_tokens": 1},
+    ]
+    with text_server.http() as client:
+        for body in odd:
+            response = client.post("/v1/chat/completions", json=body)
+            assert_no_trace(response.text)
+            if response.status_code >= 400:
+                error = assert_openai_error(response, response.status_code)
+                if response.status_code >= 500:
+                    assert error["message"] in {"internal server error", "generation failed"}, error
+
+
+# -- a real server-side failure -------------------------------------------------------------------
+# SEED_DEFAULT accepts seeds < 2**64 and choice i samples with seed + i, so with the VLM server's
+# SEED_DEFAULT = 2**64 - 1 the second choice's seed does not fit a torch.Generator.
+SEED_OVERFLOW_BODY = {"messages": user(), "max_tokens": 2, "n": 2, "temperature": 1.0}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="models/replica.py new_sequences: seed + index overflows torch.Generator.manual_seed when "
+    "SEED_DEFAULT is near 2**64 (app/settings.py allows < 2**64) -> 500 for n > 1",
+)
+def test_default_seed_near_uint64_max_serves_n_choices(vlm_server: Server) -> None:
+    with vlm_server.http() as client:
+        response = client.post("/v1/chat/completions", json=SEED_OVERFLOW_BODY)
+    assert response.status_code == 200, response.text
+
+
+def test_internal_failure_is_a_generic_500(vlm_server: Server) -> None:
+    with vlm_server.http() as client:
+        response = client.post("/v1/chat/completions", json=SEED_OVERFLOW_BODY)
+        if response.status_code != 500:
+            pytest.skip("the seed overflow is fixed: no known way left to make the server fail")
+        error = assert_openai_error(response, 500, code="generation_failed", param=None)
+        assert error["message"] == "generation failed"
+        # Streamed: the failure arrives as a final error event, then [DONE].
+        with client.stream("POST", "/v1/chat/completions", json={**SEED_OVERFLOW_BODY, "stream": True}) as streamed:
+            assert streamed.status_code == 200
+            raw = streamed.read().decode()
+    assert_no_trace(raw)
+    events = sse_chunks(raw)
+    assert set(events[-1]) == {"error"}
+    assert events[-1]["error"]["type"] == "server_error"
+    assert events[-1]["error"]["message"] == "generation failed"
+    assert all(e.get("object") == "chat.completion.chunk" for e in events[:-1])
+    # One failed request does not hurt the next one.
+    with vlm_server.http() as client:
+        assert client.post("/v1/chat/completions", json={**SEED_OVERFLOW_BODY, "n": 1}).status_code == 200

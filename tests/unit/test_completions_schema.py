@@ -1,0 +1,111 @@
+"""/v1/completions without a server: wire decoding, prompt shapes -> engine requests, logprobs."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import msgspec
+import pytest
+
+from app.media import ImageFetchPolicy
+from app.routes.completions import _event_stream, _logprobs
+from app.schemas.completions import CompletionRequest
+from app.settings import Settings
+from app.translate import Translator
+from scheduler.errors import InvalidRequestError
+from models.prompt import PreparedPrompt
+from scheduler.request import EngineRequest, PromptInput, RequestStream, SamplingParams, TokenLogprob
+
+
+def _request(**body) -> CompletionRequest:
+    return msgspec.json.decode(msgspec.json.encode(body), type=CompletionRequest)
+
+
+def _translate(**body):
+    settings = Settings()
+    translator = Translator(settings, ImageFetchPolicy(), None)
+    return translator.completion(_request(model=settings.model_name, **body), "cmpl-1")
+
+
+def test_defaults_follow_openai() -> None:
+    request = _request(prompt="x")
+    assert request.max_tokens == 16 and request.n == 1 and request.logprobs is None and not request.echo
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("hi", [("hi", None)]),
+        (["a", "b"], [("a", None), ("b", None)]),
+        ([1, 2, 3], [(None, (1, 2, 3))]),
+        ([[1], [2, 3]], [(None, (1,)), (None, (2, 3))]),
+    ],
+)
+def test_prompt_shapes(prompt, expected) -> None:
+    engine_requests = _translate(prompt=prompt, n=2, temperature=0.0)
+    assert [(r.prompt.text, r.prompt.token_ids) for r in engine_requests] == expected
+    assert {r.n for r in engine_requests} == {2} and {r.kind for r in engine_requests} == {"completion"}
+    assert len({r.params for r in engine_requests}) == 1
+
+
+def test_add_special_tokens_reaches_text_prompts() -> None:
+    [engine_request] = _translate(prompt="hi", add_special_tokens=False)
+    assert engine_request.prompt.add_special_tokens is False
+
+
+def test_max_tokens_null_leaves_it_to_the_server() -> None:
+    assert _translate(prompt="x", max_tokens=None)[0].params.max_tokens is None
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "suffix": "s"}, "suffix"),
+        ({"prompt": "x", "best_of": 3, "n": 2}, "best_of"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", 1]}, "prompt"),
+        ({"prompt": [[1], 2]}, "prompt"),
+    ],
+)
+def test_refused(body, param) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        _translate(**body)
+    assert caught.value.param == param
+
+
+def test_logprobs_payload_offsets_continue() -> None:
+    entries = [
+        TokenLogprob(5, -0.5, [(5, -0.5), (6, -1.0)], token="ab", top_tokens=["ab", "c"]),
+        TokenLogprob(7, -2.0, [(8, -0.1)], token="d", top_tokens=["e"]),
+    ]
+    payload, end = _logprobs(entries, 3)
+    assert payload.tokens == ["ab", "d"]
+    assert payload.token_logprobs == [-0.5, -2.0]
+    # The sampled token is always among the top entries, as in OpenAI's answers.
+    assert payload.top_logprobs == [{"ab": -0.5, "c": -1.0}, {"e": -0.1, "d": -2.0}]
+    assert payload.text_offset == [3, 5] and end == 6
+
+
+def test_stream_failure_is_a_final_error_event() -> None:
+    """Prompt 0 finishes; prompt 1 fails mid-way: its text so far, then the error, then [DONE]."""
+
+    async def main() -> tuple[list[bytes], list[str | None]]:
+        engine_request = EngineRequest("c", PromptInput(text="x"), SamplingParams())
+        streams = [RequestStream(engine_request, PreparedPrompt([1])) for _ in "ab"]
+        streams[0].push(0, "ok", [5], [], "length", None)
+        streams[1].push(0, "par", [6], [], None, None)
+        streams[1].push(0, "", [], [], "error", "boom")
+        errors: list[str | None] = []
+        events = _event_stream(
+            streams, ["", ""], base={}, n=1, want_logprobs=False, include_usage=True, on_done=errors.append
+        )
+        return [event async for event in events], errors
+
+    events, errors = anyio.run(main)
+    assert events[-1] == b"data: [DONE]\n\n"
+    payloads = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+    texts = [(p["choices"][0]["index"], p["choices"][0]["text"]) for p in payloads[:2]]
+    assert texts == [(0, "ok"), (1, "par")]
+    assert payloads[2]["error"]["code"] == "generation_failed" and "usage" not in payloads[2]
+    assert len(payloads) == 3 and errors == ["boom"]
