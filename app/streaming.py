@@ -126,8 +126,9 @@ async def chat_event_stream(
         async for update in stream:
             for choice in update.choices:
                 if choice.finish_reason == "error":
+                    # Text that arrived with the failure is still sent; the error event follows.
                     error = update.error or "generation failed"
-                    continue
+                    choice.finish_reason = None
                 if parsers is not None:
                     for event in _parsed_chunks(base, choice, parsers[choice.index]):
                         yield event

@@ -88,7 +88,8 @@ class ToolCallDelta:
     def payload(self) -> dict[str, Any]:
         if self.id is None:
             return {"index": self.index, "function": {"arguments": self.arguments}}
-        return {"index": self.index, "id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        function = {"name": self.name, "arguments": self.arguments}
+        return {"index": self.index, "id": self.id, "type": "function", "function": function}
 
 
 Delta = str | ToolCallDelta  # a str is content
@@ -133,7 +134,8 @@ class ToolCallParser:
                 if self.stream_arguments and self._open_header(self._buffer, out):
                     # Hold back what may still turn out to be the call's closing brace or end tag.
                     raw = self._buffer[self._args_start :]
-                    self._send_arguments(_strip_wrapper(raw[: len(raw) - _partial_suffix(raw, self.fmt.close_tag)]), out)
+                    raw = raw[: len(raw) - _partial_suffix(raw, self.fmt.close_tag)]
+                    self._send_arguments(_strip_wrapper(raw), out)
                 return out
             body = self._buffer[:at]
             self._buffer = self._buffer[at + len(self.fmt.close_tag) :]
@@ -222,7 +224,8 @@ def parse_message(text: str, parser: ToolCallParser) -> ParsedMessage:
         if isinstance(delta, str):
             content += delta
         elif delta.id is not None:
-            calls.append({"id": delta.id, "type": "function", "function": {"name": delta.name, "arguments": delta.arguments}})
+            function = {"name": delta.name, "arguments": delta.arguments}
+            calls.append({"id": delta.id, "type": "function", "function": function})
         else:
             calls[delta.index]["function"]["arguments"] += delta.arguments
     return ParsedMessage(content or None, calls)

@@ -36,6 +36,13 @@ log = logging.getLogger(__name__)
 # drifts into newlines or spaces could otherwise fill max_tokens without ever closing the object.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_ERROR_CHARS = 500
+_WHAT = {
+    "json_object": "JSON",
+    "json_schema": "JSON schema",
+    "regex": "regular expression",
+    "lark": "grammar",
+    "tool_calls": "tool definitions",
+}
 
 
 class GrammarCompiler:
@@ -86,11 +93,14 @@ class GrammarCompiler:
     def _tokenizer(self) -> llguidance.LLTokenizer:
         if self._lltokenizer is None:
             try:
-                lltokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self._num_ids, eos_token=self._eos or None)
+                lltokenizer = llguidance.hf.from_tokenizer(
+                    self._hf_tokenizer, n_vocab=self._num_ids, eos_token=self._eos or None
+                )
             except Exception as exc:
                 log.warning("constrained decoding unavailable for this tokenizer: %s", exc)
                 raise InvalidRequestError(
-                    "structured outputs (response_format, required or named tool_choice) are not supported for this model's tokenizer",
+                    "structured outputs (response_format, required or named tool_choice) are not supported "
+                    "for this model's tokenizer",
                     param="response_format",
                 ) from None
             added = getattr(self._hf_tokenizer, "added_tokens_decoder", {})
@@ -104,7 +114,8 @@ def _grammar_text(spec: GrammarSpec, special: dict[str, int]) -> str:
     if spec.kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_STYLE)
     if spec.kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_json_source(spec, "JSON schema")), overrides=JSON_STYLE)
+        schema = json.dumps(_json_source(spec, "JSON schema"))
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.source)
     if spec.kind == "lark":
@@ -180,7 +191,7 @@ def _reroot(schema, root: str):
 
 
 def _invalid(spec: GrammarSpec, error: str) -> str:
-    what = {"json_object": "JSON", "json_schema": "JSON schema", "regex": "regular expression", "lark": "grammar", "tool_calls": "tool definitions"}[spec.kind]
+    what = _WHAT[spec.kind]
     error = " ".join(error.split())
     if len(error) > MAX_ERROR_CHARS:
         error = error[:MAX_ERROR_CHARS] + "..."

@@ -26,6 +26,9 @@ _FALLBACK_TEMPLATE = (
 # A template that loops over message content expects OpenAI-style part lists.
 _ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+(?:\w+\[['\"]content['\"]\]|\w+\.content)")
 _CHECKS_STRING = re.compile(r"content['\"]?\]?\s+is\s+string|content\s+is\s+string")
+# Processor outputs that are not inputs of a forward pass: ids and mask are rebuilt per step, and
+# `labels` (PaliGemma's processor returns them with token_type_ids) would make the model compute a loss.
+_NOT_MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass(slots=True)
@@ -146,7 +149,7 @@ class PromptBuilder:
             log.debug("processor failed", exc_info=True)
             raise InvalidRequestError(f"the images could not be prepared for this model: {_short(exc)}", param="messages") from None
         ids = batch["input_ids"][0].tolist()
-        mm = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+        mm = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
         image_tokens = sum(1 for t in ids if t == self.image_token_id) if self.image_token_id is not None else 0
         prepared = PreparedPrompt(ids, mm or None, num_images=len(decoded), num_image_tokens=image_tokens)
         if len(ids) > self.max_input_tokens:

@@ -60,7 +60,7 @@ class ModelReplica:
         mm = _to_device(prepared.mm_inputs, self.loaded.device, self.loaded.dtype)
         seqs = []
         for index in range(n):
-            seed = None if params.seed is None else params.seed + index
+            seed = None if params.seed is None else (params.seed + index) % 2**64
             sampler = RowSampler(
                 params,
                 vocab_size=self.vocab_size,
@@ -133,7 +133,8 @@ def _self_test(runner: SlotRunner, loaded: LoadedModel) -> str | None:
         log.debug("image self-test could not build a prompt", exc_info=True)
         return f"image prompt preparation failed: {exc}"
     mm = _to_device(prepared.mm_inputs, loaded.device, loaded.dtype)
-    return runner.self_test(prepared.token_ids, mm, dtype=loaded.dtype)
+    # The image prompt joins while the text prompt decodes, as it would in a busy batch.
+    return runner.self_test(ids, (prepared.token_ids, mm), dtype=loaded.dtype)
 
 
 def _synthetic_png() -> bytes:

@@ -83,6 +83,23 @@ class SlotRunner:
     def step(self, decode: Seq[Sequence], prefill: Seq[tuple[Sequence, int]]) -> None:
         """Advance every sequence in `decode` by one token and every `(seq, n)` in `prefill` by
         `n` prompt tokens; sequences whose prompt completes sample their first token."""
+        logits, samplers = self._forward(decode, prefill)
+        for seq, _ in prefill:
+            if not seq.is_prefilling:
+                for child in seq.children:
+                    self.fork(seq, child)
+        if samplers:
+            # Siblings share their parent's last prompt position: repeat that row for each.
+            rows = torch.repeat_interleave(
+                torch.arange(len(samplers), device=logits.device),
+                torch.tensor([len(group) for group in samplers], device=logits.device),
+            )
+            self._sample(logits[rows], [seq for group in samplers for seq in group])
+
+    def _forward(self, decode, prefill) -> tuple[torch.Tensor, list[list[Sequence]]]:
+        """One packed forward: returns the logits of the rows that sample (decode rows in slot
+        order, then prefills that complete) and, for each row, the sequences that sample from it.
+        Advances `num_cached`; the self-test drives this same code with probes."""
         decode = sorted(decode, key=lambda s: s.slot)
         tokens: list[int] = [s.last_token for s in decode]
         positions: list[int] = [s.total_len - 1 for s in decode]
@@ -118,17 +135,7 @@ class SlotRunner:
             seq.num_cached += 1
         for seq, n in prefill:
             seq.num_cached += n
-            if not seq.is_prefilling:
-                for child in seq.children:
-                    self.fork(seq, child)
-        if samplers:
-            logits = out.logits[0]
-            # Siblings share their parent's last prompt position: repeat that row for each.
-            rows = torch.repeat_interleave(
-                torch.arange(len(samplers), device=logits.device),
-                torch.tensor([len(group) for group in samplers], device=logits.device),
-            )
-            self._sample(logits[rows], [seq for group in samplers for seq in group])
+        return out.logits[0], samplers
 
     def _layout(
         self, slots: list[int], positions: list[int], segments: list[Segment], needed_len: int
@@ -168,66 +175,94 @@ class SlotRunner:
 
     # -- self-test -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def self_test(self, prompt_ids: list[int], mm_inputs: dict | None, *, dtype: torch.dtype) -> str | None:
-        """Compare the fast path with the model's own forward on one prompt (chunked prefill, then
-        decode). Returns None when they agree, else the reason the fast path cannot be used."""
-        if len(prompt_ids) < 4:
+    def self_test(
+        self,
+        prompt_ids: list[int],
+        joiner: tuple[list[int], dict | None] | None = None,
+        *,
+        dtype: torch.dtype,
+    ) -> str | None:
+        """Compare the fast path with the model's own forward, the way the executor runs it: `prompt_ids`
+        is prefilled in two chunks and decodes; meanwhile a second prompt (`joiner`: token ids and
+        model inputs such as pixel values; by default a rotation of the first) is prefilled in the same
+        steps as those decodes (whole when it has model inputs, else in two chunks), then both decode.
+        Decoding feeds the prompts' own next tokens, so every row has a reference. Returns None when
+        the logits agree, else the reason the fast path cannot be used."""
+        if len(prompt_ids) < 8:
             return "self-test prompt too short"
-        reference = self._reference_logits(prompt_ids, mm_inputs)
-        probe = _Probe(prompt_ids, mm_inputs)
+        if joiner is None:
+            half = len(prompt_ids) // 2
+            joiner = (prompt_ids[half:] + prompt_ids[:half], None)
+        joiner_ids, joiner_mm = joiner
+        references = []
+        for ids, mm in ((prompt_ids, None), (joiner_ids, joiner_mm)):
+            logits, reason = self._reference_logits(ids, mm)
+            if reason is not None:
+                return reason
+            references.append(logits)
+        first = _Probe(prompt_ids, len(prompt_ids) - 4, None)
+        second = _Probe(joiner_ids, len(joiner_ids) - 2, joiner_mm)
         try:
-            self.admit(probe)
-            split = len(prompt_ids) - 2
-            if mm_inputs:
-                self._probe_prefill(probe, split)
+            self.admit(first)
+            self.admit(second)
+            half = first.prefill_len // 2
+            self._probe_step([], [(first, half)])
+            self._probe_step([], [(first, first.prefill_len - half)])
+            if joiner_mm:  # image tokens cannot be split across chunks
+                self._probe_step([first], [(second, second.prefill_len)])
             else:
-                half = split // 2
-                self._probe_prefill(probe, half)
-                self._probe_prefill(probe, split - half)
-            got = [self._probe_decode(probe), self._probe_decode(probe)]
+                half = second.prefill_len // 2
+                self._probe_step([first], [(second, half)])
+                self._probe_step([first], [(second, second.prefill_len - half)])
+            while any(p.can_decode for p in (first, second)):
+                self._probe_step([p for p in (first, second) if p.can_decode], [])
         except FastPathUnsupported as exc:
             return str(exc)
         except Exception as exc:  # any model that cannot run packed steps takes the generic path
             log.debug("fast path self-test raised", exc_info=True)
             return f"{type(exc).__name__}: {exc}"
         finally:
-            self.release(probe)
-        expected = reference[-2:]
-        actual = torch.stack(got)
+            self.release(second)
+            self.release(first)
+        expected = torch.cat([ref[p.positions] for ref, p in zip(references, (first, second))])
+        actual = torch.stack([row for p in (first, second) for row in p.rows])
         return _compare(expected, actual, dtype)
 
-    def _probe_prefill(self, probe: "_Probe", n: int) -> None:
-        start = probe.num_cached
-        layout = self._layout([], [], [Segment(probe.slot, 0, n, start)], start + n)
-        self._probe_forward(probe, n, layout)
+    def _probe_step(self, decode: list["_Probe"], prefill: list[tuple["_Probe", int]]) -> None:
+        logits, samplers = self._forward(decode, prefill)
+        for row, (probe,) in zip(logits, samplers):
+            probe.positions.append(probe.num_cached - 1)
+            probe.rows.append(row.float())
 
-    def _probe_decode(self, probe: "_Probe") -> torch.Tensor:
-        pos = probe.num_cached
-        layout = self._layout([probe.slot], [pos], [], pos + 1)
-        return self._probe_forward(probe, 1, layout)
-
-    def _probe_forward(self, probe: "_Probe", n: int, layout: StepLayout) -> torch.Tensor:
-        start = probe.num_cached
-        mm = probe.mm_inputs if (probe.mm_inputs and start == 0) else {}
-        out = self.model(
-            input_ids=torch.tensor([probe.prompt_ids[start : start + n]], device=self.device),
-            position_ids=torch.arange(start, start + n, device=self.device)[None],
-            logits_to_keep=1,
-            use_cache=False,
-            slot_layout=layout,
-            **mm,
-        )
-        probe.num_cached += n
-        return out.logits[0, -1].float()
-
-    def _reference_logits(self, prompt_ids: list[int], mm_inputs: dict | None) -> torch.Tensor:
+    def _reference_logits(self, prompt_ids: list[int], mm_inputs: dict | None) -> tuple[torch.Tensor, str | None]:
+        """The model's own forward over the whole prompt, with its own attention. Also watches the
+        masks the model builds for its text decoder: one that lets a token see later tokens
+        (bidirectional image or prefix attention) is something the causal fast path cannot reproduce,
+        however close the logits happen to come."""
         config = self._text_config
+        seen: list[str] = []
+
+        def watch(module, args, kwargs):
+            problem = _mask_problem(kwargs.get("attention_mask"))
+            if problem and not seen:
+                seen.append(f"{problem} in {type(module).__name__}")
+
+        hooks = [
+            module.register_forward_pre_hook(watch, with_kwargs=True)
+            for module in self.model.modules()
+            if getattr(module, "config", None) is config and hasattr(module, "layer_idx")
+        ]
         config._attn_implementation = self._original_attn
         try:
             out = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=False, **(mm_inputs or {}))
         finally:
             config._attn_implementation = attention.ATTENTION_NAME
-        return out.logits[0].float()
+            for hook in hooks:
+                hook.remove()
+        reason = None
+        if seen:
+            reason = f"the model's own attention is not causal self-attention: {seen[0]}"
+        return out.logits[0].float(), reason
 
     def restore_attention(self) -> None:
         """Give the model back its own attention (when the generic path takes over)."""
@@ -235,13 +270,50 @@ class SlotRunner:
 
 
 class _Probe:
-    """Minimal stand-in for a Sequence during the self-test."""
+    """Stands in for a Sequence during the self-test: prefills `prefill_len` tokens of `ids`, then
+    "decodes" the rest of `ids` (the reference has logits for every position)."""
 
-    def __init__(self, prompt_ids, mm_inputs) -> None:
-        self.prompt_ids = prompt_ids
+    def __init__(self, ids: list[int], prefill_len: int, mm_inputs: dict | None) -> None:
+        self.ids = ids
+        self.prefill_len = prefill_len
+        self.prompt_ids = ids[:prefill_len]
         self.mm_inputs = mm_inputs
         self.num_cached = 0
         self.slot = None
+        self.children: list = []
+        self.positions: list[int] = []  # position of each logits row received
+        self.rows: list[torch.Tensor] = []
+
+    @property
+    def last_token(self) -> int:
+        return self.ids[self.num_cached]
+
+    @property
+    def total_len(self) -> int:
+        return self.num_cached + 1
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_cached < self.prefill_len
+
+    @property
+    def can_decode(self) -> bool:
+        return self.prefill_len <= self.num_cached < len(self.ids)
+
+
+def _mask_problem(mask) -> str | None:
+    """What a 4-D attention mask (bool, or additive float) built by the model does that the causal
+    fast path cannot: let a query see later tokens, or attend to keys that are not the prompt's own.
+    The reference forward runs without a cache, so self-attention keys are exactly the queries."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return None
+    q, k = mask.shape[-2:]
+    if q != k:
+        return "cross-attention"
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if bool(allowed.triu(1).any()):
+        return "tokens attend to later tokens (bidirectional image or prefix attention)"
+    return None
 
 
 def _compare(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype) -> str | None:

@@ -74,7 +74,8 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
             _count_tokens(svc, streams[1:])
 
     def on_done(error: str | None) -> None:
-        record(500 if error else 200, error)
+        # `cancelled` is set when the client left before the end (499, as for chat).
+        record(500 if error else 499 if any(s.cancelled for s in streams) else 200, error)
 
     if data.stream:
         base = {

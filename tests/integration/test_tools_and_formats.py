@@ -1,0 +1,186 @@
+"""response_format and tools through the real server with the official openai client.
+
+The tiny model writes noise, so every shape assertion below holds only because constrained
+decoding forces it: JSON that parses and validates, tool calls that name a declared function with
+arguments matching its schema, and streamed deltas that reassemble to the non-streamed answer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.integration.conftest import Server
+from tests.integration.helpers import assert_openai_error, chat_body, sse_chunks, user
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False},
+    },
+}
+TOOLS = [WEATHER, TIME]
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=8)
+    age: int = Field(ge=0, le=150)
+
+
+def check_call(call, names=("get_weather", "get_time")) -> None:
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in names
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
+    else:
+        assert arguments == {"zone": arguments["zone"]} and arguments["zone"] in ("UTC", "CET")
+
+
+def test_json_object(text_server: Server) -> None:
+    # Noise could fill max_tokens inside one string; a bias towards `"` and `}` ends it sooner.
+    with text_server.http() as http:
+        ids = [http.post("/tokenize", json={"prompt": t, "add_special_tokens": False}).json()["tokens"] for t in ('"', "}")]
+    bias = {str(token[0]): 20 for token in ids}
+    completion = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user("Describe yourself as JSON"), response_format={"type": "json_object"},
+        logit_bias=bias, temperature=1.0, seed=3, max_tokens=64,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(json.loads(choice.message.content), dict)
+    assert choice.message.tool_calls is None
+
+
+def test_json_schema_with_the_parse_helper(text_server: Server) -> None:
+    completion = text_server.openai().chat.completions.parse(
+        model=text_server.model_name, messages=user("Who are you?"), response_format=Person, max_tokens=64, temperature=0.7, seed=1, n=2,
+    )
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, Person)
+        assert Person.model_validate_json(choice.message.content) == choice.message.parsed
+
+
+@pytest.mark.parametrize("parallel", [False, None])
+def test_tool_choice_required(text_server: Server, parallel) -> None:
+    extra = {} if parallel is None else {"parallel_tool_calls": parallel}
+    completion = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user("What's the weather in Paris?"), tools=TOOLS, tool_choice="required",
+        max_tokens=64, temperature=1.0, seed=4, **extra,
+    )
+    choice = completion.choices[0]
+    assert choice.message.content is None
+    calls = choice.message.tool_calls
+    if parallel is None and choice.finish_reason == "length":
+        # Noise may go on calling until max_tokens: every call but the cut last one is whole.
+        calls = calls[:-1]
+    else:
+        assert choice.finish_reason == "tool_calls"
+    assert calls and (len(calls) == 1 or parallel is None)
+    for call in calls:
+        check_call(call)
+
+
+def test_named_tool_choice(text_server: Server) -> None:
+    completion = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user("What time is it?"), tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=64,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+    check_call(choice.message.tool_calls[0], names=("get_time",))
+
+
+def test_tool_choice_auto_and_none(text_server: Server) -> None:
+    client = text_server.openai()
+    auto = client.chat.completions.create(model=text_server.model_name, messages=user("Hi"), tools=TOOLS, max_tokens=16, temperature=0)
+    none = client.chat.completions.create(
+        model=text_server.model_name, messages=user("Hi"), tools=TOOLS, tool_choice="none", max_tokens=16, temperature=0
+    )
+    # "none" leaves the tools out of the prompt altogether; "auto" renders them and parses.
+    assert none.usage.prompt_tokens < auto.usage.prompt_tokens
+    assert none.choices[0].message.tool_calls is None
+    assert none.choices[0].finish_reason in ("stop", "length")
+    choice = auto.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    assert choice.message.content is not None or choice.message.tool_calls
+    for call in choice.message.tool_calls or []:
+        assert call.function.name and isinstance(call.function.arguments, str)
+
+
+def test_streamed_tool_calls_reassemble_to_the_non_streamed_answer(text_server: Server) -> None:
+    request = dict(
+        model=text_server.model_name, messages=user("Weather and time please"), tools=TOOLS, tool_choice="required",
+        max_tokens=64, temperature=0,
+    )
+    client = text_server.openai()
+    whole = client.chat.completions.create(**request).choices[0]
+
+    calls: dict[int, dict] = {}
+    content, finish_reason = "", None
+    for chunk in client.chat.completions.create(**request, stream=True):
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        finish_reason = choice.finish_reason or finish_reason
+        for delta in choice.delta.tool_calls or []:
+            if delta.id is not None:
+                assert delta.index not in calls and delta.function.arguments == "" and delta.type == "function"
+                calls[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
+            else:
+                assert delta.function.name is None
+            calls[delta.index]["arguments"] += delta.function.arguments or ""
+    # Greedy noise may repeat calls until max_tokens ("length", the last call cut): either way the
+    # stream carries the same calls, fragment by fragment; only the ids are minted per response.
+    assert content == "" and finish_reason == whole.finish_reason and finish_reason in ("tool_calls", "length")
+    assert calls
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls
+    ]
+
+
+def test_stream_chunks_for_tool_calls_are_openai_shaped(text_server: Server) -> None:
+    body = chat_body("Weather?", tools=[WEATHER], tool_choice="required", stream=True, max_tokens=64)
+    with text_server.http() as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    chunks = sse_chunks(response.text)
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    header = deltas[1]["tool_calls"][0]
+    assert header["index"] == 0 and header["type"] == "function" and header["id"].startswith("call_")
+    assert header["function"] == {"name": "get_weather", "arguments": ""}
+    assert not any("<tool_call>" in (d.get("content") or "") for d in deltas)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}}], "tool_choice": "required"}, "tools"),
+    ],
+)
+def test_invalid_formats_and_tool_choices_are_400s(text_server: Server, extra, param) -> None:
+    with text_server.http() as http:
+        response = http.post("/v1/chat/completions", json=chat_body("hi", **extra))
+    assert_openai_error(response, 400, param=param)

@@ -1,0 +1,243 @@
+"""Constrained decoding on the tiny random model: whatever noise it prefers, the grammar decides
+the shape. JSON outputs parse, forced tool calls name a declared tool with matching arguments,
+bad schemas are refused before admission, and n > 1 choices each keep their own matcher."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+import torch
+from anyio.from_thread import BlockingPortal
+
+from app.tool_calls import HERMES, parse_message
+from models.errors import InvalidRequestError
+from models.grammar import GrammarCompiler, tool_calls_lark
+from models.loader import LoadSpec
+from models.params import GrammarSpec, PromptInput, SamplingParams
+from models.prompt import PreparedPrompt
+from models.replica import ReplicaConfig, build_replica
+from scheduler.core import Scheduler, SchedulerConfig
+from scheduler.executor import ExecutorConfig
+from scheduler.request import EngineRequest
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            # A local $ref: it must still resolve once the schema sits inside the call's schema.
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"$ref": "#/$defs/zone"}},
+                "required": ["zone"],
+                "additionalProperties": False,
+                "$defs": {"zone": {"enum": ["UTC", "CET"]}},
+            },
+        },
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_text_path):
+    return build_replica(LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(max_batch_size=8))
+
+
+def generate(replica, params: SamplingParams, *, n: int = 1, prompt: str = "Answer in JSON please") -> list[tuple[str, str]]:
+    """(text, finish_reason) per choice, stepping the runner like the executor does."""
+    seqs = replica.new_sequences(PreparedPrompt(replica.loaded.tokenizer(prompt)["input_ids"]), params, n=n)
+    runner, running, texts = replica.runner, list(seqs), {s.seq_id: "" for s in seqs}
+    for seq in seqs:
+        runner.admit(seq)
+    while running:
+        runner.step([s for s in running if not s.is_prefilling], [(s, s.remaining_prompt) for s in running if s.is_prefilling])
+        for seq in running:
+            if (delta := seq.take_delta()) is not None:
+                texts[seq.seq_id] += delta.text
+        for seq in [s for s in running if s.is_finished]:
+            runner.release(seq)
+            running.remove(seq)
+    return [(texts[s.seq_id], s.finish_reason) for s in seqs]
+
+
+def check_person(value) -> None:
+    assert isinstance(value, dict) and set(value) <= {"name", "age", "tags"} and {"name", "age"} <= set(value)
+    assert isinstance(value["name"], str) and len(value["name"]) <= 8
+    assert isinstance(value["age"], int) and 0 <= value["age"] <= 150
+    assert all(tag in ("a", "b") for tag in value.get("tags", []))
+
+
+def check_call(call: dict, names=("get_weather", "get_time")) -> None:
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
+    assert name in names
+    if name == "get_weather":
+        assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f") and len(arguments["city"]) <= 12
+    else:
+        assert arguments["zone"] in ("UTC", "CET")
+
+
+def test_any_json_object_parses(replica):
+    # Unbounded strings could run into max_tokens; a bias towards closing quotes and braces makes
+    # the noise end early. Which tokens may follow is still the grammar's call alone.
+    tokenizer = replica.loaded.tokenizer
+    bias = {tokenizer.convert_tokens_to_ids(t): 20.0 for t in ('"', "}")}
+    params = SamplingParams(max_tokens=64, temperature=1.0, seed=1, logit_bias=bias, grammar=GrammarSpec("json_object"))
+    for text, reason in generate(replica, params, n=4):
+        assert reason == "stop", text
+        assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_validates(replica, temperature):
+    spec = GrammarSpec("json_schema", json.dumps(PERSON))
+    for text, reason in generate(replica, SamplingParams(max_tokens=64, temperature=temperature, seed=5, grammar=spec), n=3):
+        assert reason == "stop", text
+        check_person(json.loads(text))
+
+
+def test_required_tool_call_is_one_declared_call(replica):
+    spec = HERMES.grammar(TOOLS, parallel=False)
+    for text, reason in generate(replica, SamplingParams(max_tokens=64, temperature=1.0, seed=3, grammar=spec), n=4):
+        parsed = parse_message(text, HERMES.parser(stream_arguments=True))
+        assert reason == "stop" and parsed.content is None and len(parsed.tool_calls) == 1, text
+        check_call(parsed.tool_calls[0])
+
+
+def test_parallel_tool_calls_may_repeat(replica):
+    spec = HERMES.grammar(TOOLS)
+    for text, reason in generate(replica, SamplingParams(max_tokens=120, temperature=1.0, seed=3, grammar=spec), n=4):
+        parsed = parse_message(text, HERMES.parser(stream_arguments=True))
+        assert reason == "stop" and parsed.content is None and parsed.tool_calls, text
+        for call in parsed.tool_calls:
+            check_call(call)
+
+
+def test_named_tool_choice_calls_that_function(replica):
+    spec = HERMES.grammar(TOOLS, only="get_time")
+    for text, reason in generate(replica, SamplingParams(max_tokens=64, temperature=1.0, seed=9, grammar=spec), n=3):
+        calls = parse_message(text, HERMES.parser(stream_arguments=True)).tool_calls
+        assert reason == "stop" and len(calls) == 1, text
+        check_call(calls[0], names=("get_time",))
+
+
+def test_choices_fork_their_matchers(replica):
+    # n > 1: each choice has its own matcher; one finishing early does not end or bend the others.
+    spec = GrammarSpec("json_schema", json.dumps(PERSON))
+    results = generate(replica, SamplingParams(max_tokens=64, temperature=1.0, seed=11, grammar=spec), n=4)
+    assert len({text for text, _ in results}) > 1
+    for text, _ in results:
+        check_person(json.loads(text))
+
+    constraint = replica.grammars.constraint(GrammarSpec("regex", "(ab|ac)d"))
+    a, b, c, d = (replica.loaded.tokenizer.convert_tokens_to_ids(t) for t in "abcd")
+    constraint.advance(a)
+    twin = constraint.fork()
+    constraint.advance(b)
+    twin.advance(c)
+    for row in (constraint, twin):
+        logits = row.mask_logits(torch.zeros(replica.vocab_size))
+        assert torch.isfinite(logits).nonzero().flatten().tolist() == [d]
+        row.advance(d)
+        assert row.is_finished() and row.error is None
+
+
+def test_eos_is_allowed_only_where_the_grammar_may_end(replica):
+    eos = sorted(replica.loaded.eos_token_ids)
+    constraint = replica.grammars.constraint(GrammarSpec("regex", "[0-9]+"))
+    assert not torch.isfinite(constraint.mask_logits(torch.zeros(replica.vocab_size))[eos]).any()
+    constraint.advance(replica.loaded.tokenizer.convert_tokens_to_ids("7"))
+    assert torch.isfinite(constraint.mask_logits(torch.zeros(replica.vocab_size))[eos]).all()
+    assert not constraint.is_finished()  # more digits may follow: the model decides
+
+
+def test_mask_covers_a_model_vocabulary_wider_than_the_tokenizer(replica):
+    tokenizer = replica.loaded.tokenizer
+    wide = len(tokenizer) + 45
+    compiler = GrammarCompiler(tokenizer, vocab_size=wide, eos_token_ids=replica.loaded.eos_token_ids)
+    # Logits even wider than the mask (whole 32-bit words): the extra ids are never allowed.
+    logits = compiler.constraint(GrammarSpec("json_object")).mask_logits(torch.zeros(wide + 64))
+    assert logits.shape == (wide + 64,)
+    allowed = torch.isfinite(logits).nonzero().flatten().tolist()
+    assert tokenizer.convert_tokens_to_ids("{") in allowed and max(allowed) < len(tokenizer)
+
+
+def test_special_tool_tags_are_written_as_tokens():
+    lark = tool_calls_lark(
+        {"begin": "<tool_call>\n", "end": "\n</tool_call>", "separator": "\n", "tools": [{"name": "f", "parameters": None}], "parallel": False},
+        {"<tool_call>": 7, "</tool_call>": 8},
+    )
+    assert lark.startswith('start: call\ncall: <[7]> "\\n" %json {') and lark.rstrip().endswith('"\\n" <[8]>')
+
+
+@pytest.mark.parametrize(
+    "spec, param",
+    [
+        (GrammarSpec("json_schema", json.dumps({"type": "object", "properties": {"a": {"$ref": "#/nope"}}})), "response_format"),
+        (GrammarSpec("json_schema", "[1, 2]"), "response_format"),
+        (GrammarSpec("regex", "(("), "response_format"),
+        (HERMES.grammar([{"function": {"name": "f", "parameters": {"type": "nonsense"}}}]), "tools"),
+    ],
+)
+def test_invalid_grammars_are_request_errors(replica, spec, param):
+    with pytest.raises(InvalidRequestError) as caught:
+        replica.grammars.validate(spec)
+    assert caught.value.param == param and caught.value.message
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_scheduler_refuses_a_bad_schema_before_admission(tiny_text_path, anyio_backend):
+    config = SchedulerConfig(
+        load=LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"),
+        devices=("cpu",),
+        replica=ReplicaConfig(max_batch_size=4, max_input_tokens=200, max_new_tokens=64),
+        executor=ExecutorConfig(max_queue_size=8),
+    )
+    scheduler = Scheduler(config)
+    messages = ({"role": "user", "content": "hi"},)
+    bad = SamplingParams(max_tokens=8, grammar=GrammarSpec("json_schema", json.dumps({"type": "nonsense"})))
+    good = SamplingParams(max_tokens=64, temperature=0.0, grammar=GrammarSpec("json_schema", json.dumps(PERSON)))
+    async with BlockingPortal() as portal:
+        await scheduler.start(portal)
+        with anyio.fail_after(120):
+            while scheduler.status == "loading":
+                await anyio.sleep(0.05)
+        try:
+            with pytest.raises(InvalidRequestError) as caught:
+                await scheduler.submit(EngineRequest("bad", PromptInput(messages=messages), bad))
+            assert caught.value.param == "response_format"
+            assert scheduler.executors[0].queue_depth == 0 and not scheduler._inflight
+            stream = await scheduler.submit(EngineRequest("good", PromptInput(messages=messages), good))
+            text, reason = "", None
+            async for update in stream:
+                text += update.choices[0].text
+                reason = update.choices[0].finish_reason or reason
+            assert reason == "stop"
+            check_person(json.loads(text))
+        finally:
+            await scheduler.drain(5)
