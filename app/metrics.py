@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from scheduler.core import Scheduler
@@ -31,7 +31,12 @@ class _ReplicaCollector:
                 running.add_metric([e.name], e.num_running)
                 queued.add_metric([e.name], e.queue_depth)
                 ready.add_metric([e.name], 1.0 if e.is_ready else 0.0)
-        return [running, queued, ready]
+        hits = CounterMetricFamily("docoserve_image_decode_cache_hits", "Images served from the decoded-image cache")
+        misses = CounterMetricFamily("docoserve_image_decode_cache_misses", "Images decoded")
+        if scheduler is not None:
+            hits.add_metric([], scheduler.image_cache.hits)
+            misses.add_metric([], scheduler.image_cache.misses)
+        return [running, queued, ready, hits, misses]
 
 
 class Metrics:

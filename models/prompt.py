@@ -58,7 +58,7 @@ class PromptBuilder:
         self.is_vision = processor is not None and getattr(processor, "image_processor", None) is not None
         self.max_input_tokens = max_input_tokens
         self.image_limits = image_limits
-        self.image_cache = image_cache or DecodedImageCache()
+        self.image_cache = image_cache if image_cache is not None else DecodedImageCache()  # an empty cache is falsy
         self.image_token_id = image_token_id
         self.image_token = getattr(processor, "image_token", None) if processor is not None else None
         self.chat_template = chat_template or _FALLBACK_TEMPLATE

@@ -55,7 +55,7 @@ class Scheduler:
         self._prompt_builder: PromptBuilder | None = None
         self._builder_lock = anyio.Lock()
         self._prep_limiter = anyio.CapacityLimiter(2)
-        self._image_cache = DecodedImageCache()
+        self.image_cache = DecodedImageCache()
         self._inflight: dict[RequestStream, tuple[Executor, int]] = {}
         self._on_finished = on_finished
 
@@ -226,7 +226,7 @@ class Scheduler:
             image_token_id=loaded.image_token_id,
             max_input_tokens=self.config.replica.max_input_tokens,
             image_limits=self.config.image_limits,
-            image_cache=self._image_cache,
+            image_cache=self.image_cache,
         )
 
     async def render(self, prompt: PromptInput) -> str:

@@ -10,6 +10,9 @@ shared, so each built-in model is built once per session.
                set both in the environment and by flag, so the flag values must win (precedence).
   vlm_server   builtin:tiny-vlm, no API key, MODEL_NAME only from the environment, 2048 max new
                tokens (room for requests that outlive their client), SEED_DEFAULT = 2**64 - 1.
+  vlm_fetch_server  builtin:tiny-vlm for remote-image tests: loopback (127.0.0.0/8) reachable while
+               every other private range stays refused, 2 s fetch timeout, 1 MiB per image, at most
+               3 images per request, images resized to 256 px at most.
 
 A failing test gets the tail of each server log it used appended to its report.
 """
@@ -46,6 +49,11 @@ VLM_MODEL_NAME = "vlm-from-env"
 VLM_DEFAULT_SEED = 2**64 - 1
 MAX_BODY_BYTES = 2 * 1024 * 1024
 TEXT_DEFAULT_MAX_TOKENS = 64  # below the default 128: the clamp test stays cheap on CPU
+VLM_FETCH_MODEL_NAME = "vlm-fetch"
+VLM_FETCH_MAX_IMAGE_BYTES = 1024 * 1024
+VLM_FETCH_MAX_IMAGES = 3
+VLM_FETCH_MAX_IMAGE_SIZE = 256
+VLM_FETCH_TIMEOUT_S = 2
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,20 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             "MAX_NEW_TOKENS_DEFAULT": "2048",
             # The largest seed Settings accepts; choice i of a request samples with seed + i.
             "SEED_DEFAULT": str(VLM_DEFAULT_SEED),
+        },
+    ),
+    "vlm_fetch_server": ServerSpec(
+        model_path="builtin:tiny-vlm",
+        model_name=VLM_FETCH_MODEL_NAME,
+        api_key=None,
+        env={
+            "MODEL_NAME": VLM_FETCH_MODEL_NAME,
+            "DTYPE": "fp32",
+            "IMAGE_URL_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "IMAGE_FETCH_TIMEOUT_S": str(VLM_FETCH_TIMEOUT_S),
+            "MAX_IMAGE_BYTES": str(VLM_FETCH_MAX_IMAGE_BYTES),
+            "MAX_IMAGES_PER_REQUEST": str(VLM_FETCH_MAX_IMAGES),
+            "MAX_IMAGE_SIZE": str(VLM_FETCH_MAX_IMAGE_SIZE),
         },
     ),
 }
@@ -270,6 +292,11 @@ def text_server(server_launcher: Launcher) -> Server:
 @pytest.fixture(scope="session")
 def vlm_server(server_launcher: Launcher) -> Server:
     return server_launcher.get("vlm_server")
+
+
+@pytest.fixture(scope="session")
+def vlm_fetch_server(server_launcher: Launcher) -> Server:
+    return server_launcher.get("vlm_fetch_server")
 
 
 @pytest.hookimpl(wrapper=True)
