@@ -132,7 +132,7 @@ def load_model(spec: LoadSpec) -> LoadedModel:
 
     is_vision, why = _detect_vision(config)
     decide(f"kind={'vision-language' if is_vision else 'text'} ({why})")
-    tokenizer, processor = _load_tokenizer(path, is_vision, hub_kwargs, spec)
+    tokenizer, processor = _load_tokenizer(path, is_vision, hub_kwargs, spec, config, decide)
 
     dtype, dtype_reason = _pick_dtype(requested_dtype, device)
     decide(f"dtype={_DTYPE_NAMES[dtype]} ({dtype_reason})")
@@ -268,17 +268,62 @@ def _detect_vision(config: PreTrainedConfig) -> tuple[bool, str]:
 
 
 def _load_tokenizer(
-    path: str, is_vision: bool, hub_kwargs: dict[str, Any], spec: LoadSpec
+    path: str,
+    is_vision: bool,
+    hub_kwargs: dict[str, Any],
+    spec: LoadSpec,
+    config: PreTrainedConfig,
+    decide: Callable[..., None],
 ) -> tuple[PreTrainedTokenizerBase, ProcessorMixin | None]:
     if not is_vision:
         with _errors_as_load_error("load tokenizer", spec, path):
             return AutoTokenizer.from_pretrained(path, **hub_kwargs), None
     with _errors_as_load_error("load processor", spec, path):
-        processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
+        try:
+            processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
+        except Exception:
+            processor = _processor_without_video(path, config, hub_kwargs)
+            if processor is None:
+                raise
+            decide(
+                f"processor={type(processor).__name__} without its video processor (torchvision is not "
+                "installed; images only)",
+                level=logging.WARNING,
+            )
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is None or getattr(processor, "image_processor", None) is None:
         raise ModelLoadError(f"processor for {_display(spec)} lacks a tokenizer or an image processor")
     return tokenizer, processor
+
+
+def images_only_processor_class(processor_class: type) -> type:
+    """`processor_class` without its video processor. transformers cannot build a processor that has
+    a video half without torchvision (not even for images: its class check needs the video base
+    class); the server takes no video, so the image and text halves are all it needs."""
+    attributes = [name for name in processor_class.get_attributes() if name != "video_processor"]
+    return type(
+        processor_class.__name__,
+        (processor_class,),
+        {"get_attributes": classmethod(lambda cls: list(attributes)), "video_processor": None, "__module__": __name__},
+    )
+
+
+def _processor_without_video(path: str, config: PreTrainedConfig, hub_kwargs: dict[str, Any]) -> ProcessorMixin | None:
+    """The checkpoint's processor loaded without its video processor, when torchvision is missing and
+    the processor has one (Qwen2-VL, Qwen2.5-VL, InternVL, LLaVA-OneVision, ...); None otherwise."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return None
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+
+    name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    try:
+        processor_class = processor_class_from_name(name) if isinstance(name, str) else None
+        if not isinstance(processor_class, type) or "video_processor" not in processor_class.get_attributes():
+            return None
+        return images_only_processor_class(processor_class).from_pretrained(path, **hub_kwargs)
+    except Exception:  # the original error is the one worth reporting
+        logger.debug("images-only processor fallback failed", exc_info=True)
+        return None
 
 
 # --- dtype and attention -----------------------------------------------------------------------

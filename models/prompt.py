@@ -144,7 +144,7 @@ class PromptBuilder:
             raise InvalidRequestError("this model does not accept images (it is a text-only model)", param="messages")
         decoded = [self.image_cache.get_or_decode(data, self.image_limits) for data in images]
         try:
-            batch = self.processor(text=[text], images=decoded, return_tensors="pt", add_special_tokens=special)
+            batch = self._process(text, decoded, special)
         except Exception as exc:
             log.debug("processor failed", exc_info=True)
             raise InvalidRequestError(f"the images could not be prepared for this model: {_short(exc)}", param="messages") from None
@@ -161,6 +161,15 @@ class PromptBuilder:
                 param="messages",
             )
         return prepared
+
+    def _process(self, text: str, images: list, special: bool):
+        try:
+            return self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=special)
+        except TypeError as exc:
+            # Some remote-code processors take no tokenizer options at all (Phi-3-vision's, for one).
+            if "add_special_tokens" not in str(exc):
+                raise
+            return self.processor(text=[text], images=images, return_tensors="pt")
 
     def _truncate(self, prepared: PreparedPrompt) -> PreparedPrompt:
         excess = len(prepared.token_ids) - self.max_input_tokens

@@ -190,19 +190,22 @@ class SlotRunner:
         the logits agree, else the reason the fast path cannot be used."""
         if len(prompt_ids) < 8:
             return "self-test prompt too short"
+        reason = _positions_problem(self.model)
+        if reason is not None:
+            return reason
         if joiner is None:
             half = len(prompt_ids) // 2
             joiner = (prompt_ids[half:] + prompt_ids[:half], None)
         joiner_ids, joiner_mm = joiner
-        references = []
-        for ids, mm in ((prompt_ids, None), (joiner_ids, joiner_mm)):
-            logits, reason = self._reference_logits(ids, mm)
-            if reason is not None:
-                return reason
-            references.append(logits)
         first = _Probe(prompt_ids, len(prompt_ids) - 4, None)
         second = _Probe(joiner_ids, len(joiner_ids) - 2, joiner_mm)
+        references = []
         try:
+            for probe in (first, second):
+                logits, reason = self._reference_logits(probe.ids, probe.mm_inputs, probe.prefill_len - 1)
+                if reason is not None:
+                    return reason
+                references.append(logits)
             self.admit(first)
             self.admit(second)
             half = first.prefill_len // 2
@@ -224,7 +227,10 @@ class SlotRunner:
         finally:
             self.release(second)
             self.release(first)
-        expected = torch.cat([ref[p.positions] for ref, p in zip(references, (first, second))])
+        # References hold the rows from each probe's last prefill position on.
+        expected = torch.cat(
+            [ref[[pos - p.prefill_len + 1 for pos in p.positions]] for ref, p in zip(references, (first, second))]
+        )
         actual = torch.stack([row for p in (first, second) for row in p.rows])
         return _compare(expected, actual, dtype)
 
@@ -234,11 +240,13 @@ class SlotRunner:
             probe.positions.append(probe.num_cached - 1)
             probe.rows.append(row.float())
 
-    def _reference_logits(self, prompt_ids: list[int], mm_inputs: dict | None) -> tuple[torch.Tensor, str | None]:
-        """The model's own forward over the whole prompt, with its own attention. Also watches the
-        masks the model builds for its text decoder: one that lets a token see later tokens
-        (bidirectional image or prefix attention) is something the causal fast path cannot reproduce,
-        however close the logits happen to come."""
+    def _reference_logits(
+        self, prompt_ids: list[int], mm_inputs: dict | None, first_row: int
+    ) -> tuple[torch.Tensor, str | None]:
+        """The model's own forward over the whole prompt, with its own attention: the logits of
+        positions `first_row` on (as fp32). Also watches the masks the model builds for its text
+        decoder: one that lets a token see later tokens (bidirectional image or prefix attention) is
+        something the causal fast path cannot reproduce, however close the logits happen to come."""
         config = self._text_config
         seen: list[str] = []
 
@@ -262,7 +270,7 @@ class SlotRunner:
         reason = None
         if seen:
             reason = f"the model's own attention is not causal self-attention: {seen[0]}"
-        return out.logits[0].float(), reason
+        return out.logits[0, first_row:].float(), reason
 
     def restore_attention(self) -> None:
         """Give the model back its own attention (when the generic path takes over)."""
@@ -301,6 +309,14 @@ class _Probe:
         return self.prefill_len <= self.num_cached < len(self.ids)
 
 
+def _positions_problem(model) -> str | None:
+    """Qwen2-VL and kin place image tokens on a 3-D grid (M-RoPE) computed by the model itself from
+    the whole prompt; the fast path's positions are 1-D."""
+    if any(callable(getattr(m, "get_rope_index", None)) for m in (model, getattr(model, "model", None))):
+        return "the model computes its own multimodal position ids (M-RoPE)"
+    return None
+
+
 def _mask_problem(mask) -> str | None:
     """What a 4-D attention mask (bool, or additive float) built by the model does that the causal
     fast path cannot: let a query see later tokens, or attend to keys that are not the prompt's own.
@@ -317,12 +333,19 @@ def _mask_problem(mask) -> str | None:
 
 
 def _compare(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """`expected`/`actual`: [rows, vocab]. fp32 agrees to rounding (about 1e-6 relative on the tiny
+    models); half precision only to a cosine, and the fast path's top token must be the reference's,
+    or tie with it within rounding."""
     if not torch.isfinite(actual).all():
         return "fast path produced non-finite logits"
     if dtype == torch.float32:
         scale = expected.abs().max().clamp(min=1.0)
         err = float((expected - actual).abs().max() / scale)
-        return None if err < 1e-3 else f"fast path logits differ from the reference (relative error {err:.2e})"
+        return None if err < 1e-4 else f"fast path logits differ from the reference (relative error {err:.2e})"
     cos = torch.nn.functional.cosine_similarity(expected, actual, dim=-1).min()
-    same_top = bool((expected.argmax(-1) == actual.argmax(-1)).all())
-    return None if (cos > 0.995 and same_top) else f"fast path logits differ from the reference (cosine {float(cos):.4f})"
+    # How much lower the reference rates the fast path's choice than its own, against the spread of the row.
+    gap = expected.max(-1).values - expected.gather(-1, actual.argmax(-1, keepdim=True)).squeeze(-1)
+    same_top = bool((gap <= 0.05 * expected.std(-1)).all())
+    if cos > 0.995 and same_top:
+        return None
+    return f"fast path logits differ from the reference (cosine {float(cos):.4f}, same top token: {same_top})"

@@ -1,0 +1,23 @@
+"""The README stays in step with the code: every setting is documented, the two set-up commands lead."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import entrypoint
+from app.settings import ENV_NAMES
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_every_environment_variable_and_flag_is_documented():
+    missing = [name for names in ENV_NAMES.values() for name in names if f"`{name}`" not in README]
+    assert not missing
+    flags = [option for flag in entrypoint.FLAGS for option in flag.options if f"`{option}`" not in README]
+    assert not flags
+
+
+def test_the_readme_opens_with_exactly_the_two_setup_commands():
+    first_block = README.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert commands == ["make serve", "make test"]
