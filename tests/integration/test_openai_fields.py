@@ -1,0 +1,153 @@
+"""Request fields of /v1/chat/completions, one behaviour each, with the official openai client.
+
+Each test pins a behaviour a random-weight model still shows deterministically (greedy outputs,
+biases strong enough to decide the argmax, filters that reduce sampling to greedy)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+
+from tests.integration.conftest import Server
+from tests.integration.helpers import user
+
+
+def create(server: Server, **kwargs: Any):
+    kwargs.setdefault("messages", user("Tell me about the weather"))
+    kwargs.setdefault("model", server.model_name)
+    return server.openai().chat.completions.create(**kwargs)
+
+
+def token_id(server: Server, text: str) -> int:
+    with server.http() as client:
+        return client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"][0]
+
+
+def greedy_text(server: Server, **kwargs: Any) -> str:
+    kwargs.setdefault("max_tokens", 10)
+    extra = {"ignore_eos": True, **kwargs.pop("extra_body", {})}
+    return create(server, temperature=0, extra_body=extra, **kwargs).choices[0].message.content
+
+
+def test_max_completion_tokens_wins_over_max_tokens(text_server: Server) -> None:
+    reply = create(text_server, max_completion_tokens=5, max_tokens=20, extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
+
+
+def test_logit_bias_decides_the_token(text_server: Server) -> None:
+    target = token_id(text_server, " weather")
+    reply = create(text_server, temperature=0, max_tokens=4, logit_bias={str(target): 100}, logprobs=True, extra_body={"ignore_eos": True})
+    assert [entry.token for entry in reply.choices[0].logprobs.content] == [" weather"] * 4
+
+
+def test_presence_and_frequency_penalties_push_repeats_away(text_server: Server) -> None:
+    target = str(token_id(text_server, " weather"))
+    biased = create(text_server, temperature=0, max_tokens=8, logit_bias={target: 8}, logprobs=True, extra_body={"ignore_eos": True})
+    assert all(e.token == " weather" for e in biased.choices[0].logprobs.content)
+    penalised = create(
+        text_server, temperature=0, max_tokens=8, logit_bias={target: 8}, presence_penalty=2.0, frequency_penalty=2.0,
+        logprobs=True, extra_body={"ignore_eos": True},
+    )
+    assert sum(e.token == " weather" for e in penalised.choices[0].logprobs.content) < 8
+
+
+def test_repetition_penalty_changes_a_repetitive_greedy_answer(text_server: Server) -> None:
+    plain = create(text_server, temperature=0, max_tokens=24, logprobs=True, extra_body={"ignore_eos": True})
+    tokens = [e.token for e in plain.choices[0].logprobs.content]
+    if len(set(tokens)) == len(tokens):
+        pytest.skip("the greedy answer has no repeats to penalise")
+    penalised = greedy_text(text_server, max_tokens=24, extra_body={"repetition_penalty": 5.0})
+    assert penalised != plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("extension", [{"top_k": 1}, {"min_p": 1.0}])
+def test_top_k_1_and_min_p_1_reduce_sampling_to_greedy(text_server: Server, extension: dict) -> None:
+    sampled = create(text_server, temperature=1.5, seed=3, max_tokens=10, extra_body={"ignore_eos": True, **extension})
+    assert sampled.choices[0].message.content == greedy_text(text_server, max_tokens=10)
+
+
+def test_top_p_tiny_is_greedy_too(text_server: Server) -> None:
+    sampled = create(text_server, temperature=1.5, top_p=1e-6, seed=5, max_tokens=10, extra_body={"ignore_eos": True})
+    assert sampled.choices[0].message.content == greedy_text(text_server, max_tokens=10)
+
+
+def test_min_tokens_and_ignore_eos_keep_generating(text_server: Server) -> None:
+    eos = token_id(text_server, "<|im_end|>")
+    # A huge bias makes end-of-sequence the argmax; min_tokens must still hold it back.
+    reply = create(text_server, temperature=0, max_tokens=12, logit_bias={str(eos): 100}, extra_body={"min_tokens": 6})
+    # Six tokens, then the end-of-sequence token (counted in usage, never in the text).
+    assert reply.usage.completion_tokens == 7 and reply.choices[0].finish_reason == "stop"
+    reply = create(text_server, temperature=0, max_tokens=12, logit_bias={str(eos): 100}, extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 12 and reply.choices[0].finish_reason == "length"
+
+
+def test_stop_list_and_stop_token_ids(text_server: Server) -> None:
+    full = greedy_text(text_server, max_tokens=20)
+    words = [w for w in full.split(" ") if w.strip()]
+    if len(words) < 3:
+        pytest.skip("answer too short to cut")
+    stops = [words[2], "never-appears"]
+    cut = create(text_server, temperature=0, max_tokens=20, stop=stops, extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and words[2] not in cut.message.content
+    assert full.startswith(cut.message.content)
+    target = token_id(text_server, " weather")
+    reply = create(text_server, temperature=0, max_tokens=8, logit_bias={str(target): 100}, extra_body={"stop_token_ids": [target]})
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content == ""
+
+
+def test_top_logprobs_are_sorted_log_probabilities(text_server: Server) -> None:
+    reply = create(text_server, temperature=0, max_tokens=3, logprobs=True, top_logprobs=5)
+    for entry in reply.choices[0].logprobs.content:
+        values = [t.logprob for t in entry.top_logprobs]
+        assert len(values) == 5 and values == sorted(values, reverse=True) and values[0] <= 0
+        assert entry.logprob == pytest.approx(values[0])  # greedy took the most likely token
+        assert entry.bytes == list(entry.token.encode())
+
+
+def test_user_and_every_role_with_content_parts(text_server: Server) -> None:
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "developer", "content": [{"type": "text", "text": "Answer in French."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"}, {"type": "text", "text": "In Paris."}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    reply = create(text_server, messages=messages, user="user-123", max_tokens=4)
+    assert reply.choices[0].finish_reason in {"stop", "length"}
+    with text_server.http() as client:
+        prompt = client.post("/v1/apply_template", json={"messages": messages}).json()["prompt"]
+    assert "Answer in French." in prompt and "Weather?\nIn Paris." in prompt
+    assert '"city": "Paris"' in prompt and "sunny" in prompt
+
+
+# -- LangChain's ChatOpenAI against the same server -------------------------------------------------
+langchain_openai = pytest.importorskip("langchain_openai")
+
+
+def chat_model(server: Server, **kwargs: Any):
+    return langchain_openai.ChatOpenAI(
+        base_url=f"{server.base_url}/v1", api_key=server.api_key, model=server.model_name, temperature=0, max_retries=0, **kwargs
+    )
+
+
+def test_langchain_invoke_and_stream(text_server: Server) -> None:
+    llm = chat_model(text_server, max_tokens=8)
+    invoked = llm.invoke("hello")
+    assert isinstance(invoked.content, str) and invoked.response_metadata["finish_reason"] in {"stop", "length"}
+    streamed = "".join(chunk.content for chunk in llm.stream("hello"))
+    assert streamed == invoked.content
+
+
+def test_langchain_tool_binding(text_server: Server) -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:
+        """Weather for a city."""
+        return "sunny"
+
+    llm = chat_model(text_server, max_tokens=40).bind_tools([get_weather], tool_choice="get_weather")
+    message = llm.invoke("What is the weather in Paris?")
+    assert [call["name"] for call in message.tool_calls] == ["get_weather"]
+    assert message.tool_calls[0]["args"]["city"] in {"Paris", "Rome"}
