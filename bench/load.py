@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
-import struct
-import threading
 import time
-import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, fields
 
-import httpx
 from openai import AsyncOpenAI
 
-# Common short English words: one token each in most BPE vocabularies, so word count ~ token count.
-_WORDS = (
-    "the of and to in is was for on that with as by at from his her they this which "
-    "be or an had not are but were one all their there been has when who will more no if out "
-    "so said what up its about into than them can only other new some could time these two may "
-    "then do first any my now such like our over man me even most made after also did many"
-).split()
+from bench.health import HealthSampler
+from bench.synthetic import image_data_url, load_tokenizer, synthetic_prompt
+
 _MAX_ERROR_SAMPLES = 5
 
 
@@ -71,50 +61,6 @@ class _Outcome:
     error: str | None = None
 
 
-def synthetic_prompt(index: int, num_tokens: int, tokenizer=None) -> str:
-    """Deterministic text of ~num_tokens tokens; exactly num_tokens when a `tokenizers.Tokenizer` is given."""
-    # The index leads so that no two prompts share a prefix: prefix caching must not flatter anyone.
-    words = [f"Request {index}:"]
-    state = index * 2654435761 + 12345
-    for _ in range(max(num_tokens - 3, 1) * (4 if tokenizer else 1)):
-        state = (state * 1103515245 + 12345) & 0x7FFFFFFF
-        words.append(_WORDS[state % len(_WORDS)])
-    text = " ".join(words)
-    if tokenizer is None:
-        return text
-    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids[:num_tokens])
-
-
-def load_tokenizer(path: str):
-    """A model folder or a tokenizer.json; needs the `tokenizers` package only when used."""
-    from tokenizers import Tokenizer
-
-    file = Path(path)
-    return Tokenizer.from_file(str(file / "tokenizer.json" if file.is_dir() else file))
-
-
-def synthetic_png(size: int = 64) -> bytes:
-    """A deterministic RGB gradient as PNG bytes, written by hand so PIL is not required."""
-    rows = b"".join(
-        b"\x00" + bytes(c for x in range(size) for c in (x * 4 % 256, y * 4 % 256, (x + y) * 2 % 256))
-        for y in range(size)
-    )
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-
-
-def image_data_url(image: str) -> str:
-    if image == "synthetic":
-        return "data:image/png;base64," + base64.b64encode(synthetic_png()).decode()
-    path = Path(image)
-    mime = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif"}.get(path.suffix.lower(), "png")
-    return f"data:image/{mime};base64," + base64.b64encode(path.read_bytes()).decode()
-
-
 def _request_plan(cfg: LoadConfig) -> list[int]:
     """max_tokens of each request, in send order."""
     if not cfg.mixed:
@@ -127,26 +73,34 @@ def _request_plan(cfg: LoadConfig) -> list[int]:
     return plan
 
 
-def _messages(cfg: LoadConfig, text: str, image_url: str | None) -> list[dict]:
+def _messages(text: str, image_url: str | None) -> list[dict]:
     if image_url is None:
         return [{"role": "user", "content": text}]
     content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]
     return [{"role": "user", "content": content}]
 
 
-async def _one_request(client: AsyncOpenAI, cfg: LoadConfig, prompt: str, max_tokens: int,
-                       image_url: str | None) -> _Outcome:
+async def _one_request(
+    client: AsyncOpenAI, cfg: LoadConfig, prompt: str, max_tokens: int, image_url: str | None
+) -> _Outcome:
     out = _Outcome(max_tokens=max_tokens)
     extra_body = dict(cfg.extra_body)
     if cfg.ignore_eos:
         extra_body["ignore_eos"] = True
-    kwargs = dict(model=cfg.model, messages=_messages(cfg, prompt, image_url), max_tokens=max_tokens,
-                  temperature=cfg.temperature, extra_body=extra_body or None)
+    kwargs = {
+        "model": cfg.model,
+        "messages": _messages(prompt, image_url),
+        "max_tokens": max_tokens,
+        "temperature": cfg.temperature,
+        "extra_body": extra_body or None,
+    }
     start = time.perf_counter()
     try:
         if cfg.stream:
             stream_options = {"include_usage": True} if cfg.include_usage else None
-            stream = await client.chat.completions.create(**kwargs, stream=True, stream_options=stream_options)
+            stream = await client.chat.completions.create(
+                **kwargs, stream=True, stream_options=stream_options
+            )
             content_chunks = 0
             async for chunk in stream:
                 for choice in chunk.choices:
@@ -174,36 +128,6 @@ async def _one_request(client: AsyncOpenAI, cfg: LoadConfig, prompt: str, max_to
     return out
 
 
-class HealthSampler:
-    """Polls a health URL from its own thread, so its timings do not queue behind the load's event loop."""
-
-    def __init__(self, url: str, interval_s: float = 0.05, headers: dict | None = None):
-        self.url, self.interval_s, self.headers = url, interval_s, headers or {}
-        self.latencies_ms: list[float] = []
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="health-sampler", daemon=True)
-
-    def __enter__(self) -> HealthSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        with httpx.Client(timeout=5.0, headers=self.headers) as client:
-            while not self._stop.is_set():
-                start = time.perf_counter()
-                try:
-                    client.get(self.url).raise_for_status()
-                    self.latencies_ms.append((time.perf_counter() - start) * 1000)
-                except httpx.HTTPError:
-                    self.errors += 1
-                self._stop.wait(max(0.0, self.interval_s - (time.perf_counter() - start)))
-
-
 def percentile(values: list[float], q: float) -> float | None:
     """Linear interpolation between closest ranks; q in [0, 100]."""
     if not values:
@@ -219,7 +143,9 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _summarize(cfg: LoadConfig, outcomes: list[_Outcome], wall_s: float, health: HealthSampler | None) -> dict:
+def _summarize(
+    cfg: LoadConfig, outcomes: list[_Outcome], wall_s: float, health: HealthSampler | None
+) -> dict:
     ok = [o for o in outcomes if o.error is None]
     errors = [o.error for o in outcomes if o.error is not None]
     tokens = sum(o.completion_tokens for o in ok)
@@ -229,31 +155,53 @@ def _summarize(cfg: LoadConfig, outcomes: list[_Outcome], wall_s: float, health:
     finish: dict[str, int] = {}
     for o in ok:
         finish[str(o.finish_reason)] = finish.get(str(o.finish_reason), 0) + 1
-    mode = ("mixed" if cfg.mixed else "fixed") + ("-stream" if cfg.stream else "") + ("-image" if cfg.image else "")
+    mode = (
+        ("mixed" if cfg.mixed else "fixed")
+        + ("-stream" if cfg.stream else "")
+        + ("-image" if cfg.image else "")
+    )
     result = {
-        "server": cfg.server or cfg.base_url, "mode": mode, "concurrency": cfg.concurrency,
-        "requests": len(outcomes), "completed": len(ok), "errors": len(errors),
+        "server": cfg.server or cfg.base_url,
+        "mode": mode,
+        "concurrency": cfg.concurrency,
+        "requests": len(outcomes),
+        "completed": len(ok),
+        "errors": len(errors),
         "error_samples": list(dict.fromkeys(errors))[:_MAX_ERROR_SAMPLES],
-        "wall_s": _round(wall_s, 3), "completion_tokens": tokens,
+        "wall_s": _round(wall_s, 3),
+        "completion_tokens": tokens,
         "completion_tok_s": _round(tokens / wall_s if wall_s > 0 else 0.0, 2),
-        "latency_p50_s": _round(percentile(latencies, 50)), "latency_p95_s": _round(percentile(latencies, 95)),
-        "ttft_p50_s": _round(percentile(ttfts, 50)), "ttft_p95_s": _round(percentile(ttfts, 95)),
-        "health_p50_ms": None, "health_p99_ms": None, "health_max_ms": None, "health_samples": 0,
-        "health_errors": 0, "max_tokens": cfg.max_tokens, "prompt_tokens_target": cfg.prompt_tokens,
+        "latency_p50_s": _round(percentile(latencies, 50)),
+        "latency_p95_s": _round(percentile(latencies, 95)),
+        "ttft_p50_s": _round(percentile(ttfts, 50)),
+        "ttft_p95_s": _round(percentile(ttfts, 95)),
+        "health_p50_ms": None,
+        "health_p99_ms": None,
+        "health_max_ms": None,
+        "health_samples": 0,
+        "health_errors": 0,
+        "max_tokens": cfg.max_tokens,
+        "prompt_tokens_target": cfg.prompt_tokens,
         "prompt_tokens_mean": _round(sum(prompt_tokens) / len(prompt_tokens), 1) if prompt_tokens else None,
-        "finish_reasons": finish, "ignore_eos": cfg.ignore_eos, "stream": cfg.stream,
+        "finish_reasons": finish,
+        "ignore_eos": cfg.ignore_eos,
+        "stream": cfg.stream,
     }
     if health is not None:
-        result.update(health_p50_ms=_round(percentile(health.latencies_ms, 50), 2),
-                      health_p99_ms=_round(percentile(health.latencies_ms, 99), 2),
-                      health_max_ms=_round(max(health.latencies_ms, default=None), 2),
-                      health_samples=len(health.latencies_ms), health_errors=health.errors)
+        result.update(
+            health_p50_ms=_round(percentile(health.latencies_ms, 50), 2),
+            health_p99_ms=_round(percentile(health.latencies_ms, 99), 2),
+            health_max_ms=_round(max(health.latencies_ms, default=None), 2),
+            health_samples=len(health.latencies_ms),
+            health_errors=health.errors,
+        )
     if cfg.mixed:
         classes = {}
         for max_tokens, _ in cfg.mixed:
             mine = [o for o in ok if o.max_tokens == max_tokens]
             classes[str(max_tokens)] = {
-                "completed": len(mine), "completion_tokens": sum(o.completion_tokens for o in mine),
+                "completed": len(mine),
+                "completion_tokens": sum(o.completion_tokens for o in mine),
                 "latency_p50_s": _round(percentile([o.latency_s for o in mine], 50)),
                 "ttft_p50_s": _round(percentile([o.ttft_s for o in mine if o.ttft_s is not None], 50)),
             }
@@ -292,8 +240,10 @@ async def run_load(cfg: LoadConfig) -> dict:
             wall_s = time.perf_counter() - start
     finally:
         await client.close()
-    outcomes = [t.result() if t in done else _Outcome(max_tokens=m, error=f"timeout after {cfg.timeout}s")
-                for t, m in zip(tasks, plan)]
+    outcomes = [
+        t.result() if t in done else _Outcome(max_tokens=m, error=f"timeout after {cfg.timeout}s")
+        for t, m in zip(tasks, plan, strict=True)
+    ]
     return _summarize(cfg, outcomes, wall_s, health)
 
 
@@ -330,13 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:
-    return LoadConfig(
-        base_url=args.base_url, model=args.model, api_key=args.api_key, server=args.server,
-        concurrency=args.concurrency, requests=args.requests, prompt_tokens=args.prompt_tokens,
-        max_tokens=args.max_tokens, stream=args.stream, mixed=args.mixed, ignore_eos=args.ignore_eos,
-        temperature=args.temperature, image=args.image, health_url=args.health_url, timeout=args.timeout,
-        extra_body=args.extra_body, include_usage=not args.no_stream_usage, tokenizer=args.tokenizer,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(LoadConfig) if hasattr(args, f.name)}
+    return LoadConfig(**given, include_usage=not args.no_stream_usage)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,18 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import venv
+from dataclasses import asdict
 from pathlib import Path
 
-from bench.server import ServerProcess, free_port
+from bench.server import ServerProcess, Target, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_VENV = ROOT / "bench" / ".venv-peer"
 PEER_REQUIREMENTS = ("torch==2.13.0", "transformers[serving]==5.23.0")
-# Only the keys set here replace the generation config, so greedy must be said again.
+# The body's generation_config replaces the model's wholesale, so greedy must be said again.
 PEER_IGNORE_EOS = {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})}
 PEER_ENV = {
     # Local folders only; no hub calls, no PyPI update check at CLI start.
@@ -70,28 +72,35 @@ def ensure_peer_venv(venv_dir: Path = PEER_VENV, *, timeout_s: float = 1200.0) -
     print(f"[peer] installing {' '.join(PEER_REQUIREMENTS)} into {venv_dir}", file=sys.stderr, flush=True)
     venv.EnvBuilder(with_pip=True, clear=venv_dir.exists()).create(venv_dir)
     python = _venv_python(venv_dir)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_REQUIREMENTS], check=True,
-                   timeout=timeout_s)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", *PEER_REQUIREMENTS], check=True, timeout=timeout_s
+    )
     if not peer_is_installed(venv_dir):
         raise RuntimeError(f"peer venv at {venv_dir} failed its import check after install")
     return python
 
 
-def peer_command(python: Path, model_path: Path | str, port: int, extra_args: tuple[str, ...] = ()) -> list[str]:
+def peer_command(
+    python: Path, model_path: Path | str, port: int, extra_args: tuple[str, ...] = ()
+) -> list[str]:
     return [
-        str(python), "-m", "transformers.cli.transformers", "serve", str(model_path),
-        "--continuous-batching",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--device", "cpu", "--dtype", "float32", "--attn-implementation", "sdpa",
-        "--log-level", "warning",
+        *(str(python), "-m", "transformers.cli.transformers", "serve", str(model_path)),
+        *f"--continuous-batching --host 127.0.0.1 --port {port} --device cpu --dtype float32".split(),
+        *"--attn-implementation sdpa --log-level warning".split(),
         *extra_args,
     ]
 
 
-def peer_server(model_path: Path | str, *, port: int | None = None, log_path: Path | None = None,
-                extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                ready_timeout_s: float = 300.0) -> tuple[ServerProcess, dict]:
-    """An unstarted ServerProcess for the peer, and how to talk to it (base_url, model, health_url, extra_body)."""
+def peer_server(
+    model_path: Path | str,
+    *,
+    port: int | None = None,
+    log_path: Path | None = None,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 300.0,
+) -> tuple[ServerProcess, Target]:
+    """An unstarted ServerProcess for the peer, and how to talk to it."""
     python = ensure_peer_venv()
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
@@ -103,8 +112,10 @@ def peer_server(model_path: Path | str, *, port: int | None = None, log_path: Pa
         cwd=ROOT,
         ready_timeout_s=ready_timeout_s,
     )
-    target = {"server": "peer", "base_url": f"{base}/v1", "model": str(model_path), "health_url": f"{base}/health",
-              "ignore_eos_body": PEER_IGNORE_EOS, "send_ignore_eos": False}
+    target = Target(
+        "peer", f"{base}/v1", str(model_path), f"{base}/health",
+        send_ignore_eos=False, ignore_eos_body=PEER_IGNORE_EOS,
+    )  # fmt: skip
     return server, target
 
 
@@ -117,12 +128,19 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--max-seconds", type=float, default=3600.0, help="stop by itself after this long")
     args, extra = parser.parse_known_args(argv)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the finally blocks stop every server started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.cmd == "setup":
         print(ensure_peer_venv())
         return
     server, target = peer_server(args.model_path, port=args.port, extra_args=tuple(extra))
     with server:
-        print(json.dumps({**target, "pid": server.process.pid, "startup_s": round(server.startup_s, 2)}), flush=True)
+        print(
+            json.dumps(
+                {**asdict(target), "pid": server.process.pid, "startup_s": round(server.startup_s, 2)}
+            ),
+            flush=True,
+        )
         try:
             time.sleep(args.max_seconds)
         except KeyboardInterrupt:

@@ -5,11 +5,13 @@ Used by `bench.peer` and `bench.compare` alike, so both servers start, wait and 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -26,11 +28,33 @@ class ServerError(RuntimeError):
     pass
 
 
-class ServerProcess:
-    """`with ServerProcess(cmd, health_url=..., log_path=...) as server:` starts, waits ready, always stops."""
+@dataclass
+class Target:
+    """How to talk to a server under test."""
 
-    def __init__(self, command: list[str], *, health_url: str, log_path: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None, ready_timeout_s: float = 300.0):
+    server: str  # label in the results: "ours" or "peer"
+    base_url: str  # ends in /v1
+    model: str  # the `model` field it accepts
+    health_url: str
+    api_key: str = "EMPTY"
+    # How "ignore EOS" is said to it: True sends `ignore_eos`, else `ignore_eos_body` is merged into the body.
+    send_ignore_eos: bool = True
+    ignore_eos_body: dict = field(default_factory=dict)
+
+
+class ServerProcess:
+    """`with ServerProcess(cmd, health_url=..., log_path=...):` starts, waits until ready, always stops."""
+
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        health_url: str,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        ready_timeout_s: float = 300.0,
+    ):
         self.command, self.health_url, self.log_path = command, health_url, Path(log_path)
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
@@ -52,14 +76,19 @@ class ServerProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        log.write(f"\n$ {' '.join(self.command)}\n".encode())
-        log.flush()
-        # A new session makes the server the leader of its own process group: stop() kills the whole
-        # tree (granian workers, uvicorn threads) and nothing else.
-        self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                        cwd=self.cwd, start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n$ {' '.join(self.command)}\n".encode())
+            log.flush()
+            # A new session makes the server the leader of its own process group: stop() kills the
+            # whole tree (granian workers included) and nothing else.
+            self.process = subprocess.Popen(
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
         self._started_at = time.perf_counter()
 
     def wait_ready(self) -> None:
@@ -67,8 +96,10 @@ class ServerProcess:
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise ServerError(f"server exited with {self.process.returncode} before ready; "
-                                      f"log tail:\n{self.log_tail()}")
+                    raise ServerError(
+                        f"server exited with {self.process.returncode} before ready; "
+                        f"log tail:\n{self.log_tail()}"
+                    )
                 try:
                     if client.get(self.health_url).status_code == 200:
                         self.startup_s = time.perf_counter() - self._started_at
@@ -76,28 +107,26 @@ class ServerProcess:
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.25)
-        raise ServerError(f"not ready after {self.ready_timeout_s}s at {self.health_url}; log tail:\n"
-                          f"{self.log_tail()}")
+        raise ServerError(
+            f"not ready after {self.ready_timeout_s}s at {self.health_url}; log tail:\n{self.log_tail()}"
+        )
 
     def stop(self, grace_s: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
             return
         pgid = self.process.pid  # the session leader: its pid is the group id
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # Children that outlived the leader (threads are gone with it, subprocesses may not be).
-        try:
+        if self.process.poll() is None:
+            for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, sig)
+                try:
+                    self.process.wait(timeout=wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # Workers that outlive their leader (it crashed, or ignored SIGTERM) go with the group.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def log_tail(self, num_bytes: int = 3000) -> str:
         try:

@@ -1,0 +1,73 @@
+"""How much of the machine's CPU went to processes other than the benchmark and its server.
+
+On a small shared box (2 cores, with tests and other servers coming and going) a run that competed
+for the CPU measures the neighbours, not the server. Each result carries `foreign_cpu_share`: the
+fraction of all cores used by anything outside the watched process groups during the run. Linux only;
+elsewhere the fields are None.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _machine_busy_ticks() -> int | None:
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle  # guest time is already counted in user
+
+
+def _group_ticks(pgids: set[int]) -> int:
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name may hold spaces and parentheses: fields start after the last ')'.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) in pgids:  # fields[0] is state (field 3 of stat), [2] is pgrp (field 5)
+            # utime, stime, and cutime, cstime: children already reaped (the health poller) count too.
+            total += sum(int(x) for x in fields[11:15])
+    return total
+
+
+class CpuWatch:
+    """`with CpuWatch({server_pgid}) as watch: ...` then `watch.result()`; our own group is always watched."""
+
+    def __init__(self, pgids: set[int] | None = None):
+        self.pgids = {os.getpgrp(), *(pgids or ())}
+
+    def __enter__(self) -> CpuWatch:
+        self._t0, self._busy0, self._group0 = (
+            time.monotonic(),
+            _machine_busy_ticks(),
+            _group_ticks(self.pgids),
+        )
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._t1, self._busy1, self._group1 = (
+            time.monotonic(),
+            _machine_busy_ticks(),
+            _group_ticks(self.pgids),
+        )
+
+    def result(self) -> dict:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        if self._busy0 is None or self._busy1 is None:
+            return {"loadavg_1m": load, "foreign_cpu_share": None, "watched_cpu_share": None}
+        capacity = (os.cpu_count() or 1) * (self._t1 - self._t0) * _HZ
+        busy, ours = self._busy1 - self._busy0, self._group1 - self._group0
+        return {
+            "loadavg_1m": round(load, 2) if load is not None else None,
+            # A process that exits unreaped, or whose reaper is outside the groups, counts as foreign.
+            "foreign_cpu_share": round(max(0.0, busy - ours) / capacity, 3) if capacity > 0 else None,
+            "watched_cpu_share": round(ours / capacity, 3) if capacity > 0 else None,
+        }

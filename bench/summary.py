@@ -1,0 +1,66 @@
+"""Turns the runs of one comparison into the project's target ratios.
+
+A run is `contended` when other processes took a real share of the CPU during it (see
+bench.contention). Medians use uncontended runs when there are any; a target whose numbers had to
+come from contended runs gets `"pass": null` (inconclusive) rather than a verdict.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+SERVERS = ("ours", "peer")
+
+
+def _runs(runs: list[dict], server: str, workload: str | None = None) -> list[dict]:
+    return [
+        r
+        for r in runs
+        if r.get("server") == server and "workload" in r
+        and (workload is None or r["workload"] == workload)
+    ]  # fmt: skip
+
+
+def median(runs: list[dict], server: str, workload: str, key: str) -> tuple[float | None, bool]:
+    """(median over error-free runs, whether it had to use contended ones)."""
+    mine = [r for r in _runs(runs, server, workload) if r.get(key) is not None and r.get("errors") == 0]
+    clean = [r[key] for r in mine if not r.get("contended")]
+    values = clean or [r[key] for r in mine]
+    return (round(statistics.median(values), 4) if values else None), bool(values) and not clean
+
+
+def _target(values: dict, compared: float | None, op: str, bound: float, contended: bool) -> dict:
+    verdict = None
+    if compared is not None and not contended:
+        verdict = compared >= bound if op == ">=" else compared <= bound
+    return {**values, "target": f"{op} {bound}", "contended": contended, "pass": verdict}
+
+
+def _ratio_target(runs: list[dict], workload: str, key: str, op: str, bound: float) -> dict:
+    (ours, ours_c), (peer, peer_c) = (median(runs, s, workload, key) for s in SERVERS)
+    ratio = round(ours / peer, 3) if ours is not None and peer else None
+    return _target({"ours": ours, "peer": peer, "ratio_ours_peer": ratio}, ratio, op, bound, ours_c or peer_c)
+
+
+def summarize(runs: list[dict]) -> dict:
+    mixed_ours, mixed_c = median(runs, "ours", "c_mixed", "short_long_latency_ratio")
+    mixed = {"ours": mixed_ours, "peer": median(runs, "peer", "c_mixed", "short_long_latency_ratio")[0]}
+    # (d) is about every run of ours: the worst p99 decides, over uncontended runs when there are any.
+    health = {f"{r['workload']}#{r['repeat']}": r.get("health_p99_ms") for r in _runs(runs, "ours")}
+    clean = [r.get("health_p99_ms") for r in _runs(runs, "ours") if not r.get("contended")]
+    judged = clean or list(health.values())
+    worst = None if not judged or None in judged else max(judged)
+    return {
+        "summary": True,
+        "a_completion_tok_s": _ratio_target(runs, "a_throughput", "completion_tok_s", ">=", 1.3),
+        "b_ttft_p50_s": _ratio_target(runs, "b_stream", "ttft_p50_s", "<=", 0.5),
+        "c_short_over_long_p50": _target(mixed, mixed_ours, "<=", 0.3, mixed_c),
+        "d_health_p99_ms": _target({"ours_worst": worst, "ours_per_run": health}, worst, "<=", 20, not clean),
+        "sequential_tok_s": {s: median(runs, s, "sequential", "completion_tok_s")[0] for s in SERVERS},
+        "image": {k: median(runs, "ours", "image", k)[0] for k in ("completion_tok_s", "ttft_p50_s")},
+        "servers_with_request_errors": sorted({r["server"] for r in runs if r.get("errors")}),
+        "servers_failed_to_run": sorted({r["server"] for r in runs if r.get("event") == "failed"}),
+        "contended_runs": [f"{r['server']}:{r['workload']}#{r['repeat']}"
+                           for r in runs if r.get("contended")],
+        "note": "medians over repeats without errors, uncontended ones when any; ratios are ours/peer",
+    }  # fmt: skip
