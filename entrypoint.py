@@ -77,6 +77,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--max-prefill-tokens",), "max_prefill_tokens", "Prompt tokens admitted per scheduler step (>=16)"),
     Flag(("--max-input-tokens",), "max_input_tokens", "Maximum prompt tokens; env alias MAX_CONTEXT_TOKENS"),
     Flag(("--default-max-tokens",), "default_max_tokens", "Default and cap for new tokens per request"),
+    Flag(("--kv-cache-max-gib",), "kv_cache_max_gib", "KV cache memory per replica in GiB; 0 = auto"),
     Flag(("--max-queue-size",), "max_queue_size", "Waiting requests per replica before 503 backpressure"),
     # Generation defaults
     Flag(("--default-sampling",), "default_do_sample", "Sample by default; false = greedy", True),

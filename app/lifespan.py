@@ -46,6 +46,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
             max_input_tokens=settings.max_input_tokens,
             max_new_tokens=settings.default_max_tokens,
             pack_cpu_linears=settings.cpu_packed_linears,
+            kv_cache_budget_bytes=int(settings.kv_cache_max_gib * 2**30) or None,
         ),
         executor=ExecutorConfig(
             max_queue_size=settings.max_queue_size,

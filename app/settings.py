@@ -74,6 +74,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_input_tokens: int = 16384
     default_max_tokens: int = 128
     max_queue_size: int = 256
+    kv_cache_max_gib: float = 0.0  # KV cache memory per replica; 0 = auto (90% of free GPU memory, half the RAM)
 
     # Generation defaults (used when a request leaves the field out)
     default_do_sample: bool = True
@@ -302,6 +303,7 @@ _VARS: tuple[_Var, ...] = (
     _Var("max_prefill_tokens", ("MAX_PREFILL_TOKENS",), _int(16)),
     _Var("max_input_tokens", ("MAX_INPUT_TOKENS", "MAX_CONTEXT_TOKENS"), _int(1)),
     _Var("default_max_tokens", ("MAX_NEW_TOKENS_DEFAULT",), _int(1)),
+    _Var("kv_cache_max_gib", ("KV_CACHE_MAX_GIB",), _float(0, None)),
     _Var("max_queue_size", ("MAX_QUEUE_SIZE",), _int(1)),
     _Var("default_do_sample", ("DO_SAMPLE_DEFAULT",), _bool),
     _Var("default_temperature", ("TEMPERATURE_DEFAULT",), _float(0, 2)),

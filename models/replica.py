@@ -15,6 +15,7 @@ import torch
 
 from models.cpu_kernels import pack_linears
 from models.detokenize import IncrementalDetokenizer
+from models.devices import kv_cache_budget
 from models.generic import GenericRunner
 from models.grammar import GrammarCompiler
 from models.images import ImageLimits
@@ -37,6 +38,7 @@ class ReplicaConfig:
     max_new_tokens: int = 128
     force_generic: bool = False  # tests and operators can pin the generic path
     pack_cpu_linears: bool = True  # oneDNN pre-packed weights on CPU (fast path only)
+    kv_cache_budget_bytes: int | None = None  # None: 90% of free GPU memory / half the available RAM
 
 
 class ModelReplica:
@@ -86,7 +88,10 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
     max_seq_len = min(loaded.max_context, config.max_input_tokens + config.max_new_tokens)
     if config.force_generic:
         return _generic(loaded, "pinned by configuration", max_seq_len)
-    runner = SlotRunner(loaded.model, num_slots=config.max_batch_size, max_seq_len=max_seq_len, device=loaded.device)
+    budget = config.kv_cache_budget_bytes or kv_cache_budget(loaded.device)
+    runner = SlotRunner(
+        loaded.model, num_slots=config.max_batch_size, max_seq_len=max_seq_len, device=loaded.device, cache_budget_bytes=budget
+    )
     reason = _self_test(runner, loaded)
     if reason is not None:
         runner.restore_attention()
@@ -96,7 +101,10 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
         reason = _self_test(runner, loaded)
         if reason is not None:  # packing is an optimisation: never serve wrong numbers for it
             raise RuntimeError(f"self-test failed after packing CPU linears ({reason}); set CPU_PACKED_LINEARS=false")
-    log.info("execution path: fast (per-slot KV cache, %d slots, up to %d tokens each)", config.max_batch_size, max_seq_len)
+    log.info(
+        "execution path: fast (per-slot KV cache, %d slots, up to %d tokens each, cache budget %.1f GiB)",
+        config.max_batch_size, max_seq_len, budget / 2**30,
+    )
     return ModelReplica(loaded, runner, "self-test matched the model's own forward", max_seq_len)
 
 

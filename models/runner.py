@@ -27,14 +27,18 @@ class SlotRunner:
 
     kind = "fast"
 
-    def __init__(self, model, *, num_slots: int, max_seq_len: int, device: torch.device) -> None:
+    def __init__(
+        self, model, *, num_slots: int, max_seq_len: int, device: torch.device, cache_budget_bytes: int | None = None
+    ) -> None:
         self.model = model
         self.device = device
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
-        self.cache = SlotKVCache(num_slots, max_seq_len, device)
-        self._by_slot: list[Sequence] = []  # active sequences, index == slot
         text_config = model.config.get_text_config(decoder=True)
+        self.cache = SlotKVCache(
+            num_slots, max_seq_len, device, bytes_per_token=_kv_bytes_per_token(text_config, model.dtype), budget_bytes=cache_budget_bytes
+        )
+        self._by_slot: list[Sequence] = []  # active sequences, index == slot
         self._text_config = text_config
         self._original_attn = text_config._attn_implementation or "sdpa"
         attention.register()
@@ -49,6 +53,17 @@ class SlotRunner:
     @property
     def num_active(self) -> int:
         return len(self._by_slot)
+
+    def can_admit(self, seq: Sequence, rows: int = 1) -> bool:
+        """Whether `rows` more sequences like `seq` fit the cache budget at their worst case
+        (prompt plus max_tokens), next to the worst case of everything already running."""
+        if self.free_slots < rows:
+            return False
+        worst = max((s.num_prompt_tokens + s.max_tokens for s in self._by_slot), default=0)
+        return self.cache.fits(self.num_active + rows, max(worst, seq.num_prompt_tokens + seq.max_tokens))
+
+    def fits_alone(self, length: int, rows: int = 1) -> bool:
+        return self.cache.fits(rows, length)
 
     def admit(self, seq: Sequence) -> None:
         if not self.free_slots:
@@ -141,7 +156,7 @@ class SlotRunner:
         self, slots: list[int], positions: list[int], segments: list[Segment], needed_len: int
     ) -> StepLayout:
         """`slots`/`positions`: the decoding rows in slot order and the position each writes."""
-        self.cache.reserve(needed_len)
+        self.cache.reserve(len(self._by_slot), needed_len)
         device = self.device
         layout = StepLayout(cache=self.cache, segments=segments, num_active=len(self._by_slot))
         if slots:
@@ -157,11 +172,6 @@ class SlotRunner:
             keys = torch.arange(length, device=device)
             layout.decode_mask = (keys[None, :] <= row_positions[:, None])[:, None, None, :]
             layout.decode_len = length
-        fresh = [s for s in segments if s.offset == 0]
-        if len(fresh) > 1 and len(fresh) == len(segments):
-            ids = torch.cat([torch.full((s.length,), i, device=device) for i, s in enumerate(segments)])
-            causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
-            layout.fresh_mask = (causal & (ids[:, None] == ids[None, :]))[None, None]
         return layout
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -349,3 +359,14 @@ def _compare(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype) -
     if cos > 0.995 and same_top:
         return None
     return f"fast path logits differ from the reference (cosine {float(cos):.4f}, same top token: {same_top})"
+
+
+def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Keys and values of one position across all layers, from the config (an estimate for exotic
+    layouts; the cache budget keeps a margin)."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    head_dim = getattr(config, "head_dim", None) or hidden // max(heads, 1)
+    return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()

@@ -194,6 +194,13 @@ class Scheduler:
                     "tokens a sequence may hold on this server",
                     param="max_tokens",
                 )
+        fits = getattr(replica.runner, "fits_alone", None)
+        if fits is not None and not fits(prompt_len + max_tokens, request.n):
+            raise ContextLengthExceededError(
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) does not fit this server's KV cache "
+                "memory; reduce the prompt or max_tokens",
+                param="max_tokens",
+            )
         vocab = replica.vocab_size
         for token in [*(params.logit_bias or ()), *params.stop_token_ids]:
             if not 0 <= token < vocab:

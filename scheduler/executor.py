@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 Delivery = list[tuple[RequestStream, int, SequenceDelta]]
 GENERIC_FAILURE = "generation failed"
 SHUTTING_DOWN = "the server is shutting down"
+CACHE_FULL = "the request does not fit this replica's KV cache memory"
 
 
 @dataclass(eq=False)
@@ -191,10 +192,20 @@ class Executor:
                     return reserved
                 self._queue.popleft()
             try:
-                job.seqs = self.replica.new_sequences(job.prepared, job.stream.request.params, n=job.n, owner=job)
+                if not job.seqs:  # a job put back while waiting for cache room keeps its sequences
+                    job.seqs = self.replica.new_sequences(job.prepared, job.stream.request.params, n=job.n, owner=job)
             except Exception:
                 log.exception("could not start request %s", job.stream.request_id)
                 self._deliver([(job.stream, i, SequenceDelta(finish_reason="error", error=GENERIC_FAILURE)) for i in range(job.n)])
+                continue
+            if not runner.can_admit(job.seqs[0], rows=job.n + reserved):
+                # The KV cache budget is the limit now: wait for running sequences to finish (FIFO).
+                if running:
+                    with self._cond:
+                        self._queue.appendleft(job)
+                    return reserved
+                log.warning("request %s does not fit the KV cache budget even alone", job.stream.request_id)
+                self._deliver([(job.stream, i, SequenceDelta(finish_reason="error", error=CACHE_FULL)) for i in range(job.n)])
                 continue
             parent, children = job.seqs[0], job.seqs[1:]
             parent.children = children

@@ -26,11 +26,15 @@ def anyio_backend():
 
 
 @contextlib.asynccontextmanager
-async def running_scheduler(model_path, *, devices=("cpu",), max_queue_size=64, max_batch_size=8, max_new_tokens=64):
+async def running_scheduler(
+    model_path, *, devices=("cpu",), max_queue_size=64, max_batch_size=8, max_new_tokens=64, kv_budget=None
+):
     config = SchedulerConfig(
         load=LoadSpec(source=str(model_path), dtype="fp32", attn_impl="sdpa"),
         devices=tuple(devices),
-        replica=ReplicaConfig(max_batch_size=max_batch_size, max_input_tokens=200, max_new_tokens=max_new_tokens),
+        replica=ReplicaConfig(
+            max_batch_size=max_batch_size, max_input_tokens=200, max_new_tokens=max_new_tokens, kv_cache_budget_bytes=kv_budget
+        ),
         executor=ExecutorConfig(max_queue_size=max_queue_size, max_prefill_tokens=64),
     )
     scheduler = Scheduler(config)
@@ -179,3 +183,24 @@ def test_router_picks_the_least_loaded_ready_replica_with_room():
     assert pick_replica([FakeReplica("x", 0, ready=False)]) is None
     tie = [FakeReplica("a", 10, depth=3), FakeReplica("b", 10, depth=1)]
     assert pick_replica(tie).name == "b"
+
+
+async def test_the_kv_cache_budget_queues_work_instead_of_overflowing(tiny_text_path):
+    # tiny model: 2 layers x 2 kv heads x 16 dims x k+v x fp32 = 512 bytes per position and row.
+    # 4 rows x 512 positions fit; a fifth concurrent long request must wait for room.
+    async with running_scheduler(tiny_text_path, max_new_tokens=400, kv_budget=512 * 512 * 4) as scheduler:
+        runner = scheduler.executors[0].replica.runner
+        with pytest.raises(ContextLengthExceededError) as info:
+            await scheduler.submit(request(0, max_tokens=400, text="word " * 150))
+        assert "KV cache" in info.value.message
+        streams = [await scheduler.submit(request(i, max_tokens=300)) for i in range(6)]
+        peak = 0
+        async with anyio.create_task_group() as tg:
+            for s in streams:
+                tg.start_soon(consume, s)
+            while not all(s.finished for s in streams):
+                peak = max(peak, runner.num_active)
+                await anyio.sleep(0.005)
+        assert all(s.completion_tokens == 300 for s in streams)
+        assert 0 < peak <= 4
+        assert runner.cache.nbytes <= 512 * 512 * 4
