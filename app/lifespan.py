@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from typing import AsyncIterator
 
@@ -67,6 +68,10 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
     config = scheduler_config(settings)
     if all(d == "cpu" for d in config.devices):
         set_cpu_threads(len(config.devices))
+    # Replica threads hold the GIL between torch ops; a 1 ms switch interval (default 5 ms) lets
+    # the event loop answer /health and flush streams promptly (measured: lower /health max, same
+    # throughput; docs/BENCHMARKS.md).
+    sys.setswitchinterval(0.001)
     log.info("[server] model=%s devices=%s", settings.model_name, ",".join(config.devices))
     translator = services.translator
     async with contextlib.AsyncExitStack() as stack:
