@@ -75,3 +75,39 @@ def test_non_streamed_disconnect_frees_the_slot(idle_vlm: Server) -> None:
         anyio.run(abandon)
         assert _wait_until(lambda: _busy(client) == 0), "an abandoned request kept its slot"
         assert _wait_until(lambda: _count_499(client) >= before + 1), "an abandoned request was not counted as 499"
+
+
+def test_a_hundred_client_timeouts_leave_nothing_running(idle_vlm: Server) -> None:
+    """100 requests whose clients give up after 0.5 s (streamed and not): every slot is freed,
+    and a short request afterwards completes promptly."""
+
+    async def give_up(client: httpx.AsyncClient, i: int) -> str:
+        body = chat_body(f"request {i}", max_tokens=2000, ignore_eos=True, stream=i % 2 == 0)
+        try:
+            await client.post("/v1/chat/completions", json=body)
+        except httpx.TimeoutException:
+            return "timeout"
+        return "answered"
+
+    async def run_all() -> list[str]:
+        async with httpx.AsyncClient(base_url=idle_vlm.base_url, timeout=0.5) as client:
+            with anyio.fail_after(60):
+                outcomes = []
+
+                async def one(i: int) -> None:
+                    outcomes.append(await give_up(client, i))
+
+                async with anyio.create_task_group() as tg:
+                    for i in range(100):
+                        tg.start_soon(one, i)
+        return outcomes
+
+    outcomes = anyio.run(run_all)
+    assert outcomes.count("timeout") >= 90  # a 2000-token answer never fits in 0.5 s here
+    with idle_vlm.http() as client:
+        assert _wait_until(lambda: _busy(client) == 0), "timed-out requests kept their slots"
+        started = time.monotonic()
+        response = client.post("/v1/chat/completions", json=chat_body("short", max_tokens=4))
+        assert response.status_code == 200
+        assert time.monotonic() - started < 5.0
+        assert response.json()["usage"]["completion_tokens"] <= 4
