@@ -4,6 +4,7 @@ background (so /health answers `loading` meanwhile), drain in-flight requests on
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import sys
 import time
@@ -101,6 +102,10 @@ async def _announce_readiness(scheduler: Scheduler, settings: Settings) -> None:
             if time.monotonic() - last_line >= 5:
                 last_line = time.monotonic()
                 print(f"\n[startup] loading… {last_line - started:.0f}s", flush=True)
+    # Everything loaded so far lives for the whole process: move it out of the cyclic GC's view so
+    # collections stay short while serving (they pause every thread, the event loop included).
+    gc.collect()
+    gc.freeze()
     url = f"http://{settings.host}:{settings.port}/health"
     if scheduler.status == "ready":
         log.info("[server] Ready in %.1fs. Health: %s", time.monotonic() - started, url)

@@ -48,6 +48,7 @@ class ExecutorConfig:
     max_queue_size: int = 256
     max_prefill_tokens: int = 512
     batch_timeout_s: float = 0.0
+    prefill_aging_s: float = 2.0
     idle_poll_s: float = 0.5
 
 
@@ -214,31 +215,48 @@ class Executor:
             running.append(job)
 
     def _plan(self, running: list[Job]) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
-        budget = self.config.max_prefill_tokens
         decode: list[Sequence] = []
-        prefill: list[tuple[Sequence, int]] = []
-        has_images = False
+        waiting: list[tuple[tuple, Sequence]] = []
+        now = time.monotonic()
         for job in running:
             for seq in job.seqs:
                 if seq.is_finished or seq.slot is None:
                     continue
                 if not seq.is_prefilling:
                     decode.append(seq)
-                    continue
-                if budget <= 0:
-                    continue
-                remaining = seq.remaining_prompt
-                if seq.mm_inputs and seq.num_cached == 0:
-                    # Image tokens cannot be split across chunks; one image prompt per step, whole.
-                    if has_images or (prefill and remaining > budget):
-                        continue
-                    has_images = True
-                    take = remaining
                 else:
-                    take = min(remaining, budget)
-                prefill.append((seq, take))
-                budget -= take
+                    waiting.append((self._prefill_priority(job, seq, now), seq))
+        waiting.sort(key=lambda item: item[0])
+
+        budget = self.config.max_prefill_tokens
+        prefill: list[tuple[Sequence, int]] = []
+        has_images = False
+        for _, seq in waiting:
+            if budget <= 0:
+                break
+            remaining = seq.remaining_prompt
+            if seq.mm_inputs and seq.num_cached == 0:
+                # Image tokens cannot be split across chunks; one image prompt per step, whole.
+                if has_images or (prefill and remaining > budget):
+                    continue
+                has_images = True
+                take = remaining
+            else:
+                take = min(remaining, budget)
+            prefill.append((seq, take))
+            budget -= take
         return decode, prefill
+
+    def _prefill_priority(self, job: Job, seq: Sequence, now: float) -> tuple:
+        """Which prompt gets the prefill budget first. A prompt already partly cached finishes first
+        (its cache is held anyway); then the shortest job (prompt left + max_tokens), so a short
+        request does not wait behind long ones that arrived with it; a job waiting longer than
+        `prefill_aging_s` goes by arrival order instead, so long jobs are never starved."""
+        if seq.num_cached:
+            return (0, job.enqueued_at)
+        if now - job.enqueued_at > self.config.prefill_aging_s:
+            return (1, job.enqueued_at)
+        return (2, seq.remaining_prompt + seq.max_tokens, job.enqueued_at)
 
     def _run_step(self, runner, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> None:
         try:

@@ -27,7 +27,7 @@ def anyio_backend():
 
 @contextlib.asynccontextmanager
 async def running_scheduler(
-    model_path, *, devices=("cpu",), max_queue_size=64, max_batch_size=8, max_new_tokens=64, kv_budget=None
+    model_path, *, devices=("cpu",), max_queue_size=64, max_batch_size=8, max_new_tokens=64, kv_budget=None, executor=None
 ):
     config = SchedulerConfig(
         load=LoadSpec(source=str(model_path), dtype="fp32", attn_impl="sdpa"),
@@ -35,7 +35,7 @@ async def running_scheduler(
         replica=ReplicaConfig(
             max_batch_size=max_batch_size, max_input_tokens=200, max_new_tokens=max_new_tokens, kv_cache_budget_bytes=kv_budget
         ),
-        executor=ExecutorConfig(max_queue_size=max_queue_size, max_prefill_tokens=64),
+        executor=executor or ExecutorConfig(max_queue_size=max_queue_size, max_prefill_tokens=64),
     )
     scheduler = Scheduler(config)
     async with BlockingPortal() as portal:
@@ -204,3 +204,15 @@ async def test_the_kv_cache_budget_queues_work_instead_of_overflowing(tiny_text_
         assert all(s.completion_tokens == 300 for s in streams)
         assert 0 < peak <= 4
         assert runner.cache.nbytes <= 512 * 512 * 4
+
+
+async def test_short_jobs_are_prefilled_before_long_ones_that_arrived_with_them(tiny_text_path):
+    gather = ExecutorConfig(max_prefill_tokens=48, batch_timeout_s=0.5)
+    async with running_scheduler(tiny_text_path, executor=gather, max_new_tokens=200) as scheduler:
+        longs = [await scheduler.submit(request(i, max_tokens=150, text="a long request " * 3)) for i in range(5)]
+        short = await scheduler.submit(request(9, max_tokens=2, text="a short request " * 3))
+        async with anyio.create_task_group() as tg:
+            for s in [*longs, short]:
+                tg.start_soon(consume, s)
+        assert short.first_token_at <= min(s.first_token_at for s in longs)
+        assert short.finished_at < min(s.finished_at for s in longs)
