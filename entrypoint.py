@@ -74,7 +74,7 @@ FLAGS: tuple[Flag, ...] = (
     # Batching, limits, backpressure
     Flag(("--max-batch-size",), "max_batch_size", "Most requests decoded together per replica (1..1024)"),
     Flag(("--batch-timeout-ms",), "batch_timeout_ms", "Wait for more newcomers before a prefill (0..1000)"),
-    Flag(("--max-prefill-tokens",), "max_prefill_tokens", "Prompt tokens admitted per scheduler step (>=16)"),
+    Flag(("--max-prefill-tokens",), "max_prefill_tokens", "Prompt tokens prefilled per scheduler step (0 = auto: 128 CPU, 2048 GPU; else >=16)"),
     Flag(("--max-input-tokens",), "max_input_tokens", "Maximum prompt tokens; env alias MAX_CONTEXT_TOKENS"),
     Flag(("--default-max-tokens",), "default_max_tokens", "Default and cap for new tokens per request"),
     Flag(("--kv-cache-max-gib",), "kv_cache_max_gib", "KV cache memory per replica in GiB; 0 = auto"),

@@ -24,12 +24,17 @@ from scheduler.core import Scheduler, SchedulerConfig
 from scheduler.executor import ExecutorConfig
 
 log = logging.getLogger("docoserve.server")
+# Measured on this project's 2-core CI machine (docs/BENCHMARKS.md): 128 halves median TTFT against
+# 512 for 11% less throughput. GPUs run big prefill chunks at little extra step latency.
+CPU_PREFILL_TOKENS = 128
+GPU_PREFILL_TOKENS = 2048
 
 
 def scheduler_config(settings: Settings) -> SchedulerConfig:
     devices = resolve_devices(
         device=settings.device, gpu_ids=settings.gpu_ids, gpu_count=settings.gpu_count, cpu_replicas=settings.cpu_replicas
     )
+    on_cpu = all(d == "cpu" for d in devices)
     return SchedulerConfig(
         load=LoadSpec(
             source=settings.model_path,
@@ -52,7 +57,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         ),
         executor=ExecutorConfig(
             max_queue_size=settings.max_queue_size,
-            max_prefill_tokens=settings.max_prefill_tokens,
+            max_prefill_tokens=settings.max_prefill_tokens or (CPU_PREFILL_TOKENS if on_cpu else GPU_PREFILL_TOKENS),
             batch_timeout_s=settings.batch_timeout_ms / 1000.0,
         ),
         image_limits=ImageLimits(

@@ -83,6 +83,22 @@ class RequestTracker:
             raise
 
 
+async def log_ignored_fields(request: Request, data: object) -> None:
+    """Unknown request fields are accepted, as OpenAI clients expect; at debug level, say which."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    import msgspec
+
+    try:
+        body = msgspec.json.decode(await request.body())
+    except msgspec.DecodeError:
+        return
+    if isinstance(body, dict):
+        ignored = sorted(set(body) - set(type(data).__struct_fields__))
+        if ignored:
+            log.debug("%s %s: ignored unknown fields %s", request.method, request.url.path, ", ".join(ignored))
+
+
 def warning_headers(warnings: list[str]) -> dict[str, str] | None:
     if not warnings:
         return None

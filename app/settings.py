@@ -70,7 +70,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Batching, limits, backpressure
     max_batch_size: int = 32
     batch_timeout_ms: float = 0.0
-    max_prefill_tokens: int = 512  # prompt tokens admitted per scheduler step, so decode keeps flowing
+    # Prompt tokens prefilled per scheduler step, so running streams keep flowing; 0 = auto
+    # (128 on CPU, where it halved median TTFT for -11% throughput; 2048 on GPUs).
+    max_prefill_tokens: int = 0
     max_input_tokens: int = 16384
     default_max_tokens: int = 128
     max_queue_size: int = 256
@@ -255,6 +257,13 @@ def _hosts(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(host for host in hosts if host))
 
 
+def _prefill_budget(raw: str) -> int:
+    value = _parse_int(raw)
+    if value != 0 and value < 16:
+        raise ValueError(f"{_show(raw)} is out of range (0 = auto, or >= 16)")
+    return value
+
+
 def _networks(raw: str) -> tuple[str, ...]:
     import ipaddress
 
@@ -300,7 +309,7 @@ _VARS: tuple[_Var, ...] = (
     _Var("cpu_packed_linears", ("CPU_PACKED_LINEARS",), _bool),
     _Var("max_batch_size", ("MAX_BATCH_SIZE",), _int(1, 1024)),
     _Var("batch_timeout_ms", ("BATCH_TIMEOUT_MS",), _float(0, 1000)),
-    _Var("max_prefill_tokens", ("MAX_PREFILL_TOKENS",), _int(16)),
+    _Var("max_prefill_tokens", ("MAX_PREFILL_TOKENS",), _prefill_budget),
     _Var("max_input_tokens", ("MAX_INPUT_TOKENS", "MAX_CONTEXT_TOKENS"), _int(1)),
     _Var("default_max_tokens", ("MAX_NEW_TOKENS_DEFAULT",), _int(1)),
     _Var("kv_cache_max_gib", ("KV_CACHE_MAX_GIB",), _float(0, None)),

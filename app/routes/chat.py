@@ -11,7 +11,7 @@ from litestar.response import Stream
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.chat import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse
 from app.schemas.common import ChoiceLogprobs, PromptTokensDetails, Usage
-from app.services import SYSTEM_FINGERPRINT, RequestTracker, new_request_id, services, warning_headers
+from app.services import SYSTEM_FINGERPRINT, RequestTracker, log_ignored_fields, new_request_id, services, warning_headers
 from app.streaming import ChoiceResult, chat_event_stream, collect, logprobs_payload, now
 from app.tool_calls import ToolCallParser, finish_reason_for, parse_message, parser_factory
 from scheduler.errors import GenerationError
@@ -31,6 +31,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     svc = services(request)
     request_id = new_request_id("chatcmpl", request)
     tracker = RequestTracker(svc, "chat", request_id)
+    await log_ignored_fields(request, data)
     with tracker.failures():
         scheduler = svc.require_scheduler()
         engine_request = await svc.translator.chat(data, request_id)

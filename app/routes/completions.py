@@ -23,6 +23,7 @@ from app.schemas.completions import (
     CompletionResponse,
 )
 from app.services import (
+    log_ignored_fields,
     SYSTEM_FINGERPRINT,
     RequestTracker,
     Services,
@@ -49,6 +50,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
     svc = services(request)
     request_id = new_request_id("cmpl", request)
     tracker = RequestTracker(svc, "completions", request_id)
+    await log_ignored_fields(request, data)
     with tracker.failures():
         scheduler = svc.require_scheduler()
         engine_requests = svc.translator.completion(data, request_id)

@@ -29,7 +29,7 @@ EXPECTED_DEFAULTS = {
     "cpu_packed_linears": True,
     "max_batch_size": 32,
     "batch_timeout_ms": 0.0,
-    "max_prefill_tokens": 512,
+    "max_prefill_tokens": 0,
     "max_input_tokens": 16384,
     "default_max_tokens": 128,
     "max_queue_size": 256,
