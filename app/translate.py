@@ -108,18 +108,7 @@ class Translator:
         )
         params = self.sampling(
             max_tokens=req.max_completion_tokens or req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            seed=req.seed,
-            stop=req.stop,
-            stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos,
-            min_tokens=req.min_tokens,
+            **_openai_sampling_fields(req),
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             logit_bias=req.logit_bias,
             # Some chat formats mark their tool-call tags special; the parser must see them.
@@ -153,18 +142,7 @@ class Translator:
             raise InvalidRequestError(f"best_of ({req.best_of}) must equal n ({req.n}) on this server", param="best_of")
         params = self.sampling(
             max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            seed=req.seed,
-            stop=req.stop,
-            stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos,
-            min_tokens=req.min_tokens,
+            **_openai_sampling_fields(req),
             logprobs=req.logprobs,
             logit_bias=req.logit_bias,
             skip_special_tokens=req.skip_special_tokens,
@@ -245,6 +223,17 @@ class Translator:
                 first = first.exceptions[0]
             raise first from None
         return tuple(r for r in results if r is not None)
+
+
+_OPENAI_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
+)
+
+
+def _openai_sampling_fields(req: Any) -> dict[str, Any]:
+    """The sampling fields chat and completions requests share, under the same names."""
+    return {name: getattr(req, name) for name in _OPENAI_SAMPLING_FIELDS}
 
 
 def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[str]]:

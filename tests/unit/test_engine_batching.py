@@ -15,6 +15,8 @@ from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import ReplicaConfig, build_replica
 from models.images import ImageLimits
+from tests.unit.engine_driver import hf_greedy
+from tests.unit.engine_driver import run_jobs as run
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -56,51 +58,6 @@ def png(seed: int) -> bytes:
 def prepared_image(replica, text: str, seed: int) -> PreparedPrompt:
     message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
     return builder(replica).prepare(PromptInput(messages=(message,), images=(png(seed),)))
-
-
-def run(replica, jobs, *, prefill_budget=10_000):
-    """jobs: list of (join_step, prepared, params). Drives the runner like the executor does and
-    returns each job's output ids."""
-    runner = replica.runner
-    pending = sorted(enumerate(jobs), key=lambda item: item[1][0])
-    seqs = {}
-    running = []
-    step = 0
-    while pending or running:
-        while pending and pending[0][1][0] <= step:
-            index, (_, prepared, params) = pending.pop(0)
-            seq = replica.new_sequences(prepared, params)[0]
-            runner.admit(seq)
-            seqs[index] = seq
-            running.append(seq)
-        decode = [s for s in running if not s.is_prefilling]
-        budget, prefill = prefill_budget, []
-        for s in running:
-            if s.is_prefilling and budget > 0:
-                take = s.remaining_prompt if s.mm_inputs and s.num_cached == 0 else min(s.remaining_prompt, budget)
-                prefill.append((s, take))
-                budget -= take
-        if decode or prefill:
-            runner.step(decode, prefill)
-        for s in [s for s in running if s.is_finished]:
-            runner.release(s)
-            running.remove(s)
-        step += 1
-    return [seqs[i].output_ids for i in range(len(jobs))]
-
-
-def hf_greedy(replica, prepared: PreparedPrompt, max_new_tokens: int) -> list[int]:
-    model = replica.loaded.model
-    config = model.config.get_text_config(decoder=True)
-    original = config._attn_implementation
-    config._attn_implementation = "sdpa"
-    try:
-        inputs = {"input_ids": torch.tensor([prepared.token_ids])}
-        inputs.update(prepared.mm_inputs or {})
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    finally:
-        config._attn_implementation = original
-    return out[0, len(prepared.token_ids) :].tolist()
 
 
 def test_text_model_takes_the_fast_path(text_replica):

@@ -19,6 +19,7 @@ from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import ReplicaConfig, build_replica
+from tests.unit.engine_driver import hf_greedy, run_jobs
 from tests.unit.vlm_builders import ARCHS, GREEDY, MAX_NEW, NOT_BUILT, Arch
 
 @pytest.mark.parametrize("name", sorted(NOT_BUILT))
@@ -83,57 +84,6 @@ def _text_prompt(replica, text: str) -> PreparedPrompt:
     return _builder(replica).prepare(PromptInput(messages=({"role": "user", "content": text},)))
 
 
-def _hf_greedy(replica, prepared: PreparedPrompt, max_new_tokens: int = MAX_NEW) -> list[int]:
-    """transformers' own generate() on the same inputs, with the model's own attention."""
-    model = replica.loaded.model
-    config = model.config.get_text_config(decoder=True)
-    original = config._attn_implementation
-    if replica.path == "fast":
-        config._attn_implementation = replica.runner._original_attn
-    try:
-        inputs = {
-            "input_ids": torch.tensor([prepared.token_ids]),
-            "attention_mask": torch.ones(1, len(prepared.token_ids), dtype=torch.long),
-        }
-        inputs.update(prepared.mm_inputs or {})
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
-            )
-    finally:
-        config._attn_implementation = original
-    return out[0, len(prepared.token_ids) :].tolist()
-
-
-def _run_fast(replica, jobs, *, prefill_budget=10_000) -> list[list[int]]:
-    """jobs: (join_step, prepared, params); drives the runner as the executor does (an image prompt
-    is prefilled whole, in one step)."""
-    runner = replica.runner
-    pending = sorted(enumerate(jobs), key=lambda item: item[1][0])
-    seqs, running, step = {}, [], 0
-    while pending or running:
-        while pending and pending[0][1][0] <= step:
-            index, (_, prepared, params) = pending.pop(0)
-            seq = replica.new_sequences(prepared, params)[0]
-            runner.admit(seq)
-            seqs[index] = seq
-            running.append(seq)
-        decode = [s for s in running if not s.is_prefilling]
-        budget, prefill = prefill_budget, []
-        for s in running:
-            if s.is_prefilling and budget > 0:
-                take = s.remaining_prompt if s.mm_inputs and s.num_cached == 0 else min(s.remaining_prompt, budget)
-                prefill.append((s, take))
-                budget -= take
-        if decode or prefill:
-            runner.step(decode, prefill)
-        for s in [s for s in running if s.is_finished]:
-            runner.release(s)
-            running.remove(s)
-        step += 1
-    return [seqs[i].output_ids for i in range(len(jobs))]
-
-
 def _run_generic(replica, prepared: PreparedPrompt, max_tokens: int = MAX_NEW) -> list[int]:
     seq = replica.new_sequences(prepared, SamplingParams(max_tokens=max_tokens, **GREEDY))[0]
     replica.runner.run(seq, on_token=lambda: None, cancelled=lambda: False)
@@ -142,7 +92,7 @@ def _run_generic(replica, prepared: PreparedPrompt, max_tokens: int = MAX_NEW) -
 
 def _engine_greedy(replica, prepared: PreparedPrompt) -> list[int]:
     if replica.path == "fast":
-        return _run_fast(replica, [(0, prepared, SamplingParams(max_tokens=MAX_NEW, **GREEDY))])[0]
+        return run_jobs(replica, [(0, prepared, SamplingParams(max_tokens=MAX_NEW, **GREEDY))])[0]
     return _run_generic(replica, prepared)
 
 
@@ -156,7 +106,7 @@ def test_image_prompt_matches_generate(arch_replica):
     arch, replica = arch_replica
     prepared = _image_prompt(replica, "What is in this picture?", seed=1)
     assert prepared.num_image_tokens > 0
-    assert _engine_greedy(replica, prepared) == _hf_greedy(replica, prepared)
+    assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
 
 
 def test_prompt_tokens_match_the_processors_own_chat_template(arch_replica):
@@ -184,14 +134,14 @@ def test_two_images_in_one_prompt_match_generate(arch_replica):
     }
     prepared = _builder(replica).prepare(PromptInput(messages=(message,), images=(png(4), png(5, size=(40, 64)))))
     assert prepared.num_images == 2
-    assert _engine_greedy(replica, prepared) == _hf_greedy(replica, prepared)
+    assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
 
 
 def test_text_prompt_matches_generate(arch_replica):
     arch, replica = arch_replica
     prepared = _text_prompt(replica, "Hello there, how are you today?")
     assert prepared.mm_inputs is None
-    assert _engine_greedy(replica, prepared) == _hf_greedy(replica, prepared)
+    assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
 
 
 def test_image_request_is_identical_in_a_mixed_batch(arch_replica):
@@ -200,13 +150,13 @@ def test_image_request_is_identical_in_a_mixed_batch(arch_replica):
         pytest.skip("the generic path runs one sequence at a time")
     target = _image_prompt(replica, "Describe the image.", seed=2)
     params = SamplingParams(max_tokens=MAX_NEW, **GREEDY)
-    alone = _run_fast(replica, [(0, target, params)])[0]
+    alone = run_jobs(replica, [(0, target, params)])[0]
     others = [
         (0, _text_prompt(replica, "a text request in the same batch"), SamplingParams(max_tokens=20, **GREEDY)),
         (1, _image_prompt(replica, "Another image", seed=3), SamplingParams(max_tokens=14, **GREEDY)),
     ]
     for join_step in (0, 3):
-        busy = _run_fast(replica, [*others, (join_step, target, params)], prefill_budget=8)
+        busy = run_jobs(replica, [*others, (join_step, target, params)], prefill_budget=8)
         assert busy[-1] == alone, f"joined at step {join_step}"
 
 
