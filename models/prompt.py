@@ -68,6 +68,29 @@ class PromptBuilder:
         self.content_as_parts = iterates and not _CHECKS_STRING.search(self.chat_template) and self.is_vision
         self.accepts_parts = iterates
 
+    @classmethod
+    def for_model(
+        cls,
+        loaded,
+        *,
+        max_input_tokens: int = 1 << 20,
+        image_limits: ImageLimits | None = None,
+        image_cache: DecodedImageCache | None = None,
+        tokenizer=None,
+        processor=None,
+    ) -> "PromptBuilder":
+        """A builder for a `LoadedModel`; pass `tokenizer`/`processor` to use private copies."""
+        processor = processor if processor is not None else loaded.processor
+        return cls(
+            tokenizer if tokenizer is not None else loaded.tokenizer,
+            processor=processor,
+            chat_template=loaded.chat_template,
+            image_token_id=loaded.image_token_id,
+            max_input_tokens=max_input_tokens,
+            image_limits=image_limits or ImageLimits(),
+            image_cache=image_cache,
+        )
+
     # -- rendering -----------------------------------------------------------------------------
     def render(self, prompt: PromptInput) -> str:
         """The chat template applied to the messages (with the generation prompt when asked)."""

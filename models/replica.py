@@ -18,7 +18,6 @@ from models.detokenize import IncrementalDetokenizer
 from models.devices import kv_cache_budget
 from models.generic import GenericRunner
 from models.grammar import GrammarCompiler
-from models.images import ImageLimits
 from models.loader import LoadedModel, LoadSpec, load_model
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
@@ -118,14 +117,7 @@ def _generic(loaded: LoadedModel, reason: str, max_seq_len: int) -> ModelReplica
 
 
 def _self_test(runner: SlotRunner, loaded: LoadedModel) -> str | None:
-    builder = PromptBuilder(
-        loaded.tokenizer,
-        processor=loaded.processor,
-        chat_template=loaded.chat_template,
-        image_token_id=loaded.image_token_id,
-        max_input_tokens=1 << 20,
-        image_limits=ImageLimits(),
-    )
+    builder = PromptBuilder.for_model(loaded)
     ids = builder.tokenize(_SELF_TEST_TEXT)
     reason = runner.self_test(ids, None, dtype=loaded.dtype)
     if reason is not None or not builder.is_vision:

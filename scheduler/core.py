@@ -226,11 +226,10 @@ class Scheduler:
         # Its own copies: a fast tokenizer must not be used by two threads at once.
         processor = copy.deepcopy(loaded.processor) if loaded.processor is not None else None
         tokenizer = processor.tokenizer if processor is not None else copy.deepcopy(loaded.tokenizer)
-        return PromptBuilder(
-            tokenizer,
+        return PromptBuilder.for_model(
+            loaded,
+            tokenizer=tokenizer,
             processor=processor,
-            chat_template=loaded.chat_template,
-            image_token_id=loaded.image_token_id,
             max_input_tokens=self.config.replica.max_input_tokens,
             image_limits=self.config.image_limits,
             image_cache=self.image_cache,

@@ -97,7 +97,19 @@ class ResponseFormat(msgspec.Struct):
     json_schema: JsonSchemaFormat | None = None
 
 
-class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+class SamplingExtensions(msgspec.Struct, kw_only=True):
+    """Sampling fields peers accept beyond OpenAI's (vLLM, SGLang, TGI); chat and completions."""
+
+    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
+    min_p: Probability | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+
+class ChatCompletionRequest(SamplingExtensions, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     model: str | None = None
     max_tokens: PositiveInt | None = None
@@ -119,14 +131,6 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    # Extensions peers accept (vLLM, SGLang, TGI).
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
-    min_p: Probability | None = None
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
-    ignore_eos: bool = False
-    min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
     chat_template_kwargs: JSONObject | None = None
     add_generation_prompt: bool = True
 

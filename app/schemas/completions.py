@@ -6,7 +6,7 @@ from typing import Annotated, Union
 
 import msgspec
 
-from app.schemas.chat import Penalty, PositiveInt, Probability, Seed, Temperature
+from app.schemas.chat import Penalty, PositiveInt, Probability, SamplingExtensions, Seed, Temperature
 from app.schemas.common import StreamOptions, Usage
 
 # A string, a list of strings, a list of token ids or a list of such lists. msgspec allows one
@@ -14,7 +14,7 @@ from app.schemas.common import StreamOptions, Usage
 PromptElement = Union[str, int, list[int]]
 
 
-class CompletionRequest(msgspec.Struct, kw_only=True):
+class CompletionRequest(SamplingExtensions, kw_only=True):
     prompt: str | list[PromptElement]
     model: str | None = None
     max_tokens: PositiveInt | None = 16  # OpenAI's default for this endpoint; null: the server's
@@ -34,14 +34,6 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     echo: bool = False
     suffix: str | None = None
     user: str | None = None
-    # Extensions peers accept (vLLM, SGLang, TGI).
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
-    min_p: Probability | None = None
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
-    ignore_eos: bool = False
-    min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
     add_special_tokens: bool = True
 
 

@@ -14,7 +14,6 @@ from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import ReplicaConfig, build_replica
-from models.images import ImageLimits
 from tests.unit.engine_driver import hf_greedy
 from tests.unit.engine_driver import run_jobs as run
 
@@ -36,15 +35,7 @@ def prepared_text(replica, text: str) -> PreparedPrompt:
 
 
 def builder(replica) -> PromptBuilder:
-    loaded = replica.loaded
-    return PromptBuilder(
-        loaded.tokenizer,
-        processor=loaded.processor,
-        chat_template=loaded.chat_template,
-        image_token_id=loaded.image_token_id,
-        max_input_tokens=4096,
-        image_limits=ImageLimits(),
-    )
+    return PromptBuilder.for_model(replica.loaded, max_input_tokens=4096)
 
 
 def png(seed: int) -> bytes:

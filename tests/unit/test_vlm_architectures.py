@@ -64,15 +64,7 @@ def arch_replica(request, tmp_path_factory):
 
 
 def _builder(replica) -> PromptBuilder:
-    loaded = replica.loaded
-    return PromptBuilder(
-        loaded.tokenizer,
-        processor=loaded.processor,
-        chat_template=loaded.chat_template,
-        image_token_id=loaded.image_token_id,
-        max_input_tokens=4096,
-        image_limits=ImageLimits(),
-    )
+    return PromptBuilder.for_model(replica.loaded, max_input_tokens=4096)
 
 
 def _image_prompt(replica, text: str, seed: int) -> PreparedPrompt:
