@@ -104,12 +104,14 @@ class SlotRunner:
                 for child in seq.children:
                     self.fork(seq, child)
         if samplers:
-            # Siblings share their parent's last prompt position: repeat that row for each.
-            rows = torch.repeat_interleave(
-                torch.arange(len(samplers), device=logits.device),
-                torch.tensor([len(group) for group in samplers], device=logits.device),
-            )
-            self._sample(logits[rows], [seq for group in samplers for seq in group])
+            if any(len(group) > 1 for group in samplers):
+                # Siblings share their parent's last prompt position: repeat that row for each.
+                rows = torch.repeat_interleave(
+                    torch.arange(len(samplers), device=logits.device),
+                    torch.tensor([len(group) for group in samplers], device=logits.device),
+                )
+                logits = logits[rows]
+            self._sample(logits, [seq for group in samplers for seq in group])
 
     def _forward(self, decode, prefill) -> tuple[torch.Tensor, list[list[Sequence]]]:
         """One packed forward: returns the logits of the rows that sample (decode rows in slot

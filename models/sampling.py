@@ -78,6 +78,15 @@ class RowSampler:
             twin.constraint = self.constraint.fork()
         return twin
 
+    @property
+    def needs_processing(self) -> bool:
+        return (
+            self._seen is not None
+            or self._bias_ids is not None
+            or self.constraint is not None
+            or self.num_generated < self.params.min_tokens
+        )
+
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalties, bias, min_tokens and grammar applied to one row `[vocab]` (in place)."""
         params = self.params
@@ -105,58 +114,69 @@ class RowSampler:
             self.constraint.advance(token_id)
 
 
-def _filter_sampled(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p for one row `[vocab]`; returns probabilities."""
-    logits = logits / params.temperature
+def _sampling_distributions(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Temperature, top-k, top-p and min-p for the sampled rows `[S, vocab]`, batched (one sort for
+    all rows). Returns probabilities, and the vocabulary order they are in (None: natural order)."""
     vocab = logits.shape[-1]
-    if 0 < params.top_k < vocab:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
-        drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-    if params.min_p > 0.0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return probs
+    device = logits.device
+    logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    if not any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+        return torch.softmax(logits, dim=-1), None
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    ranks = torch.arange(vocab, device=device)[None, :]
+    probs = torch.softmax(sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf")), dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the token crossing it included); rows
+    # with top_p = 1 keep everything (rounding in the cumulative sum must not cut their tail).
+    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=device)
+    drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]
+    min_p = torch.tensor([p.min_p for p in params], device=device)
+    drop |= probs < (min_p * probs[:, 0])[:, None]
+    return probs.masked_fill(drop, 0.0), order
+
+
+def _filter_sampled(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row `[vocab]` through `_sampling_distributions`, back in vocabulary order."""
+    probs, order = _sampling_distributions(logits[None], [params])
+    return probs[0] if order is None else torch.zeros_like(probs[0]).scatter(0, order[0], probs[0])
 
 
 def sample(
     logits: torch.Tensor, rows: Sequence[RowSampler]
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
     """One token per row. A row whose logits are not finite gets None (the caller fails that row
-    alone) instead of poisoning the batch."""
+    alone) instead of poisoning the batch. Greedy rows are one argmax; sampled rows share one
+    batched filter and each draws from its own generator."""
     logits = logits.float()
     broken = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1)
     want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
 
-    plain = all(
-        r._seen is None and r._bias_ids is None and r.constraint is None and r.num_generated >= r.params.min_tokens
-        for r in rows
-    )
-    greedy_rows = [i for i, r in enumerate(rows) if r.params.is_greedy]
-    tokens: list[int | None] = [None] * len(rows)
-    if plain and len(greedy_rows) == len(rows):
-        # Common case: a pure greedy batch is one argmax.
-        for i, token in enumerate(torch.argmax(logits, dim=-1).tolist()):
-            tokens[i] = token
-    else:
-        for i, row in enumerate(rows):
-            row_logits = row.process(logits[i].clone())
-            if row.params.is_greedy:
-                tokens[i] = int(torch.argmax(row_logits))
-                continue
-            probs = _filter_sampled(row_logits, row.params)
-            if not torch.isfinite(probs).all() or float(probs.sum()) <= 0.0:
-                tokens[i] = None
-                continue
-            tokens[i] = int(torch.multinomial(probs, 1, generator=row.generator))
-
-    for i in torch.nonzero(broken).flatten().tolist():
+    processed = logits
+    to_process = [i for i, r in enumerate(rows) if r.needs_processing]
+    if to_process:
+        processed = logits.clone()
+        for i in to_process:
+            processed[i] = rows[i].process(processed[i])
+    chosen = torch.argmax(processed, dim=-1)  # [B]; sampled rows are overwritten below
+    sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+    invalid: set[int] = set()
+    if sampled:
+        probs, order = _sampling_distributions(processed[sampled], [rows[i].params for i in sampled])
+        ok = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
+        picks = []
+        for j, i in enumerate(sampled):
+            if not ok[j]:
+                invalid.add(i)
+                picks.append(torch.zeros(1, dtype=torch.long, device=probs.device))
+            else:
+                picks.append(torch.multinomial(probs[j], 1, generator=rows[i].generator))
+        picked = torch.cat(picks)
+        if order is not None:
+            picked = order.gather(1, picked[:, None])[:, 0]
+        chosen[sampled] = picked
+    tokens: list[int | None] = chosen.tolist()
+    for i in invalid | set(torch.nonzero(broken).flatten().tolist()):
         tokens[i] = None
 
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
