@@ -114,18 +114,37 @@ class RowSampler:
             self.constraint.advance(token_id)
 
 
+# Top-k/top-p/min-p are applied to the this many most likely tokens when that is exact (the kept
+# tokens all lie among them); sorting all 150k entries of a large vocabulary costs 10x more.
+_CANDIDATES = 1024
+
+
 def _sampling_distributions(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Temperature, top-k, top-p and min-p for the sampled rows `[S, vocab]`, batched (one sort for
-    all rows). Returns probabilities, and the vocabulary order they are in (None: natural order)."""
+    """Temperature, top-k, top-p and min-p for the sampled rows `[S, vocab]`, batched. Returns
+    unnormalised probabilities and the vocabulary ids their columns stand for (None: all of the
+    vocabulary in natural order)."""
     vocab = logits.shape[-1]
     device = logits.device
     logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
     if not any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
         return torch.softmax(logits, dim=-1), None
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
-    ranks = torch.arange(vocab, device=device)[None, :]
-    probs = torch.softmax(sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf")), dim=-1)
+    width = min(vocab, max(_CANDIDATES, *(p.top_k for p in params if 0 < p.top_k < vocab), 1))
+    top_logits, order = torch.topk(logits, width, dim=-1)  # sorted, most likely first
+    # True probabilities of the candidates (over the whole vocabulary) tell whether the filters
+    # can be decided among them; rows where they cannot fall back to the full vocabulary.
+    full = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))
+    if width < vocab and not _candidates_suffice(full, params, vocab):
+        top_logits, order = torch.sort(logits, dim=-1, descending=True)
+        full = torch.softmax(top_logits, dim=-1)
+        width = vocab
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < width else width for p in params], device=device)
+    ranks = torch.arange(width, device=device)[None, :]
+    # Rows with top_k renormalise over their k best (as `top_k` then `top_p` do elsewhere).
+    probs = torch.where(
+        (top_k < width)[:, None],
+        torch.softmax(top_logits.masked_fill(ranks >= top_k[:, None], float("-inf")), dim=-1),
+        full,
+    )
     # Keep the smallest prefix whose mass reaches top_p (the token crossing it included); rows
     # with top_p = 1 keep everything (rounding in the cumulative sum must not cut their tail).
     top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=device)
@@ -135,10 +154,31 @@ def _sampling_distributions(logits: torch.Tensor, params: list[SamplingParams]) 
     return probs.masked_fill(drop, 0.0), order
 
 
+def _candidates_suffice(full: torch.Tensor, params: list[SamplingParams], vocab: int) -> bool:
+    """Whether every row's kept tokens lie among the candidates `full` `[S, width]` (true
+    probabilities, most likely first)."""
+    width = full.shape[-1]
+    mass = full.sum(dim=-1).tolist()
+    last = full[:, -1].tolist()
+    top = full[:, 0].tolist()
+    for i, p in enumerate(params):
+        if 0 < p.top_k <= width:
+            continue
+        if p.top_p < 1.0 and mass[i] >= p.top_p:
+            continue
+        if p.min_p > 0.0 and last[i] < p.min_p * top[i]:
+            continue
+        return False
+    return True
+
+
 def _filter_sampled(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One row `[vocab]` through `_sampling_distributions`, back in vocabulary order."""
     probs, order = _sampling_distributions(logits[None], [params])
-    return probs[0] if order is None else torch.zeros_like(probs[0]).scatter(0, order[0], probs[0])
+    if order is None:
+        return probs[0]
+    out = torch.zeros_like(logits)
+    return out.scatter(0, order[0], probs[0] / probs[0].sum())
 
 
 def sample(
