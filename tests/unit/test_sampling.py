@@ -83,3 +83,18 @@ def test_a_nan_row_fails_alone():
     rows[2] = row(SamplingParams(max_tokens=1, temperature=1.0, seed=1))
     tokens, _ = sample(logits, rows)
     assert tokens[1] is None and tokens[0] is not None and tokens[2] is not None
+
+
+def test_candidate_shortcut_equals_the_full_vocabulary(monkeypatch):
+    import models.sampling as sampling
+
+    gen = torch.Generator().manual_seed(0)
+    peaked = torch.randn(64, generator=gen) * 6  # mass concentrated in a few tokens, as in real LMs
+    flat = torch.randn(64, generator=gen) * 0.1  # the shortcut cannot decide: full fallback
+    for logits in (peaked, flat):
+        for params in (SamplingParams(max_tokens=1, top_p=0.9), SamplingParams(max_tokens=1, min_p=0.05), SamplingParams(max_tokens=1, top_k=5, top_p=0.8)):
+            monkeypatch.setattr(sampling, "_CANDIDATES", 64)
+            full = _filter_sampled(logits, params)
+            monkeypatch.setattr(sampling, "_CANDIDATES", 8)
+            short = _filter_sampled(logits, params)
+            assert torch.allclose(full / full.sum(), short / short.sum(), atol=1e-6)
