@@ -140,9 +140,11 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     model_class = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
 
     def load(impl: str) -> PreTrainedModel:
-        # Loaded on CPU, then moved: a single-device device_map would need accelerate.
+        # On a GPU the weights stream straight to the device (a 70 GB model must not need 70 GB of
+        # host RAM first); on CPU there is nowhere else to put them.
+        placement = {"device_map": {"": device}} if device.type == "cuda" else {}
         model = model_class.from_pretrained(
-            path, config=copy.deepcopy(config), dtype=dtype, attn_implementation=impl, **hub_kwargs
+            path, config=copy.deepcopy(config), dtype=dtype, attn_implementation=impl, **placement, **hub_kwargs
         )
         model = model.to(device).eval().requires_grad_(False)
         _warmup(model, tokenizer, device)
