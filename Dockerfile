@@ -41,7 +41,11 @@ RUN apt-get update \
  && python3.11 -m venv /opt/venv \
  && pip install --upgrade pip setuptools wheel packaging
 
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# torchvision (same index, the release paired with torch 2.13) is needed by processors with a video
+# part (Qwen2/2.5/3-VL, InternVL, LLaVA-OneVision) and by Pixtral/Mistral3. Without it the server
+# still loads those models for images only; Pixtral does not load at all.
+ARG TORCHVISION_VERSION=0.28.0
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 WORKDIR /app
 COPY requirements.txt .

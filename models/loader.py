@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import gc
 import importlib.util
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -303,10 +304,24 @@ def images_only_processor_class(processor_class: type) -> type:
     a video half without torchvision (not even for images: its class check needs the video base
     class); the server takes no video, so the image and text halves are all it needs."""
     attributes = [name for name in processor_class.get_attributes() if name != "video_processor"]
+    parameters = list(inspect.signature(processor_class.__init__).parameters)
+    # Some processors (SmolVLM) take the video processor as a required argument: default it to None.
+    video_position = parameters.index("video_processor") - 1 if "video_processor" in parameters else None
+
+    def __init__(self, *args, **kwargs):
+        if video_position is not None and len(args) <= video_position:
+            kwargs.setdefault("video_processor", None)
+        processor_class.__init__(self, *args, **kwargs)
+
     return type(
         processor_class.__name__,
         (processor_class,),
-        {"get_attributes": classmethod(lambda cls: list(attributes)), "video_processor": None, "__module__": __name__},
+        {
+            "__init__": __init__,
+            "get_attributes": classmethod(lambda cls: list(attributes)),
+            "video_processor": None,
+            "__module__": __name__,
+        },
     )
 
 

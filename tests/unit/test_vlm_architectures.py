@@ -208,3 +208,18 @@ def test_the_logits_alone_also_refuse_the_fast_path(name, tmp_path_factory, monk
     finally:
         runner.restore_attention()
     assert reason is not None and "differ" in reason
+
+
+def test_images_only_processor_defaults_a_required_video_processor():
+    """SmolVLM's processor takes its video processor as a required argument; without torchvision
+    the server builds it images-only."""
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
+
+    from models.loader import images_only_processor_class
+    from tests.unit.vlm_builders import _tokenizer
+
+    tok = _tokenizer(extra=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"))
+    processor = images_only_processor_class(SmolVLMProcessor)(SmolVLMImageProcessorPil(), tok)
+    assert processor.tokenizer is tok and processor.video_processor is None
+    assert "video_processor" not in type(processor).get_attributes()

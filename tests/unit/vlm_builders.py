@@ -517,7 +517,7 @@ ARCHS = [
 
 # Not built here, and why (each needs a package the server does not install):
 NOT_BUILT = {
-    "smolvlm": "SmolVLMProcessor needs the num2words package (Idefics3, its parent architecture, is covered)",
+    "smolvlm": "covered through Idefics3, its parent architecture (the images-only processor itself is tested below)",
     "mistral3/pixtral": "PixtralProcessor imports torchvision at import time; no images-only fallback is possible",
 }
 
