@@ -14,9 +14,9 @@ from __future__ import annotations
 import copy
 import gc
 import importlib.util
-import inspect
 import logging
 import os
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -304,25 +304,25 @@ def images_only_processor_class(processor_class: type) -> type:
     a video half without torchvision (not even for images: its class check needs the video base
     class); the server takes no video, so the image and text halves are all it needs."""
     attributes = [name for name in processor_class.get_attributes() if name != "video_processor"]
-    parameters = list(inspect.signature(processor_class.__init__).parameters)
-    # Some processors (SmolVLM) take the video processor as a required argument: default it to None.
-    video_position = parameters.index("video_processor") - 1 if "video_processor" in parameters else None
-
-    def __init__(self, *args, **kwargs):
-        if video_position is not None and len(args) <= video_position:
-            kwargs.setdefault("video_processor", None)
-        processor_class.__init__(self, *args, **kwargs)
-
-    return type(
-        processor_class.__name__,
-        (processor_class,),
-        {
-            "__init__": __init__,
-            "get_attributes": classmethod(lambda cls: list(attributes)),
-            "video_processor": None,
-            "__module__": __name__,
-        },
-    )
+    namespace = {
+        "get_attributes": classmethod(lambda cls: list(attributes)),
+        "video_processor": None,
+        "__module__": __name__,
+    }
+    init = processor_class.__init__
+    code = init.__code__
+    positional = code.co_varnames[: code.co_argcount]
+    defaults = init.__defaults__ or ()
+    first_default = len(positional) - len(defaults)
+    if "video_processor" in positional and positional.index("video_processor") < first_default:
+        # SmolVLM takes its video processor as a required argument. Give it a default of None on
+        # a copy of the same function: transformers routes saved options by the code object's
+        # argument names, so a wrapper with (*args, **kwargs) would silently drop them.
+        missing = first_default - positional.index("video_processor")
+        copy_ = types.FunctionType(code, init.__globals__, init.__name__, (None,) * missing + defaults, init.__closure__)
+        copy_.__kwdefaults__ = init.__kwdefaults__
+        namespace["__init__"] = copy_
+    return type(processor_class.__name__, (processor_class,), namespace)
 
 
 def _processor_without_video(path: str, config: PreTrainedConfig, hub_kwargs: dict[str, Any]) -> ProcessorMixin | None:

@@ -165,6 +165,37 @@ def build_idefics3(out: Path) -> None:
     _save(out, config, processor)
 
 
+def build_smolvlm(out: Path) -> None:
+    """SmolVLM: Idefics3's successor; its processor requires a video processor (torchvision), so
+    the server builds it images-only."""
+    from transformers import LlamaConfig
+    from transformers.models.smolvlm.configuration_smolvlm import SmolVLMConfig, SmolVLMVisionConfig
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
+
+    rows = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
+    tok = _tokenizer(
+        extra=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *rows),
+        bos="<|begin_of_text|>",
+    )
+    config = SmolVLMConfig(
+        vision_config=SmolVLMVisionConfig(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+        ),
+        text_config=LlamaConfig(**_text_kwargs(tok)),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        tie_word_embeddings=False,
+    )
+    image_processor = SmolVLMImageProcessorPil(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
+    )
+    processor = images_only_processor_class(SmolVLMProcessor)(
+        image_processor, tok, image_seq_len=4, chat_template=_IDEFICS3_TEMPLATE
+    )
+    _save(out, config, processor)
+
+
 def build_paligemma(out: Path) -> None:
     """PaliGemma: prefix-LM (image + prompt attend bidirectionally), no chat template."""
     from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaProcessor, SiglipVisionConfig
@@ -499,6 +530,7 @@ class Arch:
 ARCHS = [
     Arch("llava_next", build_llava_next, "fast"),
     Arch("idefics3", build_idefics3, "fast"),
+    Arch("smolvlm", build_smolvlm, "fast"),
     # Prefix-LM: image and prompt attend to each other (the text attention is marked non-causal).
     Arch("paligemma", build_paligemma, "generic", "non-causal"),
     # Image tokens attend to each other bidirectionally: seen in the mask the model builds.
@@ -517,7 +549,6 @@ ARCHS = [
 
 # Not built here, and why (each needs a package the server does not install):
 NOT_BUILT = {
-    "smolvlm": "covered through Idefics3, its parent architecture (the images-only processor itself is tested below)",
     "mistral3/pixtral": "PixtralProcessor imports torchvision at import time; no images-only fallback is possible",
 }
 
