@@ -216,3 +216,16 @@ async def test_short_jobs_are_prefilled_before_long_ones_that_arrived_with_them(
                 tg.start_soon(consume, s)
         assert short.first_token_at <= min(s.first_token_at for s in longs)
         assert short.finished_at < min(s.finished_at for s in longs)
+
+
+async def test_a_reader_that_never_reads_does_not_stall_the_batch(tiny_text_path):
+    async with running_scheduler(tiny_text_path) as scheduler:
+        idle = await scheduler.submit(request(0, max_tokens=40))
+        busy = await scheduler.submit(request(1, max_tokens=40))
+        with anyio.fail_after(30):
+            await consume(busy)
+            while not idle.finished:  # it generated to the end with nobody reading
+                await anyio.sleep(0.01)
+        # Everything it produced waits, coalesced, for its reader: one update with all 40 tokens.
+        updates = [u async for u in idle]
+        assert len(updates) == 1 and len(updates[0].choices[0].token_ids) == 40
