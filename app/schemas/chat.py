@@ -97,23 +97,11 @@ class ResponseFormat(msgspec.Struct):
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingExtensions(msgspec.Struct, kw_only=True):
-    """Sampling fields peers accept beyond OpenAI's (vLLM, SGLang, TGI); chat and completions."""
+class SamplingFields(msgspec.Struct, kw_only=True):
+    """Fields chat and completions requests share: OpenAI's, then those peers accept beyond
+    OpenAI's (vLLM, SGLang, TGI)."""
 
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
-    min_p: Probability | None = None
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
-    ignore_eos: bool = False
-    min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-
-
-class ChatCompletionRequest(SamplingExtensions, kw_only=True):
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     model: str | None = None
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Probability | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
@@ -124,9 +112,23 @@ class ChatCompletionRequest(SamplingExtensions, kw_only=True):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]] | None = None
+    user: str | None = None
+
+    top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
+    min_p: Probability | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-    user: str | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

@@ -6,34 +6,22 @@ from typing import Annotated, Union
 
 import msgspec
 
-from app.schemas.chat import Penalty, PositiveInt, Probability, SamplingExtensions, Seed, Temperature
-from app.schemas.common import StreamOptions, Usage
+from app.schemas.chat import PositiveInt, SamplingFields
+from app.schemas.common import Usage
 
 # A string, a list of strings, a list of token ids or a list of such lists. msgspec allows one
 # array type per union, so the element union is checked for consistency in translate.
 PromptElement = Union[str, int, list[int]]
 
 
-class CompletionRequest(SamplingExtensions, kw_only=True):
+class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[PromptElement]
-    model: str | None = None
     max_tokens: PositiveInt | None = 16  # OpenAI's default for this endpoint; null: the server's
-    temperature: Temperature | None = None
-    top_p: Probability | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     best_of: PositiveInt | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: Seed | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]] | None = None
     # OpenAI allows 0..5; vLLM (and this server) up to 20.
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None
-    user: str | None = None
     add_special_tokens: bool = True
 
 

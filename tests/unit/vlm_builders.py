@@ -137,19 +137,17 @@ _IDEFICS3_TEMPLATE = (
 )
 
 
-def build_idefics3(out: Path) -> None:
-    """Idefics3 (SmolVLM's parent): image splitting into tiles, pixel_attention_mask, pixel shuffle."""
-    from transformers import Idefics3Config, Idefics3Processor, LlamaConfig
-    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+def _build_tiled(out: Path, config_class, vision_config_class, image_processor_class, processor_class) -> None:
+    """Idefics3 and SmolVLM share a layout: image splitting into tiles, pixel_attention_mask, pixel shuffle."""
+    from transformers import LlamaConfig
 
     rows = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
     tok = _tokenizer(
         extra=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *rows),
         bos="<|begin_of_text|>",
     )
-    config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(
+    config = config_class(
+        vision_config=vision_config_class(
             image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
         ),
         text_config=LlamaConfig(**_text_kwargs(tok)),
@@ -157,43 +155,32 @@ def build_idefics3(out: Path) -> None:
         scale_factor=2,
         tie_word_embeddings=False,
     )
-    image_processor = Idefics3ImageProcessorPil(
+    image_processor = image_processor_class(
         size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
     )
     # (32 // 8) ** 2 patches, pixel-shuffled by 2 -> 4 image tokens per tile.
-    processor = Idefics3Processor(image_processor, tok, image_seq_len=4, chat_template=_IDEFICS3_TEMPLATE)
+    processor = processor_class(image_processor, tok, image_seq_len=4, chat_template=_IDEFICS3_TEMPLATE)
     _save(out, config, processor)
 
 
+def build_idefics3(out: Path) -> None:
+    """Idefics3 (SmolVLM's parent)."""
+    from transformers import Idefics3Config, Idefics3Processor
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    _build_tiled(out, Idefics3Config, Idefics3VisionConfig, Idefics3ImageProcessorPil, Idefics3Processor)
+
+
 def build_smolvlm(out: Path) -> None:
-    """SmolVLM: Idefics3's successor; its processor requires a video processor (torchvision), so
-    the server builds it images-only."""
-    from transformers import LlamaConfig
+    """SmolVLM: its processor requires a video processor (torchvision), so it is built images-only,
+    as the server's loader does."""
     from transformers.models.smolvlm.configuration_smolvlm import SmolVLMConfig, SmolVLMVisionConfig
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
     from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 
-    rows = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
-    tok = _tokenizer(
-        extra=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *rows),
-        bos="<|begin_of_text|>",
-    )
-    config = SmolVLMConfig(
-        vision_config=SmolVLMVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
-        ),
-        text_config=LlamaConfig(**_text_kwargs(tok)),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        scale_factor=2,
-        tie_word_embeddings=False,
-    )
-    image_processor = SmolVLMImageProcessorPil(
-        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True
-    )
-    processor = images_only_processor_class(SmolVLMProcessor)(
-        image_processor, tok, image_seq_len=4, chat_template=_IDEFICS3_TEMPLATE
-    )
-    _save(out, config, processor)
+    processor_class = images_only_processor_class(SmolVLMProcessor)
+    _build_tiled(out, SmolVLMConfig, SmolVLMVisionConfig, SmolVLMImageProcessorPil, processor_class)
 
 
 def build_paligemma(out: Path) -> None:
