@@ -77,7 +77,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--max-prefill-tokens",), "max_prefill_tokens", "Prompt tokens prefilled per scheduler step (0 = auto: 128 CPU, 2048 GPU; else >=16)"),
     Flag(("--max-input-tokens",), "max_input_tokens", "Maximum prompt tokens; env alias MAX_CONTEXT_TOKENS"),
     Flag(("--default-max-tokens",), "default_max_tokens", "Default and cap for new tokens per request"),
-    Flag(("--kv-cache-max-gib",), "kv_cache_max_gib", "KV cache memory per replica in GiB; 0 = auto"),
+    Flag(("--kv-cache-max-gib",), "kv_cache_max_gib", "Paged KV pool per replica in GiB; 0 = auto from free memory"),
+    Flag(("--kv-cache-gpu-fraction",), "kv_cache_gpu_fraction", "Auto KV pool on GPU: share of the memory free after loading"),
+    Flag(("--kv-block-size",), "kv_block_size", "Tokens per KV block; 0 = auto (16, or 256 with FlashAttention)"),
+    Flag(
+        ("--enable-prefix-caching",),
+        "enable_prefix_caching",
+        "Reuse the KV blocks of shared prompt prefixes; --no-enable-prefix-caching turns it off",
+        True,
+    ),
     Flag(("--max-queue-size",), "max_queue_size", "Waiting requests per replica before 503 backpressure"),
     # Generation defaults
     Flag(("--default-sampling",), "default_do_sample", "Sample by default; false = greedy", True),
@@ -132,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Shortcut for --attn-impl sdpa (wins over --attn-impl; sets ATTN_IMPL)",
     )
     parser.add_argument(
+        "--no-enable-prefix-caching",
+        action="store_true",
+        help="Turn prefix caching off (sets ENABLE_PREFIX_CACHING=false; wins over --enable-prefix-caching)",
+    )
+    parser.add_argument(
         "--print-config",
         action="store_true",
         help="Print the resolved settings as JSON (secrets removed, source redacted if enabled) and exit",
@@ -170,6 +183,8 @@ def apply_cli_to_env(args: argparse.Namespace, environ: MutableMapping[str, str]
         value = getattr(args, flag.field)
         if value is not None:
             environ[ENV_NAMES[flag.field][0]] = value
+    if args.no_enable_prefix_caching:
+        environ["ENABLE_PREFIX_CACHING"] = "false"
     if args.enable_fa2:
         environ["ATTN_IMPL"] = "flash_attention_2"
     elif args.disable_fa2:

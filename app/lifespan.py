@@ -11,7 +11,6 @@ import time
 from typing import AsyncIterator
 
 import anyio
-from anyio.from_thread import BlockingPortal
 from litestar import Litestar
 
 from app.media import new_image_client
@@ -54,8 +53,12 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
             max_new_tokens=settings.default_max_tokens,
             pack_cpu_linears=settings.cpu_packed_linears,
             kv_cache_budget_bytes=int(settings.kv_cache_max_gib * 2**30) or None,
+            kv_cache_gpu_fraction=settings.kv_cache_gpu_fraction,
+            kv_block_size=settings.kv_block_size or None,
+            enable_prefix_caching=settings.enable_prefix_caching,
         ),
         executor=ExecutorConfig(
+            max_batch_size=settings.max_batch_size,
             max_queue_size=settings.max_queue_size,
             max_prefill_tokens=settings.max_prefill_tokens or (CPU_PREFILL_TOKENS if on_cpu else GPU_PREFILL_TOKENS),
             batch_timeout_s=settings.batch_timeout_ms / 1000.0,
@@ -82,10 +85,9 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
     translator = services.translator
     async with contextlib.AsyncExitStack() as stack:
         translator.image_client = await stack.enter_async_context(new_image_client(translator.image_policy))
-        portal = await stack.enter_async_context(BlockingPortal())
         task_group = await stack.enter_async_context(anyio.create_task_group())
         scheduler = Scheduler(config)
-        await scheduler.start(portal)
+        await scheduler.start()
         services.scheduler = scheduler
         task_group.start_soon(_announce_readiness, scheduler, settings)
         try:

@@ -76,7 +76,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_input_tokens: int = 16384
     default_max_tokens: int = 128
     max_queue_size: int = 256
-    kv_cache_max_gib: float = 0.0  # KV cache memory per replica; 0 = auto (90% of free GPU memory, half the RAM)
+    kv_cache_max_gib: float = 0.0  # the paged KV pool per replica; 0 = auto from free memory
+    kv_cache_gpu_fraction: float = 0.9  # auto pool on GPU: this share of the memory free after loading
+    kv_block_size: int = 0  # tokens per KV block; 0 = auto (16; 256 with FlashAttention's paged kernels)
+    enable_prefix_caching: bool = True
 
     # Generation defaults (used when a request leaves the field out)
     default_do_sample: bool = True
@@ -313,6 +316,9 @@ _VARS: tuple[_Var, ...] = (
     _Var("max_input_tokens", ("MAX_INPUT_TOKENS", "MAX_CONTEXT_TOKENS"), _int(1)),
     _Var("default_max_tokens", ("MAX_NEW_TOKENS_DEFAULT",), _int(1)),
     _Var("kv_cache_max_gib", ("KV_CACHE_MAX_GIB",), _float(0, None)),
+    _Var("kv_cache_gpu_fraction", ("KV_CACHE_GPU_FRACTION",), _float(0, 1, lo_open=True)),
+    _Var("kv_block_size", ("KV_BLOCK_SIZE",), _int(0, 4096)),
+    _Var("enable_prefix_caching", ("ENABLE_PREFIX_CACHING",), _bool),
     _Var("max_queue_size", ("MAX_QUEUE_SIZE",), _int(1)),
     _Var("default_do_sample", ("DO_SAMPLE_DEFAULT",), _bool),
     _Var("default_temperature", ("TEMPERATURE_DEFAULT",), _float(0, 2)),

@@ -53,6 +53,7 @@ def table() -> str:
         meaning = (flag.help if flag else ENV_ONLY_HELP.get(field, "")).replace("|", "/")
         rows.append(f"| {options} | {' / '.join(f'`{n}`' for n in names)} | `{default}` | {meaning} |")
     rows.append("| `--enable-fa2` / `--disable-fa2` | — | — | Shortcuts for `--attn-impl flash_attention_2` / `sdpa`; win over `--attn-impl` |")
+    rows.append("| `--no-enable-prefix-caching` | — | — | Turn prefix caching off; wins over `--enable-prefix-caching` |")
     rows.append("| `--print-config` | — | — | Print the resolved settings (secrets removed) and exit |")
     return "\n".join(rows) + "\n"
 

@@ -1,14 +1,23 @@
-"""Attention over the per-slot KV cache, plugged into transformers' AttentionInterface.
+"""Attention over the paged KV pool, plugged into transformers' AttentionInterface.
 
-The fast path runs one packed forward per scheduler step: `[1, T]` tokens made of one token per
-decoding row followed by the prefill chunks of newcomers. Every attention layer of the text
-decoder calls `slot_attention`, which writes the new keys/values into the slot cache and attends
-each part appropriately. Layers outside the text decoder (vision towers) and calls without a
-`StepLayout` (the reference forward used by the self-test) fall through to stock SDPA/eager.
+The fast path runs one packed forward per step: `[1, T]` tokens, one per decoding sequence first,
+then the prefill chunks. Every attention layer of the text decoder calls `paged_attention`, which
+writes the step's keys and values into the pool by slot mapping and then attends:
+
+- FlashAttention 2 (GPU, fp16/bf16, `flash_attn` installed, block size a multiple of 256 as its
+  paged kernels require): one varlen call over every row, reading the pool through block tables.
+- Otherwise gather + SDPA (CPU, and GPUs without FlashAttention): decode rows gather their blocks
+  into `[rows, kv_heads, blocks * block_size, head_dim]` and run one masked SDPA; each prefill
+  chunk runs its own SDPA (plain causal when it starts the sequence, over its gathered blocks
+  when earlier tokens are cached), so attention costs the sum of the chunks' squares, not T^2.
+
+Layers outside the text decoder (vision towers) and calls without a layout (the self-test's
+reference forward) fall through to the model's own attention.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -17,46 +26,86 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from models.kv_cache import SlotKVCache
+from models.kv_cache import PagedKVCache
 
-ATTENTION_NAME = "slot_cache"
-# Attention kwargs that change the math in ways plain SDPA over the cache does not reproduce.
+ATTENTION_NAME = "paged"
+LAYOUT_KWARG = "paged_layout"
+# Attention kwargs that change the math in ways plain SDPA over the pool does not reproduce.
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
+FLASH_BLOCK_MULTIPLE = 256
 
 
 class FastPathUnsupported(RuntimeError):
-    """The model asked the attention layer for something the slot cache cannot honour."""
+    """The model asked the attention layer for something the paged fast path cannot honour."""
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """A prefill chunk: `length` tokens at packed index `start`, cache positions `[offset, offset+length)`."""
-
-    slot: int
-    start: int
-    length: int
-    offset: int
+def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn") is not None
 
 
 @dataclass(slots=True)
-class StepLayout:
-    """How the packed tokens of one forward map onto cache slots; built once per step."""
+class PrefillSegment:
+    """A prefill chunk: `length` tokens at packed index `start`, cache positions from `offset`."""
 
-    cache: SlotKVCache
+    start: int
+    length: int
+    offset: int
+    blocks: torch.Tensor | None  # [num_blocks] its blocks up to offset + length; None when offset == 0
+
+
+@dataclass(slots=True)
+class FlashMetadata:
+    cu_seqlens_q: torch.Tensor  # [rows + 1] int32
+    cu_seqlens_k: torch.Tensor  # [rows + 1] int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+    block_table: torch.Tensor  # [rows, max_blocks] int32
+
+
+@dataclass(slots=True)
+class PagedLayout:
+    """How the packed tokens of one forward map onto the pool; built once per step."""
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [T] long: pool slot (block * block_size + offset) of each token
     num_decode: int = 0
-    decode_slots: torch.Tensor | None = None  # [Bd] long, slot of each decode token
-    decode_positions: torch.Tensor | None = None  # [Bd] long, cache position written this step
-    # Decode attends over slots [0, num_active); rows without a decode token get a dummy query.
-    num_active: int = 0
-    decode_is_dense: bool = True  # decode_slots == arange(num_active)
-    decode_mask: torch.Tensor | None = None  # [num_active, 1, 1, L] bool
-    decode_len: int = 0
-    segments: list[Segment] = field(default_factory=list)
-    sliding_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    decode_blocks: torch.Tensor | None = None  # [Bd, nb] long, padded with the null block
+    decode_positions: torch.Tensor | None = None  # [Bd] long: position of each decode query
+    segments: list[PrefillSegment] = field(default_factory=list)
+    flash: FlashMetadata | None = None
+    _masks: dict = field(default_factory=dict)  # per (what, sliding window), shared by all layers
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[Bd, 1, 1, nb * block_size] bool: each decode row sees its own positions up to itself."""
+        mask = self._masks.get(("decode", window))
+        if mask is None:
+            length = self.decode_blocks.shape[1] * self.cache.block_size
+            mask = _causal_mask(self.decode_positions, length, window)[:, None, None, :]
+            self._masks[("decode", window)] = mask
+        return mask
+
+    def segment_mask(self, index: int, window: int | None) -> torch.Tensor:
+        mask = self._masks.get((index, window))
+        if mask is None:
+            seg = self.segments[index]
+            length = seg.offset + seg.length if seg.blocks is None else seg.blocks.shape[0] * self.cache.block_size
+            positions = torch.arange(seg.offset, seg.offset + seg.length, device=self.slot_mapping.device)
+            mask = _causal_mask(positions, length, window)[None, None]
+            self._masks[(index, window)] = mask
+        return mask
+
+
+def _causal_mask(positions_q: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """[Q, length] bool: causal, and within the sliding window when the layer has one."""
+    keys = torch.arange(length, device=positions_q.device)
+    mask = keys[None, :] <= positions_q[:, None]
+    if window is not None:
+        mask &= keys[None, :] > positions_q[:, None] - window
+    return mask
 
 
 def _fallback(module, query, key, value, attention_mask, **kwargs):
-    fallback_name = getattr(module.config, "_slot_fallback_attn", "sdpa")
+    fallback_name = getattr(module.config, "_paged_fallback_attn", "sdpa")
     fallback = ALL_ATTENTION_FUNCTIONS.get(fallback_name, sdpa_attention_forward)
     return fallback(module, query, key, value, attention_mask, **kwargs)
 
@@ -69,17 +118,8 @@ def _attend(query, key, value, mask, scaling, is_causal=False):
     )
 
 
-def _window_mask(positions_q: torch.Tensor, length: int, window: int | None, device) -> torch.Tensor:
-    """[Q, length] bool: causal, and within the sliding window when the layer has one."""
-    keys = torch.arange(length, device=device)
-    mask = keys[None, :] <= positions_q[:, None]
-    if window is not None:
-        mask &= keys[None, :] > positions_q[:, None] - window
-    return mask
-
-
-def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    layout: StepLayout | None = kwargs.get("slot_layout")
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    layout: PagedLayout | None = kwargs.get(LAYOUT_KWARG)
     layer_idx = getattr(module, "layer_idx", None)
     if layout is None or layer_idx is None:
         return _fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -90,73 +130,73 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         raise FastPathUnsupported("non-causal or cross attention")
     window = kwargs.get("sliding_window")
 
-    # query: [1, H, T, D]; key/value: [1, Hkv, T, D]
-    cache_k, cache_v = layout.cache.layer(layer_idx, key)
-    parts = []
-    nd = layout.num_decode
-    if nd:
-        parts.append(_decode_attention(layout, cache_k, cache_v, query, key, value, scaling, window))
-    if layout.segments:
-        parts.append(_prefill_attention(layout, cache_k, cache_v, query, key, value, scaling, window))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # [1, H, T, D]
+    # query: [1, H, T, D]; key/value: [1, Hkv, T, D]; pools: [blocks + 1, block_size, Hkv, D]
+    key_pool, value_pool = layout.cache.layer(layer_idx, key)
+    key_pool.view(-1, *key_pool.shape[2:]).index_copy_(0, layout.slot_mapping, key[0].transpose(0, 1))
+    value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, layout.slot_mapping, value[0].transpose(0, 1))
+    if layout.flash is not None:
+        out = _flash_attention(layout.flash, query, key_pool, value_pool, scaling, window)
+    else:
+        parts = []
+        if layout.num_decode:
+            parts.append(_decode_attention(layout, key_pool, value_pool, query, scaling, window))
+        if layout.segments:
+            parts.append(_prefill_attention(layout, key_pool, value_pool, query, key, value, scaling, window))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # [1, H, T, D]
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decode_attention(layout, cache_k, cache_v, query, key, value, scaling, window):
-    nd = layout.num_decode
-    # Scatter this step's key/value of every decoding row to (slot, position).
-    new_k = key[0, :, :nd].transpose(0, 1)  # [Bd, Hkv, D]
-    new_v = value[0, :, :nd].transpose(0, 1)
-    cache_k[layout.decode_slots, :, layout.decode_positions] = new_k
-    cache_v[layout.decode_slots, :, layout.decode_positions] = new_v
+def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """`blocks` [..., nb] -> [..., Hkv, nb * block_size, D]: whole blocks copied at once."""
+    gathered = pool[blocks]  # [..., nb, block_size, Hkv, D]
+    return gathered.flatten(-4, -3).transpose(-3, -2)
 
-    length, active = layout.decode_len, layout.num_active
+
+def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling, window):
+    nd = layout.num_decode
     q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
-    if not layout.decode_is_dense:
-        dense = q.new_zeros((active, *q.shape[1:]))
-        dense[layout.decode_slots] = q
-        q = dense
-    mask = layout.decode_mask
-    if window is not None:
-        mask = layout.sliding_masks.get(window)
-        if mask is None:
-            positions = torch.zeros(active, dtype=torch.long, device=q.device)
-            positions[layout.decode_slots] = layout.decode_positions
-            mask = _window_mask(positions, length, window, q.device)[:, None, None, :]
-            layout.sliding_masks[window] = mask
-    out = _attend(q, cache_k[:active, :, :length], cache_v[:active, :, :length], mask, scaling)
-    if not layout.decode_is_dense:
-        out = out[layout.decode_slots]
+    keys = _gather(key_pool, layout.decode_blocks)  # [Bd, Hkv, L, D]
+    values = _gather(value_pool, layout.decode_blocks)
+    out = _attend(q, keys, values, layout.decode_mask(window), scaling)  # [Bd, H, 1, D]
     return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, H, Bd, D]
 
 
-def _prefill_attention(layout, cache_k, cache_v, query, key, value, scaling, window):
-    for seg in layout.segments:
-        src = slice(seg.start, seg.start + seg.length)
-        dst = slice(seg.offset, seg.offset + seg.length)
-        cache_k[seg.slot, :, dst] = key[0, :, src]
-        cache_v[seg.slot, :, dst] = value[0, :, src]
-
-    # One SDPA per chunk: a block-diagonal mask over all packed chunks would cost T^2 instead of
-    # the sum of each chunk's own square (16 prompts of 250 tokens: 16x more attention work).
+def _prefill_attention(layout: PagedLayout, key_pool, value_pool, query, key, value, scaling, window):
     outs = []
-    for seg in layout.segments:
-        q = query[:, :, seg.start : seg.start + seg.length]
-        if seg.offset == 0 and window is None:
-            # A new sequence attends only to its own keys: plain causal attention, no mask tensor.
-            k = key[:, :, seg.start : seg.start + seg.length]
-            v = value[:, :, seg.start : seg.start + seg.length]
-            outs.append(_attend(q, k, v, None, scaling, is_causal=True))
+    for index, seg in enumerate(layout.segments):
+        span = slice(seg.start, seg.start + seg.length)
+        q = query[:, :, span]
+        if seg.blocks is None:
+            # The chunk starts its sequence: it attends only to its own keys, no gather needed.
+            mask = None if window is None else layout.segment_mask(index, window)
+            outs.append(_attend(q, key[:, :, span], value[:, :, span], mask, scaling, is_causal=True))
             continue
-        total = seg.offset + seg.length
-        k = cache_k[seg.slot : seg.slot + 1, :, :total]
-        v = cache_v[seg.slot : seg.slot + 1, :, :total]
-        positions = torch.arange(seg.offset, total, device=q.device)
-        mask = _window_mask(positions, total, window, q.device)[None, None]
-        outs.append(_attend(q, k, v, mask, scaling))
+        keys = _gather(key_pool, seg.blocks).unsqueeze(0)  # [1, Hkv, L, D]
+        values = _gather(value_pool, seg.blocks).unsqueeze(0)
+        outs.append(_attend(q, keys, values, layout.segment_mask(index, window), scaling))
     return torch.cat(outs, dim=2)
+
+
+def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, window):
+    from flash_attn import flash_attn_varlen_func
+
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    out = flash_attn_varlen_func(
+        q,
+        key_pool,
+        value_pool,
+        cu_seqlens_q=meta.cu_seqlens_q,
+        cu_seqlens_k=meta.cu_seqlens_k,
+        max_seqlen_q=meta.max_seqlen_q,
+        max_seqlen_k=meta.max_seqlen_k,
+        softmax_scale=scaling,
+        causal=True,
+        window_size=(window - 1, 0) if window is not None else (-1, -1),
+        block_table=meta.block_table,
+    )  # [T, H, D]
+    return out.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
 
 
 def register() -> None:
     """Idempotent: the registry is process-wide, the function is stateless."""
-    AttentionInterface.register(ATTENTION_NAME, slot_attention)
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)

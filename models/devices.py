@@ -68,17 +68,19 @@ def set_cpu_threads(num_replicas: int) -> None:
     torch.set_num_threads(max(1, cores // max(1, num_replicas)))
 
 
-def kv_cache_budget(device: torch.device, *, fraction: float = 0.9) -> int:
-    """Bytes the KV cache may grow to on `device`, measured after the model is loaded: a share of
-    the free GPU memory, or of the available RAM on CPU (half: the OS and tokenizers need room)."""
+def kv_cache_budget(device: torch.device, *, gpu_fraction: float = 0.9) -> int:
+    """Bytes the KV pool may take on `device` when not configured, measured after the model is
+    loaded: a share of the free GPU memory (the rest is for activations), or a quarter of the
+    available RAM on CPU (the pool is committed at startup; tokenizers, images and other replicas
+    need the rest)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
+        return int(free * gpu_fraction)
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
+                    return int(line.split()[1]) * 1024 // 4
     except OSError:
         pass
-    return 8 << 30
+    return 4 << 30

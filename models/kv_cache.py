@@ -1,14 +1,13 @@
-"""Preallocated per-slot KV cache for the fast path.
+"""The paged KV pool of one replica: fixed-size blocks of keys and values, one pool per layer.
 
-One row ("slot") per running sequence, per layer `[rows, kv_heads, capacity, head_dim]`. New keys
-are written in place by index, so joining or leaving the batch never copies other rows (padded
-join/leave over `DynamicCache` concatenates the cache every step). Both dimensions grow by
-doubling, up to `num_slots` rows and `max_len` positions, so memory follows what is live: one
-long request alone costs one long row, not `num_slots` of them.
+Per attention layer, keys and values are `[num_blocks + 1, block_size, kv_heads, head_dim]` (the
+layout FlashAttention's paged kernels read). Which block belongs to which sequence is decided by
+`scheduler.blocks`; here a block is just an index. The extra last block stays zero: it pads block
+tables, so a gather never reads memory that no sequence wrote.
 
-`fits()` lets the runner refuse to admit a sequence whose worst case (prompt plus max_tokens)
-would push the cache past its memory budget; it waits until others finish instead of running
-the device out of memory mid-batch.
+The pool is allocated once, on the first forward pass (the startup self-test), with the head
+shapes each layer actually produces, and zero-filled so its memory is committed at startup and the
+process footprint does not creep up while serving. Its size comes from the memory budget.
 """
 
 from __future__ import annotations
@@ -16,82 +15,55 @@ from __future__ import annotations
 import torch
 
 
-class SlotKVCache:
-    def __init__(
-        self,
-        num_slots: int,
-        max_len: int,
-        device: torch.device,
-        *,
-        bytes_per_token: int,
-        budget_bytes: int | None = None,
-        min_capacity: int = 256,
-        min_rows: int = 4,
-    ) -> None:
-        self.num_slots = num_slots
-        self.max_len = max_len
+class PagedKVCache:
+    def __init__(self, num_blocks: int, block_size: int, device: torch.device) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
         self.device = device
-        self.bytes_per_token = bytes_per_token  # all layers, keys and values, one position of one row
-        self.budget_bytes = budget_bytes
-        self._min_capacity = min(min_capacity, max_len)
-        self._min_rows = min(min_rows, num_slots)
-        self.capacity = self._min_capacity
-        self.rows = self._min_rows
+        self.null_block = num_blocks  # all zeros; pads block tables
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
 
     def layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's key/value storage, allocated on first use from a `[*, kv_heads, *, head_dim]`
-        sample so that models with per-layer head shapes need no special casing."""
+        """The layer's pools, allocated on first use from a `[*, kv_heads, *, head_dim]` sample
+        (models with per-layer head shapes need no special casing)."""
         keys = self._keys.get(layer_idx)
         if keys is None:
-            shape = (self.rows, like.shape[1], self.capacity, like.shape[-1])
+            shape = (self.num_blocks + 1, self.block_size, like.shape[1], like.shape[-1])
             keys = torch.zeros(shape, dtype=like.dtype, device=self.device)
             self._keys[layer_idx] = keys
             self._values[layer_idx] = torch.zeros_like(keys)
         return keys, self._values[layer_idx]
 
-    @staticmethod
-    def _grown(current: int, needed: int, limit: int) -> int:
-        return current if needed <= current else min(limit, max(needed, 2 * current))
-
-    def projected_bytes(self, rows: int, length: int) -> int:
-        rows = self._grown(self.rows, rows, self.num_slots)
-        length = self._grown(self.capacity, min(length, self.max_len), self.max_len)
-        return rows * length * self.bytes_per_token
-
-    def fits(self, rows: int, length: int) -> bool:
-        return self.budget_bytes is None or self.projected_bytes(rows, length) <= self.budget_bytes
-
-    def reserve(self, rows: int, length: int) -> None:
-        """Make room for slots `[0, rows)` and positions `[0, length)` before a forward pass."""
-        if length > self.max_len or rows > self.num_slots:
-            raise ValueError(f"cache request ({rows} rows, {length} positions) exceeds its limits")
-        new_rows = self._grown(self.rows, rows, self.num_slots)
-        new_capacity = self._grown(self.capacity, length, self.max_len)
-        if (new_rows, new_capacity) == (self.rows, self.capacity):
-            return
+    def zero_blocks(self, blocks: torch.Tensor) -> None:
+        """Blocks just handed to a sequence: stale contents (possibly non-finite, from a request
+        that failed) must not reach masked positions, where 0 * NaN would still be NaN."""
         for store in (self._keys, self._values):
-            for layer_idx, old in store.items():
-                grown = old.new_zeros((new_rows, old.shape[1], new_capacity, old.shape[-1]))
-                grown[: self.rows, :, : self.capacity] = old
-                store[layer_idx] = grown
-        self.rows, self.capacity = new_rows, new_capacity
+            for pool in store.values():
+                pool.index_fill_(0, blocks, 0)
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of slot `src` into slot `dst` (compaction and forks)."""
-        if src == dst or length <= 0:
-            return
+    def copy_blocks(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         for store in (self._keys, self._values):
-            for tensor in store.values():
-                tensor[dst, :, :length] = tensor[src, :, :length]
-
-    def release_memory(self) -> None:
-        """Drop storage when the replica goes idle so a burst of long requests does not pin memory."""
-        self._keys.clear()
-        self._values.clear()
-        self.capacity, self.rows = self._min_capacity, self._min_rows
+            for pool in store.values():
+                pool.index_copy_(0, destinations, pool.index_select(0, sources))
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in (self._keys, self._values) for t in store.values())
+
+    @property
+    def is_allocated(self) -> bool:
+        return bool(self._keys)
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Keys and values of one position across all layers, from the text config (an estimate for
+    exotic layouts: the pool itself is sized by what each layer actually produces)."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if getattr(config, "multi_query", False):
+        kv_heads = 1
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    head_dim = getattr(config, "head_dim", None) or hidden // max(heads, 1)
+    return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()

@@ -6,11 +6,14 @@ token ids and the extra model inputs (pixel values and friends) of one request.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import torch
 
 from models.errors import InvalidRequestError
 from models.images import DecodedImageCache, ImageLimits
@@ -39,6 +42,10 @@ class PreparedPrompt:
     num_image_tokens: int = 0
     truncated_tokens: int = 0  # dropped from the left to respect max_input_tokens
     warnings: list[str] = field(default_factory=list)
+    # Positions of the first and last image token (the whole prompt when the model's image token
+    # is unknown) and a digest of every image input: the prefix cache keys image blocks by it.
+    image_span: tuple[int, int] | None = None
+    image_digest: bytes = b""
 
 
 class PromptBuilder:
@@ -174,7 +181,10 @@ class PromptBuilder:
         ids = batch["input_ids"][0].tolist()
         mm = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
         image_tokens = sum(1 for t in ids if t == self.image_token_id) if self.image_token_id is not None else 0
-        prepared = PreparedPrompt(ids, mm or None, num_images=len(decoded), num_image_tokens=image_tokens)
+        prepared = PreparedPrompt(
+            ids, mm or None, num_images=len(decoded), num_image_tokens=image_tokens,
+            image_span=self._image_span(ids), image_digest=_digest(mm),
+        )
         if len(ids) > self.max_input_tokens:
             from models.errors import ContextLengthExceededError
 
@@ -184,6 +194,13 @@ class PromptBuilder:
                 param="messages",
             )
         return prepared
+
+    def _image_span(self, ids: list[int]) -> tuple[int, int]:
+        if self.image_token_id is not None:
+            positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
+            if positions:
+                return positions[0], positions[-1]
+        return 0, len(ids) - 1
 
     def _process(self, text: str, images: list, special: bool):
         try:
@@ -231,6 +248,22 @@ def _tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:
             pass
     call["function"] = function
     return call
+
+
+def _digest(inputs: Mapping[str, Any]) -> bytes:
+    """What the model sees of the images (pixel values, sizes, grids), hashed: equal digests mean
+    equal image inputs, so their keys and values can be shared."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(inputs):
+        value = inputs[name]
+        digest.update(name.encode())
+        if hasattr(value, "detach"):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        else:
+            digest.update(repr(value).encode())
+    return digest.digest()
 
 
 def _short(exc: Exception) -> str:

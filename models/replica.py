@@ -1,8 +1,9 @@
-"""One model replica: a loaded model on one device plus the runner that steps it.
+"""One model replica: a loaded model on one device plus the runner that executes its step plans.
 
-`build_replica` loads the model, then chooses the execution path by trying the fast path on a
-real prompt (text, and an image for vision-language models) against the model's own forward:
-models that agree take the fast path, everything else the generic one. The log says which and why.
+`build_replica` loads the model, sizes the paged KV pool from the memory budget, then chooses the
+runner by trying the fast path on real prompts (text, and an image for vision-language models)
+against the model's own forward: models that agree take the paged fast path, everything else the
+generic one. Both execute the same plans. The log says which, why, and how big the pool is.
 """
 
 from __future__ import annotations
@@ -13,21 +14,30 @@ from dataclasses import dataclass
 
 import torch
 
+from models.attention import FLASH_BLOCK_MULTIPLE, flash_available
 from models.cpu_kernels import pack_linears
 from models.detokenize import IncrementalDetokenizer
-from models.devices import kv_cache_budget
+from models.devices import DeviceScope, kv_cache_budget
+from models.generation import Generation
 from models.generic import GenericRunner
 from models.grammar import GrammarCompiler
-from models.loader import LoadedModel, LoadSpec, load_model
+from models.kv_cache import kv_bytes_per_token
+from models.loader import LoadedModel, LoadSpec, ModelLoadError, load_model
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
-from models.runner import SlotRunner
+from models.runner import PagedRunner
 from models.sampling import RowSampler
-from models.sequence import Sequence
+from models.self_test import blocks_needed, run_self_test
 
 log = logging.getLogger(__name__)
 
 _SELF_TEST_TEXT = "The quick brown fox jumps over the lazy dog; 12345 pack my box with five dozen jugs."
+# Measured on this project's 2-core CI machine (docs/BENCHMARKS.md): on CPU the gather copies
+# whole blocks, and 16 was the best of 16/32/64. GPUs use vLLM's default, except that
+# FlashAttention's paged kernels need multiples of 256.
+CPU_BLOCK_SIZE = 16
+GPU_BLOCK_SIZE = 16
+MIN_POOL_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -37,15 +47,21 @@ class ReplicaConfig:
     max_new_tokens: int = 128
     force_generic: bool = False  # tests and operators can pin the generic path
     pack_cpu_linears: bool = True  # oneDNN pre-packed weights on CPU (fast path only)
-    kv_cache_budget_bytes: int | None = None  # None: 90% of free GPU memory / half the available RAM
+    kv_cache_budget_bytes: int | None = None  # the pool; None: auto from free memory
+    kv_cache_gpu_fraction: float = 0.9  # auto on GPU: this share of the memory free after loading
+    kv_block_size: int | None = None  # None: auto (CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, 256 with FlashAttention)
+    enable_prefix_caching: bool = True
 
 
 class ModelReplica:
-    def __init__(self, loaded: LoadedModel, runner: SlotRunner | GenericRunner, path_reason: str, max_seq_len: int):
+    def __init__(self, loaded: LoadedModel, runner, path_reason: str, max_seq_len: int, *, num_blocks: int, block_size: int, prefix_caching: bool):
         self.loaded = loaded
         self.runner = runner
         self.path_reason = path_reason
         self.max_seq_len = max_seq_len
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching and runner.prefix_caching
         self.vocab_size = _vocab_size(loaded)
         self.grammars = GrammarCompiler(loaded.tokenizer, vocab_size=self.vocab_size, eos_token_ids=loaded.eos_token_ids)
 
@@ -53,13 +69,15 @@ class ModelReplica:
     def path(self) -> str:
         return self.runner.kind
 
-    def new_sequences(
-        self, prepared: PreparedPrompt, params: SamplingParams, *, n: int = 1, owner=None
-    ) -> list[Sequence]:
-        """The n sequences of one request; choice i draws from seed + i so choices differ but a
-        seeded request is reproducible."""
-        mm = _to_device(prepared.mm_inputs, self.loaded.device, self.loaded.dtype)
-        seqs = []
+    @property
+    def kv_pool_bytes(self) -> int:
+        cache = getattr(self.runner, "cache", None)
+        return cache.nbytes if cache is not None else 0
+
+    def generations(self, prepared: PreparedPrompt, params: SamplingParams, *, n: int = 1) -> list[Generation]:
+        """The output state of each of a request's n choices; choice i draws from seed + i so
+        choices differ but a seeded request is reproducible."""
+        out = []
         for index in range(n):
             seed = None if params.seed is None else (params.seed + index) % 2**64
             sampler = RowSampler(
@@ -73,53 +91,91 @@ class ModelReplica:
             if params.grammar is not None:
                 # Compiled and validated before admission (Scheduler.submit); here it is a cache hit.
                 sampler.constraint = self.grammars.constraint(params.grammar)
-            detok = IncrementalDetokenizer(
-                self.loaded.tokenizer, prepared.token_ids, skip_special_tokens=params.skip_special_tokens
-            )
-            seqs.append(
-                Sequence(list(prepared.token_ids), sampler, detok, max_tokens=params.max_tokens, mm_inputs=mm, owner=owner, index=index)
-            )
-        return seqs
+            detok = IncrementalDetokenizer(self.loaded.tokenizer, prepared.token_ids, skip_special_tokens=params.skip_special_tokens)
+            out.append(Generation(sampler, detok, max_tokens=params.max_tokens))
+        return out
+
+    def model_inputs(self, prepared: PreparedPrompt) -> dict | None:
+        """The prompt's image inputs on the replica's device, in its dtype."""
+        return _to_device(prepared.mm_inputs, self.loaded.device, self.loaded.dtype)
 
 
 def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
     loaded = load_model(spec)
+    device, dtype = loaded.device, loaded.dtype
     max_seq_len = min(loaded.max_context, config.max_input_tokens + config.max_new_tokens)
-    if config.force_generic:
-        return _generic(loaded, "pinned by configuration", max_seq_len)
-    budget = config.kv_cache_budget_bytes or kv_cache_budget(loaded.device)
-    runner = SlotRunner(
-        loaded.model, num_slots=config.max_batch_size, max_seq_len=max_seq_len, device=loaded.device, cache_budget_bytes=budget
+    use_flash = flash_available(device, dtype) and loaded.attn_impl == "flash_attention_2"
+    block_size = config.kv_block_size or (
+        (FLASH_BLOCK_MULTIPLE if use_flash else GPU_BLOCK_SIZE) if device.type == "cuda" else CPU_BLOCK_SIZE
     )
+    if use_flash and block_size % FLASH_BLOCK_MULTIPLE:
+        log.warning("KV block size %d is not a multiple of %d: attention over the pool uses SDPA, not FlashAttention", block_size, FLASH_BLOCK_MULTIPLE)
+        use_flash = False
+    num_blocks, sizing = _pool_blocks(loaded, config, max_seq_len, block_size)
+    if config.force_generic:
+        return _generic(loaded, "pinned by configuration", max_seq_len, num_blocks, block_size)
+    runner = PagedRunner(loaded.model, num_blocks=num_blocks, block_size=block_size, device=device, use_flash=use_flash)
     reason = _self_test(runner, loaded)
     if reason is not None:
         runner.restore_attention()
-        return _generic(loaded, f"fast path self-test failed: {reason}", max_seq_len)
-    if config.pack_cpu_linears and loaded.device.type == "cpu":
+        del runner
+        _release_memory(device)
+        return _generic(loaded, f"fast path self-test failed: {reason}", max_seq_len, num_blocks, block_size)
+    if config.pack_cpu_linears and device.type == "cpu":
         log.info(pack_linears(loaded.model, batch_hint=min(16, config.max_batch_size)))
         reason = _self_test(runner, loaded)
         if reason is not None:  # packing is an optimisation: never serve wrong numbers for it
             raise RuntimeError(f"self-test failed after packing CPU linears ({reason}); set CPU_PACKED_LINEARS=false")
     log.info(
-        "execution path: fast (per-slot KV cache, %d slots, up to %d tokens each, cache budget %.1f GiB)",
-        config.max_batch_size, max_seq_len, budget / 2**30,
+        "execution path: fast (paged KV pool: %d blocks of %d tokens = %.2f GiB, %s; attention: %s; prefix caching %s)",
+        num_blocks, block_size, runner.cache.nbytes / 2**30, sizing, runner.backend,
+        "on" if config.enable_prefix_caching else "off",
     )
-    return ModelReplica(loaded, runner, "self-test matched the model's own forward", max_seq_len)
+    return ModelReplica(
+        loaded, runner, "self-test matched the model's own forward", max_seq_len,
+        num_blocks=num_blocks, block_size=block_size, prefix_caching=config.enable_prefix_caching,
+    )
 
 
-def _generic(loaded: LoadedModel, reason: str, max_seq_len: int) -> ModelReplica:
-    log.warning("execution path: generic (one sequence at a time via generate()); reason: %s", reason)
+def _pool_blocks(loaded: LoadedModel, config: ReplicaConfig, max_seq_len: int, block_size: int) -> tuple[int, str]:
+    """How many KV blocks the memory budget buys, and a phrase saying where the budget came from.
+    The automatic size never exceeds what a full batch of full-length sequences could use."""
+    per_token = kv_bytes_per_token(loaded.model.config.get_text_config(decoder=True), loaded.dtype)
+    per_block = per_token * block_size
+    blocks_per_sequence = -(-max_seq_len // block_size)
+    if config.kv_cache_budget_bytes:
+        num_blocks, sizing = config.kv_cache_budget_bytes // per_block, "KV_CACHE_MAX_GIB"
+    else:
+        budget = kv_cache_budget(loaded.device, gpu_fraction=config.kv_cache_gpu_fraction)
+        num_blocks = min(budget // per_block, config.max_batch_size * blocks_per_sequence)
+        sizing = "auto from free memory"
+    minimum = -(-MIN_POOL_TOKENS // block_size)
+    if num_blocks < minimum:
+        raise ModelLoadError(
+            f"the KV cache budget holds {num_blocks * block_size} tokens; at least {MIN_POOL_TOKENS} are needed "
+            f"({per_token} bytes per token): raise KV_CACHE_MAX_GIB"
+        )
+    if num_blocks < blocks_per_sequence:
+        log.warning(
+            "the KV pool holds %d tokens, fewer than the %d a sequence may reach: longer requests are refused",
+            num_blocks * block_size, max_seq_len,
+        )
+    return int(num_blocks), sizing
+
+
+def _generic(loaded: LoadedModel, reason: str, max_seq_len: int, num_blocks: int, block_size: int) -> ModelReplica:
+    log.warning("execution path: generic (each sequence through generate(), stepped together); reason: %s", reason)
     pad = loaded.tokenizer.pad_token_id
     if pad is None and loaded.eos_token_ids:
         pad = min(loaded.eos_token_ids)
-    runner = GenericRunner(loaded.model, device=loaded.device, pad_token_id=pad)
-    return ModelReplica(loaded, runner, reason, max_seq_len)
+    runner = GenericRunner(loaded.model, device=loaded.device, pad_token_id=pad, scope=DeviceScope(str(loaded.device)))
+    return ModelReplica(loaded, runner, reason, max_seq_len, num_blocks=num_blocks, block_size=block_size, prefix_caching=False)
 
 
-def _self_test(runner: SlotRunner, loaded: LoadedModel) -> str | None:
+def _self_test(runner: PagedRunner, loaded: LoadedModel) -> str | None:
     builder = PromptBuilder.for_model(loaded)
     ids = builder.tokenize(_SELF_TEST_TEXT)
-    reason = runner.self_test(ids, None, dtype=loaded.dtype)
+    reason = run_self_test(runner, ids, None, dtype=loaded.dtype)
     if reason is not None or not builder.is_vision:
         return reason
     try:
@@ -132,9 +188,11 @@ def _self_test(runner: SlotRunner, loaded: LoadedModel) -> str | None:
     except Exception as exc:  # the generic path will surface the same problem per request
         log.debug("image self-test could not build a prompt", exc_info=True)
         return f"image prompt preparation failed: {exc}"
+    if blocks_needed(len(ids), len(prepared.token_ids), runner.block_size) > runner.num_blocks:
+        return "the KV pool is too small for the image self-test"
     mm = _to_device(prepared.mm_inputs, loaded.device, loaded.dtype)
     # The image prompt joins while the text prompt decodes, as it would in a busy batch.
-    return runner.self_test(ids, (prepared.token_ids, mm), dtype=loaded.dtype)
+    return run_self_test(runner, ids, (prepared.token_ids, mm), dtype=loaded.dtype)
 
 
 def _synthetic_png() -> bytes:
@@ -156,6 +214,14 @@ def _to_device(mm: dict | None, device: torch.device, dtype: torch.dtype) -> dic
             value = value.to(device, dtype=dtype) if value.is_floating_point() else value.to(device)
         moved[key] = value
     return moved
+
+
+def _release_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _vocab_size(loaded: LoadedModel) -> int:

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from models.params import SamplingParams
+from models.plan import PlanRow, SampledToken
 
 MAX_TOP_LOGPROBS = 20
 
@@ -231,3 +232,16 @@ def sample(
             top = list(zip(ids.tolist(), values.tolist()))
         logprobs[i] = TokenLogprob(tokens[i], float(row_lp[tokens[i]]), top)
     return tokens, logprobs
+
+
+def draw(logits: torch.Tensor, rows: Sequence[PlanRow]) -> list[SampledToken]:
+    """One draw per sampler of the plan rows that sample. `logits` is `[R, vocab]`, one row per
+    such plan row in order; a row shared by several samplers (the choices of an n > 1 request that
+    fork from one prompt) is repeated for each, so every choice draws with its own generator."""
+    counts = [len(row.samplers) for row in rows if row.samplers]
+    if not counts:
+        return []
+    if any(count > 1 for count in counts):
+        logits = torch.repeat_interleave(logits, torch.tensor(counts, device=logits.device), dim=0)
+    tokens, logprobs = sample(logits, [s for row in rows for s in row.samplers])
+    return [SampledToken(token, logprob) for token, logprob in zip(tokens, logprobs)]

@@ -3,11 +3,13 @@
 Created by the app's lifespan inside an anyio task group. `submit()` refuses at once when the
 server cannot take the request (loading, draining, every queue full), prepares the prompt in a
 worker thread (templates, tokenization, image decoding), checks lengths, and hands the request to
-the least-loaded replica. Replica threads deliver outputs through a BlockingPortal, once per step.
+the least-loaded replica. Replica threads hand each step's outputs to the event loop with
+`call_soon_threadsafe`: a replica never waits for the loop, however busy it is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import logging
@@ -16,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import anyio
-from anyio.from_thread import BlockingPortal
 
 from models.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
 from models.images import DecodedImageCache, ImageLimits
@@ -51,7 +52,7 @@ class Scheduler:
         ]
         self.started_at = time.monotonic()
         self.draining = False
-        self._portal: BlockingPortal | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._prompt_builder: PromptBuilder | None = None
         self._builder_lock = anyio.Lock()
         self._prep_limiter = anyio.CapacityLimiter(2)
@@ -64,9 +65,9 @@ class Scheduler:
         return lambda: build_replica(spec, self.config.replica)
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self, portal: BlockingPortal) -> None:
+    async def start(self) -> None:
         """Start every replica thread; loading goes on in the background while /health says so."""
-        self._portal = portal
+        self._loop = asyncio.get_running_loop()
         for executor in self.executors:
             executor.start()
 
@@ -108,12 +109,17 @@ class Scheduler:
     def replica_stats(self) -> list[dict[str, Any]]:
         stats = []
         for e in self.executors:
-            item = {"name": e.name, "device": e.device, "state": e.state, "running": e.num_running, "queued": e.queue_depth, "outstanding_tokens": e.outstanding_tokens, "steps": e.steps}
-            if e.replica is not None:
-                item["path"] = e.replica.path
-                item["path_reason"] = e.replica.path_reason
-                item["attention"] = e.replica.loaded.attn_impl
-                item["dtype"] = str(e.replica.loaded.dtype).removeprefix("torch.")
+            item = {"name": e.name, "device": e.device, "state": e.state, "outstanding_tokens": e.outstanding_tokens, **e.stats()}
+            replica = e.replica
+            if replica is not None:
+                item["path"] = replica.path
+                item["path_reason"] = replica.path_reason
+                item["attention"] = replica.loaded.attn_impl
+                item["kernels"] = replica.runner.backend
+                item["dtype"] = str(replica.loaded.dtype).removeprefix("torch.")
+                item["kv_block_size"] = replica.block_size
+                item["kv_pool_bytes"] = replica.kv_pool_bytes
+                item["prefix_caching"] = replica.prefix_caching
             if e.error:
                 item["error"] = e.error
             stats.append(item)
@@ -122,6 +128,15 @@ class Scheduler:
     # -- requests ------------------------------------------------------------------------------
     async def submit(self, request: EngineRequest) -> RequestStream:
         self._check_can_accept()
+        rows = self.config.executor.max_batch_size
+        if request.n > rows:
+            # All choices of a request run together, sharing one prefill; more than the batch holds
+            # could never be admitted.
+            raise InvalidRequestError(
+                f"n={request.n} choices cannot run together on this server: at most {rows} sequences are batched "
+                "(MAX_BATCH_SIZE); send several requests or lower n",
+                param="n",
+            )
         if len(request.prompt.images) > self.config.max_images_per_request:
             raise InvalidRequestError(
                 f"{len(request.prompt.images)} images sent; this server accepts at most {self.config.max_images_per_request} per request",
@@ -138,6 +153,12 @@ class Scheduler:
             # Compiled off the loop by the replica that will run it: a bad schema is a 400 now, and
             # admission later only copies the cached matcher.
             await anyio.to_thread.run_sync(executor.replica.grammars.validate, request.params.grammar, limiter=self._prep_limiter)
+        if not executor.fits(len(prepared.token_ids), request.params.max_tokens, request.n):
+            raise ContextLengthExceededError(
+                f"the prompt ({len(prepared.token_ids)} tokens) plus max_tokens ({request.params.max_tokens}) for "
+                f"{request.n} choice(s) does not fit this server's KV cache memory; reduce the prompt, max_tokens or n",
+                param="max_tokens",
+            )
         stream = RequestStream(request, prepared)
         stream.replica_name = executor.name
         stream._on_cancel = lambda _stream: executor.wake()
@@ -194,13 +215,6 @@ class Scheduler:
                     "tokens a sequence may hold on this server",
                     param="max_tokens",
                 )
-        fits = getattr(replica.runner, "fits_alone", None)
-        if fits is not None and not fits(prompt_len + max_tokens, request.n):
-            raise ContextLengthExceededError(
-                f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) does not fit this server's KV cache "
-                "memory; reduce the prompt or max_tokens",
-                param="max_tokens",
-            )
         vocab = replica.vocab_size
         for token in [*(params.logit_bias or ()), *params.stop_token_ids]:
             if not 0 <= token < vocab:
@@ -266,14 +280,14 @@ class Scheduler:
 
     # -- outputs -------------------------------------------------------------------------------
     def _deliver(self, items: Delivery) -> None:
-        """Called from replica threads once per step; never blocks them."""
-        portal = self._portal
-        if portal is None:
+        """Called from replica threads once per step; schedules the hand-off and returns at once."""
+        loop = self._loop
+        if loop is None:
             return
         try:
-            portal.start_task_soon(self._apply, items)
+            loop.call_soon_threadsafe(self._apply, items)
         except RuntimeError:
-            pass  # the loop is gone (shutdown): nobody is listening any more
+            pass  # the loop is closed (shutdown): nobody is listening any more
 
     def _apply(self, items: Delivery) -> None:
         for stream, index, delta in items:

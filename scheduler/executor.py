@@ -1,8 +1,9 @@
 """One replica: a long-lived thread that loads the model and runs its step loop.
 
-The loop reads as a sentence: collect → drop cancelled → admit → plan → step → emit → reap.
-Admission and planning are bookkeeping over sequences; all tensor work is `runner.step`. Outputs
-of a whole step cross to the event loop in one `deliver` call.
+The loop reads as a sentence: collect new requests -> drop cancelled ones -> schedule -> run ->
+advance -> emit. `scheduler.batch` decides what each step computes (pure bookkeeping), the
+replica's runner computes it, and the outputs of the whole step cross to the event loop in one
+`deliver` call that never waits for the loop.
 """
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ from typing import Callable
 
 from models.devices import DeviceScope
 from models.errors import OverloadedError
+from models.generation import Delta
+from models.plan import SampledToken, StepPlan
 from models.prompt import PreparedPrompt
 from models.replica import ModelReplica
-from models.sequence import Sequence, SequenceDelta
+from scheduler.batch import Batch, BatchConfig
+from scheduler.blocks import BlockManager
 from scheduler.request import RequestStream
+from scheduler.sequence import ImageSpan, Sequence
 
 log = logging.getLogger(__name__)
 
-# (stream, choice index, delta) for every sequence that produced something this step.
-Delivery = list[tuple[RequestStream, int, SequenceDelta]]
+# (stream, choice index, delta) for every choice that produced something this step.
+Delivery = list[tuple[RequestStream, int, Delta]]
 GENERIC_FAILURE = "generation failed"
+NON_FINITE = "the model produced invalid (non-finite) scores for this request"
 SHUTTING_DOWN = "the server is shutting down"
 CACHE_FULL = "the request does not fit this replica's KV cache memory"
 
@@ -35,16 +41,21 @@ class Job:
     stream: RequestStream
     prepared: PreparedPrompt
     cost: int  # tokens of work, for routing
-    seqs: list[Sequence] = field(default_factory=list)
     enqueued_at: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
 
     @property
     def n(self) -> int:
         return self.stream.request.n
 
+    @property
+    def finished(self) -> bool:
+        return bool(self.seqs) and all(seq.is_finished for seq in self.seqs)
+
 
 @dataclass(frozen=True)
 class ExecutorConfig:
+    max_batch_size: int = 32  # rows: sequences decoded together
     max_queue_size: int = 256
     max_prefill_tokens: int = 512
     batch_timeout_s: float = 0.0
@@ -53,19 +64,24 @@ class ExecutorConfig:
 
 
 class Executor:
-    def __init__(self, name: str, device: str, build: Callable[[], ModelReplica], deliver: Callable[[Delivery], None], config: ExecutorConfig) -> None:
+    def __init__(
+        self, name: str, device: str, build: Callable[[], ModelReplica], deliver: Callable[[Delivery], None], config: ExecutorConfig
+    ) -> None:
         self.name = name
         self.device = device
         self.config = config
         self.state = "loading"  # loading | ready | failed | stopped
         self.error: str | None = None
         self.replica: ModelReplica | None = None
+        self.batch: Batch | None = None
         self.outstanding_tokens = 0  # maintained by the scheduler on the event loop
-        self.num_running = 0
+        self.num_running = 0  # sequences in the batch (rows taken), updated once per step
+        self.num_waiting_jobs = 0  # requests accepted by the replica thread but not admitted yet
         self.steps = 0
         self._build = build
         self._deliver = deliver
-        self._queue: deque[Job] = deque()
+        self._inbox: deque[Job] = deque()
+        self._jobs: list[Job] = []  # requests on the replica thread (waiting or running)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=f"replica-{name}", daemon=True)
@@ -81,16 +97,17 @@ class Executor:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Requests not yet in the batch: in the inbox or waiting for rows and blocks."""
+        return len(self._inbox) + self.num_waiting_jobs
 
     def has_room(self) -> bool:
-        return len(self._queue) < self.config.max_queue_size
+        return self.queue_depth < self.config.max_queue_size
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if len(self._queue) >= self.config.max_queue_size:
+            if self.queue_depth >= self.config.max_queue_size:
                 raise OverloadedError("the server is at capacity; retry shortly")
-            self._queue.append(job)
+            self._inbox.append(job)
             self._cond.notify()
 
     def wake(self) -> None:
@@ -98,7 +115,7 @@ class Executor:
             self._cond.notify()
 
     def stop(self) -> None:
-        """Finish what is running, then end the thread; queued jobs are failed."""
+        """End the thread at the next step; whatever is still running or queued is failed."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -106,6 +123,29 @@ class Executor:
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def fits(self, prompt_tokens: int, max_tokens: int, n: int) -> bool:
+        """Whether a request can ever run here: its worst case (every choice at max_tokens) in KV
+        blocks, the choices sharing the full blocks of the prompt."""
+        replica = self.replica
+        size = replica.block_size
+        whole = -(-(prompt_tokens + max_tokens) // size)
+        return whole + (n - 1) * (whole - prompt_tokens // size) <= replica.num_blocks
+
+    def stats(self) -> dict:
+        stats = {"running": self.num_running, "queued": self.queue_depth, "steps": self.steps}
+        batch = self.batch
+        if batch is not None:
+            blocks = batch.blocks
+            stats.update(
+                kv_blocks_total=blocks.num_blocks,
+                kv_blocks_used=blocks.num_used,
+                kv_cache_usage=round(blocks.usage, 4),
+                prefix_cache_queries=blocks.query_tokens,
+                prefix_cache_hits=blocks.hit_tokens,
+                preemptions=batch.num_preemptions,
+            )
+        return stats
 
     # -- replica thread ------------------------------------------------------------------------
     def _main(self) -> None:
@@ -116,244 +156,209 @@ class Executor:
             log.error("replica %s failed to load: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.state = "failed"
-            self._fail_queued("the model failed to load")
+            self._fail_inbox("the model failed to load")
             return
-        self.state = "ready"
+        self.attach(self.replica)
         log.info("replica %s ready on %s (%s path)", self.name, self.device, self.replica.path)
         try:
-            if self.replica.path == "fast":
-                self._step_loop()
-            else:
-                self._sequential_loop()
+            while self._wait_for_work():
+                self.step()
+            self._fail_everything(SHUTTING_DOWN)
         except BaseException:
             log.exception("replica %s stopped unexpectedly", self.name)
             self.state = "failed"
             self.error = "the replica's step loop crashed"
-            self._fail_queued(GENERIC_FAILURE)
+            self._fail_everything(GENERIC_FAILURE)
             raise
         finally:
             if self.state == "ready":
                 self.state = "stopped"
 
-    def _take(self, running: list[Job], limit: int) -> list[Job]:
-        """Wait for work when idle; honour BATCH_TIMEOUT_MS so a burst can share one prefill."""
+    def attach(self, replica: ModelReplica) -> None:
+        """Serve with a loaded replica: its batch gets the replica's KV pool geometry. (Tests
+        attach a replica they built and call `step()` themselves, without the thread.)"""
+        self.replica = replica
+        self.batch = Batch(
+            BatchConfig(
+                max_rows=self.config.max_batch_size,
+                max_prefill_tokens=self.config.max_prefill_tokens,
+                chunked_prefill=replica.runner.chunked_prefill,
+                prefill_aging_s=self.config.prefill_aging_s,
+                watermark_blocks=max(1, replica.num_blocks // 100),
+            ),
+            BlockManager(replica.num_blocks, replica.block_size, enable_prefix_caching=replica.prefix_caching),
+        )
+        self.state = "ready"
+
+    def _wait_for_work(self) -> bool:
+        """Block while there is nothing to do; honour BATCH_TIMEOUT_MS so a burst arriving at an
+        idle replica shares one prefill step. False once the replica is stopping."""
         with self._cond:
-            while not self._queue and not running:
-                if self._stopping:
-                    return []
+            while not self._inbox and not self.batch.has_work and not self._stopping:
                 self._cond.wait(self.config.idle_poll_s)
             timeout = self.config.batch_timeout_s
-            if timeout > 0 and not running and self._queue and len(self._queue) < limit:
-                deadline = self._queue[0].enqueued_at + timeout
-                while len(self._queue) < limit and (remaining := deadline - time.monotonic()) > 0:
+            if timeout > 0 and self._inbox and not self.batch.running:
+                deadline = self._inbox[0].enqueued_at + timeout
+                while len(self._inbox) < self.batch.config.max_rows and (remaining := deadline - time.monotonic()) > 0:
                     self._cond.wait(remaining)
-            return list(self._queue)
+            return not self._stopping
 
-    def _step_loop(self) -> None:
-        runner = self.replica.runner
-        running: list[Job] = []
-        reserved = 0  # slots promised to children of n > 1 requests still prefilling
-        while True:
-            candidates = self._take(running, runner.free_slots)
-            if self._stopping:
-                self._shutdown(running, runner)
-                return
-            if not candidates and not running:
-                continue
-            self._drop_cancelled(running)
-            reserved = self._admit(running, runner, reserved)
-            decode, prefill = self._plan(running)
-            if decode or prefill:
-                with self._scope():
-                    self._run_step(runner, decode, prefill)
+    def step(self) -> None:
+        """One iteration: collect -> drop cancelled -> schedule -> run -> advance -> emit."""
+        batch = self.batch
+        self._collect()
+        self._drop_cancelled()
+        plan = batch.schedule()
+        self._fail_rejected()
+        if plan is not None:
+            results, failed = self._run(plan)
+            self._advance(plan, results, failed)
+            if plan.rows:
                 self.steps += 1
-            reserved = self._emit_and_reap(running, runner)
-            self.num_running = len(running)
+        elif batch.has_work:  # nothing runnable (a bug if it happens): do not spin
+            log.warning("replica %s has work but nothing to schedule", self.name)
+            time.sleep(self.config.idle_poll_s)
+        self._emit()
 
-    def _drop_cancelled(self, running: list[Job]) -> None:
-        dropped: Delivery = []
+    def _collect(self) -> None:
+        """Move new requests into the batch."""
         with self._cond:
-            for job in [j for j in self._queue if j.stream.cancelled]:
-                self._queue.remove(job)
-                dropped.extend((job.stream, i, SequenceDelta(finish_reason="abort")) for i in range(job.n))
-        for job in running:
+            jobs = list(self._inbox)
+            self._inbox.clear()
+            self.num_waiting_jobs += len(jobs)
+        for job in jobs:
+            if job.stream.cancelled:
+                self._deliver([(job.stream, i, Delta(finish_reason="abort")) for i in range(job.n)])
+                self.num_waiting_jobs -= 1
+                continue
+            try:
+                job.seqs = self._sequences(job)
+                self.batch.add(job.seqs)
+            except Exception:
+                log.exception("could not start request %s", job.stream.request_id)
+                self._deliver([(job.stream, i, Delta(finish_reason="error", error=GENERIC_FAILURE)) for i in range(job.n)])
+                self.num_waiting_jobs -= 1
+                continue
+            self._jobs.append(job)
+
+    def _sequences(self, job: Job) -> list[Sequence]:
+        replica, prepared = self.replica, job.prepared
+        params = job.stream.request.params
+        generations = replica.generations(prepared, params, n=job.n)
+        mm_inputs = replica.model_inputs(prepared)
+        image = None
+        if mm_inputs is not None:
+            first, last = prepared.image_span or (0, len(prepared.token_ids) - 1)
+            image = ImageSpan(first, last, prepared.image_digest)
+        return [
+            Sequence(
+                prepared.token_ids, max_tokens=params.max_tokens, arrival=job.enqueued_at, group=job, index=index,
+                sampler=generation.sampler, output=generation, image=image, mm_inputs=mm_inputs,
+            )
+            for index, generation in enumerate(generations)
+        ]
+
+    def _drop_cancelled(self) -> None:
+        for job in self._jobs:
             if job.stream.cancelled:
                 for seq in job.seqs:
-                    seq.abort("abort")
-        if dropped:
-            self._deliver(dropped)
+                    if not seq.is_finished:
+                        self._finish(seq, "abort")
 
-    def _admit(self, running: list[Job], runner, reserved: int) -> int:
-        while True:
-            with self._cond:
-                if not self._queue:
-                    return reserved
-                job = self._queue[0]
-                if runner.free_slots - reserved < job.n:
-                    return reserved
-                self._queue.popleft()
-            try:
-                if not job.seqs:  # a job put back while waiting for cache room keeps its sequences
-                    job.seqs = self.replica.new_sequences(job.prepared, job.stream.request.params, n=job.n, owner=job)
-            except Exception:
-                log.exception("could not start request %s", job.stream.request_id)
-                self._deliver([(job.stream, i, SequenceDelta(finish_reason="error", error=GENERIC_FAILURE)) for i in range(job.n)])
-                continue
-            if not runner.can_admit(job.seqs[0], rows=job.n + reserved):
-                # The KV cache budget is the limit now: wait for running sequences to finish (FIFO).
-                if running:
-                    with self._cond:
-                        self._queue.appendleft(job)
-                    return reserved
-                log.warning("request %s does not fit the KV cache budget even alone", job.stream.request_id)
-                self._deliver([(job.stream, i, SequenceDelta(finish_reason="error", error=CACHE_FULL)) for i in range(job.n)])
-                continue
-            parent, children = job.seqs[0], job.seqs[1:]
-            parent.children = children
-            runner.admit(parent)
-            reserved += len(children)
-            running.append(job)
+    def _fail_rejected(self) -> None:
+        batch = self.batch
+        while batch.rejected:
+            parent = batch.rejected.pop()
+            log.warning("request %s does not fit the KV cache even alone", parent.group.stream.request_id)
+            for seq in [parent, *parent.pending_children]:
+                seq.output.abort("error", CACHE_FULL)
+            batch.finish(parent)
 
-    def _plan(self, running: list[Job]) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
-        decode: list[Sequence] = []
-        waiting: list[tuple[tuple, Sequence]] = []
-        now = time.monotonic()
-        for job in running:
-            for seq in job.seqs:
-                if seq.is_finished or seq.slot is None:
-                    continue
-                if not seq.is_prefilling:
-                    decode.append(seq)
-                else:
-                    waiting.append((self._prefill_priority(job, seq, now), seq))
-        waiting.sort(key=lambda item: item[0])
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """End `seq` (and choices waiting to fork from it) with `reason` and leave the batch."""
+        for gone in self.batch.finish(seq):
+            gone.output.abort(reason, error)
 
-        budget = self.config.max_prefill_tokens
-        prefill: list[tuple[Sequence, int]] = []
-        has_images = False
-        for _, seq in waiting:
-            if budget <= 0:
-                break
-            remaining = seq.remaining_prompt
-            if seq.mm_inputs and seq.num_cached == 0:
-                # Image tokens cannot be split across chunks; one image prompt per step, whole.
-                if has_images or (prefill and remaining > budget):
-                    continue
-                has_images = True
-                take = remaining
-            else:
-                take = min(remaining, budget)
-            prefill.append((seq, take))
-            budget -= take
-        return decode, prefill
-
-    def _prefill_priority(self, job: Job, seq: Sequence, now: float) -> tuple:
-        """Which prompt gets the prefill budget first. A prompt already partly cached finishes first
-        (its cache is held anyway); then the shortest job (prompt left + max_tokens), so a short
-        request does not wait behind long ones that arrived with it; a job waiting longer than
-        `prefill_aging_s` goes by arrival order instead, so long jobs are never starved."""
-        if seq.num_cached:
-            return (0, job.enqueued_at)
-        if now - job.enqueued_at > self.config.prefill_aging_s:
-            return (1, job.enqueued_at)
-        return (2, seq.remaining_prompt + seq.max_tokens, job.enqueued_at)
-
-    def _run_step(self, runner, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> None:
-        try:
-            runner.step(decode, prefill)
-            return
-        except Exception:
-            log.exception("step failed on replica %s (%d decoding, %d prefilling)", self.name, len(decode), len(prefill))
-        # One request must not take the batch down: newcomers are the likely cause, so fail them
-        # and retry the running rows alone; if that fails too, fail those rows.
-        for seq, _ in prefill:
-            seq.abort("error", GENERIC_FAILURE)
-            for child in getattr(seq, "children", ()):
-                child.abort("error", GENERIC_FAILURE)
-        if prefill and decode:
-            try:
-                runner.step(decode, [])
-                return
-            except Exception:
-                log.exception("decode-only retry failed on replica %s", self.name)
-        for seq in decode:
-            seq.abort("error", GENERIC_FAILURE)
-
-    def _emit_and_reap(self, running: list[Job], runner) -> int:
-        delivery: Delivery = []
-        reserved = 0
-        for job in list(running):
-            parent = job.seqs[0]
-            if parent.is_finished:
-                for child in getattr(parent, "children", ()):
-                    if child.slot is None:
-                        child.abort(parent.finish_reason if parent.finish_reason in ("abort", "error") else "abort", parent.error)
-            for seq in job.seqs:
-                delta = seq.take_delta()
-                if delta is not None:
-                    delivery.append((job.stream, seq.index, delta))
-                if seq.is_finished and seq.slot is not None:
-                    runner.release(seq)
-            if all(seq.is_finished for seq in job.seqs):
-                running.remove(job)
-            elif parent.is_prefilling:
-                reserved += sum(1 for child in job.seqs[1:] if child.slot is None)
-        if delivery:
-            self._deliver(delivery)
-        return reserved
-
-    def _sequential_loop(self) -> None:
+    def _run(self, plan: StepPlan) -> tuple[list[SampledToken], dict[int, str]]:
+        """Execute the plan. If the step fails, each row runs alone so that one bad request
+        fails alone: a row that fails by itself is reported in the second value (seq_id -> error)."""
         runner = self.replica.runner
-        while True:
-            self._take([], 1)
-            if self._stopping:
-                self._fail_queued(SHUTTING_DOWN)
-                return
-            self._drop_cancelled([])
-            with self._cond:
-                if not self._queue:
-                    continue
-                job = self._queue.popleft()
-            self.num_running = 1
-            try:
-                job.seqs = self.replica.new_sequences(job.prepared, job.stream.request.params, n=job.n, owner=job)
-                for seq in job.seqs:
-                    self._run_sequential(runner, job, seq)
-            except Exception:
-                log.exception("could not start request %s", job.stream.request_id)
-                for i in range(job.n):
-                    if i >= len(job.seqs) or not job.seqs[i].is_finished:
-                        self._deliver([(job.stream, i, SequenceDelta(finish_reason="error", error=GENERIC_FAILURE))])
-            self.num_running = 0
-
-    def _run_sequential(self, runner, job: Job, seq: Sequence) -> None:
-        def emit() -> None:
-            delta = seq.take_delta()
-            if delta is not None:
-                self._deliver([(job.stream, seq.index, delta)])
-
-        if job.stream.cancelled:
-            seq.abort("abort")
-        else:
+        try:
+            with self._scope():
+                return runner.execute(plan), {}
+        except Exception:
+            log.exception("step failed on replica %s (%d rows); retrying each row alone", self.name, len(plan.rows))
+        results: list[SampledToken] = []
+        failed: dict[int, str] = {}
+        for index, row in enumerate(plan.rows):
+            alone = StepPlan(
+                rows=[row],
+                copies=[c for c in plan.copies if c[0] in row.block_table],
+                forks=[f for f in plan.forks if f[0] == row.seq_id],
+                released=plan.released if index == 0 else [],
+                fresh_blocks=plan.fresh_blocks if index == 0 else [],
+            )
             try:
                 with self._scope():
-                    runner.run(seq, on_token=emit, cancelled=lambda: job.stream.cancelled or self._stopping)
+                    results.extend(runner.execute(alone))
             except Exception:
-                log.exception("generation failed for request %s", job.stream.request_id)
-                seq.abort("error", GENERIC_FAILURE)
-        emit()
-        self.steps += 1
+                log.exception("request row %d failed alone on replica %s", row.seq_id, self.name)
+                failed[row.seq_id] = GENERIC_FAILURE
+                results.extend(SampledToken(None, None, GENERIC_FAILURE) for _ in row.samplers)
+        return results, failed
 
-    def _shutdown(self, running: list[Job], runner) -> None:
-        for job in running:
+    def _advance(self, plan: StepPlan, results: list[SampledToken], failed: dict[int, str]) -> None:
+        batch = self.batch
+        for seq, sample in batch.advance(plan, results):
+            if seq.is_finished:
+                continue
+            generation = seq.output
+            if sample.token_id is None:
+                if sample.error is None:
+                    log.warning("sequence %d produced non-finite logits; failing it alone", seq.seq_id)
+                self._finish(seq, "error", sample.error or NON_FINITE)
+                continue
+            generation.append(sample.token_id, sample.logprob)
+            if generation.is_finished:
+                batch.finish(seq)
+        if failed:
+            for seq in list(batch.running):
+                if seq.seq_id in failed:
+                    self._finish(seq, "error", failed[seq.seq_id])
+
+    def _emit(self) -> None:
+        delivery: Delivery = []
+        still: list[Job] = []
+        waiting = 0
+        for job in self._jobs:
             for seq in job.seqs:
-                seq.abort("error", SHUTTING_DOWN)
-        self._emit_and_reap(running, runner)
-        self._fail_queued(SHUTTING_DOWN)
+                delta = seq.output.take_delta()
+                if delta is not None:
+                    delivery.append((job.stream, seq.index, delta))
+            if not job.finished:
+                still.append(job)
+                if not any(seq.is_running for seq in job.seqs):
+                    waiting += 1
+        self._jobs = still
+        self.num_waiting_jobs = waiting
+        self.num_running = self.batch.num_rows
+        if delivery:
+            self._deliver(delivery)
 
-    def _fail_queued(self, message: str) -> None:
+    def _fail_everything(self, message: str) -> None:
+        batch = self.batch
+        if batch is not None:
+            for job in self._jobs:
+                for seq in job.seqs:
+                    if not seq.is_finished:
+                        self._finish(seq, "error", message)
+            self._emit()
+        self._fail_inbox(message)
+
+    def _fail_inbox(self, message: str) -> None:
         with self._cond:
-            jobs = list(self._queue)
-            self._queue.clear()
+            jobs = list(self._inbox)
+            self._inbox.clear()
         for job in jobs:
-            self._deliver([(job.stream, i, SequenceDelta(finish_reason="error", error=message)) for i in range(job.n)])
+            self._deliver([(job.stream, i, Delta(finish_reason="error", error=message)) for i in range(job.n)])
+

@@ -1,40 +1,77 @@
-"""Drive a replica's runner the way the executor does, and ask transformers for the reference."""
+"""Drive a replica through the real Executor, one step at a time in the test's thread, and ask
+transformers for the reference."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
+from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt
+from scheduler.executor import Executor, ExecutorConfig, Job
+from scheduler.request import EngineRequest, RequestStream
 
 
-def run_jobs(replica, jobs, *, prefill_budget: int = 10_000) -> list[list[int]]:
+class EngineDriver:
+    """The executor's own step loop (collect, schedule, run, advance, emit) without its thread:
+    requests join exactly at the step a test chooses."""
+
+    def __init__(self, replica, *, max_batch_size: int = 8, max_prefill_tokens: int = 10_000) -> None:
+        self.replica = replica
+        self.tokens: dict[tuple[str, int], list[int]] = defaultdict(list)
+        self.text: dict[tuple[str, int], str] = defaultdict(str)
+        self.finished: dict[tuple[str, int], tuple[str, str | None]] = {}
+        config = ExecutorConfig(max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
+        self.executor = Executor("test", str(replica.loaded.device), lambda: replica, self._deliver, config)
+        self.executor.attach(replica)
+        self._count = 0
+
+    def _deliver(self, items) -> None:
+        for stream, index, delta in items:
+            key = (stream.request_id, index)
+            self.tokens[key].extend(delta.token_ids)
+            self.text[key] += delta.text
+            if delta.finish_reason is not None:
+                self.finished[key] = (delta.finish_reason, delta.error)
+
+    def submit(self, prepared: PreparedPrompt, params: SamplingParams, *, n: int = 1) -> RequestStream:
+        self._count += 1
+        request = EngineRequest(f"r{self._count}", PromptInput(token_ids=tuple(prepared.token_ids)), params, n=n)
+        stream = RequestStream(request, prepared)
+        self.executor.submit(Job(stream, prepared, cost=0))
+        return stream
+
+    def done(self, stream: RequestStream) -> bool:
+        return all((stream.request_id, i) in self.finished for i in range(stream.request.n))
+
+    def outputs(self, stream: RequestStream) -> list[list[int]]:
+        return [self.tokens[(stream.request_id, i)] for i in range(stream.request.n)]
+
+    def run(self, streams: list[RequestStream], *, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
+            if all(self.done(s) for s in streams):
+                return
+            self.executor.step()
+        raise AssertionError("requests did not finish")
+
+
+def run_jobs(replica, jobs, *, prefill_budget: int = 10_000, max_batch_size: int = 8) -> list[list[int]]:
     """jobs: (join_step, prepared, params). Each job joins the batch at its step; prompts are
-    prefilled in chunks of at most `prefill_budget` tokens per step (an image prompt whole, as the
-    executor does). Returns each job's output ids."""
-    runner = replica.runner
-    pending = sorted(enumerate(jobs), key=lambda item: item[1][0])
-    seqs, running, step = {}, [], 0
-    while pending or running:
-        while pending and pending[0][1][0] <= step:
-            index, (_, prepared, params) = pending.pop(0)
-            seq = replica.new_sequences(prepared, params)[0]
-            runner.admit(seq)
-            seqs[index] = seq
-            running.append(seq)
-        decode = [s for s in running if not s.is_prefilling]
-        budget, prefill = prefill_budget, []
-        for s in running:
-            if s.is_prefilling and budget > 0:
-                take = s.remaining_prompt if s.mm_inputs and s.num_cached == 0 else min(s.remaining_prompt, budget)
-                prefill.append((s, take))
-                budget -= take
-        if decode or prefill:
-            runner.step(decode, prefill)
-        for s in [s for s in running if s.is_finished]:
-            runner.release(s)
-            running.remove(s)
+    prefilled in chunks of at most `prefill_budget` tokens per step. Returns each job's output ids."""
+    driver = EngineDriver(replica, max_batch_size=max_batch_size, max_prefill_tokens=prefill_budget)
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][0])
+    streams: dict[int, RequestStream] = {}
+    step = 0
+    while len(streams) < len(jobs) or not all(driver.done(s) for s in streams.values()):
+        for i in order:
+            if i not in streams and jobs[i][0] <= step:
+                streams[i] = driver.submit(jobs[i][1], jobs[i][2])
+        driver.executor.step()
         step += 1
-    return [seqs[i].output_ids for i in range(len(jobs))]
+        if step > 10_000:
+            raise AssertionError("requests did not finish")
+    return [driver.outputs(streams[i])[0] for i in range(len(jobs))]
 
 
 def hf_greedy(replica, prepared: PreparedPrompt, max_new_tokens: int) -> list[int]:
@@ -43,7 +80,7 @@ def hf_greedy(replica, prepared: PreparedPrompt, max_new_tokens: int) -> list[in
     config = model.config.get_text_config(decoder=True)
     original = config._attn_implementation
     if replica.path == "fast":
-        config._attn_implementation = replica.runner._original_attn
+        config._attn_implementation = replica.runner.original_attn
     try:
         inputs = {
             "input_ids": torch.tensor([prepared.token_ids]),

@@ -14,7 +14,7 @@ from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import ReplicaConfig, build_replica
-from tests.unit.engine_driver import hf_greedy
+from tests.unit.engine_driver import EngineDriver, hf_greedy
 from tests.unit.engine_driver import run_jobs as run
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -95,35 +95,38 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(text_replica):
 
 
 def test_n_choices_share_one_prefill(text_replica):
-    runner = text_replica.runner
+    driver = EngineDriver(text_replica)
     prepared = prepared_text(text_replica, "Pick a number")
-    seqs = text_replica.new_sequences(prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True), n=3)
-    parent, children = seqs[0], seqs[1:]
-    parent.children = children
-    runner.admit(parent)
-    runner.step([], [(parent, len(prepared.token_ids))])
-    assert all(child.slot is not None and child.num_cached == parent.num_cached for child in children)
-    assert all(len(s.output_ids) == 1 for s in seqs)
-    while not all(s.is_finished for s in seqs):
-        runner.step([s for s in seqs if not s.is_finished], [])
-    for s in seqs:
-        runner.release(s)
-    outputs = [tuple(s.output_ids) for s in seqs]
-    assert len(set(outputs)) > 1  # independent samples
-    assert runner.num_active == 0
+    stream = driver.submit(prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True), n=3)
+    driver.executor.step()
+    batch = driver.executor.batch
+    # One prefill step computed the prompt once; all three choices drew their first token from it.
+    assert [len(t) for t in driver.outputs(stream)] == [1, 1, 1]
+    assert len(batch.running) == 3
+    first_blocks = {tuple(s.block_table[: len(prepared.token_ids) // text_replica.block_size]) for s in batch.running}
+    assert len(first_blocks) == 1  # the full prompt blocks are shared, not copied
+    driver.run([stream])
+    outputs = [tuple(o) for o in driver.outputs(stream)]
+    assert all(len(o) == 6 for o in outputs) and len(set(outputs)) > 1  # independent samples
+    # Choice i samples with seed + i: the second choice equals a single request seeded with 6.
+    single = driver.submit(prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=6, ignore_eos=True))
+    driver.run([single])
+    assert tuple(driver.outputs(single)[0]) == outputs[1]
+    assert not batch.running and batch.blocks.num_used == 0
 
 
-def test_generic_path_gives_the_same_greedy_tokens(tiny_text_path, text_replica):
+def test_generic_path_gives_the_same_greedy_tokens_batched(tiny_text_path, text_replica):
     generic = build_replica(
         LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(force_generic=True)
     )
     assert generic.path == "generic"
     prepared = prepared_text(text_replica, "Generic path check")
-    seq = generic.new_sequences(prepared, SamplingParams(max_tokens=10, **GREEDY))[0]
-    generic.runner.run(seq, on_token=lambda: None, cancelled=lambda: False)
-    fast = run(text_replica, [(0, prepared, SamplingParams(max_tokens=10, **GREEDY))])[0]
-    assert seq.output_ids == fast
-    assert seq.finish_reason == "length"
+    neighbour = prepared_text(text_replica, "a neighbour that joins later and decodes with it")
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    fast = run(text_replica, [(0, prepared, params)])[0]
+    together = run(generic, [(0, prepared, params), (2, neighbour, SamplingParams(max_tokens=14, **GREEDY))])
+    assert together[0] == fast
+    assert together[1] == run(text_replica, [(0, neighbour, SamplingParams(max_tokens=14, **GREEDY))])[0]
 
 
 def test_vlm_takes_the_fast_path_and_matches_generate(vlm_replica):
@@ -148,10 +151,26 @@ def test_image_request_is_identical_alone_and_in_a_mixed_batch(vlm_replica, join
     assert busy[-1] == alone
 
 
-def test_slots_are_recycled_and_compacted(text_replica):
-    runner = text_replica.runner
+def test_blocks_are_recycled(text_replica):
     params = SamplingParams(max_tokens=5, **GREEDY)
-    jobs = [(i, prepared_text(text_replica, f"request {i} " * (i + 1)), params) for i in range(12)]
-    outputs = run(text_replica, jobs)
-    assert all(len(o) == 5 for o in outputs)
-    assert runner.num_active == 0 and runner.free_slots == runner.num_slots
+    driver = EngineDriver(text_replica, max_batch_size=4)
+    streams = [driver.submit(prepared_text(text_replica, f"request {i} " * (i + 1)), params) for i in range(12)]
+    driver.run(streams)
+    assert all(len(driver.outputs(s)[0]) == 5 for s in streams)
+    batch = driver.executor.batch
+    assert not batch.running and batch.blocks.num_used == 0
+
+
+def test_a_prefix_hit_gives_the_same_tokens(text_replica):
+    driver = EngineDriver(text_replica, max_prefill_tokens=16)
+    system = "You are a helpful assistant. Answer briefly and never make things up. " * 2
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    first = prepared_text(text_replica, system + "What is the capital of France?")
+    second = prepared_text(text_replica, system + "Name three colours.")
+    one = driver.submit(first, params)
+    driver.run([one])
+    two = driver.submit(second, params)
+    driver.run([two])
+    blocks = driver.executor.batch.blocks
+    assert blocks.hit_tokens >= text_replica.block_size  # the shared system prompt was reused
+    assert driver.outputs(two)[0] == run(text_replica, [(0, second, params)])[0] == hf_greedy(text_replica, second, 12)

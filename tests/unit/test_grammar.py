@@ -9,7 +9,6 @@ import json
 import anyio
 import pytest
 import torch
-from anyio.from_thread import BlockingPortal
 
 from app.tool_calls import HERMES, parse_message
 from models.errors import InvalidRequestError
@@ -21,6 +20,7 @@ from models.replica import ReplicaConfig, build_replica
 from scheduler.core import Scheduler, SchedulerConfig
 from scheduler.executor import ExecutorConfig
 from scheduler.request import EngineRequest
+from tests.unit.engine_driver import EngineDriver
 
 PERSON = {
     "type": "object",
@@ -68,20 +68,11 @@ def replica(tiny_text_path):
 
 
 def generate(replica, params: SamplingParams, *, n: int = 1, prompt: str = "Answer in JSON please") -> list[tuple[str, str]]:
-    """(text, finish_reason) per choice, stepping the runner like the executor does."""
-    seqs = replica.new_sequences(PreparedPrompt(replica.loaded.tokenizer(prompt)["input_ids"]), params, n=n)
-    runner, running, texts = replica.runner, list(seqs), {s.seq_id: "" for s in seqs}
-    for seq in seqs:
-        runner.admit(seq)
-    while running:
-        runner.step([s for s in running if not s.is_prefilling], [(s, s.remaining_prompt) for s in running if s.is_prefilling])
-        for seq in running:
-            if (delta := seq.take_delta()) is not None:
-                texts[seq.seq_id] += delta.text
-        for seq in [s for s in running if s.is_finished]:
-            runner.release(seq)
-            running.remove(seq)
-    return [(texts[s.seq_id], s.finish_reason) for s in seqs]
+    """(text, finish_reason) per choice, through the executor's step loop."""
+    driver = EngineDriver(replica)
+    stream = driver.submit(PreparedPrompt(replica.loaded.tokenizer(prompt)["input_ids"]), params, n=n)
+    driver.run([stream])
+    return [(driver.text[(stream.request_id, i)], driver.finished[(stream.request_id, i)][0]) for i in range(n)]
 
 
 def check_person(value) -> None:
@@ -222,22 +213,21 @@ async def test_scheduler_refuses_a_bad_schema_before_admission(tiny_text_path, a
     messages = ({"role": "user", "content": "hi"},)
     bad = SamplingParams(max_tokens=8, grammar=GrammarSpec("json_schema", json.dumps({"type": "nonsense"})))
     good = SamplingParams(max_tokens=64, temperature=0.0, grammar=GrammarSpec("json_schema", json.dumps(PERSON)))
-    async with BlockingPortal() as portal:
-        await scheduler.start(portal)
-        with anyio.fail_after(120):
-            while scheduler.status == "loading":
-                await anyio.sleep(0.05)
-        try:
-            with pytest.raises(InvalidRequestError) as caught:
-                await scheduler.submit(EngineRequest("bad", PromptInput(messages=messages), bad))
-            assert caught.value.param == "response_format"
-            assert scheduler.executors[0].queue_depth == 0 and not scheduler._inflight
-            stream = await scheduler.submit(EngineRequest("good", PromptInput(messages=messages), good))
-            text, reason = "", None
-            async for update in stream:
-                text += update.choices[0].text
-                reason = update.choices[0].finish_reason or reason
-            assert reason == "stop"
-            check_person(json.loads(text))
-        finally:
-            await scheduler.drain(5)
+    await scheduler.start()
+    with anyio.fail_after(120):
+        while scheduler.status == "loading":
+            await anyio.sleep(0.05)
+    try:
+        with pytest.raises(InvalidRequestError) as caught:
+            await scheduler.submit(EngineRequest("bad", PromptInput(messages=messages), bad))
+        assert caught.value.param == "response_format"
+        assert scheduler.executors[0].queue_depth == 0 and not scheduler._inflight
+        stream = await scheduler.submit(EngineRequest("good", PromptInput(messages=messages), good))
+        text, reason = "", None
+        async for update in stream:
+            text += update.choices[0].text
+            reason = update.choices[0].finish_reason or reason
+        assert reason == "stop"
+        check_person(json.loads(text))
+    finally:
+        await scheduler.drain(5)

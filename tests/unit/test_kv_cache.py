@@ -1,40 +1,37 @@
-"""The per-slot KV cache grows rows and positions on demand and respects its memory budget."""
+"""The paged KV pool: allocated on first use with the layer's own head shape, zeroed and copied
+by whole blocks, with a zero block for padding."""
 
 from __future__ import annotations
 
 import torch
 
-from models.kv_cache import SlotKVCache
+from models.kv_cache import PagedKVCache, kv_bytes_per_token
 
 
-def make(**kwargs) -> SlotKVCache:
-    kwargs.setdefault("bytes_per_token", 2 * 2 * 4 * 4)  # 2 layers, k+v, 2 heads x 4 dims... as fp32
-    return SlotKVCache(16, 1024, torch.device("cpu"), min_capacity=8, min_rows=2, **kwargs)
+def test_pools_take_the_layer_shape_and_keep_a_zero_padding_block():
+    cache = PagedKVCache(6, 4, torch.device("cpu"))
+    assert not cache.is_allocated
+    keys, values = cache.layer(0, torch.zeros(1, 2, 3, 8))
+    assert keys.shape == (7, 4, 2, 8) and values.shape == keys.shape
+    assert cache.null_block == 6 and bool((keys[6] == 0).all())
+    other, _ = cache.layer(1, torch.zeros(1, 1, 3, 16, dtype=torch.float16))  # per-layer shapes
+    assert other.shape == (7, 4, 1, 16) and other.dtype == torch.float16
+    assert cache.nbytes == 2 * (7 * 4 * 2 * 8 * 4) + 2 * (7 * 4 * 1 * 16 * 2)
 
 
-def test_rows_and_positions_grow_by_doubling_and_keep_contents():
-    cache = make()
-    keys, values = cache.layer(0, torch.zeros(1, 2, 1, 4))
-    keys[1, :, 3] = 7.0
-    cache.reserve(3, 20)
-    assert (cache.rows, cache.capacity) == (4, 20)
-    keys, _ = cache.layer(0, torch.zeros(1, 2, 1, 4))
-    assert keys.shape == (4, 2, 20, 4) and float(keys[1, 0, 3, 0]) == 7.0
-    cache.reserve(2, 21)
-    assert cache.capacity == 40  # doubling, so a growing sequence copies O(log n) times
+def test_blocks_are_zeroed_and_copied_whole():
+    cache = PagedKVCache(4, 2, torch.device("cpu"))
+    keys, values = cache.layer(0, torch.zeros(1, 1, 1, 2))
+    keys[1] = float("nan")
+    values[1] = 3.0
+    cache.copy_blocks(torch.tensor([1]), torch.tensor([2]))
+    assert bool(torch.isnan(keys[2]).all()) and bool((values[2] == 3.0).all())
+    cache.zero_blocks(torch.tensor([1, 2]))
+    assert bool((keys[1:3] == 0).all()) and bool((values[1:3] == 0).all())
 
 
-def test_one_long_row_costs_one_row_not_every_slot():
-    cache = make(budget_bytes=64 * 1000 * 2)
-    assert cache.fits(1, 1000)
-    assert not cache.fits(16, 1000)
+def test_bytes_per_token_from_the_config():
+    class Config:
+        num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_size = 2, 4, 2, 64
 
-
-def test_move_copies_a_prefix_between_slots():
-    cache = make()
-    keys, _ = cache.layer(0, torch.zeros(1, 2, 1, 4))
-    keys[0, :, :5] = 1.0
-    cache.move(0, 1, 5)
-    assert bool((keys[1, :, :5] == 1.0).all()) and bool((keys[1, :, 5:] == 0).all())
-    cache.release_memory()
-    assert cache.nbytes == 0 and (cache.rows, cache.capacity) == (2, 8)
+    assert kv_bytes_per_token(Config(), torch.float32) == 2 * 2 * 2 * 16 * 4

@@ -68,11 +68,6 @@ def test_architecture_matches_generate(model_type, tokenizer, tmp_path):
     assert replica.path == expected_path, replica.path_reason
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
     prompt = PreparedPrompt(tokenizer("hello world, this is a test of the architecture")["input_ids"])
-    if replica.path == "fast":
-        neighbour = PreparedPrompt(tokenizer("another request")["input_ids"])
-        produced = run_jobs(replica, [(0, neighbour, params), (2, prompt, params)], prefill_budget=16)[1]
-    else:
-        seq = replica.new_sequences(prompt, params)[0]
-        replica.runner.run(seq, on_token=lambda: None, cancelled=lambda: False)
-        produced = seq.output_ids
+    neighbour = PreparedPrompt(tokenizer("another request")["input_ids"])
+    produced = run_jobs(replica, [(0, neighbour, params), (2, prompt, params)], prefill_budget=16)[1]
     assert produced == hf_greedy(replica, prompt, MAX_NEW)

@@ -76,16 +76,8 @@ def _text_prompt(replica, text: str) -> PreparedPrompt:
     return _builder(replica).prepare(PromptInput(messages=({"role": "user", "content": text},)))
 
 
-def _run_generic(replica, prepared: PreparedPrompt, max_tokens: int = MAX_NEW) -> list[int]:
-    seq = replica.new_sequences(prepared, SamplingParams(max_tokens=max_tokens, **GREEDY))[0]
-    replica.runner.run(seq, on_token=lambda: None, cancelled=lambda: False)
-    return seq.output_ids
-
-
 def _engine_greedy(replica, prepared: PreparedPrompt) -> list[int]:
-    if replica.path == "fast":
-        return run_jobs(replica, [(0, prepared, SamplingParams(max_tokens=MAX_NEW, **GREEDY))])[0]
-    return _run_generic(replica, prepared)
+    return run_jobs(replica, [(0, prepared, SamplingParams(max_tokens=MAX_NEW, **GREEDY))])[0]
 
 
 def test_takes_the_expected_path(arch_replica):
@@ -140,8 +132,6 @@ def test_text_prompt_matches_generate(arch_replica):
 
 def test_image_request_is_identical_in_a_mixed_batch(arch_replica):
     arch, replica = arch_replica
-    if replica.path != "fast":
-        pytest.skip("the generic path runs one sequence at a time")
     target = _image_prompt(replica, "Describe the image.", seed=2)
     params = SamplingParams(max_tokens=MAX_NEW, **GREEDY)
     alone = run_jobs(replica, [(0, target, params)])[0]
@@ -155,7 +145,7 @@ def test_image_request_is_identical_in_a_mixed_batch(arch_replica):
 
 
 def test_mask_check_flags_what_the_causal_fast_path_cannot_do():
-    from models.runner import _mask_problem
+    from models.self_test import mask_problem as _mask_problem
 
     causal = torch.ones(5, 5, dtype=torch.bool).tril()
     assert _mask_problem(causal[None, None]) is None
@@ -198,13 +188,14 @@ def test_the_logits_alone_also_refuse_the_fast_path(name, tmp_path_factory, monk
     """Bidirectional image attention and M-RoPE are refused by structure first; the logit comparison
     on its own must refuse them too (it is what guards architectures nobody listed)."""
     import models.replica as replica_module
-    import models.runner as runner_module
+    import models.self_test as self_test_module
+    from models.runner import PagedRunner
 
     replica = _replica(next(a for a in ARCHS if a.name == name), tmp_path_factory)
-    monkeypatch.setattr(runner_module, "_mask_problem", lambda mask: None)
-    monkeypatch.setattr(runner_module, "_positions_problem", lambda model: None)
+    monkeypatch.setattr(self_test_module, "mask_problem", lambda mask: None)
+    monkeypatch.setattr(self_test_module, "positions_problem", lambda model: None)
     loaded = replica.loaded
-    runner = runner_module.SlotRunner(loaded.model, num_slots=2, max_seq_len=512, device=loaded.device)
+    runner = PagedRunner(loaded.model, num_blocks=64, block_size=16, device=loaded.device)
     try:
         reason = replica_module._self_test(runner, loaded)
     finally:

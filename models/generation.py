@@ -1,24 +1,21 @@
-"""One generated sequence: its tokens, cache slot, sampler, detokenizer and stop rules.
+"""What one choice has generated: its sampler, text so far, stop rules, and the delta not yet
+handed to the request's stream.
 
-Owned by one replica thread. The scheduler reads `finish_reason` and drains `take_delta()` once
-per step; everything else is the runner's business.
+Owned by one replica thread. The executor calls `append()` with each sampled token and drains
+`take_delta()` once per step; where the tokens' keys live is the scheduler's business.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
-from typing import Any
 
 from models.detokenize import IncrementalDetokenizer, StopStringMatcher
 from models.sampling import RowSampler, TokenLogprob
 
-_ids = itertools.count(1)
-
 
 @dataclass(slots=True)
-class SequenceDelta:
-    """What a sequence produced since the last hand-off."""
+class Delta:
+    """What a choice produced since the last hand-off."""
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -27,71 +24,29 @@ class SequenceDelta:
     error: str | None = None
 
 
-class Sequence:
-    def __init__(
-        self,
-        prompt_ids: list[int],
-        sampler: RowSampler,
-        detokenizer: IncrementalDetokenizer,
-        *,
-        max_tokens: int,
-        mm_inputs: dict[str, Any] | None = None,
-        owner: Any = None,
-        index: int = 0,
-    ) -> None:
-        self.seq_id = next(_ids)
-        self.owner = owner  # the scheduler's request, opaque here
-        self.index = index  # choice index for n > 1
-        self.prompt_ids = prompt_ids
-        self.mm_inputs = mm_inputs
+class Generation:
+    def __init__(self, sampler: RowSampler, detokenizer: IncrementalDetokenizer, *, max_tokens: int) -> None:
         self.sampler = sampler
         self.max_tokens = max_tokens
         self.output_ids: list[int] = []
-        self.num_cached = 0  # tokens whose keys/values are in the cache
-        self.slot: int | None = None
-        # Further choices of the same prompt (n > 1): they get a copy of this sequence's cache
-        # once its prefill completes, and sample their first token from the same logits.
-        self.children: list[Sequence] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
         self._detok = detokenizer
         self._stops = StopStringMatcher(sampler.params.stop)
         self._emitted = ""
-        self._delta = SequenceDelta()
-
-    # -- state the scheduler reads -------------------------------------------------------------
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def total_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_cached < len(self.prompt_ids)
-
-    @property
-    def remaining_prompt(self) -> int:
-        return len(self.prompt_ids) - self.num_cached
+        self._delta = Delta()
 
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
-    @property
-    def last_token(self) -> int:
-        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
-
-    def take_delta(self) -> SequenceDelta | None:
+    def take_delta(self) -> Delta | None:
         delta = self._delta
         if not (delta.token_ids or delta.text or delta.finish_reason):
             return None
-        self._delta = SequenceDelta()
+        self._delta = Delta()
         return delta
 
-    # -- updates from the runner ---------------------------------------------------------------
     def append(self, token_id: int, logprob: TokenLogprob | None) -> None:
         self.output_ids.append(token_id)
         self.sampler.accept(token_id)

@@ -1,0 +1,270 @@
+"""The batch of one replica: who waits, who runs, and what each step computes. No tensors.
+
+A step is schedule -> run -> advance:
+
+- `schedule()` gives every decoding sequence a KV slot, preempting the latest arrivals when the
+  pool runs out of blocks; admits waiting requests while rows (`max_rows`) and blocks allow, all
+  choices of an n > 1 request together; and spends the prefill budget on prompts (shortest job
+  first, with aging so long ones are never starved). It returns a `StepPlan`.
+- a runner executes the plan (`models.runner`, `models.generic`);
+- `advance()` records what was computed and sampled, forks the choices of n > 1 requests whose
+  prompt completed, and makes filled blocks available to prefix hits.
+
+Preemption is by recompute (as vLLM does by default): a preempted sequence gives its blocks back
+and later prefills its prompt and the tokens it already generated again; with prefix caching most
+of that is found in the cache. Swapping to host memory would need a second pool and copies on
+every preemption, for a case the admission watermark already makes rare.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from models.plan import PlanRow, SampledToken, StepPlan
+from scheduler.blocks import BlockManager
+from scheduler.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_rows: int = 32  # sequences in the batch at once (MAX_BATCH_SIZE)
+    max_prefill_tokens: int = 512  # prompt tokens computed per step
+    chunked_prefill: bool = True  # False: a prompt is computed in one step (runners that cannot chunk)
+    prefill_aging_s: float = 2.0
+    watermark_blocks: int = 0  # free blocks admission leaves for running sequences to grow into
+
+
+class Batch:
+    def __init__(self, config: BatchConfig, blocks: BlockManager, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.blocks = blocks
+        self._clock = clock
+        # Requests not admitted yet, each as its first choice with the others in pending_children.
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        # Waiting requests that can never fit the pool, even alone; the executor fails them.
+        self.rejected: list[Sequence] = []
+        self.num_preemptions = 0
+        self._released: list[int] = []
+        self._rows: list[Sequence] = []  # the sequence of each row of the last plan
+        self._forks: dict[int, list[Sequence]] = {}  # parent seq_id -> choices forked by the last plan
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        """Rows taken: running sequences plus the choices reserved for their fork."""
+        return sum(1 + len(seq.pending_children) for seq in self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 + len(seq.pending_children) for seq in self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """A new request: its choices are admitted together; the first computes the prompt."""
+        if len(seqs) > self.config.max_rows:
+            raise ValueError(f"{len(seqs)} choices cannot share a batch of {self.config.max_rows} rows")
+        parent = seqs[0]
+        parent.pending_children = list(seqs[1:])
+        self.waiting.append(parent)
+
+    # -- leaving -------------------------------------------------------------------------------
+    def finish(self, seq: Sequence) -> list[Sequence]:
+        """Take `seq` out of the batch and give back its blocks. Choices still waiting to fork
+        from it leave with it (they have no prompt without it). Returns every sequence that left."""
+        gone = [seq, *seq.pending_children]
+        if seq.is_running:
+            self._release(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        for s in gone:
+            s.is_finished = True
+        seq.pending_children = []
+        return gone
+
+    def _release(self, seq: Sequence) -> None:
+        for child in seq.pending_children:
+            self.blocks.free(child)
+        self.blocks.free(seq)
+        seq.is_running = False
+        seq.prefill_started = False
+        self.running.remove(seq)
+        self._released.append(seq.seq_id)
+
+    def _preempt(self, victim: Sequence) -> None:
+        self._release(victim)
+        self.waiting.appendleft(victim)
+        self.num_preemptions += 1
+
+    # -- schedule ------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan | None:
+        """The next step's plan, or None when there is nothing to do."""
+        now = self._clock()
+        rows = self._schedule_decodes()
+        self._admit()
+        rows += self._schedule_prefills(now, {seq.seq_id for seq, _ in rows})
+        if not rows and not self._released:
+            return None
+        plan = StepPlan(released=self._released)
+        self._released = []
+        for seq, take in rows:
+            plan.rows.append(self._plan_row(seq, take, plan))
+        self._rows = [seq for seq, _ in rows]
+        plan.fresh_blocks = self.blocks.take_fresh()
+        return plan
+
+    def _schedule_decodes(self) -> list[tuple[Sequence, int]]:
+        """Every running sequence with one token to feed gets a slot for it, most important first;
+        when blocks run out the least important running sequence is preempted (maybe itself)."""
+        rows = []
+        for seq in sorted(self.running, key=Sequence.priority):
+            if not seq.is_running or seq.num_uncomputed != 1 or seq.pending_children:
+                continue
+            while not self.blocks.ensure_slots(seq):
+                victim = max(self.running, key=Sequence.priority)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.is_running:
+                rows.append((seq, 1))
+        return rows
+
+    def _admit(self) -> None:
+        """Admit waiting requests in arrival order while rows and blocks allow. A request whose
+        prompt is mostly a prefix another sequence is computing right now (a shared system prompt
+        in a burst) waits for it, as SGLang does, and finds it in the cache a few steps later;
+        the ones behind it go ahead meanwhile."""
+        blocks = self.blocks
+        postponed: list[Sequence] = []
+        while self.waiting:
+            seq = self.waiting[0]
+            if self.num_rows + 1 + len(seq.pending_children) > self.config.max_rows:
+                break
+            hits, in_flight = blocks.lookup(seq)
+            if 2 * in_flight * blocks.block_size >= seq.num_tokens - len(hits) * blocks.block_size:
+                postponed.append(self.waiting.popleft())
+                continue
+            cost = blocks.cost(seq, hits) + len(seq.pending_children) * blocks.fork_cost(seq)
+            reserve = self.config.watermark_blocks if self.running else 0
+            if cost > blocks.num_free - reserve:
+                if not self.running and cost > blocks.num_free:
+                    self.rejected.append(self.waiting.popleft())  # does not fit even alone
+                    continue
+                break
+            self.waiting.popleft()
+            blocks.allocate(seq, hits)
+            for child in seq.pending_children:
+                blocks.share_prompt(seq, child)
+            seq.is_running = True
+            self.running.append(seq)
+        self.waiting.extendleft(reversed(postponed))
+
+    def _schedule_prefills(self, now: float, scheduled: set[int]) -> list[tuple[Sequence, int]]:
+        candidates = [s for s in self.running if s.seq_id not in scheduled and s.num_uncomputed >= 1]
+        candidates.sort(key=lambda s: self._prefill_priority(s, now))
+        budget = self.config.max_prefill_tokens
+        rows: list[tuple[Sequence, int]] = []
+        has_image = False
+        for seq in candidates:
+            if budget <= 0:
+                break
+            take = self._chunk(seq, budget, first=not rows, has_image=has_image)
+            if take <= 0:
+                continue
+            rows.append((seq, take))
+            budget -= take
+            has_image = has_image or self._covers_image(seq, seq.num_cached, seq.num_cached + take)
+        return rows
+
+    def _prefill_priority(self, seq: Sequence, now: float) -> tuple:
+        """A prompt already being computed finishes first (its blocks are held anyway); then the
+        shortest job (prompt left + max_tokens), so a short request does not wait behind long ones
+        that came with it; a request waiting longer than `prefill_aging_s` goes by arrival."""
+        if seq.prefill_started:
+            return (0, seq.arrival, seq.seq_id)
+        if now - seq.arrival > self.config.prefill_aging_s:
+            return (1, seq.arrival, seq.seq_id)
+        return (2, seq.num_uncomputed + seq.max_tokens, seq.arrival, seq.seq_id)
+
+    def _chunk(self, seq: Sequence, budget: int, *, first: bool, has_image: bool) -> int:
+        """Tokens of `seq` to compute this step. An image's tokens are computed in one chunk (its
+        inputs come whole), one image chunk per step; such a chunk, or a whole prompt on a runner
+        that cannot chunk, may exceed the budget only as the step's first prefill."""
+        remaining = seq.num_uncomputed
+        take = min(remaining, budget) if self.config.chunked_prefill else remaining
+        image = seq.image
+        start = seq.num_cached
+        if image is not None and start <= image.last and start + take > image.first:
+            through_image = image.last + 1 - start
+            if has_image or (take < through_image and not first):
+                if not self.config.chunked_prefill or start >= image.first:
+                    return 0
+                take = image.first - start  # the text before the image now, the image later
+            elif take < through_image:
+                take = through_image
+        if take > budget and not first:
+            return 0
+        return take
+
+    @staticmethod
+    def _covers_image(seq: Sequence, start: int, end: int) -> bool:
+        image = seq.image
+        return image is not None and start <= image.first and end > image.last
+
+    def _plan_row(self, seq: Sequence, take: int, plan: StepPlan) -> PlanRow:
+        start, end = seq.num_cached, seq.num_cached + take
+        row = PlanRow(seq.seq_id, seq.token_ids[start:end], start, seq.block_table)
+        if self._covers_image(seq, start, end):
+            row.mm_inputs = seq.mm_inputs
+        if end == seq.num_tokens:
+            children = seq.pending_children
+            row.samplers = [seq.sampler, *(child.sampler for child in children)]
+            if children:
+                self._forks[seq.seq_id] = children
+                last = seq.block_table[(end - 1) // self.blocks.block_size]
+                for child in children:
+                    plan.forks.append((seq.seq_id, child.seq_id))
+                    if end % self.blocks.block_size:
+                        plan.copies.append((last, child.block_table[-1]))
+        return row
+
+    # -- advance -------------------------------------------------------------------------------
+    def advance(self, plan: StepPlan, results: list[SampledToken]) -> list[tuple[Sequence, SampledToken]]:
+        """Record the executed `plan`: cached lengths, filled blocks, forks and sampled tokens.
+        `results` has one entry per sampler of the plan, in order. Returns each sampling sequence
+        with its draw (a None token means its logits were not finite: the caller fails it)."""
+        samples = iter(results)
+        drawn: list[tuple[Sequence, SampledToken]] = []
+        for row, seq in zip(plan.rows, self._rows):
+            seq.num_cached = row.end
+            seq.prefill_started = True
+            self.blocks.register(seq)
+            if not row.samplers:
+                continue
+            children = self._forks.pop(seq.seq_id, [])
+            for child in children:
+                child.num_cached = seq.num_cached
+                child.block_keys = list(seq.block_keys)
+                child.prefill_started = True
+                child.is_running = True
+                self.running.append(child)
+            seq.pending_children = []
+            for sampled_seq in (seq, *children):
+                sample = next(samples)
+                if sample.token_id is not None:
+                    sampled_seq.token_ids.append(sample.token_id)
+                drawn.append((sampled_seq, sample))
+        self._rows = []
+        return drawn
+
+    def forget_step(self, plan: StepPlan) -> None:
+        """The plan was not executed (the step failed): nothing it scheduled was computed. Forks
+        it planned are undone; rows stay as they were and are scheduled again."""
+        self._forks.clear()
+        self._rows = []

@@ -1,0 +1,96 @@
+"""A sequence as the batch sees it: token ids, how many are cached, which KV blocks hold them.
+
+Pure bookkeeping, no tensors. The sampler and the output state (detokenizer, stop rules) are
+opaque handles the executor attaches; the batch only passes the sampler into step plans.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpan:
+    """Where a prompt's image tokens lie (`first`..`last`, inclusive) and a digest of the pixel data
+    they stand for. Prefix-cache keys of blocks from the first image token on include the digest,
+    so two different images never share a block; chunks never split the span."""
+
+    first: int
+    last: int
+    digest: bytes
+
+
+class Sequence:
+    """One choice of one request. `token_ids` is the prompt followed by the generated tokens;
+    `num_cached` of them have keys and values in the blocks of `block_table`."""
+
+    __slots__ = (
+        "seq_id", "group", "index", "token_ids", "num_prompt_tokens", "max_tokens", "num_cached",
+        "block_table", "block_keys", "pending_end", "pending_children", "prefill_started", "is_running", "is_finished", "arrival",
+        "sampler", "output", "image", "mm_inputs", "_keys_cache",
+    )
+
+    def __init__(
+        self,
+        token_ids: list[int],
+        *,
+        max_tokens: int,
+        arrival: float,
+        group: Any = None,
+        index: int = 0,
+        sampler: Any = None,
+        output: Any = None,
+        image: ImageSpan | None = None,
+        mm_inputs: Any = None,
+    ) -> None:
+        self.seq_id = next(_ids)
+        self.group = group  # the request this choice belongs to (opaque)
+        self.index = index  # choice index within the request
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.max_tokens = max_tokens
+        self.arrival = arrival  # earlier arrivals keep their blocks when memory runs out
+        self.num_cached = 0
+        self.block_table: list[int] = []
+        self.block_keys: list[tuple] = []  # prefix-cache keys of the computed full blocks
+        self.pending_end = 0  # full prompt blocks [len(block_keys), pending_end) are being computed
+        # Further choices of an n > 1 request, not running yet: they fork from this sequence once
+        # its prompt is computed and sample their first token from the same logits.
+        self.pending_children: list[Sequence] = []
+        self.prefill_started = False  # a chunk of it was computed (not just found in the prefix cache)
+        self.is_running = False
+        self.is_finished = False
+        self.sampler = sampler
+        self.output = output
+        self.image = image
+        self.mm_inputs = mm_inputs
+        self._keys_cache: tuple[int, list[tuple]] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to feed: the rest of the prompt, or the one token sampled last step."""
+        return len(self.token_ids) - self.num_cached
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.num_prompt_tokens + self.max_tokens
+
+    def priority(self) -> tuple[float, int]:
+        """Lower is more important: arrival order, then choice order."""
+        return (self.arrival, self.seq_id)
+
+    def __repr__(self) -> str:
+        state = "finished" if self.is_finished else "running" if self.is_running else "waiting"
+        return f"Sequence({self.seq_id}, {state}, {self.num_cached}/{self.num_tokens} cached, blocks={self.block_table})"

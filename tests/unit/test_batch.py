@@ -1,0 +1,290 @@
+"""The batch bookkeeping without a model: admission, chunking, forks, preemption, prefix reuse.
+
+A fake runner "samples" a token that depends only on the tokens before it (and the choice index),
+the way a greedy model would, so that recomputing after preemption must give the same output.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from models.plan import SampledToken, StepPlan
+from scheduler.batch import Batch, BatchConfig
+from scheduler.blocks import BlockManager
+from scheduler.sequence import ImageSpan, Sequence
+
+
+class FakeSampler:
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+
+
+def next_token(tokens: list[int], index: int) -> int:
+    return (sum(tokens) * 31 + len(tokens) * 7 + index * 1000) % 997
+
+
+def request(prompt, *, n=1, max_tokens=4, arrival=0.0, image=None) -> list[Sequence]:
+    return [
+        Sequence(list(prompt), max_tokens=max_tokens, arrival=arrival, index=i, sampler=FakeSampler(i), image=image, mm_inputs={"image": 1} if image else None)
+        for i in range(n)
+    ]
+
+
+class Driver:
+    """Runs the batch as the executor does, checking the block books after every step."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.plans: list[StepPlan] = []
+        self.steps = 0
+
+    def execute(self, plan: StepPlan) -> list[SampledToken]:
+        results = []
+        by_id = {s.seq_id: s for s in self.batch.running}
+        for row in plan.rows:
+            seq = by_id[row.seq_id]
+            assert row.token_ids == seq.token_ids[row.start : row.end]
+            assert len(row.block_table) * self.batch.blocks.block_size >= row.end
+            context = seq.token_ids[: row.end]
+            for sampler in row.samplers:
+                results.append(SampledToken(next_token(context, sampler.index)))
+        return results
+
+    def step(self) -> StepPlan | None:
+        plan = self.batch.schedule()
+        if plan is None:
+            return None
+        self.plans.append(plan)
+        for seq, _sample in self.batch.advance(plan, self.execute(plan)):
+            if seq.num_generated >= seq.max_tokens:
+                self.batch.finish(seq)
+        self.steps += 1
+        self.check()
+        return plan
+
+    def run(self, limit: int = 10_000) -> None:
+        while self.batch.has_work and self.steps < limit:
+            if self.step() is None:
+                break
+        assert not self.batch.has_work, "work left but nothing scheduled"
+
+    def check(self) -> None:
+        tables = [s.block_table for s in self.batch.running]
+        tables += [c.block_table for s in self.batch.running for c in s.pending_children]
+        self.batch.blocks.check(tables)
+        assert self.batch.num_rows <= self.batch.config.max_rows
+
+
+def make(num_blocks=64, block_size=4, *, prefix_caching=True, now=0.0, **config) -> Batch:
+    """Arrival times in these tests are small numbers; the clock stands at `now`."""
+    config.setdefault("max_rows", 8)
+    config.setdefault("max_prefill_tokens", 16)
+    blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    return Batch(BatchConfig(**config), blocks, clock=lambda: now)
+
+
+def expected_output(prompt: list[int], max_tokens: int, index: int = 0) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(next_token(tokens, index))
+    return tokens[len(prompt) :]
+
+
+def outputs(seqs) -> list[list[int]]:
+    return [s.token_ids[s.num_prompt_tokens :] for s in seqs]
+
+
+def test_requests_run_to_completion_with_their_own_lengths():
+    batch = make()
+    reqs = [request(range(i, i + 3 + i), max_tokens=2 + i, arrival=i) for i in range(5)]
+    for r in reqs:
+        batch.add(r)
+    driver = Driver(batch)
+    driver.run()
+    for r in reqs:
+        assert outputs(r) == [expected_output(r[0].token_ids[: r[0].num_prompt_tokens], r[0].max_tokens)]
+    assert batch.blocks.num_free == batch.blocks.num_blocks
+
+
+def test_prefill_is_chunked_within_the_budget():
+    batch = make(max_prefill_tokens=8)
+    long, short = request(range(30), arrival=0), request(range(50, 53), arrival=1)
+    batch.add(long)
+    batch.add(short)
+    driver = Driver(batch)
+    plan = driver.step()
+    assert sum(len(r.token_ids) for r in plan.rows) <= 8
+    # Shortest job first: the 3-token prompt is computed in the first step.
+    assert [len(r.token_ids) for r in plan.rows][0] == 3
+    driver.run()
+    assert all(len(r.token_ids) <= 8 for p in driver.plans for r in p.rows)
+    assert outputs(long) == [expected_output(list(range(30)), 4)]
+
+
+def test_a_long_wait_beats_shortest_job_first():
+    batch = make(max_prefill_tokens=8, now=10.0, prefill_aging_s=2.0)
+    old_long, new_short = request(range(30), arrival=1.0), request(range(50, 53), arrival=9.5)
+    batch.add(old_long)
+    batch.add(new_short)
+    plan = Driver(batch).step()
+    assert plan.rows[0].seq_id == old_long[0].seq_id and len(plan.rows[0].token_ids) == 8
+
+
+def test_n_above_the_free_rows_waits_for_rows_instead_of_hanging_the_queue():
+    batch = make(max_rows=4)
+    busy = request(range(5), max_tokens=12, arrival=0)
+    batch.add(busy)
+    wide = request(range(10, 14), n=4, max_tokens=3, arrival=1)
+    behind = request(range(20, 24), max_tokens=2, arrival=2)
+    batch.add(wide)
+    batch.add(behind)
+    driver = Driver(batch)
+    driver.step()
+    assert batch.num_rows == 1  # the 4 choices do not fit beside the running request yet
+    driver.run()
+    assert all(s.is_finished for s in [*busy, *wide, *behind])
+    assert [len(o) for o in outputs(wide)] == [3, 3, 3, 3]
+
+
+def test_more_choices_than_rows_is_refused():
+    with pytest.raises(ValueError):
+        make(max_rows=2).add(request(range(4), n=3))
+
+
+def test_choices_share_the_prefill_and_differ_afterwards():
+    batch = make()
+    choices = request(range(6), n=3, max_tokens=3)
+    batch.add(choices)
+    driver = Driver(batch)
+    plan = driver.step()
+    assert len(plan.rows) == 1 and len(plan.rows[0].samplers) == 3  # one prefill, three draws
+    assert [f[0] for f in plan.forks] == [choices[0].seq_id] * 2
+    assert len(plan.copies) == 2  # 6 tokens: the partial second block is copied for each child
+    parent_full = choices[0].block_table[0]
+    assert all(c.block_table[0] == parent_full for c in choices)
+    driver.run()
+    assert outputs(choices) == [expected_output(list(range(6)), 3, i) for i in range(3)]
+    assert len({tuple(o) for o in outputs(choices)}) == 3
+
+
+def test_preemption_recomputes_and_gives_the_same_tokens():
+    # 12 blocks of 4 tokens: four requests of 8 + 16 tokens cannot all keep their blocks.
+    batch = make(num_blocks=12, block_size=4, max_rows=4, max_prefill_tokens=64)
+    reqs = [request(range(10 * i, 10 * i + 8), max_tokens=16, arrival=i) for i in range(4)]
+    for r in reqs:
+        batch.add(r)
+    driver = Driver(batch)
+    driver.run()
+    assert batch.num_preemptions > 0
+    for r in reqs:
+        assert outputs(r) == [expected_output(r[0].token_ids[:8], 16)]
+
+
+def test_the_earliest_arrival_keeps_its_blocks():
+    batch = make(num_blocks=6, block_size=4, max_rows=2, max_prefill_tokens=64)
+    first, second = request(range(8), max_tokens=12, arrival=0), request(range(20, 28), max_tokens=12, arrival=1)
+    batch.add(first)
+    batch.add(second)
+    driver = Driver(batch)
+    preempted_ids = set()
+    while batch.has_work:
+        plan = driver.step()
+        preempted_ids |= {i for i in plan.released if not any(s.seq_id == i and s.is_finished for s in [*first, *second])}
+    assert second[0].seq_id in preempted_ids and first[0].seq_id not in preempted_ids
+
+
+def test_a_request_larger_than_the_pool_is_rejected_not_stuck():
+    batch = make(num_blocks=3, block_size=4)
+    huge = request(range(20))
+    batch.add(huge)
+    assert batch.schedule() is None
+    assert batch.rejected == [huge[0]] and not batch.has_work
+
+
+def test_a_later_request_reuses_the_cached_prefix():
+    batch = make(max_prefill_tokens=64)
+    system = list(range(100, 116))  # four full blocks
+    first = request(system + [1, 2], max_tokens=2, arrival=0)
+    batch.add(first)
+    driver = Driver(batch)
+    driver.run()
+    second = request(system + [7, 8, 9], max_tokens=2, arrival=1)
+    batch.add(second)
+    plan = driver.step()
+    assert plan.rows[0].start == 16 and plan.rows[0].token_ids == [7, 8, 9]
+    driver.run()
+    assert outputs(second) == [expected_output(system + [7, 8, 9], 2)]
+    assert batch.blocks.hit_tokens == 16
+
+
+def test_a_request_waits_for_a_prefix_another_is_computing():
+    batch = make(max_prefill_tokens=8)
+    system = list(range(100, 124))  # 6 blocks, computed in 3 chunks of 8
+    batch.add(request(system + [1], max_tokens=1, arrival=0))
+    driver = Driver(batch)
+    driver.step()
+    batch.add(request(system + [2], max_tokens=1, arrival=1))
+    started = []
+    while batch.has_work:
+        plan = driver.step()
+        started += [r.start for r in plan.rows if r.token_ids[-1] == 2 or r.start >= 24]
+    assert 24 in started  # the second request computed only its own last token
+    assert batch.blocks.hit_tokens == 24
+
+
+def test_an_image_is_computed_in_one_chunk_and_alone_in_its_step():
+    batch = make(max_prefill_tokens=6)
+    image = ImageSpan(3, 12, b"px")
+    a = request(range(20), image=image, arrival=0)
+    b = request(range(40, 60), image=ImageSpan(2, 9, b"py"), arrival=0.5)
+    batch.add(a)
+    batch.add(b)
+    driver = Driver(batch)
+    driver.run()
+    for plan in driver.plans:
+        with_images = [r for r in plan.rows if r.mm_inputs is not None]
+        assert len(with_images) <= 1
+    image_rows = [(p, r) for p in driver.plans for r in p.rows if r.mm_inputs is not None]
+    assert len(image_rows) == 2
+    for _, row in image_rows:
+        span = image if row.seq_id == a[0].seq_id else ImageSpan(2, 9, b"py")
+        assert row.start <= span.first and row.end > span.last
+
+
+def test_cancelled_waiting_and_running_requests_leave_cleanly():
+    batch = make(max_rows=2)
+    running = request(range(5), max_tokens=50, arrival=0)
+    waiting = request(range(10, 15), n=2, max_tokens=5, arrival=1)
+    batch.add(running)
+    batch.add(waiting)
+    driver = Driver(batch)
+    driver.step()
+    gone = batch.finish(waiting[0])
+    assert gone == waiting and not batch.waiting
+    batch.finish(running[0])
+    plan = batch.schedule()
+    assert plan is not None and plan.rows == [] and running[0].seq_id in plan.released
+    assert batch.blocks.num_free == batch.blocks.num_blocks and not batch.has_work
+
+
+def test_random_workload_keeps_the_books_balanced():
+    rng = random.Random(7)
+    batch = make(num_blocks=24, block_size=4, max_rows=6, max_prefill_tokens=12)
+    driver = Driver(batch)
+    shared = [rng.randrange(500) for _ in range(12)]
+    everything = []
+    for step in range(400):
+        if step < 250 and rng.random() < 0.3:
+            prompt = (shared if rng.random() < 0.5 else []) + [rng.randrange(500) for _ in range(rng.randrange(1, 20))]
+            req = request(prompt, n=rng.choice([1, 1, 2, 3]), max_tokens=rng.randrange(1, 30), arrival=step)
+            batch.add(req)
+            everything.append(req)
+        if batch.running and rng.random() < 0.05:
+            batch.finish(rng.choice(batch.running))  # a client goes away
+        driver.step()
+    driver.run()
+    assert all(s.is_finished for req in everything for s in req)
+    assert batch.blocks.num_free == batch.blocks.num_blocks
+    assert batch.blocks.hit_tokens > 0 and batch.num_preemptions > 0
