@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     configure_logging(settings)
     holder: dict[str, Services] = {}
-    metrics_registry = Metrics(lambda: holder["services"].scheduler if "services" in holder else None)
+    metrics_registry = Metrics(lambda: holder["services"].scheduler if "services" in holder else None, settings.model_name)
     services = Services(settings=settings, translator=Translator(settings, image_policy(settings), None), metrics=metrics_registry)
     holder["services"] = services
     app = Litestar(

@@ -18,11 +18,13 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 
 
 class _ReplicaCollector:
-    def __init__(self, scheduler_ref) -> None:
+    def __init__(self, scheduler_ref, model_name: str) -> None:
         self._scheduler_ref = scheduler_ref
+        self._model_name = model_name
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         scheduler = self._scheduler_ref()
+        yield from self._kv_cache(scheduler)
         running = GaugeMetricFamily("docoserve_running_requests", "Requests in a replica's batch", labels=["replica"])
         queued = GaugeMetricFamily("docoserve_queued_requests", "Requests waiting for a batch slot", labels=["replica"])
         ready = GaugeMetricFamily("docoserve_replica_ready", "1 when the replica serves requests", labels=["replica"])
@@ -36,18 +38,33 @@ class _ReplicaCollector:
         if scheduler is not None:
             hits.add_metric([], scheduler.image_cache.hits)
             misses.add_metric([], scheduler.image_cache.misses)
-        return [running, queued, ready, hits, misses]
+        yield from (running, queued, ready, hits, misses)
+
+    def _kv_cache(self, scheduler) -> Iterable[GaugeMetricFamily]:
+        """vLLM's names, so dashboards and gateways built for vLLM read them unchanged."""
+        labels = ["model_name"]
+        usage = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=labels)
+        queries = CounterMetricFamily("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", labels=labels)
+        hits = CounterMetricFamily("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels=labels)
+        stats = [e.stats() for e in scheduler.executors] if scheduler is not None else []
+        stats = [s for s in stats if "kv_blocks_total" in s]
+        if stats:
+            total = sum(s["kv_blocks_total"] for s in stats)
+            usage.add_metric([self._model_name], sum(s["kv_blocks_used"] for s in stats) / total)
+            queries.add_metric([self._model_name], sum(s["prefix_cache_queries"] for s in stats))
+            hits.add_metric([self._model_name], sum(s["prefix_cache_hits"] for s in stats))
+        yield from (usage, queries, hits)
 
 
 class Metrics:
-    def __init__(self, scheduler_ref) -> None:
+    def __init__(self, scheduler_ref, model_name: str = "model") -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("docoserve_requests", "Finished requests", ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("docoserve_request_latency_seconds", "End-to-end latency", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.ttft = Histogram("docoserve_time_to_first_token_seconds", "Time to first token", ["endpoint"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.prompt_tokens = Counter("docoserve_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.completion_tokens = Counter("docoserve_completion_tokens", "Tokens generated", registry=self.registry)
-        self.registry.register(_ReplicaCollector(scheduler_ref))
+        self.registry.register(_ReplicaCollector(scheduler_ref, model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

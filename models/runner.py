@@ -12,12 +12,15 @@ import logging
 import torch
 
 from models import attention
-from models.attention import FlashMetadata, PagedLayout, PrefillSegment
+from models.attention import DecodeGroup, FlashMetadata, PagedLayout, PrefillSegment
 from models.kv_cache import PagedKVCache
 from models.plan import PlanRow, SampledToken, StepPlan
 from models.sampling import draw
 
 log = logging.getLogger(__name__)
+# Decode rows whose tables differ by at most this many blocks share one gather even when the
+# longer is more than twice the shorter: a handful of padding blocks costs less than another SDPA.
+_GROUP_SLACK_BLOCKS = 8
 
 
 class PagedRunner:
@@ -105,19 +108,13 @@ class PagedRunner:
         if self.use_flash:
             layout.flash = self._flash_metadata(rows)
             return layout
-        null = self.cache.null_block
         block_size = self.cache.block_size
         num_decode = 0
         while num_decode < len(rows) and len(rows[num_decode].token_ids) == 1:
             num_decode += 1
         if num_decode:
-            decode = rows[:num_decode]
-            widths = [-(-row.end // block_size) for row in decode]
-            width = max(widths)
-            tables = [row.block_table[:w] + [null] * (width - w) for row, w in zip(decode, widths)]
             layout.num_decode = num_decode
-            layout.decode_blocks = torch.tensor(tables, dtype=torch.long, device=device)
-            layout.decode_positions = torch.tensor([row.start for row in decode], dtype=torch.long, device=device)
+            layout.decode_groups = self._decode_groups(rows[:num_decode])
         start = num_decode
         for row in rows[num_decode:]:
             blocks = None
@@ -126,6 +123,36 @@ class PagedRunner:
             layout.segments.append(PrefillSegment(start, len(row.token_ids), row.start, blocks))
             start += len(row.token_ids)
         return layout
+
+    def _decode_groups(self, decode: list[PlanRow]) -> list[DecodeGroup]:
+        """Decode rows grouped by length so that a long context in the batch does not pad every
+        short row to its length: in a group, the longest table is at most twice the shortest (or
+        a few blocks longer)."""
+        block_size, null, device = self.cache.block_size, self.cache.null_block, self.device
+        widths = [-(-row.end // block_size) for row in decode]
+        if max(widths) <= max(2 * min(widths), min(widths) + _GROUP_SLACK_BLOCKS):
+            members = [list(range(len(decode)))]
+        else:
+            order = sorted(range(len(decode)), key=widths.__getitem__)
+            members = [[order[0]]]
+            for index in order[1:]:
+                first = widths[members[-1][0]]
+                if widths[index] <= max(2 * first, first + _GROUP_SLACK_BLOCKS):
+                    members[-1].append(index)
+                else:
+                    members.append([index])
+        groups = []
+        for member in members:
+            width = max(widths[i] for i in member)
+            tables = [decode[i].block_table[: widths[i]] + [null] * (width - widths[i]) for i in member]
+            groups.append(
+                DecodeGroup(
+                    rows=None if len(members) == 1 else torch.tensor(member, dtype=torch.long, device=device),
+                    blocks=torch.tensor(tables, dtype=torch.long, device=device),
+                    positions=torch.tensor([decode[i].start for i in member], dtype=torch.long, device=device),
+                )
+            )
+        return groups
 
     def _flash_metadata(self, rows: list[PlanRow]) -> FlashMetadata:
         block_size = self.cache.block_size

@@ -51,6 +51,7 @@ class Batch:
         self._released: list[int] = []
         self._rows: list[Sequence] = []  # the sequence of each row of the last plan
         self._forks: dict[int, list[Sequence]] = {}  # parent seq_id -> choices forked by the last plan
+        self._now = 0.0  # the clock at the last schedule()
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -93,7 +94,6 @@ class Batch:
             self.blocks.free(child)
         self.blocks.free(seq)
         seq.is_running = False
-        seq.prefill_started = False
         self.running.remove(seq)
         self._released.append(seq.seq_id)
 
@@ -105,7 +105,7 @@ class Batch:
     # -- schedule ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan | None:
         """The next step's plan, or None when there is nothing to do."""
-        now = self._clock()
+        now = self._now = self._clock()
         rows = self._schedule_decodes()
         self._admit()
         rows += self._schedule_prefills(now, {seq.seq_id for seq, _ in rows})
@@ -166,15 +166,19 @@ class Batch:
         self.waiting.extendleft(reversed(postponed))
 
     def _schedule_prefills(self, now: float, scheduled: set[int]) -> list[tuple[Sequence, int]]:
+        """Spend the prefill budget in priority order. While other prompts wait, no single prompt
+        takes more than half of it, so a long prompt never holds the short ones back for all the
+        steps it needs (and the short ones never stop it either)."""
         candidates = [s for s in self.running if s.seq_id not in scheduled and s.num_uncomputed >= 1]
         candidates.sort(key=lambda s: self._prefill_priority(s, now))
         budget = self.config.max_prefill_tokens
         rows: list[tuple[Sequence, int]] = []
         has_image = False
-        for seq in candidates:
+        for index, seq in enumerate(candidates):
             if budget <= 0:
                 break
-            take = self._chunk(seq, budget, first=not rows, has_image=has_image)
+            share = budget if index == len(candidates) - 1 else max(budget // 2, min(budget, 16))
+            take = self._chunk(seq, share, first=not rows, has_image=has_image)
             if take <= 0:
                 continue
             rows.append((seq, take))
@@ -183,14 +187,12 @@ class Batch:
         return rows
 
     def _prefill_priority(self, seq: Sequence, now: float) -> tuple:
-        """A prompt already being computed finishes first (its blocks are held anyway); then the
-        shortest job (prompt left + max_tokens), so a short request does not wait behind long ones
-        that came with it; a request waiting longer than `prefill_aging_s` goes by arrival."""
-        if seq.prefill_started:
-            return (0, seq.arrival, seq.seq_id)
-        if now - seq.arrival > self.config.prefill_aging_s:
-            return (1, seq.arrival, seq.seq_id)
-        return (2, seq.num_uncomputed + seq.max_tokens, seq.arrival, seq.seq_id)
+        """Shortest job first (prompt left + max_tokens), so a short request does not wait behind
+        long ones that came with it; a prompt that got nothing for `prefill_aging_s` goes first,
+        by how long it has waited, so a stream of short requests never starves a long one."""
+        if now - seq.last_progress > self.config.prefill_aging_s:
+            return (0, seq.last_progress, seq.seq_id)
+        return (1, seq.num_uncomputed + seq.max_tokens, seq.arrival, seq.seq_id)
 
     def _chunk(self, seq: Sequence, budget: int, *, first: bool, has_image: bool) -> int:
         """Tokens of `seq` to compute this step. An image's tokens are computed in one chunk (its
@@ -243,7 +245,7 @@ class Batch:
         drawn: list[tuple[Sequence, SampledToken]] = []
         for row, seq in zip(plan.rows, self._rows):
             seq.num_cached = row.end
-            seq.prefill_started = True
+            seq.last_progress = self._now
             self.blocks.register(seq)
             if not row.samplers:
                 continue
@@ -251,7 +253,7 @@ class Batch:
             for child in children:
                 child.num_cached = seq.num_cached
                 child.block_keys = list(seq.block_keys)
-                child.prefill_started = True
+                child.last_progress = self._now
                 child.is_running = True
                 self.running.append(child)
             seq.pending_children = []

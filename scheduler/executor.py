@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from models.devices import DeviceScope
+from models.devices import DeviceScope, trim_host_memory
 from models.errors import OverloadedError
 from models.generation import Delta
 from models.plan import SampledToken, StepPlan
@@ -78,6 +78,8 @@ class Executor:
         self.num_running = 0  # sequences in the batch (rows taken), updated once per step
         self.num_waiting_jobs = 0  # requests accepted by the replica thread but not admitted yet
         self.steps = 0
+        self._snapshot: dict = {}  # batch figures, replaced (never mutated) by the replica thread each step
+        self._idle_trimmed = True
         self._build = build
         self._deliver = deliver
         self._inbox: deque[Job] = deque()
@@ -133,19 +135,8 @@ class Executor:
         return whole + (n - 1) * (whole - prompt_tokens // size) <= replica.num_blocks
 
     def stats(self) -> dict:
-        stats = {"running": self.num_running, "queued": self.queue_depth, "steps": self.steps}
-        batch = self.batch
-        if batch is not None:
-            blocks = batch.blocks
-            stats.update(
-                kv_blocks_total=blocks.num_blocks,
-                kv_blocks_used=blocks.num_used,
-                kv_cache_usage=round(blocks.usage, 4),
-                prefix_cache_queries=blocks.query_tokens,
-                prefix_cache_hits=blocks.hit_tokens,
-                preemptions=batch.num_preemptions,
-            )
-        return stats
+        """For /health and /metrics (event loop): the batch as of the last step."""
+        return {"running": self.num_running, "queued": self.queue_depth, "steps": self.steps, **self._snapshot}
 
     # -- replica thread ------------------------------------------------------------------------
     def _main(self) -> None:
@@ -188,6 +179,7 @@ class Executor:
             ),
             BlockManager(replica.num_blocks, replica.block_size, enable_prefix_caching=replica.prefix_caching),
         )
+        self._snapshot = self._batch_figures()
         self.state = "ready"
 
     def _wait_for_work(self) -> bool:
@@ -215,10 +207,15 @@ class Executor:
             self._advance(plan, results, failed)
             if plan.rows:
                 self.steps += 1
+                self._idle_trimmed = False
         elif batch.has_work:  # nothing runnable (a bug if it happens): do not spin
             log.warning("replica %s has work but nothing to schedule", self.name)
             time.sleep(self.config.idle_poll_s)
         self._emit()
+        if not batch.has_work and not self._idle_trimmed:
+            # The burst is over: give its transient memory back (the KV pool itself is fixed).
+            trim_host_memory()
+            self._idle_trimmed = True
 
     def _collect(self) -> None:
         """Move new requests into the batch."""
@@ -342,8 +339,25 @@ class Executor:
         self._jobs = still
         self.num_waiting_jobs = waiting
         self.num_running = self.batch.num_rows
+        self._snapshot = self._batch_figures()
         if delivery:
             self._deliver(delivery)
+
+    def _batch_figures(self) -> dict:
+        batch = self.batch
+        blocks = batch.blocks
+        return {
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_used": blocks.num_used,
+            "kv_cache_usage": round(blocks.usage, 4),
+            # Tokens the running sequences hold blocks for (whole prompts are allocated at admission),
+            # and the same rounded up to whole blocks: what the blocks in use can be at most.
+            "kv_tokens_live": sum(seq.num_tokens for seq in batch.running),
+            "kv_tokens_live_in_blocks": sum(blocks.blocks_for(seq.num_tokens) for seq in batch.running) * blocks.block_size,
+            "prefix_cache_queries": blocks.query_tokens,
+            "prefix_cache_hits": blocks.hit_tokens,
+            "preemptions": batch.num_preemptions,
+        }
 
     def _fail_everything(self, message: str) -> None:
         batch = self.batch

@@ -30,7 +30,7 @@ class Sequence:
 
     __slots__ = (
         "seq_id", "group", "index", "token_ids", "num_prompt_tokens", "max_tokens", "num_cached",
-        "block_table", "block_keys", "pending_end", "pending_children", "prefill_started", "is_running", "is_finished", "arrival",
+        "block_table", "block_keys", "pending_end", "pending_children", "last_progress", "is_running", "is_finished", "arrival",
         "sampler", "output", "image", "mm_inputs", "_keys_cache",
     )
 
@@ -61,7 +61,7 @@ class Sequence:
         # Further choices of an n > 1 request, not running yet: they fork from this sequence once
         # its prompt is computed and sample their first token from the same logits.
         self.pending_children: list[Sequence] = []
-        self.prefill_started = False  # a chunk of it was computed (not just found in the prefix cache)
+        self.last_progress = arrival  # when it last got tokens computed (or arrived): aging
         self.is_running = False
         self.is_finished = False
         self.sampler = sampler

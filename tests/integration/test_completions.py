@@ -63,6 +63,35 @@ def test_prompt_list_with_n_indexes_prompt_major(text_server: Server) -> None:
     assert texts[2] == texts[3] == alone.choices[0].text  # greedy: prompt 1's choices are indices 2 and 3
 
 
+def test_several_prompts_with_n_under_load_all_answer(text_server: Server) -> None:
+    """The engine-v1 bug: choices of multi-prompt n > 1 requests could not get cache slots on a busy
+    replica and failed their neighbours. 4 prompts x n=4 next to 8 chat requests: all 200."""
+    results: dict[str, object] = {}
+
+    async def main() -> None:
+        client = text_server.async_openai()
+        common = {"model": text_server.model_name, "temperature": 0.7, "extra_body": {"ignore_eos": True}}
+
+        async def wide(key: str) -> None:
+            results[key] = await client.completions.create(prompt=[f"prompt {i} " * 5 for i in range(4)], n=4, max_tokens=6, **common)
+
+        async def chat(key: str) -> None:
+            results[key] = await client.chat.completions.create(messages=user(f"chat {key}"), max_tokens=12, **common)
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for i in range(2):
+                    tg.start_soon(wide, f"wide{i}")
+                for i in range(8):
+                    tg.start_soon(chat, f"chat{i}")
+
+    anyio.run(main)
+    for key in ("wide0", "wide1"):
+        assert [c.index for c in results[key].choices] == list(range(16))
+        assert results[key].usage.completion_tokens == 16 * 6
+    assert all(results[f"chat{i}"].usage.completion_tokens == 12 for i in range(8))
+
+
 def test_token_id_prompts_match_text_prompts(text_server: Server) -> None:
     client = text_server.openai()
     text = "Hello world, how are"

@@ -174,3 +174,49 @@ def test_a_prefix_hit_gives_the_same_tokens(text_replica):
     blocks = driver.executor.batch.blocks
     assert blocks.hit_tokens >= text_replica.block_size  # the shared system prompt was reused
     assert driver.outputs(two)[0] == run(text_replica, [(0, second, params)])[0] == hf_greedy(text_replica, second, 12)
+
+
+def test_rows_of_very_different_lengths_decode_in_groups_with_the_same_tokens(text_replica):
+    from models.plan import PlanRow
+
+    size = text_replica.block_size
+    rows = [PlanRow(1, [5], 20, list(range(2))), PlanRow(2, [5], 30 * size, list(range(31))), PlanRow(3, [5], 3, [40])]
+    groups = text_replica.runner._decode_groups(rows)
+    assert sorted(g.blocks.shape[1] for g in groups) == [2, 31]  # the long row pads nobody
+    target = prepared_text(text_replica, "A short request next to a long one.")
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    long = prepared_text(text_replica, "many words in a long context " * 40)
+    alone = run(text_replica, [(0, target, params)])[0]
+    busy = run(text_replica, [(0, long, SamplingParams(max_tokens=20, **GREEDY)), (1, target, params)], prefill_budget=64)
+    assert busy[1] == alone
+    assert busy[0] == hf_greedy(text_replica, long, 20)
+
+
+def test_a_request_that_breaks_the_step_fails_alone(text_replica, monkeypatch):
+    """A row that makes the forward raise is found by running the rows alone: it fails, and the
+    requests prefilled and decoding beside it finish with their own tokens."""
+    poison = 77
+    runner = text_replica.runner
+    real_execute = runner.execute
+
+    def execute(plan):
+        if any(poison in row.token_ids for row in plan.rows):
+            raise RuntimeError("poisoned input")
+        return real_execute(plan)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    decoding = prepared_text(text_replica, "already decoding when the bad one arrives")
+    same_step = prepared_text(text_replica, "prefilled in the same step")
+    bad = PreparedPrompt(prepared_text(text_replica, "bad").token_ids + [poison])
+    driver = EngineDriver(text_replica)
+    first = driver.submit(decoding, params)
+    driver.executor.step()
+    neighbour, broken = driver.submit(same_step, params), driver.submit(bad, params)
+    driver.run([first, neighbour, broken])
+    assert driver.finished[(broken.request_id, 0)][0] == "error"
+    assert driver.finished[(first.request_id, 0)][0] == driver.finished[(neighbour.request_id, 0)][0] == "length"
+    monkeypatch.undo()
+    assert driver.outputs(first)[0] == run(text_replica, [(0, decoding, params)])[0]
+    assert driver.outputs(neighbour)[0] == run(text_replica, [(0, same_step, params)])[0]
+    assert not driver.executor.batch.running and driver.executor.batch.blocks.num_used == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import anyio
 import pytest
@@ -48,11 +49,11 @@ async def running_scheduler(
         await scheduler.drain(5)
 
 
-def request(i: int, max_tokens: int | None = 8, text: str = "hello", **params) -> EngineRequest:
+def request(i: int, max_tokens: int | None = 8, text: str = "hello", n: int = 1, **params) -> EngineRequest:
     params.setdefault("temperature", 0.0)
     params.setdefault("ignore_eos", True)
     messages = ({"role": "user", "content": f"{text} {i}"},)
-    return EngineRequest(f"r{i}", PromptInput(messages=messages), SamplingParams(max_tokens=max_tokens, **params))
+    return EngineRequest(f"r{i}", PromptInput(messages=messages), SamplingParams(max_tokens=max_tokens, **params), n=n)
 
 
 async def consume(stream) -> str:
@@ -240,3 +241,33 @@ async def test_a_reader_that_never_reads_does_not_stall_the_batch(tiny_text_path
         # Everything it produced waits, coalesced, for its reader: one update with all 40 tokens.
         updates = [u async for u in idle]
         assert len(updates) == 1 and len(updates[0].choices[0].token_ids) == 40
+
+
+async def test_n_above_the_batch_is_refused_and_n_up_to_it_waits_for_rows(tiny_text_path):
+    async with running_scheduler(tiny_text_path, max_batch_size=2) as scheduler:
+        with pytest.raises(InvalidRequestError) as info:
+            await scheduler.submit(request(0, n=3))
+        assert info.value.param == "n" and "MAX_BATCH_SIZE" in info.value.message
+        busy = await scheduler.submit(request(1, max_tokens=30))
+        wide = await scheduler.submit(request(2, max_tokens=5, n=2, temperature=1.0, seed=3))
+        behind = await scheduler.submit(request(3, max_tokens=5))
+        with anyio.fail_after(60):
+            texts = [await consume(s) for s in (busy, wide, behind)]
+        assert all(texts)
+        assert wide.completion_tokens == 10 and behind.completion_tokens == 5
+
+
+async def test_the_replica_never_waits_for_a_busy_event_loop(tiny_text_path):
+    async with running_scheduler(tiny_text_path, max_new_tokens=512) as scheduler:
+        executor = scheduler.executors[0]
+        stream = await scheduler.submit(request(0, max_tokens=500))
+        with anyio.fail_after(30):
+            while not stream.completion_tokens:
+                await anyio.sleep(0.01)
+        before = executor.steps
+        time.sleep(1.0)  # the event loop is stuck: nothing it would run gets to run
+        during = executor.steps - before
+        stream.cancel()
+        # The tiny model takes a few milliseconds a step; a hand-off that waited for the loop
+        # would have stopped the replica after one step.
+        assert during >= 10

@@ -19,7 +19,7 @@ from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import ReplicaConfig, build_replica
-from tests.unit.engine_driver import hf_greedy, run_jobs
+from tests.unit.engine_driver import EngineDriver, hf_greedy, run_jobs
 from tests.unit.vlm_builders import ARCHS, GREEDY, MAX_NEW, NOT_BUILT, Arch
 
 @pytest.mark.parametrize("name", sorted(NOT_BUILT))
@@ -142,6 +142,26 @@ def test_image_request_is_identical_in_a_mixed_batch(arch_replica):
     for join_step in (0, 3):
         busy = run_jobs(replica, [*others, (join_step, target, params)], prefill_budget=8)
         assert busy[-1] == alone, f"joined at step {join_step}"
+
+
+def test_a_repeated_image_prompt_gives_the_same_tokens_from_the_prefix_cache(arch_replica):
+    arch, replica = arch_replica
+    prepared = _image_prompt(replica, "Describe the image in detail, please, and then say more about it.", seed=6)
+    params = SamplingParams(max_tokens=MAX_NEW, **GREEDY)
+    driver = EngineDriver(replica)
+    first = driver.submit(prepared, params)
+    driver.run([first])
+    again = driver.submit(prepared, params)
+    driver.run([again])
+    assert driver.outputs(again) == driver.outputs(first)
+    if replica.path == "fast" and len(prepared.token_ids) - 1 >= (prepared.image_span[1] // replica.block_size + 1) * replica.block_size:
+        # Blocks past the image hit: the second request ran without its image inputs at all.
+        assert driver.executor.batch.blocks.hit_tokens > prepared.image_span[1]
+    other = _image_prompt(replica, "Describe the image in detail, please, and then say more about it.", seed=7)
+    different = driver.submit(other, params)
+    driver.run([different])
+    # A different image never shares the blocks of its tokens.
+    assert driver.outputs(different)[0] == hf_greedy(replica, other, MAX_NEW)
 
 
 def test_mask_check_flags_what_the_causal_fast_path_cannot_do():
