@@ -67,6 +67,11 @@ class Batch:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    def take_released(self) -> list[int]:
+        """Sequences that left since the last plan (for runners that keep state per sequence)."""
+        released, self._released = self._released, []
+        return released
+
     def add(self, seqs: list[Sequence]) -> None:
         """A new request: its choices are admitted together; the first computes the prompt."""
         if len(seqs) > self.config.max_rows:
@@ -111,8 +116,7 @@ class Batch:
         rows += self._schedule_prefills(now, {seq.seq_id for seq, _ in rows})
         if not rows and not self._released:
             return None
-        plan = StepPlan(released=self._released)
-        self._released = []
+        plan = StepPlan(released=self.take_released())
         for seq, take in rows:
             plan.rows.append(self._plan_row(seq, take, plan))
         self._rows = [seq for seq, _ in rows]

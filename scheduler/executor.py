@@ -367,6 +367,7 @@ class Executor:
                     if not seq.is_finished:
                         self._finish(seq, "error", message)
             self._emit()
+            self.replica.runner.release(batch.take_released())
         self._fail_inbox(message)
 
     def _fail_inbox(self, message: str) -> None:
