@@ -18,9 +18,9 @@ import subprocess
 import sys
 from collections.abc import MutableMapping
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import NoReturn
 
-from app.settings import ENV_NAMES, Settings, SettingsError
+from app.settings import SETTINGS, Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent
 APP_TARGET = "app.main:create_app"
@@ -34,82 +34,6 @@ RUNTIME_ENV_DEFAULTS = {
 }
 
 
-class Flag(NamedTuple):
-    options: tuple[str, ...]
-    field: str  # Settings field; its canonical env var is where the value is written
-    help: str
-    is_bool: bool = False
-
-
-FLAGS: tuple[Flag, ...] = (
-    # GPU selection and devices
-    Flag(("--gpu-ids",), "gpu_ids", "Comma-separated CUDA device ids, one replica each; beats --gpu-count"),
-    Flag(("--gpu-count",), "gpu_count", "Use the first N visible GPUs (unset: 1 if any GPU is visible)"),
-    Flag(("--device",), "device", "auto | cuda | cpu; auto uses CUDA when available"),
-    Flag(("--cpu-replicas",), "cpu_replicas", "Model replicas when running on CPU (1..16)"),
-    Flag(("--cpu-packed-linears",), "cpu_packed_linears", "oneDNN pre-packed linear weights on CPU", True),
-    # Model
-    Flag(
-        ("--model-path", "--model-id"),
-        "model_path",
-        "Local folder, Hugging Face repo id, or builtin:<name>; --model-id is a backward-compatible alias",
-    ),
-    Flag(("--model-name",), "model_name", "Model name clients must send; shown by /v1/models and the docs"),
-    Flag(("--revision",), "model_revision", "Hub branch, tag or commit to pin"),
-    Flag(("--trust-remote-code",), "trust_remote_code", "Allow custom modeling code from the repo", True),
-    Flag(
-        ("--cache-dir",),
-        "cache_dir",
-        "Model download cache; sets HF_HUB_CACHE (when unset: HF_HUB_CACHE, then HF_HOME/hub)",
-    ),
-    Flag(
-        ("--transformers-path",),
-        "transformers_path",
-        "pip install -U this path, URL or wheel of transformers before starting",
-    ),
-    # Attention kernels and compute
-    Flag(("--attn-impl",), "attn_impl", "flash_attention_2 | sdpa | eager; falls back to sdpa unless strict"),
-    Flag(("--attn-strict",), "attn_strict", "Fail startup instead of falling back to another kernel", True),
-    Flag(("--dtype",), "dtype", "bf16 | fp16 | fp32 (CPU always runs fp32)"),
-    # Batching, limits, backpressure
-    Flag(("--max-batch-size",), "max_batch_size", "Most requests decoded together per replica (1..1024)"),
-    Flag(("--batch-timeout-ms",), "batch_timeout_ms", "Wait for more newcomers before a prefill (0..1000)"),
-    Flag(("--max-prefill-tokens",), "max_prefill_tokens", "Prompt tokens prefilled per scheduler step (0 = auto: 128 CPU, 2048 GPU; else >=16)"),
-    Flag(("--max-input-tokens",), "max_input_tokens", "Maximum prompt tokens; env alias MAX_CONTEXT_TOKENS"),
-    Flag(("--default-max-tokens",), "default_max_tokens", "Default and cap for new tokens per request"),
-    Flag(("--kv-cache-max-gib",), "kv_cache_max_gib", "Paged KV pool per replica in GiB; 0 = auto from free memory"),
-    Flag(("--kv-cache-gpu-fraction",), "kv_cache_gpu_fraction", "Auto KV pool on GPU: share of the memory free after loading"),
-    Flag(("--kv-block-size",), "kv_block_size", "Tokens per KV block; 0 = auto (16, or 256 with FlashAttention)"),
-    Flag(
-        ("--enable-prefix-caching",),
-        "enable_prefix_caching",
-        "Reuse the KV blocks of shared prompt prefixes; --no-enable-prefix-caching turns it off",
-        True,
-    ),
-    Flag(("--max-queue-size",), "max_queue_size", "Waiting requests per replica before 503 backpressure"),
-    # Generation defaults
-    Flag(("--default-sampling",), "default_do_sample", "Sample by default; false = greedy", True),
-    Flag(("--default-temperature",), "default_temperature", "Default temperature (0..2)"),
-    Flag(("--default-top-p",), "default_top_p", "Default nucleus p (0 < p <= 1)"),
-    Flag(("--default-seed",), "default_seed", "Default sampling seed; 'none' for a random seed"),
-    Flag(("--default-top-k",), "default_top_k", "Default top-k; 0 = off"),
-    Flag(("--default-min-p",), "default_min_p", "Default min-p (0..1); 0 = off"),
-    Flag(("--default-repetition-penalty",), "default_repetition_penalty", "Default repetition penalty (> 0)"),
-    # Server process
-    Flag(("--host",), "host", "Address to bind"),
-    Flag(("--port",), "port", "Port to bind (1..65535)"),
-    Flag(("--log-level",), "log_level", "critical | error | warning | info | debug | trace"),
-    Flag(("--progress",), "progress_logs", "Startup heartbeat and per-request metrics logs", True),
-    Flag(("--fast-usage",), "fast_usage", "Report usage from engine token counts (no re-tokenization)", True),
-    Flag(("--redact-source",), "redact_source", "Hide model path/revision/cache and download progress", True),
-    Flag(("--debug",), "debug", "Debug logging and tracebacks; implies --log-level debug unless given", True),
-    Flag(("--api-key",), "api_key", "Bearer key for /v1/* and docs; prefer the env var from a secret"),
-    # Images
-    Flag(("--max-images-per-request",), "max_images_per_request", "Images per request (0 = text only)"),
-    Flag(("--max-image-size",), "max_image_size", "Longest image side in pixels; larger images are resized"),
-)
-
-
 def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
     parser = argparse.ArgumentParser(
@@ -119,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    for flag in FLAGS:
-        env = ENV_NAMES[flag.field][0]
-        help_text = f"{flag.help} [env {env}; default: {_show_default(getattr(defaults, flag.field))}]"
-        kwargs: dict = {"dest": flag.field, "metavar": "BOOL" if flag.is_bool else env, "help": help_text}
-        if flag.is_bool:
+    for field, setting in SETTINGS.items():
+        if not setting.flags:
+            continue
+        kwargs: dict = {"dest": field, "metavar": "BOOL" if setting.parse.is_bool else setting.env[0], "help": flag_help(field)}
+        if setting.parse.is_bool:
             # `--debug` alone means true; `--debug false` is accepted like the spec's examples.
             kwargs.update(nargs="?", const="true")
-        parser.add_argument(*flag.options, **kwargs)
+        parser.add_argument(*setting.flags, **kwargs)
 
     fa2 = parser.add_mutually_exclusive_group()
     fa2.add_argument(
@@ -152,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_help(field: str) -> str:
+    """The declaration's help, what the parser accepts, the env var and the default."""
+    setting = SETTINGS[field]
+    accepted = f" ({setting.parse.expected})" if setting.parse.expected else ""
+    default = _show_default(getattr(Settings(), field))
+    return f"{setting.help}{accepted} [env {setting.env[0]}; default: {default}]"
+
+
 def _show_default(value: object) -> str:
     if value is None:
         return "unset"
@@ -163,15 +95,15 @@ def _show_default(value: object) -> str:
 
 
 def _epilog(defaults: Settings) -> str:
-    flagged = {flag.field for flag in FLAGS}
     lines = ["environment-only settings:"]
-    for field, names in ENV_NAMES.items():
-        if field not in flagged:
-            lines.append(f"  {' or '.join(names)}  (default: {_show_default(getattr(defaults, field))})")
+    for field, setting in SETTINGS.items():
+        if not setting.flags:
+            default = _show_default(getattr(defaults, field))
+            lines.append(f"  {' or '.join(setting.env)}  {setting.help} (default: {default})")
     lines.append("env aliases:")
-    for field, names in ENV_NAMES.items():
-        if field in flagged and len(names) > 1:
-            lines.append(f"  {' / '.join(names[1:])} for {names[0]}")
+    for setting in SETTINGS.values():
+        if setting.flags and len(setting.env) > 1:
+            lines.append(f"  {' / '.join(setting.env[1:])} for {setting.env[0]}")
     lines.append("runtime env defaults (set only when absent):")
     lines.extend(f"  {name}={value}" for name, value in RUNTIME_ENV_DEFAULTS.items())
     lines.append("empty values count as unset; booleans accept 1/0, true/false, yes/no, on/off.")
@@ -179,10 +111,10 @@ def _epilog(defaults: Settings) -> str:
 
 
 def apply_cli_to_env(args: argparse.Namespace, environ: MutableMapping[str, str]) -> None:
-    for flag in FLAGS:
-        value = getattr(args, flag.field)
+    for field, setting in SETTINGS.items():
+        value = getattr(args, field, None) if setting.flags else None
         if value is not None:
-            environ[ENV_NAMES[flag.field][0]] = value
+            environ[setting.env[0]] = value
     if args.no_enable_prefix_caching:
         environ["ENABLE_PREFIX_CACHING"] = "false"
     if args.enable_fa2:
@@ -192,9 +124,9 @@ def apply_cli_to_env(args: argparse.Namespace, environ: MutableMapping[str, str]
 
 
 def _flag_for_env(name: str) -> str | None:
-    for flag in FLAGS:
-        if ENV_NAMES[flag.field][0] == name:
-            return flag.options[0]
+    for setting in SETTINGS.values():
+        if setting.flags and setting.env[0] == name:
+            return setting.flags[0]
     return None
 
 

@@ -15,12 +15,16 @@ from litestar import Litestar
 
 from app.media import new_image_client
 from app.settings import Settings
-from models.devices import resolve_devices, set_cpu_threads
-from models.images import ImageLimits
-from models.loader import LoadSpec
-from models.replica import ReplicaConfig
-from scheduler.core import Scheduler, SchedulerConfig
-from scheduler.executor import ExecutorConfig
+from scheduler.config import (
+    ExecutorConfig,
+    ImageLimits,
+    LoadSpec,
+    ReplicaConfig,
+    SchedulerConfig,
+    resolve_devices,
+    set_cpu_threads,
+)
+from scheduler.core import Scheduler
 
 log = logging.getLogger("docoserve.server")
 # Measured on this project's 2-core CI machine (docs/BENCHMARKS.md): 128 halves median TTFT against

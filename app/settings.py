@@ -17,15 +17,16 @@ Rules worth knowing:
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
-__all__ = ["ENV_NAMES", "Settings", "SettingsError"]
+from app import setting_parsers as P
+
+__all__ = ["ENV_NAMES", "SETTINGS", "Setting", "Settings", "SettingsError"]
 
 MiB = 1024 * 1024
 DEFAULT_CACHE_DIR = os.path.expanduser("~/.cache/usinc/models")
@@ -45,86 +46,207 @@ class SettingsError(ValueError):
         self.message = message
 
 
+class Setting(NamedTuple):
+    """How one Settings field is set, declared beside it: environment variable names (the first
+    is canonical, the rest are accepted aliases), the parser (type and range), one line of help,
+    and the CLI flags (none: environment only). The CLI, `--print-config`, the environment reading
+    and the README table are all derived from these declarations."""
+
+    env: tuple[str, ...]
+    parse: P.Parser
+    help: str
+    flags: tuple[str, ...] = ()
+
+
+def _s(env: str | tuple[str, ...], parse: P.Parser, help: str, *flags: str) -> Setting:
+    return Setting((env,) if isinstance(env, str) else env, parse, help, flags)
+
+
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Model
-    model_path: str = "builtin:tiny-vlm"  # local folder, hub id, or builtin:<name> demo model
-    model_name: str = "model"  # the name clients must send; also shown in /v1/models and the docs
-    model_revision: str | None = None
-    trust_remote_code: bool = True
-    hf_token: str | None = None
-    cache_dir: str = DEFAULT_CACHE_DIR
-    transformers_path: str | None = None  # pip-installed by the entrypoint before the server starts
+    model_path: Annotated[str, _s(
+        ("MODEL_PATH", "MODEL_ID"), P.text,
+        "Local folder, Hugging Face repo id, or builtin:<name>; --model-id is a backward-compatible alias",
+        "--model-path", "--model-id",
+    )] = "builtin:tiny-vlm"
+    model_name: Annotated[str, _s(
+        "MODEL_NAME", P.text, "Model name clients must send; shown by /v1/models and the docs", "--model-name",
+    )] = "model"
+    model_revision: Annotated[str | None, _s("MODEL_REVISION", P.text, "Hub branch, tag or commit to pin", "--revision")] = None
+    trust_remote_code: Annotated[bool, _s(
+        "TRUST_REMOTE_CODE", P.boolean, "Allow custom modeling code from the repo", "--trust-remote-code",
+    )] = True
+    hf_token: Annotated[str | None, _s(
+        ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), P.text, "Hub token for private or gated models",
+    )] = None
+    cache_dir: Annotated[str, _s(
+        "CACHE_DIR", P.text, "Model download cache; sets HF_HUB_CACHE (when unset: HF_HUB_CACHE, then HF_HOME/hub)",
+        "--cache-dir",
+    )] = DEFAULT_CACHE_DIR
+    transformers_path: Annotated[str | None, _s(
+        "TRANSFORMERS_INSTALL_PATH", P.text, "pip install -U this path, URL or wheel of transformers before starting",
+        "--transformers-path",
+    )] = None
 
     # Attention / compute
-    attn_impl: AttnImpl = "flash_attention_2"
-    attn_strict: bool = False  # no fallback: startup fails if attn_impl is unavailable
-    dtype: DType = "bf16"
+    attn_impl: Annotated[AttnImpl, _s(
+        "ATTN_IMPL", P.choice("flash_attention_2", "sdpa", "eager"), "Attention kernel; falls back to sdpa unless strict",
+        "--attn-impl",
+    )] = "flash_attention_2"
+    attn_strict: Annotated[bool, _s(
+        "ATTN_STRICT", P.boolean, "Fail startup instead of falling back to another kernel", "--attn-strict",
+    )] = False
+    dtype: Annotated[DType, _s(
+        "DTYPE", P.choice("bf16", "fp16", "fp32", aliases=_DTYPE_ALIASES), "Weights and activations (CPU always runs fp32)",
+        "--dtype",
+    )] = "bf16"
 
     # Devices: gpu_ids, when set, wins over gpu_count; gpu_count None means 1 if any GPU is visible.
-    gpu_ids: tuple[int, ...] | None = None
-    gpu_count: int | None = None
-    device: Device = "auto"
-    cpu_replicas: int = 1  # replicas when running on CPU (lets routing be exercised without GPUs)
-    cpu_packed_linears: bool = True  # oneDNN pre-packed linear weights on CPU (~1.7x faster decode)
+    gpu_ids: Annotated[tuple[int, ...] | None, _s(
+        "GPU_IDS", P.gpu_ids, "CUDA device ids, one replica each; beats --gpu-count", "--gpu-ids",
+    )] = None
+    gpu_count: Annotated[int | None, _s(
+        "GPU_COUNT", P.integer(1), "Use the first N visible GPUs (unset: 1 if any GPU is visible)", "--gpu-count",
+    )] = None
+    device: Annotated[Device, _s(
+        "DEVICE", P.choice("auto", "cuda", "cpu"), "auto uses CUDA when available", "--device",
+    )] = "auto"
+    cpu_replicas: Annotated[int, _s(
+        "CPU_REPLICAS", P.integer(1, 16), "Model replicas when running on CPU", "--cpu-replicas",
+    )] = 1
+    cpu_packed_linears: Annotated[bool, _s(
+        "CPU_PACKED_LINEARS", P.boolean, "oneDNN pre-packed linear weights on CPU", "--cpu-packed-linears",
+    )] = True
 
     # Batching, limits, backpressure
-    max_batch_size: int = 32
-    batch_timeout_ms: float = 0.0
-    # Prompt tokens prefilled per scheduler step, so running streams keep flowing; 0 = auto
-    # (128 on CPU, where it halved median TTFT for -11% throughput; 2048 on GPUs).
-    max_prefill_tokens: int = 0
-    max_input_tokens: int = 16384
-    default_max_tokens: int = 128
-    max_queue_size: int = 256
-    kv_cache_max_gib: float = 0.0  # the paged KV pool per replica; 0 = auto from free memory
-    kv_cache_gpu_fraction: float = 0.9  # auto pool on GPU: this share of the memory free after loading
-    kv_block_size: int = 0  # tokens per KV block; 0 = auto (16; 256 with FlashAttention's paged kernels)
-    enable_prefix_caching: bool = True
+    max_batch_size: Annotated[int, _s(
+        "MAX_BATCH_SIZE", P.integer(1, 1024), "Most sequences decoded together per replica", "--max-batch-size",
+    )] = 32
+    batch_timeout_ms: Annotated[float, _s(
+        "BATCH_TIMEOUT_MS", P.number(0, 1000), "Wait for more newcomers before a prefill", "--batch-timeout-ms",
+    )] = 0.0
+    # 128 on CPU halved median TTFT for -11% throughput; GPUs take 2048 (docs/BENCHMARKS.md).
+    max_prefill_tokens: Annotated[int, _s(
+        "MAX_PREFILL_TOKENS", P.integer(16, zero="auto: 128 on CPU, 2048 on GPU"), "Prompt tokens prefilled per scheduler step",
+        "--max-prefill-tokens",
+    )] = 0
+    max_input_tokens: Annotated[int, _s(
+        ("MAX_INPUT_TOKENS", "MAX_CONTEXT_TOKENS"), P.integer(1), "Maximum prompt tokens; longer prompts are cut from the left",
+        "--max-input-tokens",
+    )] = 16384
+    default_max_tokens: Annotated[int, _s(
+        "MAX_NEW_TOKENS_DEFAULT", P.integer(1), "Default and cap for new tokens per request", "--default-max-tokens",
+    )] = 128
+    max_queue_size: Annotated[int, _s(
+        "MAX_QUEUE_SIZE", P.integer(1), "Waiting requests per replica before 503 backpressure", "--max-queue-size",
+    )] = 256
+    kv_cache_max_gib: Annotated[float, _s(
+        "KV_CACHE_MAX_GIB", P.number(0), "Paged KV pool per replica in GiB; 0 = auto from free memory", "--kv-cache-max-gib",
+    )] = 0.0
+    kv_cache_gpu_fraction: Annotated[float, _s(
+        "KV_CACHE_GPU_FRACTION", P.number(0, 1, lo_open=True), "Auto KV pool on GPU: share of the memory free after loading",
+        "--kv-cache-gpu-fraction",
+    )] = 0.9
+    kv_block_size: Annotated[int, _s(
+        "KV_BLOCK_SIZE", P.integer(1, 4096, zero="auto: 16, or 256 with FlashAttention"), "Tokens per KV block",
+        "--kv-block-size",
+    )] = 0
+    enable_prefix_caching: Annotated[bool, _s(
+        "ENABLE_PREFIX_CACHING", P.boolean, "Reuse the KV blocks of shared prompt prefixes; --no-enable-prefix-caching turns it off",
+        "--enable-prefix-caching",
+    )] = True
 
     # Generation defaults (used when a request leaves the field out)
-    default_do_sample: bool = True
-    default_temperature: float = 0.8
-    default_top_p: float = 0.9
-    default_seed: int | None = 42
-    default_top_k: int = 0  # 0 = off
-    default_min_p: float = 0.0
-    default_repetition_penalty: float = 1.0
+    default_do_sample: Annotated[bool, _s(
+        "DO_SAMPLE_DEFAULT", P.boolean, "Sample by default; false = greedy", "--default-sampling",
+    )] = True
+    default_temperature: Annotated[float, _s(
+        "TEMPERATURE_DEFAULT", P.number(0, 2), "Default temperature", "--default-temperature",
+    )] = 0.8
+    default_top_p: Annotated[float, _s(
+        "TOP_P_DEFAULT", P.number(0, 1, lo_open=True), "Default nucleus p", "--default-top-p",
+    )] = 0.9
+    default_seed: Annotated[int | None, _s("SEED_DEFAULT", P.seed, "Default sampling seed", "--default-seed")] = 42
+    default_top_k: Annotated[int, _s("TOP_K_DEFAULT", P.integer(0), "Default top-k; 0 = off", "--default-top-k")] = 0
+    default_min_p: Annotated[float, _s("MIN_P_DEFAULT", P.number(0, 1), "Default min-p; 0 = off", "--default-min-p")] = 0.0
+    default_repetition_penalty: Annotated[float, _s(
+        "REPETITION_PENALTY_DEFAULT", P.number(0, lo_open=True), "Default repetition penalty",
+        "--default-repetition-penalty",
+    )] = 1.0
 
     # Server process
-    host: str = "0.0.0.0"
-    port: int = 8000
-    log_level: LogLevel = "info"
-    progress_logs: bool = False
-    fast_usage: bool = True
-    redact_source: bool = True
-    debug: bool = False
-    api_key: str | None = None
-    max_request_body_bytes: int = 64 * MiB
-    shutdown_grace_s: float = 30.0  # time in-flight requests get to finish after SIGTERM
+    host: Annotated[str, _s("HOST", P.text, "Address to bind", "--host")] = "0.0.0.0"
+    port: Annotated[int, _s("PORT", P.integer(1, 65535), "Port to bind", "--port")] = 8000
+    log_level: Annotated[LogLevel, _s(
+        "LOG_LEVEL", P.choice("critical", "error", "warning", "info", "debug", "trace", aliases={"warn": "warning"}),
+        "Log level", "--log-level",
+    )] = "info"
+    progress_logs: Annotated[bool, _s(
+        "PROGRESS_LOGS", P.boolean, "Startup heartbeat and per-request metrics logs", "--progress",
+    )] = False
+    fast_usage: Annotated[bool, _s(
+        "FAST_USAGE", P.boolean, "Report usage from engine token counts (no re-tokenization)", "--fast-usage",
+    )] = True
+    redact_source: Annotated[bool, _s(
+        "REDACT_SOURCE", P.boolean, "Hide model path/revision/cache and download progress", "--redact-source",
+    )] = True
+    debug: Annotated[bool, _s(
+        "DEBUG", P.boolean, "Debug logging and tracebacks; implies --log-level debug unless given", "--debug",
+    )] = False
+    api_key: Annotated[str | None, _s(
+        "API_KEY", P.api_key, "Bearer key for /v1/* and docs; prefer the env var from a secret", "--api-key",
+    )] = None
+    max_request_body_bytes: Annotated[int, _s(
+        "MAX_REQUEST_BODY_BYTES", P.integer(1024), "Largest request body; bigger bodies get 413",
+    )] = 64 * MiB
+    shutdown_grace_s: Annotated[float, _s(
+        "SHUTDOWN_GRACE_S", P.number(0, 3600), "On SIGTERM, time in-flight requests get to finish before replicas stop",
+    )] = 30.0
 
     # Images
-    max_images_per_request: int = 10
-    max_image_size: int = 1024  # longest side in pixels; larger images are resized down
-    max_image_bytes: int = 20 * MiB  # encoded bytes per image
-    max_image_pixels: int = 50_000_000  # decoded width*height, checked from the header before decoding
-    allow_remote_images: bool = True
-    image_url_allowed_hosts: tuple[str, ...] = ()  # empty = any public host
-    allow_private_image_urls: bool = False
-    image_url_allowed_networks: tuple[str, ...] = ()  # CIDRs reachable although private (e.g. an internal store)
-    image_fetch_timeout_s: float = 10.0
+    max_images_per_request: Annotated[int, _s(
+        "MAX_IMAGES_PER_REQUEST", P.integer(0), "Images per request (0 = text only)", "--max-images-per-request",
+    )] = 10
+    max_image_size: Annotated[int, _s(
+        "MAX_IMAGE_SIZE", P.integer(16), "Longest image side in pixels; larger images are resized", "--max-image-size",
+    )] = 1024
+    max_image_bytes: Annotated[int, _s(
+        "MAX_IMAGE_BYTES", P.integer(1), "Encoded bytes per image (data URL or download)",
+    )] = 20 * MiB
+    max_image_pixels: Annotated[int, _s(
+        "MAX_IMAGE_PIXELS", P.integer(1), "Decoded pixels per image, checked before decoding",
+    )] = 50_000_000
+    allow_remote_images: Annotated[bool, _s(
+        "ALLOW_REMOTE_IMAGES", P.boolean, "Fetch http(s) image URLs (false: only data URLs)",
+    )] = True
+    image_url_allowed_hosts: Annotated[tuple[str, ...], _s(
+        "IMAGE_URL_ALLOWED_HOSTS", P.hosts, "Host allowlist for image URLs; empty = any public host",
+    )] = ()
+    allow_private_image_urls: Annotated[bool, _s(
+        "ALLOW_PRIVATE_IMAGE_URLS", P.boolean, "Turn the image fetcher's private-address check off (trusted networks only)",
+    )] = False
+    image_url_allowed_networks: Annotated[tuple[str, ...], _s(
+        "IMAGE_URL_ALLOWED_NETWORKS", P.networks, "Networks the image fetcher may reach although private (an internal store)",
+    )] = ()
+    image_fetch_timeout_s: Annotated[float, _s(
+        "IMAGE_FETCH_TIMEOUT_S", P.number(0, 300, lo_open=True), "Whole image fetch deadline (DNS, connect, redirects, body)",
+    )] = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Parse and validate settings; raises SettingsError naming the offending variable."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for var in _VARS:
-            found = _lookup(env, var.names)
+        for field, setting in SETTINGS.items():
+            found = _lookup(env, setting.env)
             if found is None:
                 continue
             name, raw = found
             try:
-                values[var.field] = var.parse(raw)
+                values[field] = setting.parse(raw)
             except ValueError as exc:
                 raise SettingsError(name, str(exc)) from None
 
@@ -149,211 +271,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return data
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsers: each takes the stripped raw string and returns the value or raises ValueError(message).
-# Messages start with the offending value so the caller can prefix the variable name.
+def _declared() -> dict[str, Setting]:
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    return {
+        field: meta
+        for field, hint in hints.items()
+        for meta in getattr(hint, "__metadata__", ())
+        if isinstance(meta, Setting)
+    }
 
 
-def _show(raw: str) -> str:
-    return repr(raw if len(raw) <= 60 else raw[:57] + "...")
-
-
-_INT_RE = re.compile(r"[+-]?\d+")
-
-
-def _parse_int(raw: str) -> int:
-    if not _INT_RE.fullmatch(raw):
-        raise ValueError(f"{_show(raw)} (expected an integer)")
-    return int(raw)
-
-
-def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        value = _parse_int(raw)
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ValueError(f"{_show(raw)} (expected {_range(lo, hi)})")
-        return value
-
-    return parse
-
-
-def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{_show(raw)} (expected a number)") from None
-        too_low = lo is not None and (value <= lo if lo_open else value < lo)
-        if not math.isfinite(value) or too_low or (hi is not None and value > hi):
-            raise ValueError(f"{_show(raw)} (expected {_range(lo, hi, lo_open)})")
-        return value
-
-    return parse
-
-
-def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
-    if lo is not None and hi is not None:
-        return f"{lo} {'<' if lo_open else '<='} value <= {hi}"
-    if lo is not None:
-        return f"a number {'>' if lo_open else '>='} {lo}"
-    if hi is not None:
-        return f"a number <= {hi}"
-    return "a finite number"
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _bool(raw: str) -> bool:
-    lowered = raw.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"{_show(raw)} (expected true/false, 1/0, yes/no or on/off)")
-
-
-def _choice(choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> Callable[[str], str]:
-    aliases = aliases or {}
-
-    def parse(raw: str) -> str:
-        lowered = raw.lower()
-        value = aliases.get(lowered, lowered)
-        if value not in choices:
-            raise ValueError(f"{_show(raw)} (choose {', '.join(choices)})")
-        return value
-
-    return parse
-
-
-def _text(raw: str) -> str:
-    return raw
-
-
-def _api_key(raw: str) -> str | None:
-    # "EMPTY" is the OpenAI-client convention for "no key"; auth stays off.
-    return None if raw == "EMPTY" else raw
-
-
-def _seed(raw: str) -> int | None:
-    if raw.lower() in {"none", "random"}:
-        return None
-    value = _parse_int(raw)
-    if not 0 <= value < 2**64:
-        raise ValueError(f"{_show(raw)} (expected 0 <= seed < 2**64, or 'none' for a random seed)")
-    return value
-
-
-def _gpu_ids(raw: str) -> tuple[int, ...]:
-    parts = [part.strip() for part in raw.split(",")]
-    if any(not part.isdigit() for part in parts):
-        raise ValueError(f"{_show(raw)} (expected comma-separated non-negative integers, e.g. 0,1)")
-    ids = tuple(int(part) for part in parts)
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{_show(raw)} (duplicate GPU id)")
-    return ids
-
-
-def _hosts(raw: str) -> tuple[str, ...]:
-    hosts = (part.strip().lower().rstrip(".") for part in raw.split(","))
-    return tuple(dict.fromkeys(host for host in hosts if host))
-
-
-def _prefill_budget(raw: str) -> int:
-    value = _parse_int(raw)
-    if value != 0 and value < 16:
-        raise ValueError(f"{_show(raw)} is out of range (0 = auto, or >= 16)")
-    return value
-
-
-def _networks(raw: str) -> tuple[str, ...]:
-    import ipaddress
-
-    networks = []
-    for part in (p.strip() for p in raw.split(",")):
-        if not part:
-            continue
-        try:
-            networks.append(str(ipaddress.ip_network(part, strict=False)))
-        except ValueError:
-            raise ValueError(f"{_show(part)} is not an IP network (e.g. 10.20.0.0/16)") from None
-    return tuple(dict.fromkeys(networks))
-
-
-class _Var(NamedTuple):
-    field: str
-    names: tuple[str, ...]  # the first name is canonical; the rest are accepted aliases
-    parse: Callable[[str], Any]
-
-
-_VARS: tuple[_Var, ...] = (
-    _Var("model_path", ("MODEL_PATH", "MODEL_ID"), _text),
-    _Var("model_name", ("MODEL_NAME",), _text),
-    _Var("model_revision", ("MODEL_REVISION",), _text),
-    _Var("trust_remote_code", ("TRUST_REMOTE_CODE",), _bool),
-    _Var("hf_token", ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), _text),
-    _Var("cache_dir", ("CACHE_DIR",), _text),
-    _Var("transformers_path", ("TRANSFORMERS_INSTALL_PATH",), _text),
-    _Var("attn_impl", ("ATTN_IMPL",), _choice(("flash_attention_2", "sdpa", "eager"))),
-    _Var("attn_strict", ("ATTN_STRICT",), _bool),
-    _Var(
-        "dtype",
-        ("DTYPE",),
-        _choice(
-            ("bf16", "fp16", "fp32"),
-            {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"},
-        ),
-    ),
-    _Var("gpu_ids", ("GPU_IDS",), _gpu_ids),
-    _Var("gpu_count", ("GPU_COUNT",), _int(1)),
-    _Var("device", ("DEVICE",), _choice(("auto", "cuda", "cpu"))),
-    _Var("cpu_replicas", ("CPU_REPLICAS",), _int(1, 16)),
-    _Var("cpu_packed_linears", ("CPU_PACKED_LINEARS",), _bool),
-    _Var("max_batch_size", ("MAX_BATCH_SIZE",), _int(1, 1024)),
-    _Var("batch_timeout_ms", ("BATCH_TIMEOUT_MS",), _float(0, 1000)),
-    _Var("max_prefill_tokens", ("MAX_PREFILL_TOKENS",), _prefill_budget),
-    _Var("max_input_tokens", ("MAX_INPUT_TOKENS", "MAX_CONTEXT_TOKENS"), _int(1)),
-    _Var("default_max_tokens", ("MAX_NEW_TOKENS_DEFAULT",), _int(1)),
-    _Var("kv_cache_max_gib", ("KV_CACHE_MAX_GIB",), _float(0, None)),
-    _Var("kv_cache_gpu_fraction", ("KV_CACHE_GPU_FRACTION",), _float(0, 1, lo_open=True)),
-    _Var("kv_block_size", ("KV_BLOCK_SIZE",), _int(0, 4096)),
-    _Var("enable_prefix_caching", ("ENABLE_PREFIX_CACHING",), _bool),
-    _Var("max_queue_size", ("MAX_QUEUE_SIZE",), _int(1)),
-    _Var("default_do_sample", ("DO_SAMPLE_DEFAULT",), _bool),
-    _Var("default_temperature", ("TEMPERATURE_DEFAULT",), _float(0, 2)),
-    _Var("default_top_p", ("TOP_P_DEFAULT",), _float(0, 1, lo_open=True)),
-    _Var("default_seed", ("SEED_DEFAULT",), _seed),
-    _Var("default_top_k", ("TOP_K_DEFAULT",), _int(0)),
-    _Var("default_min_p", ("MIN_P_DEFAULT",), _float(0, 1)),
-    _Var("default_repetition_penalty", ("REPETITION_PENALTY_DEFAULT",), _float(0, None, lo_open=True)),
-    _Var("host", ("HOST",), _text),
-    _Var("port", ("PORT",), _int(1, 65535)),
-    _Var(
-        "log_level",
-        ("LOG_LEVEL",),
-        _choice(("critical", "error", "warning", "info", "debug", "trace"), {"warn": "warning"}),
-    ),
-    _Var("progress_logs", ("PROGRESS_LOGS",), _bool),
-    _Var("fast_usage", ("FAST_USAGE",), _bool),
-    _Var("redact_source", ("REDACT_SOURCE",), _bool),
-    _Var("debug", ("DEBUG",), _bool),
-    _Var("api_key", ("API_KEY",), _api_key),
-    _Var("max_request_body_bytes", ("MAX_REQUEST_BODY_BYTES",), _int(1024)),
-    _Var("shutdown_grace_s", ("SHUTDOWN_GRACE_S",), _float(0, 3600)),
-    _Var("max_images_per_request", ("MAX_IMAGES_PER_REQUEST",), _int(0)),  # 0 = text only
-    _Var("max_image_size", ("MAX_IMAGE_SIZE",), _int(16)),
-    _Var("max_image_bytes", ("MAX_IMAGE_BYTES",), _int(1)),
-    _Var("max_image_pixels", ("MAX_IMAGE_PIXELS",), _int(1)),
-    _Var("allow_remote_images", ("ALLOW_REMOTE_IMAGES",), _bool),
-    _Var("image_url_allowed_hosts", ("IMAGE_URL_ALLOWED_HOSTS",), _hosts),
-    _Var("allow_private_image_urls", ("ALLOW_PRIVATE_IMAGE_URLS",), _bool),
-    _Var("image_url_allowed_networks", ("IMAGE_URL_ALLOWED_NETWORKS",), _networks),
-    _Var("image_fetch_timeout_s", ("IMAGE_FETCH_TIMEOUT_S",), _float(0, 300, lo_open=True)),
-)
-
-# Field name -> environment variable names (canonical first). The entrypoint builds its help from this.
-ENV_NAMES: Mapping[str, tuple[str, ...]] = {var.field: var.names for var in _VARS}
+# Field -> its declaration, in declaration order.
+SETTINGS: Mapping[str, Setting] = _declared()
+# Field name -> environment variable names (canonical first).
+ENV_NAMES: Mapping[str, tuple[str, ...]] = {field: setting.env for field, setting in SETTINGS.items()}
 
 
 def _lookup(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str] | None:

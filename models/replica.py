@@ -42,15 +42,17 @@ MIN_POOL_TOKENS = 256
 
 @dataclass(frozen=True)
 class ReplicaConfig:
-    max_batch_size: int = 32
-    max_input_tokens: int = 16384
-    max_new_tokens: int = 128
-    force_generic: bool = False  # tests and operators can pin the generic path
-    pack_cpu_linears: bool = True  # oneDNN pre-packed weights on CPU (fast path only)
-    kv_cache_budget_bytes: int | None = None  # the pool; None: auto from free memory
-    kv_cache_gpu_fraction: float = 0.9  # auto on GPU: this share of the memory free after loading
-    kv_block_size: int | None = None  # None: auto (CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, 256 with FlashAttention)
-    enable_prefix_caching: bool = True
+    """Built from the server's Settings (`app.lifespan.scheduler_config`), which hold the defaults."""
+
+    max_batch_size: int
+    max_input_tokens: int
+    max_new_tokens: int
+    pack_cpu_linears: bool  # oneDNN pre-packed weights on CPU (fast path only)
+    kv_cache_budget_bytes: int | None  # the pool; None: auto from free memory
+    kv_cache_gpu_fraction: float  # auto on GPU: this share of the memory free after loading
+    kv_block_size: int | None  # None: auto (CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, 256 with FlashAttention)
+    enable_prefix_caching: bool
+    force_generic: bool = False  # tests can pin the generic path
 
 
 class ModelReplica:

@@ -14,33 +14,21 @@ import copy
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import anyio
 
 from models.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
-from models.images import DecodedImageCache, ImageLimits
-from models.loader import LoadSpec
+from models.images import DecodedImageCache
 from models.params import PromptInput
 from models.prompt import PreparedPrompt, PromptBuilder
-from models.replica import ReplicaConfig, build_replica
-from scheduler.executor import Delivery, Executor, ExecutorConfig, Job
+from models.replica import build_replica
+from scheduler.config import SchedulerConfig
+from scheduler.executor import Delivery, Executor, Job
 from scheduler.request import EngineRequest, RequestStream
 from scheduler.router import pick_replica
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    load: LoadSpec  # device is filled per replica
-    devices: tuple[str, ...]
-    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
-    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    image_limits: ImageLimits = field(default_factory=ImageLimits)
-    max_images_per_request: int = 10
-    retry_after_s: int = 1
 
 
 class Scheduler:

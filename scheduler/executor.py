@@ -55,10 +55,12 @@ class Job:
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    max_batch_size: int = 32  # rows: sequences decoded together
-    max_queue_size: int = 256
-    max_prefill_tokens: int = 512
-    batch_timeout_s: float = 0.0
+    """Built from the server's Settings (`app.lifespan.scheduler_config`), which hold the defaults."""
+
+    max_batch_size: int  # rows: sequences decoded together
+    max_queue_size: int
+    max_prefill_tokens: int
+    batch_timeout_s: float
     prefill_aging_s: float = 2.0
     idle_poll_s: float = 0.5
 

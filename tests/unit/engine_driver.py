@@ -9,8 +9,9 @@ import torch
 
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt
-from scheduler.executor import Executor, ExecutorConfig, Job
+from scheduler.executor import Executor, Job
 from scheduler.request import EngineRequest, RequestStream
+from tests.unit.configs import executor_config
 
 
 class EngineDriver:
@@ -22,7 +23,7 @@ class EngineDriver:
         self.tokens: dict[tuple[str, int], list[int]] = defaultdict(list)
         self.text: dict[tuple[str, int], str] = defaultdict(str)
         self.finished: dict[tuple[str, int], tuple[str, str | None]] = {}
-        config = ExecutorConfig(max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
+        config = executor_config(max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
         self.executor = Executor("test", str(replica.loaded.device), lambda: replica, self._deliver, config)
         self.executor.attach(replica)
         self._count = 0

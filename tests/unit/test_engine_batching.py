@@ -13,21 +13,22 @@ from PIL import Image
 from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
-from models.replica import ReplicaConfig, build_replica
+from models.replica import build_replica
 from tests.unit.engine_driver import EngineDriver, hf_greedy
 from tests.unit.engine_driver import run_jobs as run
+from tests.unit.configs import replica_config
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def text_replica(tiny_text_path):
-    return build_replica(LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(max_batch_size=8))
+    return build_replica(LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=8))
 
 
 @pytest.fixture(scope="module")
 def vlm_replica(tiny_vlm_path):
-    return build_replica(LoadSpec(source=str(tiny_vlm_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(max_batch_size=8))
+    return build_replica(LoadSpec(source=str(tiny_vlm_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=8))
 
 
 def prepared_text(replica, text: str) -> PreparedPrompt:
@@ -117,7 +118,7 @@ def test_n_choices_share_one_prefill(text_replica):
 
 def test_generic_path_gives_the_same_greedy_tokens_batched(tiny_text_path, text_replica):
     generic = build_replica(
-        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(force_generic=True)
+        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(force_generic=True)
     )
     assert generic.path == "generic"
     prepared = prepared_text(text_replica, "Generic path check")

@@ -16,11 +16,11 @@ from models.grammar import GrammarCompiler, tool_calls_lark
 from models.loader import LoadSpec
 from models.params import GrammarSpec, PromptInput, SamplingParams
 from models.prompt import PreparedPrompt
-from models.replica import ReplicaConfig, build_replica
-from scheduler.core import Scheduler, SchedulerConfig
-from scheduler.executor import ExecutorConfig
+from models.replica import build_replica
+from scheduler.core import Scheduler
 from scheduler.request import EngineRequest
 from tests.unit.engine_driver import EngineDriver
+from tests.unit.configs import engine_config, replica_config
 
 PERSON = {
     "type": "object",
@@ -64,7 +64,7 @@ TOOLS = [
 
 @pytest.fixture(scope="module")
 def replica(tiny_text_path):
-    return build_replica(LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(max_batch_size=8))
+    return build_replica(LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=8))
 
 
 def generate(replica, params: SamplingParams, *, n: int = 1, prompt: str = "Answer in JSON please") -> list[tuple[str, str]]:
@@ -203,12 +203,7 @@ def test_invalid_grammars_are_request_errors(replica, spec, param):
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_scheduler_refuses_a_bad_schema_before_admission(tiny_text_path, anyio_backend):
-    config = SchedulerConfig(
-        load=LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"),
-        devices=("cpu",),
-        replica=ReplicaConfig(max_batch_size=4, max_input_tokens=200, max_new_tokens=64),
-        executor=ExecutorConfig(max_queue_size=8),
-    )
+    config = engine_config(tiny_text_path, max_batch_size=4, max_input_tokens=200, default_max_tokens=64, max_queue_size=8)
     scheduler = Scheduler(config)
     messages = ({"role": "user", "content": "hi"},)
     bad = SamplingParams(max_tokens=8, grammar=GrammarSpec("json_schema", json.dumps({"type": "nonsense"})))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import entrypoint
-from app.settings import ENV_NAMES
+from app.settings import ENV_NAMES, SETTINGS
+from docs.gen_config_table import current, table
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -13,8 +13,12 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 def test_every_environment_variable_and_flag_is_documented():
     missing = [name for names in ENV_NAMES.values() for name in names if f"`{name}`" not in README]
     assert not missing
-    flags = [option for flag in entrypoint.FLAGS for option in flag.options if f"`{option}`" not in README]
+    flags = [option for setting in SETTINGS.values() for option in setting.flags if f"`{option}`" not in README]
     assert not flags
+
+
+def test_the_configuration_table_is_the_generated_one():
+    assert current(README) == table(), "run: .venv/bin/python docs/gen_config_table.py"
 
 
 def test_the_readme_opens_with_exactly_the_two_setup_commands():

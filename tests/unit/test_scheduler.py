@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import anyio
 import pytest
 
-from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
-from models.replica import ReplicaConfig
-from scheduler.core import Scheduler, SchedulerConfig
+from scheduler.core import Scheduler
 from scheduler.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
-from scheduler.executor import ExecutorConfig
 from scheduler.request import EngineRequest
 from scheduler.router import pick_replica
+from tests.unit.configs import engine_config
 
 pytestmark = pytest.mark.anyio
 
@@ -26,17 +25,14 @@ def anyio_backend():
 
 
 @contextlib.asynccontextmanager
-async def running_scheduler(
-    model_path, *, devices=("cpu",), max_queue_size=64, max_batch_size=8, max_new_tokens=64, kv_budget=None, executor=None
-):
-    config = SchedulerConfig(
-        load=LoadSpec(source=str(model_path), dtype="fp32", attn_impl="sdpa"),
-        devices=tuple(devices),
-        replica=ReplicaConfig(
-            max_batch_size=max_batch_size, max_input_tokens=200, max_new_tokens=max_new_tokens, kv_cache_budget_bytes=kv_budget
-        ),
-        executor=executor or ExecutorConfig(max_batch_size=max_batch_size, max_queue_size=max_queue_size, max_prefill_tokens=64),
+async def running_scheduler(model_path, *, cpu_replicas=1, max_new_tokens=64, kv_budget=None, executor=None, **settings):
+    settings = {"max_queue_size": 64, "max_batch_size": 8, "max_prefill_tokens": 64, **settings}
+    config = engine_config(
+        model_path, cpu_replicas=cpu_replicas, max_input_tokens=200, default_max_tokens=max_new_tokens,
+        kv_cache_max_gib=(kv_budget or 0) / 2**30, **settings,
     )
+    if executor:
+        config = dataclasses.replace(config, executor=dataclasses.replace(config.executor, **executor))
     scheduler = Scheduler(config)
     await scheduler.start()
     with anyio.fail_after(120):
@@ -139,7 +135,7 @@ async def test_draining_refuses_new_work(tiny_text_path):
 
 
 async def test_two_cpu_replicas_share_the_load(tiny_text_path):
-    async with running_scheduler(tiny_text_path, devices=("cpu", "cpu")) as scheduler:
+    async with running_scheduler(tiny_text_path, cpu_replicas=2) as scheduler:
         streams = [await scheduler.submit(request(i, max_tokens=12)) for i in range(8)]
         assert {s.replica_name for s in streams} == {"0", "1"}
         async with anyio.create_task_group() as tg:
@@ -149,7 +145,7 @@ async def test_two_cpu_replicas_share_the_load(tiny_text_path):
 
 
 async def test_a_model_that_fails_to_load_makes_the_server_degraded(tmp_path):
-    config = SchedulerConfig(load=LoadSpec(source=str(tmp_path / "missing")), devices=("cpu",))
+    config = engine_config(tmp_path / "missing")
     scheduler = Scheduler(config)
     await scheduler.start()
     with anyio.fail_after(30):
@@ -218,7 +214,7 @@ async def test_a_small_kv_pool_pages_and_preempts_instead_of_overflowing(tiny_te
 
 
 async def test_short_jobs_are_prefilled_before_long_ones_that_arrived_with_them(tiny_text_path):
-    gather = ExecutorConfig(max_prefill_tokens=48, batch_timeout_s=0.5)
+    gather = {"max_prefill_tokens": 48, "batch_timeout_s": 0.5}
     async with running_scheduler(tiny_text_path, executor=gather, max_new_tokens=200) as scheduler:
         # Long prompts need several 48-token chunks; the short one fits in one.
         longs = [await scheduler.submit(request(i, max_tokens=150, text="a long request " * 20)) for i in range(5)]

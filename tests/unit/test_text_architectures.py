@@ -11,9 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from models.loader import LoadSpec
 from models.params import SamplingParams
 from models.prompt import PreparedPrompt
-from models.replica import ReplicaConfig, build_replica
+from models.replica import build_replica
 from models.tiny import build_tokenizer, chat_template
 from tests.unit.engine_driver import EngineDriver, hf_greedy
+from tests.unit.configs import replica_config
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 # model_type -> (extra config, expected path)
@@ -64,7 +65,7 @@ def build(model_type: str, extra: dict, tokenizer, out) -> None:
 def test_architecture_matches_generate(model_type, tokenizer, tmp_path):
     extra, expected_path = ARCHS[model_type]
     build(model_type, extra, tokenizer, tmp_path)
-    replica = build_replica(LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(max_batch_size=4))
+    replica = build_replica(LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4))
     assert replica.path == expected_path, replica.path_reason
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
     prompt = PreparedPrompt(tokenizer("hello world, this is a test of the architecture " * 3)["input_ids"])

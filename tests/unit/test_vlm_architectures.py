@@ -18,9 +18,10 @@ from models.images import ImageLimits
 from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
-from models.replica import ReplicaConfig, build_replica
+from models.replica import build_replica
 from tests.unit.engine_driver import EngineDriver, hf_greedy, run_jobs
 from tests.unit.vlm_builders import ARCHS, GREEDY, MAX_NEW, NOT_BUILT, Arch
+from tests.unit.configs import replica_config
 
 @pytest.mark.parametrize("name", sorted(NOT_BUILT))
 def test_not_built_here(name):
@@ -53,7 +54,7 @@ def _replica(arch: Arch, tmp_path_factory):
         out = tmp_path_factory.mktemp(arch.name)
         arch.build(out)
         _REPLICAS[arch.name] = build_replica(
-            LoadSpec(source=str(out), dtype="fp32", attn_impl="sdpa"), ReplicaConfig(max_batch_size=4)
+            LoadSpec(source=str(out), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4)
         )
     return _REPLICAS[arch.name]
 

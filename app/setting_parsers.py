@@ -1,0 +1,164 @@
+"""Parsers for setting values: each turns the stripped raw string into a value or raises
+ValueError with a message that starts with the offending value. `expected` says what is accepted;
+the CLI help and the README table show it, so no help text restates a range."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+def show(raw: str) -> str:
+    return repr(raw if len(raw) <= 60 else raw[:57] + "...")
+
+
+@dataclass(frozen=True)
+class Parser:
+    parse: Callable[[str], Any]
+    expected: str | None = None  # e.g. "1 <= value <= 1024"; None when the help says it all
+    is_bool: bool = False
+
+    def __call__(self, raw: str) -> Any:
+        return self.parse(raw)
+
+
+_INT_RE = re.compile(r"[+-]?\d+")
+
+
+def _parse_int(raw: str) -> int:
+    if not _INT_RE.fullmatch(raw):
+        raise ValueError(f"{show(raw)} (expected an integer)")
+    return int(raw)
+
+
+def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"{lo} {'<' if lo_open else '<='} value <= {hi}"
+    if lo is not None:
+        return f"a number {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f"a number <= {hi}"
+    return "a finite number"
+
+
+def integer(lo: int | None = None, hi: int | None = None, *, zero: str | None = None) -> Parser:
+    """An integer in [lo, hi]; `zero` names what 0 means when 0 is allowed outside the range."""
+    expected = _range(lo, hi) + (f", or 0 ({zero})" if zero else "")
+
+    def parse(raw: str) -> int:
+        value = _parse_int(raw)
+        if zero and value == 0:
+            return 0
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ValueError(f"{show(raw)} (expected {expected})")
+        return value
+
+    return Parser(parse, expected)
+
+
+def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Parser:
+    expected = _range(lo, hi, lo_open)
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{show(raw)} (expected a number)") from None
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        if not math.isfinite(value) or too_low or (hi is not None and value > hi):
+            raise ValueError(f"{show(raw)} (expected {expected})")
+        return value
+
+    return Parser(parse, expected)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{show(raw)} (expected true/false, 1/0, yes/no or on/off)")
+
+
+boolean = Parser(_bool, None, is_bool=True)
+
+
+def choice(*choices: str, aliases: Mapping[str, str] | None = None) -> Parser:
+    aliases = aliases or {}
+
+    def parse(raw: str) -> str:
+        lowered = raw.lower()
+        value = aliases.get(lowered, lowered)
+        if value not in choices:
+            raise ValueError(f"{show(raw)} (choose {', '.join(choices)})")
+        return value
+
+    return Parser(parse, " | ".join(choices))
+
+
+text = Parser(lambda raw: raw)
+
+
+def _api_key(raw: str) -> str | None:
+    # "EMPTY" is the OpenAI-client convention for "no key"; auth stays off.
+    return None if raw == "EMPTY" else raw
+
+
+api_key = Parser(_api_key)
+
+
+def _seed(raw: str) -> int | None:
+    if raw.lower() in {"none", "random"}:
+        return None
+    value = _parse_int(raw)
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{show(raw)} (expected 0 <= seed < 2**64, or 'none' for a random seed)")
+    return value
+
+
+seed = Parser(_seed, "0 <= seed < 2**64, or none for a random seed")
+
+
+def _gpu_ids(raw: str) -> tuple[int, ...]:
+    parts = [part.strip() for part in raw.split(",")]
+    if any(not part.isdigit() for part in parts):
+        raise ValueError(f"{show(raw)} (expected comma-separated non-negative integers, e.g. 0,1)")
+    ids = tuple(int(part) for part in parts)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{show(raw)} (duplicate GPU id)")
+    return ids
+
+
+gpu_ids = Parser(_gpu_ids, "comma-separated ids, e.g. 0,1")
+
+
+def _hosts(raw: str) -> tuple[str, ...]:
+    hosts = (part.strip().lower().rstrip(".") for part in raw.split(","))
+    return tuple(dict.fromkeys(host for host in hosts if host))
+
+
+hosts = Parser(_hosts, "comma-separated hosts, `*.example.com` for subdomains")
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    networks = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise ValueError(f"{show(part)} is not an IP network (e.g. 10.20.0.0/16)") from None
+    return tuple(dict.fromkeys(networks))
+
+
+networks = Parser(_networks, "comma-separated CIDRs")
