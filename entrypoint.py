@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import MutableMapping
@@ -24,6 +25,10 @@ from app.settings import SETTINGS, Settings, SettingsError
 
 ROOT = Path(__file__).resolve().parent
 APP_TARGET = "app.main:create_app"
+_MAX_OPEN_FILES = 1 << 20
+_RESERVED_FILES = 512
+_MAX_CONNECTIONS = 65536
+_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
 # Spec "Advanced runtime" defaults; set before torch/transformers are imported by the worker.
 RUNTIME_ENV_DEFAULTS = {
@@ -185,13 +190,38 @@ def install_transformers(spec: str) -> None:
     print(f"[entrypoint] Using transformers {version} from {Path(location).parent}", flush=True)
 
 
+def raise_open_files_limit() -> int:
+    """Lift the soft open-files limit to the hard one: every connection is a file descriptor,
+    and a default soft limit of 1,024 is what a crowd of idle clients exhausts first."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else _MAX_OPEN_FILES
+    target = min(target, _MAX_OPEN_FILES)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_limit(settings: Settings, open_files: int) -> int:
+    """Connections granian serves at once (its backpressure). By default as many as the open-files
+    limit allows, less a margin for model files, sockets to image hosts and the replicas' own."""
+    if settings.http_max_connections:
+        return settings.http_max_connections
+    return max(1024, min(open_files - _RESERVED_FILES, _MAX_CONNECTIONS))
+
+
 def serve(settings: Settings) -> None:
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces, Loops
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server import Server
 
     # granian has no "trace" level; the app still sees LOG_LEVEL=trace for its own loggers.
     level = "debug" if settings.log_level == "trace" else settings.log_level
+    connections = connection_limit(settings, raise_open_files_limit())
     server = Server(
         APP_TARGET,
         address=settings.host,
@@ -202,10 +232,22 @@ def serve(settings: Settings) -> None:
         working_dir=ROOT,
         log_level=LogLevels(level),
         log_access=settings.debug,
+        # HTTP/1.1 only: with protocol detection (auto), a connection that never sends a byte is
+        # never timed out, and 1,024 of them stopped every request, /health included. HTTP/1.1's
+        # header timeout closes them, and keep-alive connections left idle, after HTTP_HEADER_TIMEOUT_S.
+        http=HTTPModes.http1,
+        http1_settings=HTTP1Settings(header_read_timeout=int(settings.http_header_timeout_s * 1000)),
+        backpressure=connections,
+        backlog=_BACKLOG,
+        # The app's SIGTERM drain reads asyncio's signal handlers (app/lifespan.py).
+        loop=Loops.asyncio,
         # Backstop only: the app drains within SHUTDOWN_GRACE_S; a worker stuck past that is killed.
-        workers_kill_timeout=max(1, math.ceil(settings.shutdown_grace_s) + 10),
+        workers_kill_timeout=max(1, math.ceil(settings.shutdown_grace_s) + 15),
     )
-    print(f"[entrypoint] serving {APP_TARGET} on {settings.host}:{settings.port} (1 worker)", flush=True)
+    print(
+        f"[entrypoint] serving {APP_TARGET} on {settings.host}:{settings.port} (1 worker, up to {connections} connections)",
+        flush=True,
+    )
     server.serve()
 
 

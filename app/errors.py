@@ -54,6 +54,7 @@ HTTP_CODES: dict[int, tuple[str, str, str]] = {
     403: ("permission_error", "forbidden", "forbidden"),
     404: ("invalid_request_error", "not_found", "not found"),
     405: ("invalid_request_error", "method_not_allowed", "method not allowed"),
+    408: ("invalid_request_error", "request_timeout", "the request did not arrive in time"),
     413: ("invalid_request_error", "request_too_large", "the request body is too large"),
     415: ("invalid_request_error", "unsupported_media_type", "unsupported media type"),
     429: ("rate_limit_error", "rate_limited", "too many requests"),
@@ -84,6 +85,10 @@ def engine_error_to_response(exc: EngineError) -> tuple[int, ErrorResponse, dict
             message = exc.message if status < 500 or not isinstance(exc, GenerationError) else "generation failed"
             return status, error_body(status, message, type_=type_, param=exc.param, code=exc.code), headers
     return 500, error_body(500, "internal server error", code="internal_error"), None
+
+
+def status_of(exc: EngineError) -> int:
+    return engine_error_to_response(exc)[0]
 
 
 def handle_engine_error(request: Request, exc: EngineError) -> Response[bytes]:

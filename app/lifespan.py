@@ -3,9 +3,11 @@ background (so /health answers `loading` meanwhile), drain in-flight requests on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import sys
 import time
 from typing import AsyncIterator
@@ -94,12 +96,48 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
         await scheduler.start()
         services.scheduler = scheduler
         task_group.start_soon(_announce_readiness, scheduler, settings)
+        _drain_before_granian_stops(scheduler, settings)
         try:
             yield
         finally:
-            log.info("[server] shutting down: draining in-flight requests (up to %.0fs)", settings.shutdown_grace_s)
             await scheduler.drain(settings.shutdown_grace_s)
             task_group.cancel_scope.cancel()
+
+
+def _drain_before_granian_stops(scheduler: Scheduler, settings: Settings) -> None:
+    """On SIGTERM/SIGINT, granian stops accepting connections at once, waits for the open ones,
+    and only then runs the lifespan's shutdown; a stream still open at its kill timeout was cut
+    with no error event. So the signal is taken here first: readiness turns false and new
+    requests get 503 at once, in-flight work gets SHUTDOWN_GRACE_S, whatever is left then ends
+    with an error (an error event and `[DONE]` on streams, 503 otherwise), and only then is
+    granian's own handler run. granian's handler is the asyncio loop's (entrypoint.py pins the
+    asyncio loop); without one there is nothing to intercept and the lifespan drains as before."""
+    loop = asyncio.get_running_loop()
+    handlers = getattr(loop, "_signal_handlers", {})
+    draining: set[asyncio.Task] = set()  # a reference, so the task is not collected mid-drain
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        granian_handler = handlers.get(sig)
+        if granian_handler is None:
+            continue
+
+        def on_signal(sig=sig, granian_handler=granian_handler) -> None:
+            if scheduler.draining:
+                # Repeats are ignored: supervisors that signal the whole process group deliver
+                # SIGTERM twice (theirs and granian's main process's). Its kill timeout is the backstop.
+                return
+            log.info("[server] %s: draining (up to %.0fs), then stopping", signal.Signals(sig).name, settings.shutdown_grace_s)
+            # A signal handler runs outside any task: start the drain as a task of its own.
+            task = loop.create_task(_drain_then_stop(scheduler, settings.shutdown_grace_s, granian_handler))
+            draining.add(task)
+            task.add_done_callback(draining.discard)
+
+        loop.add_signal_handler(sig, on_signal)
+
+
+async def _drain_then_stop(scheduler: Scheduler, grace_s: float, granian_handler) -> None:
+    await scheduler.drain(grace_s)
+    await anyio.sleep(0.1)  # the failed requests' last events go out before connections close
+    granian_handler._run()
 
 
 async def _announce_readiness(scheduler: Scheduler, settings: Settings) -> None:

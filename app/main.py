@@ -9,6 +9,7 @@ from litestar.openapi import OpenAPIConfig
 
 from app.auth import BEARER_COMPONENTS
 from app.errors import EXCEPTION_HANDLERS
+from app.http_limits import body_timeout
 from app.lifespan import serve_model
 from app.media import ImageFetchPolicy
 from app.metrics import Metrics
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     holder["services"] = services
     app = Litestar(
         route_handlers=ROUTES,
+        middleware=[body_timeout(settings.http_body_timeout_s)],
         lifespan=[serve_model],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(

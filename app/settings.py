@@ -203,8 +203,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "MAX_REQUEST_BODY_BYTES", P.integer(1024), "Largest request body; bigger bodies get 413",
     )] = 64 * MiB
     shutdown_grace_s: Annotated[float, _s(
-        "SHUTDOWN_GRACE_S", P.number(0, 3600), "On SIGTERM, time in-flight requests get to finish before replicas stop",
+        "SHUTDOWN_GRACE_S", P.number(0, 3600),
+        "On SIGTERM, time in-flight requests get to finish; the rest then end with an error (503, or an error event)",
     )] = 30.0
+    http_header_timeout_s: Annotated[float, _s(
+        "HTTP_HEADER_TIMEOUT_S", P.number(1, 300),
+        "A connection must send its request headers within this time (idle keep-alive connections too), else it is closed",
+    )] = 10.0
+    http_body_timeout_s: Annotated[float, _s(
+        "HTTP_BODY_TIMEOUT_S", P.number(1, 3600),
+        "A request body that makes no progress for this long gets 408 and its connection is closed",
+    )] = 30.0
+    http_max_connections: Annotated[int, _s(
+        "HTTP_MAX_CONNECTIONS", P.integer(16, zero="auto: from the open-files limit"),
+        "Connections served at once; more wait in the listen backlog",
+    )] = 0
 
     # Images
     max_images_per_request: Annotated[int, _s(

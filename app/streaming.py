@@ -14,8 +14,9 @@ import anyio
 import msgspec
 from litestar import Request
 
-from app.errors import error_body
+from app.errors import engine_error_to_response
 from app.tool_calls import ToolCallParser, finish_reason_for
+from scheduler.errors import EngineError, GenerationError
 from scheduler.request import ChoiceUpdate, RequestStream, StreamUpdate, TokenLogprob
 
 DONE = b"data: [DONE]\n\n"
@@ -50,8 +51,13 @@ def usage_payload(stream: RequestStream) -> dict[str, Any]:
     return usage
 
 
-def stream_error_payload(message: str) -> dict[str, Any]:
-    return msgspec.to_builtins(error_body(500, message, code="generation_failed"))
+def stream_error_payload(error: EngineError) -> dict[str, Any]:
+    """The OpenAI error object a failed stream ends with (before `[DONE]`)."""
+    return msgspec.to_builtins(engine_error_to_response(error)[1])
+
+
+def stream_failure(update: StreamUpdate) -> EngineError:
+    return update.error or GenerationError("generation failed")
 
 
 @dataclass
@@ -65,8 +71,17 @@ class ChoiceResult:
 @dataclass
 class Collected:
     choices: list[ChoiceResult]
-    error: str | None = None
+    error: EngineError | None = None
     disconnected: bool = False
+
+    @property
+    def failure(self) -> EngineError | None:
+        """Why the request failed, if it did (a choice can fail without a message of its own)."""
+        if self.error is not None:
+            return self.error
+        if any(c.finish_reason == "error" for c in self.choices):
+            return GenerationError("generation failed")
+        return None
 
 
 async def collect(request: Request, stream: RequestStream) -> Collected:
@@ -112,13 +127,13 @@ async def chat_event_stream(
     *,
     base: dict[str, Any],
     include_usage: bool,
-    on_done: Callable[[RequestStream, str | None], None],
+    on_done: Callable[[RequestStream, EngineError | None], None],
     tool_parser: Callable[[], ToolCallParser] | None = None,
 ) -> AsyncIterator[bytes]:
     """`chat.completion.chunk` events, a usage chunk when asked, then `[DONE]`. A failure after the
     stream started is sent as a final error event before `[DONE]`. With `tool_parser`, each
     choice's text goes through its own parser: content and `tool_calls` deltas."""
-    error: str | None = None
+    error: EngineError | None = None
     parsers = [tool_parser() for _ in range(stream.request.n)] if tool_parser is not None else None
     try:
         for index in range(stream.request.n):
@@ -127,7 +142,7 @@ async def chat_event_stream(
             for choice in update.choices:
                 if choice.finish_reason == "error":
                     # Text that arrived with the failure is still sent; the error event follows.
-                    error = update.error or "generation failed"
+                    error = stream_failure(update)
                     choice.finish_reason = None
                 if parsers is not None:
                     for event in _parsed_chunks(base, choice, parsers[choice.index]):

@@ -55,6 +55,12 @@ class OverloadedError(EngineError):
         self.retry_after_s = retry_after_s
 
 
+class ShuttingDownError(OverloadedError):
+    """The server stopped before the request finished (HTTP 503 + Retry-After: ask another replica)."""
+
+    code = "server_shutting_down"
+
+
 class GenerationError(EngineError):
     """The model failed while generating for this request (HTTP 500, details only in the log)."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.detokenize import IncrementalDetokenizer, StopStringMatcher
+from models.errors import EngineError, GenerationError
 from models.sampling import RowSampler, TokenLogprob
 
 
@@ -21,7 +22,7 @@ class Delta:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    error: str | None = None
+    error: EngineError | None = None
 
 
 class Generation:
@@ -30,7 +31,7 @@ class Generation:
         self.max_tokens = max_tokens
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.error: str | None = None
+        self.error: EngineError | None = None
         self._detok = detokenizer
         self._stops = StopStringMatcher(sampler.params.stop)
         self._emitted = ""
@@ -69,13 +70,13 @@ class Generation:
             # token is whole, not cut.
             if self.sampler.constraint.error:
                 # The grammar rejected a token it had allowed: the output is no longer guaranteed.
-                self.abort("error", "constrained decoding failed")
+                self.abort("error", GenerationError("constrained decoding failed"))
             else:
                 self._finish("stop", flush_text=True)
         elif len(self.output_ids) >= self.max_tokens:
             self._finish("length", flush_text=True)
 
-    def abort(self, reason: str = "abort", error: str | None = None) -> None:
+    def abort(self, reason: str = "abort", error: EngineError | None = None) -> None:
         if self.finish_reason is None:
             self.error = error
             self._delta.error = error

@@ -60,8 +60,12 @@ class Scheduler:
             executor.start()
 
     async def drain(self, grace_s: float) -> None:
-        """Refuse new work, give in-flight requests `grace_s` to finish, then stop the replicas."""
+        """Refuse new work, give in-flight requests `grace_s` to finish, then stop the replicas:
+        whatever is still running ends with a ShuttingDownError. Later calls return at once."""
+        if self.draining:
+            return
         self.draining = True
+        log.info("shutting down: draining %d in-flight request(s) (up to %.0fs)", len(self._inflight), grace_s)
         with anyio.move_on_after(grace_s):
             while self._inflight:
                 await anyio.sleep(0.05)

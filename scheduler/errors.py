@@ -8,6 +8,7 @@ from models.errors import (
     InvalidRequestError,
     ModelNotReadyError,
     OverloadedError,
+    ShuttingDownError,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "InvalidRequestError",
     "ModelNotReadyError",
     "OverloadedError",
+    "ShuttingDownError",
 ]

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from models.devices import DeviceScope, trim_host_memory
-from models.errors import OverloadedError
+from models.errors import (
+    ContextLengthExceededError,
+    EngineError,
+    GenerationError,
+    ModelNotReadyError,
+    OverloadedError,
+    ShuttingDownError,
+)
 from models.generation import Delta
 from models.plan import SampledToken, StepPlan
 from models.prompt import PreparedPrompt
@@ -32,7 +39,7 @@ log = logging.getLogger(__name__)
 Delivery = list[tuple[RequestStream, int, Delta]]
 GENERIC_FAILURE = "generation failed"
 NON_FINITE = "the model produced invalid (non-finite) scores for this request"
-SHUTTING_DOWN = "the server is shutting down"
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 CACHE_FULL = "the request does not fit this replica's KV cache memory"
 
 
@@ -149,19 +156,19 @@ class Executor:
             log.error("replica %s failed to load: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.state = "failed"
-            self._fail_inbox("the model failed to load")
+            self._fail_inbox(ModelNotReadyError("the model failed to load; see the server log"))
             return
         self.attach(self.replica)
         log.info("replica %s ready on %s (%s path)", self.name, self.device, self.replica.path)
         try:
             while self._wait_for_work():
                 self.step()
-            self._fail_everything(SHUTTING_DOWN)
+            self._fail_everything(ShuttingDownError(SHUTTING_DOWN))
         except BaseException:
             log.exception("replica %s stopped unexpectedly", self.name)
             self.state = "failed"
             self.error = "the replica's step loop crashed"
-            self._fail_everything(GENERIC_FAILURE)
+            self._fail_everything(GenerationError(GENERIC_FAILURE))
             raise
         finally:
             if self.state == "ready":
@@ -235,7 +242,7 @@ class Executor:
                 self.batch.add(job.seqs)
             except Exception:
                 log.exception("could not start request %s", job.stream.request_id)
-                self._deliver([(job.stream, i, Delta(finish_reason="error", error=GENERIC_FAILURE)) for i in range(job.n)])
+                self._deliver([(job.stream, i, Delta(finish_reason="error", error=GenerationError(GENERIC_FAILURE))) for i in range(job.n)])
                 self.num_waiting_jobs -= 1
                 continue
             self._jobs.append(job)
@@ -270,10 +277,10 @@ class Executor:
             parent = batch.rejected.pop()
             log.warning("request %s does not fit the KV cache even alone", parent.group.stream.request_id)
             for seq in [parent, *parent.pending_children]:
-                seq.output.abort("error", CACHE_FULL)
+                seq.output.abort("error", ContextLengthExceededError(CACHE_FULL, param="max_tokens"))
             batch.finish(parent)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: EngineError | None = None) -> None:
         """End `seq` (and choices waiting to fork from it) with `reason` and leave the batch."""
         for gone in self.batch.finish(seq):
             gone.output.abort(reason, error)
@@ -315,7 +322,7 @@ class Executor:
             if sample.token_id is None:
                 if sample.error is None:
                     log.warning("sequence %d produced non-finite logits; failing it alone", seq.seq_id)
-                self._finish(seq, "error", sample.error or NON_FINITE)
+                self._finish(seq, "error", GenerationError(sample.error or NON_FINITE))
                 continue
             generation.append(sample.token_id, sample.logprob)
             if generation.is_finished:
@@ -323,7 +330,7 @@ class Executor:
         if failed:
             for seq in list(batch.running):
                 if seq.seq_id in failed:
-                    self._finish(seq, "error", failed[seq.seq_id])
+                    self._finish(seq, "error", GenerationError(failed[seq.seq_id]))
 
     def _emit(self) -> None:
         delivery: Delivery = []
@@ -361,21 +368,21 @@ class Executor:
             "preemptions": batch.num_preemptions,
         }
 
-    def _fail_everything(self, message: str) -> None:
+    def _fail_everything(self, error: EngineError) -> None:
         batch = self.batch
         if batch is not None:
             for job in self._jobs:
                 for seq in job.seqs:
                     if not seq.is_finished:
-                        self._finish(seq, "error", message)
+                        self._finish(seq, "error", error)
             self._emit()
             self.replica.runner.release(batch.take_released())
-        self._fail_inbox(message)
+        self._fail_inbox(error)
 
-    def _fail_inbox(self, message: str) -> None:
+    def _fail_inbox(self, error: EngineError) -> None:
         with self._cond:
             jobs = list(self._inbox)
             self._inbox.clear()
         for job in jobs:
-            self._deliver([(job.stream, i, Delta(finish_reason="error", error=message)) for i in range(job.n)])
+            self._deliver([(job.stream, i, Delta(finish_reason="error", error=error)) for i in range(job.n)])
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from models.errors import EngineError
 from models.params import GrammarSpec, PromptInput, SamplingParams
 from models.sampling import TokenLogprob
 
@@ -44,7 +45,7 @@ class ChoiceUpdate:
 @dataclass(slots=True)
 class StreamUpdate:
     choices: list[ChoiceUpdate]
-    error: str | None = None  # set when the request failed after it started
+    error: EngineError | None = None  # set when the request failed after it started
 
 
 class RequestStream:
@@ -65,12 +66,12 @@ class RequestStream:
         self.cancelled = False  # read by the replica thread between steps
         self._pending: dict[int, ChoiceUpdate] = {}
         self._open_choices = set(range(request.n))
-        self._error: str | None = None
+        self._error: EngineError | None = None
         self._wakeup = anyio.Event()
         self._on_cancel: Any = None
 
     # -- replica -> loop -----------------------------------------------------------------------
-    def push(self, index: int, text: str, token_ids: list[int], logprobs: list[TokenLogprob], finish_reason: str | None, error: str | None) -> None:
+    def push(self, index: int, text: str, token_ids: list[int], logprobs: list[TokenLogprob], finish_reason: str | None, error: EngineError | None) -> None:
         update = self._pending.get(index)
         if update is None:
             update = self._pending[index] = ChoiceUpdate(index)

@@ -14,7 +14,7 @@ from app.schemas.common import ChoiceLogprobs, PromptTokensDetails, Usage
 from app.services import SYSTEM_FINGERPRINT, RequestTracker, log_ignored_fields, new_request_id, services, warning_headers
 from app.streaming import ChoiceResult, chat_event_stream, collect, logprobs_payload, now
 from app.tool_calls import ToolCallParser, finish_reason_for, parse_message, parser_factory
-from scheduler.errors import GenerationError
+from app.errors import status_of
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -46,17 +46,16 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
 
         def on_done(finished_stream, error):
             # `cancelled` is set when the client left before the end (as 499 for non-streamed requests).
-            status = 500 if error else 499 if finished_stream.cancelled else 200
-            tracker.finish(status, finished_stream, error)
+            status = status_of(error) if error else 499 if finished_stream.cancelled else 200
+            tracker.finish(status, finished_stream, error.message if error else None)
 
         events = chat_event_stream(stream, base=base, include_usage=include_usage, on_done=on_done, tool_parser=tool_parser)
         return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
     collected = await collect(request, stream)
-    failed = collected.error or any(c.finish_reason == "error" for c in collected.choices)
-    if failed:
-        tracker.finish(500, stream, collected.error or "generation failed")
-        raise GenerationError("generation failed")
+    if (failure := collected.failure) is not None:
+        tracker.finish(status_of(failure), stream, failure.message)
+        raise failure
     tracker.finish(499 if collected.disconnected else 200, stream)
     choices = []
     for i, choice in enumerate(collected.choices):

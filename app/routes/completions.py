@@ -31,8 +31,9 @@ from app.services import (
     services,
     warning_headers,
 )
-from app.streaming import DONE, collect, now, sse, stream_error_payload
-from scheduler.errors import GenerationError
+from app.errors import status_of
+from app.streaming import DONE, collect, now, sse, stream_error_payload, stream_failure
+from scheduler.errors import EngineError
 from scheduler.request import EngineRequest, RequestStream, TokenLogprob
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -66,18 +67,18 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
     want_logprobs = data.logprobs is not None
     recorded = False
 
-    def record(status: int, error: str | None = None) -> None:
+    def record(status: int, error: EngineError | None = None) -> None:
         # The tracker takes one stream (latency, TTFT, the log line); the other prompts' tokens
         # go to the counters here so that they stay exact.
         nonlocal recorded
         if not recorded:
             recorded = True
-            tracker.finish(status, streams[0], error)
+            tracker.finish(status, streams[0], error.message if error else None)
             _count_tokens(svc, streams[1:])
 
-    def on_done(error: str | None) -> None:
+    def on_done(error: EngineError | None) -> None:
         # `cancelled` is set when the client left before the end (499, as for chat).
-        record(500 if error else 499 if any(s.cancelled for s in streams) else 200, error)
+        record(status_of(error) if error else 499 if any(s.cancelled for s in streams) else 200, error)
 
     if data.stream:
         base = {
@@ -106,9 +107,9 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
             if collected.disconnected:
                 record(499)
                 break  # nobody reads the answer any more
-            if collected.error or any(c.finish_reason == "error" for c in collected.choices):
-                on_done(collected.error or "generation failed")
-                raise GenerationError("generation failed")
+            if (failure := collected.failure) is not None:
+                on_done(failure)
+                raise failure
             for i, choice in enumerate(collected.choices):
                 logprobs = _logprobs(choice.logprobs, len(echo))[0] if want_logprobs else None
                 text = echo + choice.text
@@ -188,12 +189,12 @@ async def _event_stream(
     n: int,
     want_logprobs: bool,
     include_usage: bool,
-    on_done: Callable[[str | None], None],
+    on_done: Callable[[EngineError | None], None],
 ) -> AsyncIterator[bytes]:
     """`text_completion` chunks, a usage chunk when asked, then `[DONE]`; a failure after the stream
     started is a final error event before `[DONE]`. Prompts are read one after another: all of
     them generate at once in the engine, and later ones' text waits, coalesced, until read."""
-    error: str | None = None
+    error: EngineError | None = None
     try:
         for p, (stream, echo) in enumerate(zip(streams, echoes)):
             offsets = [len(echo)] * n
@@ -206,7 +207,7 @@ async def _event_stream(
                     finish_reason = choice.finish_reason
                     if finish_reason == "error":
                         # Text that arrived with the failure is still sent; the error event follows.
-                        error, finish_reason = update.error or "generation failed", None
+                        error, finish_reason = stream_failure(update), None
                     if not (choice.text or choice.logprobs or finish_reason):
                         continue
                     logprobs = None

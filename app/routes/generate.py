@@ -10,7 +10,7 @@ from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.generate import GenerateRequest, GenerateResponse
 from app.services import RequestTracker, new_request_id, services, warning_headers
 from app.streaming import collect
-from scheduler.errors import GenerationError
+from app.errors import status_of
 
 
 @post(
@@ -29,9 +29,9 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
         stream = await svc.require_scheduler().submit(svc.translator.generate(data, request_id))
     collected = await collect(request, stream)
     choice = collected.choices[0]
-    if collected.error or choice.finish_reason == "error":
-        tracker.finish(500, stream, collected.error)
-        raise GenerationError("generation failed")
+    if (failure := collected.failure) is not None:
+        tracker.finish(status_of(failure), stream, failure.message)
+        raise failure
     tracker.finish(499 if collected.disconnected else 200, stream)
     body = GenerateResponse(
         generated_text=choice.text,

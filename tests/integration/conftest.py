@@ -10,6 +10,7 @@ shared, so each built-in model is built once per session.
                set both in the environment and by flag, so the flag values must win (precedence).
   vlm_server   builtin:tiny-vlm, no API key, MODEL_NAME only from the environment, 2048 max new
                tokens (room for requests that outlive their client), SEED_DEFAULT = 2**64 - 1.
+  edge_server  builtin:tiny with 2 s header and body timeouts, for the hostile-connection tests.
   vlm_fetch_server  builtin:tiny-vlm for remote-image tests: loopback (127.0.0.0/8) reachable while
                every other private range stays refused, 2 s fetch timeout, 1 MiB per image, at most
                3 images per request, images resized to 256 px at most.
@@ -96,6 +97,13 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             # The largest seed Settings accepts; choice i of a request samples with seed + i.
             "SEED_DEFAULT": str(VLM_DEFAULT_SEED),
         },
+    ),
+    # Short connection timeouts for the hostile-client tests.
+    "edge_server": ServerSpec(
+        model_path="builtin:tiny",
+        model_name="edge",
+        api_key=None,
+        env={"MODEL_NAME": "edge", "DTYPE": "fp32", "HTTP_HEADER_TIMEOUT_S": "2", "HTTP_BODY_TIMEOUT_S": "2"},
     ),
     "vlm_fetch_server": ServerSpec(
         model_path="builtin:tiny-vlm",
@@ -292,6 +300,11 @@ def text_server(server_launcher: Launcher) -> Server:
 @pytest.fixture(scope="session")
 def vlm_server(server_launcher: Launcher) -> Server:
     return server_launcher.get("vlm_server")
+
+
+@pytest.fixture(scope="session")
+def edge_server(server_launcher: Launcher) -> Server:
+    return server_launcher.get("edge_server")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,164 @@
+"""Hostile and careless connections: thousands of idle sockets, stalled bodies, and a SIGTERM in
+the middle of streams. Every socket goes to 127.0.0.1; every wait is bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.integration.conftest import Server, ServerSpec, launch, stop, wait_ready
+from tests.integration.helpers import assert_openai_error, chat_body
+
+IDLE_CONNECTIONS = 5000
+STALLED_BODIES = 200
+
+
+def _open_files_for(count: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = count + 512
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.fail(f"the open-files limit ({hard}) is too low for {count} sockets")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def _address(server: Server) -> tuple[str, int]:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _closed(sock: socket.socket, timeout_s: float) -> bytes | None:
+    """What the server sent before closing, or None if it is still open after `timeout_s`."""
+    sock.settimeout(timeout_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except (TimeoutError, socket.timeout):
+        return None
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def test_idle_connections_and_stalled_bodies_never_wedge_the_server(edge_server: Server) -> None:
+    _open_files_for(IDLE_CONNECTIONS + STALLED_BODIES)
+    address = _address(edge_server)
+    idle, stalled = [], []
+    try:
+        for _ in range(IDLE_CONNECTIONS):
+            idle.append(socket.create_connection(address, timeout=5))
+        body = b'{"messages": [{"role": "user", "content": "hi"}]'  # never finished
+        for _ in range(STALLED_BODIES):
+            sock = socket.create_connection(address, timeout=5)
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 4096\r\n\r\n" + body
+            )
+            stalled.append(sock)
+        # Health and a real request still answer (the bound is generous: 2 shared cores).
+        with edge_server.http() as client:
+            assert client.get("/health", timeout=5).status_code == 200
+            response = client.post("/v1/chat/completions", json=chat_body(max_tokens=4), timeout=10)
+        assert response.status_code == 200, response.text
+        # Stalled bodies get 408 in the OpenAI shape and are closed after HTTP_BODY_TIMEOUT_S (2 s).
+        answers = [_closed(sock, 10) for sock in stalled[:20]]
+        assert all(a is not None for a in answers), "a stalled body was never closed"
+        head, _, payload = answers[0].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408")
+        error = json.loads(payload.split(b"\r\n")[1] if b"chunked" in head.lower() else payload)["error"]
+        assert error["code"] == "request_timeout" and error["type"] == "invalid_request_error"
+        # Connections that never sent a byte are closed after HTTP_HEADER_TIMEOUT_S (2 s) too.
+        assert all(_closed(sock, 10) is not None for sock in idle[:20])
+    finally:
+        for sock in idle + stalled:
+            sock.close()
+    with edge_server.http() as client:
+        assert client.get("/health/live").status_code == 200
+
+
+def test_partial_headers_are_dropped(edge_server: Server) -> None:
+    sock = socket.create_connection(_address(edge_server), timeout=5)
+    try:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # the blank line never comes
+        assert _closed(sock, 10) is not None
+    finally:
+        sock.close()
+
+
+def test_a_slow_but_steady_body_is_accepted(edge_server: Server) -> None:
+    body = json.dumps(chat_body(max_tokens=2)).encode()
+    sock = socket.create_connection(_address(edge_server), timeout=10)
+    try:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        for i in range(0, len(body), 8):  # 3 s in all, never 2 s without progress
+            sock.sendall(body[i : i + 8])
+            time.sleep(3 / (len(body) / 8))
+        answer = _closed(sock, 30)
+    finally:
+        sock.close()
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.slow
+def test_sigterm_drains_then_ends_every_request_with_an_answer(tmp_path) -> None:
+    spec = ServerSpec(
+        model_path="builtin:tiny",
+        model_name="drain",
+        api_key=None,
+        env={"MODEL_NAME": "drain", "DTYPE": "fp32", "SHUTDOWN_GRACE_S": "1", "MAX_NEW_TOKENS_DEFAULT": "4000"},
+    )
+    server = launch("drain_server", spec, tmp_path / "cache", tmp_path)
+    results: dict[str, object] = {}
+    try:
+        wait_ready(server)
+        endless = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000, "ignore_eos": True}  # ~10 s on this CPU
+
+        def stream(key: str) -> None:
+            events = []
+            with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json={**endless, "stream": True}, timeout=60) as r:
+                events = [line for line in r.iter_lines() if line.startswith("data: ")]
+            results[key] = events
+
+        def plain(key: str) -> None:
+            results[key] = httpx.post(f"{server.base_url}/v1/chat/completions", json=endless, timeout=60)
+
+        threads = [threading.Thread(target=stream, args=(f"s{i}",)) for i in range(3)]
+        threads.append(threading.Thread(target=plain, args=("plain",)))
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=server.base_url, timeout=10) as client:
+            deadline = time.monotonic() + 30
+            while client.get("/health").json()["replicas"][0]["running"] < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(server.process.pid, signal.SIGTERM)  # as Kubernetes does: the main process only
+            deadline = time.monotonic() + 5
+            while (health := client.get("/health")).status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert health.status_code == 503 and health.json()["status"] == "draining"
+            assert_openai_error(client.post("/v1/chat/completions", json=chat_body()), 503)
+        for t in threads:
+            t.join(60)
+        assert server.process.wait(timeout=60) == 0
+    finally:
+        stop(server)
+    for key in ("s0", "s1", "s2"):
+        events = results[key]
+        assert events[-1] == "data: [DONE]", f"{key} was cut: {events[-2:]}"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "server_shutting_down"
+    plain_response = results["plain"]
+    assert_openai_error(plain_response, 503, code="server_shutting_down")
+    assert "Retry-After" in plain_response.headers
+    assert "Traceback" not in server.log_path.read_text()
