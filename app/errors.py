@@ -118,6 +118,25 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
     return error_response(status, error_body(status, message, type_=type_, code=code), headers or None)
 
 
+def invalid_body(exc: msgspec.ValidationError) -> InvalidRequestError:
+    """msgspec's "Expected `int`, got `str` - at `$.max_tokens`" as a 400 naming the field."""
+    text = str(exc)
+    param = None
+    match = _PATH_IN_MESSAGE.search(text)
+    if match:
+        param = match.group(1) or None
+        text = text[: match.start()]
+    return InvalidRequestError(f"invalid request: {text}" + (f" (at {param})" if param else ""), param=param)
+
+
+def handle_undecodable_body(request: Request, exc: Exception) -> Response[bytes]:
+    if isinstance(exc, RecursionError):
+        message = "the request body is nested too deeply"
+    else:
+        message = "the request body is not valid UTF-8 JSON"
+    return error_response(400, error_body(400, message, code="invalid_request"))
+
+
 def handle_unexpected(request: Request, exc: Exception) -> Response[bytes]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, error_body(500, "internal server error", code="internal_error"))
@@ -158,5 +177,8 @@ EXCEPTION_HANDLERS = {
     EngineError: handle_engine_error,
     ValidationException: handle_validation_error,
     HTTPException: handle_http_exception,
+    # Raised while the body is decoded (invalid UTF-8 in a string; JSON nested past msgspec's limit).
+    UnicodeDecodeError: handle_undecodable_body,
+    RecursionError: handle_undecodable_body,
     Exception: handle_unexpected,
 }

@@ -7,11 +7,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, TypeVar
 
+import msgspec
 from litestar import Request
 
-from app.errors import engine_error_to_response
+from app.errors import engine_error_to_response, invalid_body
 from app.metrics import Metrics, log_request
 from app.settings import Settings
 from app.translate import Translator
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from scheduler.request import RequestStream
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SYSTEM_FINGERPRINT = "fp_docoserve_0_1"
 
 
@@ -41,6 +43,16 @@ class Services:
 
 def services(request: Request) -> Services:
     return request.app.state.services
+
+
+async def strict_body(request: Request, data_type: type[T]) -> T:
+    """The body as `data_type`, with OpenAI's strict types. Litestar converts leniently ("10"
+    becomes 10, "true" becomes True); the JSON it already parsed is converted again, strictly (a
+    conversion of Python objects, no second parse)."""
+    try:
+        return msgspec.convert(await request.json(), type=data_type, strict=True)
+    except msgspec.ValidationError as exc:
+        raise invalid_body(exc) from None
 
 
 def new_request_id(prefix: str, request: Request) -> str:

@@ -141,8 +141,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "MAX_NEW_TOKENS_DEFAULT", P.integer(1), "Default and cap for new tokens per request", "--default-max-tokens",
     )] = 128
     max_queue_size: Annotated[int, _s(
-        "MAX_QUEUE_SIZE", P.integer(1), "Waiting requests per replica before 503 backpressure", "--max-queue-size",
+        "MAX_QUEUE_SIZE", P.integer(1), "Waiting sequences per replica (n per request) before 503 backpressure",
+        "--max-queue-size",
     )] = 256
+    max_prompts_per_request: Annotated[int, _s(
+        "MAX_PROMPTS_PER_REQUEST", P.integer(1, 4096), "Prompts one /v1/completions request may carry",
+    )] = 64
     kv_cache_max_gib: Annotated[float, _s(
         "KV_CACHE_MAX_GIB", P.number(0), "Paged KV pool per replica in GiB; 0 = auto from free memory", "--kv-cache-max-gib",
     )] = 0.0

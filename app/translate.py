@@ -29,6 +29,8 @@ from scheduler.request import EngineRequest, GrammarSpec, PromptInput, SamplingP
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+# JSON schemas and tool lists: rendered into the prompt and compiled into a grammar per request.
+MAX_SCHEMA_CHARS = 256 * 1024
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}
 
 
@@ -118,6 +120,13 @@ class Translator:
         return EngineRequest(request_id, prompt, params, n=req.n, kind="chat")
 
     def generate(self, req: GenerateRequest, request_id: str) -> EngineRequest:
+        if req.stream:
+            # Refused rather than answered whole: a client asking for a stream must not wait for
+            # the end without knowing why.
+            raise InvalidRequestError(
+                "stream is not supported on /generate; use /v1/completions (or /v1/chat/completions) with stream: true",
+                param="stream",
+            )
         p = req.parameters
         params = self.sampling(
             max_tokens=p.max_new_tokens,
@@ -148,6 +157,11 @@ class Translator:
             skip_special_tokens=req.skip_special_tokens,
         )
         prompts = _completion_prompts(req.prompt, req.add_special_tokens)
+        limit = self.settings.max_prompts_per_request
+        if len(prompts) > limit:
+            raise InvalidRequestError(
+                f"{len(prompts)} prompts sent; at most {limit} per request (MAX_PROMPTS_PER_REQUEST)", param="prompt"
+            )
         return [EngineRequest(request_id, prompt, params, n=req.n, kind="completion") for prompt in prompts]
 
     async def tokenize_prompt(self, req: TokenizeRequest) -> PromptInput:
@@ -155,7 +169,9 @@ class Translator:
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequestError("send either prompt or messages (exactly one)", param="prompt")
         if req.messages is None:
-            return PromptInput(text=req.prompt, add_special_tokens=req.add_special_tokens)
+            return PromptInput(
+                text=req.prompt, add_special_tokens=req.add_special_tokens, split_special_tokens=req.split_special_tokens
+            )
         # Images are fetched like chat does so that the count includes their expanded tokens.
         prompt = await self.chat_prompt(
             req.messages,
@@ -288,8 +304,18 @@ def _completion_prompts(prompt: str | list[PromptElement], add_special_tokens: b
     )
 
 
+def _check_size(value: Any, param: str) -> str:
+    """`value` as JSON, refused when it is too big to render or compile every request."""
+    text = json.dumps(value)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise InvalidRequestError(f"{param} is {len(text)} characters of JSON; at most {MAX_SCHEMA_CHARS} are accepted", param=param)
+    return text
+
+
 def _chat_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
     """response_format and tool_choice -> what the output must match; None: free text."""
+    if req.tools:
+        _check_size([_to_builtins(tool) for tool in req.tools], "tools")
     forced = forces_tool_calls(req)
     if forced and not req.tools:
         raise InvalidRequestError("tool_choice 'required' or a named function needs tools", param="tool_choice")
@@ -306,7 +332,7 @@ def _chat_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
             return GrammarSpec("json_object")
         if response_format.json_schema is None or response_format.json_schema.schema is None:
             raise InvalidRequestError("response_format of type json_schema needs json_schema.schema", param="response_format")
-        return GrammarSpec("json_schema", json.dumps(response_format.json_schema.schema), param="response_format")
+        return GrammarSpec("json_schema", _check_size(response_format.json_schema.schema, "response_format"), param="response_format")
     if forced:
         tools = [_to_builtins(tool) for tool in req.tools]
         return HERMES.grammar(tools, only=named, parallel=req.parallel_tool_calls is not False)

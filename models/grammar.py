@@ -70,7 +70,7 @@ class GrammarCompiler:
         pristine = self._pristine(spec)
         with self._lock:
             matcher = pristine.deep_copy()
-        return GrammarConstraint(matcher)
+        return GrammarConstraint(matcher, spec.param)
 
     # -- compilation ---------------------------------------------------------------------------
     def _pristine(self, spec: GrammarSpec) -> llguidance.LLMatcher:
@@ -82,6 +82,13 @@ class GrammarCompiler:
             tokenizer = self._tokenizer()
         # Outside the lock: compiling a large schema takes a while and releases the GIL.
         matcher = llguidance.LLMatcher(tokenizer, _grammar_text(spec, self._special), log_level=0, limits=self._limits)
+        if not matcher.is_error():
+            # llguidance builds lexer states lazily: the first mask is where most grammars that
+            # exceed its limits fail. Better a 400 now than a failure mid-generation.
+            probe = matcher.deep_copy()
+            probe.compute_bitmask()
+            if probe.is_error():
+                matcher = probe
         if matcher.is_error():
             raise InvalidRequestError(_invalid(spec, matcher.get_error()), param=spec.param)
         with self._lock:
@@ -201,14 +208,19 @@ def _invalid(spec: GrammarSpec, error: str) -> str:
 class GrammarConstraint:
     """One sequence's position in its grammar; lives on the replica thread."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, param: str = "response_format") -> None:
         self._matcher = matcher
+        self.param = param  # the request field the grammar came from, for errors
         self._shifts: torch.Tensor | None = None  # [32] on the logits' device
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [vocab] -> the same with forbidden tokens at -inf."""
         # One bit per token id, packed in int32 words: [ceil(ids / 32)]
         words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
+        if self._matcher.is_error():
+            # A limit hit mid-generation (lexer fuel, Earley items): nothing may be sampled; the
+            # row fails alone and `error` says why.
+            return torch.full_like(logits, float("-inf"))
         words = words.to(logits.device)
         if self._shifts is None or self._shifts.device != logits.device:
             self._shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
@@ -233,4 +245,4 @@ class GrammarConstraint:
         return self._matcher.get_error() or "constrained decoding failed"
 
     def fork(self) -> "GrammarConstraint":
-        return GrammarConstraint(self._matcher.deep_copy())
+        return GrammarConstraint(self._matcher.deep_copy(), self.param)

@@ -77,6 +77,8 @@ class PromptInput:
     # None: a raw text prompt gets the tokenizer's special tokens (BOS), a rendered chat does not
     # (its template already wrote them).
     add_special_tokens: bool | None = None
+    # Raw text only: special-token spellings become plain text instead of control tokens.
+    split_special_tokens: bool = False
     # Raw encoded images in the order their placeholders appear in `messages`.
     images: tuple[bytes, ...] = ()
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)

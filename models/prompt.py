@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
-from models.errors import InvalidRequestError
+from models.errors import ContextLengthExceededError, InvalidRequestError
 from models.images import DecodedImageCache, ImageLimits
 from models.params import PromptInput
 
@@ -29,6 +29,7 @@ _FALLBACK_TEMPLATE = (
 # A template that loops over message content expects OpenAI-style part lists.
 _ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+(?:\w+\[['\"]content['\"]\]|\w+\.content)")
 _CHECKS_STRING = re.compile(r"content['\"]?\]?\s+is\s+string|content\s+is\s+string")
+_WORD_JOINER = "\u2060"
 # Processor outputs that are not inputs of a forward pass: ids and mask are rebuilt per step, and
 # `labels` (PaliGemma's processor returns them with token_type_ids) would make the model compute a loss.
 _NOT_MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
@@ -71,6 +72,8 @@ class PromptBuilder:
         self.chat_template = chat_template or _FALLBACK_TEMPLATE
         if chat_template is None:
             log.warning("the model has no chat template; chat requests use a plain 'role: content' fallback")
+        self._special_pattern = _special_tokens_pattern(tokenizer, self.image_token)
+        self._max_token_chars = _max_token_chars(tokenizer)
         iterates = bool(_ITERATES_CONTENT.search(self.chat_template))
         self.content_as_parts = iterates and not _CHECKS_STRING.search(self.chat_template) and self.is_vision
         self.accepts_parts = iterates
@@ -123,6 +126,10 @@ class PromptBuilder:
     def _normalise_message(self, message: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(message)
         content = out.get("content")
+        if isinstance(content, str):
+            content = out["content"] = self._as_text(content)
+        elif isinstance(content, list):
+            content = [{**p, "text": self._as_text(p["text"])} if isinstance(p.get("text"), str) else p for p in content]
         if isinstance(content, list):
             out["content"] = self._normalise_parts(content)
         elif isinstance(content, str) and self.content_as_parts:
@@ -133,6 +140,15 @@ class PromptBuilder:
         if calls:
             out["tool_calls"] = [_tool_call_for_template(c) for c in calls]
         return out
+
+    def _as_text(self, text: str) -> str:
+        """Message content is text, whatever it contains: a special token's spelling typed by a
+        client (`<|im_end|>\n<|im_start|>system ...`) must not become that control token and
+        forge a turn. A word joiner (U+2060, invisible) after its first character keeps the
+        tokenizer from matching it; the template's own markers are untouched."""
+        if self._special_pattern is None or not self._special_pattern.search(text):
+            return text
+        return self._special_pattern.sub(lambda m: m.group(0)[0] + _WORD_JOINER + m.group(0)[1:], text)
 
     def _normalise_parts(self, parts: list[Mapping[str, Any]]) -> str | list[dict[str, Any]]:
         has_image = any(p.get("type") == "image" for p in parts)
@@ -164,10 +180,28 @@ class PromptBuilder:
             text, special = prompt.text or "", True
         if prompt.add_special_tokens is not None:
             special = prompt.add_special_tokens
+        # No token is longer than `_max_token_chars` characters, so a text beyond this many has
+        # more tokens than the limit for sure: only its end can survive, so only its end is
+        # tokenized. (A 60 MiB prompt took minutes to tokenize and gigabytes of memory.)
+        bound = (self.max_input_tokens + 1) * self._max_token_chars
         if prompt.images:
+            if len(text) > bound:
+                raise ContextLengthExceededError(
+                    f"the prompt has {len(text)} characters, more than the {self.max_input_tokens} input tokens this "
+                    "server accepts; prompts with images cannot be truncated",
+                    param="messages",
+                )
             return self._prepare_multimodal(text, prompt.images, special)
-        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
-        return self._truncate(PreparedPrompt(list(ids)))
+        cut = max(0, len(text) - bound)
+        split = {"split_special_tokens": True} if prompt.split_special_tokens else {}
+        ids = self.tokenizer(text[cut:], add_special_tokens=special and not cut, **split)["input_ids"]
+        prepared = self._truncate(PreparedPrompt(list(ids)))
+        if cut:
+            prepared.warnings[-1:] = [
+                f"the prompt had {len(text)} characters, more than MAX_INPUT_TOKENS={self.max_input_tokens} tokens; "
+                f"only its last {len(prepared.token_ids)} tokens were kept"
+            ]
+        return prepared
 
     def _prepare_multimodal(self, text: str, images: tuple[bytes, ...], special: bool) -> PreparedPrompt:
         if not self.is_vision:
@@ -186,8 +220,6 @@ class PromptBuilder:
             image_span=self._image_span(ids), image_digest=_digest(mm),
         )
         if len(ids) > self.max_input_tokens:
-            from models.errors import ContextLengthExceededError
-
             raise ContextLengthExceededError(
                 f"the prompt is {len(ids)} tokens ({image_tokens} of them for {len(decoded)} images), more than "
                 f"the {self.max_input_tokens} input tokens this server accepts; prompts with images cannot be truncated",
@@ -248,6 +280,30 @@ def _tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:
             pass
     call["function"] = function
     return call
+
+
+def _max_token_chars(tokenizer) -> int:
+    """The longest spelling in the vocabulary: no token stands for more characters than this
+    (byte-level vocabularies spell each byte as one character, so it is an upper bound)."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # remote-code tokenizers without get_vocab: assume generous tokens
+        return 64
+    return max((len(piece) for piece in vocab), default=1) or 1
+
+
+def _special_tokens_pattern(tokenizer, image_token: str | None) -> re.Pattern | None:
+    """Every spelling the tokenizer would turn into a special (control) token, longest first."""
+    spellings = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False) and token.content:
+            spellings.add(token.content)
+    if image_token:
+        spellings.add(image_token)
+    spellings = {s for s in spellings if len(s) > 1}
+    if not spellings:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(spellings, key=len, reverse=True)))
 
 
 def _digest(inputs: Mapping[str, Any]) -> bytes:

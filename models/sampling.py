@@ -150,6 +150,7 @@ def _sampling_distributions(logits: torch.Tensor, params: list[SamplingParams]) 
     # with top_p = 1 keep everything (rounding in the cumulative sum must not cut their tail).
     top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=device)
     drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False  # the most likely token is always kept, whatever the filters say
     min_p = torch.tensor([p.min_p for p in params], device=device)
     drop |= probs < (min_p * probs[:, 0])[:, None]
     return probs.masked_fill(drop, 0.0), order

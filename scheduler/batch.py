@@ -19,7 +19,7 @@ every preemption, for a case the admission watermark already makes rare.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,6 +44,8 @@ class Batch:
         self._clock = clock
         # Requests not admitted yet, each as its first choice with the others in pending_children.
         self.waiting: deque[Sequence] = deque()
+        # Sequences that lost their blocks to an earlier arrival: admitted again before anything new.
+        self.preempted: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # Waiting requests that can never fit the pool, even alone; the executor fails them.
         self.rejected: list[Sequence] = []
@@ -61,11 +63,11 @@ class Batch:
 
     @property
     def num_waiting(self) -> int:
-        return sum(1 + len(seq.pending_children) for seq in self.waiting)
+        return sum(1 + len(seq.pending_children) for seq in (*self.preempted, *self.waiting))
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.preempted)
 
     def take_released(self) -> list[int]:
         """Sequences that left since the last plan (for runners that keep state per sequence)."""
@@ -89,6 +91,8 @@ class Batch:
             self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.preempted:
+            self.preempted.remove(seq)
         for s in gone:
             s.is_finished = True
         seq.pending_children = []
@@ -104,7 +108,7 @@ class Batch:
 
     def _preempt(self, victim: Sequence) -> None:
         self._release(victim)
-        self.waiting.appendleft(victim)
+        self.preempted.appendleft(victim)
         self.num_preemptions += 1
 
     # -- schedule ------------------------------------------------------------------------------
@@ -140,34 +144,59 @@ class Batch:
         return rows
 
     def _admit(self) -> None:
-        """Admit waiting requests in arrival order while rows and blocks allow. A request whose
-        prompt is mostly a prefix another sequence is computing right now (a shared system prompt
-        in a burst) waits for it, as SGLang does, and finds it in the cache a few steps later;
-        the ones behind it go ahead meanwhile."""
+        """Admit waiting requests while rows and blocks allow: preempted sequences first, then
+        new requests taking turns between origins (the origin with the fewest running sequences
+        next, each origin's in arrival order), so one client's 250-prompt completion cannot keep
+        the others waiting. A request whose prompt is mostly a prefix another sequence is
+        computing right now (a shared system prompt in a burst) waits for it, as SGLang does, and
+        finds it in the cache a few steps later; the others go ahead meanwhile."""
+        while self.preempted:
+            if self._try_admit(self.preempted[0], wait_for_prefix=False) == "full":
+                return
+            self.preempted.popleft()
+        if not self.waiting:
+            return
+        by_origin: dict[str, deque[Sequence]] = {}
+        for seq in self.waiting:
+            by_origin.setdefault(seq.origin, deque()).append(seq)
+        running = Counter(seq.origin for seq in self.running)
+        taken: set[int] = set()
+        while by_origin:
+            origin = min(by_origin, key=lambda o: (running[o], by_origin[o][0].arrival))
+            seq = by_origin[origin].popleft()
+            if not by_origin[origin]:
+                del by_origin[origin]
+            outcome = self._try_admit(seq)
+            if outcome == "full":
+                break
+            if outcome in ("admitted", "rejected"):
+                taken.add(seq.seq_id)
+                running[origin] += 1 + len(seq.pending_children)
+        if taken:
+            self.waiting = deque(seq for seq in self.waiting if seq.seq_id not in taken)
+
+    def _try_admit(self, seq: Sequence, *, wait_for_prefix: bool = True) -> str:
+        """admitted | postponed (its prefix is being computed) | rejected (cannot fit even alone,
+        put in `rejected`) | full (no rows or blocks for it now)."""
         blocks = self.blocks
-        postponed: list[Sequence] = []
-        while self.waiting:
-            seq = self.waiting[0]
-            if self.num_rows + 1 + len(seq.pending_children) > self.config.max_rows:
-                break
-            hits, in_flight = blocks.lookup(seq)
-            if 2 * in_flight * blocks.block_size >= seq.num_tokens - len(hits) * blocks.block_size:
-                postponed.append(self.waiting.popleft())
-                continue
-            cost = blocks.cost(seq, hits) + len(seq.pending_children) * blocks.fork_cost(seq)
-            reserve = self.config.watermark_blocks if self.running else 0
-            if cost > blocks.num_free - reserve:
-                if not self.running and cost > blocks.num_free:
-                    self.rejected.append(self.waiting.popleft())  # does not fit even alone
-                    continue
-                break
-            self.waiting.popleft()
-            blocks.allocate(seq, hits)
-            for child in seq.pending_children:
-                blocks.share_prompt(seq, child)
-            seq.is_running = True
-            self.running.append(seq)
-        self.waiting.extendleft(reversed(postponed))
+        if self.num_rows + 1 + len(seq.pending_children) > self.config.max_rows:
+            return "full"
+        hits, in_flight = blocks.lookup(seq)
+        if wait_for_prefix and 2 * in_flight * blocks.block_size >= seq.num_tokens - len(hits) * blocks.block_size:
+            return "postponed"
+        cost = blocks.cost(seq, hits) + len(seq.pending_children) * blocks.fork_cost(seq)
+        reserve = self.config.watermark_blocks if self.running else 0
+        if cost > blocks.num_free - reserve:
+            if not self.running and cost > blocks.num_free:
+                self.rejected.append(seq)
+                return "rejected"
+            return "full"
+        blocks.allocate(seq, hits)
+        for child in seq.pending_children:
+            blocks.share_prompt(seq, child)
+        seq.is_running = True
+        self.running.append(seq)
+        return "admitted"
 
     def _schedule_prefills(self, now: float, scheduled: set[int]) -> list[tuple[Sequence, int]]:
         """Spend the prefill budget in priority order. While other prompts wait, no single prompt

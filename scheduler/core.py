@@ -13,12 +13,14 @@ import asyncio
 import copy
 import dataclasses
 import logging
+import math
 import time
 from typing import Any, Callable
 
 import anyio
 
 from models.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
+from models.devices import trim_host_memory
 from models.images import DecodedImageCache
 from models.params import PromptInput
 from models.prompt import PreparedPrompt, PromptBuilder
@@ -29,6 +31,26 @@ from scheduler.request import EngineRequest, RequestStream
 from scheduler.router import pick_replica
 
 log = logging.getLogger(__name__)
+# Prompts with more characters than this (or any image) are prepared in the heavy lane.
+HEAVY_CHARS = 32_768
+
+
+def is_heavy(prompt: PromptInput) -> bool:
+    """Whether preparing `prompt` may take long: images, or a lot of text or tokens."""
+    if prompt.images:
+        return True
+    if prompt.text is not None:
+        return len(prompt.text) > HEAVY_CHARS
+    if prompt.token_ids is not None:
+        return len(prompt.token_ids) > HEAVY_CHARS // 4
+    size = 0
+    for message in prompt.messages or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            size += len(content)
+        elif isinstance(content, list):
+            size += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return size > HEAVY_CHARS
 
 
 class Scheduler:
@@ -43,7 +65,11 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prompt_builder: PromptBuilder | None = None
         self._builder_lock = anyio.Lock()
-        self._prep_limiter = anyio.CapacityLimiter(2)
+        # Preparing prompts (templates, tokenization, image decoding, grammar compilation) is CPU
+        # work off the event loop, in two lanes: heavy inputs (images, long texts, big grammars)
+        # take turns in one, so they can never hold back the light ones in the other.
+        self._light_lane = anyio.CapacityLimiter(1)
+        self._heavy_lane = anyio.CapacityLimiter(1)
         self.image_cache = DecodedImageCache()
         self._inflight: dict[RequestStream, tuple[Executor, int]] = {}
         self._on_finished = on_finished
@@ -119,7 +145,7 @@ class Scheduler:
 
     # -- requests ------------------------------------------------------------------------------
     async def submit(self, request: EngineRequest) -> RequestStream:
-        self._check_can_accept()
+        self.check_room(request.n)
         rows = self.config.executor.max_batch_size
         if request.n > rows:
             # All choices of a request run together, sharing one prefill; more than the batch holds
@@ -135,16 +161,17 @@ class Scheduler:
                 param="messages",
             )
         builder = await self._builder()
-        prepared = await anyio.to_thread.run_sync(builder.prepare, request.prompt, limiter=self._prep_limiter)
+        prepared = await self._prepare(builder.prepare, request.prompt, heavy=is_heavy(request.prompt))
         request = self._resolve_lengths(request, prepared)
-        executor = pick_replica(self.executors)
+        executor = pick_replica(self.executors, request.n)
         if executor is None:
-            self._check_can_accept()
-            raise OverloadedError("every replica queue is full; retry shortly", retry_after_s=self.config.retry_after_s)
+            self.check_room(request.n)
+            raise OverloadedError("every replica queue is full; retry shortly", retry_after_s=self.retry_after_s())
         if request.params.grammar is not None:
             # Compiled off the loop by the replica that will run it: a bad schema is a 400 now, and
             # admission later only copies the cached matcher.
-            await anyio.to_thread.run_sync(executor.replica.grammars.validate, request.params.grammar, limiter=self._prep_limiter)
+            grammar = request.params.grammar
+            await self._prepare(executor.replica.grammars.validate, grammar, heavy=len(grammar.source) > HEAVY_CHARS)
         if not executor.fits(len(prepared.token_ids), request.params.max_tokens, request.n):
             raise ContextLengthExceededError(
                 f"the prompt ({len(prepared.token_ids)} tokens) plus max_tokens ({request.params.max_tokens}) for "
@@ -160,6 +187,30 @@ class Scheduler:
         self._inflight[stream] = (executor, cost)
         return stream
 
+    def check_room(self, sequences: int = 1) -> None:
+        """Refuse at once what cannot be queued now: `sequences` more (n, times the prompts of a
+        multi-prompt completion) must fit one replica's queue. More than a queue holds is a 400."""
+        self._check_can_accept()
+        limit = self.config.executor.max_queue_size
+        if sequences > limit:
+            raise InvalidRequestError(
+                f"this request needs {sequences} sequences (prompts x n); at most {limit} can wait on this server "
+                "(MAX_QUEUE_SIZE): send fewer prompts or a lower n",
+                param="prompt",
+            )
+        if not any(e.has_room(sequences) for e in self.executors if e.is_ready):
+            raise OverloadedError("every replica queue is full; retry shortly", retry_after_s=self.retry_after_s())
+
+    def retry_after_s(self) -> int:
+        """When to come back: the work already accepted (prompt tokens to compute and tokens to
+        generate) over the recent rate of the ready replicas, between 1 s and 60 s."""
+        ready = [e for e in self.executors if e.is_ready]
+        rate = sum(e.work_per_s for e in ready)
+        if not ready or rate <= 0:
+            return self.config.retry_after_s
+        backlog = sum(e.outstanding_tokens for e in ready)
+        return max(1, min(60, math.ceil(backlog / rate)))
+
     def _check_can_accept(self) -> None:
         if self.draining:
             raise OverloadedError("the server is shutting down", retry_after_s=self.config.retry_after_s)
@@ -168,8 +219,6 @@ class Scheduler:
             if any(e.state == "loading" for e in self.executors):
                 raise ModelNotReadyError("the model is still loading; retry shortly")
             raise ModelNotReadyError("the model failed to load; see the server log")
-        if not any(e.has_room() for e in ready):
-            raise OverloadedError("every replica queue is full; retry shortly", retry_after_s=self.config.retry_after_s)
 
     def _resolve_lengths(self, request: EngineRequest, prepared: PreparedPrompt) -> EngineRequest:
         """Prompt plus completion must fit the context; then the server's max-tokens cap applies
@@ -244,17 +293,26 @@ class Scheduler:
     async def render(self, prompt: PromptInput) -> str:
         self._check_loaded()
         builder = await self._builder()
-        return await anyio.to_thread.run_sync(builder.render, prompt, limiter=self._prep_limiter)
+        return await self._prepare(builder.render, prompt, heavy=is_heavy(prompt))
 
     async def tokenize(self, prompt: PromptInput) -> PreparedPrompt:
         self._check_loaded()
         builder = await self._builder()
-        return await anyio.to_thread.run_sync(builder.prepare, prompt, limiter=self._prep_limiter)
+        return await self._prepare(builder.prepare, prompt, heavy=is_heavy(prompt))
 
     async def detokenize(self, token_ids: list[int]) -> str:
         self._check_loaded()
         builder = await self._builder()
-        return await anyio.to_thread.run_sync(builder.detokenize, token_ids, limiter=self._prep_limiter)
+        return await self._prepare(builder.detokenize, token_ids, heavy=len(token_ids) > HEAVY_CHARS // 4)
+
+    async def _prepare(self, work: Callable, argument: Any, *, heavy: bool) -> Any:
+        if not heavy:
+            return await anyio.to_thread.run_sync(work, argument, limiter=self._light_lane)
+        try:
+            return await anyio.to_thread.run_sync(work, argument, limiter=self._heavy_lane)
+        finally:
+            # A long prompt or big images leave large freed buffers in the heap: give them back.
+            await anyio.to_thread.run_sync(trim_host_memory, limiter=self._heavy_lane)
 
     def _check_loaded(self) -> None:
         if self.ready_replica is None:

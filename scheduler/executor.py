@@ -20,6 +20,7 @@ from models.errors import (
     ContextLengthExceededError,
     EngineError,
     GenerationError,
+    InvalidRequestError,
     ModelNotReadyError,
     OverloadedError,
     ShuttingDownError,
@@ -72,6 +73,20 @@ class ExecutorConfig:
     idle_poll_s: float = 0.5
 
 
+def _sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:
+    """Why a row got no token: its grammar gave up (the request's fault: 400), the runner said
+    why, or the logits were not finite."""
+    constraint = seq.sampler.constraint
+    if constraint is not None and constraint.error:
+        return InvalidRequestError(
+            f"constrained decoding stopped: the grammar exceeded the engine's limits ({constraint.error[:300]})",
+            param=constraint.param,
+        )
+    if sample.error is None:
+        log.warning("sequence %d produced non-finite logits; failing it alone", seq.seq_id)
+    return GenerationError(sample.error or NON_FINITE)
+
+
 class Executor:
     def __init__(
         self, name: str, device: str, build: Callable[[], ModelReplica], deliver: Callable[[Delivery], None], config: ExecutorConfig
@@ -85,13 +100,15 @@ class Executor:
         self.batch: Batch | None = None
         self.outstanding_tokens = 0  # maintained by the scheduler on the event loop
         self.num_running = 0  # sequences in the batch (rows taken), updated once per step
-        self.num_waiting_jobs = 0  # requests accepted by the replica thread but not admitted yet
+        self.num_waiting = 0  # sequences on the replica thread not admitted yet (n per request)
+        self.work_per_s = 0.0  # tokens computed per second (prompt and generated), smoothed: Retry-After
         self.steps = 0
         self._snapshot: dict = {}  # batch figures, replaced (never mutated) by the replica thread each step
         self._idle_trimmed = True
         self._build = build
         self._deliver = deliver
         self._inbox: deque[Job] = deque()
+        self._inbox_sequences = 0
         self._jobs: list[Job] = []  # requests on the replica thread (waiting or running)
         self._cond = threading.Condition()
         self._stopping = False
@@ -108,17 +125,19 @@ class Executor:
 
     @property
     def queue_depth(self) -> int:
-        """Requests not yet in the batch: in the inbox or waiting for rows and blocks."""
-        return len(self._inbox) + self.num_waiting_jobs
+        """Sequences not yet in the batch (n per request): in the inbox or waiting for rows and
+        blocks. A request with n = 16 or 16 prompts counts 16."""
+        return self._inbox_sequences + self.num_waiting
 
-    def has_room(self) -> bool:
-        return self.queue_depth < self.config.max_queue_size
+    def has_room(self, sequences: int = 1) -> bool:
+        return self.queue_depth + sequences <= self.config.max_queue_size
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self.queue_depth >= self.config.max_queue_size:
+            if not self.has_room(job.n):
                 raise OverloadedError("the server is at capacity; retry shortly")
             self._inbox.append(job)
+            self._inbox_sequences += job.n
             self._cond.notify()
 
     def wake(self) -> None:
@@ -212,11 +231,14 @@ class Executor:
         plan = batch.schedule()
         self._fail_rejected()
         if plan is not None:
+            started = time.monotonic()
             results, failed = self._run(plan)
             self._advance(plan, results, failed)
             if plan.rows:
                 self.steps += 1
                 self._idle_trimmed = False
+                rate = plan.num_tokens / max(time.monotonic() - started, 1e-6)
+                self.work_per_s = rate if not self.work_per_s else 0.8 * self.work_per_s + 0.2 * rate
         elif batch.has_work:  # nothing runnable (a bug if it happens): do not spin
             log.warning("replica %s has work but nothing to schedule", self.name)
             time.sleep(self.config.idle_poll_s)
@@ -231,11 +253,12 @@ class Executor:
         with self._cond:
             jobs = list(self._inbox)
             self._inbox.clear()
-            self.num_waiting_jobs += len(jobs)
+            self._inbox_sequences = 0
+            self.num_waiting += sum(job.n for job in jobs)
         for job in jobs:
             if job.stream.cancelled:
                 self._deliver([(job.stream, i, Delta(finish_reason="abort")) for i in range(job.n)])
-                self.num_waiting_jobs -= 1
+                self.num_waiting -= job.n
                 continue
             try:
                 job.seqs = self._sequences(job)
@@ -243,7 +266,7 @@ class Executor:
             except Exception:
                 log.exception("could not start request %s", job.stream.request_id)
                 self._deliver([(job.stream, i, Delta(finish_reason="error", error=GenerationError(GENERIC_FAILURE))) for i in range(job.n)])
-                self.num_waiting_jobs -= 1
+                self.num_waiting -= job.n
                 continue
             self._jobs.append(job)
 
@@ -259,6 +282,7 @@ class Executor:
         return [
             Sequence(
                 prepared.token_ids, max_tokens=params.max_tokens, arrival=job.enqueued_at, group=job, index=index,
+                origin=job.stream.request_id,
                 sampler=generation.sampler, output=generation, image=image, mm_inputs=mm_inputs,
             )
             for index, generation in enumerate(generations)
@@ -320,9 +344,7 @@ class Executor:
                 continue
             generation = seq.output
             if sample.token_id is None:
-                if sample.error is None:
-                    log.warning("sequence %d produced non-finite logits; failing it alone", seq.seq_id)
-                self._finish(seq, "error", GenerationError(sample.error or NON_FINITE))
+                self._finish(seq, "error", _sampling_failure(seq, sample))
                 continue
             generation.append(sample.token_id, sample.logprob)
             if generation.is_finished:
@@ -343,10 +365,9 @@ class Executor:
                     delivery.append((job.stream, seq.index, delta))
             if not job.finished:
                 still.append(job)
-                if not any(seq.is_running for seq in job.seqs):
-                    waiting += 1
+                waiting += sum(1 for seq in job.seqs if not seq.is_running and not seq.is_finished and not seq.num_generated)
         self._jobs = still
-        self.num_waiting_jobs = waiting
+        self.num_waiting = waiting
         self.num_running = self.batch.num_rows
         self._snapshot = self._batch_figures()
         if delivery:
@@ -383,6 +404,7 @@ class Executor:
         with self._cond:
             jobs = list(self._inbox)
             self._inbox.clear()
+            self._inbox_sequences = 0
         for job in jobs:
             self._deliver([(job.stream, i, Delta(finish_reason="error", error=error)) for i in range(job.n)])
 

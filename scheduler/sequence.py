@@ -31,7 +31,7 @@ class Sequence:
     __slots__ = (
         "seq_id", "group", "index", "token_ids", "num_prompt_tokens", "max_tokens", "num_cached",
         "block_table", "block_keys", "pending_end", "pending_children", "last_progress", "is_running", "is_finished", "arrival",
-        "sampler", "output", "image", "mm_inputs", "_keys_cache",
+        "sampler", "output", "image", "mm_inputs", "origin", "_keys_cache",
     )
 
     def __init__(
@@ -46,6 +46,7 @@ class Sequence:
         output: Any = None,
         image: ImageSpan | None = None,
         mm_inputs: Any = None,
+        origin: str = "",
     ) -> None:
         self.seq_id = next(_ids)
         self.group = group  # the request this choice belongs to (opaque)
@@ -68,6 +69,9 @@ class Sequence:
         self.output = output
         self.image = image
         self.mm_inputs = mm_inputs
+        # The client request it came from (the prompts of a multi-prompt completion share one):
+        # admission takes turns between origins.
+        self.origin = origin
         self._keys_cache: tuple[int, list[tuple]] | None = None
 
     @property

@@ -11,7 +11,7 @@ from litestar.response import Stream
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.chat import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse
 from app.schemas.common import ChoiceLogprobs, PromptTokensDetails, Usage
-from app.services import SYSTEM_FINGERPRINT, RequestTracker, log_ignored_fields, new_request_id, services, warning_headers
+from app.services import SYSTEM_FINGERPRINT, RequestTracker, log_ignored_fields, new_request_id, services, strict_body, warning_headers
 from app.streaming import ChoiceResult, chat_event_stream, collect, logprobs_payload, now
 from app.tool_calls import ToolCallParser, finish_reason_for, parse_message, parser_factory
 from app.errors import status_of
@@ -28,6 +28,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     status_code=200,
 )
 async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
+    data = await strict_body(request, ChatCompletionRequest)
     svc = services(request)
     request_id = new_request_id("chatcmpl", request)
     tracker = RequestTracker(svc, "chat", request_id)

@@ -29,6 +29,7 @@ from app.services import (
     Services,
     new_request_id,
     services,
+    strict_body,
     warning_headers,
 )
 from app.errors import status_of
@@ -48,6 +49,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     status_code=200,
 )
 async def completions(request: Request, data: CompletionRequest) -> Response:
+    data = await strict_body(request, CompletionRequest)
     svc = services(request)
     request_id = new_request_id("cmpl", request)
     tracker = RequestTracker(svc, "completions", request_id)
@@ -132,6 +134,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
 
 async def _submit_all(scheduler, engine_requests: list[EngineRequest]) -> list[RequestStream]:
     """All or nothing: when a later prompt is refused, the ones already admitted are cancelled."""
+    scheduler.check_room(sum(r.n for r in engine_requests))  # all of them, or none
     streams: list[RequestStream] = []
     try:
         for engine_request in engine_requests:

@@ -8,7 +8,7 @@ from litestar import Request, Response, post
 
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.generate import GenerateRequest, GenerateResponse
-from app.services import RequestTracker, new_request_id, services, warning_headers
+from app.services import RequestTracker, new_request_id, services, strict_body, warning_headers
 from app.streaming import collect
 from app.errors import status_of
 
@@ -22,6 +22,7 @@ from app.errors import status_of
     status_code=200,
 )
 async def generate(request: Request, data: GenerateRequest) -> Response:
+    data = await strict_body(request, GenerateRequest)
     svc = services(request)
     request_id = new_request_id("gen", request)
     tracker = RequestTracker(svc, "generate", request_id)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from litestar import MediaType, Request, Response, get
+from litestar import MediaType, Request, Response
 
+from app.routes import get_or_head
 from app.schemas.models import HealthResponse
 from app.services import services
 
@@ -25,16 +26,16 @@ def _health(request: Request) -> Response[HealthResponse]:
     return Response(body, status_code=200 if status == "ready" else 503)
 
 
-@get(["/health", "/health/ready"], tags=["Health"], summary="Readiness: 200 when every replica serves, else 503", cache=False)
+@get_or_head(["/health", "/health/ready"], tags=["Health"], summary="Readiness: 200 when every replica serves, else 503", cache=False)
 async def health(request: Request) -> Response[HealthResponse]:
     return _health(request)
 
 
-@get("/health/live", tags=["Health"], summary="Liveness: 200 while the process answers", cache=False)
+@get_or_head("/health/live", tags=["Health"], summary="Liveness: 200 while the process answers", cache=False)
 async def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@get("/metrics", tags=["Health"], summary="Prometheus metrics", media_type=MediaType.TEXT, cache=False)
+@get_or_head("/metrics", tags=["Health"], summary="Prometheus metrics", media_type=MediaType.TEXT, cache=False)
 async def metrics(request: Request) -> Response[bytes]:
     return Response(services(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from litestar import Request, get
+from litestar import Request
 
+from app.routes import get_or_head
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.models import ModelCard, ModelList
 from app.services import services
@@ -15,12 +16,12 @@ def _card(request: Request) -> ModelCard:
     return ModelCard(id=svc.settings.model_name, created=svc.created, max_model_len=context)
 
 
-@get("/v1/models", guards=[require_api_key], security=SECURITY_REQUIREMENT, tags=["OpenAI"], summary="List the served model")
+@get_or_head("/v1/models", guards=[require_api_key], security=SECURITY_REQUIREMENT, tags=["OpenAI"], summary="List the served model")
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[_card(request)])
 
 
-@get("/v1/models/{model_id:path}", guards=[require_api_key], security=SECURITY_REQUIREMENT, tags=["OpenAI"], summary="Describe the served model")
+@get_or_head("/v1/models/{model_id:path}", guards=[require_api_key], security=SECURITY_REQUIREMENT, tags=["OpenAI"], summary="Describe the served model")
 async def retrieve_model(request: Request, model_id: str) -> ModelCard:
     services(request).translator.check_model(model_id.lstrip("/"))
     return _card(request)

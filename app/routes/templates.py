@@ -6,7 +6,7 @@ from litestar import Request, post
 
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.templates import ApplyTemplateRequest, ApplyTemplateResponse
-from app.services import services
+from app.services import services, strict_body
 
 
 @post(
@@ -18,6 +18,7 @@ from app.services import services
     status_code=200,
 )
 async def apply_template(request: Request, data: ApplyTemplateRequest) -> ApplyTemplateResponse:
+    data = await strict_body(request, ApplyTemplateRequest)
     svc = services(request)
     prompt = await svc.translator.template_prompt(data)
     return ApplyTemplateResponse(prompt=await svc.require_scheduler().render(prompt))

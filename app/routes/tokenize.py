@@ -6,7 +6,7 @@ from litestar import Request, Response, post
 
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
-from app.services import services, warning_headers
+from app.services import services, strict_body, warning_headers
 
 
 @post(
@@ -18,6 +18,7 @@ from app.services import services, warning_headers
     status_code=200,
 )
 async def tokenize(request: Request, data: TokenizeRequest) -> Response[TokenizeResponse]:
+    data = await strict_body(request, TokenizeRequest)
     svc = services(request)
     scheduler = svc.require_scheduler()
     prepared = await scheduler.tokenize(await svc.translator.tokenize_prompt(data))
@@ -37,6 +38,7 @@ async def tokenize(request: Request, data: TokenizeRequest) -> Response[Tokenize
     status_code=200,
 )
 async def detokenize(request: Request, data: DetokenizeRequest) -> DetokenizeResponse:
+    data = await strict_body(request, DetokenizeRequest)
     svc = services(request)
     svc.translator.check_model(data.model)
     return DetokenizeResponse(prompt=await svc.require_scheduler().detokenize(data.tokens))

@@ -10,6 +10,16 @@ from app.schemas.common import ChoiceLogprobs, JSONObject, StreamOptions, Usage
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+# Bounds on what a client may ask the engine to check every step or compile (OpenAI: 4 stop
+# sequences, 300 logit_bias entries, 128 tools).
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
+StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_STRING_CHARS)]
+# 0 would keep no token at all (vLLM rejects it too); greedy decoding is temperature 0.
+TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 # A torch.Generator seed is a 64-bit integer; anything wider is a client error, not a failed generation.
@@ -103,15 +113,17 @@ class SamplingFields(msgspec.Struct, kw_only=True):
 
     model: str | None = None
     temperature: Temperature | None = None
-    top_p: Probability | None = None
+    top_p: TopP | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: Annotated[
+        dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]], msgspec.Meta(max_length=MAX_LOGIT_BIAS)
+    ] | None = None
     user: str | None = None
 
     top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None
@@ -119,7 +131,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
 
 
@@ -130,7 +142,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: JSONObject | None = None

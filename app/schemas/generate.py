@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from app.schemas.chat import Probability, Seed, Temperature
+from app.schemas.chat import MAX_STOP_STRINGS, Seed, StopString, Temperature, TopP
 
 
 class GenerateParameters(msgspec.Struct, kw_only=True):
@@ -14,10 +14,10 @@ class GenerateParameters(msgspec.Struct, kw_only=True):
     min_new_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     do_sample: bool | None = None
     temperature: Temperature | None = None
-    top_p: Probability | None = None
+    top_p: TopP | None = None
     top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=10.0)] | None = None
-    stop: list[str] | str | None = None
+    stop: Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | StopString | None = None
     seed: Seed | None = None
 
 

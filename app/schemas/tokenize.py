@@ -18,6 +18,9 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
     # null: true for `prompt`, false for `messages` (the template already wrote them).
     add_special_tokens: bool | None = None
+    # For `prompt`: true tokenizes special-token spellings as plain text. Chat `messages` always
+    # have their content tokenized as text (a client cannot type a control token into a turn).
+    split_special_tokens: bool = False
     add_generation_prompt: bool = True
     tools: list[Tool] | None = None
     chat_template_kwargs: JSONObject | None = None

@@ -25,9 +25,12 @@ def next_token(tokens: list[int], index: int) -> int:
     return (sum(tokens) * 31 + len(tokens) * 7 + index * 1000) % 997
 
 
-def request(prompt, *, n=1, max_tokens=4, arrival=0.0, image=None) -> list[Sequence]:
+def request(prompt, *, n=1, max_tokens=4, arrival=0.0, image=None, origin="") -> list[Sequence]:
     return [
-        Sequence(list(prompt), max_tokens=max_tokens, arrival=arrival, index=i, sampler=FakeSampler(i), image=image, mm_inputs={"image": 1} if image else None)
+        Sequence(
+            list(prompt), max_tokens=max_tokens, arrival=arrival, index=i, sampler=FakeSampler(i), image=image,
+            mm_inputs={"image": 1} if image else None, origin=origin,
+        )
         for i in range(n)
     ]
 
@@ -288,3 +291,17 @@ def test_random_workload_keeps_the_books_balanced():
     assert all(s.is_finished for req in everything for s in req)
     assert batch.blocks.num_free == batch.blocks.num_blocks
     assert batch.blocks.hit_tokens > 0 and batch.num_preemptions > 0
+
+
+def test_one_clients_many_prompts_do_not_hold_back_another_client():
+    batch = make(max_rows=4)
+    flood = [request(range(100 + 10 * i, 105 + 10 * i), max_tokens=8, arrival=i * 0.001, origin="flood") for i in range(20)]
+    for r in flood:
+        batch.add(r)
+    single = request(range(7, 12), max_tokens=2, arrival=1.0, origin="single")
+    batch.add(single)
+    driver = Driver(batch)
+    driver.step()
+    assert single[0].is_running  # admitted in the first step, beside the flood's first prompts
+    driver.run()
+    assert single[0].is_finished and all(r[0].is_finished for r in flood)

@@ -15,6 +15,7 @@ from app.settings import Settings
 from app.translate import Translator
 from scheduler.errors import InvalidRequestError
 from models.prompt import PreparedPrompt
+from scheduler.errors import GenerationError
 from scheduler.request import EngineRequest, PromptInput, RequestStream, SamplingParams, TokenLogprob
 
 
@@ -90,13 +91,13 @@ def test_logprobs_payload_offsets_continue() -> None:
 def test_stream_failure_is_a_final_error_event() -> None:
     """Prompt 0 finishes; prompt 1 fails mid-way: its text so far, then the error, then [DONE]."""
 
-    async def main() -> tuple[list[bytes], list[str | None]]:
+    async def main() -> tuple[list[bytes], list]:
         engine_request = EngineRequest("c", PromptInput(text="x"), SamplingParams())
         streams = [RequestStream(engine_request, PreparedPrompt([1])) for _ in "ab"]
         streams[0].push(0, "ok", [5], [], "length", None)
         streams[1].push(0, "par", [6], [], None, None)
-        streams[1].push(0, "", [], [], "error", "boom")
-        errors: list[str | None] = []
+        streams[1].push(0, "", [], [], "error", GenerationError("boom"))
+        errors: list = []
         events = _event_stream(
             streams, ["", ""], base={}, n=1, want_logprobs=False, include_usage=True, on_done=errors.append
         )
@@ -108,4 +109,4 @@ def test_stream_failure_is_a_final_error_event() -> None:
     texts = [(p["choices"][0]["index"], p["choices"][0]["text"]) for p in payloads[:2]]
     assert texts == [(0, "ok"), (1, "par")]
     assert payloads[2]["error"]["code"] == "generation_failed" and "usage" not in payloads[2]
-    assert len(payloads) == 3 and errors == ["boom"]
+    assert len(payloads) == 3 and [e.message for e in errors] == ["boom"]

@@ -8,6 +8,7 @@ import json
 
 import anyio
 import pytest
+import llguidance
 import torch
 
 from app.tool_calls import HERMES, parse_message
@@ -226,3 +227,15 @@ async def test_scheduler_refuses_a_bad_schema_before_admission(tiny_text_path, a
         check_person(json.loads(text))
     finally:
         await scheduler.drain(5)
+
+
+def test_a_grammar_past_the_engine_limits_is_a_400_before_generation(replica):
+    compiler = replica.grammars
+    tight = GrammarCompiler(replica.loaded.tokenizer, vocab_size=replica.vocab_size, eos_token_ids=replica.loaded.eos_token_ids)
+    tight._limits = llguidance.LLParserLimits(step_lexer_fuel=1, initial_lexer_fuel=1, verbose_errors=False)
+    spec = GrammarSpec("json_schema", json.dumps({"type": "string", "pattern": "(a|b|c)[0-9]{3,9}x"}))
+    compiler.validate(spec)  # fine with the default limits
+    with pytest.raises(InvalidRequestError) as caught:
+        tight.validate(spec)
+    assert caught.value.param == "response_format"
+    assert caught.value.message.startswith("the JSON schema cannot be used for constrained decoding")

@@ -169,7 +169,7 @@ class FakeReplica:
     def queue_depth(self):
         return self._depth
 
-    def has_room(self):
+    def has_room(self, sequences=1):
         return self._room
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from app.streaming import DONE, chat_event_stream
 from models.prompt import PreparedPrompt
+from scheduler.errors import GenerationError
 from scheduler.request import EngineRequest, PromptInput, RequestStream, SamplingParams
 
 pytestmark = pytest.mark.anyio
@@ -34,7 +35,7 @@ async def drain(stream: RequestStream, **kwargs) -> tuple[list[bytes], list]:
 async def test_a_failure_mid_stream_ends_with_an_error_event_then_done():
     stream = make_stream()
     stream.push(0, "Hel", [5], [], None, None)
-    stream.push(0, "", [], [], "error", "generation failed")
+    stream.push(0, "", [], [], "error", GenerationError("generation failed"))
     events, finished = await drain(stream, include_usage=True)
     assert events[-1] == DONE
     error = json.loads(events[-2].removeprefix(b"data: "))
@@ -42,7 +43,7 @@ async def test_a_failure_mid_stream_ends_with_an_error_event_then_done():
     assert error["error"]["message"] == "generation failed"
     assert b'"content":"Hel"' in events[1]
     assert not any(b'"usage"' in e for e in events)  # no usage chunk after a failure
-    assert finished == ["generation failed"]
+    assert [e.message for e in finished] == ["generation failed"]
 
 
 async def test_a_normal_stream_has_role_content_finish_usage_done():
