@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install serve test test-unit test-integration bench clean
+.PHONY: install serve test test-quick test-unit test-integration fuzz bench clean
 
 install: $(STAMP)
 
@@ -20,8 +20,17 @@ $(STAMP): requirements.txt requirements-dev.txt
 serve: install
 	$(PY) entrypoint.py --host $(HOST) --port $(PORT) $(ARGS)
 
+# -O: no check of the server may rely on `assert` (removed under -O); pytest keeps its own.
 test: install
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -O -m pytest tests $(PYTEST_ARGS)
+
+# The inner loop (under 2 minutes): unit tests not marked slow, and the core end-to-end files.
+test-quick: install
+	$(PY) -O -m pytest -m "not slow" tests/unit tests/integration/test_chat.py tests/integration/test_errors.py $(PYTEST_ARGS)
+
+# A longer schemathesis run against a real server (make test runs 15 examples per operation).
+fuzz: install
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-300} $(PY) -m pytest tests/integration/test_fuzz.py -s $(PYTEST_ARGS)
 
 test-unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -15,7 +15,17 @@ from app.media import ImageFetchPolicy
 from app.metrics import Metrics
 from app.routes.chat import chat_completions
 from app.routes.completions import completions
-from app.routes.docs import JSON_SCHEMA, REDOC, SCHEMA_PATH, SWAGGER, openapi_json, redoc_ui, schema_router, swagger_ui
+from app.routes.docs import (
+    JSON_SCHEMA,
+    REDOC,
+    SCHEMA_PATH,
+    SWAGGER,
+    document_streams,
+    openapi_json,
+    redoc_ui,
+    schema_router,
+    swagger_ui,
+)
 from app.routes.generate import generate
 from app.routes.health import health, live, metrics
 from app.routes.models import list_models, retrieve_model
@@ -91,4 +101,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     app.state.services = services
     app.state.api_key_bytes = settings.api_key.encode() if settings.api_key else None
+    document_streams(app)
     return app

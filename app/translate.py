@@ -201,28 +201,33 @@ class Translator:
         chat_template_kwargs: dict[str, Any] | None,
         fetch_images: bool = True,
     ) -> PromptInput:
-        converted, urls = _messages(messages)
+        converted, urls, params = _messages(messages)
         limit = self.settings.max_images_per_request
         if len(urls) > limit:
             raise InvalidRequestError(
                 f"{len(urls)} images sent; this server accepts at most {limit} per request", param="messages"
             )
-        images = await self._fetch_all(urls) if fetch_images else ()
+        images = await self._fetch_all(urls, params) if fetch_images else ()
         return PromptInput(
             messages=tuple(converted),
+            image_params=tuple(params),
             tools=tuple(_to_builtins(t) for t in tools) if tools else None,
             add_generation_prompt=add_generation_prompt,
             images=images,
             chat_template_kwargs=dict(chat_template_kwargs or {}),
         )
 
-    async def _fetch_all(self, urls: list[str]) -> tuple[bytes, ...]:
+    async def _fetch_all(self, urls: list[str], params: list[str]) -> tuple[bytes, ...]:
         if not urls:
             return ()
         results: list[bytes | None] = [None] * len(urls)
 
         async def fetch(i: int, url: str) -> None:
-            results[i] = await load_image_bytes(url, self.image_policy, client=self.image_client)
+            try:
+                results[i] = await load_image_bytes(url, self.image_policy, client=self.image_client)
+            except EngineError as exc:
+                exc.param = exc.param or params[i]  # which image: messages[i].content[j].image_url
+                raise
 
         try:
             async with anyio.create_task_group() as tg:
@@ -252,21 +257,23 @@ def _openai_sampling_fields(req: Any) -> dict[str, Any]:
     return {name: getattr(req, name) for name in _OPENAI_SAMPLING_FIELDS}
 
 
-def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[str]]:
+def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """OpenAI messages -> template-ready dicts; image parts become `{"type": "image"}` placeholders
-    and their URLs are returned in order."""
+    and their URLs are returned in order, with the request field each came from."""
     converted: list[dict[str, Any]] = []
     urls: list[str] = []
+    params: list[str] = []
     for i, message in enumerate(messages):
         item: dict[str, Any] = {"role": _ROLE_ALIASES.get(message.role, message.role)}
         content = message.content
         if isinstance(content, list):
             parts: list[dict[str, Any]] = []
-            for part in content:
+            for j, part in enumerate(content):
                 if isinstance(part, TextPart):
                     parts.append({"type": "text", "text": part.text})
                 elif isinstance(part, ImageUrlPart):
                     urls.append(part.image_url.url)
+                    params.append(f"messages[{i}].content[{j}].image_url")
                     parts.append({"type": "image"})
                 else:
                     kind = type(part).__name__.removesuffix("Part")
@@ -283,7 +290,7 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
         converted.append(item)
-    return converted, urls
+    return converted, urls, params
 
 
 def _completion_prompts(prompt: str | list[PromptElement], add_special_tokens: bool) -> list[PromptInput]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
+GREEDY_BELOW = 1e-5
 GrammarKind = Literal["json_object", "json_schema", "regex", "lark", "tool_calls"]
 
 
@@ -55,7 +56,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # As vLLM: temperatures this small are greedy (dividing by them overflows the logits).
+        return self.temperature < GREEDY_BELOW
 
     @property
     def needs_penalties(self) -> bool:
@@ -79,6 +81,8 @@ class PromptInput:
     add_special_tokens: bool | None = None
     # Raw text only: special-token spellings become plain text instead of control tokens.
     split_special_tokens: bool = False
-    # Raw encoded images in the order their placeholders appear in `messages`.
+    # Raw encoded images in the order their placeholders appear in `messages`, and the request
+    # field each came from (for errors: "messages[0].content[1].image_url").
     images: tuple[bytes, ...] = ()
+    image_params: tuple[str, ...] = ()
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)

@@ -191,7 +191,7 @@ class PromptBuilder:
                     "server accepts; prompts with images cannot be truncated",
                     param="messages",
                 )
-            return self._prepare_multimodal(text, prompt.images, special)
+            return self._prepare_multimodal(text, prompt.images, special, prompt.image_params)
         cut = max(0, len(text) - bound)
         split = {"split_special_tokens": True} if prompt.split_special_tokens else {}
         ids = self.tokenizer(text[cut:], add_special_tokens=special and not cut, **split)["input_ids"]
@@ -203,10 +203,16 @@ class PromptBuilder:
             ]
         return prepared
 
-    def _prepare_multimodal(self, text: str, images: tuple[bytes, ...], special: bool) -> PreparedPrompt:
+    def _prepare_multimodal(self, text: str, images: tuple[bytes, ...], special: bool, params: tuple[str, ...] = ()) -> PreparedPrompt:
         if not self.is_vision:
             raise InvalidRequestError("this model does not accept images (it is a text-only model)", param="messages")
-        decoded = [self.image_cache.get_or_decode(data, self.image_limits) for data in images]
+        decoded = []
+        for index, data in enumerate(images):
+            try:
+                decoded.append(self.image_cache.get_or_decode(data, self.image_limits))
+            except InvalidRequestError as exc:
+                exc.param = params[index] if index < len(params) else exc.param
+                raise
         try:
             batch = self._process(text, decoded, special)
         except Exception as exc:

@@ -17,6 +17,7 @@ from models.params import SamplingParams
 from models.plan import PlanRow, SampledToken
 
 MAX_TOP_LOGPROBS = 20
+_LOGIT_CAP = 1e30
 
 
 @dataclass(slots=True)
@@ -200,6 +201,10 @@ def sample(
         processed = logits.clone()
         for i in to_process:
             processed[i] = rows[i].process(processed[i])
+        # An extreme penalty (repetition 1e-100 divides by almost nothing) must not overflow a
+        # row into infinities that no filter can rank: cap far below the float32 maximum, so that
+        # dividing by the smallest sampling temperature (GREEDY_BELOW) still stays finite.
+        processed = torch.nan_to_num(processed, nan=float("-inf"), posinf=_LOGIT_CAP)
     chosen = torch.argmax(processed, dim=-1)  # [B]; sampled rows are overwritten below
     sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     invalid: set[int] = set()

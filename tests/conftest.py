@@ -6,6 +6,12 @@ from pathlib import Path
 
 import pytest
 
+# The suite runs under `python -O` (make test) to prove no server check relies on `assert`;
+# pytest keeps the asserts of test modules and conftests, and these helpers' ones with them.
+pytest.register_assert_rewrite(
+    "tests.integration.helpers", "tests.unit.engine_driver", "tests.unit.configs", "tests.unit.vlm_builders"
+)
+
 
 @pytest.fixture(scope="session")
 def tiny_text_path(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -8,6 +8,7 @@ from typing import Callable
 from litestar import Request, Response, post
 from litestar.response import Stream
 
+from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.chat import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse
 from app.schemas.common import ChoiceLogprobs, PromptTokensDetails, Usage
@@ -21,6 +22,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @post(
     "/v1/chat/completions",
+    responses=ERROR_RESPONSES,
     guards=[require_api_key],
     security=SECURITY_REQUIREMENT,
     tags=["OpenAI"],

@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Callable
 from litestar import Request, Response, post
 from litestar.response import Stream
 
+from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.common import Usage
 from app.schemas.completions import (
@@ -42,6 +43,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @post(
     "/v1/completions",
+    responses=ERROR_RESPONSES,
     guards=[require_api_key],
     security=SECURITY_REQUIREMENT,
     tags=["OpenAI"],

@@ -6,7 +6,8 @@ are the ones the product documents.
 
 from __future__ import annotations
 
-from litestar import MediaType, Request, Response, Router
+from litestar import Litestar, MediaType, Request, Response, Router
+from litestar.openapi.spec import OpenAPIMediaType, Schema
 from litestar.openapi.plugins import JsonRenderPlugin, RedocRenderPlugin, SwaggerRenderPlugin
 
 from app.routes import get_or_head
@@ -36,6 +37,22 @@ def redoc_ui(request: Request) -> Response[bytes]:
 @get_or_head("/openapi.json", guards=[require_api_key], include_in_schema=False, media_type=MediaType.JSON, sync_to_thread=False)
 def openapi_json(request: Request) -> Response[bytes]:
     return Response(JSON_SCHEMA.render(request, _schema(request)), media_type=MediaType.JSON)
+
+
+STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+def document_streams(app: Litestar) -> None:
+    """With `stream: true` these routes answer 200 as Server-Sent Events; the document says so
+    (Litestar derives only the JSON answer from the handler)."""
+    for path in STREAMING_PATHS:
+        operation = app.openapi_schema.paths[path].post
+        success = operation.responses["200"]
+        success.content = {
+            **(success.content or {}),
+            # Each event's data is a chunk, a final error object, or `[DONE]`.
+            "text/event-stream": OpenAPIMediaType(schema=Schema(description="chunks, then `[DONE]`")),
+        }
 
 
 def _schema_not_found_as_json(response: Response) -> Response:

@@ -6,6 +6,7 @@ import time
 
 from litestar import Request, Response, post
 
+from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.generate import GenerateRequest, GenerateResponse
 from app.services import RequestTracker, new_request_id, services, strict_body, warning_headers
@@ -15,6 +16,7 @@ from app.errors import status_of
 
 @post(
     "/generate",
+    responses=ERROR_RESPONSES,
     guards=[require_api_key],
     security=SECURITY_REQUIREMENT,
     tags=["Simple"],

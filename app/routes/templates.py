@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from litestar import Request, post
 
+from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.templates import ApplyTemplateRequest, ApplyTemplateResponse
 from app.services import services, strict_body
@@ -11,6 +12,7 @@ from app.services import services, strict_body
 
 @post(
     "/v1/apply_template",
+    responses=ERROR_RESPONSES,
     guards=[require_api_key],
     security=SECURITY_REQUIREMENT,
     tags=["Simple"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from litestar import Request, Response, post
 
+from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from app.services import services, strict_body, warning_headers
@@ -11,6 +12,7 @@ from app.services import services, strict_body, warning_headers
 
 @post(
     "/tokenize",
+    responses=ERROR_RESPONSES,
     guards=[require_api_key],
     security=SECURITY_REQUIREMENT,
     tags=["Simple"],
@@ -31,6 +33,7 @@ async def tokenize(request: Request, data: TokenizeRequest) -> Response[Tokenize
 
 @post(
     "/detokenize",
+    responses=ERROR_RESPONSES,
     guards=[require_api_key],
     security=SECURITY_REQUIREMENT,
     tags=["Simple"],

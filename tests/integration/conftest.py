@@ -186,7 +186,8 @@ def launch(name: str, spec: ServerSpec, cache_dir: Path, log_dir: Path) -> Serve
     env = _clean_env()
     env.update(CACHE_DIR=str(cache_dir), MODEL_PATH=spec.model_path, **spec.env)
     log_path = log_dir / f"{name}.log"
-    command = [sys.executable, "entrypoint.py", "--host", "127.0.0.1", "--port", str(port), *spec.flags]
+    optimize = ["-O"] * sys.flags.optimize  # a suite run under -O runs its servers under -O too
+    command = [sys.executable, *optimize, "entrypoint.py", "--host", "127.0.0.1", "--port", str(port), *spec.flags]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
@@ -261,11 +262,6 @@ class Launcher:
     def stop_all(self) -> None:
         for server in self.servers.values():
             stop(server)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "integration: starts real servers (entrypoint.py subprocesses)")
-    config.addinivalue_line("markers", "slow: takes several seconds even on a warm server")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

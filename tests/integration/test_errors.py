@@ -74,6 +74,29 @@ CASES = [
     Case("wrong method (GET)", None, 405, code="method_not_allowed", method="GET"),
     Case("wrong method (DELETE)", None, 405, code="method_not_allowed", method="DELETE"),
     Case("wrong method on models", {"x": 1}, 405, code="method_not_allowed", path="/v1/models"),
+    # Once 500s (issue: reliability), and client faults the OpenAI API rejects.
+    Case("top_p zero with sampling", _chat(top_p=0, temperature=1.0), 400, param="top_p"),
+    Case("top_p zero greedy", _chat(top_p=0, temperature=0), 400, param="top_p"),
+    Case("invalid UTF-8 in a string", b'{"messages": [{"role": "user", "content": "hi \xff\xfe"}]}', 400, param=None),
+    Case("JSON nested 1000 deep", b'{"messages": [{"role": "user", "content": "hi"}], "tools": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400),
+    Case("object nested 1000 deep", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": ' + b'{"a":' * 1000 + b"1" + b"}" * 1001, 400),
+    Case("max_tokens as a string", _chat(max_tokens="10"), 400, param="max_tokens"),
+    Case("stream as a string", _chat(stream="true"), 400, param="stream"),
+    Case("n as a float", _chat(n=2.0), 400, param="n"),
+    Case("too many stop_token_ids", _chat(stop_token_ids=list(range(5000))), 400, param="stop_token_ids"),
+    Case("a stop string too long", _chat(stop="x" * 5000), 400, param="stop"),
+    Case("too many logit_bias entries", _chat(logit_bias={str(i): 1 for i in range(2000)}), 400, param="logit_bias"),
+    Case("too many tools", _chat(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(200)]), 400, param="tools"),
+    Case(
+        "tools schema too big",
+        _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "description": "x" * 300_000}}}]),
+        400,
+        param="tools",
+    ),
+    Case("generate stream", {"inputs": "hi", "stream": True}, 400, param="stream", path="/generate"),
+    Case("completions max_tokens as a string", {"prompt": "hi", "max_tokens": "4"}, 400, param="max_tokens", path="/v1/completions"),
+    Case("too many prompts", {"prompt": ["p"] * 65, "max_tokens": 1}, 400, param="prompt", path="/v1/completions"),
+    Case("prompts x n beyond the queue", {"prompt": ["p"] * 64, "n": 16, "max_tokens": 1}, 400, param="prompt", path="/v1/completions"),
 ]
 
 
@@ -90,6 +113,14 @@ def test_malformed_request(text_server: Server, case: Case) -> None:
     with text_server.http() as client:
         response = _send(client, case)
     assert_openai_error(response, case.status, code=case.code, param=case.param)
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/live", "/health/ready", "/v1/models", "/metrics"])
+def test_head_is_answered_like_get(text_server: Server, path: str) -> None:
+    with text_server.http() as client:
+        head, get = client.head(path), client.get(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
 
 
 def test_validation_messages_name_the_field(text_server: Server) -> None:

@@ -80,6 +80,8 @@ def test_text_server_refuses_images(text_server: Server) -> None:
     ],
 )
 def test_bad_image_urls_are_client_errors(vlm_server: Server, url: str, why: str) -> None:
+    messages = [{"role": "user", "content": "first"}, *image_message("describe", png_data_url()), *image_message("describe", url)]
     with vlm_server.http() as client:
-        response = client.post("/v1/chat/completions", json={"messages": image_message("describe", url), "max_tokens": 2})
-    assert_openai_error(response, 400)
+        response = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    # The error names the image at fault: message 2, part 1 (after its text), not message 1's image.
+    assert_openai_error(response, 400, param="messages[2].content[1].image_url")

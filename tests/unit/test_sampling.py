@@ -98,3 +98,14 @@ def test_candidate_shortcut_equals_the_full_vocabulary(monkeypatch):
             monkeypatch.setattr(sampling, "_CANDIDATES", 8)
             short = _filter_sampled(logits, params)
             assert torch.allclose(full / full.sum(), short / short.sum(), atol=1e-6)
+
+
+def test_extreme_parameters_still_give_a_token():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 0, 0, 0, 0, 0]])
+    tiny_penalty = SamplingParams(max_tokens=1, temperature=0.7, repetition_penalty=1e-130, seed=1)
+    tokens, _ = sample(logits, [row(tiny_penalty, prompt=[0, 1])])
+    assert tokens[0] in (0, 1)  # the penalised (now enormous) logits win, and nothing overflows
+    tiny_temperature = SamplingParams(max_tokens=1, temperature=1e-300, seed=1)
+    assert tiny_temperature.is_greedy
+    tokens, _ = sample(logits, [row(tiny_temperature)])
+    assert tokens == [0]

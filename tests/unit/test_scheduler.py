@@ -267,3 +267,17 @@ async def test_the_replica_never_waits_for_a_busy_event_loop(tiny_text_path):
         # The tiny model takes a few milliseconds a step; a hand-off that waited for the loop
         # would have stopped the replica after one step.
         assert during >= 10
+
+
+def test_retry_after_comes_from_the_backlog_and_the_recent_rate():
+    scheduler = Scheduler(engine_config("builtin:tiny"))
+
+    class Busy:
+        is_ready, outstanding_tokens, work_per_s = True, 9000, 300.0
+
+    scheduler.executors = [Busy(), Busy()]
+    assert scheduler.retry_after_s() == 30  # 18,000 tokens of work at 600 tokens/s
+    Busy.outstanding_tokens = 10**9
+    assert scheduler.retry_after_s() == 60  # capped
+    Busy.work_per_s = 0.0
+    assert scheduler.retry_after_s() == 1  # no rate measured yet

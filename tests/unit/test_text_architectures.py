@@ -41,6 +41,8 @@ ARCHS = {
 }
 MAX_NEW = 12
 
+pytestmark = pytest.mark.slow  # builds and loads many checkpoints
+
 
 @pytest.fixture(scope="module")
 def tokenizer():

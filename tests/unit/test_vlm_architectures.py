@@ -27,6 +27,8 @@ from tests.unit.configs import replica_config
 def test_not_built_here(name):
     pytest.skip(f"{name}: {NOT_BUILT[name]}")
 
+pytestmark = pytest.mark.slow  # builds and loads many checkpoints
+
 
 def png(seed: int, size=(56, 40)) -> bytes:
     gen = torch.Generator().manual_seed(seed)
