@@ -102,11 +102,13 @@ class PromptBuilder:
         )
 
     # -- rendering -----------------------------------------------------------------------------
-    def render(self, prompt: PromptInput) -> str:
-        """The chat template applied to the messages (with the generation prompt when asked)."""
+    def render(self, prompt: PromptInput, *, content_chars: int | None = None) -> str:
+        """The chat template applied to the messages (with the generation prompt when asked).
+        `content_chars`: message content longer than this keeps only its end (whatever comes
+        before could not survive the prompt's left truncation anyway)."""
         if prompt.messages is None:
             raise InvalidRequestError("messages are required", param="messages")
-        messages = [self._normalise_message(m) for m in prompt.messages]
+        messages = [self._normalise_message(_tail(m, content_chars)) for m in prompt.messages]
         kwargs = dict(prompt.chat_template_kwargs)
         try:
             return self.tokenizer.apply_chat_template(
@@ -174,16 +176,16 @@ class PromptBuilder:
             # assert that poisons the whole replica), so it is refused here as the client's error.
             self._check_ids(prompt.token_ids, param="prompt")
             return self._truncate(PreparedPrompt(list(prompt.token_ids)))
+        # No token is longer than `_max_token_chars` characters, so a text beyond this many has
+        # more tokens than the limit for sure: only its end can survive, so only its end is
+        # rendered and tokenized. (A 60 MiB prompt took minutes to tokenize and gigabytes of memory.)
+        bound = (self.max_input_tokens + 1) * self._max_token_chars
         if prompt.messages is not None:
-            text, special = self.render(prompt), False
+            text, special = self.render(prompt, content_chars=None if prompt.images else bound), False
         else:
             text, special = prompt.text or "", True
         if prompt.add_special_tokens is not None:
             special = prompt.add_special_tokens
-        # No token is longer than `_max_token_chars` characters, so a text beyond this many has
-        # more tokens than the limit for sure: only its end can survive, so only its end is
-        # tokenized. (A 60 MiB prompt took minutes to tokenize and gigabytes of memory.)
-        bound = (self.max_input_tokens + 1) * self._max_token_chars
         if prompt.images:
             if len(text) > bound:
                 raise ContextLengthExceededError(
@@ -286,6 +288,18 @@ def _tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:
             pass
     call["function"] = function
     return call
+
+
+def _tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
+    content = message.get("content")
+    if chars is None:
+        return message
+    if isinstance(content, str) and len(content) > chars:
+        return {**message, "content": content[-chars:]}
+    if isinstance(content, list) and any(len(p.get("text") or "") > chars for p in content if isinstance(p, Mapping)):
+        parts = [{**p, "text": p["text"][-chars:]} if isinstance(p.get("text"), str) else p for p in content]
+        return {**message, "content": parts}
+    return message
 
 
 def _max_token_chars(tokenizer) -> int:
