@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install serve test test-quick test-unit test-integration fuzz bench clean
+.PHONY: install serve lint test test-quick test-unit test-integration fuzz bench clean
 
 install: $(STAMP)
 
@@ -20,9 +20,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 serve: install
 	$(PY) entrypoint.py --host $(HOST) --port $(PORT) $(ARGS)
 
-# -O: no check of the server may rely on `assert` (removed under -O); pytest keeps its own.
-test: install
+# Lint first (seconds), then the suite. -O: no check of the server may rely on `assert`
+# (removed under -O); pytest keeps its own.
+test: install lint
 	$(PY) -O -m pytest tests $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The inner loop (under 2 minutes): unit tests not marked slow, and the core end-to-end files.
 test-quick: install

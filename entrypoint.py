@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     for field, setting in SETTINGS.items():
         if not setting.flags:
             continue
-        kwargs: dict = {"dest": field, "metavar": "BOOL" if setting.parse.is_bool else setting.env[0], "help": flag_help(field)}
+        kwargs: dict = {
+            "dest": field,
+            "metavar": "BOOL" if setting.parse.is_bool else setting.env[0],
+            "help": flag_help(field),
+        }
         if setting.parse.is_bool:
             # `--debug` alone means true; `--debug false` is accepted like the spec's examples.
             kwargs.update(nargs="?", const="true")

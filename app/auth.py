@@ -13,7 +13,9 @@ SECURITY_SCHEME_NAME = "BearerAuth"
 BEARER_COMPONENTS = Components(
     security_schemes={
         SECURITY_SCHEME_NAME: SecurityScheme(
-            type="http", scheme="bearer", description="The server's API_KEY, sent as `Authorization: Bearer <key>`."
+            type="http",
+            scheme="bearer",
+            description="The server's API_KEY, sent as `Authorization: Bearer <key>`.",
         )
     }
 )

@@ -65,13 +65,21 @@ _PATH_IN_MESSAGE = re.compile(r" - at `\$\.?([^`]*)`")
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 
 
-def error_body(status: int, message: str, *, type_: str | None = None, param: str | None = None, code: str | None = None) -> ErrorResponse:
+def error_body(
+    status: int, message: str, *, type_: str | None = None, param: str | None = None, code: str | None = None
+) -> ErrorResponse:
     default_type, default_code, _ = HTTP_CODES.get(status, ("server_error", "internal_error", ""))
-    return ErrorResponse(ErrorBody(message=message, type=type_ or default_type, param=param, code=code or default_code))
+    return ErrorResponse(
+        ErrorBody(message=message, type=type_ or default_type, param=param, code=code or default_code)
+    )
 
 
-def error_response(status: int, body: ErrorResponse, headers: dict[str, str] | None = None) -> Response[bytes]:
-    return Response(content=msgspec.json.encode(body), status_code=status, media_type=MediaType.JSON, headers=headers)
+def error_response(
+    status: int, body: ErrorResponse, headers: dict[str, str] | None = None
+) -> Response[bytes]:
+    return Response(
+        content=msgspec.json.encode(body), status_code=status, media_type=MediaType.JSON, headers=headers
+    )
 
 
 def engine_error_to_response(exc: EngineError) -> tuple[int, ErrorResponse, dict[str, str] | None]:
@@ -82,7 +90,9 @@ def engine_error_to_response(exc: EngineError) -> tuple[int, ErrorResponse, dict
                 headers = {"Retry-After": str(exc.retry_after_s)}
             elif isinstance(exc, ModelNotReadyError):
                 headers = {"Retry-After": "5"}
-            message = exc.message if status < 500 or not isinstance(exc, GenerationError) else "generation failed"
+            message = (
+                exc.message if status < 500 or not isinstance(exc, GenerationError) else "generation failed"
+            )
             return status, error_body(status, message, type_=type_, param=exc.param, code=exc.code), headers
     return 500, error_body(500, "internal server error", code="internal_error"), None
 
@@ -103,7 +113,9 @@ def handle_validation_error(request: Request, exc: ValidationException) -> Respo
 
 def handle_http_exception(request: Request, exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
-    type_, code, default_message = HTTP_CODES.get(status, ("server_error" if status >= 500 else "invalid_request_error", "http_error", "error"))
+    type_, code, default_message = HTTP_CODES.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", "http_error", "error")
+    )
     headers = dict(exc.headers or {})
     if isinstance(exc, NotAuthorizedException):
         headers.setdefault("WWW-Authenticate", "Bearer")

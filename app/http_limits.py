@@ -4,7 +4,8 @@ connections are timed out by granian itself; see entrypoint.py.)"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 from litestar.exceptions import HTTPException
@@ -35,7 +36,8 @@ def body_timeout(timeout_s: float) -> Callable[[ASGIApp], ASGIApp]:
                     message = await receive()
                 if message is None:
                     raise RequestBodyTimeout(
-                        detail=f"the request body stopped arriving for {timeout_s:g} s", headers={"Connection": "close"}
+                        detail=f"the request body stopped arriving for {timeout_s:g} s",
+                        headers={"Connection": "close"},
                     )
                 if message["type"] != "http.request" or not message.get("more_body", False):
                     complete = True

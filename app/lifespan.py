@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import anyio
 from litestar import Litestar
@@ -37,7 +37,10 @@ GPU_PREFILL_TOKENS = 2048
 
 def scheduler_config(settings: Settings) -> SchedulerConfig:
     devices = resolve_devices(
-        device=settings.device, gpu_ids=settings.gpu_ids, gpu_count=settings.gpu_count, cpu_replicas=settings.cpu_replicas
+        device=settings.device,
+        gpu_ids=settings.gpu_ids,
+        gpu_count=settings.gpu_count,
+        cpu_replicas=settings.cpu_replicas,
     )
     on_cpu = all(d == "cpu" for d in devices)
     return SchedulerConfig(
@@ -66,11 +69,14 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         executor=ExecutorConfig(
             max_batch_size=settings.max_batch_size,
             max_queue_size=settings.max_queue_size,
-            max_prefill_tokens=settings.max_prefill_tokens or (CPU_PREFILL_TOKENS if on_cpu else GPU_PREFILL_TOKENS),
+            max_prefill_tokens=settings.max_prefill_tokens
+            or (CPU_PREFILL_TOKENS if on_cpu else GPU_PREFILL_TOKENS),
             batch_timeout_s=settings.batch_timeout_ms / 1000.0,
         ),
         image_limits=ImageLimits(
-            max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_side=settings.max_image_size
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            max_side=settings.max_image_size,
         ),
         max_images_per_request=settings.max_images_per_request,
     )
@@ -125,7 +131,11 @@ def _drain_before_granian_stops(scheduler: Scheduler, settings: Settings) -> Non
                 # Repeats are ignored: supervisors that signal the whole process group deliver
                 # SIGTERM twice (theirs and granian's main process's). Its kill timeout is the backstop.
                 return
-            log.info("[server] %s: draining (up to %.0fs), then stopping", signal.Signals(sig).name, settings.shutdown_grace_s)
+            log.info(
+                "[server] %s: draining (up to %.0fs), then stopping",
+                signal.Signals(sig).name,
+                settings.shutdown_grace_s,
+            )
             # A signal handler runs outside any task: start the drain as a task of its own.
             task = loop.create_task(_drain_then_stop(scheduler, settings.shutdown_grace_s, granian_handler))
             draining.add(task)

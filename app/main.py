@@ -55,7 +55,11 @@ ROUTES = [
 
 
 def configure_logging(settings: Settings) -> None:
-    level = logging.DEBUG if settings.log_level in ("debug", "trace") else getattr(logging, settings.log_level.upper())
+    level = (
+        logging.DEBUG
+        if settings.log_level in ("debug", "trace")
+        else getattr(logging, settings.log_level.upper())
+    )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     if not settings.debug:
         for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
@@ -79,8 +83,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     configure_logging(settings)
     holder: dict[str, Services] = {}
-    metrics_registry = Metrics(lambda: holder["services"].scheduler if "services" in holder else None, settings.model_name)
-    services = Services(settings=settings, translator=Translator(settings, image_policy(settings), None), metrics=metrics_registry)
+    metrics_registry = Metrics(
+        lambda: holder["services"].scheduler if "services" in holder else None, settings.model_name
+    )
+    services = Services(
+        settings=settings,
+        translator=Translator(settings, image_policy(settings), None),
+        metrics=metrics_registry,
+    )
     holder["services"] = services
     app = Litestar(
         route_handlers=ROUTES,

@@ -6,8 +6,9 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 from litestar import Request
@@ -32,10 +33,10 @@ class Services:
     settings: Settings
     translator: Translator
     metrics: Metrics
-    scheduler: "Scheduler | None" = None
+    scheduler: Scheduler | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def require_scheduler(self) -> "Scheduler":
+    def require_scheduler(self) -> Scheduler:
         if self.scheduler is None:
             raise ModelNotReadyError("the server is starting; retry shortly")
         return self.scheduler
@@ -73,7 +74,7 @@ class RequestTracker:
         self.started = time.monotonic()
         self._done = False
 
-    def finish(self, status: int, stream: "RequestStream | None" = None, error: str | None = None) -> None:
+    def finish(self, status: int, stream: RequestStream | None = None, error: str | None = None) -> None:
         if self._done:
             return
         self._done = True
@@ -108,7 +109,9 @@ async def log_ignored_fields(request: Request, data: object) -> None:
     if isinstance(body, dict):
         ignored = sorted(set(body) - set(type(data).__struct_fields__))
         if ignored:
-            log.debug("%s %s: ignored unknown fields %s", request.method, request.url.path, ", ".join(ignored))
+            log.debug(
+                "%s %s: ignored unknown fields %s", request.method, request.url.path, ", ".join(ignored)
+            )
 
 
 def warning_headers(warnings: list[str]) -> dict[str, str] | None:

@@ -65,6 +65,8 @@ def _s(env: str | tuple[str, ...], parse: P.Parser, help: str, *flags: str) -> S
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 
+# One declaration per setting, kept compact: the formatter would spread each over ten lines.
+# fmt: off
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Model
     model_path: Annotated[str, _s(
@@ -252,6 +254,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "IMAGE_FETCH_TIMEOUT_S", P.number(0, 300, lo_open=True), "Whole image fetch deadline (DNS, connect, redirects, body)",
     )] = 10.0
 
+    # fmt: on
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Parse and validate settings; raises SettingsError naming the offending variable."""

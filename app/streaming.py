@@ -7,8 +7,9 @@ frees its batch slot at the next step instead of generating for nobody.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import anyio
 import msgspec
@@ -32,10 +33,15 @@ def logprobs_payload(entries: list[TokenLogprob]) -> dict[str, Any]:
     for entry in entries:
         tops = [
             {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-            for text, (_, logprob) in zip(entry.top_tokens or [], entry.top)
+            for text, (_, logprob) in zip(entry.top_tokens or [], entry.top, strict=False)
         ]
         content.append(
-            {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token.encode("utf-8")), "top_logprobs": tops}
+            {
+                "token": entry.token,
+                "logprob": entry.logprob,
+                "bytes": list(entry.token.encode("utf-8")),
+                "top_logprobs": tops,
+            }
         )
     return {"content": content, "refusal": None}
 
@@ -109,7 +115,9 @@ def _accumulate(result: Collected, update: StreamUpdate) -> None:
         result.error = update.error
 
 
-async def _cancel_on_disconnect(request: Request, stream: RequestStream, scope: anyio.CancelScope, result: Collected) -> None:
+async def _cancel_on_disconnect(
+    request: Request, stream: RequestStream, scope: anyio.CancelScope, result: Collected
+) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
@@ -117,7 +125,11 @@ async def _cancel_on_disconnect(request: Request, stream: RequestStream, scope: 
             stream.cancel()
             scope.cancel()
             return
-        if message["type"] == "http.request" and not message.get("more_body", False) and not message.get("body"):
+        if (
+            message["type"] == "http.request"
+            and not message.get("more_body", False)
+            and not message.get("body")
+        ):
             # Body already consumed; some servers answer repeated receives at once. Poll gently.
             await anyio.sleep(0.05)
 
@@ -178,12 +190,31 @@ def _parsed_chunks(base: dict[str, Any], choice: ChoiceUpdate, parser: ToolCallP
     if logprobs is not None:  # the text is held back (a tag may be starting); its logprobs are not
         events.append(sse(_chunk(base, choice.index, {}, logprobs=logprobs)))
     if choice.finish_reason is not None:
-        events.append(sse(_chunk(base, choice.index, {}, finish_reason=finish_reason_for(choice.finish_reason, parser.num_calls))))
+        events.append(
+            sse(
+                _chunk(
+                    base,
+                    choice.index,
+                    {},
+                    finish_reason=finish_reason_for(choice.finish_reason, parser.num_calls),
+                )
+            )
+        )
     return events
 
 
-def _chunk(base: dict[str, Any], index: int, delta: dict[str, Any], *, finish_reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
-    return {**base, "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+def _chunk(
+    base: dict[str, Any],
+    index: int,
+    delta: dict[str, Any],
+    *,
+    finish_reason: str | None = None,
+    logprobs: Any = None,
+) -> dict[str, Any]:
+    return {
+        **base,
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
 
 
 def now() -> int:

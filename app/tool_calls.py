@@ -22,14 +22,17 @@ import functools
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from app.schemas.chat import ChatCompletionRequest, NamedToolChoice
 from scheduler.request import GrammarSpec
 
 # The Hermes layout: `{"name": "...", "arguments": ` with the arguments value right behind it.
-_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
+_HEADER = re.compile(
+    r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)'
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,9 @@ class ToolCallFormat:
     open_tag: str = "<tool_call>"
     close_tag: str = "</tool_call>"
 
-    def grammar(self, tools: list[dict[str, Any]], *, only: str | None = None, parallel: bool = True) -> GrammarSpec:
+    def grammar(
+        self, tools: list[dict[str, Any]], *, only: str | None = None, parallel: bool = True
+    ) -> GrammarSpec:
         """One call (of `only`, when named) or, with `parallel`, one or more, laid out as the
         chat template renders them."""
         chosen = [
@@ -54,7 +59,7 @@ class ToolCallFormat:
         }
         return GrammarSpec("tool_calls", json.dumps(config), param="tools")
 
-    def parser(self, *, stream_arguments: bool = False) -> "ToolCallParser":
+    def parser(self, *, stream_arguments: bool = False) -> ToolCallParser:
         return ToolCallParser(self, stream_arguments=stream_arguments)
 
 
@@ -65,7 +70,7 @@ def forces_tool_calls(req: ChatCompletionRequest) -> bool:
     return req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
 
 
-def parser_factory(req: ChatCompletionRequest) -> Callable[[], "ToolCallParser"] | None:
+def parser_factory(req: ChatCompletionRequest) -> Callable[[], ToolCallParser] | None:
     """How this request's output is read: None for plain content (no tools offered, tool_choice
     "none", or a JSON response_format, which leaves no room for calls)."""
     if not req.tools or req.tool_choice == "none":
@@ -111,7 +116,9 @@ class ToolCallParser:
         self._held_ws = ""  # trailing whitespace of the content: layout if a call follows
         self._call_lead = ""  # the whitespace dropped before the open call, restored if it is no call
         self._after_call = False  # whitespace right after a call is layout too
-        self._args_start: int | None = None  # where the arguments begin in the buffer, once the header is sent
+        self._args_start: int | None = (
+            None  # where the arguments begin in the buffer, once the header is sent
+        )
         self._args_sent = 0
 
     def feed(self, text: str) -> list[Delta]:

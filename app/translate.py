@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import httpx
@@ -35,7 +36,9 @@ _ROLE_ALIASES = {"developer": "system", "function": "tool"}
 
 
 class Translator:
-    def __init__(self, settings: Settings, image_policy: ImageFetchPolicy, image_client: httpx.AsyncClient | None) -> None:
+    def __init__(
+        self, settings: Settings, image_policy: ImageFetchPolicy, image_client: httpx.AsyncClient | None
+    ) -> None:
         self.settings = settings
         self.image_policy = image_policy
         self.image_client = image_client
@@ -44,7 +47,8 @@ class Translator:
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.settings.model_name:
             raise ModelNotFoundError(
-                f"The model '{model}' does not exist; this server serves '{self.settings.model_name}'", param="model"
+                f"The model '{model}' does not exist; this server serves '{self.settings.model_name}'",
+                param="model",
             )
 
     # -- sampling ------------------------------------------------------------------------------
@@ -82,7 +86,9 @@ class Translator:
             top_p=s.default_top_p if top_p is None else top_p,
             top_k=max(0, s.default_top_k if top_k is None else top_k),
             min_p=s.default_min_p if min_p is None else min_p,
-            repetition_penalty=s.default_repetition_penalty if repetition_penalty is None else repetition_penalty,
+            repetition_penalty=s.default_repetition_penalty
+            if repetition_penalty is None
+            else repetition_penalty,
             presence_penalty=presence_penalty or 0.0,
             frequency_penalty=frequency_penalty or 0.0,
             seed=s.default_seed if seed is None else seed,
@@ -148,7 +154,9 @@ class Translator:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             # Ranking candidates needs their cumulative logprobs server-side; not implemented.
-            raise InvalidRequestError(f"best_of ({req.best_of}) must equal n ({req.n}) on this server", param="best_of")
+            raise InvalidRequestError(
+                f"best_of ({req.best_of}) must equal n ({req.n}) on this server", param="best_of"
+            )
         params = self.sampling(
             max_tokens=req.max_tokens,
             **_openai_sampling_fields(req),
@@ -160,7 +168,8 @@ class Translator:
         limit = self.settings.max_prompts_per_request
         if len(prompts) > limit:
             raise InvalidRequestError(
-                f"{len(prompts)} prompts sent; at most {limit} per request (MAX_PROMPTS_PER_REQUEST)", param="prompt"
+                f"{len(prompts)} prompts sent; at most {limit} per request (MAX_PROMPTS_PER_REQUEST)",
+                param="prompt",
             )
         return [EngineRequest(request_id, prompt, params, n=req.n, kind="completion") for prompt in prompts]
 
@@ -170,7 +179,9 @@ class Translator:
             raise InvalidRequestError("send either prompt or messages (exactly one)", param="prompt")
         if req.messages is None:
             return PromptInput(
-                text=req.prompt, add_special_tokens=req.add_special_tokens, split_special_tokens=req.split_special_tokens
+                text=req.prompt,
+                add_special_tokens=req.add_special_tokens,
+                split_special_tokens=req.split_special_tokens,
             )
         # Images are fetched like chat does so that the count includes their expanded tokens.
         prompt = await self.chat_prompt(
@@ -247,8 +258,18 @@ class Translator:
 
 
 _OPENAI_SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
-    "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "min_tokens",
 )
 
 
@@ -278,7 +299,8 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
                 else:
                     kind = type(part).__name__.removesuffix("Part")
                     raise InvalidRequestError(
-                        f"content parts of type '{kind}' are not supported by this server", param=f"messages[{i}].content"
+                        f"content parts of type '{kind}' are not supported by this server",
+                        param=f"messages[{i}].content",
                     )
             item["content"] = parts
         else:
@@ -315,7 +337,9 @@ def _check_size(value: Any, param: str) -> str:
     """`value` as JSON, refused when it is too big to render or compile every request."""
     text = json.dumps(value)
     if len(text) > MAX_SCHEMA_CHARS:
-        raise InvalidRequestError(f"{param} is {len(text)} characters of JSON; at most {MAX_SCHEMA_CHARS} are accepted", param=param)
+        raise InvalidRequestError(
+            f"{param} is {len(text)} characters of JSON; at most {MAX_SCHEMA_CHARS} are accepted", param=param
+        )
     return text
 
 
@@ -325,21 +349,33 @@ def _chat_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
         _check_size([_to_builtins(tool) for tool in req.tools], "tools")
     forced = forces_tool_calls(req)
     if forced and not req.tools:
-        raise InvalidRequestError("tool_choice 'required' or a named function needs tools", param="tool_choice")
+        raise InvalidRequestError(
+            "tool_choice 'required' or a named function needs tools", param="tool_choice"
+        )
     named = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
     if named is not None and named not in {tool.function.name for tool in req.tools}:
-        raise InvalidRequestError(f"tool_choice names the function '{named[:64]}', which is not among the tools", param="tool_choice")
+        raise InvalidRequestError(
+            f"tool_choice names the function '{named[:64]}', which is not among the tools",
+            param="tool_choice",
+        )
     response_format = req.response_format
     if response_format is not None and response_format.type != "text":
         if forced:
             raise InvalidRequestError(
-                "response_format cannot be combined with tool_choice 'required' or a named function", param="response_format"
+                "response_format cannot be combined with tool_choice 'required' or a named function",
+                param="response_format",
             )
         if response_format.type == "json_object":
             return GrammarSpec("json_object")
         if response_format.json_schema is None or response_format.json_schema.schema is None:
-            raise InvalidRequestError("response_format of type json_schema needs json_schema.schema", param="response_format")
-        return GrammarSpec("json_schema", _check_size(response_format.json_schema.schema, "response_format"), param="response_format")
+            raise InvalidRequestError(
+                "response_format of type json_schema needs json_schema.schema", param="response_format"
+            )
+        return GrammarSpec(
+            "json_schema",
+            _check_size(response_format.json_schema.schema, "response_format"),
+            param="response_format",
+        )
     if forced:
         tools = [_to_builtins(tool) for tool in req.tools]
         return HERMES.grammar(tools, only=named, parallel=req.parallel_tool_calls is not False)
@@ -351,7 +387,9 @@ def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
         return ()
     stops = [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > MAX_STOP_SEQUENCES:
-        raise InvalidRequestError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}", param="stop")
+        raise InvalidRequestError(
+            f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}", param="stop"
+        )
     return tuple(s for s in stops if s)
 
 
@@ -363,7 +401,9 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         try:
             token = int(key)
         except ValueError:
-            raise InvalidRequestError(f"logit_bias keys must be token ids, got '{key[:32]}'", param="logit_bias") from None
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids, got '{key[:32]}'", param="logit_bias"
+            ) from None
         parsed[token] = float(value)
     return parsed
 

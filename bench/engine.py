@@ -39,14 +39,24 @@ RESULTS_DIR = ROOT / "bench" / "results"
 TIMEOUT_S = 600.0
 
 
-async def _stream_chat(client: httpx.AsyncClient, target, messages: list[dict], max_tokens: int, **extra) -> dict:
+async def _stream_chat(
+    client: httpx.AsyncClient, target, messages: list[dict], max_tokens: int, **extra
+) -> dict:
     """One streamed chat request: send time, first content time, end time, usage or error."""
     body = {"model": target.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **extra}  # fmt: skip
-    out: dict = {"sent": time.perf_counter(), "first": None, "end": None, "completion_tokens": 0, "error": None}
+    out: dict = {
+        "sent": time.perf_counter(),
+        "first": None,
+        "end": None,
+        "completion_tokens": 0,
+        "error": None,
+    }
     headers = {"Authorization": f"Bearer {target.api_key}"}
     try:
-        async with client.stream("POST", f"{target.base_url}/chat/completions", json=body, headers=headers) as response:
+        async with client.stream(
+            "POST", f"{target.base_url}/chat/completions", json=body, headers=headers
+        ) as response:
             if response.status_code != 200:
                 out["error"] = f"{response.status_code}: {(await response.aread()).decode()[:300]}"
             else:
@@ -73,7 +83,9 @@ async def _health(client: httpx.AsyncClient, target) -> dict:
 
 
 def _server(model_path: Path, stamp: str, name: str, args: tuple[str, ...]):
-    return our_server(model_path, "bench", extra_args=args, log_path=RESULTS_DIR / f"{stamp}-engine-{name}.log")
+    return our_server(
+        model_path, "bench", extra_args=args, log_path=RESULTS_DIR / f"{stamp}-engine-{name}.log"
+    )
 
 
 async def _prefix_run(target, system: str, users: list[str]) -> dict:
@@ -112,7 +124,9 @@ def scenario_prefix(model_path: Path, stamp: str) -> dict:
         with server:
             out[name] = asyncio.run(_prefix_run(target, system, users))
     out["ttft_p50_ratio"] = round(out["caching"]["ttft_p50_s"] / out["no_caching"]["ttft_p50_s"], 4)
-    out["throughput_ratio"] = round(out["caching"]["completion_tok_s"] / out["no_caching"]["completion_tok_s"], 3)
+    out["throughput_ratio"] = round(
+        out["caching"]["completion_tok_s"] / out["no_caching"]["completion_tok_s"], 3
+    )
     return out
 
 
@@ -148,8 +162,12 @@ async def _paging_run(target, long_prompt: str, short_prompts: list[str]) -> dic
     rel = lambda t: round(t - start, 3)  # noqa: E731
     return {
         "errors": [r["error"] for r in results if r["error"]],
-        "long": {"prompt_tokens": long["prompt_tokens"], "first_token_s": rel(long["first"]), "finished_s": rel(long["end"]),
-                 "tokens": long["completion_tokens"]},  # fmt: skip
+        "long": {
+            "prompt_tokens": long["prompt_tokens"],
+            "first_token_s": rel(long["first"]),
+            "finished_s": rel(long["end"]),
+            "tokens": long["completion_tokens"],
+        },  # fmt: skip
         "short_prompt_tokens": shorts[0]["prompt_tokens"],
         "shorts_first_token_max_s": max(rel(r["first"]) for r in shorts),
         "shorts_finished_max_s": max(rel(r["end"]) for r in shorts),
@@ -182,13 +200,23 @@ def scenario_paging(model_path: Path, stamp: str) -> dict:
 
 async def _n_run(target) -> dict:
     async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
-        others = [asyncio.create_task(_stream_chat(client, target, [{"role": "user", "content": f"ordinary {i}"}], 64)) for i in range(4)]
+        others = [
+            asyncio.create_task(
+                _stream_chat(client, target, [{"role": "user", "content": f"ordinary {i}"}], 64)
+            )
+            for i in range(4)
+        ]
         await asyncio.sleep(0.2)
         start = time.perf_counter()
         wide = await client.post(
             f"{target.base_url}/chat/completions",
             headers={"Authorization": f"Bearer {target.api_key}"},
-            json={"model": target.model, "messages": [{"role": "user", "content": "sixteen"}], "n": 16, "max_tokens": 16},
+            json={
+                "model": target.model,
+                "messages": [{"role": "user", "content": "sixteen"}],
+                "n": 16,
+                "max_tokens": 16,
+            },
         )
         answered = time.perf_counter() - start
         done = await asyncio.gather(*others)

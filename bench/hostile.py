@@ -40,7 +40,11 @@ def _rss_mib(pid: int) -> float:
 
 async def _timed_chat(client: httpx.AsyncClient, target, content: str | bytes) -> tuple[int, float]:
     headers = {"Authorization": f"Bearer {target.api_key}", "Content-Type": "application/json"}
-    body = content if isinstance(content, bytes) else json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 4}).encode()
+    body = (
+        content
+        if isinstance(content, bytes)
+        else json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 4}).encode()
+    )
     started = time.perf_counter()
     response = await client.post(f"{target.base_url}/chat/completions", content=body, headers=headers)
     return response.status_code, round(time.perf_counter() - started, 3)
@@ -69,7 +73,13 @@ async def connections(target) -> dict:
     finally:
         for sock in sockets:
             sock.close()
-    return {"scenario": "connections", "idle": 5000, "stalled_bodies": 200, "health": [health, health_s], "chat": chat}
+    return {
+        "scenario": "connections",
+        "idle": 5000,
+        "stalled_bodies": 200,
+        "health": [health, health_s],
+        "chat": chat,
+    }
 
 
 async def heavy(target) -> dict:
@@ -81,8 +91,15 @@ async def heavy(target) -> dict:
             await asyncio.sleep(0.05)
             return await _timed_chat(client, target, "hi")
 
-        first, second, during = await asyncio.gather(_timed_chat(client, target, big), _timed_chat(client, target, big), light())
-    return {"scenario": "heavy", "ordinary_alone_s": alone, "8mib_prompts": [first, second], "ordinary_during": during}
+        first, second, during = await asyncio.gather(
+            _timed_chat(client, target, big), _timed_chat(client, target, big), light()
+        )
+    return {
+        "scenario": "heavy",
+        "ordinary_alone_s": alone,
+        "8mib_prompts": [first, second],
+        "ordinary_during": during,
+    }
 
 
 async def huge(target, pid: int) -> dict:
@@ -91,7 +108,12 @@ async def huge(target, pid: int) -> dict:
         before = _rss_mib(pid)
         answer = await _timed_chat(client, target, _big_body(60))
         await asyncio.sleep(2)
-        return {"scenario": "huge", "60mib_prompt": answer, "rss_before_mib": before, "rss_after_mib": _rss_mib(pid)}
+        return {
+            "scenario": "huge",
+            "60mib_prompt": answer,
+            "rss_before_mib": before,
+            "rss_after_mib": _rss_mib(pid),
+        }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,8 +38,12 @@ def table() -> str:
         accepted = f" ({setting.parse.expected})" if setting.parse.expected else ""
         meaning = (setting.help + accepted).replace("|", "/")
         rows.append(f"| {options} | {' / '.join(f'`{n}`' for n in setting.env)} | `{default}` | {meaning} |")
-    rows.append("| `--enable-fa2` / `--disable-fa2` | — | — | Shortcuts for `--attn-impl flash_attention_2` / `sdpa`; win over `--attn-impl` |")
-    rows.append("| `--no-enable-prefix-caching` | — | — | Turn prefix caching off; wins over `--enable-prefix-caching` |")
+    rows.append(
+        "| `--enable-fa2` / `--disable-fa2` | — | — | Shortcuts for `--attn-impl flash_attention_2` / `sdpa`; win over `--attn-impl` |"
+    )
+    rows.append(
+        "| `--no-enable-prefix-caching` | — | — | Turn prefix caching off; wins over `--enable-prefix-caching` |"
+    )
     rows.append("| `--print-config` | — | — | Print the resolved settings (secrets removed) and exit |")
     return "\n".join(rows) + "\n"
 

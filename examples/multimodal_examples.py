@@ -43,7 +43,15 @@ def with_openai(client: OpenAI, model: str, image_url: str) -> None:
     # 1. An inline image (base64 data URL).
     reply = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": [image_part(data_url(synthetic_png())), {"type": "text", "text": "What is in this image?"}]}],
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    image_part(data_url(synthetic_png())),
+                    {"type": "text", "text": "What is in this image?"},
+                ],
+            }
+        ],
         max_tokens=32,
     )
     print("data URL   :", reply.choices[0].message.content, "| prompt tokens:", reply.usage.prompt_tokens)
@@ -51,7 +59,12 @@ def with_openai(client: OpenAI, model: str, image_url: str) -> None:
     # 2. An image the server downloads (SSRF-guarded; see the README's Images section).
     reply = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "Describe this picture."}, image_part(image_url)]}],
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Describe this picture."}, image_part(image_url)],
+            }
+        ],
         max_tokens=32,
     )
     print("remote URL :", reply.choices[0].message.content)
@@ -60,9 +73,22 @@ def with_openai(client: OpenAI, model: str, image_url: str) -> None:
     stream = client.chat.completions.create(
         model=model,
         messages=[
-            {"role": "user", "content": [image_part(data_url(synthetic_png(shift=40))), {"type": "text", "text": "Remember this one."}]},
+            {
+                "role": "user",
+                "content": [
+                    image_part(data_url(synthetic_png(shift=40))),
+                    {"type": "text", "text": "Remember this one."},
+                ],
+            },
             {"role": "assistant", "content": "Noted."},
-            {"role": "user", "content": [image_part(data_url(synthetic_png(shift=90))), image_part(image_url), {"type": "text", "text": "Compare all three."}]},
+            {
+                "role": "user",
+                "content": [
+                    image_part(data_url(synthetic_png(shift=90))),
+                    image_part(image_url),
+                    {"type": "text", "text": "Compare all three."},
+                ],
+            },
         ],
         max_tokens=32,
         stream=True,
@@ -81,7 +107,16 @@ def with_httpx(base_url: str, api_key: str | None, model: str, image_url: str) -
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": [image_part(data_url(synthetic_png())), image_part(image_url), {"type": "text", "text": "Two images."}]}],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    image_part(data_url(synthetic_png())),
+                    image_part(image_url),
+                    {"type": "text", "text": "Two images."},
+                ],
+            }
+        ],
         "max_tokens": 16,
     }
     response = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=120)
@@ -91,7 +126,9 @@ def with_httpx(base_url: str, api_key: str | None, model: str, image_url: str) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-url", default="http://localhost:8000")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--model", default="model")

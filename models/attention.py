@@ -40,7 +40,11 @@ class FastPathUnsupported(RuntimeError):
 
 
 def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and importlib.util.find_spec("flash_attn") is not None
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and importlib.util.find_spec("flash_attn") is not None
+    )
 
 
 @dataclass(slots=True)
@@ -97,7 +101,9 @@ class PagedLayout:
         mask = self._masks.get((index, window))
         if mask is None:
             seg = self.segments[index]
-            length = seg.offset + seg.length if seg.blocks is None else seg.blocks.shape[0] * self.cache.block_size
+            length = (
+                seg.offset + seg.length if seg.blocks is None else seg.blocks.shape[0] * self.cache.block_size
+            )
             positions = torch.arange(seg.offset, seg.offset + seg.length, device=self.slot_mapping.device)
             mask = _causal_mask(positions, length, window)[None, None]
             self._masks[(index, window)] = mask
@@ -131,7 +137,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layout: PagedLayout | None = kwargs.get(LAYOUT_KWARG)
     layer_idx = getattr(module, "layer_idx", None)
     if layout is None or layer_idx is None:
-        return _fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _fallback(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise FastPathUnsupported(f"attention uses '{name}'")
@@ -169,7 +177,13 @@ def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling,
     block_size = layout.cache.block_size
     if len(layout.decode_groups) == 1:
         group = layout.decode_groups[0]
-        out = _attend(q, _gather(key_pool, group.blocks), _gather(value_pool, group.blocks), group.mask(block_size, window), scaling)
+        out = _attend(
+            q,
+            _gather(key_pool, group.blocks),
+            _gather(value_pool, group.blocks),
+            group.mask(block_size, window),
+            scaling,
+        )
     else:
         out = torch.empty_like(q)
         for group in layout.decode_groups:

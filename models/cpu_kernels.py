@@ -43,7 +43,9 @@ def pack_linears(model: nn.Module, *, batch_hint: int = 16) -> str:
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
+        if type(module) is nn.Linear
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.float32
     ]
     extra = sum(m.weight.numel() * m.weight.element_size() for _, m in targets)
     if not targets:

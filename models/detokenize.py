@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 # Prompt tokens fed to the decoder as context, so that the first generated token decodes with the
 # spacing it has in context (SentencePiece "▁" prefixes, byte-level merges).
@@ -36,7 +36,9 @@ class IncrementalDetokenizer:
             return self._stream.step(self._backend, token_id) or ""
         self._ids.append(token_id)
         decode = self._tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip_special)
+        prefix = decode(
+            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip_special
+        )
         full = decode(self._ids[self._prefix_offset :], skip_special_tokens=self._skip_special)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)

@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -16,7 +16,11 @@ def cuda_device_count() -> int:
 
 
 def resolve_devices(
-    *, device: str = "auto", gpu_ids: Sequence[int] | None = None, gpu_count: int | None = None, cpu_replicas: int = 1
+    *,
+    device: str = "auto",
+    gpu_ids: Sequence[int] | None = None,
+    gpu_count: int | None = None,
+    cpu_replicas: int = 1,
 ) -> list[str]:
     """`GPU_IDS` beats `GPU_COUNT`; with no usable GPU (or `DEVICE=cpu`) run `cpu_replicas` CPU replicas.
 

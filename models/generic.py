@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Callable
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
@@ -65,21 +65,25 @@ class _StopHook(StoppingCriteria):
         self.lockstep = lockstep
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.lockstep.stopped, dtype=torch.bool, device=input_ids.device)
+        return torch.full(
+            (input_ids.shape[0],), self.lockstep.stopped, dtype=torch.bool, device=input_ids.device
+        )
 
 
 class _SequenceThread:
     """One sequence's generate() call in its own thread, one forward pass per `advance()`."""
 
-    def __init__(self, runner: "GenericRunner", token_ids: list[int], mm_inputs: dict | None) -> None:
+    def __init__(self, runner: GenericRunner, token_ids: list[int], mm_inputs: dict | None) -> None:
         self.token_ids = list(token_ids)
         self.mm_inputs = mm_inputs
         self.module_state: list = [None] * len(runner.stateful)
         self._hooks = _Lockstep()
-        self._thread = threading.Thread(target=self._run, args=(runner,), name="generic-sequence", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(runner,), name="generic-sequence", daemon=True
+        )
         self._thread.start()
 
-    def _run(self, runner: "GenericRunner") -> None:
+    def _run(self, runner: GenericRunner) -> None:
         device = runner.device
         inputs = {
             "input_ids": torch.tensor([self.token_ids], dtype=torch.long, device=device),
@@ -87,7 +91,11 @@ class _SequenceThread:
         }
         inputs.update(self.mm_inputs or {})
         config = GenerationConfig(
-            max_new_tokens=_NO_LIMIT, do_sample=False, eos_token_id=None, pad_token_id=runner.pad_token_id, num_beams=1
+            max_new_tokens=_NO_LIMIT,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=runner.pad_token_id,
+            num_beams=1,
         )
         try:
             with runner.scope(), torch.inference_mode():
@@ -98,7 +106,9 @@ class _SequenceThread:
                     stopping_criteria=[_StopHook(self._hooks)],
                 )
         except Exception as exc:  # the sequence fails alone
-            log.warning("generate() failed for one sequence: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.warning(
+                "generate() failed for one sequence: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG)
+            )
             self._hooks.scores.put(exc)
             return
         if not self._hooks.stopped:
@@ -126,7 +136,14 @@ class GenericRunner:
     chunked_prefill = False  # generate() computes a prompt in one forward
     prefix_caching = False  # generate() keeps its own cache; nothing is shared
 
-    def __init__(self, model, *, device: torch.device, pad_token_id: int | None, scope: Callable[[], AbstractContextManager]) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        device: torch.device,
+        pad_token_id: int | None,
+        scope: Callable[[], AbstractContextManager],
+    ) -> None:
         self.model = model
         self.device = device
         self.pad_token_id = pad_token_id

@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from typing import Iterable
+from collections.abc import Iterable
 
 import llguidance
 import llguidance.hf
@@ -49,7 +49,9 @@ class GrammarCompiler:
     """Compiled grammars of one replica. Thread-safe: the scheduler validates specs in a worker
     thread while the replica thread builds constraints from the same cache."""
 
-    def __init__(self, tokenizer, *, vocab_size: int, eos_token_ids: Iterable[int], max_cached: int = 64) -> None:
+    def __init__(
+        self, tokenizer, *, vocab_size: int, eos_token_ids: Iterable[int], max_cached: int = 64
+    ) -> None:
         self._hf_tokenizer = tokenizer
         self._eos = sorted(eos_token_ids)
         # The model's logits may be wider than the tokenizer (padded embeddings), never narrower
@@ -66,7 +68,7 @@ class GrammarCompiler:
         """Compile `spec` (or find it cached); raise InvalidRequestError when it cannot be used."""
         self._pristine(spec)
 
-    def constraint(self, spec: GrammarSpec) -> "GrammarConstraint":
+    def constraint(self, spec: GrammarSpec) -> GrammarConstraint:
         pristine = self._pristine(spec)
         with self._lock:
             matcher = pristine.deep_copy()
@@ -81,7 +83,9 @@ class GrammarCompiler:
                 return matcher
             tokenizer = self._tokenizer()
         # Outside the lock: compiling a large schema takes a while and releases the GIL.
-        matcher = llguidance.LLMatcher(tokenizer, _grammar_text(spec, self._special), log_level=0, limits=self._limits)
+        matcher = llguidance.LLMatcher(
+            tokenizer, _grammar_text(spec, self._special), log_level=0, limits=self._limits
+        )
         if not matcher.is_error():
             # llguidance builds lexer states lazily: the first mask is where most grammars that
             # exceed its limits fail. Better a 400 now than a failure mid-generation.
@@ -111,7 +115,9 @@ class GrammarCompiler:
                     param="response_format",
                 ) from None
             added = getattr(self._hf_tokenizer, "added_tokens_decoder", {})
-            self._special = {t.content: i for i, t in added.items() if t.content and lltokenizer.is_special_token(i)}
+            self._special = {
+                t.content: i for i, t in added.items() if t.content and lltokenizer.is_special_token(i)
+            }
             self._lltokenizer = lltokenizer
         return self._lltokenizer
 
@@ -128,7 +134,9 @@ def _grammar_text(spec: GrammarSpec, special: dict[str, int]) -> str:
     if spec.kind == "lark":
         return llguidance.LLMatcher.grammar_from_lark(spec.source)
     if spec.kind == "tool_calls":
-        return llguidance.LLMatcher.grammar_from_lark(tool_calls_lark(_json_source(spec, "tool definition"), special))
+        return llguidance.LLMatcher.grammar_from_lark(
+            tool_calls_lark(_json_source(spec, "tool definition"), special)
+        )
     raise InvalidRequestError(f"unknown grammar kind '{spec.kind}'", param=spec.param)
 
 
@@ -244,5 +252,5 @@ class GrammarConstraint:
             return None
         return self._matcher.get_error() or "constrained decoding failed"
 
-    def fork(self) -> "GrammarConstraint":
+    def fork(self) -> GrammarConstraint:
         return GrammarConstraint(self._matcher.deep_copy(), self.param)

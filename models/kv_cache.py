@@ -49,7 +49,9 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for store in (self._keys, self._values) for t in store.values())
+        return sum(
+            t.numel() * t.element_size() for store in (self._keys, self._values) for t in store.values()
+        )
 
     @property
     def is_allocated(self) -> bool:

@@ -145,7 +145,12 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         # host RAM first); on CPU there is nowhere else to put them.
         placement = {"device_map": {"": device}} if device.type == "cuda" else {}
         model = model_class.from_pretrained(
-            path, config=copy.deepcopy(config), dtype=dtype, attn_implementation=impl, **placement, **hub_kwargs
+            path,
+            config=copy.deepcopy(config),
+            dtype=dtype,
+            attn_implementation=impl,
+            **placement,
+            **hub_kwargs,
         )
         model = model.to(device).eval().requires_grad_(False)
         _warmup(model, tokenizer, device)
@@ -319,13 +324,17 @@ def images_only_processor_class(processor_class: type) -> type:
         # a copy of the same function: transformers routes saved options by the code object's
         # argument names, so a wrapper with (*args, **kwargs) would silently drop them.
         missing = first_default - positional.index("video_processor")
-        copy_ = types.FunctionType(code, init.__globals__, init.__name__, (None,) * missing + defaults, init.__closure__)
+        copy_ = types.FunctionType(
+            code, init.__globals__, init.__name__, (None,) * missing + defaults, init.__closure__
+        )
         copy_.__kwdefaults__ = init.__kwdefaults__
         namespace["__init__"] = copy_
     return type(processor_class.__name__, (processor_class,), namespace)
 
 
-def _processor_without_video(path: str, config: PreTrainedConfig, hub_kwargs: dict[str, Any]) -> ProcessorMixin | None:
+def _processor_without_video(
+    path: str, config: PreTrainedConfig, hub_kwargs: dict[str, Any]
+) -> ProcessorMixin | None:
     """The checkpoint's processor loaded without its video processor, when torchvision is missing and
     the processor has one (Qwen2-VL, Qwen2.5-VL, InternVL, LLaVA-OneVision, ...); None otherwise."""
     if importlib.util.find_spec("torchvision") is not None:

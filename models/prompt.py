@@ -10,8 +10,9 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -66,7 +67,9 @@ class PromptBuilder:
         self.is_vision = processor is not None and getattr(processor, "image_processor", None) is not None
         self.max_input_tokens = max_input_tokens
         self.image_limits = image_limits
-        self.image_cache = image_cache if image_cache is not None else DecodedImageCache()  # an empty cache is falsy
+        self.image_cache = (
+            image_cache if image_cache is not None else DecodedImageCache()
+        )  # an empty cache is falsy
         self.image_token_id = image_token_id
         self.image_token = getattr(processor, "image_token", None) if processor is not None else None
         self.chat_template = chat_template or _FALLBACK_TEMPLATE
@@ -88,7 +91,7 @@ class PromptBuilder:
         image_cache: DecodedImageCache | None = None,
         tokenizer=None,
         processor=None,
-    ) -> "PromptBuilder":
+    ) -> PromptBuilder:
         """A builder for a `LoadedModel`; pass `tokenizer`/`processor` to use private copies."""
         processor = processor if processor is not None else loaded.processor
         return cls(
@@ -123,7 +126,9 @@ class PromptBuilder:
             raise
         except Exception as exc:  # template errors (raise_exception in Jinja, bad roles) are the client's
             log.debug("chat template failed", exc_info=True)
-            raise InvalidRequestError(f"the chat template rejected the messages: {_short(exc)}", param="messages") from None
+            raise InvalidRequestError(
+                f"the chat template rejected the messages: {_short(exc)}", param="messages"
+            ) from None
 
     def _normalise_message(self, message: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(message)
@@ -131,7 +136,10 @@ class PromptBuilder:
         if isinstance(content, str):
             content = out["content"] = self._as_text(content)
         elif isinstance(content, list):
-            content = [{**p, "text": self._as_text(p["text"])} if isinstance(p.get("text"), str) else p for p in content]
+            content = [
+                {**p, "text": self._as_text(p["text"])} if isinstance(p.get("text"), str) else p
+                for p in content
+            ]
         if isinstance(content, list):
             out["content"] = self._normalise_parts(content)
         elif isinstance(content, str) and self.content_as_parts:
@@ -155,7 +163,9 @@ class PromptBuilder:
     def _normalise_parts(self, parts: list[Mapping[str, Any]]) -> str | list[dict[str, Any]]:
         has_image = any(p.get("type") == "image" for p in parts)
         if has_image and not self.is_vision:
-            raise InvalidRequestError("this model does not accept images (it is a text-only model)", param="messages")
+            raise InvalidRequestError(
+                "this model does not accept images (it is a text-only model)", param="messages"
+            )
         if self.is_vision and self.accepts_parts:
             return [dict(p) for p in parts]
         # String-content templates: text parts joined, images as the processor's placeholder.
@@ -205,9 +215,13 @@ class PromptBuilder:
             ]
         return prepared
 
-    def _prepare_multimodal(self, text: str, images: tuple[bytes, ...], special: bool, params: tuple[str, ...] = ()) -> PreparedPrompt:
+    def _prepare_multimodal(
+        self, text: str, images: tuple[bytes, ...], special: bool, params: tuple[str, ...] = ()
+    ) -> PreparedPrompt:
         if not self.is_vision:
-            raise InvalidRequestError("this model does not accept images (it is a text-only model)", param="messages")
+            raise InvalidRequestError(
+                "this model does not accept images (it is a text-only model)", param="messages"
+            )
         decoded = []
         for index, data in enumerate(images):
             try:
@@ -219,13 +233,21 @@ class PromptBuilder:
             batch = self._process(text, decoded, special)
         except Exception as exc:
             log.debug("processor failed", exc_info=True)
-            raise InvalidRequestError(f"the images could not be prepared for this model: {_short(exc)}", param="messages") from None
+            raise InvalidRequestError(
+                f"the images could not be prepared for this model: {_short(exc)}", param="messages"
+            ) from None
         ids = batch["input_ids"][0].tolist()
         mm = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-        image_tokens = sum(1 for t in ids if t == self.image_token_id) if self.image_token_id is not None else 0
+        image_tokens = (
+            sum(1 for t in ids if t == self.image_token_id) if self.image_token_id is not None else 0
+        )
         prepared = PreparedPrompt(
-            ids, mm or None, num_images=len(decoded), num_image_tokens=image_tokens,
-            image_span=self._image_span(ids), image_digest=_digest(mm),
+            ids,
+            mm or None,
+            num_images=len(decoded),
+            num_image_tokens=image_tokens,
+            image_span=self._image_span(ids),
+            image_digest=_digest(mm),
         )
         if len(ids) > self.max_input_tokens:
             raise ContextLengthExceededError(
@@ -273,7 +295,9 @@ class PromptBuilder:
         vocab = len(self.tokenizer)
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=param)
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=param
+            )
 
 
 def _tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:
@@ -296,7 +320,9 @@ def _tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
         return message
     if isinstance(content, str) and len(content) > chars:
         return {**message, "content": content[-chars:]}
-    if isinstance(content, list) and any(len(p.get("text") or "") > chars for p in content if isinstance(p, Mapping)):
+    if isinstance(content, list) and any(
+        len(p.get("text") or "") > chars for p in content if isinstance(p, Mapping)
+    ):
         parts = [{**p, "text": p["text"][-chars:]} if isinstance(p.get("text"), str) else p for p in content]
         return {**message, "content": parts}
     return message

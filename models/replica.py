@@ -56,7 +56,17 @@ class ReplicaConfig:
 
 
 class ModelReplica:
-    def __init__(self, loaded: LoadedModel, runner, path_reason: str, max_seq_len: int, *, num_blocks: int, block_size: int, prefix_caching: bool):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        runner,
+        path_reason: str,
+        max_seq_len: int,
+        *,
+        num_blocks: int,
+        block_size: int,
+        prefix_caching: bool,
+    ):
         self.loaded = loaded
         self.runner = runner
         self.path_reason = path_reason
@@ -65,7 +75,9 @@ class ModelReplica:
         self.block_size = block_size
         self.prefix_caching = prefix_caching and runner.prefix_caching
         self.vocab_size = _vocab_size(loaded)
-        self.grammars = GrammarCompiler(loaded.tokenizer, vocab_size=self.vocab_size, eos_token_ids=loaded.eos_token_ids)
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer, vocab_size=self.vocab_size, eos_token_ids=loaded.eos_token_ids
+        )
 
     @property
     def path(self) -> str:
@@ -76,7 +88,9 @@ class ModelReplica:
         cache = getattr(self.runner, "cache", None)
         return cache.nbytes if cache is not None else 0
 
-    def generations(self, prepared: PreparedPrompt, params: SamplingParams, *, n: int = 1) -> list[Generation]:
+    def generations(
+        self, prepared: PreparedPrompt, params: SamplingParams, *, n: int = 1
+    ) -> list[Generation]:
         """The output state of each of a request's n choices; choice i draws from seed + i so
         choices differ but a seeded request is reproducible."""
         out = []
@@ -93,7 +107,9 @@ class ModelReplica:
             if params.grammar is not None:
                 # Compiled and validated before admission (Scheduler.submit); here it is a cache hit.
                 sampler.constraint = self.grammars.constraint(params.grammar)
-            detok = IncrementalDetokenizer(self.loaded.tokenizer, prepared.token_ids, skip_special_tokens=params.skip_special_tokens)
+            detok = IncrementalDetokenizer(
+                self.loaded.tokenizer, prepared.token_ids, skip_special_tokens=params.skip_special_tokens
+            )
             out.append(Generation(sampler, detok, max_tokens=params.max_tokens))
         return out
 
@@ -111,12 +127,18 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
         (FLASH_BLOCK_MULTIPLE if use_flash else GPU_BLOCK_SIZE) if device.type == "cuda" else CPU_BLOCK_SIZE
     )
     if use_flash and block_size % FLASH_BLOCK_MULTIPLE:
-        log.warning("KV block size %d is not a multiple of %d: attention over the pool uses SDPA, not FlashAttention", block_size, FLASH_BLOCK_MULTIPLE)
+        log.warning(
+            "KV block size %d is not a multiple of %d: attention over the pool uses SDPA, not FlashAttention",
+            block_size,
+            FLASH_BLOCK_MULTIPLE,
+        )
         use_flash = False
     num_blocks, sizing = _pool_blocks(loaded, config, max_seq_len, block_size)
     if config.force_generic:
         return _generic(loaded, "pinned by configuration", max_seq_len, num_blocks, block_size)
-    runner = PagedRunner(loaded.model, num_blocks=num_blocks, block_size=block_size, device=device, use_flash=use_flash)
+    runner = PagedRunner(
+        loaded.model, num_blocks=num_blocks, block_size=block_size, device=device, use_flash=use_flash
+    )
     reason = _self_test(runner, loaded)
     if reason is not None:
         runner.restore_attention()
@@ -127,19 +149,32 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
         log.info(pack_linears(loaded.model, batch_hint=min(16, config.max_batch_size)))
         reason = _self_test(runner, loaded)
         if reason is not None:  # packing is an optimisation: never serve wrong numbers for it
-            raise RuntimeError(f"self-test failed after packing CPU linears ({reason}); set CPU_PACKED_LINEARS=false")
+            raise RuntimeError(
+                f"self-test failed after packing CPU linears ({reason}); set CPU_PACKED_LINEARS=false"
+            )
     log.info(
         "execution path: fast (paged KV pool: %d blocks of %d tokens = %.2f GiB, %s; attention: %s; prefix caching %s)",
-        num_blocks, block_size, runner.cache.nbytes / 2**30, sizing, runner.backend,
+        num_blocks,
+        block_size,
+        runner.cache.nbytes / 2**30,
+        sizing,
+        runner.backend,
         "on" if config.enable_prefix_caching else "off",
     )
     return ModelReplica(
-        loaded, runner, "self-test matched the model's own forward", max_seq_len,
-        num_blocks=num_blocks, block_size=block_size, prefix_caching=config.enable_prefix_caching,
+        loaded,
+        runner,
+        "self-test matched the model's own forward",
+        max_seq_len,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        prefix_caching=config.enable_prefix_caching,
     )
 
 
-def _pool_blocks(loaded: LoadedModel, config: ReplicaConfig, max_seq_len: int, block_size: int) -> tuple[int, str]:
+def _pool_blocks(
+    loaded: LoadedModel, config: ReplicaConfig, max_seq_len: int, block_size: int
+) -> tuple[int, str]:
     """How many KV blocks the memory budget buys, and a phrase saying where the budget came from.
     The automatic size never exceeds what a full batch of full-length sequences could use."""
     per_token = kv_bytes_per_token(loaded.model.config.get_text_config(decoder=True), loaded.dtype)
@@ -160,18 +195,33 @@ def _pool_blocks(loaded: LoadedModel, config: ReplicaConfig, max_seq_len: int, b
     if num_blocks < blocks_per_sequence:
         log.warning(
             "the KV pool holds %d tokens, fewer than the %d a sequence may reach: longer requests are refused",
-            num_blocks * block_size, max_seq_len,
+            num_blocks * block_size,
+            max_seq_len,
         )
     return int(num_blocks), sizing
 
 
-def _generic(loaded: LoadedModel, reason: str, max_seq_len: int, num_blocks: int, block_size: int) -> ModelReplica:
-    log.warning("execution path: generic (each sequence through generate(), stepped together); reason: %s", reason)
+def _generic(
+    loaded: LoadedModel, reason: str, max_seq_len: int, num_blocks: int, block_size: int
+) -> ModelReplica:
+    log.warning(
+        "execution path: generic (each sequence through generate(), stepped together); reason: %s", reason
+    )
     pad = loaded.tokenizer.pad_token_id
     if pad is None and loaded.eos_token_ids:
         pad = min(loaded.eos_token_ids)
-    runner = GenericRunner(loaded.model, device=loaded.device, pad_token_id=pad, scope=DeviceScope(str(loaded.device)))
-    return ModelReplica(loaded, runner, reason, max_seq_len, num_blocks=num_blocks, block_size=block_size, prefix_caching=False)
+    runner = GenericRunner(
+        loaded.model, device=loaded.device, pad_token_id=pad, scope=DeviceScope(str(loaded.device))
+    )
+    return ModelReplica(
+        loaded,
+        runner,
+        reason,
+        max_seq_len,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        prefix_caching=False,
+    )
 
 
 def _self_test(runner: PagedRunner, loaded: LoadedModel) -> str | None:
@@ -183,7 +233,12 @@ def _self_test(runner: PagedRunner, loaded: LoadedModel) -> str | None:
     try:
         prepared = builder.prepare(
             PromptInput(
-                messages=({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SELF_TEST_TEXT}]},),
+                messages=(
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": _SELF_TEST_TEXT}],
+                    },
+                ),
                 images=(_synthetic_png(),),
             )
         )

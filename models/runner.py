@@ -30,7 +30,9 @@ class PagedRunner:
     chunked_prefill = True
     prefix_caching = True
 
-    def __init__(self, model, *, num_blocks: int, block_size: int, device: torch.device, use_flash: bool = False) -> None:
+    def __init__(
+        self, model, *, num_blocks: int, block_size: int, device: torch.device, use_flash: bool = False
+    ) -> None:
         self.model = model
         self.device = device
         self.cache = PagedKVCache(num_blocks, block_size, device)
@@ -64,7 +66,7 @@ class PagedRunner:
             return []
         logits = self.forward(plan.rows)
         if plan.copies:
-            sources, destinations = zip(*plan.copies)
+            sources, destinations = zip(*plan.copies, strict=True)
             self.cache.copy_blocks(
                 torch.tensor(sources, dtype=torch.long, device=self.device),
                 torch.tensor(destinations, dtype=torch.long, device=self.device),
@@ -119,7 +121,9 @@ class PagedRunner:
         for row in rows[num_decode:]:
             blocks = None
             if row.start:
-                blocks = torch.tensor(row.block_table[: -(-row.end // block_size)], dtype=torch.long, device=device)
+                blocks = torch.tensor(
+                    row.block_table[: -(-row.end // block_size)], dtype=torch.long, device=device
+                )
             layout.segments.append(PrefillSegment(start, len(row.token_ids), row.start, blocks))
             start += len(row.token_ids)
         return layout
@@ -149,7 +153,9 @@ class PagedRunner:
                 DecodeGroup(
                     rows=None if len(members) == 1 else torch.tensor(member, dtype=torch.long, device=device),
                     blocks=torch.tensor(tables, dtype=torch.long, device=device),
-                    positions=torch.tensor([decode[i].start for i in member], dtype=torch.long, device=device),
+                    positions=torch.tensor(
+                        [decode[i].start for i in member], dtype=torch.long, device=device
+                    ),
                 )
             )
         return groups
@@ -160,7 +166,7 @@ class PagedRunner:
         key_lens = [row.end for row in rows]
         widths = [-(-end // block_size) for end in key_lens]
         width = max(widths)
-        tables = [row.block_table[:w] + [0] * (width - w) for row, w in zip(rows, widths)]
+        tables = [row.block_table[:w] + [0] * (width - w) for row, w in zip(rows, widths, strict=True)]
         device = self.device
 
         def cumulative(values: list[int]) -> torch.Tensor:

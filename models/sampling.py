@@ -8,8 +8,8 @@ with it. Log-probabilities are those of the model's distribution before any samp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -57,7 +57,9 @@ class RowSampler:
         self._bias_ids = self._bias_values = None
         if params.logit_bias:
             self._bias_ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long, device=device)
-            self._bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=device)
+            self._bias_values = torch.tensor(
+                list(params.logit_bias.values()), dtype=torch.float32, device=device
+            )
         self._seen = self._counts = None
         if params.needs_penalties:
             self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
@@ -65,10 +67,18 @@ class RowSampler:
                 self._seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
             self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
-    def fork(self, seed: int | None) -> "RowSampler":
+    def fork(self, seed: int | None) -> RowSampler:
         """A sibling for another choice of the same prompt (n > 1): same state, its own RNG."""
         twin = object.__new__(RowSampler)
-        for name in ("params", "num_generated", "constraint", "stop_ids", "_min_tokens_banned", "_bias_ids", "_bias_values"):
+        for name in (
+            "params",
+            "num_generated",
+            "constraint",
+            "stop_ids",
+            "_min_tokens_banned",
+            "_bias_ids",
+            "_bias_values",
+        ):
             setattr(twin, name, getattr(self, name))
         twin._seen = None if self._seen is None else self._seen.clone()
         twin._counts = None if self._counts is None else self._counts.clone()
@@ -94,7 +104,9 @@ class RowSampler:
         params = self.params
         if self._seen is not None:
             if params.repetition_penalty != 1.0:
-                penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+                penalised = torch.where(
+                    logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
+                )
                 logits = torch.where(self._seen, penalised, logits)
             if params.frequency_penalty or params.presence_penalty:
                 logits = logits - params.frequency_penalty * self._counts
@@ -121,7 +133,9 @@ class RowSampler:
 _CANDIDATES = 1024
 
 
-def _sampling_distributions(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _sampling_distributions(
+    logits: torch.Tensor, params: list[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Temperature, top-k, top-p and min-p for the sampled rows `[S, vocab]`, batched. Returns
     unnormalised probabilities and the vocabulary ids their columns stand for (None: all of the
     vocabulary in natural order)."""
@@ -235,7 +249,7 @@ def sample(
         top: list[tuple[int, float]] = []
         if top_n:
             values, ids = torch.topk(row_lp, top_n)
-            top = list(zip(ids.tolist(), values.tolist()))
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
         logprobs[i] = TokenLogprob(tokens[i], float(row_lp[tokens[i]]), top)
     return tokens, logprobs
 
@@ -250,4 +264,4 @@ def draw(logits: torch.Tensor, rows: Sequence[PlanRow]) -> list[SampledToken]:
     if any(count > 1 for count in counts):
         logits = torch.repeat_interleave(logits, torch.tensor(counts, device=logits.device), dim=0)
     tokens, logprobs = sample(logits, [s for row in rows for s in row.samplers])
-    return [SampledToken(token, logprob) for token, logprob in zip(tokens, logprobs)]
+    return [SampledToken(token, logprob) for token, logprob in zip(tokens, logprobs, strict=True)]

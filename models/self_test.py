@@ -38,7 +38,9 @@ class _Probe:
         end = start + take
         produces_logits = end >= self.prefill_len
         mm = self.mm_inputs if start == 0 else None
-        return PlanRow(id(self), self.ids[start:end], start, self.blocks, [self] if produces_logits else [], mm)
+        return PlanRow(
+            id(self), self.ids[start:end], start, self.blocks, [self] if produces_logits else [], mm
+        )
 
     @property
     def can_decode(self) -> bool:
@@ -49,7 +51,9 @@ def blocks_needed(prompt_len: int, joiner_len: int, block_size: int) -> int:
     return 2 * -(-prompt_len // block_size) + -(-joiner_len // block_size)
 
 
-def run_self_test(runner, prompt_ids: list[int], joiner: tuple[list[int], dict | None] | None, *, dtype: torch.dtype) -> str | None:
+def run_self_test(
+    runner, prompt_ids: list[int], joiner: tuple[list[int], dict | None] | None, *, dtype: torch.dtype
+) -> str | None:
     """None when the fast path's logits agree with the model's own forward, else the reason the
     fast path cannot be used. `joiner`: token ids and model inputs (pixel values...) of the second
     prompt; by default a rotation of the first."""
@@ -73,7 +77,12 @@ def run_self_test(runner, prompt_ids: list[int], joiner: tuple[list[int], dict |
     first = _Probe(prompt_ids, len(prompt_ids) - 4, None, blocks_for(len(prompt_ids)))
     second = _Probe(joiner_ids, len(joiner_ids) - 2, joiner_mm, blocks_for(len(joiner_ids)))
     shared = (first.prefill_len - 1) // block_size
-    third = _Probe(prompt_ids, first.prefill_len, None, first.blocks[:shared] + blocks_for(len(prompt_ids) - shared * block_size))
+    third = _Probe(
+        prompt_ids,
+        first.prefill_len,
+        None,
+        first.blocks[:shared] + blocks_for(len(prompt_ids) - shared * block_size),
+    )
     references = []
     try:
         for probe in (first, second):
@@ -92,7 +101,11 @@ def run_self_test(runner, prompt_ids: list[int], joiner: tuple[list[int], dict |
             _step(runner, [first], [(second, second.prefill_len - half)])
         if shared:
             third.num_cached = shared * block_size  # found in the prefix cache
-            _step(runner, [p for p in (first, second) if p.can_decode], [(third, third.prefill_len - third.num_cached)])
+            _step(
+                runner,
+                [p for p in (first, second) if p.can_decode],
+                [(third, third.prefill_len - third.num_cached)],
+            )
         probes = (first, second, third) if shared else (first, second)
         while any(p.can_decode for p in probes):
             _step(runner, [p for p in probes if p.can_decode], [])
@@ -103,7 +116,12 @@ def run_self_test(runner, prompt_ids: list[int], joiner: tuple[list[int], dict |
         return f"{type(exc).__name__}: {exc}"
     references.append(references[0])  # the prefix-hit probe computes the first prompt again
     # References hold the rows from each probe's last prefill position on.
-    expected = torch.cat([ref[[pos - p.prefill_len + 1 for pos in p.positions]] for ref, p in zip(references, probes)])
+    expected = torch.cat(
+        [
+            ref[[pos - p.prefill_len + 1 for pos in p.positions]]
+            for ref, p in zip(references, probes, strict=True)
+        ]
+    )
     actual = torch.stack([row for p in probes for row in p.rows])
     return compare_logits(expected, actual, dtype)
 
@@ -113,14 +131,16 @@ def _step(runner, decode: list[_Probe], prefill: list[tuple[_Probe, int]]) -> No
     rows = [probe.row(take) for probe, take in work]
     logits = runner.forward(rows)
     produced = iter(logits)
-    for (probe, take), row in zip(work, rows):
+    for (probe, take), row in zip(work, rows, strict=True):
         probe.num_cached += take
         if row.samplers:
             probe.positions.append(row.end - 1)
             probe.rows.append(next(produced).float())
 
 
-def _reference_logits(runner, prompt_ids: list[int], mm_inputs: dict | None, first_row: int) -> tuple[torch.Tensor, str | None]:
+def _reference_logits(
+    runner, prompt_ids: list[int], mm_inputs: dict | None, first_row: int
+) -> tuple[torch.Tensor, str | None]:
     """The model's own forward over the whole prompt, with its own attention: the logits of
     positions `first_row` on (as fp32). Also watches the masks the model builds for its text
     decoder: one that lets a token see later tokens (bidirectional image or prefix attention) is
@@ -142,7 +162,9 @@ def _reference_logits(runner, prompt_ids: list[int], mm_inputs: dict | None, fir
     fast = config._attn_implementation
     config._attn_implementation = runner.original_attn
     try:
-        out = model(input_ids=torch.tensor([prompt_ids], device=runner.device), use_cache=False, **(mm_inputs or {}))
+        out = model(
+            input_ids=torch.tensor([prompt_ids], device=runner.device), use_cache=False, **(mm_inputs or {})
+        )
     finally:
         config._attn_implementation = fast
         for hook in hooks:
@@ -183,7 +205,9 @@ def compare_logits(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dt
     if dtype == torch.float32:
         scale = expected.abs().max().clamp(min=1.0)
         err = float((expected - actual).abs().max() / scale)
-        return None if err < 1e-4 else f"fast path logits differ from the reference (relative error {err:.2e})"
+        return (
+            None if err < 1e-4 else f"fast path logits differ from the reference (relative error {err:.2e})"
+        )
     cos = torch.nn.functional.cosine_similarity(expected, actual, dim=-1).min()
     # How much lower the reference rates the fast path's choice than its own, against the spread of the row.
     gap = expected.max(-1).values - expected.gather(-1, actual.argmax(-1, keepdim=True)).squeeze(-1)

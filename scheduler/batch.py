@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from models.plan import PlanRow, SampledToken, StepPlan
 from scheduler.blocks import BlockManager
@@ -38,7 +38,9 @@ class BatchConfig:
 
 
 class Batch:
-    def __init__(self, config: BatchConfig, blocks: BlockManager, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: BatchConfig, blocks: BlockManager, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
         self.blocks = blocks
         self._clock = clock
@@ -182,7 +184,10 @@ class Batch:
         if self.num_rows + 1 + len(seq.pending_children) > self.config.max_rows:
             return "full"
         hits, in_flight = blocks.lookup(seq)
-        if wait_for_prefix and 2 * in_flight * blocks.block_size >= seq.num_tokens - len(hits) * blocks.block_size:
+        if (
+            wait_for_prefix
+            and 2 * in_flight * blocks.block_size >= seq.num_tokens - len(hits) * blocks.block_size
+        ):
             return "postponed"
         cost = blocks.cost(seq, hits) + len(seq.pending_children) * blocks.fork_cost(seq)
         reserve = self.config.watermark_blocks if self.running else 0
@@ -276,7 +281,7 @@ class Batch:
         with its draw (a None token means its logits were not finite: the caller fails it)."""
         samples = iter(results)
         drawn: list[tuple[Sequence, SampledToken]] = []
-        for row, seq in zip(plan.rows, self._rows):
+        for row, seq in zip(plan.rows, self._rows, strict=True):
             seq.num_cached = row.end
             seq.last_progress = self._now
             self.blocks.register(seq)

@@ -221,7 +221,9 @@ class BlockManager:
             raise AssertionError(f"free {len(free)} + used {len(held)} != {self.num_blocks} blocks")
         for block in range(self.num_blocks):
             if self._refs[block] != held.get(block, 0):
-                raise AssertionError(f"block {block}: ref count {self._refs[block]}, held by {held.get(block, 0)} tables")
+                raise AssertionError(
+                    f"block {block}: ref count {self._refs[block]}, held by {held.get(block, 0)} tables"
+                )
         for key, block in self._cached.items():
             if self._key_of[block] != key:
                 raise AssertionError(f"cached key of block {block} does not match")

@@ -11,7 +11,15 @@ from models.loader import LoadSpec
 from models.replica import ReplicaConfig
 from scheduler.executor import ExecutorConfig
 
-__all__ = ["ExecutorConfig", "ImageLimits", "LoadSpec", "ReplicaConfig", "SchedulerConfig", "resolve_devices", "set_cpu_threads"]
+__all__ = [
+    "ExecutorConfig",
+    "ImageLimits",
+    "LoadSpec",
+    "ReplicaConfig",
+    "SchedulerConfig",
+    "resolve_devices",
+    "set_cpu_threads",
+]
 
 
 @dataclass(frozen=True)

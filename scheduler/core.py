@@ -15,12 +15,13 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import anyio
 
-from models.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
 from models.devices import trim_host_memory
+from models.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
 from models.images import DecodedImageCache
 from models.params import PromptInput
 from models.prompt import PreparedPrompt, PromptBuilder
@@ -54,7 +55,9 @@ def is_heavy(prompt: PromptInput) -> bool:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, *, on_finished: Callable[[RequestStream], None] | None = None) -> None:
+    def __init__(
+        self, config: SchedulerConfig, *, on_finished: Callable[[RequestStream], None] | None = None
+    ) -> None:
         self.config = config
         self.executors = [
             Executor(f"{i}", device, self._builder_for(device), self._deliver, config.executor)
@@ -91,12 +94,18 @@ class Scheduler:
         if self.draining:
             return
         self.draining = True
-        log.info("shutting down: draining %d in-flight request(s) (up to %.0fs)", len(self._inflight), grace_s)
+        log.info(
+            "shutting down: draining %d in-flight request(s) (up to %.0fs)", len(self._inflight), grace_s
+        )
         with anyio.move_on_after(grace_s):
             while self._inflight:
                 await anyio.sleep(0.05)
         if self._inflight:
-            log.warning("shutdown: %d request(s) still running after %.0fs; stopping them", len(self._inflight), grace_s)
+            log.warning(
+                "shutdown: %d request(s) still running after %.0fs; stopping them",
+                len(self._inflight),
+                grace_s,
+            )
         for executor in self.executors:
             executor.stop()
         await anyio.to_thread.run_sync(self._join_all)
@@ -127,7 +136,13 @@ class Scheduler:
     def replica_stats(self) -> list[dict[str, Any]]:
         stats = []
         for e in self.executors:
-            item = {"name": e.name, "device": e.device, "state": e.state, "outstanding_tokens": e.outstanding_tokens, **e.stats()}
+            item = {
+                "name": e.name,
+                "device": e.device,
+                "state": e.state,
+                "outstanding_tokens": e.outstanding_tokens,
+                **e.stats(),
+            }
             replica = e.replica
             if replica is not None:
                 item["path"] = replica.path
@@ -166,12 +181,16 @@ class Scheduler:
         executor = pick_replica(self.executors, request.n)
         if executor is None:
             self.check_room(request.n)
-            raise OverloadedError("every replica queue is full; retry shortly", retry_after_s=self.retry_after_s())
+            raise OverloadedError(
+                "every replica queue is full; retry shortly", retry_after_s=self.retry_after_s()
+            )
         if request.params.grammar is not None:
             # Compiled off the loop by the replica that will run it: a bad schema is a 400 now, and
             # admission later only copies the cached matcher.
             grammar = request.params.grammar
-            await self._prepare(executor.replica.grammars.validate, grammar, heavy=len(grammar.source) > HEAVY_CHARS)
+            await self._prepare(
+                executor.replica.grammars.validate, grammar, heavy=len(grammar.source) > HEAVY_CHARS
+            )
         if not executor.fits(len(prepared.token_ids), request.params.max_tokens, request.n):
             raise ContextLengthExceededError(
                 f"the prompt ({len(prepared.token_ids)} tokens) plus max_tokens ({request.params.max_tokens}) for "
@@ -199,7 +218,9 @@ class Scheduler:
                 param="prompt",
             )
         if not any(e.has_room(sequences) for e in self.executors if e.is_ready):
-            raise OverloadedError("every replica queue is full; retry shortly", retry_after_s=self.retry_after_s())
+            raise OverloadedError(
+                "every replica queue is full; retry shortly", retry_after_s=self.retry_after_s()
+            )
 
     def retry_after_s(self) -> int:
         """When to come back: the work already accepted (prompt tokens to compute and tokens to
@@ -248,7 +269,9 @@ class Scheduler:
                 )
             max_tokens = params.max_tokens
             if max_tokens > cap:
-                prepared.warnings.append(f"max_tokens {max_tokens} was lowered to this server's limit of {cap} (MAX_NEW_TOKENS_DEFAULT)")
+                prepared.warnings.append(
+                    f"max_tokens {max_tokens} was lowered to this server's limit of {cap} (MAX_NEW_TOKENS_DEFAULT)"
+                )
                 max_tokens = cap
             if max_tokens > room:
                 raise ContextLengthExceededError(
@@ -260,9 +283,14 @@ class Scheduler:
         for token in [*(params.logit_bias or ()), *params.stop_token_ids]:
             if not 0 <= token < vocab:
                 param = "logit_bias" if params.logit_bias and token in params.logit_bias else "stop_token_ids"
-                raise InvalidRequestError(f"token id {token} is outside the vocabulary (0..{vocab - 1})", param=param)
+                raise InvalidRequestError(
+                    f"token id {token} is outside the vocabulary (0..{vocab - 1})", param=param
+                )
         if params.min_tokens > max_tokens:
-            raise InvalidRequestError(f"min_tokens ({params.min_tokens}) is larger than max_tokens ({max_tokens})", param="min_tokens")
+            raise InvalidRequestError(
+                f"min_tokens ({params.min_tokens}) is larger than max_tokens ({max_tokens})",
+                param="min_tokens",
+            )
         return dataclasses.replace(request, params=dataclasses.replace(params, max_tokens=max_tokens))
 
     # -- prompt utilities (apply_template, tokenize, detokenize) ---------------------------------

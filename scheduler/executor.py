@@ -12,8 +12,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from models.devices import DeviceScope, trim_host_memory
 from models.errors import (
@@ -89,7 +89,12 @@ def _sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:
 
 class Executor:
     def __init__(
-        self, name: str, device: str, build: Callable[[], ModelReplica], deliver: Callable[[Delivery], None], config: ExecutorConfig
+        self,
+        name: str,
+        device: str,
+        build: Callable[[], ModelReplica],
+        deliver: Callable[[Delivery], None],
+        config: ExecutorConfig,
     ) -> None:
         self.name = name
         self.device = device
@@ -164,7 +169,12 @@ class Executor:
 
     def stats(self) -> dict:
         """For /health and /metrics (event loop): the batch as of the last step."""
-        return {"running": self.num_running, "queued": self.queue_depth, "steps": self.steps, **self._snapshot}
+        return {
+            "running": self.num_running,
+            "queued": self.queue_depth,
+            "steps": self.steps,
+            **self._snapshot,
+        }
 
     # -- replica thread ------------------------------------------------------------------------
     def _main(self) -> None:
@@ -172,7 +182,9 @@ class Executor:
             with self._scope():
                 self.replica = self._build()
         except BaseException as exc:
-            log.error("replica %s failed to load: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error(
+                "replica %s failed to load: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG)
+            )
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.state = "failed"
             self._fail_inbox(ModelNotReadyError("the model failed to load; see the server log"))
@@ -205,7 +217,9 @@ class Executor:
                 prefill_aging_s=self.config.prefill_aging_s,
                 watermark_blocks=max(1, replica.num_blocks // 100),
             ),
-            BlockManager(replica.num_blocks, replica.block_size, enable_prefix_caching=replica.prefix_caching),
+            BlockManager(
+                replica.num_blocks, replica.block_size, enable_prefix_caching=replica.prefix_caching
+            ),
         )
         self._snapshot = self._batch_figures()
         self.state = "ready"
@@ -219,7 +233,10 @@ class Executor:
             timeout = self.config.batch_timeout_s
             if timeout > 0 and self._inbox and not self.batch.running:
                 deadline = self._inbox[0].enqueued_at + timeout
-                while len(self._inbox) < self.batch.config.max_rows and (remaining := deadline - time.monotonic()) > 0:
+                while (
+                    len(self._inbox) < self.batch.config.max_rows
+                    and (remaining := deadline - time.monotonic()) > 0
+                ):
                     self._cond.wait(remaining)
             return not self._stopping
 
@@ -265,7 +282,12 @@ class Executor:
                 self.batch.add(job.seqs)
             except Exception:
                 log.exception("could not start request %s", job.stream.request_id)
-                self._deliver([(job.stream, i, Delta(finish_reason="error", error=GenerationError(GENERIC_FAILURE))) for i in range(job.n)])
+                self._deliver(
+                    [
+                        (job.stream, i, Delta(finish_reason="error", error=GenerationError(GENERIC_FAILURE)))
+                        for i in range(job.n)
+                    ]
+                )
                 self.num_waiting -= job.n
                 continue
             self._jobs.append(job)
@@ -281,9 +303,16 @@ class Executor:
             image = ImageSpan(first, last, prepared.image_digest)
         return [
             Sequence(
-                prepared.token_ids, max_tokens=params.max_tokens, arrival=job.enqueued_at, group=job, index=index,
+                prepared.token_ids,
+                max_tokens=params.max_tokens,
+                arrival=job.enqueued_at,
+                group=job,
+                index=index,
                 origin=job.stream.request_id,
-                sampler=generation.sampler, output=generation, image=image, mm_inputs=mm_inputs,
+                sampler=generation.sampler,
+                output=generation,
+                image=image,
+                mm_inputs=mm_inputs,
             )
             for index, generation in enumerate(generations)
         ]
@@ -317,7 +346,9 @@ class Executor:
             with self._scope():
                 return runner.execute(plan), {}
         except Exception:
-            log.exception("step failed on replica %s (%d rows); retrying each row alone", self.name, len(plan.rows))
+            log.exception(
+                "step failed on replica %s (%d rows); retrying each row alone", self.name, len(plan.rows)
+            )
         results: list[SampledToken] = []
         failed: dict[int, str] = {}
         for index, row in enumerate(plan.rows):
@@ -365,7 +396,11 @@ class Executor:
                     delivery.append((job.stream, seq.index, delta))
             if not job.finished:
                 still.append(job)
-                waiting += sum(1 for seq in job.seqs if not seq.is_running and not seq.is_finished and not seq.num_generated)
+                waiting += sum(
+                    1
+                    for seq in job.seqs
+                    if not seq.is_running and not seq.is_finished and not seq.num_generated
+                )
         self._jobs = still
         self.num_waiting = waiting
         self.num_running = self.batch.num_rows
@@ -383,7 +418,8 @@ class Executor:
             # Tokens the running sequences hold blocks for (whole prompts are allocated at admission),
             # and the same rounded up to whole blocks: what the blocks in use can be at most.
             "kv_tokens_live": sum(seq.num_tokens for seq in batch.running),
-            "kv_tokens_live_in_blocks": sum(blocks.blocks_for(seq.num_tokens) for seq in batch.running) * blocks.block_size,
+            "kv_tokens_live_in_blocks": sum(blocks.blocks_for(seq.num_tokens) for seq in batch.running)
+            * blocks.block_size,
             "prefix_cache_queries": blocks.query_tokens,
             "prefix_cache_hits": blocks.hit_tokens,
             "preemptions": batch.num_preemptions,
@@ -407,4 +443,3 @@ class Executor:
             self._inbox_sequences = 0
         for job in jobs:
             self._deliver([(job.stream, i, Delta(finish_reason="error", error=error)) for i in range(job.n)])
-

@@ -21,7 +21,16 @@ from models.sampling import TokenLogprob
 if TYPE_CHECKING:
     from models.prompt import PreparedPrompt
 
-__all__ = ["ChoiceUpdate", "EngineRequest", "GrammarSpec", "PromptInput", "RequestStream", "SamplingParams", "StreamUpdate", "TokenLogprob"]
+__all__ = [
+    "ChoiceUpdate",
+    "EngineRequest",
+    "GrammarSpec",
+    "PromptInput",
+    "RequestStream",
+    "SamplingParams",
+    "StreamUpdate",
+    "TokenLogprob",
+]
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class StreamUpdate:
 class RequestStream:
     """Per-request output collector (loop side). Iterate it to receive updates."""
 
-    def __init__(self, request: EngineRequest, prepared: "PreparedPrompt") -> None:
+    def __init__(self, request: EngineRequest, prepared: PreparedPrompt) -> None:
         self.request = request
         self.request_id = request.request_id
         self.prompt_tokens = len(prepared.token_ids)
@@ -71,7 +80,15 @@ class RequestStream:
         self._on_cancel: Any = None
 
     # -- replica -> loop -----------------------------------------------------------------------
-    def push(self, index: int, text: str, token_ids: list[int], logprobs: list[TokenLogprob], finish_reason: str | None, error: EngineError | None) -> None:
+    def push(
+        self,
+        index: int,
+        text: str,
+        token_ids: list[int],
+        logprobs: list[TokenLogprob],
+        finish_reason: str | None,
+        error: EngineError | None,
+    ) -> None:
         update = self._pending.get(index)
         if update is None:
             update = self._pending[index] = ChoiceUpdate(index)
@@ -95,7 +112,7 @@ class RequestStream:
         return not self._open_choices
 
     # -- reader --------------------------------------------------------------------------------
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> StreamUpdate:

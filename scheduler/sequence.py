@@ -29,9 +29,27 @@ class Sequence:
     `num_cached` of them have keys and values in the blocks of `block_table`."""
 
     __slots__ = (
-        "seq_id", "group", "index", "token_ids", "num_prompt_tokens", "max_tokens", "num_cached",
-        "block_table", "block_keys", "pending_end", "pending_children", "last_progress", "is_running", "is_finished", "arrival",
-        "sampler", "output", "image", "mm_inputs", "origin", "_keys_cache",
+        "seq_id",
+        "group",
+        "index",
+        "token_ids",
+        "num_prompt_tokens",
+        "max_tokens",
+        "num_cached",
+        "block_table",
+        "block_keys",
+        "pending_end",
+        "pending_children",
+        "last_progress",
+        "is_running",
+        "is_finished",
+        "arrival",
+        "sampler",
+        "output",
+        "image",
+        "mm_inputs",
+        "origin",
+        "_keys_cache",
     )
 
     def __init__(

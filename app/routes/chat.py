@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
+from app.errors import status_of
+from app.routes import ERROR_RESPONSES
 from app.schemas.chat import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse
 from app.schemas.common import ChoiceLogprobs, PromptTokensDetails, Usage
-from app.services import SYSTEM_FINGERPRINT, RequestTracker, log_ignored_fields, new_request_id, services, strict_body, warning_headers
+from app.services import (
+    SYSTEM_FINGERPRINT,
+    RequestTracker,
+    log_ignored_fields,
+    new_request_id,
+    services,
+    strict_body,
+    warning_headers,
+)
 from app.streaming import ChoiceResult, chat_event_stream, collect, logprobs_payload, now
 from app.tool_calls import ToolCallParser, finish_reason_for, parse_message, parser_factory
-from app.errors import status_of
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -44,7 +52,13 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     tool_parser = parser_factory(data)
 
     if data.stream:
-        base = {"id": request_id, "object": "chat.completion.chunk", "created": now(), "model": model, "system_fingerprint": SYSTEM_FINGERPRINT}
+        base = {
+            "id": request_id,
+            "object": "chat.completion.chunk",
+            "created": now(),
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
         def on_done(finished_stream, error):
@@ -52,7 +66,9 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
             status = status_of(error) if error else 499 if finished_stream.cancelled else 200
             tracker.finish(status, finished_stream, error.message if error else None)
 
-        events = chat_event_stream(stream, base=base, include_usage=include_usage, on_done=on_done, tool_parser=tool_parser)
+        events = chat_event_stream(
+            stream, base=base, include_usage=include_usage, on_done=on_done, tool_parser=tool_parser
+        )
         return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
     collected = await collect(request, stream)
@@ -69,7 +85,9 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         prompt_tokens=stream.prompt_tokens,
         completion_tokens=stream.completion_tokens,
         total_tokens=stream.prompt_tokens + stream.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(image_tokens=stream.num_image_tokens) if stream.num_image_tokens else None,
+        prompt_tokens_details=PromptTokensDetails(image_tokens=stream.num_image_tokens)
+        if stream.num_image_tokens
+        else None,
     )
     body = ChatCompletionResponse(
         id=request_id,
@@ -84,7 +102,9 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     return Response(body, headers=headers or None)
 
 
-def _message(choice: ChoiceResult, tool_parser: Callable[[], ToolCallParser] | None) -> tuple[AssistantMessage, str | None]:
+def _message(
+    choice: ChoiceResult, tool_parser: Callable[[], ToolCallParser] | None
+) -> tuple[AssistantMessage, str | None]:
     if tool_parser is None:
         return AssistantMessage(content=choice.text), choice.finish_reason
     parsed = parse_message(choice.text, tool_parser())

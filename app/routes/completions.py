@@ -9,13 +9,15 @@ computed by the engine, so with `echo` the logprobs cover the generated tokens o
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
+from app.errors import status_of
+from app.routes import ERROR_RESPONSES
 from app.schemas.common import Usage
 from app.schemas.completions import (
     CompletionChoice,
@@ -24,16 +26,15 @@ from app.schemas.completions import (
     CompletionResponse,
 )
 from app.services import (
-    log_ignored_fields,
     SYSTEM_FINGERPRINT,
     RequestTracker,
     Services,
+    log_ignored_fields,
     new_request_id,
     services,
     strict_body,
     warning_headers,
 )
-from app.errors import status_of
 from app.streaming import DONE, collect, now, sse, stream_error_payload, stream_failure
 from scheduler.errors import EngineError
 from scheduler.request import EngineRequest, RequestStream, TokenLogprob
@@ -106,7 +107,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
 
     choices: list[CompletionChoice] = []
     try:
-        for p, (stream, echo) in enumerate(zip(streams, echoes)):
+        for p, (stream, echo) in enumerate(zip(streams, echoes, strict=True)):
             collected = await collect(request, stream)
             if collected.disconnected:
                 record(499)
@@ -176,7 +177,7 @@ def _logprobs(entries: list[TokenLogprob], offset: int) -> tuple[CompletionLogpr
     choice's text. Returns the offset after the last token, for the next stream chunk."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for entry in entries:
-        top = {text: logprob for text, (_, logprob) in zip(entry.top_tokens or [], entry.top)}
+        top = {text: logprob for text, (_, logprob) in zip(entry.top_tokens or [], entry.top, strict=False)}
         top.setdefault(entry.token, entry.logprob)  # OpenAI always includes the sampled token
         tokens.append(entry.token)
         token_logprobs.append(entry.logprob)
@@ -201,7 +202,7 @@ async def _event_stream(
     them generate at once in the engine, and later ones' text waits, coalesced, until read."""
     error: EngineError | None = None
     try:
-        for p, (stream, echo) in enumerate(zip(streams, echoes)):
+        for p, (stream, echo) in enumerate(zip(streams, echoes, strict=True)):
             offsets = [len(echo)] * n
             if echo:
                 empty = _logprobs([], 0)[0] if want_logprobs else None

@@ -7,12 +7,12 @@ are the ones the product documents.
 from __future__ import annotations
 
 from litestar import Litestar, MediaType, Request, Response, Router
-from litestar.openapi.spec import OpenAPIMediaType, Schema
 from litestar.openapi.plugins import JsonRenderPlugin, RedocRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import OpenAPIMediaType, Schema
 
-from app.routes import get_or_head
 from app.auth import require_api_key
 from app.errors import error_body, error_response
+from app.routes import get_or_head
 
 SCHEMA_PATH = "/schema"
 SWAGGER = SwaggerRenderPlugin(path="/swagger")
@@ -24,17 +24,35 @@ def _schema(request: Request) -> dict:
     return request.app.openapi_schema.to_schema()
 
 
-@get_or_head("/docs", guards=[require_api_key], include_in_schema=False, media_type=MediaType.HTML, sync_to_thread=False)
+@get_or_head(
+    "/docs",
+    guards=[require_api_key],
+    include_in_schema=False,
+    media_type=MediaType.HTML,
+    sync_to_thread=False,
+)
 def swagger_ui(request: Request) -> Response[bytes]:
     return Response(SWAGGER.render(request, _schema(request)), media_type=MediaType.HTML)
 
 
-@get_or_head("/redoc", guards=[require_api_key], include_in_schema=False, media_type=MediaType.HTML, sync_to_thread=False)
+@get_or_head(
+    "/redoc",
+    guards=[require_api_key],
+    include_in_schema=False,
+    media_type=MediaType.HTML,
+    sync_to_thread=False,
+)
 def redoc_ui(request: Request) -> Response[bytes]:
     return Response(REDOC.render(request, _schema(request)), media_type=MediaType.HTML)
 
 
-@get_or_head("/openapi.json", guards=[require_api_key], include_in_schema=False, media_type=MediaType.JSON, sync_to_thread=False)
+@get_or_head(
+    "/openapi.json",
+    guards=[require_api_key],
+    include_in_schema=False,
+    media_type=MediaType.JSON,
+    sync_to_thread=False,
+)
 def openapi_json(request: Request) -> Response[bytes]:
     return Response(JSON_SCHEMA.render(request, _schema(request)), media_type=MediaType.JSON)
 

@@ -6,12 +6,12 @@ import time
 
 from litestar import Request, Response, post
 
-from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
+from app.errors import status_of
+from app.routes import ERROR_RESPONSES
 from app.schemas.generate import GenerateRequest, GenerateResponse
 from app.services import RequestTracker, new_request_id, services, strict_body, warning_headers
 from app.streaming import collect
-from app.errors import status_of
 
 
 @post(

@@ -26,7 +26,12 @@ def _health(request: Request) -> Response[HealthResponse]:
     return Response(body, status_code=200 if status == "ready" else 503)
 
 
-@get_or_head(["/health", "/health/ready"], tags=["Health"], summary="Readiness: 200 when every replica serves, else 503", cache=False)
+@get_or_head(
+    ["/health", "/health/ready"],
+    tags=["Health"],
+    summary="Readiness: 200 when every replica serves, else 503",
+    cache=False,
+)
 async def health(request: Request) -> Response[HealthResponse]:
     return _health(request)
 
@@ -36,6 +41,8 @@ async def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@get_or_head("/metrics", tags=["Health"], summary="Prometheus metrics", media_type=MediaType.TEXT, cache=False)
+@get_or_head(
+    "/metrics", tags=["Health"], summary="Prometheus metrics", media_type=MediaType.TEXT, cache=False
+)
 async def metrics(request: Request) -> Response[bytes]:
     return Response(services(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from litestar import Request, post
 
-from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
+from app.routes import ERROR_RESPONSES
 from app.schemas.templates import ApplyTemplateRequest, ApplyTemplateResponse
 from app.services import services, strict_body
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from litestar import Request, Response, post
 
-from app.routes import ERROR_RESPONSES
 from app.auth import SECURITY_REQUIREMENT, require_api_key
+from app.routes import ERROR_RESPONSES
 from app.schemas.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from app.services import services, strict_body, warning_headers
 

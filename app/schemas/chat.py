@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -51,7 +51,7 @@ class RefusalPart(msgspec.Struct, tag_field="type", tag="refusal"):
     refusal: str
 
 
-ContentPart = Union[TextPart, ImageUrlPart, InputAudioPart, FilePart, RefusalPart]
+ContentPart = TextPart | ImageUrlPart | InputAudioPart | FilePart | RefusalPart
 
 
 class FunctionCall(msgspec.Struct):
@@ -121,9 +121,13 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: Annotated[
-        dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]], msgspec.Meta(max_length=MAX_LOGIT_BIAS)
-    ] | None = None
+    logit_bias: (
+        Annotated[
+            dict[str, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]],
+            msgspec.Meta(max_length=MAX_LOGIT_BIAS),
+        ]
+        | None
+    ) = None
     user: str | None = None
 
     top_k: Annotated[int, msgspec.Meta(ge=-1)] | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 
@@ -11,7 +11,7 @@ from app.schemas.common import Usage
 
 # A string, a list of strings, a list of token ids or a list of such lists. msgspec allows one
 # array type per union, so the element union is checked for consistency in translate.
-PromptElement = Union[str, int, list[int]]
+PromptElement = str | int | list[int]
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

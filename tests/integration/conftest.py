@@ -72,11 +72,16 @@ SERVER_SPECS: dict[str, ServerSpec] = {
         model_name=TEXT_MODEL_NAME,
         api_key=TEXT_API_KEY,
         flags=(
-            "--model-name", TEXT_MODEL_NAME,
-            "--api-key", TEXT_API_KEY,
-            "--default-max-tokens", str(TEXT_DEFAULT_MAX_TOKENS),
-            "--dtype", "fp32",
-            "--progress", "true",
+            "--model-name",
+            TEXT_MODEL_NAME,
+            "--api-key",
+            TEXT_API_KEY,
+            "--default-max-tokens",
+            str(TEXT_DEFAULT_MAX_TOKENS),
+            "--dtype",
+            "fp32",
+            "--progress",
+            "true",
         ),
         env={
             "MODEL_NAME": TEXT_MODEL_NAME_ENV,
@@ -147,12 +152,18 @@ class Server:
 
     def openai(self, api_key: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(
-            base_url=f"{self.base_url}/v1", api_key=api_key or self.api_key or "EMPTY", max_retries=0, timeout=REQUEST_TIMEOUT_S
+            base_url=f"{self.base_url}/v1",
+            api_key=api_key or self.api_key or "EMPTY",
+            max_retries=0,
+            timeout=REQUEST_TIMEOUT_S,
         )
 
     def async_openai(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
-            base_url=f"{self.base_url}/v1", api_key=self.api_key or "EMPTY", max_retries=0, timeout=REQUEST_TIMEOUT_S
+            base_url=f"{self.base_url}/v1",
+            api_key=self.api_key or "EMPTY",
+            max_retries=0,
+            timeout=REQUEST_TIMEOUT_S,
         )
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
@@ -187,10 +198,25 @@ def launch(name: str, spec: ServerSpec, cache_dir: Path, log_dir: Path) -> Serve
     env.update(CACHE_DIR=str(cache_dir), MODEL_PATH=spec.model_path, **spec.env)
     log_path = log_dir / f"{name}.log"
     optimize = ["-O"] * sys.flags.optimize  # a suite run under -O runs its servers under -O too
-    command = [sys.executable, *optimize, "entrypoint.py", "--host", "127.0.0.1", "--port", str(port), *spec.flags]
+    command = [
+        sys.executable,
+        *optimize,
+        "entrypoint.py",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *spec.flags,
+    ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     return Server(name, f"http://127.0.0.1:{port}", spec.api_key, spec.model_name, process, log_path)
 
@@ -202,7 +228,9 @@ def wait_ready(server: Server, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
     with httpx.Client(timeout=2.0) as client:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
-                raise RuntimeError(f"{server.name} exited with code {server.process.returncode} before it was ready")
+                raise RuntimeError(
+                    f"{server.name} exited with code {server.process.returncode} before it was ready"
+                )
             try:
                 response = client.get(f"{server.base_url}/health")
                 last = f"{response.status_code} {response.text[:200]}"
@@ -225,7 +253,9 @@ def stop(server: Server) -> None:
     except ProcessLookupError:
         pass
     except subprocess.TimeoutExpired:
-        print(f"\n[{server.name}] did not stop within {STOP_TIMEOUT_S:.0f}s; killing. Log tail:\n{server.log_tail()}")
+        print(
+            f"\n[{server.name}] did not stop within {STOP_TIMEOUT_S:.0f}s; killing. Log tail:\n{server.log_tail()}"
+        )
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -264,19 +294,25 @@ class Launcher:
             stop(server)
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
     here = Path(__file__).parent
     for item in items:
         if here in Path(item.path).parents:
             item.add_marker(pytest.mark.integration)
-    config.stash[_NEEDED] = {name for item in items for name in getattr(item, "fixturenames", ()) if name in SERVER_SPECS}
+    config.stash[_NEEDED] = {
+        name for item in items for name in getattr(item, "fixturenames", ()) if name in SERVER_SPECS
+    }
 
 
 _NEEDED = pytest.StashKey[set]()
 
 
 @pytest.fixture(scope="session")
-def server_launcher(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+def server_launcher(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Launcher]:
     launcher = Launcher(
         request.config.stash.get(_NEEDED, set()),
         cache_dir=tmp_path_factory.mktemp("model-cache"),

@@ -38,7 +38,9 @@ def assert_openai_error(
 
     `param=...` (the default) leaves `param` unchecked; `param=None` requires it to be null.
     """
-    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text[:500]}"
+    assert response.status_code == status, (
+        f"expected {status}, got {response.status_code}: {response.text[:500]}"
+    )
     assert response.headers.get("content-type", "").startswith("application/json"), response.headers
     assert "<html" not in response.text.lower()
     assert_no_trace(response.text)
@@ -68,14 +70,21 @@ def png_data_url(size: tuple[int, int] = (32, 32), color: tuple[int, int, int] =
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", size, color)
-    ImageDraw.Draw(image).rectangle((size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2), fill=(10, 220, 10))
+    ImageDraw.Draw(image).rectangle(
+        (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2), fill=(10, 220, 10)
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def image_message(text: str, url: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}],
+        }
+    ]
 
 
 def text_parts_message(text: str) -> list[dict[str, Any]]:

@@ -52,7 +52,9 @@ def _call(client: httpx.Client, method: str, path: str, body: Any, headers: dict
 
 
 @pytest.mark.parametrize("method, path, body", PROTECTED, ids=[f"{m} {p}" for m, p, _ in PROTECTED])
-def test_protected_route_refuses_bad_credentials(text_server: Server, method: str, path: str, body: Any) -> None:
+def test_protected_route_refuses_bad_credentials(
+    text_server: Server, method: str, path: str, body: Any
+) -> None:
     with httpx.Client(base_url=text_server.base_url, timeout=60) as client:
         for label, headers in _credentials(text_server.api_key).items():
             response = _call(client, method, path, body, headers)
@@ -87,7 +89,9 @@ def test_docs_are_html_and_schema_is_json(text_server: Server) -> None:
             assert "<html" in response.text.lower(), path
         for path in ("/openapi.json", "/schema/openapi.json"):
             response = client.get(path)
-            assert "json" in response.headers["content-type"], path  # Litestar: application/vnd.oai.openapi+json
+            assert "json" in response.headers["content-type"], (
+                path
+            )  # Litestar: application/vnd.oai.openapi+json
             assert response.json()["openapi"].startswith("3."), path
 
 
@@ -96,7 +100,11 @@ def test_openapi_declares_bearer_security(text_server: Server) -> None:
         schema = client.get("/openapi.json").json()
     assert schema["info"]["title"] == f"{TEXT_MODEL_NAME} - Docomentsio"
     schemes = schema["components"]["securitySchemes"]
-    bearer = [name for name, s in schemes.items() if s.get("type") == "http" and s.get("scheme", "").lower() == "bearer"]
+    bearer = [
+        name
+        for name, s in schemes.items()
+        if s.get("type") == "http" and s.get("scheme", "").lower() == "bearer"
+    ]
     assert bearer, schemes
     for path, method in [("/v1/chat/completions", "post"), ("/v1/models", "get")]:
         security = schema["paths"][path][method].get("security") or schema.get("security")
@@ -107,7 +115,9 @@ def test_openapi_declares_bearer_security(text_server: Server) -> None:
 
 def test_openai_client_wrong_key_raises_authentication_error(text_server: Server) -> None:
     with pytest.raises(openai.AuthenticationError) as caught:
-        text_server.openai(api_key="wrong").chat.completions.create(model=TEXT_MODEL_NAME, messages=user(), max_tokens=1)
+        text_server.openai(api_key="wrong").chat.completions.create(
+            model=TEXT_MODEL_NAME, messages=user(), max_tokens=1
+        )
     assert caught.value.status_code == 401
     assert caught.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):

@@ -84,7 +84,9 @@ def test_stream_include_usage(text_server: Server) -> None:
     _assert_usage(last.usage, max_tokens=9)
     assert all(c.usage is None for c in chunks[:-1])
     # Same prompt, same prompt-token count as a non-streamed request.
-    plain = client.chat.completions.create(model=text_server.model_name, messages=user("Count to ten"), max_tokens=1)
+    plain = client.chat.completions.create(
+        model=text_server.model_name, messages=user("Count to ten"), max_tokens=1
+    )
     assert plain.usage.prompt_tokens == last.usage.prompt_tokens
 
 
@@ -121,9 +123,15 @@ def test_greedy_is_deterministic(text_server: Server) -> None:
 
 def test_greedy_stream_matches_non_stream(text_server: Server) -> None:
     client = text_server.openai()
-    kwargs = dict(model=text_server.model_name, messages=user("The weather today"), max_tokens=16, temperature=0)
+    kwargs = dict(
+        model=text_server.model_name, messages=user("The weather today"), max_tokens=16, temperature=0
+    )
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(stream=True, **kwargs)
+        if c.choices
+    )
     assert streamed == whole
 
 
@@ -132,7 +140,11 @@ def test_seed_makes_sampling_reproducible(text_server: Server) -> None:
 
     def run(seed: int) -> str:
         completion = client.chat.completions.create(
-            model=text_server.model_name, messages=user("Pick some words"), max_tokens=16, temperature=1.0, seed=seed
+            model=text_server.model_name,
+            messages=user("Pick some words"),
+            max_tokens=16,
+            temperature=1.0,
+            seed=seed,
         )
         return completion.choices[0].message.content
 
@@ -154,9 +166,13 @@ def test_max_tokens_is_clamped_to_server_default(text_server: Server) -> None:
 
 def test_stop_string_truncates_output(text_server: Server) -> None:
     client = text_server.openai()
-    kwargs = dict(model=text_server.model_name, messages=user("Say something long"), max_tokens=24, temperature=0)
+    kwargs = dict(
+        model=text_server.model_name, messages=user("Say something long"), max_tokens=24, temperature=0
+    )
     full = client.chat.completions.create(**kwargs).choices[0].message.content
-    words = [m for m in re.finditer(r"[A-Za-z]{3,}", full) if m.start() > 0 and full.find(m.group()) == m.start()]
+    words = [
+        m for m in re.finditer(r"[A-Za-z]{3,}", full) if m.start() > 0 and full.find(m.group()) == m.start()
+    ]
     if not words:
         pytest.skip(f"greedy output has no usable stop word: {full!r}")
     stop = words[0].group()
@@ -167,7 +183,12 @@ def test_stop_string_truncates_output(text_server: Server) -> None:
 
 def test_logprobs(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.create(
-        model=text_server.model_name, messages=user(), max_tokens=5, logprobs=True, top_logprobs=3, temperature=0
+        model=text_server.model_name,
+        messages=user(),
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=3,
+        temperature=0,
     )
     content = completion.choices[0].logprobs.content
     assert len(content) == completion.usage.completion_tokens
@@ -211,7 +232,11 @@ def test_async_client_concurrent_requests(text_server: Server) -> None:
         async def one(i: int) -> None:
             if i % 2:
                 stream = await client.chat.completions.create(
-                    model=text_server.model_name, messages=user(f"request {i}"), max_tokens=6, temperature=0, stream=True
+                    model=text_server.model_name,
+                    messages=user(f"request {i}"),
+                    max_tokens=6,
+                    temperature=0,
+                    stream=True,
                 )
                 results[i] = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
             else:

@@ -73,10 +73,14 @@ def test_several_prompts_with_n_under_load_all_answer(text_server: Server) -> No
         common = {"model": text_server.model_name, "temperature": 0.7, "extra_body": {"ignore_eos": True}}
 
         async def wide(key: str) -> None:
-            results[key] = await client.completions.create(prompt=[f"prompt {i} " * 5 for i in range(4)], n=4, max_tokens=6, **common)
+            results[key] = await client.completions.create(
+                prompt=[f"prompt {i} " * 5 for i in range(4)], n=4, max_tokens=6, **common
+            )
 
         async def chat(key: str) -> None:
-            results[key] = await client.chat.completions.create(messages=user(f"chat {key}"), max_tokens=12, **common)
+            results[key] = await client.chat.completions.create(
+                messages=user(f"chat {key}"), max_tokens=12, **common
+            )
 
         with anyio.fail_after(120):
             async with anyio.create_task_group() as tg:
@@ -123,10 +127,12 @@ def test_logprobs_shape(text_server: Server, echo: bool) -> None:
     lists = (logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, logprobs.text_offset)
     assert [len(values) for values in lists] == [5] * 4
     assert all(isinstance(lp, float) and lp <= 0.0 for lp in logprobs.token_logprobs)
-    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+    for token, logprob, top in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=False
+    ):
         assert 1 <= len(top) <= 4 and top[token] == pytest.approx(logprob)
     assert logprobs.text_offset[0] == (len(prompt) if echo else 0)
-    steps = [b - a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:])]
+    steps = [b - a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:], strict=False)]
     assert steps == [len(t) for t in logprobs.tokens[:-1]]
 
 

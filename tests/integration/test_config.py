@@ -8,7 +8,13 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import MAX_BODY_BYTES, TEXT_API_KEY_ENV, TEXT_MODEL_NAME, TEXT_MODEL_NAME_ENV, Server
+from tests.integration.conftest import (
+    MAX_BODY_BYTES,
+    TEXT_API_KEY_ENV,
+    TEXT_MODEL_NAME,
+    TEXT_MODEL_NAME_ENV,
+    Server,
+)
 from tests.integration.helpers import assert_openai_error, chat_body, user
 
 
@@ -79,6 +85,8 @@ def test_omitted_model_is_the_served_model(text_server: Server) -> None:
 
 
 def test_right_model_name_works(text_server: Server) -> None:
-    completion = text_server.openai().chat.completions.create(model=TEXT_MODEL_NAME, messages=user(), max_tokens=2)
+    completion = text_server.openai().chat.completions.create(
+        model=TEXT_MODEL_NAME, messages=user(), max_tokens=2
+    )
     assert completion.model == TEXT_MODEL_NAME
     assert completion.choices[0].message.content is not None

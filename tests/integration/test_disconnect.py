@@ -23,7 +23,9 @@ def _busy(client: httpx.Client) -> int:
 
 
 def _count_499(client: httpx.Client) -> float:
-    match = re.search(r'^docoserve_requests_total\{endpoint="chat",status="499"\} (\S+)$', client.get("/metrics").text, re.M)
+    match = re.search(
+        r'^docoserve_requests_total\{endpoint="chat",status="499"\} (\S+)$', client.get("/metrics").text, re.M
+    )
     return float(match.group(1)) if match else 0.0
 
 
@@ -56,7 +58,9 @@ def test_stream_disconnect_frees_the_slot(idle_vlm: Server) -> None:
             assert _busy(client) == 1
         # The connection is closed mid-stream: the row leaves the batch at the next step.
         assert _wait_until(lambda: _busy(client) == 0), "a cancelled stream kept its slot"
-        assert _wait_until(lambda: _count_499(client) >= before + 1), "a cancelled stream was not counted as 499"
+        assert _wait_until(lambda: _count_499(client) >= before + 1), (
+            "a cancelled stream was not counted as 499"
+        )
 
 
 def test_non_streamed_disconnect_frees_the_slot(idle_vlm: Server) -> None:
@@ -74,7 +78,9 @@ def test_non_streamed_disconnect_frees_the_slot(idle_vlm: Server) -> None:
         before = _count_499(client)
         anyio.run(abandon)
         assert _wait_until(lambda: _busy(client) == 0), "an abandoned request kept its slot"
-        assert _wait_until(lambda: _count_499(client) >= before + 1), "an abandoned request was not counted as 499"
+        assert _wait_until(lambda: _count_499(client) >= before + 1), (
+            "an abandoned request was not counted as 499"
+        )
 
 
 def test_a_hundred_client_timeouts_leave_nothing_running(idle_vlm: Server) -> None:

@@ -10,7 +10,13 @@ import openai
 import pytest
 
 from tests.integration.conftest import MAX_BODY_BYTES, Server
-from tests.integration.helpers import assert_no_trace, assert_openai_error, image_message, png_data_url, sse_chunks, user
+from tests.integration.helpers import (
+    assert_no_trace,
+    assert_openai_error,
+    image_message,
+    png_data_url,
+    user,
+)
 
 ANY = ...  # leave `param` unchecked
 
@@ -54,7 +60,14 @@ CASES = [
     ),
     Case(
         "unsupported content part",
-        {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+                }
+            ]
+        },
         400,
         param="messages[0].content",
     ),
@@ -63,11 +76,29 @@ CASES = [
     Case("stop_token_ids out of vocabulary", _chat(stop_token_ids=[-1]), 400, param="stop_token_ids"),
     Case("min_tokens above max_tokens", _chat(min_tokens=100, max_tokens=2), 400, param="min_tokens"),
     Case("seed wider than 64 bits", _chat(seed=2**70), 400, param="seed"),
-    Case("max_tokens beyond context", _chat(max_tokens=100_000), 400, code="context_length_exceeded", param="max_tokens"),
+    Case(
+        "max_tokens beyond context",
+        _chat(max_tokens=100_000),
+        400,
+        code="context_length_exceeded",
+        param="max_tokens",
+    ),
     Case("wrong model", _chat(model="nope"), 404, code="model_not_found", param="model"),
     Case("generate without inputs", {"parameters": {}}, 400, param="inputs", path="/generate"),
-    Case("generate seed wider than 64 bits", {"inputs": "hi", "parameters": {"seed": -(2**70)}}, 400, param="parameters.seed", path="/generate"),
-    Case("generate temperature", {"inputs": "hi", "parameters": {"temperature": -1}}, 400, param="parameters.temperature", path="/generate"),
+    Case(
+        "generate seed wider than 64 bits",
+        {"inputs": "hi", "parameters": {"seed": -(2**70)}},
+        400,
+        param="parameters.seed",
+        path="/generate",
+    ),
+    Case(
+        "generate temperature",
+        {"inputs": "hi", "parameters": {"temperature": -1}},
+        400,
+        param="parameters.temperature",
+        path="/generate",
+    ),
     Case("apply_template empty messages", {"messages": []}, 400, param="messages", path="/v1/apply_template"),
     Case("unknown route", None, 404, code="not_found", path="/v1/completions-nope", method="GET"),
     Case("unknown POST route", {"x": 1}, 404, code="not_found", path="/v2/chat/completions"),
@@ -77,32 +108,85 @@ CASES = [
     # Once 500s (issue: reliability), and client faults the OpenAI API rejects.
     Case("top_p zero with sampling", _chat(top_p=0, temperature=1.0), 400, param="top_p"),
     Case("top_p zero greedy", _chat(top_p=0, temperature=0), 400, param="top_p"),
-    Case("invalid UTF-8 in a string", b'{"messages": [{"role": "user", "content": "hi \xff\xfe"}]}', 400, param=None),
-    Case("JSON nested 1000 deep", b'{"messages": [{"role": "user", "content": "hi"}], "tools": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400),
-    Case("object nested 1000 deep", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": ' + b'{"a":' * 1000 + b"1" + b"}" * 1001, 400),
+    Case(
+        "invalid UTF-8 in a string",
+        b'{"messages": [{"role": "user", "content": "hi \xff\xfe"}]}',
+        400,
+        param=None,
+    ),
+    Case(
+        "JSON nested 1000 deep",
+        b'{"messages": [{"role": "user", "content": "hi"}], "tools": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        400,
+    ),
+    Case(
+        "object nested 1000 deep",
+        b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": '
+        + b'{"a":' * 1000
+        + b"1"
+        + b"}" * 1001,
+        400,
+    ),
     Case("max_tokens as a string", _chat(max_tokens="10"), 400, param="max_tokens"),
     Case("stream as a string", _chat(stream="true"), 400, param="stream"),
     Case("n as a float", _chat(n=2.0), 400, param="n"),
     Case("too many stop_token_ids", _chat(stop_token_ids=list(range(5000))), 400, param="stop_token_ids"),
     Case("a stop string too long", _chat(stop="x" * 5000), 400, param="stop"),
-    Case("too many logit_bias entries", _chat(logit_bias={str(i): 1 for i in range(2000)}), 400, param="logit_bias"),
-    Case("too many tools", _chat(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(200)]), 400, param="tools"),
+    Case(
+        "too many logit_bias entries",
+        _chat(logit_bias={str(i): 1 for i in range(2000)}),
+        400,
+        param="logit_bias",
+    ),
+    Case(
+        "too many tools",
+        _chat(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(200)]),
+        400,
+        param="tools",
+    ),
     Case(
         "tools schema too big",
-        _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "description": "x" * 300_000}}}]),
+        _chat(
+            tools=[
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "description": "x" * 300_000}},
+                }
+            ]
+        ),
         400,
         param="tools",
     ),
     Case("generate stream", {"inputs": "hi", "stream": True}, 400, param="stream", path="/generate"),
-    Case("completions max_tokens as a string", {"prompt": "hi", "max_tokens": "4"}, 400, param="max_tokens", path="/v1/completions"),
-    Case("too many prompts", {"prompt": ["p"] * 65, "max_tokens": 1}, 400, param="prompt", path="/v1/completions"),
-    Case("prompts x n beyond the queue", {"prompt": ["p"] * 64, "n": 16, "max_tokens": 1}, 400, param="prompt", path="/v1/completions"),
+    Case(
+        "completions max_tokens as a string",
+        {"prompt": "hi", "max_tokens": "4"},
+        400,
+        param="max_tokens",
+        path="/v1/completions",
+    ),
+    Case(
+        "too many prompts",
+        {"prompt": ["p"] * 65, "max_tokens": 1},
+        400,
+        param="prompt",
+        path="/v1/completions",
+    ),
+    Case(
+        "prompts x n beyond the queue",
+        {"prompt": ["p"] * 64, "n": 16, "max_tokens": 1},
+        400,
+        param="prompt",
+        path="/v1/completions",
+    ),
 ]
 
 
 def _send(client: httpx.Client, case: Case) -> httpx.Response:
     if isinstance(case.body, bytes):
-        return client.request(case.method, case.path, content=case.body, headers={"Content-Type": "application/json"})
+        return client.request(
+            case.method, case.path, content=case.body, headers={"Content-Type": "application/json"}
+        )
     if case.body is None:
         return client.request(case.method, case.path)
     return client.request(case.method, case.path, json=case.body)
@@ -141,7 +225,9 @@ def test_context_length_exceeded_by_prompt(text_server: Server) -> None:
 def test_body_over_limit_is_413(text_server: Server) -> None:
     body = b'{"messages": [{"role": "user", "content": "' + b"a" * (MAX_BODY_BYTES + 1) + b'"}]}'
     with text_server.http() as client:
-        response = client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+        response = client.post(
+            "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
     assert_openai_error(response, 413, code="request_too_large")
 
 
@@ -155,7 +241,9 @@ def test_chunked_body_over_limit_is_413(text_server: Server) -> None:
         yield b'"}]}'
 
     with text_server.http() as client:
-        response = client.post("/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        response = client.post(
+            "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}
+        )
     assert_openai_error(response, 413, code="request_too_large")
 
 
@@ -179,11 +267,23 @@ def test_streaming_request_errors_before_the_stream_are_plain_json(text_server: 
 # Requests that once failed deep inside the server (a 500 with the engine's exception) although the
 # fault was the client's. A 500 must never leak a trace either way.
 HOSTILE_VLM = [
-    ("image payload not base64", {"messages": image_message("x", "data:image/png;base64,@@@"), "max_tokens": 2}),
+    (
+        "image payload not base64",
+        {"messages": image_message("x", "data:image/png;base64,@@@"), "max_tokens": 2},
+    ),
     ("image URL with file scheme", {"messages": image_message("x", "file:///etc/passwd"), "max_tokens": 2}),
     ("image URL on loopback", {"messages": image_message("x", "http://127.0.0.1:9/a.png"), "max_tokens": 2}),
-    ("two images, second bad", {"messages": image_message("x", png_data_url()) + image_message("y", "ftp://x/y.png"), "max_tokens": 2}),
-    ("seed above uint64", {"messages": image_message("x", png_data_url()), "max_tokens": 2, "seed": 2**64 + 5}),
+    (
+        "two images, second bad",
+        {
+            "messages": image_message("x", png_data_url()) + image_message("y", "ftp://x/y.png"),
+            "max_tokens": 2,
+        },
+    ),
+    (
+        "seed above uint64",
+        {"messages": image_message("x", png_data_url()), "max_tokens": 2, "seed": 2**64 + 5},
+    ),
 ]
 
 
@@ -204,7 +304,12 @@ def test_server_errors_never_carry_a_trace(text_server: Server) -> None:
         _chat(chat_template_kwargs={"messages": 5}),
         _chat(top_k=2**62, max_tokens=1),
         {"messages": [{"role": "tool", "content": None}], "max_tokens": 1},
-        {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}], "max_tokens": 1},
+        {
+            "messages": [
+                {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}
+            ],
+            "max_tokens": 1,
+        },
     ]
     with text_server.http() as client:
         for body in odd:

@@ -42,7 +42,7 @@ def sections(output: str) -> dict[str, str]:
     newlines and control characters, so split on the labels (printed in this order), not on lines."""
     found: dict[str, str] = {}
     rest = output
-    for label, following in zip(LABELS, (*LABELS[1:], None)):
+    for label, following in zip(LABELS, (*LABELS[1:], None), strict=False):
         assert rest.startswith(label), f"expected {label!r} next in the output:\n{output}"
         end = rest.rfind("\n" + following) if following else len(rest)
         assert end > 0, f"no {following!r} after {label!r}:\n{output}"

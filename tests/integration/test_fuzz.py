@@ -29,7 +29,9 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 def test_every_operation_survives_generated_requests(text_server: Server) -> None:
-    schema = schemathesis.openapi.from_url(f"{text_server.base_url}/openapi.json", headers=text_server.auth_headers)
+    schema = schemathesis.openapi.from_url(
+        f"{text_server.base_url}/openapi.json", headers=text_server.auth_headers
+    )
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 8
     calls = 0
@@ -37,7 +39,10 @@ def test_every_operation_survives_generated_requests(text_server: Server) -> Non
 
         @given(case=operation.as_strategy())
         @settings(
-            max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
             derandomize=DERANDOMIZE,
         )
         def run(case) -> None:

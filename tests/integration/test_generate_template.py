@@ -8,7 +8,9 @@ from tests.integration.helpers import assert_openai_error, user
 
 def test_generate_tgi_shape(text_server: Server) -> None:
     with text_server.http() as client:
-        response = client.post("/generate", json={"inputs": "Write a haiku about GPUs", "parameters": {"max_new_tokens": 8}})
+        response = client.post(
+            "/generate", json={"inputs": "Write a haiku about GPUs", "parameters": {"max_new_tokens": 8}}
+        )
     assert response.status_code == 200, response.text
     body = response.json()
     assert isinstance(body["generated_text"], str)
@@ -64,14 +66,24 @@ def test_apply_template_keeps_roles_and_order(text_server: Server) -> None:
 
 def test_apply_template_without_generation_prompt(text_server: Server) -> None:
     with text_server.http() as client:
-        response = client.post("/v1/apply_template", json={"messages": user("hi"), "add_generation_prompt": False})
+        response = client.post(
+            "/v1/apply_template", json={"messages": user("hi"), "add_generation_prompt": False}
+        )
     assert response.status_code == 200
     assert not response.json()["prompt"].endswith("<|im_start|>assistant\n")
 
 
 def test_apply_template_renders_image_placeholder_without_fetching(vlm_server: Server) -> None:
     """Rendering an image message needs no pixels: the placeholder shows up in the prompt."""
-    messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}},
+            ],
+        }
+    ]
     with vlm_server.http() as client:
         response = client.post("/v1/apply_template", json={"messages": messages})
     assert response.status_code == 200, response.text

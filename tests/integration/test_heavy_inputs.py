@@ -26,7 +26,12 @@ def test_megabyte_prompts_are_answered_fast_and_do_not_block_a_short_request(tex
             with anyio.fail_after(120):
                 async with anyio.create_task_group() as tg:
                     for i in range(3):
-                        tg.start_soon(send, client, f"huge{i}", {"messages": [{"role": "user", "content": huge}], "max_tokens": 4})
+                        tg.start_soon(
+                            send,
+                            client,
+                            f"huge{i}",
+                            {"messages": [{"role": "user", "content": huge}], "max_tokens": 4},
+                        )
                     await anyio.sleep(0.05)
                     tg.start_soon(send, client, "short", chat_body(max_tokens=4))
 
@@ -63,12 +68,16 @@ def test_many_prompts_from_one_client_take_turns_with_another_client(text_server
         common = {"model": text_server.model_name, "temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
         async def flood() -> None:
-            await client.completions.create(prompt=[f"prompt number {i}" for i in range(64)], max_tokens=64, **common)
+            await client.completions.create(
+                prompt=[f"prompt number {i}" for i in range(64)], max_tokens=64, **common
+            )
             finished.append("flood")
 
         async def single() -> None:
             await anyio.sleep(0.1)  # arrives after the 64 prompts are queued (two waves of 32 rows)
-            await client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=4, **common)
+            await client.chat.completions.create(
+                messages=[{"role": "user", "content": "hi"}], max_tokens=4, **common
+            )
             finished.append("single")
 
         with anyio.fail_after(180):

@@ -315,7 +315,7 @@ def test_images_reach_the_model_in_order(vlm_fetch_server: Server, images: Image
     remote = first_step(images.url("/slow-a.png"), images.url("/b.png"))
     swapped = first_step(data_url(IMAGE_B), data_url(IMAGE_A))
     assert [t for t, _ in remote] == [t for t, _ in inline]
-    assert all(abs(x - y) < 1e-3 for (_, x), (_, y) in zip(remote, inline)), (remote, inline)
+    assert all(abs(x - y) < 1e-3 for (_, x), (_, y) in zip(remote, inline, strict=False)), (remote, inline)
     assert swapped != inline, "swapping the two images changed nothing: order is not observable"
 
 
@@ -486,7 +486,10 @@ def test_greedy_image_output_is_the_same_alone_and_in_a_busy_batch(
             alone = await complete()
             with anyio.fail_after(45):
                 started = [asyncio.Event() for _ in others]
-                tasks = [asyncio.ensure_future(stream(body, event)) for body, event in zip(others, started)]
+                tasks = [
+                    asyncio.ensure_future(stream(body, event))
+                    for body, event in zip(others, started, strict=False)
+                ]
                 await asyncio.gather(*(event.wait() for event in started))  # all six are generating
                 busy = await complete()
                 busy_done = time.monotonic()

@@ -63,7 +63,9 @@ def test_health_latency_under_load(text_server: Server) -> None:
     stop = threading.Event()
     latencies: list[float] = []
     statuses: list[int] = []
-    sampler = threading.Thread(target=_sample_health, args=(text_server.base_url, stop, latencies, statuses), daemon=True)
+    sampler = threading.Thread(
+        target=_sample_health, args=(text_server.base_url, stop, latencies, statuses), daemon=True
+    )
     sampler.start()
     try:
         started = time.monotonic()
@@ -85,5 +87,7 @@ def test_health_latency_under_load(text_server: Server) -> None:
     ordered = sorted(latencies)
     p50 = ordered[len(ordered) // 2]
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    print(f"\n/health under load: n={len(ordered)} p50={p50 * 1000:.1f}ms p99={p99 * 1000:.1f}ms max={ordered[-1] * 1000:.1f}ms load={load_s:.1f}s")
+    print(
+        f"\n/health under load: n={len(ordered)} p50={p50 * 1000:.1f}ms p99={p99 * 1000:.1f}ms max={ordered[-1] * 1000:.1f}ms load={load_s:.1f}s"
+    )
     assert p99 < HEALTH_P99_BOUND_S, f"/health p99 {p99 * 1000:.0f} ms under load (p50 {p50 * 1000:.0f} ms)"

@@ -64,7 +64,9 @@ def test_health_is_ready_with_replica_info(vlm_server: Server, path: str) -> Non
         assert replica["state"] == "ready"
         assert {"name", "device", "running", "queued"} <= set(replica)
         # The paged KV pool, sized once at startup, and what the engine does with it.
-        assert replica["kv_blocks_total"] > 0 and replica["kv_block_size"] > 0 and replica["kv_pool_bytes"] > 0
+        assert (
+            replica["kv_blocks_total"] > 0 and replica["kv_block_size"] > 0 and replica["kv_pool_bytes"] > 0
+        )
         assert 0 <= replica["kv_blocks_used"] <= replica["kv_blocks_total"]
         assert replica["prefix_caching"] is True and replica["path"] == "fast"
         assert replica["kernels"]
@@ -78,7 +80,10 @@ def _metric(text: str, name: str) -> float:
 
 def test_prefix_cache_hits_are_exported_with_vllm_names(text_server: Server) -> None:
     system = "You are a terse assistant. Keep every answer short and to the point. " * 4
-    body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}], "max_tokens": 2}
+    body = {
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+    }
     with text_server.http() as client:
         assert client.post("/v1/chat/completions", json=body).status_code == 200
         before = client.get("/metrics").text
@@ -86,8 +91,12 @@ def test_prefix_cache_hits_are_exported_with_vllm_names(text_server: Server) -> 
         after = client.get("/metrics").text
         health = client.get("/health").json()["replicas"][0]
     assert re.search(r"^# TYPE vllm:prefix_cache_hits(_total)? counter$", after, re.MULTILINE)
-    assert _metric(after, "vllm:prefix_cache_queries_total") > _metric(before, "vllm:prefix_cache_queries_total")
-    assert _metric(after, "vllm:prefix_cache_hits_total") >= _metric(before, "vllm:prefix_cache_hits_total") + 32
+    assert _metric(after, "vllm:prefix_cache_queries_total") > _metric(
+        before, "vllm:prefix_cache_queries_total"
+    )
+    assert (
+        _metric(after, "vllm:prefix_cache_hits_total") >= _metric(before, "vllm:prefix_cache_hits_total") + 32
+    )
     assert 0.0 <= _metric(after, "vllm:kv_cache_usage_perc") <= 1.0
     assert health["prefix_cache_hits"] >= 32
 

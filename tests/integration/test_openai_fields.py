@@ -21,7 +21,9 @@ def create(server: Server, **kwargs: Any):
 
 def token_id(server: Server, text: str) -> int:
     with server.http() as client:
-        return client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"][0]
+        return client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"][
+            0
+        ]
 
 
 def greedy_text(server: Server, **kwargs: Any) -> str:
@@ -37,17 +39,37 @@ def test_max_completion_tokens_wins_over_max_tokens(text_server: Server) -> None
 
 def test_logit_bias_decides_the_token(text_server: Server) -> None:
     target = token_id(text_server, " weather")
-    reply = create(text_server, temperature=0, max_tokens=4, logit_bias={str(target): 100}, logprobs=True, extra_body={"ignore_eos": True})
+    reply = create(
+        text_server,
+        temperature=0,
+        max_tokens=4,
+        logit_bias={str(target): 100},
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
     assert [entry.token for entry in reply.choices[0].logprobs.content] == [" weather"] * 4
 
 
 def test_presence_and_frequency_penalties_push_repeats_away(text_server: Server) -> None:
     target = str(token_id(text_server, " weather"))
-    biased = create(text_server, temperature=0, max_tokens=8, logit_bias={target: 8}, logprobs=True, extra_body={"ignore_eos": True})
+    biased = create(
+        text_server,
+        temperature=0,
+        max_tokens=8,
+        logit_bias={target: 8},
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
     assert all(e.token == " weather" for e in biased.choices[0].logprobs.content)
     penalised = create(
-        text_server, temperature=0, max_tokens=8, logit_bias={target: 8}, presence_penalty=2.0, frequency_penalty=2.0,
-        logprobs=True, extra_body={"ignore_eos": True},
+        text_server,
+        temperature=0,
+        max_tokens=8,
+        logit_bias={target: 8},
+        presence_penalty=2.0,
+        frequency_penalty=2.0,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
     )
     assert sum(e.token == " weather" for e in penalised.choices[0].logprobs.content) < 8
 
@@ -63,22 +85,30 @@ def test_repetition_penalty_changes_a_repetitive_greedy_answer(text_server: Serv
 
 @pytest.mark.parametrize("extension", [{"top_k": 1}, {"min_p": 1.0}])
 def test_top_k_1_and_min_p_1_reduce_sampling_to_greedy(text_server: Server, extension: dict) -> None:
-    sampled = create(text_server, temperature=1.5, seed=3, max_tokens=10, extra_body={"ignore_eos": True, **extension})
+    sampled = create(
+        text_server, temperature=1.5, seed=3, max_tokens=10, extra_body={"ignore_eos": True, **extension}
+    )
     assert sampled.choices[0].message.content == greedy_text(text_server, max_tokens=10)
 
 
 def test_top_p_tiny_is_greedy_too(text_server: Server) -> None:
-    sampled = create(text_server, temperature=1.5, top_p=1e-6, seed=5, max_tokens=10, extra_body={"ignore_eos": True})
+    sampled = create(
+        text_server, temperature=1.5, top_p=1e-6, seed=5, max_tokens=10, extra_body={"ignore_eos": True}
+    )
     assert sampled.choices[0].message.content == greedy_text(text_server, max_tokens=10)
 
 
 def test_min_tokens_and_ignore_eos_keep_generating(text_server: Server) -> None:
     eos = token_id(text_server, "<|im_end|>")
     # A huge bias makes end-of-sequence the argmax; min_tokens must still hold it back.
-    reply = create(text_server, temperature=0, max_tokens=12, logit_bias={str(eos): 100}, extra_body={"min_tokens": 6})
+    reply = create(
+        text_server, temperature=0, max_tokens=12, logit_bias={str(eos): 100}, extra_body={"min_tokens": 6}
+    )
     # Six tokens, then the end-of-sequence token (counted in usage, never in the text).
     assert reply.usage.completion_tokens == 7 and reply.choices[0].finish_reason == "stop"
-    reply = create(text_server, temperature=0, max_tokens=12, logit_bias={str(eos): 100}, extra_body={"ignore_eos": True})
+    reply = create(
+        text_server, temperature=0, max_tokens=12, logit_bias={str(eos): 100}, extra_body={"ignore_eos": True}
+    )
     assert reply.usage.completion_tokens == 12 and reply.choices[0].finish_reason == "length"
 
 
@@ -88,11 +118,19 @@ def test_stop_list_and_stop_token_ids(text_server: Server) -> None:
     if len(words) < 3:
         pytest.skip("answer too short to cut")
     stops = [words[2], "never-appears"]
-    cut = create(text_server, temperature=0, max_tokens=20, stop=stops, extra_body={"ignore_eos": True}).choices[0]
+    cut = create(
+        text_server, temperature=0, max_tokens=20, stop=stops, extra_body={"ignore_eos": True}
+    ).choices[0]
     assert cut.finish_reason == "stop" and words[2] not in cut.message.content
     assert full.startswith(cut.message.content)
     target = token_id(text_server, " weather")
-    reply = create(text_server, temperature=0, max_tokens=8, logit_bias={str(target): 100}, extra_body={"stop_token_ids": [target]})
+    reply = create(
+        text_server,
+        temperature=0,
+        max_tokens=8,
+        logit_bias={str(target): 100},
+        extra_body={"stop_token_ids": [target]},
+    )
     assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.content == ""
 
 
@@ -109,8 +147,21 @@ def test_user_and_every_role_with_content_parts(text_server: Server) -> None:
     messages = [
         {"role": "system", "content": "You are terse."},
         {"role": "developer", "content": [{"type": "text", "text": "Answer in French."}]},
-        {"role": "user", "content": [{"type": "text", "text": "Weather?"}, {"type": "text", "text": "In Paris."}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Weather?"}, {"type": "text", "text": "In Paris."}],
+        },
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
     ]
     reply = create(text_server, messages=messages, user="user-123", max_tokens=4)
@@ -127,14 +178,22 @@ langchain_openai = pytest.importorskip("langchain_openai")
 
 def chat_model(server: Server, **kwargs: Any):
     return langchain_openai.ChatOpenAI(
-        base_url=f"{server.base_url}/v1", api_key=server.api_key, model=server.model_name, temperature=0, max_retries=0, **kwargs
+        base_url=f"{server.base_url}/v1",
+        api_key=server.api_key,
+        model=server.model_name,
+        temperature=0,
+        max_retries=0,
+        **kwargs,
     )
 
 
 def test_langchain_invoke_and_stream(text_server: Server) -> None:
     llm = chat_model(text_server, max_tokens=8)
     invoked = llm.invoke("hello")
-    assert isinstance(invoked.content, str) and invoked.response_metadata["finish_reason"] in {"stop", "length"}
+    assert isinstance(invoked.content, str) and invoked.response_metadata["finish_reason"] in {
+        "stop",
+        "length",
+    }
     streamed = "".join(chunk.content for chunk in llm.stream("hello"))
     assert streamed == invoked.content
 

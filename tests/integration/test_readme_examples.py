@@ -25,12 +25,18 @@ def curl_commands() -> list[str]:
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-@pytest.mark.parametrize("command", curl_commands(), ids=lambda c: re.sub(r"\W+", "-", c.split("http://localhost:8000")[1].split()[0]))
+@pytest.mark.parametrize(
+    "command",
+    curl_commands(),
+    ids=lambda c: re.sub(r"\W+", "-", c.split("http://localhost:8000")[1].split()[0]),
+)
 def test_readme_curl_example_runs(text_server: Server, command: str) -> None:
     command = command.replace("http://localhost:8000", text_server.base_url)
     command = command.replace('"model": "model"', f'"model": "{text_server.model_name}"')
     env = {**os.environ, "API_KEY": text_server.api_key}
-    done = subprocess.run(["bash", "-c", command + " -w '\\n%{http_code}'"], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        ["bash", "-c", command + " -w '\\n%{http_code}'"], capture_output=True, text=True, env=env, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     output, _, status = done.stdout.rstrip().rpartition("\n")
     assert status == "200", done.stdout

@@ -22,7 +22,10 @@ WEATHER = {
         "description": "Current weather in a city",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
             "required": ["city", "unit"],
             "additionalProperties": False,
         },
@@ -32,7 +35,12 @@ TIME = {
     "type": "function",
     "function": {
         "name": "get_time",
-        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False},
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
     },
 }
 TOOLS = [WEATHER, TIME]
@@ -56,11 +64,19 @@ def check_call(call, names=("get_weather", "get_time")) -> None:
 def test_json_object(text_server: Server) -> None:
     # Noise could fill max_tokens inside one string; a bias towards `"` and `}` ends it sooner.
     with text_server.http() as http:
-        ids = [http.post("/tokenize", json={"prompt": t, "add_special_tokens": False}).json()["tokens"] for t in ('"', "}")]
+        ids = [
+            http.post("/tokenize", json={"prompt": t, "add_special_tokens": False}).json()["tokens"]
+            for t in ('"', "}")
+        ]
     bias = {str(token[0]): 20 for token in ids}
     completion = text_server.openai().chat.completions.create(
-        model=text_server.model_name, messages=user("Describe yourself as JSON"), response_format={"type": "json_object"},
-        logit_bias=bias, temperature=1.0, seed=3, max_tokens=64,
+        model=text_server.model_name,
+        messages=user("Describe yourself as JSON"),
+        response_format={"type": "json_object"},
+        logit_bias=bias,
+        temperature=1.0,
+        seed=3,
+        max_tokens=64,
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "stop"
@@ -70,7 +86,13 @@ def test_json_object(text_server: Server) -> None:
 
 def test_json_schema_with_the_parse_helper(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.parse(
-        model=text_server.model_name, messages=user("Who are you?"), response_format=Person, max_tokens=64, temperature=0.7, seed=1, n=2,
+        model=text_server.model_name,
+        messages=user("Who are you?"),
+        response_format=Person,
+        max_tokens=64,
+        temperature=0.7,
+        seed=1,
+        n=2,
     )
     for choice in completion.choices:
         assert choice.finish_reason == "stop"
@@ -82,8 +104,14 @@ def test_json_schema_with_the_parse_helper(text_server: Server) -> None:
 def test_tool_choice_required(text_server: Server, parallel) -> None:
     extra = {} if parallel is None else {"parallel_tool_calls": parallel}
     completion = text_server.openai().chat.completions.create(
-        model=text_server.model_name, messages=user("What's the weather in Paris?"), tools=TOOLS, tool_choice="required",
-        max_tokens=64, temperature=1.0, seed=4, **extra,
+        model=text_server.model_name,
+        messages=user("What's the weather in Paris?"),
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=64,
+        temperature=1.0,
+        seed=4,
+        **extra,
     )
     choice = completion.choices[0]
     assert choice.message.content is None
@@ -100,8 +128,11 @@ def test_tool_choice_required(text_server: Server, parallel) -> None:
 
 def test_named_tool_choice(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.create(
-        model=text_server.model_name, messages=user("What time is it?"), tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=64,
+        model=text_server.model_name,
+        messages=user("What time is it?"),
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_tokens=64,
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
@@ -110,9 +141,16 @@ def test_named_tool_choice(text_server: Server) -> None:
 
 def test_tool_choice_auto_and_none(text_server: Server) -> None:
     client = text_server.openai()
-    auto = client.chat.completions.create(model=text_server.model_name, messages=user("Hi"), tools=TOOLS, max_tokens=16, temperature=0)
+    auto = client.chat.completions.create(
+        model=text_server.model_name, messages=user("Hi"), tools=TOOLS, max_tokens=16, temperature=0
+    )
     none = client.chat.completions.create(
-        model=text_server.model_name, messages=user("Hi"), tools=TOOLS, tool_choice="none", max_tokens=16, temperature=0
+        model=text_server.model_name,
+        messages=user("Hi"),
+        tools=TOOLS,
+        tool_choice="none",
+        max_tokens=16,
+        temperature=0,
     )
     # "none" leaves the tools out of the prompt altogether; "auto" renders them and parses.
     assert none.usage.prompt_tokens < auto.usage.prompt_tokens
@@ -127,8 +165,12 @@ def test_tool_choice_auto_and_none(text_server: Server) -> None:
 
 def test_streamed_tool_calls_reassemble_to_the_non_streamed_answer(text_server: Server) -> None:
     request = dict(
-        model=text_server.model_name, messages=user("Weather and time please"), tools=TOOLS, tool_choice="required",
-        max_tokens=64, temperature=0,
+        model=text_server.model_name,
+        messages=user("Weather and time please"),
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=64,
+        temperature=0,
     )
     client = text_server.openai()
     whole = client.chat.completions.create(**request).choices[0]
@@ -141,14 +183,18 @@ def test_streamed_tool_calls_reassemble_to_the_non_streamed_answer(text_server: 
         finish_reason = choice.finish_reason or finish_reason
         for delta in choice.delta.tool_calls or []:
             if delta.id is not None:
-                assert delta.index not in calls and delta.function.arguments == "" and delta.type == "function"
+                assert (
+                    delta.index not in calls and delta.function.arguments == "" and delta.type == "function"
+                )
                 calls[delta.index] = {"id": delta.id, "name": delta.function.name, "arguments": ""}
             else:
                 assert delta.function.name is None
             calls[delta.index]["arguments"] += delta.function.arguments or ""
     # Greedy noise may repeat calls until max_tokens ("length", the last call cut): either way the
     # stream carries the same calls, fragment by fragment; only the ids are minted per response.
-    assert content == "" and finish_reason == whole.finish_reason and finish_reason in ("tool_calls", "length")
+    assert (
+        content == "" and finish_reason == whole.finish_reason and finish_reason in ("tool_calls", "length")
+    )
     assert calls
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         (c.function.name, c.function.arguments) for c in whole.message.tool_calls
@@ -173,11 +219,36 @@ def test_stream_chunks_for_tool_calls_are_openai_shaped(text_server: Server) -> 
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+                }
+            },
+            "response_format",
+        ),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}}], "tool_choice": "required"}, "tools"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "parameters": {"type": "object", "properties": {"a": {"$ref": "#/x"}}},
+                        },
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
     ],
 )
 def test_invalid_formats_and_tool_choices_are_400s(text_server: Server, extra, param) -> None:

@@ -17,17 +17,22 @@ def test_image_adds_image_tokens_to_the_prompt(vlm_server: Server) -> None:
     with_image = client.chat.completions.create(
         model=vlm_server.model_name, messages=image_message(prompt, png_data_url()), max_tokens=6
     )
-    without = client.chat.completions.create(model=vlm_server.model_name, messages=text_parts_message(prompt), max_tokens=6)
+    without = client.chat.completions.create(
+        model=vlm_server.model_name, messages=text_parts_message(prompt), max_tokens=6
+    )
     assert isinstance(with_image.choices[0].message.content, str)
     assert with_image.choices[0].finish_reason in {"stop", "length"}
     assert with_image.usage.prompt_tokens >= without.usage.prompt_tokens + IMAGE_TOKENS
-    assert with_image.usage.total_tokens == with_image.usage.prompt_tokens + with_image.usage.completion_tokens
+    assert (
+        with_image.usage.total_tokens == with_image.usage.prompt_tokens + with_image.usage.completion_tokens
+    )
 
 
 def test_image_usage_details_over_http(vlm_server: Server) -> None:
     with vlm_server.http() as client:
         response = client.post(
-            "/v1/chat/completions", json={"messages": image_message("describe", png_data_url((48, 20))), "max_tokens": 3}
+            "/v1/chat/completions",
+            json={"messages": image_message("describe", png_data_url((48, 20))), "max_tokens": 3},
         )
     assert response.status_code == 200, response.text
     details = response.json()["usage"]["prompt_tokens_details"]
@@ -80,7 +85,11 @@ def test_text_server_refuses_images(text_server: Server) -> None:
     ],
 )
 def test_bad_image_urls_are_client_errors(vlm_server: Server, url: str, why: str) -> None:
-    messages = [{"role": "user", "content": "first"}, *image_message("describe", png_data_url()), *image_message("describe", url)]
+    messages = [
+        {"role": "user", "content": "first"},
+        *image_message("describe", png_data_url()),
+        *image_message("describe", url),
+    ]
     with vlm_server.http() as client:
         response = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
     # The error names the image at fault: message 2, part 1 (after its text), not message 1's image.

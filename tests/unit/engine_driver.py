@@ -38,7 +38,9 @@ class EngineDriver:
 
     def submit(self, prepared: PreparedPrompt, params: SamplingParams, *, n: int = 1) -> RequestStream:
         self._count += 1
-        request = EngineRequest(f"r{self._count}", PromptInput(token_ids=tuple(prepared.token_ids)), params, n=n)
+        request = EngineRequest(
+            f"r{self._count}", PromptInput(token_ids=tuple(prepared.token_ids)), params, n=n
+        )
         stream = RequestStream(request, prepared)
         self.executor.submit(Job(stream, prepared, cost=0))
         return stream
@@ -89,7 +91,9 @@ def hf_greedy(replica, prepared: PreparedPrompt, max_new_tokens: int) -> list[in
         }
         inputs.update(prepared.mm_inputs or {})
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
     finally:
         config._attn_implementation = original
     return out[0, len(prepared.token_ids) :].tolist()

@@ -28,8 +28,14 @@ def next_token(tokens: list[int], index: int) -> int:
 def request(prompt, *, n=1, max_tokens=4, arrival=0.0, image=None, origin="") -> list[Sequence]:
     return [
         Sequence(
-            list(prompt), max_tokens=max_tokens, arrival=arrival, index=i, sampler=FakeSampler(i), image=image,
-            mm_inputs={"image": 1} if image else None, origin=origin,
+            list(prompt),
+            max_tokens=max_tokens,
+            arrival=arrival,
+            index=i,
+            sampler=FakeSampler(i),
+            image=image,
+            mm_inputs={"image": 1} if image else None,
+            origin=origin,
         )
         for i in range(n)
     ]
@@ -187,14 +193,19 @@ def test_preemption_recomputes_and_gives_the_same_tokens():
 
 def test_the_earliest_arrival_keeps_its_blocks():
     batch = make(num_blocks=6, block_size=4, max_rows=2, max_prefill_tokens=64)
-    first, second = request(range(8), max_tokens=12, arrival=0), request(range(20, 28), max_tokens=12, arrival=1)
+    first, second = (
+        request(range(8), max_tokens=12, arrival=0),
+        request(range(20, 28), max_tokens=12, arrival=1),
+    )
     batch.add(first)
     batch.add(second)
     driver = Driver(batch)
     preempted_ids = set()
     while batch.has_work:
         plan = driver.step()
-        preempted_ids |= {i for i in plan.released if not any(s.seq_id == i and s.is_finished for s in [*first, *second])}
+        preempted_ids |= {
+            i for i in plan.released if not any(s.seq_id == i and s.is_finished for s in [*first, *second])
+        }
     assert second[0].seq_id in preempted_ids and first[0].seq_id not in preempted_ids
 
 
@@ -280,7 +291,9 @@ def test_random_workload_keeps_the_books_balanced():
     everything = []
     for step in range(400):
         if step < 250 and rng.random() < 0.3:
-            prompt = (shared if rng.random() < 0.5 else []) + [rng.randrange(500) for _ in range(rng.randrange(1, 20))]
+            prompt = (shared if rng.random() < 0.5 else []) + [
+                rng.randrange(500) for _ in range(rng.randrange(1, 20))
+            ]
             req = request(prompt, n=rng.choice([1, 1, 2, 3]), max_tokens=rng.randrange(1, 30), arrival=step)
             batch.add(req)
             everything.append(req)
@@ -295,7 +308,10 @@ def test_random_workload_keeps_the_books_balanced():
 
 def test_one_clients_many_prompts_do_not_hold_back_another_client():
     batch = make(max_rows=4)
-    flood = [request(range(100 + 10 * i, 105 + 10 * i), max_tokens=8, arrival=i * 0.001, origin="flood") for i in range(20)]
+    flood = [
+        request(range(100 + 10 * i, 105 + 10 * i), max_tokens=8, arrival=i * 0.001, origin="flood")
+        for i in range(20)
+    ]
     for r in flood:
         batch.add(r)
     single = request(range(7, 12), max_tokens=2, arrival=1.0, origin="single")

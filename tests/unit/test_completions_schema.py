@@ -13,9 +13,8 @@ from app.routes.completions import _event_stream, _logprobs
 from app.schemas.completions import CompletionRequest
 from app.settings import Settings
 from app.translate import Translator
-from scheduler.errors import InvalidRequestError
 from models.prompt import PreparedPrompt
-from scheduler.errors import GenerationError
+from scheduler.errors import GenerationError, InvalidRequestError
 from scheduler.request import EngineRequest, PromptInput, RequestStream, SamplingParams, TokenLogprob
 
 

@@ -14,21 +14,25 @@ from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import build_replica
+from tests.unit.configs import replica_config
 from tests.unit.engine_driver import EngineDriver, hf_greedy
 from tests.unit.engine_driver import run_jobs as run
-from tests.unit.configs import replica_config
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def text_replica(tiny_text_path):
-    return build_replica(LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=8))
+    return build_replica(
+        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=8)
+    )
 
 
 @pytest.fixture(scope="module")
 def vlm_replica(tiny_vlm_path):
-    return build_replica(LoadSpec(source=str(tiny_vlm_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=8))
+    return build_replica(
+        LoadSpec(source=str(tiny_vlm_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=8)
+    )
 
 
 def prepared_text(replica, text: str) -> PreparedPrompt:
@@ -68,9 +72,17 @@ def test_greedy_request_is_identical_alone_and_joining_a_busy_batch(text_replica
     params = SamplingParams(max_tokens=20, **GREEDY)
     alone = run(text_replica, [(0, target, params)])[0]
     others = [
-        (0, prepared_text(text_replica, "A long running neighbour " * 3), SamplingParams(max_tokens=40, **GREEDY)),
+        (
+            0,
+            prepared_text(text_replica, "A long running neighbour " * 3),
+            SamplingParams(max_tokens=40, **GREEDY),
+        ),
         (2, prepared_text(text_replica, "Short one"), SamplingParams(max_tokens=3, **GREEDY)),
-        (3, prepared_text(text_replica, "Sampled neighbour with its own seed"), SamplingParams(max_tokens=30, temperature=0.9, seed=7, ignore_eos=True)),
+        (
+            3,
+            prepared_text(text_replica, "Sampled neighbour with its own seed"),
+            SamplingParams(max_tokens=30, temperature=0.9, seed=7, ignore_eos=True),
+        ),
     ]
     busy = run(text_replica, [*others, (join_step, target, params)], prefill_budget=16)
     assert busy[-1] == alone
@@ -88,23 +100,40 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(text_replica):
     prepared = prepared_text(text_replica, "Tell me a story")
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     alone = run(text_replica, [(0, prepared, params)])[0]
-    neighbour = (0, prepared_text(text_replica, "noise " * 5), SamplingParams(max_tokens=25, temperature=1.0, seed=99, ignore_eos=True))
+    neighbour = (
+        0,
+        prepared_text(text_replica, "noise " * 5),
+        SamplingParams(max_tokens=25, temperature=1.0, seed=99, ignore_eos=True),
+    )
     busy = run(text_replica, [neighbour, (4, prepared, params)])[1]
     assert busy == alone
-    other_seed = run(text_replica, [(0, prepared, SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=4321, ignore_eos=True))])[0]
+    other_seed = run(
+        text_replica,
+        [
+            (
+                0,
+                prepared,
+                SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=4321, ignore_eos=True),
+            )
+        ],
+    )[0]
     assert other_seed != alone
 
 
 def test_n_choices_share_one_prefill(text_replica):
     driver = EngineDriver(text_replica)
     prepared = prepared_text(text_replica, "Pick a number")
-    stream = driver.submit(prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True), n=3)
+    stream = driver.submit(
+        prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True), n=3
+    )
     driver.executor.step()
     batch = driver.executor.batch
     # One prefill step computed the prompt once; all three choices drew their first token from it.
     assert [len(t) for t in driver.outputs(stream)] == [1, 1, 1]
     assert len(batch.running) == 3
-    first_blocks = {tuple(s.block_table[: len(prepared.token_ids) // text_replica.block_size]) for s in batch.running}
+    first_blocks = {
+        tuple(s.block_table[: len(prepared.token_ids) // text_replica.block_size]) for s in batch.running
+    }
     assert len(first_blocks) == 1  # the full prompt blocks are shared, not copied
     driver.run([stream])
     outputs = [tuple(o) for o in driver.outputs(stream)]
@@ -118,7 +147,8 @@ def test_n_choices_share_one_prefill(text_replica):
 
 def test_generic_path_gives_the_same_greedy_tokens_batched(tiny_text_path, text_replica):
     generic = build_replica(
-        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(force_generic=True)
+        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"),
+        replica_config(force_generic=True),
     )
     assert generic.path == "generic"
     prepared = prepared_text(text_replica, "Generic path check")
@@ -143,7 +173,9 @@ def test_image_request_is_identical_alone_and_in_a_mixed_batch(vlm_replica, join
     target = prepared_image(vlm_replica, "Describe the image.", seed=2)
     params = SamplingParams(max_tokens=14, **GREEDY)
     alone = run(vlm_replica, [(0, target, params)])[0]
-    text_neighbour = PreparedPrompt(vlm_replica.loaded.tokenizer("a text request in the same batch")["input_ids"])
+    text_neighbour = PreparedPrompt(
+        vlm_replica.loaded.tokenizer("a text request in the same batch")["input_ids"]
+    )
     others = [
         (0, text_neighbour, SamplingParams(max_tokens=30, **GREEDY)),
         (1, prepared_image(vlm_replica, "Another image", seed=3), SamplingParams(max_tokens=20, **GREEDY)),
@@ -155,7 +187,9 @@ def test_image_request_is_identical_alone_and_in_a_mixed_batch(vlm_replica, join
 def test_blocks_are_recycled(text_replica):
     params = SamplingParams(max_tokens=5, **GREEDY)
     driver = EngineDriver(text_replica, max_batch_size=4)
-    streams = [driver.submit(prepared_text(text_replica, f"request {i} " * (i + 1)), params) for i in range(12)]
+    streams = [
+        driver.submit(prepared_text(text_replica, f"request {i} " * (i + 1)), params) for i in range(12)
+    ]
     driver.run(streams)
     assert all(len(driver.outputs(s)[0]) == 5 for s in streams)
     batch = driver.executor.batch
@@ -174,21 +208,33 @@ def test_a_prefix_hit_gives_the_same_tokens(text_replica):
     driver.run([two])
     blocks = driver.executor.batch.blocks
     assert blocks.hit_tokens >= text_replica.block_size  # the shared system prompt was reused
-    assert driver.outputs(two)[0] == run(text_replica, [(0, second, params)])[0] == hf_greedy(text_replica, second, 12)
+    assert (
+        driver.outputs(two)[0]
+        == run(text_replica, [(0, second, params)])[0]
+        == hf_greedy(text_replica, second, 12)
+    )
 
 
 def test_rows_of_very_different_lengths_decode_in_groups_with_the_same_tokens(text_replica):
     from models.plan import PlanRow
 
     size = text_replica.block_size
-    rows = [PlanRow(1, [5], 20, list(range(2))), PlanRow(2, [5], 30 * size, list(range(31))), PlanRow(3, [5], 3, [40])]
+    rows = [
+        PlanRow(1, [5], 20, list(range(2))),
+        PlanRow(2, [5], 30 * size, list(range(31))),
+        PlanRow(3, [5], 3, [40]),
+    ]
     groups = text_replica.runner._decode_groups(rows)
     assert sorted(g.blocks.shape[1] for g in groups) == [2, 31]  # the long row pads nobody
     target = prepared_text(text_replica, "A short request next to a long one.")
     params = SamplingParams(max_tokens=12, **GREEDY)
     long = prepared_text(text_replica, "many words in a long context " * 40)
     alone = run(text_replica, [(0, target, params)])[0]
-    busy = run(text_replica, [(0, long, SamplingParams(max_tokens=20, **GREEDY)), (1, target, params)], prefill_budget=64)
+    busy = run(
+        text_replica,
+        [(0, long, SamplingParams(max_tokens=20, **GREEDY)), (1, target, params)],
+        prefill_budget=64,
+    )
     assert busy[1] == alone
     assert busy[0] == hf_greedy(text_replica, long, 20)
 
@@ -216,7 +262,9 @@ def test_a_request_that_breaks_the_step_fails_alone(text_replica, monkeypatch):
     neighbour, broken = driver.submit(same_step, params), driver.submit(bad, params)
     driver.run([first, neighbour, broken])
     assert driver.finished[(broken.request_id, 0)][0] == "error"
-    assert driver.finished[(first.request_id, 0)][0] == driver.finished[(neighbour.request_id, 0)][0] == "length"
+    assert (
+        driver.finished[(first.request_id, 0)][0] == driver.finished[(neighbour.request_id, 0)][0] == "length"
+    )
     monkeypatch.undo()
     assert driver.outputs(first)[0] == run(text_replica, [(0, decoding, params)])[0]
     assert driver.outputs(neighbour)[0] == run(text_replica, [(0, same_step, params)])[0]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import anyio
-import pytest
 import llguidance
+import pytest
 import torch
 
 from app.tool_calls import HERMES, parse_message
@@ -20,8 +20,8 @@ from models.prompt import PreparedPrompt
 from models.replica import build_replica
 from scheduler.core import Scheduler
 from scheduler.request import EngineRequest
-from tests.unit.engine_driver import EngineDriver
 from tests.unit.configs import engine_config, replica_config
+from tests.unit.engine_driver import EngineDriver
 
 PERSON = {
     "type": "object",
@@ -65,15 +65,21 @@ TOOLS = [
 
 @pytest.fixture(scope="module")
 def replica(tiny_text_path):
-    return build_replica(LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=8))
+    return build_replica(
+        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=8)
+    )
 
 
-def generate(replica, params: SamplingParams, *, n: int = 1, prompt: str = "Answer in JSON please") -> list[tuple[str, str]]:
+def generate(
+    replica, params: SamplingParams, *, n: int = 1, prompt: str = "Answer in JSON please"
+) -> list[tuple[str, str]]:
     """(text, finish_reason) per choice, through the executor's step loop."""
     driver = EngineDriver(replica)
     stream = driver.submit(PreparedPrompt(replica.loaded.tokenizer(prompt)["input_ids"]), params, n=n)
     driver.run([stream])
-    return [(driver.text[(stream.request_id, i)], driver.finished[(stream.request_id, i)][0]) for i in range(n)]
+    return [
+        (driver.text[(stream.request_id, i)], driver.finished[(stream.request_id, i)][0]) for i in range(n)
+    ]
 
 
 def check_person(value) -> None:
@@ -88,7 +94,11 @@ def check_call(call: dict, names=("get_weather", "get_time")) -> None:
     name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
     assert name in names
     if name == "get_weather":
-        assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("c", "f") and len(arguments["city"]) <= 12
+        assert (
+            set(arguments) == {"city", "unit"}
+            and arguments["unit"] in ("c", "f")
+            and len(arguments["city"]) <= 12
+        )
     else:
         assert arguments["zone"] in ("UTC", "CET")
 
@@ -98,7 +108,9 @@ def test_any_json_object_parses(replica):
     # the noise end early. Which tokens may follow is still the grammar's call alone.
     tokenizer = replica.loaded.tokenizer
     bias = {tokenizer.convert_tokens_to_ids(t): 20.0 for t in ('"', "}")}
-    params = SamplingParams(max_tokens=64, temperature=1.0, seed=1, logit_bias=bias, grammar=GrammarSpec("json_object"))
+    params = SamplingParams(
+        max_tokens=64, temperature=1.0, seed=1, logit_bias=bias, grammar=GrammarSpec("json_object")
+    )
     for text, reason in generate(replica, params, n=4):
         assert reason == "stop", text
         assert isinstance(json.loads(text), dict)
@@ -107,14 +119,18 @@ def test_any_json_object_parses(replica):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_json_schema_output_validates(replica, temperature):
     spec = GrammarSpec("json_schema", json.dumps(PERSON))
-    for text, reason in generate(replica, SamplingParams(max_tokens=64, temperature=temperature, seed=5, grammar=spec), n=3):
+    for text, reason in generate(
+        replica, SamplingParams(max_tokens=64, temperature=temperature, seed=5, grammar=spec), n=3
+    ):
         assert reason == "stop", text
         check_person(json.loads(text))
 
 
 def test_required_tool_call_is_one_declared_call(replica):
     spec = HERMES.grammar(TOOLS, parallel=False)
-    for text, reason in generate(replica, SamplingParams(max_tokens=64, temperature=1.0, seed=3, grammar=spec), n=4):
+    for text, reason in generate(
+        replica, SamplingParams(max_tokens=64, temperature=1.0, seed=3, grammar=spec), n=4
+    ):
         parsed = parse_message(text, HERMES.parser(stream_arguments=True))
         assert reason == "stop" and parsed.content is None and len(parsed.tool_calls) == 1, text
         check_call(parsed.tool_calls[0])
@@ -122,7 +138,9 @@ def test_required_tool_call_is_one_declared_call(replica):
 
 def test_parallel_tool_calls_may_repeat(replica):
     spec = HERMES.grammar(TOOLS)
-    for text, reason in generate(replica, SamplingParams(max_tokens=120, temperature=1.0, seed=3, grammar=spec), n=4):
+    for text, reason in generate(
+        replica, SamplingParams(max_tokens=120, temperature=1.0, seed=3, grammar=spec), n=4
+    ):
         parsed = parse_message(text, HERMES.parser(stream_arguments=True))
         assert reason == "stop" and parsed.content is None and parsed.tool_calls, text
         for call in parsed.tool_calls:
@@ -131,7 +149,9 @@ def test_parallel_tool_calls_may_repeat(replica):
 
 def test_named_tool_choice_calls_that_function(replica):
     spec = HERMES.grammar(TOOLS, only="get_time")
-    for text, reason in generate(replica, SamplingParams(max_tokens=64, temperature=1.0, seed=9, grammar=spec), n=3):
+    for text, reason in generate(
+        replica, SamplingParams(max_tokens=64, temperature=1.0, seed=9, grammar=spec), n=3
+    ):
         calls = parse_message(text, HERMES.parser(stream_arguments=True)).tool_calls
         assert reason == "stop" and len(calls) == 1, text
         check_call(calls[0], names=("get_time",))
@@ -180,7 +200,13 @@ def test_mask_covers_a_model_vocabulary_wider_than_the_tokenizer(replica):
 
 def test_special_tool_tags_are_written_as_tokens():
     lark = tool_calls_lark(
-        {"begin": "<tool_call>\n", "end": "\n</tool_call>", "separator": "\n", "tools": [{"name": "f", "parameters": None}], "parallel": False},
+        {
+            "begin": "<tool_call>\n",
+            "end": "\n</tool_call>",
+            "separator": "\n",
+            "tools": [{"name": "f", "parameters": None}],
+            "parallel": False,
+        },
         {"<tool_call>": 7, "</tool_call>": 8},
     )
     assert lark.startswith('start: call\ncall: <[7]> "\\n" %json {') and lark.rstrip().endswith('"\\n" <[8]>')
@@ -189,7 +215,12 @@ def test_special_tool_tags_are_written_as_tokens():
 @pytest.mark.parametrize(
     "spec, param",
     [
-        (GrammarSpec("json_schema", json.dumps({"type": "object", "properties": {"a": {"$ref": "#/nope"}}})), "response_format"),
+        (
+            GrammarSpec(
+                "json_schema", json.dumps({"type": "object", "properties": {"a": {"$ref": "#/nope"}}})
+            ),
+            "response_format",
+        ),
         (GrammarSpec("json_schema", "[1, 2]"), "response_format"),
         (GrammarSpec("regex", "(("), "response_format"),
         (HERMES.grammar([{"function": {"name": "f", "parameters": {"type": "nonsense"}}}]), "tools"),
@@ -204,11 +235,15 @@ def test_invalid_grammars_are_request_errors(replica, spec, param):
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_scheduler_refuses_a_bad_schema_before_admission(tiny_text_path, anyio_backend):
-    config = engine_config(tiny_text_path, max_batch_size=4, max_input_tokens=200, default_max_tokens=64, max_queue_size=8)
+    config = engine_config(
+        tiny_text_path, max_batch_size=4, max_input_tokens=200, default_max_tokens=64, max_queue_size=8
+    )
     scheduler = Scheduler(config)
     messages = ({"role": "user", "content": "hi"},)
     bad = SamplingParams(max_tokens=8, grammar=GrammarSpec("json_schema", json.dumps({"type": "nonsense"})))
-    good = SamplingParams(max_tokens=64, temperature=0.0, grammar=GrammarSpec("json_schema", json.dumps(PERSON)))
+    good = SamplingParams(
+        max_tokens=64, temperature=0.0, grammar=GrammarSpec("json_schema", json.dumps(PERSON))
+    )
     await scheduler.start()
     with anyio.fail_after(120):
         while scheduler.status == "loading":
@@ -231,7 +266,9 @@ async def test_scheduler_refuses_a_bad_schema_before_admission(tiny_text_path, a
 
 def test_a_grammar_past_the_engine_limits_is_a_400_before_generation(replica):
     compiler = replica.grammars
-    tight = GrammarCompiler(replica.loaded.tokenizer, vocab_size=replica.vocab_size, eos_token_ids=replica.loaded.eos_token_ids)
+    tight = GrammarCompiler(
+        replica.loaded.tokenizer, vocab_size=replica.vocab_size, eos_token_ids=replica.loaded.eos_token_ids
+    )
     tight._limits = llguidance.LLParserLimits(step_lexer_fuel=1, initial_lexer_fuel=1, verbose_errors=False)
     spec = GrammarSpec("json_schema", json.dumps({"type": "string", "pattern": "(a|b|c)[0-9]{3,9}x"}))
     compiler.validate(spec)  # fine with the default limits

@@ -26,8 +26,16 @@ GEMMA = ("<bos>", "<start_of_turn>", "<end_of_turn>")
 
 def _builder(template: str, specials: tuple[str, ...], bos: str | None) -> PromptBuilder:
     base = build_tokenizer(512, extra_special=specials)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token="<|im_end|>", bos_token=bos)
-    return PromptBuilder(tokenizer, chat_template=template, image_token_id=None, max_input_tokens=4096, image_limits=ImageLimits())
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, eos_token="<|im_end|>", bos_token=bos
+    )
+    return PromptBuilder(
+        tokenizer,
+        chat_template=template,
+        image_token_id=None,
+        max_input_tokens=4096,
+        image_limits=ImageLimits(),
+    )
 
 
 BUILDERS = {

@@ -13,7 +13,9 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 def test_every_environment_variable_and_flag_is_documented():
     missing = [name for names in ENV_NAMES.values() for name in names if f"`{name}`" not in README]
     assert not missing
-    flags = [option for setting in SETTINGS.values() for option in setting.flags if f"`{option}`" not in README]
+    flags = [
+        option for setting in SETTINGS.values() for option in setting.flags if f"`{option}`" not in README
+    ]
     assert not flags
 
 

@@ -13,7 +13,9 @@ CPU = torch.device("cpu")
 
 
 def row(params: SamplingParams, prompt=(), eos=frozenset({9})) -> RowSampler:
-    return RowSampler(params, vocab_size=10, device=CPU, prompt_ids=list(prompt), eos_token_ids=eos, seed=params.seed)
+    return RowSampler(
+        params, vocab_size=10, device=CPU, prompt_ids=list(prompt), eos_token_ids=eos, seed=params.seed
+    )
 
 
 def test_greedy_rows_take_the_argmax():
@@ -24,10 +26,28 @@ def test_greedy_rows_take_the_argmax():
 
 def test_top_k_top_p_min_p_keep_only_the_allowed_tokens():
     logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.05, 0.05]))
-    assert (_filter_sampled(logits, SamplingParams(max_tokens=1, top_k=2)) > 0).tolist() == [True, True, False, False, False]
+    assert (_filter_sampled(logits, SamplingParams(max_tokens=1, top_k=2)) > 0).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
     # top_p=0.6: 0.4 alone is below 0.6, so 0.3 is needed as well.
-    assert (_filter_sampled(logits, SamplingParams(max_tokens=1, top_p=0.6)) > 0).tolist() == [True, True, False, False, False]
-    assert (_filter_sampled(logits, SamplingParams(max_tokens=1, min_p=0.6)) > 0).tolist() == [True, True, False, False, False]
+    assert (_filter_sampled(logits, SamplingParams(max_tokens=1, top_p=0.6)) > 0).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert (_filter_sampled(logits, SamplingParams(max_tokens=1, min_p=0.6)) > 0).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
 
 
 def test_seeded_rows_are_reproducible_and_independent_of_neighbours():
@@ -92,7 +112,11 @@ def test_candidate_shortcut_equals_the_full_vocabulary(monkeypatch):
     peaked = torch.randn(64, generator=gen) * 6  # mass concentrated in a few tokens, as in real LMs
     flat = torch.randn(64, generator=gen) * 0.1  # the shortcut cannot decide: full fallback
     for logits in (peaked, flat):
-        for params in (SamplingParams(max_tokens=1, top_p=0.9), SamplingParams(max_tokens=1, min_p=0.05), SamplingParams(max_tokens=1, top_k=5, top_p=0.8)):
+        for params in (
+            SamplingParams(max_tokens=1, top_p=0.9),
+            SamplingParams(max_tokens=1, min_p=0.05),
+            SamplingParams(max_tokens=1, top_k=5, top_p=0.8),
+        ):
             monkeypatch.setattr(sampling, "_CANDIDATES", 64)
             full = _filter_sampled(logits, params)
             monkeypatch.setattr(sampling, "_CANDIDATES", 8)

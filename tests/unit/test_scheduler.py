@@ -11,7 +11,12 @@ import pytest
 
 from models.params import PromptInput, SamplingParams
 from scheduler.core import Scheduler
-from scheduler.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
+from scheduler.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotReadyError,
+    OverloadedError,
+)
 from scheduler.request import EngineRequest
 from scheduler.router import pick_replica
 from tests.unit.configs import engine_config
@@ -25,11 +30,17 @@ def anyio_backend():
 
 
 @contextlib.asynccontextmanager
-async def running_scheduler(model_path, *, cpu_replicas=1, max_new_tokens=64, kv_budget=None, executor=None, **settings):
+async def running_scheduler(
+    model_path, *, cpu_replicas=1, max_new_tokens=64, kv_budget=None, executor=None, **settings
+):
     settings = {"max_queue_size": 64, "max_batch_size": 8, "max_prefill_tokens": 64, **settings}
     config = engine_config(
-        model_path, cpu_replicas=cpu_replicas, max_input_tokens=200, default_max_tokens=max_new_tokens,
-        kv_cache_max_gib=(kv_budget or 0) / 2**30, **settings,
+        model_path,
+        cpu_replicas=cpu_replicas,
+        max_input_tokens=200,
+        default_max_tokens=max_new_tokens,
+        kv_cache_max_gib=(kv_budget or 0) / 2**30,
+        **settings,
     )
     if executor:
         config = dataclasses.replace(config, executor=dataclasses.replace(config.executor, **executor))
@@ -49,7 +60,9 @@ def request(i: int, max_tokens: int | None = 8, text: str = "hello", n: int = 1,
     params.setdefault("temperature", 0.0)
     params.setdefault("ignore_eos", True)
     messages = ({"role": "user", "content": f"{text} {i}"},)
-    return EngineRequest(f"r{i}", PromptInput(messages=messages), SamplingParams(max_tokens=max_tokens, **params), n=n)
+    return EngineRequest(
+        f"r{i}", PromptInput(messages=messages), SamplingParams(max_tokens=max_tokens, **params), n=n
+    )
 
 
 async def consume(stream) -> str:
@@ -112,7 +125,9 @@ async def test_cancelled_requests_free_their_slots(tiny_text_path):
 
 
 async def test_full_queues_refuse_at_once(tiny_text_path):
-    async with running_scheduler(tiny_text_path, max_queue_size=1, max_batch_size=1, max_new_tokens=512) as scheduler:
+    async with running_scheduler(
+        tiny_text_path, max_queue_size=1, max_batch_size=1, max_new_tokens=512
+    ) as scheduler:
         busy = await scheduler.submit(request(0, max_tokens=400))
         with anyio.fail_after(10):
             while scheduler.executors[0].queue_depth:
@@ -159,7 +174,13 @@ async def test_a_model_that_fails_to_load_makes_the_server_degraded(tmp_path):
 
 class FakeReplica:
     def __init__(self, name, load, ready=True, room=True, depth=0):
-        self.name, self.outstanding_tokens, self._ready, self._room, self._depth = name, load, ready, room, depth
+        self.name, self.outstanding_tokens, self._ready, self._room, self._depth = (
+            name,
+            load,
+            ready,
+            room,
+            depth,
+        )
 
     @property
     def is_ready(self):
@@ -174,7 +195,12 @@ class FakeReplica:
 
 
 def test_router_picks_the_least_loaded_ready_replica_with_room():
-    replicas = [FakeReplica("a", 50), FakeReplica("b", 10), FakeReplica("c", 5, ready=False), FakeReplica("d", 1, room=False)]
+    replicas = [
+        FakeReplica("a", 50),
+        FakeReplica("b", 10),
+        FakeReplica("c", 5, ready=False),
+        FakeReplica("d", 1, room=False),
+    ]
     assert pick_replica(replicas).name == "b"
     assert pick_replica([FakeReplica("x", 0, ready=False)]) is None
     tie = [FakeReplica("a", 10, depth=3), FakeReplica("b", 10, depth=1)]
@@ -208,7 +234,9 @@ async def test_a_small_kv_pool_pages_and_preempts_instead_of_overflowing(tiny_te
         assert all(s.completion_tokens == 300 for s in streams)
         assert executor.batch.num_preemptions > 0
         assert peak_used <= executor.batch.blocks.num_blocks == 32
-        assert executor.replica.kv_pool_bytes <= budget + 2 * 2 * 16 * 2 * 16 * 4  # plus the zero padding block
+        assert (
+            executor.replica.kv_pool_bytes <= budget + 2 * 2 * 16 * 2 * 16 * 4
+        )  # plus the zero padding block
         for i in (0, 5):  # the first and the most preempted, alone
             assert await consume(await scheduler.submit(request(i, max_tokens=300))) == texts[i]
 
@@ -217,7 +245,9 @@ async def test_short_jobs_are_prefilled_before_long_ones_that_arrived_with_them(
     gather = {"max_prefill_tokens": 48, "batch_timeout_s": 0.5}
     async with running_scheduler(tiny_text_path, executor=gather, max_new_tokens=200) as scheduler:
         # Long prompts need several 48-token chunks; the short one fits in one.
-        longs = [await scheduler.submit(request(i, max_tokens=150, text="a long request " * 20)) for i in range(5)]
+        longs = [
+            await scheduler.submit(request(i, max_tokens=150, text="a long request " * 20)) for i in range(5)
+        ]
         short = await scheduler.submit(request(9, max_tokens=2, text="a short request " * 3))
         async with anyio.create_task_group() as tg:
             for s in [*longs, short]:

@@ -124,7 +124,11 @@ EVERY_VAR = {
     "ALLOW_REMOTE_IMAGES": ("0", "allow_remote_images", False),
     "IMAGE_URL_ALLOWED_HOSTS": ("A.test, ,b.test.", "image_url_allowed_hosts", ("a.test", "b.test")),
     "ALLOW_PRIVATE_IMAGE_URLS": ("1", "allow_private_image_urls", True),
-    "IMAGE_URL_ALLOWED_NETWORKS": ("10.20.0.0/16, 127.0.0.1", "image_url_allowed_networks", ("10.20.0.0/16", "127.0.0.1/32")),
+    "IMAGE_URL_ALLOWED_NETWORKS": (
+        "10.20.0.0/16, 127.0.0.1",
+        "image_url_allowed_networks",
+        ("10.20.0.0/16", "127.0.0.1/32"),
+    ),
     "IMAGE_FETCH_TIMEOUT_S": ("2.5", "image_fetch_timeout_s", 2.5),
 }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import anyio
 import pytest
 
 from app.streaming import DONE, chat_event_stream
@@ -28,7 +27,12 @@ def make_stream(n: int = 1) -> RequestStream:
 
 async def drain(stream: RequestStream, **kwargs) -> tuple[list[bytes], list]:
     finished = []
-    events = [e async for e in chat_event_stream(stream, base={"id": "x"}, on_done=lambda s, err: finished.append(err), **kwargs)]
+    events = [
+        e
+        async for e in chat_event_stream(
+            stream, base={"id": "x"}, on_done=lambda s, err: finished.append(err), **kwargs
+        )
+    ]
     return events, finished
 
 
@@ -53,7 +57,11 @@ async def test_a_normal_stream_has_role_content_finish_usage_done():
     events, finished = await drain(stream, include_usage=True)
     payloads = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
     assert [p["choices"][0]["delta"] for p in payloads[:2]] == [{"role": "assistant", "content": ""}] * 2
-    reasons = {p["choices"][0]["index"]: p["choices"][0]["finish_reason"] for p in payloads if p["choices"] and p["choices"][0]["finish_reason"]}
+    reasons = {
+        p["choices"][0]["index"]: p["choices"][0]["finish_reason"]
+        for p in payloads
+        if p["choices"] and p["choices"][0]["finish_reason"]
+    }
     assert reasons == {0: "stop", 1: "length"}
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 2
     assert events[-1] == DONE and finished == [None]

@@ -13,10 +13,17 @@ from models.params import SamplingParams
 from models.prompt import PreparedPrompt
 from models.replica import build_replica
 from models.tiny import build_tokenizer, chat_template
-from tests.unit.engine_driver import EngineDriver, hf_greedy
 from tests.unit.configs import replica_config
+from tests.unit.engine_driver import EngineDriver, hf_greedy
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 # model_type -> (extra config, expected path)
 ARCHS = {
     "qwen2": ({}, "fast"),
@@ -35,7 +42,17 @@ ARCHS = {
     "granite": ({}, "fast"),
     "smollm3": ({"pad_token_id": 0}, "fast"),
     # Its attention does not go through transformers' AttentionInterface: the packed step raises.
-    "falcon": ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "new_decoder_architecture": False, "multi_query": True, "_replace": True}, "generic"),
+    "falcon": (
+        {
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "new_decoder_architecture": False,
+            "multi_query": True,
+            "_replace": True,
+        },
+        "generic",
+    ),
     # Soft-capped attention logits: plain SDPA over the cache would change the math.
     "gemma2": ({"head_dim": 16, "sliding_window": 8}, "generic"),
 }
@@ -67,7 +84,9 @@ def build(model_type: str, extra: dict, tokenizer, out) -> None:
 def test_architecture_matches_generate(model_type, tokenizer, tmp_path):
     extra, expected_path = ARCHS[model_type]
     build(model_type, extra, tokenizer, tmp_path)
-    replica = build_replica(LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4))
+    replica = build_replica(
+        LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4)
+    )
     assert replica.path == expected_path, replica.path_reason
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
     prompt = PreparedPrompt(tokenizer("hello world, this is a test of the architecture " * 3)["input_ids"])

@@ -56,7 +56,11 @@ def reassemble(deltas) -> tuple[str | None, list[tuple[str, str]]]:
     [
         ("plain", TEXTS["plain"], []),
         ("one", None, [("get_weather", '{"city": "Paris", "unit": "c"}')]),
-        ("two", None, [("get_weather", '{"city": "Paris", "unit": "c"}'), ("get_time", '{"zone": "}\\" <tool_call>"}')]),
+        (
+            "two",
+            None,
+            [("get_weather", '{"city": "Paris", "unit": "c"}'), ("get_time", '{"zone": "}\\" <tool_call>"}')],
+        ),
         ("text_before", "Let me check that.", [("get_weather", '{"city": "Paris", "unit": "c"}')]),
         ("text_after", "Done <tool", [("get_weather", '{"city": "Paris", "unit": "c"}')]),
         ("malformed", TEXTS["malformed"], []),
@@ -80,14 +84,19 @@ def test_stream_split_anywhere_matches_the_whole_text(key, stream_arguments):
     text = TEXTS[key]
     whole = parse_message(text, HERMES.parser(stream_arguments=stream_arguments))
     expected = (whole.content, calls_of(whole))
-    splits = [[text[:i], text[i:j], text[j:]] for i in range(len(text) + 1) for j in range(i, len(text) + 1, 7)]
+    splits = [
+        [text[:i], text[i:j], text[j:]] for i in range(len(text) + 1) for j in range(i, len(text) + 1, 7)
+    ]
     splits.append(list(text))  # one character at a time
     for pieces in splits:
         parser = HERMES.parser(stream_arguments=stream_arguments)
         deltas = [d for piece in pieces for d in parser.feed(piece)] + parser.finish()
         assert reassemble(deltas) == expected, pieces
         assert all(d for d in deltas if isinstance(d, str)), "empty content deltas"
-        assert not any(isinstance(d, str) and "</tool_call>" in d for d in deltas) or key in ("malformed", "no_name")
+        assert not any(isinstance(d, str) and "</tool_call>" in d for d in deltas) or key in (
+            "malformed",
+            "no_name",
+        )
 
 
 def test_forced_calls_stream_their_arguments_as_they_come():
@@ -108,7 +117,11 @@ def test_forced_calls_stream_their_arguments_as_they_come():
 def test_unforced_calls_are_checked_whole():
     parser = HERMES.parser(stream_arguments=False)
     deltas = [d for ch in CALL_A for d in parser.feed(ch)]
-    assert len(deltas) == 2 and deltas[0].name == "get_weather" and deltas[1].arguments == '{"city": "Paris", "unit": "c"}'
+    assert (
+        len(deltas) == 2
+        and deltas[0].name == "get_weather"
+        and deltas[1].arguments == '{"city": "Paris", "unit": "c"}'
+    )
 
 
 def test_a_forced_call_cut_by_max_tokens_stays_a_call():
@@ -125,7 +138,10 @@ def test_stream_chunks_end_with_tool_calls():
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0] == {"content": "Sure."}
     assert deltas[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
-    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[2:-1]) == '{"city": "Paris", "unit": "c"}'
+    assert (
+        "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[2:-1])
+        == '{"city": "Paris", "unit": "c"}'
+    )
     assert deltas[-1] == {} and chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
@@ -143,8 +159,14 @@ def chat_request(**fields) -> ChatCompletionRequest:
     [
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
-        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
-        ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}},
+            "tool_choice",
+        ),
+        (
+            {"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
     ],
 )
@@ -161,11 +183,24 @@ def test_grammar_and_parsing_follow_tool_choice():
     assert parser_factory(chat_request(tools=[TOOL]))().stream_arguments is False
     assert parser_factory(chat_request(tools=[TOOL], tool_choice="none")) is None
     required = _chat_grammar(chat_request(tools=[TOOL], tool_choice="required", parallel_tool_calls=False))
-    assert required.kind == "tool_calls" and required.param == "tools" and json.loads(required.source)["parallel"] is False
-    assert json.loads(_chat_grammar(chat_request(tools=[TOOL], tool_choice=named)).source)["tools"][0]["name"] == "get_weather"
+    assert (
+        required.kind == "tool_calls"
+        and required.param == "tools"
+        and json.loads(required.source)["parallel"] is False
+    )
+    assert (
+        json.loads(_chat_grammar(chat_request(tools=[TOOL], tool_choice=named)).source)["tools"][0]["name"]
+        == "get_weather"
+    )
     assert parser_factory(chat_request(tools=[TOOL], tool_choice=named))().stream_arguments is True
     schema = {"type": "object", "properties": {"b": {}, "a": {}}}
-    spec = _chat_grammar(chat_request(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
-    assert spec.kind == "json_schema" and json.loads(spec.source) == schema and list(json.loads(spec.source)["properties"]) == ["b", "a"]
+    spec = _chat_grammar(
+        chat_request(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    )
+    assert (
+        spec.kind == "json_schema"
+        and json.loads(spec.source) == schema
+        and list(json.loads(spec.source)["properties"]) == ["b", "a"]
+    )
     assert _chat_grammar(chat_request(response_format={"type": "json_object"})).kind == "json_object"
     assert parser_factory(chat_request(tools=[TOOL], response_format={"type": "json_object"})) is None

@@ -19,13 +19,15 @@ from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import build_replica
+from tests.unit.configs import replica_config
 from tests.unit.engine_driver import EngineDriver, hf_greedy, run_jobs
 from tests.unit.vlm_builders import ARCHS, GREEDY, MAX_NEW, NOT_BUILT, Arch
-from tests.unit.configs import replica_config
+
 
 @pytest.mark.parametrize("name", sorted(NOT_BUILT))
 def test_not_built_here(name):
     pytest.skip(f"{name}: {NOT_BUILT[name]}")
+
 
 pytestmark = pytest.mark.slow  # builds and loads many checkpoints
 
@@ -108,7 +110,10 @@ def test_prompt_tokens_match_the_processors_own_chat_template(arch_replica):
     ours = _image_prompt(replica, text, seed=1)
     theirs = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}],
-        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     )
     assert ours.token_ids == theirs["input_ids"][0].tolist()
     for key, value in ours.mm_inputs.items():
@@ -119,9 +124,16 @@ def test_two_images_in_one_prompt_match_generate(arch_replica):
     arch, replica = arch_replica
     message = {
         "role": "user",
-        "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "these."}],
+        "content": [
+            {"type": "image"},
+            {"type": "text", "text": "Compare"},
+            {"type": "image"},
+            {"type": "text", "text": "these."},
+        ],
     }
-    prepared = _builder(replica).prepare(PromptInput(messages=(message,), images=(png(4), png(5, size=(40, 64)))))
+    prepared = _builder(replica).prepare(
+        PromptInput(messages=(message,), images=(png(4), png(5, size=(40, 64))))
+    )
     assert prepared.num_images == 2
     assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
 
@@ -139,7 +151,11 @@ def test_image_request_is_identical_in_a_mixed_batch(arch_replica):
     params = SamplingParams(max_tokens=MAX_NEW, **GREEDY)
     alone = run_jobs(replica, [(0, target, params)])[0]
     others = [
-        (0, _text_prompt(replica, "a text request in the same batch"), SamplingParams(max_tokens=20, **GREEDY)),
+        (
+            0,
+            _text_prompt(replica, "a text request in the same batch"),
+            SamplingParams(max_tokens=20, **GREEDY),
+        ),
         (1, _image_prompt(replica, "Another image", seed=3), SamplingParams(max_tokens=14, **GREEDY)),
     ]
     for join_step in (0, 3):
@@ -149,7 +165,9 @@ def test_image_request_is_identical_in_a_mixed_batch(arch_replica):
 
 def test_a_repeated_image_prompt_gives_the_same_tokens_from_the_prefix_cache(arch_replica):
     arch, replica = arch_replica
-    prepared = _image_prompt(replica, "Describe the image in detail, please, and then say more about it.", seed=6)
+    prepared = _image_prompt(
+        replica, "Describe the image in detail, please, and then say more about it.", seed=6
+    )
     params = SamplingParams(max_tokens=MAX_NEW, **GREEDY)
     driver = EngineDriver(replica)
     first = driver.submit(prepared, params)
@@ -157,10 +175,16 @@ def test_a_repeated_image_prompt_gives_the_same_tokens_from_the_prefix_cache(arc
     again = driver.submit(prepared, params)
     driver.run([again])
     assert driver.outputs(again) == driver.outputs(first)
-    if replica.path == "fast" and len(prepared.token_ids) - 1 >= (prepared.image_span[1] // replica.block_size + 1) * replica.block_size:
+    if (
+        replica.path == "fast"
+        and len(prepared.token_ids) - 1
+        >= (prepared.image_span[1] // replica.block_size + 1) * replica.block_size
+    ):
         # Blocks past the image hit: the second request ran without its image inputs at all.
         assert driver.executor.batch.blocks.hit_tokens > prepared.image_span[1]
-    other = _image_prompt(replica, "Describe the image in detail, please, and then say more about it.", seed=7)
+    other = _image_prompt(
+        replica, "Describe the image in detail, please, and then say more about it.", seed=7
+    )
     different = driver.submit(other, params)
     driver.run([different])
     # A different image never shares the blocks of its tokens.
@@ -180,7 +204,10 @@ def test_mask_check_flags_what_the_causal_fast_path_cannot_do():
     assert "later tokens" in _mask_problem(image_block[None, None])
     additive = torch.zeros(5, 5).masked_fill(~image_block, torch.finfo(torch.float32).min)
     assert "later tokens" in _mask_problem(additive[None, None])
-    assert _mask_problem(torch.zeros(5, 5).masked_fill(~causal, torch.finfo(torch.float32).min)[None, None]) is None
+    assert (
+        _mask_problem(torch.zeros(5, 5).masked_fill(~causal, torch.finfo(torch.float32).min)[None, None])
+        is None
+    )
     assert "cross-attention" in _mask_problem(torch.ones(1, 1, 5, 3, dtype=torch.bool))
 
 
@@ -198,8 +225,12 @@ def test_a_processor_without_tokenizer_options_is_called_without_them(tmp_path_f
 
     loaded = replica.loaded
     builder = PromptBuilder(
-        loaded.tokenizer, processor=Strict(), chat_template=loaded.chat_template, image_token_id=loaded.image_token_id,
-        max_input_tokens=4096, image_limits=ImageLimits(),
+        loaded.tokenizer,
+        processor=Strict(),
+        chat_template=loaded.chat_template,
+        image_token_id=loaded.image_token_id,
+        max_input_tokens=4096,
+        image_limits=ImageLimits(),
     )
     message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}
     prepared = builder.prepare(PromptInput(messages=(message,), images=(png(1),)))

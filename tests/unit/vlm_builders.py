@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from models.loader import images_only_processor_class
 from models.tiny import ENDOFTEXT, IM_END, IM_START, _random_model, build_tokenizer
 
@@ -108,8 +106,13 @@ def build_llava_next(out: Path) -> None:
     pinpoints = [[32, 64], [64, 32], [64, 64]]
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, projection_dim=32,
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
         ),
         text_config=LlamaConfig(**_text_kwargs(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -122,8 +125,13 @@ def build_llava_next(out: Path) -> None:
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=_LLAVA_NEXT_TEMPLATE, image_token="<image>",
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=_LLAVA_NEXT_TEMPLATE,
+        image_token="<image>",
     )
     _save(out, config, processor)
 
@@ -137,7 +145,9 @@ _IDEFICS3_TEMPLATE = (
 )
 
 
-def _build_tiled(out: Path, config_class, vision_config_class, image_processor_class, processor_class) -> None:
+def _build_tiled(
+    out: Path, config_class, vision_config_class, image_processor_class, processor_class
+) -> None:
     """Idefics3 and SmolVLM share a layout: image splitting into tiles, pixel_attention_mask, pixel shuffle."""
     from transformers import LlamaConfig
 
@@ -148,7 +158,12 @@ def _build_tiled(out: Path, config_class, vision_config_class, image_processor_c
     )
     config = config_class(
         vision_config=vision_config_class(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
         ),
         text_config=LlamaConfig(**_text_kwargs(tok)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
@@ -191,8 +206,13 @@ def build_paligemma(out: Path) -> None:
     tok = _tokenizer({"image_token": "<image>"}, bos="<bos>")
     config = PaliGemmaConfig(
         vision_config=SiglipVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, projection_dim=64,
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=64,
         ),
         text_config=GemmaConfig(**_text_kwargs(tok, bos_token_id=tok.bos_token_id)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -239,11 +259,18 @@ def build_gemma3(out: Path) -> None:
     boi, eoi, image = _ids(tok, "<start_of_image>", "<end_of_image>", "<image_soft_token>")
     config = Gemma3Config(
         text_config=Gemma3TextConfig(
-            **_text_kwargs(tok, bos_token_id=tok.bos_token_id), query_pre_attn_scalar=16, sliding_window=64,
+            **_text_kwargs(tok, bos_token_id=tok.bos_token_id),
+            query_pre_attn_scalar=16,
+            sliding_window=64,
             layer_types=["sliding_attention", "full_attention"],
         ),
         vision_config=SiglipVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
         ),
         mm_tokens_per_image=4,
         boi_token_index=boi,
@@ -279,12 +306,21 @@ def build_mllama(out: Path) -> None:
     )
     config = MllamaConfig(
         vision_config=MllamaVisionConfig(
-            hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=4, intermediate_size=64,
-            vision_output_dim=64, intermediate_layers_indices=[0], image_size=32, patch_size=8, max_num_tiles=2,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_global_layers=1,
+            attention_heads=4,
+            intermediate_size=64,
+            vision_output_dim=64,
+            intermediate_layers_indices=[0],
+            image_size=32,
+            patch_size=8,
+            max_num_tiles=2,
             supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
         ),
         text_config=MllamaTextConfig(
-            **_text_kwargs(tok, num_hidden_layers=3, bos_token_id=tok.bos_token_id), cross_attention_layers=[1]
+            **_text_kwargs(tok, num_hidden_layers=3, bos_token_id=tok.bos_token_id),
+            cross_attention_layers=[1],
         ),
         image_token_index=tok.convert_tokens_to_ids("<|image|>"),
     )
@@ -311,9 +347,12 @@ def build_qwen2_vl(out: Path) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = _tokenizer(
-        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}, extra=("<|vision_start|>", "<|vision_end|>")
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        extra=("<|vision_start|>", "<|vision_end|>"),
     )
-    image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    image, video, start, end = _ids(
+        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
     config = Qwen2VLConfig(
         text_config=Qwen2VLTextConfig(
             **_text_kwargs(tok),
@@ -342,16 +381,24 @@ def build_qwen2_5_vl(out: Path) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = _tokenizer(
-        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}, extra=("<|vision_start|>", "<|vision_end|>")
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        extra=("<|vision_start|>", "<|vision_end|>"),
     )
-    image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    image, video, start, end = _ids(
+        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
     config = Qwen2_5_VLConfig(
         text_config=Qwen2_5_VLTextConfig(
             **_text_kwargs(tok),
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=Qwen2_5_VLVisionConfig(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, window_size=56,
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=64,
+            window_size=56,
             fullatt_block_indexes=[1],
         ),
         image_token_id=image,
@@ -373,19 +420,31 @@ def build_qwen3_vl(out: Path) -> None:
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
     tok = _tokenizer(
-        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}, extra=("<|vision_start|>", "<|vision_end|>")
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        extra=("<|vision_start|>", "<|vision_end|>"),
     )
-    image, video, start, end = _ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    image, video, start, end = _ids(
+        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
     config = Qwen3VLConfig(
         text_config=Qwen3VLTextConfig(
             **_text_kwargs(tok),
             rope_parameters={
-                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
             },
         ),
         vision_config=Qwen3VLVisionConfig(
-            depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=16,
-            num_position_embeddings=16, deepstack_visual_indexes=[0],
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=64,
+            patch_size=16,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
         ),
         image_token_id=image,
         video_token_id=video,
@@ -408,12 +467,20 @@ def build_internvl(out: Path) -> None:
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
     tok = _tokenizer(
-        {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
-         "video_token": "<video>"}
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        }
     )
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=(32, 32),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            image_size=(32, 32),
             patch_size=(8, 8),
         ),
         text_config=Qwen2Config(**_text_kwargs(tok)),
@@ -426,7 +493,9 @@ def build_internvl(out: Path) -> None:
         size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4
     )
     processor = images_only_processor_class(InternVLProcessor)(
-        image_processor=image_processor, tokenizer=tok, image_seq_length=4,
+        image_processor=image_processor,
+        tokenizer=tok,
+        image_seq_length=4,
         chat_template=_parts_template("<IMG_CONTEXT>\n"),
     )
     _save(out, config, processor)
@@ -450,15 +519,29 @@ def build_aya_vision(out: Path) -> None:
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     tok = _tokenizer(
-        extra=("<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>",
-               "<|START_OF_TURN_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|END_OF_TURN_TOKEN|>"),
+        extra=(
+            "<image>",
+            "<|START_OF_IMG|>",
+            "<|END_OF_IMG|>",
+            "<|IMG_PATCH|>",
+            "<|IMG_LINE_BREAK|>",
+            "<|START_OF_TURN_TOKEN|>",
+            "<|USER_TOKEN|>",
+            "<|CHATBOT_TOKEN|>",
+            "<|END_OF_TURN_TOKEN|>",
+        ),
         bos="<BOS_TOKEN>",
     )
     text = _text_kwargs(tok, bos_token_id=tok.bos_token_id, sliding_window=8)
     text.pop("head_dim")
     config = AyaVisionConfig(
         vision_config=SiglipVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
         ),
         text_config=Cohere2Config(**text, layer_types=["sliding_attention", "full_attention"]),
         downsample_factor=2,
@@ -469,7 +552,11 @@ def build_aya_vision(out: Path) -> None:
         size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4
     )
     processor = AyaVisionProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=8, img_size=32, downsample_factor=2,
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        img_size=32,
+        downsample_factor=2,
         chat_template=_COHERE_TEMPLATE,
     )
     _save(out, config, processor)
@@ -486,7 +573,12 @@ def build_llava_onevision(out: Path) -> None:
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
         ),
         text_config=Qwen2Config(**_text_kwargs(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -495,9 +587,14 @@ def build_llava_onevision(out: Path) -> None:
         vision_feature_select_strategy="full",
         tie_word_embeddings=False,
     )
-    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
     processor = images_only_processor_class(LlavaOnevisionProcessor)(
-        image_processor=image_processor, tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
+        image_processor=image_processor,
+        tokenizer=tok,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
         chat_template=_parts_template("<image>\n"),
     )
     _save(out, config, processor)
@@ -538,4 +635,3 @@ ARCHS = [
 NOT_BUILT = {
     "mistral3/pixtral": "PixtralProcessor imports torchvision at import time; no images-only fallback is possible",
 }
-
