@@ -32,17 +32,12 @@ class ModelNotFoundError(EngineError):
     code = "model_not_found"
 
 
-class PayloadTooLargeError(EngineError):
-    code = "request_too_large"
-
-
 # (status, OpenAI error type); most specific classes first.
 ENGINE_ERRORS: tuple[tuple[type[EngineError], int, str], ...] = (
     (ContextLengthExceededError, 400, "invalid_request_error"),
     (InvalidImageError, 400, "invalid_request_error"),
     (InvalidRequestError, 400, "invalid_request_error"),
     (ModelNotFoundError, 404, "invalid_request_error"),
-    (PayloadTooLargeError, 413, "invalid_request_error"),
     (OverloadedError, 503, "server_error"),
     (ModelNotReadyError, 503, "server_error"),
     (GenerationError, 500, "server_error"),

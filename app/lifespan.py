@@ -78,7 +78,6 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
             max_pixels=settings.max_image_pixels,
             max_side=settings.max_image_size,
         ),
-        max_images_per_request=settings.max_images_per_request,
     )
 
 

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import msgspec
 from litestar import Request
@@ -56,6 +56,28 @@ async def strict_body(request: Request, data_type: type[T]) -> T:
         raise invalid_body(exc) from None
 
 
+@dataclass
+class Call(Generic[T]):
+    """One generation request as a route sees it, once `begin` has checked the body."""
+
+    data: T
+    svc: Services
+    request_id: str
+    tracker: RequestTracker
+
+
+async def begin(request: Request, data_type: type[T], *, endpoint: str, id_prefix: str) -> Call[T]:
+    """The start every generation route shares: a request id, a tracker that records how the
+    request ends (a refused body too), the strictly converted body."""
+    svc = services(request)
+    request_id = new_request_id(id_prefix, request)
+    tracker = RequestTracker(svc, endpoint, request_id)
+    with tracker.failures():
+        data = await strict_body(request, data_type)
+    await log_ignored_fields(request, data)
+    return Call(data, svc, request_id, tracker)
+
+
 def new_request_id(prefix: str, request: Request) -> str:
     """Use the caller's X-Request-Id when it is sane, so logs line up across services."""
     supplied = request.headers.get("x-request-id", "")
@@ -100,8 +122,6 @@ async def log_ignored_fields(request: Request, data: object) -> None:
     """Unknown request fields are accepted, as OpenAI clients expect; at debug level, say which."""
     if not log.isEnabledFor(logging.DEBUG):
         return
-    import msgspec
-
     try:
         body = msgspec.json.decode(await request.body())
     except msgspec.DecodeError:

@@ -7,59 +7,73 @@ frees its batch slot at the next step instead of generating for nobody.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import msgspec
 from litestar import Request
+from litestar.response import Stream
 
 from app.errors import engine_error_to_response
+from app.schemas.chat import ChatChunkChoice, ChatCompletionChunk, ChoiceDelta
+from app.schemas.common import ChoiceLogprobs, PromptTokensDetails, TokenLogprobEntry, TopLogprob, Usage
 from app.tool_calls import ToolCallParser, finish_reason_for
 from scheduler.errors import EngineError, GenerationError
-from scheduler.request import ChoiceUpdate, RequestStream, StreamUpdate, TokenLogprob
+from scheduler.request import RequestStream, StreamUpdate, TokenLogprob
 
 DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering
 _encode = msgspec.json.encode
 
 
-def sse(payload: Any) -> bytes:
+def sse(payload: msgspec.Struct) -> bytes:
     return b"data: " + _encode(payload) + b"\n\n"
 
 
-def logprobs_payload(entries: list[TokenLogprob]) -> dict[str, Any]:
-    content = []
-    for entry in entries:
-        tops = [
-            {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-            for text, (_, logprob) in zip(entry.top_tokens or [], entry.top, strict=False)
+def sse_response(events: AsyncIterator[bytes], headers: dict[str, str] | None) -> Stream:
+    return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+
+
+def end_of_stream(error: EngineError | None, usage_chunk: msgspec.Struct | None) -> bytes:
+    """How every stream ends: the error object when it failed after starting, otherwise the
+    usage chunk when the client asked for one; then `[DONE]`."""
+    if error is not None:
+        return sse(engine_error_to_response(error)[1]) + DONE
+    if usage_chunk is not None:
+        return sse(usage_chunk) + DONE
+    return DONE
+
+
+def choice_logprobs(entries: list[TokenLogprob]) -> ChoiceLogprobs:
+    """Chat's logprobs object (the chat endpoint's shape; completions have their own)."""
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobEntry(
+                token=entry.token,
+                logprob=entry.logprob,
+                bytes=list(entry.token.encode("utf-8")),
+                top_logprobs=[
+                    TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+                    for text, (_, logprob) in zip(entry.top_tokens or [], entry.top, strict=False)
+                ],
+            )
+            for entry in entries
         ]
-        content.append(
-            {
-                "token": entry.token,
-                "logprob": entry.logprob,
-                "bytes": list(entry.token.encode("utf-8")),
-                "top_logprobs": tops,
-            }
-        )
-    return {"content": content, "refusal": None}
+    )
 
 
-def usage_payload(stream: RequestStream) -> dict[str, Any]:
-    usage: dict[str, Any] = {
-        "prompt_tokens": stream.prompt_tokens,
-        "completion_tokens": stream.completion_tokens,
-        "total_tokens": stream.prompt_tokens + stream.completion_tokens,
-    }
-    if stream.num_image_tokens:
-        usage["prompt_tokens_details"] = {"cached_tokens": 0, "image_tokens": stream.num_image_tokens}
-    return usage
-
-
-def stream_error_payload(error: EngineError) -> dict[str, Any]:
-    """The OpenAI error object a failed stream ends with (before `[DONE]`)."""
-    return msgspec.to_builtins(engine_error_to_response(error)[1])
+def usage_of(streams: Sequence[RequestStream]) -> Usage:
+    """Token counts of one request (several streams: the prompts of one completions request)."""
+    prompt = sum(s.prompt_tokens for s in streams)
+    completion = sum(s.completion_tokens for s in streams)
+    image_tokens = sum(s.num_image_tokens for s in streams)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(image_tokens=image_tokens) if image_tokens else None,
+    )
 
 
 def stream_failure(update: StreamUpdate) -> EngineError:
@@ -137,84 +151,57 @@ async def _cancel_on_disconnect(
 async def chat_event_stream(
     stream: RequestStream,
     *,
-    base: dict[str, Any],
+    chunk: Callable[[list[ChatChunkChoice]], ChatCompletionChunk],
     include_usage: bool,
     on_done: Callable[[RequestStream, EngineError | None], None],
     tool_parser: Callable[[], ToolCallParser] | None = None,
 ) -> AsyncIterator[bytes]:
-    """`chat.completion.chunk` events, a usage chunk when asked, then `[DONE]`. A failure after the
-    stream started is sent as a final error event before `[DONE]`. With `tool_parser`, each
-    choice's text goes through its own parser: content and `tool_calls` deltas."""
+    """`chat.completion.chunk` events (`chunk` fills in the request's id, model and time), then
+    `end_of_stream`. With `tool_parser`, each choice's text goes through its own parser: content
+    and `tool_calls` deltas."""
     error: EngineError | None = None
     parsers = [tool_parser() for _ in range(stream.request.n)] if tool_parser is not None else None
+
+    def event(index: int, delta: ChoiceDelta, logprobs=None, finish_reason=None) -> bytes:
+        return sse(chunk([ChatChunkChoice(index, delta, logprobs, finish_reason)]))
+
     try:
         for index in range(stream.request.n):
-            yield sse(_chunk(base, index, {"role": "assistant", "content": ""}))
+            yield event(index, ChoiceDelta(role="assistant", content=""))
         async for update in stream:
             for choice in update.choices:
-                if choice.finish_reason == "error":
+                finish_reason = choice.finish_reason
+                if finish_reason == "error":
                     # Text that arrived with the failure is still sent; the error event follows.
-                    error = stream_failure(update)
-                    choice.finish_reason = None
+                    error, finish_reason = stream_failure(update), None
+                logprobs = choice_logprobs(choice.logprobs) if choice.logprobs else None
                 if parsers is not None:
-                    for event in _parsed_chunks(base, choice, parsers[choice.index]):
-                        yield event
-                    continue
-                if choice.text or choice.logprobs:
-                    logprobs = logprobs_payload(choice.logprobs) if choice.logprobs else None
-                    yield sse(_chunk(base, choice.index, {"content": choice.text}, logprobs=logprobs))
-                if choice.finish_reason is not None:
-                    yield sse(_chunk(base, choice.index, {}, finish_reason=choice.finish_reason))
+                    parser = parsers[choice.index]
+                    deltas = parser.feed(choice.text) if choice.text else []
+                    if finish_reason is not None:
+                        deltas += parser.finish()
+                        finish_reason = finish_reason_for(finish_reason, parser.num_calls)
+                    for delta in deltas:
+                        if isinstance(delta, str):
+                            yield event(choice.index, ChoiceDelta(content=delta), logprobs)
+                        else:
+                            yield event(choice.index, ChoiceDelta(tool_calls=[delta.payload()]), logprobs)
+                        logprobs = None  # once per update, on its first chunk
+                    if logprobs is not None:  # text held back (a tag may be starting); not its logprobs
+                        yield event(choice.index, ChoiceDelta(), logprobs)
+                elif choice.text or logprobs is not None:
+                    yield event(choice.index, ChoiceDelta(content=choice.text), logprobs)
+                if finish_reason is not None:
+                    yield event(choice.index, ChoiceDelta(), finish_reason=finish_reason)
             if error:
                 break
-        if error:
-            yield sse(stream_error_payload(error))
-        elif include_usage:
-            yield sse({**base, "choices": [], "usage": usage_payload(stream)})
-        yield DONE
+        usage = chunk([]) if include_usage and not error else None
+        if usage is not None:
+            usage.usage = usage_of([stream])
+        yield end_of_stream(error, usage)
     finally:
         stream.cancel()  # no-op when finished; frees the slot when the client went away
         on_done(stream, error)
-
-
-def _parsed_chunks(base: dict[str, Any], choice: ChoiceUpdate, parser: ToolCallParser) -> list[bytes]:
-    deltas = parser.feed(choice.text) if choice.text else []
-    if choice.finish_reason is not None:
-        deltas += parser.finish()
-    logprobs = logprobs_payload(choice.logprobs) if choice.logprobs else None
-    events = []
-    for delta in deltas:
-        payload = {"content": delta} if isinstance(delta, str) else {"tool_calls": [delta.payload()]}
-        events.append(sse(_chunk(base, choice.index, payload, logprobs=logprobs)))
-        logprobs = None  # once per update, on its first chunk
-    if logprobs is not None:  # the text is held back (a tag may be starting); its logprobs are not
-        events.append(sse(_chunk(base, choice.index, {}, logprobs=logprobs)))
-    if choice.finish_reason is not None:
-        events.append(
-            sse(
-                _chunk(
-                    base,
-                    choice.index,
-                    {},
-                    finish_reason=finish_reason_for(choice.finish_reason, parser.num_calls),
-                )
-            )
-        )
-    return events
-
-
-def _chunk(
-    base: dict[str, Any],
-    index: int,
-    delta: dict[str, Any],
-    *,
-    finish_reason: str | None = None,
-    logprobs: Any = None,
-) -> dict[str, Any]:
-    return {
-        **base,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
 
 
 def now() -> int:

@@ -214,7 +214,7 @@ class Translator:
     ) -> PromptInput:
         converted, urls, params = _messages(messages)
         limit = self.settings.max_images_per_request
-        if len(urls) > limit:
+        if len(urls) > limit:  # the one check of the count, before any image is fetched
             raise InvalidRequestError(
                 f"{len(urls)} images sent; this server accepts at most {limit} per request", param="messages"
             )

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import llguidance
 import llguidance.hf
 import torch
+from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
 from models.errors import InvalidRequestError
 from models.params import GrammarSpec
@@ -72,7 +73,7 @@ class GrammarCompiler:
         pristine = self._pristine(spec)
         with self._lock:
             matcher = pristine.deep_copy()
-        return GrammarConstraint(matcher, spec.param)
+        return GrammarConstraint(matcher, spec.param, self._num_ids)
 
     # -- compilation ---------------------------------------------------------------------------
     def _pristine(self, spec: GrammarSpec) -> llguidance.LLMatcher:
@@ -216,20 +217,24 @@ def _invalid(spec: GrammarSpec, error: str) -> str:
 class GrammarConstraint:
     """One sequence's position in its grammar; lives on the replica thread."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, param: str = "response_format") -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, param: str, num_ids: int) -> None:
         self._matcher = matcher
         self.param = param  # the request field the grammar came from, for errors
+        self._num_ids = num_ids
+        # One bit per token id, packed in int32 words: [1, ceil(ids / 32)]; llguidance fills it.
+        self._bitmask = allocate_token_bitmask(1, num_ids)
         self._shifts: torch.Tensor | None = None  # [32] on the logits' device
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [vocab] -> the same with forbidden tokens at -inf."""
-        # One bit per token id, packed in int32 words: [ceil(ids / 32)]
-        words = torch.frombuffer(bytearray(self._matcher.compute_bitmask()), dtype=torch.int32)
+        fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         if self._matcher.is_error():
             # A limit hit mid-generation (lexer fuel, Earley items): nothing may be sampled; the
             # row fails alone and `error` says why.
             return torch.full_like(logits, float("-inf"))
-        words = words.to(logits.device)
+        # llguidance.torch's own apply is torch.compile'd: the first constrained request would
+        # compile a kernel (seconds, and a C++ toolchain at run time). Unpacking is three ops.
+        words = self._bitmask[0].to(logits.device)
         if self._shifts is None or self._shifts.device != logits.device:
             self._shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
         allowed = ((words.unsqueeze(-1) >> self._shifts) & 1).flatten().bool()  # [words * 32]
@@ -253,4 +258,4 @@ class GrammarConstraint:
         return self._matcher.get_error() or "constrained decoding failed"
 
     def fork(self) -> GrammarConstraint:
-        return GrammarConstraint(self._matcher.deep_copy(), self.param)
+        return GrammarConstraint(self._matcher.deep_copy(), self.param, self._num_ids)

@@ -87,6 +87,29 @@ class LoadedModel:
     decisions: tuple[str, ...]
 
 
+def logit_count(model: PreTrainedModel) -> int:
+    """How many logits the head produces per position (sampling tensors are this wide)."""
+    embeddings = model.get_output_embeddings()
+    if embeddings is not None and hasattr(embeddings, "weight"):
+        return int(embeddings.weight.shape[0])
+    return int(model.config.get_text_config(decoder=True).vocab_size)
+
+
+def token_id_limit(loaded: LoadedModel) -> int:
+    """The one valid token-id range a client may use (prompt ids, `logit_bias`, stop ids):
+    `0..limit-1`, where the tokenizer can spell the id, the embedding table has a row for it and
+    the head a logit. An id past the embedding table fails inside the model (on CUDA a device-side
+    assert that poisons the replica), so anything outside is the client's error."""
+    sizes = [len(loaded.tokenizer), logit_count(loaded.model)]
+    try:
+        inputs = loaded.model.get_input_embeddings()
+    except NotImplementedError:  # remote-code models without the accessor
+        inputs = None
+    if inputs is not None and hasattr(inputs, "weight"):
+        sizes.append(int(inputs.weight.shape[0]))
+    return min(sizes)
+
+
 def resolve_source(spec: LoadSpec) -> str:
     """A `builtin:<name>` source becomes the folder it is built into; anything else is unchanged."""
     if not spec.source.startswith(BUILTIN_PREFIX):

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from models.images import DecodedImageCache, ImageLimits
+from models.loader import token_id_limit
 from models.params import PromptInput
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,10 @@ class PromptBuilder:
         max_input_tokens: int,
         image_limits: ImageLimits,
         image_cache: DecodedImageCache | None = None,
+        token_id_limit: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.token_id_limit = token_id_limit if token_id_limit is not None else len(tokenizer)
         self.processor = processor
         self.is_vision = processor is not None and getattr(processor, "image_processor", None) is not None
         self.max_input_tokens = max_input_tokens
@@ -102,6 +105,7 @@ class PromptBuilder:
             max_input_tokens=max_input_tokens,
             image_limits=image_limits or ImageLimits(),
             image_cache=image_cache,
+            token_id_limit=token_id_limit(loaded),
         )
 
     # -- rendering -----------------------------------------------------------------------------
@@ -182,9 +186,7 @@ class PromptBuilder:
         """Token ids and model inputs for one request. Text prompts longer than max_input_tokens
         are left-truncated and the result says so; image prompts cannot be cut and are refused."""
         if prompt.token_ids is not None:
-            # An id past the embedding table would fail inside the model (on CUDA, a device-side
-            # assert that poisons the whole replica), so it is refused here as the client's error.
-            self._check_ids(prompt.token_ids, param="prompt")
+            self.check_ids(prompt.token_ids, param="prompt")
             return self._truncate(PreparedPrompt(list(prompt.token_ids)))
         # No token is longer than `_max_token_chars` characters, so a text beyond this many has
         # more tokens than the limit for sure: only its end can survive, so only its end is
@@ -288,15 +290,16 @@ class PromptBuilder:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def detokenize(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
-        self._check_ids(ids, param="tokens")
+        self.check_ids(ids, param="tokens")
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def _check_ids(self, ids, *, param: str) -> None:
-        vocab = len(self.tokenizer)
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
+    def check_ids(self, ids: Iterable[int], *, param: str) -> None:
+        """Refuse ids outside `token_id_limit` (see `models.loader.token_id_limit`)."""
+        limit = self.token_id_limit
+        bad = next((t for t in ids if not 0 <= t < limit), None)
+        if bad is not None:
             raise InvalidRequestError(
-                f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=param
+                f"token id {bad} is outside the vocabulary (0..{limit - 1})", param=param
             )
 
 

@@ -22,7 +22,7 @@ from models.generation import Generation
 from models.generic import GenericRunner
 from models.grammar import GrammarCompiler
 from models.kv_cache import kv_bytes_per_token
-from models.loader import LoadedModel, LoadSpec, ModelLoadError, load_model
+from models.loader import LoadedModel, LoadSpec, ModelLoadError, load_model, logit_count
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.runner import PagedRunner
@@ -74,7 +74,7 @@ class ModelReplica:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching and runner.prefix_caching
-        self.vocab_size = _vocab_size(loaded)
+        self.vocab_size = logit_count(loaded.model)
         self.grammars = GrammarCompiler(
             loaded.tokenizer, vocab_size=self.vocab_size, eos_token_ids=loaded.eos_token_ids
         )
@@ -85,8 +85,7 @@ class ModelReplica:
 
     @property
     def kv_pool_bytes(self) -> int:
-        cache = getattr(self.runner, "cache", None)
-        return cache.nbytes if cache is not None else 0
+        return self.runner.cache.nbytes if isinstance(self.runner, PagedRunner) else 0
 
     def generations(
         self, prepared: PreparedPrompt, params: SamplingParams, *, n: int = 1
@@ -279,10 +278,3 @@ def _release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _vocab_size(loaded: LoadedModel) -> int:
-    embeddings = loaded.model.get_output_embeddings()
-    if embeddings is not None and hasattr(embeddings, "weight"):
-        return int(embeddings.weight.shape[0])
-    return int(loaded.model.config.get_text_config(decoder=True).vocab_size)

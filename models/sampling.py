@@ -189,15 +189,6 @@ def _candidates_suffice(full: torch.Tensor, params: list[SamplingParams], vocab:
     return True
 
 
-def _filter_sampled(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """One row `[vocab]` through `_sampling_distributions`, back in vocabulary order."""
-    probs, order = _sampling_distributions(logits[None], [params])
-    if order is None:
-        return probs[0]
-    out = torch.zeros_like(logits)
-    return out.scatter(0, order[0], probs[0] / probs[0].sum())
-
-
 def sample(
     logits: torch.Tensor, rows: Sequence[RowSampler]
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:

@@ -31,5 +31,4 @@ class SchedulerConfig:
     replica: ReplicaConfig
     executor: ExecutorConfig
     image_limits: ImageLimits
-    max_images_per_request: int
     retry_after_s: int = 1

@@ -55,9 +55,7 @@ def is_heavy(prompt: PromptInput) -> bool:
 
 
 class Scheduler:
-    def __init__(
-        self, config: SchedulerConfig, *, on_finished: Callable[[RequestStream], None] | None = None
-    ) -> None:
+    def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.executors = [
             Executor(f"{i}", device, self._builder_for(device), self._deliver, config.executor)
@@ -75,7 +73,6 @@ class Scheduler:
         self._heavy_lane = anyio.CapacityLimiter(1)
         self.image_cache = DecodedImageCache()
         self._inflight: dict[RequestStream, tuple[Executor, int]] = {}
-        self._on_finished = on_finished
 
     def _builder_for(self, device: str) -> Callable[[], Any]:
         spec = dataclasses.replace(self.config.load, device=device)
@@ -170,14 +167,9 @@ class Scheduler:
                 "(MAX_BATCH_SIZE); send several requests or lower n",
                 param="n",
             )
-        if len(request.prompt.images) > self.config.max_images_per_request:
-            raise InvalidRequestError(
-                f"{len(request.prompt.images)} images sent; this server accepts at most {self.config.max_images_per_request} per request",
-                param="messages",
-            )
         builder = await self._builder()
         prepared = await self._prepare(builder.prepare, request.prompt, heavy=is_heavy(request.prompt))
-        request = self._resolve_lengths(request, prepared)
+        request = self._resolve_lengths(request, prepared, builder)
         executor = pick_replica(self.executors, request.n)
         if executor is None:
             self.check_room(request.n)
@@ -241,7 +233,9 @@ class Scheduler:
                 raise ModelNotReadyError("the model is still loading; retry shortly")
             raise ModelNotReadyError("the model failed to load; see the server log")
 
-    def _resolve_lengths(self, request: EngineRequest, prepared: PreparedPrompt) -> EngineRequest:
+    def _resolve_lengths(
+        self, request: EngineRequest, prepared: PreparedPrompt, builder: PromptBuilder
+    ) -> EngineRequest:
         """Prompt plus completion must fit the context; then the server's max-tokens cap applies
         (reported in the request's warnings, never silent)."""
         replica = self.ready_replica
@@ -279,13 +273,8 @@ class Scheduler:
                     "tokens a sequence may hold on this server",
                     param="max_tokens",
                 )
-        vocab = replica.vocab_size
-        for token in [*(params.logit_bias or ()), *params.stop_token_ids]:
-            if not 0 <= token < vocab:
-                param = "logit_bias" if params.logit_bias and token in params.logit_bias else "stop_token_ids"
-                raise InvalidRequestError(
-                    f"token id {token} is outside the vocabulary (0..{vocab - 1})", param=param
-                )
+        builder.check_ids(params.logit_bias or (), param="logit_bias")
+        builder.check_ids(params.stop_token_ids, param="stop_token_ids")
         if params.min_tokens > max_tokens:
             raise InvalidRequestError(
                 f"min_tokens ({params.min_tokens}) is larger than max_tokens ({max_tokens})",
@@ -379,5 +368,3 @@ class Scheduler:
             return
         executor, cost = entry
         executor.outstanding_tokens -= cost
-        if self._on_finished is not None:
-            self._on_finished(stream)

@@ -4,10 +4,12 @@ documents its errors in the OpenAI shape it actually sends."""
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
-from litestar import HttpMethod, route
+from litestar import HttpMethod, post, route
 from litestar.openapi import ResponseSpec
 
+from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.schemas.common import ErrorResponse
 
 get_or_head = partial(route, http_method=[HttpMethod.GET, HttpMethod.HEAD])
@@ -25,3 +27,16 @@ ERROR_RESPONSES = {
     status: ResponseSpec(data_container=ErrorResponse, description=text, generate_examples=False)
     for status, text in _ERRORS.items()
 }
+
+
+def protected(method: Any, path: str, *, summary: str, tag: str = "OpenAI") -> Any:
+    """A route behind the API key, its errors documented: `protected(post, "/v1/...", summary=...)`."""
+    return method(
+        path,
+        guards=[require_api_key],
+        security=SECURITY_REQUIREMENT,
+        responses=ERROR_RESPONSES,
+        tags=[tag],
+        summary=summary,
+        **({"status_code": 200} if method is post else {}),
+    )

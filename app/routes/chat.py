@@ -4,72 +4,61 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 from litestar import Request, Response, post
-from litestar.response import Stream
 
-from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.errors import status_of
-from app.routes import ERROR_RESPONSES
-from app.schemas.chat import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse
-from app.schemas.common import ChoiceLogprobs, PromptTokensDetails, Usage
-from app.services import (
-    SYSTEM_FINGERPRINT,
-    RequestTracker,
-    log_ignored_fields,
-    new_request_id,
-    services,
-    strict_body,
-    warning_headers,
+from app.routes import protected
+from app.schemas.chat import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
 )
-from app.streaming import ChoiceResult, chat_event_stream, collect, logprobs_payload, now
+from app.services import SYSTEM_FINGERPRINT, begin, warning_headers
+from app.streaming import (
+    ChoiceResult,
+    chat_event_stream,
+    choice_logprobs,
+    collect,
+    now,
+    sse_response,
+    usage_of,
+)
 from app.tool_calls import ToolCallParser, finish_reason_for, parse_message, parser_factory
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-
-@post(
-    "/v1/chat/completions",
-    responses=ERROR_RESPONSES,
-    guards=[require_api_key],
-    security=SECURITY_REQUIREMENT,
-    tags=["OpenAI"],
-    summary="Create a chat completion (text and image+text, streaming or not)",
-    status_code=200,
+@protected(
+    post, "/v1/chat/completions", summary="Create a chat completion (text and image+text, streaming or not)"
 )
 async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
-    data = await strict_body(request, ChatCompletionRequest)
-    svc = services(request)
-    request_id = new_request_id("chatcmpl", request)
-    tracker = RequestTracker(svc, "chat", request_id)
-    await log_ignored_fields(request, data)
+    call = await begin(request, ChatCompletionRequest, endpoint="chat", id_prefix="chatcmpl")
+    data, svc, tracker = call.data, call.svc, call.tracker
     with tracker.failures():
         scheduler = svc.require_scheduler()
-        engine_request = await svc.translator.chat(data, request_id)
+        engine_request = await svc.translator.chat(data, call.request_id)
         stream = await scheduler.submit(engine_request)
     model = svc.settings.model_name
-    headers = warning_headers(stream.warnings) or {}
+    headers = warning_headers(stream.warnings)
     tool_parser = parser_factory(data)
 
     if data.stream:
-        base = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": now(),
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }
-        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        chunk = partial(
+            ChatCompletionChunk, call.request_id, now(), model, system_fingerprint=SYSTEM_FINGERPRINT
+        )
 
         def on_done(finished_stream, error):
             # `cancelled` is set when the client left before the end (as 499 for non-streamed requests).
             status = status_of(error) if error else 499 if finished_stream.cancelled else 200
             tracker.finish(status, finished_stream, error.message if error else None)
 
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
         events = chat_event_stream(
-            stream, base=base, include_usage=include_usage, on_done=on_done, tool_parser=tool_parser
+            stream, chunk=chunk, include_usage=include_usage, on_done=on_done, tool_parser=tool_parser
         )
-        return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        return sse_response(events, headers)
 
     collected = await collect(request, stream)
     if (failure := collected.failure) is not None:
@@ -79,27 +68,19 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     choices = []
     for i, choice in enumerate(collected.choices):
         message, finish_reason = _message(choice, tool_parser)
-        logprobs = ChoiceLogprobs(**logprobs_payload(choice.logprobs)) if data.logprobs else None
+        logprobs = choice_logprobs(choice.logprobs) if data.logprobs else None
         choices.append(ChatChoice(index=i, message=message, finish_reason=finish_reason, logprobs=logprobs))
-    usage = Usage(
-        prompt_tokens=stream.prompt_tokens,
-        completion_tokens=stream.completion_tokens,
-        total_tokens=stream.prompt_tokens + stream.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(image_tokens=stream.num_image_tokens)
-        if stream.num_image_tokens
-        else None,
-    )
     body = ChatCompletionResponse(
-        id=request_id,
+        id=call.request_id,
         created=int(stream.created),
         model=model,
         choices=choices,
-        usage=usage,
+        usage=usage_of([stream]),
         system_fingerprint=SYSTEM_FINGERPRINT,
         latency_seconds=round(time.monotonic() - tracker.started, 4),
         warnings=stream.warnings or None,
     )
-    return Response(body, headers=headers or None)
+    return Response(body, headers=headers)
 
 
 def _message(

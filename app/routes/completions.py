@@ -10,56 +10,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from functools import partial
 
 from litestar import Request, Response, post
-from litestar.response import Stream
 
-from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.errors import status_of
-from app.routes import ERROR_RESPONSES
-from app.schemas.common import Usage
+from app.routes import protected
 from app.schemas.completions import (
     CompletionChoice,
+    CompletionChunk,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
 )
-from app.services import (
-    SYSTEM_FINGERPRINT,
-    RequestTracker,
-    Services,
-    log_ignored_fields,
-    new_request_id,
-    services,
-    strict_body,
-    warning_headers,
-)
-from app.streaming import DONE, collect, now, sse, stream_error_payload, stream_failure
+from app.services import SYSTEM_FINGERPRINT, Services, begin, warning_headers
+from app.streaming import collect, end_of_stream, now, sse, sse_response, stream_failure, usage_of
 from scheduler.errors import EngineError
 from scheduler.request import EngineRequest, RequestStream, TokenLogprob
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-
-@post(
+@protected(
+    post,
     "/v1/completions",
-    responses=ERROR_RESPONSES,
-    guards=[require_api_key],
-    security=SECURITY_REQUIREMENT,
-    tags=["OpenAI"],
     summary="Create a text completion (raw prompt, no chat template; streaming or not)",
-    status_code=200,
 )
 async def completions(request: Request, data: CompletionRequest) -> Response:
-    data = await strict_body(request, CompletionRequest)
-    svc = services(request)
-    request_id = new_request_id("cmpl", request)
-    tracker = RequestTracker(svc, "completions", request_id)
-    await log_ignored_fields(request, data)
+    call = await begin(request, CompletionRequest, endpoint="completions", id_prefix="cmpl")
+    data, svc, tracker = call.data, call.svc, call.tracker
     with tracker.failures():
         scheduler = svc.require_scheduler()
-        engine_requests = svc.translator.completion(data, request_id)
+        engine_requests = svc.translator.completion(data, call.request_id)
         streams = await _submit_all(scheduler, engine_requests)
         try:
             echoes = [await _prompt_text(scheduler, r) if data.echo else "" for r in engine_requests]
@@ -68,7 +48,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
             raise
     model = svc.settings.model_name
     warnings = [w for s in streams for w in s.warnings]
-    headers = warning_headers(warnings) or {}
+    headers = warning_headers(warnings)
     want_logprobs = data.logprobs is not None
     recorded = False
 
@@ -86,24 +66,18 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
         record(status_of(error) if error else 499 if any(s.cancelled for s in streams) else 200, error)
 
     if data.stream:
-        base = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": now(),
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-        }
+        chunk = partial(CompletionChunk, call.request_id, now(), model, system_fingerprint=SYSTEM_FINGERPRINT)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         events = _event_stream(
             streams,
             echoes,
-            base=base,
+            chunk=chunk,
             n=data.n,
             want_logprobs=want_logprobs,
             include_usage=include_usage,
             on_done=on_done,
         )
-        return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        return sse_response(events, headers)
 
     choices: list[CompletionChoice] = []
     try:
@@ -123,16 +97,16 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
         _cancel(streams)  # the other prompts' rows when this one failed or the client left
     on_done(None)
     body = CompletionResponse(
-        id=request_id,
+        id=call.request_id,
         created=int(streams[0].created),
         model=model,
         choices=choices,
-        usage=_usage(streams),
+        usage=usage_of(streams),
         system_fingerprint=SYSTEM_FINGERPRINT,
         latency_seconds=round(time.monotonic() - tracker.started, 4),
         warnings=warnings or None,
     )
-    return Response(body, headers=headers or None)
+    return Response(body, headers=headers)
 
 
 async def _submit_all(scheduler, engine_requests: list[EngineRequest]) -> list[RequestStream]:
@@ -166,12 +140,6 @@ def _count_tokens(svc: Services, streams: list[RequestStream]) -> None:
         svc.metrics.completion_tokens.inc(stream.completion_tokens)
 
 
-def _usage(streams: list[RequestStream]) -> Usage:
-    prompt = sum(s.prompt_tokens for s in streams)
-    completion = sum(s.completion_tokens for s in streams)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
 def _logprobs(entries: list[TokenLogprob], offset: int) -> tuple[CompletionLogprobs, int]:
     """OpenAI's completions logprobs; `offset` is where the first token's text starts in the
     choice's text. Returns the offset after the last token, for the next stream chunk."""
@@ -191,23 +159,26 @@ async def _event_stream(
     streams: list[RequestStream],
     echoes: list[str],
     *,
-    base: dict[str, Any],
+    chunk: Callable[[list[CompletionChoice]], CompletionChunk],
     n: int,
     want_logprobs: bool,
     include_usage: bool,
     on_done: Callable[[EngineError | None], None],
 ) -> AsyncIterator[bytes]:
-    """`text_completion` chunks, a usage chunk when asked, then `[DONE]`; a failure after the stream
-    started is a final error event before `[DONE]`. Prompts are read one after another: all of
+    """`text_completion` chunks, then `end_of_stream`. Prompts are read one after another: all of
     them generate at once in the engine, and later ones' text waits, coalesced, until read."""
     error: EngineError | None = None
+
+    def event(index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None) -> bytes:
+        return sse(chunk([CompletionChoice(index, text, logprobs, finish_reason)]))
+
     try:
         for p, (stream, echo) in enumerate(zip(streams, echoes, strict=True)):
             offsets = [len(echo)] * n
             if echo:
                 empty = _logprobs([], 0)[0] if want_logprobs else None
                 for i in range(n):
-                    yield sse(_chunk(base, p * n + i, echo, empty, None))
+                    yield event(p * n + i, echo, empty, None)
             async for update in stream:
                 for choice in update.choices:
                     finish_reason = choice.finish_reason
@@ -219,27 +190,15 @@ async def _event_stream(
                     logprobs = None
                     if want_logprobs:
                         logprobs, offsets[choice.index] = _logprobs(choice.logprobs, offsets[choice.index])
-                    yield sse(_chunk(base, p * n + choice.index, choice.text, logprobs, finish_reason))
+                    yield event(p * n + choice.index, choice.text, logprobs, finish_reason)
                 if error:
                     break
             if error:
                 break
-        if error:
-            yield sse(stream_error_payload(error))
-        elif include_usage:
-            yield sse({**base, "choices": [], "usage": _usage(streams)})
-        yield DONE
+        usage = chunk([]) if include_usage and not error else None
+        if usage is not None:
+            usage.usage = usage_of(streams)
+        yield end_of_stream(error, usage)
     finally:
         _cancel(streams)  # frees the slots when the client went away
         on_done(error)
-
-
-def _chunk(
-    base: dict[str, Any],
-    index: int,
-    text: str,
-    logprobs: CompletionLogprobs | None,
-    finish_reason: str | None,
-) -> dict[str, Any]:
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {**base, "choices": [choice]}

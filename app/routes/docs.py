@@ -24,37 +24,26 @@ def _schema(request: Request) -> dict:
     return request.app.openapi_schema.to_schema()
 
 
-@get_or_head(
-    "/docs",
-    guards=[require_api_key],
-    include_in_schema=False,
-    media_type=MediaType.HTML,
-    sync_to_thread=False,
-)
-def swagger_ui(request: Request) -> Response[bytes]:
-    return Response(SWAGGER.render(request, _schema(request)), media_type=MediaType.HTML)
+def _rendered(path: str, plugin, media_type: MediaType):
+    """A page rendered from the schema by one of Litestar's OpenAPI plugins, behind the API key."""
+
+    @get_or_head(
+        path,
+        guards=[require_api_key],
+        include_in_schema=False,
+        media_type=media_type,
+        sync_to_thread=False,
+        name=f"docs:{path}",
+    )
+    def render(request: Request) -> Response[bytes]:
+        return Response(plugin.render(request, _schema(request)), media_type=media_type)
+
+    return render
 
 
-@get_or_head(
-    "/redoc",
-    guards=[require_api_key],
-    include_in_schema=False,
-    media_type=MediaType.HTML,
-    sync_to_thread=False,
-)
-def redoc_ui(request: Request) -> Response[bytes]:
-    return Response(REDOC.render(request, _schema(request)), media_type=MediaType.HTML)
-
-
-@get_or_head(
-    "/openapi.json",
-    guards=[require_api_key],
-    include_in_schema=False,
-    media_type=MediaType.JSON,
-    sync_to_thread=False,
-)
-def openapi_json(request: Request) -> Response[bytes]:
-    return Response(JSON_SCHEMA.render(request, _schema(request)), media_type=MediaType.JSON)
+swagger_ui = _rendered("/docs", SWAGGER, MediaType.HTML)
+redoc_ui = _rendered("/redoc", REDOC, MediaType.HTML)
+openapi_json = _rendered("/openapi.json", JSON_SCHEMA, MediaType.JSON)
 
 
 STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")

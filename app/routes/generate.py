@@ -6,30 +6,19 @@ import time
 
 from litestar import Request, Response, post
 
-from app.auth import SECURITY_REQUIREMENT, require_api_key
 from app.errors import status_of
-from app.routes import ERROR_RESPONSES
+from app.routes import protected
 from app.schemas.generate import GenerateRequest, GenerateResponse
-from app.services import RequestTracker, new_request_id, services, strict_body, warning_headers
+from app.services import begin, warning_headers
 from app.streaming import collect
 
 
-@post(
-    "/generate",
-    responses=ERROR_RESPONSES,
-    guards=[require_api_key],
-    security=SECURITY_REQUIREMENT,
-    tags=["Simple"],
-    summary="Generate a continuation of raw text (no chat template)",
-    status_code=200,
-)
+@protected(post, "/generate", summary="Generate a continuation of raw text (no chat template)", tag="Simple")
 async def generate(request: Request, data: GenerateRequest) -> Response:
-    data = await strict_body(request, GenerateRequest)
-    svc = services(request)
-    request_id = new_request_id("gen", request)
-    tracker = RequestTracker(svc, "generate", request_id)
+    call = await begin(request, GenerateRequest, endpoint="generate", id_prefix="gen")
+    svc, tracker = call.svc, call.tracker
     with tracker.failures():
-        stream = await svc.require_scheduler().submit(svc.translator.generate(data, request_id))
+        stream = await svc.require_scheduler().submit(svc.translator.generate(call.data, call.request_id))
     collected = await collect(request, stream)
     choice = collected.choices[0]
     if (failure := collected.failure) is not None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from litestar import Request
 
-from app.auth import SECURITY_REQUIREMENT, require_api_key
-from app.routes import ERROR_RESPONSES, get_or_head
+from app.routes import get_or_head, protected
 from app.schemas.models import ModelCard, ModelList
 from app.services import services
 
@@ -16,26 +15,12 @@ def _card(request: Request) -> ModelCard:
     return ModelCard(id=svc.settings.model_name, created=svc.created, max_model_len=context)
 
 
-@get_or_head(
-    "/v1/models",
-    responses=ERROR_RESPONSES,
-    guards=[require_api_key],
-    security=SECURITY_REQUIREMENT,
-    tags=["OpenAI"],
-    summary="List the served model",
-)
+@protected(get_or_head, "/v1/models", summary="List the served model")
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[_card(request)])
 
 
-@get_or_head(
-    "/v1/models/{model_id:path}",
-    responses=ERROR_RESPONSES,
-    guards=[require_api_key],
-    security=SECURITY_REQUIREMENT,
-    tags=["OpenAI"],
-    summary="Describe the served model",
-)
+@protected(get_or_head, "/v1/models/{model_id:path}", summary="Describe the served model")
 async def retrieve_model(request: Request, model_id: str) -> ModelCard:
     services(request).translator.check_model(model_id.lstrip("/"))
     return _card(request)

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 from litestar import Request, post
 
-from app.auth import SECURITY_REQUIREMENT, require_api_key
-from app.routes import ERROR_RESPONSES
+from app.routes import protected
 from app.schemas.templates import ApplyTemplateRequest, ApplyTemplateResponse
 from app.services import services, strict_body
 
 
-@post(
-    "/v1/apply_template",
-    responses=ERROR_RESPONSES,
-    guards=[require_api_key],
-    security=SECURITY_REQUIREMENT,
-    tags=["Simple"],
-    summary="Render messages through the model's chat template",
-    status_code=200,
+@protected(
+    post, "/v1/apply_template", summary="Render messages through the model's chat template", tag="Simple"
 )
 async def apply_template(request: Request, data: ApplyTemplateRequest) -> ApplyTemplateResponse:
     data = await strict_body(request, ApplyTemplateRequest)

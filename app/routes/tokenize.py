@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from litestar import Request, Response, post
 
-from app.auth import SECURITY_REQUIREMENT, require_api_key
-from app.routes import ERROR_RESPONSES
+from app.routes import protected
 from app.schemas.tokenize import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from app.services import services, strict_body, warning_headers
 
 
-@post(
+@protected(
+    post,
     "/tokenize",
-    responses=ERROR_RESPONSES,
-    guards=[require_api_key],
-    security=SECURITY_REQUIREMENT,
-    tags=["Simple"],
     summary="Token ids of a raw prompt, or of messages rendered with the chat template",
-    status_code=200,
+    tag="Simple",
 )
 async def tokenize(request: Request, data: TokenizeRequest) -> Response[TokenizeResponse]:
     data = await strict_body(request, TokenizeRequest)
@@ -31,15 +27,7 @@ async def tokenize(request: Request, data: TokenizeRequest) -> Response[Tokenize
     return Response(body, headers=warning_headers(prepared.warnings))
 
 
-@post(
-    "/detokenize",
-    responses=ERROR_RESPONSES,
-    guards=[require_api_key],
-    security=SECURITY_REQUIREMENT,
-    tags=["Simple"],
-    summary="Text of a list of token ids (special tokens included)",
-    status_code=200,
-)
+@protected(post, "/detokenize", summary="Text of a list of token ids (special tokens included)", tag="Simple")
 async def detokenize(request: Request, data: DetokenizeRequest) -> DetokenizeResponse:
     data = await strict_body(request, DetokenizeRequest)
     svc = services(request)

@@ -177,3 +177,32 @@ class ChatCompletionResponse(msgspec.Struct):
     system_fingerprint: str | None = None
     latency_seconds: float | None = None
     warnings: list[str] | None = msgspec.field(default=None)
+
+
+class ChoiceDelta(msgspec.Struct, omit_defaults=True):
+    """What a stream chunk adds to a choice; absent fields are left out, as OpenAI does."""
+
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+class ChatChunkChoice(msgspec.Struct):
+    index: int
+    delta: ChoiceDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(
+    msgspec.Struct, omit_defaults=True, tag_field="object", tag="chat.completion.chunk"
+):
+    """One `data:` event of a streamed chat completion (`usage` only on the final usage chunk; `object` is
+    the tag, always written)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None

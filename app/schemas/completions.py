@@ -49,3 +49,15 @@ class CompletionResponse(msgspec.Struct):
     system_fingerprint: str | None = None
     latency_seconds: float | None = None
     warnings: list[str] | None = None
+
+
+class CompletionChunk(msgspec.Struct, omit_defaults=True, tag_field="object", tag="text_completion"):
+    """One `data:` event of a streamed completion (`usage` only on the final usage chunk; `object` is
+    the tag, always written)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None

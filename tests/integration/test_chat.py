@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import anyio
 import pytest
@@ -52,9 +51,14 @@ def test_non_streaming_raw_body(text_server: Server) -> None:
 
 
 def test_streaming_with_openai_client(text_server: Server) -> None:
-    stream = text_server.openai().chat.completions.create(
-        model=text_server.model_name, messages=user("Tell me a story"), max_tokens=10, stream=True
-    )
+    client = text_server.openai()
+    ask = {
+        "model": text_server.model_name,
+        "messages": user("Tell me a story"),
+        "max_tokens": 10,
+        "temperature": 0,
+    }
+    stream = client.chat.completions.create(**ask, stream=True)
     chunks = list(stream)
     assert chunks
     assert {c.object for c in chunks} == {"chat.completion.chunk"}
@@ -65,7 +69,8 @@ def test_streaming_with_openai_client(text_server: Server) -> None:
     assert chunks[-1].choices[0].finish_reason == finishes[0]
     assert all(c.usage is None for c in chunks)  # no usage unless asked for
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
-    assert isinstance(text, str)
+    # The deltas add up to exactly the answer the same greedy request gets whole.
+    assert text == client.chat.completions.create(**ask).choices[0].message.content
 
 
 def test_stream_include_usage(text_server: Server) -> None:
@@ -169,16 +174,24 @@ def test_stop_string_truncates_output(text_server: Server) -> None:
     kwargs = dict(
         model=text_server.model_name, messages=user("Say something long"), max_tokens=24, temperature=0
     )
-    full = client.chat.completions.create(**kwargs).choices[0].message.content
-    words = [
-        m for m in re.finditer(r"[A-Za-z]{3,}", full) if m.start() > 0 and full.find(m.group()) == m.start()
+    full = (
+        client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True}).choices[0].message.content
+    )
+    at, stop = first_new_substring(full)
+    stopped = client.chat.completions.create(stop=[stop], **kwargs, extra_body={"ignore_eos": True}).choices[
+        0
     ]
-    if not words:
-        pytest.skip(f"greedy output has no usable stop word: {full!r}")
-    stop = words[0].group()
-    stopped = client.chat.completions.create(stop=[stop], **kwargs).choices[0]
     assert stopped.finish_reason == "stop"
-    assert stopped.message.content == full[: words[0].start()]
+    assert stopped.message.content == full[:at]
+
+
+def first_new_substring(text: str, size: int = 3) -> tuple[int, str]:
+    """The first `size` characters after the start that occur nowhere earlier: a stop string that
+    cuts `text` exactly there (24 tokens of output always have one)."""
+    for at in range(1, len(text) - size + 1):
+        if text.find(text[at : at + size]) == at:
+            return at, text[at : at + size]
+    raise AssertionError(f"no usable stop string in {text!r}")
 
 
 def test_logprobs(text_server: Server) -> None:
@@ -200,12 +213,23 @@ def test_logprobs(text_server: Server) -> None:
 
 
 def test_n_choices(text_server: Server) -> None:
-    completion = text_server.openai().chat.completions.create(
-        model=text_server.model_name, messages=user(), max_tokens=4, n=3, temperature=1.0, seed=7
-    )
+    client = text_server.openai()
+    ask = {
+        "model": text_server.model_name,
+        "messages": user("pick words"),
+        "max_tokens": 8,
+        "temperature": 1.0,
+    }
+    extra = {"ignore_eos": True}
+    completion = client.chat.completions.create(**ask, n=3, seed=7, extra_body=extra)
     assert [c.index for c in completion.choices] == [0, 1, 2]
-    assert all(isinstance(c.message.content, str) for c in completion.choices)
-    assert completion.usage.completion_tokens <= 3 * 4
+    texts = [c.message.content for c in completion.choices]
+    assert len(set(texts)) > 1  # independent draws, not one answer copied
+    # One prefill: the prompt is counted once, and choice i is the request seeded with seed + i.
+    single = client.chat.completions.create(**ask, seed=8, extra_body=extra)
+    assert completion.usage.prompt_tokens == single.usage.prompt_tokens
+    assert completion.usage.completion_tokens == 3 * 8
+    assert texts[1] == single.choices[0].message.content
 
 
 def test_unknown_fields_are_accepted(text_server: Server) -> None:
@@ -252,7 +276,7 @@ def test_async_client_concurrent_requests(text_server: Server) -> None:
         return results
 
     results = anyio.run(main)
-    assert all(isinstance(r, str) for r in results)
+    assert len(results) == 4
     # Batched greedy equals greedy alone: rerun one request by itself.
     alone = text_server.openai().chat.completions.create(
         model=text_server.model_name, messages=user("request 0"), max_tokens=6, temperature=0

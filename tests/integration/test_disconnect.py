@@ -111,8 +111,6 @@ def test_a_hundred_client_timeouts_leave_nothing_running(idle_vlm: Server) -> No
     assert outcomes.count("timeout") == 100  # a 2000-token answer never fits in 0.5 s here
     with idle_vlm.http() as client:
         assert _wait_until(lambda: _busy(client) == 0), "timed-out requests kept their slots"
-        started = time.monotonic()
         response = client.post("/v1/chat/completions", json=chat_body("short", max_tokens=4))
         assert response.status_code == 200
-        assert time.monotonic() - started < 5.0
         assert response.json()["usage"]["completion_tokens"] <= 4

@@ -39,10 +39,11 @@ def test_megabyte_prompts_are_answered_fast_and_do_not_block_a_short_request(tex
     response, _ = results["short"]
     assert response.status_code == 200, response.text
     for i in range(3):
-        response, elapsed = results[f"huge{i}"]
+        response, _ = results[f"huge{i}"]
         # Cut to MAX_INPUT_TOKENS (16,384) before tokenizing, which still exceeds the 4,096 context.
-        assert_openai_error(response, 400, code="context_length_exceeded")
-        assert elapsed < 30, f"a 2 MiB prompt took {elapsed:.1f} s to refuse"
+        # (How fast: bench.hostile, docs/BENCHMARKS.md.)
+        error = assert_openai_error(response, 400, code="context_length_exceeded")
+        assert "16384 in the prompt" in error["message"]
 
 
 def test_a_long_prompt_is_cut_from_the_left_and_says_so(text_server: Server) -> None:

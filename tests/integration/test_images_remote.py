@@ -215,15 +215,13 @@ def chat(server: Server, messages: list[dict[str, Any]], **extra: Any):
     return server.openai().chat.completions.create(model=server.model_name, messages=messages, **extra)
 
 
-def refusal(server: Server, messages: list[dict[str, Any]]) -> tuple[dict[str, Any], float]:
-    """The 400 `error` object for `messages` (via the openai client) and how long it took."""
-    started = time.monotonic()
+def refusal(server: Server, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The 400 `error` object for `messages` (via the openai client)."""
     with pytest.raises(openai.BadRequestError) as caught:
         chat(server, messages)
-    elapsed = time.monotonic() - started
     error = assert_openai_error(caught.value.response, 400)
     assert caught.value.code == error["code"]
-    return error, elapsed
+    return error
 
 
 def assert_client_safe(message: str, *, port: int) -> None:
@@ -323,35 +321,34 @@ def test_images_reach_the_model_in_order(vlm_fetch_server: Server, images: Image
 
 
 @pytest.mark.parametrize(
-    "path, expected, max_s",
+    "path, expected",
     [
-        ("/trickle", f"timed out after {VLM_FETCH_TIMEOUT_S} s", VLM_FETCH_TIMEOUT_S + 2.5),
-        ("/trickle-headers", f"timed out after {VLM_FETCH_TIMEOUT_S} s", VLM_FETCH_TIMEOUT_S + 2.5),
-        ("/oversized-nolen", f"larger than the {VLM_FETCH_MAX_IMAGE_BYTES}-byte limit", 5.0),
-        ("/oversized-chunked", f"larger than the {VLM_FETCH_MAX_IMAGE_BYTES}-byte limit", 5.0),
-        ("/big-announced", f"larger than the {VLM_FETCH_MAX_IMAGE_BYTES}-byte limit", 1.5),
-        ("/lying-length", "could not be decoded", 5.0),
-        ("/short-body", "connection broke", 5.0),
-        ("/loop", "redirected more than 3 times", 5.0),
-        ("/chain/4", "redirected more than 3 times", 5.0),
-        ("/html", "non-image content type", 5.0),
-        ("/status/404", "HTTP 404", 5.0),
-        ("/empty", "empty body", 5.0),
-        ("/truncated", "could not be decoded", 5.0),
-        ("/bomb.png", "pixel", 1.5),  # 100000 x 100000 in the header: refused before decoding
-        ("/wide.png", "aspect ratio", 5.0),  # 20000 x 1
-        ("/redirect-file", "must use http", 5.0),
-        ("/redirect-userinfo", "credentials", 5.0),
+        ("/trickle", f"timed out after {VLM_FETCH_TIMEOUT_S} s"),
+        ("/trickle-headers", f"timed out after {VLM_FETCH_TIMEOUT_S} s"),
+        ("/oversized-nolen", f"larger than the {VLM_FETCH_MAX_IMAGE_BYTES}-byte limit"),
+        ("/oversized-chunked", f"larger than the {VLM_FETCH_MAX_IMAGE_BYTES}-byte limit"),
+        ("/big-announced", f"larger than the {VLM_FETCH_MAX_IMAGE_BYTES}-byte limit"),
+        ("/lying-length", "could not be decoded"),
+        ("/short-body", "connection broke"),
+        ("/loop", "redirected more than 3 times"),
+        ("/chain/4", "redirected more than 3 times"),
+        ("/html", "non-image content type"),
+        ("/status/404", "HTTP 404"),
+        ("/empty", "empty body"),
+        ("/truncated", "could not be decoded"),
+        ("/bomb.png", "pixel"),  # 100000 x 100000 in the header: refused before decoding
+        ("/wide.png", "aspect ratio"),  # 20000 x 1
+        ("/redirect-file", "must use http"),
+        ("/redirect-userinfo", "credentials"),
     ],
 )
 def test_hostile_image_host_is_a_client_error(
-    vlm_fetch_server: Server, images: ImageServer, path: str, expected: str, max_s: float
+    vlm_fetch_server: Server, images: ImageServer, path: str, expected: str
 ) -> None:
-    error, elapsed = refusal(vlm_fetch_server, ask(images.url(path)))
+    error = refusal(vlm_fetch_server, ask(images.url(path)))
     assert error["code"] == "invalid_image", error
     assert expected in error["message"], error
     assert_client_safe(error["message"], port=images.port)
-    assert elapsed < max_s, f"{path}: refused after {elapsed:.1f}s"
     assert_healthy(vlm_fetch_server)
 
 
@@ -369,14 +366,13 @@ def test_redirect_to_a_private_address_is_refused_before_connecting(
 ) -> None:
     """10.0.0.1 / 169.254.169.254 (also as 167772161 and ::ffff:10.0.0.1) are outside 127.0.0.0/8.
 
-    The address rule's own message (not "could not connect" nor a timeout), a fast answer and a
+    The address rule's own message (not "could not connect" nor a timeout) and a
     single request at the image server show the second hop was refused before any connect.
     """
     before = images.hits(path)
-    error, elapsed = refusal(vlm_fetch_server, ask(images.url(path)))
+    error = refusal(vlm_fetch_server, ask(images.url(path)))
     assert error["code"] == "invalid_image"
     assert error["message"] == "image URL points to a private or reserved network address"
-    assert elapsed < 1.5, elapsed
     assert images.hits(path) - before == 1
     assert_client_safe(error["message"], port=images.port)
     assert_healthy(vlm_fetch_server)
@@ -386,7 +382,7 @@ def test_default_server_refuses_loopback_urls(vlm_server: Server, images: ImageS
     before = len(images.requests)
     for host in ("127.0.0.1", "localhost", "2130706433", "[::1]"):
         url = f"http://{host}:{images.port}/ok.png"
-        error, _ = refusal(vlm_server, ask(url))
+        error = refusal(vlm_server, ask(url))
         assert error["code"] == "invalid_image", (host, error)
         assert_client_safe(error["message"], port=images.port)
     assert len(images.requests) == before, "the default server connected to a loopback image host"
@@ -399,7 +395,7 @@ def test_default_server_refuses_loopback_urls(vlm_server: Server, images: ImageS
 def test_too_many_images_names_the_limit(vlm_fetch_server: Server, images: ImageServer) -> None:
     before = len(images.requests)
     urls = [images.url("/ok.png")] * (VLM_FETCH_MAX_IMAGES + 1)
-    error, _ = refusal(vlm_fetch_server, ask(*urls))
+    error = refusal(vlm_fetch_server, ask(*urls))
     assert f"at most {VLM_FETCH_MAX_IMAGES}" in error["message"], error
     assert len(images.requests) == before, "images were fetched although the request was refused"
     completion = chat(vlm_fetch_server, ask(*urls[:VLM_FETCH_MAX_IMAGES]))
@@ -408,7 +404,7 @@ def test_too_many_images_names_the_limit(vlm_fetch_server: Server, images: Image
 
 def test_data_url_over_the_byte_limit(vlm_fetch_server: Server) -> None:
     payload = IMAGES["/ok.png"][0] + b"\x00" * VLM_FETCH_MAX_IMAGE_BYTES
-    error, _ = refusal(vlm_fetch_server, ask(data_url(payload)))
+    error = refusal(vlm_fetch_server, ask(data_url(payload)))
     assert error["code"] == "invalid_image"
     assert f"{VLM_FETCH_MAX_IMAGE_BYTES}-byte limit" in error["message"]
     assert_healthy(vlm_fetch_server)

@@ -11,6 +11,7 @@ import pytest
 
 from tests.integration.conftest import Server
 from tests.integration.helpers import user
+from tests.integration.test_chat import first_new_substring
 
 
 def create(server: Server, **kwargs: Any):
@@ -75,12 +76,29 @@ def test_presence_and_frequency_penalties_push_repeats_away(text_server: Server)
 
 
 def test_repetition_penalty_changes_a_repetitive_greedy_answer(text_server: Server) -> None:
-    plain = create(text_server, temperature=0, max_tokens=24, logprobs=True, extra_body={"ignore_eos": True})
+    # A bias towards one word makes the greedy answer repeat it: something to penalise, always.
+    bias = {token_id(text_server, " weather"): 8}
+    plain = create(
+        text_server,
+        temperature=0,
+        max_tokens=12,
+        logit_bias=bias,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
     tokens = [e.token for e in plain.choices[0].logprobs.content]
-    if len(set(tokens)) == len(tokens):
-        pytest.skip("the greedy answer has no repeats to penalise")
-    penalised = greedy_text(text_server, max_tokens=24, extra_body={"repetition_penalty": 5.0})
-    assert penalised != plain.choices[0].message.content
+    assert tokens.count(" weather") >= 2
+    penalised = create(
+        text_server,
+        temperature=0,
+        max_tokens=12,
+        logit_bias=bias,
+        logprobs=True,
+        extra_body={"ignore_eos": True, "repetition_penalty": 5.0},
+    )
+    assert [e.token for e in penalised.choices[0].logprobs.content].count(" weather") < tokens.count(
+        " weather"
+    )
 
 
 @pytest.mark.parametrize("extension", [{"top_k": 1}, {"min_p": 1.0}])
@@ -113,16 +131,20 @@ def test_min_tokens_and_ignore_eos_keep_generating(text_server: Server) -> None:
 
 
 def test_stop_list_and_stop_token_ids(text_server: Server) -> None:
-    full = greedy_text(text_server, max_tokens=20)
-    words = [w for w in full.split(" ") if w.strip()]
-    if len(words) < 3:
-        pytest.skip("answer too short to cut")
-    stops = [words[2], "never-appears"]
+    full = (
+        create(text_server, temperature=0, max_tokens=20, extra_body={"ignore_eos": True})
+        .choices[0]
+        .message.content
+    )
+    at, stop = first_new_substring(full)
     cut = create(
-        text_server, temperature=0, max_tokens=20, stop=stops, extra_body={"ignore_eos": True}
+        text_server,
+        temperature=0,
+        max_tokens=20,
+        stop=["never-appears", stop],
+        extra_body={"ignore_eos": True},
     ).choices[0]
-    assert cut.finish_reason == "stop" and words[2] not in cut.message.content
-    assert full.startswith(cut.message.content)
+    assert cut.finish_reason == "stop" and cut.message.content == full[:at]
     target = token_id(text_server, " weather")
     reply = create(
         text_server,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import anyio
 import msgspec
@@ -10,12 +11,13 @@ import pytest
 
 from app.media import ImageFetchPolicy
 from app.routes.completions import _event_stream, _logprobs
-from app.schemas.completions import CompletionRequest
+from app.schemas.completions import CompletionChunk, CompletionRequest
 from app.settings import Settings
 from app.translate import Translator
 from models.prompt import PreparedPrompt
 from scheduler.errors import GenerationError, InvalidRequestError
 from scheduler.request import EngineRequest, PromptInput, RequestStream, SamplingParams, TokenLogprob
+from tests.unit.sse import sse_events
 
 
 def _request(**body) -> CompletionRequest:
@@ -98,9 +100,15 @@ def test_stream_failure_is_a_final_error_event() -> None:
         streams[1].push(0, "", [], [], "error", GenerationError("boom"))
         errors: list = []
         events = _event_stream(
-            streams, ["", ""], base={}, n=1, want_logprobs=False, include_usage=True, on_done=errors.append
+            streams,
+            ["", ""],
+            chunk=partial(CompletionChunk, "c", 0, "m"),
+            n=1,
+            want_logprobs=False,
+            include_usage=True,
+            on_done=errors.append,
         )
-        return [event async for event in events], errors
+        return sse_events([event async for event in events]), errors
 
     events, errors = anyio.run(main)
     assert events[-1] == b"data: [DONE]\n\n"

@@ -7,9 +7,17 @@ import math
 import torch
 
 from models.params import SamplingParams
-from models.sampling import RowSampler, _filter_sampled, sample
+from models.sampling import RowSampler, _sampling_distributions, sample
 
 CPU = torch.device("cpu")
+
+
+def _filter_sampled(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One row `[vocab]` through the batched filter, back in vocabulary order."""
+    probs, order = _sampling_distributions(logits[None], [params])
+    if order is None:
+        return probs[0]
+    return torch.zeros_like(logits).scatter(0, order[0], probs[0] / probs[0].sum())
 
 
 def row(params: SamplingParams, prompt=(), eos=frozenset({9})) -> RowSampler:

@@ -4,13 +4,16 @@ plain response is a generic 500. Driven with a real RequestStream fed by hand.""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 
+from app.schemas.chat import ChatCompletionChunk
 from app.streaming import DONE, chat_event_stream
 from models.prompt import PreparedPrompt
 from scheduler.errors import GenerationError
 from scheduler.request import EngineRequest, PromptInput, RequestStream, SamplingParams
+from tests.unit.sse import sse_events
 
 pytestmark = pytest.mark.anyio
 
@@ -18,6 +21,9 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+CHUNK = partial(ChatCompletionChunk, "x", 0, "m")
 
 
 def make_stream(n: int = 1) -> RequestStream:
@@ -30,10 +36,10 @@ async def drain(stream: RequestStream, **kwargs) -> tuple[list[bytes], list]:
     events = [
         e
         async for e in chat_event_stream(
-            stream, base={"id": "x"}, on_done=lambda s, err: finished.append(err), **kwargs
+            stream, chunk=CHUNK, on_done=lambda s, err: finished.append(err), **kwargs
         )
     ]
-    return events, finished
+    return sse_events(events), finished
 
 
 async def test_a_failure_mid_stream_ends_with_an_error_event_then_done():
@@ -70,7 +76,7 @@ async def test_a_normal_stream_has_role_content_finish_usage_done():
 async def test_a_reader_that_leaves_cancels_the_request():
     stream = make_stream()
     stream.push(0, "a", [5], [], None, None)
-    gen = chat_event_stream(stream, base={"id": "x"}, include_usage=False, on_done=lambda s, err: None)
+    gen = chat_event_stream(stream, chunk=CHUNK, include_usage=False, on_done=lambda s, err: None)
     await gen.__anext__()
     await gen.aclose()
     assert stream.cancelled

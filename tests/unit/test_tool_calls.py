@@ -6,16 +6,20 @@ piece by piece, reassembles to exactly what the whole text parses to."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
+import anyio
 import msgspec
 import pytest
 
-from app.schemas.chat import ChatCompletionRequest
-from app.streaming import _parsed_chunks
+from app.schemas.chat import ChatCompletionChunk, ChatCompletionRequest
+from app.streaming import DONE, chat_event_stream
 from app.tool_calls import HERMES, ToolCallDelta, parse_message, parser_factory
 from app.translate import _chat_grammar
+from models.prompt import PreparedPrompt
 from scheduler.errors import InvalidRequestError
-from scheduler.request import ChoiceUpdate
+from scheduler.request import EngineRequest, PromptInput, RequestStream, SamplingParams
+from tests.unit.sse import sse_events
 
 CALL_A = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'
 CALL_B = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "}\\" <tool_call>"}}\n</tool_call>'
@@ -130,11 +134,24 @@ def test_a_forced_call_cut_by_max_tokens_stays_a_call():
 
 
 def test_stream_chunks_end_with_tool_calls():
-    parser = HERMES.parser(stream_arguments=True)
-    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk"}
-    events = _parsed_chunks(base, ChoiceUpdate(0, text="Sure." + CALL_A[:30]), parser)
-    events += _parsed_chunks(base, ChoiceUpdate(0, text=CALL_A[30:], finish_reason="stop"), parser)
-    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events]
+    request = EngineRequest("r1", PromptInput(text="hi"), SamplingParams(max_tokens=64))
+    stream = RequestStream(request, PreparedPrompt([1, 2, 3]))
+    stream.push(0, "Sure." + CALL_A[:30], [5], [], None, None)
+    stream.push(0, CALL_A[30:], [6], [], "stop", None)
+
+    async def drain() -> list[bytes]:
+        events = chat_event_stream(
+            stream,
+            chunk=partial(ChatCompletionChunk, "chatcmpl-1", 0, "m"),
+            include_usage=False,
+            on_done=lambda s, err: None,
+            tool_parser=lambda: HERMES.parser(stream_arguments=True),
+        )
+        return [e async for e in events]
+
+    events = sse_events(anyio.run(drain))
+    assert events[-1] == DONE
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[1:-1]]  # after the role chunk
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0] == {"content": "Sure."}
     assert deltas[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}

@@ -41,6 +41,17 @@ def _ids(tokenizer, *tokens: str) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
+# The smallest vision tower every CLIP/SigLIP-style config accepts (32-pixel images, 16 patches).
+_VISION = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+)
+
+
 def _text_kwargs(tokenizer, **overrides) -> dict:
     kwargs = dict(
         vocab_size=len(tokenizer),
@@ -105,15 +116,7 @@ def build_llava_next(out: Path) -> None:
     tok = _tokenizer({"image_token": "<image>"})
     pinpoints = [[32, 64], [64, 32], [64, 64]]
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-        ),
+        vision_config=CLIPVisionConfig(**_VISION, projection_dim=32),
         text_config=LlamaConfig(**_text_kwargs(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
@@ -157,14 +160,7 @@ def _build_tiled(
         bos="<|begin_of_text|>",
     )
     config = config_class(
-        vision_config=vision_config_class(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
+        vision_config=vision_config_class(**_VISION),
         text_config=LlamaConfig(**_text_kwargs(tok)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=2,
@@ -205,15 +201,7 @@ def build_paligemma(out: Path) -> None:
 
     tok = _tokenizer({"image_token": "<image>"}, bos="<bos>")
     config = PaliGemmaConfig(
-        vision_config=SiglipVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=64,
-        ),
+        vision_config=SiglipVisionConfig(**_VISION, projection_dim=64),
         text_config=GemmaConfig(**_text_kwargs(tok, bos_token_id=tok.bos_token_id)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         projection_dim=64,
@@ -264,14 +252,7 @@ def build_gemma3(out: Path) -> None:
             sliding_window=64,
             layer_types=["sliding_attention", "full_attention"],
         ),
-        vision_config=SiglipVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
+        vision_config=SiglipVisionConfig(**_VISION),
         mm_tokens_per_image=4,
         boi_token_index=boi,
         eoi_token_index=eoi,
@@ -535,14 +516,7 @@ def build_aya_vision(out: Path) -> None:
     text = _text_kwargs(tok, bos_token_id=tok.bos_token_id, sliding_window=8)
     text.pop("head_dim")
     config = AyaVisionConfig(
-        vision_config=SiglipVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
+        vision_config=SiglipVisionConfig(**_VISION),
         text_config=Cohere2Config(**text, layer_types=["sliding_attention", "full_attention"]),
         downsample_factor=2,
         image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
@@ -572,14 +546,7 @@ def build_llava_onevision(out: Path) -> None:
     tok = _tokenizer({"image_token": "<image>", "video_token": "<video>"})
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
+        vision_config=SiglipVisionConfig(**_VISION),
         text_config=Qwen2Config(**_text_kwargs(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
