@@ -3,8 +3,6 @@ prepared in a lane of their own; a client's many-prompt completion takes turns w
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import httpx
 
@@ -12,14 +10,12 @@ from tests.integration.conftest import MAX_BODY_BYTES, Server
 from tests.integration.helpers import assert_openai_error, chat_body
 
 
-def test_megabyte_prompts_are_answered_fast_and_do_not_block_a_short_request(text_server: Server) -> None:
+def test_megabyte_prompts_are_refused_and_do_not_block_a_short_request(text_server: Server) -> None:
     huge = "lorem ipsum dolor sit amet " * ((MAX_BODY_BYTES - 4096) // 27)  # just under the body limit
-    results: dict[str, tuple[httpx.Response, float]] = {}
+    results: dict[str, httpx.Response] = {}
 
     async def send(client: httpx.AsyncClient, key: str, body: dict) -> None:
-        started = time.monotonic()
-        response = await client.post("/v1/chat/completions", json=body)
-        results[key] = (response, time.monotonic() - started)
+        results[key] = await client.post("/v1/chat/completions", json=body)
 
     async def main() -> None:
         async with text_server.async_http() as client:
@@ -36,10 +32,10 @@ def test_megabyte_prompts_are_answered_fast_and_do_not_block_a_short_request(tex
                     tg.start_soon(send, client, "short", chat_body(max_tokens=4))
 
     anyio.run(main)
-    response, _ = results["short"]
+    response = results["short"]
     assert response.status_code == 200, response.text
     for i in range(3):
-        response, _ = results[f"huge{i}"]
+        response = results[f"huge{i}"]
         # Cut to MAX_INPUT_TOKENS (16,384) before tokenizing, which still exceeds the 4,096 context.
         # (How fast: bench.hostile, docs/BENCHMARKS.md.)
         error = assert_openai_error(response, 400, code="context_length_exceeded")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -202,10 +201,8 @@ def test_ensure_builtin_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     first = ensure_builtin("tiny", tmp_path)
     assert first == tmp_path / "builtin" / f"tiny-v{BUILD_VERSION}"
     assert (first / "config.json").is_file()
-    started = time.perf_counter()
     second = ensure_builtin("tiny", str(tmp_path))
-    assert second == first and len(calls) == 1
-    assert time.perf_counter() - started < 0.5
+    assert second == first and len(calls) == 1  # found, not built again
     assert sorted(p.name for p in first.parent.iterdir()) == [first.name]  # no staging left behind
 
 
