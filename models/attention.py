@@ -11,13 +11,25 @@ writes the step's keys and values into the pool by slot mapping and then attends
   chunk runs its own SDPA (plain causal when it starts the sequence, over its gathered blocks
   when earlier tokens are cached), so attention costs the sum of the chunks' squares, not T^2.
 
-Layers outside the text decoder (vision towers) and calls without a layout (the self-test's
-reference forward) fall through to the model's own attention.
+What each layer sees is the model's own rule, reproduced per row: causal, within the layer's
+sliding window (from the call, or from `config.layer_types` for models that apply it only through
+their mask), within its attention chunk (Llama 4), plus spans of a prompt that attend both ways
+(Gemma 3's image tokens, PaliGemma's prefix); soft-capped logits and attention sinks go through
+an explicit softmax, as the models' eager attention computes them.
+
+The step's layout reaches the layers through a thread-local set around the forward (some decoder
+layers, StableLM's, do not pass extra keyword arguments on to attention). Layers outside the text
+decoder (vision towers) and forwards without a layout (the self-test's reference) fall through to
+the model's own attention.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +41,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from models.kv_cache import PagedKVCache
 
 ATTENTION_NAME = "paged"
-LAYOUT_KWARG = "paged_layout"
-# Attention kwargs that change the math in ways plain SDPA over the pool does not reproduce.
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
 FLASH_BLOCK_MULTIPLE = 256
+_local = threading.local()
 
 
 class FastPathUnsupported(RuntimeError):
@@ -47,14 +57,59 @@ def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class LayerRule:
+    """Which keys a layer's query may see besides causality: the last `window` positions (itself
+    included), and only keys of its own `chunk`-sized block of positions."""
+
+    window: int | None = None
+    chunk: int | None = None
+
+
+FULL = LayerRule()
+
+
+def layer_rules(text_config) -> dict[int, LayerRule]:
+    """Per layer, the rule its mask applies, read from `config.layer_types` (a window passed in the
+    attention call takes precedence: Mistral passes one and has no layer types)."""
+    rules: dict[int, LayerRule] = {}
+    for index, kind in enumerate(getattr(text_config, "layer_types", None) or ()):
+        if kind == "sliding_attention" and getattr(text_config, "sliding_window", None):
+            rules[index] = LayerRule(window=int(text_config.sliding_window))
+        elif kind == "chunked_attention" and getattr(text_config, "attention_chunk_size", None):
+            rules[index] = LayerRule(chunk=int(text_config.attention_chunk_size))
+    return rules
+
+
+def _allowed(
+    positions_q: torch.Tensor, length: int, rule: LayerRule, spans: tuple[tuple[int, int], ...] = ()
+) -> torch.Tensor:
+    """[Q, length] bool: which of the first `length` positions each query may see."""
+    keys = torch.arange(length, device=positions_q.device)
+    q = positions_q[:, None]
+    allowed = keys[None, :] <= q
+    if rule.window is not None:
+        allowed &= keys[None, :] > q - rule.window
+    if rule.chunk is not None:
+        allowed &= keys[None, :] >= torch.div(q, rule.chunk, rounding_mode="floor") * rule.chunk
+    # As transformers composes them: the spans widen the layer's causal (windowed) rule.
+    for first, end in spans:
+        inside_q = (positions_q >= first) & (positions_q < end)
+        inside_k = (keys >= first) & (keys < end)
+        allowed |= inside_q[:, None] & inside_k[None, :]
+    return allowed
+
+
 @dataclass(slots=True)
 class PrefillSegment:
-    """A prefill chunk: `length` tokens at packed index `start`, cache positions from `offset`."""
+    """A prefill chunk: `length` tokens at packed index `start`, cache positions from `offset`.
+    `spans`: position ranges `[first, end)` inside the chunk whose tokens attend both ways."""
 
     start: int
     length: int
     offset: int
     blocks: torch.Tensor | None  # [num_blocks] its blocks up to offset + length; None when offset == 0
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -65,14 +120,14 @@ class DecodeGroup:
     rows: torch.Tensor | None  # [g] indices among the step's decode rows; None: all of them, in order
     blocks: torch.Tensor  # [g, nb] long
     positions: torch.Tensor  # [g] long: position of each query
-    masks: dict = field(default_factory=dict)  # per sliding window, shared by all layers
+    masks: dict = field(default_factory=dict)  # per layer rule, shared by all layers
 
-    def mask(self, block_size: int, window: int | None) -> torch.Tensor:
+    def mask(self, block_size: int, rule: LayerRule) -> torch.Tensor:
         """[g, 1, 1, nb * block_size] bool: each row sees its own positions up to itself."""
-        mask = self.masks.get(window)
+        mask = self.masks.get(rule)
         if mask is None:
-            mask = _causal_mask(self.positions, self.blocks.shape[1] * block_size, window)[:, None, None, :]
-            self.masks[window] = mask
+            mask = _allowed(self.positions, self.blocks.shape[1] * block_size, rule)[:, None, None, :]
+            self.masks[rule] = mask
         return mask
 
 
@@ -91,32 +146,38 @@ class PagedLayout:
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [T] long: pool slot (block * block_size + offset) of each token
+    positions: torch.Tensor  # [T] long: each token's position in its own sequence
+    rules: dict[int, LayerRule] = field(default_factory=dict)  # per layer index; FULL if absent
+    # The model's masks let declared spans attend both ways (`models.arch`): its attention modules
+    # may then say they are not causal (PaliGemma's), the masks here reproduce what they do.
+    declared_spans: bool = False
     num_decode: int = 0
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     segments: list[PrefillSegment] = field(default_factory=list)
     flash: FlashMetadata | None = None
-    _masks: dict = field(default_factory=dict)  # per (segment, sliding window), shared by all layers
+    _masks: dict = field(default_factory=dict)  # per (segment, rule), shared by all layers
 
-    def segment_mask(self, index: int, window: int | None) -> torch.Tensor:
-        mask = self._masks.get((index, window))
+    def segment_mask(self, index: int, rule: LayerRule) -> torch.Tensor:
+        mask = self._masks.get((index, rule))
         if mask is None:
             seg = self.segments[index]
             length = (
                 seg.offset + seg.length if seg.blocks is None else seg.blocks.shape[0] * self.cache.block_size
             )
-            positions = torch.arange(seg.offset, seg.offset + seg.length, device=self.slot_mapping.device)
-            mask = _causal_mask(positions, length, window)[None, None]
-            self._masks[(index, window)] = mask
+            positions = self.positions[seg.start : seg.start + seg.length]
+            mask = _allowed(positions, length, rule, seg.spans)[None, None]
+            self._masks[(index, rule)] = mask
         return mask
 
 
-def _causal_mask(positions_q: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
-    """[Q, length] bool: causal, and within the sliding window when the layer has one."""
-    keys = torch.arange(length, device=positions_q.device)
-    mask = keys[None, :] <= positions_q[:, None]
-    if window is not None:
-        mask &= keys[None, :] > positions_q[:, None] - window
-    return mask
+@contextlib.contextmanager
+def use_layout(layout: PagedLayout) -> Iterator[None]:
+    """Make `layout` the one this thread's attention layers read during a forward."""
+    _local.layout = layout
+    try:
+        yield
+    finally:
+        _local.layout = None
 
 
 def _fallback(module, query, key, value, attention_mask, **kwargs):
@@ -125,7 +186,23 @@ def _fallback(module, query, key, value, attention_mask, **kwargs):
     return fallback(module, query, key, value, attention_mask, **kwargs)
 
 
-def _attend(query, key, value, mask, scaling, is_causal=False):
+class _Extras:
+    """What a layer's call adds to plain scaled-dot-product attention."""
+
+    __slots__ = ("softcap", "sinks")
+
+    def __init__(self, softcap, sinks) -> None:
+        self.softcap = softcap
+        self.sinks = sinks
+
+    @property
+    def any(self) -> bool:
+        return self.softcap is not None or self.sinks is not None
+
+
+def _attend(query, key, value, mask, scaling, extras: _Extras, is_causal=False):
+    if extras.any:
+        return _explicit_attention(query, key, value, mask, scaling, extras, is_causal)
     # enable_gqa lets SDPA broadcast kv heads without materialising repeat_kv copies.
     gqa = query.shape[1] != key.shape[1]
     return F.scaled_dot_product_attention(
@@ -133,33 +210,80 @@ def _attend(query, key, value, mask, scaling, is_causal=False):
     )
 
 
+def _explicit_attention(query, key, value, mask, scaling, extras: _Extras, is_causal):
+    """Soft-capped logits (Gemma 2) and attention sinks (gpt-oss), in the order of the models'
+    own eager attention: SDPA has neither."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if extras.softcap is not None:
+        weights = torch.tanh(weights / extras.softcap) * extras.softcap
+    if mask is None and is_causal:
+        q_len, k_len = weights.shape[-2:]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=weights.device).tril(k_len - q_len)
+    if mask is not None:
+        weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
+    if extras.sinks is not None:
+        sinks = extras.sinks.reshape(1, -1, 1, 1).to(weights.dtype).expand(*weights.shape[:-1], 1)
+        combined = torch.cat([weights, sinks], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    else:
+        probs = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs.to(value.dtype), value)
+
+
+def _temperature_correction(module, query: torch.Tensor, layout: PagedLayout) -> torch.Tensor:
+    """Llama 4's NoPE layers scale queries by a function of position, which they compute from the
+    index in the forward's input: in a packed step that is not the token's position. Replace
+    the scale computed from the index by the one of the real position."""
+
+    def scale(positions: torch.Tensor) -> torch.Tensor:
+        return (
+            torch.log1p(torch.floor((positions.float() + 1.0) / module.floor_scale)) * module.attn_scale + 1.0
+        )
+
+    length = query.shape[2]
+    correction = scale(layout.positions) / scale(torch.arange(length, device=query.device))
+    return (query * correction.view(1, 1, length, 1)).to(query.dtype)
+
+
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    layout: PagedLayout | None = kwargs.get(LAYOUT_KWARG)
+    layout: PagedLayout | None = getattr(_local, "layout", None)
     layer_idx = getattr(module, "layer_idx", None)
     if layout is None or layer_idx is None:
         return _fallback(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    for name in _UNSUPPORTED_KWARGS:
-        if kwargs.get(name) is not None:
-            raise FastPathUnsupported(f"attention uses '{name}'")
-    if not getattr(module, "is_causal", True) or key.shape[2] != query.shape[2]:
-        raise FastPathUnsupported("non-causal or cross attention")
-    window = kwargs.get("sliding_window")
+    if key.shape[2] != query.shape[2]:
+        raise FastPathUnsupported("cross-attention")
+    if not getattr(module, "is_causal", True) and not layout.declared_spans:
+        raise FastPathUnsupported("non-causal attention")
+    extras = _Extras(kwargs.get("softcap"), kwargs.get("s_aux"))
+    rule = layout.rules.get(layer_idx, FULL)
+    if kwargs.get("sliding_window") is not None:
+        rule = LayerRule(window=int(kwargs["sliding_window"]), chunk=rule.chunk)
+    if getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True):
+        query = _temperature_correction(module, query, layout)
 
-    # query: [1, H, T, D]; key/value: [1, Hkv, T, D]; pools: [blocks + 1, block_size, Hkv, D]
-    key_pool, value_pool = layout.cache.layer(layer_idx, key)
+    # query: [1, H, T, D]; key/value: [1, Hkv, T, Dk/Dv]; pools: [blocks + 1, block_size, Hkv, D]
+    key_pool, value_pool = layout.cache.layer(layer_idx, key, value)
     key_pool.view(-1, *key_pool.shape[2:]).index_copy_(0, layout.slot_mapping, key[0].transpose(0, 1))
     value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, layout.slot_mapping, value[0].transpose(0, 1))
     if layout.flash is not None:
-        out = _flash_attention(layout.flash, query, key_pool, value_pool, scaling, window)
+        out = _flash_attention(layout.flash, query, key_pool, value_pool, scaling, rule, extras)
     else:
         parts = []
         if layout.num_decode:
-            parts.append(_decode_attention(layout, key_pool, value_pool, query, scaling, window))
+            parts.append(_decode_attention(layout, key_pool, value_pool, query, scaling, rule, extras))
         if layout.segments:
-            parts.append(_prefill_attention(layout, key_pool, value_pool, query, key, value, scaling, window))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # [1, H, T, D]
+            parts.append(
+                _prefill_attention(layout, key_pool, value_pool, query, key, value, scaling, rule, extras)
+            )
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # [1, H, T, Dv]
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -171,7 +295,7 @@ def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return gathered.transpose(-3, -2)
 
 
-def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling, window):
+def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling, rule, extras):
     nd = layout.num_decode
     q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
     block_size = layout.cache.block_size
@@ -181,37 +305,44 @@ def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling,
             q,
             _gather(key_pool, group.blocks),
             _gather(value_pool, group.blocks),
-            group.mask(block_size, window),
+            group.mask(block_size, rule),
             scaling,
+            extras,
         )
     else:
-        out = torch.empty_like(q)
+        out = q.new_empty(*q.shape[:-1], value_pool.shape[-1])
         for group in layout.decode_groups:
             keys = _gather(key_pool, group.blocks)  # [g, Hkv, L, D]
             values = _gather(value_pool, group.blocks)
-            out[group.rows] = _attend(q[group.rows], keys, values, group.mask(block_size, window), scaling)
-    return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, H, Bd, D]
+            out[group.rows] = _attend(
+                q[group.rows], keys, values, group.mask(block_size, rule), scaling, extras
+            )
+    return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, H, Bd, Dv]
 
 
-def _prefill_attention(layout: PagedLayout, key_pool, value_pool, query, key, value, scaling, window):
+def _prefill_attention(layout: PagedLayout, key_pool, value_pool, query, key, value, scaling, rule, extras):
     outs = []
     for index, seg in enumerate(layout.segments):
         span = slice(seg.start, seg.start + seg.length)
         q = query[:, :, span]
         if seg.blocks is None:
             # The chunk starts its sequence: it attends only to its own keys, no gather needed.
-            mask = None if window is None else layout.segment_mask(index, window)
-            outs.append(_attend(q, key[:, :, span], value[:, :, span], mask, scaling, is_causal=True))
+            plain = rule == FULL and not seg.spans
+            mask = None if plain else layout.segment_mask(index, rule)
+            outs.append(_attend(q, key[:, :, span], value[:, :, span], mask, scaling, extras, is_causal=True))
             continue
         keys = _gather(key_pool, seg.blocks).unsqueeze(0)  # [1, Hkv, L, D]
         values = _gather(value_pool, seg.blocks).unsqueeze(0)
-        outs.append(_attend(q, keys, values, layout.segment_mask(index, window), scaling))
+        outs.append(_attend(q, keys, values, layout.segment_mask(index, rule), scaling, extras))
     return torch.cat(outs, dim=2)
 
 
-def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, window):
+def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, rule, extras):
     from flash_attn import flash_attn_varlen_func
 
+    if rule.chunk is not None or extras.sinks is not None:
+        # The runner keeps FlashAttention off for such models; reaching here is a bug, not a fallback.
+        raise FastPathUnsupported("FlashAttention cannot apply attention chunks or sinks")
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = flash_attn_varlen_func(
         q,
@@ -223,7 +354,8 @@ def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, 
         max_seqlen_k=meta.max_seqlen_k,
         softmax_scale=scaling,
         causal=True,
-        window_size=(window - 1, 0) if window is not None else (-1, -1),
+        window_size=(rule.window - 1, 0) if rule.window is not None else (-1, -1),
+        softcap=extras.softcap or 0.0,
         block_table=meta.block_table,
     )  # [T, H, D]
     return out.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]

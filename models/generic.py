@@ -135,6 +135,7 @@ class GenericRunner:
     kind = "generic"
     chunked_prefill = False  # generate() computes a prompt in one forward
     prefix_caching = False  # generate() keeps its own cache; nothing is shared
+    long_rope_after = None  # generate() switches LongRoPE factors itself
 
     def __init__(
         self,
@@ -187,7 +188,8 @@ class GenericRunner:
         if row.start == 0 or thread is None:
             if thread is not None:
                 self.release([row.seq_id])
-            tokens, mm_inputs = row.token_ids, row.mm_inputs
+            # The whole prompt's inputs, images or not (PaliGemma's token types, for one).
+            tokens, mm_inputs = row.token_ids, row.inputs.mm_inputs if row.inputs is not None else None
             if row.start:  # a forked choice: its first decode row recomputes the shared prompt
                 context, mm_inputs = self._forked.pop(row.seq_id)
                 tokens = context + row.token_ids

@@ -1,7 +1,7 @@
 """The paged KV pool of one replica: fixed-size blocks of keys and values, one pool per layer.
 
 Per attention layer, keys and values are `[num_blocks + 1, block_size, kv_heads, head_dim]` (the
-layout FlashAttention's paged kernels read). Which block belongs to which sequence is decided by
+layout FlashAttention's paged kernels read; values may have their own head size). Which block belongs to which sequence is decided by
 `scheduler.blocks`; here a block is just an index. The extra last block stays zero: it pads block
 tables, so a gather never reads memory that no sequence wrote.
 
@@ -24,16 +24,21 @@ class PagedKVCache:
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
 
-    def layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's pools, allocated on first use from a `[*, kv_heads, *, head_dim]` sample
-        (models with per-layer head shapes need no special casing)."""
+    def layer(
+        self, layer_idx: int, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's pools, allocated on first use from the `[*, kv_heads, *, head_dim]` keys and
+        values it produces (per-layer head shapes, and value heads narrower than key heads as in
+        DeepSeek's MLA, need no special casing)."""
         keys = self._keys.get(layer_idx)
         if keys is None:
-            shape = (self.num_blocks + 1, self.block_size, like.shape[1], like.shape[-1])
-            keys = torch.zeros(shape, dtype=like.dtype, device=self.device)
+            keys = torch.zeros(self._shape(key), dtype=key.dtype, device=self.device)
             self._keys[layer_idx] = keys
-            self._values[layer_idx] = torch.zeros_like(keys)
+            self._values[layer_idx] = torch.zeros(self._shape(value), dtype=value.dtype, device=self.device)
         return keys, self._values[layer_idx]
+
+    def _shape(self, like: torch.Tensor) -> tuple[int, ...]:
+        return (self.num_blocks + 1, self.block_size, like.shape[1], like.shape[-1])
 
     def zero_blocks(self, blocks: torch.Tensor) -> None:
         """Blocks just handed to a sequence: stale contents (possibly non-finite, from a request
@@ -68,4 +73,11 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
         kv_heads = 1
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     head_dim = getattr(config, "head_dim", None) or hidden // max(heads, 1)
-    return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    key_dim = value_dim = head_dim
+    if getattr(config, "v_head_dim", None) and getattr(config, "qk_nope_head_dim", None) is not None:
+        # MLA (DeepSeek-V2/V3): the pool holds the keys and values the layers expand to, per head.
+        kv_heads = heads
+        key_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        value_dim = config.v_head_dim
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return layers * kv_heads * (key_dim + value_dim) * itemsize

@@ -190,7 +190,10 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         )
     chat_template = _chat_template(tokenizer, processor)
     if chat_template is None:
-        decide("chat_template=none (chat requests need a template)", level=logging.WARNING)
+        decide(
+            "chat_template=none (chat prompts use the model's own format where known, else a plain fallback)",
+            level=logging.WARNING,
+        )
 
     return LoadedModel(
         model=model,

@@ -11,6 +11,20 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 
+@dataclass(frozen=True, slots=True)
+class SequenceInputs:
+    """What a runner needs of a sequence besides its token ids, built once when it arrives
+    (`ModelReplica.sequence_inputs`); the scheduler carries it without looking inside."""
+
+    mm_inputs: dict[str, Any] | None = None  # image inputs, fed with the chunk that covers the span
+    # M-RoPE (Qwen-VL): [3, P] positions of the prompt's tokens; later tokens sit at their index
+    # plus `mrope_delta` on all three axes.
+    mrope_positions: Any = None
+    mrope_delta: int = 0
+    # Position ranges [first, end) of the prompt whose tokens attend to each other both ways.
+    bidirectional: tuple[tuple[int, int], ...] = ()
+
+
 @dataclass(slots=True)
 class PlanRow:
     """One sequence's work this step: feed `token_ids` at positions `start, start + 1, ...`.
@@ -26,11 +40,17 @@ class PlanRow:
     start: int
     block_table: list[int]  # physical blocks of positions [0, start + len(token_ids))
     samplers: list[Any] = field(default_factory=list)
-    mm_inputs: dict[str, Any] | None = None  # model inputs of the image tokens inside token_ids
+    inputs: SequenceInputs | None = None
+    with_images: bool = False  # the chunk covers the image tokens: feed `inputs.mm_inputs`
+    seq_len: int = 0  # tokens the sequence holds now (prompt and generated), fed or not
 
     @property
     def end(self) -> int:
         return self.start + len(self.token_ids)
+
+    @property
+    def mm_inputs(self) -> dict[str, Any] | None:
+        return self.inputs.mm_inputs if self.with_images and self.inputs is not None else None
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from models.arch import RopeIndex, Traits, bidirectional_spans, mrope_positions, rope_index_of, traits_of
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from models.images import DecodedImageCache, ImageLimits
 from models.loader import token_id_limit
@@ -45,10 +46,13 @@ class PreparedPrompt:
     num_image_tokens: int = 0
     truncated_tokens: int = 0  # dropped from the left to respect max_input_tokens
     warnings: list[str] = field(default_factory=list)
-    # Positions of the first and last image token (the whole prompt when the model's image token
-    # is unknown) and a digest of every image input: the prefix cache keys image blocks by it.
-    image_span: tuple[int, int] | None = None
-    image_digest: bytes = b""
+    # Positions of the first and last token computed in one chunk: the image tokens (the whole
+    # prompt when the model's image token is unknown) and the tokens that attend both ways. The
+    # digest stands for what their keys and values depend on: the prefix cache keys blocks by it.
+    unsplit_span: tuple[int, int] | None = None
+    span_digest: bytes = b""
+    bidirectional: tuple[tuple[int, int], ...] = ()  # [first, end) ranges attending both ways
+    mrope: tuple[torch.Tensor, int] | None = None  # M-RoPE positions [3, P] and the later offset
 
 
 class PromptBuilder:
@@ -63,6 +67,8 @@ class PromptBuilder:
         image_limits: ImageLimits,
         image_cache: DecodedImageCache | None = None,
         token_id_limit: int | None = None,
+        traits: Traits = Traits(),
+        rope_index: RopeIndex | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.token_id_limit = token_id_limit if token_id_limit is not None else len(tokenizer)
@@ -75,8 +81,12 @@ class PromptBuilder:
         )  # an empty cache is falsy
         self.image_token_id = image_token_id
         self.image_token = getattr(processor, "image_token", None) if processor is not None else None
+        self.traits = traits
+        self.rope_index = rope_index
+        # A model's own prompt format serves chat when the checkpoint has no template (PaliGemma).
+        self.prompt_format = traits.prompt_format if chat_template is None else None
         self.chat_template = chat_template or _FALLBACK_TEMPLATE
-        if chat_template is None:
+        if chat_template is None and self.prompt_format is None:
             log.warning("the model has no chat template; chat requests use a plain 'role: content' fallback")
         self._special_pattern = _special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = _max_token_chars(tokenizer)
@@ -106,6 +116,8 @@ class PromptBuilder:
             image_limits=image_limits or ImageLimits(),
             image_cache=image_cache,
             token_id_limit=token_id_limit(loaded),
+            traits=traits_of(loaded.model.config),
+            rope_index=rope_index_of(loaded.model),
         )
 
     # -- rendering -----------------------------------------------------------------------------
@@ -115,6 +127,8 @@ class PromptBuilder:
         before could not survive the prompt's left truncation anyway)."""
         if prompt.messages is None:
             raise InvalidRequestError("messages are required", param="messages")
+        if self.prompt_format == "paligemma":
+            return self._paligemma_prefix(prompt, content_chars)
         messages = [self._normalise_message(_tail(m, content_chars)) for m in prompt.messages]
         kwargs = dict(prompt.chat_template_kwargs)
         try:
@@ -133,6 +147,18 @@ class PromptBuilder:
             raise InvalidRequestError(
                 f"the chat template rejected the messages: {_short(exc)}", param="messages"
             ) from None
+
+    def _paligemma_prefix(self, prompt: PromptInput, content_chars: int | None) -> str:
+        """PaliGemma takes a task prefix, not a conversation: the text of every message, one per
+        line (its processor puts the images and <bos> before it and a newline after)."""
+        lines = []
+        for message in prompt.messages or ():
+            content = _tail(message, content_chars).get("content")
+            if isinstance(content, str):
+                lines.append(self._as_text(content))
+            elif isinstance(content, list):
+                lines.extend(self._as_text(str(p["text"])) for p in content if p.get("type") == "text")
+        return "\n".join(line for line in lines if line)
 
     def _normalise_message(self, message: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(message)
@@ -187,7 +213,7 @@ class PromptBuilder:
         are left-truncated and the result says so; image prompts cannot be cut and are refused."""
         if prompt.token_ids is not None:
             self.check_ids(prompt.token_ids, param="prompt")
-            return self._truncate(PreparedPrompt(list(prompt.token_ids)))
+            return self._as_prefix(self._truncate(PreparedPrompt(list(prompt.token_ids))))
         # No token is longer than `_max_token_chars` characters, so a text beyond this many has
         # more tokens than the limit for sure: only its end can survive, so only its end is
         # rendered and tokenized. (A 60 MiB prompt took minutes to tokenize and gigabytes of memory.)
@@ -206,6 +232,8 @@ class PromptBuilder:
                     param="messages",
                 )
             return self._prepare_multimodal(text, prompt.images, special, prompt.image_params)
+        if self.prompt_format == "paligemma" and prompt.messages is not None:
+            return self._paligemma_text_only(text)
         cut = max(0, len(text) - bound)
         split = {"split_special_tokens": True} if prompt.split_special_tokens else {}
         ids = self.tokenizer(text[cut:], add_special_tokens=special and not cut, **split)["input_ids"]
@@ -215,7 +243,40 @@ class PromptBuilder:
                 f"the prompt had {len(text)} characters, more than MAX_INPUT_TOKENS={self.max_input_tokens} tokens; "
                 f"only its last {len(prepared.token_ids)} tokens were kept"
             ]
+        return self._as_prefix(prepared)
+
+    def _paligemma_text_only(self, prefix: str) -> PreparedPrompt:
+        """<bos>, the prefix and a newline, as its processor builds it around images (it
+        requires images, so text-only prompts are built here)."""
+        bos = self.tokenizer.bos_token or ""
+        ids = self.tokenizer(bos + prefix + "\n", add_special_tokens=False)["input_ids"]
+        return self._as_prefix(self._truncate(PreparedPrompt(list(ids))))
+
+    def _as_prefix(self, prepared: PreparedPrompt) -> PreparedPrompt:
+        """A text prompt for a prefix-LM (PaliGemma): the whole prompt is the prefix, which attends
+        both ways, as the model's processor marks every prompt token (type 0). Without the types
+        the model's own forward would not apply its prefix mask as it was trained."""
+        if self.traits.bidirectional != "prefix" or not prepared.token_ids:
+            return prepared
+        types = torch.zeros(1, len(prepared.token_ids), dtype=torch.long)
+        self._add_spans(prepared, {"token_type_ids": types})
+        prepared.mm_inputs = {"token_type_ids": types}
         return prepared
+
+    def _add_spans(self, prepared: PreparedPrompt, mm: Mapping[str, Any]) -> None:
+        """The prompt's bidirectional spans, widening the span computed in one chunk, and a
+        digest that covers their tokens (whose keys and values depend on every token in them)."""
+        spans = bidirectional_spans(self.traits.bidirectional, mm.get("token_type_ids"))
+        if not spans:
+            return
+        prepared.bidirectional = spans
+        first, last = spans[0][0], spans[-1][1] - 1
+        if prepared.unsplit_span is not None:
+            first, last = min(first, prepared.unsplit_span[0]), max(last, prepared.unsplit_span[1])
+        prepared.unsplit_span = (first, last)
+        digest = hashlib.blake2b(prepared.span_digest, digest_size=16)
+        digest.update(repr(prepared.token_ids[first : last + 1]).encode())
+        prepared.span_digest = digest.digest()
 
     def _prepare_multimodal(
         self, text: str, images: tuple[bytes, ...], special: bool, params: tuple[str, ...] = ()
@@ -248,9 +309,12 @@ class PromptBuilder:
             mm or None,
             num_images=len(decoded),
             num_image_tokens=image_tokens,
-            image_span=self._image_span(ids),
-            image_digest=_digest(mm),
+            unsplit_span=self._image_span(ids),
+            span_digest=_digest(mm),
         )
+        self._add_spans(prepared, mm)
+        if self.rope_index is not None and mm.get("mm_token_type_ids") is not None:
+            prepared.mrope = mrope_positions(self.rope_index, ids, mm)
         if len(ids) > self.max_input_tokens:
             raise ContextLengthExceededError(
                 f"the prompt is {len(ids)} tokens ({image_tokens} of them for {len(decoded)} images), more than "
@@ -267,6 +331,9 @@ class PromptBuilder:
         return 0, len(ids) - 1
 
     def _process(self, text: str, images: list, special: bool):
+        if self.prompt_format == "paligemma":
+            # Its processor places the images itself, and takes a prompt's images as one list.
+            images = [images]
         try:
             return self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=special)
         except TypeError as exc:

@@ -24,10 +24,11 @@ from models.grammar import GrammarCompiler
 from models.kv_cache import kv_bytes_per_token
 from models.loader import LoadedModel, LoadSpec, ModelLoadError, load_model, logit_count
 from models.params import PromptInput, SamplingParams
+from models.plan import SequenceInputs
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.runner import PagedRunner
 from models.sampling import RowSampler
-from models.self_test import blocks_needed, run_self_test
+from models.self_test import DECODE_TOKENS, ProbePrompt, run_self_test
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ _SELF_TEST_TEXT = "The quick brown fox jumps over the lazy dog; 12345 pack my bo
 CPU_BLOCK_SIZE = 16
 GPU_BLOCK_SIZE = 16
 MIN_POOL_TOKENS = 256
+# The self-test's long prompt: at least this long, and at most (CPU, GPU) this long however large
+# the config's windows and thresholds, so that startup stays quick.
+SELF_TEST_MIN_TOKENS = 48
+SELF_TEST_MAX_TOKENS = (1024, 4096)
 
 
 @dataclass(frozen=True)
@@ -112,9 +117,8 @@ class ModelReplica:
             out.append(Generation(sampler, detok, max_tokens=params.max_tokens))
         return out
 
-    def model_inputs(self, prepared: PreparedPrompt) -> dict | None:
-        """The prompt's image inputs on the replica's device, in its dtype."""
-        return _to_device(prepared.mm_inputs, self.loaded.device, self.loaded.dtype)
+    def sequence_inputs(self, prepared: PreparedPrompt) -> SequenceInputs | None:
+        return sequence_inputs(prepared, self.loaded.device, self.loaded.dtype)
 
 
 def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
@@ -225,37 +229,94 @@ def _generic(
 
 def _self_test(runner: PagedRunner, loaded: LoadedModel) -> str | None:
     builder = PromptBuilder.for_model(loaded)
-    ids = builder.tokenize(_SELF_TEST_TEXT)
-    reason = run_self_test(runner, ids, None, dtype=loaded.dtype)
-    if reason is not None or not builder.is_vision:
-        return reason
     try:
-        prepared = builder.prepare(
-            PromptInput(
-                messages=(
-                    {
-                        "role": "user",
-                        "content": [{"type": "image"}, {"type": "text", "text": _SELF_TEST_TEXT}],
-                    },
-                ),
-                images=(_synthetic_png(),),
-            )
-        )
+        prompts = [_long_probe(runner, loaded, builder)]
+        chat = builder.prepare(PromptInput(messages=({"role": "user", "content": _SELF_TEST_TEXT},)))
+        prompts.append(_probe_prompt(chat, loaded))
+        if builder.is_vision:
+            for size in ((64, 48), (40, 72)):
+                prepared = builder.prepare(
+                    PromptInput(
+                        messages=(
+                            {
+                                "role": "user",
+                                "content": [{"type": "image"}, {"type": "text", "text": _SELF_TEST_TEXT}],
+                            },
+                        ),
+                        images=(_synthetic_png(*size),),
+                    )
+                )
+                prompts.append(_probe_prompt(prepared, loaded))
     except Exception as exc:  # the generic path will surface the same problem per request
-        log.debug("image self-test could not build a prompt", exc_info=True)
-        return f"image prompt preparation failed: {exc}"
-    if blocks_needed(len(ids), len(prepared.token_ids), runner.block_size) > runner.num_blocks:
-        return "the KV pool is too small for the image self-test"
-    mm = _to_device(prepared.mm_inputs, loaded.device, loaded.dtype)
-    # The image prompt joins while the text prompt decodes, as it would in a busy batch.
-    return run_self_test(runner, ids, (prepared.token_ids, mm), dtype=loaded.dtype)
+        log.debug("self-test could not build its prompts", exc_info=True)
+        return f"self-test prompt preparation failed: {type(exc).__name__}: {exc}"
+    return run_self_test(runner, prompts, dtype=loaded.dtype)
 
 
-def _synthetic_png() -> bytes:
+def _long_probe(runner: PagedRunner, loaded: LoadedModel, builder: PromptBuilder) -> ProbePrompt:
+    """Raw text longer than every window, attention chunk and LongRoPE threshold of the config,
+    within what startup can afford, the model's context and a third of the pool."""
+    text_config = loaded.model.config.get_text_config(decoder=True)
+    reach = [rule.window or rule.chunk or 0 for rule in runner.rules.values()]
+    reach += [int(getattr(text_config, "sliding_window", None) or 0)]
+    if runner.long_rope_after is not None:
+        reach.append(runner.long_rope_after)
+    target = max(SELF_TEST_MIN_TOKENS, max(reach) + 16)
+    cap = min(
+        SELF_TEST_MAX_TOKENS[loaded.device.type == "cuda"],
+        loaded.max_context - DECODE_TOKENS - 1,
+        runner.num_blocks * runner.block_size // 4 - DECODE_TOKENS,
+    )
+    length = min(target, cap)
+    if (
+        runner.long_rope_after is not None
+        and runner.long_rope_after - DECODE_TOKENS <= length <= runner.long_rope_after
+    ):
+        length = runner.long_rope_after - DECODE_TOKENS - 1  # the probe's decode must not cross it
+    if length < target:
+        log.warning(
+            "the self-test's long prompt is %d tokens, short of the %d the config's windows and scaling "
+            "thresholds call for: longer contexts are served as probed at %d",
+            length,
+            target,
+            length,
+        )
+    unit = builder.tokenize(" " + _SELF_TEST_TEXT)
+    ids = (unit * (length // max(1, len(unit)) + 1))[:length]
+    return _probe_prompt(builder.prepare(PromptInput(token_ids=tuple(ids))), loaded)
+
+
+def _probe_prompt(prepared: PreparedPrompt, loaded: LoadedModel) -> ProbePrompt:
+    return ProbePrompt(
+        list(prepared.token_ids),
+        inputs=sequence_inputs(prepared, loaded.device, loaded.dtype),
+        model_inputs=_to_device(prepared.mm_inputs, loaded.device, loaded.dtype),
+        unsplit=prepared.unsplit_span,
+        has_images=prepared.num_images > 0,
+    )
+
+
+def sequence_inputs(
+    prepared: PreparedPrompt, device: torch.device, dtype: torch.dtype
+) -> SequenceInputs | None:
+    """What the runner needs of the prompt besides its tokens: image inputs on the replica's
+    device in its dtype, M-RoPE positions, the spans that attend both ways."""
+    mm = _to_device(prepared.mm_inputs, device, dtype)
+    if mm is None and prepared.mrope is None and not prepared.bidirectional:
+        return None
+    positions, delta = prepared.mrope if prepared.mrope is not None else (None, 0)
+    return SequenceInputs(
+        mm_inputs=mm, mrope_positions=positions, mrope_delta=delta, bidirectional=prepared.bidirectional
+    )
+
+
+def _synthetic_png(width: int, height: int) -> bytes:
     from PIL import Image
 
-    image = Image.new("RGB", (64, 48))
-    image.putdata([((x * 4) % 256, (y * 5) % 256, (x * y) % 256) for y in range(48) for x in range(64)])
+    image = Image.new("RGB", (width, height))
+    image.putdata(
+        [((x * 4) % 256, (y * 5) % 256, (x * y) % 256) for y in range(height) for x in range(width)]
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

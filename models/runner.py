@@ -12,12 +12,17 @@ import logging
 import torch
 
 from models import attention
-from models.attention import DecodeGroup, FlashMetadata, PagedLayout, PrefillSegment
+from models.arch import traits_of
+from models.attention import DecodeGroup, FlashMetadata, PagedLayout, PrefillSegment, layer_rules
 from models.kv_cache import PagedKVCache
 from models.plan import PlanRow, SampledToken, StepPlan
+from models.rope import LongRopeRows
 from models.sampling import draw
 
 log = logging.getLogger(__name__)
+# Inputs the processor returns for the model's own mask and position builders; the fast path
+# computes both itself (from SequenceInputs), and their [1, P] shapes do not fit a packed step.
+_STEP_OWNED_INPUTS = ("token_type_ids", "mm_token_type_ids")
 # Decode rows whose tables differ by at most this many blocks share one gather even when the
 # longer is more than twice the shorter: a handful of padding blocks costs less than another SDPA.
 _GROUP_SLACK_BLOCKS = 8
@@ -36,10 +41,25 @@ class PagedRunner:
         self.model = model
         self.device = device
         self.cache = PagedKVCache(num_blocks, block_size, device)
-        self.use_flash = use_flash
         text_config = model.config.get_text_config(decoder=True)
         self._text_config = text_config
-        self.original_attn = text_config._attn_implementation or "sdpa"
+        self.rules = layer_rules(text_config)
+        self.traits = traits_of(model.config)
+        self.long_rope = LongRopeRows(model)
+        # A sequence longer than this uses LongRoPE's long factors (None: no LongRoPE).
+        self.long_rope_after = self.long_rope.threshold
+        has_sinks = any(hasattr(m, "sinks") for m in model.modules())
+        chunked = any(rule.chunk is not None for rule in self.rules.values())
+        # FlashAttention's paged kernel is causal (optionally windowed) only: chunks, sinks and
+        # spans that attend both ways go through the gathered-blocks path.
+        self.use_flash = use_flash and not (has_sinks or chunked or self.traits.bidirectional)
+        current = text_config._attn_implementation or "sdpa"
+        # A model a runner already converted keeps the attention it had before that one.
+        self.original_attn = (
+            getattr(text_config, "_paged_fallback_attn", "sdpa")
+            if current == attention.ATTENTION_NAME
+            else current
+        )
         attention.register()
         text_config._paged_fallback_attn = self.original_attn
         text_config._attn_implementation = attention.ATTENTION_NAME
@@ -92,21 +112,66 @@ class PagedRunner:
                 keep.append(len(tokens) - 1)
             if row.mm_inputs:
                 mm_inputs.append(row.mm_inputs)
-        layout = self._layout(rows, slots)
         device = self.device
-        out = self.model(
-            input_ids=torch.tensor([tokens], dtype=torch.long, device=device),
-            position_ids=torch.tensor([positions], dtype=torch.long, device=device),
-            logits_to_keep=torch.tensor(keep or [len(tokens) - 1], dtype=torch.long, device=device),
-            use_cache=False,
-            **{attention.LAYOUT_KWARG: layout},
-            **_merge_model_inputs(mm_inputs),
-        )
+        position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
+        layout = self._layout(rows, slots, position_tensor)
+        with attention.use_layout(layout), self.long_rope.rows(self._long_rope_flags(rows)):
+            out = self.model(
+                input_ids=torch.tensor([tokens], dtype=torch.long, device=device),
+                position_ids=self._position_ids(rows, position_tensor),
+                logits_to_keep=torch.tensor(keep or [len(tokens) - 1], dtype=torch.long, device=device),
+                use_cache=False,
+                **_merge_model_inputs(mm_inputs),
+            )
         return out.logits[0] if keep else out.logits[0, :0]
 
-    def _layout(self, rows: list[PlanRow], slots: list[int]) -> PagedLayout:
+    def _position_ids(self, rows: list[PlanRow], positions: torch.Tensor) -> torch.Tensor:
+        """What the model's rotary embedding reads: `[1, T]` positions (shifted for models that
+        count from 1), or `[3, 1, T]` M-RoPE positions when a row carries them: its prompt's from
+        the table the model built, later tokens at their index plus the prompt's offset."""
+        if not any(row.inputs is not None and row.inputs.mrope_positions is not None for row in rows):
+            return (positions + self.traits.position_offset)[None]
+        parts = []
+        for row in rows:
+            plain = positions.new_tensor(range(row.start, row.end)).expand(3, -1)
+            inputs = row.inputs
+            if inputs is None or inputs.mrope_positions is None:
+                parts.append(plain)
+                continue
+            table = inputs.mrope_positions
+            prompt_end = min(row.end, table.shape[1])
+            mixed = plain + inputs.mrope_delta
+            if row.start < prompt_end:
+                mixed = torch.cat(
+                    [
+                        table[:, row.start : prompt_end].to(positions.device),
+                        mixed[:, prompt_end - row.start :],
+                    ],
+                    dim=1,
+                )
+            parts.append(mixed)
+        return torch.cat(parts, dim=1)[:, None]
+
+    def _long_rope_flags(self, rows: list[PlanRow]) -> torch.Tensor | bool | None:
+        """Per token, whether its sequence is past the LongRoPE threshold (None: no LongRoPE)."""
+        threshold = self.long_rope_after
+        if threshold is None:
+            return None
+        flags = [row.seq_len > threshold for row in rows]
+        if all(flags) or not any(flags):
+            return flags[0]
+        per_token = [flag for row, flag in zip(rows, flags, strict=True) for _ in row.token_ids]
+        return torch.tensor(per_token, dtype=torch.bool, device=self.device)
+
+    def _layout(self, rows: list[PlanRow], slots: list[int], positions: torch.Tensor) -> PagedLayout:
         device = self.device
-        layout = PagedLayout(self.cache, torch.tensor(slots, dtype=torch.long, device=device))
+        layout = PagedLayout(
+            self.cache,
+            torch.tensor(slots, dtype=torch.long, device=device),
+            positions,
+            rules=self.rules,
+            declared_spans=self.traits.bidirectional is not None,
+        )
         if self.use_flash:
             layout.flash = self._flash_metadata(rows)
             return layout
@@ -124,7 +189,9 @@ class PagedRunner:
                 blocks = torch.tensor(
                     row.block_table[: -(-row.end // block_size)], dtype=torch.long, device=device
                 )
-            layout.segments.append(PrefillSegment(start, len(row.token_ids), row.start, blocks))
+            layout.segments.append(
+                PrefillSegment(start, len(row.token_ids), row.start, blocks, _spans_within(row))
+            )
             start += len(row.token_ids)
         return layout
 
@@ -192,9 +259,20 @@ class PagedRunner:
         self._text_config._attn_implementation = self.original_attn
 
 
+def _spans_within(row: PlanRow) -> tuple[tuple[int, int], ...]:
+    """The row's bidirectional spans that end in its chunk. The batch never splits a span over
+    two chunks, but a prefix-cache hit can start a chunk inside one: its queries then see the
+    cached part of the span too (the prefix cache keys span blocks by the whole span's tokens)."""
+    if row.inputs is None:
+        return ()
+    return tuple((a, b) for a, b in row.inputs.bidirectional if a < row.end and b > row.start)
+
+
 def _merge_model_inputs(inputs: list[dict]) -> dict:
     """Image inputs of the rows in this step, concatenated along the image dimension in row order
     (the order their image tokens appear in the packed sequence)."""
+    inputs = [{k: v for k, v in each.items() if k not in _STEP_OWNED_INPUTS} for each in inputs]
+    inputs = [each for each in inputs if each]
     if not inputs:
         return {}
     if len(inputs) == 1:

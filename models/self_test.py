@@ -1,156 +1,202 @@
 """Startup self-test: does the paged fast path compute what the model itself computes?
 
-Probes run through `PagedRunner.forward` exactly as the executor drives it: a prompt prefilled in
-two chunks that then decodes; a second prompt (text, or an image prompt for vision-language
-models) that joins while the first decodes; and a third that finds the first one's full blocks in
-the prefix cache and computes only the rest. Decoding feeds each prompt's own next tokens, so every
-row has a reference in the model's own forward over the whole prompt. A model that disagrees, or
-whose own attention is not causal self-attention, is served by the generic path instead.
+Probes run through `PagedRunner.forward` exactly as the executor drives it, several per step:
+
+- a long text prompt (longer than every sliding window, attention chunk and LongRoPE threshold of
+  the config, capped to keep startup fast) prefilled in three chunks;
+- a short chat prompt built as requests build it (PaliGemma's prefix that attends both ways, for
+  one) that joins while the long one is still prefilling;
+- the long prompt again, finding its first blocks in the prefix cache;
+- for vision-language models, two image prompts of different image sizes.
+
+After its prompt, each probe feeds a few more tokens as decode rows. The reference is the model's
+own forward with its own attention and cache, as `generate()` runs it: the prompt in one forward
+with everything the processor returned, then one token at a time. A model that disagrees, or whose
+own masks do something the fast path was not told about (cross-attention, tokens seeing later
+tokens outside the declared spans), is served by the generic path instead.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from models.attention import FastPathUnsupported
-from models.plan import PlanRow
+from models.plan import PlanRow, SequenceInputs
+from models.rope import rope_problem
 
 log = logging.getLogger(__name__)
+DECODE_TOKENS = 3
 
 
+@dataclass
+class ProbePrompt:
+    """A prompt as the executor would hold it, and what the model's own forward takes for it."""
+
+    ids: list[int]
+    inputs: SequenceInputs | None = None  # what the fast path gets (as `ModelReplica.sequence_inputs`)
+    model_inputs: dict | None = None  # what the reference forward gets besides the ids
+    unsplit: tuple[int, int] | None = None  # positions computed in one chunk
+    has_images: bool = False
+
+
+@dataclass(eq=False)
 class _Probe:
-    """Stands in for a sequence: prefills `prefill_len` tokens of `ids`, then "decodes" the rest
-    of `ids` (the reference has logits for every position)."""
-
-    def __init__(self, ids: list[int], prefill_len: int, mm_inputs: dict | None, blocks: list[int]) -> None:
-        self.ids = ids
-        self.prefill_len = prefill_len
-        self.mm_inputs = mm_inputs
-        self.blocks = blocks
-        self.num_cached = 0
-        self.positions: list[int] = []  # position of each logits row received
-        self.rows: list[torch.Tensor] = []
-
-    def row(self, take: int) -> PlanRow:
-        start = self.num_cached
-        end = start + take
-        produces_logits = end >= self.prefill_len
-        mm = self.mm_inputs if start == 0 else None
-        return PlanRow(
-            id(self), self.ids[start:end], start, self.blocks, [self] if produces_logits else [], mm
-        )
+    prompt: ProbePrompt
+    blocks: list[int]
+    chunks: list[tuple[int, int]]  # prefill [start, end) per step
+    start_step: int
+    extra: list[int]  # tokens fed as decode rows after the prompt
+    rows: list[torch.Tensor] = field(default_factory=list)  # logits received
+    fed: int = 0  # decode tokens fed
 
     @property
-    def can_decode(self) -> bool:
-        return self.prefill_len <= self.num_cached < len(self.ids)
+    def ids(self) -> list[int]:
+        return self.prompt.ids
+
+    def next_row(self, step: int) -> PlanRow | None:
+        if step < self.start_step:
+            return None
+        prompt = self.prompt
+        if self.chunks:
+            start, end = self.chunks[0]
+            span = prompt.unsplit
+            covers = prompt.has_images and span is not None and start <= span[0] and end > span[1]
+            return PlanRow(
+                id(self),
+                self.ids[start:end],
+                start,
+                self.blocks,
+                [self] if end == len(self.ids) else [],
+                inputs=prompt.inputs,
+                with_images=covers,
+                seq_len=len(self.ids),
+            )
+        if self.fed < len(self.extra):
+            position = len(self.ids) + self.fed
+            return PlanRow(
+                id(self),
+                [self.extra[self.fed]],
+                position,
+                self.blocks,
+                [self],
+                inputs=prompt.inputs,
+                seq_len=position + 1,
+            )
+        return None
+
+    def advance(self) -> None:
+        if self.chunks:
+            self.chunks.pop(0)
+        else:
+            self.fed += 1
+
+    @property
+    def done(self) -> bool:
+        return not self.chunks and self.fed >= len(self.extra)
 
 
-def blocks_needed(prompt_len: int, joiner_len: int, block_size: int) -> int:
-    return 2 * -(-prompt_len // block_size) + -(-joiner_len // block_size)
+def blocks_needed(lengths: list[int], block_size: int) -> int:
+    """Blocks the probes of these prompt lengths take (the first is probed twice, as a prefix hit)."""
+    per = [-(-(n + DECODE_TOKENS) // block_size) for n in lengths]
+    return sum(per) + (per[0] if per else 0)
 
 
-def run_self_test(
-    runner, prompt_ids: list[int], joiner: tuple[list[int], dict | None] | None, *, dtype: torch.dtype
-) -> str | None:
+def run_self_test(runner, prompts: list[ProbePrompt], *, dtype: torch.dtype) -> str | None:
     """None when the fast path's logits agree with the model's own forward, else the reason the
-    fast path cannot be used. `joiner`: token ids and model inputs (pixel values...) of the second
-    prompt; by default a rotation of the first."""
-    if len(prompt_ids) < 8:
+    fast path cannot be used. `prompts[0]` is the long text prompt (probed again as a prefix-cache
+    hit), the rest join one step after another."""
+    for reason in (rope_problem(runner.model), positions_problem(runner.model)):
+        if reason is not None:
+            return reason
+    if len(prompts[0].ids) < 8:
         return "self-test prompt too short"
-    reason = positions_problem(runner.model)
-    if reason is not None:
-        return reason
-    if joiner is None:
-        half = len(prompt_ids) // 2
-        joiner = (prompt_ids[half:] + prompt_ids[:half], None)
-    joiner_ids, joiner_mm = joiner
     block_size = runner.block_size
-    if blocks_needed(len(prompt_ids), len(joiner_ids), block_size) > runner.num_blocks:
+    if blocks_needed([len(p.ids) for p in prompts], block_size) > runner.num_blocks:
         return "the KV pool is too small for the self-test"
     counter = iter(range(runner.num_blocks))
 
     def blocks_for(count: int) -> list[int]:
         return [next(counter) for _ in range(-(-count // block_size))]
 
-    first = _Probe(prompt_ids, len(prompt_ids) - 4, None, blocks_for(len(prompt_ids)))
-    second = _Probe(joiner_ids, len(joiner_ids) - 2, joiner_mm, blocks_for(len(joiner_ids)))
-    shared = (first.prefill_len - 1) // block_size
-    third = _Probe(
-        prompt_ids,
-        first.prefill_len,
-        None,
-        first.blocks[:shared] + blocks_for(len(prompt_ids) - shared * block_size),
+    extra = prompts[0].ids[1 : 1 + DECODE_TOKENS]
+    probes = []
+    for index, prompt in enumerate(prompts):
+        probes.append(
+            _Probe(
+                prompt,
+                blocks_for(len(prompt.ids) + DECODE_TOKENS),
+                _chunks(prompt, parts=3 if index == 0 else 2),
+                start_step=index,
+                extra=extra,
+            )
+        )
+    long = probes[0]
+    shared = (len(long.ids) - 1) // block_size
+    hit = _Probe(
+        long.prompt,
+        long.blocks[:shared] + blocks_for(len(long.ids) + DECODE_TOKENS - shared * block_size),
+        [(shared * block_size, len(long.ids))],
+        start_step=len(long.chunks) + 1,  # once the long prompt's blocks are written
+        extra=extra,
     )
-    references = []
+    probes.append(hit)
     try:
-        for probe in (first, second):
-            logits, reason = _reference_logits(runner, probe.ids, probe.mm_inputs, probe.prefill_len - 1)
+        references = []
+        for probe in probes[:-1]:
+            logits, reason = _reference_logits(runner, probe.prompt, extra)
             if reason is not None:
                 return reason
             references.append(logits)
-        half = first.prefill_len // 2
-        _step(runner, [], [(first, half)])
-        _step(runner, [], [(first, first.prefill_len - half)])
-        if joiner_mm:  # image tokens come in one chunk
-            _step(runner, [first], [(second, second.prefill_len)])
-        else:
-            half = second.prefill_len // 2
-            _step(runner, [first], [(second, half)])
-            _step(runner, [first], [(second, second.prefill_len - half)])
-        if shared:
-            third.num_cached = shared * block_size  # found in the prefix cache
-            _step(
-                runner,
-                [p for p in (first, second) if p.can_decode],
-                [(third, third.prefill_len - third.num_cached)],
+        references.append(references[0])  # the prefix hit computes the long prompt again
+        step = 0
+        while not all(p.done for p in probes):
+            work = [(p, row) for p in probes if not p.done and (row := p.next_row(step)) is not None]
+            # Decode rows first, as the batch orders them.
+            work.sort(
+                key=lambda item: not (len(item[1].token_ids) == 1 and item[1].start >= len(item[0].ids))
             )
-        probes = (first, second, third) if shared else (first, second)
-        while any(p.can_decode for p in probes):
-            _step(runner, [p for p in probes if p.can_decode], [])
+            if work:
+                logits = iter(runner.forward([row for _, row in work]))
+                for probe, row in work:
+                    if row.samplers:
+                        probe.rows.append(next(logits).float())
+                    probe.advance()
+            step += 1
     except FastPathUnsupported as exc:
         return str(exc)
     except Exception as exc:  # any model that cannot run packed steps takes the generic path
         log.debug("fast path self-test raised", exc_info=True)
         return f"{type(exc).__name__}: {exc}"
-    references.append(references[0])  # the prefix-hit probe computes the first prompt again
-    # References hold the rows from each probe's last prefill position on.
-    expected = torch.cat(
-        [
-            ref[[pos - p.prefill_len + 1 for pos in p.positions]]
-            for ref, p in zip(references, probes, strict=True)
-        ]
-    )
+    expected = torch.cat(references)
     actual = torch.stack([row for p in probes for row in p.rows])
     return compare_logits(expected, actual, dtype)
 
 
-def _step(runner, decode: list[_Probe], prefill: list[tuple[_Probe, int]]) -> None:
-    work = [(p, 1) for p in decode] + prefill
-    rows = [probe.row(take) for probe, take in work]
-    logits = runner.forward(rows)
-    produced = iter(logits)
-    for (probe, take), row in zip(work, rows, strict=True):
-        probe.num_cached += take
-        if row.samplers:
-            probe.positions.append(row.end - 1)
-            probe.rows.append(next(produced).float())
+def _chunks(prompt: ProbePrompt, parts: int) -> list[tuple[int, int]]:
+    """Prefill chunks as the batch would cut them: a span computed in one chunk with everything
+    after it; otherwise `parts` near-equal chunks."""
+    length = len(prompt.ids)
+    if prompt.unsplit is not None:
+        first = prompt.unsplit[0]
+        return [(0, first), (first, length)] if first else [(0, length)]
+    size = -(-length // parts)
+    return [(start, min(length, start + size)) for start in range(0, length, size)]
 
 
-def _reference_logits(
-    runner, prompt_ids: list[int], mm_inputs: dict | None, first_row: int
-) -> tuple[torch.Tensor, str | None]:
-    """The model's own forward over the whole prompt, with its own attention: the logits of
-    positions `first_row` on (as fp32). Also watches the masks the model builds for its text
-    decoder: one that lets a token see later tokens (bidirectional image or prefix attention) is
-    something the causal fast path cannot reproduce, however close the logits happen to come."""
+def _reference_logits(runner, prompt: ProbePrompt, extra: list[int]) -> tuple[torch.Tensor, str | None]:
+    """The model's own forward with its own attention and cache, as generate() runs it: logits
+    `[1 + len(extra), vocab]` (fp32) of the prompt's last position and of each extra token. Also
+    watches the masks the model builds for its text decoder over the prompt."""
     model = runner.model
     config = model.config.get_text_config(decoder=True)
     seen: list[str] = []
+    spans = prompt.inputs.bidirectional if prompt.inputs is not None else ()
 
     def watch(module, args, kwargs):
-        problem = mask_problem(kwargs.get("attention_mask"))
+        problem = mask_problem(kwargs.get("attention_mask"), spans)
         if problem and not seen:
             seen.append(f"{problem} in {type(module).__name__}")
 
@@ -161,38 +207,65 @@ def _reference_logits(
     ]
     fast = config._attn_implementation
     config._attn_implementation = runner.original_attn
+    device = runner.device
     try:
         out = model(
-            input_ids=torch.tensor([prompt_ids], device=runner.device), use_cache=False, **(mm_inputs or {})
+            input_ids=torch.tensor([prompt.ids], device=device), use_cache=True, **(prompt.model_inputs or {})
         )
+        for hook in hooks:
+            hook.remove()
+        hooks = []
+        rows = [out.logits[0, -1].float()]
+        cache = out.past_key_values
+        for token in extra:
+            out = model(
+                input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True
+            )
+            cache = out.past_key_values
+            rows.append(out.logits[0, -1].float())
     finally:
         config._attn_implementation = fast
         for hook in hooks:
             hook.remove()
     reason = f"the model's own attention is not causal self-attention: {seen[0]}" if seen else None
-    return out.logits[0, first_row:].float(), reason
+    return torch.stack(rows), reason
 
 
 def positions_problem(model) -> str | None:
-    """Qwen2-VL and kin place image tokens on a 3-D grid (M-RoPE) computed by the model itself from
-    the whole prompt; the fast path's positions are 1-D."""
-    if any(callable(getattr(m, "get_rope_index", None)) for m in (model, getattr(model, "model", None))):
-        return "the model computes its own multimodal position ids (M-RoPE)"
+    """Models that build their own multimodal position ids (M-RoPE) in a way `models.arch` does
+    not know how to call: the fast path's positions would be 1-D."""
+    from models.arch import rope_index_of
+
+    has_own = any(
+        callable(getattr(m, "get_rope_index", None)) for m in (model, getattr(model, "model", None))
+    )
+    if has_own and rope_index_of(model) is None:
+        return "the model computes its own multimodal position ids (M-RoPE) with an unknown signature"
     return None
 
 
-def mask_problem(mask) -> str | None:
-    """What a 4-D attention mask (bool, or additive float) built by the model does that the causal
-    fast path cannot: let a query see later tokens, or attend to keys that are not the prompt's own.
-    The reference forward runs without a cache, so self-attention keys are exactly the queries."""
+def mask_problem(mask, spans: tuple[tuple[int, int], ...] = ()) -> str | None:
+    """What a 4-D attention mask (bool, or additive float) built by the model does that the fast
+    path was not told: let a query see later tokens outside the prompt's declared bidirectional
+    `spans`, or attend to keys that are not the prompt's own. The prompt forward runs with an
+    empty cache, so self-attention keys are exactly the queries."""
+    if isinstance(mask, dict):
+        for each in mask.values():
+            problem = mask_problem(each, spans)
+            if problem:
+                return problem
+        return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         return None
     q, k = mask.shape[-2:]
     if q != k:
         return "cross-attention"
     allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    if bool(allowed.triu(1).any()):
-        return "tokens attend to later tokens (bidirectional image or prefix attention)"
+    later = allowed.triu(1).flatten(0, -3).any(0)  # [q, k]
+    for first, end in spans:
+        later[first:end, first:end] = False
+    if bool(later.any()):
+        return "tokens attend to later tokens (bidirectional attention the fast path was not told of)"
     return None
 
 
@@ -200,6 +273,8 @@ def compare_logits(expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dt
     """`expected`/`actual`: [rows, vocab]. fp32 agrees to rounding (about 1e-6 relative on the tiny
     models); half precision only to a cosine, and the fast path's top token must be the reference's,
     or tie with it within rounding."""
+    if expected.shape != actual.shape:
+        return f"fast path produced {actual.shape[0]} logits rows, the reference {expected.shape[0]}"
     if not torch.isfinite(actual).all():
         return "fast path produced non-finite logits"
     if dtype == torch.float32:

@@ -35,6 +35,9 @@ class BatchConfig:
     chunked_prefill: bool = True  # False: a prompt is computed in one step (runners that cannot chunk)
     prefill_aging_s: float = 2.0
     watermark_blocks: int = 0  # free blocks admission leaves for running sequences to grow into
+    # LongRoPE (Phi-3 and kin): a sequence longer than this many tokens uses the long scaling, and
+    # one that grows past it is computed again from its first token, as transformers does.
+    long_rope_after: int | None = None
 
 
 class Batch:
@@ -82,7 +85,13 @@ class Batch:
             raise ValueError(f"{len(seqs)} choices cannot share a batch of {self.config.max_rows} rows")
         parent = seqs[0]
         parent.pending_children = list(seqs[1:])
+        for seq in seqs:
+            seq.cache_salt = self._rope_salt(seq)
         self.waiting.append(parent)
+
+    def _rope_salt(self, seq: Sequence) -> str | None:
+        limit = self.config.long_rope_after
+        return "long-rope" if limit is not None and seq.num_tokens > limit else None
 
     # -- leaving -------------------------------------------------------------------------------
     def finish(self, seq: Sequence) -> list[Sequence]:
@@ -221,7 +230,7 @@ class Batch:
                 continue
             rows.append((seq, take))
             budget -= take
-            has_image = has_image or self._covers_image(seq, seq.num_cached, seq.num_cached + take)
+            has_image = has_image or self._covers_images(seq, seq.num_cached, seq.num_cached + take)
         return rows
 
     def _prefill_priority(self, seq: Sequence, now: float) -> tuple:
@@ -233,35 +242,42 @@ class Batch:
         return (1, seq.num_uncomputed + seq.max_tokens, seq.arrival, seq.seq_id)
 
     def _chunk(self, seq: Sequence, budget: int, *, first: bool, has_image: bool) -> int:
-        """Tokens of `seq` to compute this step. An image's tokens are computed in one chunk (its
-        inputs come whole), one image chunk per step; such a chunk, or a whole prompt on a runner
-        that cannot chunk, may exceed the budget only as the step's first prefill."""
+        """Tokens of `seq` to compute this step. A prompt span (image tokens, tokens that attend
+        both ways) is computed in one chunk, one image chunk per step; such a chunk, or a whole
+        prompt on a runner that cannot chunk, may exceed the budget only as the step's first
+        prefill."""
         remaining = seq.num_uncomputed
         take = min(remaining, budget) if self.config.chunked_prefill else remaining
-        image = seq.image
+        span = seq.span
         start = seq.num_cached
-        if image is not None and start <= image.last and start + take > image.first:
-            through_image = image.last + 1 - start
-            if has_image or (take < through_image and not first):
-                if not self.config.chunked_prefill or start >= image.first:
+        if span is not None and start <= span.last and start + take > span.first:
+            through_span = span.last + 1 - start
+            if (has_image and span.has_images) or (take < through_span and not first):
+                if not self.config.chunked_prefill or start >= span.first:
                     return 0
-                take = image.first - start  # the text before the image now, the image later
-            elif take < through_image:
-                take = through_image
+                take = span.first - start  # the tokens before the span now, the span later
+            elif take < through_span:
+                take = through_span
         if take > budget and not first:
             return 0
         return take
 
     @staticmethod
-    def _covers_image(seq: Sequence, start: int, end: int) -> bool:
-        image = seq.image
-        return image is not None and start <= image.first and end > image.last
+    def _covers_images(seq: Sequence, start: int, end: int) -> bool:
+        span = seq.span
+        return span is not None and span.has_images and start <= span.first and end > span.last
 
     def _plan_row(self, seq: Sequence, take: int, plan: StepPlan) -> PlanRow:
         start, end = seq.num_cached, seq.num_cached + take
-        row = PlanRow(seq.seq_id, seq.token_ids[start:end], start, seq.block_table)
-        if self._covers_image(seq, start, end):
-            row.mm_inputs = seq.mm_inputs
+        row = PlanRow(
+            seq.seq_id,
+            seq.token_ids[start:end],
+            start,
+            seq.block_table,
+            inputs=seq.inputs,
+            with_images=self._covers_images(seq, start, end),
+            seq_len=seq.num_tokens,
+        )
         if end == seq.num_tokens:
             children = seq.pending_children
             row.samplers = [seq.sampler, *(child.sampler for child in children)]
@@ -301,7 +317,21 @@ class Batch:
                     sampled_seq.token_ids.append(sample.token_id)
                 drawn.append((sampled_seq, sample))
         self._rows = []
+        if self.config.long_rope_after is not None:
+            for sampled_seq, _ in drawn:
+                if sampled_seq.is_running and sampled_seq.cache_salt != self._rope_salt(sampled_seq):
+                    self._recompute(sampled_seq)
         return drawn
+
+    def _recompute(self, seq: Sequence) -> None:
+        """The sequence just grew past `long_rope_after`: its keys were computed with the short
+        scaling, so it gives them back and is computed again, first in line, with the long one
+        (its new prefix-cache keys say so)."""
+        self._release(seq)
+        seq.cache_salt = self._rope_salt(seq)
+        seq.block_keys = []
+        seq._keys_cache = None
+        self.preempted.appendleft(seq)
 
     def forget_step(self, plan: StepPlan) -> None:
         """The plan was not executed (the step failed): nothing it scheduled was computed. Forks

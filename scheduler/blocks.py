@@ -17,7 +17,7 @@ from collections import Counter, OrderedDict
 
 from scheduler.sequence import Sequence
 
-BlockKey = tuple  # (hash of the previous block's key or None, token ids, image digest or None)
+BlockKey = tuple  # (hash of the previous block's key, or the salt; token ids; span digest or None)
 
 
 class BlockManager:
@@ -59,9 +59,9 @@ class BlockManager:
     def _key(self, seq: Sequence, index: int, previous: BlockKey | None) -> BlockKey:
         size = self.block_size
         tokens = tuple(seq.token_ids[index * size : (index + 1) * size])
-        image = seq.image
-        digest = image.digest if image is not None and (index + 1) * size > image.first else None
-        return (None if previous is None else hash(previous), tokens, digest)
+        span = seq.span
+        digest = span.digest if span is not None and (index + 1) * size > span.first else None
+        return (seq.cache_salt if previous is None else hash(previous), tokens, digest)
 
     def keys_of(self, seq: Sequence) -> list[BlockKey]:
         """Keys of every full block of the sequence's tokens (cached on the sequence)."""
@@ -88,10 +88,10 @@ class BlockManager:
             hits.append(block)
         # The last prompt token is always computed: its logits give the first new token.
         limit = (seq.num_tokens - 1) // self.block_size
-        image = seq.image
-        if image is not None and image.first < len(hits) * self.block_size <= image.last:
-            # A hit may not end inside the image span: the image's inputs come with the whole span.
-            limit = min(limit, image.first // self.block_size)
+        span = seq.span
+        if span is not None and span.first < len(hits) * self.block_size <= span.last:
+            # A hit may not end inside the span: it is computed in one chunk.
+            limit = min(limit, span.first // self.block_size)
         hits = hits[:limit]
         in_flight = 0
         for key in keys[len(hits) : limit]:

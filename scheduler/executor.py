@@ -32,7 +32,7 @@ from models.replica import ModelReplica
 from scheduler.batch import Batch, BatchConfig
 from scheduler.blocks import BlockManager
 from scheduler.request import RequestStream
-from scheduler.sequence import ImageSpan, Sequence
+from scheduler.sequence import PromptSpan, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ class Executor:
                 chunked_prefill=replica.runner.chunked_prefill,
                 prefill_aging_s=self.config.prefill_aging_s,
                 watermark_blocks=max(1, replica.num_blocks // 100),
+                long_rope_after=replica.runner.long_rope_after,
             ),
             BlockManager(
                 replica.num_blocks, replica.block_size, enable_prefix_caching=replica.prefix_caching
@@ -296,11 +297,11 @@ class Executor:
         replica, prepared = self.replica, job.prepared
         params = job.stream.request.params
         generations = replica.generations(prepared, params, n=job.n)
-        mm_inputs = replica.model_inputs(prepared)
-        image = None
-        if mm_inputs is not None:
-            first, last = prepared.image_span or (0, len(prepared.token_ids) - 1)
-            image = ImageSpan(first, last, prepared.image_digest)
+        inputs = replica.sequence_inputs(prepared)
+        span = None
+        if prepared.unsplit_span is not None:
+            first, last = prepared.unsplit_span
+            span = PromptSpan(first, last, prepared.span_digest, has_images=prepared.num_images > 0)
         return [
             Sequence(
                 prepared.token_ids,
@@ -311,8 +312,8 @@ class Executor:
                 origin=job.stream.request_id,
                 sampler=generation.sampler,
                 output=generation,
-                image=image,
-                mm_inputs=mm_inputs,
+                span=span,
+                inputs=inputs,
             )
             for index, generation in enumerate(generations)
         ]

@@ -14,14 +14,17 @@ _ids = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
-class ImageSpan:
-    """Where a prompt's image tokens lie (`first`..`last`, inclusive) and a digest of the pixel data
-    they stand for. Prefix-cache keys of blocks from the first image token on include the digest,
-    so two different images never share a block; chunks never split the span."""
+class PromptSpan:
+    """Prompt positions `first`..`last` (inclusive) computed in one chunk: a prompt's image tokens
+    (their inputs come whole; `has_images`) and tokens that attend to each other both ways. The
+    digest stands for what the span's keys and values depend on besides the tokens before it
+    (the pixel data, the span's own tokens): prefix-cache keys of blocks from `first` on include
+    it, so two different images never share a block."""
 
     first: int
     last: int
     digest: bytes
+    has_images: bool = True
 
 
 class Sequence:
@@ -46,8 +49,9 @@ class Sequence:
         "arrival",
         "sampler",
         "output",
-        "image",
-        "mm_inputs",
+        "span",
+        "inputs",
+        "cache_salt",
         "origin",
         "_keys_cache",
     )
@@ -62,8 +66,8 @@ class Sequence:
         index: int = 0,
         sampler: Any = None,
         output: Any = None,
-        image: ImageSpan | None = None,
-        mm_inputs: Any = None,
+        span: PromptSpan | None = None,
+        inputs: Any = None,
         origin: str = "",
     ) -> None:
         self.seq_id = next(_ids)
@@ -85,8 +89,11 @@ class Sequence:
         self.is_finished = False
         self.sampler = sampler
         self.output = output
-        self.image = image
-        self.mm_inputs = mm_inputs
+        self.span = span
+        self.inputs = inputs  # what the runner needs besides token ids (opaque here)
+        # Part of every prefix-cache key of the sequence: how its keys and values were computed
+        # when that depends on more than its tokens (LongRoPE's short or long scaling).
+        self.cache_salt: str | None = None
         # The client request it came from (the prompts of a multi-prompt completion share one):
         # admission takes turns between origins.
         self.origin = origin

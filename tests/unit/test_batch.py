@@ -10,10 +10,10 @@ import random
 
 import pytest
 
-from models.plan import SampledToken, StepPlan
+from models.plan import SampledToken, SequenceInputs, StepPlan
 from scheduler.batch import Batch, BatchConfig
 from scheduler.blocks import BlockManager
-from scheduler.sequence import ImageSpan, Sequence
+from scheduler.sequence import PromptSpan, Sequence
 
 
 class FakeSampler:
@@ -33,8 +33,8 @@ def request(prompt, *, n=1, max_tokens=4, arrival=0.0, image=None, origin="") ->
             arrival=arrival,
             index=i,
             sampler=FakeSampler(i),
-            image=image,
-            mm_inputs={"image": 1} if image else None,
+            span=image,
+            inputs=SequenceInputs(mm_inputs={"image": 1}) if image else None,
             origin=origin,
         )
         for i in range(n)
@@ -250,9 +250,9 @@ def test_a_request_waits_for_a_prefix_another_is_computing():
 
 def test_an_image_is_computed_in_one_chunk_and_alone_in_its_step():
     batch = make(max_prefill_tokens=6)
-    image = ImageSpan(3, 12, b"px")
+    image = PromptSpan(3, 12, b"px")
     a = request(range(20), image=image, arrival=0)
-    b = request(range(40, 60), image=ImageSpan(2, 9, b"py"), arrival=0.5)
+    b = request(range(40, 60), image=PromptSpan(2, 9, b"py"), arrival=0.5)
     batch.add(a)
     batch.add(b)
     driver = Driver(batch)
@@ -263,7 +263,7 @@ def test_an_image_is_computed_in_one_chunk_and_alone_in_its_step():
     image_rows = [(p, r) for p in driver.plans for r in p.rows if r.mm_inputs is not None]
     assert len(image_rows) == 2
     for _, row in image_rows:
-        span = image if row.seq_id == a[0].seq_id else ImageSpan(2, 9, b"py")
+        span = image if row.seq_id == a[0].seq_id else PromptSpan(2, 9, b"py")
         assert row.start <= span.first and row.end > span.last
 
 
@@ -321,3 +321,42 @@ def test_one_clients_many_prompts_do_not_hold_back_another_client():
     assert single[0].is_running  # admitted in the first step, beside the flood's first prompts
     driver.run()
     assert single[0].is_finished and all(r[0].is_finished for r in flood)
+
+
+def test_a_sequence_crossing_the_long_rope_threshold_is_computed_again_from_its_first_token():
+    """LongRoPE models switch to the long factors once a sequence is longer than the threshold;
+    keys computed under the short ones are dropped, as transformers drops its cache."""
+    batch = make(long_rope_after=10)
+    crossing = request(range(8), max_tokens=6)
+    past = request(range(20, 32), max_tokens=2, arrival=1)
+    batch.add(crossing)
+    batch.add(past)
+    assert past[0].cache_salt == "long-rope" and crossing[0].cache_salt is None
+    driver = Driver(batch)
+    driver.run()
+    assert outputs(crossing) == [expected_output(list(range(8)), 6)]
+    assert outputs(past) == [expected_output(list(range(20, 32)), 2)]
+    rows = [r for p in driver.plans for r in p.rows if r.seq_id == crossing[0].seq_id]
+    # Decoding fed positions 8 and 9 (11 tokens then: over the threshold), then everything again.
+    recompute = [r for r in rows if r.start == 0 and len(r.token_ids) > 1]
+    assert len(recompute) == 2 and recompute[1].end >= 11
+    assert crossing[0].cache_salt == "long-rope"
+    # Every row says how long its sequence is, which is what picks the factors.
+    assert all(r.seq_len >= r.end for r in rows)
+
+
+def test_a_span_without_images_shares_a_step_with_an_image_chunk_but_is_never_split():
+    batch = make(max_prefill_tokens=6)
+    image = PromptSpan(3, 12, b"px")
+    prefix = PromptSpan(0, 9, b"pf", has_images=False)
+    a = request(range(20), image=image, arrival=0)
+    b = request(range(40, 60), image=prefix, arrival=0)
+    batch.add(a)
+    batch.add(b)
+    driver = Driver(batch)
+    driver.run()
+    b_rows = [r for p in driver.plans for r in p.rows if r.seq_id == b[0].seq_id and r.start <= 9]
+    assert b_rows[0].start == 0 and b_rows[0].end >= 10  # the span in one chunk
+    assert not any(r.with_images for r in b_rows)
+    shared = [p for p in driver.plans if {r.seq_id for r in p.rows} >= {a[0].seq_id, b[0].seq_id}]
+    assert shared

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from scheduler.blocks import BlockManager
-from scheduler.sequence import ImageSpan, Sequence
+from scheduler.sequence import PromptSpan, Sequence
 
 
 def seq(tokens, *, image=None, max_tokens=4, arrival=0.0) -> Sequence:
-    return Sequence(list(tokens), max_tokens=max_tokens, arrival=arrival, image=image)
+    return Sequence(list(tokens), max_tokens=max_tokens, arrival=arrival, span=image)
 
 
 def computed(blocks: BlockManager, s: Sequence) -> Sequence:
@@ -70,7 +70,7 @@ def test_hits_stop_before_the_last_token_and_at_the_first_difference():
 def test_images_are_part_of_the_key_from_their_first_token_on():
     blocks = BlockManager(32, 4)
     prompt = list(range(16))
-    image_a, image_b = ImageSpan(6, 9, b"a"), ImageSpan(6, 9, b"b")
+    image_a, image_b = PromptSpan(6, 9, b"a"), PromptSpan(6, 9, b"b")
     first = seq(prompt, image=image_a)
     blocks.allocate(first, [])
     computed(blocks, first)
@@ -84,12 +84,12 @@ def test_images_are_part_of_the_key_from_their_first_token_on():
 
 def test_a_hit_never_ends_inside_an_image():
     blocks = BlockManager(32, 4)
-    image = ImageSpan(2, 13, b"x")
+    image = PromptSpan(2, 13, b"x")
     first = seq(range(16), image=image)
     blocks.allocate(first, [])
     computed(blocks, first)
     # A prompt that shares the tokens up to 12: hits would end at 12, inside the image (2..13).
-    shorter = seq([*range(12), 77, 78], image=ImageSpan(2, 13, b"x"))
+    shorter = seq([*range(12), 77, 78], image=PromptSpan(2, 13, b"x"))
     assert blocks.lookup(shorter)[0] == []
 
 

@@ -11,17 +11,18 @@ from models.kv_cache import PagedKVCache, kv_bytes_per_token
 def test_pools_take_the_layer_shape_and_keep_a_zero_padding_block():
     cache = PagedKVCache(6, 4, torch.device("cpu"))
     assert not cache.is_allocated
-    keys, values = cache.layer(0, torch.zeros(1, 2, 3, 8))
+    keys, values = cache.layer(0, torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
     assert keys.shape == (7, 4, 2, 8) and values.shape == keys.shape
     assert cache.null_block == 6 and bool((keys[6] == 0).all())
-    other, _ = cache.layer(1, torch.zeros(1, 1, 3, 16, dtype=torch.float16))  # per-layer shapes
-    assert other.shape == (7, 4, 1, 16) and other.dtype == torch.float16
-    assert cache.nbytes == 2 * (7 * 4 * 2 * 8 * 4) + 2 * (7 * 4 * 1 * 16 * 2)
+    half = torch.zeros(1, 1, 3, 16, dtype=torch.float16)
+    other, narrow = cache.layer(1, half, half[..., :12])  # per-layer shapes; values of their own size
+    assert other.shape == (7, 4, 1, 16) and other.dtype == torch.float16 and narrow.shape == (7, 4, 1, 12)
+    assert cache.nbytes == 2 * (7 * 4 * 2 * 8 * 4) + (7 * 4 * 1 * (16 + 12) * 2)
 
 
 def test_blocks_are_zeroed_and_copied_whole():
     cache = PagedKVCache(4, 2, torch.device("cpu"))
-    keys, values = cache.layer(0, torch.zeros(1, 1, 1, 2))
+    keys, values = cache.layer(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
     keys[1] = float("nan")
     values[1] = 3.0
     cache.copy_blocks(torch.tensor([1]), torch.tensor([2]))
@@ -35,3 +36,11 @@ def test_bytes_per_token_from_the_config():
         num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_size = 2, 4, 2, 64
 
     assert kv_bytes_per_token(Config(), torch.float32) == 2 * 2 * 2 * 16 * 4
+
+
+def test_bytes_per_token_of_mla_count_expanded_keys_and_values():
+    class Config:
+        num_hidden_layers, num_attention_heads, num_key_value_heads, hidden_size = 2, 4, 4, 64
+        qk_nope_head_dim, qk_rope_head_dim, v_head_dim = 16, 8, 12
+
+    assert kv_bytes_per_token(Config(), torch.float32) == 2 * 4 * (24 + 12) * 4

@@ -27,3 +27,17 @@ def test_the_readme_opens_with_exactly_the_two_setup_commands():
     first_block = README.split("```bash", 1)[1].split("```", 1)[0]
     commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
     assert commands == ["make serve", "make test"]
+
+
+def test_the_architecture_table_matches_the_architectures_tested():
+    from tests.unit.test_text_architectures import ARCHS as TEXT
+    from tests.unit.vlm_builders import ARCHS as VISION
+
+    block = README.split("<!-- architectures -->", 1)[1].split("<!-- /architectures -->", 1)[0]
+    rows = [line.strip("|").split("|") for line in block.strip().splitlines()[2:]]
+    documented = {cells[0].strip().strip("`"): cells[2].strip() for cells in rows}
+    tested = {name: path for name, (_, path) in TEXT.items()}
+    tested.update({arch.name: arch.path for arch in VISION})
+    tested.update({"llama": "fast", "llava": "fast"})  # the built-in demo models (tests/integration)
+    assert documented == tested
+    assert all(cells[3].strip() for cells in rows), "every row says why"

@@ -33,6 +33,94 @@ ARCHS = {
     "mistral": ({"sliding_window": 8}, "fast"),
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, "fast"),
     "phi3": ({"pad_token_id": 0}, "fast"),
+    # LongRoPE: sequences past 64 tokens use the long factors; one that crosses during decode is
+    # computed again, as generate() does.
+    "phi3-longrope": (
+        {
+            "_model_type": "phi3",
+            "pad_token_id": 0,
+            "original_max_position_embeddings": 64,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [2.0 + 0.5 * i for i in range(8)],
+                "original_max_position_embeddings": 64,
+            },
+        },
+        "fast",
+    ),
+    # Its decoder layer does not pass keyword arguments on to attention (the layout is thread-local).
+    "stablelm": ({}, "fast"),
+    # MLA: keys of qk_nope + qk_rope, values of v_head_dim, as the model computes them.
+    "deepseek_v2": (
+        {
+            "num_key_value_heads": 4,
+            "kv_lora_rank": 16,
+            "q_lora_rank": None,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 16,
+            "v_head_dim": 12,
+            "head_dim": 8,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+        },
+        "fast",
+    ),
+    "deepseek_v3": (
+        {
+            "num_key_value_heads": 4,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 24,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 16,
+            "v_head_dim": 12,
+            "head_dim": 8,
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+        },
+        "fast",
+    ),
+    # Chunked attention on rope layers, temperature-tuned queries on the NoPE layer.
+    "llama4_text": (
+        {
+            "head_dim": 16,
+            "attention_chunk_size": 16,
+            "no_rope_layers": [1, 0],
+            "layer_types": ["chunked_attention", "full_attention"],
+            "floor_scale": 8,
+            "attn_scale": 0.5,
+            "num_local_experts": 2,
+            "intermediate_size_mlp": 128,
+        },
+        "fast",
+    ),
+    # The window reaches attention only through the mask (layer_types), not the attention call.
+    "qwen2_moe": (
+        {
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "max_window_layers": 0,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+        },
+        "fast",
+    ),
+    # Attention sinks and alternating sliding windows.
+    "gpt_oss": (
+        {"head_dim": 16, "sliding_window": 8, "num_local_experts": 4, "num_experts_per_tok": 2},
+        "fast",
+    ),
     "gpt2": ({"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512, "_replace": True}, "fast"),
     "gpt_neox": ({"num_key_value_heads": None}, "fast"),
     "opt": ({"ffn_dim": 128, "word_embed_proj_dim": 64, "num_key_value_heads": None}, "fast"),
@@ -53,8 +141,8 @@ ARCHS = {
         },
         "generic",
     ),
-    # Soft-capped attention logits: plain SDPA over the cache would change the math.
-    "gemma2": ({"head_dim": 16, "sliding_window": 8}, "generic"),
+    # Soft-capped attention logits, computed by an explicit softmax as the model's eager attention does.
+    "gemma2": ({"head_dim": 16, "sliding_window": 8}, "fast"),
 }
 MAX_NEW = 12
 
@@ -70,6 +158,7 @@ def tokenizer():
 
 def build(model_type: str, extra: dict, tokenizer, out) -> None:
     extra = dict(extra)
+    model_type = extra.pop("_model_type", model_type)
     sizes = {} if extra.pop("_replace", False) else dict(COMMON)
     sizes.update({k: v for k, v in extra.items() if v is not None})
     if extra.get("num_key_value_heads", 0) is None:
@@ -80,8 +169,16 @@ def build(model_type: str, extra: dict, tokenizer, out) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _prompt(tokenizer, length: int) -> PreparedPrompt:
+    ids = tokenizer("hello world, this is a test of the architecture " * 40)["input_ids"]
+    return PreparedPrompt(ids[:length])
+
+
 @pytest.mark.parametrize("model_type", sorted(ARCHS))
 def test_architecture_matches_generate(model_type, tokenizer, tmp_path):
+    """Four requests at once: a short one decoding; a long one (past every window, attention
+    chunk and the LongRoPE threshold) prefilled in chunks beside it; one that crosses the LongRoPE
+    threshold while it decodes; then the long one again from the prefix cache."""
     extra, expected_path = ARCHS[model_type]
     build(model_type, extra, tokenizer, tmp_path)
     replica = build_replica(
@@ -89,18 +186,21 @@ def test_architecture_matches_generate(model_type, tokenizer, tmp_path):
     )
     assert replica.path == expected_path, replica.path_reason
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
-    prompt = PreparedPrompt(tokenizer("hello world, this is a test of the architecture " * 3)["input_ids"])
-    neighbour = PreparedPrompt(tokenizer("another request")["input_ids"])
-    expected = hf_greedy(replica, prompt, MAX_NEW)
+    short, crossing, long = _prompt(tokenizer, 5), _prompt(tokenizer, 58), _prompt(tokenizer, 100)
+    expected = {id(p): hf_greedy(replica, p, MAX_NEW) for p in (short, crossing, long)}
     driver = EngineDriver(replica, max_prefill_tokens=16)
-    busy = driver.submit(neighbour, params)
+    busy = driver.submit(short, params)
     driver.executor.step()
     driver.executor.step()
-    joined = driver.submit(prompt, params)  # joins while the neighbour decodes, prefilled in chunks
-    driver.run([busy, joined])
-    again = driver.submit(prompt, params)  # finds the prompt's full blocks in the prefix cache
+    joined = driver.submit(long, params)  # joins while the short one decodes, prefilled in chunks
+    driver.executor.step()
+    crosser = driver.submit(crossing, params)
+    driver.run([busy, joined, crosser])
+    again = driver.submit(long, params)  # finds the prompt's full blocks in the prefix cache
     driver.run([again])
-    assert driver.outputs(joined)[0] == expected
-    assert driver.outputs(again)[0] == expected
+    assert driver.outputs(busy)[0] == expected[id(short)]
+    assert driver.outputs(joined)[0] == expected[id(long)]
+    assert driver.outputs(crosser)[0] == expected[id(crossing)]
+    assert driver.outputs(again)[0] == expected[id(long)]
     if replica.path == "fast":
         assert driver.executor.batch.blocks.hit_tokens >= replica.block_size

@@ -582,16 +582,17 @@ ARCHS = [
     Arch("llava_next", build_llava_next, "fast"),
     Arch("idefics3", build_idefics3, "fast"),
     Arch("smolvlm", build_smolvlm, "fast"),
-    # Prefix-LM: image and prompt attend to each other (the text attention is marked non-causal).
-    Arch("paligemma", build_paligemma, "generic", "non-causal"),
-    # Image tokens attend to each other bidirectionally: seen in the mask the model builds.
-    Arch("gemma3", build_gemma3, "generic", "attend to later tokens"),
+    # Prefix-LM: image and prompt attend to each other (a declared span, from its token types).
+    Arch("paligemma", build_paligemma, "fast"),
+    # Each image's tokens attend to each other both ways (declared spans); sliding/global layers.
+    Arch("gemma3", build_gemma3, "fast"),
+    # Cross-attention layers read image states that no KV block holds.
     Arch("mllama", build_mllama, "generic", "cross-attention"),
-    # Qwen-VL, InternVL and LLaVA-OneVision processors have a video half that needs torchvision; the
-    # loader falls back to the processor without it (images only), as it does on this machine.
-    Arch("qwen2_vl", build_qwen2_vl, "generic", "M-RoPE"),
-    Arch("qwen2_5_vl", build_qwen2_5_vl, "generic", "M-RoPE"),
-    Arch("qwen3_vl", build_qwen3_vl, "generic", "M-RoPE"),
+    # M-RoPE positions computed per request from its image grid. The processors' video half needs
+    # torchvision; the loader falls back to the processor without it (images only), as here.
+    Arch("qwen2_vl", build_qwen2_vl, "fast"),
+    Arch("qwen2_5_vl", build_qwen2_5_vl, "fast"),
+    Arch("qwen3_vl", build_qwen3_vl, "fast"),
     Arch("internvl", build_internvl, "fast"),
     Arch("aya_vision", build_aya_vision, "fast"),
     Arch("llava_onevision", build_llava_onevision, "fast"),
