@@ -1,15 +1,20 @@
 """The generic path: models the paged fast path cannot reproduce, run by their own `generate()`.
 
-Used when the fast path's self-test fails (remote code, bidirectional image attention, M-RoPE,
-cross-attention). It executes the same step plans as `PagedRunner`, so one engine loop, one
-scheduler and one set of admission, preemption and cancellation rules serve every model.
+Used when the fast path's self-test fails (remote code, cross-attention, an attention that
+bypasses transformers' AttentionInterface). It executes the same step plans as `PagedRunner`, so
+one engine loop, one scheduler and one set of admission, preemption and cancellation rules serve
+every model.
 
 Each running sequence has a `generate()` call of its own in a helper thread, advanced one forward
 pass per step: a logits processor hands the step's scores to the runner and waits for the token
 our sampler picks, which it forces; a stopping criterion ends the call when the sequence leaves
-the batch. Only one such thread computes at a time (the runner waits for each in turn), so
-`generate()` keeps owning everything model-specific (caches, multimodal inputs, position state)
-and its greedy output is the model's own by construction.
+the batch. `generate()` keeps owning everything model-specific (caches, multimodal inputs,
+position state), so its greedy output is the model's own by construction.
+
+The forward passes themselves are the runner's: every `generate()` thread's call to the model is
+handed to the runner's thread, which computes the step's decode calls as one batch where it can
+(`_Batcher`: each sequence's cache left-padded into one, the padding masked, as `generate()`
+batches left-padded prompts) and everything else one call at a time.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from contextlib import AbstractContextManager
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
+from models.generic_batch import accepts_positions, groups, run_merged
 from models.plan import PlanRow, SampledToken, StepPlan
 from models.sampling import draw
 
@@ -35,29 +41,58 @@ GENERATION_FAILED = "generation failed"
 # cache the M-RoPE offset of the prompt they prefilled last): saved and restored per sequence.
 _MODULE_STATE = ("rope_deltas",)
 _JOIN_TIMEOUT_S = 60.0
+_local = threading.local()
+
+
+class _Stopped(Exception):
+    """Raised in a generate() thread that asks for a forward after its sequence left the batch."""
+
+
+class _Call:
+    """A forward pass a generate() thread asked for; the runner computes it and sets `result`."""
+
+    __slots__ = ("kwargs", "done", "result", "error")
+
+    def __init__(self, kwargs: dict) -> None:
+        self.kwargs = kwargs
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
 
 
 class _Lockstep(LogitsProcessor):
-    """One generate() call's logits hook: the step's scores out, the chosen token in (forced as
-    the only finite score, so generate's own greedy pick takes it), stop when told."""
+    """One generate() call's hooks: forward passes and the step's scores out, the chosen token in
+    (forced as the only finite score, so generate's own greedy pick takes it), stop when told."""
 
     def __init__(self) -> None:
-        self.scores: queue.SimpleQueue = queue.SimpleQueue()  # [vocab] fp32 scores, or an exception
+        # To the runner: a _Call, the [vocab] fp32 scores, or an exception.
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.tokens: queue.SimpleQueue = queue.SimpleQueue()  # token ids to force, or _STOP
         self.stopped = False
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         forced = torch.full_like(scores, float("-inf"))
-        if self.stopped:  # a deferred stop check may run one more forward; its token is discarded
+        if self.stopped:  # a deferred stop check may run one more step; its token is discarded
             forced[:, 0] = 0.0
             return forced
-        self.scores.put(scores[0].float().clone())
+        self.events.put(scores[0].float().clone())
         token = self.tokens.get()
         if token is _STOP:
             self.stopped = True
             token = 0
         forced[:, token] = 0.0
         return forced
+
+    def forward(self, kwargs: dict):
+        """In the generate() thread: hand the forward to the runner and wait for its result."""
+        if self.stopped:
+            raise _Stopped
+        call = _Call(kwargs)
+        self.events.put(call)
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
 
 
 class _StopHook(StoppingCriteria):
@@ -71,19 +106,20 @@ class _StopHook(StoppingCriteria):
 
 
 class _SequenceThread:
-    """One sequence's generate() call in its own thread, one forward pass per `advance()`."""
+    """One sequence's generate() call in its own thread, one forward pass per step."""
 
     def __init__(self, runner: GenericRunner, token_ids: list[int], mm_inputs: dict | None) -> None:
         self.token_ids = list(token_ids)
         self.mm_inputs = mm_inputs
         self.module_state: list = [None] * len(runner.stateful)
-        self._hooks = _Lockstep()
+        self.hooks = _Lockstep()
         self._thread = threading.Thread(
             target=self._run, args=(runner,), name="generic-sequence", daemon=True
         )
         self._thread.start()
 
     def _run(self, runner: GenericRunner) -> None:
+        _local.hooks = self.hooks
         device = runner.device
         inputs = {
             "input_ids": torch.tensor([self.token_ids], dtype=torch.long, device=device),
@@ -102,32 +138,31 @@ class _SequenceThread:
                 runner.model.generate(
                     **inputs,
                     generation_config=config,
-                    logits_processor=[self._hooks],
-                    stopping_criteria=[_StopHook(self._hooks)],
+                    logits_processor=[self.hooks],
+                    stopping_criteria=[_StopHook(self.hooks)],
                 )
-        except Exception as exc:  # the sequence fails alone
-            log.warning(
-                "generate() failed for one sequence: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG)
-            )
-            self._hooks.scores.put(exc)
+        except _Stopped:
             return
-        if not self._hooks.stopped:
-            self._hooks.scores.put(RuntimeError("generate() ended by itself"))
+        except Exception as exc:  # the sequence fails alone
+            if not self.hooks.stopped:
+                log.warning(
+                    "generate() failed for one sequence: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG)
+                )
+            self.hooks.events.put(exc)
+            return
+        if not self.hooks.stopped:
+            self.hooks.events.put(RuntimeError("generate() ended by itself"))
 
-    def next_scores(self, token: int | None) -> torch.Tensor:
-        """Feed the token sampled last step (None for the first forward) and wait for the scores
-        of the next position. Raises what generate() raised."""
-        if token is not None:
-            self.token_ids.append(token)
-            self._hooks.tokens.put(token)
-        result = self._hooks.scores.get()
-        if isinstance(result, BaseException):
-            raise result
-        return result
+    def feed(self, token: int) -> None:
+        self.token_ids.append(token)
+        self.hooks.tokens.put(token)
+
+    def next_event(self):
+        return self.hooks.events.get()
 
     def stop(self) -> None:
         """End the call and wait for its thread, so no forward pass of it overlaps the next one."""
-        self._hooks.tokens.put(_STOP)
+        self.hooks.tokens.put(_STOP)
         self._thread.join(_JOIN_TIMEOUT_S)
 
 
@@ -144,12 +179,12 @@ class GenericRunner:
         device: torch.device,
         pad_token_id: int | None,
         scope: Callable[[], AbstractContextManager],
+        batch_decode: bool = True,
     ) -> None:
         self.model = model
         self.device = device
         self.pad_token_id = pad_token_id
         self.scope = scope
-        self.backend = "the model's own attention via generate()"
         self.stateful = [(m, name) for m in model.modules() for name in _MODULE_STATE if hasattr(m, name)]
         self._threads: dict[int, _SequenceThread] = {}
         # Forked choices of an n > 1 request: the parent's context, until their first decode row.
@@ -157,20 +192,54 @@ class GenericRunner:
         # generate() fills unset fields from the checkpoint's generation_config (repetition
         # penalty, suppressed tokens, ...). Sampling is the server's, so neutralise it.
         model.generation_config = GenerationConfig(pad_token_id=pad_token_id)
+        self.merged_calls = 0  # decode forwards computed as part of a merged batch
+        self._forward = model.forward
+        self._with_positions = accepts_positions(self._forward)
+        # Models that keep per-sequence state on their modules are computed one call at a time.
+        self.batch_decode = batch_decode and not self.stateful
+        self.backend = "the model's own attention via generate()" + (
+            ", decode steps batched" if self.batch_decode else ", one sequence per forward"
+        )
+        model.forward = self._intercept
+
+    def _intercept(self, *args, **kwargs):
+        hooks = getattr(_local, "hooks", None)
+        if hooks is None or args:  # not one of our generate() calls: the model's own forward
+            return self._forward(*args, **kwargs)
+        return hooks.forward(kwargs)
+
+    def restore_forward(self) -> None:
+        self.model.forward = self._forward
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampledToken]:
         self.release(plan.released)
-        scores: list[torch.Tensor] = []
-        sampling_rows: list[PlanRow] = []
         failed: dict[int, str] = {}
+        threads: dict[int, _SequenceThread] = {}
         for index, row in enumerate(plan.rows):
             try:
-                scores.append(self._advance(row))
-                sampling_rows.append(row)
+                threads[index] = self._start_or_feed(row)
             except Exception as exc:
                 self.release([row.seq_id])
                 failed[index] = f"{GENERATION_FAILED}: {type(exc).__name__}"
+        # Every thread now asks for its forward (or fails): compute them, then collect scores.
+        calls: dict[int, _Call] = {}
+        for index, thread in threads.items():
+            event = thread.next_event()
+            if isinstance(event, _Call):
+                calls[index] = event
+            else:
+                self._fail(index, plan.rows[index], event, failed)
+        self._compute(calls, threads)
+        scores: list[torch.Tensor] = []
+        sampling_rows: list[PlanRow] = []
+        for index in calls:
+            event = threads[index].next_event()
+            if isinstance(event, torch.Tensor):
+                scores.append(event)
+                sampling_rows.append(plan.rows[index])
+            else:
+                self._fail(index, plan.rows[index], event, failed)
         for parent, child in plan.forks:
             thread = self._threads.get(parent)
             if thread is not None:
@@ -182,9 +251,13 @@ class GenericRunner:
                 results.append(SampledToken(None, None, failed[index]) if index in failed else next(drawn))
         return results
 
-    def _advance(self, row: PlanRow) -> torch.Tensor:
+    def _fail(self, index: int, row: PlanRow, event, failed: dict[int, str]) -> None:
+        name = type(event).__name__ if isinstance(event, BaseException) else "unexpected event"
+        self.release([row.seq_id])
+        failed[index] = f"{GENERATION_FAILED}: {name}"
+
+    def _start_or_feed(self, row: PlanRow) -> _SequenceThread:
         thread = self._threads.get(row.seq_id)
-        token: int | None = None
         if row.start == 0 or thread is None:
             if thread is not None:
                 self.release([row.seq_id])
@@ -193,16 +266,52 @@ class GenericRunner:
             if row.start:  # a forked choice: its first decode row recomputes the shared prompt
                 context, mm_inputs = self._forked.pop(row.seq_id)
                 tokens = context + row.token_ids
-            self._restore(None)
             thread = self._threads[row.seq_id] = _SequenceThread(self, tokens, mm_inputs)
+            return thread
+        if len(row.token_ids) != 1:
+            raise RuntimeError("the generic path continues a sequence one token at a time")
+        thread.feed(row.token_ids[0])
+        return thread
+
+    def _compute(self, calls: dict[int, _Call], threads: dict[int, _SequenceThread]) -> None:
+        """Run the step's forward calls in this thread: mergeable decode calls together, the rest
+        one at a time with their sequence's module state in place. A merged forward that raises
+        is run again call by call, so a failure stays with its own sequence."""
+        with self.scope():  # the stream the generate() threads enqueue on
+            self._compute_calls(calls, threads)
+
+    def _compute_calls(self, calls: dict[int, _Call], threads: dict[int, _SequenceThread]) -> None:
+        order = list(calls)
+        if self.batch_decode:
+            grouped = groups([calls[i].kwargs for i in order], self._with_positions)
         else:
-            if len(row.token_ids) != 1:
-                raise RuntimeError("the generic path continues a sequence one token at a time")
-            self._restore(thread.module_state)
-            token = row.token_ids[0]
-        scores = thread.next_scores(token)
+            grouped = [[position] for position in range(len(order))]
+        for group in grouped:
+            members = [order[position] for position in group]
+            if len(members) > 1:
+                try:
+                    outputs = run_merged(
+                        self._forward, [calls[i].kwargs for i in members], with_positions=self._with_positions
+                    )
+                except Exception:
+                    log.debug("merged decode forward raised; computing its calls one by one", exc_info=True)
+                else:
+                    self.merged_calls += len(members)
+                    for index, output in zip(members, outputs, strict=True):
+                        calls[index].result = output
+                        calls[index].done.set()
+                    continue
+            for index in members:
+                self._compute_one(calls[index], threads[index])
+
+    def _compute_one(self, call: _Call, thread: _SequenceThread) -> None:
+        self._restore(thread.module_state)
+        try:
+            call.result = self._forward(**call.kwargs)
+        except Exception as exc:
+            call.error = exc
         thread.module_state = [getattr(module, name) for module, name in self.stateful]
-        return scores
+        call.done.set()
 
     def _restore(self, state: list | None) -> None:
         for index, (module, name) in enumerate(self.stateful):

@@ -20,6 +20,7 @@ from models.detokenize import IncrementalDetokenizer
 from models.devices import DeviceScope, kv_cache_budget
 from models.generation import Generation
 from models.generic import GenericRunner
+from models.generic_batch import batching_problem
 from models.grammar import GrammarCompiler
 from models.kv_cache import kv_bytes_per_token
 from models.loader import LoadedModel, LoadSpec, ModelLoadError, load_model, logit_count
@@ -213,8 +214,15 @@ def _generic(
     pad = loaded.tokenizer.pad_token_id
     if pad is None and loaded.eos_token_ids:
         pad = min(loaded.eos_token_ids)
+    scope = DeviceScope(str(loaded.device))
+    with scope(), torch.inference_mode():
+        problem = batching_problem(
+            loaded.model, loaded.model.forward, PromptBuilder.for_model(loaded).tokenize(_SELF_TEST_TEXT)
+        )
+    if problem is not None:
+        log.warning("generic path: decode steps computed one sequence per forward (%s)", problem)
     runner = GenericRunner(
-        loaded.model, device=loaded.device, pad_token_id=pad, scope=DeviceScope(str(loaded.device))
+        loaded.model, device=loaded.device, pad_token_id=pad, scope=scope, batch_decode=problem is None
     )
     return ModelReplica(
         loaded,

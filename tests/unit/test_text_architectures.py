@@ -204,3 +204,5 @@ def test_architecture_matches_generate(model_type, tokenizer, tmp_path):
     assert driver.outputs(again)[0] == expected[id(long)]
     if replica.path == "fast":
         assert driver.executor.batch.blocks.hit_tokens >= replica.block_size
+    else:  # the generic path computed the concurrent decode steps together
+        assert replica.runner.merged_calls > 0
