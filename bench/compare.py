@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bench.build_model import DEFAULT_MODEL_DIR, DEFAULT_VLM_DIR, build_bench_model, build_bench_vlm
 from bench.contention import CpuWatch
+from bench.llamacpp import llamacpp_server
 from bench.load import LoadConfig, run_load
 from bench.ours import our_server
 from bench.peer import peer_server
@@ -160,7 +161,9 @@ def _machine() -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="16 requests per workload, one repeat: a smoke run")
-    p.add_argument("--servers", default="ours,peer", help="comma-separated, run in this order")
+    p.add_argument(
+        "--servers", default="ours,peer", help="ours, peer, llamacpp: comma-separated, run in this order"
+    )
     p.add_argument("--repeat", type=int, default=None, help="runs per workload (default 3, quick 1)")
     p.add_argument("--interleave", action="store_true", help="both servers up at once, alternating runs")
     p.add_argument("--image", action="store_true", help="also run ours on a tiny VLM with images")
@@ -185,8 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     args.timeout = args.timeout or (240.0 if args.quick else 600.0)
     env = dict(kv.split("=", 1) for kv in args.server_env)
     names = [name.strip() for name in args.servers.split(",") if name.strip()]
-    if unknown := set(names) - {"ours", "peer"}:
-        sys.exit(f"unknown server(s) {sorted(unknown)}; expected ours and/or peer")
+    if unknown := set(names) - {"ours", "peer", "llamacpp"}:
+        sys.exit(f"unknown server(s) {sorted(unknown)}; expected ours, peer and/or llamacpp")
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -208,7 +211,11 @@ def main(argv: list[str] | None = None) -> None:
         return peer_server(model_path, log_path=RESULTS_DIR / f"{stamp}-peer.log", extra_args=extra, env=env,
                            ready_timeout_s=args.ready_timeout)  # fmt: skip
 
-    starters = {"ours": ours(model_path, "bench", "ours.log"), "peer": peer}
+    def llamacpp():
+        return llamacpp_server(model_path, log_path=RESULTS_DIR / f"{stamp}-llamacpp.log",
+                               ready_timeout_s=args.ready_timeout)  # fmt: skip
+
+    starters = {"ours": ours(model_path, "bench", "ours.log"), "peer": peer, "llamacpp": llamacpp}
     workloads = text_workloads(args.quick)
     started = time.perf_counter()
     serve_and_run({n: starters[n] for n in names}, workloads, args, tokenizer=model_path, record=record)

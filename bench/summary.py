@@ -36,8 +36,10 @@ def _target(values: dict, compared: float | None, op: str, bound: float, contend
     return {**values, "target": f"{op} {bound}", "contended": contended, "pass": verdict}
 
 
-def _ratio_target(runs: list[dict], workload: str, key: str, op: str, bound: float) -> dict:
-    (ours, ours_c), (peer, peer_c) = (median(runs, s, workload, key) for s in SERVERS)
+def _ratio_target(
+    runs: list[dict], workload: str, key: str, op: str, bound: float, peer_name: str = "peer"
+) -> dict:
+    (ours, ours_c), (peer, peer_c) = (median(runs, s, workload, key) for s in ("ours", peer_name))
     ratio = round(ours / peer, 3) if ours is not None and peer else None
     return _target({"ours": ours, "peer": peer, "ratio_ours_peer": ratio}, ratio, op, bound, ours_c or peer_c)
 
@@ -50,7 +52,7 @@ def summarize(runs: list[dict]) -> dict:
     clean = [r.get("health_p99_ms") for r in _runs(runs, "ours") if not r.get("contended")]
     judged = clean or list(health.values())
     worst = None if not judged or None in judged else max(judged)
-    return {
+    summary = {
         "summary": True,
         "a_completion_tok_s": _ratio_target(runs, "a_throughput", "completion_tok_s", ">=", 1.3),
         "b_ttft_p50_s": _ratio_target(runs, "b_stream", "ttft_p50_s", "<=", 0.5),
@@ -63,4 +65,22 @@ def summarize(runs: list[dict]) -> dict:
         "contended_runs": [f"{r['server']}:{r['workload']}#{r['repeat']}"
                            for r in runs if r.get("contended")],
         "note": "medians over repeats without errors, uncontended ones when any; ratios are ours/peer",
+    }  # fmt: skip
+    if _runs(runs, "llamacpp"):
+        summary["llamacpp"] = _llamacpp_targets(runs)
+    return summary
+
+
+def _llamacpp_targets(runs: list[dict]) -> dict:
+    """The host-overhead issue's targets against llama.cpp's server."""
+    ours_stream, stream_c = median(runs, "ours", "b_stream", "completion_tok_s")
+    ours_plain, plain_c = median(runs, "ours", "a_throughput", "completion_tok_s")
+    own = round(ours_stream / ours_plain, 3) if ours_stream and ours_plain else None
+    return {
+        "stream_16_vs_llamacpp": _ratio_target(runs, "b_stream", "completion_tok_s", ">=", 1.2, "llamacpp"),
+        "stream_vs_our_nonstream": _target(
+            {"ours_stream": ours_stream, "ours_nonstream": ours_plain, "ratio": own}, own, ">=", 0.9,
+            stream_c or plain_c,
+        ),
+        "single_stream_vs_llamacpp": _ratio_target(runs, "sequential", "completion_tok_s", ">=", 1.0, "llamacpp"),
     }  # fmt: skip

@@ -10,7 +10,7 @@ class Workload:
     name: str
     description: str
     load: dict  # LoadConfig fields
-    servers: tuple[str, ...] = ("ours", "peer")
+    servers: tuple[str, ...] = ("ours", "peer", "llamacpp")
     repeatable: bool = True
 
 

@@ -60,12 +60,14 @@ def mergeable(kwargs: dict) -> bool:
     ):
         return False
     cache = kwargs.get("past_key_values")
-    if type(cache) is not DynamicCache or not cache.layers:
+    if type(cache) is not DynamicCache or not cache.layers or not cache.layers[0].is_initialized:
         return False
-    if any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return False
+    # Layers a forward never filled (Mllama's cross-attention ones, for a text prompt) stay empty;
+    # every filled one must hold the sequence's own tokens.
     length = cache.get_seq_length()
-    if any(layer.keys.shape[-2] != length for layer in cache.layers):
+    if any(layer.is_initialized and layer.keys.shape[-2] != length for layer in cache.layers):
         return False
     mask = kwargs.get("attention_mask")
     if mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + 1 or not bool(mask.all())):
@@ -85,7 +87,8 @@ def _signature(kwargs: dict, with_positions: bool) -> tuple:
     cache = kwargs["past_key_values"]
     # Without a way to give each row its position, only equal lengths can share a forward.
     length = None if with_positions else cache.get_seq_length()
-    return (tuple(sorted(kwargs)), fixed, shape, len(cache.layers), length)
+    filled = tuple(layer.is_initialized for layer in cache.layers)
+    return (tuple(sorted(kwargs)), fixed, shape, filled, length)
 
 
 def groups(calls: list[dict], with_positions: bool) -> list[list[int]]:
@@ -109,7 +112,9 @@ def run_merged(forward, calls: list[dict], *, with_positions: bool) -> list:
     first = calls[0]
     device = first["input_ids"].device
     merged = DynamicCache()
-    for index in range(len(first["past_key_values"].layers)):
+    for index, template in enumerate(first["past_key_values"].layers):
+        if not template.is_initialized:
+            continue  # empty in every call of the group (their signatures say so)
         layers = [c["past_key_values"].layers[index] for c in calls]
         keys = torch.cat(
             [F.pad(ly.keys, (0, 0, longest - n, 0)) for ly, n in zip(layers, lengths, strict=True)]
@@ -136,7 +141,9 @@ def run_merged(forward, calls: list[dict], *, with_positions: bool) -> list:
     results = []
     for row, (call, n) in enumerate(zip(calls, lengths, strict=True)):
         own = call["past_key_values"]
-        for layer, big in zip(own.layers, merged.layers, strict=True):
+        for layer, big in zip(own.layers, merged.layers, strict=False):
+            if not big.is_initialized:
+                continue
             layer.keys = big.keys[row : row + 1, :, longest - n :].clone()
             layer.values = big.values[row : row + 1, :, longest - n :].clone()
         results.append(type(out)(logits=out.logits[row : row + 1], past_key_values=own))

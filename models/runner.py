@@ -8,6 +8,7 @@ its own parameters. What goes into a step is decided by `scheduler.batch`; this 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -41,6 +42,7 @@ class PagedRunner:
         self.model = model
         self.device = device
         self.cache = PagedKVCache(num_blocks, block_size, device)
+        self.last_split: dict[str, float] = {}  # seconds of the last step's forward and sampling
         text_config = model.config.get_text_config(decoder=True)
         self._text_config = text_config
         self.rules = layer_rules(text_config)
@@ -84,6 +86,7 @@ class PagedRunner:
             self.cache.zero_blocks(torch.tensor(plan.fresh_blocks, dtype=torch.long, device=self.device))
         if not plan.rows:
             return []
+        started = time.perf_counter()
         logits = self.forward(plan.rows)
         if plan.copies:
             sources, destinations = zip(*plan.copies, strict=True)
@@ -91,7 +94,12 @@ class PagedRunner:
                 torch.tensor(sources, dtype=torch.long, device=self.device),
                 torch.tensor(destinations, dtype=torch.long, device=self.device),
             )
-        return draw(logits, plan.rows)
+        forwarded = time.perf_counter()
+        drawn = draw(logits, plan.rows)
+        # On a GPU the forward is only queued when `forwarded` is read: sampling's first read of
+        # the logits waits for it, so there `sample` includes the device time.
+        self.last_split = {"forward": forwarded - started, "sample": time.perf_counter() - forwarded}
+        return drawn
 
     def forward(self, rows: list[PlanRow]) -> torch.Tensor:
         """One packed forward over `rows`; returns the logits `[R, vocab]` of the last position of

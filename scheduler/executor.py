@@ -33,6 +33,7 @@ from scheduler.batch import Batch, BatchConfig
 from scheduler.blocks import BlockManager
 from scheduler.request import RequestStream
 from scheduler.sequence import PromptSpan, Sequence
+from scheduler.timings import StepTimings
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Executor:
         self.work_per_s = 0.0  # tokens computed per second (prompt and generated), smoothed: Retry-After
         self.steps = 0
         self._snapshot: dict = {}  # batch figures, replaced (never mutated) by the replica thread each step
+        self.timings = StepTimings()
         self._idle_trimmed = True
         self._build = build
         self._deliver = deliver
@@ -174,6 +176,7 @@ class Executor:
             "queued": self.queue_depth,
             "steps": self.steps,
             **self._snapshot,
+            "step_ms": self.timings.recent(),
         }
 
     # -- replica thread ------------------------------------------------------------------------
@@ -244,23 +247,37 @@ class Executor:
     def step(self) -> None:
         """One iteration: collect -> drop cancelled -> schedule -> run -> advance -> emit."""
         batch = self.batch
+        clock = time.perf_counter
+        began = clock()
         self._collect()
         self._drop_cancelled()
         plan = batch.schedule()
         self._fail_rejected()
+        scheduled = executed = advanced = clock()
         if plan is not None:
-            started = time.monotonic()
             results, failed = self._run(plan)
+            executed = clock()
             self._advance(plan, results, failed)
+            advanced = clock()
             if plan.rows:
                 self.steps += 1
                 self._idle_trimmed = False
-                rate = plan.num_tokens / max(time.monotonic() - started, 1e-6)
+                rate = plan.num_tokens / max(executed - scheduled, 1e-6)
                 self.work_per_s = rate if not self.work_per_s else 0.8 * self.work_per_s + 0.2 * rate
         elif batch.has_work:  # nothing runnable (a bug if it happens): do not spin
             log.warning("replica %s has work but nothing to schedule", self.name)
             time.sleep(self.config.idle_poll_s)
         self._emit()
+        if plan is not None and plan.rows:
+            runner_split = getattr(self.replica.runner, "last_split", None) or {}
+            self.timings.add(
+                rows=len(plan.rows),
+                schedule=scheduled - began,
+                execute=executed - scheduled,
+                postprocess=advanced - executed,
+                emit=clock() - advanced,
+                **runner_split,
+            )
         if not batch.has_work and not self._idle_trimmed:
             # The burst is over: give its transient memory back (the KV pool itself is fixed).
             trim_host_memory()

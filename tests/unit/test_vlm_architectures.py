@@ -176,9 +176,12 @@ def test_four_concurrent_requests_match_generate(arch_replica):
     assert len(long.token_ids) > 100
     params = SamplingParams(max_tokens=MAX_NEW, **GREEDY)
     jobs = [(0, first, params), (0, long, params), (1, second, params), (2, short, params)]
+    merged_before = getattr(replica.runner, "merged_calls", 0)
     outputs = run_jobs(replica, jobs, prefill_budget=16)
     for (_, prepared, _), output in zip(jobs, outputs, strict=True):
         assert output == hf_greedy(replica, prepared, MAX_NEW)
+    if replica.path == "generic":  # the two text requests decoded together
+        assert replica.runner.merged_calls > merged_before
 
 
 def test_a_repeated_image_prompt_gives_the_same_tokens_from_the_prefix_cache(arch_replica):

@@ -1,0 +1,98 @@
+"""Host time per decode step, by phase, on the built-in tiny model (2 layers: the arithmetic is
+negligible, so what is left is Python and framework overhead).
+
+    python -m bench.host [--batches 1,8,32] [--steps 60] [--profile 1]
+
+In process, through the real executor: `batch` requests decode together (their prompts are
+prefilled first and not counted); the executor's own step timings (`scheduler/timings.py`) give
+schedule / execute (forward, sample) / postprocess / emit per step. `--profile B` also prints the
+top functions of a cProfile run at batch B. Prints one JSON line per batch size and writes them to
+bench/results/<timestamp>-host.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from models.loader import LoadSpec
+from models.params import PromptInput, SamplingParams
+from models.prompt import PromptBuilder
+from models.replica import build_replica
+from tests.unit.configs import replica_config
+from tests.unit.engine_driver import EngineDriver
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+def _decode_steps(replica, batch: int, steps: int, profile: bool = False) -> dict:
+    builder = PromptBuilder.for_model(replica.loaded)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    driver = EngineDriver(replica, max_batch_size=batch)
+    streams = []
+    for index in range(batch):
+        prompt = builder.prepare(
+            PromptInput(messages=({"role": "user", "content": f"request {index} says hi"},))
+        )
+        streams.append(driver.submit(prompt, params))
+    executor = driver.executor
+    while any(not driver.tokens[(s.request_id, 0)] for s in streams):
+        executor.step()  # prefill, not counted
+    executor.timings.reset()
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
+    for _ in range(steps):
+        executor.step()
+    if profiler:
+        profiler.disable()
+    figures = executor.timings.per_step()
+    figures["total"] = sum(
+        v for k, v in figures.items() if k in ("schedule", "execute", "postprocess", "emit")
+    )
+    row = {"batch": batch, **{k: round(v, 3) for k, v in figures.items()}}
+    if profiler:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
+        row["profile"] = out.getvalue()
+    driver.run(streams)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--profile", type=int, default=0, help="batch size to profile (0: none)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as cache:
+        replica = build_replica(
+            LoadSpec(source="builtin:tiny", dtype="fp32", attn_impl="sdpa", cache_dir=cache),
+            replica_config(max_batch_size=max(int(b) for b in args.batches.split(","))),
+        )
+        results = []
+        for batch in (int(b) for b in args.batches.split(",")):
+            _decode_steps(replica, batch, 10)  # warm-up
+            row = _decode_steps(replica, batch, args.steps, profile=batch == args.profile)
+            profile = row.pop("profile", None)
+            print(json.dumps(row), flush=True)
+            if profile:
+                print(profile)
+            results.append(row)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (RESULTS_DIR / f"{stamp}-host.json").write_text("\n".join(json.dumps(r) for r in results) + "\n")
+
+
+if __name__ == "__main__":
+    main()
