@@ -194,6 +194,24 @@ def install_transformers(spec: str) -> None:
     print(f"[entrypoint] Using transformers {version} from {Path(location).parent}", flush=True)
 
 
+def check_devices(settings: Settings) -> None:
+    """Fail before serving when the devices asked for are not there (one line, exit code 2); say
+    so when nothing was asked for and no GPU is visible."""
+    from models.devices import cuda_device_count, resolve_devices
+
+    try:
+        devices = resolve_devices(
+            device=settings.device,
+            gpu_ids=settings.gpu_ids,
+            gpu_count=settings.gpu_count,
+            cpu_replicas=settings.cpu_replicas,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    if settings.device == "auto" and devices[0] == "cpu" and cuda_device_count() == 0:
+        print("entrypoint: warning: no CUDA device is visible: serving on CPU", file=sys.stderr)
+
+
 def raise_open_files_limit() -> int:
     """Lift the soft open-files limit to the hard one: every connection is a file descriptor,
     and a default soft limit of 1,024 is what a crowd of idle clients exhausts first."""
@@ -268,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(json.dumps(settings.redacted_dict(), sort_keys=True))
         return
+    check_devices(settings)
     prepare_runtime_env(settings)
     if settings.transformers_path:
         install_transformers(settings.transformers_path)

@@ -114,7 +114,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "GPU_COUNT", P.integer(1), "Use the first N visible GPUs (unset: 1 if any GPU is visible)", "--gpu-count",
     )] = None
     device: Annotated[Device, _s(
-        "DEVICE", P.choice("auto", "cuda", "cpu"), "auto uses CUDA when available", "--device",
+        "DEVICE", P.choice("auto", "cuda", "cpu"), "auto: CUDA when visible, else CPU (with a warning); GPUs asked for by id or count and not visible fail startup", "--device",
     )] = "auto"
     cpu_replicas: Annotated[int, _s(
         "CPU_REPLICAS", P.integer(1, 16), "Model replicas when running on CPU", "--cpu-replicas",

@@ -1,7 +1,7 @@
 """Host time per decode step, by phase, on the built-in tiny model (2 layers: the arithmetic is
 negligible, so what is left is Python and framework overhead).
 
-    python -m bench.host [--batches 1,8,32] [--steps 60] [--profile 1]
+    python -m bench.host [--batches 1,8,32] [--steps 60] [--profile 1] [--model-path builtin:tiny]
 
 In process, through the real executor: `batch` requests decode together (their prompts are
 prefilled first and not counted); the executor's own step timings (`scheduler/timings.py`) give
@@ -73,11 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", type=int, default=0, help="batch size to profile (0: none)")
+    parser.add_argument("--model-path", default="builtin:tiny", help="e.g. bench/models/bench-80m")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         replica = build_replica(
-            LoadSpec(source="builtin:tiny", dtype="fp32", attn_impl="sdpa", cache_dir=cache),
+            LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
             replica_config(max_batch_size=max(int(b) for b in args.batches.split(","))),
         )
         results = []

@@ -27,6 +27,7 @@ from bench.server import ServerProcess, Target, free_port
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "bench" / ".llamacpp"
 PACKAGE = "llama-cpp-python==0.3.36"
+SENTENCEPIECE = "sentencepiece==0.2.1"  # the converter imports it before looking at the tokenizer
 SERVER = HOME / "build" / "bin" / "llama-server"
 
 
@@ -77,14 +78,24 @@ def gguf_path(model_dir: Path) -> Path:
 def convert(model_dir: Path) -> Path:
     """The HF checkpoint to an F32 GGUF (the same weights, unquantised) with llama.cpp's converter,
     run by this project's interpreter (it needs torch, transformers and numpy; its own gguf-py is
-    in the sources)."""
+    in the sources; sentencepiece goes into a folder of its own) through bench/llamacpp_convert.py."""
     out = gguf_path(model_dir)
     if out.exists():
         return out
-    converter = source_dir() / "convert_hf_to_gguf.py"
+    deps = HOME / "pydeps"
+    if not deps.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(deps), SENTENCEPIECE],
+                       check=True)  # fmt: skip
     subprocess.run(
-        [sys.executable, str(converter), str(model_dir), "--outtype", "f32", "--outfile", str(out)],
+        [
+            sys.executable,
+            str(ROOT / "bench" / "llamacpp_convert.py"),
+            str(source_dir()),
+            str(model_dir),
+            str(out),
+        ],
         check=True,
+        env={**os.environ, "PYTHONPATH": str(deps)},
     )
     return out
 

@@ -28,9 +28,19 @@ def resolve_devices(
     instead of silently running on fewer devices than asked.
     """
     visible = cuda_device_count()
-    if device == "cpu" or (device == "auto" and visible == 0):
-        if device == "cuda":
-            raise ValueError("DEVICE=cuda but no CUDA device is visible")
+    if device == "cpu":
+        return ["cpu"] * max(1, cpu_replicas)
+    if device == "auto" and visible == 0:
+        # Asking for GPUs and getting CPU, with fp32 and a fraction of the speed, is not a
+        # fallback anyone wants to discover from their latency graphs.
+        if gpu_ids:
+            raise ValueError(
+                "GPU_IDS asks for GPUs but no CUDA device is visible; set DEVICE=cpu to serve on CPU"
+            )
+        if gpu_count:
+            raise ValueError(
+                f"GPU_COUNT={gpu_count} asks for GPUs but no CUDA device is visible; set DEVICE=cpu to serve on CPU"
+            )
         return ["cpu"] * max(1, cpu_replicas)
     if visible == 0:
         raise ValueError("DEVICE=cuda but no CUDA device is visible")

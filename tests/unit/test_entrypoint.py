@@ -271,3 +271,47 @@ def test_failed_transformers_install_stops_startup(monkeypatch: pytest.MonkeyPat
     with pytest.raises(SystemExit) as info:
         entrypoint.main(["--transformers-path", "git+https://example.invalid/t.git"])
     assert info.value.code == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--gpu-count", "2"], "GPU_COUNT=2"),
+        (["--gpu-ids", "0,1"], "GPU_IDS"),
+        (["--device", "cuda"], "DEVICE=cuda"),
+    ],
+)
+def test_gpus_asked_for_and_absent_fail_in_one_line(flags: list[str], named: str, monkeypatch) -> None:
+    """Requested GPUs never silently become CPU (this machine has none)."""
+    monkeypatch.setattr(entrypoint, "serve", lambda settings: pytest.fail("must not serve"))
+    monkeypatch.setattr(entrypoint, "prepare_runtime_env", lambda settings: None)
+    for name in ("GPU_COUNT", "GPU_IDS", "DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        entrypoint.main(flags)
+    assert exit_info.value.code == 2
+
+
+def test_gpus_asked_for_and_absent_message(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(entrypoint, "serve", lambda settings: pytest.fail("must not serve"))
+    for name in ("GPU_COUNT", "GPU_IDS", "DEVICE"):  # main() writes flags into os.environ
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit):
+        entrypoint.main(["--gpu-count", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "entrypoint: GPU_COUNT=2 asks for GPUs but no CUDA device is visible; set DEVICE=cpu to serve on CPU"
+    ]
+
+
+def test_cpu_when_nothing_was_asked_for_says_so(capsys, monkeypatch) -> None:
+    served = []
+    monkeypatch.setattr(entrypoint, "serve", served.append)
+    monkeypatch.setattr(entrypoint, "prepare_runtime_env", lambda settings: None)
+    for name in ("GPU_COUNT", "GPU_IDS", "DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    entrypoint.main([])
+    assert len(served) == 1
+    assert "no CUDA device is visible: serving on CPU" in capsys.readouterr().err
+    entrypoint.main(["--device", "cpu"])  # asked for: no warning
+    assert "serving on CPU" not in capsys.readouterr().err
