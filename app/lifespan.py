@@ -149,6 +149,26 @@ async def _drain_then_stop(scheduler: Scheduler, grace_s: float, granian_handler
     granian_handler._run()
 
 
+def startup_banner(settings: Settings, base_url: str, seconds: float) -> list[str]:
+    """What an operator needs to know once the server answers: where, whether a key is needed,
+    the cap on answers, and whether the model is the random-weight demo."""
+    lines = [
+        f"startup took {seconds:.1f}s",
+        f"OpenAI-compatible API at {base_url}/v1 (model name {settings.model_name!r}); docs at {base_url}/docs",
+        "auth: a bearer key (API_KEY) is required for /v1/* and /docs"
+        if settings.api_key
+        else "warning: auth is off (no API_KEY): anyone who reaches this port can use the model",
+        f"answers are capped at {settings.default_max_tokens} new tokens per request "
+        "(MAX_NEW_TOKENS_DEFAULT / --default-max-tokens raises it)",
+    ]
+    if settings.model_path.startswith("builtin:"):
+        lines.append(
+            f"warning: serving the built-in demo model {settings.model_path}: random weights, its answers are noise; "
+            "set MODEL_PATH to serve a real model"
+        )
+    return lines
+
+
 async def _announce_readiness(scheduler: Scheduler, settings: Settings) -> None:
     """The seed's startup heartbeat (PROGRESS_LOGS) and its readiness line."""
     started = time.monotonic()
@@ -164,9 +184,12 @@ async def _announce_readiness(scheduler: Scheduler, settings: Settings) -> None:
     # collections stay short while serving (they pause every thread, the event loop included).
     gc.collect()
     gc.freeze()
-    url = f"http://{settings.host}:{settings.port}/health"
+    base = f"http://{settings.host}:{settings.port}"
+    url = f"{base}/health"
     if scheduler.status == "ready":
-        log.info("[server] Ready in %.1fs. Health: %s", time.monotonic() - started, url)
+        log.info("[server] Ready. Health: %s", url)  # the seed's line, word for word
+        for line in startup_banner(settings, base, time.monotonic() - started):
+            log.log(logging.WARNING if line.startswith("warning:") else logging.INFO, "[server] %s", line)
     else:
         errors = "; ".join(f"replica {e.name}: {e.error}" for e in scheduler.executors if e.error)
         log.error("[server] Not ready (degraded). Health: %s Error: %s", url, errors or scheduler.status)

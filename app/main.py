@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
 from app.auth import BEARER_COMPONENTS
@@ -27,15 +28,15 @@ from app.routes.docs import (
     swagger_ui,
 )
 from app.routes.generate import generate
-from app.routes.health import health, live, metrics
+from app.routes.health import health, live, metrics, version
 from app.routes.models import list_models, retrieve_model
 from app.routes.templates import apply_template
 from app.routes.tokenize import detokenize, tokenize
 from app.services import Services
 from app.settings import Settings
 from app.translate import Translator
+from app.version import VERSION
 
-VERSION = "0.1.0"
 ROUTES = [
     chat_completions,
     completions,
@@ -48,6 +49,7 @@ ROUTES = [
     health,
     live,
     metrics,
+    version,
     swagger_ui,
     redoc_ui,
     openapi_json,
@@ -92,8 +94,19 @@ def create_app(settings: Settings | None = None) -> Litestar:
         metrics=metrics_registry,
     )
     holder["services"] = services
+    cors = None
+    if settings.cors_allow_origins:
+        # Browser clients send the key as a bearer token: allow the header, never cookies.
+        cors = CORSConfig(
+            allow_origins=list(settings.cors_allow_origins),
+            allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+            allow_credentials=False,
+        )
     app = Litestar(
         route_handlers=ROUTES,
+        cors_config=cors,
         middleware=[body_timeout(settings.http_body_timeout_s)],
         lifespan=[serve_model],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -149,6 +149,20 @@ def _hosts(raw: str) -> tuple[str, ...]:
 hosts = Parser(_hosts, "comma-separated hosts, `*.example.com` for subdomains")
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    origins = []
+    for part in (p.strip().rstrip("/") for p in raw.split(",")):
+        if not part:
+            continue
+        if part != "*" and not part.startswith(("http://", "https://")):
+            raise ValueError(f"{show(part)} is not an origin (e.g. https://chat.example.com, or *)")
+        origins.append(part)
+    return tuple(dict.fromkeys(origins))
+
+
+origins = Parser(_origins, "comma-separated origins, e.g. https://chat.example.com; * for any")
+
+
 def _networks(raw: str) -> tuple[str, ...]:
     networks = []
     for part in (p.strip() for p in raw.split(",")):

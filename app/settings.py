@@ -241,6 +241,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allow_remote_images: Annotated[bool, _s(
         "ALLOW_REMOTE_IMAGES", P.boolean, "Fetch http(s) image URLs (false: only data URLs)",
     )] = True
+    cors_allow_origins: Annotated[tuple[str, ...], _s(
+        "CORS_ALLOW_ORIGINS", P.origins, "Browser origins allowed to call the API (CORS); empty = no CORS headers",
+        "--cors-allow-origins",
+    )] = ()
     image_url_allowed_hosts: Annotated[tuple[str, ...], _s(
         "IMAGE_URL_ALLOWED_HOSTS", P.hosts, "Host allowlist for image URLs; empty = any public host",
     )] = ()

@@ -1,4 +1,4 @@
-"""Health (readiness and liveness) and Prometheus metrics: open, never behind the API key."""
+"""Health (readiness and liveness), Prometheus metrics and the version: open, never behind the API key."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from litestar import MediaType, Request, Response
 from app.routes import get_or_head
 from app.schemas.models import HealthResponse
 from app.services import services
+from app.version import VERSION
 
 
 def _health(request: Request) -> Response[HealthResponse]:
@@ -46,3 +47,8 @@ async def live() -> dict[str, str]:
 )
 async def metrics(request: Request) -> Response[bytes]:
     return Response(services(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@get_or_head("/version", tags=["Health"], summary="The server's version", cache=False)
+async def version() -> dict[str, str]:
+    return {"version": VERSION}

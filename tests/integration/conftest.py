@@ -66,6 +66,7 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
+EDGE_CORS_ORIGIN = "https://chat.example.test"
 SERVER_SPECS: dict[str, ServerSpec] = {
     "text_server": ServerSpec(
         model_path="builtin:tiny",
@@ -108,7 +109,13 @@ SERVER_SPECS: dict[str, ServerSpec] = {
         model_path="builtin:tiny",
         model_name="edge",
         api_key=None,
-        env={"MODEL_NAME": "edge", "DTYPE": "fp32", "HTTP_HEADER_TIMEOUT_S": "2", "HTTP_BODY_TIMEOUT_S": "2"},
+        env={
+            "MODEL_NAME": "edge",
+            "DTYPE": "fp32",
+            "HTTP_HEADER_TIMEOUT_S": "2",
+            "HTTP_BODY_TIMEOUT_S": "2",
+            "CORS_ALLOW_ORIGINS": EDGE_CORS_ORIGIN,
+        },
     ),
     "vlm_fetch_server": ServerSpec(
         model_path="builtin:tiny-vlm",

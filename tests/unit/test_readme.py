@@ -41,3 +41,12 @@ def test_the_architecture_table_matches_the_architectures_tested():
     tested.update({"llama": "fast", "llava": "fast"})  # the built-in demo models (tests/integration)
     assert documented == tested
     assert all(cells[3].strip() for cells in rows), "every row says why"
+
+
+def test_the_version_is_the_projects():
+    import tomllib
+
+    from app.version import VERSION
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert VERSION == pyproject["project"]["version"]
