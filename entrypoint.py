@@ -17,6 +17,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import NoReturn
@@ -139,8 +140,17 @@ def _flag_for_env(name: str) -> str | None:
     return None
 
 
+def _say(line: str, *, level: str = "info", stream=None) -> None:
+    """The entrypoint's own lines, in the format every other line of the process uses."""
+    if os.environ.get("LOG_FORMAT", "").strip().lower() == "json":
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        record = {"ts": f"{stamp}Z", "level": level, "logger": "docoserve.entrypoint", "message": line}
+        line = json.dumps(record)
+    print(line, file=stream or sys.stdout, flush=True)
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
-    print(f"entrypoint: {message}", file=sys.stderr)
+    _say(f"entrypoint: {message}", level="error", stream=sys.stderr)
     sys.exit(code)
 
 
@@ -190,8 +200,8 @@ def install_transformers(spec: str) -> None:
         last = (probe.stderr.strip().splitlines() or ["unknown error"])[-1]
         _fail(f"transformers does not import after install: {last}", 1)
     version, location = probe.stdout.split()[:2]
-    print(f"[entrypoint] transformers {version} from {location}", flush=True)
-    print(f"[entrypoint] Using transformers {version} from {Path(location).parent}", flush=True)
+    _say(f"[entrypoint] transformers {version} from {location}")
+    _say(f"[entrypoint] Using transformers {version} from {Path(location).parent}")
 
 
 def check_devices(settings: Settings) -> None:
@@ -209,7 +219,11 @@ def check_devices(settings: Settings) -> None:
     except ValueError as exc:
         _fail(str(exc))
     if settings.device == "auto" and devices[0] == "cpu" and cuda_device_count() == 0:
-        print("entrypoint: warning: no CUDA device is visible: serving on CPU", file=sys.stderr)
+        _say(
+            "entrypoint: warning: no CUDA device is visible: serving on CPU",
+            level="warning",
+            stream=sys.stderr,
+        )
 
 
 def raise_open_files_limit() -> int:
@@ -241,6 +255,8 @@ def serve(settings: Settings) -> None:
     from granian.log import LogLevels
     from granian.server import Server
 
+    from app.log_format import granian_log_config
+
     # granian has no "trace" level; the app still sees LOG_LEVEL=trace for its own loggers.
     level = "debug" if settings.log_level == "trace" else settings.log_level
     connections = connection_limit(settings, raise_open_files_limit())
@@ -253,6 +269,7 @@ def serve(settings: Settings) -> None:
         workers=1,  # one process holds the model replicas; more workers would load the model twice
         working_dir=ROOT,
         log_level=LogLevels(level),
+        log_dictconfig=granian_log_config(settings.log_format, level),
         log_access=settings.debug,
         # HTTP/1.1 only: with protocol detection (auto), a connection that never sends a byte is
         # never timed out, and 1,024 of them stopped every request, /health included. HTTP/1.1's
@@ -266,9 +283,8 @@ def serve(settings: Settings) -> None:
         # Backstop only: the app drains within SHUTDOWN_GRACE_S; a worker stuck past that is killed.
         workers_kill_timeout=max(1, math.ceil(settings.shutdown_grace_s) + 15),
     )
-    print(
-        f"[entrypoint] serving {APP_TARGET} on {settings.host}:{settings.port} (1 worker, up to {connections} connections)",
-        flush=True,
+    _say(
+        f"[entrypoint] serving {APP_TARGET} on {settings.host}:{settings.port} (1 worker, up to {connections} connections)"
     )
     server.serve()
 
@@ -278,10 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     apply_cli_to_env(args, os.environ)
     settings = load_settings()
     if args.api_key is not None:
-        print(
-            "entrypoint: warning: --api-key is visible in the process list and pod spec; "
-            "prefer API_KEY from a secret",
-            file=sys.stderr,
+        _say(
+            "entrypoint: warning: --api-key is visible in the process list and pod spec; prefer API_KEY from a secret",
+            level="warning",
+            stream=sys.stderr,
         )
     if args.print_config:
         print(json.dumps(settings.redacted_dict(), sort_keys=True))

@@ -8,10 +8,12 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
+from app.access_log import access_log
 from app.auth import BEARER_COMPONENTS
 from app.errors import EXCEPTION_HANDLERS
 from app.http_limits import body_timeout
 from app.lifespan import serve_model
+from app.log_format import formatter
 from app.media import ImageFetchPolicy
 from app.metrics import Metrics
 from app.routes.chat import chat_completions
@@ -62,11 +64,13 @@ def configure_logging(settings: Settings) -> None:
         if settings.log_level in ("debug", "trace")
         else getattr(logging, settings.log_level.upper())
     )
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(level=level, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter(settings.log_format))
     if not settings.debug:
         for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Per-request lines are opt-in (PROGRESS_LOGS); errors are always logged.
+    # One line per request, whatever LOG_LEVEL says about the rest (PROGRESS_LOGS adds sampling fields).
     logging.getLogger("docoserve.requests").setLevel(logging.INFO)
 
 
@@ -107,7 +111,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app = Litestar(
         route_handlers=ROUTES,
         cors_config=cors,
-        middleware=[body_timeout(settings.http_body_timeout_s)],
+        # Logging is configured once, by configure_logging (Litestar's own config would replace
+        # the root handler with its format at startup).
+        logging_config=None,
+        middleware=[access_log(metrics_registry.count_http), body_timeout(settings.http_body_timeout_s)],
         lifespan=[serve_model],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(

@@ -1,8 +1,7 @@
-"""Prometheus metrics and the per-request log line (PROGRESS_LOGS)."""
+"""Prometheus metrics (the per-request log line is `app.access_log`'s)."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -13,7 +12,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 if TYPE_CHECKING:
     from scheduler.request import RequestStream
 
-request_log = logging.getLogger("docoserve.requests")
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -78,6 +76,11 @@ class Metrics:
         self.requests = Counter(
             "docoserve_requests", "Finished requests", ["endpoint", "status"], registry=self.registry
         )
+        # Every HTTP request by route and status, refused ones (400, 401, 413, 429) included.
+        self.http_requests = Counter(
+            "docoserve_http_requests", "HTTP requests answered", ["method", "route", "status"],
+            registry=self.registry,
+        )  # fmt: skip
         self.latency = Histogram(
             "docoserve_request_latency_seconds",
             "End-to-end latency",
@@ -103,6 +106,9 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def count_http(self, method: str, route: str, status: int) -> None:
+        self.http_requests.labels(method, route, str(status)).inc()
+
     def observe(
         self, endpoint: str, status: int, started: float, stream: RequestStream | None = None
     ) -> None:
@@ -113,50 +119,3 @@ class Metrics:
             self.completion_tokens.inc(stream.completion_tokens)
             if stream.first_token_at is not None:
                 self.ttft.labels(endpoint).observe(stream.first_token_at - started)
-
-
-def log_request(
-    endpoint: str,
-    status: int,
-    request_id: str,
-    started: float,
-    stream: RequestStream | None,
-    error: str | None = None,
-) -> None:
-    """The seed's vLLM-like line, e.g.
-    [req] chat 200 id=... latency=0.532s gen=0.471s tokens: prompt=45 completion=128 total=173 tps=271.7 ..."""
-    latency = time.monotonic() - started
-    if stream is None:
-        request_log.info(
-            '[req] %s %d id=%s latency=%.3fs error="%s"', endpoint, status, request_id, latency, error or ""
-        )
-        return
-    params = stream.request.params
-    first = stream.first_token_at or time.monotonic()
-    end = stream.finished_at or time.monotonic()
-    gen = max(end - first, 1e-9)
-    completion = stream.completion_tokens
-    images = (
-        f" images={stream.num_images} image_tokens={stream.num_image_tokens}" if stream.num_images else ""
-    )
-    request_log.info(
-        "[req] %s %d id=%s latency=%.3fs ttft=%.3fs gen=%.3fs tokens: prompt=%d completion=%d total=%d tps=%.1f%s "
-        "do_sample=%s temp=%s top_p=%s seed=%s replica=%s%s",
-        endpoint,
-        status,
-        request_id,
-        latency,
-        first - started,
-        gen,
-        stream.prompt_tokens,
-        completion,
-        stream.prompt_tokens + completion,
-        completion / gen,
-        images,
-        str(not params.is_greedy).lower(),
-        params.temperature,
-        params.top_p,
-        params.seed,
-        stream.replica_name,
-        f' error="{error}"' if error else "",
-    )

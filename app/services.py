@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import msgspec
 from litestar import Request
 
+from app.access_log import GENERATION_KEY
 from app.errors import engine_error_to_response, invalid_body
-from app.metrics import Metrics, log_request
+from app.metrics import Metrics
 from app.settings import Settings
 from app.translate import Translator
 from scheduler.errors import EngineError, ModelNotReadyError
@@ -71,7 +72,7 @@ async def begin(request: Request, data_type: type[T], *, endpoint: str, id_prefi
     request ends (a refused body too), the strictly converted body."""
     svc = services(request)
     request_id = new_request_id(id_prefix, request)
-    tracker = RequestTracker(svc, endpoint, request_id)
+    tracker = RequestTracker(svc, endpoint, request_id, request.scope.setdefault("state", {}))
     with tracker.failures():
         data = await strict_body(request, data_type)
     await log_ignored_fields(request, data)
@@ -79,21 +80,21 @@ async def begin(request: Request, data_type: type[T], *, endpoint: str, id_prefi
 
 
 def new_request_id(prefix: str, request: Request) -> str:
-    """Use the caller's X-Request-Id when it is sane, so logs line up across services."""
-    supplied = request.headers.get("x-request-id", "")
-    if supplied and len(supplied) <= 128 and supplied.isascii() and supplied.isprintable():
-        return supplied
+    """The response's `id` (`chatcmpl-...`, as OpenAI's). The caller's X-Request-Id is the
+    request's own id (`app.access_log`), returned as a header and logged next to this one."""
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class RequestTracker:
-    """Records how a request ended (metrics, and the PROGRESS_LOGS line) exactly once."""
+    """Records how a generation request ended exactly once: the engine metrics, and the fields
+    the request's log line carries (`app.access_log` writes it when the response is complete)."""
 
-    def __init__(self, svc: Services, endpoint: str, request_id: str) -> None:
+    def __init__(self, svc: Services, endpoint: str, request_id: str, state: dict) -> None:
         self.svc = svc
         self.endpoint = endpoint
         self.request_id = request_id
         self.started = time.monotonic()
+        self._state = state
         self._done = False
 
     def finish(self, status: int, stream: RequestStream | None = None, error: str | None = None) -> None:
@@ -101,8 +102,14 @@ class RequestTracker:
             return
         self._done = True
         self.svc.metrics.observe(self.endpoint, status, self.started, stream)
-        if self.svc.settings.progress_logs or status >= 500:
-            log_request(self.endpoint, status, self.request_id, self.started, stream, error)
+        self._state[GENERATION_KEY] = generation_fields(
+            self.endpoint,
+            self.request_id,
+            self.started,
+            stream,
+            error,
+            sampling=self.svc.settings.progress_logs,
+        )
 
     @contextlib.contextmanager
     def failures(self) -> Iterator[None]:
@@ -138,3 +145,44 @@ def warning_headers(warnings: list[str]) -> dict[str, str] | None:
     if not warnings:
         return None
     return {"X-Request-Warnings": " | ".join(w.replace("\n", " ") for w in warnings)}
+
+
+def generation_fields(
+    endpoint: str,
+    response_id: str,
+    started: float,
+    stream: RequestStream | None,
+    error: str | None,
+    *,
+    sampling: bool,
+) -> dict:
+    """What a generation request's log line adds: tokens, images, timings, replica, how it ended;
+    with PROGRESS_LOGS also its sampling parameters. Never the prompt, never the key."""
+    fields: dict = {"endpoint": endpoint, "id": response_id}
+    if stream is not None:
+        now = time.monotonic()
+        first = stream.first_token_at
+        end = stream.finished_at or now
+        completion = stream.completion_tokens
+        fields.update(
+            prompt_tokens=stream.prompt_tokens,
+            completion_tokens=completion,
+            images=stream.num_images,
+            image_tokens=stream.num_image_tokens,
+            ttft_s=round(first - started, 4) if first is not None else None,
+            gen_s=round(end - first, 4) if first is not None else None,
+            tps=round(completion / max(end - first, 1e-9), 1) if first is not None and completion else None,
+            replica=stream.replica_name,
+            finish_reason=",".join(sorted({r for r in stream.finish_reasons if r})) or None,
+        )
+        if sampling:
+            params = stream.request.params
+            fields.update(
+                do_sample=not params.is_greedy,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=params.seed,
+            )
+    if error:
+        fields["error"] = error
+    return fields

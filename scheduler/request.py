@@ -72,6 +72,7 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.replica_name = ""
+        self.finish_reasons: list[str] = []  # how each choice ended, in the order they did
         self.cancelled = False  # read by the replica thread between steps
         self._pending: dict[int, ChoiceUpdate] = {}
         self._open_choices = set(range(request.n))
@@ -100,6 +101,7 @@ class RequestStream:
             self.first_token_at = time.monotonic()
         if finish_reason is not None:
             update.finish_reason = finish_reason
+            self.finish_reasons.append(finish_reason)
             self._open_choices.discard(index)
             if error and self._error is None:
                 self._error = error

@@ -115,6 +115,7 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             "HTTP_HEADER_TIMEOUT_S": "2",
             "HTTP_BODY_TIMEOUT_S": "2",
             "CORS_ALLOW_ORIGINS": EDGE_CORS_ORIGIN,
+            "LOG_FORMAT": "json",
         },
     ),
     "vlm_fetch_server": ServerSpec(

@@ -1,10 +1,15 @@
-"""What an operator sees: the readiness line and banner, GET /version, CORS for browser clients."""
+"""What an operator sees: the readiness line and banner, one log line per request (plain, and
+JSON on the edge server), X-Request-Id on every response, HTTP counts, GET /version, CORS."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
+import uuid
 
 from tests.integration.conftest import EDGE_CORS_ORIGIN, TEXT_DEFAULT_MAX_TOKENS, Server
+from tests.integration.helpers import chat_body
 
 
 def _log(server: Server, waiting_for: str = "[server] Ready") -> list[str]:
@@ -64,3 +69,53 @@ def test_no_cors_headers_unless_configured(text_server: Server) -> None:
         response = client.get("/v1/models", headers={"Origin": EDGE_CORS_ORIGIN})
     assert response.status_code == 200
     assert "access-control-allow-origin" not in response.headers
+
+
+def test_every_request_gets_one_log_line_and_its_request_id_back(text_server: Server) -> None:
+    mine = f"trace-{uuid.uuid4().hex[:12]}"
+    with text_server.http() as client:
+        ok = client.post(
+            "/v1/chat/completions",
+            json=chat_body("hi", model=text_server.model_name, max_tokens=3),
+            headers={"X-Request-Id": mine},
+        )
+        invalid = client.post("/v1/chat/completions", json={"model": text_server.model_name, "messages": []})
+    with text_server.http(authenticated=False) as anonymous:
+        refused = anonymous.post("/v1/chat/completions", json=chat_body("hi", model=text_server.model_name))
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == mine
+    assert ok.json()["id"].startswith("chatcmpl-")  # the response id keeps OpenAI's form
+    assert invalid.status_code == 400 and invalid.headers["x-request-id"].startswith("req-")
+    assert refused.status_code == 401 and refused.headers["x-request-id"].startswith("req-")
+    lines = _log(text_server, waiting_for=refused.headers["x-request-id"])
+    [line] = [line for line in lines if f"request_id={mine}" in line]
+    assert "POST /v1/chat/completions 200" in line
+    assert f"id={ok.json()['id']}" in line and "completion_tokens=3" in line
+    assert re.search(r"prompt_tokens=\d+", line) and "finish_reason=length" in line and "ttft_s=" in line
+    assert any("400 latency_s" in x and invalid.headers["x-request-id"] in x for x in lines)
+    assert any("401 latency_s" in x and refused.headers["x-request-id"] in x for x in lines)
+    assert text_server.api_key not in "\n".join(lines)
+    with text_server.http() as client:
+        metrics = client.get("/metrics").text
+    counted = re.search(
+        r'^docoserve_http_requests_total\{method="POST",route="/v1/chat/completions",status="401"\} (\S+)$',
+        metrics,
+        re.M,
+    )
+    assert counted and float(counted.group(1)) >= 1
+
+
+def test_with_log_format_json_every_line_is_a_json_object(edge_server: Server) -> None:
+    mine = f"json-{uuid.uuid4().hex[:12]}"
+    with edge_server.http() as client:
+        response = client.post(
+            "/v1/chat/completions",
+            json=chat_body("hi", model=edge_server.model_name, max_tokens=2),
+            headers={"X-Request-Id": mine},
+        )
+    assert response.status_code == 200
+    lines = [line for line in _log(edge_server, waiting_for=mine) if line.strip()]
+    records = [json.loads(line) for line in lines]  # raises on any line that is not JSON
+    assert all({"ts", "level", "logger", "message"} <= set(r) for r in records)
+    [request] = [r for r in records if r.get("request_id") == mine]
+    assert request["status"] == 200 and request["path"] == "/v1/chat/completions"
+    assert request["completion_tokens"] == 2 and request["id"].startswith("chatcmpl-")

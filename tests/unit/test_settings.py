@@ -65,6 +65,7 @@ EXPECTED_DEFAULTS = {
     "allow_remote_images": True,
     "image_url_allowed_hosts": (),
     "cors_allow_origins": (),
+    "log_format": "plain",
     "allow_private_image_urls": False,
     "image_url_allowed_networks": (),
     "image_fetch_timeout_s": 10.0,
@@ -125,6 +126,7 @@ EVERY_VAR = {
     "ALLOW_REMOTE_IMAGES": ("0", "allow_remote_images", False),
     "IMAGE_URL_ALLOWED_HOSTS": ("A.test, ,b.test.", "image_url_allowed_hosts", ("a.test", "b.test")),
     "CORS_ALLOW_ORIGINS": ("https://a.test/, *", "cors_allow_origins", ("https://a.test", "*")),
+    "LOG_FORMAT": ("json", "log_format", "json"),
     "ALLOW_PRIVATE_IMAGE_URLS": ("1", "allow_private_image_urls", True),
     "IMAGE_URL_ALLOWED_NETWORKS": (
         "10.20.0.0/16, 127.0.0.1",
@@ -255,6 +257,7 @@ def test_error_names_the_alias_that_carried_the_value() -> None:
         ("MAX_IMAGE_PIXELS", "0"),
         ("IMAGE_FETCH_TIMEOUT_S", "0"),
         ("CORS_ALLOW_ORIGINS", "chat.example.com"),
+        ("LOG_FORMAT", "xml"),
     ],
 )
 def test_invalid_values_raise_settings_error_naming_the_var(name: str, raw: str) -> None:

@@ -1,0 +1,100 @@
+"""One line per HTTP request, and the HTTP counts by route and status.
+
+A Litestar middleware (outside the guards, so refused keys are logged and counted too): it gives
+every request an id (the caller's `X-Request-Id` when it is sane, else a new one), returns it in
+the `X-Request-Id` response header, and when the response is complete (the last byte of a stream
+included) logs one line: method, route, status, latency, and for generation routes what
+`RequestTracker` recorded (response id, tokens, images, time to first token, replica, finish
+reason). Plain text by default; with `LOG_FORMAT=json` the same fields as JSON keys
+(`app.log_format`). Never the key; the prompt never.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+request_log = logging.getLogger("docoserve.requests")
+REQUEST_ID_HEADER = b"x-request-id"
+GENERATION_KEY = "docoserve_generation"  # scope state: what RequestTracker recorded
+REQUEST_ID_KEY = "docoserve_request_id"
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            supplied = value.decode("latin-1")
+            if 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable():
+                return supplied
+            break
+    return f"req-{uuid.uuid4().hex}"
+
+
+def scope_request_id(scope: Scope) -> str | None:
+    return scope.get("state", {}).get(REQUEST_ID_KEY)
+
+
+def access_log(count: Callable[[str, str, int], None]) -> Callable[[ASGIApp], ASGIApp]:
+    """`count(method, route, status)` is called once per request (the metrics' HTTP counter)."""
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            started = time.monotonic()
+            request_id = request_id_from(scope.get("headers", []))
+            state = scope.setdefault("state", {})
+            state[REQUEST_ID_KEY] = request_id
+            status = 500  # if the app raises before answering, the server answers 500
+
+            async def send_with_id(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    headers = [h for h in message.get("headers", []) if h[0].lower() != REQUEST_ID_HEADER]
+                    headers.append((REQUEST_ID_HEADER, request_id.encode("latin-1")))
+                    message = {**message, "headers": headers}
+                await send(message)
+
+            try:
+                await app(scope, receive, send_with_id)
+            finally:
+                method = scope.get("method", "")
+                route = scope.get("path_template") or scope.get("path", "")
+                count(method, route, status)
+                log_line(
+                    method, route, status, time.monotonic() - started, request_id, state.get(GENERATION_KEY)
+                )
+
+        return wrapped
+
+    return middleware
+
+
+def log_line(
+    method: str, route: str, status: int, latency: float, request_id: str, generation: dict[str, Any] | None
+) -> None:
+    fields: dict[str, Any] = {
+        "method": method,
+        "path": route,
+        "status": status,
+        "latency_s": round(latency, 4),
+        "request_id": request_id,
+    }
+    if generation:
+        fields.update(generation)
+    level = logging.ERROR if status >= 500 else logging.INFO
+    text = " ".join(f"{k}={_plain(v)}" for k, v in fields.items() if k not in ("method", "path", "status"))
+    request_log.log(level, "%s %s %d %s", method, route, status, text, extra={"fields": fields})
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, str) and (not value or any(c in value for c in ' "=')):
+        return '"' + value.replace('"', "'") + '"'
+    return str(value)

@@ -1,0 +1,53 @@
+"""Log formats: every line of the process in one format, plain (default) or JSON (LOG_FORMAT=json).
+
+JSON lines carry `ts`, `level`, `logger` and `message`, plus the structured `fields` a record
+brings (the per-request line, `app.access_log`), each as its own key, so a log pipeline needs no
+parsing. granian's own lines (startup, workers) use the same formatters (`granian_log_config`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+
+PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_encoder = msgspec.json.Encoder()
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update((k, v) for k, v in fields.items() if k not in line)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return _encoder.encode(line).decode()
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    return JsonFormatter() if log_format == "json" else logging.Formatter(PLAIN)
+
+
+def granian_log_config(log_format: str, level: str) -> dict:
+    """granian's logging dictConfig with our formatter, so its lines match ours."""
+    fmt = {"()": "app.log_format.JsonFormatter"} if log_format == "json" else {"format": PLAIN}
+    handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": fmt},
+        "handlers": {"console": handler},
+        "loggers": {
+            "_granian": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+            "granian.access": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+        },
+    }
