@@ -35,3 +35,11 @@ def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
             detail="invalid or missing API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
+
+
+def require_api_key_for_metrics(connection: ASGIConnection, handler: BaseRouteHandler) -> None:
+    """/metrics is behind the key like the API (Prometheus scrapes with a bearer token), unless
+    METRICS_PUBLIC opens it (a scraper that cannot send one, on a private network)."""
+    if connection.app.state.metrics_public:
+        return
+    require_api_key(connection, handler)

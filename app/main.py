@@ -131,5 +131,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     app.state.services = services
     app.state.api_key_bytes = settings.api_key.encode() if settings.api_key else None
+    app.state.metrics_public = settings.metrics_public
     document_streams(app)
     return app

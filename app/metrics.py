@@ -6,8 +6,17 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from app.vllm_metrics import VllmRequestMetrics
 
 if TYPE_CHECKING:
     from scheduler.request import RequestStream
@@ -49,6 +58,15 @@ class _ReplicaCollector:
     def _kv_cache(self, scheduler) -> Iterable[GaugeMetricFamily]:
         """vLLM's names, so dashboards and gateways built for vLLM read them unchanged."""
         labels = ["model_name"]
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", labels=labels
+        )
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                                    labels=labels)  # fmt: skip
+        if scheduler is not None:
+            running.add_metric([self._model_name], sum(e.num_running for e in scheduler.executors))
+            waiting.add_metric([self._model_name], sum(e.queue_depth for e in scheduler.executors))
+        yield from (running, waiting)
         usage = GaugeMetricFamily(
             "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=labels
         )
@@ -101,7 +119,10 @@ class Metrics:
         self.completion_tokens = Counter(
             "docoserve_completion_tokens", "Tokens generated", registry=self.registry
         )
+        self.vllm = VllmRequestMetrics(self.registry, model_name)
         self.registry.register(_ReplicaCollector(scheduler_ref, model_name))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -119,3 +140,4 @@ class Metrics:
             self.completion_tokens.inc(stream.completion_tokens)
             if stream.first_token_at is not None:
                 self.ttft.labels(endpoint).observe(stream.first_token_at - started)
+            self.vllm.observe(stream, started, time.monotonic())

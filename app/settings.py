@@ -190,6 +190,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "LOG_LEVEL", P.choice("critical", "error", "warning", "info", "debug", "trace", aliases={"warn": "warning"}),
         "Log level", "--log-level",
     )] = "info"
+    metrics_public: Annotated[bool, _s(
+        "METRICS_PUBLIC", P.boolean, "Serve /metrics without the API key (by default it needs it when API_KEY is set)",
+        "--metrics-public",
+    )] = False
     log_format: Annotated[str, _s(
         "LOG_FORMAT", P.choice("plain", "json"), "Every log line as plain text, or as one JSON object", "--log-format",
     )] = "plain"

@@ -255,6 +255,8 @@ class Executor:
         self._fail_rejected()
         scheduled = executed = advanced = clock()
         if plan is not None:
+            self._mark_scheduled()
+        if plan is not None:
             results, failed = self._run(plan)
             executed = clock()
             self._advance(plan, results, failed)
@@ -282,6 +284,14 @@ class Executor:
             # The burst is over: give its transient memory back (the KV pool itself is fixed).
             trim_host_memory()
             self._idle_trimmed = True
+
+    def _mark_scheduled(self) -> None:
+        """When each request first got into a step (its queue time ends there)."""
+        now = time.monotonic()
+        for seq in self.batch.running:
+            stream = getattr(seq.group, "stream", None)
+            if stream is not None and stream.scheduled_at is None:
+                stream.scheduled_at = now
 
     def _collect(self) -> None:
         """Move new requests into the batch."""

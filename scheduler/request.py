@@ -69,8 +69,12 @@ class RequestStream:
         self.warnings = list(prepared.warnings)
         self.completion_tokens = 0
         self.created = time.time()
+        self.scheduled_at: float | None = None  # first in a step's plan (set by the replica thread)
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
+        self._last_token_at: float | None = None
+        # (seconds per token, tokens) of each delivery after the first: inter-token latency.
+        self.token_intervals: list[tuple[float, int]] = []
         self.replica_name = ""
         self.finish_reasons: list[str] = []  # how each choice ended, in the order they did
         self.cancelled = False  # read by the replica thread between steps
@@ -97,8 +101,13 @@ class RequestStream:
         update.token_ids.extend(token_ids)
         update.logprobs.extend(logprobs)
         self.completion_tokens += len(token_ids)
-        if token_ids and self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+        if token_ids:
+            now = time.monotonic()
+            if self.first_token_at is None:
+                self.first_token_at = now
+            elif self._last_token_at is not None:
+                self.token_intervals.append(((now - self._last_token_at) / len(token_ids), len(token_ids)))
+            self._last_token_at = now
         if finish_reason is not None:
             update.finish_reason = finish_reason
             self.finish_reasons.append(finish_reason)

@@ -1,4 +1,5 @@
-"""Health (readiness and liveness), Prometheus metrics and the version: open, never behind the API key."""
+"""Health (readiness and liveness) and the version: open, never behind the API key. Prometheus
+metrics: behind the key when one is set, unless METRICS_PUBLIC."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import time
 
 from litestar import MediaType, Request, Response
 
-from app.routes import get_or_head
+from app.auth import require_api_key_for_metrics
+from app.routes import SECURITY_REQUIREMENT, get_or_head
 from app.schemas.models import HealthResponse
 from app.services import services
 from app.version import VERSION
@@ -43,7 +45,13 @@ async def live() -> dict[str, str]:
 
 
 @get_or_head(
-    "/metrics", tags=["Health"], summary="Prometheus metrics", media_type=MediaType.TEXT, cache=False
+    "/metrics",
+    tags=["Health"],
+    summary="Prometheus metrics (behind the API key unless METRICS_PUBLIC)",
+    media_type=MediaType.TEXT,
+    cache=False,
+    guards=[require_api_key_for_metrics],
+    security=SECURITY_REQUIREMENT,
 )
 async def metrics(request: Request) -> Response[bytes]:
     return Response(services(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -26,8 +26,9 @@ PROTECTED: list[tuple[str, str, Any]] = [
     ("GET", "/schema/swagger", None),
     ("GET", "/schema/redoc", None),
     ("GET", "/schema", None),
+    ("GET", "/metrics", None),  # behind the key when one is set, unless METRICS_PUBLIC
 ]
-OPEN = ["/health", "/health/ready", "/health/live", "/metrics"]
+OPEN = ["/health", "/health/ready", "/health/live", "/version"]
 
 
 def _basic(user_pass: str) -> str:

@@ -119,3 +119,29 @@ def test_with_log_format_json_every_line_is_a_json_object(edge_server: Server) -
     [request] = [r for r in records if r.get("request_id") == mine]
     assert request["status"] == 200 and request["path"] == "/v1/chat/completions"
     assert request["completion_tokens"] == 2 and request["id"].startswith("chatcmpl-")
+
+
+def test_metrics_need_the_key_and_speak_vllms_names(text_server: Server) -> None:
+    with text_server.http(authenticated=False) as anonymous:
+        assert anonymous.get("/metrics").status_code == 401
+    with text_server.http() as client:
+        assert (
+            client.post(
+                "/v1/chat/completions", json=chat_body("hi", model=text_server.model_name, max_tokens=4)
+            ).status_code
+            == 200
+        )
+        text = client.get("/metrics").text
+    model = f'model_name="{text_server.model_name}"'
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert re.search(rf"^{gauge}\{{{model}\}} \S+$", text, re.M), gauge
+    for counter in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+        match = re.search(rf"^{counter}\{{{model}\}} (\S+)$", text, re.M)
+        assert match and float(match.group(1)) > 0, counter
+    success = [line for line in text.splitlines() if line.startswith("vllm:request_success_total{")]
+    assert any('finished_reason="length"' in line and model in line for line in success), success
+    for histogram in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                      "request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds"):  # fmt: skip
+        match = re.search(rf"^vllm:{histogram}_count\{{{model}\}} (\S+)$", text, re.M)
+        assert match and float(match.group(1)) >= 1, histogram
+    assert "process_cpu_seconds_total" in text and "python_info" in text

@@ -66,6 +66,7 @@ EXPECTED_DEFAULTS = {
     "image_url_allowed_hosts": (),
     "cors_allow_origins": (),
     "log_format": "plain",
+    "metrics_public": False,
     "allow_private_image_urls": False,
     "image_url_allowed_networks": (),
     "image_fetch_timeout_s": 10.0,
@@ -127,6 +128,7 @@ EVERY_VAR = {
     "IMAGE_URL_ALLOWED_HOSTS": ("A.test, ,b.test.", "image_url_allowed_hosts", ("a.test", "b.test")),
     "CORS_ALLOW_ORIGINS": ("https://a.test/, *", "cors_allow_origins", ("https://a.test", "*")),
     "LOG_FORMAT": ("json", "log_format", "json"),
+    "METRICS_PUBLIC": ("true", "metrics_public", True),
     "ALLOW_PRIVATE_IMAGE_URLS": ("1", "allow_private_image_urls", True),
     "IMAGE_URL_ALLOWED_NETWORKS": (
         "10.20.0.0/16, 127.0.0.1",
@@ -352,3 +354,20 @@ def test_redacted_dict_of_defaults() -> None:
     assert data["auth_enabled"] is False and data["hf_token_set"] is False
     assert data["model_revision"] is None and data["image_url_allowed_hosts"] == []
     json.dumps(data)
+
+
+def test_metrics_guard_opens_only_with_metrics_public() -> None:
+    from types import SimpleNamespace
+
+    from litestar.exceptions import NotAuthorizedException
+
+    from app.auth import require_api_key_for_metrics
+
+    def connection(public: bool, header: str = "") -> SimpleNamespace:
+        state = SimpleNamespace(metrics_public=public, api_key_bytes=b"secret")
+        return SimpleNamespace(app=SimpleNamespace(state=state), headers={"authorization": header})
+
+    require_api_key_for_metrics(connection(True), None)  # open
+    require_api_key_for_metrics(connection(False, "Bearer secret"), None)
+    with pytest.raises(NotAuthorizedException):
+        require_api_key_for_metrics(connection(False), None)
