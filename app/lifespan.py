@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 from litestar import Litestar
@@ -92,6 +93,7 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
     # the event loop answer /health and flush streams promptly (measured: lower /health max, same
     # throughput; docs/BENCHMARKS.md).
     sys.setswitchinterval(0.001)
+    log.info("[server] transformers %s from %s", *transformers_origin())  # the seed's startup line
     log.info("[server] model=%s devices=%s", settings.model_name, ",".join(config.devices))
     translator = services.translator
     async with contextlib.AsyncExitStack() as stack:
@@ -147,6 +149,12 @@ async def _drain_then_stop(scheduler: Scheduler, grace_s: float, granian_handler
     await scheduler.drain(grace_s)
     await anyio.sleep(0.1)  # the failed requests' last events go out before connections close
     granian_handler._run()
+
+
+def transformers_origin() -> tuple[str, str]:
+    import transformers
+
+    return transformers.__version__, str(Path(transformers.__file__).parent)
 
 
 def startup_banner(settings: Settings, base_url: str, seconds: float) -> list[str]:

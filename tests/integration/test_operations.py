@@ -29,6 +29,9 @@ def test_the_readiness_line_is_the_seeds_and_the_banner_says_what_matters(text_s
     assert any(line.endswith(ready) for line in lines), ready
     text = "\n".join(lines)
     assert "[server] startup took " in text
+    import transformers
+
+    assert f"[server] transformers {transformers.__version__} from " in text
     assert f"OpenAI-compatible API at {text_server.base_url}/v1" in text
     assert "auth: a bearer key (API_KEY) is required" in text
     assert f"answers are capped at {TEXT_DEFAULT_MAX_TOKENS} new tokens per request" in text
