@@ -13,7 +13,6 @@ them to bench/results/<timestamp>-architectures.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
@@ -33,20 +32,11 @@ from tests.unit.configs import replica_config
 from tests.unit.engine_driver import EngineDriver
 from tests.unit.test_text_architectures import ARCHS as TEXT_ARCHS
 from tests.unit.test_text_architectures import build as build_text
+from tests.unit.test_vlm_architectures import png
 from tests.unit.vlm_builders import ARCHS as VISION_ARCHS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
-
-
-def _png(seed: int) -> bytes:
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (40, 56, 3), generator=gen, dtype=torch.uint8).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _replica(path: Path, requests: int):
@@ -62,7 +52,7 @@ def _measure(replica, *, requests: int, tokens: int, images: bool, repeat: int =
         text = f"request {index}: tell me something about the number {index * 7}."
         if images and index % 2:
             message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
-            prompts.append(builder.prepare(PromptInput(messages=(message,), images=(_png(index),))))
+            prompts.append(builder.prepare(PromptInput(messages=(message,), images=(png(index),))))
         else:
             prompts.append(builder.prepare(PromptInput(messages=({"role": "user", "content": text},))))
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)

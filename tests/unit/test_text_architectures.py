@@ -24,6 +24,20 @@ COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
+# DeepSeek's multi-head latent attention and experts, tiny.
+_MLA = {
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 12,
+    "head_dim": 8,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "moe_intermediate_size": 32,
+    "first_k_dense_replace": 1,
+}
 # model_type -> (extra config, expected path)
 ARCHS = {
     "qwen2": ({}, "fast"),
@@ -53,42 +67,8 @@ ARCHS = {
     # Its decoder layer does not pass keyword arguments on to attention (the layout is thread-local).
     "stablelm": ({}, "fast"),
     # MLA: keys of qk_nope + qk_rope, values of v_head_dim, as the model computes them.
-    "deepseek_v2": (
-        {
-            "num_key_value_heads": 4,
-            "kv_lora_rank": 16,
-            "q_lora_rank": None,
-            "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 16,
-            "v_head_dim": 12,
-            "head_dim": 8,
-            "n_routed_experts": 4,
-            "num_experts_per_tok": 2,
-            "n_shared_experts": 1,
-            "moe_intermediate_size": 32,
-            "first_k_dense_replace": 1,
-        },
-        "fast",
-    ),
-    "deepseek_v3": (
-        {
-            "num_key_value_heads": 4,
-            "kv_lora_rank": 16,
-            "q_lora_rank": 24,
-            "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 16,
-            "v_head_dim": 12,
-            "head_dim": 8,
-            "n_routed_experts": 4,
-            "num_experts_per_tok": 2,
-            "n_shared_experts": 1,
-            "moe_intermediate_size": 32,
-            "first_k_dense_replace": 1,
-            "n_group": 1,
-            "topk_group": 1,
-        },
-        "fast",
-    ),
+    "deepseek_v2": ({**_MLA, "q_lora_rank": None}, "fast"),
+    "deepseek_v3": ({**_MLA, "q_lora_rank": 24, "n_group": 1, "topk_group": 1}, "fast"),
     # Chunked attention on rope layers, temperature-tuned queries on the NoPE layer.
     "llama4_text": (
         {
