@@ -117,6 +117,7 @@ class Executor:
         self._inbox: deque[Job] = deque()
         self._inbox_sequences = 0
         self._jobs: list[Job] = []  # requests on the replica thread (waiting or running)
+        self._unscheduled: list[Job] = []  # of those, the ones no step has included yet
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name=f"replica-{name}", daemon=True)
@@ -286,12 +287,18 @@ class Executor:
             self._idle_trimmed = True
 
     def _mark_scheduled(self) -> None:
-        """When each request first got into a step (its queue time ends there)."""
+        """When each request first got into a step (its queue time ends there). Only requests
+        not yet scheduled are looked at, so a full batch costs nothing here."""
+        if not self._unscheduled:
+            return
         now = time.monotonic()
-        for seq in self.batch.running:
-            stream = getattr(seq.group, "stream", None)
-            if stream is not None and stream.scheduled_at is None:
-                stream.scheduled_at = now
+        waiting = []
+        for job in self._unscheduled:
+            if any(seq.is_running for seq in job.seqs):
+                job.stream.scheduled_at = now
+            elif not all(seq.is_finished for seq in job.seqs):  # ended unscheduled: no queue time
+                waiting.append(job)
+        self._unscheduled = waiting
 
     def _collect(self) -> None:
         """Move new requests into the batch."""
@@ -319,6 +326,7 @@ class Executor:
                 self.num_waiting -= job.n
                 continue
             self._jobs.append(job)
+            self._unscheduled.append(job)
 
     def _sequences(self, job: Job) -> list[Sequence]:
         replica, prepared = self.replica, job.prepared
