@@ -89,9 +89,34 @@ def log_line(
     }
     if generation:
         fields.update(generation)
+        message = _seed_line(status, latency, fields)
+    else:
+        message = f"[req] {method} {route} {status} latency={latency:.3f}s request_id={request_id}"
     level = logging.ERROR if status >= 500 else logging.INFO
-    text = " ".join(f"{k}={_plain(v)}" for k, v in fields.items() if k not in ("method", "path", "status"))
-    request_log.log(level, "%s %s %d %s", method, route, status, text, extra={"fields": fields})
+    request_log.log(level, "%s", message, extra={"fields": fields})
+
+
+def _seed_line(status: int, latency: float, fields: dict[str, Any]) -> str:
+    """The seed's vLLM-like line, e.g. `[req] chat 200 id=chatcmpl-... latency=0.532s gen=0.471s
+    model=m tokens: prompt=45 completion=128 total=173 tps=271.7 do_sample=true temp=0.8 top_p=0.9
+    seed=42`, then what this server adds (request id, route, TTFT, images, replica, finish reason)."""
+    parts = [f"[req] {fields['endpoint']} {status} id={fields['id']} latency={latency:.3f}s"]
+    if fields.get("gen_s") is not None:
+        parts.append(f"gen={fields['gen_s']:.3f}s")
+    parts.append(f"model={fields.get('model', '')}")
+    if "prompt_tokens" in fields:
+        prompt, completion = fields["prompt_tokens"], fields["completion_tokens"]
+        parts.append(f"tokens: prompt={prompt} completion={completion} total={prompt + completion}")
+        if fields.get("tps") is not None:
+            parts.append(f"tps={fields['tps']}")
+    if "do_sample" in fields:
+        parts.append(
+            f"do_sample={str(fields['do_sample']).lower()} temp={fields['temperature']} "
+            f"top_p={fields['top_p']} seed={fields['seed']}"
+        )
+    extra = ("request_id", "path", "ttft_s", "images", "image_tokens", "replica", "finish_reason", "error")
+    parts.extend(f"{name}={_plain(fields[name])}" for name in extra if fields.get(name) not in (None, 0))
+    return " ".join(parts)
 
 
 def _plain(value: Any) -> str:

@@ -108,6 +108,7 @@ class RequestTracker:
             self.started,
             stream,
             error,
+            model=self.svc.settings.model_name,
             sampling=self.svc.settings.progress_logs,
         )
 
@@ -154,11 +155,12 @@ def generation_fields(
     stream: RequestStream | None,
     error: str | None,
     *,
+    model: str,
     sampling: bool,
 ) -> dict:
     """What a generation request's log line adds: tokens, images, timings, replica, how it ended;
     with PROGRESS_LOGS also its sampling parameters. Never the prompt, never the key."""
-    fields: dict = {"endpoint": endpoint, "id": response_id}
+    fields: dict = {"endpoint": endpoint, "id": response_id, "model": model}
     if stream is not None:
         now = time.monotonic()
         first = stream.first_token_at

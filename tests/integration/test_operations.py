@@ -91,11 +91,19 @@ def test_every_request_gets_one_log_line_and_its_request_id_back(text_server: Se
     assert refused.status_code == 401 and refused.headers["x-request-id"].startswith("req-")
     lines = _log(text_server, waiting_for=refused.headers["x-request-id"])
     [line] = [line for line in lines if f"request_id={mine}" in line]
-    assert "POST /v1/chat/completions 200" in line
-    assert f"id={ok.json()['id']}" in line and "completion_tokens=3" in line
-    assert re.search(r"prompt_tokens=\d+", line) and "finish_reason=length" in line and "ttft_s=" in line
-    assert any("400 latency_s" in x and invalid.headers["x-request-id"] in x for x in lines)
-    assert any("401 latency_s" in x and refused.headers["x-request-id"] in x for x in lines)
+    # The seed's line (text_server runs with --progress), then what this server adds.
+    seed = (
+        rf"\[req\] chat 200 id={ok.json()['id']} latency=[\d.]+s gen=[\d.]+s model={text_server.model_name} "
+    )
+    seed += r"tokens: prompt=\d+ completion=3 total=\d+ tps=[\d.]+ do_sample=(true|false) temp=[\d.]+ top_p=[\d.]+ seed=\S+"
+    assert re.search(seed, line), line
+    assert "path=/v1/chat/completions" in line and "finish_reason=length" in line and "ttft_s=" in line
+    assert any(
+        "[req] POST /v1/chat/completions 400" in x and invalid.headers["x-request-id"] in x for x in lines
+    )
+    assert any(
+        "[req] POST /v1/chat/completions 401" in x and refused.headers["x-request-id"] in x for x in lines
+    )
     assert text_server.api_key not in "\n".join(lines)
     with text_server.http() as client:
         metrics = client.get("/metrics").text
