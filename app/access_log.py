@@ -12,6 +12,7 @@ reason). Plain text by default; with `LOG_FORMAT=json` the same fields as JSON k
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -25,11 +26,16 @@ GENERATION_KEY = "docoserve_generation"  # scope state: what RequestTracker reco
 REQUEST_ID_KEY = "docoserve_request_id"
 
 
+# Letters, digits and `._:-` only: an id with spaces, quotes or `=` could forge fields of the log
+# line it is printed in.
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     for name, value in headers:
         if name == REQUEST_ID_HEADER:
             supplied = value.decode("latin-1")
-            if 0 < len(supplied) <= 128 and supplied.isascii() and supplied.isprintable():
+            if _SANE_ID.fullmatch(supplied):
                 return supplied
             break
     return f"req-{uuid.uuid4().hex}"
