@@ -88,7 +88,7 @@ ARCHS = {
         {
             "use_sliding_window": True,
             "sliding_window": 8,
-            "max_window_layers": 0,
+            "max_window_layers": 2,  # layer 0 slides, layer 1 is global
             "num_experts": 4,
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 32,
@@ -186,3 +186,25 @@ def test_architecture_matches_generate(model_type, tokenizer, tmp_path):
         assert driver.executor.batch.blocks.hit_tokens >= replica.block_size
     else:  # the generic path computed the concurrent decode steps together
         assert replica.runner.merged_calls > 0
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "llama4_text", "phi3-longrope"])
+def test_the_self_test_refuses_a_fast_path_blind_to_windows_chunks_or_long_rope(
+    model_type, tokenizer, tmp_path, monkeypatch
+):
+    """Never a silently wrong answer: a fast path that ignored the mask-only sliding window, the
+    attention chunks or LongRoPE's per-sequence factors would be refused by the startup probes."""
+    import contextlib
+
+    import models.replica as replica_module
+    import models.runner as runner_module
+    from models.loader import load_model
+    from models.rope import LongRopeRows
+
+    build(model_type, ARCHS[model_type][0], tokenizer, tmp_path)
+    loaded = load_model(LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"))
+    monkeypatch.setattr(runner_module, "layer_rules", lambda config: {})
+    monkeypatch.setattr(LongRopeRows, "rows", lambda self, flags: contextlib.nullcontext())
+    runner = runner_module.PagedRunner(loaded.model, num_blocks=64, block_size=16, device=loaded.device)
+    reason = replica_module._self_test(runner, loaded)
+    assert reason is not None and "differ" in reason, reason
