@@ -73,8 +73,9 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._last_token_at: float | None = None
-        # (seconds per token, tokens) of each delivery after the first: inter-token latency.
-        self.token_intervals: list[tuple[float, int]] = []
+        # Inter-token latency: seconds per token (to 0.1 ms) of each delivery after the first ->
+        # how many tokens came that way. A dict stays small however long the answer.
+        self.token_intervals: dict[float, int] = {}
         self.replica_name = ""
         self.finish_reasons: list[str] = []  # how each choice ended, in the order they did
         self.cancelled = False  # read by the replica thread between steps
@@ -106,7 +107,8 @@ class RequestStream:
             if self.first_token_at is None:
                 self.first_token_at = now
             elif self._last_token_at is not None:
-                self.token_intervals.append(((now - self._last_token_at) / len(token_ids), len(token_ids)))
+                interval = round((now - self._last_token_at) / len(token_ids), 4)
+                self.token_intervals[interval] = self.token_intervals.get(interval, 0) + len(token_ids)
             self._last_token_at = now
         if finish_reason is not None:
             update.finish_reason = finish_reason
