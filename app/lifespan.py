@@ -55,6 +55,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
             attn_impl=settings.attn_impl,
             attn_strict=settings.attn_strict,
             redact_source=settings.redact_source,
+            progress=settings.progress_logs,
         ),
         devices=tuple(devices),
         replica=ReplicaConfig(

@@ -69,6 +69,13 @@ class LoadSpec:
     attn_strict: bool = False
     device: str = "cpu"  # "cpu" or "cuda:N"
     redact_source: bool = True  # logs never show the path/hub id when true
+    progress: bool = False  # the seed's `[startup][device] ...` step lines (PROGRESS_LOGS)
+
+
+def startup_step(spec: LoadSpec, text: str) -> None:
+    """One of the seed's per-device startup lines, when PROGRESS_LOGS asks for them."""
+    if spec.progress:
+        logger.info("[startup][%s] %s", spec.device, text)
 
 
 @dataclass
@@ -156,7 +163,9 @@ def load_model(spec: LoadSpec) -> LoadedModel:
 
     is_vision, why = _detect_vision(config)
     decide(f"kind={'vision-language' if is_vision else 'text'} ({why})")
+    startup_step(spec, "Loading tokenizer…")
     tokenizer, processor = _load_tokenizer(path, is_vision, hub_kwargs, spec, config, decide)
+    startup_step(spec, "Tokenizer ready")
 
     dtype, dtype_reason = _pick_dtype(requested_dtype, device)
     decide(f"dtype={_DTYPE_NAMES[dtype]} ({dtype_reason})")
@@ -176,6 +185,8 @@ def load_model(spec: LoadSpec) -> LoadedModel:
             **hub_kwargs,
         )
         model = model.to(device).eval().requires_grad_(False)
+        startup_step(spec, "torch.compile=off")
+        startup_step(spec, "Warmup…")
         _warmup(model, tokenizer, device)
         return model
 
@@ -417,10 +428,11 @@ def _load_with_attention_fallback(
     requested = spec.attn_impl
     candidates = (requested,) if spec.attn_strict else ATTN_IMPLS[ATTN_IMPLS.index(requested) :]
     failures: list[str] = []
-    for impl in candidates:
+    for position, impl in enumerate(candidates):
         reason = _attention_unavailable(impl, device, dtype)
         if reason is None:
             logger.info("Loading model (attn=%s, dtype=%s, device=%s)", impl, _DTYPE_NAMES[dtype], device)
+            startup_step(spec, f"Loading model (attn={impl}, dtype={_DTYPE_NAMES[dtype]})")
             try:
                 model = load(impl)
             except Exception as exc:  # noqa: BLE001 - a kernel may fail at load or at first forward
@@ -438,6 +450,8 @@ def _load_with_attention_fallback(
             raise ModelLoadError(f"attention {impl} unavailable and ATTN_STRICT is set ({reason})")
         failures.append(f"{impl}: {reason}")
         logger.warning("Attention %s unavailable (%s); falling back", impl, reason)
+        if position + 1 < len(candidates):
+            startup_step(spec, f"Falling back to {candidates[position + 1]} attention")
     raise ModelLoadError(
         f"could not load {_display(spec)} with any attention implementation: {'; '.join(failures)}"
     )

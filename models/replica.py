@@ -23,7 +23,7 @@ from models.generic import GenericRunner
 from models.generic_batch import batching_problem
 from models.grammar import GrammarCompiler
 from models.kv_cache import kv_bytes_per_token
-from models.loader import LoadedModel, LoadSpec, ModelLoadError, load_model, logit_count
+from models.loader import LoadedModel, LoadSpec, ModelLoadError, load_model, logit_count, startup_step
 from models.params import PromptInput, SamplingParams
 from models.plan import SequenceInputs
 from models.prompt import PreparedPrompt, PromptBuilder
@@ -139,7 +139,9 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
         use_flash = False
     num_blocks, sizing = _pool_blocks(loaded, config, max_seq_len, block_size)
     if config.force_generic:
-        return _generic(loaded, "pinned by configuration", max_seq_len, num_blocks, block_size)
+        replica = _generic(loaded, "pinned by configuration", max_seq_len, num_blocks, block_size)
+        startup_step(spec, "Ready.")
+        return replica
     runner = PagedRunner(
         loaded.model, num_blocks=num_blocks, block_size=block_size, device=device, use_flash=use_flash
     )
@@ -148,7 +150,11 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
         runner.restore_attention()
         del runner
         _release_memory(device)
-        return _generic(loaded, f"fast path self-test failed: {reason}", max_seq_len, num_blocks, block_size)
+        replica = _generic(
+            loaded, f"fast path self-test failed: {reason}", max_seq_len, num_blocks, block_size
+        )
+        startup_step(spec, "Ready.")
+        return replica
     if config.pack_cpu_linears and device.type == "cpu":
         log.info(pack_linears(loaded.model, batch_hint=min(16, config.max_batch_size)))
         reason = _self_test(runner, loaded)
@@ -156,6 +162,7 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
             raise RuntimeError(
                 f"self-test failed after packing CPU linears ({reason}); set CPU_PACKED_LINEARS=false"
             )
+    startup_step(spec, "Ready.")
     log.info(
         "execution path: fast (paged KV pool: %d blocks of %d tokens = %.2f GiB, %s; attention: %s; prefix caching %s)",
         num_blocks,

@@ -32,6 +32,17 @@ def test_the_readiness_line_is_the_seeds_and_the_banner_says_what_matters(text_s
     import transformers
 
     assert f"[server] transformers {transformers.__version__} from " in text
+    # The seed's per-device startup steps (text_server runs with --progress), in order.
+    steps = [
+        "Loading tokenizer…",
+        "Tokenizer ready",
+        "Loading model (attn=",
+        "torch.compile=off",
+        "Warmup…",
+        "Ready.",
+    ]
+    found = [next(i for i, line in enumerate(lines) if f"[startup][cpu] {step}" in line) for step in steps]
+    assert found == sorted(found)
     assert f"OpenAI-compatible API at {text_server.base_url}/v1" in text
     assert "auth: a bearer key (API_KEY) is required" in text
     assert f"answers are capped at {TEXT_DEFAULT_MAX_TOKENS} new tokens per request" in text
