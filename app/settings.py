@@ -201,7 +201,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "PROGRESS_LOGS", P.boolean, "Startup heartbeat and [startup][device] step lines, and sampling parameters on each request's log line", "--progress",
     )] = False
     fast_usage: Annotated[bool, _s(
-        "FAST_USAGE", P.boolean, "Report usage from engine token counts (no re-tokenization)", "--fast-usage",
+        "FAST_USAGE", P.boolean,
+        "Accepted for the seed's compatibility and changes nothing: usage always comes from the engine's own "
+        "token counts, exact and without re-tokenizing",
+        "--fast-usage",
     )] = True
     redact_source: Annotated[bool, _s(
         "REDACT_SOURCE", P.boolean, "Hide model path/revision/cache and download progress", "--redact-source",
