@@ -16,7 +16,6 @@ import gc
 import importlib.util
 import logging
 import os
-import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
 )
 
+from models.processors import processor_without_video
 from models.tiny import BUILTIN_MODELS, ensure_builtin
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ def _load_tokenizer(
         try:
             processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
         except Exception:
-            processor = _processor_without_video(path, config, hub_kwargs)
+            processor = processor_without_video(path, config, hub_kwargs)
             if processor is None:
                 raise
             decide(
@@ -339,54 +339,6 @@ def _load_tokenizer(
     if tokenizer is None or getattr(processor, "image_processor", None) is None:
         raise ModelLoadError(f"processor for {_display(spec)} lacks a tokenizer or an image processor")
     return tokenizer, processor
-
-
-def images_only_processor_class(processor_class: type) -> type:
-    """`processor_class` without its video processor. transformers cannot build a processor that has
-    a video half without torchvision (not even for images: its class check needs the video base
-    class); the server takes no video, so the image and text halves are all it needs."""
-    attributes = [name for name in processor_class.get_attributes() if name != "video_processor"]
-    namespace = {
-        "get_attributes": classmethod(lambda cls: list(attributes)),
-        "video_processor": None,
-        "__module__": __name__,
-    }
-    init = processor_class.__init__
-    code = init.__code__
-    positional = code.co_varnames[: code.co_argcount]
-    defaults = init.__defaults__ or ()
-    first_default = len(positional) - len(defaults)
-    if "video_processor" in positional and positional.index("video_processor") < first_default:
-        # SmolVLM takes its video processor as a required argument. Give it a default of None on
-        # a copy of the same function: transformers routes saved options by the code object's
-        # argument names, so a wrapper with (*args, **kwargs) would silently drop them.
-        missing = first_default - positional.index("video_processor")
-        copy_ = types.FunctionType(
-            code, init.__globals__, init.__name__, (None,) * missing + defaults, init.__closure__
-        )
-        copy_.__kwdefaults__ = init.__kwdefaults__
-        namespace["__init__"] = copy_
-    return type(processor_class.__name__, (processor_class,), namespace)
-
-
-def _processor_without_video(
-    path: str, config: PreTrainedConfig, hub_kwargs: dict[str, Any]
-) -> ProcessorMixin | None:
-    """The checkpoint's processor loaded without its video processor, when torchvision is missing and
-    the processor has one (Qwen2-VL, Qwen2.5-VL, InternVL, LLaVA-OneVision, ...); None otherwise."""
-    if importlib.util.find_spec("torchvision") is not None:
-        return None
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
-
-    name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
-    try:
-        processor_class = processor_class_from_name(name) if isinstance(name, str) else None
-        if not isinstance(processor_class, type) or "video_processor" not in processor_class.get_attributes():
-            return None
-        return images_only_processor_class(processor_class).from_pretrained(path, **hub_kwargs)
-    except Exception:  # the original error is the one worth reporting
-        logger.debug("images-only processor fallback failed", exc_info=True)
-        return None
 
 
 # --- dtype and attention -----------------------------------------------------------------------

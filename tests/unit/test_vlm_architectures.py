@@ -291,7 +291,7 @@ def test_images_only_processor_defaults_a_required_video_processor():
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
     from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 
-    from models.loader import images_only_processor_class
+    from models.processors import images_only_processor_class
     from tests.unit.vlm_builders import _tokenizer
 
     tok = _tokenizer(extra=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"))

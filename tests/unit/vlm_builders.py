@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.loader import images_only_processor_class
+from models.processors import images_only_processor_class
 from models.tiny import ENDOFTEXT, IM_END, IM_START, _random_model, build_tokenizer
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

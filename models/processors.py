@@ -1,0 +1,66 @@
+"""Vision-language processors without their video half, for machines without torchvision.
+
+transformers cannot build a processor that has a video processor unless torchvision is installed
+(not even to process images), and the torchvision wheel the package index holds for the pinned
+torch (0.28.0) does not import with this project's CPU torch build ("operator torchvision::nms does
+not exist", checked 2026-12-03). The server takes no video: the image and text halves suffice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import types
+from typing import Any
+
+from transformers import PreTrainedConfig, ProcessorMixin
+
+logger = logging.getLogger(__name__)
+
+
+def images_only_processor_class(processor_class: type) -> type:
+    """`processor_class` without its video processor. transformers cannot build a processor that has
+    a video half without torchvision (not even for images: its class check needs the video base
+    class); the server takes no video, so the image and text halves are all it needs."""
+    attributes = [name for name in processor_class.get_attributes() if name != "video_processor"]
+    namespace = {
+        "get_attributes": classmethod(lambda cls: list(attributes)),
+        "video_processor": None,
+        "__module__": __name__,
+    }
+    init = processor_class.__init__
+    code = init.__code__
+    positional = code.co_varnames[: code.co_argcount]
+    defaults = init.__defaults__ or ()
+    first_default = len(positional) - len(defaults)
+    if "video_processor" in positional and positional.index("video_processor") < first_default:
+        # SmolVLM takes its video processor as a required argument. Give it a default of None on
+        # a copy of the same function: transformers routes saved options by the code object's
+        # argument names, so a wrapper with (*args, **kwargs) would silently drop them.
+        missing = first_default - positional.index("video_processor")
+        copy_ = types.FunctionType(
+            code, init.__globals__, init.__name__, (None,) * missing + defaults, init.__closure__
+        )
+        copy_.__kwdefaults__ = init.__kwdefaults__
+        namespace["__init__"] = copy_
+    return type(processor_class.__name__, (processor_class,), namespace)
+
+
+def processor_without_video(
+    path: str, config: PreTrainedConfig, hub_kwargs: dict[str, Any]
+) -> ProcessorMixin | None:
+    """The checkpoint's processor loaded without its video processor, when torchvision is missing and
+    the processor has one (Qwen2-VL, Qwen2.5-VL, InternVL, LLaVA-OneVision, ...); None otherwise."""
+    if importlib.util.find_spec("torchvision") is not None:
+        return None
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+
+    name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    try:
+        processor_class = processor_class_from_name(name) if isinstance(name, str) else None
+        if not isinstance(processor_class, type) or "video_processor" not in processor_class.get_attributes():
+            return None
+        return images_only_processor_class(processor_class).from_pretrained(path, **hub_kwargs)
+    except Exception:  # the original error is the one worth reporting
+        logger.debug("images-only processor fallback failed", exc_info=True)
+        return None
