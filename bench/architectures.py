@@ -18,11 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
+from bench.server import write_results
 from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PromptBuilder
@@ -36,7 +36,6 @@ from tests.unit.test_vlm_architectures import png
 from tests.unit.vlm_builders import ARCHS as VISION_ARCHS
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
 
 
 def _replica(path: Path, requests: int):
@@ -121,9 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             row["vs_llama"] = round(row["tok_s"] / baseline, 2)
         print(json.dumps(row), flush=True)
         results.append(row)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS_DIR / f"{stamp}-architectures.json").write_text("\n".join(json.dumps(r) for r in results) + "\n")
+    write_results("architectures", results)
 
 
 if __name__ == "__main__":

@@ -18,20 +18,16 @@ import io
 import json
 import pstats
 import tempfile
-from datetime import UTC, datetime
-from pathlib import Path
 
 import torch
 
+from bench.server import write_results
 from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PromptBuilder
 from models.replica import build_replica
 from tests.unit.configs import replica_config
 from tests.unit.engine_driver import EngineDriver
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
 
 
 def _decode_steps(replica, batch: int, steps: int, profile: bool = False) -> dict:
@@ -90,9 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             if profile:
                 print(profile)
             results.append(row)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS_DIR / f"{stamp}-host.json").write_text("\n".join(json.dumps(r) for r in results) + "\n")
+    write_results("host", results)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,15 @@ class ServerProcess:
         except OSError:
             return ""
         return data[-num_bytes:].decode(errors="replace")
+
+
+def write_results(kind: str, rows: list[dict]) -> Path:
+    """One JSON line per row in bench/results/<UTC timestamp>-<kind>.json."""
+    import json
+    from datetime import UTC, datetime
+
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{kind}.json"
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out

@@ -135,30 +135,23 @@ class PagedRunner:
 
     def _position_ids(self, rows: list[PlanRow], positions: torch.Tensor) -> torch.Tensor:
         """What the model's rotary embedding reads: `[1, T]` positions (shifted for models that
-        count from 1), or `[3, 1, T]` M-RoPE positions when a row carries them: its prompt's from
-        the table the model built, later tokens at their index plus the prompt's offset."""
-        if not any(row.inputs is not None and row.inputs.mrope_positions is not None for row in rows):
+        count from 1), or `[3, 1, T]` M-RoPE positions when a row carries them: later tokens at
+        their index plus the prompt's offset on all three axes (one tensor op for the whole step),
+        prompt tokens copied from the table the model built (prefill chunks only)."""
+        tables = [row.inputs.mrope_positions if row.inputs is not None else None for row in rows]
+        if all(table is None for table in tables):
             return (positions + self.traits.position_offset)[None]
-        parts = []
-        for row in rows:
-            plain = positions.new_tensor(range(row.start, row.end)).expand(3, -1)
-            inputs = row.inputs
-            if inputs is None or inputs.mrope_positions is None:
-                parts.append(plain)
-                continue
-            table = inputs.mrope_positions
-            prompt_end = min(row.end, table.shape[1])
-            mixed = plain + inputs.mrope_delta
-            if row.start < prompt_end:
-                mixed = torch.cat(
-                    [
-                        table[:, row.start : prompt_end].to(positions.device),
-                        mixed[:, prompt_end - row.start :],
-                    ],
-                    dim=1,
-                )
-            parts.append(mixed)
-        return torch.cat(parts, dim=1)[:, None]
+        deltas: list[int] = []
+        for row, table in zip(rows, tables, strict=True):
+            deltas.extend([row.inputs.mrope_delta if table is not None else 0] * len(row.token_ids))
+        out = (positions + positions.new_tensor(deltas)).expand(3, -1).clone()
+        offset = 0
+        for row, table in zip(rows, tables, strict=True):
+            if table is not None and row.start < table.shape[1]:
+                end = min(row.end, table.shape[1])
+                out[:, offset : offset + end - row.start] = table[:, row.start : end].to(out.device)
+            offset += len(row.token_ids)
+        return out[:, None]
 
     def _long_rope_flags(self, rows: list[PlanRow]) -> torch.Tensor | bool | None:
         """Per token, whether its sequence is past the LongRoPE threshold (None: no LongRoPE)."""
