@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install serve lint test test-quick test-unit test-integration fuzz bench clean
+.PHONY: install serve lint test test-quick test-unit test-integration fuzz bench gpu-check clean
 
 install: $(STAMP)
 
@@ -23,7 +23,7 @@ serve: install
 # Lint first (seconds), then the suite. -O: no check of the server may rely on `assert`
 # (removed under -O); pytest keeps its own.
 test: install lint
-	$(PY) -O -m pytest tests $(PYTEST_ARGS)
+	$(PY) -O -m pytest tests -m "not gpu" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -45,6 +45,11 @@ test-integration: install
 
 bench: install
 	$(PY) -m bench.compare $(ARGS)
+
+# On a GPU machine (under 8 minutes on one card): GPU-marked tests, bench/gpu.py, one JSON summary
+# in bench/results/. Without a GPU it says so and exits 0.
+gpu-check: install
+	$(PY) -m bench.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -215,6 +215,7 @@ def check_devices(settings: Settings) -> None:
             gpu_ids=settings.gpu_ids,
             gpu_count=settings.gpu_count,
             cpu_replicas=settings.cpu_replicas,
+            gpus_per_replica=settings.gpus_per_replica,
         )
     except ValueError as exc:
         _fail(str(exc))

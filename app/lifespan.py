@@ -42,6 +42,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         gpu_ids=settings.gpu_ids,
         gpu_count=settings.gpu_count,
         cpu_replicas=settings.cpu_replicas,
+        gpus_per_replica=settings.gpus_per_replica,
     )
     on_cpu = all(d == "cpu" for d in devices)
     return SchedulerConfig(
@@ -67,6 +68,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
             kv_cache_gpu_fraction=settings.kv_cache_gpu_fraction,
             kv_block_size=settings.kv_block_size or None,
             enable_prefix_caching=settings.enable_prefix_caching,
+            decode_graphs="off" if settings.enforce_eager else "auto",
         ),
         executor=ExecutorConfig(
             max_batch_size=settings.max_batch_size,

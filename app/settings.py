@@ -116,6 +116,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     device: Annotated[Device, _s(
         "DEVICE", P.choice("auto", "cuda", "cpu"), "auto: CUDA when visible, else CPU (with a warning); GPUs asked for by id or count and not visible fail startup", "--device",
     )] = "auto"
+    gpus_per_replica: Annotated[int, _s(
+        "GPUS_PER_REPLICA", P.integer(1, 64), "GPUs one model replica is spread over (layers split evenly, run in turn); replicas = selected GPUs / this",
+        "--gpus-per-replica",
+    )] = 1
     cpu_replicas: Annotated[int, _s(
         "CPU_REPLICAS", P.integer(1, 16), "Model replicas when running on CPU", "--cpu-replicas",
     )] = 1
@@ -164,6 +168,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "ENABLE_PREFIX_CACHING", P.boolean, "Reuse the KV blocks of shared prompt prefixes; --no-enable-prefix-caching turns it off",
         "--enable-prefix-caching",
     )] = True
+    enforce_eager: Annotated[bool, _s(
+        "ENFORCE_EAGER", P.boolean, "No CUDA graphs: every decode step launches its kernels one by one (GPU only; CPU never captures)",
+        "--enforce-eager",
+    )] = False
 
     # Generation defaults (used when a request leaves the field out)
     default_do_sample: Annotated[bool, _s(

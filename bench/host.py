@@ -2,6 +2,7 @@
 negligible, so what is left is Python and framework overhead).
 
     python -m bench.host [--batches 1,8,32] [--steps 60] [--profile 1] [--model-path builtin:tiny]
+                         [--graphs off|static]
 
 In process, through the real executor: `batch` requests decode together (their prompts are
 prefilled first and not counted); the executor's own step timings (`scheduler/timings.py`) give
@@ -70,17 +71,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--profile", type=int, default=0, help="batch size to profile (0: none)")
     parser.add_argument("--model-path", default="builtin:tiny", help="e.g. bench/models/bench-80m")
+    parser.add_argument(
+        "--graphs",
+        choices=("off", "static"),
+        default="off",
+        help="static: decode steps on the CUDA-graph path's padded buffers (no capture on CPU)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as cache:
         replica = build_replica(
             LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
-            replica_config(max_batch_size=max(int(b) for b in args.batches.split(","))),
+            replica_config(
+                max_batch_size=max(int(b) for b in args.batches.split(",")), decode_graphs=args.graphs
+            ),
         )
         results = []
         for batch in (int(b) for b in args.batches.split(",")):
             _decode_steps(replica, batch, 10)  # warm-up
             row = _decode_steps(replica, batch, args.steps, profile=batch == args.profile)
+            row["graphs"] = args.graphs
             profile = row.pop("profile", None)
             print(json.dumps(row), flush=True)
             if profile:

@@ -141,6 +141,15 @@ class FlashMetadata:
 
 
 @dataclass(slots=True)
+class FlashDecode:
+    """A decode-only step on static buffers (`models.graphs`): FlashAttention reads each row's
+    blocks itself up to its length, so the tensors keep one shape whatever the lengths."""
+
+    seq_lens: torch.Tensor  # [rows] int32: keys each row attends to, itself included
+    block_table: torch.Tensor  # [rows, width] int32
+
+
+@dataclass(slots=True)
 class PagedLayout:
     """How the packed tokens of one forward map onto the pool; built once per step."""
 
@@ -155,7 +164,48 @@ class PagedLayout:
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     segments: list[PrefillSegment] = field(default_factory=list)
     flash: FlashMetadata | None = None
+    flash_decode: FlashDecode | None = None
     _masks: dict = field(default_factory=dict)  # per (segment, rule), shared by all layers
+    _elsewhere: dict = field(default_factory=dict)  # copies for layers on other GPUs, per device
+
+    def on(self, device: torch.device) -> PagedLayout:
+        """This layout with its tensors on `device`: the layers of a replica spread over several
+        GPUs (`GPUS_PER_REPLICA`) read the step's layout where their KV pool is. One copy per
+        device per step, shared by the layers there."""
+        if device == self.slot_mapping.device:
+            return self
+        copy = self._elsewhere.get(device)
+        if copy is None:
+
+            def move(value):
+                return value.to(device) if isinstance(value, torch.Tensor) else value
+
+            copy = PagedLayout(
+                self.cache,
+                move(self.slot_mapping),
+                move(self.positions),
+                rules=self.rules,
+                declared_spans=self.declared_spans,
+                num_decode=self.num_decode,
+                decode_groups=[
+                    DecodeGroup(move(g.rows), move(g.blocks), move(g.positions)) for g in self.decode_groups
+                ],
+                segments=[
+                    PrefillSegment(s.start, s.length, s.offset, move(s.blocks), s.spans)
+                    for s in self.segments
+                ],
+                flash=None
+                if self.flash is None
+                else FlashMetadata(
+                    move(self.flash.cu_seqlens_q),
+                    move(self.flash.cu_seqlens_k),
+                    self.flash.max_seqlen_q,
+                    self.flash.max_seqlen_k,
+                    move(self.flash.block_table),
+                ),
+            )
+            self._elsewhere[device] = copy
+        return copy
 
     def segment_mask(self, index: int, rule: LayerRule) -> torch.Tensor:
         mask = self._masks.get((index, rule))
@@ -262,6 +312,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise FastPathUnsupported("cross-attention")
     if not getattr(module, "is_causal", True) and not layout.declared_spans:
         raise FastPathUnsupported("non-causal attention")
+    layout = layout.on(query.device)
     extras = _Extras(kwargs.get("softcap"), kwargs.get("s_aux"))
     rule = layout.rules.get(layer_idx, FULL)
     if kwargs.get("sliding_window") is not None:
@@ -275,6 +326,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, layout.slot_mapping, value[0].transpose(0, 1))
     if layout.flash is not None:
         out = _flash_attention(layout.flash, query, key_pool, value_pool, scaling, rule, extras)
+    elif layout.flash_decode is not None:
+        out = _flash_decode_attention(layout.flash_decode, query, key_pool, value_pool, scaling, rule, extras)
     else:
         parts = []
         if layout.num_decode:
@@ -359,6 +412,26 @@ def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, 
         block_table=meta.block_table,
     )  # [T, H, D]
     return out.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+
+
+def _flash_decode_attention(meta: FlashDecode, query, key_pool, value_pool, scaling, rule, extras):
+    from flash_attn import flash_attn_with_kvcache
+
+    if rule.chunk is not None or extras.sinks is not None:
+        raise FastPathUnsupported("FlashAttention cannot apply attention chunks or sinks")
+    q = query[0].transpose(0, 1).unsqueeze(1)  # [B, 1, H, D]
+    out = flash_attn_with_kvcache(
+        q,
+        key_pool,
+        value_pool,
+        cache_seqlens=meta.seq_lens,
+        block_table=meta.block_table,
+        softmax_scale=scaling,
+        causal=True,
+        window_size=(rule.window - 1, 0) if rule.window is not None else (-1, -1),
+        softcap=extras.softcap or 0.0,
+    )  # [B, 1, H, D]
+    return out.squeeze(1).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
 
 
 def register() -> None:

@@ -15,18 +15,55 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+# A replica spread over several GPUs is named by its devices joined with this: "cuda:0+cuda:1".
+PLACEMENT_SEPARATOR = "+"
+
+
+def placement_devices(placement: str) -> list[str]:
+    """The devices of a replica's placement, the first being where its inputs and outputs live."""
+    return placement.split(PLACEMENT_SEPARATOR)
+
+
+def group_placements(devices: Sequence[str], gpus_per_replica: int) -> list[str]:
+    """Consecutive runs of `gpus_per_replica` selected GPUs, one replica each."""
+    if gpus_per_replica <= 1 or all(d == "cpu" for d in devices):
+        return list(devices)
+    if len(devices) % gpus_per_replica:
+        raise ValueError(
+            f"GPUS_PER_REPLICA={gpus_per_replica} does not divide the {len(devices)} selected GPU(s) "
+            f"({', '.join(devices)}): select a multiple of it with GPU_IDS or GPU_COUNT"
+        )
+    return [
+        PLACEMENT_SEPARATOR.join(devices[i : i + gpus_per_replica])
+        for i in range(0, len(devices), gpus_per_replica)
+    ]
+
+
 def resolve_devices(
     *,
     device: str = "auto",
     gpu_ids: Sequence[int] | None = None,
     gpu_count: int | None = None,
     cpu_replicas: int = 1,
+    gpus_per_replica: int = 1,
 ) -> list[str]:
-    """`GPU_IDS` beats `GPU_COUNT`; with no usable GPU (or `DEVICE=cpu`) run `cpu_replicas` CPU replicas.
+    """One placement per replica: `GPU_IDS` beats `GPU_COUNT`, and `gpus_per_replica` GPUs make one
+    replica; with no usable GPU (or `DEVICE=cpu`) run `cpu_replicas` CPU replicas.
 
     Raises ValueError for a GPU selection the machine cannot satisfy, so startup fails clearly
     instead of silently running on fewer devices than asked.
     """
+    selected = _select_devices(device, gpu_ids, gpu_count, cpu_replicas, gpus_per_replica)
+    return group_placements(selected, gpus_per_replica)
+
+
+def _select_devices(
+    device: str,
+    gpu_ids: Sequence[int] | None,
+    gpu_count: int | None,
+    cpu_replicas: int,
+    gpus_per_replica: int,
+) -> list[str]:
     visible = cuda_device_count()
     if device == "cpu":
         return ["cpu"] * max(1, cpu_replicas)
@@ -49,7 +86,8 @@ def resolve_devices(
         if missing:
             raise ValueError(f"GPU_IDS names device(s) {missing} but only {visible} are visible")
         return [f"cuda:{i}" for i in gpu_ids]
-    count = gpu_count or 1
+    # Without a count, one replica's worth: the model is as large as GPUS_PER_REPLICA says.
+    count = gpu_count or gpus_per_replica
     if count > visible:
         raise ValueError(f"GPU_COUNT={count} but only {visible} CUDA device(s) are visible")
     return [f"cuda:{i}" for i in range(count)]
@@ -63,7 +101,9 @@ class DeviceScope:
     """
 
     def __init__(self, device: str) -> None:
-        self.device = torch.device(device)
+        # A replica over several GPUs runs from its first: the other GPUs' layers run on their
+        # own current streams, and copies between them follow the streams' order.
+        self.device = torch.device(placement_devices(device)[0])
         self._stream = None
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(device=self.device)
@@ -85,14 +125,30 @@ def set_cpu_threads(num_replicas: int) -> None:
     torch.set_num_threads(max(1, cores // max(1, num_replicas)))
 
 
-def kv_cache_budget(device: torch.device, *, gpu_fraction: float = 0.9) -> int:
-    """Bytes the KV pool may take on `device` when not configured, measured after the model is
-    loaded: a share of the free GPU memory (the rest is for activations), or a quarter of the
-    available RAM on CPU (the pool is committed at startup; tokenizers, images and other replicas
-    need the rest)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * gpu_fraction)
+def weight_placement(devices: Sequence[torch.device]) -> dict:
+    """`from_pretrained` arguments that put the weights where the replica runs. Over several GPUs,
+    accelerate's "balanced" map gives each about the same share of layers (the KV pool of a layer
+    lives with it, so an even split leaves each GPU the same room for it), and nothing may be
+    offloaded to the CPU."""
+    if devices[0].type != "cuda":
+        return {}
+    if len(devices) == 1:
+        return {"device_map": {"": devices[0]}}
+    return {
+        "device_map": "balanced",
+        "max_memory": {**{d.index: torch.cuda.mem_get_info(d)[0] for d in devices}, "cpu": 0},
+    }
+
+
+def kv_cache_budget(devices: Sequence[torch.device], *, gpu_fraction: float = 0.9) -> int:
+    """Bytes the KV pool may take on the replica's devices when not configured, measured after the
+    model is loaded: a share of the free GPU memory (the rest is for activations; over several
+    GPUs, each layer's pool sits with the layer, so the GPU with the least room sets the share of
+    every one), or a quarter of the available RAM on CPU (the pool is committed at startup;
+    tokenizers, images and other replicas need the rest)."""
+    if devices[0].type == "cuda":
+        free = min(torch.cuda.mem_get_info(d)[0] for d in devices)
+        return int(free * gpu_fraction) * len(devices)
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:

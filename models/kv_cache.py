@@ -1,9 +1,11 @@
 """The paged KV pool of one replica: fixed-size blocks of keys and values, one pool per layer.
 
-Per attention layer, keys and values are `[num_blocks + 1, block_size, kv_heads, head_dim]` (the
+Per attention layer, keys and values are `[num_blocks + 2, block_size, kv_heads, head_dim]` (the
 layout FlashAttention's paged kernels read; values may have their own head size). Which block belongs to which sequence is decided by
-`scheduler.blocks`; here a block is just an index. The extra last block stays zero: it pads block
-tables, so a gather never reads memory that no sequence wrote.
+`scheduler.blocks`; here a block is just an index. Two extra blocks belong to no sequence: the
+null block stays zero and pads block tables, so a gather never reads memory that no sequence
+wrote; the scratch block takes the keys of the padding rows of a CUDA-graph decode step
+(`models.graphs`).
 
 The pool is allocated once, on the first forward pass (the startup self-test), with the head
 shapes each layer actually produces, and zero-filled so its memory is committed at startup and the
@@ -21,6 +23,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = device
         self.null_block = num_blocks  # all zeros; pads block tables
+        self.scratch_block = num_blocks + 1  # written and read only by padding rows
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
 
@@ -32,25 +35,27 @@ class PagedKVCache:
         DeepSeek's MLA, need no special casing)."""
         keys = self._keys.get(layer_idx)
         if keys is None:
-            keys = torch.zeros(self._shape(key), dtype=key.dtype, device=self.device)
+            keys = torch.zeros(self._shape(key), dtype=key.dtype, device=key.device)
             self._keys[layer_idx] = keys
-            self._values[layer_idx] = torch.zeros(self._shape(value), dtype=value.dtype, device=self.device)
+            self._values[layer_idx] = torch.zeros(self._shape(value), dtype=value.dtype, device=value.device)
         return keys, self._values[layer_idx]
 
     def _shape(self, like: torch.Tensor) -> tuple[int, ...]:
-        return (self.num_blocks + 1, self.block_size, like.shape[1], like.shape[-1])
+        return (self.num_blocks + 2, self.block_size, like.shape[1], like.shape[-1])
 
     def zero_blocks(self, blocks: torch.Tensor) -> None:
         """Blocks just handed to a sequence: stale contents (possibly non-finite, from a request
         that failed) must not reach masked positions, where 0 * NaN would still be NaN."""
         for store in (self._keys, self._values):
             for pool in store.values():
-                pool.index_fill_(0, blocks, 0)
+                pool.index_fill_(0, blocks.to(pool.device), 0)
 
     def copy_blocks(self, sources: torch.Tensor, destinations: torch.Tensor) -> None:
         for store in (self._keys, self._values):
             for pool in store.values():
-                pool.index_copy_(0, destinations, pool.index_select(0, sources))
+                pool.index_copy_(
+                    0, destinations.to(pool.device), pool.index_select(0, sources.to(pool.device))
+                )
 
     @property
     def nbytes(self) -> int:

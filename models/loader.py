@@ -35,6 +35,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
 )
 
+from models.devices import placement_devices, weight_placement
 from models.processors import processor_without_video
 from models.tiny import BUILTIN_MODELS, ensure_builtin
 
@@ -67,7 +68,7 @@ class LoadSpec:
     dtype: str = "bf16"  # "bf16" | "fp16" | "fp32"
     attn_impl: str = "flash_attention_2"  # | "sdpa" | "eager"
     attn_strict: bool = False
-    device: str = "cpu"  # "cpu" or "cuda:N"
+    device: str = "cpu"  # "cpu", "cuda:N", or GPUs joined by "+" for one replica over several
     redact_source: bool = True  # logs never show the path/hub id when true
     progress: bool = False  # the seed's `[startup][device] ...` step lines (PROGRESS_LOGS)
 
@@ -92,6 +93,7 @@ class LoadedModel:
     chat_template: str | None
     image_token_id: int | None
     decisions: tuple[str, ...]
+    devices: tuple[torch.device, ...] = ()  # every device holding weights; `device` is the first
 
 
 def logit_count(model: PreTrainedModel) -> int:
@@ -147,7 +149,8 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         raise ModelLoadError(
             f"invalid attention implementation {spec.attn_impl!r}; expected one of {ATTN_IMPLS}"
         )
-    device = _parse_device(spec.device)
+    devices = tuple(_parse_device(name) for name in placement_devices(spec.device))
+    device = devices[0]
 
     path = resolve_source(spec)
     if _looks_local(path) and not Path(path).expanduser().is_dir():
@@ -175,16 +178,17 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     def load(impl: str) -> PreTrainedModel:
         # On a GPU the weights stream straight to the device (a 70 GB model must not need 70 GB of
         # host RAM first); on CPU there is nowhere else to put them.
-        placement = {"device_map": {"": device}} if device.type == "cuda" else {}
         model = model_class.from_pretrained(
             path,
             config=copy.deepcopy(config),
             dtype=dtype,
             attn_implementation=impl,
-            **placement,
+            **weight_placement(devices),
             **hub_kwargs,
         )
-        model = model.to(device).eval().requires_grad_(False)
+        if len(devices) == 1:
+            model = model.to(device)
+        model = model.eval().requires_grad_(False)
         startup_step(spec, "torch.compile=off")
         startup_step(spec, "Warmup…")
         _warmup(model, tokenizer, device)
@@ -219,6 +223,7 @@ def load_model(spec: LoadSpec) -> LoadedModel:
         chat_template=chat_template,
         image_token_id=_image_token_id(config, processor, tokenizer) if is_vision else None,
         decisions=tuple(decisions),
+        devices=devices,
     )
 
 

@@ -59,6 +59,9 @@ class ReplicaConfig:
     kv_block_size: int | None  # None: auto (CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, 256 with FlashAttention)
     enable_prefix_caching: bool
     force_generic: bool = False  # tests can pin the generic path
+    # "auto": CUDA graphs for decode steps on a GPU, none on CPU; "off" (--enforce-eager);
+    # "static": the graphs' padded buffers without capture, which CPU tests use to check them.
+    decode_graphs: str = "auto"
 
 
 class ModelReplica:
@@ -142,8 +145,19 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
         replica = _generic(loaded, "pinned by configuration", max_seq_len, num_blocks, block_size)
         startup_step(spec, "Ready.")
         return replica
+    graphs = config.decode_graphs
+    if graphs == "auto":
+        # One capture cannot span the streams of several GPUs: a replica over several runs eagerly.
+        graphs = "capture" if device.type == "cuda" and len(loaded.devices) <= 1 else "off"
     runner = PagedRunner(
-        loaded.model, num_blocks=num_blocks, block_size=block_size, device=device, use_flash=use_flash
+        loaded.model,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        device=device,
+        use_flash=use_flash,
+        decode_graphs=graphs,
+        max_batch=config.max_batch_size,
+        max_seq_len=max_seq_len,
     )
     reason = _self_test(runner, loaded)
     if reason is not None:
@@ -164,12 +178,13 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
             )
     startup_step(spec, "Ready.")
     log.info(
-        "execution path: fast (paged KV pool: %d blocks of %d tokens = %.2f GiB, %s; attention: %s; prefix caching %s)",
+        "execution path: fast (paged KV pool: %d blocks of %d tokens = %.2f GiB, %s; attention: %s; CUDA graphs: %s; prefix caching %s)",
         num_blocks,
         block_size,
         runner.cache.nbytes / 2**30,
         sizing,
         runner.backend,
+        runner.graphs_status,
         "on" if config.enable_prefix_caching else "off",
     )
     return ModelReplica(
@@ -194,7 +209,9 @@ def _pool_blocks(
     if config.kv_cache_budget_bytes:
         num_blocks, sizing = config.kv_cache_budget_bytes // per_block, "KV_CACHE_MAX_GIB"
     else:
-        budget = kv_cache_budget(loaded.device, gpu_fraction=config.kv_cache_gpu_fraction)
+        budget = kv_cache_budget(
+            loaded.devices or (loaded.device,), gpu_fraction=config.kv_cache_gpu_fraction
+        )
         num_blocks = min(budget // per_block, config.max_batch_size * blocks_per_sequence)
         sizing = "auto from free memory"
     minimum = -(-MIN_POOL_TOKENS // block_size)

@@ -15,6 +15,7 @@ import torch
 from models import attention
 from models.arch import traits_of
 from models.attention import DecodeGroup, FlashMetadata, PagedLayout, PrefillSegment, layer_rules
+from models.graphs import DecodeGraphs
 from models.kv_cache import PagedKVCache
 from models.plan import PlanRow, SampledToken, StepPlan
 from models.rope import LongRopeRows
@@ -37,7 +38,16 @@ class PagedRunner:
     prefix_caching = True
 
     def __init__(
-        self, model, *, num_blocks: int, block_size: int, device: torch.device, use_flash: bool = False
+        self,
+        model,
+        *,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        use_flash: bool = False,
+        decode_graphs: str = "off",
+        max_batch: int = 32,
+        max_seq_len: int = 4096,
     ) -> None:
         self.model = model
         self.device = device
@@ -65,6 +75,15 @@ class PagedRunner:
         attention.register()
         text_config._paged_fallback_attn = self.original_attn
         text_config._attn_implementation = attention.ATTENTION_NAME
+        # "capture": CUDA graphs for decode steps; "static": their padded buffers without capture
+        # (what CPU tests check); "off": every step eager.
+        self.graphs = (
+            DecodeGraphs(
+                self, max_batch=max_batch, max_seq_len=max_seq_len, capture=decode_graphs == "capture"
+            )
+            if decode_graphs in ("capture", "static")
+            else None
+        )
 
     @property
     def num_blocks(self) -> int:
@@ -101,9 +120,19 @@ class PagedRunner:
         self.last_split = {"forward": forwarded - started, "sample": time.perf_counter() - forwarded}
         return drawn
 
+    @property
+    def graphs_status(self) -> str:
+        return "off" if self.graphs is None else self.graphs.status
+
     def forward(self, rows: list[PlanRow]) -> torch.Tensor:
-        """One packed forward over `rows`; returns the logits `[R, vocab]` of the last position of
-        each row that has samplers, in order. The self-test drives this same code with probes."""
+        """One forward over `rows`; returns the logits `[R, vocab]` of the last position of each
+        row that has samplers, in order. The self-test drives this same code with probes."""
+        if self.graphs is not None and self.graphs.applicable(rows):
+            return self.graphs.forward(rows)
+        return self.forward_eager(rows)
+
+    def forward_eager(self, rows: list[PlanRow]) -> torch.Tensor:
+        """One packed forward over `rows`, built for this step's shapes."""
         block_size = self.cache.block_size
         tokens: list[int] = []
         positions: list[int] = []

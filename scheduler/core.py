@@ -146,6 +146,7 @@ class Scheduler:
                 item["path_reason"] = replica.path_reason
                 item["attention"] = replica.loaded.attn_impl
                 item["kernels"] = replica.runner.backend
+                item["cuda_graphs"] = getattr(replica.runner, "graphs_status", "off")
                 item["dtype"] = str(replica.loaded.dtype).removeprefix("torch.")
                 item["kv_block_size"] = replica.block_size
                 item["kv_pool_bytes"] = replica.kv_pool_bytes

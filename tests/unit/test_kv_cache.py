@@ -1,5 +1,5 @@
 """The paged KV pool: allocated on first use with the layer's own head shape, zeroed and copied
-by whole blocks, with a zero block for padding."""
+by whole blocks, with a zero block for padding and a scratch block for the padding rows of graph steps."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ def test_pools_take_the_layer_shape_and_keep_a_zero_padding_block():
     cache = PagedKVCache(6, 4, torch.device("cpu"))
     assert not cache.is_allocated
     keys, values = cache.layer(0, torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
-    assert keys.shape == (7, 4, 2, 8) and values.shape == keys.shape
+    assert keys.shape == (8, 4, 2, 8) and values.shape == keys.shape
     assert cache.null_block == 6 and bool((keys[6] == 0).all())
+    assert cache.scratch_block == 7  # the padding rows of graph decode steps write here
     half = torch.zeros(1, 1, 3, 16, dtype=torch.float16)
     other, narrow = cache.layer(1, half, half[..., :12])  # per-layer shapes; values of their own size
-    assert other.shape == (7, 4, 1, 16) and other.dtype == torch.float16 and narrow.shape == (7, 4, 1, 12)
-    assert cache.nbytes == 2 * (7 * 4 * 2 * 8 * 4) + (7 * 4 * 1 * (16 + 12) * 2)
+    assert other.shape == (8, 4, 1, 16) and other.dtype == torch.float16 and narrow.shape == (8, 4, 1, 12)
+    assert cache.nbytes == 2 * (8 * 4 * 2 * 8 * 4) + (8 * 4 * 1 * (16 + 12) * 2)
 
 
 def test_blocks_are_zeroed_and_copied_whole():

@@ -1,0 +1,62 @@
+"""Where replicas run: GPUs grouped by GPUS_PER_REPLICA, and the weight placement asked of
+transformers. Pure logic, checked on CPU with the number of visible GPUs faked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import devices
+from models.devices import group_placements, placement_devices, resolve_devices, weight_placement
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 4)
+
+
+def test_one_gpu_per_replica_by_default(four_gpus):
+    assert resolve_devices(gpu_count=2) == ["cuda:0", "cuda:1"]
+    assert resolve_devices(gpu_ids=[3, 1]) == ["cuda:3", "cuda:1"]
+
+
+def test_gpus_are_grouped_into_replicas_in_the_order_selected(four_gpus):
+    assert resolve_devices(gpu_count=4, gpus_per_replica=2) == ["cuda:0+cuda:1", "cuda:2+cuda:3"]
+    assert resolve_devices(gpu_ids=[2, 3, 0, 1], gpus_per_replica=4) == ["cuda:2+cuda:3+cuda:0+cuda:1"]
+    # Without a count, one replica's worth of GPUs.
+    assert resolve_devices(gpus_per_replica=2) == ["cuda:0+cuda:1"]
+
+
+def test_a_selection_the_replica_size_does_not_divide_fails_clearly(four_gpus):
+    with pytest.raises(ValueError, match="GPUS_PER_REPLICA=2 does not divide the 3 selected GPU"):
+        resolve_devices(gpu_count=3, gpus_per_replica=2)
+    with pytest.raises(ValueError, match="only 4"):
+        resolve_devices(gpus_per_replica=8)
+
+
+def test_cpu_replicas_ignore_gpus_per_replica(monkeypatch):
+    monkeypatch.setattr(devices, "cuda_device_count", lambda: 0)
+    assert resolve_devices(device="cpu", cpu_replicas=2, gpus_per_replica=2) == ["cpu", "cpu"]
+    assert group_placements(["cpu"], 4) == ["cpu"]
+
+
+def test_placement_names_split_back_into_devices():
+    assert placement_devices("cuda:0+cuda:1") == ["cuda:0", "cuda:1"]
+    assert placement_devices("cpu") == ["cpu"]
+
+
+def test_weight_placement(monkeypatch):
+    assert weight_placement([torch.device("cpu")]) == {}
+    one = torch.device("cuda", 1)
+    assert weight_placement([one]) == {"device_map": {"": one}}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (10 * (torch.device(d).index + 1), 100))
+    spread = weight_placement([torch.device("cuda", 0), torch.device("cuda", 2)])
+    assert spread == {"device_map": "balanced", "max_memory": {0: 10, 2: 30, "cpu": 0}}
+
+
+def test_kv_budget_over_several_gpus_is_set_by_the_fullest(monkeypatch):
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda d: ({0: 1000, 1: 400}[torch.device(d).index], 2000)
+    )
+    budget = devices.kv_cache_budget([torch.device("cuda", 0), torch.device("cuda", 1)], gpu_fraction=0.5)
+    assert budget == 400
