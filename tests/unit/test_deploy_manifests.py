@@ -269,3 +269,22 @@ def test_service_monitor_scrapes_the_services_port_and_metrics_path():
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["path"] in app_routes() and endpoint["authorization"]["type"] == "Bearer"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+def test_runbooks_name_files_that_exist_and_substitute_what_the_manifest_uses():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    deploy_readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"deploy/[\w./-]+\.ya?ml", readme))
+    named |= {"deploy/" + p for p in re.findall(r"`((?:scale-out/)?[\w./-]+\.ya?ml)`", deploy_readme)}
+    assert {str(p.relative_to(ROOT)) for p in manifest_files()} <= named | {
+        "deploy/scale-out/inference-gateway"
+    }
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"the runbooks name files that do not exist: {missing}"
+    assert "envsubst '${REGISTRY} ${IMAGE_TAG}' < deploy/aks-omega-vlm.yaml | kubectl apply -f -" in readme
+    secret = one("Deployment")["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"][
+        "secretKeyRef"
+    ]
+    assert (
+        f"create secret generic {secret['name']}" in readme and f"--from-literal={secret['key']}=" in readme
+    )
