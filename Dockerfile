@@ -12,6 +12,8 @@
 # Debian 12 is the distribution the apt pins below were resolved against.
 FROM python:3.11-slim-bookworm
 
+# The kernel compile caches (Triton, CUDA JIT, anything following XDG) go to /tmp, the one
+# scratch path a read-only root filesystem keeps writable; the model cache is CACHE_DIR.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -19,7 +21,9 @@ ENV PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HOME=/home/app \
-    TRITON_CACHE_DIR=/tmp/triton
+    TRITON_CACHE_DIR=/tmp/triton \
+    CUDA_CACHE_PATH=/tmp/nv-compute-cache \
+    XDG_CACHE_HOME=/tmp/cache
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 

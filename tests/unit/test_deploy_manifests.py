@@ -126,6 +126,35 @@ def test_pod_runs_as_non_root_under_the_restricted_profile():
     assert {config["CACHE_DIR"], "/tmp", "/dev/shm"} <= mounts
 
 
+def test_what_the_image_writes_outside_the_cache_lands_on_a_writable_mount():
+    """readOnlyRootFilesystem holds only if every cache path the image sets is mounted writable."""
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    paths = re.findall(r"(?:TRITON_CACHE_DIR|CUDA_CACHE_PATH|XDG_CACHE_HOME)=(\S+)", dockerfile)
+    assert len(paths) == 3
+    (container,) = pod_spec(one("Deployment"))["containers"]
+    mounts = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
+    for path in paths:
+        assert any(path == m or path.startswith(m + "/") for m in mounts), f"{path} is on the read-only root"
+    (compose,) = load_docs(COMPOSE)
+    assert all(p.startswith("/tmp/") for p in paths) and "/tmp" in compose["services"]["llm"]["tmpfs"]
+
+
+def test_manifest_settings_are_values_the_server_accepts():
+    """Names are not enough: a value the server rejects would crash-loop every replica."""
+    from app.settings import Settings
+
+    env = dict(one("ConfigMap")["data"], API_KEY="from-the-secret")
+    settings = Settings.from_env(env)
+    assert settings.model_path == env["MODEL_PATH"] and settings.gpu_count == 1
+    assert settings.cache_dir == env["CACHE_DIR"] and settings.api_key
+    (compose,) = load_docs(COMPOSE)
+    values = {
+        k: re.sub(r"\$\{\w+:[-?]([^}]*)\}", r"\1", str(v))
+        for k, v in compose["services"]["llm"]["environment"].items()
+    }
+    Settings.from_env(values | {"API_KEY": "set-by-the-operator"})
+
+
 def test_compose_service_runs_hardened_too():
     (doc,) = load_docs(COMPOSE)
     service = doc["services"]["llm"]
