@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -46,13 +47,15 @@ HELM_VALUES = {
 EPP_VLLM_METRICS = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
 
 
+@functools.cache
 def yaml_files() -> list[Path]:
-    skip = {".venv", ".git", ".pytest_cache", ".ruff_cache"}
-    return sorted(
-        p
-        for p in ROOT.rglob("*")
-        if p.suffix in (".yaml", ".yml") and not skip & set(p.relative_to(ROOT).parts)
-    )
+    # Pruned walk: rglob would descend into a real .venv (tens of thousands of files) on CI.
+    skip = {".venv", ".git", ".pytest_cache", ".ruff_cache", "node_modules", "__pycache__"}
+    found = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip]
+        found += [Path(folder) / f for f in files if f.endswith((".yaml", ".yml"))]
+    return sorted(found)
 
 
 def load_docs(path: Path) -> list[dict[str, Any]]:
