@@ -1,85 +1,98 @@
 # syntax=docker/dockerfile:1
 #
-# GPU image for the OpenAI-compatible inference server.
-#   docker build -t llm-fastapi:latest .
-#   docker build --build-arg INSTALL_FLASH_ATTN=0 -t llm-fastapi:sdpa .      # skip flash-attn
-#   docker build --build-arg FLASH_ATTN_SPEC=https://.../flash_attn-...whl .  # a wheel matching torch/CUDA/py
-# See deploy/README.md for run, compose and Kubernetes examples.
+# GPU image for the OpenAI-compatible inference server (runs as uid 10001, never root).
+#   docker build -t "$REGISTRY/docoserve:$IMAGE_TAG" .
+#   docker build --build-arg FLASH_ATTN_WHEEL='https://host/flash_attn-...whl#sha256=...' ...
+# See deploy/README.md for run, compose and Kubernetes, docs/FLASH_ATTENTION_BUILD.md for the
+# attention kernels and what the package index holds for the pins below.
+#
+# No CUDA base image: torch 2.13.0's Linux wheel on PyPI is the CUDA 13.0 build and pulls the
+# CUDA libraries it needs as pip packages (cuda-toolkit 13.0.3, nvidia-cudnn-cu13 ...). The node
+# only has to supply an NVIDIA driver new enough for CUDA 13.0 (R580 or later).
+# Debian 12 is the distribution the apt pins below were resolved against.
+FROM python:3.11-slim-bookworm
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu22.04
-FROM ${CUDA_IMAGE}
-
-# torch is pinned in requirements.txt; the CUDA build of the same version comes from PyTorch's index
-# (its wheels bundle their CUDA libraries, so the index must match the base image's CUDA major).
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG INSTALL_FLASH_ATTN=1
-ARG FLASH_ATTN_SPEC=flash-attn
-
-# A fixed HOME keeps the default cache (~/.cache/usinc/models) in one place for any --user.
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONUNBUFFERED=1 \
+# The kernel compile caches (Triton, CUDA JIT, anything following XDG) go to /tmp, the one
+# scratch path a read-only root filesystem keeps writable; the model cache is CACHE_DIR.
+ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
-    HOME=/root
+    HOME=/home/app \
+    TRITON_CACHE_DIR=/tmp/triton \
+    CUDA_CACHE_PATH=/tmp/nv-compute-cache \
+    XDG_CACHE_HOME=/tmp/cache
 
-# Ubuntu 22.04 ships Python 3.10; deadsnakes provides a maintained 3.11 (the version CI tests with).
-# gcc + python3.11-dev: Triton (torch.compile, fused kernels) compiles a small launcher at runtime.
-# git: --transformers-path accepts git+https URLs.
-# Build tools are left unpinned: runtime dependencies are pinned in requirements.txt.
-# hadolint ignore=DL3008,DL3013
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# gcc + libc6-dev: Triton (fused kernels, torch.compile) compiles a small launcher at first use.
+# git: --transformers-path accepts git+https URLs (only usable when the container runs as root).
+# Versions are Debian 12's (`apt-cache policy gcc libc6-dev git ca-certificates`); a Debian
+# security update retires the old version, so a failing build here means: update the pin.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends software-properties-common gpg-agent ca-certificates \
- && add-apt-repository -y ppa:deadsnakes/ppa \
- && apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc git \
- && apt-get purge -y --auto-remove software-properties-common gpg-agent \
- && rm -rf /var/lib/apt/lists/* \
- && python3.11 -m venv /opt/venv \
- && pip install --upgrade pip setuptools wheel packaging
+ && apt-get install -y --no-install-recommends \
+      ca-certificates=20250419~deb12u2 \
+      gcc=4:12.2.0-3 \
+      libc6-dev=2.36-9+deb12u14 \
+      git=1:2.39.5-0+deb12u3 \
+ && rm -rf /var/lib/apt/lists/*
 
-# torchvision (same index, the release paired with torch 2.13) is needed by processors with a video
-# part (Qwen2/2.5/3-VL, InternVL, LLaVA-OneVision) and by Pixtral/Mistral3. Without it the server
-# still loads those models for images only; Pixtral does not load at all.
+# A fixed uid/gid that Kubernetes' runAsUser/fsGroup and `docker run --user` can name; no login shell.
+RUN groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
+ && python -m venv /opt/venv \
+ && pip install pip==26.3 setuptools==84.2.1 wheel==0.46.3 packaging==26.4
+
+# The largest layer first and on its own, so a change to requirements.txt does not download the
+# ~3 GB of torch + CUDA libraries again. TORCH_VERSION must equal requirements.txt's pin (a test
+# checks); torchvision 0.28.0 is the release that requires exactly torch==2.13.0. Both come from
+# PyPI, whose Linux x86_64 wheels are the CUDA 13.0 builds.
+ARG TORCH_VERSION=2.13.0
 ARG TORCHVISION_VERSION=0.28.0
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 WORKDIR /app
 COPY requirements.txt .
-# torch==2.13.0 is already satisfied by the CUDA build (local version labels match), so it stays.
+# torch is already satisfied by the layer above, so this layer only holds the pure-Python stack.
 RUN pip install -r requirements.txt
 
-# flash-attn is optional: without a prebuilt wheel for this torch/CUDA/Python it would need nvcc,
-# which the runtime image lacks. A half-installed package would make transformers believe FA2 is
-# available, so anything that does not import cleanly is removed and the server uses SDPA.
-# hadolint ignore=DL3013,SC2015
-RUN if [ "${INSTALL_FLASH_ATTN}" = "1" ]; then \
-      pip install ninja psutil einops \
-      && FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE pip install --no-build-isolation "${FLASH_ATTN_SPEC}" \
-      && python -c "import flash_attn, flash_attn_2_cuda; print('Flash Attention:', flash_attn.__version__)" \
-      || { echo "flash-attn unavailable: SDPA fallback"; pip uninstall -y flash-attn flash_attn || true; }; \
+# FlashAttention 2: no wheel on the package index matches torch 2.13 + CUDA 13 + cp311 (PyPI has
+# flash-attn sdists only, and flash-attn's own release matrix stops at torch 2.10), so by default
+# none is installed and the server says at startup `attention=sdpa (flash_attention_2 requested;
+# flash_attn not installed)`. A wheel you built or trust goes in FLASH_ATTN_WHEEL as a URL with
+# a `#sha256=` fragment (pip checks it). One that does not import is removed again, so
+# transformers never sees a half-installed FA2; the build log says which way it went.
+# DL3013 (pin pip versions) cannot see that a wheel URL with a sha256 fragment pins one exact file.
+ARG FLASH_ATTN_WHEEL=""
+# hadolint ignore=DL3013
+RUN if [ -z "${FLASH_ATTN_WHEEL}" ]; then \
+      echo "flash-attn: no wheel given (FLASH_ATTN_WHEEL), the server uses SDPA"; \
+    elif pip install --no-deps "${FLASH_ATTN_WHEEL}" \
+         && python -c "import flash_attn, flash_attn_2_cuda; print('flash-attn', flash_attn.__version__)"; then \
+      echo "flash-attn: installed"; \
     else \
-      echo "flash-attn skipped (INSTALL_FLASH_ATTN=${INSTALL_FLASH_ATTN}): SDPA fallback"; \
+      echo "flash-attn: wheel does not match torch ${TORCH_VERSION}/CUDA 13/cp311, removed: SDPA fallback"; \
+      pip uninstall -y flash-attn; \
     fi
 
+# Code last: it changes most often. Owned by root and not writable by the server's user.
 COPY entrypoint.py ./
 COPY app/ app/
 COPY scheduler/ scheduler/
 COPY models/ models/
 
-# World-writable cache so the image also runs with an arbitrary --user (OpenShift, rootless).
-RUN mkdir -p /root/.cache/usinc/models \
- && chmod 0755 /root \
- && chmod -R a+rwX /root/.cache
-VOLUME ["/root/.cache/usinc/models"]
+# The default cache (~/.cache/usinc/models) belongs to the server's user, so a named volume
+# mounted there starts out writable by it.
+RUN mkdir -p /home/app/.cache/usinc/models && chown -R app:app /home/app/.cache
+VOLUME ["/home/app/.cache/usinc/models"]
 
+USER 10001:10001
 EXPOSE 8000
 
 # Model loading can take minutes; the start period keeps Docker from calling that unhealthy.
-# Uses PORT from the environment; a --port flag alone is not seen here.
+# /health is readiness (200 once the model serves); it reads PORT, not a --port flag.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % (os.environ.get('PORT') or '8000'), timeout=4)"]
 

@@ -28,6 +28,8 @@ test: install lint
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/yamllint --strict .
+	$(VENV)/bin/hadolint Dockerfile
 
 # The inner loop (under 2 minutes): unit tests not marked slow, and the core end-to-end files.
 test-quick: install
