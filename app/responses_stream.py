@@ -226,9 +226,11 @@ def final_response(
     """The response object once generation ended: its items closed, status, usage."""
     fields: dict[str, Any] = {}
     if error is not None:
-        _, body, _ = engine_error_to_response(error)
+        http_status, body, _ = engine_error_to_response(error)
         status, item_status = "failed", "incomplete"
-        fields["error"] = ResponseError(code=body.error.code or "server_error", message=body.error.message)
+        # OpenAI's codes here name the failure's kind; every engine failure is "server_error".
+        code = "server_error" if http_status >= 500 else body.error.code or "invalid_request"
+        fields["error"] = ResponseError(code=code, message=body.error.message)
     elif finish_reason == "length":
         status = item_status = "incomplete"
         fields["incomplete_details"] = IncompleteDetails(reason="max_output_tokens")
