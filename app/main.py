@@ -32,6 +32,7 @@ from app.routes.docs import (
 from app.routes.generate import generate
 from app.routes.health import health, live, metrics, version
 from app.routes.models import list_models, retrieve_model
+from app.routes.responses import create_response
 from app.routes.templates import apply_template
 from app.routes.tokenize import detokenize, tokenize
 from app.services import Services
@@ -42,6 +43,7 @@ from app.version import VERSION
 ROUTES = [
     chat_completions,
     completions,
+    create_response,
     generate,
     apply_template,
     tokenize,

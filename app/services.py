@@ -67,11 +67,13 @@ class Call(Generic[T]):
     tracker: RequestTracker
 
 
-async def begin(request: Request, data_type: type[T], *, endpoint: str, id_prefix: str) -> Call[T]:
+async def begin(
+    request: Request, data_type: type[T], *, endpoint: str, id_prefix: str, separator: str = "-"
+) -> Call[T]:
     """The start every generation route shares: a request id, a tracker that records how the
     request ends (a refused body too), the strictly converted body."""
     svc = services(request)
-    request_id = new_request_id(id_prefix, request)
+    request_id = new_request_id(id_prefix, request, separator)
     tracker = RequestTracker(svc, endpoint, request_id, request.scope.setdefault("state", {}))
     with tracker.failures():
         data = await strict_body(request, data_type)
@@ -79,10 +81,10 @@ async def begin(request: Request, data_type: type[T], *, endpoint: str, id_prefi
     return Call(data, svc, request_id, tracker)
 
 
-def new_request_id(prefix: str, request: Request) -> str:
-    """The response's `id` (`chatcmpl-...`, as OpenAI's). The caller's X-Request-Id is the
-    request's own id (`app.access_log`), returned as a header and logged next to this one."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_request_id(prefix: str, request: Request, separator: str = "-") -> str:
+    """The response's `id` (`chatcmpl-...`, `resp_...`, as OpenAI's). The caller's X-Request-Id is
+    the request's own id (`app.access_log`), returned as a header and logged next to this one."""
+    return f"{prefix}{separator}{uuid.uuid4().hex}"
 
 
 class RequestTracker:

@@ -46,7 +46,7 @@ redoc_ui = _rendered("/redoc", REDOC, MediaType.HTML)
 openapi_json = _rendered("/openapi.json", JSON_SCHEMA, MediaType.JSON)
 
 
-STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")
+STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 def document_streams(app: Litestar) -> None:
