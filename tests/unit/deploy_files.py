@@ -49,11 +49,13 @@ EPP_VLLM_METRICS = ("vllm:num_requests_waiting", "vllm:num_requests_running", "v
 
 @functools.cache
 def yaml_files() -> list[Path]:
-    # Pruned walk: rglob would descend into a real .venv (tens of thousands of files) on CI.
+    # Pruned walk: rglob would descend into a real .venv (tens of thousands of files) on CI, and
+    # the benchmarks' downloads (bench/.llamacpp holds llama.cpp's own YAML) are not ours.
     skip = {".venv", ".git", ".pytest_cache", ".ruff_cache", "node_modules", "__pycache__"}
+    skip_paths = {ROOT / "bench" / name for name in ("models", ".llamacpp", ".venv-peer", "results")}
     found = []
     for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if d not in skip]
+        dirs[:] = [d for d in dirs if d not in skip and Path(folder) / d not in skip_paths]
         found += [Path(folder) / f for f in files if f.endswith((".yaml", ".yml"))]
     return sorted(found)
 
