@@ -163,6 +163,12 @@ def load_settings() -> Settings:
         _fail(f"invalid {option}: {err.message}")
 
 
+def _default_hf_home() -> Path:
+    """Where huggingface_hub keeps its home (and the login token) when HF_HOME is not set."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "huggingface"
+
+
 def prepare_runtime_env(settings: Settings) -> None:
     for name, value in RUNTIME_ENV_DEFAULTS.items():
         if name not in os.environ:
@@ -174,11 +180,18 @@ def prepare_runtime_env(settings: Settings) -> None:
     # Settings already resolved CACHE_DIR > HF_HUB_CACHE > HF_HOME/hub, so this never moves a cache
     # the operator chose; it makes the HF libraries agree with the resolved directory.
     os.environ["HF_HUB_CACHE"] = settings.cache_dir
+    if "HF_HOME" not in os.environ and "HF_TOKEN_PATH" not in os.environ:
+        # Moving HF_HOME would hide the token `hf auth login` saved under the default home.
+        saved = _default_hf_home() / "token"
+        if saved.is_file():
+            os.environ["HF_TOKEN_PATH"] = str(saved)
     os.environ.setdefault("HF_HOME", settings.cache_dir)
     if settings.hf_token:
         # Either token variable is accepted; HF libraries look at HF_TOKEN first.
         os.environ.setdefault("HF_TOKEN", settings.hf_token)
-    if settings.redact_source:
+    if settings.redact_source or not sys.stderr.isatty():
+        # Bars name the files and, in a log file, are carriage-return noise: the loader logs
+        # periodic download lines instead (models/download.py).
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if settings.debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "debug")

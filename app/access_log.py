@@ -83,6 +83,38 @@ def access_log(count: Callable[[str, str, int], None]) -> Callable[[ASGIApp], AS
     return middleware
 
 
+UNMATCHED_ROUTE = "unmatched"  # the metrics label of paths no route serves (404, 405)
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+
+
+def unrouted_logger(count: Callable[[str, str, int], None]) -> Callable[[Message, Scope], Any]:
+    """A Litestar `before_send` hook for the answers the router gives itself (404 for an unknown
+    path, 405 for a wrong method): route middleware never sees those requests, so they get their
+    request id, line and count here. Their path is the caller's: it is logged cut short with
+    anything unprintable replaced, and counted under one label (a label per path would let any
+    client grow the metrics without bound)."""
+
+    async def before_send(message: Message, scope: Scope) -> None:
+        if message["type"] != "http.response.start" or scope.get("type") != "http":
+            return
+        state = scope.setdefault("state", {})
+        if REQUEST_ID_KEY in state:  # the access-log middleware has it
+            return
+        request_id = request_id_from(scope.get("headers", []))
+        state[REQUEST_ID_KEY] = request_id
+        message["headers"] = [
+            *(h for h in message.get("headers", []) if h[0].lower() != REQUEST_ID_HEADER),
+            (REQUEST_ID_HEADER, request_id.encode("latin-1")),
+        ]
+        method = _UNPRINTABLE.sub("?", scope.get("method", ""))[:16]
+        status = message["status"]
+        count(method, UNMATCHED_ROUTE, status)
+        path = _UNPRINTABLE.sub("?", scope.get("path", ""))[:200]
+        log_line(method, path, status, 0.0, request_id, None)
+
+    return before_send
+
+
 def log_line(
     method: str, route: str, status: int, latency: float, request_id: str, generation: dict[str, Any] | None
 ) -> None:

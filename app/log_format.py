@@ -33,6 +33,26 @@ class JsonFormatter(logging.Formatter):
         return _encoder.encode(line).decode()
 
 
+class Redactor(logging.Filter):
+    """Replaces the model's source (path, hub id, its cache folder name, revision, cache dir) in
+    every record a handler emits: with `--debug`, transformers and huggingface_hub log the files
+    they open, which name the model `REDACT_SOURCE` hides."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        # Longest first: a path that contains the hub id is replaced whole.
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for secret in self.secrets:
+            redacted = redacted.replace(secret, "<redacted>")
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
 def formatter(log_format: str) -> logging.Formatter:
     return JsonFormatter() if log_format == "json" else logging.Formatter(PLAIN)
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
-from app.access_log import access_log
+from app.access_log import access_log, unrouted_logger
 from app.auth import BEARER_COMPONENTS
 from app.errors import EXCEPTION_HANDLERS
 from app.http_limits import body_timeout
 from app.lifespan import serve_model
-from app.log_format import formatter
+from app.log_format import Redactor, formatter
 from app.media import ImageFetchPolicy
 from app.metrics import Metrics
 from app.routes.chat import chat_completions
@@ -67,13 +68,32 @@ def configure_logging(settings: Settings) -> None:
         else getattr(logging, settings.log_level.upper())
     )
     logging.basicConfig(level=level, force=True)
+    redactor = Redactor(source_secrets(settings)) if settings.redact_source else None
     for handler in logging.getLogger().handlers:
         handler.setFormatter(formatter(settings.log_format))
+        if redactor is not None:
+            handler.addFilter(redactor)
     if not settings.debug:
         for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     # One line per request, whatever LOG_LEVEL says about the rest (PROGRESS_LOGS adds sampling fields).
     logging.getLogger("docoserve.requests").setLevel(logging.INFO)
+
+
+def source_secrets(settings: Settings) -> list[str]:
+    """What REDACT_SOURCE keeps out of the log: the model source as given and as a path, its hub
+    cache folder name, the revision and the cache directory."""
+    source = settings.model_path
+    if source.startswith("builtin:"):
+        return []
+    return [
+        source,
+        os.path.abspath(os.path.expanduser(source)),
+        "models--" + source.replace("/", "--"),
+        # A short revision ("main", "v1") is a word that would be cut out of unrelated lines.
+        settings.model_revision if settings.model_revision and len(settings.model_revision) >= 7 else "",
+        settings.cache_dir,
+    ]
 
 
 def image_policy(settings: Settings) -> ImageFetchPolicy:
@@ -117,6 +137,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # the root handler with its format at startup).
         logging_config=None,
         middleware=[access_log(metrics_registry.count_http), body_timeout(settings.http_body_timeout_s)],
+        before_send=[unrouted_logger(metrics_registry.count_http)],
         lifespan=[serve_model],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(

@@ -36,6 +36,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from models.devices import placement_devices, weight_placement
+from models.download import download_progress, hub_folder
 from models.processors import processor_without_video
 from models.tiny import BUILTIN_MODELS, ensure_builtin
 
@@ -135,7 +136,27 @@ def resolve_source(spec: LoadSpec) -> str:
 
 
 def load_model(spec: LoadSpec) -> LoadedModel:
-    """Load, place and warm up the model; raises ModelLoadError with a one-line reason."""
+    """Load, place and warm up the model; raises ModelLoadError with a one-line reason. A hub id
+    may be downloaded first: its progress is logged every few seconds (`models.download`) unless
+    the source is redacted (`REDACT_SOURCE` hides download progress too)."""
+    if spec.source.startswith(BUILTIN_PREFIX) or _looks_local(spec.source) or spec.redact_source:
+        return _load_model(spec)
+    with download_progress(hub_folder(spec.source, spec.cache_dir), spec.device):
+        return _load_model(spec)
+
+
+def _library_logs_to_root() -> None:
+    """transformers prints through a handler of its own, in its own format ("[transformers] ..."):
+    send its records to the process's handlers instead, so that every line has the server's
+    format (JSON with LOG_FORMAT=json) and passes its source redaction."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+
+
+def _load_model(spec: LoadSpec) -> LoadedModel:
+    _library_logs_to_root()
     decisions: list[str] = []
 
     def decide(line: str, *, level: int = logging.INFO) -> None:

@@ -126,6 +126,30 @@ def test_every_request_gets_one_log_line_and_its_request_id_back(text_server: Se
     assert counted and float(counted.group(1)) >= 1
 
 
+def test_unknown_paths_and_methods_are_logged_and_counted_under_one_label(text_server: Server) -> None:
+    """The router's own 404 and 405 answers get a request id, a line and a count; a path the
+    client made up never becomes a metrics label, and its odd bytes never reach the log raw."""
+    mine = f"lost-{uuid.uuid4().hex[:12]}"
+    odd = f"/v1/no-such-{uuid.uuid4().hex[:8]}"
+    with text_server.http() as client:
+        missing = client.get(odd + "%20x%0Ay=1", headers={"X-Request-Id": mine})
+        wrong_method = client.delete("/v1/chat/completions")
+    assert missing.status_code == 404 and missing.headers["x-request-id"] == mine
+    assert "error" in missing.json()
+    assert wrong_method.status_code == 405 and wrong_method.headers["x-request-id"].startswith("req-")
+    lines = _log(text_server, waiting_for=wrong_method.headers["x-request-id"])
+    [line] = [line for line in lines if f"request_id={mine}" in line]
+    assert line.endswith(f"[req] GET {odd}?x?y=1 404 latency=0.000s request_id={mine}"), line
+    assert any("[req] DELETE /v1/chat/completions 405" in x for x in lines)
+    with text_server.http() as client:
+        metrics = client.get("/metrics").text
+    assert odd not in metrics
+    counted = re.search(
+        r'^docoserve_http_requests_total\{method="GET",route="unmatched",status="404"\} (\S+)$', metrics, re.M
+    )
+    assert counted and float(counted.group(1)) >= 1
+
+
 def test_with_log_format_json_every_line_is_a_json_object(edge_server: Server) -> None:
     mine = f"json-{uuid.uuid4().hex[:12]}"
     with edge_server.http() as client:

@@ -23,3 +23,32 @@ def test_other_ids_are_replaced(supplied: bytes) -> None:
 def test_without_a_header_a_new_id() -> None:
     first, second = request_id_from([]), request_id_from([])
     assert first.startswith("req-") and first != second
+
+
+def test_the_model_source_is_cut_out_of_every_line_when_redacted(tmp_path) -> None:
+    """With --debug, transformers logs the files it opens; REDACT_SOURCE keeps the source out."""
+    import io
+    import logging
+
+    from app.log_format import Redactor
+    from app.main import source_secrets
+    from app.settings import Settings
+
+    settings = Settings(model_path="org/secret-model", model_revision="0123456789abcdef", cache_dir="/c/hub")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(Redactor(source_secrets(settings)))
+    logger = logging.getLogger("transformers.test_redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("loading %s from cache at %s", "config.json", "/c/hub/models--org--secret-model/snap")
+        logger.warning("revision 0123456789abcdef of org/secret-model; app.main stays")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "secret" not in text and "0123456789abcdef" not in text and "/c/hub" not in text
+    assert "loading config.json from cache at <redacted>/<redacted>/snap" in text
+    assert "app.main stays" in text
+    assert source_secrets(Settings(model_path="builtin:tiny")) == []
+    assert "main" not in source_secrets(Settings(model_path="/m/x", model_revision="main"))

@@ -210,6 +210,40 @@ def test_runtime_env_defaults_and_cache(monkeypatch: pytest.MonkeyPatch) -> None
     assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # redact_source is on by default
 
 
+def test_a_token_saved_by_hf_auth_login_survives_the_cache_redirect(tmp_path, monkeypatch) -> None:
+    """CACHE_DIR moves HF_HOME; the token `hf auth login` wrote under the default home stays found."""
+    home = tmp_path / "xdg" / "huggingface"
+    home.mkdir(parents=True)
+    (home / "token").write_text("hf_saved")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "CACHE_DIR": str(tmp_path / "cache")}
+    monkeypatch.setattr(entrypoint.os, "environ", env)
+    entrypoint.prepare_runtime_env(entrypoint.load_settings())
+    assert env["HF_HOME"] == str(tmp_path / "cache")
+    assert env["HF_TOKEN_PATH"] == str(home / "token")
+    from huggingface_hub import get_token
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", env["HF_TOKEN_PATH"])
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert get_token() == "hf_saved"
+
+
+def test_no_token_file_sets_no_token_path(tmp_path, monkeypatch) -> None:
+    env = {"XDG_CACHE_HOME": str(tmp_path), "CACHE_DIR": str(tmp_path / "cache")}
+    monkeypatch.setattr(entrypoint.os, "environ", env)
+    entrypoint.prepare_runtime_env(entrypoint.load_settings())
+    assert "HF_TOKEN_PATH" not in env
+
+
+def test_progress_bars_only_on_a_terminal_without_redaction(monkeypatch) -> None:
+    for tty, redact, bars_off in ((True, "false", False), (False, "false", True), (True, "true", True)):
+        env = {"REDACT_SOURCE": redact}
+        monkeypatch.setattr(entrypoint.os, "environ", env)
+        monkeypatch.setattr(entrypoint.sys.stderr, "isatty", lambda tty=tty: tty)
+        entrypoint.prepare_runtime_env(entrypoint.load_settings())
+        assert ("HF_HUB_DISABLE_PROGRESS_BARS" in env) is bars_off, (tty, redact)
+
+
 def test_operator_hf_home_is_respected(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"HF_HOME": "/hf"}
     monkeypatch.setattr(entrypoint.os, "environ", env)

@@ -1,0 +1,72 @@
+"""Progress of a model download from the hub, as periodic log lines.
+
+huggingface_hub draws its own bars when stderr is a terminal (and the source may be shown); in a
+container log, bars are carriage-return noise, so the entrypoint turns them off and this watcher
+logs one line every `interval` seconds while the model's folder in the hub cache grows: bytes so
+far and the rate. The lines never name the model; still, `REDACT_SOURCE` (on by default) silences
+them, as it silences the bars: how much is downloaded, and how fast, says which model it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger("docoserve.model")
+INTERVAL_S = 10.0
+
+
+def hub_folder(repo_id: str, cache_dir: str | None) -> Path:
+    """Where huggingface_hub keeps `repo_id` (its `models--org--name` layout)."""
+    root = cache_dir or os.environ.get("HF_HUB_CACHE") or os.path.expanduser("~/.cache/huggingface/hub")
+    return Path(root) / ("models--" + repo_id.replace("/", "--"))
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes under `folder`, counting partial downloads; links (snapshots/) are not counted twice."""
+    total = 0
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            with contextlib.suppress(OSError):
+                if not os.path.islink(path):
+                    total += os.stat(path).st_size
+    return total
+
+
+def _human(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+@contextlib.contextmanager
+def download_progress(folder: Path, label: str, *, interval: float = INTERVAL_S) -> Iterator[None]:
+    """Log progress while `folder` grows, from a daemon thread, until the block exits."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        started, before = time.monotonic(), folder_bytes(folder)
+        last = before
+        while not stop.wait(interval):
+            size = folder_bytes(folder)
+            if size > last:
+                rate = (size - before) / max(time.monotonic() - started, 1e-6)
+                logger.info(
+                    "[startup][%s] downloading the model: %s so far (%.1f MB/s)",
+                    label,
+                    _human(size),
+                    rate / 1e6,
+                )
+            last = size
+
+    thread = threading.Thread(target=watch, name="download-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=interval)

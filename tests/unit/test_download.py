@@ -1,0 +1,42 @@
+"""Download progress lines: logged while the model's hub folder grows, never naming the model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+
+from models.download import download_progress, folder_bytes, hub_folder
+
+
+def test_hub_folder_follows_the_hub_cache_layout(tmp_path):
+    assert hub_folder("org/name", str(tmp_path)) == tmp_path / "models--org--name"
+
+
+def test_folder_bytes_counts_partial_files_once(tmp_path):
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "a.incomplete").write_bytes(b"x" * 100)
+    (tmp_path / "snap").mkdir()
+    os.symlink(blobs / "a.incomplete", tmp_path / "snap" / "link")
+    assert folder_bytes(tmp_path) == 100
+    assert folder_bytes(tmp_path / "missing") == 0
+
+
+def test_progress_is_logged_while_the_folder_grows(tmp_path, caplog):
+    folder = tmp_path / "models--secret-org--secret-model"
+    folder.mkdir()
+    with caplog.at_level(logging.INFO, logger="docoserve.model"):
+        with download_progress(folder, "cuda:0", interval=0.05):
+            for index in range(4):
+                (folder / f"part{index}").write_bytes(b"x" * 1_000_000)
+                time.sleep(0.12)
+    lines = [r.getMessage() for r in caplog.records if "downloading the model" in r.getMessage()]
+    assert lines, caplog.text
+    pattern = re.compile(
+        r"\[startup\]\[cuda:0\] downloading the model: (\d+\.\d) MiB so far \(\d+\.\d MB/s\)"
+    )
+    sizes = [float(pattern.fullmatch(line).group(1)) for line in lines]
+    assert sizes == sorted(sizes) and 0 < sizes[-1] <= 3.9
+    assert all("secret" not in line for line in lines)
