@@ -17,6 +17,7 @@ import anyio
 from litestar import Litestar
 
 from app.media import new_image_client
+from app.services import Services
 from app.settings import Settings
 from scheduler.config import (
     ExecutorConfig,
@@ -103,7 +104,7 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
         scheduler = Scheduler(config)
         await scheduler.start()
         services.scheduler = scheduler
-        task_group.start_soon(_announce_readiness, scheduler, settings)
+        task_group.start_soon(_announce_readiness, scheduler, services)
         _drain_before_granian_stops(scheduler, settings)
         try:
             yield
@@ -178,8 +179,9 @@ def startup_banner(settings: Settings, base_url: str, seconds: float) -> list[st
     return lines
 
 
-async def _announce_readiness(scheduler: Scheduler, settings: Settings) -> None:
-    """The seed's startup heartbeat (PROGRESS_LOGS) and its readiness line."""
+async def _announce_readiness(scheduler: Scheduler, services: Services) -> None:
+    """The seed's startup heartbeat (PROGRESS_LOGS), its readiness line, and the tool-call format."""
+    settings: Settings = services.settings
     started = time.monotonic()
     last_line = started
     while scheduler.status == "loading":
@@ -199,6 +201,8 @@ async def _announce_readiness(scheduler: Scheduler, settings: Settings) -> None:
         log.info("[server] Ready. Health: %s", url)  # the seed's line, word for word
         for line in startup_banner(settings, base, time.monotonic() - started):
             log.log(logging.WARNING if line.startswith("warning:") else logging.INFO, "[server] %s", line)
+        tool_format = services.tool_format()
+        log.info("[server] tool calls: %s format (%s)", tool_format.name, services.tool_calls[1])
     else:
         errors = "; ".join(f"replica {e.name}: {e.error}" for e in scheduler.executors if e.error)
         log.error("[server] Not ready (degraded). Health: %s Error: %s", url, errors or scheduler.status)
