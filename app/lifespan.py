@@ -201,8 +201,7 @@ async def _announce_readiness(scheduler: Scheduler, services: Services) -> None:
         log.info("[server] Ready. Health: %s", url)  # the seed's line, word for word
         for line in startup_banner(settings, base, time.monotonic() - started):
             log.log(logging.WARNING if line.startswith("warning:") else logging.INFO, "[server] %s", line)
-        tool_format = services.tool_format()
-        log.info("[server] tool calls: %s format (%s)", tool_format.name, services.tool_calls[1])
+        services.tool_format()  # settled now (it logs which), if no request settled it first
     else:
         errors = "; ".join(f"replica {e.name}: {e.error}" for e in scheduler.executors if e.error)
         log.error("[server] Not ready (degraded). Health: %s Error: %s", url, errors or scheduler.status)

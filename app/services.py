@@ -52,6 +52,9 @@ class Services:
             if template is None:  # no replica loaded yet: nothing is generated with this answer
                 return select_format(self.settings.tool_call_parser, None)[0]
             self.tool_calls = select_format(self.settings.tool_call_parser, template)
+            logging.getLogger("docoserve.server").info(
+                "[server] tool calls: %s format (%s)", self.tool_calls[0].name, self.tool_calls[1]
+            )
         return self.tool_calls[0]
 
 
