@@ -17,6 +17,7 @@ import anyio
 from litestar import Litestar
 
 from app.media import new_image_client
+from app.services import Services
 from app.settings import Settings
 from scheduler.config import (
     ExecutorConfig,
@@ -105,7 +106,7 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
         scheduler = Scheduler(config)
         await scheduler.start()
         services.scheduler = scheduler
-        task_group.start_soon(_announce_readiness, scheduler, settings)
+        task_group.start_soon(_announce_readiness, scheduler, services)
         _drain_before_granian_stops(scheduler, settings)
         try:
             yield
@@ -180,8 +181,9 @@ def startup_banner(settings: Settings, base_url: str, seconds: float) -> list[st
     return lines
 
 
-async def _announce_readiness(scheduler: Scheduler, settings: Settings) -> None:
-    """The seed's startup heartbeat (PROGRESS_LOGS) and its readiness line."""
+async def _announce_readiness(scheduler: Scheduler, services: Services) -> None:
+    """The seed's startup heartbeat (PROGRESS_LOGS), its readiness line, and the tool-call format."""
+    settings: Settings = services.settings
     started = time.monotonic()
     last_line = started
     while scheduler.status == "loading":
@@ -201,6 +203,7 @@ async def _announce_readiness(scheduler: Scheduler, settings: Settings) -> None:
         log.info("[server] Ready. Health: %s", url)  # the seed's line, word for word
         for line in startup_banner(settings, base, time.monotonic() - started):
             log.log(logging.WARNING if line.startswith("warning:") else logging.INFO, "[server] %s", line)
+        services.tool_format()  # settled now (it logs which), if no request settled it first
     else:
         errors = "; ".join(f"replica {e.name}: {e.error}" for e in scheduler.executors if e.error)
         log.error("[server] Not ready (degraded). Health: %s Error: %s", url, errors or scheduler.status)

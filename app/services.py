@@ -17,6 +17,7 @@ from app.access_log import GENERATION_KEY
 from app.errors import engine_error_to_response, invalid_body
 from app.metrics import Metrics
 from app.settings import Settings
+from app.tool_calls import ToolCallFormat, select_format
 from app.translate import Translator
 from scheduler.errors import EngineError, ModelNotReadyError
 
@@ -36,11 +37,25 @@ class Services:
     metrics: Metrics
     scheduler: Scheduler | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    # The tool-call format and why it was chosen, settled once the model's chat template is known.
+    tool_calls: tuple[ToolCallFormat, str] | None = None
 
     def require_scheduler(self) -> Scheduler:
         if self.scheduler is None:
             raise ModelNotReadyError("the server is starting; retry shortly")
         return self.scheduler
+
+    def tool_format(self) -> ToolCallFormat:
+        """TOOL_CALL_PARSER's format, or with `auto` the one the model's chat template shows."""
+        if self.tool_calls is None:
+            template = self.scheduler.chat_template if self.scheduler is not None else None
+            if template is None:  # no replica loaded yet: nothing is generated with this answer
+                return select_format(self.settings.tool_call_parser, None)[0]
+            self.tool_calls = select_format(self.settings.tool_call_parser, template)
+            logging.getLogger("docoserve.server").info(
+                "[server] tool calls: %s format (%s)", self.tool_calls[0].name, self.tool_calls[1]
+            )
+        return self.tool_calls[0]
 
 
 def services(request: Request) -> Services:

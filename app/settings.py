@@ -243,6 +243,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "Connections served at once; more wait in the listen backlog",
     )] = 0
 
+    # Tool calls
+    tool_call_parser: Annotated[str, _s(
+        "TOOL_CALL_PARSER", P.choice("auto", "hermes", "llama3_json", "mistral"),
+        "Tool-call format (vLLM's names): auto = the one the model's chat template shows, Hermes when it shows none",
+        "--tool-call-parser",
+    )] = "auto"
+
     # Images
     max_images_per_request: Annotated[int, _s(
         "MAX_IMAGES_PER_REQUEST", P.integer(0), "Images per request (0 = text only)", "--max-images-per-request",

@@ -23,7 +23,7 @@ from app.schemas.generate import GenerateRequest
 from app.schemas.templates import ApplyTemplateRequest
 from app.schemas.tokenize import TokenizeRequest
 from app.settings import Settings
-from app.tool_calls import HERMES, forces_tool_calls, parser_factory
+from app.tool_calls import HERMES, ToolCallFormat, forces_tool_calls, parser_factory
 from scheduler.errors import EngineError, InvalidRequestError
 from scheduler.request import EngineRequest, GrammarSpec, PromptInput, SamplingParams
 
@@ -103,11 +103,13 @@ class Translator:
         )
 
     # -- endpoints -----------------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest, request_id: str) -> EngineRequest:
+    async def chat(
+        self, req: ChatCompletionRequest, request_id: str, tool_format: ToolCallFormat = HERMES
+    ) -> EngineRequest:
         self.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
-        grammar = _chat_grammar(req)
+        grammar = _chat_grammar(req, tool_format)
         prompt = await self.chat_prompt(
             req.messages,
             tools=req.tools if req.tool_choice != "none" else None,
@@ -343,8 +345,9 @@ def _check_size(value: Any, param: str) -> str:
     return text
 
 
-def _chat_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
-    """response_format and tool_choice -> what the output must match; None: free text."""
+def _chat_grammar(req: ChatCompletionRequest, tool_format: ToolCallFormat = HERMES) -> GrammarSpec | None:
+    """response_format and tool_choice -> what the output must match; None: free text. A schema
+    always constrains: `strict` (on a function or a json_schema) is accepted and changes nothing."""
     if req.tools:
         _check_size([_to_builtins(tool) for tool in req.tools], "tools")
     forced = forces_tool_calls(req)
@@ -378,7 +381,7 @@ def _chat_grammar(req: ChatCompletionRequest) -> GrammarSpec | None:
         )
     if forced:
         tools = [_to_builtins(tool) for tool in req.tools]
-        return HERMES.grammar(tools, only=named, parallel=req.parallel_tool_calls is not False)
+        return tool_format.grammar(tools, only=named, parallel=req.parallel_tool_calls is not False)
     return None
 
 

@@ -152,27 +152,55 @@ def _json_source(spec: GrammarSpec, what: str) -> dict:
 
 
 def tool_calls_lark(config: dict, special: dict[str, int]) -> str:
-    """Lark for `begin {"name": <a tool>, "arguments": <its parameters>} end`, once or repeated
-    with `separator` between calls. Markup that is one special token of this tokenizer (Qwen's
-    `<tool_call>`) must be written as that token: llguidance never spells a special token out of
-    plain bytes, so a quoted literal would force the model off the token it was trained on."""
-    calls = []
-    for i, tool in enumerate(config["tools"]):
-        root = "#/properties/arguments" if len(config["tools"]) == 1 else f"#/anyOf/{i}/properties/arguments"
-        parameters = tool.get("parameters") or {"type": "object"}
-        calls.append(
-            {
-                "type": "object",
-                "properties": {"name": {"const": tool["name"]}, "arguments": _reroot(parameters, root)},
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-        )
-    body = dict(calls[0]) if len(calls) == 1 else {"anyOf": calls}
-    body["x-guidance"] = JSON_STYLE
-    call = f"{_lark_literal(config['begin'], special)} %json {json.dumps(body)} {_lark_literal(config['end'], special)}"
-    repeat = f" ({_lark_literal(config['separator'], special)} call)*" if config.get("parallel", True) else ""
-    return f"start: call{repeat}\ncall: {call}\n"
+    """Lark for `prefix call (separator call)* suffix` (one call unless `parallel`), where a call
+    is `begin {"name": <a tool>, <arguments_key>: <its parameters>} end`, or with the `name_args`
+    layout `begin <a tool's name> args_marker <its parameters> end`. Markup that is one special
+    token of this tokenizer (Qwen's `<tool_call>`, Mistral's `[TOOL_CALLS]`) must be written as that
+    token: llguidance never spells a special token out of plain bytes, so a quoted literal would
+    force the model off the token it was trained on."""
+
+    def seq(*parts: str) -> str:
+        return " ".join(p for p in parts if p)
+
+    def literal(key: str) -> str:
+        return _lark_literal(config.get(key, ""), special)
+
+    tools = config["tools"]
+    if config.get("layout") == "name_args":
+        bodies = [
+            seq(
+                _lark_literal(tool["name"], special),
+                literal("args_marker"),
+                f"%json {json.dumps({**_arguments_schema(tool), 'x-guidance': JSON_STYLE})}",
+            )
+            for tool in tools
+        ]
+        body = bodies[0] if len(bodies) == 1 else "(" + " | ".join(f"({b})" for b in bodies) + ")"
+    else:
+        key = config.get("arguments_key", "arguments")
+        calls = []
+        for i, tool in enumerate(tools):
+            root = f"#/properties/{key}" if len(tools) == 1 else f"#/anyOf/{i}/properties/{key}"
+            calls.append(
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": tool["name"]},
+                        key: _reroot(_arguments_schema(tool), root),
+                    },
+                    "required": ["name", key],
+                    "additionalProperties": False,
+                }
+            )
+        schema = dict(calls[0]) if len(calls) == 1 else {"anyOf": calls}
+        schema["x-guidance"] = JSON_STYLE
+        body = f"%json {json.dumps(schema)}"
+    repeat = f"({seq(literal('separator'), 'call')})*" if config.get("parallel", True) else ""
+    return f"start: {seq(literal('prefix'), 'call', repeat, literal('suffix'))}\ncall: {seq(literal('begin'), body, literal('end'))}\n"
+
+
+def _arguments_schema(tool: dict) -> dict:
+    return tool.get("parameters") or {"type": "object"}
 
 
 def _lark_literal(text: str, special: dict[str, int]) -> str:
@@ -189,7 +217,7 @@ def _lark_literal(text: str, special: dict[str, int]) -> str:
             parts.append(json.dumps(rest[:at]))
         parts.append(f"<[{special[token]}]>")
         rest = rest[at + len(token) :]
-    return " ".join(parts) if parts else '""'
+    return " ".join(parts)
 
 
 def _reroot(schema, root: str):

@@ -17,8 +17,10 @@ class GrammarSpec:
 
     `source` is the JSON schema as JSON text (json_schema), a regex, an llguidance Lark grammar, or
     for tool_calls a JSON object `{"begin", "end", "separator", "tools": [{"name", "parameters"}],
-    "parallel"}`: one or more `begin {"name": ..., "arguments": ...} end` blocks (the chat format's
-    markup; the compiler binds it to the tokenizer's own tokens). Empty for json_object. `param`
+    "parallel"}` and optionally `"prefix"`, `"suffix"`, `"arguments_key"` and `"layout": "name_args"`
+    with `"args_marker"`: one or more `begin {"name": ..., "arguments": ...} end` blocks (or `begin
+    name args_marker {...} end`) between prefix and suffix, in the chat format's markup (the compiler
+    binds it to the tokenizer's own tokens; `models.grammar.tool_calls_lark`). Empty for json_object. `param`
     names the request field it came from, for error messages only.
     """
 

@@ -199,6 +199,44 @@ _CHAT_TEMPLATE = r"""{%- macro render(content) -%}
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"""
 
 
+# Mistral's format (v3 tokenizer, as Mistral 7B v0.3 and Nemo): [INST] turns, the tools before the
+# last user turn, calls as a JSON list after [TOOL_CALLS], results in [TOOL_RESULTS]. Tool-call ids
+# must be Mistral's 9 letters and digits, as in the real templates.
+MISTRAL_TOKENS = (
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_CALLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+)
+MISTRAL_CHAT_TEMPLATE = r"""{%- if messages and messages[0].role == 'system' -%}
+{%- set system = messages[0].content -%}{%- set loop_messages = messages[1:] -%}
+{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}
+{%- set last_user = namespace(index=-1) -%}
+{%- for message in loop_messages -%}{%- if message.role == 'user' -%}{%- set last_user.index = loop.index0 -%}{%- endif -%}{%- endfor -%}
+{%- for message in loop_messages -%}
+{%- if message.role == 'user' -%}
+{%- if tools and loop.index0 == last_user.index -%}{{- '[AVAILABLE_TOOLS]' + tools | tojson + '[/AVAILABLE_TOOLS]' -}}{%- endif -%}
+{{- '[INST]' -}}{%- if system is defined and loop.index0 == last_user.index -%}{{- system + '\n\n' -}}{%- endif -%}
+{{- message.content + '[/INST]' -}}
+{%- elif message.role == 'assistant' and message.tool_calls -%}
+{{- '[TOOL_CALLS][' -}}
+{%- for call in message.tool_calls -%}
+{%- if call.id is not string or call.id | length != 9 -%}{{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') -}}{%- endif -%}
+{{- {'name': call.function.name, 'arguments': call.function.arguments, 'id': call.id} | tojson -}}
+{%- if not loop.last -%}{{- ', ' -}}{%- endif -%}
+{%- endfor -%}
+{{- ']' + eos_token -}}
+{%- elif message.role == 'assistant' -%}
+{{- message.content + eos_token -}}
+{%- elif message.role == 'tool' -%}
+{{- '[TOOL_RESULTS]' + {'content': message.content, 'call_id': message.tool_call_id} | tojson + '[/TOOL_RESULTS]' -}}
+{%- endif -%}
+{%- endfor -%}"""
+
+
 def chat_template(image_token: str | None) -> str:
     """The ChatML template; image parts become `image_token`, or an error when it is None."""
     placeholder = (
@@ -268,12 +306,15 @@ def build_text_model(
     vocab_size: int = 1024,
     seed: int = 0,
     sliding_window: int | None = None,
+    template: str | None = None,
+    extra_special: tuple[str, ...] = (),
 ) -> Path:
-    """A random-weight CausalLM (llama, qwen2 or mistral) with a trained ChatML tokenizer."""
+    """A random-weight CausalLM (llama, qwen2 or mistral) with a trained tokenizer and, unless
+    `template` says otherwise, the ChatML chat template."""
     out = Path(out_dir)
-    tokenizer = build_tokenizer(vocab_size, seed=seed)
+    tokenizer = build_tokenizer(vocab_size, seed=seed, extra_special=extra_special)
     tokenizer.model_max_length = max_position_embeddings
-    tokenizer.chat_template = chat_template(None)
+    tokenizer.chat_template = template or chat_template(None)
     config = _text_config(
         arch,
         tokenizer=tokenizer,
@@ -358,7 +399,19 @@ def build_vlm_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
-BUILTIN_MODELS: dict[str, Callable[..., Path]] = {"tiny": build_text_model, "tiny-vlm": build_vlm_model}
+def build_mistral_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """builtin:tiny speaking Mistral's chat format, its markers special tokens as in Mistral's
+    tokenizers (a server picks the `mistral` tool-call format from the template)."""
+    return build_text_model(
+        out_dir, arch="mistral", seed=seed, template=MISTRAL_CHAT_TEMPLATE, extra_special=MISTRAL_TOKENS
+    )
+
+
+BUILTIN_MODELS: dict[str, Callable[..., Path]] = {
+    "tiny": build_text_model,
+    "tiny-vlm": build_vlm_model,
+    "tiny-mistral": build_mistral_model,
+}
 
 
 def ensure_builtin(name: str, cache_dir: str | Path) -> Path:

@@ -342,6 +342,12 @@ class Scheduler:
         return replica.loaded.max_context if replica is not None else None
 
     @property
+    def chat_template(self) -> str | None:
+        """The model's chat template ("" when it has none); None until a replica has loaded."""
+        replica = self.ready_replica
+        return (replica.loaded.chat_template or "") if replica is not None else None
+
+    @property
     def is_vision(self) -> bool | None:
         replica = self.ready_replica
         return replica.loaded.is_vision if replica is not None else None

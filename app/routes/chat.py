@@ -38,11 +38,12 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
     data, svc, tracker = call.data, call.svc, call.tracker
     with tracker.failures():
         scheduler = svc.require_scheduler()
-        engine_request = await svc.translator.chat(data, call.request_id)
+        tool_format = svc.tool_format()
+        engine_request = await svc.translator.chat(data, call.request_id, tool_format)
         stream = await scheduler.submit(engine_request)
     model = svc.settings.model_name
     headers = warning_headers(stream.warnings)
-    tool_parser = parser_factory(data)
+    tool_parser = parser_factory(data, tool_format)
 
     if data.stream:
         chunk = partial(

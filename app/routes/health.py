@@ -18,6 +18,7 @@ def _health(request: Request) -> Response[HealthResponse]:
     svc = services(request)
     scheduler = svc.scheduler
     status = scheduler.status if scheduler is not None else "loading"
+    tool_format = svc.tool_format() if scheduler is not None and scheduler.chat_template is not None else None
     body = HealthResponse(
         status=status,
         model=svc.settings.model_name,
@@ -25,6 +26,7 @@ def _health(request: Request) -> Response[HealthResponse]:
         uptime_s=round(time.monotonic() - scheduler.started_at, 3) if scheduler is not None else 0.0,
         replicas=scheduler.replica_stats() if scheduler is not None else [],
         source=None if svc.settings.redact_source else svc.settings.model_path,
+        tool_call_parser=tool_format.name if tool_format is not None else None,
     )
     return Response(body, status_code=200 if status == "ready" else 503)
 

@@ -78,6 +78,8 @@ class FunctionDefinition(msgspec.Struct):
     name: str
     description: str | None = None
     parameters: JSONObject | None = None
+    # Accepted; forced calls (tool_choice required or named) always follow `parameters` by
+    # constrained decoding, strict or not.
     strict: bool | None = None
 
 
@@ -99,7 +101,7 @@ class JsonSchemaFormat(msgspec.Struct):
     name: str = "response"
     schema: JSONObject | None = None
     description: str | None = None
-    strict: bool | None = None
+    strict: bool | None = None  # accepted; the schema is always enforced by constrained decoding
 
 
 class ResponseFormat(msgspec.Struct):

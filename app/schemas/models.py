@@ -27,3 +27,4 @@ class HealthResponse(msgspec.Struct):
     uptime_s: float
     replicas: list[dict[str, Any]]
     source: str | None = None
+    tool_call_parser: str | None = None  # known once the model has loaded

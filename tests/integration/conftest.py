@@ -14,6 +14,8 @@ shared, so each built-in model is built once per session.
   vlm_fetch_server  builtin:tiny-vlm for remote-image tests: loopback (127.0.0.0/8) reachable while
                every other private range stays refused, 2 s fetch timeout, 1 MiB per image, at most
                3 images per request, images resized to 256 px at most.
+  mistral_server  builtin:tiny-mistral: Mistral's chat template, whose `[TOOL_CALLS]` marker (a
+               special token) makes the server pick the mistral tool-call format by itself.
 
 A failing test gets the tail of each server log it used appended to its report.
 """
@@ -55,6 +57,7 @@ VLM_FETCH_MAX_IMAGE_BYTES = 1024 * 1024
 VLM_FETCH_MAX_IMAGES = 3
 VLM_FETCH_MAX_IMAGE_SIZE = 256
 VLM_FETCH_TIMEOUT_S = 2
+MISTRAL_MODEL_NAME = "mistral-tools"
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,13 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             "MAX_IMAGES_PER_REQUEST": str(VLM_FETCH_MAX_IMAGES),
             "MAX_IMAGE_SIZE": str(VLM_FETCH_MAX_IMAGE_SIZE),
         },
+    ),
+    # TOOL_CALL_PARSER left at auto: the chat template decides.
+    "mistral_server": ServerSpec(
+        model_path="builtin:tiny-mistral",
+        model_name=MISTRAL_MODEL_NAME,
+        api_key=None,
+        env={"MODEL_NAME": MISTRAL_MODEL_NAME, "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "64"},
     ),
 }
 
@@ -350,6 +360,11 @@ def edge_server(server_launcher: Launcher) -> Server:
 @pytest.fixture(scope="session")
 def vlm_fetch_server(server_launcher: Launcher) -> Server:
     return server_launcher.get("vlm_fetch_server")
+
+
+@pytest.fixture(scope="session")
+def mistral_server(server_launcher: Launcher) -> Server:
+    return server_launcher.get("mistral_server")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -255,3 +255,9 @@ def test_invalid_formats_and_tool_choices_are_400s(text_server: Server, extra, p
     with text_server.http() as http:
         response = http.post("/v1/chat/completions", json=chat_body("hi", **extra))
     assert_openai_error(response, 400, param=param)
+
+
+def test_chatml_models_get_the_hermes_format(text_server: Server) -> None:
+    with text_server.http() as http:
+        assert http.get("/health").json()["tool_call_parser"] == "hermes"
+    assert "tool calls: hermes format (from the chat template)" in text_server.log_path.read_text()

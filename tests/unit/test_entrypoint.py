@@ -173,6 +173,11 @@ def test_help_lists_every_flag_and_env_var() -> None:
         (["--port", "0x"], {}, "--port / PORT: '0x'"),
         (["--max-batch-size", "0"], {}, "--max-batch-size / MAX_BATCH_SIZE: '0'"),
         (["--debug", "maybe"], {}, "--debug / DEBUG: 'maybe'"),
+        (
+            ["--tool-call-parser", "pythonic"],
+            {},
+            "--tool-call-parser / TOOL_CALL_PARSER: 'pythonic' (choose auto, hermes, llama3_json, mistral)",
+        ),
         ([], {"DTYPE": "fp8"}, "--dtype / DTYPE: 'fp8'"),
         ([], {"MAX_CONTEXT_TOKENS": "x"}, "invalid MAX_CONTEXT_TOKENS: 'x'"),
         ([], {"SHUTDOWN_GRACE_S": "-1"}, "invalid SHUTDOWN_GRACE_S: '-1'"),

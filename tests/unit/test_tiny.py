@@ -24,6 +24,7 @@ from models.tiny import (
     IM_END,
     IM_START,
     IMAGE_TOKEN,
+    MISTRAL_CHAT_TEMPLATE,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     VLM_IMAGE_TOKENS,
@@ -122,6 +123,33 @@ def test_chat_template_renders_tools_and_all_roles(tokenizer) -> None:
         plain
         == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
     )
+
+
+def test_mistral_template_renders_tools_calls_and_results(tokenizer) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    call = {
+        "id": "abcDEF123",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+    }
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": "sunny"},
+        {"role": "user", "content": "Thanks"},
+    ]
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, chat_template=MISTRAL_CHAT_TEMPLATE
+    )
+    assert text == (
+        '[INST]Weather?[/INST][TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, '
+        '"id": "abcDEF123"}]<|im_end|>[TOOL_RESULTS]{"content": "sunny", "call_id": "abcDEF123"}[/TOOL_RESULTS]'
+        "[AVAILABLE_TOOLS]" + json.dumps(tools) + "[/AVAILABLE_TOOLS][INST]Be brief.\n\nThanks[/INST]"
+    )
+    messages[2]["tool_calls"] = [{**call, "id": "call_0123456789"}]
+    with pytest.raises(Exception, match="length 9"):
+        tokenizer.apply_chat_template(messages, tokenize=False, chat_template=MISTRAL_CHAT_TEMPLATE)
 
 
 def test_text_template_refuses_images(tokenizer) -> None:

@@ -4,10 +4,8 @@
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
 
-A `ToolCallFormat` knows the markup. It builds the grammar that forces calls (tool_choice
-"required" or a named function) and the parser that turns output text into OpenAI deltas:
-`content` text, then per call a header (`id`, `name`, `arguments: ""`) and argument fragments.
-Markup and the whitespace around it are never content. A block that is not a call (bad JSON, no
+Calls may sit anywhere in the text, between pieces of content. Markup and the whitespace around
+it are never content. A block that is not a call (bad JSON, no
 name) stays in the content as written.
 
 The parser is incremental and the non-streamed answer is the same parser fed the whole text, so
@@ -18,25 +16,26 @@ as soon as it is complete. Unconstrained ("auto") calls are checked whole, at th
 
 from __future__ import annotations
 
-import functools
 import json
-import re
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from app.schemas.chat import ChatCompletionRequest, NamedToolChoice
-from scheduler.request import GrammarSpec
-
-# The Hermes layout: `{"name": "...", "arguments": ` with the arguments value right behind it.
-_HEADER = re.compile(
-    r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)'
+from app.tool_calls.common import (
+    HEADER,
+    Delta,
+    ToolCallDelta,
+    call_from_object,
+    grammar_spec,
+    json_string,
+    openai_call_id,
+    partial_suffix,
 )
+from scheduler.request import GrammarSpec
 
 
 @dataclass(frozen=True)
-class ToolCallFormat:
+class HermesFormat:
+    name: str = "hermes"
     open_tag: str = "<tool_call>"
     close_tag: str = "</tool_call>"
 
@@ -45,69 +44,18 @@ class ToolCallFormat:
     ) -> GrammarSpec:
         """One call (of `only`, when named) or, with `parallel`, one or more, laid out as the
         chat template renders them."""
-        chosen = [
-            {"name": f["name"], "parameters": f.get("parameters")}
-            for f in (tool["function"] for tool in tools)
-            if only is None or f["name"] == only
-        ]
-        config = {
-            "begin": self.open_tag + "\n",
-            "end": "\n" + self.close_tag,
-            "separator": "\n",
-            "tools": chosen,
-            "parallel": parallel and only is None,
-        }
-        return GrammarSpec("tool_calls", json.dumps(config), param="tools")
+        layout = {"begin": self.open_tag + "\n", "end": "\n" + self.close_tag, "separator": "\n"}
+        return grammar_spec(tools, only, parallel, **layout)
 
-    def parser(self, *, stream_arguments: bool = False) -> ToolCallParser:
-        return ToolCallParser(self, stream_arguments=stream_arguments)
+    def parser(self, *, stream_arguments: bool = False) -> HermesParser:
+        return HermesParser(self, stream_arguments=stream_arguments)
 
 
-HERMES = ToolCallFormat()
+HERMES = HermesFormat()
 
 
-def forces_tool_calls(req: ChatCompletionRequest) -> bool:
-    return req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
-
-
-def parser_factory(req: ChatCompletionRequest) -> Callable[[], ToolCallParser] | None:
-    """How this request's output is read: None for plain content (no tools offered, tool_choice
-    "none", or a JSON response_format, which leaves no room for calls)."""
-    if not req.tools or req.tool_choice == "none":
-        return None
-    if req.response_format is not None and req.response_format.type != "text":
-        return None
-    return functools.partial(HERMES.parser, stream_arguments=forces_tool_calls(req))
-
-
-@dataclass
-class ToolCallDelta:
-    """One OpenAI `delta.tool_calls[]` entry: the header carries id and name, fragments only
-    arguments."""
-
-    index: int
-    arguments: str = ""
-    id: str | None = None
-    name: str | None = None
-
-    def payload(self) -> dict[str, Any]:
-        if self.id is None:
-            return {"index": self.index, "function": {"arguments": self.arguments}}
-        function = {"name": self.name, "arguments": self.arguments}
-        return {"index": self.index, "id": self.id, "type": "function", "function": function}
-
-
-Delta = str | ToolCallDelta  # a str is content
-
-
-@dataclass
-class ParsedMessage:
-    content: str | None
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-
-
-class ToolCallParser:
-    def __init__(self, fmt: ToolCallFormat, *, stream_arguments: bool) -> None:
+class HermesParser:
+    def __init__(self, fmt: HermesFormat, *, stream_arguments: bool) -> None:
         self.fmt = fmt
         self.stream_arguments = stream_arguments
         self.num_calls = 0
@@ -128,7 +76,7 @@ class ToolCallParser:
             if not self._in_call:
                 at = self._buffer.find(self.fmt.open_tag)
                 if at < 0:
-                    keep = _partial_suffix(self._buffer, self.fmt.open_tag)
+                    keep = partial_suffix(self._buffer, self.fmt.open_tag)
                     self._text(self._buffer[: len(self._buffer) - keep], out, then="more")
                     self._buffer = self._buffer[len(self._buffer) - keep :]
                     return out
@@ -141,7 +89,7 @@ class ToolCallParser:
                 if self.stream_arguments and self._open_header(self._buffer, out):
                     # Hold back what may still turn out to be the call's closing brace or end tag.
                     raw = self._buffer[self._args_start :]
-                    raw = raw[: len(raw) - _partial_suffix(raw, self.fmt.close_tag)]
+                    raw = raw[: len(raw) - partial_suffix(raw, self.fmt.close_tag)]
                     self._send_arguments(_strip_wrapper(raw), out)
                 return out
             body = self._buffer[:at]
@@ -181,11 +129,11 @@ class ToolCallParser:
     def _open_header(self, text: str, out: list[Delta]) -> bool:
         """Send the call's header once `{"name": ..., "arguments": ` is complete; True once sent."""
         if self._args_start is None:
-            header = _HEADER.match(text)
-            name = _json_string(header.group(1)) if header else None
+            header = HEADER.match(text)
+            name = json_string(header.group(1)) if header else None
             if name is None:
                 return False
-            out.append(ToolCallDelta(self.num_calls, id=_call_id(), name=name))
+            out.append(ToolCallDelta(self.num_calls, id=openai_call_id(), name=name))
             self._args_start = header.end()
         return True
 
@@ -200,7 +148,7 @@ class ToolCallParser:
             self._in_call = self._after_call = False
             return
         name, arguments = call
-        out.append(ToolCallDelta(self.num_calls, id=_call_id(), name=name))
+        out.append(ToolCallDelta(self.num_calls, id=openai_call_id(), name=name))
         if arguments:
             out.append(ToolCallDelta(self.num_calls, arguments))
         self._end_call()
@@ -218,34 +166,6 @@ class ToolCallParser:
         self._args_sent = 0
 
 
-def finish_reason_for(engine_reason: str | None, num_calls: int) -> str | None:
-    """OpenAI says "tool_calls" when the model stopped after calling; a cut ("length") stays."""
-    return "tool_calls" if num_calls and engine_reason == "stop" else engine_reason
-
-
-def parse_message(text: str, parser: ToolCallParser) -> ParsedMessage:
-    """A whole completion -> content (None when only calls remain) and OpenAI `tool_calls`."""
-    content = ""
-    calls: list[dict[str, Any]] = []
-    for delta in [*parser.feed(text), *parser.finish()]:
-        if isinstance(delta, str):
-            content += delta
-        elif delta.id is not None:
-            function = {"name": delta.name, "arguments": delta.arguments}
-            calls.append({"id": delta.id, "type": "function", "function": function})
-        else:
-            calls[delta.index]["function"]["arguments"] += delta.arguments
-    return ParsedMessage(content or None, calls)
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that could be the start of `tag`."""
-    for size in range(min(len(text), len(tag) - 1), 0, -1):
-        if text.endswith(tag[:size]):
-            return size
-    return 0
-
-
 def _strip_wrapper(raw: str) -> str:
     """The arguments value from what follows the header: without the call object's closing brace
     and the layout around it. Applied to any prefix of the final text, the result is a prefix of
@@ -258,23 +178,6 @@ def _strip_wrapper(raw: str) -> str:
 
 def _whole_call(body: str) -> tuple[str, str] | None:
     try:
-        call = json.loads(body)
+        return call_from_object(json.loads(body))
     except ValueError:
         return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
-    arguments = call.get("arguments", call.get("parameters", {}))
-    if isinstance(arguments, str):  # some models send the arguments already encoded
-        return call["name"], arguments
-    return call["name"], json.dumps(arguments, ensure_ascii=False)
-
-
-def _json_string(escaped: str) -> str | None:
-    try:
-        return json.loads(f'"{escaped}"')
-    except ValueError:
-        return None
-
-
-def _call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
