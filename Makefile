@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install serve lint test test-quick test-unit test-integration fuzz bench gpu-check clean
+.PHONY: install serve lint test test-quick test-unit test-integration fuzz bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -49,9 +49,22 @@ bench: install
 	$(PY) -m bench.compare $(ARGS)
 
 # On a GPU machine (under 8 minutes on one card): GPU-marked tests, bench/gpu.py, one JSON summary
-# in bench/results/. Without a GPU it says so and exits 0.
-gpu-check: install
-	$(PY) -m bench.gpu_check $(ARGS)
+# in bench/results/. Without a GPU it says so and exits 0. It uses .venv when there is one, else
+# the machine's python3 (a GPU image that has CUDA torch but no route to a package index), with
+# the server's other dependencies from the wheels `make gpu-wheels` put in .whl/.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	@if [ ! -x $(PY) ] && [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl; fi
+	PYTHONPATH=/tmp/site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check $(ARGS)
+
+# Wheels (CPython 3.12, x86-64 Linux) of what a torch GPU image lacks, for `make gpu-check` there.
+GPU_WHEELS := transformers==5.23.0 tokenizers==0.23.3 huggingface_hub==2.4.0 litestar==2.25.0 \
+	litestar-htmx==0.5.0 msgspec==0.22.0 granian==2.8.7 llguidance==1.9.1 polyfactory==3.5.0 faker==40.63.0 \
+	multipart==2.0.1 rich-click==1.9.9 anyio==4.16.0
+GPU_PLATFORMS := $(foreach n,17 24 27 28 31 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) --platform any -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
