@@ -216,7 +216,9 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: other replicas' threads and the prompt-preparation lanes keep using CUDA
+        # (copies, allocations) while this thread captures; "global" would make those calls fail.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             bucket.logits = self._run(bucket)
         bucket.graph = graph
         self.captured += 1
