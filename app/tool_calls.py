@@ -72,10 +72,10 @@ def forces_tool_calls(req: ChatCompletionRequest) -> bool:
 
 def parser_factory(req: ChatCompletionRequest) -> Callable[[], ToolCallParser] | None:
     """How this request's output is read: None for plain content (no tools offered, tool_choice
-    "none", or a JSON response_format, which leaves no room for calls)."""
+    "none", or an output constraint such as a JSON response_format, which leaves no room for calls)."""
     if not req.tools or req.tool_choice == "none":
         return None
-    if req.response_format is not None and req.response_format.type != "text":
+    if req.constrains_output():
         return None
     return functools.partial(HERMES.parser, stream_arguments=forces_tool_calls(req))
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from app.schemas.common import ChoiceLogprobs, JSONObject, StreamOptions, Usage
+from app.schemas.structured import StructuredFields
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -95,21 +96,9 @@ class NamedToolChoice(msgspec.Struct):
     type: Literal["function"] = "function"
 
 
-class JsonSchemaFormat(msgspec.Struct):
-    name: str = "response"
-    schema: JSONObject | None = None
-    description: str | None = None
-    strict: bool | None = None
-
-
-class ResponseFormat(msgspec.Struct):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class SamplingFields(msgspec.Struct, kw_only=True):
+class SamplingFields(StructuredFields, kw_only=True):
     """Fields chat and completions requests share: OpenAI's, then those peers accept beyond
-    OpenAI's (vLLM, SGLang, TGI)."""
+    OpenAI's (vLLM, SGLang, TGI); the output constraints come from `StructuredFields`."""
 
     model: str | None = None
     temperature: Temperature | None = None
@@ -145,7 +134,6 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
