@@ -11,6 +11,7 @@ detokenizer has to survive. Weights are random, so output is noise, but determin
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import shutil
@@ -268,12 +269,15 @@ def build_text_model(
     vocab_size: int = 1024,
     seed: int = 0,
     sliding_window: int | None = None,
+    with_chat_template: bool = True,
 ) -> Path:
-    """A random-weight CausalLM (llama, qwen2 or mistral) with a trained ChatML tokenizer."""
+    """A random-weight CausalLM (llama, qwen2 or mistral) with a trained ChatML tokenizer; without
+    `with_chat_template`, a base model: the tokenizer has no chat template at all."""
     out = Path(out_dir)
     tokenizer = build_tokenizer(vocab_size, seed=seed)
     tokenizer.model_max_length = max_position_embeddings
-    tokenizer.chat_template = chat_template(None)
+    if with_chat_template:
+        tokenizer.chat_template = chat_template(None)
     config = _text_config(
         arch,
         tokenizer=tokenizer,
@@ -358,7 +362,12 @@ def build_vlm_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
-BUILTIN_MODELS: dict[str, Callable[..., Path]] = {"tiny": build_text_model, "tiny-vlm": build_vlm_model}
+BUILTIN_MODELS: dict[str, Callable[..., Path]] = {
+    "tiny": build_text_model,
+    # `tiny` without a chat template, as base models ship.
+    "tiny-base": functools.partial(build_text_model, with_chat_template=False),
+    "tiny-vlm": build_vlm_model,
+}
 
 
 def ensure_builtin(name: str, cache_dir: str | Path) -> Path:
