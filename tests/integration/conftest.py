@@ -14,6 +14,8 @@ shared, so each built-in model is built once per session.
   vlm_fetch_server  builtin:tiny-vlm for remote-image tests: loopback (127.0.0.0/8) reachable while
                every other private range stays refused, 2 s fetch timeout, 1 MiB per image, at most
                3 images per request, images resized to 256 px at most.
+  base_server  builtin:tiny-base, a model without a chat template: chat is refused, raw prompts work.
+  template_server  builtin:tiny-base given `chat_template.jinja` (beside this file) by --chat-template.
 
 A failing test gets the tail of each server log it used appended to its report.
 """
@@ -55,6 +57,7 @@ VLM_FETCH_MAX_IMAGE_BYTES = 1024 * 1024
 VLM_FETCH_MAX_IMAGES = 3
 VLM_FETCH_MAX_IMAGE_SIZE = 256
 VLM_FETCH_TIMEOUT_S = 2
+CHAT_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,19 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             "MAX_IMAGES_PER_REQUEST": str(VLM_FETCH_MAX_IMAGES),
             "MAX_IMAGE_SIZE": str(VLM_FETCH_MAX_IMAGE_SIZE),
         },
+    ),
+    "base_server": ServerSpec(
+        model_path="builtin:tiny-base",
+        model_name="base",
+        api_key=None,
+        env={"MODEL_NAME": "base", "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "16"},
+    ),
+    "template_server": ServerSpec(
+        model_path="builtin:tiny-base",
+        model_name="templated",
+        api_key=None,
+        flags=("--chat-template", str(CHAT_TEMPLATE_PATH)),
+        env={"MODEL_NAME": "templated", "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "16"},
     ),
 }
 
@@ -350,6 +366,16 @@ def edge_server(server_launcher: Launcher) -> Server:
 @pytest.fixture(scope="session")
 def vlm_fetch_server(server_launcher: Launcher) -> Server:
     return server_launcher.get("vlm_fetch_server")
+
+
+@pytest.fixture(scope="session")
+def base_server(server_launcher: Launcher) -> Server:
+    return server_launcher.get("base_server")
+
+
+@pytest.fixture(scope="session")
+def template_server(server_launcher: Launcher) -> Server:
+    return server_launcher.get("template_server")
 
 
 @pytest.hookimpl(wrapper=True)

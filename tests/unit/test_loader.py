@@ -189,3 +189,9 @@ def test_logs_never_show_the_source(tiny_text_path: Path, caplog: pytest.LogCapt
         load_model(LoadSpec(source=str(tiny_text_path)))
     messages = [r.getMessage() for r in caplog.records if r.name == "models.loader"]
     assert messages and not any(str(tiny_text_path) in m for m in messages)
+
+
+def test_a_configured_chat_template_replaces_the_checkpoints(builtin_cache: str) -> None:
+    loaded = load_model(LoadSpec(source="builtin:tiny", cache_dir=builtin_cache, chat_template="{{ 'X' }}"))
+    assert loaded.chat_template == "{{ 'X' }}"
+    assert "chat_template=from --chat-template" in loaded.decisions
