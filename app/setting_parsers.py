@@ -135,7 +135,7 @@ def _chat_template(raw: str) -> str:
     return text
 
 
-chat_template = Parser(_chat_template, "an inline Jinja template (contains { or %), or a file path")
+chat_template = Parser(_chat_template, "inline when it contains { or %, else a file path")
 
 
 def _api_key(raw: str) -> str | None:

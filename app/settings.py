@@ -80,8 +80,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_revision: Annotated[str | None, _s("MODEL_REVISION", P.text, "Hub branch, tag or commit to pin", "--revision")] = None
     chat_template: Annotated[str | None, _s(
         "CHAT_TEMPLATE", P.chat_template,
-        "Chat template replacing the model's, or supplying one to a model without (chat is refused then, "
-        "unless the model has its own prompt format)",
+        "Jinja chat template replacing the model's; without it, a model with neither a template nor a "
+        "prompt format of its own refuses chat (400)",
         "--chat-template",
     )] = None
     trust_remote_code: Annotated[bool, _s(
