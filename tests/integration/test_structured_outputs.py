@@ -244,3 +244,13 @@ def test_fields_that_change_nothing_are_accepted(text_server: Server) -> None:
         response = http.post("/v1/chat/completions", json={"messages": user(), "max_tokens": 4, **extra})
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "ok"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_streamed_request_with_an_invalid_constraint_is_a_400_before_any_event(
+    text_server: Server, path: str
+) -> None:
+    body = {"max_tokens": 4, "stream": True, "structured_outputs": {"regex": "(("}}
+    body.update({"messages": user()} if path == "/v1/chat/completions" else {"prompt": "hi"})
+    with text_server.http() as http:
+        assert_openai_error(http.post(path, json=body), 400, param="structured_outputs.regex")
