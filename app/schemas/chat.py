@@ -7,6 +7,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from app.schemas.common import ChoiceLogprobs, JSONObject, StreamOptions, Usage
+
+# response_format's types are re-exported: chat requests are where clients know them from.
+from app.schemas.structured import JsonSchemaFormat as JsonSchemaFormat
+from app.schemas.structured import ResponseFormat as ResponseFormat
 from app.schemas.structured import StructuredFields
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
