@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import llguidance
 import llguidance.hf
 import torch
+from llguidance.gbnf_to_lark import any_to_lark
 from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
 from models.errors import InvalidRequestError
@@ -140,12 +141,21 @@ def _grammar_text(spec: GrammarSpec, special: dict[str, int]) -> str:
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.source)
     if spec.kind == "lark":
-        return llguidance.LLMatcher.grammar_from_lark(spec.source)
+        return llguidance.LLMatcher.grammar_from_lark(_as_lark(spec))
     if spec.kind == "tool_calls":
         return llguidance.LLMatcher.grammar_from_lark(
             tool_calls_lark(_json_source(spec, "tool definition"), special)
         )
     raise InvalidRequestError(f"unknown grammar kind '{spec.kind}'", param=spec.param)
+
+
+def _as_lark(spec: GrammarSpec) -> str:
+    """A client's grammar in Lark, or in GBNF (llama.cpp's EBNF, what vLLM's default backend takes),
+    converted by llguidance's own translator."""
+    try:
+        return any_to_lark(spec.source)
+    except Exception as exc:  # the converter raises bare Exceptions for unknown rules
+        raise InvalidRequestError(_invalid(spec, str(exc)), param=spec.param) from None
 
 
 def _json_source(spec: GrammarSpec, what: str) -> dict:

@@ -27,6 +27,7 @@ CITY = {
 }
 REGEX = r"[0-9]{3}-[a-z]{2}"
 LARK = 'start: ("yes" | "no") " " NUM\nNUM: /[0-9]{1,2}/'
+GBNF = 'root ::= ("yes" | "no") " " [0-9] [0-9]?'  # llama.cpp's GBNF, vLLM's default grammar syntax
 LARK_OUTPUT = r"(yes|no) [0-9]{1,2}"
 
 
@@ -110,8 +111,8 @@ def test_json_schema(text_server: Server, endpoint: str, stream: bool, fields: d
 @pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
 @pytest.mark.parametrize(
     "fields",
-    [{"guided_grammar": LARK}, {"structured_outputs": {"grammar": LARK}}],
-    ids=["guided_grammar", "structured_outputs.grammar"],
+    [{"guided_grammar": LARK}, {"guided_grammar": GBNF}, {"structured_outputs": {"grammar": LARK}}],
+    ids=["guided_grammar", "guided_grammar-gbnf", "structured_outputs.grammar"],
 )
 def test_lark_grammar(text_server: Server, endpoint: str, stream: bool, fields: dict) -> None:
     for text in ENDPOINTS[endpoint](text_server, stream, n=2, **fields):

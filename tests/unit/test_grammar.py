@@ -232,9 +232,11 @@ def test_regex_and_lark_outputs_match(replica):
     for text, _ in generate(replica, params, n=3):
         assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text), text
     lark = 'start: "yes" | "no" " " NUM\nNUM: /[0-9]/'
-    params = SamplingParams(max_tokens=16, temperature=1.0, seed=2, grammar=GrammarSpec("lark", lark))
-    for text, _ in generate(replica, params, n=3):
-        assert re.fullmatch(r"yes|no [0-9]", text), text
+    gbnf = 'root ::= "yes" | "no" " " [0-9]'  # llama.cpp's GBNF, as vLLM's default backend takes
+    for grammar in (lark, gbnf):
+        params = SamplingParams(max_tokens=16, temperature=1.0, seed=2, grammar=GrammarSpec("lark", grammar))
+        for text, _ in generate(replica, params, n=3):
+            assert re.fullmatch(r"yes|no [0-9]", text), text
 
 
 def test_whitespace_pattern_is_the_only_whitespace_between_json_tokens(replica):
@@ -273,6 +275,8 @@ def test_whitespace_pattern_is_the_only_whitespace_between_json_tokens(replica):
             GrammarSpec("lark", "start: nowhere", param="structured_outputs.grammar"),
             "structured_outputs.grammar",
         ),
+        (GrammarSpec("lark", "root ::= nowhere", param="guided_grammar"), "guided_grammar"),
+        (GrammarSpec("lark", "root ::= (", param="guided_grammar"), "guided_grammar"),
         (GrammarSpec("json_schema", "not json", param="guided_json"), "guided_json"),
         (GrammarSpec("json_object", whitespace_pattern="[", param="guided_json"), "guided_json"),
         (HERMES.grammar([{"function": {"name": "f", "parameters": {"type": "nonsense"}}}]), "tools"),
