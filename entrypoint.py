@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs: dict = {
             "dest": field,
             "metavar": "BOOL" if setting.parse.is_bool else setting.env[0],
-            "help": flag_help(field),
+            "help": flag_help(field).replace("%", "%%"),  # argparse formats help with %
         }
         if setting.parse.is_bool:
             # `--debug` alone means true; `--debug false` is accepted like the spec's examples.

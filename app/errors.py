@@ -58,6 +58,7 @@ HTTP_CODES: dict[int, tuple[str, str, str]] = {
 
 _PATH_IN_MESSAGE = re.compile(r" - at `\$\.?([^`]*)`")
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `([^`]+)`")
 
 
 def error_body(
@@ -133,6 +134,9 @@ def invalid_body(exc: msgspec.ValidationError) -> InvalidRequestError:
     if match:
         param = match.group(1) or None
         text = text[: match.start()]
+    unknown = _UNKNOWN_FIELD.search(text)
+    if unknown:  # the refused field itself, not the object holding it
+        param = f"{param}.{unknown.group(1)}" if param else unknown.group(1)
     return InvalidRequestError(f"invalid request: {text}" + (f" (at {param})" if param else ""), param=param)
 
 
@@ -168,13 +172,13 @@ def _describe_validation(exc: ValidationException) -> tuple[str, str | None]:
         return "the request body is empty: send a JSON object", None
     # Litestar strips msgspec's " - at `$.x`" suffix and reports the path as `key` ("data" = the body).
     param = key if isinstance(key, str) and key != "data" else None
-    missing = _MISSING_FIELD.search(text)
-    if missing:
-        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
     match = _PATH_IN_MESSAGE.search(text)
     if match:
         param = match.group(1) or param
         text = text[: match.start()]
+    field = _MISSING_FIELD.search(text) or _UNKNOWN_FIELD.search(text)
+    if field:
+        param = f"{param}.{field.group(1)}" if param else field.group(1)
     if param:
         text = f"{text} (at {param})"
     return f"invalid request: {text}", param

@@ -58,6 +58,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
             attn_strict=settings.attn_strict,
             redact_source=settings.redact_source,
             progress=settings.progress_logs,
+            chat_template=settings.chat_template,
         ),
         devices=tuple(devices),
         replica=ReplicaConfig(

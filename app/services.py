@@ -16,6 +16,7 @@ from litestar import Request
 from app.access_log import GENERATION_KEY
 from app.errors import engine_error_to_response, invalid_body
 from app.metrics import Metrics
+from app.request_fields import check_undeclared
 from app.settings import Settings
 from app.tool_calls import ToolCallFormat, select_format
 from app.translate import Translator
@@ -92,7 +93,8 @@ async def begin(
     tracker = RequestTracker(svc, endpoint, request_id, request.scope.setdefault("state", {}))
     with tracker.failures():
         data = await strict_body(request, data_type)
-    await log_ignored_fields(request, data)
+        # Litestar caches the parsed body: no second parse.
+        check_undeclared(await request.json(), type(data).__struct_fields__, request.url.path)
     return Call(data, svc, request_id, tracker)
 
 
@@ -141,22 +143,6 @@ class RequestTracker:
         except Exception as exc:
             self.finish(getattr(exc, "status_code", 500), error=type(exc).__name__)
             raise
-
-
-async def log_ignored_fields(request: Request, data: object) -> None:
-    """Unknown request fields are accepted, as OpenAI clients expect; at debug level, say which."""
-    if not log.isEnabledFor(logging.DEBUG):
-        return
-    try:
-        body = msgspec.json.decode(await request.body())
-    except msgspec.DecodeError:
-        return
-    if isinstance(body, dict):
-        ignored = sorted(set(body) - set(type(data).__struct_fields__))
-        if ignored:
-            log.debug(
-                "%s %s: ignored unknown fields %s", request.method, request.url.path, ", ".join(ignored)
-            )
 
 
 def warning_headers(warnings: list[str]) -> dict[str, str] | None:

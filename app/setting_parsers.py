@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -106,6 +107,35 @@ def choice(*choices: str, aliases: Mapping[str, str] | None = None) -> Parser:
 
 
 text = Parser(lambda raw: raw)
+
+
+def _chat_template(raw: str) -> str:
+    """A Jinja template given inline (it contains `{` or `%`), else the path of a file holding
+    one, read now: a missing file or a syntax error stops startup, not the first chat request."""
+    text = raw
+    if "{" not in raw and "%" not in raw:
+        try:
+            with open(os.path.expanduser(raw), encoding="utf-8") as file:
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ValueError(
+                f"{show(raw)} is not a template (no '{{' or '%') and not a readable file ({reason})"
+            ) from None
+        if not text.strip():
+            raise ValueError(f"{show(raw)} is an empty file")
+    import jinja2  # only when a template is configured: --help stays fast
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(
+            f"{show(raw)} is not a valid Jinja template: {exc.message} (line {exc.lineno})"
+        ) from None
+    return text
+
+
+chat_template = Parser(_chat_template, "inline when it contains { or %, else a file path")
 
 
 def _api_key(raw: str) -> str | None:

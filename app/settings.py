@@ -78,6 +78,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "MODEL_NAME", P.text, "Model name clients must send; shown by /v1/models and the docs", "--model-name",
     )] = "model"
     model_revision: Annotated[str | None, _s("MODEL_REVISION", P.text, "Hub branch, tag or commit to pin", "--revision")] = None
+    chat_template: Annotated[str | None, _s(
+        "CHAT_TEMPLATE", P.chat_template,
+        "Jinja chat template replacing the model's; without it, a model with neither a template nor a "
+        "prompt format of its own refuses chat (400)",
+        "--chat-template",
+    )] = None
     trust_remote_code: Annotated[bool, _s(
         "TRUST_REMOTE_CODE", P.boolean, "Allow custom modeling code from the repo", "--trust-remote-code",
     )] = True

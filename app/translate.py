@@ -7,7 +7,6 @@ by URL (async, SSRF-guarded) so that nothing below the app sees a URL or a msgsp
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +22,7 @@ from app.schemas.generate import GenerateRequest
 from app.schemas.templates import ApplyTemplateRequest
 from app.schemas.tokenize import TokenizeRequest
 from app.settings import Settings
+from app.structured import check_size, output_grammar
 from app.tool_calls import HERMES, ToolCallFormat, forces_tool_calls, parser_factory
 from scheduler.errors import EngineError, InvalidRequestError
 from scheduler.request import EngineRequest, GrammarSpec, PromptInput, SamplingParams
@@ -30,8 +30,6 @@ from scheduler.request import EngineRequest, GrammarSpec, PromptInput, SamplingP
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
-# JSON schemas and tool lists: rendered into the prompt and compiled into a grammar per request.
-MAX_SCHEMA_CHARS = 256 * 1024
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}
 
 
@@ -165,6 +163,7 @@ class Translator:
             logprobs=req.logprobs,
             logit_bias=req.logit_bias,
             skip_special_tokens=req.skip_special_tokens,
+            grammar=output_grammar(req),
         )
         prompts = _completion_prompts(req.prompt, req.add_special_tokens)
         limit = self.settings.max_prompts_per_request
@@ -335,21 +334,12 @@ def _completion_prompts(prompt: str | list[PromptElement], add_special_tokens: b
     )
 
 
-def _check_size(value: Any, param: str) -> str:
-    """`value` as JSON, refused when it is too big to render or compile every request."""
-    text = json.dumps(value)
-    if len(text) > MAX_SCHEMA_CHARS:
-        raise InvalidRequestError(
-            f"{param} is {len(text)} characters of JSON; at most {MAX_SCHEMA_CHARS} are accepted", param=param
-        )
-    return text
-
-
 def _chat_grammar(req: ChatCompletionRequest, tool_format: ToolCallFormat = HERMES) -> GrammarSpec | None:
-    """response_format and tool_choice -> what the output must match; None: free text. A schema
-    always constrains: `strict` (on a function or a json_schema) is accepted and changes nothing."""
+    """The output constraint (`app.structured`) or forced tool calls in the model's format -> what
+    the output must match; None: free text. A schema always constrains: `strict` (on a function
+    or a json_schema) is accepted and changes nothing."""
     if req.tools:
-        _check_size([_to_builtins(tool) for tool in req.tools], "tools")
+        check_size(req.tools, "tools")
     forced = forces_tool_calls(req)
     if forced and not req.tools:
         raise InvalidRequestError(
@@ -361,24 +351,9 @@ def _chat_grammar(req: ChatCompletionRequest, tool_format: ToolCallFormat = HERM
             f"tool_choice names the function '{named[:64]}', which is not among the tools",
             param="tool_choice",
         )
-    response_format = req.response_format
-    if response_format is not None and response_format.type != "text":
-        if forced:
-            raise InvalidRequestError(
-                "response_format cannot be combined with tool_choice 'required' or a named function",
-                param="response_format",
-            )
-        if response_format.type == "json_object":
-            return GrammarSpec("json_object")
-        if response_format.json_schema is None or response_format.json_schema.schema is None:
-            raise InvalidRequestError(
-                "response_format of type json_schema needs json_schema.schema", param="response_format"
-            )
-        return GrammarSpec(
-            "json_schema",
-            _check_size(response_format.json_schema.schema, "response_format"),
-            param="response_format",
-        )
+    grammar = output_grammar(req, forced_tool_calls=forced)
+    if grammar is not None:
+        return grammar
     if forced:
         tools = [_to_builtins(tool) for tool in req.tools]
         return tool_format.grammar(tools, only=named, parallel=req.parallel_tool_calls is not False)

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import llguidance
 import llguidance.hf
 import torch
+from llguidance.gbnf_to_lark import any_to_lark
 from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
 from models.errors import InvalidRequestError
@@ -42,6 +43,7 @@ _WHAT = {
     "json_schema": "JSON schema",
     "regex": "regular expression",
     "lark": "grammar",
+    "choice": "choice list",
     "tool_calls": "tool definitions",
 }
 
@@ -82,7 +84,7 @@ class GrammarCompiler:
             if matcher is not None:
                 self._compiled.move_to_end(spec)
                 return matcher
-            tokenizer = self._tokenizer()
+            tokenizer = self._tokenizer(spec.param)
         # Outside the lock: compiling a large schema takes a while and releases the GIL.
         matcher = llguidance.LLMatcher(
             tokenizer, _grammar_text(spec, self._special), log_level=0, limits=self._limits
@@ -102,7 +104,7 @@ class GrammarCompiler:
                 self._compiled.popitem(last=False)
         return matcher
 
-    def _tokenizer(self) -> llguidance.LLTokenizer:
+    def _tokenizer(self, param: str) -> llguidance.LLTokenizer:
         if self._lltokenizer is None:
             try:
                 lltokenizer = llguidance.hf.from_tokenizer(
@@ -111,9 +113,9 @@ class GrammarCompiler:
             except Exception as exc:
                 log.warning("constrained decoding unavailable for this tokenizer: %s", exc)
                 raise InvalidRequestError(
-                    "structured outputs (response_format, required or named tool_choice) are not supported "
-                    "for this model's tokenizer",
-                    param="response_format",
+                    "structured outputs (response_format, guided_* and structured_outputs fields, required or "
+                    "named tool_choice) are not supported for this model's tokenizer",
+                    param=param,
                 ) from None
             added = getattr(self._hf_tokenizer, "added_tokens_decoder", {})
             self._special = {
@@ -125,20 +127,35 @@ class GrammarCompiler:
 
 def _grammar_text(spec: GrammarSpec, special: dict[str, int]) -> str:
     """The spec as an llguidance grammar; a schema that is not even JSON is the client's error."""
+    # vLLM's whitespace_pattern: exactly the whitespace it matches may come between JSON tokens.
+    style = JSON_STYLE if spec.whitespace_pattern is None else {"whitespace_pattern": spec.whitespace_pattern}
     if spec.kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_STYLE)
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=style)
     if spec.kind == "json_schema":
         schema = json.dumps(_json_source(spec, "JSON schema"))
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=style)
+    if spec.kind == "choice":
+        # Quoted literals, not a regex alternation: no escaping to get wrong, any text is literal.
+        choices = json.loads(spec.source)
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
     if spec.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec.source)
     if spec.kind == "lark":
-        return llguidance.LLMatcher.grammar_from_lark(spec.source)
+        return llguidance.LLMatcher.grammar_from_lark(_as_lark(spec))
     if spec.kind == "tool_calls":
         return llguidance.LLMatcher.grammar_from_lark(
             tool_calls_lark(_json_source(spec, "tool definition"), special)
         )
     raise InvalidRequestError(f"unknown grammar kind '{spec.kind}'", param=spec.param)
+
+
+def _as_lark(spec: GrammarSpec) -> str:
+    """A client's grammar in Lark, or in GBNF (llama.cpp's EBNF, what vLLM's default backend takes),
+    converted by llguidance's own translator."""
+    try:
+        return any_to_lark(spec.source)
+    except Exception as exc:  # the converter raises bare Exceptions for unknown rules
+        raise InvalidRequestError(_invalid(spec, str(exc)), param=spec.param) from None
 
 
 def _json_source(spec: GrammarSpec, what: str) -> dict:

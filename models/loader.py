@@ -72,6 +72,7 @@ class LoadSpec:
     device: str = "cpu"  # "cpu", "cuda:N", or GPUs joined by "+" for one replica over several
     redact_source: bool = True  # logs never show the path/hub id when true
     progress: bool = False  # the seed's `[startup][device] ...` step lines (PROGRESS_LOGS)
+    chat_template: str | None = None  # CHAT_TEMPLATE: replaces the checkpoint's (or supplies one)
 
 
 def startup_step(spec: LoadSpec, text: str) -> None:
@@ -224,10 +225,13 @@ def _load_model(spec: LoadSpec) -> LoadedModel:
         decide(
             "eos_token_ids=none (generation stops only on max_tokens or stop strings)", level=logging.WARNING
         )
-    chat_template = _chat_template(tokenizer, processor)
-    if chat_template is None:
+    chat_template = spec.chat_template or _chat_template(tokenizer, processor)
+    if spec.chat_template:
+        decide("chat_template=from --chat-template")
+    elif chat_template is None:
         decide(
-            "chat_template=none (chat prompts use the model's own format where known, else a plain fallback)",
+            "chat_template=none (chat uses the model's own prompt format where known, else is refused: "
+            "supply one with --chat-template)",
             level=logging.WARNING,
         )
 

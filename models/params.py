@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 GREEDY_BELOW = 1e-5
-GrammarKind = Literal["json_object", "json_schema", "regex", "lark", "tool_calls"]
+GrammarKind = Literal["json_object", "json_schema", "regex", "lark", "choice", "tool_calls"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,18 +15,22 @@ class GrammarSpec:
     """What the output must match; `models.grammar` compiles it (cached by value, so equal specs
     share one compiled grammar).
 
-    `source` is the JSON schema as JSON text (json_schema), a regex, an llguidance Lark grammar, or
+    `source` is the JSON schema as JSON text (json_schema), a regex, an llguidance Lark grammar, the
+    allowed outputs as a JSON list of strings (choice), or
     for tool_calls a JSON object `{"begin", "end", "separator", "tools": [{"name", "parameters"}],
     "parallel"}` and optionally `"prefix"`, `"suffix"`, `"arguments_key"` and `"layout": "name_args"`
     with `"args_marker"`: one or more `begin {"name": ..., "arguments": ...} end` blocks (or `begin
     name args_marker {...} end`) between prefix and suffix, in the chat format's markup (the compiler
-    binds it to the tokenizer's own tokens; `models.grammar.tool_calls_lark`). Empty for json_object. `param`
-    names the request field it came from, for error messages only.
+    binds it to the tokenizer's own tokens; `models.grammar.tool_calls_lark`). Empty for json_object.
+    `whitespace_pattern`: JSON kinds only, a regex for the whitespace allowed between JSON tokens
+    (None: none, items separated as `json.dumps` writes them). `param` names the request field it
+    came from, for error messages only.
     """
 
     kind: GrammarKind
     source: str = ""
     param: str = field(default="response_format", compare=False)
+    whitespace_pattern: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,9 @@ from models.params import PromptInput
 
 log = logging.getLogger(__name__)
 
-# Used only when a checkpoint ships no chat template at all (base models).
-_FALLBACK_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
+NO_TEMPLATE = (
+    "this model has no chat template, so chat messages cannot be turned into a prompt; start the server "
+    "with --chat-template, or send a raw prompt to /v1/completions"
 )
 # A template that loops over message content expects OpenAI-style part lists.
 _ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+(?:\w+\[['\"]content['\"]\]|\w+\.content)")
@@ -85,13 +84,12 @@ class PromptBuilder:
         self.rope_index = rope_index
         # A model's own prompt format serves chat when the checkpoint has no template (PaliGemma).
         self.prompt_format = traits.prompt_format if chat_template is None else None
-        self.chat_template = chat_template or _FALLBACK_TEMPLATE
-        if chat_template is None and self.prompt_format is None:
-            log.warning("the model has no chat template; chat requests use a plain 'role: content' fallback")
+        # A base model's chat is refused rather than rendered in a guessed format it never saw.
+        self.chat_template = chat_template
         self._special_pattern = _special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = _max_token_chars(tokenizer)
-        iterates = bool(_ITERATES_CONTENT.search(self.chat_template))
-        self.content_as_parts = iterates and not _CHECKS_STRING.search(self.chat_template) and self.is_vision
+        iterates = bool(_ITERATES_CONTENT.search(chat_template or ""))
+        self.content_as_parts = iterates and not _CHECKS_STRING.search(chat_template or "") and self.is_vision
         self.accepts_parts = iterates
 
     @classmethod
@@ -121,6 +119,11 @@ class PromptBuilder:
         )
 
     # -- rendering -----------------------------------------------------------------------------
+    @property
+    def can_chat(self) -> bool:
+        """Whether chat messages can become a prompt: a template, or the model's own format."""
+        return self.chat_template is not None or self.prompt_format is not None
+
     def render(self, prompt: PromptInput, *, content_chars: int | None = None) -> str:
         """The chat template applied to the messages (with the generation prompt when asked).
         `content_chars`: message content longer than this keeps only its end (whatever comes
@@ -129,6 +132,8 @@ class PromptBuilder:
             raise InvalidRequestError("messages are required", param="messages")
         if self.prompt_format == "paligemma":
             return self._paligemma_prefix(prompt, content_chars)
+        if self.chat_template is None:
+            raise InvalidRequestError(NO_TEMPLATE, param="messages")
         messages = [self._normalise_message(_tail(m, content_chars)) for m in prompt.messages]
         kwargs = dict(prompt.chat_template_kwargs)
         try:

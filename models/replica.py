@@ -263,8 +263,9 @@ def _self_test(runner: PagedRunner, loaded: LoadedModel) -> str | None:
     builder = PromptBuilder.for_model(loaded)
     try:
         prompts = [_long_probe(runner, loaded, builder)]
-        chat = builder.prepare(PromptInput(messages=({"role": "user", "content": _SELF_TEST_TEXT},)))
-        prompts.append(_probe_prompt(chat, loaded))
+        if builder.can_chat:
+            chat = builder.prepare(PromptInput(messages=({"role": "user", "content": _SELF_TEST_TEXT},)))
+            prompts.append(_probe_prompt(chat, loaded))
         if builder.is_vision:
             for size in ((64, 48), (40, 72)):
                 prepared = builder.prepare(

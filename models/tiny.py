@@ -11,6 +11,7 @@ detokenizer has to survive. Weights are random, so output is noise, but determin
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import shutil
@@ -308,13 +309,16 @@ def build_text_model(
     sliding_window: int | None = None,
     template: str | None = None,
     extra_special: tuple[str, ...] = (),
+    with_chat_template: bool = True,
 ) -> Path:
     """A random-weight CausalLM (llama, qwen2 or mistral) with a trained tokenizer and, unless
-    `template` says otherwise, the ChatML chat template."""
+    `template` says otherwise, the ChatML chat template; without `with_chat_template`, a base
+    model: the tokenizer has no chat template at all."""
     out = Path(out_dir)
     tokenizer = build_tokenizer(vocab_size, seed=seed, extra_special=extra_special)
     tokenizer.model_max_length = max_position_embeddings
-    tokenizer.chat_template = template or chat_template(None)
+    if with_chat_template:
+        tokenizer.chat_template = template or chat_template(None)
     config = _text_config(
         arch,
         tokenizer=tokenizer,
@@ -409,6 +413,8 @@ def build_mistral_model(out_dir: str | Path, *, seed: int = 0) -> Path:
 
 BUILTIN_MODELS: dict[str, Callable[..., Path]] = {
     "tiny": build_text_model,
+    # `tiny` without a chat template, as base models ship.
+    "tiny-base": functools.partial(build_text_model, with_chat_template=False),
     "tiny-vlm": build_vlm_model,
     "tiny-mistral": build_mistral_model,
 }

@@ -8,6 +8,11 @@ import msgspec
 
 from app.schemas.common import ChoiceLogprobs, JSONObject, StreamOptions, Usage
 
+# response_format's types are re-exported: chat requests are where clients know them from.
+from app.schemas.structured import JsonSchemaFormat as JsonSchemaFormat
+from app.schemas.structured import ResponseFormat as ResponseFormat
+from app.schemas.structured import StructuredFields
+
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 # Bounds on what a client may ask the engine to check every step or compile (OpenAI: 4 stop
@@ -97,21 +102,9 @@ class NamedToolChoice(msgspec.Struct):
     type: Literal["function"] = "function"
 
 
-class JsonSchemaFormat(msgspec.Struct):
-    name: str = "response"
-    schema: JSONObject | None = None
-    description: str | None = None
-    strict: bool | None = None  # accepted; the schema is always enforced by constrained decoding
-
-
-class ResponseFormat(msgspec.Struct):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class SamplingFields(msgspec.Struct, kw_only=True):
+class SamplingFields(StructuredFields, kw_only=True):
     """Fields chat and completions requests share: OpenAI's, then those peers accept beyond
-    OpenAI's (vLLM, SGLang, TGI)."""
+    OpenAI's (vLLM, SGLang, TGI); the output constraints come from `StructuredFields`."""
 
     model: str | None = None
     temperature: Temperature | None = None
@@ -147,7 +140,6 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None

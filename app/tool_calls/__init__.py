@@ -79,9 +79,10 @@ def parser_factory(
     req: ChatCompletionRequest, fmt: ToolCallFormat = HERMES
 ) -> Callable[[], ToolCallParser] | None:
     """How this request's output is read: None for plain content (no tools offered, tool_choice
-    "none", or a JSON response_format, which leaves no room for calls)."""
+    "none", or an output constraint such as a JSON response_format or a guided_* field, which
+    leaves no room for calls)."""
     if not req.tools or req.tool_choice == "none":
         return None
-    if req.response_format is not None and req.response_format.type != "text":
+    if req.constrains_output():
         return None
     return functools.partial(fmt.parser, stream_arguments=forces_tool_calls(req))

@@ -16,6 +16,8 @@ shared, so each built-in model is built once per session.
                3 images per request, images resized to 256 px at most.
   mistral_server  builtin:tiny-mistral: Mistral's chat template, whose `[TOOL_CALLS]` marker (a
                special token) makes the server pick the mistral tool-call format by itself.
+  base_server  builtin:tiny-base, a model without a chat template: chat is refused, raw prompts work.
+  template_server  builtin:tiny-base given `chat_template.jinja` (beside this file) by --chat-template.
 
 A failing test gets the tail of each server log it used appended to its report.
 """
@@ -58,6 +60,7 @@ VLM_FETCH_MAX_IMAGES = 3
 VLM_FETCH_MAX_IMAGE_SIZE = 256
 VLM_FETCH_TIMEOUT_S = 2
 MISTRAL_MODEL_NAME = "mistral-tools"
+CHAT_TEMPLATE_PATH = Path(__file__).with_name("chat_template.jinja")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,19 @@ SERVER_SPECS: dict[str, ServerSpec] = {
         model_name=MISTRAL_MODEL_NAME,
         api_key=None,
         env={"MODEL_NAME": MISTRAL_MODEL_NAME, "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "64"},
+    ),
+    "base_server": ServerSpec(
+        model_path="builtin:tiny-base",
+        model_name="base",
+        api_key=None,
+        env={"MODEL_NAME": "base", "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "16"},
+    ),
+    "template_server": ServerSpec(
+        model_path="builtin:tiny-base",
+        model_name="templated",
+        api_key=None,
+        flags=("--chat-template", str(CHAT_TEMPLATE_PATH)),
+        env={"MODEL_NAME": "templated", "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "16"},
     ),
 }
 
@@ -365,6 +381,16 @@ def vlm_fetch_server(server_launcher: Launcher) -> Server:
 @pytest.fixture(scope="session")
 def mistral_server(server_launcher: Launcher) -> Server:
     return server_launcher.get("mistral_server")
+
+
+@pytest.fixture(scope="session")
+def base_server(server_launcher: Launcher) -> Server:
+    return server_launcher.get("base_server")
+
+
+@pytest.fixture(scope="session")
+def template_server(server_launcher: Launcher) -> Server:
+    return server_launcher.get("template_server")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -181,6 +181,11 @@ def test_help_lists_every_flag_and_env_var() -> None:
         ([], {"DTYPE": "fp8"}, "--dtype / DTYPE: 'fp8'"),
         ([], {"MAX_CONTEXT_TOKENS": "x"}, "invalid MAX_CONTEXT_TOKENS: 'x'"),
         ([], {"SHUTDOWN_GRACE_S": "-1"}, "invalid SHUTDOWN_GRACE_S: '-1'"),
+        (
+            ["--chat-template", "/no/such.jinja"],
+            {},
+            "--chat-template / CHAT_TEMPLATE: '/no/such.jinja' is not a template (no '{' or '%') and not a readable file",
+        ),
     ],
 )
 def test_invalid_values_exit_2_with_one_line(args: list[str], env: dict[str, str], needle: str) -> None:

@@ -5,6 +5,7 @@ bad schemas are refused before admission, and n > 1 choices each keep their own 
 from __future__ import annotations
 
 import json
+import re
 
 import anyio
 import llguidance
@@ -232,6 +233,53 @@ def test_special_tool_tags_are_written_as_tokens():
     assert lark.startswith('start: call\ncall: <[7]> "\\n" %json {') and lark.rstrip().endswith('"\\n" <[8]>')
 
 
+CHOICES = ["café", "a|b (c)", 'say "hi"', "你好", ""]
+
+
+def test_choice_output_is_one_of_the_choices_verbatim(replica):
+    # Regex metacharacters, quotes, non-ASCII and the empty string are all plain text.
+    spec = GrammarSpec("choice", json.dumps(CHOICES), param="guided_choice")
+    for text, reason in generate(
+        replica, SamplingParams(max_tokens=16, temperature=1.0, seed=3, grammar=spec), n=6
+    ):
+        assert text in CHOICES and reason == "stop", text
+
+
+def test_regex_and_lark_outputs_match(replica):
+    params = SamplingParams(
+        max_tokens=16, temperature=1.0, seed=2, grammar=GrammarSpec("regex", r"[0-9]{3}-[a-z]{2}")
+    )
+    for text, _ in generate(replica, params, n=3):
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", text), text
+    lark = 'start: "yes" | "no" " " NUM\nNUM: /[0-9]/'
+    gbnf = 'root ::= "yes" | "no" " " [0-9]'  # llama.cpp's GBNF, as vLLM's default backend takes
+    for grammar in (lark, gbnf):
+        params = SamplingParams(max_tokens=16, temperature=1.0, seed=2, grammar=GrammarSpec("lark", grammar))
+        for text, _ in generate(replica, params, n=3):
+            assert re.fullmatch(r"yes|no [0-9]", text), text
+
+
+def test_whitespace_pattern_is_the_only_whitespace_between_json_tokens(replica):
+    schema = {
+        "type": "object",
+        "properties": {"a": {"enum": [1, 2]}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    spec = GrammarSpec("json_schema", json.dumps(schema), whitespace_pattern=r"\n")
+    text, reason = generate(replica, SamplingParams(max_tokens=16, temperature=0.0, grammar=spec))[0]
+    # llguidance lets each whitespace position match the pattern or stay empty.
+    assert reason == "stop" and re.fullmatch(r'\{\n?"a"\n?:\n?[12]\n?\}', text) and "\n" in text, text
+    # The default style: no free whitespace, separators as json.dumps writes them.
+    text, _ = generate(
+        replica,
+        SamplingParams(
+            max_tokens=16, temperature=0.0, grammar=GrammarSpec("json_schema", json.dumps(schema))
+        ),
+    )[0]
+    assert re.fullmatch(r'\{"a": [12]\}', text), text
+
+
 @pytest.mark.parametrize(
     "spec, param",
     [
@@ -242,7 +290,15 @@ def test_special_tool_tags_are_written_as_tokens():
             "response_format",
         ),
         (GrammarSpec("json_schema", "[1, 2]"), "response_format"),
-        (GrammarSpec("regex", "(("), "response_format"),
+        (GrammarSpec("regex", "((", param="guided_regex"), "guided_regex"),
+        (
+            GrammarSpec("lark", "start: nowhere", param="structured_outputs.grammar"),
+            "structured_outputs.grammar",
+        ),
+        (GrammarSpec("lark", "root ::= nowhere", param="guided_grammar"), "guided_grammar"),
+        (GrammarSpec("lark", "root ::= (", param="guided_grammar"), "guided_grammar"),
+        (GrammarSpec("json_schema", "not json", param="guided_json"), "guided_json"),
+        (GrammarSpec("json_object", whitespace_pattern="[", param="guided_json"), "guided_json"),
         (HERMES.grammar([{"function": {"name": "f", "parameters": {"type": "nonsense"}}}]), "tools"),
     ],
 )

@@ -41,7 +41,7 @@ def test_resolve_source(builtin_cache: str) -> None:
     path = resolve_source(LoadSpec(source="builtin:tiny", cache_dir=builtin_cache))
     assert path == str(Path(builtin_cache) / "builtin" / f"tiny-v{BUILD_VERSION}")
     assert resolve_source(LoadSpec(source="org/model")) == "org/model"
-    with pytest.raises(ModelLoadError, match="valid names: tiny, tiny-vlm"):
+    with pytest.raises(ModelLoadError, match="valid names: tiny, tiny-base, tiny-vlm"):
         resolve_source(LoadSpec(source="builtin:nope", cache_dir=builtin_cache))
 
 
@@ -189,3 +189,9 @@ def test_logs_never_show_the_source(tiny_text_path: Path, caplog: pytest.LogCapt
         load_model(LoadSpec(source=str(tiny_text_path)))
     messages = [r.getMessage() for r in caplog.records if r.name == "models.loader"]
     assert messages and not any(str(tiny_text_path) in m for m in messages)
+
+
+def test_a_configured_chat_template_replaces_the_checkpoints(builtin_cache: str) -> None:
+    loaded = load_model(LoadSpec(source="builtin:tiny", cache_dir=builtin_cache, chat_template="{{ 'X' }}"))
+    assert loaded.chat_template == "{{ 'X' }}"
+    assert "chat_template=from --chat-template" in loaded.decisions

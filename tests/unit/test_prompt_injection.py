@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from models.errors import InvalidRequestError
 from models.images import ImageLimits
 from models.params import PromptInput
 from models.prompt import PromptBuilder
@@ -24,7 +25,7 @@ LLAMA3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eo
 GEMMA = ("<bos>", "<start_of_turn>", "<end_of_turn>")
 
 
-def _builder(template: str, specials: tuple[str, ...], bos: str | None) -> PromptBuilder:
+def _builder(template: str | None, specials: tuple[str, ...], bos: str | None) -> PromptBuilder:
     base = build_tokenizer(512, extra_special=specials)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=base.backend_tokenizer, eos_token="<|im_end|>", bos_token=bos
@@ -85,3 +86,13 @@ def test_raw_prompts_keep_control_tokens_unless_split_is_asked():
     eos = builder.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert eos in builder.prepare(PromptInput(text="a<|im_end|>b")).token_ids
     assert eos not in builder.prepare(PromptInput(text="a<|im_end|>b", split_special_tokens=True)).token_ids
+
+
+def test_a_model_without_a_template_refuses_chat_but_tokenizes_raw_prompts() -> None:
+    # A guessed "role: content" format would be a prompt the model never saw: refused instead.
+    builder = _builder(None, (), None)
+    assert not builder.can_chat
+    with pytest.raises(InvalidRequestError) as caught:
+        builder.prepare(PromptInput(messages=({"role": "user", "content": "hi"},)))
+    assert caught.value.param == "messages" and "--chat-template" in caught.value.message
+    assert builder.prepare(PromptInput(text="hi there")).token_ids

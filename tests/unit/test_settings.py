@@ -15,6 +15,7 @@ EXPECTED_DEFAULTS = {
     "model_path": "builtin:tiny-vlm",
     "model_name": "model",
     "model_revision": None,
+    "chat_template": None,
     "trust_remote_code": True,
     "hf_token": None,
     "cache_dir": DEFAULT_CACHE_DIR,
@@ -80,6 +81,7 @@ EVERY_VAR = {
     "MODEL_PATH": ("/models/omega", "model_path", "/models/omega"),
     "MODEL_NAME": ("omega", "model_name", "omega"),
     "MODEL_REVISION": ("v1.2", "model_revision", "v1.2"),
+    "CHAT_TEMPLATE": ("{{ messages[0].content }}", "chat_template", "{{ messages[0].content }}"),
     "TRUST_REMOTE_CODE": ("0", "trust_remote_code", False),
     "HF_TOKEN": ("hf_abc", "hf_token", "hf_abc"),
     "CACHE_DIR": ("/data/cache", "cache_dir", "/data/cache"),
@@ -267,6 +269,8 @@ def test_error_names_the_alias_that_carried_the_value() -> None:
         ("IMAGE_FETCH_TIMEOUT_S", "0"),
         ("CORS_ALLOW_ORIGINS", "chat.example.com"),
         ("LOG_FORMAT", "xml"),
+        ("CHAT_TEMPLATE", "/no/such/template.jinja"),
+        ("CHAT_TEMPLATE", "{% for m in messages %}"),
     ],
 )
 def test_invalid_values_raise_settings_error_naming_the_var(name: str, raw: str) -> None:
@@ -378,3 +382,24 @@ def test_metrics_guard_opens_only_with_metrics_public() -> None:
     require_api_key_for_metrics(connection(False, "Bearer secret"), None)
     with pytest.raises(NotAuthorizedException):
         require_api_key_for_metrics(connection(False), None)
+
+
+def test_chat_template_from_a_file_is_its_content(tmp_path) -> None:
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}{{ m.content }}{% endfor %}\n")
+    assert Settings.from_env({"CHAT_TEMPLATE": str(path)}).chat_template == path.read_text()
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("", "is an empty file"),
+        ("{% if x %}", "is not a valid Jinja template"),
+        (b"\xff\xfe", "not UTF-8 text"),
+    ],
+)
+def test_a_chat_template_file_that_cannot_serve_is_refused(tmp_path, content, needle) -> None:
+    path = tmp_path / "t.jinja"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(SettingsError, match=needle):
+        Settings.from_env({"CHAT_TEMPLATE": str(path)})

@@ -80,21 +80,3 @@ async def test_a_reader_that_leaves_cancels_the_request():
     await gen.__anext__()
     await gen.aclose()
     assert stream.cancelled
-
-
-async def test_unknown_fields_are_logged_at_debug(caplog):
-    import logging
-
-    from app.schemas.chat import ChatCompletionRequest
-    from app.services import log_ignored_fields
-
-    class FakeRequest:
-        method, url = "POST", type("U", (), {"path": "/v1/chat/completions"})()
-
-        async def body(self):
-            return b'{"messages": [{"role": "user", "content": "x"}], "foo": 1, "bar": 2}'
-
-    data = ChatCompletionRequest(messages=[])
-    with caplog.at_level(logging.DEBUG, logger="app.services"):
-        await log_ignored_fields(FakeRequest(), data)
-    assert "ignored unknown fields bar, foo" in caplog.text

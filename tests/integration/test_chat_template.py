@@ -1,0 +1,83 @@
+"""Chat template control against real servers: `--chat-template` supplies a template to a model
+that has none (`template_server`), and a model with neither a template nor a prompt format of its
+own refuses chat with a 400 instead of guessing a format (`base_server`); raw prompts still work."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.integration.conftest import Server
+from tests.integration.helpers import assert_openai_error, user
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+RENDERED = "[SYSTEM] Be brief.\n[USER] hi\n[ASSISTANT]"
+
+
+def render(server: Server, **body) -> httpx.Response:
+    with server.http() as http:
+        return http.post("/v1/apply_template", json={"messages": MESSAGES, **body})
+
+
+def test_the_flag_supplies_the_template(template_server: Server) -> None:
+    response = render(template_server)
+    assert response.status_code == 200, response.text
+    assert response.json()["prompt"] == RENDERED
+
+
+def test_chat_template_kwargs_reach_the_supplied_template(template_server: Server) -> None:
+    assert (
+        render(template_server, chat_template_kwargs={"greeting": "Hello!"}).json()["prompt"]
+        == RENDERED + "Hello!"
+    )
+    assert render(template_server, add_generation_prompt=False).json()["prompt"] == RENDERED.removesuffix(
+        "[ASSISTANT]"
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_uses_the_supplied_template(template_server: Server, stream: bool) -> None:
+    with template_server.http() as http:
+        expected = http.post(
+            "/tokenize", json={"prompt": RENDERED + "Hi!", "add_special_tokens": False}
+        ).json()
+    client = template_server.openai()
+    ask = dict(
+        model=template_server.model_name,
+        messages=MESSAGES,
+        max_tokens=3,
+        extra_body={"chat_template_kwargs": {"greeting": "Hi!"}, "ignore_eos": True},
+    )
+    if stream:
+        chunks = list(
+            client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
+        )
+        usage = chunks[-1].usage
+    else:
+        usage = client.chat.completions.create(**ask).usage
+    assert usage.prompt_tokens == expected["count"] and usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", {"messages": user(), "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": user(), "max_tokens": 2, "stream": True}),
+        ("/v1/apply_template", {"messages": user()}),
+        ("/tokenize", {"messages": user()}),
+    ],
+    ids=["chat", "chat-stream", "apply_template", "tokenize"],
+)
+def test_chat_without_a_template_is_a_clear_400(base_server: Server, path: str, body: dict) -> None:
+    with base_server.http() as http:
+        error = assert_openai_error(http.post(path, json=body), 400, param="messages")
+    assert "no chat template" in error["message"] and "--chat-template" in error["message"]
+
+
+def test_raw_prompts_still_work_without_a_template(base_server: Server) -> None:
+    reply = base_server.openai().completions.create(
+        model=base_server.model_name, prompt="Once upon a time", max_tokens=3, extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
+    with base_server.http() as http:
+        assert http.post("/tokenize", json={"prompt": "Once upon a time"}).json()["count"] > 0

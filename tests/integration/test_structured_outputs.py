@@ -1,0 +1,257 @@
+"""vLLM's structured-output fields against the real server: the legacy `guided_*` spelling and
+the current `structured_outputs` object, on chat and completions, streamed or not; `strict`
+json_schema and response_format on completions; and the fields this server refuses or ignores.
+
+The tiny model writes noise; whatever it prefers, the grammar decides what comes out."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import Server
+from tests.integration.helpers import assert_openai_error, user
+
+CHOICES = ["Paris", "a|b (c)", "café"]
+CITY = {
+    "type": "object",
+    "properties": {
+        "city": {"enum": ["Paris", "Rome"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["city", "n"],
+    "additionalProperties": False,
+}
+REGEX = r"[0-9]{3}-[a-z]{2}"
+LARK = 'start: ("yes" | "no") " " NUM\nNUM: /[0-9]{1,2}/'
+GBNF = 'root ::= ("yes" | "no") " " [0-9] [0-9]?'  # llama.cpp's GBNF, vLLM's default grammar syntax
+LARK_OUTPUT = r"(yes|no) [0-9]{1,2}"
+
+
+def chat_texts(server: Server, stream: bool, n: int = 1, **extra: Any) -> list[str]:
+    client = server.openai()
+    ask = dict(
+        model=server.model_name,
+        messages=user("Pick one"),
+        max_tokens=32,
+        temperature=1.0,
+        seed=11,
+        n=n,
+        extra_body=extra,
+    )
+    if not stream:
+        reply = client.chat.completions.create(**ask)
+        assert all(c.finish_reason == "stop" for c in reply.choices), reply
+        return [c.message.content for c in reply.choices]
+    texts = [""] * n
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    return texts
+
+
+def completion_texts(server: Server, stream: bool, n: int = 1, **extra: Any) -> list[str]:
+    client = server.openai()
+    ask = dict(model=server.model_name, prompt="The answer:", max_tokens=32, temperature=1.0, seed=5, n=n)
+    if not stream:
+        reply = client.completions.create(**ask, extra_body=extra)
+        assert all(c.finish_reason == "stop" for c in reply.choices), reply
+        return [c.text for c in reply.choices]
+    texts = [""] * n
+    for chunk in client.completions.create(**ask, stream=True, extra_body=extra):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    return texts
+
+
+ENDPOINTS = {"chat": chat_texts, "completions": completion_texts}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
+@pytest.mark.parametrize(
+    "fields",
+    [{"guided_choice": CHOICES}, {"structured_outputs": {"choice": CHOICES}}],
+    ids=["guided_choice", "structured_outputs.choice"],
+)
+def test_choice(text_server: Server, endpoint: str, stream: bool, fields: dict) -> None:
+    texts = ENDPOINTS[endpoint](text_server, stream, n=3, **fields)
+    assert len(texts) == 3 and all(text in CHOICES for text in texts), texts
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
+@pytest.mark.parametrize(
+    "fields",
+    [{"guided_regex": REGEX}, {"structured_outputs": {"regex": REGEX}}],
+    ids=["guided_regex", "structured_outputs.regex"],
+)
+def test_regex(text_server: Server, endpoint: str, stream: bool, fields: dict) -> None:
+    for text in ENDPOINTS[endpoint](text_server, stream, n=2, **fields):
+        assert re.fullmatch(REGEX, text), text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
+@pytest.mark.parametrize(
+    "fields",
+    [{"guided_json": CITY}, {"guided_json": json.dumps(CITY)}, {"structured_outputs": {"json": CITY}}],
+    ids=["guided_json", "guided_json-text", "structured_outputs.json"],
+)
+def test_json_schema(text_server: Server, endpoint: str, stream: bool, fields: dict) -> None:
+    for text in ENDPOINTS[endpoint](text_server, stream, n=2, **fields):
+        value = json.loads(text)
+        assert set(value) == {"city", "n"} and value["city"] in ("Paris", "Rome") and 0 <= value["n"] <= 99
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
+@pytest.mark.parametrize(
+    "fields",
+    [{"guided_grammar": LARK}, {"guided_grammar": GBNF}, {"structured_outputs": {"grammar": LARK}}],
+    ids=["guided_grammar", "guided_grammar-gbnf", "structured_outputs.grammar"],
+)
+def test_lark_grammar(text_server: Server, endpoint: str, stream: bool, fields: dict) -> None:
+    for text in ENDPOINTS[endpoint](text_server, stream, n=2, **fields):
+        assert re.fullmatch(LARK_OUTPUT, text), text
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"guided_json": CITY, "guided_whitespace_pattern": r"\n"},
+        {"structured_outputs": {"json": CITY, "whitespace_pattern": r"\n"}},
+    ],
+    ids=["guided_whitespace_pattern", "structured_outputs.whitespace_pattern"],
+)
+def test_whitespace_pattern(text_server: Server, fields: dict) -> None:
+    # Without a pattern the output is spaced as json.dumps writes it (`": "`); with `\n` a space can
+    # only come inside a string, and any whitespace between tokens is a newline.
+    for text in chat_texts(text_server, False, n=3, **fields):
+        assert json.loads(text)["city"] in ("Paris", "Rome")
+        assert " " not in text, text
+    plain = chat_texts(text_server, False, guided_json=CITY)[0]
+    assert '": ' in plain and "\n" not in plain, plain
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_json_schema_response_format_is_always_strict(text_server: Server, strict: bool) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": strict}}
+    reply = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user("Where?"), response_format=fmt, max_tokens=32, seed=2, n=2
+    )
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop" and json.loads(choice.message.content)["city"] in (
+            "Paris",
+            "Rome",
+        )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_response_format_on_completions(text_server: Server, stream: bool) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
+    for text in completion_texts(text_server, stream, n=2, response_format=fmt):
+        assert json.loads(text)["city"] in ("Paris", "Rome")
+
+
+def test_a_constraint_leaves_no_room_for_tool_calls(text_server: Server) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    texts = chat_texts(text_server, False, n=2, guided_choice=["<tool_call>", "plain"], tools=[tool])
+    assert all(text in ("<tool_call>", "plain") for text in texts)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"guided_json": CITY, "structured_outputs": {"regex": "a"}}, "structured_outputs.regex"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
+        ({"guided_regex": "(("}, "guided_regex"),
+        ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
+        ({"guided_grammar": "start: nowhere"}, "guided_grammar"),
+        ({"structured_outputs": {"grammar": 'start: "a'}}, "structured_outputs.grammar"),
+        ({"guided_json": "not json"}, "guided_json"),
+        (
+            {"structured_outputs": {"json": {"type": "object", "properties": {"a": {"$ref": "#/x"}}}}},
+            "structured_outputs.json",
+        ),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+        ({"guided_regex": "a", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+        ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+        ({"bad_words": ["the"]}, "bad_words"),
+        ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
+        ({"logits_processors": ["x"]}, "logits_processors"),
+        ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+        ({"truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
+    ],
+)
+def test_unusable_fields_are_400s_naming_the_field(
+    text_server: Server, path: str, fields: dict, param: str
+) -> None:
+    body = {"max_tokens": 4, **fields}
+    body.update({"messages": user()} if path == "/v1/chat/completions" else {"prompt": "hi"})
+    with text_server.http() as http:
+        response = http.post(path, json=body)
+        assert_openai_error(response, 400, param=param)
+        # Nothing broke: the next request is served.
+        assert http.post(path, json={k: v for k, v in body.items() if k not in fields}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        (
+            {
+                "guided_choice": ["a"],
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": "required",
+            },
+            "guided_choice",
+        ),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"best_of": 2}, "best_of"),
+        ({"chat_template": "{{ 'x' }}"}, "chat_template"),
+    ],
+)
+def test_chat_only_refusals(text_server: Server, fields: dict, param: str) -> None:
+    with text_server.http() as http:
+        response = http.post("/v1/chat/completions", json={"messages": user(), "max_tokens": 4, **fields})
+    assert_openai_error(response, 400, param=param)
+
+
+def test_fields_that_change_nothing_are_accepted(text_server: Server) -> None:
+    extra = {
+        "use_beam_search": False,
+        "length_penalty": 1.0,
+        "modalities": ["text"],
+        "metadata": {"team": "a"},
+        "store": False,
+        "service_tier": "auto",
+        "prediction": {"type": "content", "content": "x"},
+        "guided_decoding_backend": "xgrammar",
+        "priority": 0,
+        "some_client_extension": {"x": 1},
+        "structured_outputs": {"choice": ["ok"], "disable_any_whitespace": True, "disable_fallback": True},
+    }
+    with text_server.http() as http:
+        response = http.post("/v1/chat/completions", json={"messages": user(), "max_tokens": 4, **extra})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "ok"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_streamed_request_with_an_invalid_constraint_is_a_400_before_any_event(
+    text_server: Server, path: str
+) -> None:
+    body = {"max_tokens": 4, "stream": True, "structured_outputs": {"regex": "(("}}
+    body.update({"messages": user()} if path == "/v1/chat/completions" else {"prompt": "hi"})
+    with text_server.http() as http:
+        assert_openai_error(http.post(path, json=body), 400, param="structured_outputs.regex")
