@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from app.schemas.common import ChoiceLogprobs, JSONObject, StreamOptions, Usage
+from app.schemas.common import ChoiceLogprobs, JSONObject, PromptLogprobs, StreamOptions, Usage
 
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
@@ -137,6 +137,8 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     stop_token_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
+    # vLLM: logprobs of the prompt's tokens with this many alternatives (at most 20, as vLLM's default).
+    prompt_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -177,6 +179,7 @@ class ChatCompletionResponse(msgspec.Struct):
     system_fingerprint: str | None = None
     latency_seconds: float | None = None
     warnings: list[str] | None = msgspec.field(default=None)
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when the request asked
 
 
 class ChoiceDelta(msgspec.Struct, omit_defaults=True):
