@@ -1,20 +1,25 @@
 """Prompt logprobs (scoring) on the real tiny model through the real executor: they equal the
 model's own full forward, whether the prompt is computed in one chunk or several, alone or next to
-rows that do not ask, and when its prefix is already cached; max_tokens 0 scores and stops."""
+rows that do not ask, and when its prefix is already cached; max_tokens 0 scores and stops; the
+generic path refuses them with a 400."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import anyio
 import pytest
 import torch
 
 from models.loader import LoadSpec
-from models.params import SamplingParams
+from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt
 from models.replica import build_replica
-from scheduler.request import RequestStream
-from tests.unit.configs import replica_config
+from scheduler.core import Scheduler
+from scheduler.errors import InvalidRequestError
+from scheduler.request import EngineRequest, RequestStream
+from tests.unit.configs import engine_config, replica_config
 from tests.unit.engine_driver import EngineDriver
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -133,3 +138,33 @@ def test_n_choices_share_the_prompt_logprobs_computed_once(replica):
     driver.run([stream])
     check(replica, driver, stream, list(prompt.token_ids))  # each prompt token exactly once
     assert all(len(tokens) == 3 for tokens in driver.outputs(stream))
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_generic_path_refuses_prompt_logprobs_with_a_400(tiny_text_path):
+    config = engine_config(tiny_text_path, max_queue_size=8, max_batch_size=4)
+    config = dataclasses.replace(config, replica=dataclasses.replace(config.replica, force_generic=True))
+    scheduler = Scheduler(config)
+    await scheduler.start()
+    try:
+        with anyio.fail_after(120):
+            while scheduler.status == "loading":
+                await anyio.sleep(0.05)
+        assert scheduler.replica_stats()[0]["path"] == "generic"
+        scored = SamplingParams(max_tokens=1, prompt_logprobs=0, **GREEDY)
+        with pytest.raises(InvalidRequestError) as info:
+            await scheduler.submit(EngineRequest("g", PromptInput(text="hello"), scored))
+        assert info.value.param == "prompt_logprobs"
+        plain = await scheduler.submit(
+            EngineRequest("p", PromptInput(text="hello"), SamplingParams(max_tokens=1))
+        )
+        async for _ in plain:
+            pass
+        assert plain.completion_tokens == 1  # the replica serves everything else
+    finally:
+        await scheduler.drain(5)
