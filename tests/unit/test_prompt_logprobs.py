@@ -168,3 +168,27 @@ async def test_the_generic_path_refuses_prompt_logprobs_with_a_400(tiny_text_pat
         assert plain.completion_tokens == 1  # the replica serves everything else
     finally:
         await scheduler.drain(5)
+
+
+def test_a_prompt_preempted_mid_prefill_scores_each_token_once(replica):
+    from scheduler.blocks import BlockManager
+
+    size = replica.block_size
+    driver = EngineDriver(replica, max_prefill_tokens=4)
+    batch = driver.executor.batch
+    # A pool of 11 blocks: the long scored prompt fits beside the decoding request only until that
+    # one grows, and then it is preempted (it arrived last) while its prompt is half computed.
+    batch.blocks = BlockManager(11, size, enable_prefix_caching=True)
+    batch.config = dataclasses.replace(batch.config, watermark_blocks=1)
+    first = PreparedPrompt(prepared(replica, TEXT).token_ids[: size + 4])
+    long = PreparedPrompt((prepared(replica, TEXT * 3).token_ids * 2)[: 8 * size])
+    decoding = driver.submit(first, SamplingParams(max_tokens=6 * size, **GREEDY))
+    while not driver.tokens[(decoding.request_id, 0)]:
+        driver.executor.step()
+    scored = driver.submit(long, SamplingParams(max_tokens=1, prompt_logprobs=TOP, **GREEDY))
+    preempted_at: list[int] = []  # how far the victim's prompt was scored
+    preempt = batch._preempt
+    batch._preempt = lambda victim: (preempted_at.append(victim.scored_until), preempt(victim))
+    driver.run([decoding, scored])
+    assert any(1 < done < len(long.token_ids) for done in preempted_at), preempted_at
+    check(replica, driver, scored, list(long.token_ids))  # every prompt token exactly once, right
