@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tests.integration.conftest import Server
-from tests.integration.helpers import assert_openai_error, sse_chunks, user
+from tests.integration.helpers import assert_openai_error, image_message, png_data_url, sse_chunks, user
 
 PROMPT = "Scoring asks how likely each token of this prompt is, given the ones before it."
 
@@ -114,6 +114,23 @@ def test_chat_prompt_logprobs(text_server: Server) -> None:
         assert all(v["logprob"] <= 0.0 and isinstance(v["decoded_token"], str) for v in entry.values())
     plain = _post(text_server, "/v1/chat/completions", {**body, "prompt_logprobs": None})
     assert plain["prompt_logprobs"] is None
+
+
+def test_chat_prompt_logprobs_with_an_image(vlm_server: Server) -> None:
+    """The image's tokens are part of the prompt: every position is scored, and a different image
+    changes the scores of the text after it (the image's keys were computed, not skipped)."""
+
+    def scores(color: tuple[int, int, int]) -> list:
+        body = {"messages": image_message("what is this?", png_data_url(color=color)), "max_tokens": 1}
+        response = _post(vlm_server, "/v1/chat/completions", {**body, "prompt_logprobs": 0})
+        entries = response["prompt_logprobs"]
+        assert len(entries) == response["usage"]["prompt_tokens"] and entries[0] is None
+        assert all(len(entry) == 1 for entry in entries[1:])  # K = 0: the prompt's token alone
+        return [next(iter(entry.values()))["logprob"] for entry in entries[1:]]
+
+    red, blue = scores((200, 40, 40)), scores((10, 10, 250))
+    assert len(red) == len(blue) and red != blue
+    assert scores((200, 40, 40)) == pytest.approx(red, abs=1e-4)  # the same image scores the same
 
 
 @pytest.mark.parametrize(
