@@ -271,6 +271,7 @@ def score_prompts(logits: torch.Tensor, rows: Sequence[PlanRow]) -> torch.Tensor
     for row in rows:
         if row.scoring is not None:
             count = len(row.scoring.targets)
+            row.scoring.results.clear()  # a step retried row by row after a failure scores again
             _score(logits[cursor : cursor + count], row.scoring)
             cursor += count
         if row.samplers:

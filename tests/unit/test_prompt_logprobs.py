@@ -192,3 +192,27 @@ def test_a_prompt_preempted_mid_prefill_scores_each_token_once(replica):
     driver.run([decoding, scored])
     assert any(1 < done < len(long.token_ids) for done in preempted_at), preempted_at
     check(replica, driver, scored, list(long.token_ids))  # every prompt token exactly once, right
+
+
+def test_a_step_retried_row_by_row_scores_each_token_once(replica, monkeypatch):
+    import models.runner
+
+    draw = models.runner.draw
+    calls = []
+
+    def fails_once(logits, rows):  # the whole step fails after scoring; each row then runs alone
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("the step broke")
+        return draw(logits, rows)
+
+    monkeypatch.setattr(models.runner, "draw", fails_once)
+    driver = EngineDriver(replica)
+    prompt = prepared(replica, TEXT)
+    other = driver.submit(
+        prepared(replica, "Another prompt in the same step."), SamplingParams(max_tokens=1, **GREEDY)
+    )
+    scored = driver.submit(prompt, SamplingParams(max_tokens=1, prompt_logprobs=TOP, **GREEDY))
+    driver.run([other, scored])
+    assert calls[:3] == [2, 1, 1]
+    check(replica, driver, scored, list(prompt.token_ids))
