@@ -68,6 +68,7 @@ class Translator:
         ignore_eos: bool = False,
         min_tokens: int = 0,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
         logit_bias: dict[str, float] | None = None,
         skip_special_tokens: bool = True,
         grammar: Any = None,
@@ -95,6 +96,7 @@ class Translator:
             ignore_eos=ignore_eos,
             min_tokens=min_tokens,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             logit_bias=_logit_bias(logit_bias),
             skip_special_tokens=skip_special_tokens,
             grammar=grammar,
@@ -118,6 +120,7 @@ class Translator:
             max_tokens=req.max_completion_tokens or req.max_tokens,
             **_openai_sampling_fields(req),
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            prompt_logprobs=_prompt_logprobs(req),
             logit_bias=req.logit_bias,
             # Some chat formats mark their tool-call tags special; the parser must see them.
             skip_special_tokens=req.skip_special_tokens and parser_factory(req) is None,
@@ -157,10 +160,15 @@ class Translator:
             raise InvalidRequestError(
                 f"best_of ({req.best_of}) must equal n ({req.n}) on this server", param="best_of"
             )
+        if req.max_tokens == 0 and not req.echo:
+            raise InvalidRequestError(
+                "max_tokens 0 is allowed only with echo (scoring the prompt)", param="max_tokens"
+            )
         params = self.sampling(
             max_tokens=req.max_tokens,
             **_openai_sampling_fields(req),
             logprobs=req.logprobs,
+            prompt_logprobs=_prompt_logprobs(req, req.logprobs if req.echo else None),
             logit_bias=req.logit_bias,
             skip_special_tokens=req.skip_special_tokens,
             grammar=output_grammar(req),
@@ -277,6 +285,17 @@ _OPENAI_SAMPLING_FIELDS = (
 def _openai_sampling_fields(req: Any) -> dict[str, Any]:
     """The sampling fields chat and completions requests share, under the same names."""
     return {name: getattr(req, name) for name in _OPENAI_SAMPLING_FIELDS}
+
+
+def _prompt_logprobs(req: Any, echoed: int | None = None) -> int | None:
+    """Alternatives per prompt token the engine computes: vLLM's `prompt_logprobs`, or the
+    completions `logprobs` when `echo` returns the prompt's tokens with theirs (the larger)."""
+    if req.prompt_logprobs is not None and req.stream:
+        raise InvalidRequestError(
+            "prompt_logprobs is not available with stream: true (as in vLLM)", param="prompt_logprobs"
+        )
+    asked = [k for k in (req.prompt_logprobs, echoed) if k is not None]
+    return max(asked) if asked else None
 
 
 def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[str], list[str]]:

@@ -23,6 +23,7 @@ class Delta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: EngineError | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Generation:
@@ -43,12 +44,24 @@ class Generation:
 
     def take_delta(self) -> Delta | None:
         delta = self._delta
-        if not (delta.token_ids or delta.text or delta.finish_reason):
+        if not (delta.token_ids or delta.text or delta.finish_reason or delta.prompt_logprobs):
             return None
         self._delta = Delta()
         return delta
 
+    def add_prompt_logprobs(self, entries: list[TokenLogprob]) -> None:
+        """Logprobs of prompt tokens, in order (the first token's is None: nothing predicts it),
+        named like the generated tokens' so that the HTTP layer needs no tokenizer."""
+        for entry in entries:
+            texts = self._detok.token_texts([entry.token_id, *(t for t, _ in entry.top)])
+            entry.token, entry.top_tokens = texts[0], texts[1:]
+        self._delta.prompt_logprobs.extend(entries)
+
     def append(self, token_id: int, logprob: TokenLogprob | None) -> None:
+        if self.max_tokens == 0:
+            # Scoring only (echo with max_tokens 0): the prompt was computed, nothing is generated.
+            self._finish("length", flush_text=False)
+            return
         self.output_ids.append(token_id)
         self.sampler.accept(token_id)
         delta = self._delta

@@ -170,6 +170,7 @@ class GenericRunner:
     kind = "generic"
     chunked_prefill = False  # generate() computes a prompt in one forward
     prefix_caching = False  # generate() keeps its own cache; nothing is shared
+    scores_prompts = False  # generate() hands out the last position's logits only
     long_rope_after = None  # generate() switches LongRoPE factors itself
 
     def __init__(

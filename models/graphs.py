@@ -111,15 +111,15 @@ class DecodeGraphs:
         return f"{self.mode} ({self.captured} captured, buckets up to batch {self.batches[-1]})"
 
     def applicable(self, rows: list[PlanRow]) -> bool:
-        """Plain decode steps only: prefill chunks, images, M-RoPE tables and LongRoPE's per-row
-        factors change shapes or take inputs the static buffers do not hold."""
+        """Plain decode steps only: prefill chunks, images, scored prompt positions, M-RoPE tables
+        and LongRoPE's per-row factors change shapes or take inputs the static buffers do not hold."""
         if self.disabled is not None or len(rows) > self.batches[-1]:
             return False
         if self.runner.long_rope_after is not None:
             return False
         block_size = self.runner.cache.block_size
         for row in rows:
-            if len(row.token_ids) != 1 or not row.samplers or row.mm_inputs:
+            if len(row.token_ids) != 1 or not row.samplers or row.mm_inputs or row.scoring is not None:
                 return False
             if row.inputs is not None and row.inputs.mrope_positions is not None:
                 return False

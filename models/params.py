@@ -56,6 +56,10 @@ class SamplingParams:
     min_tokens: int = 0
     # None: no logprobs; 0..20: the chosen token's logprob plus that many alternatives.
     logprobs: int | None = None
+    # None: no prompt logprobs; 0..20: each prompt token's logprob (after the first, which has
+    # none) plus that many alternatives, computed during prefill (echo with logprobs, vLLM's
+    # prompt_logprobs). A sequence that asks for them computes its whole prompt: no prefix hit.
+    prompt_logprobs: int | None = None
     logit_bias: Mapping[int, float] | None = None
     skip_special_tokens: bool = True
     # Constrained decoding: the output must match this grammar (models.grammar).

@@ -26,6 +26,18 @@ class SequenceInputs:
 
 
 @dataclass(slots=True)
+class PromptScoring:
+    """Prompt logprobs a prefill chunk computes: the chunk's positions from `offset` on (chunk
+    indices) predict `targets`, the prompt tokens that follow them. The runner fills `results`
+    (one `models.sampling.TokenLogprob` per target, with `top` alternatives each)."""
+
+    offset: int
+    targets: list[int]
+    top: int
+    results: list[Any] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class PlanRow:
     """One sequence's work this step: feed `token_ids` at positions `start, start + 1, ...`.
 
@@ -43,6 +55,7 @@ class PlanRow:
     inputs: SequenceInputs | None = None
     with_images: bool = False  # the chunk covers the image tokens: feed `inputs.mm_inputs`
     seq_len: int = 0  # tokens the sequence holds now (prompt and generated), fed or not
+    scoring: PromptScoring | None = None  # the request asked for prompt logprobs
 
     @property
     def end(self) -> int:

@@ -19,7 +19,7 @@ from models.graphs import DecodeGraphs
 from models.kv_cache import PagedKVCache
 from models.plan import PlanRow, SampledToken, StepPlan
 from models.rope import LongRopeRows
-from models.sampling import draw
+from models.sampling import draw, score_prompts
 
 log = logging.getLogger(__name__)
 # Inputs the processor returns for the model's own mask and position builders; the fast path
@@ -36,6 +36,7 @@ class PagedRunner:
     kind = "fast"
     chunked_prefill = True
     prefix_caching = True
+    scores_prompts = True  # prompt logprobs: rows may keep the logits of their prompt positions
 
     def __init__(
         self,
@@ -114,6 +115,8 @@ class PagedRunner:
                 torch.tensor(destinations, dtype=torch.long, device=self.device),
             )
         forwarded = time.perf_counter()
+        if any(row.scoring is not None for row in plan.rows):
+            logits = score_prompts(logits, plan.rows)
         drawn = draw(logits, plan.rows)
         # On a GPU the forward is only queued when `forwarded` is read: sampling's first read of
         # the logits waits for it, so there `sample` includes the device time.
@@ -126,7 +129,8 @@ class PagedRunner:
 
     def forward(self, rows: list[PlanRow]) -> torch.Tensor:
         """One forward over `rows`; returns the logits `[R, vocab]` of the last position of each
-        row that has samplers, in order. The self-test drives this same code with probes."""
+        row that has samplers, in order, each preceded by the positions the row scores (prompt
+        logprobs) when it asked. The self-test drives this same code with probes."""
         if self.graphs is not None and self.graphs.applicable(rows):
             return self.graphs.forward(rows)
         return self.forward_eager(rows)
@@ -145,6 +149,9 @@ class PagedRunner:
             span = range(row.start, row.end)
             positions.extend(span)
             slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
+            if row.scoring is not None:
+                first = len(tokens) - len(row.token_ids) + row.scoring.offset
+                keep.extend(range(first, first + len(row.scoring.targets)))
             if row.samplers:
                 keep.append(len(tokens) - 1)
             if row.mm_inputs:

@@ -14,20 +14,24 @@ from dataclasses import dataclass
 import torch
 
 from models.params import SamplingParams
-from models.plan import PlanRow, SampledToken
+from models.plan import PlanRow, PromptScoring, SampledToken
 
 MAX_TOP_LOGPROBS = 20
 _LOGIT_CAP = 1e30
+# Prompt positions per log_softmax when scoring a prompt: the float32 copy stays this many rows
+# of the vocabulary, however long the chunk.
+_SCORE_PIECE = 128
 
 
 @dataclass(slots=True)
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token, which nothing predicts
     top: list[tuple[int, float]]  # most likely alternatives, best first
     # Filled in by the sequence's detokenizer (replica thread), so the HTTP layer needs no tokenizer.
     token: str = ""
     top_tokens: list[str] | None = None
+    rank: int | None = None  # prompt logprobs only: 1 + how many tokens were more likely
 
 
 class RowSampler:
@@ -256,3 +260,41 @@ def draw(logits: torch.Tensor, rows: Sequence[PlanRow]) -> list[SampledToken]:
         logits = torch.repeat_interleave(logits, torch.tensor(counts, device=logits.device), dim=0)
     tokens, logprobs = sample(logits, [s for row in rows for s in row.samplers])
     return [SampledToken(token, logprob) for token, logprob in zip(tokens, logprobs, strict=True)]
+
+
+def score_prompts(logits: torch.Tensor, rows: Sequence[PlanRow]) -> torch.Tensor:
+    """Fill the prompt logprobs of the rows that score their chunk, from the runner's logits
+    (each row's scored positions, then its last position when it samples), and return the
+    logits of the sampling rows alone, as `draw` takes them."""
+    keep: list[int] = []
+    cursor = 0
+    for row in rows:
+        if row.scoring is not None:
+            count = len(row.scoring.targets)
+            row.scoring.results.clear()  # a step retried row by row after a failure scores again
+            _score(logits[cursor : cursor + count], row.scoring)
+            cursor += count
+        if row.samplers:
+            keep.append(cursor)
+            cursor += 1
+    return logits[torch.tensor(keep, dtype=torch.long, device=logits.device)]
+
+
+def _score(logits: torch.Tensor, scoring: PromptScoring) -> None:
+    """Each target's logprob, rank and top alternatives from the logits `[targets, vocab]` of
+    the positions before it, as the model's own log_softmax gives them."""
+    top_n = min(scoring.top, MAX_TOP_LOGPROBS)
+    targets = torch.tensor(scoring.targets, dtype=torch.long, device=logits.device)
+    for begin in range(0, len(scoring.targets), _SCORE_PIECE):
+        piece = torch.log_softmax(logits[begin : begin + _SCORE_PIECE].float(), dim=-1)
+        ids = targets[begin : begin + _SCORE_PIECE]
+        chosen = piece.gather(1, ids[:, None])[:, 0]
+        ranks = ((piece > chosen[:, None]).sum(dim=-1) + 1).tolist()
+        tops: list[list[tuple[int, float]]] = [[] for _ in ranks]
+        if top_n:
+            values, top_ids = torch.topk(piece, top_n, dim=-1)
+            tops = [
+                list(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), values.tolist(), strict=True)
+            ]
+        for token, logprob, rank, top in zip(ids.tolist(), chosen.tolist(), ranks, tops, strict=True):
+            scoring.results.append(TokenLogprob(token, logprob, top, rank=rank))

@@ -23,7 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from models.plan import PlanRow, SampledToken, StepPlan
+from models.plan import PlanRow, PromptScoring, SampledToken, StepPlan
 from scheduler.blocks import BlockManager
 from scheduler.sequence import Sequence
 
@@ -192,7 +192,7 @@ class Batch:
         blocks = self.blocks
         if self.num_rows + 1 + len(seq.pending_children) > self.config.max_rows:
             return "full"
-        hits, in_flight = blocks.lookup(seq)
+        hits, in_flight = blocks.lookup(seq) if not seq.scores_prompt else ([], 0)
         if (
             wait_for_prefix
             and 2 * in_flight * blocks.block_size >= seq.num_tokens - len(hits) * blocks.block_size
@@ -278,6 +278,13 @@ class Batch:
             with_images=self._covers_images(seq, start, end),
             seq_len=seq.num_tokens,
         )
+        if seq.scores_prompt:
+            # Prompt tokens [first, last] are predicted by positions [first - 1, last - 1] of the chunk.
+            first, last = max(seq.scored_until, start + 1), min(end, seq.num_prompt_tokens - 1)
+            if first <= last:
+                row.scoring = PromptScoring(
+                    first - 1 - start, seq.token_ids[first : last + 1], seq.prompt_top
+                )
         if end == seq.num_tokens:
             children = seq.pending_children
             row.samplers = [seq.sampler, *(child.sampler for child in children)]
@@ -300,6 +307,8 @@ class Batch:
         for row, seq in zip(plan.rows, self._rows, strict=True):
             seq.num_cached = row.end
             seq.last_progress = self._now
+            if row.scoring is not None:
+                seq.scored_until = row.start + row.scoring.offset + 1 + len(row.scoring.targets)
             self.blocks.register(seq)
             if not row.samplers:
                 continue

@@ -177,6 +177,12 @@ class Scheduler:
             raise OverloadedError(
                 "every replica queue is full; retry shortly", retry_after_s=self.retry_after_s()
             )
+        if request.params.prompt_logprobs is not None and not executor.replica.runner.scores_prompts:
+            raise InvalidRequestError(
+                "prompt logprobs (echo with logprobs, prompt_logprobs) are not available for this model: "
+                "it runs on the generic path, whose generate() keeps only the last position's logits",
+                param="prompt_logprobs",
+            )
         if request.params.grammar is not None:
             # Compiled off the loop by the replica that will run it: a bad schema is a 400 now, and
             # admission later only copies the cached matcher.
@@ -365,7 +371,15 @@ class Scheduler:
 
     def _apply(self, items: Delivery) -> None:
         for stream, index, delta in items:
-            stream.push(index, delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, delta.error)
+            stream.push(
+                index,
+                delta.text,
+                delta.token_ids,
+                delta.logprobs,
+                delta.finish_reason,
+                delta.error,
+                delta.prompt_logprobs,
+            )
             if stream.finished:
                 self._retire(stream)
 

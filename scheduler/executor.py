@@ -31,7 +31,7 @@ from models.prompt import PreparedPrompt
 from models.replica import ModelReplica
 from scheduler.batch import Batch, BatchConfig
 from scheduler.blocks import BlockManager
-from scheduler.request import RequestStream
+from scheduler.request import RequestStream, TokenLogprob
 from scheduler.sequence import PromptSpan, Sequence
 from scheduler.timings import StepTimings
 
@@ -337,6 +337,9 @@ class Executor:
         if prepared.unsplit_span is not None:
             first, last = prepared.unsplit_span
             span = PromptSpan(first, last, prepared.span_digest, has_images=prepared.num_images > 0)
+        if params.prompt_logprobs is not None:
+            # Nothing predicts the first prompt token: its entry has no logprob, only its text.
+            generations[0].add_prompt_logprobs([TokenLogprob(prepared.token_ids[0], None, [])])
         return [
             Sequence(
                 prepared.token_ids,
@@ -349,6 +352,8 @@ class Executor:
                 output=generation,
                 span=span,
                 inputs=inputs,
+                # The first choice computes the prompt; the others fork from it once it is done.
+                prompt_top=params.prompt_logprobs if index == 0 else None,
             )
             for index, generation in enumerate(generations)
         ]
@@ -406,6 +411,11 @@ class Executor:
 
     def _advance(self, plan: StepPlan, results: list[SampledToken], failed: dict[int, str]) -> None:
         batch = self.batch
+        scored = {row.seq_id: row.scoring.results for row in plan.rows if row.scoring is not None}
+        if scored:
+            for seq in batch.running:
+                if scored.get(seq.seq_id):
+                    seq.output.add_prompt_logprobs(scored[seq.seq_id])
         for seq, sample in batch.advance(plan, results):
             if seq.is_finished:
                 continue

@@ -77,6 +77,8 @@ class RequestStream:
         # how many tokens came that way. A dict stays small however long the answer.
         self.token_intervals: dict[float, int] = {}
         self.replica_name = ""
+        # Prompt logprobs (computed once for all choices): the first token's logprob is None.
+        self.prompt_logprobs: list[TokenLogprob] = []
         self.finish_reasons: list[str] = []  # how each choice ended, in the order they did
         self.cancelled = False  # read by the replica thread between steps
         self._pending: dict[int, ChoiceUpdate] = {}
@@ -94,7 +96,10 @@ class RequestStream:
         logprobs: list[TokenLogprob],
         finish_reason: str | None,
         error: EngineError | None,
+        prompt_logprobs: list[TokenLogprob] | None = None,
     ) -> None:
+        if prompt_logprobs:
+            self.prompt_logprobs.extend(prompt_logprobs)
         update = self._pending.get(index)
         if update is None:
             update = self._pending[index] = ChoiceUpdate(index)

@@ -53,6 +53,8 @@ class Sequence:
         "inputs",
         "cache_salt",
         "origin",
+        "prompt_top",
+        "scored_until",
         "_keys_cache",
     )
 
@@ -69,6 +71,7 @@ class Sequence:
         span: PromptSpan | None = None,
         inputs: Any = None,
         origin: str = "",
+        prompt_top: int | None = None,
     ) -> None:
         self.seq_id = next(_ids)
         self.group = group  # the request this choice belongs to (opaque)
@@ -97,6 +100,10 @@ class Sequence:
         # The client request it came from (the prompts of a multi-prompt completion share one):
         # admission takes turns between origins.
         self.origin = origin
+        # Prompt logprobs: alternatives per prompt token (None: not asked), and the prompt tokens
+        # [0, scored_until) whose logprobs were computed (the first has none, nothing predicts it).
+        self.prompt_top = prompt_top
+        self.scored_until = 1
         self._keys_cache: tuple[int, list[tuple]] | None = None
 
     @property
@@ -111,6 +118,12 @@ class Sequence:
     def num_uncomputed(self) -> int:
         """Tokens still to feed: the rest of the prompt, or the one token sampled last step."""
         return len(self.token_ids) - self.num_cached
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Prompt logprobs still to compute: the prompt is computed from its first token, since a
+        prefix-cache hit would skip the logits of the positions it covers (as vLLM does)."""
+        return self.prompt_top is not None and self.scored_until < self.num_prompt_tokens
 
     @property
     def max_total_tokens(self) -> int:

@@ -9,6 +9,7 @@ from functools import partial
 from litestar import Request, Response, post
 
 from app.errors import status_of
+from app.prompt_logprobs import vllm_prompt_logprobs
 from app.routes import protected
 from app.schemas.chat import (
     AssistantMessage,
@@ -80,6 +81,9 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         system_fingerprint=SYSTEM_FINGERPRINT,
         latency_seconds=round(time.monotonic() - tracker.started, 4),
         warnings=stream.warnings or None,
+        prompt_logprobs=None
+        if data.prompt_logprobs is None
+        else vllm_prompt_logprobs(stream.prompt_logprobs, data.prompt_logprobs),
     )
     return Response(body, headers=headers)
 

@@ -1,9 +1,12 @@
 """POST /v1/completions (OpenAI's legacy text completions).
 
 Each prompt of a batch is its own engine request with the same parameters; choice `i` of prompt
-`p` is reported as index `p * n + i`. Echo prepends the prompt text; prompt-token logprobs are not
-computed by the engine, so with `echo` the logprobs cover the generated tokens only (their
-`text_offset`s still index into the returned text, prompt included).
+`p` is reported as index `p * n + i`. Echo prepends the prompt text; with `logprobs` too, the
+engine computes the prompt tokens' logprobs during prefill and they come before the generated
+tokens' (the first prompt token's null). The prompt's `text_offset`s count its tokens' texts from
+0; the generated tokens' index into the returned text. Streamed, the echo is the first event of
+each choice and carries the prompt's logprobs (it waits for the prefill). vLLM's `prompt_logprobs`
+is a field of each choice (not with stream, as in vLLM).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from functools import partial
 from litestar import Request, Response, post
 
 from app.errors import status_of
+from app.prompt_logprobs import echo_logprobs, joined, vllm_prompt_logprobs
 from app.routes import protected
 from app.schemas.completions import (
     CompletionChoice,
@@ -26,7 +30,7 @@ from app.schemas.completions import (
 from app.services import SYSTEM_FINGERPRINT, Services, begin, warning_headers
 from app.streaming import collect, end_of_stream, now, sse, sse_response, stream_failure, usage_of
 from scheduler.errors import EngineError
-from scheduler.request import EngineRequest, RequestStream, TokenLogprob
+from scheduler.request import EngineRequest, RequestStream, StreamUpdate, TokenLogprob
 
 
 @protected(
@@ -74,6 +78,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
             chunk=chunk,
             n=data.n,
             want_logprobs=want_logprobs,
+            top=data.logprobs or 0,
             include_usage=include_usage,
             on_done=on_done,
         )
@@ -89,10 +94,17 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
             if (failure := collected.failure) is not None:
                 on_done(failure)
                 raise failure
+            prompt_logprobs = None
+            if data.prompt_logprobs is not None:
+                prompt_logprobs = vllm_prompt_logprobs(stream.prompt_logprobs, data.prompt_logprobs)
             for i, choice in enumerate(collected.choices):
                 logprobs = _logprobs(choice.logprobs, len(echo))[0] if want_logprobs else None
+                if logprobs is not None and data.echo:
+                    logprobs = joined(echo_logprobs(stream.prompt_logprobs, data.logprobs), logprobs)
                 text = echo + choice.text
-                choices.append(CompletionChoice(p * data.n + i, text, logprobs, choice.finish_reason))
+                choices.append(
+                    CompletionChoice(p * data.n + i, text, logprobs, choice.finish_reason, prompt_logprobs)
+                )
     finally:
         _cancel(streams)  # the other prompts' rows when this one failed or the client left
     on_done(None)
@@ -155,6 +167,15 @@ def _logprobs(entries: list[TokenLogprob], offset: int) -> tuple[CompletionLogpr
     return CompletionLogprobs(tokens, token_logprobs, top_logprobs, text_offset), offset
 
 
+async def _chained(
+    first: StreamUpdate | None, rest: AsyncIterator[StreamUpdate]
+) -> AsyncIterator[StreamUpdate]:
+    if first is not None:
+        yield first
+    async for update in rest:
+        yield update
+
+
 async def _event_stream(
     streams: list[RequestStream],
     echoes: list[str],
@@ -162,6 +183,7 @@ async def _event_stream(
     chunk: Callable[[list[CompletionChoice]], CompletionChunk],
     n: int,
     want_logprobs: bool,
+    top: int,
     include_usage: bool,
     on_done: Callable[[EngineError | None], None],
 ) -> AsyncIterator[bytes]:
@@ -175,11 +197,14 @@ async def _event_stream(
     try:
         for p, (stream, echo) in enumerate(zip(streams, echoes, strict=True)):
             offsets = [len(echo)] * n
+            updates = aiter(stream)
+            # The prompt's logprobs are known once the prefill is done: with the first update.
+            first = await anext(updates, None) if echo and want_logprobs else None
             if echo:
-                empty = _logprobs([], 0)[0] if want_logprobs else None
+                prompt = echo_logprobs(stream.prompt_logprobs, top) if want_logprobs else None
                 for i in range(n):
-                    yield event(p * n + i, echo, empty, None)
-            async for update in stream:
+                    yield event(p * n + i, echo, prompt, None)
+            async for update in _chained(first, updates):
                 for choice in update.choices:
                     finish_reason = choice.finish_reason
                     if finish_reason == "error":

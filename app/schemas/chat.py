@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from app.schemas.common import ChoiceLogprobs, JSONObject, StreamOptions, Usage
+from app.schemas.common import ChoiceLogprobs, JSONObject, PromptLogprobs, StreamOptions, Usage
 
 # response_format's types are re-exported: chat requests are where clients know them from.
 from app.schemas.structured import JsonSchemaFormat as JsonSchemaFormat
@@ -132,6 +132,8 @@ class SamplingFields(StructuredFields, kw_only=True):
     min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     stop_token_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     skip_special_tokens: bool = True
+    # vLLM: logprobs of the prompt's tokens with this many alternatives (at most 20, as vLLM's default).
+    prompt_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -171,6 +173,7 @@ class ChatCompletionResponse(msgspec.Struct):
     system_fingerprint: str | None = None
     latency_seconds: float | None = None
     warnings: list[str] | None = msgspec.field(default=None)
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when the request asked
 
 
 class ChoiceDelta(msgspec.Struct, omit_defaults=True):

@@ -50,6 +50,18 @@ class ChoiceLogprobs(msgspec.Struct):
     refusal: list[TokenLogprobEntry] | None = None
 
 
+class PromptLogprob(msgspec.Struct):
+    """One token of vLLM's `prompt_logprobs` entries (token id -> this)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+# vLLM's `prompt_logprobs`: one entry per prompt token, the first null (nothing predicts it).
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=False):
     include_usage: bool = False
     continuous_usage_stats: bool = False

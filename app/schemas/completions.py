@@ -7,7 +7,7 @@ from typing import Annotated
 import msgspec
 
 from app.schemas.chat import PositiveInt, SamplingFields
-from app.schemas.common import Usage
+from app.schemas.common import NonNegativeInt, PromptLogprobs, Usage
 
 # A string, a list of strings, a list of token ids or a list of such lists. msgspec allows one
 # array type per union, so the element union is checked for consistency in translate.
@@ -16,7 +16,8 @@ PromptElement = str | int | list[int]
 
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[PromptElement]
-    max_tokens: PositiveInt | None = 16  # OpenAI's default for this endpoint; null: the server's
+    # OpenAI's default for this endpoint; null: the server's; 0 (with echo): score the prompt only.
+    max_tokens: NonNegativeInt | None = 16
     best_of: PositiveInt | None = None
     # OpenAI allows 0..5; vLLM (and this server) up to 20.
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
@@ -32,11 +33,12 @@ class CompletionLogprobs(msgspec.Struct):
     text_offset: list[int]
 
 
-class CompletionChoice(msgspec.Struct):
+class CompletionChoice(msgspec.Struct, omit_defaults=True):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when the request asked
 
 
 class CompletionResponse(msgspec.Struct):

@@ -123,17 +123,18 @@ def test_logprobs_shape(text_server: Server, echo: bool) -> None:
         text_server, prompt=prompt, max_tokens=5, logprobs=3, echo=echo, extra_body={"ignore_eos": True}
     )
     logprobs = completion.choices[0].logprobs
-    # Prompt-token logprobs are not computed: with echo the lists cover the generated tokens only.
+    # With echo the prompt's tokens come first (the first with a null logprob): tests/integration/test_scoring.py.
+    skip = len(_tokenize(text_server, prompt=prompt)["tokens"]) if echo else 0
     lists = (logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, logprobs.text_offset)
-    assert [len(values) for values in lists] == [5] * 4
-    assert all(isinstance(lp, float) and lp <= 0.0 for lp in logprobs.token_logprobs)
-    for token, logprob, top in zip(
-        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=False
-    ):
+    assert [len(values) for values in lists] == [skip + 5] * 4
+    assert (logprobs.token_logprobs[0] is None) == echo
+    tokens, token_logprobs, top_logprobs, text_offset = (values[skip:] for values in lists)
+    assert all(isinstance(lp, float) and lp <= 0.0 for lp in token_logprobs)
+    for token, logprob, top in zip(tokens, token_logprobs, top_logprobs, strict=False):
         assert 1 <= len(top) <= 4 and top[token] == pytest.approx(logprob)
-    assert logprobs.text_offset[0] == (len(prompt) if echo else 0)
-    steps = [b - a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:], strict=False)]
-    assert steps == [len(t) for t in logprobs.tokens[:-1]]
+    assert text_offset[0] == (len(prompt) if echo else 0)
+    steps = [b - a for a, b in zip(text_offset, text_offset[1:], strict=False)]
+    assert steps == [len(t) for t in tokens[:-1]]
 
 
 def test_logprobs_limit(text_server: Server) -> None:

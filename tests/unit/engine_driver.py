@@ -23,6 +23,7 @@ class EngineDriver:
         self.tokens: dict[tuple[str, int], list[int]] = defaultdict(list)
         self.text: dict[tuple[str, int], str] = defaultdict(str)
         self.finished: dict[tuple[str, int], tuple[str, str | None]] = {}
+        self.prompt_logprobs: dict[str, list] = defaultdict(list)  # request id -> entries
         config = executor_config(max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens)
         self.executor = Executor("test", str(replica.loaded.device), lambda: replica, self._deliver, config)
         self.executor.attach(replica)
@@ -31,6 +32,7 @@ class EngineDriver:
     def _deliver(self, items) -> None:
         for stream, index, delta in items:
             key = (stream.request_id, index)
+            self.prompt_logprobs[stream.request_id].extend(delta.prompt_logprobs)
             self.tokens[key].extend(delta.token_ids)
             self.text[key] += delta.text
             if delta.finish_reason is not None:

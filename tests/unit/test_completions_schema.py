@@ -105,6 +105,7 @@ def test_stream_failure_is_a_final_error_event() -> None:
             chunk=partial(CompletionChunk, "c", 0, "m"),
             n=1,
             want_logprobs=False,
+            top=0,
             include_usage=True,
             on_done=errors.append,
         )
