@@ -58,10 +58,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "audio": ((), "audio output is not supported"),
     "modalities": ((["text"],), "only text output is supported"),
     "web_search_options": ((), "web search is not supported"),
-    "reasoning_effort": (
-        (),
-        "reasoning_effort is not supported; pass template options in chat_template_kwargs",
-    ),
     "verbosity": ((), "verbosity is not supported"),
     "structural_tag": ((), "structural tags are not supported"),
     "max_new_tokens": ((), "max_new_tokens belongs to /generate's parameters; use max_tokens"),

@@ -114,7 +114,7 @@ class Translator:
             req.messages,
             tools=req.tools if req.tool_choice != "none" else None,
             add_generation_prompt=req.add_generation_prompt,
-            chat_template_kwargs=req.chat_template_kwargs,
+            chat_template_kwargs=_template_kwargs(req),
         )
         params = self.sampling(
             max_tokens=req.max_completion_tokens or req.max_tokens,
@@ -377,6 +377,14 @@ def _chat_grammar(req: ChatCompletionRequest, tool_format: ToolCallFormat = HERM
         tools = [_to_builtins(tool) for tool in req.tools]
         return tool_format.grammar(tools, only=named, parallel=req.parallel_tool_calls is not False)
     return None
+
+
+def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any] | None:
+    """chat_template_kwargs, with `reasoning_effort` among them when the request sets it (an
+    explicit chat_template_kwargs entry wins)."""
+    if req.reasoning_effort is None:
+        return req.chat_template_kwargs
+    return {"reasoning_effort": req.reasoning_effort, **(req.chat_template_kwargs or {})}
 
 
 def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -146,6 +146,9 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: JSONObject | None = None
+    # Passed to the chat template as `reasoning_effort` (gpt-oss's and other reasoning models'
+    # templates read it; a template that does not ignores it, as vLLM does).
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     add_generation_prompt: bool = True
 
 

@@ -58,6 +58,31 @@ def test_chat_uses_the_supplied_template(template_server: Server, stream: bool) 
     assert usage.prompt_tokens == expected["count"] and usage.completion_tokens == 3
 
 
+def test_reasoning_effort_reaches_the_template(template_server: Server) -> None:
+    """As vLLM passes it: a template variable (gpt-oss's template reads it), so the prompt changes
+    exactly as the template says; an explicit chat_template_kwargs entry wins."""
+    with template_server.http() as http:
+
+        def count(prompt: str) -> int:
+            return http.post("/tokenize", json={"prompt": prompt, "add_special_tokens": False}).json()[
+                "count"
+            ]
+
+        expected, low, plain = (count(RENDERED + s) for s in ("(effort=high)", "(effort=low)", ""))
+    assert len({expected, low, plain}) > 1
+    client = template_server.openai()
+    ask = dict(model=template_server.model_name, messages=MESSAGES, max_tokens=1)
+    assert client.chat.completions.create(**ask, reasoning_effort="high").usage.prompt_tokens == expected
+    overridden = client.chat.completions.create(
+        **ask, reasoning_effort="high", extra_body={"chat_template_kwargs": {"reasoning_effort": "low"}}
+    )
+    assert overridden.usage.prompt_tokens == low
+    assert client.chat.completions.create(**ask).usage.prompt_tokens == plain
+    with template_server.http() as http:
+        bad = http.post("/v1/chat/completions", json={**ask, "reasoning_effort": "extreme"})
+    assert_openai_error(bad, 400, param="reasoning_effort")
+
+
 @pytest.mark.parametrize(
     "path, body",
     [

@@ -41,7 +41,7 @@ def test_resolve_source(builtin_cache: str) -> None:
     path = resolve_source(LoadSpec(source="builtin:tiny", cache_dir=builtin_cache))
     assert path == str(Path(builtin_cache) / "builtin" / f"tiny-v{BUILD_VERSION}")
     assert resolve_source(LoadSpec(source="org/model")) == "org/model"
-    with pytest.raises(ModelLoadError, match="valid names: tiny, tiny-base, tiny-vlm"):
+    with pytest.raises(ModelLoadError, match="valid names: tiny, tiny-base, tiny-mistral, tiny-vlm"):
         resolve_source(LoadSpec(source="builtin:nope", cache_dir=builtin_cache))
 
 

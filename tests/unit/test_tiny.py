@@ -248,7 +248,7 @@ def test_ensure_builtin_tolerates_losing_the_race(tmp_path: Path, monkeypatch: p
 
 
 def test_ensure_builtin_unknown_name(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="tiny, tiny-base, tiny-vlm"):
+    with pytest.raises(ValueError, match="tiny, tiny-base, tiny-mistral, tiny-vlm"):
         ensure_builtin("huge", tmp_path)
 
 
