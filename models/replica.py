@@ -266,7 +266,8 @@ def _self_test(runner: PagedRunner, loaded: LoadedModel) -> str | None:
         if builder.can_chat:
             chat = builder.prepare(PromptInput(messages=({"role": "user", "content": _SELF_TEST_TEXT},)))
             prompts.append(_probe_prompt(chat, loaded))
-        if builder.is_vision:
+        # Images come only in chat messages: a model that cannot chat is never sent one.
+        if builder.is_vision and builder.can_chat:
             for size in ((64, 48), (40, 72)):
                 prepared = builder.prepare(
                     PromptInput(

@@ -106,3 +106,10 @@ def test_raw_prompts_still_work_without_a_template(base_server: Server) -> None:
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
     with base_server.http() as http:
         assert http.post("/tokenize", json={"prompt": "Once upon a time"}).json()["count"] > 0
+
+
+def test_a_model_without_a_template_is_still_served_by_the_fast_path(base_server: Server) -> None:
+    """The startup self-test probes chat and image prompts only where the model can chat."""
+    with base_server.http() as http:
+        replicas = http.get("/health").json()["replicas"]
+    assert [r["path"] for r in replicas] == ["fast"], replicas

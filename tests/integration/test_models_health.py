@@ -70,6 +70,7 @@ def test_health_is_ready_with_replica_info(vlm_server: Server, path: str) -> Non
         assert 0 <= replica["kv_blocks_used"] <= replica["kv_blocks_total"]
         assert replica["prefix_caching"] is True and replica["path"] == "fast"
         assert replica["kernels"]
+        assert replica["cuda_graphs"] == "off"  # CPU never captures
 
 
 def _metric(text: str, name: str) -> float:

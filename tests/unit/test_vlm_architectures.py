@@ -263,15 +263,22 @@ def test_the_logits_alone_refuse_the_fast_path_when_it_is_not_told(name, tmp_pat
     """Bidirectional spans and M-RoPE reach the fast path from `models.arch`. Were an
     architecture's entry missing, the self-test's logit comparison alone must refuse the fast
     path (it is what guards architectures nobody listed)."""
+    import dataclasses
+
     import models.prompt as prompt_module
     import models.replica as replica_module
     import models.runner as runner_module
     import models.self_test as self_test_module
-    from models.arch import Traits
+    from models.arch import Traits, traits_of
 
     replica = _replica(next(a for a in ARCHS if a.name == name), tmp_path_factory)
     monkeypatch.setattr(self_test_module, "mask_problem", lambda mask, spans=(): None)
-    monkeypatch.setattr(prompt_module, "traits_of", lambda config: Traits())
+    # The prompt format stays (without it PaliGemma could not be sent an image at all).
+    monkeypatch.setattr(
+        prompt_module,
+        "traits_of",
+        lambda config: dataclasses.replace(Traits(), prompt_format=traits_of(config).prompt_format),
+    )
     monkeypatch.setattr(prompt_module, "rope_index_of", lambda model: None)
     monkeypatch.setattr(runner_module, "traits_of", lambda config: Traits())
     loaded = replica.loaded
