@@ -57,10 +57,14 @@ gpu-check:
 	@if [ ! -x $(PY) ] && [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl; fi
 	PYTHONPATH=/tmp/site$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check $(ARGS)
 
-# Wheels (CPython 3.12, x86-64 Linux) of what a torch GPU image lacks, for `make gpu-check` there.
+# Wheels (CPython 3.12, x86-64 Linux) of what a torch GPU image lacks, for `make gpu-check` there:
+# the server's dependencies, then those of `transformers serve` (bench/gpu_serve.py's peer).
 GPU_WHEELS := transformers==5.23.0 tokenizers==0.23.3 huggingface_hub==2.4.0 litestar==2.25.0 \
 	litestar-htmx==0.5.0 msgspec==0.22.0 granian==2.8.7 llguidance==1.9.1 polyfactory==3.5.0 faker==40.63.0 \
-	multipart==2.0.1 rich-click==1.9.9 anyio==4.16.0
+	multipart==2.0.1 rich-click==1.9.9 anyio==4.16.0 \
+	fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 openai==3.51.0 jiter==0.19.0 pydantic==2.14.4 \
+	pydantic-core==2.50.5 annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 \
+	httpx2==2.16.2 httpcore2==2.16.2 opentelemetry-api==1.45.2 truststore==0.10.5 sniffio==1.3.1
 GPU_PLATFORMS := $(foreach n,17 24 27 28 31 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
 gpu-wheels: install
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

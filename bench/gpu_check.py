@@ -1,6 +1,6 @@
-"""`make gpu-check`: the GPU-marked tests, then `bench.gpu`, then one JSON summary.
+"""`make gpu-check`: the GPU-marked tests, `bench.gpu`, `bench.gpu_serve`, one JSON summary.
 
-    python -m bench.gpu_check [--quick]   # --quick: the 1B model only, batches 1 and 32
+    python -m bench.gpu_check [--quick]   # --quick: the 1B model only, batches 1 and 32, no peer
 
 Writes bench/results/<stamp>-gpu-check.json with the card's name, driver, torch and CUDA versions,
 the test counts and the benchmark figures. Without a CUDA device it says so and exits 0; with one,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench import gpu
+from bench import gpu, gpu_serve
 from bench.server import write_results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,11 @@ def run_tests() -> dict:
     return {"exit_code": code, **counts}
 
 
+def _latest(kind: str) -> dict | None:
+    found = sorted((ROOT / "bench" / "results").glob(f"*-{kind}.json"))
+    return json.loads(found[-1].read_text().splitlines()[0]) if found else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -68,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     bench_args = ["--models", "1b", "--batches", "1,32"] if args.quick else []
     gpu.main(bench_args)
-    latest = sorted((ROOT / "bench" / "results").glob("*-gpu.json"))
-    summary["bench"] = json.loads(latest[-1].read_text()) if latest else None
+    summary["bench"] = _latest("gpu")
+    if not args.quick:  # ours against transformers serve over HTTP, 1B model, 32 in flight
+        gpu_serve.main([])
+        summary["serve"] = _latest("gpu-serve")
     out = write_results("gpu-check", [summary])
     print(json.dumps({k: v for k, v in summary.items() if k != "bench"}))
     print(f"gpu-check: summary in {out}")

@@ -18,12 +18,13 @@ def our_server(
     env: dict[str, str] | None = None,
     log_path: Path,
     ready_timeout_s: float = 300.0,
+    python: str | None = None,
 ) -> tuple[ServerProcess, Target]:
     """An unstarted ServerProcess for ours (greedy by default, fp32), and how to talk to it."""
     port = free_port()
     api_key = secrets.token_hex(8)  # with a key set, requests take the guarded path real clients take
     command = [
-        str(ROOT / ".venv" / "bin" / "python"),
+        python or str(ROOT / ".venv" / "bin" / "python"),
         str(ROOT / "entrypoint.py"),
         *("--model-path", str(model_path), "--model-name", model_name, "--api-key", api_key),
         *f"--host 127.0.0.1 --port {port} --dtype fp32 --default-sampling false".split(),

@@ -99,9 +99,11 @@ def peer_server(
     extra_args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 300.0,
+    python: Path | None = None,
 ) -> tuple[ServerProcess, Target]:
-    """An unstarted ServerProcess for the peer, and how to talk to it."""
-    python = ensure_peer_venv()
+    """An unstarted ServerProcess for the peer, and how to talk to it: run by `python` when given
+    (an environment that already has `transformers[serving]`), else from bench/.venv-peer."""
+    python = python or ensure_peer_venv()
     port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     server = ServerProcess(
