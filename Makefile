@@ -48,7 +48,8 @@ test-integration: install
 bench: install
 	$(PY) -m bench.compare $(ARGS)
 
-# On a GPU machine (under 8 minutes on one card): GPU-marked tests, bench/gpu.py, one JSON summary
+# On a GPU machine (sized for 8 minutes on one card, not yet timed there): GPU-marked tests,
+# bench/gpu.py, bench/gpu_serve.py, one JSON summary
 # in bench/results/. Without a GPU it says so and exits 0. It uses .venv when there is one, else
 # the machine's python3 (a GPU image that has CUDA torch but no route to a package index), with
 # the server's other dependencies from the wheels `make gpu-wheels` put in .whl/.

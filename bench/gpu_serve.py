@@ -85,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             log_path=results_dir / "gpu-serve-ours.log",
             python=sys.executable,
         )
-        summary: dict = {"model": args.model, "device": args.device, "ours": _run(ours, target, args)}
+        summary: dict = {
+            "model": args.model_path or args.model,
+            "device": args.device,
+            "ours": _run(ours, target, args),
+        }
         missing = [name for name in PEER_MODULES if importlib.util.find_spec(name) is None]
         if missing:
             summary["peer"] = f"not run: {', '.join(missing)} not importable by {sys.executable}"
