@@ -1,6 +1,7 @@
 """The engine on CUDA (`make gpu-check`; deselected from `make test`, which has no GPU).
 
-Tolerances: in fp32 the CUDA-graph path must give exactly the eager path's greedy tokens; in
+Tolerances: in fp32 the CUDA-graph path must give exactly the eager path's greedy tokens (and,
+for every architecture of the CPU suite, exactly generate()'s); in
 bf16 (where a padded batch may pick other GEMM kernels, and random weights leave near-ties) the
 first 4 greedy tokens of every request must match. FlashAttention and SDPA are compared the same
 way in bf16.
@@ -19,6 +20,7 @@ from models.prompt import PreparedPrompt
 from models.replica import build_replica
 from tests.unit.configs import replica_config
 from tests.unit.engine_driver import run_jobs
+from tests.unit.test_text_architectures import ARCHS, check_architecture
 
 pytestmark = [
     pytest.mark.gpu,
@@ -79,6 +81,22 @@ def test_kv_pool_is_sized_from_free_gpu_memory(tiny_text_path):
     built = replica(tiny_text_path, max_batch_size=4)
     pool = built.kv_pool_bytes
     assert 0 < pool <= free_before * 0.9
+
+
+@pytest.fixture(scope="module")
+def arch_tokenizer():
+    from models.tiny import build_tokenizer, chat_template
+
+    tok = build_tokenizer(512)
+    tok.chat_template = chat_template(None)
+    return tok
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_architectures_on_cuda_with_graphs_match_generate(model_type, arch_tokenizer, tmp_path):
+    """The CPU suite's architecture check (greedy tokens equal to generate() for four requests
+    batched, prefilled in chunks, from the prefix cache), on CUDA in fp32 with decode graphs."""
+    check_architecture(model_type, arch_tokenizer, tmp_path, device="cuda:0", decode_graphs="capture")
 
 
 @pytest.mark.skipif(gpus() < 2, reason="needs two GPUs")

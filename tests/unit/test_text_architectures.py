@@ -156,13 +156,28 @@ def _prompt(tokenizer, length: int) -> PreparedPrompt:
 
 @pytest.mark.parametrize("model_type", sorted(ARCHS))
 def test_architecture_matches_generate(model_type, tokenizer, tmp_path):
+    check_architecture(model_type, tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHS))
+def test_architecture_on_graph_buffers_matches_generate(model_type, tokenizer, tmp_path):
+    """The same with decode steps on the CUDA-graph path's padded buffers (no capture on CPU):
+    windows, chunks, soft-capping and sinks hold on padded batches and block tables too."""
+    check_architecture(model_type, tokenizer, tmp_path, decode_graphs="static")
+
+
+def check_architecture(
+    model_type, tokenizer, out, *, device: str = "cpu", decode_graphs: str = "off"
+) -> None:
     """Four requests at once: a short one decoding; a long one (past every window, attention
     chunk and the LongRoPE threshold) prefilled in chunks beside it; one that crosses the LongRoPE
-    threshold while it decodes; then the long one again from the prefix cache."""
+    threshold while it decodes; then the long one again from the prefix cache. `tests/gpu` runs
+    the same on CUDA with decode graphs captured."""
     extra, expected_path = ARCHS[model_type]
-    build(model_type, extra, tokenizer, tmp_path)
+    build(model_type, extra, tokenizer, out)
     replica = build_replica(
-        LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4)
+        LoadSpec(source=str(out), dtype="fp32", attn_impl="sdpa", device=device),
+        replica_config(max_batch_size=4, decode_graphs=decode_graphs),
     )
     assert replica.path == expected_path, replica.path_reason
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
@@ -186,6 +201,9 @@ def test_architecture_matches_generate(model_type, tokenizer, tmp_path):
         assert driver.executor.batch.blocks.hit_tokens >= replica.block_size
     else:  # the generic path computed the concurrent decode steps together
         assert replica.runner.merged_calls > 0
+    if decode_graphs != "off" and replica.path == "fast" and replica.runner.long_rope_after is None:
+        graphs = replica.runner.graphs
+        assert graphs.disabled is None and graphs.steps > 0, replica.runner.graphs_status
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "llama4_text", "phi3-longrope"])
