@@ -85,10 +85,14 @@ class GrammarCompiler:
                 self._compiled.move_to_end(spec)
                 return matcher
             tokenizer = self._tokenizer(spec.param)
+        try:
+            text = _grammar_text(spec, self._special)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # llguidance's converters raise ValueError (e.g. nesting too deep)
+            raise InvalidRequestError(_invalid(spec, str(exc)), param=spec.param) from None
         # Outside the lock: compiling a large schema takes a while and releases the GIL.
-        matcher = llguidance.LLMatcher(
-            tokenizer, _grammar_text(spec, self._special), log_level=0, limits=self._limits
-        )
+        matcher = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=self._limits)
         if not matcher.is_error():
             # llguidance builds lexer states lazily: the first mask is where most grammars that
             # exceed its limits fail. Better a 400 now than a failure mid-generation.

@@ -298,6 +298,15 @@ def test_whitespace_pattern_is_the_only_whitespace_between_json_tokens(replica):
         (GrammarSpec("lark", "root ::= nowhere", param="guided_grammar"), "guided_grammar"),
         (GrammarSpec("lark", "root ::= (", param="guided_grammar"), "guided_grammar"),
         (GrammarSpec("json_schema", "not json", param="guided_json"), "guided_json"),
+        # Nested past llguidance's JSON reader's recursion limit: a ValueError from the converter.
+        (
+            GrammarSpec(
+                "json_schema",
+                '{"type": "object", "properties": {"a": ' * 200 + "{}" + "}}" * 200,
+                param="guided_json",
+            ),
+            "guided_json",
+        ),
         (GrammarSpec("json_object", whitespace_pattern="[", param="guided_json"), "guided_json"),
         (HERMES.grammar([{"function": {"name": "f", "parameters": {"type": "nonsense"}}}]), "tools"),
     ],
