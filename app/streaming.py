@@ -15,7 +15,7 @@ import msgspec
 from litestar import Request
 from litestar.response import Stream
 
-from app.errors import engine_error_to_response
+from app.errors import engine_error_to_response, status_of
 from app.schemas.chat import ChatChunkChoice, ChatCompletionChunk, ChoiceDelta
 from app.schemas.common import ChoiceLogprobs, PromptTokensDetails, TokenLogprobEntry, TopLogprob, Usage
 from app.tool_calls import ToolCallParser, finish_reason_for
@@ -115,6 +115,17 @@ async def collect(request: Request, stream: RequestStream) -> Collected:
         finally:
             tg.cancel_scope.cancel()
     return result
+
+
+async def collect_answer(request: Request, stream: RequestStream, tracker) -> Collected:
+    """`collect`, with the outcome recorded on the route's `RequestTracker`: a failure is
+    recorded and raised (the handlers turn it into its OpenAI error), a disconnect is a 499."""
+    collected = await collect(request, stream)
+    if (failure := collected.failure) is not None:
+        tracker.finish(status_of(failure), stream, failure.message)
+        raise failure
+    tracker.finish(499 if collected.disconnected else 200, stream)
+    return collected
 
 
 def _accumulate(result: Collected, update: StreamUpdate) -> None:

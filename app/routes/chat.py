@@ -23,7 +23,7 @@ from app.streaming import (
     ChoiceResult,
     chat_event_stream,
     choice_logprobs,
-    collect,
+    collect_answer,
     now,
     sse_response,
     usage_of,
@@ -62,11 +62,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         )
         return sse_response(events, headers)
 
-    collected = await collect(request, stream)
-    if (failure := collected.failure) is not None:
-        tracker.finish(status_of(failure), stream, failure.message)
-        raise failure
-    tracker.finish(499 if collected.disconnected else 200, stream)
+    collected = await collect_answer(request, stream, tracker)
     choices = []
     for i, choice in enumerate(collected.choices):
         message, finish_reason = _message(choice, tool_parser)

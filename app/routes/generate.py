@@ -6,11 +6,10 @@ import time
 
 from litestar import Request, Response, post
 
-from app.errors import status_of
 from app.routes import protected
 from app.schemas.generate import GenerateRequest, GenerateResponse
 from app.services import begin, warning_headers
-from app.streaming import collect
+from app.streaming import collect_answer
 
 
 @protected(post, "/generate", summary="Generate a continuation of raw text (no chat template)", tag="Simple")
@@ -19,12 +18,8 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
     svc, tracker = call.svc, call.tracker
     with tracker.failures():
         stream = await svc.require_scheduler().submit(svc.translator.generate(call.data, call.request_id))
-    collected = await collect(request, stream)
+    collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
-    if (failure := collected.failure) is not None:
-        tracker.finish(status_of(failure), stream, failure.message)
-        raise failure
-    tracker.finish(499 if collected.disconnected else 200, stream)
     body = GenerateResponse(
         generated_text=choice.text,
         finish_reason=choice.finish_reason,

@@ -18,7 +18,7 @@ from app.responses_stream import OutputBuilder, feed_choice, final_response, res
 from app.routes import protected
 from app.schemas.responses import ResponseObject, ResponsesRequest
 from app.services import begin, warning_headers
-from app.streaming import collect, sse_response
+from app.streaming import collect_answer, sse_response
 from app.tool_calls import parser_factory
 from scheduler.request import EngineRequest
 
@@ -50,11 +50,7 @@ async def create_response(request: Request, data: ResponsesRequest) -> Response:
         events = response_event_stream(stream, initial=initial, tool_parser=tool_parser, on_done=on_done)
         return sse_response(events, headers)
 
-    collected = await collect(request, stream)
-    if (failure := collected.failure) is not None:
-        tracker.finish(status_of(failure), stream, failure.message)
-        raise failure
-    tracker.finish(499 if collected.disconnected else 200, stream)
+    collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
     builder = OutputBuilder()
     feed_choice(builder, tool_parser() if tool_parser else None, choice.text, finished=True)
