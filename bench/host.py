@@ -2,7 +2,7 @@
 negligible, so what is left is Python and framework overhead).
 
     python -m bench.host [--batches 1,8,32] [--steps 60] [--profile 1] [--model-path builtin:tiny]
-                         [--graphs off|static]
+                         [--graphs off|static] [--compare-packing ROUNDS]
 
 In process, through the real executor: `batch` requests decode together (their prompts are
 prefilled first and not counted); the executor's own step timings (`scheduler/timings.py`) give
@@ -65,6 +65,44 @@ def _decode_steps(replica, batch: int, steps: int, profile: bool = False) -> dic
     return row
 
 
+def compare_packing(args) -> None:
+    """Both replicas built in one process, then interleaved rounds, so that the machine's drift
+    (large on a shared 2-core box) falls on both alike."""
+    import statistics
+
+    import models.replica as replica_module
+    from models.cpu_kernels import pack_linears
+
+    batches = [int(b) for b in args.batches.split(",")]
+    replicas = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for mode, pays in (("pack-all", lambda linear, hint: True), ("measured", None)):
+            replica_module.pack_linears = (
+                pack_linears
+                if pays is None
+                else lambda m, batch_hint=16, pays=pays: pack_linears(m, batch_hint=batch_hint, pays=pays)
+            )
+            replicas[mode] = build_replica(
+                LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
+                replica_config(max_batch_size=max(batches)),
+            )
+        replica_module.pack_linears = pack_linears
+        totals = {mode: {b: [] for b in batches} for mode in replicas}
+        for _ in range(args.compare_packing):
+            for mode, replica in replicas.items():
+                for batch in batches:
+                    _decode_steps(replica, batch, 5)
+                    totals[mode][batch].append(round(_decode_steps(replica, batch, args.steps)["total"], 3))
+    rows = [
+        {"mode": mode, "batch": b, "median_ms": round(statistics.median(v), 3), "rounds_ms": v}
+        for mode, per_batch in totals.items()
+        for b, v in per_batch.items()
+    ]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    write_results("host-packing", rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,8,32")
@@ -77,8 +115,18 @@ def main(argv: list[str] | None = None) -> None:
         default="off",
         help="static: decode steps on the CUDA-graph path's padded buffers (no capture on CPU)",
     )
+    parser.add_argument(
+        "--compare-packing",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="A/B in one process: every linear packed against packed-where-measured-faster, interleaved",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.compare_packing:
+        compare_packing(args)
+        return
     with tempfile.TemporaryDirectory() as cache:
         replica = build_replica(
             LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
