@@ -35,6 +35,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
 )
 
+from models import model_facts
 from models.devices import placement_devices, weight_placement
 from models.download import download_progress, hub_folder
 from models.processors import processor_without_video
@@ -49,10 +50,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ATTN_IMPLS = ("flash_attention_2", "sdpa", "eager")
 BUILTIN_PREFIX = "builtin:"
-DEFAULT_MAX_CONTEXT = 2048
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-# Tokenizers without a known limit report a huge sentinel (transformers' VERY_LARGE_INTEGER).
-_UNKNOWN_TOKENIZER_LIMIT = 10**9
 
 
 class ModelLoadError(Exception):
@@ -218,14 +215,14 @@ def _load_model(spec: LoadSpec) -> LoadedModel:
 
     model, attn_impl = _load_with_attention_fallback(load, dtype, device, spec, path, decide)
 
-    max_context, context_reason = _max_context(config, tokenizer)
+    max_context, context_reason = model_facts.max_context(config, tokenizer)
     decide(f"max_context={max_context} ({context_reason})")
-    eos_token_ids = _eos_token_ids(model, tokenizer)
+    eos_token_ids = model_facts.eos_token_ids(model, tokenizer)
     if not eos_token_ids:
         decide(
             "eos_token_ids=none (generation stops only on max_tokens or stop strings)", level=logging.WARNING
         )
-    chat_template = spec.chat_template or _chat_template(tokenizer, processor)
+    chat_template = spec.chat_template or model_facts.chat_template(tokenizer, processor)
     if spec.chat_template:
         decide("chat_template=from --chat-template")
     elif chat_template is None:
@@ -246,7 +243,7 @@ def _load_model(spec: LoadSpec) -> LoadedModel:
         max_context=max_context,
         eos_token_ids=eos_token_ids,
         chat_template=chat_template,
-        image_token_id=_image_token_id(config, processor, tokenizer) if is_vision else None,
+        image_token_id=model_facts.image_token_id(config, processor, tokenizer) if is_vision else None,
         decisions=tuple(decisions),
         devices=devices,
     )
@@ -454,60 +451,3 @@ def _warmup(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: 
         logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False).logits
     if not torch.isfinite(logits).all():
         raise RuntimeError("warmup produced non-finite logits")
-
-
-# --- derived facts -----------------------------------------------------------------------------
-
-
-def _max_context(config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
-    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    for source, cfg in (("text_config", text_config), ("config", config)):
-        for key in _CONTEXT_KEYS:
-            value = getattr(cfg, key, None)
-            if isinstance(value, int) and value > 0:
-                return value, f"{source}.{key}"
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < _UNKNOWN_TOKENIZER_LIMIT:
-        return limit, "tokenizer.model_max_length"
-    return DEFAULT_MAX_CONTEXT, "not found in config or tokenizer; default"
-
-
-def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    ids: set[int] = set()
-    generation_config = getattr(model, "generation_config", None)
-    eos = getattr(generation_config, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(i for i in eos if isinstance(i, int))
-    if isinstance(tokenizer.eos_token_id, int):
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
-
-
-def _chat_template(tokenizer: PreTrainedTokenizerBase, processor: ProcessorMixin | None) -> str | None:
-    for owner in (processor, tokenizer):
-        template = getattr(owner, "chat_template", None)
-        if isinstance(template, dict):  # named templates: the unnamed one is "default"
-            template = template.get("default")
-        if isinstance(template, str) and template:
-            return template
-    return None
-
-
-def _image_token_id(
-    config: PreTrainedConfig, processor: ProcessorMixin | None, tokenizer: PreTrainedTokenizerBase
-) -> int | None:
-    for key in ("image_token_id", "image_token_index"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    value = getattr(processor, "image_token_id", None)
-    if isinstance(value, int):
-        return value
-    token = getattr(processor, "image_token", None)
-    if isinstance(token, str):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            return token_id
-    return None
