@@ -192,6 +192,17 @@ class Server:
             timeout=REQUEST_TIMEOUT_S,
         )
 
+    def langchain(self, **kwargs):
+        """LangChain's ChatOpenAI against this server (greedy, no retries); `kwargs` add to it."""
+        from langchain_openai import ChatOpenAI
+
+        return ChatOpenAI(
+            base_url=f"{self.base_url}/v1",
+            api_key=self.api_key or "EMPTY",
+            model=self.model_name,
+            **{"temperature": 0, "max_retries": 0, **kwargs},
+        )
+
     def async_openai(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
             base_url=f"{self.base_url}/v1",

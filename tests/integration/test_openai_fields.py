@@ -195,18 +195,8 @@ def test_user_and_every_role_with_content_parts(text_server: Server) -> None:
 
 
 # -- LangChain's ChatOpenAI against the same server -------------------------------------------------
-langchain_openai = pytest.importorskip("langchain_openai")
-
-
 def chat_model(server: Server, **kwargs: Any):
-    return langchain_openai.ChatOpenAI(
-        base_url=f"{server.base_url}/v1",
-        api_key=server.api_key,
-        model=server.model_name,
-        temperature=0,
-        max_retries=0,
-        **kwargs,
-    )
+    return server.langchain(**kwargs)
 
 
 def test_langchain_invoke_and_stream(text_server: Server) -> None:

@@ -401,19 +401,8 @@ def test_counted_in_metrics_and_documented(text_server: Server) -> None:
 
 
 # -- LangChain ----------------------------------------------------------------------------------------
-langchain_openai = pytest.importorskip("langchain_openai")
-
-
 def chat_model(server: Server, **kwargs: Any):
-    return langchain_openai.ChatOpenAI(
-        base_url=f"{server.base_url}/v1",
-        api_key=server.api_key,
-        model=server.model_name,
-        temperature=0,
-        max_retries=0,
-        use_responses_api=True,
-        **kwargs,
-    )
+    return server.langchain(use_responses_api=True, **kwargs)
 
 
 def test_langchain_invoke_and_stream(text_server: Server) -> None:

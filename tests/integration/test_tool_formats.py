@@ -98,7 +98,6 @@ def test_named_choice_streams_as_openai_deltas(mistral_server: Server) -> None:
 
 
 # -- LangChain's ChatOpenAI ---------------------------------------------------------------------
-langchain_openai = pytest.importorskip("langchain_openai")
 
 
 @pytest.mark.parametrize("tool_choice", ["get_weather", "any"])
@@ -111,14 +110,7 @@ def test_langchain_bound_tools_and_the_next_turn(mistral_server: Server, tool_ch
         """Weather for a city."""
         return "sunny"
 
-    llm = langchain_openai.ChatOpenAI(
-        base_url=f"{mistral_server.base_url}/v1",
-        api_key="EMPTY",
-        model=mistral_server.model_name,
-        temperature=0,
-        max_tokens=40,
-        max_retries=0,
-    )
+    llm = mistral_server.langchain(max_tokens=40)
     # strict: LangChain closes the schema (additionalProperties false), so noise cannot add keys.
     llm = llm.bind_tools([get_weather], tool_choice=tool_choice, strict=True)
     question = HumanMessage("What is the weather in Paris?")
