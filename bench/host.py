@@ -76,7 +76,7 @@ def compare_packing(args) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     replicas = {}
     with tempfile.TemporaryDirectory() as cache:
-        for mode, pays in (("pack-all", lambda linear, hint: True), ("measured", None)):
+        for mode, pays in (("pack-all", lambda linear, hint: True), ("by-size", None)):
             replica_module.pack_linears = (
                 pack_linears
                 if pays is None
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         metavar="ROUNDS",
-        help="A/B in one process: every linear packed against packed-where-measured-faster, interleaved",
+        help="A/B in one process: every linear packed against the size rule (models.cpu_kernels), interleaved",
     )
     args = parser.parse_args(argv)
     torch.manual_seed(0)

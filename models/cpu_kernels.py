@@ -1,24 +1,25 @@
-"""oneDNN pre-packed weights for nn.Linear on CPU, where they are measured to pay.
+"""oneDNN pre-packed weights for the nn.Linear layers on CPU that are large enough to gain.
 
 Decode on CPU is dominated by skinny matmuls (`[batch, hidden] x [hidden, out]`); oneDNN with the
 weight reordered once into its blocked layout runs them ~1.7x faster than `F.linear` at batch
-1-16 on this project's CI machine for the bench model's 768-wide layers. For small layers the
-call's fixed cost wins instead: on the 64-wide builtin:tiny, packing made a batch-1 decode step
-1.9-3.3 ms against 1.2 ms with `F.linear` (docs/BENCHMARKS.md). So each distinct layer shape is
-timed both ways at startup, at batch 1 and at the batch hint, and packed only when oneDNN is the
-faster. The original weight stays in place (tied embeddings and any code reading `.weight` keep
-working), so packing costs one extra copy of the packed weights; it is skipped when that copy
-would be large.
+1-16 on this project's CI machine for the bench model's 768-wide layers. But the packed call
+has a fixed cost of about 15-20 us, so small layers run faster through `F.linear`: timed one layer
+at a time (batch 1 and 16, 2 threads), `F.linear` wins up to 256x256 (7 against 22 us at batch
+1, 30 against 28 at batch 16); from 384x384 packing wins at batch 16 (68 against 81 us) while
+`F.linear` still wins at batch 1 by about 13 us, and from 512x512 packing wins at both
+(docs/BENCHMARKS.md). Layers are therefore packed
+from `PACK_MIN_WEIGHTS` weights on: a fixed rule rather than a timing at startup, whose verdicts
+flipped when the machine was busy (as it is when several replicas load at once). The original
+weight stays in place (tied embeddings and any code reading `.weight` keep working), so packing
+costs one extra copy of the packed weights; it is skipped when that copy would be large.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -43,38 +44,20 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
-_TIMING_ROUNDS = 20
-
-
-def _best_seconds(call: Callable[[], object]) -> float:
-    call()  # first call: oneDNN's primitive creation, allocator warm-up
-    best = float("inf")
-    for _ in range(_TIMING_ROUNDS):
-        started = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - started)
-    return best
+# From 384x384-sized layers on (a Llama's narrow k/v projections, 768x256, included): there packing
+# wins at the batch sizes continuous batching runs, and loses at batch 1 by less than it wins.
+PACK_MIN_WEIGHTS = 2**17
 
 
 def packing_pays(linear: nn.Linear, batch_hint: int) -> bool:
-    """Whether oneDNN with the packed weight beats `F.linear` for this layer's shape, summed over
-    a batch-1 and a `batch_hint` decode (the best of a few rounds each, so noise is small next to
-    the gaps that matter)."""
-    packed = PackedLinear(linear, batch_hint)
-    plain = packed_total = 0.0
-    with torch.inference_mode():
-        for rows in (1, batch_hint):
-            x = torch.randn(rows, linear.in_features)
-            plain += _best_seconds(lambda x=x: F.linear(x, linear.weight, linear.bias))
-            packed_total += _best_seconds(lambda x=x: packed(x))
-    return packed_total < plain
+    return linear.in_features * linear.out_features >= PACK_MIN_WEIGHTS
 
 
 def pack_linears(
     model: nn.Module, *, batch_hint: int = 16, pays: Callable[[nn.Linear, int], bool] = packing_pays
 ) -> str:
-    """Swap the fp32 CPU nn.Linear layers whose shape `pays` for a PackedLinear; returns a
-    one-line decision for the log."""
+    """Swap each fp32 CPU nn.Linear that `pays(linear, batch_hint)` approves for a PackedLinear;
+    returns a one-line decision for the log."""
     if not packing_supported():
         return "packed CPU linears: off (oneDNN unavailable)"
     targets = [
@@ -86,17 +69,10 @@ def pack_linears(
     ]
     if not targets:
         return "packed CPU linears: off (no fp32 CPU linear layers)"
-    verdicts: dict[tuple[int, int, bool], bool] = {}
-    for _, module in targets:
-        shape = (module.in_features, module.out_features, module.bias is not None)
-        if shape not in verdicts:
-            verdicts[shape] = pays(module, batch_hint)
     total = len(targets)
-    targets = [
-        (name, m) for name, m in targets if verdicts[(m.in_features, m.out_features, m.bias is not None)]
-    ]
+    targets = [(name, module) for name, module in targets if pays(module, batch_hint)]
     if not targets:
-        return f"packed CPU linears: off (F.linear measured faster for all {total} layers' shapes)"
+        return f"packed CPU linears: off (none of the {total} layers is large enough to gain)"
     extra = sum(m.weight.numel() * m.weight.element_size() for _, m in targets)
     if extra > _MAX_EXTRA_BYTES:
         return f"packed CPU linears: off (would need {extra / 2**30:.1f} GiB more memory)"
@@ -106,6 +82,6 @@ def pack_linears(
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, PackedLinear(module, batch_hint))
     return (
-        f"packed CPU linears: on for {len(targets)} of {total} layers (the shapes where oneDNN "
-        f"measured faster; {extra / 2**20:.0f} MiB extra)"
+        f"packed CPU linears: on for {len(targets)} of {total} layers (those of at least "
+        f"{PACK_MIN_WEIGHTS} weights; {extra / 2**20:.0f} MiB extra)"
     )
