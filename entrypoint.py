@@ -223,13 +223,7 @@ def check_devices(settings: Settings) -> None:
     from models.devices import cuda_device_count, resolve_devices
 
     try:
-        devices = resolve_devices(
-            device=settings.device,
-            gpu_ids=settings.gpu_ids,
-            gpu_count=settings.gpu_count,
-            cpu_replicas=settings.cpu_replicas,
-            gpus_per_replica=settings.gpus_per_replica,
-        )
+        devices = resolve_devices(**settings.device_selection())
     except ValueError as exc:
         _fail(str(exc))
     if settings.device == "auto" and devices[0] == "cpu" and cuda_device_count() == 0:

@@ -38,13 +38,7 @@ GPU_PREFILL_TOKENS = 2048
 
 
 def scheduler_config(settings: Settings) -> SchedulerConfig:
-    devices = resolve_devices(
-        device=settings.device,
-        gpu_ids=settings.gpu_ids,
-        gpu_count=settings.gpu_count,
-        cpu_replicas=settings.cpu_replicas,
-        gpus_per_replica=settings.gpus_per_replica,
-    )
+    devices = resolve_devices(**settings.device_selection())
     on_cpu = all(d == "cpu" for d in devices)
     return SchedulerConfig(
         load=LoadSpec(

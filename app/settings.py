@@ -311,6 +311,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             values["log_level"] = "debug"
         return cls(**values)
 
+    def device_selection(self) -> dict[str, Any]:
+        """The settings that pick the replicas' devices, as `models.devices.resolve_devices` takes
+        them (the entrypoint checks them before serving; the lifespan builds replicas from them)."""
+        return {
+            "device": self.device,
+            "gpu_ids": self.gpu_ids,
+            "gpu_count": self.gpu_count,
+            "cpu_replicas": self.cpu_replicas,
+            "gpus_per_replica": self.gpus_per_replica,
+        }
+
     def redacted_dict(self) -> dict[str, Any]:
         """Settings safe to log or serve: secrets dropped, model source hidden when redact_source."""
         data = msgspec.structs.asdict(self)

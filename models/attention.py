@@ -390,12 +390,23 @@ def _prefill_attention(layout: PagedLayout, key_pool, value_pool, query, key, va
     return torch.cat(outs, dim=2)
 
 
-def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, rule, extras):
-    from flash_attn import flash_attn_varlen_func
-
+def _flash_options(scaling, rule: LayerRule, extras: _Extras) -> dict:
+    """What both FlashAttention calls pass for the layer's rule: causal, its window, soft-capping."""
     if rule.chunk is not None or extras.sinks is not None:
         # The runner keeps FlashAttention off for such models; reaching here is a bug, not a fallback.
         raise FastPathUnsupported("FlashAttention cannot apply attention chunks or sinks")
+    return {
+        "softmax_scale": scaling,
+        "causal": True,
+        "window_size": (rule.window - 1, 0) if rule.window is not None else (-1, -1),
+        "softcap": extras.softcap or 0.0,
+    }
+
+
+def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, rule, extras):
+    from flash_attn import flash_attn_varlen_func
+
+    options = _flash_options(scaling, rule, extras)
     q = query[0].transpose(0, 1)  # [T, H, D]
     out = flash_attn_varlen_func(
         q,
@@ -405,11 +416,8 @@ def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, 
         cu_seqlens_k=meta.cu_seqlens_k,
         max_seqlen_q=meta.max_seqlen_q,
         max_seqlen_k=meta.max_seqlen_k,
-        softmax_scale=scaling,
-        causal=True,
-        window_size=(rule.window - 1, 0) if rule.window is not None else (-1, -1),
-        softcap=extras.softcap or 0.0,
         block_table=meta.block_table,
+        **options,
     )  # [T, H, D]
     return out.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
 
@@ -417,8 +425,7 @@ def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, 
 def _flash_decode_attention(meta: FlashDecode, query, key_pool, value_pool, scaling, rule, extras):
     from flash_attn import flash_attn_with_kvcache
 
-    if rule.chunk is not None or extras.sinks is not None:
-        raise FastPathUnsupported("FlashAttention cannot apply attention chunks or sinks")
+    options = _flash_options(scaling, rule, extras)
     q = query[0].transpose(0, 1).unsqueeze(1)  # [B, 1, H, D]
     out = flash_attn_with_kvcache(
         q,
@@ -426,10 +433,7 @@ def _flash_decode_attention(meta: FlashDecode, query, key_pool, value_pool, scal
         value_pool,
         cache_seqlens=meta.seq_lens,
         block_table=meta.block_table,
-        softmax_scale=scaling,
-        causal=True,
-        window_size=(rule.window - 1, 0) if rule.window is not None else (-1, -1),
-        softcap=extras.softcap or 0.0,
+        **options,
     )  # [B, 1, H, D]
     return out.squeeze(1).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
 

@@ -60,3 +60,11 @@ def test_kv_budget_over_several_gpus_is_set_by_the_fullest(monkeypatch):
     )
     budget = devices.kv_cache_budget([torch.device("cuda", 0), torch.device("cuda", 1)], gpu_fraction=0.5)
     assert budget == 400
+
+
+def test_the_settings_pick_the_placements(four_gpus):
+    """The one mapping from settings to devices, shared by the entrypoint's check and the lifespan."""
+    from app.settings import Settings
+
+    settings = Settings(gpu_count=4, gpus_per_replica=2, device="cuda")
+    assert resolve_devices(**settings.device_selection()) == ["cuda:0+cuda:1", "cuda:2+cuda:3"]
