@@ -24,11 +24,16 @@ class Traits:
     # A prompt format of the model's own, for checkpoints without a chat template: "paligemma"
     # (the images, then <bos>, the text and a newline, as its processor builds it).
     prompt_format: str | None = None
+    # Every prompt token depends on the prompt's images, not only those after them: Mllama's text
+    # before the first image attends to all its vision states evenly. The span computed in one
+    # chunk (and keyed in the prefix cache by the images) then starts at the first token.
+    images_reach_whole_prompt: bool = False
 
 
 _BY_MODEL_TYPE = {
     "paligemma": Traits(position_offset=1, bidirectional="prefix", prompt_format="paligemma"),
     "gemma3": Traits(bidirectional="image_runs"),
+    "mllama": Traits(images_reach_whole_prompt=True),
 }
 
 

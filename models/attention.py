@@ -31,6 +31,7 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,7 @@ class PagedLayout:
     segments: list[PrefillSegment] = field(default_factory=list)
     flash: FlashMetadata | None = None
     flash_decode: FlashDecode | None = None
+    cross: Any = None  # what cross-attention layers read this step (`models.cross_attention.CrossStep`)
     _masks: dict = field(default_factory=dict)  # per (segment, rule), shared by all layers
     _elsewhere: dict = field(default_factory=dict)  # copies for layers on other GPUs, per device
 
@@ -194,6 +196,7 @@ class PagedLayout:
                     PrefillSegment(s.start, s.length, s.offset, move(s.blocks), s.spans)
                     for s in self.segments
                 ],
+                cross=self.cross,
                 flash=None
                 if self.flash is None
                 else FlashMetadata(
@@ -218,6 +221,11 @@ class PagedLayout:
             mask = _allowed(positions, length, rule, seg.spans)[None, None]
             self._masks[(index, rule)] = mask
         return mask
+
+
+def current_layout() -> PagedLayout | None:
+    """The layout of the forward running on this thread (None outside a paged step)."""
+    return getattr(_local, "layout", None)
 
 
 @contextlib.contextmanager
@@ -340,7 +348,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2).contiguous(), None
 
 
-def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """`blocks` [..., nb] -> [..., Hkv, nb * block_size, D]: whole blocks copied at once
     (index_select along the block dimension copies about twice as fast on CPU as indexing)."""
     gathered = pool.index_select(0, blocks.flatten())  # [(...) * nb, block_size, Hkv, D]
@@ -356,8 +364,8 @@ def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling,
         group = layout.decode_groups[0]
         out = _attend(
             q,
-            _gather(key_pool, group.blocks),
-            _gather(value_pool, group.blocks),
+            gather(key_pool, group.blocks),
+            gather(value_pool, group.blocks),
             group.mask(block_size, rule),
             scaling,
             extras,
@@ -365,8 +373,8 @@ def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling,
     else:
         out = q.new_empty(*q.shape[:-1], value_pool.shape[-1])
         for group in layout.decode_groups:
-            keys = _gather(key_pool, group.blocks)  # [g, Hkv, L, D]
-            values = _gather(value_pool, group.blocks)
+            keys = gather(key_pool, group.blocks)  # [g, Hkv, L, D]
+            values = gather(value_pool, group.blocks)
             out[group.rows] = _attend(
                 q[group.rows], keys, values, group.mask(block_size, rule), scaling, extras
             )
@@ -384,8 +392,8 @@ def _prefill_attention(layout: PagedLayout, key_pool, value_pool, query, key, va
             mask = None if plain else layout.segment_mask(index, rule)
             outs.append(_attend(q, key[:, :, span], value[:, :, span], mask, scaling, extras, is_causal=True))
             continue
-        keys = _gather(key_pool, seg.blocks).unsqueeze(0)  # [1, Hkv, L, D]
-        values = _gather(value_pool, seg.blocks).unsqueeze(0)
+        keys = gather(key_pool, seg.blocks).unsqueeze(0)  # [1, Hkv, L, D]
+        values = gather(value_pool, seg.blocks).unsqueeze(0)
         outs.append(_attend(q, keys, values, layout.segment_mask(index, rule), scaling, extras))
     return torch.cat(outs, dim=2)
 

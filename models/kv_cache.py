@@ -40,6 +40,10 @@ class PagedKVCache:
             self._values[layer_idx] = torch.zeros(self._shape(value), dtype=value.dtype, device=value.device)
         return keys, self._values[layer_idx]
 
+    def layer_pools(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pools of a layer that has already written to them."""
+        return self._keys[layer_idx], self._values[layer_idx]
+
     def _shape(self, like: torch.Tensor) -> tuple[int, ...]:
         return (self.num_blocks + 2, self.block_size, like.shape[1], like.shape[-1])
 

@@ -23,6 +23,9 @@ class SequenceInputs:
     mrope_delta: int = 0
     # Position ranges [first, end) of the prompt whose tokens attend to each other both ways.
     bidirectional: tuple[tuple[int, int], ...] = ()
+    # KV slots the sequence needs besides its positions: the vision states its cross-attention
+    # layers read (Mllama), kept in blocks of their own (`PlanRow.side_blocks`).
+    side_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -56,6 +59,7 @@ class PlanRow:
     with_images: bool = False  # the chunk covers the image tokens: feed `inputs.mm_inputs`
     seq_len: int = 0  # tokens the sequence holds now (prompt and generated), fed or not
     scoring: PromptScoring | None = None  # the request asked for prompt logprobs
+    side_blocks: list[int] = field(default_factory=list)  # blocks of `inputs.side_tokens`
 
     @property
     def end(self) -> int:

@@ -332,7 +332,7 @@ class PromptBuilder:
         if self.image_token_id is not None:
             positions = [i for i, t in enumerate(ids) if t == self.image_token_id]
             if positions:
-                return positions[0], positions[-1]
+                return 0 if self.traits.images_reach_whole_prompt else positions[0], positions[-1]
         return 0, len(ids) - 1
 
     def _process(self, text: str, images: list, special: bool):

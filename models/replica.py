@@ -16,6 +16,7 @@ import torch
 
 from models.attention import FLASH_BLOCK_MULTIPLE, flash_available
 from models.cpu_kernels import pack_linears
+from models.cross_attention import side_tokens
 from models.detokenize import IncrementalDetokenizer
 from models.devices import DeviceScope, kv_cache_budget
 from models.generation import Generation
@@ -122,7 +123,10 @@ class ModelReplica:
         return out
 
     def sequence_inputs(self, prepared: PreparedPrompt) -> SequenceInputs | None:
-        return sequence_inputs(prepared, self.loaded.device, self.loaded.dtype)
+        side = getattr(self.runner, "cross", None) is not None
+        return sequence_inputs(
+            prepared, self.loaded.device, self.loaded.dtype, side_config=side and self.loaded.model.config
+        )
 
 
 def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
@@ -323,7 +327,7 @@ def _long_probe(runner: PagedRunner, loaded: LoadedModel, builder: PromptBuilder
 def _probe_prompt(prepared: PreparedPrompt, loaded: LoadedModel) -> ProbePrompt:
     return ProbePrompt(
         list(prepared.token_ids),
-        inputs=sequence_inputs(prepared, loaded.device, loaded.dtype),
+        inputs=sequence_inputs(prepared, loaded.device, loaded.dtype, side_config=loaded.model.config),
         model_inputs=_to_device(prepared.mm_inputs, loaded.device, loaded.dtype),
         unsplit=prepared.unsplit_span,
         has_images=prepared.num_images > 0,
@@ -331,16 +335,21 @@ def _probe_prompt(prepared: PreparedPrompt, loaded: LoadedModel) -> ProbePrompt:
 
 
 def sequence_inputs(
-    prepared: PreparedPrompt, device: torch.device, dtype: torch.dtype
+    prepared: PreparedPrompt, device: torch.device, dtype: torch.dtype, *, side_config=None
 ) -> SequenceInputs | None:
     """What the runner needs of the prompt besides its tokens: image inputs on the replica's
-    device in its dtype, M-RoPE positions, the spans that attend both ways."""
+    device in its dtype, M-RoPE positions, the spans that attend both ways, and (with the model's
+    config as `side_config`, on a fast path with cross-attention) the side slots of its images."""
     mm = _to_device(prepared.mm_inputs, device, dtype)
     if mm is None and prepared.mrope is None and not prepared.bidirectional:
         return None
     positions, delta = prepared.mrope if prepared.mrope is not None else (None, 0)
     return SequenceInputs(
-        mm_inputs=mm, mrope_positions=positions, mrope_delta=delta, bidirectional=prepared.bidirectional
+        mm_inputs=mm,
+        mrope_positions=positions,
+        mrope_delta=delta,
+        bidirectional=prepared.bidirectional,
+        side_tokens=side_tokens(side_config, mm) if side_config else 0,
     )
 
 

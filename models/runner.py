@@ -15,6 +15,7 @@ import torch
 from models import attention
 from models.arch import traits_of
 from models.attention import DecodeGroup, FlashMetadata, PagedLayout, PrefillSegment, layer_rules
+from models.cross_attention import CrossAttention, has_cross_attention
 from models.graphs import DecodeGraphs
 from models.kv_cache import PagedKVCache
 from models.plan import PlanRow, SampledToken, StepPlan
@@ -75,6 +76,8 @@ class PagedRunner:
         )
         attention.register()
         text_config._paged_fallback_attn = self.original_attn
+        # Mllama: cross-attention layers read each request's vision states from its side blocks.
+        self.cross = CrossAttention(model, self.cache) if has_cross_attention(model) else None
         text_config._attn_implementation = attention.ATTENTION_NAME
         # "capture": CUDA graphs for decode steps; "static": their padded buffers without capture
         # (what CPU tests check); "off": every step eager.
@@ -82,7 +85,7 @@ class PagedRunner:
             DecodeGraphs(
                 self, max_batch=max_batch, max_seq_len=max_seq_len, capture=decode_graphs == "capture"
             )
-            if decode_graphs in ("capture", "static")
+            if decode_graphs in ("capture", "static") and self.cross is None
             else None
         )
 
@@ -155,17 +158,23 @@ class PagedRunner:
             if row.samplers:
                 keep.append(len(tokens) - 1)
             if row.mm_inputs:
-                mm_inputs.append(row.mm_inputs)
+                if self.cross is not None:
+                    self.cross.fill(row, row.mm_inputs)
+                else:
+                    mm_inputs.append(row.mm_inputs)
         device = self.device
         position_tensor = torch.tensor(positions, dtype=torch.long, device=device)
         layout = self._layout(rows, slots, position_tensor)
+        model_inputs = _merge_model_inputs(mm_inputs)
+        if self.cross is not None:
+            layout.cross, model_inputs = self.cross.step(rows, self.model.dtype)
         with attention.use_layout(layout), self.long_rope.rows(self._long_rope_flags(rows)):
             out = self.model(
                 input_ids=torch.tensor([tokens], dtype=torch.long, device=device),
                 position_ids=self._position_ids(rows, position_tensor),
                 logits_to_keep=torch.tensor(keep or [len(tokens) - 1], dtype=torch.long, device=device),
                 use_cache=False,
-                **_merge_model_inputs(mm_inputs),
+                **model_inputs,
             )
         return out.logits[0] if keep else out.logits[0, :0]
 

@@ -49,6 +49,7 @@ class _Probe:
     chunks: list[tuple[int, int]]  # prefill [start, end) per step
     start_step: int
     extra: list[int]  # tokens fed as decode rows after the prompt
+    side_blocks: list[int] = field(default_factory=list)  # cross-attention states (Mllama)
     rows: list[torch.Tensor] = field(default_factory=list)  # logits received
     fed: int = 0  # decode tokens fed
 
@@ -64,6 +65,8 @@ class _Probe:
             start, end = self.chunks[0]
             span = prompt.unsplit
             covers = prompt.has_images and span is not None and start <= span[0] and end > span[1]
+            # Side slots are filled by the first row, as the batch plans it.
+            covers = covers or bool(self.side_blocks and start == 0)
             return PlanRow(
                 id(self),
                 self.ids[start:end],
@@ -73,6 +76,7 @@ class _Probe:
                 inputs=prompt.inputs,
                 with_images=covers,
                 seq_len=len(self.ids),
+                side_blocks=self.side_blocks,
             )
         if self.fed < len(self.extra):
             position = len(self.ids) + self.fed
@@ -84,6 +88,7 @@ class _Probe:
                 [self],
                 inputs=prompt.inputs,
                 seq_len=position + 1,
+                side_blocks=self.side_blocks,
             )
         return None
 
@@ -98,10 +103,11 @@ class _Probe:
         return not self.chunks and self.fed >= len(self.extra)
 
 
-def blocks_needed(lengths: list[int], block_size: int) -> int:
-    """Blocks the probes of these prompt lengths take (the first is probed twice, as a prefix hit)."""
+def blocks_needed(lengths: list[int], block_size: int, side_tokens: int = 0) -> int:
+    """Blocks the probes of these prompt lengths take (the first is probed twice, as a prefix hit),
+    plus `side_tokens` slots of cross-attention states over all of them."""
     per = [-(-(n + DECODE_TOKENS) // block_size) for n in lengths]
-    return sum(per) + (per[0] if per else 0)
+    return sum(per) + (per[0] if per else 0) + -(-side_tokens // block_size)
 
 
 def run_self_test(runner, prompts: list[ProbePrompt], *, dtype: torch.dtype) -> str | None:
@@ -114,7 +120,8 @@ def run_self_test(runner, prompts: list[ProbePrompt], *, dtype: torch.dtype) -> 
     if len(prompts[0].ids) < 8:
         return "self-test prompt too short"
     block_size = runner.block_size
-    if blocks_needed([len(p.ids) for p in prompts], block_size) > runner.num_blocks:
+    sides = [p.inputs.side_tokens if p.inputs is not None else 0 for p in prompts]
+    if blocks_needed([len(p.ids) for p in prompts], block_size, sum(sides)) > runner.num_blocks:
         return "the KV pool is too small for the self-test"
     counter = iter(range(runner.num_blocks))
 
@@ -123,7 +130,7 @@ def run_self_test(runner, prompts: list[ProbePrompt], *, dtype: torch.dtype) -> 
 
     extra = prompts[0].ids[1 : 1 + DECODE_TOKENS]
     probes = []
-    for index, prompt in enumerate(prompts):
+    for index, (prompt, side) in enumerate(zip(prompts, sides, strict=True)):
         probes.append(
             _Probe(
                 prompt,
@@ -131,6 +138,7 @@ def run_self_test(runner, prompts: list[ProbePrompt], *, dtype: torch.dtype) -> 
                 _chunks(prompt, parts=3 if index == 0 else 2),
                 start_step=index,
                 extra=extra,
+                side_blocks=blocks_for(side) if side else [],
             )
         )
     long = probes[0]
@@ -203,7 +211,9 @@ def _reference_logits(runner, prompt: ProbePrompt, extra: list[int]) -> tuple[to
     hooks = [
         module.register_forward_pre_hook(watch, with_kwargs=True)
         for module in model.modules()
-        if getattr(module, "config", None) is config and hasattr(module, "layer_idx")
+        if getattr(module, "config", None) is config
+        and hasattr(module, "layer_idx")
+        and not getattr(module, "_paged_cross", False)  # cross-attention the fast path computes
     ]
     fast = config._attn_implementation
     config._attn_implementation = runner.original_attn
@@ -219,7 +229,10 @@ def _reference_logits(runner, prompt: ProbePrompt, extra: list[int]) -> tuple[to
         cache = out.past_key_values
         for token in extra:
             out = model(
-                input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True
+                input_ids=torch.tensor([[token]], device=device),
+                past_key_values=cache,
+                use_cache=True,
+                **_decode_inputs(prompt.model_inputs),
             )
             cache = out.past_key_values
             rows.append(out.logits[0, -1].float())
@@ -229,6 +242,13 @@ def _reference_logits(runner, prompt: ProbePrompt, extra: list[int]) -> tuple[to
             hook.remove()
     reason = f"the model's own attention is not causal self-attention: {seen[0]}" if seen else None
     return torch.stack(rows), reason
+
+
+def _decode_inputs(model_inputs: dict | None) -> dict:
+    """What generate() feeds a decode step besides the token: Mllama's cross-attention mask row of
+    the prompt's last token, repeated for each new one."""
+    mask = (model_inputs or {}).get("cross_attention_mask")
+    return {} if mask is None else {"cross_attention_mask": mask[:, -1:]}
 
 
 def positions_problem(model) -> str | None:

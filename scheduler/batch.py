@@ -275,8 +275,12 @@ class Batch:
             start,
             seq.block_table,
             inputs=seq.inputs,
-            with_images=self._covers_images(seq, start, end),
+            # Side slots are filled from the images by the first row after they were taken, which
+            # need not be the chunk of the image tokens (a prefix hit may cover those).
+            with_images=self._covers_images(seq, start, end)
+            or (bool(seq.side_table) and not seq.side_filled),
             seq_len=seq.num_tokens,
+            side_blocks=seq.side_table,
         )
         if seq.scores_prompt:
             # Prompt tokens [first, last] are predicted by positions [first - 1, last - 1] of the chunk.
@@ -307,6 +311,7 @@ class Batch:
         for row, seq in zip(plan.rows, self._rows, strict=True):
             seq.num_cached = row.end
             seq.last_progress = self._now
+            seq.side_filled = True
             if row.scoring is not None:
                 seq.scored_until = row.start + row.scoring.offset + 1 + len(row.scoring.targets)
             self.blocks.register(seq)

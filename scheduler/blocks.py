@@ -104,7 +104,7 @@ class BlockManager:
     def cost(self, seq: Sequence, hits: list[int]) -> int:
         """Free blocks that admitting `seq` with these prefix hits would take."""
         revived = sum(1 for block in hits if self._refs[block] == 0)
-        return self.blocks_for(seq.num_tokens) - len(hits) + revived
+        return self.blocks_for(seq.num_tokens) - len(hits) + revived + self.blocks_for(seq.side_tokens)
 
     def allocate(self, seq: Sequence, hits: list[int]) -> None:
         """Blocks for all of `seq`'s tokens: the prefix hits shared, the rest new."""
@@ -117,6 +117,8 @@ class BlockManager:
         new = [self._take() for _ in range(self.blocks_for(seq.num_tokens) - len(hits))]
         seq.block_table = hits + new
         seq.num_cached = len(hits) * self.block_size
+        seq.side_table = [self._take() for _ in range(self.blocks_for(seq.side_tokens))]
+        seq.side_filled = False
         if self.enable_prefix_caching:
             keys = self.keys_of(seq)
             seq.block_keys = keys[: len(hits)]
@@ -135,6 +137,12 @@ class BlockManager:
             self._refs[block] += 1
         own = self._take() if parent.num_tokens % self.block_size else None
         child.block_table = shared + ([own] if own is not None else [])
+        # The choices read the same side slots (the same images); the parent fills them before
+        # any choice runs.
+        for block in parent.side_table:
+            self._refs[block] += 1
+        child.side_table = list(parent.side_table)
+        child.side_filled = True
         return own
 
     def fork_cost(self, seq: Sequence) -> int:
@@ -172,7 +180,7 @@ class BlockManager:
             for key in self.keys_of(seq)[len(seq.block_keys) : seq.pending_end]:
                 self._unpend(key)
             seq.pending_end = 0
-        for block in reversed(seq.block_table):
+        for block in [*seq.side_table, *reversed(seq.block_table)]:
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 if self._key_of[block] is not None:
@@ -180,6 +188,7 @@ class BlockManager:
                 else:
                     self._free.append(block)
         seq.block_table = []
+        seq.side_table = []
         seq.block_keys = []
         seq.num_cached = 0
 

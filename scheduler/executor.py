@@ -352,6 +352,7 @@ class Executor:
                 output=generation,
                 span=span,
                 inputs=inputs,
+                side_tokens=inputs.side_tokens if inputs is not None else 0,
                 # The first choice computes the prompt; the others fork from it once it is done.
                 prompt_top=params.prompt_logprobs if index == 0 else None,
             )

@@ -55,6 +55,9 @@ class Sequence:
         "origin",
         "prompt_top",
         "scored_until",
+        "side_tokens",
+        "side_table",
+        "side_filled",
         "_keys_cache",
     )
 
@@ -72,6 +75,7 @@ class Sequence:
         inputs: Any = None,
         origin: str = "",
         prompt_top: int | None = None,
+        side_tokens: int = 0,
     ) -> None:
         self.seq_id = next(_ids)
         self.group = group  # the request this choice belongs to (opaque)
@@ -104,6 +108,13 @@ class Sequence:
         # [0, scored_until) whose logprobs were computed (the first has none, nothing predicts it).
         self.prompt_top = prompt_top
         self.scored_until = 1
+        # KV slots the runner keeps for the sequence besides its positions (Mllama's
+        # cross-attention keys and values of its images): blocks of `side_table`, taken with the
+        # sequence's own, freed with them, shared by its choices. `side_filled`: written since they
+        # were taken (a new table, after a preemption, is filled again from the inputs).
+        self.side_tokens = side_tokens
+        self.side_table: list[int] = []
+        self.side_filled = False
         self._keys_cache: tuple[int, list[tuple]] | None = None
 
     @property

@@ -80,8 +80,8 @@ class Driver:
         assert not self.batch.has_work, "work left but nothing scheduled"
 
     def check(self) -> None:
-        tables = [s.block_table for s in self.batch.running]
-        tables += [c.block_table for s in self.batch.running for c in s.pending_children]
+        held = [*self.batch.running, *(c for s in self.batch.running for c in s.pending_children)]
+        tables = [s.block_table for s in held] + [s.side_table for s in held]
         self.batch.blocks.check(tables)
         assert self.batch.num_rows <= self.batch.config.max_rows
 
@@ -360,3 +360,55 @@ def test_a_span_without_images_shares_a_step_with_an_image_chunk_but_is_never_sp
     assert not any(r.with_images for r in b_rows)
     shared = [p for p in driver.plans if {r.seq_id for r in p.rows} >= {a[0].seq_id, b[0].seq_id}]
     assert shared
+
+
+def test_side_slots_are_taken_with_the_sequence_filled_before_use_and_shared_by_its_choices():
+    """Mllama's cross-attention states live in side blocks: counted at admission, filled by the
+    sequence's first row after they were taken (again after a preemption), read by every later
+    row and by the other choices of the request, and given back with the sequence."""
+    rng = random.Random(3)
+    batch = make(num_blocks=30, block_size=4, max_rows=6, max_prefill_tokens=12)
+    driver = Driver(batch)
+    filled: set[int] = set()
+    execute = driver.execute
+
+    def checked(plan):
+        filled.difference_update(plan.fresh_blocks)  # handed out anew: contents gone
+        for row in plan.rows:
+            if row.mm_inputs is not None:
+                filled.update(row.side_blocks)
+            assert set(row.side_blocks) <= filled, "a row read side slots nobody filled"
+        return execute(plan)
+
+    driver.execute = checked
+    everything = []
+    for step in range(300):
+        if step < 200 and rng.random() < 0.3:
+            prompt = [rng.randrange(500) for _ in range(rng.randrange(2, 16))]
+            req = [
+                Sequence(
+                    prompt,
+                    max_tokens=rng.randrange(1, 20),
+                    arrival=step,
+                    index=i,
+                    sampler=FakeSampler(i),
+                    inputs=SequenceInputs(mm_inputs={"image": 1}, side_tokens=6),
+                    side_tokens=6,
+                )
+                for i in range(rng.choice([1, 2, 3]))
+            ]
+            batch.add(req)
+            everything.append(req)
+        driver.step()
+    driver.run()
+    assert all(s.is_finished for req in everything for s in req)
+    assert batch.blocks.num_free == batch.blocks.num_blocks
+    assert batch.num_preemptions > 0
+
+
+def test_side_slots_count_against_admission():
+    batch = make(num_blocks=4, block_size=4)
+    seq = Sequence(list(range(6)), max_tokens=1, arrival=0, sampler=FakeSampler(), side_tokens=9)
+    batch.add([seq])  # 2 blocks of prompt and 3 of side slots: more than the pool
+    assert batch.schedule() is None
+    assert batch.rejected == [seq]

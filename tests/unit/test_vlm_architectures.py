@@ -14,6 +14,7 @@ import io
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoConfig
 
 from models.images import ImageLimits
 from models.loader import LoadSpec
@@ -305,3 +306,43 @@ def test_images_only_processor_defaults_a_required_video_processor():
     processor = images_only_processor_class(SmolVLMProcessor)(SmolVLMImageProcessorPil(), tok)
     assert processor.tokenizer is tok and processor.video_processor is None
     assert "video_processor" not in type(processor).get_attributes()
+
+
+def test_cross_attention_states_survive_preemption_and_are_shared_by_choices(tmp_path_factory):
+    """Mllama keeps each image request's vision states in side blocks of the pool: a pool too
+    small for every request at once preempts some (their side blocks are taken again and refilled
+    from the images), the choices of an n = 2 request read the parent's, and every answer is
+    still generate()'s."""
+    from models.kv_cache import kv_bytes_per_token
+    from tests.unit.vlm_builders import build_mllama
+
+    out = tmp_path_factory.mktemp("mllama-small-pool")
+    build_mllama(out)
+    spec = LoadSpec(source=str(out), dtype="fp32", attn_impl="sdpa")
+    per_token = kv_bytes_per_token(
+        AutoConfig.from_pretrained(out).get_text_config(decoder=True), torch.float32
+    )
+    replica = build_replica(spec, replica_config(max_batch_size=4, kv_cache_budget_bytes=48 * 16 * per_token))
+    assert replica.path == "fast", replica.path_reason
+    assert replica.runner.block_size == 16 and replica.runner.num_blocks <= 50
+    builder = _builder(replica)
+    prompts = [
+        builder.prepare(
+            PromptInput(
+                messages=(
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Look {i}."}]},
+                ),
+                images=(png(20 + i, size=(40 + 16 * i, 40)),),
+            )
+        )
+        for i in range(4)
+    ]
+    params = SamplingParams(max_tokens=160, **GREEDY)
+    driver = EngineDriver(replica, max_batch_size=4)
+    streams = [driver.submit(p, params, n=2 if i == 0 else 1) for i, p in enumerate(prompts)]
+    driver.run(streams)
+    assert driver.executor.batch.num_preemptions > 0
+    for prepared, stream in zip(prompts, streams, strict=True):
+        expected = hf_greedy(replica, prepared, 160)
+        assert all(output == expected for output in driver.outputs(stream))
+    assert driver.executor.batch.blocks.num_free == replica.runner.num_blocks

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from models.processors import images_only_processor_class
 from models.tiny import ENDOFTEXT, IM_END, IM_START, _random_model, build_tokenizer
 
@@ -72,10 +74,17 @@ def _text_kwargs(tokenizer, **overrides) -> dict:
     return kwargs
 
 
-def _save(out: Path, config, processor) -> None:
+def _save(out: Path, config, processor, *, gates: float | None = None) -> None:
     from transformers import AutoModelForImageTextToText
 
     model = _random_model(AutoModelForImageTextToText, config, seed=0)
+    if gates is not None:
+        # Gated layers drawn near zero (tanh(0.02 x N(0, 1))) would barely touch the output, and a
+        # test could not tell a wrong image path from a right one: open them wide.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("_gate"):
+                    param.fill_(gates)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
@@ -307,7 +316,7 @@ def build_mllama(out: Path) -> None:
     )
     image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=2)
     processor = MllamaProcessor(image_processor, tok, chat_template=_LLAMA3_TEMPLATE)
-    _save(out, config, processor)
+    _save(out, config, processor, gates=1.5)
 
 
 _QWEN2_VL_TEMPLATE = (
@@ -586,8 +595,8 @@ ARCHS = [
     Arch("paligemma", build_paligemma, "fast"),
     # Each image's tokens attend to each other both ways (declared spans); sliding/global layers.
     Arch("gemma3", build_gemma3, "fast"),
-    # Cross-attention layers read image states that no KV block holds.
-    Arch("mllama", build_mllama, "generic", "cross-attention"),
+    # Cross-attention layers read each request's vision states from its side blocks.
+    Arch("mllama", build_mllama, "fast"),
     # M-RoPE positions computed per request from its image grid. The processors' video half needs
     # torchvision; the loader falls back to the processor without it (images only), as here.
     Arch("qwen2_vl", build_qwen2_vl, "fast"),
