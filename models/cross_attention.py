@@ -3,10 +3,14 @@
 Mllama's text decoder has gated cross-attention layers whose keys and values come from the vision
 states of the request's images, not from its tokens. Here they live in the paged pool like any
 other keys and values: each image request holds "side" blocks (`Sequence.side_table`, taken and
-freed by the block manager with its own blocks, so they count against the pool) in which every
-cross-attention layer keeps the keys and values of that request's vision states, written by the
-request's first row after the blocks were taken (`PlanRow.with_images`). The self-attention layers
-leave those blocks unused, and the cross-attention layers leave the position blocks unused.
+freed by the block manager with its own blocks, so they count against the pool), written by the
+request's first row after the blocks were taken (`PlanRow.with_images`). A block holds a slot in
+every layer's pool, and only the cross-attention layers (8 of 40 in Llama 3.2 11B Vision) have
+vision states to keep, so the keys and values of cross-attention layer j are laid out over the
+side slots of all layers' pools in turn: state s of layer j is number j * S + s of the request's
+n_cross * S, kept in the pool of layer (j * S + s) // C at side slot (j * S + s) % C, where C is
+the side slots per layer. A request takes C = ceil(n_cross * S / n_layers) slots rather than S,
+a fifth for that model.
 
 What the model does, reproduced per packed row (transformers' `MllamaTextModel` and
 `MllamaCrossAttentionDecoderLayer`):
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from models import attention
+from models.attention import FastPathUnsupported
 
 MASK_INPUT = "cross_attention_mask"
 # Processor outputs the vision tower reads (not the packed step).
@@ -37,12 +42,13 @@ VISION_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 
 @dataclass(slots=True)
 class CrossRow:
-    """The tokens `[start, start + length)` of the packed step read `blocks`' first `num_states`
-    slots, each query through its row of `mask` ([1, 1, length, num_states], additive)."""
+    """The tokens `[start, start + length)` of the packed step read `num_states` vision states kept
+    in the side `slots` (pool slot of each), each query through its row of `mask`
+    ([1, 1, length, num_states], additive)."""
 
     start: int
     length: int
-    blocks: torch.Tensor
+    slots: torch.Tensor
     num_states: int
     mask: torch.Tensor
 
@@ -68,6 +74,14 @@ def _parts(model):
 
 
 def side_tokens(config, mm_inputs: dict | None) -> int:
+    """Side slots a prompt's images take in each layer's pool: the vision states of all
+    cross-attention layers spread over all layers."""
+    states = vision_states(config, mm_inputs)
+    text = config.get_text_config(decoder=True)
+    return -(-states * len(text.cross_attention_layers) // text.num_hidden_layers) if states else 0
+
+
+def vision_states(config, mm_inputs: dict | None) -> int:
     """Vision states of a prompt's images: images x tiles x patches per tile (the class token
     included), as Mllama lays out its cross-attention cache."""
     pixels = (mm_inputs or {}).get("pixel_values")
@@ -94,7 +108,8 @@ class CrossAttention:
         self.vision, self.projector, self.text_model = _parts(model)
         self.layers = sorted(model.config.get_text_config(decoder=True).cross_attention_layers)
         self.modules = [self.text_model.layers[index].cross_attn for index in self.layers]
-        for module in self.modules:
+        for index, module in enumerate(self.modules):
+            module._cross_index = index  # its vision states' place in the side slots
             if getattr(module, "_paged_cross", False):
                 continue  # installed by an earlier runner of this model
             module._model_forward = module.forward
@@ -107,26 +122,35 @@ class CrossAttention:
 
     def fill(self, row, mm_inputs: dict) -> None:
         """Compute the row's vision states and write every cross-attention layer's keys and values
-        of them into its side blocks."""
+        of them into the side slots (laid out as the module docstring says)."""
         states = self.vision(**{name: mm_inputs[name] for name in VISION_INPUTS if name in mm_inputs})
         states = self.projector(states.last_hidden_state)
         states = states.reshape(1, -1, self.hidden_size)
-        size = self.cache.block_size
         count = states.shape[1]
-        blocks = torch.tensor(row.side_blocks, dtype=torch.long, device=states.device)
-        slots = (blocks[:, None] * size + torch.arange(size, device=states.device)).reshape(-1)[:count]
-        for module in self.modules:
+        slots = self._slots(row.side_blocks, states.device)
+        for index, module in enumerate(self.modules):
             key = module.k_proj(states).view(1, count, module.num_key_value_heads, module.head_dim)
             value = module.v_proj(states).view(1, count, module.num_key_value_heads, module.head_dim)
             key = module.k_norm(key.transpose(1, 2))
             value = value.transpose(1, 2)
-            key_pool, value_pool = self.cache.layer(module.layer_idx, key, value)
-            key_pool.view(-1, *key_pool.shape[2:]).index_copy_(
-                0, slots.to(key_pool.device), key[0].transpose(0, 1)
-            )
-            value_pool.view(-1, *value_pool.shape[2:]).index_copy_(
-                0, slots.to(value_pool.device), value[0].transpose(0, 1)
-            )
+            keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [count, kv heads, D]
+            done = 0
+            for host, first, end in _pieces(index, count, slots.numel()):
+                key_pool, value_pool = self.cache.layer(host, key, value)
+                if key_pool.shape[2:] != keys.shape[1:] or value_pool.shape[2:] != values.shape[1:]:
+                    raise FastPathUnsupported("cross-attention heads differ from the self-attention heads")
+                taken = slots[first:end].to(key_pool.device)
+                key_pool.view(-1, *key_pool.shape[2:]).index_copy_(0, taken, keys[done : done + end - first])
+                value_pool.view(-1, *value_pool.shape[2:]).index_copy_(
+                    0, taken, values[done : done + end - first]
+                )
+                done += end - first
+
+    def _slots(self, side_blocks: list[int], device) -> torch.Tensor:
+        """Pool slot of each side slot of a request."""
+        size = self.cache.block_size
+        blocks = torch.tensor(side_blocks, dtype=torch.long, device=device)
+        return (blocks[:, None] * size + torch.arange(size, device=device)).reshape(-1)
 
     def step(self, rows, dtype: torch.dtype) -> tuple[CrossStep | None, dict]:
         """What this step's cross-attention layers read, and the model inputs that make the model
@@ -140,7 +164,7 @@ class CrossAttention:
             mask_rows = None
             if row.side_blocks and row.inputs is not None:
                 full_mask = (row.inputs.mm_inputs or {}).get(MASK_INPUT)
-                count = side_tokens(self.model.config, row.inputs.mm_inputs)
+                count = vision_states(self.model.config, row.inputs.mm_inputs)
                 if full_mask is not None and count:
                     index = torch.arange(row.start, row.end, device=full_mask.device).clamp_(
                         max=full_mask.shape[1] - 1
@@ -150,8 +174,8 @@ class CrossAttention:
                 keep.append(torch.zeros(length, device=device, dtype=dtype))
             else:
                 additive, visible = _additive_mask(mask_rows, count, dtype)
-                blocks = torch.tensor(row.side_blocks, dtype=torch.long, device=device)
-                cross_rows.append(CrossRow(offset, length, blocks, count, additive[None, None]))
+                slots = self._slots(row.side_blocks, device)
+                cross_rows.append(CrossRow(offset, length, slots, count, additive[None, None]))
                 keep.append(visible)
             offset += length
         if not cross_rows:
@@ -163,6 +187,19 @@ class CrossAttention:
         placeholder = torch.zeros(1, 1, self.hidden_size, device=device, dtype=dtype)
         inputs = {"cross_attention_states": placeholder, MASK_INPUT: visible}
         return CrossStep(cross_rows, offset), inputs
+
+
+def _pieces(index: int, count: int, capacity: int) -> list[tuple[int, int, int]]:
+    """Where cross-attention layer number `index` keeps its `count` states, in order: (layer whose
+    pool holds them, first side slot, end side slot), with `capacity` side slots per layer."""
+    pieces, first = [], index * count
+    end = first + count
+    while first < end:
+        host, slot = divmod(first, capacity)
+        take = min(capacity - slot, end - first)
+        pieces.append((host, slot, slot + take))
+        first += take
+    return pieces
 
 
 def _additive_mask(
@@ -190,12 +227,17 @@ def _paged_cross_forward(self, hidden_states, *args, **kwargs):
     _, length, _ = hidden_states.shape
     query = self.q_proj(hidden_states).view(1, length, self.num_heads, self.head_dim).transpose(1, 2)
     query = self.q_norm(query)
-    key_pool, value_pool = layout.cache.layer_pools(self.layer_idx)
     out = query.new_zeros(1, self.num_heads, length, self.head_dim)
     for row in step.rows:
-        blocks = row.blocks.to(key_pool.device)
-        key = attention.gather(key_pool, blocks)[:, : row.num_states]
-        value = attention.gather(value_pool, blocks)[:, : row.num_states]
+        keys, values = [], []
+        for host, first, end in _pieces(self._cross_index, row.num_states, row.slots.numel()):
+            key_pool, value_pool = layout.cache.layer_pools(host)
+            taken = row.slots[first:end].to(key_pool.device)
+            # Pools of a replica spread over several GPUs live on their layers' devices.
+            keys.append(key_pool.view(-1, *key_pool.shape[2:]).index_select(0, taken).to(query.device))
+            values.append(value_pool.view(-1, *value_pool.shape[2:]).index_select(0, taken).to(query.device))
+        key = torch.cat(keys).transpose(0, 1)  # [kv heads, states, D]
+        value = torch.cat(values).transpose(0, 1)
         span = slice(row.start, row.start + row.length)
         out[:, :, span] = F.scaled_dot_product_attention(
             query[:, :, span],

@@ -309,8 +309,9 @@ def build_mllama(out: Path) -> None:
             supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]],
         ),
         text_config=MllamaTextConfig(
-            **_text_kwargs(tok, num_hidden_layers=3, bos_token_id=tok.bos_token_id),
-            cross_attention_layers=[1],
+            # Two cross-attention layers of four: their states spread over every layer's pool.
+            **_text_kwargs(tok, num_hidden_layers=4, bos_token_id=tok.bos_token_id),
+            cross_attention_layers=[1, 3],
         ),
         image_token_index=tok.convert_tokens_to_ids("<|image|>"),
     )
