@@ -140,7 +140,10 @@ def build(model_type: str, extra: dict, tokenizer, out) -> None:
     extra = dict(extra)
     model_type = extra.pop("_model_type", model_type)
     sizes = {} if extra.pop("_replace", False) else dict(COMMON)
-    sizes.update({k: v for k, v in extra.items() if v is not None})
+    # None: the architecture has no such setting (num_key_value_heads of GPT-NeoX, OPT), or the
+    # setting is really None (DeepSeek-V2-Lite's q_lora_rank: no query compression; leaving it out
+    # would give the config's default rank of 1536, a model several times the Llama's size).
+    sizes.update({k: v for k, v in extra.items() if v is not None or k != "num_key_value_heads"})
     if extra.get("num_key_value_heads", 0) is None:
         sizes.pop("num_key_value_heads", None)
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), initializer_range=0.2, **sizes)
