@@ -81,6 +81,7 @@ class PagedRunner:
         text_config._attn_implementation = attention.ATTENTION_NAME
         # "capture": CUDA graphs for decode steps; "static": their padded buffers without capture
         # (what CPU tests check); "off": every step eager.
+        self._graphs_asked = decode_graphs in ("capture", "static")
         self.graphs = (
             DecodeGraphs(
                 self, max_batch=max_batch, max_seq_len=max_seq_len, capture=decode_graphs == "capture"
@@ -128,7 +129,10 @@ class PagedRunner:
 
     @property
     def graphs_status(self) -> str:
-        return "off" if self.graphs is None else self.graphs.status
+        if self.graphs is None:
+            # Cross-attention steps gather per-request vision states of varying length: not captured.
+            return "off (cross-attention)" if self.cross is not None and self._graphs_asked else "off"
+        return self.graphs.status
 
     def forward(self, rows: list[PlanRow]) -> torch.Tensor:
         """One forward over `rows`; returns the logits `[R, vocab]` of the last position of each
