@@ -22,8 +22,8 @@ Falcon's SDPA path adds it, which is what its original code computed: to the sca
 the key's position in its sequence (not the query-key distance: per query that differs by a
 constant, which softmax ignores, but not in rounding), multiplied in bfloat16 as
 `build_alibi_tensor` does and then cast to the model's dtype. Falcon's eager path adds the bias
-twice (once inside the scaled scores, once through its mask); a model loaded with eager attention
-therefore fails the self-test and is served by the generic path, as Falcon's own code computes it.
+twice (once inside the scaled scores, once through its mask): an ALiBi model loaded with eager
+attention fails the self-test, and the generic path serves what that eager code computes.
 """
 
 from __future__ import annotations
