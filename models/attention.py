@@ -15,7 +15,8 @@ What each layer sees is the model's own rule, reproduced per row: causal, within
 sliding window (from the call, or from `config.layer_types` for models that apply it only through
 their mask), within its attention chunk (Llama 4), plus spans of a prompt that attend both ways
 (Gemma 3's image tokens, PaliGemma's prefix); soft-capped logits and attention sinks go through
-an explicit softmax, as the models' eager attention computes them.
+an explicit softmax, as the models' eager attention computes them; a bias over key positions
+(Falcon's ALiBi, `models.falcon`) turns the masks into additive ones, built once per step.
 
 The step's layout reaches the layers through a thread-local set around the forward (some decoder
 layers, StableLM's, do not pass extra keyword arguments on to attention). Layers outside the text
@@ -29,7 +30,7 @@ import contextlib
 import importlib.util
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,11 @@ def layer_rules(text_config) -> dict[int, LayerRule]:
     return rules
 
 
+# `key_bias(length, device, dtype)` -> [heads, length]: what a layer adds to the scaled scores of
+# keys at positions 0..length-1, whatever the query (Falcon's ALiBi, `models.falcon`).
+KeyBias = Callable[[int, torch.device, torch.dtype], torch.Tensor]
+
+
 def _allowed(
     positions_q: torch.Tensor, length: int, rule: LayerRule, spans: tuple[tuple[int, int], ...] = ()
 ) -> torch.Tensor:
@@ -121,14 +127,18 @@ class DecodeGroup:
     rows: torch.Tensor | None  # [g] indices among the step's decode rows; None: all of them, in order
     blocks: torch.Tensor  # [g, nb] long
     positions: torch.Tensor  # [g] long: position of each query
-    masks: dict = field(default_factory=dict)  # per layer rule, shared by all layers
+    masks: dict = field(default_factory=dict)  # per layer rule and key bias, shared by all layers
 
-    def mask(self, block_size: int, rule: LayerRule) -> torch.Tensor:
-        """[g, 1, 1, nb * block_size] bool: each row sees its own positions up to itself."""
-        mask = self.masks.get(rule)
+    def mask(self, block_size: int, rule: LayerRule, bias: KeyBias | None = None, dtype=None) -> torch.Tensor:
+        """[g, 1, 1, nb * block_size] bool: each row sees its own positions up to itself; with a
+        `bias`, [g, heads, 1, nb * block_size] additive in `dtype`."""
+        mask = self.masks.get((rule, bias, dtype))
         if mask is None:
-            mask = _allowed(self.positions, self.blocks.shape[1] * block_size, rule)[:, None, None, :]
-            self.masks[rule] = mask
+            if bias is None:
+                mask = _allowed(self.positions, self.blocks.shape[1] * block_size, rule)[:, None, None, :]
+            else:
+                mask = _biased(self.mask(block_size, rule), bias, dtype)
+            self.masks[(rule, bias, dtype)] = mask
         return mask
 
 
@@ -210,7 +220,16 @@ class PagedLayout:
             self._elsewhere[device] = copy
         return copy
 
-    def segment_mask(self, index: int, rule: LayerRule) -> torch.Tensor:
+    def segment_mask(
+        self, index: int, rule: LayerRule, bias: KeyBias | None = None, dtype=None
+    ) -> torch.Tensor:
+        """[1, 1, Q, L] bool; with a `bias`, [1, heads, Q, L] additive in `dtype`."""
+        if bias is not None:
+            mask = self._masks.get((index, rule, bias, dtype))
+            if mask is None:
+                mask = _biased(self.segment_mask(index, rule), bias, dtype)
+                self._masks[(index, rule, bias, dtype)] = mask
+            return mask
         mask = self._masks.get((index, rule))
         if mask is None:
             seg = self.segments[index]
@@ -223,9 +242,11 @@ class PagedLayout:
         return mask
 
 
-def current_layout() -> PagedLayout | None:
-    """The layout of the forward running on this thread (None outside a paged step)."""
-    return getattr(_local, "layout", None)
+def _biased(allowed: torch.Tensor, bias: KeyBias, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask [..., 1, Q, L] as an additive one [..., heads, Q, L]: the bias where allowed,
+    the dtype's minimum elsewhere (as Falcon fills its own mask)."""
+    values = bias(allowed.shape[-1], allowed.device, dtype)[:, None, :]  # [heads, 1, L]
+    return torch.where(allowed, values, torch.finfo(dtype).min)
 
 
 @contextlib.contextmanager
@@ -238,6 +259,13 @@ def use_layout(layout: PagedLayout) -> Iterator[None]:
         _local.layout = None
 
 
+def current_layout() -> PagedLayout | None:
+    """The layout of the packed step this thread is running, None outside one: for attention
+    modules that replace their whole forward (`models.falcon`, `models.cross_attention`) rather
+    than the attention call."""
+    return getattr(_local, "layout", None)
+
+
 def _fallback(module, query, key, value, attention_mask, **kwargs):
     fallback_name = getattr(module.config, "_paged_fallback_attn", "sdpa")
     fallback = ALL_ATTENTION_FUNCTIONS.get(fallback_name, sdpa_attention_forward)
@@ -247,11 +275,12 @@ def _fallback(module, query, key, value, attention_mask, **kwargs):
 class _Extras:
     """What a layer's call adds to plain scaled-dot-product attention."""
 
-    __slots__ = ("softcap", "sinks")
+    __slots__ = ("softcap", "sinks", "key_bias")
 
-    def __init__(self, softcap, sinks) -> None:
+    def __init__(self, softcap, sinks, key_bias: KeyBias | None = None) -> None:
         self.softcap = softcap
         self.sinks = sinks
+        self.key_bias = key_bias
 
     @property
     def any(self) -> bool:
@@ -310,7 +339,7 @@ def _temperature_correction(module, query: torch.Tensor, layout: PagedLayout) ->
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    layout: PagedLayout | None = getattr(_local, "layout", None)
+    layout = current_layout()
     layer_idx = getattr(module, "layer_idx", None)
     if layout is None or layer_idx is None:
         return _fallback(
@@ -321,7 +350,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     if not getattr(module, "is_causal", True) and not layout.declared_spans:
         raise FastPathUnsupported("non-causal attention")
     layout = layout.on(query.device)
-    extras = _Extras(kwargs.get("softcap"), kwargs.get("s_aux"))
+    extras = _Extras(kwargs.get("softcap"), kwargs.get("s_aux"), kwargs.get("key_bias"))
+    if extras.key_bias is not None and extras.any:
+        raise FastPathUnsupported("a key bias with soft-capping or sinks")
     rule = layout.rules.get(layer_idx, FULL)
     if kwargs.get("sliding_window") is not None:
         rule = LayerRule(window=int(kwargs["sliding_window"]), chunk=rule.chunk)
@@ -360,13 +391,14 @@ def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling,
     nd = layout.num_decode
     q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
     block_size = layout.cache.block_size
+    bias, dtype = extras.key_bias, query.dtype
     if len(layout.decode_groups) == 1:
         group = layout.decode_groups[0]
         out = _attend(
             q,
             gather(key_pool, group.blocks),
             gather(value_pool, group.blocks),
-            group.mask(block_size, rule),
+            group.mask(block_size, rule, bias, dtype),
             scaling,
             extras,
         )
@@ -376,33 +408,34 @@ def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling,
             keys = gather(key_pool, group.blocks)  # [g, Hkv, L, D]
             values = gather(value_pool, group.blocks)
             out[group.rows] = _attend(
-                q[group.rows], keys, values, group.mask(block_size, rule), scaling, extras
+                q[group.rows], keys, values, group.mask(block_size, rule, bias, dtype), scaling, extras
             )
     return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, H, Bd, Dv]
 
 
 def _prefill_attention(layout: PagedLayout, key_pool, value_pool, query, key, value, scaling, rule, extras):
     outs = []
+    bias, dtype = extras.key_bias, query.dtype
     for index, seg in enumerate(layout.segments):
         span = slice(seg.start, seg.start + seg.length)
         q = query[:, :, span]
         if seg.blocks is None:
             # The chunk starts its sequence: it attends only to its own keys, no gather needed.
-            plain = rule == FULL and not seg.spans
-            mask = None if plain else layout.segment_mask(index, rule)
+            plain = rule == FULL and not seg.spans and bias is None
+            mask = None if plain else layout.segment_mask(index, rule, bias, dtype)
             outs.append(_attend(q, key[:, :, span], value[:, :, span], mask, scaling, extras, is_causal=True))
             continue
         keys = gather(key_pool, seg.blocks).unsqueeze(0)  # [1, Hkv, L, D]
         values = gather(value_pool, seg.blocks).unsqueeze(0)
-        outs.append(_attend(q, keys, values, layout.segment_mask(index, rule), scaling, extras))
+        outs.append(_attend(q, keys, values, layout.segment_mask(index, rule, bias, dtype), scaling, extras))
     return torch.cat(outs, dim=2)
 
 
 def _flash_options(scaling, rule: LayerRule, extras: _Extras) -> dict:
     """What both FlashAttention calls pass for the layer's rule: causal, its window, soft-capping."""
-    if rule.chunk is not None or extras.sinks is not None:
+    if rule.chunk is not None or extras.sinks is not None or extras.key_bias is not None:
         # The runner keeps FlashAttention off for such models; reaching here is a bug, not a fallback.
-        raise FastPathUnsupported("FlashAttention cannot apply attention chunks or sinks")
+        raise FastPathUnsupported("FlashAttention cannot apply attention chunks, sinks or key biases")
     return {
         "softmax_scale": scaling,
         "causal": True,

@@ -78,7 +78,10 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if getattr(config, "multi_query", False):
+    if getattr(config, "new_decoder_architecture", False):
+        # Falcon-40B/180B: grouped keys and values, though their configs also say multi_query.
+        kv_heads = config.num_kv_heads
+    elif getattr(config, "multi_query", False):
         kv_heads = 1
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     head_dim = getattr(config, "head_dim", None) or hidden // max(heads, 1)

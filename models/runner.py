@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from models import attention
+from models import attention, falcon
 from models.arch import traits_of
 from models.attention import DecodeGroup, FlashMetadata, PagedLayout, PrefillSegment, layer_rules
 from models.cross_attention import CrossAttention, has_cross_attention
@@ -64,9 +64,12 @@ class PagedRunner:
         self.long_rope_after = self.long_rope.threshold
         has_sinks = any(hasattr(m, "sinks") for m in model.modules())
         chunked = any(rule.chunk is not None for rule in self.rules.values())
-        # FlashAttention's paged kernel is causal (optionally windowed) only: chunks, sinks and
-        # spans that attend both ways go through the gathered-blocks path.
-        self.use_flash = use_flash and not (has_sinks or chunked or self.traits.bidirectional)
+        # Falcon's attention bypasses the AttentionInterface: it gets a forward that calls ours.
+        alibi = falcon.install(model) is not None
+        # FlashAttention's paged kernel is causal (optionally windowed) only: chunks, sinks, spans
+        # that attend both ways and Falcon's ALiBi (its products rounded in bfloat16, which
+        # FlashAttention's own ALiBi does not do) go through the gathered-blocks path.
+        self.use_flash = use_flash and not (has_sinks or chunked or self.traits.bidirectional or alibi)
         current = text_config._attn_implementation or "sdpa"
         # A model a runner already converted keeps the attention it had before that one.
         self.original_attn = (
@@ -307,6 +310,7 @@ class PagedRunner:
     def restore_attention(self) -> None:
         """Give the model back its own attention (when the generic path takes over)."""
         self._text_config._attn_implementation = self.original_attn
+        falcon.uninstall(self.model)
 
 
 def _spans_within(row: PlanRow) -> tuple[tuple[int, int], ...]:

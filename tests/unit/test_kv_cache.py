@@ -45,3 +45,14 @@ def test_bytes_per_token_of_mla_count_expanded_keys_and_values():
         qk_nope_head_dim, qk_rope_head_dim, v_head_dim = 16, 8, 12
 
     assert kv_bytes_per_token(Config(), torch.float32) == 2 * 4 * (24 + 12) * 4
+
+
+def test_bytes_per_token_of_falcon_count_one_kv_head_or_its_groups():
+    from transformers import FalconConfig
+
+    sizes = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    seven_b = FalconConfig(**sizes, multi_query=True, new_decoder_architecture=False)
+    assert kv_bytes_per_token(seven_b, torch.float32) == 2 * 1 * 2 * 16 * 4
+    # Falcon-40B's config says multi_query too, but keeps a key and value head per group.
+    forty_b = FalconConfig(**sizes, multi_query=True, new_decoder_architecture=True, num_kv_heads=2)
+    assert kv_bytes_per_token(forty_b, torch.float32) == 2 * 2 * 2 * 16 * 4

@@ -38,6 +38,14 @@ _MLA = {
     "moe_intermediate_size": 32,
     "first_k_dense_replace": 1,
 }
+_FALCON = {
+    "_model_type": "falcon",
+    "_replace": True,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "new_decoder_architecture": False,
+}
 # model_type -> (extra config, expected path)
 ARCHS = {
     "qwen2": ({}, "fast"),
@@ -109,18 +117,15 @@ ARCHS = {
     "starcoder2": ({}, "fast"),
     "granite": ({}, "fast"),
     "smollm3": ({"pad_token_id": 0}, "fast"),
-    # Its attention does not go through transformers' AttentionInterface: the packed step raises.
-    "falcon": (
-        {
-            "hidden_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "new_decoder_architecture": False,
-            "multi_query": True,
-            "_replace": True,
-        },
-        "generic",
-    ),
+    # Its attention bypasses transformers' AttentionInterface: `models.falcon` gives it a forward
+    # that calls the paged attention. Multi-query, as Falcon-7B.
+    "falcon": ({**_FALCON, "new_decoder_architecture": False, "multi_query": True}, "fast"),
+    # Grouped keys and values inside the fused projection, as Falcon-40B/180B and Falcon 2.
+    "falcon-new-decoder": ({**_FALCON, "new_decoder_architecture": True, "num_kv_heads": 2}, "fast"),
+    # Plain multi-head attention, sequential attention and MLP.
+    "falcon-mha": ({**_FALCON, "multi_query": False, "parallel_attn": False}, "fast"),
+    # ALiBi instead of rotary positions, as Falcon-RW: a per-head bias over key positions.
+    "falcon-alibi": ({**_FALCON, "multi_query": False, "parallel_attn": False, "alibi": True}, "fast"),
     # Soft-capped attention logits, computed by an explicit softmax as the model's eager attention does.
     "gemma2": ({"head_dim": 16, "sliding_window": 8}, "fast"),
 }
