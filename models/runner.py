@@ -166,7 +166,8 @@ class PagedRunner:
                 keep.append(len(tokens) - 1)
             if row.mm_inputs:
                 if self.cross is not None:
-                    self.cross.fill(row, row.mm_inputs)
+                    if row.side_blocks:  # no side slots: nothing for cross-attention to read
+                        self.cross.fill(row, row.mm_inputs)
                 else:
                     mm_inputs.append(row.mm_inputs)
         device = self.device
