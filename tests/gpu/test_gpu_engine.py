@@ -15,12 +15,14 @@ import pytest
 import torch
 
 from models.loader import LoadSpec
-from models.params import SamplingParams
-from models.prompt import PreparedPrompt
+from models.params import PromptInput, SamplingParams
+from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import build_replica
 from tests.unit.configs import replica_config
-from tests.unit.engine_driver import run_jobs
+from tests.unit.engine_driver import hf_greedy, run_jobs
 from tests.unit.test_text_architectures import ARCHS, check_architecture
+from tests.unit.test_vlm_architectures import png
+from tests.unit.vlm_builders import ARCHS as VISION_ARCHS
 
 pytestmark = [
     pytest.mark.gpu,
@@ -97,6 +99,28 @@ def test_architectures_on_cuda_with_graphs_match_generate(model_type, arch_token
     """The CPU suite's architecture check (greedy tokens equal to generate() for four requests
     batched, prefilled in chunks, from the prefix cache), on CUDA in fp32 with decode graphs."""
     check_architecture(model_type, arch_tokenizer, tmp_path, device="cuda:0", decode_graphs="capture")
+
+
+@pytest.mark.parametrize("arch", VISION_ARCHS, ids=lambda a: a.name)
+def test_vision_architectures_on_cuda_match_generate(arch, tmp_path):
+    """Two image prompts (images of different sizes) and two text prompts batched on CUDA in fp32,
+    with decode graphs where the model allows them (Mllama's cross-attention steps run eagerly):
+    each answer is generate()'s."""
+    arch.build(tmp_path)
+    served = replica(tmp_path)
+    assert served.path == "fast", served.path_reason
+    builder = PromptBuilder.for_model(served.loaded, max_input_tokens=4096)
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}
+    prompts = [
+        builder.prepare(PromptInput(messages=(message,), images=(png(8),))),
+        builder.prepare(PromptInput(messages=({"role": "user", "content": "a text request " * 20},))),
+        builder.prepare(PromptInput(messages=(message,), images=(png(9, size=(40, 72)),))),
+        builder.prepare(PromptInput(messages=({"role": "user", "content": "short"},))),
+    ]
+    params = SamplingParams(max_tokens=10, **GREEDY)
+    outputs = run_jobs(served, [(i, p, params) for i, p in enumerate(prompts)], prefill_budget=16)
+    for prepared, output in zip(prompts, outputs, strict=True):
+        assert output == hf_greedy(served, prepared, 10)
 
 
 @pytest.mark.skipif(gpus() < 2, reason="needs two GPUs")

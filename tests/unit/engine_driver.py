@@ -92,6 +92,7 @@ def hf_greedy(replica, prepared: PreparedPrompt, max_new_tokens: int) -> list[in
             "attention_mask": torch.ones(1, len(prepared.token_ids), dtype=torch.long),
         }
         inputs.update(prepared.mm_inputs or {})
+        inputs = {name: value.to(model.device) for name, value in inputs.items()}  # no-op on CPU
         with torch.inference_mode():
             out = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
