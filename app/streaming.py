@@ -169,7 +169,11 @@ async def chat_event_stream(
 ) -> AsyncIterator[bytes]:
     """`chat.completion.chunk` events (`chunk` fills in the request's id, model and time), then
     `end_of_stream`. With `tool_parser`, each choice's text goes through its own parser: content
-    and `tool_calls` deltas."""
+    and `tool_calls` deltas.
+
+    Each engine update becomes one write, however many events it holds (the choices of n > 1, a
+    last token with its finish, usage and `[DONE]`): every write costs a send on the event loop, a
+    socket write and a read in the client, per stream and per step."""
     error: EngineError | None = None
     parsers = [tool_parser() for _ in range(stream.request.n)] if tool_parser is not None else None
 
@@ -177,42 +181,57 @@ async def chat_event_stream(
         return sse(chunk([ChatChunkChoice(index, delta, logprobs, finish_reason)]))
 
     try:
-        for index in range(stream.request.n):
-            yield event(index, ChoiceDelta(role="assistant", content=""))
+        yield b"".join(
+            event(index, ChoiceDelta(role="assistant", content="")) for index in range(stream.request.n)
+        )
+        last: list[bytes] = []
         async for update in stream:
-            for choice in update.choices:
-                finish_reason = choice.finish_reason
-                if finish_reason == "error":
-                    # Text that arrived with the failure is still sent; the error event follows.
-                    error, finish_reason = stream_failure(update), None
-                logprobs = choice_logprobs(choice.logprobs) if choice.logprobs else None
-                if parsers is not None:
-                    parser = parsers[choice.index]
-                    deltas = parser.feed(choice.text) if choice.text else []
-                    if finish_reason is not None:
-                        deltas += parser.finish()
-                        finish_reason = finish_reason_for(finish_reason, parser.num_calls)
-                    for delta in deltas:
-                        if isinstance(delta, str):
-                            yield event(choice.index, ChoiceDelta(content=delta), logprobs)
-                        else:
-                            yield event(choice.index, ChoiceDelta(tool_calls=[delta.payload()]), logprobs)
-                        logprobs = None  # once per update, on its first chunk
-                    if logprobs is not None:  # text held back (a tag may be starting); not its logprobs
-                        yield event(choice.index, ChoiceDelta(), logprobs)
-                elif choice.text or logprobs is not None:
-                    yield event(choice.index, ChoiceDelta(content=choice.text), logprobs)
-                if finish_reason is not None:
-                    yield event(choice.index, ChoiceDelta(), finish_reason=finish_reason)
-            if error:
+            events, error = _chat_events(update, parsers, event)
+            if error or stream.finished:
+                last = events  # sent with the end of the stream
                 break
+            if events:  # text a tool-call parser holds back makes none
+                yield b"".join(events)
         usage = chunk([]) if include_usage and not error else None
         if usage is not None:
             usage.usage = usage_of([stream])
-        yield end_of_stream(error, usage)
+        yield b"".join([*last, end_of_stream(error, usage)])
     finally:
         stream.cancel()  # no-op when finished; frees the slot when the client went away
         on_done(stream, error)
+
+
+def _chat_events(
+    update: StreamUpdate, parsers: list[ToolCallParser] | None, event: Callable[..., bytes]
+) -> tuple[list[bytes], EngineError | None]:
+    """The events of one update, and the failure it reports if it does."""
+    events: list[bytes] = []
+    error: EngineError | None = None
+    for choice in update.choices:
+        finish_reason = choice.finish_reason
+        if finish_reason == "error":
+            # Text that arrived with the failure is still sent; the error event follows.
+            error, finish_reason = stream_failure(update), None
+        logprobs = choice_logprobs(choice.logprobs) if choice.logprobs else None
+        if parsers is not None:
+            parser = parsers[choice.index]
+            deltas = parser.feed(choice.text) if choice.text else []
+            if finish_reason is not None:
+                deltas += parser.finish()
+                finish_reason = finish_reason_for(finish_reason, parser.num_calls)
+            for delta in deltas:
+                if isinstance(delta, str):
+                    events.append(event(choice.index, ChoiceDelta(content=delta), logprobs))
+                else:
+                    events.append(event(choice.index, ChoiceDelta(tool_calls=[delta.payload()]), logprobs))
+                logprobs = None  # once per update, on its first chunk
+            if logprobs is not None:  # text held back (a tag may be starting); not its logprobs
+                events.append(event(choice.index, ChoiceDelta(), logprobs))
+        elif choice.text or logprobs is not None:
+            events.append(event(choice.index, ChoiceDelta(content=choice.text), logprobs))
+        if finish_reason is not None:
+            events.append(event(choice.index, ChoiceDelta(), finish_reason=finish_reason))
+    return events, error
 
 
 def now() -> int:

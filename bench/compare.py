@@ -2,6 +2,7 @@
 
     python -m bench.compare [--quick] [--servers ours,peer] [--repeat N] [--interleave] [--image]
                             [--our-args "--max-batch-size 32"] [--peer-args "--cb-max-batch-tokens 512"]
+                            [--base DIR]  (then --servers ours,base --interleave: A/B of two checkouts)
 
 Builds the bench model if missing, starts ours, runs the workloads, stops it, then the same for the
 peer (or, with --interleave, both up at once and alternating run by run). Prints one JSON line per
@@ -77,7 +78,7 @@ def _warm(live: Live, workloads: list[Workload], args, tokenizer: Path) -> None:
 
 def _measure(live: Live, workload: Workload, repeat: int, args, tokenizer: Path) -> dict:
     target = live.target
-    sample_health = target.server == "ours" or args.sample_peer_health
+    sample_health = target.server in ("ours", "base") or args.sample_peer_health
     cfg = load_config(target, workload, args, tokenizer=tokenizer, sample_health=sample_health)
     with CpuWatch({live.pgid}) as watch:
         result = asyncio.run(run_load(cfg))
@@ -162,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="16 requests per workload, one repeat: a smoke run")
     p.add_argument(
-        "--servers", default="ours,peer", help="ours, peer, llamacpp: comma-separated, run in this order"
+        "--servers",
+        default="ours,peer",
+        help="ours, base, peer, llamacpp: comma-separated, run in this order",
+    )
+    p.add_argument(
+        "--base", default=None, metavar="DIR", help="server `base`: ours from this checkout (a worktree)"
     )
     p.add_argument("--repeat", type=int, default=None, help="runs per workload (default 3, quick 1)")
     p.add_argument("--interleave", action="store_true", help="both servers up at once, alternating runs")
@@ -188,8 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     args.timeout = args.timeout or (240.0 if args.quick else 600.0)
     env = dict(kv.split("=", 1) for kv in args.server_env)
     names = [name.strip() for name in args.servers.split(",") if name.strip()]
-    if unknown := set(names) - {"ours", "peer", "llamacpp"}:
-        sys.exit(f"unknown server(s) {sorted(unknown)}; expected ours, peer and/or llamacpp")
+    if unknown := set(names) - {"ours", "base", "peer", "llamacpp"}:
+        sys.exit(f"unknown server(s) {sorted(unknown)}; expected ours, base, peer and/or llamacpp")
+    if ("base" in names) != bool(args.base):
+        sys.exit("--servers base and --base DIR go together")
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -200,11 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(line)
         print(json.dumps(line), flush=True)
 
-    def ours(path: Path, name: str, log: str):
+    def ours(path: Path, name: str, log: str, root: Path = ROOT, label: str = "ours"):
         extra = tuple(shlex.split(args.our_args))
         log_path = RESULTS_DIR / f"{stamp}-{log}"
         return lambda: our_server(path, name, extra_args=extra, env=env, log_path=log_path,
-                                  ready_timeout_s=args.ready_timeout)  # fmt: skip
+                                  ready_timeout_s=args.ready_timeout, root=root, label=label)  # fmt: skip
 
     def peer():
         extra = tuple(shlex.split(args.peer_args))
@@ -216,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
                                ready_timeout_s=args.ready_timeout)  # fmt: skip
 
     starters = {"ours": ours(model_path, "bench", "ours.log"), "peer": peer, "llamacpp": llamacpp}
+    if args.base:
+        starters["base"] = ours(model_path, "bench", "base.log", Path(args.base).resolve(), "base")
     workloads = text_workloads(args.quick)
     started = time.perf_counter()
     serve_and_run({n: starters[n] for n in names}, workloads, args, tokenizer=model_path, record=record)

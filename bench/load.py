@@ -1,10 +1,13 @@
 """Async load generator for any OpenAI-compatible /v1/chat/completions server.
 
     python -m bench.load --base-url http://127.0.0.1:8000/v1 --model NAME --concurrency 16 \
-        --requests 64 --max-tokens 64 [--stream] [--mixed 8:8,128:8] [--ignore-eos] \
+        --requests 64 --max-tokens 64 [--stream [--client lean]] [--mixed 8:8,128:8] [--ignore-eos] \
         [--image PATH|synthetic] [--health-url http://127.0.0.1:8000/health] [--timeout 600]
 
 Prints one JSON line. `run_load(LoadConfig(...))` is the same thing as an importable coroutine.
+Each result carries `client_cpu_s`, the CPU time of this load generator itself: on a small machine
+it competes with the server for the same cores, and a streamed run costs it far more than a
+non-streamed one (see bench.lean_stream).
 """
 
 from __future__ import annotations
@@ -13,12 +16,15 @@ import argparse
 import asyncio
 import contextlib
 import json
+import resource
 import time
 from dataclasses import dataclass, field, fields
 
+import httpx
 from openai import AsyncOpenAI
 
 from bench.health import HealthSampler
+from bench.lean_stream import lean_stream
 from bench.synthetic import image_data_url, load_tokenizer, synthetic_prompt
 
 _MAX_ERROR_SAMPLES = 5
@@ -48,6 +54,8 @@ class LoadConfig:
     include_usage: bool = True
     # Model folder or tokenizer.json: cuts each prompt to exactly `prompt_tokens` of that vocabulary.
     tokenizer: str | None = None
+    # How streams are read: "openai" (the SDK, an event at a time) or "lean" (bytes; bench.lean_stream).
+    client: str = "openai"
 
 
 @dataclass
@@ -81,7 +89,12 @@ def _messages(text: str, image_url: str | None) -> list[dict]:
 
 
 async def _one_request(
-    client: AsyncOpenAI, cfg: LoadConfig, prompt: str, max_tokens: int, image_url: str | None
+    client: AsyncOpenAI,
+    cfg: LoadConfig,
+    prompt: str,
+    max_tokens: int,
+    image_url: str | None,
+    lean: httpx.AsyncClient | None = None,
 ) -> _Outcome:
     out = _Outcome(max_tokens=max_tokens)
     extra_body = dict(cfg.extra_body)
@@ -96,7 +109,11 @@ async def _one_request(
     }
     start = time.perf_counter()
     try:
-        if cfg.stream:
+        if cfg.stream and lean is not None:
+            body = {k: v for k, v in kwargs.items() if k != "extra_body"} | extra_body
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+            await lean_stream(lean, f"{cfg.base_url}/chat/completions", body, out)
+        elif cfg.stream:
             stream_options = {"include_usage": True} if cfg.include_usage else None
             stream = await client.chat.completions.create(
                 **kwargs, stream=True, stream_options=stream_options
@@ -144,7 +161,11 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 
 def _summarize(
-    cfg: LoadConfig, outcomes: list[_Outcome], wall_s: float, health: HealthSampler | None
+    cfg: LoadConfig,
+    outcomes: list[_Outcome],
+    wall_s: float,
+    health: HealthSampler | None,
+    client_cpu_s: float,
 ) -> dict:
     ok = [o for o in outcomes if o.error is None]
     errors = [o.error for o in outcomes if o.error is not None]
@@ -158,6 +179,7 @@ def _summarize(
     mode = (
         ("mixed" if cfg.mixed else "fixed")
         + ("-stream" if cfg.stream else "")
+        + ("-lean" if cfg.stream and cfg.client == "lean" else "")
         + ("-image" if cfg.image else "")
     )
     result = {
@@ -171,6 +193,7 @@ def _summarize(
         "wall_s": _round(wall_s, 3),
         "completion_tokens": tokens,
         "completion_tok_s": _round(tokens / wall_s if wall_s > 0 else 0.0, 2),
+        "client_cpu_s": _round(client_cpu_s, 3),
         "latency_p50_s": _round(percentile(latencies, 50)),
         "latency_p95_s": _round(percentile(latencies, 95)),
         "ttft_p50_s": _round(percentile(ttfts, 50)),
@@ -222,15 +245,17 @@ async def run_load(cfg: LoadConfig) -> dict:
     image_url = image_data_url(cfg.image) if cfg.image else None
     semaphore = asyncio.Semaphore(max(1, cfg.concurrency))
     client = AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout)
+    headers = {"Authorization": f"Bearer {cfg.api_key}"}
+    lean = httpx.AsyncClient(timeout=cfg.timeout, headers=headers) if cfg.client == "lean" else None
 
     async def bounded(index: int, max_tokens: int) -> _Outcome:
         async with semaphore:
-            return await _one_request(client, cfg, prompts[index], max_tokens, image_url)
+            return await _one_request(client, cfg, prompts[index], max_tokens, image_url, lean)
 
-    headers = {"Authorization": f"Bearer {cfg.api_key}"}
     health = HealthSampler(cfg.health_url, cfg.health_interval_s, headers) if cfg.health_url else None
     try:
         with health or contextlib.nullcontext():
+            cpu_before = _cpu_s()
             start = time.perf_counter()
             tasks = [asyncio.create_task(bounded(i, m)) for i, m in enumerate(plan)]
             done, pending = await asyncio.wait(tasks, timeout=cfg.timeout)
@@ -238,13 +263,21 @@ async def run_load(cfg: LoadConfig) -> dict:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             wall_s = time.perf_counter() - start
+            client_cpu_s = _cpu_s() - cpu_before
     finally:
         await client.close()
+        if lean is not None:
+            await lean.aclose()
     outcomes = [
         t.result() if t in done else _Outcome(max_tokens=m, error=f"timeout after {cfg.timeout}s")
         for t, m in zip(tasks, plan, strict=True)
     ]
-    return _summarize(cfg, outcomes, wall_s, health)
+    return _summarize(cfg, outcomes, wall_s, health, client_cpu_s)
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def parse_mixed(text: str) -> tuple[tuple[int, int], ...]:
@@ -267,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--client", choices=("openai", "lean"), default="openai", help="how streams are read")
     p.add_argument("--mixed", type=parse_mixed, default=(), help="MAX_TOKENS:COUNT,... sent all at once")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true in the body")
     p.add_argument("--temperature", type=float, default=0.0)

@@ -19,13 +19,16 @@ def our_server(
     log_path: Path,
     ready_timeout_s: float = 300.0,
     python: str | None = None,
+    root: Path = ROOT,
+    label: str = "ours",
 ) -> tuple[ServerProcess, Target]:
-    """An unstarted ServerProcess for ours (greedy by default, fp32), and how to talk to it."""
+    """An unstarted ServerProcess for ours (greedy by default, fp32), and how to talk to it. `root`
+    is the checkout to run (its entrypoint.py and .venv): another worktree gives an A/B in one run."""
     port = free_port()
     api_key = secrets.token_hex(8)  # with a key set, requests take the guarded path real clients take
     command = [
-        python or str(ROOT / ".venv" / "bin" / "python"),
-        str(ROOT / "entrypoint.py"),
+        python or str(root / ".venv" / "bin" / "python"),
+        str(root / "entrypoint.py"),
         *("--model-path", str(model_path), "--model-name", model_name, "--api-key", api_key),
         *f"--host 127.0.0.1 --port {port} --dtype fp32 --default-sampling false".split(),
         *extra_args,
@@ -36,7 +39,7 @@ def our_server(
         health_url=f"{base}/health",
         log_path=log_path,
         env=env,
-        cwd=ROOT,
+        cwd=root,
         ready_timeout_s=ready_timeout_s,
     )
-    return server, Target("ours", f"{base}/v1", model_name, f"{base}/health", api_key=api_key)
+    return server, Target(label, f"{base}/v1", model_name, f"{base}/health", api_key=api_key)

@@ -68,7 +68,28 @@ def summarize(runs: list[dict]) -> dict:
     }  # fmt: skip
     if _runs(runs, "llamacpp"):
         summary["llamacpp"] = _llamacpp_targets(runs)
+    summary["streaming"] = {server: _streaming(runs, server) for server in _servers(runs)}
     return summary
+
+
+def _servers(runs: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["server"] for r in runs if "workload" in r))
+
+
+def _streaming(runs: list[dict], server: str) -> dict:
+    """What streaming costs one server: 16 concurrent streams read by the openai client (b) and
+    as bytes (b_stream_lean) over the same requests not streamed (a), and what the load generator
+    itself spent in each (it shares the machine's cores with the server)."""
+    out: dict = {}
+    for workload in ("a_throughput", "b_stream", "b_stream_lean"):
+        out[workload] = {
+            key: median(runs, server, workload, key)[0] for key in ("completion_tok_s", "client_cpu_s")
+        }
+    plain = out["a_throughput"]["completion_tok_s"]
+    for workload in ("b_stream", "b_stream_lean"):
+        streamed = out[workload]["completion_tok_s"]
+        out[f"{workload}_over_a"] = round(streamed / plain, 3) if streamed and plain else None
+    return out
 
 
 def _llamacpp_targets(runs: list[dict]) -> dict:

@@ -10,7 +10,7 @@ class Workload:
     name: str
     description: str
     load: dict  # LoadConfig fields
-    servers: tuple[str, ...] = ("ours", "peer", "llamacpp")
+    servers: tuple[str, ...] = ("ours", "base", "peer", "llamacpp")  # base: ours from another checkout
     repeatable: bool = True
 
 
@@ -32,6 +32,11 @@ def text_workloads(quick: bool) -> list[Workload]:
             "b_stream",
             "(b) as (a) with stream: TTFT = time to the first non-empty content delta",
             {**common, "concurrency": 16, "requests": n, "stream": True},
+        ),
+        Workload(
+            "b_stream_lean",
+            "(b) read as bytes, not parsed event by event (bench.lean_stream): the server's own cost of streaming",
+            {**common, "concurrency": 16, "requests": n, "stream": True, "client": "lean"},
         ),
         Workload(
             "c_mixed",

@@ -270,7 +270,7 @@ class Executor:
         elif batch.has_work:  # nothing runnable (a bug if it happens): do not spin
             log.warning("replica %s has work but nothing to schedule", self.name)
             time.sleep(self.config.idle_poll_s)
-        self._emit()
+        handoff = self._emit()
         if plan is not None and plan.rows:
             runner_split = getattr(self.replica.runner, "last_split", None) or {}
             self.timings.add(
@@ -279,6 +279,7 @@ class Executor:
                 execute=executed - scheduled,
                 postprocess=advanced - executed,
                 emit=clock() - advanced,
+                handoff=handoff,
                 **runner_split,
             )
         if not batch.has_work and not self._idle_trimmed:
@@ -432,7 +433,10 @@ class Executor:
                 if seq.seq_id in failed:
                     self._finish(seq, "error", GenerationError(failed[seq.seq_id]))
 
-    def _emit(self) -> None:
+    def _emit(self) -> float:
+        """Hand every new delta of this step to the event loop at once. Returns the seconds the
+        hand-off took: it should be microseconds, but the event loop wakes at once and can take the
+        GIL for its whole burst of work (one wake-up and write per stream) while this thread waits."""
         delivery: Delivery = []
         still: list[Job] = []
         waiting = 0
@@ -452,8 +456,11 @@ class Executor:
         self.num_waiting = waiting
         self.num_running = self.batch.num_rows
         self._snapshot = self._batch_figures()
-        if delivery:
-            self._deliver(delivery)
+        if not delivery:
+            return 0.0
+        began = time.perf_counter()
+        self._deliver(delivery)
+        return time.perf_counter() - began
 
     def _batch_figures(self) -> dict:
         batch = self.batch

@@ -3,8 +3,9 @@
 Phases: `schedule` (collect new requests, drop cancelled ones, plan the step), `execute` (the
 runner: `forward` and `sample` inside it where the runner reports them), `postprocess` (append
 each sampled token: detokenize, match stop strings and tokens), `emit` (take each request's
-delta and hand them to the event loop). Recent means smoothed over the last few dozen steps; totals
-serve benchmarks (`bench.host`).
+delta and hand them to the event loop), and `handoff` inside it (the hand-off alone: where the
+replica thread waits while the event loop holds the GIL). Recent means smoothed over the last few
+dozen steps; totals serve benchmarks (`bench.host`).
 """
 
 from __future__ import annotations

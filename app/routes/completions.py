@@ -188,13 +188,15 @@ async def _event_stream(
     on_done: Callable[[EngineError | None], None],
 ) -> AsyncIterator[bytes]:
     """`text_completion` chunks, then `end_of_stream`. Prompts are read one after another: all of
-    them generate at once in the engine, and later ones' text waits, coalesced, until read."""
+    them generate at once in the engine, and later ones' text waits, coalesced, until read. Each
+    engine update is one write, as in chat (`app.streaming.chat_event_stream`)."""
     error: EngineError | None = None
 
     def event(index: int, text: str, logprobs: CompletionLogprobs | None, finish_reason: str | None) -> bytes:
         return sse(chunk([CompletionChoice(index, text, logprobs, finish_reason)]))
 
     try:
+        last: list[bytes] = []
         for p, (stream, echo) in enumerate(zip(streams, echoes, strict=True)):
             offsets = [len(echo)] * n
             updates = aiter(stream)
@@ -202,9 +204,9 @@ async def _event_stream(
             first = await anext(updates, None) if echo and want_logprobs else None
             if echo:
                 prompt = echo_logprobs(stream.prompt_logprobs, top) if want_logprobs else None
-                for i in range(n):
-                    yield event(p * n + i, echo, prompt, None)
+                yield b"".join(event(p * n + i, echo, prompt, None) for i in range(n))
             async for update in _chained(first, updates):
+                events = []
                 for choice in update.choices:
                     finish_reason = choice.finish_reason
                     if finish_reason == "error":
@@ -215,15 +217,18 @@ async def _event_stream(
                     logprobs = None
                     if want_logprobs:
                         logprobs, offsets[choice.index] = _logprobs(choice.logprobs, offsets[choice.index])
-                    yield event(p * n + choice.index, choice.text, logprobs, finish_reason)
-                if error:
+                    events.append(event(p * n + choice.index, choice.text, logprobs, finish_reason))
+                if error or (p == len(streams) - 1 and stream.finished):
+                    last = events  # sent with the end of the stream
                     break
+                if events:
+                    yield b"".join(events)
             if error:
                 break
         usage = chunk([]) if include_usage and not error else None
         if usage is not None:
             usage.usage = usage_of(streams)
-        yield end_of_stream(error, usage)
+        yield b"".join([*last, end_of_stream(error, usage)])
     finally:
         _cancel(streams)  # frees the slots when the client went away
         on_done(error)

@@ -12,6 +12,7 @@ import anyio
 import httpx
 import pytest
 
+from bench.load import LoadConfig, run_load
 from tests.integration.conftest import Server
 from tests.integration.helpers import user
 
@@ -85,3 +86,29 @@ def test_health_latency_under_load(text_server: Server) -> None:
     # (bench.compare's /health p99), not something two shared cores can promise in a test.
     assert set(statuses) == {200}
     assert len(latencies) >= 10, f"only {len(latencies)} /health samples in {load_s:.1f}s of load"
+
+
+@pytest.mark.parametrize("client", ["openai", "lean"])
+def test_the_load_generator_reads_streams_either_way_and_reports_its_own_cpu(
+    text_server: Server, client: str
+) -> None:
+    """bench.load's two stream readers count the same tokens (the lean one from the usage chunk
+    at the end of the bytes) and both report what the generator itself spent."""
+    config = LoadConfig(
+        base_url=f"{text_server.base_url}/v1",
+        model=text_server.model_name,
+        api_key=text_server.api_key,
+        concurrency=4,
+        requests=4,
+        max_tokens=8,
+        ignore_eos=True,
+        stream=True,
+        client=client,
+        timeout=LOAD_DEADLINE_S,
+    )
+    result = anyio.run(run_load, config)
+    assert result["errors"] == 0, result["error_samples"]
+    assert result["completion_tokens"] == 4 * 8 and result["finish_reasons"] == {"length": 4}
+    assert result["ttft_p50_s"] is not None and result["ttft_p50_s"] <= result["latency_p50_s"]
+    assert result["client_cpu_s"] > 0
+    assert result["mode"] == ("fixed-stream-lean" if client == "lean" else "fixed-stream")

@@ -118,3 +118,30 @@ def test_stream_failure_is_a_final_error_event() -> None:
     assert texts == [(0, "ok"), (1, "par")]
     assert payloads[2]["error"]["code"] == "generation_failed" and "usage" not in payloads[2]
     assert len(payloads) == 3 and [e.message for e in errors] == ["boom"]
+
+
+def test_a_streamed_update_is_one_write_and_the_last_prompt_ends_in_its_last_write() -> None:
+    async def main():
+        engine_request = _translate(prompt=["a", "b"], n=2, temperature=0.0)[0]
+        streams = [RequestStream(engine_request, PreparedPrompt([1])) for _ in "ab"]
+        for p, stream in enumerate(streams):
+            stream.push(0, f"p{p}c0", [5], [], "length", None)
+            stream.push(1, f"p{p}c1", [6], [], "stop", None)
+        events = _event_stream(
+            streams,
+            ["", ""],
+            chunk=partial(CompletionChunk, "c", 0, "m"),
+            n=2,
+            want_logprobs=False,
+            top=0,
+            include_usage=True,
+            on_done=lambda error: None,
+        )
+        return [write async for write in events]
+
+    writes = anyio.run(main)
+    # Prompt 0's choices share a write; prompt 1's go with its usage chunk and [DONE].
+    assert [len(sse_events([w])) for w in writes] == [2, 4]
+    first = [json.loads(e.removeprefix(b"data: ")) for e in sse_events(writes[:1])]
+    assert [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in first] == [(0, "p0c0"), (1, "p0c1")]
+    assert writes[1].endswith(b"data: [DONE]\n\n") and b'"usage"' in writes[1]

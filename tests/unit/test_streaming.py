@@ -3,6 +3,7 @@ plain response is a generic 500. Driven with a real RequestStream fed by hand.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from functools import partial
 
@@ -10,6 +11,7 @@ import pytest
 
 from app.schemas.chat import ChatCompletionChunk
 from app.streaming import DONE, chat_event_stream
+from app.tool_calls import HERMES
 from models.prompt import PreparedPrompt
 from scheduler.errors import GenerationError
 from scheduler.request import EngineRequest, PromptInput, RequestStream, SamplingParams
@@ -80,3 +82,53 @@ async def test_a_reader_that_leaves_cancels_the_request():
     await gen.__anext__()
     await gen.aclose()
     assert stream.cancelled
+
+
+def payloads(write: bytes) -> list:
+    return [e.removeprefix(b"data: ").strip() for e in sse_events([write])]
+
+
+async def test_each_update_is_one_write_and_the_last_carries_the_end_of_the_stream():
+    stream = make_stream()
+    gen = chat_event_stream(stream, chunk=CHUNK, include_usage=True, on_done=lambda s, err: None)
+    role = await anext(gen)
+    stream.push(0, "a", [5], [], None, None)
+    middle = await anext(gen)
+    stream.push(0, "b", [6], [], "stop", None)
+    last = await anext(gen)
+    assert await anext(gen, None) is None
+    assert len(payloads(role)) == 1 and len(payloads(middle)) == 1
+    # The last token, its finish, the usage chunk and [DONE] leave in one write, in that order.
+    events = payloads(last)
+    assert [json.loads(e)["choices"][0]["delta"] for e in events[:2]] == [{"content": "b"}, {}]
+    assert json.loads(events[1])["choices"][0]["finish_reason"] == "stop"
+    assert json.loads(events[2])["usage"]["completion_tokens"] == 2
+    assert events[3] == b"[DONE]"
+
+
+async def test_the_choices_of_one_update_share_a_write():
+    stream = make_stream(n=3)
+    gen = chat_event_stream(stream, chunk=CHUNK, include_usage=False, on_done=lambda s, err: None)
+    assert [json.loads(e)["choices"][0]["index"] for e in payloads(await anext(gen))] == [0, 1, 2]
+    for index in range(3):
+        stream.push(index, f"t{index}", [5], [], None, None)
+    write = await anext(gen)
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in payloads(write)] == ["t0", "t1", "t2"]
+    await gen.aclose()
+
+
+async def test_an_update_a_tool_call_parser_holds_back_writes_nothing():
+    # An empty write would read as the end of a chunked body to some servers: none is sent.
+    stream = make_stream()
+    gen = chat_event_stream(
+        stream, chunk=CHUNK, include_usage=False, on_done=lambda s, err: None, tool_parser=HERMES.parser
+    )
+    await anext(gen)
+    stream.push(0, "<tool_", [5], [], None, None)  # may start a call: held back
+    stream.push(0, "", [], [], None, None)
+    pending = asyncio.ensure_future(anext(gen))
+    await asyncio.sleep(0.01)
+    assert not pending.done()  # the held-back update produced no write
+    stream.push(0, "call>oops", [6], [], "stop", None)
+    text = b"".join(payloads(await pending))
+    assert b"<tool_call>oops" in text and b"[DONE]" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from models.loader import LoadSpec
@@ -37,6 +39,28 @@ def test_the_executor_times_every_phase_of_its_steps(tiny_text_path):
     timings = driver.executor.timings
     assert timings.steps == 5  # one prefill step that samples, four decode steps
     figures = driver.executor.stats()["step_ms"]
-    assert set(figures) == {"schedule", "execute", "forward", "sample", "postprocess", "emit"}
+    assert set(figures) == {"schedule", "execute", "forward", "sample", "postprocess", "emit", "handoff"}
     assert all(value >= 0 for value in figures.values())
     assert figures["forward"] > 0 and figures["execute"] >= figures["forward"]
+    assert figures["emit"] >= figures["handoff"]
+
+
+class _SlowHandoff(EngineDriver):
+    """A receiver that keeps the replica thread 4 ms per hand-off, as a busy event loop holding
+    the GIL does."""
+
+    def _deliver(self, items) -> None:
+        time.sleep(0.004)
+        super()._deliver(items)
+
+
+def test_the_handoff_is_timed_apart_from_the_rest_of_emit(tiny_text_path):
+    replica = build_replica(
+        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4)
+    )
+    driver = _SlowHandoff(replica)
+    stream = driver.submit(PreparedPrompt([5, 6, 7, 8]), SamplingParams(max_tokens=3, temperature=0.0))
+    driver.run([stream])
+    per_step = driver.executor.timings.per_step()
+    assert per_step["handoff"] >= 4.0
+    assert per_step["emit"] >= per_step["handoff"]
