@@ -3,6 +3,7 @@
     python -m bench.compare [--quick] [--servers ours,peer] [--repeat N] [--interleave] [--image]
                             [--our-args "--max-batch-size 32"] [--peer-args "--cb-max-batch-tokens 512"]
                             [--base DIR]  (then --servers ours,base --interleave: A/B of two checkouts)
+                            [--only a_throughput,b_stream,b_stream_lean]
 
 Builds the bench model if missing, starts ours, runs the workloads, stops it, then the same for the
 peer (or, with --interleave, both up at once and alternating run by run). Prints one JSON line per
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", default=None, metavar="DIR", help="server `base`: ours from this checkout (a worktree)"
     )
     p.add_argument("--repeat", type=int, default=None, help="runs per workload (default 3, quick 1)")
+    p.add_argument(
+        "--only", default="", help="these workloads only (comma-separated names), e.g. a_throughput,b_stream"
+    )
     p.add_argument("--interleave", action="store_true", help="both servers up at once, alternating runs")
     p.add_argument("--image", action="store_true", help="also run ours on a tiny VLM with images")
     p.add_argument("--model-path", default=str(DEFAULT_MODEL_DIR))
@@ -227,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.base:
         starters["base"] = ours(model_path, "bench", "base.log", Path(args.base).resolve(), "base")
     workloads = text_workloads(args.quick)
+    if args.only:
+        wanted = {name.strip() for name in args.only.split(",")}
+        if unknown := wanted - {w.name for w in workloads}:
+            sys.exit(f"unknown workload(s) {sorted(unknown)}; expected some of {[w.name for w in workloads]}")
+        workloads = [w for w in workloads if w.name in wanted]
     started = time.perf_counter()
     serve_and_run({n: starters[n] for n in names}, workloads, args, tokenizer=model_path, record=record)
     if args.image and "ours" in names:

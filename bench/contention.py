@@ -42,27 +42,37 @@ class CpuWatch:
     """`with CpuWatch({server_pgid}) as watch: ...` then `watch.result()`; our own group is always watched."""
 
     def __init__(self, pgids: set[int] | None = None):
-        self.pgids = {os.getpgrp(), *(pgids or ())}
+        self.servers = set(pgids or ()) - {os.getpgrp()}
+        self.pgids = {os.getpgrp(), *self.servers}
 
     def __enter__(self) -> CpuWatch:
-        self._t0, self._busy0, self._group0 = (
+        self._t0, self._busy0, self._group0, self._servers0 = (
             time.monotonic(),
             _machine_busy_ticks(),
             _group_ticks(self.pgids),
+            _group_ticks(self.servers),
         )
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._t1, self._busy1, self._group1 = (
+        self._t1, self._busy1, self._group1, self._servers1 = (
             time.monotonic(),
             _machine_busy_ticks(),
             _group_ticks(self.pgids),
+            _group_ticks(self.servers),
         )
 
     def result(self) -> dict:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        # The server's own CPU seconds (its process group), next to the load generator's client_cpu_s.
+        server_cpu_s = round((self._servers1 - self._servers0) / _HZ, 2)
         if self._busy0 is None or self._busy1 is None:
-            return {"loadavg_1m": load, "foreign_cpu_share": None, "watched_cpu_share": None}
+            return {
+                "loadavg_1m": load,
+                "foreign_cpu_share": None,
+                "watched_cpu_share": None,
+                "server_cpu_s": server_cpu_s,
+            }
         capacity = (os.cpu_count() or 1) * (self._t1 - self._t0) * _HZ
         busy, ours = self._busy1 - self._busy0, self._group1 - self._group0
         return {
@@ -70,4 +80,5 @@ class CpuWatch:
             # A process that exits unreaped, or whose reaper is outside the groups, counts as foreign.
             "foreign_cpu_share": round(max(0.0, busy - ours) / capacity, 3) if capacity > 0 else None,
             "watched_cpu_share": round(ours / capacity, 3) if capacity > 0 else None,
+            "server_cpu_s": server_cpu_s,
         }

@@ -78,12 +78,13 @@ def _servers(runs: list[dict]) -> list[str]:
 
 def _streaming(runs: list[dict], server: str) -> dict:
     """What streaming costs one server: 16 concurrent streams read by the openai client (b) and
-    as bytes (b_stream_lean) over the same requests not streamed (a), and what the load generator
-    itself spent in each (it shares the machine's cores with the server)."""
+    as bytes (b_stream_lean) over the same requests not streamed (a), and the CPU seconds the server
+    and the load generator spent in each (they share the machine's cores)."""
     out: dict = {}
     for workload in ("a_throughput", "b_stream", "b_stream_lean"):
         out[workload] = {
-            key: median(runs, server, workload, key)[0] for key in ("completion_tok_s", "client_cpu_s")
+            key: median(runs, server, workload, key)[0]
+            for key in ("completion_tok_s", "client_cpu_s", "server_cpu_s")
         }
     plain = out["a_throughput"]["completion_tok_s"]
     for workload in ("b_stream", "b_stream_lean"):

@@ -1,0 +1,72 @@
+"""The benchmark's streaming figures: per-server ratios in the summary, and the server's own CPU
+seconds next to the load generator's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench.contention import CpuWatch
+from bench.summary import summarize
+
+
+def run(server: str, workload: str, tok_s: float, client_cpu_s: float, repeat: int = 0, **extra) -> dict:
+    return {
+        "server": server,
+        "workload": workload,
+        "repeat": repeat,
+        "completion_tok_s": tok_s,
+        "client_cpu_s": client_cpu_s,
+        "server_cpu_s": 30.0,
+        "errors": 0,
+        **extra,
+    }
+
+
+def test_the_summary_gives_each_server_its_streamed_over_non_streamed_ratios():
+    runs = [
+        run("ours", "a_throughput", 300.0, 0.2),
+        run("ours", "b_stream", 240.0, 2.0),
+        run("ours", "b_stream_lean", 285.0, 0.8),
+        # A contended repeat is left out of the medians while a clean one exists.
+        run("ours", "b_stream", 100.0, 2.0, repeat=1, contended=True),
+        run("base", "a_throughput", 310.0, 0.2),
+        run("base", "b_stream", 248.0, 2.0),
+    ]
+    streaming = summarize(runs)["streaming"]
+    assert set(streaming) == {"ours", "base"}
+    ours = streaming["ours"]
+    assert ours["b_stream_over_a"] == 0.8 and ours["b_stream_lean_over_a"] == 0.95
+    assert ours["b_stream"] == {"completion_tok_s": 240.0, "client_cpu_s": 2.0, "server_cpu_s": 30.0}
+    assert streaming["base"]["b_stream_over_a"] == 0.8 and streaming["base"]["b_stream_lean_over_a"] is None
+
+
+def test_cpu_watch_reports_the_watched_server_group_cpu_apart_from_its_own():
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+    with CpuWatch() as idle:
+        pass
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        with CpuWatch({server.pid}) as watch:
+            # CPU burnt in our own group is the load generator's, not the server's.
+            subprocess.run([sys.executable, "-c", burn], check=True)
+        assert watch.result()["server_cpu_s"] == pytest.approx(0.0, abs=0.05)
+    finally:
+        server.kill()
+        server.wait()
+    # A server burns CPU and stays up (its ticks are read from /proc while it lives).
+    busy = subprocess.Popen(
+        [sys.executable, "-c", burn + "print(flush=True)\ntime.sleep(60)"],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        with CpuWatch({busy.pid}) as watch:
+            busy.stdout.readline()  # the burn is over
+        assert watch.result()["server_cpu_s"] >= 0.25
+    finally:
+        busy.kill()
+        busy.wait()
+    assert idle.result()["server_cpu_s"] == 0.0
