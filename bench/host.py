@@ -2,13 +2,19 @@
 negligible, so what is left is Python and framework overhead).
 
     python -m bench.host [--batches 1,8,32] [--steps 60] [--profile 1] [--model-path builtin:tiny]
-                         [--graphs off|static] [--compare-packing ROUNDS]
+                         [--graphs off|static] [--compare-packing ROUNDS] [--workload ROUNDS]
 
 In process, through the real executor: `batch` requests decode together (their prompts are
 prefilled first and not counted); the executor's own step timings (`scheduler/timings.py`) give
 schedule / execute (forward, sample) / postprocess / emit per step. `--profile B` also prints the
 top functions of a cProfile run at batch B. Prints one JSON line per batch size and writes them to
 bench/results/<timestamp>-host.json.
+
+`--workload ROUNDS` runs bench.compare's (a) workload in process instead: 64 chat requests (the
+same synthetic prompts, cut to 32 tokens of the model's vocabulary, in its chat template), 16 in
+flight, 64 greedy tokens each, through the real executor with the server's default engine
+settings, no HTTP. Set beside the served figure of the same workload, the difference is what
+the HTTP side (event loop, granian, SSE, the GIL they share with the replica thread) costs.
 """
 
 from __future__ import annotations
@@ -103,6 +109,64 @@ def compare_packing(args) -> None:
     write_results("host-packing", rows)
 
 
+def engine_workload(
+    replica,
+    model_path: str,
+    *,
+    requests: int = 64,
+    concurrency: int = 16,
+    prompt_tokens: int = 32,
+    max_tokens: int = 64,
+) -> dict:
+    """bench.compare's (a) workload without the server: a new request joins as soon as one of the
+    `concurrency` in flight finishes, as the load generator's semaphore does."""
+    import time
+
+    from bench.synthetic import load_tokenizer, synthetic_prompt
+    from tests.unit.configs import executor_config
+
+    tokenizer = load_tokenizer(model_path) if not model_path.startswith("builtin:") else None
+    builder = PromptBuilder.for_model(replica.loaded)
+    prompts = [
+        builder.prepare(
+            PromptInput(
+                messages=({"role": "user", "content": synthetic_prompt(i, prompt_tokens, tokenizer)},)
+            )
+        )
+        for i in range(requests)
+    ]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    driver = EngineDriver(
+        replica, max_batch_size=concurrency, max_prefill_tokens=executor_config().max_prefill_tokens
+    )
+    pending = list(prompts)
+    running: list = []
+    submitted: list = []
+    started = time.perf_counter()
+    steps = in_flight = 0
+    while pending or running:
+        running = [s for s in running if not driver.done(s)]
+        while pending and len(running) < concurrency:
+            running.append(driver.submit(pending.pop(0), params))
+            submitted.append(running[-1])
+        in_flight = max(in_flight, len(running))
+        if running:
+            driver.executor.step()
+            steps += 1
+    wall = time.perf_counter() - started
+    produced = sum(len(t) for t in driver.tokens.values())  # counted, not assumed
+    return {
+        "mode": "engine-workload",
+        "requests": len(submitted),
+        "max_in_flight": in_flight,
+        "prompt_tokens_mean": round(sum(len(p.token_ids) for p in prompts) / requests, 1),
+        "completion_tokens": produced,
+        "steps": steps,
+        "wall_s": round(wall, 3),
+        "completion_tok_s": round(produced / wall, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="1,8,32")
@@ -122,8 +186,27 @@ def main(argv: list[str] | None = None) -> None:
         metavar="ROUNDS",
         help="A/B in one process: every linear packed against the size rule (models.cpu_kernels), interleaved",
     )
+    parser.add_argument(
+        "--workload",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="bench.compare's (a) workload in process, ROUNDS times (no HTTP: the engine's own throughput)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.workload:
+        with tempfile.TemporaryDirectory() as cache:
+            replica = build_replica(
+                LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
+                replica_config(max_batch_size=16),
+            )
+            engine_workload(replica, args.model_path, requests=16, max_tokens=8)  # warm-up
+            rows = [{**engine_workload(replica, args.model_path), "round": i} for i in range(args.workload)]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        write_results("host-workload", rows)
+        return
     if args.compare_packing:
         compare_packing(args)
         return

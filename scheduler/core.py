@@ -4,7 +4,8 @@ Created by the app's lifespan inside an anyio task group. `submit()` refuses at 
 server cannot take the request (loading, draining, every queue full), prepares the prompt in a
 worker thread (templates, tokenization, image decoding), checks lengths, and hands the request to
 the least-loaded replica. Replica threads hand each step's outputs to the event loop with
-`call_soon_threadsafe`: a replica never waits for the loop, however busy it is.
+`call_soon_threadsafe`: a replica never blocks on the loop, however busy it is (it shares the GIL
+with it, which the `handoff` step timing measures).
 """
 
 from __future__ import annotations

@@ -1,0 +1,46 @@
+"""bench.host's in-process workload: the served (a) workload's shape through the real executor."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.host import engine_workload
+from models.loader import LoadSpec
+from models.replica import build_replica
+from tests.unit.configs import replica_config
+
+
+@pytest.fixture(scope="module")
+def replica(tiny_text_path):
+    return build_replica(
+        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4)
+    )
+
+
+def test_engine_workload_answers_every_request_within_its_concurrency(replica, tiny_text_path):
+    row = engine_workload(
+        replica, str(tiny_text_path), requests=7, concurrency=3, prompt_tokens=6, max_tokens=4
+    )
+    assert row["requests"] == 7
+    assert row["max_in_flight"] == 3  # never more in flight than the load generator would send
+    assert row["completion_tokens"] == 7 * 4  # ignore_eos: every request ran to max_tokens
+    # Requests join as others finish: at least three waves of at least four decode steps each.
+    assert row["steps"] >= 3 * 4
+    assert row["completion_tok_s"] > 0
+    assert row["prompt_tokens_mean"] > 6  # the chat template's own tokens come on top of the user turn
+
+
+def test_linears_reports_each_kernel_per_call_with_consistent_rates():
+    from bench.linears import measure
+
+    row = measure(64, 32, batch=2, calls=3, bytes_cycled=1 << 16)  # 8 distinct weights of 8 KiB
+    assert (row["shape"], row["batch"]) == ("64x32", 2)
+    for kernel in ("f_linear", "packed"):
+        us = row[f"{kernel}_us"]
+        assert us > 0
+        # Rounded to 0.1: the rates follow from the time, the weight bytes and the FLOPs.
+        assert abs(row[f"{kernel}_gb_s"] - 64 * 32 * 4 / us / 1e3) <= 0.051 + 0.01 * row[f"{kernel}_gb_s"]
+        assert (
+            abs(row[f"{kernel}_gflop_s"] - 2 * 64 * 32 * 2 / us / 1e3)
+            <= 0.051 + 0.01 * row[f"{kernel}_gflop_s"]
+        )
