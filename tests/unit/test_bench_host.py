@@ -44,3 +44,27 @@ def test_linears_reports_each_kernel_per_call_with_consistent_rates():
             abs(row[f"{kernel}_gflop_s"] - 2 * 64 * 32 * 2 / us / 1e3)
             <= 0.051 + 0.01 * row[f"{kernel}_gflop_s"]
         )
+
+
+def test_lean_step_is_the_models_own_decode_step(tiny_text_path):
+    """bench.lean_step compares the engine with a hand-written step: it must compute what the model
+    computes, or the comparison says nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.lean_step import LeanLlamaStep, rotary
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_text_path), dtype=torch.float32).eval()
+    step = LeanLlamaStep(model)
+    prompts = torch.tensor([[5, 9, 13, 17, 21, 25], [7, 3, 11, 2, 30, 8]])
+    with torch.no_grad():
+        out = model(prompts, use_cache=True)
+        layers = out.past_key_values.layers[: model.config.num_hidden_layers]
+        keys = torch.stack([layer.keys for layer in layers])  # copies: the next call extends the cache
+        values = torch.stack([layer.values for layer in layers])
+        following = torch.tensor([[40], [41]])
+        expected = model(following, past_key_values=out.past_key_values).logits[:, -1]
+        cos, sin = rotary(step, torch.tensor([6, 6]))
+        mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+        got = step(following[:, 0], cos, sin, keys, values, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
