@@ -115,6 +115,11 @@ class CrossAttention:
             module._model_forward = module.forward
             module.forward = types.MethodType(_paged_cross_forward, module)
             module._paged_cross = True  # the self-test's mask watch leaves these to us
+        # A decoding sequence's row reads the same side slots through the same mask row (its
+        # prompt's last) at every step: kept per sequence, valid while its side blocks (a preempted
+        # sequence gets new ones) and its prompt's mask tensor (held here, so its identity cannot
+        # pass to another prompt's) are the same; dropped when the runner releases the sequence.
+        self._decode_rows: dict[int, tuple] = {}
 
     @property
     def hidden_size(self) -> int:
@@ -146,6 +151,22 @@ class CrossAttention:
                 )
                 done += end - first
 
+    def _decoding(self, row):
+        """(slots, states, mask, visible) kept for a decoding row, or None: built at its first
+        decode step, reused while its side blocks and its prompt's mask stay the same."""
+        if len(row.token_ids) != 1 or not row.side_blocks or row.inputs is None:
+            return None
+        kept = self._decode_rows.get(row.seq_id)
+        if kept is None:
+            return None
+        full_mask, side_blocks, parts = kept
+        same_prompt = full_mask is (row.inputs.mm_inputs or {}).get(MASK_INPUT)
+        return parts if same_prompt and side_blocks == tuple(row.side_blocks) else None
+
+    def release(self, seq_ids) -> None:
+        for seq_id in seq_ids:
+            self._decode_rows.pop(seq_id, None)
+
     def _slots(self, side_blocks: list[int], device) -> torch.Tensor:
         """Pool slot of each side slot of a request."""
         size = self.cache.block_size
@@ -161,6 +182,13 @@ class CrossAttention:
         offset = 0
         for row in rows:
             length = len(row.token_ids)
+            cached = self._decoding(row)
+            if cached is not None:
+                slots, count, additive, visible = cached
+                cross_rows.append(CrossRow(offset, length, slots, count, additive))
+                keep.append(visible)
+                offset += length
+                continue
             mask_rows = None
             if row.side_blocks and row.inputs is not None:
                 full_mask = (row.inputs.mm_inputs or {}).get(MASK_INPUT)
@@ -177,6 +205,12 @@ class CrossAttention:
                 slots = self._slots(row.side_blocks, device)
                 cross_rows.append(CrossRow(offset, length, slots, count, additive[None, None]))
                 keep.append(visible)
+                if length == 1 and row.start >= full_mask.shape[1] - 1:
+                    self._decode_rows[row.seq_id] = (
+                        full_mask,
+                        tuple(row.side_blocks),
+                        (slots, count, additive[None, None], visible),
+                    )
             offset += length
         if not cross_rows:
             return None, {}

@@ -109,6 +109,8 @@ class PagedRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[SampledToken]:
         """Zero the blocks handed out fresh, run the forward, copy forked blocks, sample."""
+        if plan.released:
+            self.release(plan.released)
         if plan.fresh_blocks and self.cache.is_allocated:
             self.cache.zero_blocks(torch.tensor(plan.fresh_blocks, dtype=torch.long, device=self.device))
         if not plan.rows:
@@ -306,7 +308,10 @@ class PagedRunner:
         )
 
     def release(self, seq_ids: list[int]) -> None:
-        """Nothing to do: blocks are the scheduler's; the pool holds no per-sequence state."""
+        """Blocks are the scheduler's and the pool holds no per-sequence state; only what
+        cross-attention keeps for decoding rows goes."""
+        if self.cross is not None:
+            self.cross.release(seq_ids)
 
     def restore_attention(self) -> None:
         """Give the model back its own attention (when the generic path takes over)."""

@@ -178,6 +178,8 @@ def run_self_test(runner, prompts: list[ProbePrompt], *, dtype: torch.dtype) -> 
     except Exception as exc:  # any model that cannot run packed steps takes the generic path
         log.debug("fast path self-test raised", exc_info=True)
         return f"{type(exc).__name__}: {exc}"
+    finally:
+        runner.release([id(probe) for probe in probes])
     expected = torch.cat(references)
     actual = torch.stack([row for p in probes for row in p.rows])
     return compare_logits(expected, actual, dtype)

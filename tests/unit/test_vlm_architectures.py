@@ -340,9 +340,18 @@ def test_cross_attention_states_survive_preemption_and_are_shared_by_choices(tmp
     params = SamplingParams(max_tokens=160, **GREEDY)
     driver = EngineDriver(replica, max_batch_size=4)
     streams = [driver.submit(p, params, n=2 if i == 0 else 1) for i, p in enumerate(prompts)]
-    driver.run(streams)
+    kept = replica.runner.cross._decode_rows  # each decoding row's mask and slots, kept per sequence
+    most_kept = 0
+    for _ in range(10_000):
+        if all(driver.done(s) for s in streams):
+            break
+        driver.executor.step()
+        most_kept = max(most_kept, len(kept))
     assert driver.executor.batch.num_preemptions > 0
+    assert most_kept >= 2  # kept while decoding (and still right after preemptions: answers below)
     for prepared, stream in zip(prompts, streams, strict=True):
         expected = hf_greedy(replica, prepared, 160)
         assert all(output == expected for output in driver.outputs(stream))
     assert driver.executor.batch.blocks.num_free == replica.runner.num_blocks
+    driver.executor.step()  # the step after the last finish hands the runner the released sequences
+    assert not kept
