@@ -1,6 +1,7 @@
 """What a leaner or compiled decode step would save: the engine's forward against a hand-written one.
 
     python -m bench.lean_step [--batches 1,16] [--rounds 3] [--keys 96] [--model-path bench/models/bench-80m]
+    python -m bench.lean_step --split 1     # the packed lean step: its linears alone, then the rest
 
 A Llama decode step written out by hand in the style of gpt-fast (transformers' modules called
 for their weights only, no paging: each row's past keys and values come contiguous, the new
@@ -16,6 +17,8 @@ in the same process, in interleaved rounds. If the lean `packed` step is about a
 engine, the engine's per-layer work around the linears (transformers' modules, paging) is not what
 costs; if `inductor` is no faster than `packed`, compiling the step does not pay on this machine.
 Prints one JSON line per (round, batch) and writes them to bench/results/<timestamp>-lean-step.json.
+`--split B` instead times the packed lean step at batch B, then its 85 linears alone back to
+back on the same inputs' shapes, and prints the torch profiler's table of the step's ops.
 """
 
 from __future__ import annotations
@@ -95,6 +98,33 @@ def _ms_per_call(fn, args, calls: int) -> float:
     return (time.perf_counter() - started) / calls * 1e3
 
 
+def split(step: LeanLlamaStep, batch: int, keys: int, calls: int) -> dict:
+    """The packed lean step's time, and what its linears alone take back to back."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.cpu_kernels import PackedLinear
+
+    inputs = _inputs(step, batch, keys)
+    linears = [module for module in step.model.modules() if isinstance(module, PackedLinear)]
+    activations = [torch.randn(batch, linear.in_features) for linear in linears]
+
+    def linears_only() -> None:
+        for linear, x in zip(linears, activations, strict=True):
+            linear(x)
+
+    row = {
+        "batch": batch,
+        "step_ms": round(_ms_per_call(step, inputs, calls), 2),
+        "linears_alone_ms": round(_ms_per_call(linears_only, (), calls), 2),
+        "linears": len(linears),
+    }
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(calls):
+            step(*inputs)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -112,8 +142,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--model-path", default="bench/models/bench-80m")
+    parser.add_argument(
+        "--split", type=int, default=0, metavar="BATCH", help="linears vs the rest of the step"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.split:
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32).eval()
+        pack_linears(model)
+        with torch.inference_mode():
+            row = split(LeanLlamaStep(model), args.split, args.keys, args.calls)
+        print(json.dumps(row), flush=True)
+        write_results("lean-step-split", [row])
+        return
     batches = [int(b) for b in args.batches.split(",")]
 
     def load():
