@@ -3,10 +3,8 @@
 The loop reads as a sentence: collect new requests -> drop cancelled ones -> schedule -> run ->
 advance -> emit. `scheduler.batch` decides what each step computes (pure bookkeeping), the
 replica's runner computes it, and the outputs of the whole step cross to the event loop in one
-`deliver` call that never blocks on the loop (it only schedules the loop's work). The thread does
-share the GIL with the loop: right after the hand-off the woken loop holds it for its per-stream
-work, and the replica waits for it back (`handoff` in the step timings: 0.6-2 ms per step measured
-on CPU with 16 streams).
+`deliver` call that never blocks on the loop, though the woken loop may hold the GIL the thread
+then waits for (`handoff` in the step timings: 0.6-2 ms per step on CPU with 16 streams).
 """
 
 from __future__ import annotations
