@@ -30,6 +30,20 @@ def _translate(**body):
     return translator.completion(_request(model=settings.model_name, **body), "cmpl-1")
 
 
+def _completion_events(streams, *, n: int, on_done):
+    """The completions route's SSE writes for `streams` (one per prompt), usage included."""
+    return _event_stream(
+        streams,
+        [""] * len(streams),
+        chunk=partial(CompletionChunk, "c", 0, "m"),
+        n=n,
+        want_logprobs=False,
+        top=0,
+        include_usage=True,
+        on_done=on_done,
+    )
+
+
 def test_defaults_follow_openai() -> None:
     request = _request(prompt="x")
     assert request.max_tokens == 16 and request.n == 1 and request.logprobs is None and not request.echo
@@ -99,16 +113,7 @@ def test_stream_failure_is_a_final_error_event() -> None:
         streams[1].push(0, "par", [6], [], None, None)
         streams[1].push(0, "", [], [], "error", GenerationError("boom"))
         errors: list = []
-        events = _event_stream(
-            streams,
-            ["", ""],
-            chunk=partial(CompletionChunk, "c", 0, "m"),
-            n=1,
-            want_logprobs=False,
-            top=0,
-            include_usage=True,
-            on_done=errors.append,
-        )
+        events = _completion_events(streams, n=1, on_done=errors.append)
         return sse_events([event async for event in events]), errors
 
     events, errors = anyio.run(main)
@@ -127,16 +132,7 @@ def test_a_streamed_update_is_one_write_and_the_last_prompt_ends_in_its_last_wri
         for p, stream in enumerate(streams):
             stream.push(0, f"p{p}c0", [5], [], "length", None)
             stream.push(1, f"p{p}c1", [6], [], "stop", None)
-        events = _event_stream(
-            streams,
-            ["", ""],
-            chunk=partial(CompletionChunk, "c", 0, "m"),
-            n=2,
-            want_logprobs=False,
-            top=0,
-            include_usage=True,
-            on_done=lambda error: None,
-        )
+        events = _completion_events(streams, n=2, on_done=lambda error: None)
         return [write async for write in events]
 
     writes = anyio.run(main)

@@ -29,10 +29,14 @@ def test_totals_per_step_and_the_smoothed_recent_figures():
     assert timings.recent() == recent  # /health keeps showing the recent steps
 
 
-def test_the_executor_times_every_phase_of_its_steps(tiny_text_path):
-    replica = build_replica(
+@pytest.fixture(scope="module")
+def replica(tiny_text_path):
+    return build_replica(
         LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4)
     )
+
+
+def test_the_executor_times_every_phase_of_its_steps(replica):
     driver = EngineDriver(replica)
     stream = driver.submit(PreparedPrompt([5, 6, 7, 8]), SamplingParams(max_tokens=5, temperature=0.0))
     driver.run([stream])
@@ -54,10 +58,7 @@ class _SlowHandoff(EngineDriver):
         super()._deliver(items)
 
 
-def test_the_handoff_is_timed_apart_from_the_rest_of_emit(tiny_text_path):
-    replica = build_replica(
-        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4)
-    )
+def test_the_handoff_is_timed_apart_from_the_rest_of_emit(replica):
     driver = _SlowHandoff(replica)
     stream = driver.submit(PreparedPrompt([5, 6, 7, 8]), SamplingParams(max_tokens=3, temperature=0.0))
     driver.run([stream])
