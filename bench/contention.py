@@ -38,6 +38,28 @@ def _group_ticks(pgids: set[int]) -> int:
     return total
 
 
+def _thread_ticks(pgids: set[int]) -> dict[str, int]:
+    """CPU ticks of every thread of the processes in `pgids`, summed by thread name: the server's
+    replica threads (and the OpenMP workers they start) are named `replica-N`
+    (`scheduler.threads`), its event loop keeps the process's name, granian's threads their own."""
+    totals: dict[str, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) not in pgids:
+                continue
+            tasks = list((stat.parent / "task").glob("[0-9]*"))
+        except (OSError, IndexError, ValueError):
+            continue
+        for task in tasks:
+            try:
+                name = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            totals[name] = totals.get(name, 0) + int(fields[11]) + int(fields[12])
+    return totals
+
+
 class CpuWatch:
     """`with CpuWatch({server_pgid}) as watch: ...` then `watch.result()`; our own group is always watched."""
 
@@ -52,6 +74,7 @@ class CpuWatch:
             _group_ticks(self.pgids),
             _group_ticks(self.servers),
         )
+        self._threads0 = _thread_ticks(self.servers)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -61,6 +84,12 @@ class CpuWatch:
             _group_ticks(self.pgids),
             _group_ticks(self.servers),
         )
+        self._threads1 = _thread_ticks(self.servers)
+
+    def threads_cpu_s(self) -> dict[str, float]:
+        """The servers' CPU seconds during the run by thread name (threads that ended are lost)."""
+        spent = {name: ticks - self._threads0.get(name, 0) for name, ticks in self._threads1.items()}
+        return {name: round(ticks / _HZ, 2) for name, ticks in sorted(spent.items()) if ticks > 0}
 
     def result(self) -> dict:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -68,6 +97,7 @@ class CpuWatch:
         server_cpu_s = round((self._servers1 - self._servers0) / _HZ, 2)
         if self._busy0 is None or self._busy1 is None:
             return {
+                "server_threads_cpu_s": self.threads_cpu_s(),
                 "loadavg_1m": load,
                 "foreign_cpu_share": None,
                 "watched_cpu_share": None,
@@ -76,6 +106,7 @@ class CpuWatch:
         capacity = (os.cpu_count() or 1) * (self._t1 - self._t0) * _HZ
         busy, ours = self._busy1 - self._busy0, self._group1 - self._group0
         return {
+            "server_threads_cpu_s": self.threads_cpu_s(),
             "loadavg_1m": round(load, 2) if load is not None else None,
             # A process that exits unreaped, or whose reaper is outside the groups, counts as foreign.
             "foreign_cpu_share": round(max(0.0, busy - ours) / capacity, 3) if capacity > 0 else None,

@@ -2,9 +2,8 @@
 
 The loop reads as a sentence: collect new requests -> drop cancelled ones -> schedule -> run ->
 advance -> emit. `scheduler.batch` decides what each step computes (pure bookkeeping), the
-replica's runner computes it, and the outputs of the whole step cross to the event loop in one
-`deliver` call that never blocks on the loop, though the woken loop may hold the GIL the thread
-then waits for (`handoff` in the step timings: 0.6-2 ms per step on CPU with 16 streams).
+replica's runner computes it, and the step's outputs cross to the event loop in one `deliver`
+call that never blocks on the loop (the GIL it may wait for after is the `handoff` timing).
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ from scheduler.batch import Batch, BatchConfig
 from scheduler.blocks import BlockManager
 from scheduler.request import RequestStream, TokenLogprob
 from scheduler.sequence import PromptSpan, Sequence
+from scheduler.threads import name_os_thread
 from scheduler.timings import StepTimings
 
 log = logging.getLogger(__name__)
@@ -183,13 +183,13 @@ class Executor:
 
     # -- replica thread ------------------------------------------------------------------------
     def _main(self) -> None:
+        name_os_thread(self._thread.name)  # before torch starts its workers from this thread
         try:
             with self._scope():
                 self.replica = self._build()
         except BaseException as exc:
-            log.error(
-                "replica %s failed to load: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG)
-            )
+            debug = log.isEnabledFor(logging.DEBUG)
+            log.error("replica %s failed to load: %s", self.name, exc, exc_info=debug)
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.state = "failed"
             self._fail_inbox(ModelNotReadyError("the model failed to load; see the server log"))

@@ -70,3 +70,51 @@ def test_cpu_watch_reports_the_watched_server_group_cpu_apart_from_its_own():
         busy.kill()
         busy.wait()
     assert idle.result()["server_cpu_s"] == 0.0
+
+
+def test_cpu_watch_splits_the_server_cpu_by_thread_name():
+    """A replica's CPU reads apart from the rest of the server: its thread is named at the OS level
+    (scheduler.threads) and the watch sums ticks by thread name."""
+    server_code = (
+        "import threading, time\n"
+        "from scheduler.threads import name_os_thread\n"
+        "def replica():\n"
+        "    name_os_thread('replica-7')\n"
+        "    end = time.thread_time() + 0.3\n"
+        "    while time.thread_time() < end: pass\n"
+        "    print(flush=True)\n"
+        "    time.sleep(60)\n"
+        "threading.Thread(target=replica, daemon=True).start()\n"
+        "time.sleep(60)\n"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", server_code], start_new_session=True, stdout=subprocess.PIPE
+    )
+    try:
+        with CpuWatch({server.pid}) as watch:
+            server.stdout.readline()  # the replica thread's burn is over
+        threads = watch.result()["server_threads_cpu_s"]
+        assert threads.get("replica-7", 0.0) >= 0.25
+        assert sum(seconds for name, seconds in threads.items() if name != "replica-7") < 0.15
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_name_os_thread_names_the_calling_thread_only():
+    import threading
+
+    from scheduler.threads import name_os_thread
+
+    seen: dict[str, str] = {}
+
+    def named() -> None:
+        assert name_os_thread("replica-a-very-long-name")
+        seen["comm"] = open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip()
+
+    thread = threading.Thread(target=named)
+    thread.start()
+    thread.join()
+    assert seen["comm"] == "replica-a-very-"  # the kernel keeps 15 bytes
+    main_comm = open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip()
+    assert main_comm != seen["comm"]
