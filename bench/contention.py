@@ -24,8 +24,8 @@ def _machine_busy_ticks() -> int | None:
     return sum(fields[:8]) - idle  # guest time is already counted in user
 
 
-def _group_ticks(pgids: set[int]) -> int:
-    total = 0
+def _processes(pgids: set[int]):
+    """(/proc/<pid> folder, stat fields after the command name) of each process in `pgids`."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             # The command name may hold spaces and parentheses: fields start after the last ')'.
@@ -33,9 +33,12 @@ def _group_ticks(pgids: set[int]) -> int:
         except (OSError, IndexError):
             continue
         if int(fields[2]) in pgids:  # fields[0] is state (field 3 of stat), [2] is pgrp (field 5)
-            # utime, stime, and cutime, cstime: children already reaped (the health poller) count too.
-            total += sum(int(x) for x in fields[11:15])
-    return total
+            yield stat.parent, fields
+
+
+def _group_ticks(pgids: set[int]) -> int:
+    # utime, stime, and cutime, cstime: children already reaped (the health poller) count too.
+    return sum(sum(int(x) for x in fields[11:15]) for _, fields in _processes(pgids))
 
 
 def _thread_ticks(pgids: set[int]) -> dict[str, int]:
@@ -43,14 +46,8 @@ def _thread_ticks(pgids: set[int]) -> dict[str, int]:
     replica threads (and the OpenMP workers they start) are named `replica-N`
     (`scheduler.threads`), its event loop keeps the process's name, granian's threads their own."""
     totals: dict[str, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) not in pgids:
-                continue
-            tasks = list((stat.parent / "task").glob("[0-9]*"))
-        except (OSError, IndexError, ValueError):
-            continue
-        for task in tasks:
+    for folder, _ in _processes(pgids):
+        for task in folder.glob("task/[0-9]*"):
             try:
                 name = (task / "comm").read_text().strip()
                 fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
@@ -93,23 +90,22 @@ class CpuWatch:
 
     def result(self) -> dict:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        # The server's own CPU seconds (its process group), next to the load generator's client_cpu_s.
-        server_cpu_s = round((self._servers1 - self._servers0) / _HZ, 2)
-        if self._busy0 is None or self._busy1 is None:
-            return {
-                "server_threads_cpu_s": self.threads_cpu_s(),
-                "loadavg_1m": load,
-                "foreign_cpu_share": None,
-                "watched_cpu_share": None,
-                "server_cpu_s": server_cpu_s,
-            }
-        capacity = (os.cpu_count() or 1) * (self._t1 - self._t0) * _HZ
-        busy, ours = self._busy1 - self._busy0, self._group1 - self._group0
-        return {
+        out = {
+            # The server's own CPU seconds (its process group), next to the load generator's client_cpu_s.
+            "server_cpu_s": round((self._servers1 - self._servers0) / _HZ, 2),
             "server_threads_cpu_s": self.threads_cpu_s(),
-            "loadavg_1m": round(load, 2) if load is not None else None,
-            # A process that exits unreaped, or whose reaper is outside the groups, counts as foreign.
-            "foreign_cpu_share": round(max(0.0, busy - ours) / capacity, 3) if capacity > 0 else None,
-            "watched_cpu_share": round(ours / capacity, 3) if capacity > 0 else None,
-            "server_cpu_s": server_cpu_s,
+            "loadavg_1m": load,
+            "foreign_cpu_share": None,
+            "watched_cpu_share": None,
         }
+        if self._busy0 is None or self._busy1 is None:
+            return out
+        capacity = (os.cpu_count() or 1) * (self._t1 - self._t0) * _HZ
+        if capacity <= 0:
+            return out
+        busy, ours = self._busy1 - self._busy0, self._group1 - self._group0
+        out["loadavg_1m"] = round(load, 2) if load is not None else None
+        # A process that exits unreaped, or whose reaper is outside the groups, counts as foreign.
+        out["foreign_cpu_share"] = round(max(0.0, busy - ours) / capacity, 3)
+        out["watched_cpu_share"] = round(ours / capacity, 3)
+        return out

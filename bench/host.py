@@ -25,6 +25,8 @@ import io
 import json
 import pstats
 import tempfile
+import time
+from collections import deque
 
 import torch
 
@@ -120,8 +122,6 @@ def engine_workload(
 ) -> dict:
     """bench.compare's (a) workload without the server: a new request joins as soon as one of the
     `concurrency` in flight finishes, as the load generator's semaphore does."""
-    import time
-
     from bench.synthetic import load_tokenizer, synthetic_prompt
     from tests.unit.configs import executor_config
 
@@ -139,16 +139,15 @@ def engine_workload(
     driver = EngineDriver(
         replica, max_batch_size=concurrency, max_prefill_tokens=executor_config().max_prefill_tokens
     )
-    pending = list(prompts)
+    pending = deque(prompts)
     running: list = []
-    submitted: list = []
     started = time.perf_counter()
-    steps = in_flight = 0
+    steps = in_flight = submitted = 0
     while pending or running:
         running = [s for s in running if not driver.done(s)]
         while pending and len(running) < concurrency:
-            running.append(driver.submit(pending.pop(0), params))
-            submitted.append(running[-1])
+            running.append(driver.submit(pending.popleft(), params))
+            submitted += 1
         in_flight = max(in_flight, len(running))
         if running:
             driver.executor.step()
@@ -157,7 +156,7 @@ def engine_workload(
     produced = sum(len(t) for t in driver.tokens.values())  # counted, not assumed
     return {
         "mode": "engine-workload",
-        "requests": len(submitted),
+        "requests": submitted,
         "max_in_flight": in_flight,
         "prompt_tokens_mean": round(sum(len(p.token_ids) for p in prompts) / requests, 1),
         "completion_tokens": produced,

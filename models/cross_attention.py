@@ -161,7 +161,7 @@ class CrossAttention:
             return None
         full_mask, side_blocks, parts = kept
         same_prompt = full_mask is (row.inputs.mm_inputs or {}).get(MASK_INPUT)
-        return parts if same_prompt and side_blocks == tuple(row.side_blocks) else None
+        return parts if same_prompt and side_blocks == row.side_blocks else None
 
     def release(self, seq_ids) -> None:
         for seq_id in seq_ids:
@@ -208,7 +208,7 @@ class CrossAttention:
                 if length == 1 and row.start >= full_mask.shape[1] - 1:
                     self._decode_rows[row.seq_id] = (
                         full_mask,
-                        tuple(row.side_blocks),
+                        list(row.side_blocks),  # a copy, so that a change to the sequence's own list shows
                         (slots, count, additive[None, None], visible),
                     )
             offset += length
