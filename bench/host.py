@@ -74,22 +74,26 @@ def _decode_steps(replica, batch: int, steps: int, profile: bool = False) -> dic
 
 
 def compare_packing(args) -> None:
-    """Both replicas built in one process, then interleaved rounds, so that the machine's drift
-    (large on a shared 2-core box) falls on both alike."""
+    """Replicas packed three ways built in one process, then interleaved rounds, so that the
+    machine's drift (large on a shared 2-core box) falls on all alike: every linear packed alone,
+    the size rule alone, and the size rule with siblings sharing an input run as one product (the
+    default)."""
     import statistics
 
     import models.replica as replica_module
     from models.cpu_kernels import pack_linears
 
+    def pack_all(model, batch_hint=16, shared=()):
+        return pack_linears(model, batch_hint=batch_hint, pays=lambda linear, hint: True)
+
+    def by_size(model, batch_hint=16, shared=()):
+        return pack_linears(model, batch_hint=batch_hint)
+
     batches = [int(b) for b in args.batches.split(",")]
     replicas = {}
     with tempfile.TemporaryDirectory() as cache:
-        for mode, pays in (("pack-all", lambda linear, hint: True), ("by-size", None)):
-            replica_module.pack_linears = (
-                pack_linears
-                if pays is None
-                else lambda m, batch_hint=16, pays=pays: pack_linears(m, batch_hint=batch_hint, pays=pays)
-            )
+        for mode, packer in (("pack-all", pack_all), ("by-size", by_size), ("by-size+shared", pack_linears)):
+            replica_module.pack_linears = packer
             replicas[mode] = build_replica(
                 LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
                 replica_config(max_batch_size=max(batches)),
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=0,
         metavar="ROUNDS",
-        help="A/B in one process: every linear packed against the size rule (models.cpu_kernels), interleaved",
+        help="A/B in one process: every linear packed, the size rule, the size rule with shared-input siblings as one product (models.cpu_kernels), interleaved",
     )
     parser.add_argument(
         "--workload",

@@ -8,6 +8,7 @@ generic one. Both execute the same plans. The log says which, why, and how big t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from models.attention import FLASH_BLOCK_MULTIPLE, flash_available
-from models.cpu_kernels import pack_linears
+from models.cpu_kernels import SharedInputs, pack_linears
 from models.cross_attention import side_tokens
 from models.detokenize import IncrementalDetokenizer
 from models.devices import DeviceScope, kv_cache_budget
@@ -163,7 +164,9 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
         max_batch=config.max_batch_size,
         max_seq_len=max_seq_len,
     )
-    reason = _self_test(runner, loaded)
+    packing = config.pack_cpu_linears and device.type == "cpu"
+    with SharedInputs(loaded.model) if packing else contextlib.nullcontext() as shared:
+        reason = _self_test(runner, loaded)
     if reason is not None:
         runner.restore_attention()
         del runner
@@ -173,8 +176,10 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
         )
         startup_step(spec, "Ready.")
         return replica
-    if config.pack_cpu_linears and device.type == "cpu":
-        log.info(pack_linears(loaded.model, batch_hint=min(16, config.max_batch_size)))
+    if packing:
+        log.info(
+            pack_linears(loaded.model, batch_hint=min(16, config.max_batch_size), shared=shared.groups())
+        )
         reason = _self_test(runner, loaded)
         if reason is not None:  # packing is an optimisation: never serve wrong numbers for it
             raise RuntimeError(

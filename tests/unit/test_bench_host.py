@@ -68,3 +68,19 @@ def test_lean_step_is_the_models_own_decode_step(tiny_text_path):
         mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
         got = step(following[:, 0], cos, sin, keys, values, mask)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_step_split_times_each_part_of_the_same_decode_steps_and_unwraps(replica):
+    from torch import nn
+
+    import models.attention as attention
+    from bench.step_split import split
+
+    forward, decode_attention = nn.Linear.forward, attention._decode_attention
+    row = split(replica, batch=2, steps=3)
+    assert row["batch"] == 2
+    assert 0 < row["linears_ms"] < row["forward_ms"]
+    assert 0 < row["of_which_kv_gather_ms"] < row["decode_attention_ms"] < row["forward_ms"]
+    # The parts lie inside the counted decode steps' forward (prefill steps left out): some is left.
+    assert row["rest_ms"] > 0
+    assert nn.Linear.forward is forward and attention._decode_attention is decode_attention

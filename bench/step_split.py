@@ -1,0 +1,118 @@
+"""Where the engine's decode step goes on a real model: linear layers, decode attention (its KV
+gather apart) and everything else, timed in place.
+
+    python -m bench.step_split --model-path bench/models/bench-80m [--batches 1,16] [--steps 40] [--rounds 3]
+
+In process, through the real executor, as `bench.host` drives it: `batch` requests decode
+together, prefill not counted. Every linear layer's call (nn.Linear, packed or grouped) and the
+paged decode attention (`models.attention._decode_attention`, and within it `gather`, which copies
+the rows' key and value blocks out of the pool) are wrapped in a timer; `rest` is the forward's
+time less those (norms, rotary embeddings, activations, residual adds, writing the new keys and
+values, the logits' row selection). The timers add about 1 us per call. Prints one JSON line per
+batch size and round and writes them to bench/results/<timestamp>-step-split.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+import models.attention as attention
+from bench.host import _decode_steps
+from bench.server import write_results
+from models import cpu_kernels
+from models.loader import LoadSpec
+from models.replica import build_replica
+from scheduler.timings import StepTimings
+from tests.unit.configs import replica_config
+
+
+@contextlib.contextmanager
+def timed_parts():
+    """Yields a dict of seconds per part, zeroed whenever the executor's own step timings are (after
+    the prefill steps), so that both cover the same decode steps."""
+    seconds: dict[str, float] = defaultdict(float)
+    patched: list[tuple[object, str, object]] = []
+
+    def wrap(owner, attribute: str, part: str) -> None:
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[part] += time.perf_counter() - started
+
+        patched.append((owner, attribute, original))
+        setattr(owner, attribute, timed)
+
+    for layer in (nn.Linear, cpu_kernels.PackedLinear, cpu_kernels.SharedProductMember):
+        wrap(layer, "forward", "linears")
+    wrap(attention, "_decode_attention", "decode_attention")
+    wrap(attention, "gather", "kv_gather")
+    reset = StepTimings.reset
+
+    def reset_both(self) -> None:
+        seconds.clear()
+        reset(self)
+
+    patched.append((StepTimings, "reset", reset))
+    StepTimings.reset = reset_both
+    try:
+        yield seconds
+    finally:
+        for owner, attribute, original in reversed(patched):
+            setattr(owner, attribute, original)
+
+
+def split(replica, batch: int, steps: int) -> dict:
+    with timed_parts() as seconds:
+        row = _decode_steps(replica, batch, steps)
+        per_step = {part: value / steps * 1e3 for part, value in seconds.items()}
+    linears = per_step.get("linears", 0.0)
+    attend = per_step.get("decode_attention", 0.0)
+    return {
+        "batch": batch,
+        "forward_ms": round(row["forward"], 3),
+        "linears_ms": round(linears, 3),
+        "decode_attention_ms": round(attend, 3),
+        "of_which_kv_gather_ms": round(per_step.get("kv_gather", 0.0), 3),
+        "rest_ms": round(row["forward"] - linears - attend, 3),
+        "sample_ms": round(row["sample"], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-path", default="bench/models/bench-80m")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        replica = build_replica(
+            LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
+            replica_config(max_batch_size=max(batches)),
+        )
+        for round_index in range(args.rounds):
+            for batch in batches:
+                _decode_steps(replica, batch, 5)  # warm-up
+                row = {**split(replica, batch, args.steps), "round": round_index}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    write_results("step-split", rows)
+
+
+if __name__ == "__main__":
+    main()
