@@ -17,8 +17,9 @@ Sibling layers that read the same input in every call (a Llama's q/k/v projectio
 up projections) are packed as one product and run as one call. Small layers stream their weights
 from memory at about half the rate large ones do (`bench.linears`, batch 1: 768x256 at 10 GB/s,
 768x8192 at 20-24), so one 768x1280 call costs less than a 768x768 and two 768x256 calls: on the
-bench model a decode step at batch 1 takes about 2 ms (7%) less, and the same at batch 16
-(`bench.host --compare-packing`, docs/BENCHMARKS.md). Which siblings share an input is recorded
+bench model a decode step at batch 1 took 2-3 ms (7-10%) less in two runs of 10 and 16 interleaved
+rounds, and at batch 16 no measurable difference either way (`bench.host --compare-packing`,
+docs/BENCHMARKS.md). Which siblings share an input is recorded
 during the startup self-test (`SharedInputs`), not guessed from layer names, and each call still
 checks that its input is the very tensor the product was computed from, computing it anew
 otherwise: a grouping that does not hold costs time, never correctness.
@@ -26,7 +27,9 @@ otherwise: a grouping that does not hold costs time, never correctness.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -118,6 +121,10 @@ class SharedInputs:
         self._model = model
         self._calls: dict[str, list[int]] = defaultdict(list)
         self._handles: list = []
+        # id() -> (the tensor, weakly; its token). A tensor freed between two layers' calls (fc1's
+        # input, then fc2's) can leave its id to the next one: the dead weak reference tells them apart.
+        self._tokens: dict[int, tuple[weakref.ref, int]] = {}
+        self._next_token = itertools.count()
 
     def __enter__(self) -> SharedInputs:
         for name, module in self._model.named_modules():
@@ -129,11 +136,19 @@ class SharedInputs:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._tokens.clear()
 
     def _recorder(self, name: str):
         def record(module: nn.Module, args: tuple) -> None:
-            # id() is enough: siblings are called while their shared input is alive.
-            self._calls[name].append(id(args[0]) if args else -1)
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                self._calls[name].append(-1)
+                return
+            known = self._tokens.get(id(x))
+            if known is None or known[0]() is not x:
+                known = (weakref.ref(x), next(self._next_token))
+                self._tokens[id(x)] = known
+            self._calls[name].append(known[1])
 
         return record
 
@@ -143,7 +158,7 @@ class SharedInputs:
             calls = self._calls.get(name)
             if calls and -1 not in calls:
                 parent = name.rpartition(".")[0]
-                siblings[(parent, module.bias is None, tuple(calls))].append(name)
+                siblings[(parent, module.in_features, module.bias is None, tuple(calls))].append(name)
         return [names for names in siblings.values() if len(names) > 1]
 
 

@@ -155,3 +155,27 @@ def test_engine_with_every_layer_packed_and_grouped_answers_as_the_unpacked_mode
         packed, [(step, prompt, params) for step, prompt in zip((0, 1, 3), prompts, strict=True)]
     )
     assert outputs == [hf_greedy(plain, prompt, 12) for prompt in prompts]
+
+
+class Chain(nn.Module):
+    """fc1's input is a temporary freed before fc2's is made: CPython hands fc2's its id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 32)
+        self.fc2 = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.relu(x))))
+
+
+def test_layers_fed_one_after_the_other_are_not_siblings_even_when_an_id_is_reused():
+    chain = Chain()
+    seen: list[int] = []
+    for layer in (chain.fc1, chain.fc2):
+        layer.register_forward_pre_hook(lambda module, args: seen.append(id(args[0])))
+    with SharedInputs(chain) as shared, torch.inference_mode():
+        chain(torch.randn(2, 32))
+    if seen[0] != seen[1]:
+        pytest.skip("the interpreter did not reuse the freed input's id this time")
+    assert shared.groups() == []
