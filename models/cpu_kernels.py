@@ -19,10 +19,10 @@ from memory at about half the rate large ones do (`bench.linears`, batch 1: 768x
 768x8192 at 20-24), so one 768x1280 call costs less than a 768x768 and two 768x256 calls: on the
 bench model a decode step at batch 1 took 2-3 ms (7-10%) less in two runs of 10 and 16 interleaved
 rounds, and at batch 16 no measurable difference either way (`bench.host --compare-packing`,
-docs/BENCHMARKS.md). Which siblings share an input is recorded
-during the startup self-test (`SharedInputs`), not guessed from layer names, and each call still
-checks that its input is the very tensor the product was computed from, computing it anew
-otherwise: a grouping that does not hold costs time, never correctness.
+docs/BENCHMARKS.md). Which siblings share an input is recorded during the startup self-test
+(`SharedInputs`), not guessed from layer names, and each call still checks that its input is the
+very tensor the product was computed from, computing it anew otherwise: a grouping that does not
+hold costs time, never correctness.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def _packable(module: nn.Module) -> bool:
 
 class SharedInputs:
     """Records, over the forward passes run inside it, which input tensor each packable linear
-    gets; `groups()` then names the sibling layers (same parent, same bias presence) that got the
-    same tensor in every call, in module order."""
+    gets; `groups()` then names the sibling layers (same parent, input width and bias presence)
+    that got the same tensor in every call, in module order."""
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
