@@ -20,6 +20,7 @@ the HTTP side (event loop, granian, SSE, the GIL they share with the replica thr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -39,7 +40,15 @@ from tests.unit.configs import replica_config
 from tests.unit.engine_driver import EngineDriver
 
 
-def _decode_steps(replica, batch: int, steps: int, profile: bool = False) -> dict:
+def _decode_steps(
+    replica,
+    batch: int,
+    steps: int,
+    profile: bool = False,
+    around: contextlib.AbstractContextManager | None = None,
+) -> dict:
+    """`steps` decode steps of `batch` requests, timed by the executor; `around` is entered for
+    exactly those steps (not the prefill before them nor the drain after)."""
     builder = PromptBuilder.for_model(replica.loaded)
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     driver = EngineDriver(replica, max_batch_size=batch)
@@ -56,8 +65,9 @@ def _decode_steps(replica, batch: int, steps: int, profile: bool = False) -> dic
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
-    for _ in range(steps):
-        executor.step()
+    with around if around is not None else contextlib.nullcontext():
+        for _ in range(steps):
+            executor.step()
     if profiler:
         profiler.disable()
     figures = executor.timings.per_step()

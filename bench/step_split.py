@@ -19,7 +19,6 @@ import contextlib
 import json
 import tempfile
 import time
-from collections import defaultdict
 
 import torch
 from torch import nn
@@ -30,15 +29,12 @@ from bench.server import write_results
 from models import cpu_kernels
 from models.loader import LoadSpec
 from models.replica import build_replica
-from scheduler.timings import StepTimings
 from tests.unit.configs import replica_config
 
 
 @contextlib.contextmanager
-def timed_parts():
-    """Yields a dict of seconds per part, zeroed whenever the executor's own step timings are (after
-    the prefill steps), so that both cover the same decode steps."""
-    seconds: dict[str, float] = defaultdict(float)
+def timed_parts(seconds: dict[str, float]):
+    """While inside, adds the seconds spent in each part to `seconds`."""
     patched: list[tuple[object, str, object]] = []
 
     def wrap(owner, attribute: str, part: str) -> None:
@@ -49,24 +45,16 @@ def timed_parts():
             try:
                 return original(*args, **kwargs)
             finally:
-                seconds[part] += time.perf_counter() - started
+                seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - started
 
         patched.append((owner, attribute, original))
         setattr(owner, attribute, timed)
 
-    for layer in (nn.Linear, cpu_kernels.PackedLinear, cpu_kernels.SharedProductMember):
-        wrap(layer, "forward", "linears")
-    wrap(attention, "_decode_attention", "decode_attention")
-    wrap(attention, "gather", "kv_gather")
-    reset = StepTimings.reset
-
-    def reset_both(self) -> None:
-        seconds.clear()
-        reset(self)
-
-    patched.append((StepTimings, "reset", reset))
-    StepTimings.reset = reset_both
     try:
+        for layer in (nn.Linear, cpu_kernels.PackedLinear, cpu_kernels.SharedProductMember):
+            wrap(layer, "forward", "linears")
+        wrap(attention, "_decode_attention", "decode_attention")
+        wrap(attention, "gather", "kv_gather")
         yield seconds
     finally:
         for owner, attribute, original in reversed(patched):
@@ -74,9 +62,9 @@ def timed_parts():
 
 
 def split(replica, batch: int, steps: int) -> dict:
-    with timed_parts() as seconds:
-        row = _decode_steps(replica, batch, steps)
-        per_step = {part: value / steps * 1e3 for part, value in seconds.items()}
+    seconds: dict[str, float] = {}
+    row = _decode_steps(replica, batch, steps, around=timed_parts(seconds))
+    per_step = {part: value / steps * 1e3 for part, value in seconds.items()}
     linears = per_step.get("linears", 0.0)
     attend = per_step.get("decode_attention", 0.0)
     return {

@@ -84,3 +84,25 @@ def test_step_split_times_each_part_of_the_same_decode_steps_and_unwraps(replica
     # The parts lie inside the counted decode steps' forward (prefill steps left out): some is left.
     assert row["rest_ms"] > 0
     assert nn.Linear.forward is forward and attention._decode_attention is decode_attention
+
+
+def test_decode_steps_enters_around_for_exactly_the_timed_steps(replica):
+    import contextlib
+
+    import models.attention as attention
+    from bench.host import _decode_steps
+
+    calls = []
+
+    @contextlib.contextmanager
+    def counting():
+        original = attention._decode_attention
+        attention._decode_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+        try:
+            yield
+        finally:
+            attention._decode_attention = original
+
+    _decode_steps(replica, 2, 3, around=counting())
+    # One decode-attention call per layer per step: neither the prefill nor the drain after.
+    assert len(calls) == 3 * replica.loaded.model.config.num_hidden_layers
