@@ -2,6 +2,7 @@
 gather apart) and everything else, timed in place.
 
     python -m bench.step_split --model-path bench/models/bench-80m [--batches 1,16] [--steps 40] [--rounds 3]
+        [--compare-attention]
 
 In process, through the real executor, as `bench.host` drives it: `batch` requests decode
 together, prefill not counted. Every linear layer's call (nn.Linear, packed or grouped) and the
@@ -10,6 +11,10 @@ the rows' key and value blocks out of the pool) are wrapped in a timer; `rest` i
 time less those (norms, rotary embeddings, activations, residual adds, writing the new keys and
 values, the logits' row selection). The timers add about 1 us per call. Prints one JSON line per
 batch size and round and writes them to bench/results/<timestamp>-step-split.json.
+
+With `--compare-attention`, each round times the decode attention both ways, one right after the
+other on the same replica: the compiled kernel reading the pool in place (`models.cpu_attention`,
+the default where a C compiler is present) and the gather + SDPA path it replaces.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import nn
 import models.attention as attention
 from bench.host import _decode_steps
 from bench.server import write_results
-from models import cpu_kernels
+from models import cpu_attention, cpu_kernels
 from models.loader import LoadSpec
 from models.replica import build_replica
 from tests.unit.configs import replica_config
@@ -84,7 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--compare-attention",
+        action="store_true",
+        help="time each round with the compiled decode attention and with gather + SDPA",
+    )
     args = parser.parse_args(argv)
+    ways = {"kernel": contextlib.nullcontext, "gather+sdpa": cpu_attention.disabled}
+    if not args.compare_attention:
+        ways = {"default": contextlib.nullcontext}
     torch.manual_seed(0)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
@@ -95,10 +108,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         for round_index in range(args.rounds):
             for batch in batches:
-                _decode_steps(replica, batch, 5)  # warm-up
-                row = {**split(replica, batch, args.steps), "round": round_index}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for way, context in ways.items():
+                    with context():
+                        _decode_steps(replica, batch, 5)  # warm-up
+                        row = {**split(replica, batch, args.steps), "round": round_index, "attention": way}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     write_results("step-split", rows)
 
 

@@ -40,6 +40,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from models import cpu_attention
 from models.kv_cache import PagedKVCache
 
 ATTENTION_NAME = "paged"
@@ -140,6 +141,22 @@ class DecodeGroup:
                 mask = _biased(self.mask(block_size, rule), bias, dtype)
             self.masks[(rule, bias, dtype)] = mask
         return mask
+
+    def key_range(self, rule: LayerRule) -> tuple[torch.Tensor, torch.Tensor]:
+        """([g], [g]) long: the first position each row may see under `rule`, and its key count
+        (the mask's allowed positions, as a range)."""
+        bounds = self.masks.get(("range", rule))
+        if bounds is None:
+            first = torch.zeros_like(self.positions)
+            if rule.window is not None:
+                first = torch.maximum(first, self.positions - (rule.window - 1))
+            if rule.chunk is not None:
+                first = torch.maximum(
+                    first, torch.div(self.positions, rule.chunk, rounding_mode="floor") * rule.chunk
+                )
+            bounds = (first.contiguous(), (self.positions + 1).contiguous())
+            self.masks[("range", rule)] = bounds
+        return bounds
 
 
 @dataclass(slots=True)
@@ -389,6 +406,8 @@ def gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling, rule, extras):
     nd = layout.num_decode
+    if not extras.any and extras.key_bias is None and cpu_attention.usable(query, key_pool, value_pool):
+        return _decode_attention_in_place(layout, key_pool, value_pool, query, scaling, rule)
     q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
     block_size = layout.cache.block_size
     bias, dtype = extras.key_bias, query.dtype
@@ -411,6 +430,18 @@ def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling,
                 q[group.rows], keys, values, group.mask(block_size, rule, bias, dtype), scaling, extras
             )
     return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, H, Bd, Dv]
+
+
+def _decode_attention_in_place(layout: PagedLayout, key_pool, value_pool, query, scaling, rule):
+    """The compiled kernel (`models.cpu_attention`): each row's keys read where they lie in the
+    pool, up to the row's own position, from where the layer's rule lets it start."""
+    out = query.new_empty(layout.num_decode, query.shape[1], value_pool.shape[-1])
+    scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    for group in layout.decode_groups:
+        first, length = group.key_range(rule)
+        blocks = group.blocks if group.blocks.stride(-1) == 1 else group.blocks.contiguous()
+        cpu_attention.attend(query, key_pool, value_pool, blocks, first, length, group.rows, out, scale)
+    return out.transpose(0, 1).unsqueeze(0)  # [1, H, Bd, Dv]
 
 
 def _prefill_attention(layout: PagedLayout, key_pool, value_pool, query, key, value, scaling, rule, extras):

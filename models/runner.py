@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from models import attention, falcon
+from models import attention, cpu_attention, falcon
 from models.arch import traits_of
 from models.attention import DecodeGroup, FlashMetadata, PagedLayout, PrefillSegment, layer_rules
 from models.cross_attention import CrossAttention, has_cross_attention
@@ -103,7 +103,12 @@ class PagedRunner:
 
     @property
     def backend(self) -> str:
-        return "flash_attention_2 (paged)" if self.use_flash else "sdpa over gathered blocks"
+        if self.use_flash:
+            return "flash_attention_2 (paged)"
+        if self.device.type == "cpu" and cpu_attention.kernel() is not None:
+            # fp32 pools and plain, windowed or chunked layers; the rest falls back per layer.
+            return "decode rows: compiled kernel over the pool in place; prefill: sdpa"
+        return "sdpa over gathered blocks"
 
     # -- one step ------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,142 @@
+/* Decode attention over the paged KV pool on CPU, reading the pool's blocks in place.
+ *
+ * Built and called by models/cpu_attention.py (which says why it exists). One query token per
+ * row; its query heads score the row's keys tile by tile with an online softmax (as
+ * FlashAttention does), so no gathered copy of the keys and no mask is ever built, and padding to
+ * the longest row costs nothing.
+ *
+ * Layouts (float32):
+ *   q      element (row r, head h, dim d) at q[r * q_row + h * q_head + d]
+ *   pools  [blocks, block_size, kv_heads, dim] contiguous (dim_v for values)
+ *   blocks row i's block table at blocks[i * blocks_row ...]
+ *   keys   row i attends to positions first[i] .. length[i] - 1
+ *   out    [rows, heads, dim_v] contiguous; row i of this call is rows[i] (or i when rows is NULL)
+ * Query head h reads kv head h / (heads / kv_heads), as transformers' repeat_kv lays them out.
+ */
+#include <float.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TILE 64
+
+/* exp(x) for x <= 0, within a few ulp of expf (Cephes' polynomial, Cody-Waite reduction); written
+ * so that the compiler vectorizes the loops calling it. Inputs below -87 give exp(-87) (~1e-38),
+ * nothing against the weight 1 of the row's largest score. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    float t = x * 1.44269504088896341f + shifter;
+    float n = t - shifter;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits;
+    memcpy(&bits, &t, sizeof bits);
+    int32_t shifter_bits;
+    memcpy(&shifter_bits, &shifter, sizeof shifter_bits);
+    int32_t scale_bits = (bits - shifter_bits + 127) << 23;
+    float scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    return p * scale;
+}
+
+/* One task: row `table`'s query heads of kv heads [kv_first, kv_first + kv_count). A position's
+ * keys for those heads lie next to each other in its block, so reading all of them per position
+ * walks each block front to back. */
+static void attend(const float *q, int64_t q_head, const float *k_pool, const float *v_pool,
+                   const int64_t *table, int64_t first, int64_t length, int group, int kv_first,
+                   int kv_count, int kv_heads, int dim, int dim_v, int block_size, float scale,
+                   float *out) {
+    const int heads = kv_count * group; /* this task's query heads, in order */
+    float qs[heads][dim];
+    float acc[heads][dim_v];
+    float scores[heads][TILE];
+    float running_max[heads];
+    float running_sum[heads];
+    for (int h = 0; h < heads; h++) {
+        for (int d = 0; d < dim; d++) qs[h][d] = q[h * q_head + d] * scale;
+        for (int d = 0; d < dim_v; d++) acc[h][d] = 0.0f;
+        running_max[h] = -FLT_MAX;
+        running_sum[h] = 0.0f;
+    }
+    for (int64_t start = first; start < length; start += TILE) {
+        int n = (int)(length - start < TILE ? length - start : TILE);
+        for (int j = 0; j < n; j++) {
+            int64_t position = start + j;
+            int64_t slot = table[position / block_size] * block_size + position % block_size;
+            const float *keys = k_pool + (slot * kv_heads + kv_first) * dim;
+            for (int h = 0; h < heads; h++) {
+                const float *key = keys + (h / group) * dim;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int d = 0; d < dim; d++) dot += qs[h][d] * key[d];
+                scores[h][j] = dot;
+            }
+        }
+        for (int h = 0; h < heads; h++) {
+            float tile_max = -FLT_MAX;
+#pragma omp simd reduction(max : tile_max)
+            for (int j = 0; j < n; j++) tile_max = scores[h][j] > tile_max ? scores[h][j] : tile_max;
+            float new_max = tile_max > running_max[h] ? tile_max : running_max[h];
+            float correction = exp_nonpositive(running_max[h] - new_max);
+            running_sum[h] *= correction;
+            for (int d = 0; d < dim_v; d++) acc[h][d] *= correction;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < n; j++) {
+                float p = exp_nonpositive(scores[h][j] - new_max);
+                scores[h][j] = p;
+                sum += p;
+            }
+            running_sum[h] += sum;
+            running_max[h] = new_max;
+        }
+        for (int j = 0; j < n; j++) {
+            int64_t position = start + j;
+            int64_t slot = table[position / block_size] * block_size + position % block_size;
+            const float *values = v_pool + (slot * kv_heads + kv_first) * dim_v;
+            for (int h = 0; h < heads; h++) {
+                const float *value = values + (h / group) * dim_v;
+                float p = scores[h][j];
+#pragma omp simd
+                for (int d = 0; d < dim_v; d++) acc[h][d] += p * value[d];
+            }
+        }
+    }
+    for (int h = 0; h < heads; h++) {
+        float inverse = running_sum[h] > 0.0f ? 1.0f / running_sum[h] : 0.0f;
+        for (int d = 0; d < dim_v; d++) out[(int64_t)h * dim_v + d] = acc[h][d] * inverse;
+    }
+}
+
+/* Tasks: each row's kv heads split into `splits` contiguous ranges (1 when the rows alone keep
+ * every thread busy; more for a few rows, so a single stream still uses every core). */
+void paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k_pool,
+                            const float *v_pool, const int64_t *blocks, int64_t blocks_row,
+                            const int64_t *first, const int64_t *length, const int64_t *rows,
+                            float *out, int64_t num_rows, int heads, int kv_heads, int dim,
+                            int dim_v, int block_size, float scale, int threads) {
+    int group = heads / kv_heads;
+    int splits = (int)((2 * threads + num_rows - 1) / num_rows);
+    splits = splits < 1 ? 1 : (splits > kv_heads ? kv_heads : splits);
+    int per_split = (kv_heads + splits - 1) / splits;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < num_rows; i++) {
+        for (int split = 0; split < splits; split++) {
+            int kv_first = split * per_split;
+            if (kv_first >= kv_heads) continue;
+            int kv_count = kv_heads - kv_first < per_split ? kv_heads - kv_first : per_split;
+            int64_t row = rows ? rows[i] : i;
+            int64_t head = (int64_t)kv_first * group;
+            attend(q + row * q_row + head * q_head, q_head, k_pool, v_pool, blocks + i * blocks_row,
+                   first[i], length[i], group, kv_first, kv_count, kv_heads, dim, dim_v, block_size,
+                   scale, out + (row * heads + head) * dim_v);
+        }
+    }
+}

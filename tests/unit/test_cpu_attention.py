@@ -1,0 +1,173 @@
+"""The compiled paged decode attention (`models.cpu_attention`) against the gather + SDPA path it
+replaces on CPU: same layouts, same rules, outputs equal within float32 rounding."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from models import cpu_attention
+from models.attention import FULL, DecodeGroup, LayerRule, PagedLayout, _decode_attention, _Extras
+from models.kv_cache import PagedKVCache
+
+pytestmark = pytest.mark.skipif(cpu_attention.kernel() is None, reason="no C compiler here")
+
+
+def _layout(lengths, block_size, num_blocks, groups_of=None, seed=0):
+    """Decode rows with `lengths` keys each (their positions are length - 1), blocks shuffled
+    through the pool; rows split into decode groups by `groups_of` (lists of row indices)."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = PagedKVCache(num_blocks, block_size, torch.device("cpu"))
+    order = torch.randperm(num_blocks, generator=generator).tolist()
+    tables = []
+    for length in lengths:
+        width = -(-length // block_size)
+        tables.append([order.pop() for _ in range(width)])
+    groups = []
+    for members in groups_of or [list(range(len(lengths)))]:
+        width = max(len(tables[i]) for i in members)
+        padded = [tables[i] + [cache.null_block] * (width - len(tables[i])) for i in members]
+        groups.append(
+            DecodeGroup(
+                rows=None if groups_of is None else torch.tensor(members),
+                blocks=torch.tensor(padded),
+                positions=torch.tensor([lengths[i] - 1 for i in members]),
+            )
+        )
+    positions = torch.tensor([length - 1 for length in lengths])
+    layout = PagedLayout(
+        cache, torch.zeros(len(lengths), dtype=torch.long), positions, num_decode=len(lengths)
+    )
+    layout.decode_groups = groups
+    return layout
+
+
+def _pools(cache, kv_heads, dim, dim_v, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (cache.num_blocks + 2, cache.block_size, kv_heads)
+    keys = torch.randn(*shape, dim, generator=generator)
+    values = torch.randn(*shape, dim_v, generator=generator)
+    keys[cache.null_block] = 0
+    values[cache.null_block] = 0
+    return keys, values
+
+
+def _query(rows, heads, dim, seed=2):
+    # As the model hands it over: [1, T, H, D] projected, viewed as [1, H, T, D] (not contiguous).
+    return torch.randn(1, rows, heads, dim, generator=torch.Generator().manual_seed(seed)).transpose(1, 2)
+
+
+def _both(layout, keys, values, query, scaling, rule):
+    extras = _Extras(None, None)
+    fast = _decode_attention(layout, keys, values, query, scaling, rule, extras)
+    with cpu_attention.disabled():
+        for group in layout.decode_groups:
+            group.masks.clear()
+        reference = _decode_attention(layout, keys, values, query, scaling, rule, extras)
+    return fast, reference
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "dim_v", "block_size", "lengths"),
+    [
+        (12, 4, 64, 64, 16, [1, 17, 80, 300]),  # the bench model's shape; a row longer than a tile
+        (8, 8, 32, 32, 16, [5, 64, 65]),  # no GQA
+        (6, 1, 80, 80, 8, [3, 129, 40]),  # MQA, a head size that is no multiple of 16
+        (4, 2, 48, 32, 4, [9, 200]),  # value heads narrower than key heads (MLA-like)
+        (2, 2, 16, 16, 1, [1, 2, 70]),  # blocks of one position
+    ],
+)
+def test_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, dim_v, block_size, lengths):
+    layout = _layout(lengths, block_size, num_blocks=sum(-(-n // block_size) for n in lengths) + 4)
+    keys, values = _pools(layout.cache, kv_heads, dim, dim_v)
+    query = _query(len(lengths), heads, dim)
+    fast, reference = _both(layout, keys, values, query, None, FULL)
+    assert fast.shape == reference.shape == (1, heads, len(lengths), dim_v)
+    torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rule", [LayerRule(window=7), LayerRule(chunk=32), LayerRule(window=50, chunk=64)])
+def test_windows_and_chunks(rule):
+    lengths = [1, 6, 7, 8, 33, 64, 65, 150]
+    layout = _layout(lengths, 16, num_blocks=40)
+    keys, values = _pools(layout.cache, 2, 32, 32)
+    query = _query(len(lengths), 4, 32)
+    fast, reference = _both(layout, keys, values, query, 0.3, rule)
+    torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_rows_in_several_groups_land_in_their_places():
+    lengths = [200, 3, 150, 9, 4]
+    layout = _layout(lengths, 16, num_blocks=40, groups_of=[[1, 3, 4], [0, 2]])
+    keys, values = _pools(layout.cache, 4, 64, 64)
+    query = _query(len(lengths), 8, 64)
+    fast, reference = _both(layout, keys, values, query, 1 / math.sqrt(64), FULL)
+    torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_large_scores_stay_finite_and_pick_the_dominant_key():
+    # Scores in the thousands: the online softmax must rescale, not overflow.
+    layout = _layout([100], 16, num_blocks=10)
+    keys, values = _pools(layout.cache, 1, 16, 16)
+    query = _query(1, 1, 16)
+    table = layout.decode_groups[0].blocks[0]
+    slot = table[57 // 16] * 16 + 57 % 16
+    keys.view(-1, 1, 16)[slot] = query[0, 0, 0] * 1000
+    fast, reference = _both(layout, keys, values, query, None, FULL)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(fast[0, 0, 0], values.view(-1, 1, 16)[slot, 0], atol=1e-4, rtol=0)
+
+
+def test_unsupported_inputs_keep_the_sdpa_path():
+    keys = torch.zeros(4, 16, 2, 32)
+    query = torch.zeros(1, 4, 1, 32)
+    assert cpu_attention.usable(query, keys, keys)
+    assert not cpu_attention.usable(query.to(torch.bfloat16), keys.bfloat16(), keys.bfloat16())
+    assert not cpu_attention.usable(torch.zeros(1, 3, 1, 32), keys, keys)  # heads not a multiple
+    assert not cpu_attention.usable(query, keys.transpose(0, 1), keys)
+    with cpu_attention.disabled():
+        assert not cpu_attention.usable(query, keys, keys)
+
+
+def test_the_library_shares_torchs_openmp_runtime():
+    cpu_attention.kernel()
+    with open("/proc/self/maps") as maps:
+        runtimes = set(re.findall(r"\S*libgomp[^/\s]*\.so[.\d]*", maps.read()))
+    assert len(runtimes) == 1, runtimes
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """`kernel()` looked up anew, with its cache in tmp_path; the usual one again afterwards."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu_attention.kernel.cache_clear()
+    yield tmp_path
+    cpu_attention.kernel.cache_clear()
+
+
+def test_without_a_compiler_attention_keeps_the_sdpa_path(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_kernel / "no-such-compiler"))
+    assert cpu_attention.kernel() is None
+    keys = torch.zeros(4, 16, 2, 32)
+    assert not cpu_attention.usable(torch.zeros(1, 4, 1, 32), keys, keys)
+
+
+def test_a_failing_build_is_logged_and_falls_back(fresh_kernel, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")
+    with caplog.at_level("WARNING", logger="models.cpu_attention"):
+        assert cpu_attention.kernel() is None
+    assert "build failed" in caplog.text
+
+
+def test_built_once_per_machine_then_loaded_from_the_cache(fresh_kernel, caplog):
+    with caplog.at_level("INFO", logger="models.cpu_attention"):
+        assert cpu_attention.kernel() is not None
+        cpu_attention.kernel.cache_clear()
+        assert cpu_attention.kernel() is not None
+    built = list((fresh_kernel / "usinc" / "kernels").glob("paged_decode_attention-*.so"))
+    assert len(built) == 1
+    assert "built into" in caplog.text and "loaded from" in caplog.text
