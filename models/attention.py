@@ -188,6 +188,7 @@ class PagedLayout:
     # The model's masks let declared spans attend both ways (`models.arch`): its attention modules
     # may then say they are not causal (PaliGemma's), the masks here reproduce what they do.
     declared_spans: bool = False
+    in_place_decode: bool = False  # decode rows through `models.cpu_attention` where it applies
     num_decode: int = 0
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     segments: list[PrefillSegment] = field(default_factory=list)
@@ -215,6 +216,7 @@ class PagedLayout:
                 move(self.positions),
                 rules=self.rules,
                 declared_spans=self.declared_spans,
+                in_place_decode=self.in_place_decode,
                 num_decode=self.num_decode,
                 decode_groups=[
                     DecodeGroup(move(g.rows), move(g.blocks), move(g.positions)) for g in self.decode_groups
@@ -406,7 +408,12 @@ def gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 
 def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling, rule, extras):
     nd = layout.num_decode
-    if not extras.any and extras.key_bias is None and cpu_attention.usable(query, key_pool, value_pool):
+    if (
+        layout.in_place_decode
+        and not extras.any
+        and extras.key_bias is None
+        and cpu_attention.usable(query, key_pool, value_pool)
+    ):
         return _decode_attention_in_place(layout, key_pool, value_pool, query, scaling, rule)
     q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
     block_size = layout.cache.block_size

@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.c"
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
-# Stack arrays per task hold a row's query heads, accumulators and one tile of scores (floats).
-_MAX_TASK_FLOATS = 1 << 16
+# As in the C source: what one task may keep on its stack, in floats; a tile is 64 keys.
+_MAX_TASK_FLOATS = 32768
+_TILE = 64
 _enabled = True
 
 
@@ -84,7 +85,7 @@ def kernel():
     key = hashlib.sha256(
         b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_identity().encode()])
     ).hexdigest()[:20]
-    library = None
+    library, problems = None, []
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "usinc-kernels"):
         target = directory / f"paged_decode_attention-{key}.so"
         try:
@@ -100,9 +101,10 @@ def kernel():
             log.warning("paged decode attention kernel: build failed, gather + SDPA:\n%s", error.stderr)
             return None
         except (OSError, subprocess.TimeoutExpired) as error:
-            log.debug("paged decode attention kernel: %s unusable: %s", directory, error)
+            # Not writable, or mounted noexec (Docker's tmpfs default): the next place, if any.
+            problems.append(f"{directory}: {error}")
     if library is None:
-        log.warning("paged decode attention kernel: no writable cache directory, gather + SDPA")
+        log.warning("paged decode attention kernel: off, gather + SDPA (%s)", "; ".join(problems))
         return None
     function = library.paged_decode_attention
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -136,7 +138,7 @@ def usable(query: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor
     if heads % kv_heads:
         return False
     group = heads // kv_heads
-    if group * (query.shape[-1] + value_pool.shape[-1] + 64) > _MAX_TASK_FLOATS:
+    if group * (query.shape[-1] + value_pool.shape[-1] + _TILE) > _MAX_TASK_FLOATS:
         return False
     return kernel() is not None
 
@@ -174,6 +176,6 @@ def attend(
         query.shape[3],
         value_pool.shape[3],
         key_pool.shape[1],
-        scale,
+        float(scale),
         torch.get_num_threads(),
     )

@@ -167,6 +167,16 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
     packing = config.pack_cpu_linears and device.type == "cpu"
     with SharedInputs(loaded.model) if packing else contextlib.nullcontext() as shared:
         reason = _self_test(runner, loaded)
+        if reason is not None and runner.in_place_decode:
+            # The compiled decode attention is an optimisation: a model it does not reproduce
+            # keeps the fast path with gather + SDPA rather than falling to the generic one.
+            runner.in_place_decode = False
+            kernel_reason, reason = reason, _self_test(runner, loaded)
+            if reason is None:
+                log.warning(
+                    "self-test failed with the compiled decode attention (%s); it is off for this model",
+                    kernel_reason,
+                )
     if reason is not None:
         runner.restore_attention()
         del runner

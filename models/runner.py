@@ -70,6 +70,9 @@ class PagedRunner:
         # that attend both ways and Falcon's ALiBi (its products rounded in bfloat16, which
         # FlashAttention's own ALiBi does not do) go through the gathered-blocks path.
         self.use_flash = use_flash and not (has_sinks or chunked or self.traits.bidirectional or alibi)
+        # Decode rows through the compiled kernel where it is built (CPU); the self-test turns it
+        # off for a model it does not reproduce (`models.replica`).
+        self.in_place_decode = device.type == "cpu" and cpu_attention.kernel() is not None
         current = text_config._attn_implementation or "sdpa"
         # A model a runner already converted keeps the attention it had before that one.
         self.original_attn = (
@@ -105,7 +108,7 @@ class PagedRunner:
     def backend(self) -> str:
         if self.use_flash:
             return "flash_attention_2 (paged)"
-        if self.device.type == "cpu" and cpu_attention.kernel() is not None:
+        if self.in_place_decode:
             # fp32 pools and plain, windowed or chunked layers; the rest falls back per layer.
             return "decode rows: compiled kernel over the pool in place; prefill: sdpa"
         return "sdpa over gathered blocks"
@@ -232,6 +235,7 @@ class PagedRunner:
             positions,
             rules=self.rules,
             declared_spans=self.traits.bidirectional is not None,
+            in_place_decode=self.in_place_decode,
         )
         if self.use_flash:
             layout.flash = self._flash_metadata(rows)

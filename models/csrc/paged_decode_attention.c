@@ -18,6 +18,9 @@
 #include <string.h>
 
 #define TILE 64
+/* Floats a task keeps on its thread's stack (its query heads' queries, accumulators and a tile
+ * of scores): 128 KiB, far below the 2 MiB and more that glibc gives a thread by default. */
+#define MAX_TASK_FLOATS 32768
 
 /* exp(x) for x <= 0, within a few ulp of expf (Cephes' polynomial, Cody-Waite reduction); written
  * so that the compiler vectorizes the loops calling it. Inputs below -87 give exp(-87) (~1e-38),
@@ -116,7 +119,8 @@ static void attend(const float *q, int64_t q_head, const float *k_pool, const fl
 }
 
 /* Tasks: each row's kv heads split into `splits` contiguous ranges (1 when the rows alone keep
- * every thread busy; more for a few rows, so a single stream still uses every core). */
+ * every thread busy and the stack allows; more for a few rows, so a single stream still uses
+ * every core). */
 void paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k_pool,
                             const float *v_pool, const int64_t *blocks, int64_t blocks_row,
                             const int64_t *first, const int64_t *length, const int64_t *rows,
@@ -126,6 +130,11 @@ void paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, const
     int splits = (int)((2 * threads + num_rows - 1) / num_rows);
     splits = splits < 1 ? 1 : (splits > kv_heads ? kv_heads : splits);
     int per_split = (kv_heads + splits - 1) / splits;
+    int fits = MAX_TASK_FLOATS / (group * (dim + dim_v + TILE)); /* the caller checked fits >= 1 */
+    if (per_split > fits) {
+        per_split = fits;
+        splits = (kv_heads + per_split - 1) / per_split;
+    }
 #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
     for (int64_t i = 0; i < num_rows; i++) {
         for (int split = 0; split < splits; split++) {

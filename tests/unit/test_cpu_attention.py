@@ -39,7 +39,11 @@ def _layout(lengths, block_size, num_blocks, groups_of=None, seed=0):
         )
     positions = torch.tensor([length - 1 for length in lengths])
     layout = PagedLayout(
-        cache, torch.zeros(len(lengths), dtype=torch.long), positions, num_decode=len(lengths)
+        cache,
+        torch.zeros(len(lengths), dtype=torch.long),
+        positions,
+        num_decode=len(lengths),
+        in_place_decode=True,
     )
     layout.decode_groups = groups
     return layout
@@ -62,7 +66,14 @@ def _query(rows, heads, dim, seed=2):
 
 def _both(layout, keys, values, query, scaling, rule):
     extras = _Extras(None, None)
-    fast = _decode_attention(layout, keys, values, query, scaling, rule, extras)
+    calls = []
+    original = cpu_attention.attend
+    cpu_attention.attend = lambda *args: calls.append(1) or original(*args)
+    try:
+        fast = _decode_attention(layout, keys, values, query, scaling, rule, extras)
+    finally:
+        cpu_attention.attend = original
+    assert len(calls) == len(layout.decode_groups)  # the kernel, not the path it replaces
     with cpu_attention.disabled():
         for group in layout.decode_groups:
             group.masks.clear()
@@ -78,6 +89,7 @@ def _both(layout, keys, values, query, scaling, rule):
         (6, 1, 80, 80, 8, [3, 129, 40]),  # MQA, a head size that is no multiple of 16
         (4, 2, 48, 32, 4, [9, 200]),  # value heads narrower than key heads (MLA-like)
         (2, 2, 16, 16, 1, [1, 2, 70]),  # blocks of one position
+        (64, 4, 512, 512, 16, [3, 90]),  # one kv head's queries fill a task's stack share alone
     ],
 )
 def test_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, dim_v, block_size, lengths):
@@ -129,6 +141,8 @@ def test_unsupported_inputs_keep_the_sdpa_path():
     assert not cpu_attention.usable(query.to(torch.bfloat16), keys.bfloat16(), keys.bfloat16())
     assert not cpu_attention.usable(torch.zeros(1, 3, 1, 32), keys, keys)  # heads not a multiple
     assert not cpu_attention.usable(query, keys.transpose(0, 1), keys)
+    wide = torch.zeros(4, 16, 1, 1024)  # 32 query heads of 1024 on one kv head: over the stack share
+    assert not cpu_attention.usable(torch.zeros(1, 32, 1, 1024), wide, wide)
     with cpu_attention.disabled():
         assert not cpu_attention.usable(query, keys, keys)
 
@@ -171,3 +185,32 @@ def test_built_once_per_machine_then_loaded_from_the_cache(fresh_kernel, caplog)
     built = list((fresh_kernel / "usinc" / "kernels").glob("paged_decode_attention-*.so"))
     assert len(built) == 1
     assert "built into" in caplog.text and "loaded from" in caplog.text
+
+
+def test_no_usable_cache_directory_is_logged_and_falls_back(fresh_kernel, monkeypatch, caplog):
+    # As under a read-only root with /tmp mounted noexec: nowhere to build or load the library.
+    blocked = fresh_kernel / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(cpu_attention.tempfile, "gettempdir", lambda: str(blocked))
+    with caplog.at_level("WARNING", logger="models.cpu_attention"):
+        assert cpu_attention.kernel() is None
+    assert "off, gather + SDPA" in caplog.text and str(blocked) in caplog.text
+
+
+def test_a_model_the_kernel_does_not_reproduce_keeps_the_fast_path_without_it(monkeypatch, caplog):
+    from models.loader import LoadSpec
+    from models.replica import build_replica
+    from tests.unit.configs import replica_config
+
+    original = cpu_attention.attend
+
+    def wrong(query, key_pool, value_pool, blocks, first, length, rows, out, scale):
+        original(query, key_pool, value_pool, blocks, first, length, rows, out, scale)
+        out.mul_(1.5)
+
+    monkeypatch.setattr(cpu_attention, "attend", wrong)
+    with caplog.at_level("WARNING", logger="models.replica"):
+        replica = build_replica(LoadSpec(source="builtin:tiny", dtype="fp32"), replica_config())
+    assert replica.path == "fast" and not replica.runner.in_place_decode
+    assert "self-test failed with the compiled decode attention" in caplog.text
