@@ -130,7 +130,8 @@ void paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, const
     int splits = (int)((2 * threads + num_rows - 1) / num_rows);
     splits = splits < 1 ? 1 : (splits > kv_heads ? kv_heads : splits);
     int per_split = (kv_heads + splits - 1) / splits;
-    int fits = MAX_TASK_FLOATS / (group * (dim + dim_v + TILE)); /* the caller checked fits >= 1 */
+    int fits = MAX_TASK_FLOATS / (group * (dim + dim_v + TILE));
+    fits = fits < 1 ? 1 : fits; /* the caller sends no wider layout; never divide by zero below */
     if (per_split > fits) {
         per_split = fits;
         splits = (kv_heads + per_split - 1) / per_split;

@@ -214,3 +214,25 @@ def test_a_model_the_kernel_does_not_reproduce_keeps_the_fast_path_without_it(mo
         replica = build_replica(LoadSpec(source="builtin:tiny", dtype="fp32"), replica_config())
     assert replica.path == "fast" and not replica.runner.in_place_decode
     assert "self-test failed with the compiled decode attention" in caplog.text
+
+
+def test_the_source_compiles_without_warnings(tmp_path):
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    result = subprocess.run(
+        [
+            compiler,
+            *cpu_attention._FLAGS,
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+            str(tmp_path / "k.so"),
+            str(cpu_attention._SOURCE),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
