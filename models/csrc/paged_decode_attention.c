@@ -49,6 +49,13 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+/* Where a row's entries for kv heads kv_first.. of `position` start in `pool` (`width` floats a head). */
+static inline const float *at_position(const float *pool, const int64_t *table, int64_t position,
+                                       int block_size, int kv_heads, int kv_first, int width) {
+    int64_t slot = table[position / block_size] * block_size + position % block_size;
+    return pool + (slot * kv_heads + kv_first) * width;
+}
+
 /* One task: row `table`'s query heads of kv heads [kv_first, kv_first + kv_count). A position's
  * keys for those heads lie next to each other in its block, so reading all of them per position
  * walks each block front to back. */
@@ -71,9 +78,7 @@ static void attend(const float *q, int64_t q_head, const float *k_pool, const fl
     for (int64_t start = first; start < length; start += TILE) {
         int n = (int)(length - start < TILE ? length - start : TILE);
         for (int j = 0; j < n; j++) {
-            int64_t position = start + j;
-            int64_t slot = table[position / block_size] * block_size + position % block_size;
-            const float *keys = k_pool + (slot * kv_heads + kv_first) * dim;
+            const float *keys = at_position(k_pool, table, start + j, block_size, kv_heads, kv_first, dim);
             for (int h = 0; h < heads; h++) {
                 const float *key = keys + (h / group) * dim;
                 float dot = 0.0f;
@@ -101,9 +106,8 @@ static void attend(const float *q, int64_t q_head, const float *k_pool, const fl
             running_max[h] = new_max;
         }
         for (int j = 0; j < n; j++) {
-            int64_t position = start + j;
-            int64_t slot = table[position / block_size] * block_size + position % block_size;
-            const float *values = v_pool + (slot * kv_heads + kv_first) * dim_v;
+            const float *values =
+                at_position(v_pool, table, start + j, block_size, kv_heads, kv_first, dim_v);
             for (int h = 0; h < heads; h++) {
                 const float *value = values + (h / group) * dim_v;
                 float p = scores[h][j];
