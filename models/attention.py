@@ -414,7 +414,7 @@ def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling,
         and extras.key_bias is None
         and cpu_attention.usable(query, key_pool, value_pool)
     ):
-        return _decode_attention_in_place(layout, key_pool, value_pool, query, scaling, rule)
+        return cpu_attention.decode_attention(layout, key_pool, value_pool, query, scaling, rule)
     q = query[0, :, :nd].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
     block_size = layout.cache.block_size
     bias, dtype = extras.key_bias, query.dtype
@@ -437,18 +437,6 @@ def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling,
                 q[group.rows], keys, values, group.mask(block_size, rule, bias, dtype), scaling, extras
             )
     return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # [1, H, Bd, Dv]
-
-
-def _decode_attention_in_place(layout: PagedLayout, key_pool, value_pool, query, scaling, rule):
-    """The compiled kernel (`models.cpu_attention`): each row's keys read where they lie in the
-    pool, up to the row's own position, from where the layer's rule lets it start."""
-    out = query.new_empty(layout.num_decode, query.shape[1], value_pool.shape[-1])
-    scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
-    for group in layout.decode_groups:
-        first, length = group.key_range(rule)
-        blocks = group.blocks if group.blocks.stride(-1) == 1 else group.blocks.contiguous()
-        cpu_attention.attend(query, key_pool, value_pool, blocks, first, length, group.rows, out, scale)
-    return out.transpose(0, 1).unsqueeze(0)  # [1, H, Bd, Dv]
 
 
 def _prefill_attention(layout: PagedLayout, key_pool, value_pool, query, key, value, scaling, rule, extras):

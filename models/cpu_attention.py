@@ -25,6 +25,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -141,6 +142,19 @@ def usable(query: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor
     if group * (query.shape[-1] + value_pool.shape[-1] + _TILE) > _MAX_TASK_FLOATS:
         return False
     return kernel() is not None
+
+
+def decode_attention(layout, key_pool, value_pool, query, scaling, rule) -> torch.Tensor:
+    """The decode rows of a step's `layout` (`models.attention.PagedLayout`) through the kernel:
+    [1, heads, decode rows, dim_v], each row over its keys in the pool from where the layer's
+    `rule` lets it start up to its own position."""
+    out = query.new_empty(layout.num_decode, query.shape[1], value_pool.shape[-1])
+    scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    for group in layout.decode_groups:
+        first, length = group.key_range(rule)
+        blocks = group.blocks if group.blocks.stride(-1) == 1 else group.blocks.contiguous()
+        attend(query, key_pool, value_pool, blocks, first, length, group.rows, out, scale)
+    return out.transpose(0, 1).unsqueeze(0)
 
 
 def attend(
