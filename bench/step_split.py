@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> None:
         help="time each round with the compiled decode attention and with gather + SDPA",
     )
     args = parser.parse_args(argv)
-    ways = {"kernel": contextlib.nullcontext, "gather+sdpa": cpu_attention.disabled}
-    if not args.compare_attention:
-        ways = {"default": contextlib.nullcontext}
+    ways = {"kernel": True, "gather+sdpa": False} if args.compare_attention else {"default": None}
+    if args.compare_attention and cpu_attention.kernel() is None:
+        parser.error("--compare-attention: the kernel cannot be built here (see the log)")
     torch.manual_seed(0)
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         for round_index in range(args.rounds):
             for batch in batches:
-                for way, context in ways.items():
-                    with context():
-                        _decode_steps(replica, batch, 5)  # warm-up
-                        row = {**split(replica, batch, args.steps), "round": round_index, "attention": way}
+                for way, in_place in ways.items():
+                    if in_place is not None:
+                        replica.runner.in_place_decode = in_place
+                    _decode_steps(replica, batch, 5)  # warm-up
+                    row = {**split(replica, batch, args.steps), "round": round_index, "attention": way}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     write_results("step-split", rows)

@@ -5,9 +5,11 @@ Without it, each decode step's attention copies every row's key and value blocks
 layer. Timed in place on the bench model (`bench.step_split`), that took 2-2.4 ms of a batch-1
 step and 5-9 ms of a batch-16 step, a third of it the copy, for attention arithmetic that is a
 small fraction of it. `csrc/paged_decode_attention.c` scores each row's keys where they lie, tile
-by tile with an online softmax, every (row, key/value head) pair a task on torch's own OpenMP
-threads (the library links the `libgomp.so.1` torch has already loaded, so no second thread pool
-competes for the cores).
+by tile with an online softmax; each row is a task (its key/value heads split over several when
+there are fewer rows than threads) on torch's own OpenMP threads (the library links the
+`libgomp.so.1` torch has already loaded, so no second thread pool competes for the cores).
+Runners switch it per model (`PagedRunner.in_place_decode`, which the self-test turns off for a
+model it does not reproduce).
 
 The source is compiled at first use with the C compiler on the machine (`$CC`, else `cc` or `gcc`) for its
 own CPU (`-march=native`) into a cache keyed by the source, the flags and the CPU's model and
@@ -20,7 +22,6 @@ soft-capping, sinks and key biases keep the SDPA path.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -30,7 +31,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,10 +41,13 @@ log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.c"
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
-# As in the C source: what one task may keep on its stack, in floats; a tile is 64 keys.
-_MAX_TASK_FLOATS = 32768
-_TILE = 64
-_enabled = True
+
+
+@dataclass(frozen=True)
+class Kernel:
+    function: Callable[..., None]
+    max_task_floats: int  # what one task may keep on its stack (queries, accumulators, a tile of scores)
+    tile: int  # keys scored at once
 
 
 def _cpu_identity() -> str:
@@ -74,8 +79,8 @@ def _build(compiler: str, target: Path) -> None:
 
 
 @functools.cache
-def kernel():
-    """The compiled function, or None where it cannot be built here (logged once)."""
+def kernel() -> Kernel | None:
+    """The compiled kernel, or None where it cannot be built here (logged once)."""
     compiler = (
         shutil.which(os.environ["CC"]) if os.environ.get("CC") else shutil.which("cc") or shutil.which("gcc")
     )
@@ -114,22 +119,14 @@ def kernel():
         pointer, i64, i32, i32, i32, i32, i32, ctypes.c_float, i32,
     ]  # fmt: skip
     function.restype = None
-    return function
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Inside, attention takes the gather + SDPA path (benchmarks compare the two)."""
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous
+    limit = ctypes.c_int.in_dll(library, "paged_decode_attention_max_task_floats").value
+    tile = ctypes.c_int.in_dll(library, "paged_decode_attention_tile").value
+    return Kernel(function, limit, tile)
 
 
 def usable(query: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor) -> bool:
-    if not _enabled or query.device.type != "cpu":
+    compiled = kernel()
+    if compiled is None or query.device.type != "cpu":
         return False
     if not (query.dtype == key_pool.dtype == value_pool.dtype == torch.float32):
         return False
@@ -139,9 +136,7 @@ def usable(query: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor
     if heads % kv_heads:
         return False
     group = heads // kv_heads
-    if group * (query.shape[-1] + value_pool.shape[-1] + _TILE) > _MAX_TASK_FLOATS:
-        return False
-    return kernel() is not None
+    return group * (query.shape[-1] + value_pool.shape[-1] + compiled.tile) <= compiled.max_task_floats
 
 
 def decode_attention(layout, key_pool, value_pool, query, scaling, rule) -> torch.Tensor:
@@ -171,8 +166,7 @@ def attend(
     """Writes into `out` [decode rows, heads, dim_v] the attention of decode rows `rows` (all of
     them, in order, when None) of `query` [1, heads, T, dim] over positions `first` to `length`
     - 1 of each row's `blocks` [rows, width] (long, contiguous, like `first` and `length`)."""
-    function = kernel()
-    function(
+    kernel().function(
         query.data_ptr(),
         query.stride(2),
         query.stride(1),

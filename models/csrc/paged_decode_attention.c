@@ -22,6 +22,10 @@
  * of scores): 128 KiB, far below the 2 MiB and more that glibc gives a thread by default. */
 #define MAX_TASK_FLOATS 32768
 
+/* Read by models/cpu_attention.py to tell which layouts the kernel takes. */
+const int paged_decode_attention_max_task_floats = MAX_TASK_FLOATS;
+const int paged_decode_attention_tile = TILE;
+
 /* exp(x) for x <= 0, within a few ulp of expf (Cephes' polynomial, Cody-Waite reduction); written
  * so that the compiler vectorizes the loops calling it. Inputs below -87 give exp(-87) (~1e-38),
  * nothing against the weight 1 of the row's largest score. */

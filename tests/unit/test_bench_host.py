@@ -75,17 +75,19 @@ def test_step_split_times_each_part_of_the_same_decode_steps_and_unwraps(replica
 
     import models.attention as attention
     from bench.step_split import split
-    from models import cpu_attention
 
     forward, decode_attention = nn.Linear.forward, attention._decode_attention
-    with cpu_attention.disabled():
+    in_place, replica.runner.in_place_decode = replica.runner.in_place_decode, False
+    try:
         row = split(replica, batch=2, steps=3)
+    finally:
+        replica.runner.in_place_decode = in_place
     assert row["batch"] == 2
     assert 0 < row["linears_ms"] < row["forward_ms"]
     assert 0 < row["of_which_kv_gather_ms"] < row["decode_attention_ms"] < row["forward_ms"]
     # The parts lie inside the counted decode steps' forward (prefill steps left out): some is left.
     assert row["rest_ms"] > 0
-    if cpu_attention.kernel() is not None:
+    if replica.runner.in_place_decode:
         # The compiled kernel reads the pool in place: attention without any gather.
         row = split(replica, batch=2, steps=3)
         assert row["of_which_kv_gather_ms"] == 0 < row["decode_attention_ms"] < row["forward_ms"]

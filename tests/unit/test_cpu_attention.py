@@ -71,13 +71,14 @@ def _both(layout, keys, values, query, scaling, rule):
     cpu_attention.attend = lambda *args: calls.append(1) or original(*args)
     try:
         fast = _decode_attention(layout, keys, values, query, scaling, rule, extras)
-    finally:
-        cpu_attention.attend = original
-    assert len(calls) == len(layout.decode_groups)  # the kernel, not the path it replaces
-    with cpu_attention.disabled():
+        assert len(calls) == len(layout.decode_groups)  # the kernel, not the path it replaces
+        layout.in_place_decode = False  # as a runner whose self-test turned the kernel off
         for group in layout.decode_groups:
             group.masks.clear()
         reference = _decode_attention(layout, keys, values, query, scaling, rule, extras)
+        assert len(calls) == len(layout.decode_groups)  # gather + SDPA alone
+    finally:
+        cpu_attention.attend = original
     return fast, reference
 
 
@@ -143,8 +144,6 @@ def test_unsupported_inputs_keep_the_sdpa_path():
     assert not cpu_attention.usable(query, keys.transpose(0, 1), keys)
     wide = torch.zeros(4, 16, 1, 1024)  # 32 query heads of 1024 on one kv head: over the stack share
     assert not cpu_attention.usable(torch.zeros(1, 32, 1, 1024), wide, wide)
-    with cpu_attention.disabled():
-        assert not cpu_attention.usable(query, keys, keys)
 
 
 def test_the_library_shares_torchs_openmp_runtime():
