@@ -2,7 +2,8 @@
 negligible, so what is left is Python and framework overhead).
 
     python -m bench.host [--batches 1,8,32] [--steps 60] [--profile 1] [--model-path builtin:tiny]
-                         [--graphs off|static] [--compare-packing ROUNDS] [--workload ROUNDS]
+                         [--graphs off|static] [--compare-packing ROUNDS] [--compare-backends ROUNDS]
+                         [--workload ROUNDS]
 
 In process, through the real executor: `batch` requests decode together (their prompts are
 prefilled first and not counted); the executor's own step timings (`scheduler/timings.py`) give
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
 import io
 import json
 import pstats
@@ -84,13 +86,8 @@ def _decode_steps(
 
 
 def compare_packing(args) -> None:
-    """Replicas packed three ways built in one process, then interleaved rounds, so that the
-    machine's drift (large on a shared 2-core box) falls on all alike: every linear packed alone,
-    the size rule alone, and the size rule with siblings sharing an input run as one product (the
-    default)."""
-    import statistics
-
-    import models.replica as replica_module
+    """Replicas packed three ways: every linear packed alone, the size rule alone, and the size
+    rule with siblings sharing an input run as one product (the default)."""
     from models.cpu_kernels import pack_linears
 
     def pack_all(model, batch_hint=16, shared=()):
@@ -99,18 +96,41 @@ def compare_packing(args) -> None:
     def by_size(model, batch_hint=16, shared=()):
         return pack_linears(model, batch_hint=batch_hint)
 
+    packers = {"pack-all": pack_all, "by-size": by_size, "by-size+shared": pack_linears}
+    _interleaved(args, packers, args.compare_packing, "host-packing")
+
+
+def compare_backends(args) -> None:
+    """Replicas whose packed linears run through oneDNN's packed call and through the compiled
+    panel kernel (`models.panel_linear`, the default where it builds), packed and grouped alike."""
+    from models.cpu_kernels import pack_linears
+
+    packers = {backend: functools.partial(pack_linears, backend=backend) for backend in ("onednn", "panels")}
+    _interleaved(args, packers, args.compare_backends, "host-backends")
+
+
+def _interleaved(args, packers: dict, rounds: int, results_name: str) -> None:
+    """One replica per packer built in one process, then interleaved rounds, so that the
+    machine's drift (large on a shared 2-core box) falls on all alike."""
+    import statistics
+
+    import models.replica as replica_module
+
+    original = replica_module.pack_linears
     batches = [int(b) for b in args.batches.split(",")]
     replicas = {}
     with tempfile.TemporaryDirectory() as cache:
-        for mode, packer in (("pack-all", pack_all), ("by-size", by_size), ("by-size+shared", pack_linears)):
-            replica_module.pack_linears = packer
-            replicas[mode] = build_replica(
-                LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
-                replica_config(max_batch_size=max(batches)),
-            )
-        replica_module.pack_linears = pack_linears
+        try:
+            for mode, packer in packers.items():
+                replica_module.pack_linears = packer
+                replicas[mode] = build_replica(
+                    LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
+                    replica_config(max_batch_size=max(batches)),
+                )
+        finally:
+            replica_module.pack_linears = original
         totals = {mode: {b: [] for b in batches} for mode in replicas}
-        for _ in range(args.compare_packing):
+        for _ in range(rounds):
             for mode, replica in replicas.items():
                 for batch in batches:
                     _decode_steps(replica, batch, 5)
@@ -122,7 +142,7 @@ def compare_packing(args) -> None:
     ]
     for row in rows:
         print(json.dumps(row), flush=True)
-    write_results("host-packing", rows)
+    write_results(results_name, rows)
 
 
 def engine_workload(
@@ -200,6 +220,13 @@ def main(argv: list[str] | None = None) -> None:
         help="A/B in one process: every linear packed, the size rule, the size rule with shared-input siblings as one product (models.cpu_kernels), interleaved",
     )
     parser.add_argument(
+        "--compare-backends",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="A/B in one process: packed linears through oneDNN and through the compiled panel kernel, interleaved",
+    )
+    parser.add_argument(
         "--workload",
         type=int,
         default=0,
@@ -222,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.compare_packing:
         compare_packing(args)
+        return
+    if args.compare_backends:
+        compare_backends(args)
         return
     with tempfile.TemporaryDirectory() as cache:
         replica = build_replica(

@@ -11,11 +11,9 @@ there are fewer rows than threads) on torch's own OpenMP threads (the library li
 Runners switch it per model (`PagedRunner.in_place_decode`, which the self-test turns off for a
 model it does not reproduce).
 
-The source is compiled at first use with the C compiler on the machine (`$CC`, else `cc` or `gcc`) for its
-own CPU (`-march=native`) into a cache keyed by the source, the flags and the CPU's model and
-flags, so a cache shared across machines never hands one CPU another's build. Without a compiler
-or when the build fails, `kernel()` is None and attention keeps the gather + SDPA path; the
-startup self-test compares the fast path, this kernel included, with the model's own forward.
+The source is compiled at first use (`models.native`). Without it, `kernel()` is None and attention
+keeps the gather + SDPA path; the startup self-test compares the fast path, this kernel included,
+with the model's own forward.
 It covers plain causal attention, sliding windows and attention chunks over float32 pools;
 soft-capping, sinks and key biases keep the SDPA path.
 """
@@ -24,23 +22,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import math
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from models import native
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_decode_attention.c"
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,67 +41,11 @@ class Kernel:
     tile: int  # keys scored at once
 
 
-def _cpu_identity() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            lines = [line for line in cpuinfo if line.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return os.uname().machine
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "usinc" / "kernels"
-
-
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        subprocess.run(
-            [compiler, *_FLAGS, "-o", str(built), str(_SOURCE)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        os.replace(built, target)  # atomic: processes building at once each install a whole file
-
-
 @functools.cache
 def kernel() -> Kernel | None:
-    """The compiled kernel, or None where it cannot be built here (logged once)."""
-    compiler = (
-        shutil.which(os.environ["CC"]) if os.environ.get("CC") else shutil.which("cc") or shutil.which("gcc")
-    )
-    if compiler is None:
-        log.info("paged decode attention kernel: off (no C compiler), gather + SDPA")
-        return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(), _cpu_identity().encode()])
-    ).hexdigest()[:20]
-    library, problems = None, []
-    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "usinc-kernels"):
-        target = directory / f"paged_decode_attention-{key}.so"
-        try:
-            built = not target.exists()
-            if built:
-                _build(compiler, target)
-            library = ctypes.CDLL(str(target))
-            log.info(
-                "paged decode attention kernel: on (%s %s)", "built into" if built else "loaded from", target
-            )
-            break
-        except subprocess.CalledProcessError as error:
-            log.warning("paged decode attention kernel: build failed, gather + SDPA:\n%s", error.stderr)
-            return None
-        except (OSError, subprocess.TimeoutExpired) as error:
-            # Not writable, or mounted noexec (Docker's tmpfs default): the next place, if any.
-            problems.append(f"{directory}: {error}")
+    """The compiled kernel, or None where it cannot be built here (`models.native` logs why)."""
+    library = native.library("paged_decode_attention", "gather + SDPA")
     if library is None:
-        log.warning("paged decode attention kernel: off, gather + SDPA (%s)", "; ".join(problems))
         return None
     function = library.paged_decode_attention
     pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

@@ -1,4 +1,8 @@
-"""oneDNN pre-packed weights for the nn.Linear layers on CPU that are large enough to gain.
+"""Pre-packed weights for the nn.Linear layers on CPU that are large enough to gain.
+
+Two backends pack them: the compiled panel kernel (`models.panel_linear`) where the CPU has
+AVX-512 and a C compiler is present, and oneDNN's packed call otherwise. What follows was
+measured with oneDNN's, the first of the two.
 
 Decode on CPU is dominated by skinny matmuls (`[batch, hidden] x [hidden, out]`); oneDNN with the
 weight reordered once into its blocked layout runs them ~1.7x faster than `F.linear` at batch
@@ -36,6 +40,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from models import panel_linear
+
 log = logging.getLogger(__name__)
 
 _MAX_EXTRA_BYTES = 4 << 30
@@ -45,17 +51,46 @@ def packing_supported() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+class OneDNNProduct:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int) -> None:
+        self.bias = bias
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+
+
+_BACKEND_NAMES = {"panels": "compiled panel kernel", "onednn": "oneDNN"}
+
+
+def default_backend() -> str:
+    return "panels" if panel_linear.available() else "onednn"
+
+
+def _product(weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int, backend: str):
+    if backend == "panels":
+        product = panel_linear.PanelProduct(weight, bias)
+        if product.agrees_with(weight, bias):
+            return product
+        log.warning(
+            "the panel kernel disagrees with F.linear on a %dx%d layer; it keeps oneDNN's packed call",
+            weight.shape[1],
+            weight.shape[0],
+        )
+    return OneDNNProduct(weight, bias, batch_hint)
+
+
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+    def __init__(self, linear: nn.Linear, batch_hint: int, backend: str = "onednn") -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self._product = _product(linear.weight, linear.bias, batch_hint, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return self._product(x)
 
 
 class SharedProduct:
@@ -67,19 +102,17 @@ class SharedProduct:
     mode, where tensors keep no version counter: an input changed in place between two siblings'
     calls would go unseen, and no model does that between projections of one hidden state."""
 
-    def __init__(self, linears: Sequence[nn.Linear], batch_hint: int) -> None:
+    def __init__(self, linears: Sequence[nn.Linear], batch_hint: int, backend: str = "onednn") -> None:
         weight = torch.cat([linear.weight.detach() for linear in linears])
-        self.bias = (
-            None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
-        )
+        bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
         self.sizes = [linear.out_features for linear in linears]
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self._product = _product(weight, bias, batch_hint, backend)
         self._input: torch.Tensor | None = None
         self._slices: list[torch.Tensor | None] = []
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if self._input is not x or self._slices[index] is None:
-            product = torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+            product = self._product(x)
             self._slices = list(product.split(self.sizes, dim=-1))
             self._input = x
         piece = self._slices[index]
@@ -177,11 +210,13 @@ def pack_linears(
     batch_hint: int = 16,
     pays: Callable[[nn.Linear, int], bool] = packing_pays,
     shared: Sequence[Sequence[str]] = (),
+    backend: str | None = None,
 ) -> str:
     """Swap each fp32 CPU nn.Linear that `pays(linear, batch_hint)` approves for a PackedLinear,
     and each group in `shared` (names of siblings fed the same input, from `SharedInputs`) whose
     combined layer pays for members of one SharedProduct; returns a one-line decision for the log."""
-    if not packing_supported():
+    backend = backend or default_backend()
+    if backend == "onednn" and not packing_supported():
         return "packed CPU linears: off (oneDNN unavailable)"
     targets = {name: module for name, module in model.named_modules() if _packable(module)}
     if not targets:
@@ -209,13 +244,13 @@ def pack_linears(
     names = {id(module): name for name, module in targets.items()}
     with torch.no_grad():
         for module in singles:
-            _replace(model, names[id(module)], PackedLinear(module, batch_hint))
+            _replace(model, names[id(module)], PackedLinear(module, batch_hint, backend))
         for group in groups:
-            product = SharedProduct(group, batch_hint)
+            product = SharedProduct(group, batch_hint, backend)
             for index, module in enumerate(group):
                 _replace(model, names[id(module)], SharedProductMember(module, product, index))
     return (
-        f"packed CPU linears: on for {len(packed)} of {len(targets)} layers (those of at least "
+        f"packed CPU linears ({_BACKEND_NAMES[backend]}): on for {len(packed)} of {len(targets)} layers (those of at least "
         f"{PACK_MIN_WEIGHTS} weights; {len(groups)} groups of siblings sharing an input run as one "
         f"product; {extra / 2**20:.0f} MiB extra)"
     )

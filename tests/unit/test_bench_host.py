@@ -32,10 +32,13 @@ def test_engine_workload_answers_every_request_within_its_concurrency(replica, t
 
 def test_linears_reports_each_kernel_per_call_with_consistent_rates():
     from bench.linears import measure
+    from models import panel_linear
 
     row = measure(64, 32, batch=2, calls=3, bytes_cycled=1 << 16)  # 8 distinct weights of 8 KiB
     assert (row["shape"], row["batch"]) == ("64x32", 2)
-    for kernel in ("f_linear", "packed"):
+    kernels = ("f_linear", "packed") + (("panels",) if panel_linear.available() else ())
+    assert ("panels_us" in row) == panel_linear.available()
+    for kernel in kernels:
         us = row[f"{kernel}_us"]
         assert us > 0
         # Rounded to 0.1: the rates follow from the time, the weight bytes and the FLOPs.

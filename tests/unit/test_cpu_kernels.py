@@ -1,5 +1,5 @@
-"""oneDNN packed linears: only layers large enough to gain are packed, with the same outputs as
-F.linear."""
+"""Packed linears: only layers large enough to gain are packed, with the same outputs as F.linear,
+through each backend this machine has (oneDNN's packed call, the compiled panel kernel)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import panel_linear
 from models.cpu_kernels import (
     PACK_MIN_WEIGHTS,
     PackedLinear,
@@ -19,6 +20,8 @@ from models.cpu_kernels import (
 
 pytestmark = pytest.mark.skipif(not packing_supported(), reason="oneDNN unavailable")
 
+BACKENDS = ["onednn"] + (["panels"] if panel_linear.available() else [])
+
 
 def model() -> nn.Module:
     torch.manual_seed(0)
@@ -29,7 +32,7 @@ def test_only_layers_the_rule_approves_are_packed():
     net = model()
     line = pack_linears(net, batch_hint=8, pays=lambda linear, batch_hint: linear.out_features == 64)
     assert [type(m) for m in net] == [PackedLinear, nn.Linear, PackedLinear]
-    assert line.startswith("packed CPU linears: on for 2 of 3 layers")
+    assert line.startswith("packed CPU linears (") and "on for 2 of 3 layers" in line
 
 
 def test_small_layers_stay_f_linear_and_large_ones_are_packed():
@@ -47,10 +50,11 @@ def test_nothing_packed_when_nothing_pays():
     assert line == "packed CPU linears: off (none of the 3 layers is large enough to gain)"
 
 
-def test_packed_outputs_equal_f_linear():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_outputs_equal_f_linear(backend):
     plain = model()
     packed = model()
-    pack_linears(packed, pays=lambda linear, batch_hint: True)
+    pack_linears(packed, pays=lambda linear, batch_hint: True, backend=backend)
     x = torch.randn(5, 64)
     with torch.inference_mode():
         for a, b in zip(plain, packed, strict=True):
@@ -84,10 +88,11 @@ def shared_attention() -> tuple[nn.Module, nn.Module, list[list[str]]]:
     return plain, fused, shared.groups()
 
 
-def test_siblings_fed_the_same_tensor_run_as_one_product():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_siblings_fed_the_same_tensor_run_as_one_product(backend):
     plain, fused, groups = shared_attention()
     assert groups == [["q", "k", "v"]]  # o reads the attention output, not x
-    line = pack_linears(fused, pays=lambda linear, batch_hint: True, shared=groups)
+    line = pack_linears(fused, pays=lambda linear, batch_hint: True, shared=groups, backend=backend)
     assert "1 groups of siblings" in line
     assert [type(m) for m in (fused.q, fused.k, fused.v, fused.o)] == [
         SharedProductMember,
@@ -102,9 +107,10 @@ def test_siblings_fed_the_same_tensor_run_as_one_product():
         assert fused.q.product._input is None  # every slice taken: no activation kept alive
 
 
-def test_a_member_called_on_another_tensor_computes_its_own_answer():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_member_called_on_another_tensor_computes_its_own_answer(backend):
     plain, fused, groups = shared_attention()
-    pack_linears(fused, pays=lambda linear, batch_hint: True, shared=groups)
+    pack_linears(fused, pays=lambda linear, batch_hint: True, shared=groups, backend=backend)
     x, other = torch.randn(4, 32), torch.randn(4, 32)
     with torch.inference_mode():
         torch.testing.assert_close(fused.q(x), plain.q(x), rtol=1e-5, atol=1e-5)
@@ -127,8 +133,9 @@ def test_whether_a_group_pays_is_judged_on_its_combined_layer():
     assert [type(m) for m in (fused.q, fused.k, fused.v, fused.o)] == [SharedProductMember] * 3 + [nn.Linear]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_engine_with_every_layer_packed_and_grouped_answers_as_the_unpacked_model(
-    tiny_text_path, monkeypatch
+    tiny_text_path, monkeypatch, backend
 ):
     """builtin:tiny's layers are too small for the size rule: pack them all so that the engine's
     own grouping (recorded during its self-test) runs, batched, against generate() unpacked."""
@@ -140,7 +147,9 @@ def test_engine_with_every_layer_packed_and_grouped_answers_as_the_unpacked_mode
     from tests.unit.engine_driver import hf_greedy, run_jobs
 
     def pack_everything(model, *, batch_hint, shared):
-        return pack_linears(model, batch_hint=batch_hint, pays=lambda linear, hint: True, shared=shared)
+        return pack_linears(
+            model, batch_hint=batch_hint, pays=lambda linear, hint: True, shared=shared, backend=backend
+        )
 
     spec = LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa")
     plain = replica_module.build_replica(spec, replica_config(max_batch_size=4, pack_cpu_linears=False))

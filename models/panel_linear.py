@@ -1,0 +1,104 @@
+"""float32 CPU linears through one compiled C function over weights stored as panels.
+
+A decode step on CPU is its linear layers reading their weights: at batch 1 each weight is read
+once per token and the step is as fast as memory streams them; at batch 16-32 every weight also
+meets each row in one FMA. oneDNN's packed call (`models.cpu_kernels`' other backend) reached
+19-20 GB/s at batch 1 on this project's CI machine, where a plain AVX-512 read of the same 327 MB
+runs at 25-26. `csrc/panel_linear.c` stores each layer's weight as panels of 16 output features
+(`[ceil(out / 16), in, 16]`, padded with zeros), so one 64-byte load holds 16 outputs' weights for
+one input feature and each input row meets it in one broadcast FMA; measured one layer at a time
+against oneDNN's packed call with the weights coming from memory (`bench.linears`,
+docs/BENCHMARKS.md) it is faster at batch 1 and about even or faster from 8 rows up to 512.
+
+Each output is one chain of FMAs over the inputs in order, plus the bias: a row's result does not
+depend on which rows share its call, so batching keeps greedy outputs bit-identical.
+
+The kernel needs AVX-512F and a C compiler (`models.native`); without them `available()` is
+False and the layers keep oneDNN's packed call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+
+import torch
+
+from models import native
+
+
+@functools.cache
+def kernel() -> Callable[..., None] | None:
+    library = native.library("panel_linear", "oneDNN packed linears", needs=("avx512f",))
+    if library is None:
+        return None
+    function = library.panel_linear
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [pointer, i64, i64, i64, pointer, i64, pointer, pointer, i64, ctypes.c_int]
+    function.restype = None
+    return function
+
+
+def available() -> bool:
+    return kernel() is not None
+
+
+def _lanes() -> int:
+    library = native.library("panel_linear", "oneDNN packed linears", needs=("avx512f",))
+    return ctypes.c_int.in_dll(library, "panel_linear_lanes").value
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [ceil(out / lanes), in, lanes], the features past `out` zero."""
+    lanes = _lanes()
+    out_features, in_features = weight.shape
+    padded = weight.new_zeros(-(-out_features // lanes) * lanes, in_features)
+    padded[:out_features] = weight
+    return padded.view(-1, lanes, in_features).transpose(1, 2).contiguous()
+
+
+class PanelProduct:
+    """`x @ weight.T + bias` through the panel kernel, for float32 CPU inputs (as oneDNN's packed
+    call, which it replaces, it keeps no unpacked weight to serve others)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.bias = None if bias is None else bias.detach().contiguous()
+        self.out_features, self.in_features = weight.shape
+        self.panels = to_panels(weight.detach())
+        self._function = kernel()
+
+    def agrees_with(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        """Whether this product answers as F.linear over `weight` on random rows through both tile
+        shapes (up to 4 rows, then 8 with a tail). The replica's self-test cannot tell: once
+        packed, the model's own forward, its reference, runs the same product."""
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(9, self.in_features, generator=generator)
+        with torch.inference_mode():
+            expected = torch.nn.functional.linear(x, weight, bias)
+            actual = torch.cat([self(x[:1]), self(x[1:])])
+        return bool(
+            torch.allclose(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()) + 1e-6)
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise TypeError(f"the panel kernel takes float32 CPU inputs, not {x.dtype} on {x.device}")
+        rows = x.reshape(-1, self.in_features)
+        if rows.stride(-1) != 1 or rows.stride(0) < self.in_features:
+            rows = rows.contiguous()
+        out = rows.new_empty(rows.shape[0], self.out_features)
+        if rows.shape[0]:
+            self._function(
+                rows.data_ptr(),
+                rows.shape[0],
+                self.in_features,
+                rows.stride(0),
+                self.panels.data_ptr(),
+                self.out_features,
+                None if self.bias is None else self.bias.data_ptr(),
+                out.data_ptr(),
+                self.out_features,
+                torch.get_num_threads(),
+            )
+        return out.view(*x.shape[:-1], self.out_features)
