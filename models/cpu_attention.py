@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from models import native
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,13 @@ import torch
 from models import native
 
 
+def _library():
+    return native.library("panel_linear", "oneDNN packed linears", needs=("avx512f",))
+
+
 @functools.cache
 def kernel() -> Callable[..., None] | None:
-    library = native.library("panel_linear", "oneDNN packed linears", needs=("avx512f",))
+    library = _library()
     if library is None:
         return None
     function = library.panel_linear
@@ -45,8 +49,7 @@ def available() -> bool:
 
 
 def _lanes() -> int:
-    library = native.library("panel_linear", "oneDNN packed linears", needs=("avx512f",))
-    return ctypes.c_int.in_dll(library, "panel_linear_lanes").value
+    return ctypes.c_int.in_dll(_library(), "panel_linear_lanes").value
 
 
 def to_panels(weight: torch.Tensor) -> torch.Tensor:

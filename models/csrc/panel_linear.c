@@ -29,7 +29,7 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
                                                        const float *restrict panels, int64_t K,
                                                        int64_t k0, int64_t k1, int64_t first_panel,
                                                        int panel_count, const int rows_max,
-                                                       const int panels_max, int rows,
+                                                       const int panels_max,
                                                        const float *restrict bias, float *restrict y,
                                                        int64_t y_stride, int64_t N) {
     __m512 acc[8][4];
@@ -43,8 +43,7 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
     for (int m = 0; m < rows_max; m++)
         for (int j = 0; j < panels_max; j++)
             acc[m][j] = k0 == 0 ? _mm512_setzero_ps()
-                                : _mm512_maskz_loadu_ps(m < rows ? masks[j] : 0,
-                                                        y + m * y_stride + column0 + j * LANES);
+                                : _mm512_maskz_loadu_ps(masks[j], y + m * y_stride + column0 + j * LANES);
     const float *w[4];
     for (int j = 0; j < panels_max; j++)
         w[j] = panels + (first_panel + (j < panel_count ? j : 0)) * K * LANES;
@@ -52,8 +51,7 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
         __m512 wk[4];
         for (int j = 0; j < panels_max; j++) wk[j] = _mm512_loadu_ps(w[j] + k * LANES);
         _Pragma("GCC unroll 8") for (int m = 0; m < rows_max; m++) {
-            /* Rows past `rows` repeat row 0: their sums are computed and never stored. */
-            __m512 xm = _mm512_set1_ps(x[(m < rows ? m : 0) * x_stride + k]);
+            __m512 xm = _mm512_set1_ps(x[m * x_stride + k]);
             for (int j = 0; j < panels_max; j++) acc[m][j] = _mm512_fmadd_ps(xm, wk[j], acc[m][j]);
         }
     }
@@ -62,15 +60,13 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
         __m512 b = last && bias ? _mm512_maskz_loadu_ps(masks[j], bias + column0 + j * LANES)
                                 : _mm512_setzero_ps();
         for (int m = 0; m < rows_max; m++)
-            if (m < rows)
-                _mm512_mask_storeu_ps(y + m * y_stride + column0 + j * LANES, masks[j],
-                                      last && bias ? _mm512_add_ps(acc[m][j], b) : acc[m][j]);
+            _mm512_mask_storeu_ps(y + m * y_stride + column0 + j * LANES, masks[j],
+                                  last && bias ? _mm512_add_ps(acc[m][j], b) : acc[m][j]);
     }
 }
 
-#define TILE(ROWS_MAX, PANELS_MAX, ROWS)                                                           \
-    tile(x + m0 * x_stride, x_stride, panels, K, k0, k1, p, panel_count, ROWS_MAX, PANELS_MAX,   \
-         ROWS, bias, y + m0 * y_stride, y_stride, N)
+#define TILE(ROWS, PANELS)                                                           \
+    tile(x + m0 * x_stride, x_stride, panels, K, k0, k1, p, panel_count, ROWS, PANELS, bias, y + m0 * y_stride, y_stride, N)
 
 /* x: [M, K] rows `x_stride` floats apart; panels: [ceil(N / 16), K, 16]; y: [M, N] rows
  * `y_stride` floats apart; bias: [N] or NULL. */
@@ -92,24 +88,23 @@ void panel_linear(const float *x, int64_t M, int64_t K, int64_t x_stride, const 
             if (M <= 4) {
                 const int64_t m0 = 0;
                 switch (M) {
-                case 1: TILE(1, 4, 1); break;
-                case 2: TILE(2, 4, 2); break;
-                case 3: TILE(3, 4, 3); break;
-                default: TILE(4, 4, 4); break;
+                case 1: TILE(1, 4); break;
+                case 2: TILE(2, 4); break;
+                case 3: TILE(3, 4); break;
+                default: TILE(4, 4); break;
                 }
                 continue;
             }
             for (int64_t m0 = 0; m0 < M; m0 += 8) {
-                const int rows = (int)(M - m0 < 8 ? M - m0 : 8);
-                switch (rows) {
-                case 1: TILE(1, 2, 1); break;
-                case 2: TILE(2, 2, 2); break;
-                case 3: TILE(3, 2, 3); break;
-                case 4: TILE(4, 2, 4); break;
-                case 5: TILE(5, 2, 5); break;
-                case 6: TILE(6, 2, 6); break;
-                case 7: TILE(7, 2, 7); break;
-                default: TILE(8, 2, 8); break;
+                switch (M - m0 < 8 ? M - m0 : 8) {
+                case 1: TILE(1, 2); break;
+                case 2: TILE(2, 2); break;
+                case 3: TILE(3, 2); break;
+                case 4: TILE(4, 2); break;
+                case 5: TILE(5, 2); break;
+                case 6: TILE(6, 2); break;
+                case 7: TILE(7, 2); break;
+                default: TILE(8, 2); break;
                 }
             }
         }
