@@ -97,7 +97,8 @@ def compare_packing(args) -> None:
         return pack_linears(model, batch_hint=batch_hint)
 
     packers = {"pack-all": pack_all, "by-size": by_size, "by-size+shared": pack_linears}
-    _interleaved(args, packers, args.compare_packing, "host-packing")
+    variants = {mode: {"pack_linears": packer} for mode, packer in packers.items()}
+    _interleaved(args, variants, args.compare_packing, "host-packing")
 
 
 def compare_backends(args) -> None:
@@ -105,30 +106,46 @@ def compare_backends(args) -> None:
     panel kernel (`models.panel_linear`, the default where it builds), packed and grouped alike."""
     from models.cpu_kernels import pack_linears
 
-    packers = {backend: functools.partial(pack_linears, backend=backend) for backend in ("onednn", "panels")}
-    _interleaved(args, packers, args.compare_backends, "host-backends")
+    variants = {
+        backend: {"pack_linears": functools.partial(pack_linears, backend=backend)}
+        for backend in ("onednn", "panels")
+    }
+    _interleaved(args, variants, args.compare_backends, "host-backends")
 
 
-def _interleaved(args, packers: dict, rounds: int, results_name: str) -> None:
-    """One replica per packer built in one process, then interleaved rounds, so that the
-    machine's drift (large on a shared 2-core box) falls on all alike."""
+def compare_norms(args) -> None:
+    """Replicas whose RMSNorm layers run as transformers' torch ops and as one compiled call
+    (`models.cpu_norms`, the default where it builds), linears packed alike."""
+    variants = {
+        "torch-norms": {"fuse_rms_norms": lambda model: "fused CPU RMSNorm: off (bench)"},
+        "fused-norms": {},
+    }
+    _interleaved(args, variants, args.compare_norms, "host-norms")
+
+
+def _interleaved(args, variants: dict[str, dict], rounds: int, results_name: str) -> None:
+    """One replica per variant built in one process (each variant: names in `models.replica`
+    replaced while it builds), then interleaved rounds, so that the machine's drift (large on a
+    shared 2-core box) falls on all alike."""
     import statistics
 
     import models.replica as replica_module
 
-    original = replica_module.pack_linears
     batches = [int(b) for b in args.batches.split(",")]
     replicas = {}
     with tempfile.TemporaryDirectory() as cache:
-        try:
-            for mode, packer in packers.items():
-                replica_module.pack_linears = packer
+        for mode, replacements in variants.items():
+            originals = {name: getattr(replica_module, name) for name in replacements}
+            try:
+                for name, replacement in replacements.items():
+                    setattr(replica_module, name, replacement)
                 replicas[mode] = build_replica(
                     LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
                     replica_config(max_batch_size=max(batches)),
                 )
-        finally:
-            replica_module.pack_linears = original
+            finally:
+                for name, original in originals.items():
+                    setattr(replica_module, name, original)
         totals = {mode: {b: [] for b in batches} for mode in replicas}
         for _ in range(rounds):
             for mode, replica in replicas.items():
@@ -227,6 +244,13 @@ def main(argv: list[str] | None = None) -> None:
         help="A/B in one process: packed linears through oneDNN and through the compiled panel kernel, interleaved",
     )
     parser.add_argument(
+        "--compare-norms",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="A/B in one process: RMSNorm as transformers' torch ops and as one compiled call (models.cpu_norms), interleaved",
+    )
+    parser.add_argument(
         "--workload",
         type=int,
         default=0,
@@ -252,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.compare_backends:
         compare_backends(args)
+        return
+    if args.compare_norms:
+        compare_norms(args)
         return
     with tempfile.TemporaryDirectory() as cache:
         replica = build_replica(
