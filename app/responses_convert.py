@@ -103,6 +103,7 @@ def chat_form(req: ResponsesRequest) -> ChatForm:
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=_response_format(req),
         user=req.user,
+        stream=req.stream,
     )
     return form
 

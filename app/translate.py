@@ -126,7 +126,7 @@ class Translator:
             skip_special_tokens=req.skip_special_tokens and parser_factory(req) is None,
             grammar=grammar,
         )
-        return EngineRequest(request_id, prompt, params, n=req.n, kind="chat")
+        return EngineRequest(request_id, prompt, params, n=req.n, kind="chat", streamed=req.stream)
 
     def generate(self, req: GenerateRequest, request_id: str) -> EngineRequest:
         if req.stream:
@@ -148,7 +148,9 @@ class Translator:
             stop=p.stop,
             min_tokens=p.min_new_tokens,
         )
-        return EngineRequest(request_id, PromptInput(text=req.inputs), params, kind="generate")
+        return EngineRequest(
+            request_id, PromptInput(text=req.inputs), params, kind="generate", streamed=False
+        )
 
     def completion(self, req: CompletionRequest, request_id: str) -> list[EngineRequest]:
         """One engine request per prompt, all with the same parameters."""
@@ -180,7 +182,10 @@ class Translator:
                 f"{len(prompts)} prompts sent; at most {limit} per request (MAX_PROMPTS_PER_REQUEST)",
                 param="prompt",
             )
-        return [EngineRequest(request_id, prompt, params, n=req.n, kind="completion") for prompt in prompts]
+        return [
+            EngineRequest(request_id, prompt, params, n=req.n, kind="completion", streamed=req.stream)
+            for prompt in prompts
+        ]
 
     async def tokenize_prompt(self, req: TokenizeRequest) -> PromptInput:
         self.check_model(req.model)

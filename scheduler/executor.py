@@ -53,6 +53,13 @@ class Job:
     cost: int  # tokens of work, for routing
     enqueued_at: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
+    first_tokens_sent: bool = False
+
+    @property
+    def holds_deltas(self) -> bool:
+        """Whether its unfinished choices' new tokens wait in the replica (a client reading the
+        answer whole, whose first tokens went out already)."""
+        return self.first_tokens_sent and not self.stream.request.streamed
 
     @property
     def n(self) -> int:
@@ -442,10 +449,14 @@ class Executor:
         still: list[Job] = []
         waiting = 0
         for job in self._jobs:
+            holds = job.holds_deltas
             for seq in job.seqs:
+                if holds and not (seq.is_finished or seq.output.is_finished):
+                    continue
                 delta = seq.output.take_delta()
                 if delta is not None:
                     delivery.append((job.stream, seq.index, delta))
+                    job.first_tokens_sent = job.first_tokens_sent or bool(delta.token_ids)
             if not job.finished:
                 still.append(job)
                 waiting += sum(

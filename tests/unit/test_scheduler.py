@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import time
@@ -268,6 +269,30 @@ async def test_a_reader_that_never_reads_does_not_stall_the_batch(tiny_text_path
         # Everything it produced waits, coalesced, for its reader: one update with all 40 tokens.
         updates = [u async for u in idle]
         assert len(updates) == 1 and len(updates[0].choices[0].token_ids) == 40
+
+
+async def test_answers_read_whole_wake_the_loop_for_their_first_tokens_and_their_end(tiny_text_path):
+    """A non-streamed request's tokens wait in the replica between its first and its last: the
+    event loop is not woken every step for text nobody reads before the end."""
+    async with running_scheduler(tiny_text_path) as scheduler:
+        deliveries: collections.Counter[str] = collections.Counter()
+        apply = scheduler._apply
+
+        def counting(items):
+            deliveries.update(stream.request_id for stream, _, _ in items)
+            apply(items)
+
+        scheduler._apply = counting
+        streamed = await scheduler.submit(request(0, max_tokens=20))
+        whole = await scheduler.submit(
+            dataclasses.replace(request(0, max_tokens=20, n=2), request_id="whole", streamed=False)
+        )
+        with anyio.fail_after(60):
+            streamed_text, whole_text = await consume(streamed), await consume(whole)
+    assert deliveries["r0"] >= 20
+    assert deliveries["whole"] <= 4  # each choice: its first token, then the rest with its end
+    assert whole.completion_tokens == 40 and whole_text == streamed_text * 2  # greedy: both choices alike
+    assert whole.first_token_at < whole.finished_at
 
 
 async def test_n_above_the_batch_is_refused_and_n_up_to_it_waits_for_rows(tiny_text_path):
