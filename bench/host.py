@@ -113,14 +113,58 @@ def compare_backends(args) -> None:
     _interleaved(args, variants, args.compare_backends, "host-backends")
 
 
-def compare_norms(args) -> None:
-    """Replicas whose RMSNorm layers run as transformers' torch ops and as one compiled call
-    (`models.cpu_norms`, the default where it builds), linears packed alike."""
-    variants = {
-        "torch-norms": {"fuse_rms_norms": lambda model: "fused CPU RMSNorm: off (bench)"},
-        "fused-norms": {},
-    }
-    _interleaved(args, variants, args.compare_norms, "host-norms")
+def compare_fusions(args) -> None:
+    """One replica, its RMSNorms and rotary embedding alternately as transformers' torch ops and
+    as the compiled calls `models.cpu_norms` and `models.cpu_rotary` put in place (the default
+    where they build): same weights, same memory, interleaved rounds."""
+    import statistics
+    import sys
+
+    from models.cpu_rotary import FusedRotary
+
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as cache:
+        replica = build_replica(
+            LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
+            replica_config(max_batch_size=max(batches)),
+        )
+        norms = {m: vars(m)["forward"] for m in replica.loaded.model.modules() if "forward" in vars(m)}
+        rotary = {
+            namespace: namespace.apply_rotary_pos_emb
+            for namespace in list(sys.modules.values())
+            if isinstance(getattr(namespace, "apply_rotary_pos_emb", None), FusedRotary)
+        }
+
+        def use(fused: bool) -> None:
+            for module, forward in norms.items():
+                if fused:
+                    module.forward = forward
+                else:
+                    vars(module).pop("forward", None)
+            for namespace, function in rotary.items():
+                namespace.apply_rotary_pos_emb = function if fused else function.original
+
+        totals = {mode: {b: [] for b in batches} for mode in ("torch-ops", "fused")}
+        try:
+            for _ in range(args.compare_fusions):
+                for mode in totals:
+                    use(mode == "fused")
+                    for batch in batches:
+                        _decode_steps(replica, batch, 5)
+                        totals[mode][batch].append(
+                            round(_decode_steps(replica, batch, args.steps)["total"], 3)
+                        )
+        finally:
+            use(True)
+    rows = [
+        {"mode": mode, "batch": b, "median_ms": round(statistics.median(v), 3), "rounds_ms": v,
+         "norms_fused": len(norms), "rotary_fused": sorted(n.__name__ for n in rotary)}
+        for mode, per_batch in totals.items()
+        for b, v in per_batch.items()
+    ]  # fmt: skip
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    write_results("host-fusions", rows)
 
 
 def _interleaved(args, variants: dict[str, dict], rounds: int, results_name: str) -> None:
@@ -244,11 +288,11 @@ def main(argv: list[str] | None = None) -> None:
         help="A/B in one process: packed linears through oneDNN and through the compiled panel kernel, interleaved",
     )
     parser.add_argument(
-        "--compare-norms",
+        "--compare-fusions",
         type=int,
         default=0,
         metavar="ROUNDS",
-        help="A/B in one process: RMSNorm as transformers' torch ops and as one compiled call (models.cpu_norms), interleaved",
+        help="A/B on one replica: RMSNorm and rotary embedding as torch ops and as compiled calls (models.cpu_norms, models.cpu_rotary), interleaved",
     )
     parser.add_argument(
         "--workload",
@@ -277,8 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare_backends:
         compare_backends(args)
         return
-    if args.compare_norms:
-        compare_norms(args)
+    if args.compare_fusions:
+        compare_fusions(args)
         return
     with tempfile.TemporaryDirectory() as cache:
         replica = build_replica(

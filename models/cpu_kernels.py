@@ -106,19 +106,25 @@ class SharedProduct:
         weight = torch.cat([linear.weight.detach() for linear in linears])
         bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
         self.sizes = [linear.out_features for linear in linears]
+        self._offsets = [sum(self.sizes[:index]) for index in range(len(self.sizes))]
         self._product = _product(weight, bias, batch_hint, backend)
         self._input: torch.Tensor | None = None
-        self._slices: list[torch.Tensor | None] = []
+        self._output: torch.Tensor | None = None
+        self._untaken: list[bool] = []
+        self._left = 0
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self._input is not x or self._slices[index] is None:
-            product = self._product(x)
-            self._slices = list(product.split(self.sizes, dim=-1))
+        untaken = self._untaken
+        if self._input is not x or not untaken[index]:
+            self._output = self._product(x)
             self._input = x
-        piece = self._slices[index]
-        self._slices[index] = None
-        if not any(s is not None for s in self._slices):
-            self._input = None  # everything handed out: keep no activation alive
+            untaken = self._untaken = [True] * len(self.sizes)
+            self._left = len(untaken)
+        untaken[index] = False
+        piece = self._output.narrow(-1, self._offsets[index], self.sizes[index])
+        self._left -= 1
+        if not self._left:
+            self._input = self._output = None  # everything handed out: keep no activation alive
         # Rows of a slice are strided by the whole product's width; models may `.view` them.
         return piece if piece.is_contiguous() else piece.contiguous()
 

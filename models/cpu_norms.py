@@ -28,6 +28,7 @@ from models import native
 
 _EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon")
 _OFFSETS = (0.0, 1.0)  # Llama's weight, Gemma's 1 + weight
+PARALLEL_ROWS = 64  # as csrc/rms_norm.c: fewer rows run on the calling thread
 
 
 @functools.cache
@@ -55,24 +56,16 @@ def kernel() -> Callable[..., None] | None:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float) -> torch.Tensor:
     """`x / sqrt(mean(x^2) + eps) * (weight + offset)` over the last dimension of a float32 CPU tensor."""
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty(rows.shape, dtype=torch.float32)
-    if rows.shape[0]:
-        kernel()(
-            rows.data_ptr(),
-            rows.shape[0],
-            rows.shape[1],
-            rows.stride(0),
-            weight.data_ptr(),
-            offset,
-            eps,
-            out.data_ptr(),
-            rows.shape[1],
-            torch.get_num_threads(),
-        )
-    return out.view(x.shape)
+    if not x.is_contiguous():
+        x = x.contiguous()  # a norm's input is a fresh activation: contiguous but for rare layouts
+    dim = x.shape[-1]
+    rows = x.numel() // dim if dim else 0
+    out = torch.empty(x.shape)
+    if rows:
+        # Threads are asked for only where the kernel would use them: the call is cheaper without.
+        threads = torch.get_num_threads() if rows >= PARALLEL_ROWS else 1
+        kernel()(x.data_ptr(), rows, dim, dim, weight.data_ptr(), offset, eps, out.data_ptr(), dim, threads)
+    return out
 
 
 def _epsilon(module: nn.Module) -> float | None:

@@ -57,12 +57,12 @@ def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(compiler_path: str, source: Path, target: Path) -> None:
+def _build(compiler_path: str, source: Path, target: Path, flags: tuple[str, ...]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         subprocess.run(
-            [compiler_path, *FLAGS, "-o", str(built), str(source)],
+            [compiler_path, *FLAGS, *flags, "-o", str(built), str(source)],
             check=True,
             capture_output=True,
             text=True,
@@ -72,9 +72,12 @@ def _build(compiler_path: str, source: Path, target: Path) -> None:
 
 
 @functools.cache
-def library(name: str, without: str, needs: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+def library(
+    name: str, without: str, needs: tuple[str, ...] = (), flags: tuple[str, ...] = ()
+) -> ctypes.CDLL | None:
     """`csrc/<name>.c` compiled and loaded, or None where it cannot be here; `without` says what
-    runs instead (for the log), `needs` the CPU flags the source requires."""
+    runs instead (for the log), `needs` the CPU flags the source requires, `flags` its own
+    compiler flags after the common ones."""
     missing = [flag for flag in needs if flag not in cpu_flags()]
     if missing:
         log.info("%s kernel: off (CPU without %s), %s", name, ", ".join(missing), without)
@@ -86,7 +89,12 @@ def library(name: str, without: str, needs: tuple[str, ...] = ()) -> ctypes.CDLL
     source = SOURCES / f"{name}.c"
     key = hashlib.sha256(
         b"\0".join(
-            [source.read_bytes(), " ".join(FLAGS).encode(), compiler_path.encode(), _cpu_identity().encode()]
+            [
+                source.read_bytes(),
+                " ".join(FLAGS + flags).encode(),
+                compiler_path.encode(),
+                _cpu_identity().encode(),
+            ]
         )
     ).hexdigest()[:20]
     problems = []
@@ -95,7 +103,7 @@ def library(name: str, without: str, needs: tuple[str, ...] = ()) -> ctypes.CDLL
         try:
             built = not target.exists()
             if built:
-                _build(compiler_path, source, target)
+                _build(compiler_path, source, target, flags)
             loaded = ctypes.CDLL(str(target))
             log.info("%s kernel: on (%s %s)", name, "built into" if built else "loaded from", target)
             return loaded

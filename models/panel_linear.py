@@ -70,6 +70,9 @@ class PanelProduct:
         self.out_features, self.in_features = weight.shape
         self.panels = to_panels(weight.detach())
         self._function = kernel()
+        # Both tensors belong to this product and are never replaced: their addresses hold.
+        self._panels_address = self.panels.data_ptr()
+        self._bias_address = None if self.bias is None else self.bias.data_ptr()
 
     def agrees_with(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """Whether this product answers as F.linear over `weight` on random rows through both tile
@@ -85,23 +88,31 @@ class PanelProduct:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":
+        # Kept lean: it runs for every linear layer of every step (several us of Python per call
+        # were a visible share of a batch-1 CPU step).
+        if x.dtype is not torch.float32 or not x.is_cpu:
             raise TypeError(f"the panel kernel takes float32 CPU inputs, not {x.dtype} on {x.device}")
-        rows = x.reshape(-1, self.in_features)
-        if rows.stride(-1) != 1 or rows.stride(0) < self.in_features:
-            rows = rows.contiguous()
-        out = rows.new_empty(rows.shape[0], self.out_features)
-        if rows.shape[0]:
+        in_features, out_features = self.in_features, self.out_features
+        if x.is_contiguous():
+            rows, row_stride = x, in_features
+        else:
+            rows = x.reshape(-1, in_features)
+            if rows.stride(-1) != 1 or rows.stride(0) < in_features:
+                rows = rows.contiguous()
+            row_stride = rows.stride(0)
+        count = rows.numel() // in_features if in_features else 0
+        out = torch.empty((*x.shape[:-1], out_features))
+        if count:
             self._function(
                 rows.data_ptr(),
-                rows.shape[0],
-                self.in_features,
-                rows.stride(0),
-                self.panels.data_ptr(),
-                self.out_features,
-                None if self.bias is None else self.bias.data_ptr(),
+                count,
+                in_features,
+                row_stride,
+                self._panels_address,
+                out_features,
+                self._bias_address,
                 out.data_ptr(),
-                self.out_features,
+                out_features,
                 torch.get_num_threads(),
             )
-        return out.view(*x.shape[:-1], self.out_features)
+        return out

@@ -18,6 +18,7 @@ import torch
 from models.attention import FLASH_BLOCK_MULTIPLE, flash_available
 from models.cpu_kernels import SharedInputs, pack_linears
 from models.cpu_norms import fuse_rms_norms
+from models.cpu_rotary import fuse_rotary
 from models.cross_attention import side_tokens
 from models.detokenize import IncrementalDetokenizer
 from models.devices import DeviceScope, kv_cache_budget
@@ -56,7 +57,9 @@ class ReplicaConfig:
     max_batch_size: int
     max_input_tokens: int
     max_new_tokens: int
-    pack_cpu_linears: bool  # packed linear weights and fused RMSNorm on CPU (fast path only)
+    pack_cpu_linears: (
+        bool  # packed linear weights, fused RMSNorm and rotary embedding on CPU (fast path only)
+    )
     kv_cache_budget_bytes: int | None  # the pool; None: auto from free memory
     kv_cache_gpu_fraction: float  # auto on GPU: this share of the memory free after loading
     kv_block_size: int | None  # None: auto (CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, 256 with FlashAttention)
@@ -192,6 +195,7 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
             pack_linears(loaded.model, batch_hint=min(16, config.max_batch_size), shared=shared.groups())
         )
         log.info(fuse_rms_norms(loaded.model))
+        log.info(fuse_rotary(loaded.model))
         reason = _self_test(runner, loaded)
         if reason is not None:  # the CPU kernels are an optimisation: never serve wrong numbers for them
             raise RuntimeError(
