@@ -28,7 +28,7 @@ ENV PYTHONUNBUFFERED=1 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # gcc + libc6-dev: Triton (fused kernels, torch.compile) compiles a small launcher at first use,
-# and a CPU replica its decode attention kernel (models/csrc, cached under XDG_CACHE_HOME).
+# and a CPU replica its kernels (models/csrc: attention, linears, norms, rotary; cached under XDG_CACHE_HOME).
 # git: --transformers-path accepts git+https URLs (only usable when the container runs as root).
 # Versions are Debian 12's (`apt-cache policy gcc libc6-dev git ca-certificates`); a Debian
 # security update retires the old version, so a failing build here means: update the pin.
