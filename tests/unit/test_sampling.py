@@ -113,6 +113,23 @@ def test_a_nan_row_fails_alone():
     assert tokens[1] is None and tokens[0] is not None and tokens[2] is not None
 
 
+def test_only_rows_with_a_nan_or_a_positive_infinity_fail():
+    """Rows are screened by their sum (one pass): a sum that overflows from huge finite logits, or
+    -inf from masked tokens, must not fail a row; +inf, alone or next to -inf, must."""
+    logits = torch.zeros(6, 10)
+    logits[0, 3] = float("inf")
+    logits[1, :5] = float("-inf")  # masked tokens: the row still has finite ones
+    logits[2, :] = 3.0e38  # finite, but sums past the float32 maximum
+    logits[2, 7] = 3.3e38
+    logits[3, 2], logits[3, 5] = float("inf"), float("-inf")  # sums to NaN
+    logits[4, 9] = 1.0
+    logits[5, 0] = float("nan")
+    rows = [row(SamplingParams(max_tokens=1, temperature=0.0)) for _ in range(6)]
+    tokens, _ = sample(logits, rows)
+    assert tokens[0] is None and tokens[3] is None and tokens[5] is None
+    assert tokens[1] == 5 and tokens[2] == 7 and tokens[4] == 9
+
+
 def test_candidate_shortcut_equals_the_full_vocabulary(monkeypatch):
     import models.sampling as sampling
 
