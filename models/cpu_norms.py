@@ -26,6 +26,8 @@ from torch import nn
 
 from models import native
 
+_CPU = torch.device("cpu")
+
 _EPS_ATTRIBUTES = ("variance_epsilon", "eps", "epsilon")
 _OFFSETS = (0.0, 1.0)  # Llama's weight, Gemma's 1 + weight
 PARALLEL_ROWS = 64  # as csrc/rms_norm.c: fewer rows run on the calling thread
@@ -60,7 +62,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, offset: float, eps: float) -
         x = x.contiguous()  # a norm's input is a fresh activation: contiguous but for rare layouts
     dim = x.shape[-1]
     rows = x.numel() // dim if dim else 0
-    out = torch.empty(x.shape)
+    out = torch.empty(x.shape, dtype=torch.float32, device=_CPU)
     if rows:
         # Threads are asked for only where the kernel would use them: the call is cheaper without.
         threads = torch.get_num_threads() if rows >= PARALLEL_ROWS else 1

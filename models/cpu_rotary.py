@@ -30,6 +30,8 @@ from torch import nn
 
 from models import native
 
+_CPU = torch.device("cpu")
+
 _NAME = "apply_rotary_pos_emb"
 
 
@@ -84,8 +86,9 @@ def rotate(
     """q and k rotated (a call `_fits` accepts): new tensors of their shapes, laid out [B, T, H, D]."""
     batch, q_heads, tokens, dim = q.shape
     k_heads = k.shape[1]
-    q_out = torch.empty(batch, tokens, q_heads, dim)
-    k_out = torch.empty(batch, tokens, k_heads, dim)
+    # Explicit: a process may have changed torch's default dtype or device.
+    q_out = torch.empty(batch, tokens, q_heads, dim, dtype=torch.float32, device=_CPU)
+    k_out = torch.empty(batch, tokens, k_heads, dim, dtype=torch.float32, device=_CPU)
     if batch and tokens and dim:
         q_strides, k_strides, angle_strides = q.stride(), k.stride(), cos.stride()
         kernel()(

@@ -27,6 +27,8 @@ import torch
 
 from models import native
 
+_CPU = torch.device("cpu")
+
 
 def _library():
     return native.library("panel_linear", "oneDNN packed linears", needs=("avx512f",))
@@ -101,7 +103,7 @@ class PanelProduct:
                 rows = rows.contiguous()
             row_stride = rows.stride(0)
         count = rows.numel() // in_features if in_features else 0
-        out = torch.empty((*x.shape[:-1], out_features))
+        out = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32, device=_CPU)
         if count:
             self._function(
                 rows.data_ptr(),

@@ -57,9 +57,7 @@ class ReplicaConfig:
     max_batch_size: int
     max_input_tokens: int
     max_new_tokens: int
-    pack_cpu_linears: (
-        bool  # packed linear weights, fused RMSNorm and rotary embedding on CPU (fast path only)
-    )
+    pack_cpu_linears: bool  # CPU kernels: packed linears, fused norms and rotary (fast path only)
     kv_cache_budget_bytes: int | None  # the pool; None: auto from free memory
     kv_cache_gpu_fraction: float  # auto on GPU: this share of the memory free after loading
     kv_block_size: int | None  # None: auto (CPU_BLOCK_SIZE, GPU_BLOCK_SIZE, 256 with FlashAttention)

@@ -235,7 +235,7 @@ def sample(
         if order is not None:
             picked = order.gather(1, picked[:, None])[:, 0]
         chosen[sampled] = picked
-    # The step's one wait for the device: the tokens and the suspect flags in one transfer.
+    # The tokens and the suspect flags in one transfer from the device (they were two).
     fetched = torch.cat([chosen, suspect.to(chosen.dtype)]).tolist()
     tokens: list[int | None] = fetched[: len(rows)]
     broken = {i for i, flag in enumerate(fetched[len(rows) :]) if flag and _not_finite(logits[i])}

@@ -40,9 +40,9 @@ class EngineRequest:
     params: SamplingParams
     n: int = 1
     kind: str = "chat"  # chat | completion | generate, for logs and metrics
-    # False: the client reads the answer whole, so the replica hands over each choice's first
-    # tokens (time to first token stays exact) and then its rest when it ends, instead of waking
-    # the event loop at every step for text nobody reads before the end.
+    # False: the client reads the answer whole, so the replica hands over the request's first
+    # tokens (time to first token stays exact), then each choice's rest when that choice ends,
+    # instead of waking the event loop at every step for text nobody reads before the end.
     streamed: bool = True
 
 
