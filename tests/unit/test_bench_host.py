@@ -117,3 +117,23 @@ def test_decode_steps_enters_around_for_exactly_the_timed_steps(replica):
     _decode_steps(replica, 2, 3, around=counting())
     # One decode-attention call per layer per step: neither the prefill nor the drain after.
     assert len(calls) == 3 * replica.loaded.model.config.num_hidden_layers
+
+
+def test_compare_fusions_times_both_forms_and_leaves_the_compiled_ones_in_place(monkeypatch):
+    import sys
+
+    import bench.host as host
+    from models import cpu_norms, cpu_rotary
+
+    if cpu_norms.kernel() is None or cpu_rotary.kernel() is None:
+        pytest.skip("no C compiler here")
+    written = {}
+    monkeypatch.setattr(host, "write_results", lambda name, rows: written.setdefault(name, rows))
+    host.main(["--compare-fusions", "1", "--batches", "1", "--steps", "2"])
+    rows = written["host-fusions"]
+    assert [row["mode"] for row in rows] == ["torch-ops", "fused"]
+    assert all(row["median_ms"] > 0 and row["norms_fused"] > 0 and row["rotary_fused"] for row in rows)
+    namespace = sys.modules[rows[0]["rotary_fused"][0]]
+    assert isinstance(
+        namespace.apply_rotary_pos_emb, cpu_rotary.FusedRotary
+    )  # restored after the torch rounds
