@@ -79,7 +79,7 @@ def _warm(live: Live, workloads: list[Workload], args, tokenizer: Path) -> None:
 
 def _measure(live: Live, workload: Workload, repeat: int, args, tokenizer: Path) -> dict:
     target = live.target
-    sample_health = target.server in ("ours", "base") or args.sample_peer_health
+    sample_health = not args.no_health and (target.server in ("ours", "base") or args.sample_peer_health)
     cfg = load_config(target, workload, args, tokenizer=tokenizer, sample_health=sample_health)
     with CpuWatch({live.pgid}) as watch:
         result = asyncio.run(run_load(cfg))
@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-args", default="", help="extra flags for transformers serve (e.g. --cb-* tuning)")
     p.add_argument("--server-env", action="append", default=[], metavar="K=V", help="env for both servers")
     p.add_argument("--sample-peer-health", action="store_true", help="poll the peer's /health too (slows it)")
+    p.add_argument(
+        "--no-health",
+        action="store_true",
+        help="poll no server's /health (no (d) target): throughput against servers that are not polled",
+    )
     p.add_argument(
         "--timeout", type=float, default=None, help="bound on each run, s (default 600, quick 240)"
     )
