@@ -1,8 +1,9 @@
 """Rotary position embedding of float32 CPU replicas as one compiled call (`csrc/rotary_embedding.c`).
 
-transformers' `apply_rotary_pos_emb` is about fourteen small torch ops per attention layer (two
+transformers' `apply_rotary_pos_emb` is sixteen small torch ops per attention layer (two
 unsqueezes, and for each of the query and key: two slices, a negation, a concatenation, two
-products and a sum), each with its dispatch, for a few microseconds of arithmetic at decode. The
+products and a sum), each with its dispatch: about 22 us per call at batch 1 against 10 for the
+compiled call (docs/BENCHMARKS.md, "Host work around the kernels"). The
 attention modules look the function up in their modeling module's namespace at every call, so
 that name is what gets replaced, with a function that runs the kernel for the calls it was checked
 for and the module's own function for any other.
