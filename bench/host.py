@@ -117,7 +117,6 @@ def compare_fusions(args) -> None:
     """One replica, its RMSNorms and rotary embedding alternately as transformers' torch ops and
     as the compiled calls `models.cpu_norms` and `models.cpu_rotary` put in place (the default
     where they build): same weights, same memory, interleaved rounds."""
-    import statistics
     import sys
 
     from models.cpu_rotary import FusedRotary
@@ -144,34 +143,18 @@ def compare_fusions(args) -> None:
             for namespace, function in rotary.items():
                 namespace.apply_rotary_pos_emb = function if fused else function.original
 
-        totals = {mode: {b: [] for b in batches} for mode in ("torch-ops", "fused")}
         try:
-            for _ in range(args.compare_fusions):
-                for mode in totals:
-                    use(mode == "fused")
-                    for batch in batches:
-                        _decode_steps(replica, batch, 5)
-                        totals[mode][batch].append(
-                            round(_decode_steps(replica, batch, args.steps)["total"], 3)
-                        )
+            modes = {"torch-ops": (replica, lambda: use(False)), "fused": (replica, lambda: use(True))}
+            totals = _timed_rounds(args, modes, args.compare_fusions)
         finally:
             use(True)
-    rows = [
-        {"mode": mode, "batch": b, "median_ms": round(statistics.median(v), 3), "rounds_ms": v,
-         "norms_fused": len(norms), "rotary_fused": sorted(n.__name__ for n in rotary)}
-        for mode, per_batch in totals.items()
-        for b, v in per_batch.items()
-    ]  # fmt: skip
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    write_results("host-fusions", rows)
+    _report(totals, "host-fusions", norms_fused=len(norms), rotary_fused=sorted(n.__name__ for n in rotary))
 
 
 def _interleaved(args, variants: dict[str, dict], rounds: int, results_name: str) -> None:
     """One replica per variant built in one process (each variant: names in `models.replica`
     replaced while it builds), then interleaved rounds, so that the machine's drift (large on a
     shared 2-core box) falls on all alike."""
-    import statistics
 
     import models.replica as replica_module
 
@@ -190,14 +173,30 @@ def _interleaved(args, variants: dict[str, dict], rounds: int, results_name: str
             finally:
                 for name, original in originals.items():
                     setattr(replica_module, name, original)
-        totals = {mode: {b: [] for b in batches} for mode in replicas}
-        for _ in range(rounds):
-            for mode, replica in replicas.items():
-                for batch in batches:
-                    _decode_steps(replica, batch, 5)
-                    totals[mode][batch].append(round(_decode_steps(replica, batch, args.steps)["total"], 3))
+        totals = _timed_rounds(args, {mode: (replica, None) for mode, replica in replicas.items()}, rounds)
+    _report(totals, results_name)
+
+
+def _timed_rounds(args, modes: dict, rounds: int) -> dict[str, dict[int, list[float]]]:
+    """`rounds` rounds, each timing every mode (a replica, and what to call before timing it, or
+    None) at every batch size in turn: total ms per decode step, per mode and batch size."""
+    batches = [int(b) for b in args.batches.split(",")]
+    totals = {mode: {b: [] for b in batches} for mode in modes}
+    for _ in range(rounds):
+        for mode, (replica, enter) in modes.items():
+            if enter is not None:
+                enter()
+            for batch in batches:
+                _decode_steps(replica, batch, 5)
+                totals[mode][batch].append(round(_decode_steps(replica, batch, args.steps)["total"], 3))
+    return totals
+
+
+def _report(totals: dict[str, dict[int, list[float]]], results_name: str, **extra) -> None:
+    import statistics
+
     rows = [
-        {"mode": mode, "batch": b, "median_ms": round(statistics.median(v), 3), "rounds_ms": v}
+        {"mode": mode, "batch": b, "median_ms": round(statistics.median(v), 3), "rounds_ms": v, **extra}
         for mode, per_batch in totals.items()
         for b, v in per_batch.items()
     ]

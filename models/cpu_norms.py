@@ -127,7 +127,7 @@ def _install(module: nn.Module, offset: float, eps: float) -> None:
 
     def forward(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # Extra arguments (a gate, say) or another dtype: the module's own forward, as checked.
-        if args or kwargs or hidden_states.dtype != torch.float32 or hidden_states.device.type != "cpu":
+        if args or kwargs or hidden_states.dtype is not torch.float32 or not hidden_states.is_cpu:
             return original(hidden_states, *args, **kwargs)
         return rms_norm(hidden_states, weight, offset, eps)
 
