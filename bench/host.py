@@ -3,7 +3,7 @@ negligible, so what is left is Python and framework overhead).
 
     python -m bench.host [--batches 1,8,32] [--steps 60] [--profile 1] [--model-path builtin:tiny]
                          [--graphs off|static] [--compare-packing ROUNDS] [--compare-backends ROUNDS]
-                         [--workload ROUNDS]
+                         [--compare-fusions ROUNDS] [--compare-lean ROUNDS] [--workload ROUNDS]
 
 In process, through the real executor: `batch` requests decode together (their prompts are
 prefilled first and not counted); the executor's own step timings (`scheduler/timings.py`) give
@@ -151,6 +151,31 @@ def compare_fusions(args) -> None:
     _report(totals, "host-fusions", norms_fused=len(norms), rotary_fused=sorted(n.__name__ for n in rotary))
 
 
+def compare_lean(args) -> None:
+    """One replica, its decode-only steps alternately through the model's modules and through the
+    lean step `models.lean_decode` installed (the default where it applies): interleaved rounds."""
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as cache:
+        replica = build_replica(
+            LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
+            replica_config(max_batch_size=max(batches)),
+        )
+        runner = replica.runner
+        lean = getattr(runner, "lean", None)
+        if lean is None:
+            raise SystemExit("--compare-lean: this replica has no lean decode step (see the log)")
+
+        def use(on: bool) -> None:
+            runner.lean = lean if on else None
+
+        try:
+            modes = {"modules": (replica, lambda: use(False)), "lean": (replica, lambda: use(True))}
+            totals = _timed_rounds(args, modes, args.compare_lean)
+        finally:
+            use(True)
+    _report(totals, "host-lean")
+
+
 def _interleaved(args, variants: dict[str, dict], rounds: int, results_name: str) -> None:
     """One replica per variant built in one process (each variant: names in `models.replica`
     replaced while it builds), then interleaved rounds, so that the machine's drift (large on a
@@ -294,6 +319,13 @@ def main(argv: list[str] | None = None) -> None:
         help="A/B on one replica: RMSNorm and rotary embedding as torch ops and as compiled calls (models.cpu_norms, models.cpu_rotary), interleaved",
     )
     parser.add_argument(
+        "--compare-lean",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="A/B on one replica: decode-only steps through the model's modules and through the lean step (models.lean_decode), interleaved",
+    )
+    parser.add_argument(
         "--workload",
         type=int,
         default=0,
@@ -322,6 +354,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.compare_fusions:
         compare_fusions(args)
+        return
+    if args.compare_lean:
+        compare_lean(args)
         return
     with tempfile.TemporaryDirectory() as cache:
         replica = build_replica(

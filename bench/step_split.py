@@ -6,7 +6,7 @@ gather apart) and everything else, timed in place.
 
 In process, through the real executor, as `bench.host` drives it: `batch` requests decode
 together, prefill not counted. Every linear layer's call (nn.Linear, packed or grouped) and the
-paged decode attention (`models.attention._decode_attention`, and within it `gather`, which copies
+paged decode attention (`models.attention.decode_attention`, and within it `gather`, which copies
 the rows' key and value blocks out of the pool) are wrapped in a timer; `rest` is the forward's
 time less those (norms, rotary embeddings, activations, residual adds, writing the new keys and
 values, the logits' row selection). The timers add about 1 us per call. Prints one JSON line per
@@ -31,7 +31,7 @@ from torch import nn
 import models.attention as attention
 from bench.host import _decode_steps
 from bench.server import write_results
-from models import cpu_attention, cpu_kernels
+from models import cpu_attention, cpu_kernels, panel_linear
 from models.loader import LoadSpec
 from models.replica import build_replica
 from tests.unit.configs import replica_config
@@ -56,9 +56,12 @@ def timed_parts(seconds: dict[str, float]):
         setattr(owner, attribute, timed)
 
     try:
-        for layer in (nn.Linear, cpu_kernels.PackedLinear, cpu_kernels.SharedProductMember):
-            wrap(layer, "forward", "linears")
-        wrap(attention, "_decode_attention", "decode_attention")
+        # The products themselves: the lean decode step calls them without their modules, and a
+        # group of siblings counts once (its members' hand-out of slices falls under `rest`).
+        wrap(nn.Linear, "forward", "linears")
+        wrap(cpu_kernels.OneDNNProduct, "__call__", "linears")
+        wrap(panel_linear.PanelProduct, "__call__", "linears")
+        wrap(attention, "decode_attention", "decode_attention")
         wrap(attention, "gather", "kv_gather")
         yield seconds
     finally:

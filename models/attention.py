@@ -177,6 +177,18 @@ class FlashDecode:
     block_table: torch.Tensor  # [rows, width] int32
 
 
+@dataclass(frozen=True, slots=True)
+class ObservedCall:
+    """What one attention layer's call in a step asked for: its rule (window from the call or the
+    config), its scaling, and whether it was plain attention (no soft-capping, sinks, key bias or
+    query temperature)."""
+
+    module: Any
+    rule: LayerRule
+    scaling: float | None
+    plain: bool
+
+
 @dataclass(slots=True)
 class PagedLayout:
     """How the packed tokens of one forward map onto the pool; built once per step."""
@@ -195,6 +207,8 @@ class PagedLayout:
     flash: FlashMetadata | None = None
     flash_decode: FlashDecode | None = None
     cross: Any = None  # what cross-attention layers read this step (`models.cross_attention.CrossStep`)
+    # When a dict: each attention layer's call records what it did (`models.lean_decode` reads it).
+    observed: dict | None = None
     _masks: dict = field(default_factory=dict)  # per (segment, rule), shared by all layers
     _elsewhere: dict = field(default_factory=dict)  # copies for layers on other GPUs, per device
 
@@ -226,6 +240,7 @@ class PagedLayout:
                     for s in self.segments
                 ],
                 cross=self.cross,
+                observed=self.observed,
                 flash=None
                 if self.flash is None
                 else FlashMetadata(
@@ -306,6 +321,9 @@ class _Extras:
         return self.softcap is not None or self.sinks is not None
 
 
+PLAIN = _Extras(None, None)  # a layer's call that adds nothing to scaled-dot-product attention
+
+
 def _attend(query, key, value, mask, scaling, extras: _Extras, is_causal=False):
     if extras.any:
         return _explicit_attention(query, key, value, mask, scaling, extras, is_causal)
@@ -375,8 +393,12 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     rule = layout.rules.get(layer_idx, FULL)
     if kwargs.get("sliding_window") is not None:
         rule = LayerRule(window=int(kwargs["sliding_window"]), chunk=rule.chunk)
-    if getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True):
+    tuned = getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True)
+    if tuned:
         query = _temperature_correction(module, query, layout)
+    if layout.observed is not None:
+        plain = not (extras.any or extras.key_bias is not None or tuned)
+        layout.observed[layer_idx] = ObservedCall(module, rule, scaling, plain)
 
     # query: [1, H, T, D]; key/value: [1, Hkv, T, Dk/Dv]; pools: [blocks + 1, block_size, Hkv, D]
     key_pool, value_pool = layout.cache.layer(layer_idx, key, value)
@@ -389,7 +411,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     else:
         parts = []
         if layout.num_decode:
-            parts.append(_decode_attention(layout, key_pool, value_pool, query, scaling, rule, extras))
+            parts.append(decode_attention(layout, key_pool, value_pool, query, scaling, rule, extras))
         if layout.segments:
             parts.append(
                 _prefill_attention(layout, key_pool, value_pool, query, key, value, scaling, rule, extras)
@@ -406,7 +428,9 @@ def gather(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return gathered.transpose(-3, -2)
 
 
-def _decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling, rule, extras):
+def decode_attention(layout: PagedLayout, key_pool, value_pool, query, scaling, rule, extras):
+    """The step's decode rows: [1, H, decode rows, Dv], through the compiled kernel over the pool
+    where it applies, else gathered blocks and SDPA."""
     nd = layout.num_decode
     if (
         layout.in_place_decode

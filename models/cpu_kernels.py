@@ -87,10 +87,10 @@ class PackedLinear(nn.Module):
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._product = _product(linear.weight, linear.bias, batch_hint, backend)
+        self.compute = _product(linear.weight, linear.bias, batch_hint, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._product(x)
+        return self.compute(x)
 
 
 class SharedProduct:
@@ -107,7 +107,7 @@ class SharedProduct:
         bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
         self.sizes = [linear.out_features for linear in linears]
         self._offsets = [sum(self.sizes[:index]) for index in range(len(self.sizes))]
-        self._product = _product(weight, bias, batch_hint, backend)
+        self.compute = _product(weight, bias, batch_hint, backend)
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
         self._untaken: list[bool] = []
@@ -116,7 +116,7 @@ class SharedProduct:
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
         untaken = self._untaken
         if self._input is not x or not untaken[index]:
-            self._output = self._product(x)
+            self._output = self.compute(x)
             self._input = x
             untaken = self._untaken = [True] * len(self.sizes)
             self._left = len(untaken)

@@ -132,6 +132,7 @@ def _install(module: nn.Module, offset: float, eps: float) -> None:
         return rms_norm(hidden_states, weight, offset, eps)
 
     module.forward = forward  # the instance's own: class, attributes and state dict stay as they were
+    module.fused_rms_norm = (weight, offset, eps)  # what `models.lean_decode` calls directly
 
 
 def fuse_rms_norms(model: nn.Module) -> str:

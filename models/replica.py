@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models import lean_decode
 from models.attention import FLASH_BLOCK_MULTIPLE, flash_available
 from models.cpu_kernels import SharedInputs, pack_linears
 from models.cpu_norms import fuse_rms_norms
@@ -199,6 +200,7 @@ def build_replica(spec: LoadSpec, config: ReplicaConfig) -> ModelReplica:
             raise RuntimeError(
                 f"self-test failed after installing the CPU kernels ({reason}); set CPU_PACKED_LINEARS=false"
             )
+        log.info(lean_decode.install(runner))
     startup_step(spec, "Ready.")
     log.info(
         "execution path: fast (paged KV pool: %d blocks of %d tokens = %.2f GiB, %s; attention: %s; CUDA graphs: %s; prefix caching %s)",

@@ -55,6 +55,9 @@ class PagedRunner:
         self.device = device
         self.cache = PagedKVCache(num_blocks, block_size, device)
         self.last_split: dict[str, float] = {}  # seconds of the last step's forward and sampling
+        # Decode-only steps without the model's modules (`models.lean_decode`), where installed.
+        self.lean = None
+        self.observing: dict | None = None  # set around a step to record its attention calls
         text_config = model.config.get_text_config(decoder=True)
         self._text_config = text_config
         self.rules = layer_rules(text_config)
@@ -186,10 +189,20 @@ class PagedRunner:
         model_inputs = _merge_model_inputs(mm_inputs)
         if self.cross is not None:
             layout.cross, model_inputs = self.cross.step(rows, self.model.dtype)
+        input_ids = torch.tensor(tokens, dtype=torch.long, device=device)
+        position_ids = self._position_ids(rows, position_tensor)
+        lean = (
+            self.lean is not None
+            and layout.num_decode == len(tokens) == len(keep)
+            and not model_inputs
+            and position_ids.dim() == 2
+        )
         with attention.use_layout(layout), self.long_rope.rows(self._long_rope_flags(rows)):
+            if lean:
+                return self.lean.forward(input_ids, position_ids, layout)
             out = self.model(
-                input_ids=torch.tensor([tokens], dtype=torch.long, device=device),
-                position_ids=self._position_ids(rows, position_tensor),
+                input_ids=input_ids[None],
+                position_ids=position_ids,
                 logits_to_keep=torch.tensor(keep or [len(tokens) - 1], dtype=torch.long, device=device),
                 use_cache=False,
                 **model_inputs,
@@ -236,6 +249,7 @@ class PagedRunner:
             rules=self.rules,
             declared_spans=self.traits.bidirectional is not None,
             in_place_decode=self.in_place_decode,
+            observed=self.observing,
         )
         if self.use_flash:
             layout.flash = self._flash_metadata(rows)
@@ -325,6 +339,7 @@ class PagedRunner:
     def restore_attention(self) -> None:
         """Give the model back its own attention (when the generic path takes over)."""
         self._text_config._attn_implementation = self.original_attn
+        self.lean = None
         falcon.uninstall(self.model)
 
 

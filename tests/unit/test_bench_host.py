@@ -79,7 +79,7 @@ def test_step_split_times_each_part_of_the_same_decode_steps_and_unwraps(replica
     import models.attention as attention
     from bench.step_split import split
 
-    forward, decode_attention = nn.Linear.forward, attention._decode_attention
+    forward, decode_attention = nn.Linear.forward, attention.decode_attention
     in_place, replica.runner.in_place_decode = replica.runner.in_place_decode, False
     try:
         row = split(replica, batch=2, steps=3)
@@ -94,7 +94,7 @@ def test_step_split_times_each_part_of_the_same_decode_steps_and_unwraps(replica
         # The compiled kernel reads the pool in place: attention without any gather.
         row = split(replica, batch=2, steps=3)
         assert row["of_which_kv_gather_ms"] == 0 < row["decode_attention_ms"] < row["forward_ms"]
-    assert nn.Linear.forward is forward and attention._decode_attention is decode_attention
+    assert nn.Linear.forward is forward and attention.decode_attention is decode_attention
 
 
 def test_decode_steps_enters_around_for_exactly_the_timed_steps(replica):
@@ -107,12 +107,12 @@ def test_decode_steps_enters_around_for_exactly_the_timed_steps(replica):
 
     @contextlib.contextmanager
     def counting():
-        original = attention._decode_attention
-        attention._decode_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+        original = attention.decode_attention
+        attention.decode_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
         try:
             yield
         finally:
-            attention._decode_attention = original
+            attention.decode_attention = original
 
     _decode_steps(replica, 2, 3, around=counting())
     # One decode-attention call per layer per step: neither the prefill nor the drain after.
@@ -137,3 +137,19 @@ def test_compare_fusions_times_both_forms_and_leaves_the_compiled_ones_in_place(
     assert isinstance(
         namespace.apply_rotary_pos_emb, cpu_rotary.FusedRotary
     )  # restored after the torch rounds
+
+
+def test_compare_lean_times_both_steps_and_leaves_the_lean_one_in_place(monkeypatch):
+    import bench.host as host
+    import models.replica as replica_module
+
+    built = []
+    build = replica_module.build_replica
+    monkeypatch.setattr(host, "build_replica", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    written = {}
+    monkeypatch.setattr(host, "write_results", lambda name, rows: written.setdefault(name, rows))
+    host.main(["--compare-lean", "1", "--batches", "1", "--steps", "2"])
+    rows = written["host-lean"]
+    assert [row["mode"] for row in rows] == ["modules", "lean"]
+    assert all(row["median_ms"] > 0 for row in rows)
+    assert built[0].runner.lean is not None

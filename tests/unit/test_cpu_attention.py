@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models import cpu_attention, native
-from models.attention import FULL, DecodeGroup, LayerRule, PagedLayout, _decode_attention, _Extras
+from models.attention import FULL, DecodeGroup, LayerRule, PagedLayout, _Extras, decode_attention
 from models.kv_cache import PagedKVCache
 
 pytestmark = pytest.mark.skipif(cpu_attention.kernel() is None, reason="no C compiler here")
@@ -70,12 +70,12 @@ def _both(layout, keys, values, query, scaling, rule):
     original = cpu_attention.attend
     cpu_attention.attend = lambda *args: calls.append(1) or original(*args)
     try:
-        fast = _decode_attention(layout, keys, values, query, scaling, rule, extras)
+        fast = decode_attention(layout, keys, values, query, scaling, rule, extras)
         assert len(calls) == len(layout.decode_groups)  # the kernel, not the path it replaces
         layout.in_place_decode = False  # as a runner whose self-test turned the kernel off
         for group in layout.decode_groups:
             group.masks.clear()
-        reference = _decode_attention(layout, keys, values, query, scaling, rule, extras)
+        reference = decode_attention(layout, keys, values, query, scaling, rule, extras)
         assert len(calls) == len(layout.decode_groups)  # gather + SDPA alone
     finally:
         cpu_attention.attend = original

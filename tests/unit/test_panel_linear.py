@@ -70,7 +70,7 @@ def test_packing_uses_the_kernel_where_it_builds():
     net = nn.Sequential(nn.Linear(64, 64))
     line = cpu_kernels.pack_linears(net, pays=lambda linear, batch_hint: True)
     assert "compiled panel kernel" in line
-    assert isinstance(net[0]._product, panel_linear.PanelProduct)
+    assert isinstance(net[0].compute, panel_linear.PanelProduct)
 
 
 def test_without_the_kernel_packing_keeps_onednn(monkeypatch, tmp_path):
@@ -84,7 +84,7 @@ def test_without_the_kernel_packing_keeps_onednn(monkeypatch, tmp_path):
         if cpu_kernels.packing_supported():
             net = nn.Sequential(nn.Linear(64, 64))
             line = cpu_kernels.pack_linears(net, pays=lambda linear, batch_hint: True)
-            assert "oneDNN" in line and isinstance(net[0]._product, cpu_kernels.OneDNNProduct)
+            assert "oneDNN" in line and isinstance(net[0].compute, cpu_kernels.OneDNNProduct)
             x = torch.randn(3, 64)
             with torch.inference_mode():
                 torch.testing.assert_close(net[0](x), F.linear(x, net[0].weight, net[0].bias))
@@ -102,5 +102,5 @@ def test_a_layer_the_kernel_gets_wrong_keeps_onednn(monkeypatch, caplog):
     net = nn.Sequential(nn.Linear(64, 48))
     with caplog.at_level("WARNING", logger="models.cpu_kernels"):
         cpu_kernels.pack_linears(net, pays=lambda linear, batch_hint: True, backend="panels")
-    assert isinstance(net[0]._product, cpu_kernels.OneDNNProduct)
+    assert isinstance(net[0].compute, cpu_kernels.OneDNNProduct)
     assert "disagrees with F.linear on a 64x48 layer" in caplog.text

@@ -130,6 +130,8 @@ ARCHS = {
     "gemma2": ({"head_dim": 16, "sliding_window": 8}, "fast"),
 }
 MAX_NEW = 12
+# Their decoder layers are the Llama template: on CPU, decode-only steps take the lean step.
+LEAN = {"qwen2", "qwen3", "mistral"}
 
 pytestmark = pytest.mark.slow  # builds and loads many checkpoints
 
@@ -188,6 +190,8 @@ def check_architecture(
         replica_config(max_batch_size=4, decode_graphs=decode_graphs),
     )
     assert replica.path == expected_path, replica.path_reason
+    if device == "cpu":
+        assert (getattr(replica.runner, "lean", None) is not None) == (model_type in LEAN)
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
     short, crossing, long = _prompt(tokenizer, 5), _prompt(tokenizer, 58), _prompt(tokenizer, 100)
     expected = {id(p): hf_greedy(replica, p, MAX_NEW) for p in (short, crossing, long)}

@@ -1,0 +1,146 @@
+"""The lean decode step: taken only by the Llama template's classes and only after answering bit
+for bit as the runner's own step; every token it decodes the one the model's modules decode, with
+rows of different lengths, packed or plain linears, per-head norms and sliding windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from models import lean_decode
+from models.attention import FULL, LayerRule, ObservedCall
+from models.loader import LoadSpec
+from models.params import SamplingParams
+from models.prompt import PreparedPrompt
+from models.replica import build_replica
+from models.tiny import build_text_model, build_tokenizer
+from tests.unit.configs import replica_config
+from tests.unit.engine_driver import EngineDriver
+
+pytestmark = pytest.mark.slow  # builds and loads checkpoints
+
+
+def _replica(path, **overrides):
+    return build_replica(
+        LoadSpec(source=str(path), dtype="fp32", attn_impl="sdpa"),
+        replica_config(max_batch_size=8, **overrides),
+    )
+
+
+def _decode(replica, *, lean: bool, lengths=(3, 40, 150), max_tokens=10, n=1) -> list[list[list[int]]]:
+    """Greedy and sampled outputs of prompts of `lengths` decoding together, with the lean step
+    on or off, and how many steps it took."""
+    runner = replica.runner
+    installed, runner.lean = runner.lean, runner.lean if lean else None
+    calls = []
+    if runner.lean is not None:
+        forward = runner.lean.forward
+        runner.lean.forward = lambda *args: calls.append(1) or forward(*args)
+    try:
+        driver = EngineDriver(replica)
+        streams = []
+        for index, length in enumerate(lengths):
+            prompt = PreparedPrompt([(11 * i + 5 * index + 1) % 500 + 3 for i in range(length)])
+            greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            sampled = SamplingParams(max_tokens=max_tokens, temperature=0.9, seed=index, ignore_eos=True)
+            streams.append(driver.submit(prompt, greedy))
+            streams.append(driver.submit(prompt, sampled, n=n))
+        driver.run(streams)
+        if lean:
+            assert calls, "no decode step went through the lean step"
+        return [driver.outputs(stream) for stream in streams]
+    finally:
+        if lean:
+            del runner.lean.forward
+        runner.lean = installed
+
+
+@pytest.fixture(scope="module")
+def packed_path(tmp_path_factory):
+    """Layers wide enough to be packed, q/k/v and gate/up as one product each."""
+    return build_text_model(
+        tmp_path_factory.mktemp("lean") / "wide",
+        hidden_size=512,
+        intermediate_size=1024,
+        num_heads=8,
+        num_kv_heads=2,
+    )
+
+
+def test_a_cpu_llama_takes_it_and_decodes_the_same_tokens(tiny_text_path):
+    replica = _replica(tiny_text_path)
+    assert replica.runner.lean is not None
+    assert _decode(replica, lean=True, n=2) == _decode(replica, lean=False, n=2)
+
+
+def test_packed_siblings_run_as_one_product_and_decode_the_same_tokens(packed_path):
+    replica = _replica(packed_path)
+    lean = replica.runner.lean
+    assert lean is not None and lean.layers[0].qkv is not None and lean.layers[0].gate_up is not None
+    assert _decode(replica, lean=True) == _decode(replica, lean=False)
+
+
+def test_only_with_the_cpu_kernels_on(tiny_text_path):
+    assert _replica(tiny_text_path, pack_cpu_linears=False).runner.lean is None
+
+
+def _build(model_type: str, out, **extra):
+    tokenizer = build_tokenizer(512)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        **extra,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_per_head_norms_and_windows_as_the_runner_observed_them(tmp_path):
+    """Qwen3's query and key norms; Mistral's window, which reaches attention only in the call."""
+    qwen3 = _replica(_build("qwen3", tmp_path / "qwen3", head_dim=16))
+    assert qwen3.runner.lean is not None and qwen3.runner.lean.layers[0].q_norm is not None
+    assert _decode(qwen3, lean=True) == _decode(qwen3, lean=False)
+    mistral = _replica(_build("mistral", tmp_path / "mistral", sliding_window=8))
+    assert [layer.rule for layer in mistral.runner.lean.layers] == [LayerRule(window=8)] * 2
+    # The 150-token prompt decodes far past the window.
+    assert _decode(mistral, lean=True) == _decode(mistral, lean=False)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "olmo2", "granite"])
+def test_other_architectures_keep_the_model_s_modules(model_type, tmp_path):
+    """Gemma scales its embeddings, OLMo2 normalises after each block, Granite multiplies its
+    residuals: none is the template, whatever their modules are called."""
+    extra = {"head_dim": 16} if model_type == "gemma" else {}
+    replica = _replica(_build(model_type, tmp_path / model_type, **extra))
+    assert replica.path == "fast" and replica.runner.lean is None
+    lean, reason = lean_decode.build(replica.runner.model)
+    assert lean is None and "not" in reason
+
+
+def test_a_step_that_differs_by_one_bit_is_refused(tiny_text_path):
+    replica = _replica(tiny_text_path)
+    runner = replica.runner
+    lean, _ = lean_decode.build(runner.model)
+    nudged = lean.layers[-1].act
+    lean.layers[-1].act = lambda x: torch.nextafter(nudged(x), torch.tensor(float("inf")))
+    with torch.inference_mode():
+        assert lean_decode.verify(runner, lean) == "its logits differ from the runner's own step"
+    assert runner.lean is None
+
+
+def test_attention_beyond_plain_is_refused(tiny_text_path):
+    lean, _ = lean_decode.build(_replica(tiny_text_path).runner.model)
+    plain = {layer.index: ObservedCall(None, FULL, 0.25, True) for layer in lean.layers}
+    assert lean.adopt(plain) is None and lean.layers[0].scaling == 0.25
+    assert "not plain" in lean.adopt({**plain, 1: ObservedCall(None, FULL, 0.25, False)})
+    assert "was not called" in lean.adopt({0: plain[0]})
