@@ -182,8 +182,11 @@ class LeanDecode:
             h = layer.mlp_norm(x)
             if layer.gate_up is not None:
                 both = layer.gate_up(h)
+                # The activation gets the contiguous input the modules' path gives it: torch's
+                # vectorised loop and its scalar tail round SiLU differently (a strided [16, 2050]
+                # slice gave one element apart from its contiguous copy); a product is exact.
                 gate = both[:, : layer.intermediate].contiguous()
-                up = both[:, layer.intermediate :].contiguous()
+                up = both[:, layer.intermediate :]
             else:
                 gate, up = layer.gate(h), layer.up(h)
             x = x + layer.down(layer.act(gate) * up)
