@@ -130,7 +130,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "CPU_REPLICAS", P.integer(1, 16), "Model replicas when running on CPU", "--cpu-replicas",
     )] = 1
     cpu_packed_linears: Annotated[bool, _s(
-        "CPU_PACKED_LINEARS", P.boolean, "CPU kernels: packed linear weights, fused RMSNorm and rotary embedding", "--cpu-packed-linears",
+        "CPU_PACKED_LINEARS", P.boolean, "CPU kernels: packed linear weights, fused RMSNorm and rotary embedding, the lean decode step", "--cpu-packed-linears",
     )] = True
 
     # Batching, limits, backpressure

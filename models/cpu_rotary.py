@@ -36,11 +36,15 @@ _CPU = torch.device("cpu")
 _NAME = "apply_rotary_pos_emb"
 
 
-@functools.cache
-def kernel() -> Callable[..., None] | None:
+def _library():
     # Contracting (x * cos) + (partner * sin) into a fused multiply-add would round once where
     # torch rounds three times: off, so that the kernel's answers are the function's, bit for bit.
-    library = native.library("rotary_embedding", "torch's rotary ops", flags=("-ffp-contract=off",))
+    return native.library("rotary_embedding", "torch's rotary ops", flags=("-ffp-contract=off",))
+
+
+@functools.cache
+def kernel() -> Callable[..., None] | None:
+    library = _library()
     if library is None:
         return None
     function = library.rotary_embedding
@@ -48,6 +52,21 @@ def kernel() -> Callable[..., None] | None:
     function.argtypes = [
         pointer, i64, i64, i64, i64, pointer, i64, i64, i64, i64, pointer, pointer,
         i64, i64, i64, i64, i64, i64, ctypes.c_int, pointer, pointer,
+    ]  # fmt: skip
+    function.restype = None
+    return function
+
+
+@functools.cache
+def pool_kernel() -> Callable[..., None] | None:
+    library = _library()
+    if library is None:
+        return None
+    function = library.rotary_embedding_into_pool
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [
+        pointer, i64, i64, i64, pointer, i64, i64, i64, pointer, i64, i64, pointer, pointer,
+        i64, i64, i64, i64, i64, ctypes.c_int, pointer, pointer, pointer, pointer,
     ]  # fmt: skip
     function.restype = None
     return function
@@ -119,6 +138,56 @@ class FusedRotary:
         ):
             return self.original(q, k, cos, sin, *args, **kwargs)
         return rotate(q, k, cos, sin, self._flag)
+
+    def into_pool(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key_pool: torch.Tensor,
+        value_pool: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """For one sequence dimension: q [1, Hq, T, D] rotated (returned so, laid out [1, T, Hq,
+        D]), k [1, Hk, T, D] rotated and v [T, Hk, Dv] copied into the rows `slots` [T] (long) of
+        the pools [.., block_size, Hk, D or Dv], in one call: what this function and two
+        `index_copy_` compute, bit for bit. None for a call it does not take."""
+        if not (_fits(q, k, cos, sin) and q.shape[0] == 1 and (cos.shape[2] == q.shape[3] or self.partial)):
+            return None
+        tokens, k_heads, dim = q.shape[2], k.shape[1], q.shape[3]
+        value_dim = v.shape[-1]
+        if not (
+            v.dtype is torch.float32
+            and v.is_cpu
+            and v.dim() == 3
+            and v.shape[0] == tokens
+            and v.shape[1] == k_heads
+            and v.stride(2) == 1
+            and key_pool.dtype is torch.float32
+            and value_pool.dtype is torch.float32
+            and key_pool.is_contiguous()
+            and value_pool.is_contiguous()
+            and key_pool.shape[-2:] == (k_heads, dim)
+            and value_pool.shape[-2:] == (k_heads, value_dim)
+            and slots.dtype is torch.long
+            and slots.is_contiguous()
+            and slots.shape == (tokens,)
+        ):
+            return None
+        q_out = torch.empty(1, tokens, q.shape[1], dim, dtype=torch.float32, device=_CPU)
+        if tokens and dim:
+            q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
+            pool_kernel()(
+                q.data_ptr(), q_strides[1], q_strides[2], q.shape[1],
+                k.data_ptr(), k_strides[1], k_strides[2], k_heads,
+                v.data_ptr(), v_strides[0], v_strides[1],
+                cos.data_ptr(), sin.data_ptr(), cos.stride(1),
+                tokens, dim, cos.shape[2], value_dim, self._flag,
+                q_out.data_ptr(), key_pool.data_ptr(), value_pool.data_ptr(), slots.data_ptr(),
+            )  # fmt: skip
+        return q_out.transpose(1, 2)
 
 
 def _default_unsqueeze(args: tuple, kwargs: dict) -> bool:

@@ -168,13 +168,20 @@ class LeanDecode:
             k = k.view(1, tokens, kv_heads, dim)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
-            rotate = getattr(layer.namespace, _ROTARY_NAME)
-            q, k = rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             value_dim = v.shape[-1] // kv_heads
             v = v.view(tokens, kv_heads, value_dim)
             key_pool, value_pool = cache.layer(layer.index, k, v[None].transpose(1, 2))
-            key_pool.view(-1, kv_heads, dim).index_copy_(0, slots, k[0].transpose(0, 1))
-            value_pool.view(-1, kv_heads, value_dim).index_copy_(0, slots, v)
+            rotate = getattr(layer.namespace, _ROTARY_NAME)
+            # The compiled rotary function also stores the keys and values where `into_pool` exists.
+            into_pool = getattr(rotate, "into_pool", None)
+            rotated = into_pool(q, k, v, cos, sin, key_pool, value_pool, slots) if into_pool else None
+            if rotated is not None:
+                q = rotated
+            else:
+                q, k = rotate(q, k, cos, sin)
+                key_pool.view(-1, kv_heads, dim).index_copy_(0, slots, k[0].transpose(0, 1))
+                value_pool.view(-1, kv_heads, value_dim).index_copy_(0, slots, v)
             out = attention.decode_attention(
                 layout, key_pool, value_pool, q, layer.scaling, layer.rule, plain
             )

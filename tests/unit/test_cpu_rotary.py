@@ -54,6 +54,37 @@ def test_bit_identical_to_the_function_it_replaces(namespace, interleaved, parti
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    ("namespace", "rotated"), [(modeling_llama, None), (modeling_cohere, None), (modeling_phi3, 16)]
+)
+def test_into_pool_stores_what_the_function_and_two_copies_store(namespace, rotated):
+    """Rotated keys and copied values at their pool slots, queries rotated: bit for bit, from the
+    strided slices of one q/k/v product as the lean decode step passes them."""
+    fused = cpu_rotary._replacement(_original(namespace.apply_rotary_pos_emb))
+    tokens, heads, kv_heads, dim, value_dim = 3, 4, 2, 32, 24
+    generator = torch.Generator().manual_seed(1)
+    qkv = torch.randn(tokens, heads * dim + kv_heads * (dim + value_dim), generator=generator)
+    q = qkv[:, : heads * dim].view(1, tokens, heads, dim).transpose(1, 2)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(1, tokens, kv_heads, dim).transpose(1, 2)
+    v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, value_dim)
+    angles = torch.randn(1, tokens, rotated or dim, generator=generator)
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([9, 2, 30])
+    pools = [torch.zeros(4, 8, kv_heads, width) for width in (dim, value_dim, dim, value_dim)]
+    with torch.inference_mode():
+        want_q, want_k = fused.original(q, k, cos, sin)
+        pools[0].view(-1, kv_heads, dim).index_copy_(0, slots, want_k[0].transpose(0, 1))
+        pools[1].view(-1, kv_heads, value_dim).index_copy_(0, slots, v)
+        got_q = fused.into_pool(q, k, v, cos, sin, pools[2], pools[3], slots)
+        assert torch.equal(got_q, want_q)
+        assert torch.equal(pools[2], pools[0]) and torch.equal(pools[3], pools[1])
+        # Calls it does not take: another dtype of slots, a batch of two sequences.
+        assert fused.into_pool(q, k, v, cos, sin, pools[2], pools[3], slots.int()) is None
+        two = torch.cat([q, q]), torch.cat([k, k]), torch.cat([cos, cos]), torch.cat([sin, sin])
+        assert fused.into_pool(two[0], two[1], v, two[2], two[3], pools[2], pools[3], slots) is None
+
+
+@needs_kernel
 def test_other_calls_go_to_the_original_function():
     calls = []
 

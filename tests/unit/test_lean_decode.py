@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from models import lean_decode
+from models import cpu_rotary, lean_decode
 from models.attention import FULL, LayerRule, ObservedCall
 from models.loader import LoadSpec
 from models.params import SamplingParams
@@ -68,10 +68,17 @@ def packed_path(tmp_path_factory):
     )
 
 
-def test_a_cpu_llama_takes_it_and_decodes_the_same_tokens(tiny_text_path):
+def test_a_cpu_llama_takes_it_and_decodes_the_same_tokens(tiny_text_path, monkeypatch):
     replica = _replica(tiny_text_path)
     assert replica.runner.lean is not None
+    stored = []
+    if cpu_rotary.pool_kernel() is not None:  # the keys and values go to the pool with the rotation
+        into_pool = cpu_rotary.FusedRotary.into_pool
+        monkeypatch.setattr(
+            cpu_rotary.FusedRotary, "into_pool", lambda *args: stored.append(1) or into_pool(*args)
+        )
     assert _decode(replica, lean=True, n=2) == _decode(replica, lean=False, n=2)
+    assert bool(stored) == (cpu_rotary.pool_kernel() is not None)
 
 
 def test_packed_siblings_run_as_one_product_and_decode_the_same_tokens(packed_path):
