@@ -183,7 +183,6 @@ class ObservedCall:
     config), its scaling, and whether it was plain attention (no soft-capping, sinks, key bias or
     query temperature)."""
 
-    module: Any
     rule: LayerRule
     scaling: float | None
     plain: bool
@@ -398,7 +397,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         query = _temperature_correction(module, query, layout)
     if layout.observed is not None:
         plain = not (extras.any or extras.key_bias is not None or tuned)
-        layout.observed[layer_idx] = ObservedCall(module, rule, scaling, plain)
+        layout.observed[layer_idx] = ObservedCall(rule, scaling, plain)
 
     # query: [1, H, T, D]; key/value: [1, Hkv, T, Dk/Dv]; pools: [blocks + 1, block_size, Hkv, D]
     key_pool, value_pool = layout.cache.layer(layer_idx, key, value)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from models import cpu_rotary, lean_decode
 from models.attention import FULL, LayerRule, ObservedCall
@@ -17,6 +16,7 @@ from models.replica import build_replica
 from models.tiny import build_text_model, build_tokenizer
 from tests.unit.configs import replica_config
 from tests.unit.engine_driver import EngineDriver
+from tests.unit.test_text_architectures import build
 
 pytestmark = pytest.mark.slow  # builds and loads checkpoints
 
@@ -93,22 +93,7 @@ def test_only_with_the_cpu_kernels_on(tiny_text_path):
 
 
 def _build(model_type: str, out, **extra):
-    tokenizer = build_tokenizer(512)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        **extra,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    build(model_type, extra, build_tokenizer(512), out)
     return out
 
 
@@ -147,7 +132,7 @@ def test_a_step_that_differs_by_one_bit_is_refused(tiny_text_path):
 
 def test_attention_beyond_plain_is_refused(tiny_text_path):
     lean, _ = lean_decode.build(_replica(tiny_text_path).runner.model)
-    plain = {layer.index: ObservedCall(None, FULL, 0.25, True) for layer in lean.layers}
+    plain = {layer.index: ObservedCall(FULL, 0.25, True) for layer in lean.layers}
     assert lean.adopt(plain) is None and lean.layers[0].scaling == 0.25
-    assert "not plain" in lean.adopt({**plain, 1: ObservedCall(None, FULL, 0.25, False)})
+    assert "not plain" in lean.adopt({**plain, 1: ObservedCall(FULL, 0.25, False)})
     assert "was not called" in lean.adopt({0: plain[0]})
