@@ -214,7 +214,9 @@ def build(model: nn.Module) -> tuple[LeanDecode | None, str]:
     if decoder.embed_tokens.max_norm is not None:
         return None, "the embedding renormalises its rows"
     layers = []
-    for index, layer in enumerate(decoder.layers):
+    # The decoder runs the first `num_hidden_layers` of its list (a list may hold more).
+    count = getattr(decoder.config, "num_hidden_layers", len(decoder.layers))
+    for index, layer in enumerate(decoder.layers[:count]):
         if type(layer).__name__ not in _TEMPLATE_LAYERS or _children(layer) != _LAYER_CHILDREN:
             return None, f"layer {index} ({type(layer).__name__}) is not the template"
         attn, mlp = layer.self_attn, layer.mlp
