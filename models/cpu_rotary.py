@@ -42,34 +42,33 @@ def _library():
     return native.library("rotary_embedding", "torch's rotary ops", flags=("-ffp-contract=off",))
 
 
-@functools.cache
-def kernel() -> Callable[..., None] | None:
+def _bound(name: str, argtypes: list) -> Callable[..., None] | None:
     library = _library()
     if library is None:
         return None
-    function = library.rotary_embedding
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [
-        pointer, i64, i64, i64, i64, pointer, i64, i64, i64, i64, pointer, pointer,
-        i64, i64, i64, i64, i64, i64, ctypes.c_int, pointer, pointer,
-    ]  # fmt: skip
+    function = getattr(library, name)
+    function.argtypes = argtypes
     function.restype = None
     return function
+
+
+_POINTER, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+@functools.cache
+def kernel() -> Callable[..., None] | None:
+    return _bound("rotary_embedding", [
+        _POINTER, _I64, _I64, _I64, _I64, _POINTER, _I64, _I64, _I64, _I64, _POINTER, _POINTER,
+        _I64, _I64, _I64, _I64, _I64, _I64, _INT, _POINTER, _POINTER,
+    ])  # fmt: skip
 
 
 @functools.cache
 def pool_kernel() -> Callable[..., None] | None:
-    library = _library()
-    if library is None:
-        return None
-    function = library.rotary_embedding_into_pool
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [
-        pointer, i64, i64, i64, pointer, i64, i64, i64, pointer, i64, i64, pointer, pointer,
-        i64, i64, i64, i64, i64, ctypes.c_int, pointer, pointer, pointer, pointer,
-    ]  # fmt: skip
-    function.restype = None
-    return function
+    return _bound("rotary_embedding_into_pool", [
+        _POINTER, _I64, _I64, _I64, _POINTER, _I64, _I64, _I64, _POINTER, _I64, _I64, _POINTER, _POINTER,
+        _I64, _I64, _I64, _I64, _I64, _INT, _POINTER, _POINTER, _POINTER, _POINTER,
+    ])  # fmt: skip
 
 
 def _fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:

@@ -171,7 +171,7 @@ class LeanDecode:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             value_dim = v.shape[-1] // kv_heads
             v = v.view(tokens, kv_heads, value_dim)
-            key_pool, value_pool = cache.layer(layer.index, k, v[None].transpose(1, 2))
+            key_pool, value_pool = cache.layer_pools(layer.index)  # written by `verify`'s first step
             rotate = getattr(layer.namespace, _ROTARY_NAME)
             # The compiled rotary function also stores the keys and values where `into_pool` exists.
             into_pool = getattr(rotate, "into_pool", None)
