@@ -152,8 +152,10 @@ def compare_fusions(args) -> None:
 
 
 def compare_lean(args) -> None:
-    """One replica, its decode-only steps alternately through the model's modules and through the
-    lean step `models.lean_decode` installed (the default where it applies): interleaved rounds."""
+    """One replica, its decode-only steps alternately through the model's modules, through the lean
+    step `models.lean_decode` as its Python loop, and through the lean step as installed (the
+    default where it applies: with its compiled layers, `models.lean_native`, where they apply):
+    interleaved rounds."""
     batches = [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as cache:
         replica = build_replica(
@@ -165,15 +167,20 @@ def compare_lean(args) -> None:
         if lean is None:
             raise SystemExit("--compare-lean: this replica has no lean decode step (see the log)")
 
-        def use(on: bool) -> None:
+        native = lean.native
+
+        def use(on: bool, compiled: bool = True) -> None:
             runner.lean = lean if on else None
+            lean.native = native if compiled else None
 
         try:
             modes = {"modules": (replica, lambda: use(False)), "lean": (replica, lambda: use(True))}
+            if native is not None:
+                modes = {**modes, "lean-python": (replica, lambda: use(True, compiled=False))}
             totals = _timed_rounds(args, modes, args.compare_lean)
         finally:
             use(True)
-    _report(totals, "host-lean")
+    _report(totals, "host-lean", compiled_layers=native is not None)
 
 
 def _interleaved(args, variants: dict[str, dict], rounds: int, results_name: str) -> None:

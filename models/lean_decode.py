@@ -31,7 +31,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from models import attention
+from models import attention, lean_native
 from models.attention import LayerRule, ObservedCall
 from models.cpu_kernels import PackedLinear, SharedProductMember
 from models.cpu_norms import rms_norm
@@ -119,6 +119,7 @@ class _Layer:
     head_dim: int
     intermediate: int
     namespace: ModuleType  # the modeling module, whose rotary function the layer calls
+    modules: dict[str, nn.Module]  # the layer's parts by the names above (`models.lean_native` reads them)
     rule: LayerRule | None = None  # from the runner's own step (`verify`)
     scaling: float | None = None
 
@@ -132,6 +133,8 @@ class LeanDecode:
         self.norm = _norm(decoder.norm)
         self.head = _linear(head)
         self.layers = layers
+        self.native: lean_native.NativeLayers | None = None  # set by `adopt` where it applies
+        self.native_allowed = True
 
     def adopt(self, observed: dict[int, ObservedCall]) -> str | None:
         """Take each layer's rule and scaling from what its attention call did in the runner's
@@ -143,6 +146,7 @@ class LeanDecode:
             if not call.plain:
                 return f"layer {layer.index}'s attention is not plain (soft-capping, sinks or a bias)"
             layer.rule, layer.scaling = call.rule, call.scaling
+        self.native = lean_native.build(self) if self.native_allowed else None
         return None
 
     def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, layout) -> torch.Tensor:
@@ -150,6 +154,9 @@ class LeanDecode:
         `position_ids` [1, T], written to and attending over `layout`'s pool."""
         x = self.embed(ids)  # [T, hidden]
         cos, sin = self.rotary(x[None], position_ids)
+        native = self.native
+        if native is not None and native.takes(layout, cos, sin):
+            return self.head(self.norm(native.forward(x, cos, sin, layout)))
         tokens = x.shape[0]
         cache, slots = layout.cache, layout.slot_mapping
         plain = attention.PLAIN
@@ -252,6 +259,13 @@ def build(model: nn.Module) -> tuple[LeanDecode | None, str]:
                 head_dim=attn.head_dim,
                 intermediate=gate.out_features,
                 namespace=namespace,
+                modules={
+                    "attention_norm": layer.input_layernorm,
+                    "mlp_norm": layer.post_attention_layernorm,
+                    **{name: getattr(attn, f"{name}_proj") for name in ("q", "k", "v", "o")},
+                    **{name: getattr(mlp, f"{name}_proj") for name in ("gate", "up", "down")},
+                    **({"q_norm": attn.q_norm, "k_norm": attn.k_norm} if hasattr(attn, "q_norm") else {}),
+                },
             )
         )
     if not layers:
@@ -301,17 +315,30 @@ def verify(runner, lean: LeanDecode) -> str | None:
 
 def install(runner) -> str:
     """Give `runner` the lean step when the model is the template's and it answers bit for bit as
-    the runner's own step; returns a one-line decision for the log."""
+    the runner's own step, with its compiled layers (`models.lean_native`) where they apply and
+    answer alike too; returns a one-line decision for the log."""
     lean, what = build(runner.model)
     if lean is None:
         return f"lean decode step: off ({what})"
-    try:
-        with torch.inference_mode():
-            reason = verify(runner, lean)
-    except Exception as exc:  # noqa: BLE001 - an optimisation: any failure keeps the runner's own step
-        log.debug("lean decode check raised", exc_info=True)
-        reason = f"its check raised {type(exc).__name__}: {exc}"
+    reason, compiled = None, "compiled layers off (not every part is a project kernel)"
+    for allowed in (True, False):
+        lean.native_allowed = allowed
+        try:
+            with torch.inference_mode():
+                reason = verify(runner, lean)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: any failure keeps the runner's own step
+            log.debug("lean decode check raised", exc_info=True)
+            reason = f"its check raised {type(exc).__name__}: {exc}"
+        if reason is None:
+            if lean.native is not None:
+                compiled = "compiled layers on"
+            break
+        if lean.native is None:
+            break  # the Python loop itself did not answer alike: no second try
+        compiled = f"compiled layers off ({reason})"
     if reason is not None:
         return f"lean decode step: off ({reason})"
     runner.lean = lean
-    return f"lean decode step: on ({what}; decode-only steps bit-identical to the model's modules)"
+    return (
+        f"lean decode step: on ({what}; {compiled}; decode-only steps bit-identical to the model's modules)"
+    )

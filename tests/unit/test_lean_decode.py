@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import cpu_rotary, lean_decode
+from models import cpu_kernels, cpu_rotary, lean_decode, lean_native
 from models.attention import FULL, LayerRule, ObservedCall
 from models.loader import LoadSpec
 from models.params import SamplingParams
@@ -28,11 +28,16 @@ def _replica(path, **overrides):
     )
 
 
-def _decode(replica, *, lean: bool, lengths=(3, 40, 150), max_tokens=10, n=1) -> list[list[list[int]]]:
+def _decode(
+    replica, *, lean: bool, native: bool = True, lengths=(3, 40, 150), max_tokens=10, n=1
+) -> list[list[list[int]]]:
     """Greedy and sampled outputs of prompts of `lengths` decoding together, with the lean step
-    on or off, and how many steps it took."""
+    on or off (and its compiled layers, where installed, on or off)."""
     runner = replica.runner
     installed, runner.lean = runner.lean, runner.lean if lean else None
+    compiled = None if installed is None else installed.native
+    if installed is not None and not native:
+        installed.native = None
     calls = []
     if runner.lean is not None:
         forward = runner.lean.forward
@@ -54,6 +59,8 @@ def _decode(replica, *, lean: bool, lengths=(3, 40, 150), max_tokens=10, n=1) ->
         if lean:
             del runner.lean.forward
         runner.lean = installed
+        if installed is not None:
+            installed.native = compiled
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +92,62 @@ def test_packed_siblings_run_as_one_product_and_decode_the_same_tokens(packed_pa
     replica = _replica(packed_path)
     lean = replica.runner.lean
     assert lean is not None and lean.layers[0].qkv is not None and lean.layers[0].gate_up is not None
-    assert _decode(replica, lean=True) == _decode(replica, lean=False)
+    modules = _decode(replica, lean=False, n=2)
+    assert _decode(replica, lean=True, native=False, n=2) == modules
+    if lean_native.available():  # a CPU with AVX-512 and a C compiler
+        assert lean.native is not None
+        assert _decode(replica, lean=True, n=2) == modules
+
+
+def _wide(model_type: str, out, **extra):
+    """Layers wide enough for every linear to be packed (and the compiled layers to apply)."""
+    sizes = {
+        "hidden_size": 512,
+        "intermediate_size": 1024,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    }
+    return _build(model_type, out, **sizes, **extra)
+
+
+@pytest.mark.skipif(not lean_native.available(), reason="no AVX-512 or no C compiler here")
+def test_compiled_layers_with_separate_products_per_head_norms_and_windows(tmp_path, monkeypatch):
+    """q, k and v as three products (no sibling groups); Qwen3's query and key norms; Mistral's
+    window, far past which the 150-token prompt decodes."""
+    with monkeypatch.context() as patch:
+        patch.setattr(cpu_kernels.SharedInputs, "groups", lambda self: [])
+        separate = _replica(_wide("llama", tmp_path / "llama"))
+    layer = separate.runner.lean.layers[0]
+    assert layer.qkv is None and layer.gate_up is None and separate.runner.lean.native is not None
+    qwen3 = _replica(_wide("qwen3", tmp_path / "qwen3", head_dim=64))
+    assert qwen3.runner.lean.native is not None and qwen3.runner.lean.layers[0].q_norm is not None
+    mistral = _replica(_wide("mistral", tmp_path / "mistral", sliding_window=8))
+    assert mistral.runner.lean.native is not None
+    assert [layer.rule for layer in mistral.runner.lean.layers] == [LayerRule(window=8)] * 2
+    for replica in (separate, qwen3, mistral):
+        modules = _decode(replica, lean=False)
+        assert _decode(replica, lean=True) == modules
+        assert _decode(replica, lean=True, native=False) == modules
+
+
+@pytest.mark.skipif(not lean_native.available(), reason="no AVX-512 or no C compiler here")
+def test_compiled_layers_that_differ_by_one_bit_leave_the_python_loop(packed_path, monkeypatch):
+    replica = _replica(packed_path)
+    runner = replica.runner
+    forward = lean_native.NativeLayers.forward
+
+    def nudged(self, x, *args):
+        out = forward(self, x, *args)
+        out[0, 0] = torch.nextafter(out[0, 0], torch.tensor(float("inf")))
+        return out
+
+    monkeypatch.setattr(lean_native.NativeLayers, "forward", nudged)
+    runner.lean = None
+    decision = lean_decode.install(runner)
+    assert "compiled layers off (its logits differ" in decision and decision.startswith(
+        "lean decode step: on"
+    )
+    assert runner.lean is not None and runner.lean.native is None
 
 
 def test_only_with_the_cpu_kernels_on(tiny_text_path):
