@@ -9,8 +9,11 @@ together, prefill not counted. Every linear layer's call (nn.Linear, packed or g
 paged decode attention (`models.attention.decode_attention`, and within it `gather`, which copies
 the rows' key and value blocks out of the pool) are wrapped in a timer; `rest` is the forward's
 time less those (norms, rotary embeddings, activations, residual adds, writing the new keys and
-values, the logits' row selection). The timers add about 1 us per call. Prints one JSON line per
-batch size and round and writes them to bench/results/<timestamp>-step-split.json.
+values, the logits' row selection). The timers add about 1 us per call. The lean step's compiled
+layers (`models.lean_native`) call the kernels from C, where no Python timer reaches: they are
+switched off here, so the split is that of the lean step's Python loop (`bench.host
+--compare-lean` times the two against each other). Prints one JSON line per batch size and round
+and writes them to bench/results/<timestamp>-step-split.json.
 
 With `--compare-attention`, each round times the decode attention both ways, one right after the
 other on the same replica: the compiled kernel reading the pool in place (`models.cpu_attention`,
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             LoadSpec(source=args.model_path, dtype="fp32", attn_impl="sdpa", cache_dir=cache),
             replica_config(max_batch_size=max(batches)),
         )
+        if replica.runner.lean is not None:
+            replica.runner.lean.native = None  # its kernels' calls are C's, out of the timers' reach
         for round_index in range(args.rounds):
             for batch in batches:
                 for way, in_place in ways.items():

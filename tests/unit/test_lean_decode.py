@@ -112,19 +112,24 @@ def _wide(model_type: str, out, **extra):
 
 @pytest.mark.skipif(not lean_native.available(), reason="no AVX-512 or no C compiler here")
 def test_compiled_layers_with_separate_products_per_head_norms_and_windows(tmp_path, monkeypatch):
-    """q, k and v as three products (no sibling groups); Qwen3's query and key norms; Mistral's
-    window, far past which the 150-token prompt decodes."""
+    """q, k and v as three products (no sibling groups); Qwen2's q/k/v biases; Qwen3's query and
+    key norms; Mistral's window, far past which the 150-token prompt decodes."""
     with monkeypatch.context() as patch:
         patch.setattr(cpu_kernels.SharedInputs, "groups", lambda self: [])
         separate = _replica(_wide("llama", tmp_path / "llama"))
     layer = separate.runner.lean.layers[0]
     assert layer.qkv is None and layer.gate_up is None and separate.runner.lean.native is not None
+    qwen2 = _replica(_wide("qwen2", tmp_path / "qwen2"))
+    assert (
+        qwen2.runner.lean.native is not None
+        and qwen2.runner.model.model.layers[0].self_attn.q_proj.bias is not None
+    )
     qwen3 = _replica(_wide("qwen3", tmp_path / "qwen3", head_dim=64))
     assert qwen3.runner.lean.native is not None and qwen3.runner.lean.layers[0].q_norm is not None
     mistral = _replica(_wide("mistral", tmp_path / "mistral", sliding_window=8))
     assert mistral.runner.lean.native is not None
     assert [layer.rule for layer in mistral.runner.lean.layers] == [LayerRule(window=8)] * 2
-    for replica in (separate, qwen3, mistral):
+    for replica in (separate, qwen2, qwen3, mistral):
         modules = _decode(replica, lean=False)
         assert _decode(replica, lean=True) == modules
         assert _decode(replica, lean=True, native=False) == modules
