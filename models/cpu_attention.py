@@ -5,8 +5,8 @@ Without it, each decode step's attention copies every row's key and value blocks
 layer. Timed in place on the bench model (`bench.step_split`), that took 2-2.4 ms of a batch-1
 step and 5-9 ms of a batch-16 step, a third of it the copy, for attention arithmetic that is a
 small fraction of it. `csrc/paged_decode_attention.c` scores each row's keys where they lie, tile
-by tile with an online softmax; each row is a task (its key/value heads split over several when
-there are fewer rows than threads) on torch's own OpenMP threads (the library links the
+by tile with an online softmax; each row is a task (a lone row runs on the calling thread) on
+torch's own OpenMP threads (the library links the
 `libgomp.so.1` torch has already loaded, so no second thread pool competes for the cores).
 Runners switch it per model (`PagedRunner.in_place_decode`, which the self-test turns off for a
 model it does not reproduce).

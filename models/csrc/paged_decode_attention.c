@@ -126,29 +126,26 @@ static void attend(const float *q, int64_t q_head, const float *k_pool, const fl
     }
 }
 
-/* Tasks: each row's kv heads split into `splits` contiguous ranges (1 when the rows alone keep
- * every thread busy and the stack allows; more for a few rows, so a single stream still uses
- * every core). */
+/* Tasks: one per row, all its kv heads (more only where a task's heads would not fit its stack).
+ * Splitting a row's kv heads over threads, as this kernel did for fewer rows than threads, made
+ * it slower at every length measured on a 2-core machine (bench model, one row: 555 -> 277 us a
+ * step at 60 keys, 18.0 -> 6.0 ms at 2500; docs/BENCHMARKS.md): each task then reads a slice of
+ * every position's record, and both cores pull in the lines around theirs. A single row runs
+ * on the calling thread, without a parallel region. */
 void paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k_pool,
                             const float *v_pool, const int64_t *blocks, int64_t blocks_row,
                             const int64_t *first, const int64_t *length, const int64_t *rows,
                             float *out, int64_t num_rows, int heads, int kv_heads, int dim,
                             int dim_v, int block_size, float scale, int threads) {
     int group = heads / kv_heads;
-    int splits = (int)((2 * threads + num_rows - 1) / num_rows);
-    splits = splits < 1 ? 1 : (splits > kv_heads ? kv_heads : splits);
-    int per_split = (kv_heads + splits - 1) / splits;
-    int fits = MAX_TASK_FLOATS / (group * (dim + dim_v + TILE));
-    fits = fits < 1 ? 1 : fits; /* the caller sends no wider layout; never divide by zero below */
-    if (per_split > fits) {
-        per_split = fits;
-        splits = (kv_heads + per_split - 1) / per_split;
-    }
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+    int per_split = MAX_TASK_FLOATS / (group * (dim + dim_v + TILE));
+    per_split = per_split < 1 ? 1 : (per_split > kv_heads ? kv_heads : per_split);
+    int splits = (kv_heads + per_split - 1) / per_split;
+    if (num_rows * splits == 1) threads = 1;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) if (threads > 1)
     for (int64_t i = 0; i < num_rows; i++) {
         for (int split = 0; split < splits; split++) {
             int kv_first = split * per_split;
-            if (kv_first >= kv_heads) continue;
             int kv_count = kv_heads - kv_first < per_split ? kv_heads - kv_first : per_split;
             int64_t row = rows ? rows[i] : i;
             int64_t head = (int64_t)kv_first * group;
