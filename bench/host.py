@@ -48,16 +48,18 @@ def _decode_steps(
     steps: int,
     profile: bool = False,
     around: contextlib.AbstractContextManager | None = None,
+    filler: int = 0,
 ) -> dict:
     """`steps` decode steps of `batch` requests, timed by the executor; `around` is entered for
-    exactly those steps (not the prefill before them nor the drain after)."""
+    exactly those steps (not the prefill before them nor the drain after). `filler` words lengthen
+    each prompt (longer contexts for attention to read)."""
     builder = PromptBuilder.for_model(replica.loaded)
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     driver = EngineDriver(replica, max_batch_size=batch)
     streams = []
     for index in range(batch):
         prompt = builder.prepare(
-            PromptInput(messages=({"role": "user", "content": f"request {index} says hi"},))
+            PromptInput(messages=({"role": "user", "content": f"request {index} says hi" + " and" * filler},))
         )
         streams.append(driver.submit(prompt, params))
     executor = driver.executor

@@ -2,7 +2,7 @@
 gather apart) and everything else, timed in place.
 
     python -m bench.step_split --model-path bench/models/bench-80m [--batches 1,16] [--steps 40] [--rounds 3]
-        [--compare-attention]
+        [--compare-attention] [--filler WORDS]
 
 In process, through the real executor, as `bench.host` drives it: `batch` requests decode
 together, prefill not counted. Every linear layer's call (nn.Linear, packed or grouped) and the
@@ -72,9 +72,9 @@ def timed_parts(seconds: dict[str, float]):
             setattr(owner, attribute, original)
 
 
-def split(replica, batch: int, steps: int) -> dict:
+def split(replica, batch: int, steps: int, filler: int = 0) -> dict:
     seconds: dict[str, float] = {}
-    row = _decode_steps(replica, batch, steps, around=timed_parts(seconds))
+    row = _decode_steps(replica, batch, steps, around=timed_parts(seconds), filler=filler)
     per_step = {part: value / steps * 1e3 for part, value in seconds.items()}
     linears = per_step.get("linears", 0.0)
     attend = per_step.get("decode_attention", 0.0)
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--filler", type=int, default=0, help="words added to each prompt: longer contexts")
     parser.add_argument(
         "--compare-attention",
         action="store_true",
@@ -119,8 +120,12 @@ def main(argv: list[str] | None = None) -> None:
                 for way, in_place in ways.items():
                     if in_place is not None:
                         replica.runner.in_place_decode = in_place
-                    _decode_steps(replica, batch, 5)  # warm-up
-                    row = {**split(replica, batch, args.steps), "round": round_index, "attention": way}
+                    _decode_steps(replica, batch, 5, filler=args.filler)  # warm-up
+                    row = {
+                        **split(replica, batch, args.steps, args.filler),
+                        "round": round_index,
+                        "attention": way,
+                    }
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     write_results("step-split", rows)
