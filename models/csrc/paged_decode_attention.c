@@ -127,11 +127,13 @@ static void attend(const float *q, int64_t q_head, const float *k_pool, const fl
 }
 
 /* Tasks: one per row, all its kv heads (more only where a task's heads would not fit its stack).
- * Splitting a row's kv heads over threads, as this kernel did for fewer rows than threads, made
- * it slower at every length measured on a 2-core machine (bench model, one row: 555 -> 277 us a
- * step at 60 keys, 18.0 -> 6.0 ms at 2500; docs/BENCHMARKS.md): each task then reads a slice of
- * every position's record, and both cores pull in the lines around theirs. A single row runs
- * on the calling thread, without a parallel region. */
+ * Splitting a row's kv heads over threads, as this kernel did for fewer rows than threads, was
+ * slower at every length measured on a 2-core machine: one row of the bench model at about 1000
+ * keys took 6.8-7.5 ms of attention a step split, 3.0-3.2 on one thread (bench.step_split
+ * --filler 1000; docs/BENCHMARKS.md, where shorter and longer contexts agree). Why was not
+ * measured; each split task reads a slice of every position's record, and adjacent-line
+ * prefetching on both cores would pull in each other's lines. A single row runs on the calling
+ * thread, without a parallel region. */
 void paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k_pool,
                             const float *v_pool, const int64_t *blocks, int64_t blocks_row,
                             const int64_t *first, const int64_t *length, const int64_t *rows,
