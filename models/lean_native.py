@@ -186,17 +186,16 @@ class NativeLayers:
         self.step = _Step()
         self.gate = torch.empty(0)
 
-    def _attach_pools(self, cache) -> None:
-        for index, (layer, spec) in enumerate(zip(self.lean.layers, self.layers, strict=True)):
-            keys, values = cache.layer_pools(layer.index)
-            if not (
-                keys.is_contiguous()
-                and values.is_contiguous()
-                and keys.dtype is values.dtype is torch.float32
-            ):
-                raise ValueError(f"layer {index}'s pools are not contiguous float32")
+    def _attach_pools(self, cache) -> bool:
+        """Point the layers at `cache`'s pools (allocated by the first step that wrote them, never
+        replaced after); False when one is not the contiguous float32 the kernels read."""
+        pools = [cache.layer_pools(layer.index) for layer in self.lean.layers]
+        if not all(pool.is_contiguous() and pool.dtype is torch.float32 for pair in pools for pool in pair):
+            return False
+        for spec, (keys, values) in zip(self.layers, pools, strict=True):
             spec.key_pool, spec.value_pool = keys.data_ptr(), values.data_ptr()
         self.pools_of = cache
+        return True
 
     def _size(self, tokens: int) -> None:
         """Room for `tokens` rows in every intermediate, kept for later steps of that size or less."""
@@ -268,9 +267,9 @@ class NativeLayers:
         )
         gate = self.gate
         run(kernels, layers, count, 0, step_ref, None)
-        for layer in self.lean.layers:
-            activated = layer.act(gate)
-            run(kernels, layers, count, layer.index + 1, step_ref, activated.data_ptr())
+        for index, layer in enumerate(self.lean.layers, 1):
+            activated = layer.act(gate)  # held until the call that reads it returns
+            run(kernels, layers, count, index, step_ref, activated.data_ptr())
         return x
 
 
