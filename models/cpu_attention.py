@@ -5,8 +5,9 @@ Without it, each decode step's attention copies every row's key and value blocks
 layer. Timed in place on the bench model (`bench.step_split`), that took 2-2.4 ms of a batch-1
 step and 5-9 ms of a batch-16 step, a third of it the copy, for attention arithmetic that is a
 small fraction of it. `csrc/paged_decode_attention.c` scores each row's keys where they lie, tile
-by tile with an online softmax; each row is a task (a lone row runs on the calling thread) on
-torch's own OpenMP threads (the library links the
+by tile with an online softmax; each row is a task (a row of more than 512 keys several, one per
+span of keys, their partial results merged in order, so one long context still uses every core)
+on torch's own OpenMP threads (the library links the
 `libgomp.so.1` torch has already loaded, so no second thread pool competes for the cores).
 Runners switch it per model (`PagedRunner.in_place_decode`, which the self-test turns off for a
 model it does not reproduce).
@@ -50,7 +51,7 @@ def kernel() -> Kernel | None:
         pointer, i64, i64, pointer, pointer, pointer, i64, pointer, pointer, pointer,
         pointer, i64, i32, i32, i32, i32, i32, ctypes.c_float, i32,
     ]  # fmt: skip
-    function.restype = None
+    function.restype = ctypes.c_int
     limit = ctypes.c_int.in_dll(library, "paged_decode_attention_max_task_floats").value
     tile = ctypes.c_int.in_dll(library, "paged_decode_attention_tile").value
     return Kernel(function, limit, tile)
@@ -98,7 +99,7 @@ def attend(
     """Writes into `out` [decode rows, heads, dim_v] the attention of decode rows `rows` (all of
     them, in order, when None) of `query` [1, heads, T, dim] over positions `first` to `length`
     - 1 of each row's `blocks` [rows, width] (long, contiguous, like `first` and `length`)."""
-    kernel().function(
+    failed = kernel().function(
         query.data_ptr(),
         query.stride(2),
         query.stride(1),
@@ -119,3 +120,5 @@ def attend(
         float(scale),
         torch.get_num_threads(),
     )
+    if failed:
+        raise MemoryError("decode attention: no memory for the partial results of long rows")

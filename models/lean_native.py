@@ -100,7 +100,7 @@ def _run():
         return None
     function = library.decode_layers_run
     function.argtypes = [_P, _P, _I64, _I64, _P, _P]
-    function.restype = None
+    function.restype = ctypes.c_int
     return function
 
 
@@ -266,10 +266,12 @@ class NativeLayers:
             ctypes.byref(step),
         )
         gate = self.gate
-        run(kernels, layers, count, 0, step_ref, None)
+        failed = run(kernels, layers, count, 0, step_ref, None)
         for index, layer in enumerate(self.lean.layers, 1):
             activated = layer.act(gate)  # held until the call that reads it returns
-            run(kernels, layers, count, index, step_ref, activated.data_ptr())
+            failed = failed or run(kernels, layers, count, index, step_ref, activated.data_ptr())
+        if failed:
+            raise MemoryError("decode attention: no memory for the partial results of long rows")
         return x
 
 

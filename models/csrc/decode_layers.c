@@ -31,7 +31,7 @@ typedef void (*rotary_fn)(const float *q, int64_t q_h, int64_t q_t, int64_t q_he
                           int64_t v_h, const float *cos, const float *sin, int64_t c_t, int64_t T,
                           int64_t D, int64_t R, int64_t Dv, int interleaved, float *q_out,
                           float *k_pool, float *v_pool, const int64_t *slots);
-typedef void (*attention_fn)(const float *q, int64_t q_row, int64_t q_head, const float *k_pool,
+typedef int (*attention_fn)(const float *q, int64_t q_row, int64_t q_head, const float *k_pool,
                              const float *v_pool, const int64_t *blocks, int64_t blocks_row,
                              const int64_t *first, const int64_t *length, const int64_t *rows,
                              float *out, int64_t num_rows, int heads, int kv_heads, int dim, int dim_v,
@@ -96,7 +96,8 @@ static void add_into(float *restrict x, const float *restrict y, int64_t count) 
     for (int64_t i = 0; i < count; i++) x[i] = x[i] + y[i];
 }
 
-static void attention_half(const struct kernels *kernels, const struct layer *layer, const struct step *step) {
+/* 0, or the attention kernel's error (-1: out of memory), the layer left half done. */
+static int attention_half(const struct kernels *kernels, const struct layer *layer, const struct step *step) {
     const int64_t tokens = step->tokens, hidden = layer->hidden, dim = layer->head_dim;
     const int64_t value_dim = layer->value_dim, heads = layer->heads, kv_heads = layer->kv_heads;
     const int threads = (int)step->threads;
@@ -135,10 +136,11 @@ static void attention_half(const struct kernels *kernels, const struct layer *la
     const struct ranges *ranges = &step->ranges[layer->rule];
     for (int64_t g = 0; g < ranges->count; g++) {
         const struct group *group = &ranges->groups[g];
-        kernels->attention(step->q_rotated, q_width, dim, layer->key_pool, layer->value_pool, group->blocks,
-                           group->blocks_row, group->first, group->length, group->rows, step->attended,
-                           group->count, (int)heads, (int)kv_heads, (int)dim, (int)value_dim,
-                           (int)step->block_size, layer->scale, threads);
+        int failed = kernels->attention(step->q_rotated, q_width, dim, layer->key_pool, layer->value_pool,
+                                        group->blocks, group->blocks_row, group->first, group->length,
+                                        group->rows, step->attended, group->count, (int)heads, (int)kv_heads,
+                                        (int)dim, (int)value_dim, (int)step->block_size, layer->scale, threads);
+        if (failed) return failed;
     }
     const int64_t attended_width = heads * value_dim;
     kernels->linear(step->attended, tokens, attended_width, attended_width, layer->o.panels, hidden,
@@ -161,6 +163,7 @@ static void attention_half(const struct kernels *kernels, const struct layer *la
         kernels->linear(step->normed, tokens, hidden, hidden, layer->up.panels, inner, layer->up.bias, step->up,
                         inner, threads);
     }
+    return 0;
 }
 
 static void mlp_half(const struct kernels *kernels, const struct layer *layer, const struct step *step,
@@ -174,9 +177,10 @@ static void mlp_half(const struct kernels *kernels, const struct layer *layer, c
 }
 
 /* The MLP of layer index - 1 from its activated gate (when `activated` is not NULL), then the
- * attention half of layer `index` up to its gate and up products (when there is one). */
-void decode_layers_run(const struct kernels *kernels, const struct layer *layers, int64_t count, int64_t index,
-                       const struct step *step, const float *activated) {
+ * attention half of layer `index` up to its gate and up products (when there is one); 0, or the
+ * attention kernel's error. */
+int decode_layers_run(const struct kernels *kernels, const struct layer *layers, int64_t count, int64_t index,
+                      const struct step *step, const float *activated) {
     if (activated != NULL && index > 0) mlp_half(kernels, &layers[index - 1], step, activated);
-    if (index < count) attention_half(kernels, &layers[index], step);
+    return index < count ? attention_half(kernels, &layers[index], step) : 0;
 }

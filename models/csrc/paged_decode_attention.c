@@ -15,6 +15,7 @@
  */
 #include <float.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TILE 64
@@ -60,13 +61,15 @@ static inline const float *at_position(const float *pool, const int64_t *table, 
     return pool + (slot * kv_heads + kv_first) * width;
 }
 
-/* One task: row `table`'s query heads of kv heads [kv_first, kv_first + kv_count). A position's
- * keys for those heads lie next to each other in its block, so reading all of them per position
- * walks each block front to back. */
+/* One task: row `table`'s query heads of kv heads [kv_first, kv_first + kv_count) over positions
+ * first .. length - 1. A position's keys for those heads lie next to each other in its block, so
+ * reading all of them per position walks each block front to back. With `partial` NULL it writes
+ * the heads' outputs to `out`; else, for a span of a longer row, each head's running maximum, sum
+ * and unnormalised accumulator to `partial` (`merge` combines them). */
 static void attend(const float *q, int64_t q_head, const float *k_pool, const float *v_pool,
                    const int64_t *table, int64_t first, int64_t length, int group, int kv_first,
                    int kv_count, int kv_heads, int dim, int dim_v, int block_size, float scale,
-                   float *out) {
+                   float *out, float *partial) {
     const int heads = kv_count * group; /* this task's query heads, in order */
     float qs[heads][dim];
     float acc[heads][dim_v];
@@ -120,40 +123,117 @@ static void attend(const float *q, int64_t q_head, const float *k_pool, const fl
             }
         }
     }
+    if (partial != NULL) {
+        for (int h = 0; h < heads; h++) {
+            float *record = partial + (int64_t)h * (dim_v + 2);
+            record[0] = running_max[h];
+            record[1] = running_sum[h];
+            memcpy(record + 2, acc[h], (size_t)dim_v * sizeof(float));
+        }
+        return;
+    }
     for (int h = 0; h < heads; h++) {
         float inverse = running_sum[h] > 0.0f ? 1.0f / running_sum[h] : 0.0f;
         for (int d = 0; d < dim_v; d++) out[(int64_t)h * dim_v + d] = acc[h][d] * inverse;
     }
 }
 
-/* Tasks: one per row, all its kv heads (more only where a task's heads would not fit its stack).
- * Splitting a row's kv heads over threads, as this kernel did for fewer rows than threads, was
- * slower at every length measured on a 2-core machine: one row of the bench model at about 1000
- * keys took 6.8-7.5 ms of attention a step split, 3.0-3.2 on one thread (bench.step_split
- * --filler 1000; docs/BENCHMARKS.md, where shorter and longer contexts agree). Why was not
- * measured; each split task reads a slice of every position's record, and adjacent-line
- * prefetching on both cores would pull in each other's lines. A single row runs on the calling
- * thread, without a parallel region. */
-void paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k_pool,
-                            const float *v_pool, const int64_t *blocks, int64_t blocks_row,
-                            const int64_t *first, const int64_t *length, const int64_t *rows,
-                            float *out, int64_t num_rows, int heads, int kv_heads, int dim,
-                            int dim_v, int block_size, float scale, int threads) {
+/* A row's heads from the records of its `spans` spans, in order: each rescaled to the largest
+ * maximum among them, summed, normalised. */
+static void merge(const float *partials, int spans, int heads, int dim_v, float *out) {
+    const int64_t record = dim_v + 2, span_stride = (int64_t)heads * record;
+    for (int h = 0; h < heads; h++) {
+        float top = -FLT_MAX;
+        for (int s = 0; s < spans; s++) {
+            float m = partials[s * span_stride + h * record];
+            top = m > top ? m : top;
+        }
+        float total = 0.0f;
+        float *row_out = out + (int64_t)h * dim_v;
+        for (int d = 0; d < dim_v; d++) row_out[d] = 0.0f;
+        for (int s = 0; s < spans; s++) {
+            const float *r = partials + s * span_stride + h * record;
+            float weight = exp_nonpositive(r[0] - top);
+            total += r[1] * weight;
+            for (int d = 0; d < dim_v; d++) row_out[d] += r[2 + d] * weight;
+        }
+        float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int d = 0; d < dim_v; d++) row_out[d] *= inverse;
+    }
+}
+
+/* Tasks: a row's keys in spans of SPAN positions, all of its kv heads in each (more tasks only
+ * where a task's heads would not fit its stack). A row of at most SPAN keys is one task that
+ * writes its output directly; a longer row's spans write partial records that `merge` combines,
+ * so a long context is read by every thread, and a row's result depends only on its own keys,
+ * never on which rows share the call. Splitting a row's kv heads over threads instead, as this
+ * kernel once did for fewer rows than threads, was slower at every length measured on a 2-core
+ * machine (docs/BENCHMARKS.md: one row of the bench model at about 1000 keys took 6.8-7.5 ms of
+ * attention a step, 3.0-3.2 on one thread). A single task runs on the calling thread. */
+#define SPAN 512
+
+static int spans_of(int64_t first, int64_t length) {
+    int64_t keys = length - first;
+    return keys <= SPAN ? 1 : (int)((keys + SPAN - 1) / SPAN);
+}
+
+/* Scratch for the partial records, kept per calling thread and grown when a call needs more. */
+static __thread float *scratch;
+static __thread int64_t scratch_floats;
+
+/* 0, or -1 when the records' scratch could not be allocated (nothing written). */
+int paged_decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k_pool,
+                           const float *v_pool, const int64_t *blocks, int64_t blocks_row,
+                           const int64_t *first, const int64_t *length, const int64_t *rows,
+                           float *out, int64_t num_rows, int heads, int kv_heads, int dim,
+                           int dim_v, int block_size, float scale, int threads) {
     int group = heads / kv_heads;
     int per_split = MAX_TASK_FLOATS / (group * (dim + dim_v + TILE));
     per_split = per_split < 1 ? 1 : (per_split > kv_heads ? kv_heads : per_split);
     int splits = (kv_heads + per_split - 1) / per_split;
-    if (num_rows * splits == 1) threads = 1;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    int most_spans = 1;
     for (int64_t i = 0; i < num_rows; i++) {
-        for (int split = 0; split < splits; split++) {
-            int kv_first = split * per_split;
-            int kv_count = kv_heads - kv_first < per_split ? kv_heads - kv_first : per_split;
-            int64_t row = rows ? rows[i] : i;
-            int64_t head = (int64_t)kv_first * group;
-            attend(q + row * q_row + head * q_head, q_head, k_pool, v_pool, blocks + i * blocks_row,
-                   first[i], length[i], group, kv_first, kv_count, kv_heads, dim, dim_v, block_size,
-                   scale, out + (row * heads + head) * dim_v);
+        int spans = spans_of(first[i], length[i]);
+        most_spans = spans > most_spans ? spans : most_spans;
+    }
+    /* Row i's span s keeps its heads' records at ((i * most_spans) + s) * record floats in. */
+    const int64_t record = (int64_t)heads * (dim_v + 2);
+    const int64_t needed = most_spans > 1 ? num_rows * most_spans * record : 0;
+    if (needed > scratch_floats) {
+        float *grown = realloc(scratch, (size_t)needed * sizeof(float));
+        if (grown == NULL) return -1;
+        scratch = grown, scratch_floats = needed;
+    }
+    float *partials = scratch;
+    if (num_rows * most_spans * splits == 1) threads = 1;
+#pragma omp parallel for collapse(3) schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+    for (int64_t i = 0; i < num_rows; i++) {
+        for (int span = 0; span < most_spans; span++) {
+            for (int split = 0; split < splits; split++) {
+                const int spans = spans_of(first[i], length[i]);
+                if (span >= spans) continue;
+                int kv_first = split * per_split;
+                int kv_count = kv_heads - kv_first < per_split ? kv_heads - kv_first : per_split;
+                int64_t row = rows ? rows[i] : i;
+                int64_t head = (int64_t)kv_first * group;
+                int64_t start = first[i] + (int64_t)span * SPAN;
+                int64_t end = span == spans - 1 ? length[i] : start + SPAN;
+                float *partial =
+                    spans == 1 ? NULL : partials + (i * most_spans + span) * record + head * (dim_v + 2);
+                attend(q + row * q_row + head * q_head, q_head, k_pool, v_pool, blocks + i * blocks_row,
+                       start, end, group, kv_first, kv_count, kv_heads, dim, dim_v, block_size, scale,
+                       out + (row * heads + head) * dim_v, partial);
+            }
         }
     }
+    if (most_spans > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
+        for (int64_t i = 0; i < num_rows; i++) {
+            int spans = spans_of(first[i], length[i]);
+            if (spans == 1) continue;
+            int64_t row = rows ? rows[i] : i;
+            merge(partials + i * most_spans * record, spans, heads, dim_v, out + row * heads * dim_v);
+        }
+    }
+    return 0;
 }

@@ -91,6 +91,8 @@ def _both(layout, keys, values, query, scaling, rule):
         (4, 2, 48, 32, 4, [9, 200]),  # value heads narrower than key heads (MLA-like)
         (2, 2, 16, 16, 1, [1, 2, 70]),  # blocks of one position
         (64, 4, 512, 512, 16, [3, 90]),  # one kv head's queries fill a task's stack share alone
+        (12, 4, 64, 64, 16, [1300]),  # one row read in spans (of 512 keys), merged
+        (8, 2, 32, 16, 16, [513, 7, 1024, 1025, 2100]),  # spans' edges, next to one-span rows
     ],
 )
 def test_kernel_matches_gather_and_sdpa(heads, kv_heads, dim, dim_v, block_size, lengths):
@@ -110,6 +112,39 @@ def test_windows_and_chunks(rule):
     query = _query(len(lengths), 4, 32)
     fast, reference = _both(layout, keys, values, query, 0.3, rule)
     torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_windows_and_chunks_over_rows_read_in_spans():
+    lengths = [600, 1500, 40]
+    layout = _layout(lengths, 16, num_blocks=140)
+    keys, values = _pools(layout.cache, 2, 32, 32)
+    query = _query(len(lengths), 4, 32)
+    for rule in (LayerRule(window=700), LayerRule(chunk=1024), FULL):
+        for group in layout.decode_groups:
+            group.masks.clear()
+        layout.in_place_decode = True
+        fast, reference = _both(layout, keys, values, query, 0.2, rule)
+        torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
+
+
+def test_a_row_s_result_does_not_depend_on_the_rows_beside_it():
+    """Batch invariance: a long row (read in spans) and a short one give the same bits alone as
+    with other rows, in other groups, whatever the thread count."""
+    lengths = [1400, 30, 700, 5]
+    layout = _layout(lengths, 16, num_blocks=160, groups_of=[[1, 3], [0, 2]])
+    keys, values = _pools(layout.cache, 4, 64, 64)
+    query = _query(len(lengths), 12, 64)
+    together = cpu_attention.decode_attention(layout, keys, values, query, None, FULL)
+    threads = torch.get_num_threads()
+    for index in (0, 1):
+        alone = _layout([lengths[index]], 16, num_blocks=160)
+        alone.decode_groups[0].blocks = layout.decode_groups[1 - index].blocks[[0]]
+        try:
+            torch.set_num_threads(threads if index else 1)
+            row = cpu_attention.decode_attention(alone, keys, values, query[:, :, [index]], None, FULL)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(row[0, :, 0], together[0, :, index])
 
 
 def test_rows_in_several_groups_land_in_their_places():
