@@ -7,7 +7,8 @@ config reads, the attention wrapper's checks, the sibling products' hand-out). W
 layers are known to compute exactly the Llama template, a step whose rows all decode runs here
 instead: the same callables (packed products, fused norms, the modeling module's own rotary
 function, the paged decode attention), in the same order, on the same values, without the
-modules around them.
+modules around them. Where every one of those is a project kernel, the layers run as compiled calls
+with the model's activation between them (`models.lean_native`); elsewhere, the Python loop here.
 
 What makes that safe:
 
