@@ -112,13 +112,18 @@ def _wide(model_type: str, out, **extra):
 
 @pytest.mark.skipif(not lean_native.available(), reason="no AVX-512 or no C compiler here")
 def test_compiled_layers_with_separate_products_per_head_norms_and_windows(tmp_path, monkeypatch):
-    """q, k and v as three products (no sibling groups); Qwen2's q/k/v biases; Qwen3's query and
-    key norms; Mistral's window, far past which the 150-token prompt decodes."""
+    """q, k and v as three products (no sibling groups); heads narrower than the hidden size
+    divided among them, with biases everywhere; Qwen2's q/k/v biases; Qwen3's query and key
+    norms; Mistral's window, far past which the 150-token prompt decodes."""
     with monkeypatch.context() as patch:
         patch.setattr(cpu_kernels.SharedInputs, "groups", lambda self: [])
         separate = _replica(_wide("llama", tmp_path / "llama"))
     layer = separate.runner.lean.layers[0]
     assert layer.qkv is None and layer.gate_up is None and separate.runner.lean.native is not None
+    # Heads narrower than hidden / heads, and biases on every projection.
+    biased = _replica(_wide("llama", tmp_path / "biased", head_dim=32, attention_bias=True, mlp_bias=True))
+    assert biased.runner.lean.native is not None
+    assert biased.runner.model.model.layers[0].mlp.down_proj.bias is not None
     qwen2 = _replica(_wide("qwen2", tmp_path / "qwen2"))
     assert (
         qwen2.runner.lean.native is not None
@@ -129,7 +134,7 @@ def test_compiled_layers_with_separate_products_per_head_norms_and_windows(tmp_p
     mistral = _replica(_wide("mistral", tmp_path / "mistral", sliding_window=8))
     assert mistral.runner.lean.native is not None
     assert [layer.rule for layer in mistral.runner.lean.layers] == [LayerRule(window=8)] * 2
-    for replica in (separate, qwen2, qwen3, mistral):
+    for replica in (separate, biased, qwen2, qwen3, mistral):
         modules = _decode(replica, lean=False)
         assert _decode(replica, lean=True) == modules
         assert _decode(replica, lean=True, native=False) == modules
