@@ -183,7 +183,7 @@ class NativeLayers:
         self.intermediate = widths["gate"]
         self.tokens = 0
         self.workspace = torch.empty(0)
-        self.step = _Step()
+        self.step = _Step(interleaved=int(rotary.interleaved))
         self.gate = torch.empty(0)
 
     def _attach_pools(self, cache) -> bool:
@@ -194,6 +194,7 @@ class NativeLayers:
             return False
         for spec, (keys, values) in zip(self.layers, pools, strict=True):
             spec.key_pool, spec.value_pool = keys.data_ptr(), values.data_ptr()
+        self.step.block_size = cache.block_size
         self.pools_of = cache
         return True
 
@@ -236,10 +237,8 @@ class NativeLayers:
             self._size(tokens)
         step = self.step
         step.threads = torch.get_num_threads()
-        step.block_size = layout.cache.block_size
         step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
         step.cos_row, step.rotary_dims = cos.stride(1), cos.shape[2]
-        step.interleaved = int(self.rotary.interleaved)
         slots = layout.slot_mapping
         step.slots = slots.data_ptr()
         step.x = x.data_ptr()
