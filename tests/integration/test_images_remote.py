@@ -451,7 +451,8 @@ def test_remote_images_can_be_switched_off() -> None:
 def test_greedy_image_output_is_the_same_alone_and_in_a_busy_batch(
     vlm_fetch_server: Server, images: ImageServer
 ) -> None:
-    """The target joins a batch of 6 streams (3 with images) that started before it and end after it."""
+    """The target joins a batch of 6 streams (3 with images) that started before it and end after it
+    (300 tokens each: with 40, all six had ended before the target's 12 in one CI run)."""
     model = vlm_fetch_server.model_name
     target = {"messages": ask(images.url("/a.png"), text="What is this?"), "max_tokens": 12, "temperature": 0}
     others = [
@@ -473,7 +474,7 @@ def test_greedy_image_output_is_the_same_alone_and_in_a_busy_batch(
 
             async def stream(body: dict[str, Any], started: asyncio.Event) -> float:
                 chunks = await client.chat.completions.create(
-                    model=model, max_tokens=40, stream=True, extra_body={"ignore_eos": True}, **body
+                    model=model, max_tokens=300, stream=True, extra_body={"ignore_eos": True}, **body
                 )
                 async for _ in chunks:
                     started.set()
