@@ -181,7 +181,7 @@ class NativeLayers:
         # Each buffer starts on a cache line of its own.
         self.widths = [-(-widths[name] // 16) * 16 for name in _BUFFERS]
         self.intermediate = widths["gate"]
-        self.tokens = 0
+        self.capacity = 0  # rows the workspace holds
         self.workspace = torch.empty(0)
         self.step = _Step(interleaved=int(rotary.interleaved))
         self.gate = torch.empty(0)
@@ -200,9 +200,9 @@ class NativeLayers:
 
     def _size(self, tokens: int) -> None:
         """Room for `tokens` rows in every intermediate, kept for later steps of that size or less."""
-        if tokens > self.tokens:
+        if tokens > self.capacity:
             self.workspace = torch.empty(tokens * sum(self.widths), dtype=torch.float32, device=_CPU)
-            self.tokens = tokens
+            self.capacity = tokens
         base, offset = self.workspace.data_ptr(), 0
         for name, width in zip(_BUFFERS, self.widths, strict=True):
             setattr(self.step, name, base + 4 * offset)
@@ -233,7 +233,7 @@ class NativeLayers:
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout) -> torch.Tensor:
         """The decoder layers over `x` [T, hidden] (updated in place and returned)."""
         tokens = x.shape[0]
-        if tokens != self.step.tokens or tokens > self.tokens:
+        if tokens != self.step.tokens:  # the buffers are laid out for the step's row count
             self._size(tokens)
         step = self.step
         step.threads = torch.get_num_threads()
