@@ -65,13 +65,18 @@ def test_many_prompts_from_one_client_take_turns_with_another_client(text_server
         common = {"model": text_server.model_name, "temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
         async def flood() -> None:
+            # 256 tokens a row: the first wave of 32 rows outlasts the single request's arrival by
+            # a wide margin (with 64 it had ended first once, on a slow CI machine).
             await client.completions.create(
-                prompt=[f"prompt number {i}" for i in range(64)], max_tokens=64, **common
+                prompt=[f"prompt number {i}" for i in range(64)], max_tokens=256, **common
             )
             finished.append("flood")
 
         async def single() -> None:
-            await anyio.sleep(0.1)  # arrives after the 64 prompts are queued (two waves of 32 rows)
+            # Arrives once the 64 prompts are running and queued (two waves of 32 rows).
+            async with text_server.async_http() as http:
+                while await running_requests(http) == 0:
+                    await anyio.sleep(0.01)
             await client.chat.completions.create(
                 messages=[{"role": "user", "content": "hi"}], max_tokens=4, **common
             )
@@ -84,3 +89,9 @@ def test_many_prompts_from_one_client_take_turns_with_another_client(text_server
 
     anyio.run(main)
     assert finished == ["single", "flood"]
+
+
+async def running_requests(client: httpx.AsyncClient) -> float:
+    text = (await client.get("/metrics")).text
+    line = next(line for line in text.splitlines() if line.startswith("vllm:num_requests_running"))
+    return float(line.rsplit(" ", 1)[1])
