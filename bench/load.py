@@ -24,6 +24,7 @@ import httpx
 from openai import AsyncOpenAI
 
 from bench.health import HealthSampler
+from bench.hog import cpu_hog
 from bench.lean_stream import lean_stream
 from bench.synthetic import image_data_url, load_tokenizer, synthetic_prompt
 
@@ -56,6 +57,8 @@ class LoadConfig:
     tokenizer: str | None = None
     # How streams are read: "openai" (the SDK, an event at a time) or "lean" (bytes; bench.lean_stream).
     client: str = "openai"
+    # Share of one core a process burns beside the load (bench.hog); 0: none.
+    hog: float = 0.0
 
 
 @dataclass
@@ -254,7 +257,7 @@ async def run_load(cfg: LoadConfig) -> dict:
 
     health = HealthSampler(cfg.health_url, cfg.health_interval_s, headers) if cfg.health_url else None
     try:
-        with health or contextlib.nullcontext():
+        with health or contextlib.nullcontext(), cpu_hog(cfg.hog) as hog:
             cpu_before = _cpu_s()
             start = time.perf_counter()
             tasks = [asyncio.create_task(bounded(i, m)) for i, m in enumerate(plan)]
@@ -272,7 +275,7 @@ async def run_load(cfg: LoadConfig) -> dict:
         t.result() if t in done else _Outcome(max_tokens=m, error=f"timeout after {cfg.timeout}s")
         for t, m in zip(tasks, plan, strict=True)
     ]
-    return _summarize(cfg, outcomes, wall_s, health, client_cpu_s)
+    return {**_summarize(cfg, outcomes, wall_s, health, client_cpu_s), **hog}
 
 
 def _cpu_s() -> float:
@@ -301,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--stream", action="store_true")
     p.add_argument("--client", choices=("openai", "lean"), default="openai", help="how streams are read")
+    p.add_argument(
+        "--hog", type=float, default=0.0, help="share of one core burnt beside the load (bench.hog)"
+    )
     p.add_argument("--mixed", type=parse_mixed, default=(), help="MAX_TOKENS:COUNT,... sent all at once")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true in the body")
     p.add_argument("--temperature", type=float, default=0.0)

@@ -81,13 +81,13 @@ def _streaming(runs: list[dict], server: str) -> dict:
     as bytes (b_stream_lean) over the same requests not streamed (a), and the CPU seconds the server
     and the load generator spent in each (they share the machine's cores)."""
     out: dict = {}
-    for workload in ("a_throughput", "b_stream", "b_stream_lean"):
+    for workload in ("a_throughput", "a_hog", "b_stream", "b_stream_lean"):
         out[workload] = {
             key: median(runs, server, workload, key)[0]
             for key in ("completion_tok_s", "client_cpu_s", "server_cpu_s")
         }
     plain = out["a_throughput"]["completion_tok_s"]
-    for workload in ("b_stream", "b_stream_lean"):
+    for workload in ("a_hog", "b_stream", "b_stream_lean"):
         streamed = out[workload]["completion_tok_s"]
         out[f"{workload}_over_a"] = round(streamed / plain, 3) if streamed and plain else None
     return out

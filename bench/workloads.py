@@ -29,6 +29,13 @@ def text_workloads(quick: bool) -> list[Workload]:
             {**common, "concurrency": 16, "requests": n},
         ),
         Workload(
+            "a_hog",
+            "(a) beside a process burning 16% of one core in 10 ms bursts (bench.hog), about what the "
+            "openai client takes reading (b): what a neighbour's CPU alone costs the server",
+            {**common, "concurrency": 16, "requests": n, "hog": 0.16},
+            servers=("ours", "base", "llamacpp"),
+        ),
+        Workload(
             "b_stream",
             "(b) as (a) with stream: TTFT = time to the first non-empty content delta",
             {**common, "concurrency": 16, "requests": n, "stream": True},

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
 from bench.contention import CpuWatch
+from bench.hog import cpu_hog
 from bench.summary import summarize
 
 
@@ -30,6 +32,7 @@ def test_the_summary_gives_each_server_its_streamed_over_non_streamed_ratios():
         run("ours", "a_throughput", 300.0, 0.2),
         run("ours", "b_stream", 240.0, 2.0),
         run("ours", "b_stream_lean", 285.0, 0.8),
+        run("ours", "a_hog", 255.0, 0.2),
         # A contended repeat is left out of the medians while a clean one exists.
         run("ours", "b_stream", 100.0, 2.0, repeat=1, contended=True),
         run("base", "a_throughput", 310.0, 0.2),
@@ -39,6 +42,7 @@ def test_the_summary_gives_each_server_its_streamed_over_non_streamed_ratios():
     assert set(streaming) == {"ours", "base"}
     ours = streaming["ours"]
     assert ours["b_stream_over_a"] == 0.8 and ours["b_stream_lean_over_a"] == 0.95
+    assert ours["a_hog_over_a"] == 0.85
     assert ours["b_stream"] == {"completion_tok_s": 240.0, "client_cpu_s": 2.0, "server_cpu_s": 30.0}
     assert streaming["base"]["b_stream_over_a"] == 0.8 and streaming["base"]["b_stream_lean_over_a"] is None
 
@@ -118,3 +122,13 @@ def test_name_os_thread_names_the_calling_thread_only():
     assert seen["comm"] == "replica-a-very-"  # the kernel keeps 15 bytes
     main_comm = open(f"/proc/self/task/{threading.get_native_id()}/comm").read().strip()
     assert main_comm != seen["comm"]
+
+
+def test_the_hog_burns_about_its_share_of_a_core_and_says_how_much() -> None:
+    with cpu_hog(0.3) as hog:
+        time.sleep(1.0)
+    assert hog["hog_share_of_core"] == 0.3
+    assert 0.1 < hog["hog_cpu_s"] < 0.6  # 0.3 s expected; a busy test machine delays its bursts
+    with cpu_hog(0.0) as none:
+        pass
+    assert none == {}

@@ -239,7 +239,9 @@ def test_rows_of_very_different_lengths_decode_in_groups_with_the_same_tokens(te
     assert busy[0] == hf_greedy(text_replica, long, 20)
 
 
-def test_a_request_that_breaks_the_step_fails_alone(text_replica, monkeypatch):
+# MemoryError: what the compiled decode attention raises when its merge records find no memory.
+@pytest.mark.parametrize("failure", [RuntimeError, MemoryError])
+def test_a_request_that_breaks_the_step_fails_alone(text_replica, monkeypatch, failure):
     """A row that makes the forward raise is found by running the rows alone: it fails, and the
     requests prefilled and decoding beside it finish with their own tokens."""
     poison = 77
@@ -248,7 +250,7 @@ def test_a_request_that_breaks_the_step_fails_alone(text_replica, monkeypatch):
 
     def execute(plan):
         if any(poison in row.token_ids for row in plan.rows):
-            raise RuntimeError("poisoned input")
+            raise failure("poisoned input")
         return real_execute(plan)
 
     monkeypatch.setattr(runner, "execute", execute)
