@@ -130,8 +130,15 @@ def log_line(
         message = _seed_line(status, latency, fields)
     else:
         message = f"[req] {method} {route} {status} latency={latency:.3f}s request_id={request_id}"
-    level = logging.ERROR if status >= 500 else logging.INFO
-    request_log.log(level, "%s", message, extra={"fields": fields})
+    request_log.log(_level(route, status), "%s", message, extra={"fields": fields})
+
+
+def _level(route: str, status: int) -> int:
+    """A probe answered 503 while the model loads or drains is the answer it asked for, and a
+    503 elsewhere is backpressure the client may retry: neither is the server failing."""
+    if status == 503:
+        return logging.INFO if route.startswith("/health") else logging.WARNING
+    return logging.ERROR if status >= 500 else logging.INFO
 
 
 def _seed_line(status: int, latency: float, fields: dict[str, Any]) -> str:

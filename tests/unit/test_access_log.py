@@ -52,3 +52,21 @@ def test_the_model_source_is_cut_out_of_every_line_when_redacted(tmp_path) -> No
     assert "app.main stays" in text
     assert source_secrets(Settings(model_path="builtin:tiny")) == []
     assert "main" not in source_secrets(Settings(model_path="/m/x", model_revision="main"))
+
+
+@pytest.mark.parametrize(
+    ("route", "status", "level"),
+    [
+        ("/health/ready", 503, "INFO"),  # a probe during loading: the answer it asked for
+        ("/health", 503, "INFO"),
+        ("/v1/chat/completions", 503, "WARNING"),  # backpressure: the client may retry
+        ("/v1/chat/completions", 500, "ERROR"),
+        ("/v1/chat/completions", 400, "INFO"),
+    ],
+)
+def test_the_access_line_level_says_whether_the_server_failed(route, status, level, caplog) -> None:
+    from app.access_log import log_line
+
+    with caplog.at_level("INFO", logger="docoserve.requests"):
+        log_line("GET", route, status, 0.001, "req-1", None)
+    assert [record.levelname for record in caplog.records] == [level]
