@@ -4,8 +4,9 @@ The fast path runs one packed forward per step: `[1, T]` tokens, one per decodin
 then the prefill chunks. Every attention layer of the text decoder calls `paged_attention`, which
 writes the step's keys and values into the pool by slot mapping and then attends:
 
-- FlashAttention 2 (GPU, fp16/bf16, `flash_attn` installed, block size a multiple of 256 as its
-  paged kernels require): one varlen call over every row, reading the pool through block tables.
+- FlashAttention 2 (`models.flash_paged`; GPU, fp16/bf16, `flash_attn` installed, block size a
+  multiple of 256 as its paged kernels require): one varlen call over every row, reading the pool
+  through block tables.
 - Otherwise gather + SDPA (CPU, and GPUs without FlashAttention): decode rows gather their blocks
   into `[rows, kv_heads, blocks * block_size, head_dim]` and run one masked SDPA; each prefill
   chunk runs its own SDPA (plain causal when it starts the sequence, over its gathered blocks
@@ -27,7 +28,6 @@ the model's own attention.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -41,23 +41,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from models import cpu_attention
+from models.flash_paged import FlashDecode, FlashMetadata, flash_decode_attention, flash_varlen_attention
 from models.kv_cache import PagedKVCache
 
 ATTENTION_NAME = "paged"
-FLASH_BLOCK_MULTIPLE = 256
 _local = threading.local()
 
 
 class FastPathUnsupported(RuntimeError):
     """The model asked the attention layer for something the paged fast path cannot honour."""
-
-
-def flash_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return (
-        device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and importlib.util.find_spec("flash_attn") is not None
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,24 +149,6 @@ class DecodeGroup:
             bounds = (first.contiguous(), (self.positions + 1).contiguous())
             self.masks[("range", rule)] = bounds
         return bounds
-
-
-@dataclass(slots=True)
-class FlashMetadata:
-    cu_seqlens_q: torch.Tensor  # [rows + 1] int32
-    cu_seqlens_k: torch.Tensor  # [rows + 1] int32
-    max_seqlen_q: int
-    max_seqlen_k: int
-    block_table: torch.Tensor  # [rows, max_blocks] int32
-
-
-@dataclass(slots=True)
-class FlashDecode:
-    """A decode-only step on static buffers (`models.graphs`): FlashAttention reads each row's
-    blocks itself up to its length, so the tensors keep one shape whatever the lengths."""
-
-    seq_lens: torch.Tensor  # [rows] int32: keys each row attends to, itself included
-    block_table: torch.Tensor  # [rows, width] int32
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,9 +378,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     key_pool.view(-1, *key_pool.shape[2:]).index_copy_(0, layout.slot_mapping, key[0].transpose(0, 1))
     value_pool.view(-1, *value_pool.shape[2:]).index_copy_(0, layout.slot_mapping, value[0].transpose(0, 1))
     if layout.flash is not None:
-        out = _flash_attention(layout.flash, query, key_pool, value_pool, scaling, rule, extras)
+        out = flash_varlen_attention(
+            layout.flash, query, key_pool, value_pool, _flash_options(scaling, rule, extras)
+        )
     elif layout.flash_decode is not None:
-        out = _flash_decode_attention(layout.flash_decode, query, key_pool, value_pool, scaling, rule, extras)
+        out = flash_decode_attention(
+            layout.flash_decode, query, key_pool, value_pool, _flash_options(scaling, rule, extras)
+        )
     else:
         parts = []
         if layout.num_decode:
@@ -491,41 +469,6 @@ def _flash_options(scaling, rule: LayerRule, extras: _Extras) -> dict:
         "window_size": (rule.window - 1, 0) if rule.window is not None else (-1, -1),
         "softcap": extras.softcap or 0.0,
     }
-
-
-def _flash_attention(meta: FlashMetadata, query, key_pool, value_pool, scaling, rule, extras):
-    from flash_attn import flash_attn_varlen_func
-
-    options = _flash_options(scaling, rule, extras)
-    q = query[0].transpose(0, 1)  # [T, H, D]
-    out = flash_attn_varlen_func(
-        q,
-        key_pool,
-        value_pool,
-        cu_seqlens_q=meta.cu_seqlens_q,
-        cu_seqlens_k=meta.cu_seqlens_k,
-        max_seqlen_q=meta.max_seqlen_q,
-        max_seqlen_k=meta.max_seqlen_k,
-        block_table=meta.block_table,
-        **options,
-    )  # [T, H, D]
-    return out.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
-
-
-def _flash_decode_attention(meta: FlashDecode, query, key_pool, value_pool, scaling, rule, extras):
-    from flash_attn import flash_attn_with_kvcache
-
-    options = _flash_options(scaling, rule, extras)
-    q = query[0].transpose(0, 1).unsqueeze(1)  # [B, 1, H, D]
-    out = flash_attn_with_kvcache(
-        q,
-        key_pool,
-        value_pool,
-        cache_seqlens=meta.seq_lens,
-        block_table=meta.block_table,
-        **options,
-    )  # [B, 1, H, D]
-    return out.squeeze(1).transpose(0, 1).unsqueeze(0)  # [1, H, B, D]
 
 
 def register() -> None:

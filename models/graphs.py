@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from models import attention
-from models.attention import DecodeGroup, FlashDecode, PagedLayout
+from models.attention import DecodeGroup, PagedLayout
+from models.flash_paged import FlashDecode
 from models.plan import PlanRow
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from models import lean_decode
-from models.attention import FLASH_BLOCK_MULTIPLE, flash_available
 from models.cpu_kernels import SharedInputs, pack_linears
 from models.cpu_norms import fuse_rms_norms
 from models.cpu_rotary import fuse_rotary
 from models.cross_attention import side_tokens
 from models.detokenize import IncrementalDetokenizer
 from models.devices import DeviceScope, kv_cache_budget
+from models.flash_paged import FLASH_BLOCK_MULTIPLE, flash_available
 from models.generation import Generation
 from models.generic import GenericRunner
 from models.generic_batch import batching_problem

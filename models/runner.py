@@ -14,8 +14,9 @@ import torch
 
 from models import attention, cpu_attention, falcon
 from models.arch import traits_of
-from models.attention import DecodeGroup, FlashMetadata, PagedLayout, PrefillSegment, layer_rules
+from models.attention import DecodeGroup, PagedLayout, PrefillSegment, layer_rules
 from models.cross_attention import CrossAttention, has_cross_attention
+from models.flash_paged import FlashMetadata
 from models.graphs import DecodeGraphs
 from models.kv_cache import PagedKVCache
 from models.plan import PlanRow, SampledToken, StepPlan

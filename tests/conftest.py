@@ -9,7 +9,12 @@ import pytest
 # The suite runs under `python -O` (make test) to prove no server check relies on `assert`;
 # pytest keeps the asserts of test modules and conftests, and these helpers' ones with them.
 pytest.register_assert_rewrite(
-    "tests.integration.helpers", "tests.unit.engine_driver", "tests.unit.configs", "tests.unit.vlm_builders"
+    "tests.integration.helpers",
+    "tests.unit.engine_driver",
+    "tests.unit.configs",
+    "tests.unit.vlm_builders",
+    "tests.unit.vlm_builder_parts",
+    "tests.unit.vlm_builders_qwen",
 )
 
 

@@ -300,9 +300,9 @@ def test_images_only_processor_defaults_a_required_video_processor():
     from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 
     from models.processors import images_only_processor_class
-    from tests.unit.vlm_builders import _tokenizer
+    from tests.unit.vlm_builders import tiny_tokenizer
 
-    tok = _tokenizer(extra=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"))
+    tok = tiny_tokenizer(extra=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"))
     processor = images_only_processor_class(SmolVLMProcessor)(SmolVLMImageProcessorPil(), tok)
     assert processor.tokenizer is tok and processor.video_processor is None
     assert "video_processor" not in type(processor).get_attributes()

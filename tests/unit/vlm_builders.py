@@ -8,105 +8,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from models.processors import images_only_processor_class
-from models.tiny import ENDOFTEXT, IM_END, IM_START, _random_model, build_tokenizer
+from tests.unit.vlm_builder_parts import (
+    GREEDY,
+    MAX_NEW,
+    TINY_VISION,
+    VOCAB,
+    parts_template,
+    save_checkpoint,
+    text_kwargs,
+    tiny_tokenizer,
+    token_ids,
+)
+from tests.unit.vlm_builders_qwen import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
 
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-VOCAB = 512
-MAX_NEW = 10
+__all__ = ["ARCHS", "GREEDY", "MAX_NEW", "NOT_BUILT", "VOCAB", "Arch", "tiny_tokenizer"]
 
 
 # --- checkpoint builders -------------------------------------------------------------------------
-
-
-def _tokenizer(named: dict[str, str] | None = None, extra: tuple[str, ...] = (), *, bos: str | None = None):
-    """The project's tiny BPE tokenizer plus this architecture's special tokens. `named` ones become
-    tokenizer attributes (`tokenizer.image_token`, `tokenizer.boi_token`, ...), as in real checkpoints."""
-    from transformers import PreTrainedTokenizerFast
-
-    named = dict(named or {})
-    specials = tuple(dict.fromkeys([*named.values(), *extra, *([bos] if bos else [])]))
-    base = build_tokenizer(VOCAB, extra_special=specials)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        bos_token=bos,
-        extra_special_tokens=named or [IM_START],
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def _ids(tokenizer, *tokens: str) -> list[int]:
-    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
-
-
-# The smallest vision tower every CLIP/SigLIP-style config accepts (32-pixel images, 16 patches).
-_VISION = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-)
-
-
-def _text_kwargs(tokenizer, **overrides) -> dict:
-    kwargs = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT),
-        bos_token_id=None,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-    )
-    kwargs.update(overrides)
-    return kwargs
-
-
-def _save(out: Path, config, processor, *, gates: float | None = None) -> None:
-    from transformers import AutoModelForImageTextToText
-
-    model = _random_model(AutoModelForImageTextToText, config, seed=0)
-    if gates is not None:
-        # Gated layers drawn near zero (tanh(0.02 x N(0, 1))) would barely touch the output, and a
-        # test could not tell a wrong image path from a right one: open them wide.
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("_gate"):
-                    param.fill_(gates)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-
-
-# Chat templates in the style of each family (what PromptBuilder must detect: part lists,
-# string checks, images rendered from parts).
-_PARTS_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}@@IMAGE@@"
-    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
-
-def _parts_template(image: str) -> str:
-    return _PARTS_TEMPLATE.replace("@@IMAGE@@", image)
 
 
 # LLaVA-NeXT (llava-hf): images first, then text, content always a part list.
@@ -122,11 +41,11 @@ def build_llava_next(out: Path) -> None:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    tok = _tokenizer({"image_token": "<image>"})
+    tok = tiny_tokenizer({"image_token": "<image>"})
     pinpoints = [[32, 64], [64, 32], [64, 64]]
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**_VISION, projection_dim=32),
-        text_config=LlamaConfig(**_text_kwargs(tok)),
+        vision_config=CLIPVisionConfig(**TINY_VISION, projection_dim=32),
+        text_config=LlamaConfig(**text_kwargs(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="default",
@@ -145,7 +64,7 @@ def build_llava_next(out: Path) -> None:
         chat_template=_LLAVA_NEXT_TEMPLATE,
         image_token="<image>",
     )
-    _save(out, config, processor)
+    save_checkpoint(out, config, processor)
 
 
 _IDEFICS3_TEMPLATE = (
@@ -164,13 +83,13 @@ def _build_tiled(
     from transformers import LlamaConfig
 
     rows = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
-    tok = _tokenizer(
+    tok = tiny_tokenizer(
         extra=("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", *rows),
         bos="<|begin_of_text|>",
     )
     config = config_class(
-        vision_config=vision_config_class(**_VISION),
-        text_config=LlamaConfig(**_text_kwargs(tok)),
+        vision_config=vision_config_class(**TINY_VISION),
+        text_config=LlamaConfig(**text_kwargs(tok)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=2,
         tie_word_embeddings=False,
@@ -180,7 +99,7 @@ def _build_tiled(
     )
     # (32 // 8) ** 2 patches, pixel-shuffled by 2 -> 4 image tokens per tile.
     processor = processor_class(image_processor, tok, image_seq_len=4, chat_template=_IDEFICS3_TEMPLATE)
-    _save(out, config, processor)
+    save_checkpoint(out, config, processor)
 
 
 def build_idefics3(out: Path) -> None:
@@ -208,10 +127,10 @@ def build_paligemma(out: Path) -> None:
     from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaProcessor, SiglipVisionConfig
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    tok = _tokenizer({"image_token": "<image>"}, bos="<bos>")
+    tok = tiny_tokenizer({"image_token": "<image>"}, bos="<bos>")
     config = PaliGemmaConfig(
-        vision_config=SiglipVisionConfig(**_VISION, projection_dim=64),
-        text_config=GemmaConfig(**_text_kwargs(tok, bos_token_id=tok.bos_token_id)),
+        vision_config=SiglipVisionConfig(**TINY_VISION, projection_dim=64),
+        text_config=GemmaConfig(**text_kwargs(tok, bos_token_id=tok.bos_token_id)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         projection_dim=64,
         hidden_size=64,
@@ -222,7 +141,7 @@ def build_paligemma(out: Path) -> None:
     image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
     image_processor.image_seq_length = 16
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
-    _save(out, config, processor)
+    save_checkpoint(out, config, processor)
 
 
 _GEMMA3_TEMPLATE = (
@@ -248,20 +167,20 @@ def build_gemma3(out: Path) -> None:
     from transformers import Gemma3Config, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    tok = _tokenizer(
+    tok = tiny_tokenizer(
         {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
         extra=("<start_of_turn>", "<end_of_turn>"),
         bos="<bos>",
     )
-    boi, eoi, image = _ids(tok, "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    boi, eoi, image = token_ids(tok, "<start_of_image>", "<end_of_image>", "<image_soft_token>")
     config = Gemma3Config(
         text_config=Gemma3TextConfig(
-            **_text_kwargs(tok, bos_token_id=tok.bos_token_id),
+            **text_kwargs(tok, bos_token_id=tok.bos_token_id),
             query_pre_attn_scalar=16,
             sliding_window=64,
             layer_types=["sliding_attention", "full_attention"],
         ),
-        vision_config=SiglipVisionConfig(**_VISION),
+        vision_config=SiglipVisionConfig(**TINY_VISION),
         mm_tokens_per_image=4,
         boi_token_index=boi,
         eoi_token_index=eoi,
@@ -270,7 +189,7 @@ def build_gemma3(out: Path) -> None:
     )
     image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=False)
     processor = Gemma3Processor(image_processor, tok, chat_template=_GEMMA3_TEMPLATE, image_seq_length=4)
-    _save(out, config, processor)
+    save_checkpoint(out, config, processor)
 
 
 _LLAMA3_TEMPLATE = (
@@ -290,7 +209,7 @@ def build_mllama(out: Path) -> None:
     from transformers.models.mllama.configuration_mllama import MllamaTextConfig, MllamaVisionConfig
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-    tok = _tokenizer(
+    tok = tiny_tokenizer(
         extra=("<|image|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"),
         bos="<|begin_of_text|>",
     )
@@ -310,145 +229,14 @@ def build_mllama(out: Path) -> None:
         ),
         text_config=MllamaTextConfig(
             # Two cross-attention layers of four: their states spread over every layer's pool.
-            **_text_kwargs(tok, num_hidden_layers=4, bos_token_id=tok.bos_token_id),
+            **text_kwargs(tok, num_hidden_layers=4, bos_token_id=tok.bos_token_id),
             cross_attention_layers=[1, 3],
         ),
         image_token_index=tok.convert_tokens_to_ids("<|image|>"),
     )
     image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=2)
     processor = MllamaProcessor(image_processor, tok, chat_template=_LLAMA3_TEMPLATE)
-    _save(out, config, processor, gates=1.5)
-
-
-_QWEN2_VL_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_qwen2_vl(out: Path) -> None:
-    """Qwen2-VL: M-RoPE (3-D positions for image tokens), image_grid_thw."""
-    from transformers import Qwen2VLConfig, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tok = _tokenizer(
-        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        extra=("<|vision_start|>", "<|vision_end|>"),
-    )
-    image, video, start, end = _ids(
-        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
-    )
-    config = Qwen2VLConfig(
-        text_config=Qwen2VLTextConfig(
-            **_text_kwargs(tok),
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        ),
-        vision_config=Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=14),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-    )
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
-    processor = images_only_processor_class(Qwen2VLProcessor)(
-        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
-    )
-    _save(out, config, processor)
-
-
-def build_qwen2_5_vl(out: Path) -> None:
-    """Qwen2.5-VL: M-RoPE, windowed vision attention."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
-        Qwen2_5_VLTextConfig,
-        Qwen2_5_VLVisionConfig,
-    )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tok = _tokenizer(
-        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        extra=("<|vision_start|>", "<|vision_end|>"),
-    )
-    image, video, start, end = _ids(
-        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
-    )
-    config = Qwen2_5_VLConfig(
-        text_config=Qwen2_5_VLTextConfig(
-            **_text_kwargs(tok),
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        ),
-        vision_config=Qwen2_5_VLVisionConfig(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=64,
-            window_size=56,
-            fullatt_block_indexes=[1],
-        ),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-    )
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
-    processor = images_only_processor_class(Qwen2_5_VLProcessor)(
-        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
-    )
-    _save(out, config, processor)
-
-
-def build_qwen3_vl(out: Path) -> None:
-    """Qwen3-VL: interleaved M-RoPE, deepstack visual features added inside the text decoder."""
-    from transformers import Qwen3VLConfig, Qwen3VLProcessor
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
-
-    tok = _tokenizer(
-        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        extra=("<|vision_start|>", "<|vision_end|>"),
-    )
-    image, video, start, end = _ids(
-        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
-    )
-    config = Qwen3VLConfig(
-        text_config=Qwen3VLTextConfig(
-            **_text_kwargs(tok),
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
-                "mrope_interleaved": True,
-            },
-        ),
-        vision_config=Qwen3VLVisionConfig(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=64,
-            patch_size=16,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=[0],
-        ),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-    )
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=16, merge_size=2
-    )
-    processor = images_only_processor_class(Qwen3VLProcessor)(
-        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
-    )
-    _save(out, config, processor)
+    save_checkpoint(out, config, processor, gates=1.5)
 
 
 def build_internvl(out: Path) -> None:
@@ -457,7 +245,7 @@ def build_internvl(out: Path) -> None:
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-    tok = _tokenizer(
+    tok = tiny_tokenizer(
         {
             "start_image_token": "<img>",
             "end_image_token": "</img>",
@@ -474,7 +262,7 @@ def build_internvl(out: Path) -> None:
             image_size=(32, 32),
             patch_size=(8, 8),
         ),
-        text_config=Qwen2Config(**_text_kwargs(tok)),
+        text_config=Qwen2Config(**text_kwargs(tok)),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=4,
         downsample_ratio=0.5,
@@ -487,9 +275,9 @@ def build_internvl(out: Path) -> None:
         image_processor=image_processor,
         tokenizer=tok,
         image_seq_length=4,
-        chat_template=_parts_template("<IMG_CONTEXT>\n"),
+        chat_template=parts_template("<IMG_CONTEXT>\n"),
     )
-    _save(out, config, processor)
+    save_checkpoint(out, config, processor)
 
 
 _COHERE_TEMPLATE = (
@@ -509,7 +297,7 @@ def build_aya_vision(out: Path) -> None:
     from transformers import AyaVisionConfig, AyaVisionProcessor, Cohere2Config, SiglipVisionConfig
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-    tok = _tokenizer(
+    tok = tiny_tokenizer(
         extra=(
             "<image>",
             "<|START_OF_IMG|>",
@@ -523,10 +311,10 @@ def build_aya_vision(out: Path) -> None:
         ),
         bos="<BOS_TOKEN>",
     )
-    text = _text_kwargs(tok, bos_token_id=tok.bos_token_id, sliding_window=8)
+    text = text_kwargs(tok, bos_token_id=tok.bos_token_id, sliding_window=8)
     text.pop("head_dim")
     config = AyaVisionConfig(
-        vision_config=SiglipVisionConfig(**_VISION),
+        vision_config=SiglipVisionConfig(**TINY_VISION),
         text_config=Cohere2Config(**text, layer_types=["sliding_attention", "full_attention"]),
         downsample_factor=2,
         image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
@@ -543,7 +331,7 @@ def build_aya_vision(out: Path) -> None:
         downsample_factor=2,
         chat_template=_COHERE_TEMPLATE,
     )
-    _save(out, config, processor)
+    save_checkpoint(out, config, processor)
 
 
 def build_llava_onevision(out: Path) -> None:
@@ -553,11 +341,11 @@ def build_llava_onevision(out: Path) -> None:
         LlavaOnevisionImageProcessorPil,
     )
 
-    tok = _tokenizer({"image_token": "<image>", "video_token": "<video>"})
+    tok = tiny_tokenizer({"image_token": "<image>", "video_token": "<video>"})
     pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
     config = LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**_VISION),
-        text_config=Qwen2Config(**_text_kwargs(tok)),
+        vision_config=SiglipVisionConfig(**TINY_VISION),
+        text_config=Qwen2Config(**text_kwargs(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         video_token_index=tok.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints,
@@ -572,9 +360,9 @@ def build_llava_onevision(out: Path) -> None:
         tokenizer=tok,
         num_image_tokens=16,
         vision_feature_select_strategy="full",
-        chat_template=_parts_template("<image>\n"),
+        chat_template=parts_template("<image>\n"),
     )
-    _save(out, config, processor)
+    save_checkpoint(out, config, processor)
 
 
 # --- the harness ---------------------------------------------------------------------------------

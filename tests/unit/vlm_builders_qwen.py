@@ -1,0 +1,139 @@
+"""Tiny random Qwen vision-language checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): M-RoPE positions
+from each image's grid, the processors' images-only half. Registered in vlm_builders.ARCHS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.processors import images_only_processor_class
+from tests.unit.vlm_builder_parts import save_checkpoint, text_kwargs, tiny_tokenizer, token_ids
+
+_QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_vl(out: Path) -> None:
+    """Qwen2-VL: M-RoPE (3-D positions for image tokens), image_grid_thw."""
+    from transformers import Qwen2VLConfig, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = tiny_tokenizer(
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        extra=("<|vision_start|>", "<|vision_end|>"),
+    )
+    image, video, start, end = token_ids(
+        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
+    config = Qwen2VLConfig(
+        text_config=Qwen2VLTextConfig(
+            **text_kwargs(tok),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=14),
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+    )
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
+    processor = images_only_processor_class(Qwen2VLProcessor)(
+        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
+    )
+    save_checkpoint(out, config, processor)
+
+
+def build_qwen2_5_vl(out: Path) -> None:
+    """Qwen2.5-VL: M-RoPE, windowed vision attention."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLVisionConfig,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = tiny_tokenizer(
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        extra=("<|vision_start|>", "<|vision_end|>"),
+    )
+    image, video, start, end = token_ids(
+        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
+    config = Qwen2_5_VLConfig(
+        text_config=Qwen2_5_VLTextConfig(
+            **text_kwargs(tok),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=Qwen2_5_VLVisionConfig(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=64,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+    )
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
+    processor = images_only_processor_class(Qwen2_5_VLProcessor)(
+        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
+    )
+    save_checkpoint(out, config, processor)
+
+
+def build_qwen3_vl(out: Path) -> None:
+    """Qwen3-VL: interleaved M-RoPE, deepstack visual features added inside the text decoder."""
+    from transformers import Qwen3VLConfig, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
+
+    tok = tiny_tokenizer(
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        extra=("<|vision_start|>", "<|vision_end|>"),
+    )
+    image, video, start, end = token_ids(
+        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
+    )
+    config = Qwen3VLConfig(
+        text_config=Qwen3VLTextConfig(
+            **text_kwargs(tok),
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config=Qwen3VLVisionConfig(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=64,
+            patch_size=16,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=16, merge_size=2
+    )
+    processor = images_only_processor_class(Qwen3VLProcessor)(
+        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
+    )
+    save_checkpoint(out, config, processor)
