@@ -19,35 +19,41 @@ _QWEN2_VL_TEMPLATE = (
 )
 
 
+def _qwen_tokens():
+    """The tokenizer with Qwen's vision tokens, and the config fields that name their ids."""
+    tok = tiny_tokenizer(
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        extra=("<|vision_start|>", "<|vision_end|>"),
+    )
+    ids = token_ids(tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    fields = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return tok, dict(zip(fields, ids, strict=True))
+
+
+def _save_qwen(out: Path, config, processor_class, tok, image_processor) -> None:
+    processor = images_only_processor_class(processor_class)(
+        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
+    )
+    save_checkpoint(out, config, processor)
+
+
 def build_qwen2_vl(out: Path) -> None:
     """Qwen2-VL: M-RoPE (3-D positions for image tokens), image_grid_thw."""
     from transformers import Qwen2VLConfig, Qwen2VLProcessor
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = tiny_tokenizer(
-        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        extra=("<|vision_start|>", "<|vision_end|>"),
-    )
-    image, video, start, end = token_ids(
-        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
-    )
+    tok, token_fields = _qwen_tokens()
     config = Qwen2VLConfig(
         text_config=Qwen2VLTextConfig(
             **text_kwargs(tok),
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=4, patch_size=14),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
+        **token_fields,
     )
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
-    processor = images_only_processor_class(Qwen2VLProcessor)(
-        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
-    )
-    save_checkpoint(out, config, processor)
+    _save_qwen(out, config, Qwen2VLProcessor, tok, image_processor)
 
 
 def build_qwen2_5_vl(out: Path) -> None:
@@ -59,13 +65,7 @@ def build_qwen2_5_vl(out: Path) -> None:
     )
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tok = tiny_tokenizer(
-        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        extra=("<|vision_start|>", "<|vision_end|>"),
-    )
-    image, video, start, end = token_ids(
-        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
-    )
+    tok, token_fields = _qwen_tokens()
     config = Qwen2_5_VLConfig(
         text_config=Qwen2_5_VLTextConfig(
             **text_kwargs(tok),
@@ -80,16 +80,10 @@ def build_qwen2_5_vl(out: Path) -> None:
             window_size=56,
             fullatt_block_indexes=[1],
         ),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
+        **token_fields,
     )
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56})
-    processor = images_only_processor_class(Qwen2_5_VLProcessor)(
-        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
-    )
-    save_checkpoint(out, config, processor)
+    _save_qwen(out, config, Qwen2_5_VLProcessor, tok, image_processor)
 
 
 def build_qwen3_vl(out: Path) -> None:
@@ -98,13 +92,7 @@ def build_qwen3_vl(out: Path) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
-    tok = tiny_tokenizer(
-        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        extra=("<|vision_start|>", "<|vision_end|>"),
-    )
-    image, video, start, end = token_ids(
-        tok, "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"
-    )
+    tok, token_fields = _qwen_tokens()
     config = Qwen3VLConfig(
         text_config=Qwen3VLTextConfig(
             **text_kwargs(tok),
@@ -125,15 +113,9 @@ def build_qwen3_vl(out: Path) -> None:
             num_position_embeddings=16,
             deepstack_visual_indexes=[0],
         ),
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
+        **token_fields,
     )
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=16, merge_size=2
     )
-    processor = images_only_processor_class(Qwen3VLProcessor)(
-        image_processor=image_processor, tokenizer=tok, chat_template=_QWEN2_VL_TEMPLATE
-    )
-    save_checkpoint(out, config, processor)
+    _save_qwen(out, config, Qwen3VLProcessor, tok, image_processor)
