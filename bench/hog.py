@@ -15,11 +15,13 @@ import sys
 import time
 from collections.abc import Iterator
 
-PERIOD_S = 0.01  # bursts of duty x 10 ms: the scale of a client's work after each decode step
+# Bursts of duty x 10 ms: in (b) the openai client parsed about 4.6 ms after each 23 ms step.
+PERIOD_S = 0.01
 
 
 def burn(duty: float) -> None:
-    while True:
+    parent = os.getppid()
+    while os.getppid() == parent:  # a benchmark killed outright leaves no hog behind
         start = time.perf_counter()
         while time.perf_counter() - start < duty * PERIOD_S:
             pass
