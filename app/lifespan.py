@@ -72,6 +72,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
             max_prefill_tokens=settings.max_prefill_tokens
             or (CPU_PREFILL_TOKENS if on_cpu else GPU_PREFILL_TOKENS),
             batch_timeout_s=settings.batch_timeout_ms / 1000.0,
+            stream_interval=settings.stream_interval,
         ),
         image_limits=ImageLimits(
             max_bytes=settings.max_image_bytes,

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-path", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--vlm-path", default=str(DEFAULT_VLM_DIR))
     p.add_argument("--our-args", default="", help="extra flags for entrypoint.py")
+    p.add_argument(
+        "--base-args", default=None, help="extra flags for base's entrypoint.py (default: --our-args)"
+    )
     p.add_argument("--peer-args", default="", help="extra flags for transformers serve (e.g. --cb-* tuning)")
     p.add_argument("--server-env", action="append", default=[], metavar="K=V", help="env for both servers")
     p.add_argument("--sample-peer-health", action="store_true", help="poll the peer's /health too (slows it)")
@@ -218,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(line), flush=True)
 
     def ours(path: Path, name: str, log: str, root: Path = ROOT, label: str = "ours"):
-        extra = tuple(shlex.split(args.our_args))
+        flags = args.base_args if label == "base" and args.base_args is not None else args.our_args
+        extra = tuple(shlex.split(flags))
         log_path = RESULTS_DIR / f"{stamp}-{log}"
         return lambda: our_server(path, name, extra_args=extra, env=env, log_path=log_path,
                                   ready_timeout_s=args.ready_timeout, root=root, label=label)  # fmt: skip

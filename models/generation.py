@@ -42,6 +42,11 @@ class Generation:
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens appended since the last hand-off."""
+        return len(self._delta.token_ids)
+
     def take_delta(self) -> Delta | None:
         delta = self._delta
         if not (delta.token_ids or delta.text or delta.finish_reason or delta.prompt_logprobs):

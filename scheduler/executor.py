@@ -80,6 +80,7 @@ class ExecutorConfig:
     batch_timeout_s: float
     prefill_aging_s: float = 2.0
     idle_poll_s: float = 0.5
+    stream_interval: int = 1  # tokens a streamed choice gathers per hand-off after its first
 
 
 def _sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:
@@ -448,11 +449,16 @@ class Executor:
         delivery: Delivery = []
         still: list[Job] = []
         waiting = 0
+        interval = self.config.stream_interval
         for job in self._jobs:
             holds = job.holds_deltas
+            gathers = interval > 1 and job.stream.request.streamed
             for seq in job.seqs:
-                if holds and not (seq.is_finished or seq.output.is_finished):
-                    continue
+                if not (seq.is_finished or seq.output.is_finished):
+                    if holds:
+                        continue
+                    if gathers and seq.num_generated > 1 and seq.output.pending_tokens < interval:
+                        continue
                 delta = seq.output.take_delta()
                 if delta is not None:
                     delivery.append((job.stream, seq.index, delta))
