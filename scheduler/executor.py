@@ -454,10 +454,8 @@ class Executor:
             holds = job.holds_deltas
             gathers = interval > 1 and job.stream.request.streamed
             for seq in job.seqs:
-                if not (seq.is_finished or seq.output.is_finished):
-                    if holds:
-                        continue
-                    if gathers and seq.num_generated > 1 and seq.output.pending_tokens < interval:
+                if (holds or gathers) and not (seq.is_finished or seq.output.is_finished):
+                    if holds or (seq.num_generated > 1 and seq.output.pending_tokens < interval):
                         continue
                 delta = seq.output.take_delta()
                 if delta is not None:
