@@ -145,7 +145,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "MAX_PREFILL_TOKENS", P.integer(16, zero="auto: 128 on CPU, 2048 on GPU"), "Prompt tokens prefilled per scheduler step",
         "--max-prefill-tokens",
     )] = 0
-    # vLLM's --stream-interval: each event costs a client's SDK about 250 us to parse (docs/BENCHMARKS.md).
+    # vLLM's --stream-interval: the openai SDK took about 0.27 ms of CPU per event it read (docs/BENCHMARKS.md).
     stream_interval: Annotated[int, _s(
         "STREAM_INTERVAL", P.integer(1, 1024),
         "Tokens a streamed choice gathers per event after its first (sent at once, as is its end); 1: every token",
