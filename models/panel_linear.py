@@ -13,6 +13,9 @@ docs/BENCHMARKS.md) it is faster at batch 1 and about even or faster from 8 rows
 Each output is one chain of FMAs over the inputs in order, plus the bias: a row's result does not
 depend on which rows share its call, so batching keeps greedy outputs bit-identical.
 
+The panels live in memory advised for transparent huge pages (2 MiB), where the kernel allows
+it: streamed front to back every step, 4 KiB pages cost a TLB miss each 4 KiB.
+
 The kernel needs AVX-512F and a C compiler (`models.native`); without them `available()` is
 False and the layers keep oneDNN's packed call.
 """
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
+import mmap
 from collections.abc import Callable
 
 import torch
@@ -28,6 +33,7 @@ import torch
 from models import native
 
 _CPU = torch.device("cpu")
+_HUGE_PAGE = 2 << 20
 
 
 def _library():
@@ -60,7 +66,27 @@ def to_panels(weight: torch.Tensor) -> torch.Tensor:
     out_features, in_features = weight.shape
     padded = weight.new_zeros(-(-out_features // lanes) * lanes, in_features)
     padded[:out_features] = weight
-    return padded.view(-1, lanes, in_features).transpose(1, 2).contiguous()
+    panels = padded.view(-1, lanes, in_features).transpose(1, 2)
+    return _on_huge_pages(panels.shape).copy_(panels)
+
+
+def _on_huge_pages(shape: torch.Size) -> torch.Tensor:
+    """An uninitialised float32 tensor whose 2 MiB-aligned stretches are advised for transparent
+    huge pages before anything touches them (the advice only shapes pages faulted in after it;
+    with THP `madvise`, the common default, nothing else gets them). Small tensors, and systems
+    that refuse the advice, get ordinary memory."""
+    nbytes = math.prod(shape) * 4
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return torch.empty(shape, dtype=torch.float32)
+    # Private: shared anonymous memory is shmem, whose huge pages are a separate switch (off by default).
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive with the tensor
+    offset = -whole.data_ptr() % _HUGE_PAGE
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
+    except OSError:
+        pass  # THP off or unsupported: ordinary pages, same values
+    return whole[offset : offset + nbytes].view(torch.float32).view(shape)
 
 
 class PanelProduct:

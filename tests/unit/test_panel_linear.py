@@ -104,3 +104,50 @@ def test_a_layer_the_kernel_gets_wrong_keeps_onednn(monkeypatch, caplog):
         cpu_kernels.pack_linears(net, pays=lambda linear, batch_hint: True, backend="panels")
     assert isinstance(net[0].compute, cpu_kernels.OneDNNProduct)
     assert "disagrees with F.linear on a 64x48 layer" in caplog.text
+
+
+def _thp_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _mapping_of(address: int) -> dict[str, str] | None:
+    """The /proc/self/smaps fields of the mapping that holds `address`."""
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            found = {} if start <= address < end else None
+        elif found is not None and ":" in line:
+            key, value = line.split(":", 1)
+            found[key] = value.strip()
+            if key == "VmFlags":
+                return found
+    return None
+
+
+@needs_kernel
+def test_large_panels_hold_the_layout_on_memory_advised_for_huge_pages():
+    """Above 2 MiB the panels live on an anonymous mapping advised for transparent huge pages
+    (where the kernel offers them): same layout and values as ordinary memory."""
+    weight = torch.randn(1000, 1024)  # 4 MB of panels
+    panels = panel_linear.to_panels(weight)
+    lanes = panels.shape[-1]
+    padded = torch.zeros(-(-1000 // lanes) * lanes, 1024)
+    padded[:1000] = weight
+    assert torch.equal(panels, padded.view(-1, lanes, 1024).transpose(1, 2))
+    assert panels.is_contiguous() and panels.data_ptr() % (2 << 20) == 0
+    mapping = _mapping_of(panels.data_ptr())
+    if _thp_mode() in ("madvise", "always") and mapping is not None:
+        assert "hg" in mapping["VmFlags"].split()  # MADV_HUGEPAGE took
+        assert "sh" not in mapping["VmFlags"].split()  # private: shared memory takes shmem's switch
+        assert mapping.get("THPeligible", "1") == "1"
