@@ -18,6 +18,9 @@ _QWEN2_VL_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The smallest vision tower of Qwen2.5-VL and Qwen3-VL, whose merger projects to the text width.
+_MERGER_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64)
+
 
 def _qwen_tokens():
     """The tokenizer with Qwen's vision tokens, and the config fields that name their ids."""
@@ -72,11 +75,7 @@ def build_qwen2_5_vl(out: Path) -> None:
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=Qwen2_5_VLVisionConfig(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=64,
+            **_MERGER_VISION,
             window_size=56,
             fullatt_block_indexes=[1],
         ),
@@ -104,11 +103,7 @@ def build_qwen3_vl(out: Path) -> None:
             },
         ),
         vision_config=Qwen3VLVisionConfig(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=4,
-            out_hidden_size=64,
+            **_MERGER_VISION,
             patch_size=16,
             num_position_embeddings=16,
             deepstack_visual_indexes=[0],
