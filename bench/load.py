@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import resource
 import time
 from dataclasses import dataclass, field, fields
@@ -59,6 +60,9 @@ class LoadConfig:
     client: str = "openai"
     # Share of one core a process burns beside the load (bench.hog); 0: none.
     hog: float = 0.0
+    # Picks the prompts' text; None: a fresh one per run, so that a run never finds the prompts of
+    # the run before it (the same workload's last repeat) in the server's prefix cache.
+    prompt_salt: int | None = None
 
 
 @dataclass
@@ -244,7 +248,8 @@ async def run_load(cfg: LoadConfig) -> dict:
     """Send every planned request (at most `concurrency` in flight), bounded by `cfg.timeout` overall."""
     plan = _request_plan(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    prompts = [synthetic_prompt(i, cfg.prompt_tokens, tokenizer) for i in range(len(plan))]
+    salt = cfg.prompt_salt if cfg.prompt_salt is not None else random.SystemRandom().randrange(10**5, 10**6)
+    prompts = [synthetic_prompt(i, cfg.prompt_tokens, tokenizer, salt) for i in range(len(plan))]
     image_url = image_data_url(cfg.image) if cfg.image else None
     semaphore = asyncio.Semaphore(max(1, cfg.concurrency))
     client = AsyncOpenAI(base_url=cfg.base_url, api_key=cfg.api_key, max_retries=0, timeout=cfg.timeout)
@@ -275,7 +280,7 @@ async def run_load(cfg: LoadConfig) -> dict:
         t.result() if t in done else _Outcome(max_tokens=m, error=f"timeout after {cfg.timeout}s")
         for t, m in zip(tasks, plan, strict=True)
     ]
-    return {**_summarize(cfg, outcomes, wall_s, health, client_cpu_s), **hog}
+    return {**_summarize(cfg, outcomes, wall_s, health, client_cpu_s), **hog, "prompt_salt": salt}
 
 
 def _cpu_s() -> float:
@@ -315,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="bound on the whole run, in seconds")
     p.add_argument("--extra-body", type=json.loads, default={}, help="JSON object merged into every body")
     p.add_argument("--tokenizer", default=None, help="model folder or tokenizer.json for exact prompt length")
+    p.add_argument(
+        "--prompt-salt",
+        type=int,
+        default=None,
+        help="repeat the prompts of the run that printed this salt (default: fresh prompts every run)",
+    )
     p.add_argument("--no-stream-usage", action="store_true", help="do not send stream_options.include_usage")
     return p
 

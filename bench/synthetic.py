@@ -16,11 +16,13 @@ _WORDS = (
 ).split()
 
 
-def synthetic_prompt(index: int, num_tokens: int, tokenizer=None) -> str:
-    """Deterministic text of ~num_tokens tokens; cut at num_tokens when a `tokenizers.Tokenizer` is given."""
-    # The index leads so that no two prompts share a prefix: prefix caching must not flatter anyone.
-    words = [f"Request {index}:"]
-    state = index * 2654435761 + 12345
+def synthetic_prompt(index: int, num_tokens: int, tokenizer=None, salt: int = 0) -> str:
+    """Deterministic text of ~num_tokens tokens; cut at num_tokens when a `tokenizers.Tokenizer` is
+    given. Prompts of another `salt` share nothing with these past the first word."""
+    # The index (and salt) lead so that no two prompts share a prefix: prefix caching must not
+    # flatter anyone.
+    words = [f"Request {salt}-{index}:" if salt else f"Request {index}:"]
+    state = (salt * 1_000_003 + index) * 2654435761 + 12345
     for _ in range(max(num_tokens - 3, 1) * (4 if tokenizer else 1)):
         state = (state * 1103515245 + 12345) & 0x7FFFFFFF
         words.append(_WORDS[state % len(_WORDS)])

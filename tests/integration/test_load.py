@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import anyio
 import httpx
@@ -112,3 +113,35 @@ def test_the_load_generator_reads_streams_either_way_and_reports_its_own_cpu(
     assert result["ttft_p50_s"] is not None and result["ttft_p50_s"] <= result["latency_p50_s"]
     assert result["client_cpu_s"] > 0
     assert result["mode"] == ("fixed-stream-lean" if client == "lean" else "fixed-stream")
+
+
+def test_each_load_run_sends_fresh_prompts_unless_given_the_salt_of_one_before(text_server: Server) -> None:
+    """A benchmark's repeats must not find their prompts in the prefix cache the repeat before
+    filled: every run draws its own salt; passing a run's salt back sends its prompts again."""
+
+    def prefix_cache_hits() -> int:
+        replicas = httpx.get(f"{text_server.base_url}/health", timeout=10).json()["replicas"]
+        return sum(replica["prefix_cache_hits"] for replica in replicas)
+
+    config = LoadConfig(
+        base_url=f"{text_server.base_url}/v1",
+        model=text_server.model_name,
+        api_key=text_server.api_key,
+        concurrency=2,
+        requests=2,
+        prompt_tokens=64,
+        max_tokens=1,
+        timeout=LOAD_DEADLINE_S,
+    )
+    first = anyio.run(run_load, config)
+    before = prefix_cache_hits()
+    second = anyio.run(run_load, config)
+    after_fresh = prefix_cache_hits()
+    again = anyio.run(run_load, replace(config, prompt_salt=second["prompt_salt"]))
+    after_repeat = prefix_cache_hits()
+    assert all(result["errors"] == 0 for result in (first, second, again))
+    assert first["prompt_salt"] != second["prompt_salt"] and again["prompt_salt"] == second["prompt_salt"]
+    fresh_hits, repeat_hits = after_fresh - before, after_repeat - after_fresh
+    # Both prompts of the repeat find at least their first full block of 16 tokens past the part
+    # every chat shares (the chat template's own text), which the fresh run finds as well.
+    assert repeat_hits >= fresh_hits + 2 * 16, (fresh_hits, repeat_hits)
