@@ -51,6 +51,7 @@ TEXT_MODEL_NAME_ENV = "text-from-env"  # loses to --model-name
 TEXT_API_KEY = "flag-key-0123456789"
 TEXT_API_KEY_ENV = "env-key-0123456789"  # loses to --api-key
 VLM_MODEL_NAME = "vlm-from-env"
+MISTRAL_STREAM_INTERVAL = 3
 VLM_DEFAULT_SEED = 2**64 - 1
 MAX_BODY_BYTES = 2 * 1024 * 1024
 TEXT_DEFAULT_MAX_TOKENS = 64  # below the default 128: the clamp test stays cheap on CPU
@@ -138,12 +139,18 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             "MAX_IMAGE_SIZE": str(VLM_FETCH_MAX_IMAGE_SIZE),
         },
     ),
-    # TOOL_CALL_PARSER left at auto: the chat template decides.
+    # TOOL_CALL_PARSER left at auto: the chat template decides. Streams go out STREAM_INTERVAL
+    # tokens at a time, so its streamed tool calls are read from grouped tokens too.
     "mistral_server": ServerSpec(
         model_path="builtin:tiny-mistral",
         model_name=MISTRAL_MODEL_NAME,
         api_key=None,
-        env={"MODEL_NAME": MISTRAL_MODEL_NAME, "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "64"},
+        env={
+            "MODEL_NAME": MISTRAL_MODEL_NAME,
+            "DTYPE": "fp32",
+            "MAX_NEW_TOKENS_DEFAULT": "64",
+            "STREAM_INTERVAL": str(MISTRAL_STREAM_INTERVAL),
+        },
     ),
     "base_server": ServerSpec(
         model_path="builtin:tiny-base",
