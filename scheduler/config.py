@@ -9,7 +9,7 @@ from models.devices import resolve_devices, set_cpu_threads
 from models.images import ImageLimits
 from models.loader import LoadSpec
 from models.replica import ReplicaConfig
-from scheduler.executor import ExecutorConfig
+from scheduler.job import ExecutorConfig
 
 __all__ = [
     "ExecutorConfig",

@@ -28,7 +28,8 @@ from models.params import PromptInput
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import build_replica
 from scheduler.config import SchedulerConfig
-from scheduler.executor import Delivery, Executor, Job
+from scheduler.executor import Executor
+from scheduler.job import Delivery, Job
 from scheduler.request import EngineRequest, RequestStream
 from scheduler.router import pick_replica
 

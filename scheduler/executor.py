@@ -13,7 +13,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from models.devices import DeviceScope, trim_host_memory
 from models.errors import (
@@ -27,60 +26,21 @@ from models.errors import (
 )
 from models.generation import Delta
 from models.plan import SampledToken, StepPlan
-from models.prompt import PreparedPrompt
 from models.replica import ModelReplica
 from scheduler.batch import Batch, BatchConfig
 from scheduler.blocks import BlockManager
-from scheduler.request import RequestStream, TokenLogprob
+from scheduler.job import Delivery, ExecutorConfig, Job
+from scheduler.request import TokenLogprob
 from scheduler.sequence import PromptSpan, Sequence
 from scheduler.threads import name_os_thread
 from scheduler.timings import StepTimings
 
 log = logging.getLogger(__name__)
 
-# (stream, choice index, delta) for every choice that produced something this step.
-Delivery = list[tuple[RequestStream, int, Delta]]
 GENERIC_FAILURE = "generation failed"
 NON_FINITE = "the model produced invalid (non-finite) scores for this request"
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 CACHE_FULL = "the request does not fit this replica's KV cache memory"
-
-
-@dataclass(eq=False)
-class Job:
-    stream: RequestStream
-    prepared: PreparedPrompt
-    cost: int  # tokens of work, for routing
-    enqueued_at: float = field(default_factory=time.monotonic)
-    seqs: list[Sequence] = field(default_factory=list)
-    first_tokens_sent: bool = False
-
-    @property
-    def holds_deltas(self) -> bool:
-        """Whether its unfinished choices' new tokens wait in the replica (a client reading the
-        answer whole, whose first tokens went out already)."""
-        return self.first_tokens_sent and not self.stream.request.streamed
-
-    @property
-    def n(self) -> int:
-        return self.stream.request.n
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.seqs) and all(seq.is_finished for seq in self.seqs)
-
-
-@dataclass(frozen=True)
-class ExecutorConfig:
-    """Built from the server's Settings (`app.lifespan.scheduler_config`), which hold the defaults."""
-
-    max_batch_size: int  # rows: sequences decoded together
-    max_queue_size: int
-    max_prefill_tokens: int
-    batch_timeout_s: float
-    prefill_aging_s: float = 2.0
-    idle_poll_s: float = 0.5
-    stream_interval: int = 1  # tokens a streamed choice gathers per hand-off after its first
 
 
 def _sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:

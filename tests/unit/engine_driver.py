@@ -9,7 +9,8 @@ import torch
 
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt
-from scheduler.executor import Executor, Job
+from scheduler.executor import Executor
+from scheduler.job import Job
 from scheduler.request import EngineRequest, RequestStream
 from tests.unit.configs import executor_config
 
