@@ -22,6 +22,17 @@ MAX_TOKENS = 64
 LOAD_DEADLINE_S = 90.0
 
 
+def load_config(server: Server, **fields) -> LoadConfig:
+    """bench.load's settings for `server`, bounded by the test's deadline."""
+    return LoadConfig(
+        base_url=f"{server.base_url}/v1",
+        model=server.model_name,
+        api_key=server.api_key,
+        timeout=LOAD_DEADLINE_S,
+        **fields,
+    )
+
+
 def _sample_health(base_url: str, stop: threading.Event, latencies: list[float], statuses: list[int]) -> None:
     with httpx.Client(base_url=base_url, timeout=10) as client:
         while not stop.is_set():
@@ -95,17 +106,8 @@ def test_the_load_generator_reads_streams_either_way_and_reports_its_own_cpu(
 ) -> None:
     """bench.load's two stream readers count the same tokens (the lean one from the usage chunk
     at the end of the bytes) and both report what the generator itself spent."""
-    config = LoadConfig(
-        base_url=f"{text_server.base_url}/v1",
-        model=text_server.model_name,
-        api_key=text_server.api_key,
-        concurrency=4,
-        requests=4,
-        max_tokens=8,
-        ignore_eos=True,
-        stream=True,
-        client=client,
-        timeout=LOAD_DEADLINE_S,
+    config = load_config(
+        text_server, concurrency=4, requests=4, max_tokens=8, ignore_eos=True, stream=True, client=client
     )
     result = anyio.run(run_load, config)
     assert result["errors"] == 0, result["error_samples"]
@@ -123,16 +125,7 @@ def test_each_load_run_sends_fresh_prompts_unless_given_the_salt_of_one_before(t
         replicas = httpx.get(f"{text_server.base_url}/health", timeout=10).json()["replicas"]
         return sum(replica["prefix_cache_hits"] for replica in replicas)
 
-    config = LoadConfig(
-        base_url=f"{text_server.base_url}/v1",
-        model=text_server.model_name,
-        api_key=text_server.api_key,
-        concurrency=2,
-        requests=2,
-        prompt_tokens=64,
-        max_tokens=1,
-        timeout=LOAD_DEADLINE_S,
-    )
+    config = load_config(text_server, concurrency=2, requests=2, prompt_tokens=64, max_tokens=1)
     first = anyio.run(run_load, config)
     before = prefix_cache_hits()
     second = anyio.run(run_load, config)
