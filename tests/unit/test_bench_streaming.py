@@ -132,3 +132,20 @@ def test_the_hog_burns_about_its_share_of_a_core_and_says_how_much() -> None:
     with cpu_hog(0.0) as none:
         pass
     assert none == {}
+
+
+def test_the_streamed_over_non_streamed_target_shows_each_repeat_s_ratio():
+    runs = [
+        run("ours", "a_throughput", 500.0, 0.1, repeat=0),
+        run("ours", "b_stream", 450.0, 1.0, repeat=0),
+        run("ours", "a_throughput", 400.0, 0.1, repeat=1),
+        run("ours", "b_stream", 380.0, 1.0, repeat=1),
+        # A repeat whose streamed run failed a request has no ratio of its own.
+        run("ours", "a_throughput", 450.0, 0.1, repeat=2),
+        {**run("ours", "b_stream", 300.0, 1.0, repeat=2), "errors": 1},
+        run("llamacpp", "b_stream", 300.0, 1.0),
+        run("llamacpp", "a_throughput", 330.0, 0.1),
+    ]
+    target = summarize(runs)["llamacpp"]["stream_vs_our_nonstream"]
+    assert target["ratio_by_repeat"] == {0: 0.9, 1: 0.95}
+    assert target["ratio"] == round(415.0 / 450.0, 3)
