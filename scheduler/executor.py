@@ -411,12 +411,9 @@ class Executor:
         waiting = 0
         interval = self.config.stream_interval
         for job in self._jobs:
-            holds = job.holds_deltas
-            gathers = interval > 1 and job.stream.request.streamed
             for seq in job.seqs:
-                if (holds or gathers) and not (seq.is_finished or seq.output.is_finished):
-                    if holds or (seq.num_generated > 1 and seq.output.pending_tokens < interval):
-                        continue
+                if job.keeps_back(seq, interval):
+                    continue
                 delta = seq.output.take_delta()
                 if delta is not None:
                     delivery.append((job.stream, seq.index, delta))

@@ -29,6 +29,21 @@ class Job:
         answer whole, whose first tokens went out already)."""
         return self.first_tokens_sent and not self.stream.request.streamed
 
+    def keeps_back(self, seq: Sequence, stream_interval: int) -> bool:
+        """Whether `seq`'s new tokens stay in the replica this step: held for a client reading the
+        answer whole, or gathered for a stream until `stream_interval` of them (after its first
+        token, sent at once); never once the choice has ended."""
+        if seq.is_finished or seq.output.is_finished:
+            return False
+        if self.holds_deltas:
+            return True
+        return (
+            stream_interval > 1
+            and self.stream.request.streamed
+            and seq.num_generated > 1
+            and seq.output.pending_tokens < stream_interval
+        )
+
     @property
     def n(self) -> int:
         return self.stream.request.n
