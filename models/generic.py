@@ -19,6 +19,7 @@ batches left-padded prompts) and everything else one call at a time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -201,7 +202,16 @@ class GenericRunner:
         self.backend = "the model's own attention via generate()" + (
             ", decode steps batched" if self.batch_decode else ", one sequence per forward"
         )
-        model.forward = self._intercept
+        # generate() validates its keyword arguments against the forward's signature when the
+        # model's prepare_inputs_for_generation takes only **kwargs (Bamba, FalconH1): the
+        # interceptor shows the model's own, or every call is refused for its attention_mask.
+        intercept = self._intercept
+
+        @functools.wraps(self._forward)
+        def forward(*args, **kwargs):
+            return intercept(*args, **kwargs)
+
+        model.forward = forward
 
     def _intercept(self, *args, **kwargs):
         hooks = getattr(_local, "hooks", None)
