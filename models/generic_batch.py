@@ -6,10 +6,16 @@ attention mask, each row at its own position. After the forward, each sequence's
 own rows back (the new token's keys and values included) and its logits row, so `generate()`
 continues as if it had run the forward alone.
 
+Hybrid models (Mamba-2, Gated DeltaNet, short-convolution layers beside attention: Qwen3.5,
+Qwen3-Next, Granite 4, Jamba, Bamba, LFM2) keep a fixed-size state per sequence in their linear
+layers instead of keys and values: those states are stacked row by row and given back the same
+way, no padding needed (a state already summarises its sequence's whole past).
+
 Only calls whose inputs are all understood are merged: one new token, a cache of plain dynamic
-layers, nothing but ids, masks and positions among the tensors. Anything else (cross-attention
-masks, sliding-window cache layers, per-model state) is computed one call at a time, as before.
-`batching_problem` checks at startup that merged decoding reproduces single decoding.
+and linear-attention layers, nothing but ids, masks and positions among the tensors. Anything
+else (cross-attention masks, sliding-window cache layers, per-model state) is computed one call
+at a time, as before. `batching_problem` checks at startup that merged decoding reproduces single
+decoding.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionAndFullAttentionLayer, LinearAttentionLayer
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +53,31 @@ def accepts_positions(forward) -> bool:
         return False
 
 
+# Cache layers merged decoding understands (exact types: a subclass may keep more state).
+_LAYER_TYPES = (DynamicLayer, LinearAttentionLayer, LinearAttentionAndFullAttentionLayer)
+
+
 def _length(kwargs: dict) -> int:
     return kwargs["past_key_values"].get_seq_length()
+
+
+def _keys_filled(layer) -> bool:
+    return isinstance(layer, DynamicLayer) and layer.is_initialized
+
+
+def _states(layer) -> tuple:
+    """Which recurrent states a linear layer holds, and whether it has seen its prompt: calls
+    share a forward only when these agree."""
+    if not isinstance(layer, LinearAttentionLayer):
+        return ()
+    return tuple(
+        (
+            layer.is_conv_states_initialized[i],
+            layer.is_recurrent_states_initialized[i],
+            layer.has_previous_state[i],
+        )
+        for i in layer.conv_states
+    )
 
 
 def mergeable(kwargs: dict) -> bool:
@@ -60,15 +89,23 @@ def mergeable(kwargs: dict) -> bool:
     ):
         return False
     cache = kwargs.get("past_key_values")
-    if type(cache) is not DynamicCache or not cache.layers or not cache.layers[0].is_initialized:
+    if type(cache) is not DynamicCache or any(type(layer) not in _LAYER_TYPES for layer in cache.layers):
         return False
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+    # The sequence's length is read from its first attention layer, which must hold it.
+    first = next((layer for layer in cache.layers if isinstance(layer, DynamicLayer)), None)
+    if first is None or not first.is_initialized:
         return False
     # Layers a forward never filled (Mllama's cross-attention ones, for a text prompt) stay empty;
-    # every filled one must hold the sequence's own tokens.
+    # every filled one must hold the sequence's own tokens, every state its one row.
     length = cache.get_seq_length()
-    if any(layer.is_initialized and layer.keys.shape[-2] != length for layer in cache.layers):
+    if any(_keys_filled(layer) and layer.keys.shape[-2] != length for layer in cache.layers):
         return False
+    for layer in cache.layers:
+        for index, (conv, recurrent, _) in enumerate(_states(layer)):
+            if (conv and layer.conv_states[index].shape[0] != 1) or (
+                recurrent and layer.recurrent_states[index].shape[0] != 1
+            ):
+                return False
     mask = kwargs.get("attention_mask")
     if mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + 1 or not bool(mask.all())):
         return False
@@ -87,7 +124,7 @@ def _signature(kwargs: dict, with_positions: bool) -> tuple:
     cache = kwargs["past_key_values"]
     # Without a way to give each row its position, only equal lengths can share a forward.
     length = None if with_positions else cache.get_seq_length()
-    filled = tuple(layer.is_initialized for layer in cache.layers)
+    filled = tuple((_keys_filled(layer), _states(layer)) for layer in cache.layers)
     return (tuple(sorted(kwargs)), fixed, shape, filled, length)
 
 
@@ -111,18 +148,11 @@ def run_merged(forward, calls: list[dict], *, with_positions: bool) -> list:
     longest = max(lengths)
     first = calls[0]
     device = first["input_ids"].device
-    merged = DynamicCache()
-    for index, template in enumerate(first["past_key_values"].layers):
-        if not template.is_initialized:
-            continue  # empty in every call of the group (their signatures say so)
-        layers = [c["past_key_values"].layers[index] for c in calls]
-        keys = torch.cat(
-            [F.pad(ly.keys, (0, 0, longest - n, 0)) for ly, n in zip(layers, lengths, strict=True)]
-        )
-        values = torch.cat(
-            [F.pad(ly.values, (0, 0, longest - n, 0)) for ly, n in zip(layers, lengths, strict=True)]
-        )
-        merged.update(keys, values, index)
+    merged = copy.copy(first["past_key_values"])
+    merged.layers = [
+        _merged_layer(template, [c["past_key_values"].layers[index] for c in calls], lengths, longest)
+        for index, template in enumerate(first["past_key_values"].layers)
+    ]
     mask = torch.zeros(len(calls), longest + 1, dtype=torch.long, device=device)
     for row, n in enumerate(lengths):
         mask[row, longest - n :] = 1
@@ -141,13 +171,53 @@ def run_merged(forward, calls: list[dict], *, with_positions: bool) -> list:
     results = []
     for row, (call, n) in enumerate(zip(calls, lengths, strict=True)):
         own = call["past_key_values"]
-        for layer, big in zip(own.layers, merged.layers, strict=False):
-            if not big.is_initialized:
-                continue
-            layer.keys = big.keys[row : row + 1, :, longest - n :].clone()
-            layer.values = big.values[row : row + 1, :, longest - n :].clone()
+        for layer, big in zip(own.layers, merged.layers, strict=True):
+            _take_row(layer, big, row, longest - n)
         results.append(type(out)(logits=out.logits[row : row + 1], past_key_values=own))
     return results
+
+
+def _merged_layer(template, layers: list, lengths: list[int], longest: int):
+    """One layer of the merged cache: keys and values left-padded to the longest sequence and
+    stacked, recurrent states stacked. New tensors and dicts: the forward updates them in place."""
+    merged = copy.copy(template)
+    if _keys_filled(template):
+        merged.keys = torch.cat(
+            [F.pad(ly.keys, (0, 0, longest - n, 0)) for ly, n in zip(layers, lengths, strict=True)]
+        )
+        merged.values = torch.cat(
+            [F.pad(ly.values, (0, 0, longest - n, 0)) for ly, n in zip(layers, lengths, strict=True)]
+        )
+    if isinstance(template, LinearAttentionLayer):
+        merged.conv_states = {
+            i: torch.cat([ly.conv_states[i] for ly in layers]) if filled else None
+            for i, filled in template.is_conv_states_initialized.items()
+        }
+        merged.recurrent_states = {
+            i: torch.cat([ly.recurrent_states[i] for ly in layers]) if filled else None
+            for i, filled in template.is_recurrent_states_initialized.items()
+        }
+        for name in ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state"):
+            setattr(merged, name, dict(getattr(template, name)))
+        merged.conv_kernel_size = dict(template.conv_kernel_size)
+    return merged
+
+
+def _take_row(layer, big, row: int, padding: int) -> None:
+    """Give a sequence's layer its own row of the merged one (the new token's part included)."""
+    if isinstance(big, DynamicLayer) and big.is_initialized:
+        layer.keys = big.keys[row : row + 1, :, padding:].clone()
+        layer.values = big.values[row : row + 1, :, padding:].clone()
+    if isinstance(big, LinearAttentionLayer):
+        for i, state in big.conv_states.items():
+            if state is not None:
+                layer.conv_states[i] = state[row : row + 1].clone()
+        for i, state in big.recurrent_states.items():
+            if state is not None:
+                layer.recurrent_states[i] = state[row : row + 1].clone()
+        for name in ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state"):
+            getattr(layer, name).update(getattr(big, name))
+        layer.conv_kernel_size.update(big.conv_kernel_size)
 
 
 def batching_problem(model, forward, token_ids: list[int]) -> str | None:

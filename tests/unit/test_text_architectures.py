@@ -128,6 +128,15 @@ ARCHS = {
     "falcon-alibi": ({**_FALCON, "multi_query": False, "parallel_attn": False, "alibi": True}, "fast"),
     # Soft-capped attention logits, computed by an explicit softmax as the model's eager attention does.
     "gemma2": ({"head_dim": 16, "sliding_window": 8}, "fast"),
+    # Hybrids: linear layers keep a recurrent state per sequence, which the paged cache has no place
+    # for, so they run on the generic path, their decode steps merged (states stacked by row).
+    # Gated DeltaNet beside full attention, as Qwen3.5 and Qwen3-Next.
+    "qwen3_5_text": ({"head_dim": 16, "layer_types": ["linear_attention", "full_attention"]}, "generic"),
+    # Mamba-2 beside attention. Its prepare_inputs_for_generation takes only **kwargs, so generate()
+    # checks its arguments against the forward's signature (the generic runner's interceptor's).
+    "bamba": ({"attn_layer_indices": [1], "mamba_d_head": 16, "mamba_n_heads": 8}, "generic"),
+    # Short convolutions beside attention, as LFM2.
+    "lfm2": ({"layer_types": ["conv", "full_attention"]}, "generic"),
 }
 MAX_NEW = 12
 # Their decoder layers are the Llama template: on CPU, decode-only steps take the lean step.
@@ -238,26 +247,3 @@ def test_the_self_test_refuses_a_fast_path_blind_to_windows_chunks_or_long_rope(
     runner = runner_module.PagedRunner(loaded.model, num_blocks=64, block_size=16, device=loaded.device)
     reason = replica_module._self_test(runner, loaded)
     assert reason is not None and "differ" in reason, reason
-
-
-def test_a_hybrid_whose_generate_checks_the_forward_signature_runs_on_the_generic_path(tokenizer, tmp_path):
-    """Bamba (Mamba-2 layers beside attention) keeps recurrent state the paged fast path has no
-    place for, so it runs on the generic path. Its prepare_inputs_for_generation takes only
-    **kwargs, so generate() checks its arguments against the forward's signature: the generic
-    runner's interceptor must show the model's own, or every request fails on its attention_mask."""
-    import inspect
-
-    build("bamba", {"attn_layer_indices": [1], "mamba_d_head": 16, "mamba_n_heads": 8}, tokenizer, tmp_path)
-    replica = build_replica(
-        LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4)
-    )
-    assert replica.path == "generic", replica.path_reason
-    assert "attention_mask" in inspect.signature(replica.loaded.model.forward).parameters
-    prompts = [_prompt(tokenizer, 5), _prompt(tokenizer, 30)]
-    expected = [hf_greedy(replica, prompt, MAX_NEW) for prompt in prompts]
-    driver = EngineDriver(replica)
-    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
-    streams = [driver.submit(prompt, params) for prompt in prompts]
-    driver.run(streams)
-    assert [driver.outputs(stream)[0] for stream in streams] == expected
-    assert all(len(tokens) == MAX_NEW for tokens in expected)
