@@ -197,8 +197,7 @@ class GenericRunner:
         self.merged_calls = 0  # decode forwards computed as part of a merged batch
         self._forward = model.forward
         self._with_positions = accepts_positions(self._forward)
-        # Models that keep per-sequence state on their modules are computed one call at a time.
-        self.batch_decode = batch_decode and not self.stateful
+        self.batch_decode = batch_decode
         self.backend = "the model's own attention via generate()" + (
             ", decode steps batched" if self.batch_decode else ", one sequence per forward"
         )
@@ -291,14 +290,20 @@ class GenericRunner:
         with self.scope():  # the stream the generate() threads enqueue on
             self._compute_calls(calls, threads)
 
+    def _may_merge(self, kwargs: dict) -> bool:
+        """Module state (Qwen-VL's rope_deltas) is one per model, put in place for each call run
+        alone. A merged forward never sets it, so it takes only calls that carry their own
+        positions, from which those models' forwards compute without reading it."""
+        return self.batch_decode and (not self.stateful or kwargs.get("position_ids") is not None)
+
     def _compute_calls(self, calls: dict[int, _Call], threads: dict[int, _SequenceThread]) -> None:
-        order = list(calls)
-        if self.batch_decode:
-            grouped = groups([calls[i].kwargs for i in order], self._with_positions)
-        else:
-            grouped = [[position] for position in range(len(order))]
-        for group in grouped:
-            members = [order[position] for position in group]
+        candidates = [i for i in calls if self._may_merge(calls[i].kwargs)]
+        grouped = [
+            [candidates[position] for position in group]
+            for group in groups([calls[i].kwargs for i in candidates], self._with_positions)
+        ]
+        grouped += [[i] for i in calls if i not in candidates]
+        for members in grouped:
             if len(members) > 1:
                 try:
                     outputs = run_merged(

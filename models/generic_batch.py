@@ -12,9 +12,10 @@ layers instead of keys and values: those states are stacked row by row and given
 way, no padding needed (a state already summarises its sequence's whole past).
 
 Only calls whose inputs are all understood are merged: one new token, a cache of plain dynamic
-and linear-attention layers, nothing but ids, masks and positions among the tensors. Anything
-else (cross-attention masks, sliding-window cache layers, per-model state) is computed one call
-at a time, as before. `batching_problem` checks at startup that merged decoding reproduces single
+and linear-attention layers, nothing but ids, masks, positions and token types among the tensors.
+Anything else (cross-attention masks, sliding-window cache layers) is computed one call at a time,
+as is a call of a model with per-sequence module state (Qwen-VL's rope_deltas) that does not
+carry its own positions (`GenericRunner._may_merge`). `batching_problem` checks at startup that merged decoding reproduces single
 decoding.
 """
 
@@ -31,6 +32,8 @@ from transformers.cache_utils import DynamicLayer, LinearAttentionAndFullAttenti
 
 log = logging.getLogger(__name__)
 
+# Inputs with the new token's own entry (Qwen-VL's token types), stacked like the ids.
+_PER_ROW = ("mm_token_type_ids",)
 _UNDERSTOOD = {
     "input_ids",
     "attention_mask",
@@ -43,6 +46,7 @@ _UNDERSTOOD = {
     "output_attentions",
     "output_hidden_states",
     "inputs_embeds",
+    *_PER_ROW,
 }
 
 
@@ -109,6 +113,8 @@ def mergeable(kwargs: dict) -> bool:
     mask = kwargs.get("attention_mask")
     if mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + 1 or not bool(mask.all())):
         return False
+    if any(isinstance(kwargs.get(name), torch.Tensor) and kwargs[name].shape != (1, 1) for name in _PER_ROW):
+        return False
     return not any(name not in _UNDERSTOOD and isinstance(v, torch.Tensor) for name, v in kwargs.items())
 
 
@@ -158,6 +164,9 @@ def run_merged(forward, calls: list[dict], *, with_positions: bool) -> list:
         mask[row, longest - n :] = 1
     kwargs = dict(first)
     kwargs["input_ids"] = torch.cat([c["input_ids"] for c in calls])
+    for name in _PER_ROW:
+        if isinstance(first.get(name), torch.Tensor):
+            kwargs[name] = torch.cat([c[name] for c in calls])
     kwargs["attention_mask"] = mask
     kwargs["past_key_values"] = merged
     if "cache_position" in kwargs:

@@ -20,7 +20,7 @@ from tests.unit.vlm_builder_parts import (
     tiny_tokenizer,
     token_ids,
 )
-from tests.unit.vlm_builders_qwen import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_vl
+from tests.unit.vlm_builders_qwen import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_5, build_qwen3_vl
 
 __all__ = ["ARCHS", "GREEDY", "MAX_NEW", "NOT_BUILT", "VOCAB", "Arch", "tiny_tokenizer"]
 
@@ -391,6 +391,9 @@ ARCHS = [
     Arch("qwen2_vl", build_qwen2_vl, "fast"),
     Arch("qwen2_5_vl", build_qwen2_5_vl, "fast"),
     Arch("qwen3_vl", build_qwen3_vl, "fast"),
+    # Hybrid text model (recurrent states per sequence): the generic path, decode steps merged with
+    # each call's own M-RoPE positions.
+    Arch("qwen3_5", build_qwen3_5, "generic"),
     Arch("internvl", build_internvl, "fast"),
     Arch("aya_vision", build_aya_vision, "fast"),
     Arch("llava_onevision", build_llava_onevision, "fast"),

@@ -114,3 +114,36 @@ def build_qwen3_vl(out: Path) -> None:
         size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=16, merge_size=2
     )
     _save_qwen(out, config, Qwen3VLProcessor, tok, image_processor)
+
+
+def build_qwen3_5(out: Path) -> None:
+    """Qwen3.5: Qwen3-VL's vision side over a hybrid text model (Gated DeltaNet layers beside full
+    attention), whose recurrent states send it to the generic path."""
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_5.configuration_qwen3_5 import (
+        Qwen3_5Config,
+        Qwen3_5TextConfig,
+        Qwen3_5VisionConfig,
+    )
+
+    tok, token_fields = _qwen_tokens()
+    config = Qwen3_5Config(
+        text_config=Qwen3_5TextConfig(
+            **text_kwargs(tok),
+            layer_types=["linear_attention", "full_attention"],
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 1.0,
+            },
+        ),
+        vision_config=Qwen3_5VisionConfig(**_MERGER_VISION, patch_size=16, num_position_embeddings=16),
+        **token_fields,
+    )
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 32 * 32, "longest_edge": 64 * 64}, patch_size=16, merge_size=2
+    )
+    _save_qwen(out, config, Qwen3VLProcessor, tok, image_processor)
