@@ -167,6 +167,27 @@ class _SequenceThread:
         self._thread.join(_JOIN_TIMEOUT_S)
 
 
+def _token_types_to(mm_inputs: dict | None, length: int) -> dict | None:
+    """A forked choice's prompt is its parent's plus the tokens sampled since: per-token type
+    inputs grow to `length` as generate() grows them (token types repeat the last one,
+    multimodal token types are text, 0). Left shorter, Qwen-VL's fail on the image mask."""
+    if not mm_inputs:
+        return mm_inputs
+    grown = dict(mm_inputs)
+    for name in ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids"):
+        types = mm_inputs.get(name)
+        if not isinstance(types, torch.Tensor) or types.dim() != 2 or types.shape[1] >= length:
+            continue
+        missing = length - types.shape[1]
+        tail = (
+            types[:, -1:].expand(-1, missing)
+            if name == "token_type_ids"
+            else types.new_zeros(types.shape[0], missing)
+        )
+        grown[name] = torch.cat([types, tail], dim=1)
+    return grown
+
+
 class GenericRunner:
     kind = "generic"
     chunked_prefill = False  # generate() computes a prompt in one forward
@@ -276,6 +297,7 @@ class GenericRunner:
             if row.start:  # a forked choice: its first decode row recomputes the shared prompt
                 context, mm_inputs = self._forked.pop(row.seq_id)
                 tokens = context + row.token_ids
+                mm_inputs = _token_types_to(mm_inputs, len(tokens))
             thread = self._threads[row.seq_id] = _SequenceThread(self, tokens, mm_inputs)
             return thread
         if len(row.token_ids) != 1:

@@ -94,6 +94,18 @@ def test_image_prompt_matches_generate(arch_replica):
     assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
 
 
+def test_every_choice_of_an_image_prompt_matches_generate(arch_replica):
+    """n=2 greedy: the second choice forks from the first after the prompt (on the generic path
+    it computes the prompt again, plus the token sampled since, with the image's inputs)."""
+    arch, replica = arch_replica
+    prepared = _image_prompt(replica, "What is in this picture?", seed=3)
+    driver = EngineDriver(replica)
+    stream = driver.submit(prepared, SamplingParams(max_tokens=MAX_NEW, **GREEDY), n=2)
+    driver.run([stream])
+    expected = hf_greedy(replica, prepared, MAX_NEW)
+    assert driver.outputs(stream) == [expected, expected]
+
+
 def test_prompt_tokens_match_the_processors_own_format(arch_replica):
     arch, replica = arch_replica
     processor = replica.loaded.processor
