@@ -75,21 +75,36 @@ class PagedKVCache:
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Keys and values of one position across all layers, from the text config (an estimate for
     exotic layouts: the pool itself is sized by what each layer actually produces)."""
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if getattr(config, "new_decoder_architecture", False):
+    layers = _setting(config, "num_hidden_layers") or _setting(config, "n_layer") or 1
+    per_layer = _setting(config, "per_layer_config")
+    if per_layer is not None:
+        # Heterogeneous configs (Gemma 4) refuse a global read of what varies by layer.
+        return sum(_layer_kv_bytes(per_layer[index], dtype) for index in range(layers))
+    return layers * _layer_kv_bytes(config, dtype)
+
+
+def _setting(config, name: str):
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - a per-layer attribute read globally (AmbiguousGlobalPerLayerAttributeError)
+        return None
+
+
+def _layer_kv_bytes(config, dtype: torch.dtype) -> int:
+    heads = _setting(config, "num_attention_heads") or _setting(config, "n_head") or 1
+    kv_heads = _setting(config, "num_key_value_heads") or heads
+    if _setting(config, "new_decoder_architecture"):
         # Falcon-40B/180B: grouped keys and values, though their configs also say multi_query.
         kv_heads = config.num_kv_heads
-    elif getattr(config, "multi_query", False):
+    elif _setting(config, "multi_query"):
         kv_heads = 1
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
-    head_dim = getattr(config, "head_dim", None) or hidden // max(heads, 1)
+    hidden = _setting(config, "hidden_size") or _setting(config, "n_embd") or 0
+    head_dim = _setting(config, "head_dim") or hidden // max(heads, 1)
     key_dim = value_dim = head_dim
-    if getattr(config, "v_head_dim", None) and getattr(config, "qk_nope_head_dim", None) is not None:
+    if _setting(config, "v_head_dim") and _setting(config, "qk_nope_head_dim") is not None:
         # MLA (DeepSeek-V2/V3): the pool holds the keys and values the layers expand to, per head.
         kv_heads = heads
         key_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         value_dim = config.v_head_dim
     itemsize = torch.tensor([], dtype=dtype).element_size()
-    return layers * kv_heads * (key_dim + value_dim) * itemsize
+    return kv_heads * (key_dim + value_dim) * itemsize

@@ -128,6 +128,21 @@ ARCHS = {
     "falcon-alibi": ({**_FALCON, "multi_query": False, "parallel_attn": False, "alibi": True}, "fast"),
     # Soft-capped attention logits, computed by an explicit softmax as the model's eager attention does.
     "gemma2": ({"head_dim": 16, "sliding_window": 8}, "fast"),
+    # Per-layer settings the config refuses to read globally (head_dim: sliding 16, global 32),
+    # the last two layers reading the keys and values of earlier ones, per-layer input embeddings.
+    "gemma4_text": (
+        {
+            "num_hidden_layers": 4,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "head_dim": 16,
+            "global_head_dim": 32,
+            "sliding_window": 8,
+            "num_kv_shared_layers": 2,
+            "vocab_size_per_layer_input": 512,
+            "hidden_size_per_layer_input": 16,
+        },
+        "fast",
+    ),
     # Hybrids: linear layers keep a recurrent state per sequence, which the paged cache has no place
     # for, so they run on the generic path, their decode steps merged (states stacked by row).
     # Gated DeltaNet beside full attention, as Qwen3.5 and Qwen3-Next.
