@@ -43,7 +43,18 @@ def images_only_processor_class(processor_class: type) -> type:
         )
         copy_.__kwdefaults__ = init.__kwdefaults__
         namespace["__init__"] = copy_
-    return type(processor_class.__name__, (processor_class,), namespace)
+    return type(processor_class.__name__, (processor_class, _WithoutVideoKeyword), namespace)
+
+
+class _WithoutVideoKeyword(ProcessorMixin):
+    """Sits between a processor class and ProcessorMixin in the images-only class's MRO: Gemma 4's
+    __init__ hands `video_processor=None` on to ProcessorMixin by keyword, which refuses a keyword
+    that is not one of the (now video-less) attributes."""
+
+    def __init__(self, *args, **kwargs):
+        if kwargs.get("video_processor", False) is None:
+            del kwargs["video_processor"]
+        super().__init__(*args, **kwargs)
 
 
 def processor_without_video(

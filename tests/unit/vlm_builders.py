@@ -20,6 +20,7 @@ from tests.unit.vlm_builder_parts import (
     tiny_tokenizer,
     token_ids,
 )
+from tests.unit.vlm_builders_gemma import build_gemma4
 from tests.unit.vlm_builders_qwen import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_5, build_qwen3_vl
 
 __all__ = ["ARCHS", "GREEDY", "MAX_NEW", "NOT_BUILT", "VOCAB", "Arch", "tiny_tokenizer"]
@@ -384,6 +385,9 @@ ARCHS = [
     Arch("paligemma", build_paligemma, "fast"),
     # Each image's tokens attend to each other both ways (declared spans); sliding/global layers.
     Arch("gemma3", build_gemma3, "fast"),
+    # Per-layer text settings (head sizes differ by layer type); its processor hands the missing
+    # video processor on by keyword (models.processors).
+    Arch("gemma4", build_gemma4, "fast"),
     # Cross-attention layers read each request's vision states from its side blocks.
     Arch("mllama", build_mllama, "fast"),
     # M-RoPE positions computed per request from its image grid. The processors' video half needs
