@@ -358,8 +358,7 @@ def _load_tokenizer(
             if processor is None:
                 raise
             decide(
-                f"processor={type(processor).__name__} without its video processor (torchvision is not "
-                "installed; images only)",
+                f"processor={type(processor).__name__} for images only (torchvision is not installed)",
                 level=logging.WARNING,
             )
     tokenizer = getattr(processor, "tokenizer", None)

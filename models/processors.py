@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 import types
 from typing import Any
 
@@ -57,21 +58,58 @@ class _WithoutVideoKeyword(ProcessorMixin):
         super().__init__(*args, **kwargs)
 
 
+# Processors whose module imports a helper from the torchvision image processor's module, the PIL
+# twin of which defines the same helper: class -> (its module, the torchvision module, the PIL
+# twin, the helpers). PixtralProcessor (Mistral 3, Pixtral) imports its resize rule so: without a
+# stand-in its module cannot be imported, and transformers hands out a placeholder instead.
+_TORCHVISION_HELPERS = {
+    "PixtralProcessor": (
+        "transformers.models.pixtral.processing_pixtral",
+        "transformers.models.pixtral.image_processing_pixtral",
+        "transformers.models.pixtral.image_processing_pil_pixtral",
+        ("get_resize_output_image_size",),
+    ),
+}
+
+
+def processor_class(name: str) -> type | None:
+    """The processor class `name` as transformers resolves it, or, for those above, imported from
+    its own module after a module holding the PIL twin's helpers is put where the torchvision one
+    is looked for (only ever without torchvision: the real module could not be imported anyway)."""
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    entry = _TORCHVISION_HELPERS.get(name)
+    if entry is None:
+        return processor_class_from_name(name)
+    module, torchvision_module, twin, helpers = entry
+    if torchvision_module not in sys.modules:
+        source = importlib.import_module(twin)
+        stand_in = types.ModuleType(torchvision_module, f"{twin}'s helpers (models.processors)")
+        for helper in helpers:
+            setattr(stand_in, helper, getattr(source, helper))
+        sys.modules[torchvision_module] = stand_in
+    return getattr(importlib.import_module(module), name)
+
+
 def processor_without_video(
     path: str, config: PreTrainedConfig, hub_kwargs: dict[str, Any]
 ) -> ProcessorMixin | None:
-    """The checkpoint's processor loaded without its video processor, when torchvision is missing and
-    the processor has one (Qwen2-VL, Qwen2.5-VL, InternVL, LLaVA-OneVision, ...); None otherwise."""
+    """The checkpoint's processor loaded for images only, when torchvision is missing: without its
+    video processor where it has one (Qwen2-VL, Qwen2.5-VL, InternVL, LLaVA-OneVision, Gemma 4,
+    ...), with the PIL twins' helpers where its module imports the torchvision image processor's
+    (Pixtral); None otherwise."""
     if importlib.util.find_spec("torchvision") is not None:
         return None
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
     name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
     try:
-        processor_class = processor_class_from_name(name) if isinstance(name, str) else None
-        if not isinstance(processor_class, type) or "video_processor" not in processor_class.get_attributes():
+        found = processor_class(name) if isinstance(name, str) else None
+        if not isinstance(found, type) or not issubclass(found, ProcessorMixin):
             return None
-        return images_only_processor_class(processor_class).from_pretrained(path, **hub_kwargs)
+        if "video_processor" in found.get_attributes():
+            found = images_only_processor_class(found)
+        return found.from_pretrained(path, **hub_kwargs)
     except Exception:  # the original error is the one worth reporting
         logger.debug("images-only processor fallback failed", exc_info=True)
         return None

@@ -1,0 +1,56 @@
+"""Mistral 3's tiny vision-language checkpoint (Pixtral vision tower, patch merger, [IMG_BREAK]
+rows): its processor's module imports a torchvision helper, so it is built, as the server loads
+it without torchvision, through models.processors.processor_class. Registered in vlm_builders.ARCHS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.processors import processor_class
+from tests.unit.vlm_builder_parts import save_checkpoint, text_kwargs, tiny_tokenizer
+
+_MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '[INST]' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '[IMG]' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{{ '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}"
+    "{%- endif -%}{%- endfor -%}"
+)
+
+
+def build_mistral3(out: Path) -> None:
+    """Mistral 3: 8-pixel patches merged 2x2, a row break after each row of merged patches."""
+    from transformers import Mistral3Config, MistralConfig, PixtralVisionConfig
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tok = tiny_tokenizer(extra=("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"), bos="<s>")
+    config = Mistral3Config(
+        vision_config=PixtralVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=8,
+            head_dim=8,
+        ),
+        text_config=MistralConfig(**text_kwargs(tok)),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    image_processor = PixtralImageProcessorPil(
+        size={"longest_edge": 64}, patch_size={"height": 8, "width": 8}
+    )
+    processor = processor_class("PixtralProcessor")(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        spatial_merge_size=2,
+        chat_template=_MISTRAL3_TEMPLATE,
+    )
+    save_checkpoint(out, config, processor)
