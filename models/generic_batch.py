@@ -15,8 +15,8 @@ Only calls whose inputs are all understood are merged: one new token, a cache of
 and linear-attention layers, nothing but ids, masks, positions and token types among the tensors.
 Anything else (cross-attention masks, sliding-window cache layers) is computed one call at a time,
 as is a call of a model with per-sequence module state (Qwen-VL's rope_deltas) that does not
-carry its own positions (`GenericRunner._may_merge`). `batching_problem` checks at startup that merged decoding reproduces single
-decoding.
+carry its own positions (`GenericRunner._may_merge`). `batching_problem` checks at startup that
+merged decoding reproduces single decoding.
 """
 
 from __future__ import annotations
