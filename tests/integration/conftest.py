@@ -137,6 +137,9 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             "MAX_IMAGE_BYTES": str(VLM_FETCH_MAX_IMAGE_BYTES),
             "MAX_IMAGES_PER_REQUEST": str(VLM_FETCH_MAX_IMAGES),
             "MAX_IMAGE_SIZE": str(VLM_FETCH_MAX_IMAGE_SIZE),
+            # test_images_remote's busy batch runs 300-token streams: above the default cap of 128
+            # they were lowered to it and could all end before the target was sent.
+            "MAX_NEW_TOKENS_DEFAULT": "512",
         },
     ),
     # TOOL_CALL_PARSER left at auto: the chat template decides. Streams go out STREAM_INTERVAL

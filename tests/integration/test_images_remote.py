@@ -452,7 +452,8 @@ def test_greedy_image_output_is_the_same_alone_and_in_a_busy_batch(
     vlm_fetch_server: Server, images: ImageServer
 ) -> None:
     """The target joins a batch of 6 streams (3 with images) that started before it and end after it
-    (300 tokens each: with 40, all six had ended before the target's 12 in one CI run)."""
+    (300 tokens each, the server's cap raised for them: at 40, and at the default cap of 128, all six
+    had ended before the target's 12 in a CI run)."""
     model = vlm_fetch_server.model_name
     target = {"messages": ask(images.url("/a.png"), text="What is this?"), "max_tokens": 12, "temperature": 0}
     others = [
