@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.processors import processor_class
-from tests.unit.vlm_builder_parts import save_checkpoint, text_kwargs, tiny_tokenizer
+from tests.unit.vlm_builder_parts import TINY_VISION, save_checkpoint, text_kwargs, tiny_tokenizer
 
 _MISTRAL3_TEMPLATE = (
     "{{ bos_token }}{%- for message in messages -%}"
@@ -29,15 +29,7 @@ def build_mistral3(out: Path) -> None:
 
     tok = tiny_tokenizer(extra=("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"), bos="<s>")
     config = Mistral3Config(
-        vision_config=PixtralVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=64,
-            patch_size=8,
-            head_dim=8,
-        ),
+        vision_config=PixtralVisionConfig(**{**TINY_VISION, "image_size": 64, "head_dim": 8}),
         text_config=MistralConfig(**text_kwargs(tok)),
         image_token_index=tok.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
