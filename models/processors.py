@@ -9,6 +9,7 @@ not exist", checked 2026-12-03). The server takes no video: the image and text h
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import sys
 import types
@@ -102,7 +103,11 @@ def processor_without_video(
         return None
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    name = PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    # The class the checkpoint names comes first, as AutoProcessor would take it: pixtral-12b is a
+    # `llava` model with a PixtralProcessor.
+    name = _saved_processor_class(path, hub_kwargs) or PROCESSOR_MAPPING_NAMES.get(
+        getattr(config, "model_type", None)
+    )
     try:
         found = processor_class(name) if isinstance(name, str) else None
         if not isinstance(found, type) or not issubclass(found, ProcessorMixin):
@@ -113,3 +118,27 @@ def processor_without_video(
     except Exception:  # the original error is the one worth reporting
         logger.debug("images-only processor fallback failed", exc_info=True)
         return None
+
+
+def _saved_processor_class(path: str, hub_kwargs: dict[str, Any]) -> str | None:
+    """The `processor_class` the checkpoint's processor or tokenizer config names, if any."""
+    from transformers.utils import cached_file
+
+    where = {key: hub_kwargs[key] for key in ("revision", "token", "cache_dir") if key in hub_kwargs}
+    for filename in ("processor_config.json", "tokenizer_config.json"):
+        try:
+            resolved = cached_file(
+                path,
+                filename,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **where,
+            )
+            if resolved:
+                with open(resolved, encoding="utf-8") as file:
+                    name = json.load(file).get("processor_class")
+                if isinstance(name, str) and name:
+                    return name
+        except (OSError, ValueError, AttributeError):  # unreadable: the model type's processor, as before
+            continue
+    return None

@@ -21,7 +21,7 @@ from tests.unit.vlm_builder_parts import (
     token_ids,
 )
 from tests.unit.vlm_builders_gemma import build_gemma4
-from tests.unit.vlm_builders_mistral import build_mistral3
+from tests.unit.vlm_builders_mistral import build_llava_pixtral, build_mistral3
 from tests.unit.vlm_builders_qwen import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_5, build_qwen3_vl
 
 __all__ = ["ARCHS", "GREEDY", "MAX_NEW", "NOT_BUILT", "VOCAB", "Arch", "tiny_tokenizer"]
@@ -403,6 +403,8 @@ ARCHS = [
     Arch("aya_vision", build_aya_vision, "fast"),
     # Pixtral's vision tower; its processor's module needs a torchvision helper (models.processors).
     Arch("mistral3", build_mistral3, "fast"),
+    # A `llava` model whose checkpoint names PixtralProcessor: the processor it names is loaded.
+    Arch("llava-pixtral", build_llava_pixtral, "fast"),
     Arch("llava_onevision", build_llava_onevision, "fast"),
 ]
 

@@ -46,3 +46,28 @@ def build_mistral3(out: Path) -> None:
         chat_template=_MISTRAL3_TEMPLATE,
     )
     save_checkpoint(out, config, processor)
+
+
+def build_llava_pixtral(out: Path) -> None:
+    """pixtral-12b's layout: a `llava` model with a Pixtral vision tower whose processor, named in
+    the checkpoint, is a PixtralProcessor (not the `llava` model type's LlavaProcessor)."""
+    from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tok = tiny_tokenizer(extra=("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"), bos="<s>")
+    config = LlavaConfig(
+        vision_config=PixtralVisionConfig(**{**TINY_VISION, "image_size": 64, "head_dim": 8}),
+        text_config=MistralConfig(**text_kwargs(tok)),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+    image_processor = PixtralImageProcessorPil(
+        size={"longest_edge": 64}, patch_size={"height": 8, "width": 8}
+    )
+    processor = processor_class("PixtralProcessor")(
+        image_processor=image_processor, tokenizer=tok, patch_size=8, chat_template=_MISTRAL3_TEMPLATE
+    )
+    save_checkpoint(out, config, processor)
