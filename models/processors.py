@@ -103,14 +103,15 @@ def processor_without_video(
         return None
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    # The class the checkpoint names comes first, as AutoProcessor would take it: pixtral-12b is a
-    # `llava` model with a PixtralProcessor.
-    name = _saved_processor_class(path, hub_kwargs) or PROCESSOR_MAPPING_NAMES.get(
-        getattr(config, "model_type", None)
-    )
+    # The class the checkpoint names comes first, as AutoProcessor would take it (pixtral-12b is a
+    # `llava` model with a PixtralProcessor), then the model type's, as before.
+    names = [
+        _saved_processor_class(path, hub_kwargs),
+        PROCESSOR_MAPPING_NAMES.get(getattr(config, "model_type", None)),
+    ]
     try:
-        found = processor_class(name) if isinstance(name, str) else None
-        if not isinstance(found, type) or not issubclass(found, ProcessorMixin):
+        found = next(filter(None, (_processor_subclass(name) for name in names)), None)
+        if found is None:
             return None
         if "video_processor" in found.get_attributes():
             found = images_only_processor_class(found)
@@ -118,6 +119,17 @@ def processor_without_video(
     except Exception:  # the original error is the one worth reporting
         logger.debug("images-only processor fallback failed", exc_info=True)
         return None
+
+
+def _processor_subclass(name: str | None) -> type | None:
+    """The processor class `name` resolves to, or None (no name, unknown, a placeholder)."""
+    if not isinstance(name, str):
+        return None
+    try:
+        found = processor_class(name)
+    except (ImportError, AttributeError):
+        return None
+    return found if isinstance(found, type) and issubclass(found, ProcessorMixin) else None
 
 
 def _saved_processor_class(path: str, hub_kwargs: dict[str, Any]) -> str | None:

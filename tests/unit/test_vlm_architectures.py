@@ -9,7 +9,9 @@ greedy tokens of transformers' generate(). Architectures not built here, and why
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import json
 
 import pytest
 import torch
@@ -318,6 +320,26 @@ def test_images_only_processor_defaults_a_required_video_processor():
     processor = images_only_processor_class(SmolVLMProcessor)(SmolVLMImageProcessorPil(), tok)
     assert processor.tokenizer is tok and processor.video_processor is None
     assert "video_processor" not in type(processor).get_attributes()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="the fallback is for no torchvision"
+)
+def test_the_images_only_fallback_takes_the_model_types_processor_when_the_named_one_is_unknown(tmp_path):
+    """The class a checkpoint names comes first (pixtral-12b: a `llava` model with a
+    PixtralProcessor); one this transformers does not know leaves the model type's."""
+    from models.processors import processor_without_video
+    from tests.unit.vlm_builders_qwen import build_qwen2_vl
+
+    build_qwen2_vl(tmp_path)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        saved = json.loads((tmp_path / name).read_text())
+        if "processor_class" in saved:
+            saved["processor_class"] = "NoSuchProcessor"
+            (tmp_path / name).write_text(json.dumps(saved))
+    processor = processor_without_video(str(tmp_path), AutoConfig.from_pretrained(tmp_path), {})
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    assert processor.video_processor is None
 
 
 def test_cross_attention_states_survive_preemption_and_are_shared_by_choices(tmp_path_factory):
