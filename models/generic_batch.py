@@ -104,12 +104,14 @@ def mergeable(kwargs: dict) -> bool:
     length = cache.get_seq_length()
     if any(_keys_filled(layer) and layer.keys.shape[-2] != length for layer in cache.layers):
         return False
-    for layer in cache.layers:
-        for index, (conv, recurrent, _) in enumerate(_states(layer)):
-            if (conv and layer.conv_states[index].shape[0] != 1) or (
-                recurrent and layer.recurrent_states[index].shape[0] != 1
-            ):
-                return False
+    states = [
+        state
+        for layer in cache.layers
+        if isinstance(layer, LinearAttentionLayer)
+        for state in (*layer.conv_states.values(), *layer.recurrent_states.values())
+    ]
+    if any(state is not None and state.shape[0] != 1 for state in states):
+        return False
     mask = kwargs.get("attention_mask")
     if mask is not None and (mask.dim() != 2 or mask.shape[-1] != length + 1 or not bool(mask.all())):
         return False

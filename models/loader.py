@@ -38,7 +38,7 @@ from transformers.models.auto.modeling_auto import (
 from models import model_facts
 from models.devices import placement_devices, weight_placement
 from models.download import download_progress, hub_folder
-from models.processors import processor_without_video
+from models.processors import images_only_processor
 from models.tiny import BUILTIN_MODELS, ensure_builtin
 
 if TYPE_CHECKING:
@@ -354,7 +354,7 @@ def _load_tokenizer(
         try:
             processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
         except Exception:
-            processor = processor_without_video(path, config, hub_kwargs)
+            processor = images_only_processor(path, config, hub_kwargs)
             if processor is None:
                 raise
             decide(

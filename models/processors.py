@@ -1,9 +1,11 @@
-"""Vision-language processors without their video half, for machines without torchvision.
+"""Vision-language processors for images only, for machines without torchvision.
 
 transformers cannot build a processor that has a video processor unless torchvision is installed
 (not even to process images), and the torchvision wheel the package index holds for the pinned
 torch (0.28.0) does not import with this project's CPU torch build ("operator torchvision::nms does
-not exist", checked 2026-12-03). The server takes no video: the image and text halves suffice.
+not exist", checked 2026-12-03). The server takes no video: the image and text halves suffice. So
+the processor is built without its video half, and where its module imports a helper of the
+torchvision image processor's (Pixtral), the PIL image processor's identical helper stands in.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def processor_class(name: str) -> type | None:
     return getattr(importlib.import_module(module), name)
 
 
-def processor_without_video(
+def images_only_processor(
     path: str, config: PreTrainedConfig, hub_kwargs: dict[str, Any]
 ) -> ProcessorMixin | None:
     """The checkpoint's processor loaded for images only, when torchvision is missing: without its

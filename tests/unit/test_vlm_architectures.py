@@ -328,7 +328,7 @@ def test_images_only_processor_defaults_a_required_video_processor():
 def test_the_images_only_fallback_takes_the_model_types_processor_when_the_named_one_is_unknown(tmp_path):
     """The class a checkpoint names comes first (pixtral-12b: a `llava` model with a
     PixtralProcessor); one this transformers does not know leaves the model type's."""
-    from models.processors import processor_without_video
+    from models.processors import images_only_processor
     from tests.unit.vlm_builders_qwen import build_qwen2_vl
 
     build_qwen2_vl(tmp_path)
@@ -337,7 +337,7 @@ def test_the_images_only_fallback_takes_the_model_types_processor_when_the_named
         if "processor_class" in saved:
             saved["processor_class"] = "NoSuchProcessor"
             (tmp_path / name).write_text(json.dumps(saved))
-    processor = processor_without_video(str(tmp_path), AutoConfig.from_pretrained(tmp_path), {})
+    processor = images_only_processor(str(tmp_path), AutoConfig.from_pretrained(tmp_path), {})
     assert type(processor).__name__ == "Qwen2VLProcessor"
     assert processor.video_processor is None
 
