@@ -74,8 +74,8 @@ async def serve(port: int, fields: str, per_write: int, step: str, spread_us: fl
                 until = time.perf_counter() + 0.025 * per_write
                 while time.perf_counter() < until:
                     pass
-            else:
-                await asyncio.sleep(0.002 * per_write)
+            else:  # "sleep": the client's pace; "idle": the forward's, with this core free
+                await asyncio.sleep((0.002 if step == "sleep" else 0.025) * per_write)
             for writer in writers:
                 writer.write(chunked(body))
                 if spread_us:  # the event loop's per-stream work between writes
@@ -111,6 +111,7 @@ VARIANTS = {  # name: (fields, events per write, step, spread between streams' w
     "ours, spinning server": ("ours", 1, "spin", 0),
     "bare fields, spinning server": ("bare", 1, "spin", 0),
     "writes spread 70 us, spinning server": ("ours", 1, "spin", 70),
+    "ours, server idle 25 ms per step": ("ours", 1, "idle", 0),
     "ours, sleeping server": ("ours", 1, "sleep", 0),
     "2 events per write, sleeping server": ("ours", 2, "sleep", 0),
     "4 events per write, sleeping server": ("ours", 4, "sleep", 0),
