@@ -43,7 +43,9 @@ def event(fields: str) -> bytes:
     return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def serve(port: int, fields: str, per_write: int, step: str, spread_us: float) -> None:
+async def serve(
+    port: int, fields: str, per_write: int, step: str, spread_us: float, steps: int = STEPS
+) -> None:
     writers: list[asyncio.StreamWriter] = []
     all_here = asyncio.Event()
 
@@ -69,7 +71,7 @@ async def serve(port: int, fields: str, per_write: int, step: str, spread_us: fl
     body = event(fields) * per_write
     async with server:
         await all_here.wait()
-        for _ in range(STEPS // per_write):
+        for _ in range(steps // per_write):
             if step == "spin":  # the forward holds this core
                 until = time.perf_counter() + 0.025 * per_write
                 while time.perf_counter() < until:
@@ -89,7 +91,8 @@ async def serve(port: int, fields: str, per_write: int, step: str, spread_us: fl
             writer.close()
 
 
-async def read_all(port: int) -> float:
+async def read_all(port: int) -> tuple[int, float]:
+    """Reads the fake server's 16 streams: content events, and client CPU microseconds per event."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
@@ -104,7 +107,7 @@ async def read_all(port: int) -> float:
     events = sum(await asyncio.gather(*(one() for _ in range(STREAMS))))
     spent = time.process_time() - began
     await client.close()
-    return spent / events * 1e6
+    return events, spent / max(events, 1) * 1e6
 
 
 VARIANTS = {  # name: (fields, events per write, step, spread between streams' writes in us)
@@ -149,7 +152,7 @@ def main() -> None:
             try:
                 time.sleep(1.0)
                 print(
-                    f"repeat {repeat + 1}  {name:<40} {asyncio.run(read_all(port)):6.1f} us per event",
+                    f"repeat {repeat + 1}  {name:<40} {asyncio.run(read_all(port))[1]:6.1f} us per event",
                     flush=True,
                 )
             finally:
