@@ -4,8 +4,8 @@ Streamed (b) loses to non-streamed (a) mostly by the client's parsing on the sam
 this asks which of the things a server controls would make that parsing cheaper: the fields of a
 chunk, how many events go out in one write, and whether a step's writes to the 16 streams leave
 in one burst or spread out. The fake server (a subprocess, plain asyncio, chunked HTTP/1.1 as
-granian sends it) either paces steps by sleeping or spins for them on its core, as the engine's
-forward does.
+granian sends it) paces its steps by spinning on its core through each (as the engine's forward
+does) or by sleeping, either as long (its core free) or at about the client's own pace.
 
     .venv/bin/python -m bench.client_cost [--repeat 3]
 
@@ -43,6 +43,12 @@ def event(fields: str) -> bytes:
     return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
+def busy(seconds: float) -> None:
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
 async def serve(
     port: int, fields: str, per_write: int, step: str, spread_us: float, steps: int = STEPS
 ) -> None:
@@ -73,17 +79,13 @@ async def serve(
         await all_here.wait()
         for _ in range(steps // per_write):
             if step == "spin":  # the forward holds this core
-                until = time.perf_counter() + 0.025 * per_write
-                while time.perf_counter() < until:
-                    pass
+                busy(0.025 * per_write)
             else:  # "sleep": the client's pace; "idle": the forward's, with this core free
                 await asyncio.sleep((0.002 if step == "sleep" else 0.025) * per_write)
             for writer in writers:
                 writer.write(chunked(body))
                 if spread_us:  # the event loop's per-stream work between writes
-                    until = time.perf_counter() + spread_us / 1e6
-                    while time.perf_counter() < until:
-                        pass
+                    busy(spread_us / 1e6)
                     await asyncio.sleep(0)
         for writer in writers:
             writer.write(chunked(DONE) + b"0\r\n\r\n")
