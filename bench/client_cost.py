@@ -5,7 +5,7 @@ this asks which of the things a server controls would make that parsing cheaper:
 chunk, how many events go out in one write, and whether a step's writes to the 16 streams leave
 in one burst or spread out. The fake server (a subprocess, plain asyncio, chunked HTTP/1.1 as
 granian sends it) paces its steps by spinning on its core through each (as the engine's forward
-does) or by sleeping, either as long (its core free) or at about the client's own pace.
+does) or by sleeping (its core free), for as long as a served step or shorter.
 
     .venv/bin/python -m bench.client_cost [--repeat 3]
 
@@ -75,13 +75,15 @@ async def serve(
 
     server = await asyncio.start_server(accept, "127.0.0.1", port)
     body = event(fields) * per_write
+    kind, step_ms = step.split(":")  # "spin:25": a step spun through for 25 ms; "sleep:25" slept
+    step_s = float(step_ms) / 1000
     async with server:
         await all_here.wait()
         for _ in range(steps // per_write):
-            if step == "spin":  # the forward holds this core
-                busy(0.025 * per_write)
-            else:  # "sleep": the client's pace; "idle": the forward's, with this core free
-                await asyncio.sleep((0.002 if step == "sleep" else 0.025) * per_write)
+            if kind == "spin":  # the forward holds this core
+                busy(step_s * per_write)
+            else:
+                await asyncio.sleep(step_s * per_write)
             for writer in writers:
                 writer.write(chunked(body))
                 if spread_us:  # the event loop's per-stream work between writes
@@ -112,14 +114,16 @@ async def read_all(port: int) -> tuple[int, float]:
     return events, spent / max(events, 1) * 1e6
 
 
-VARIANTS = {  # name: (fields, events per write, step, spread between streams' writes in us)
-    "ours, spinning server": ("ours", 1, "spin", 0),
-    "bare fields, spinning server": ("bare", 1, "spin", 0),
-    "writes spread 70 us, spinning server": ("ours", 1, "spin", 70),
-    "ours, server idle 25 ms per step": ("ours", 1, "idle", 0),
-    "ours, sleeping server": ("ours", 1, "sleep", 0),
-    "2 events per write, sleeping server": ("ours", 2, "sleep", 0),
-    "4 events per write, sleeping server": ("ours", 4, "sleep", 0),
+VARIANTS = {  # name: (fields, events per write, step kind:ms, spread between streams' writes in us)
+    "ours, 25 ms steps spun": ("ours", 1, "spin:25", 0),
+    "bare fields, 25 ms steps spun": ("bare", 1, "spin:25", 0),
+    "writes spread 70 us, 25 ms steps spun": ("ours", 1, "spin:25", 70),
+    "ours, 25 ms steps slept": ("ours", 1, "sleep:25", 0),
+    "ours, 8 ms steps slept": ("ours", 1, "sleep:8", 0),
+    "ours, 4 ms steps slept": ("ours", 1, "sleep:4", 0),
+    "ours, 2 ms steps slept": ("ours", 1, "sleep:2", 0),
+    "2 events per write, 2 ms a token": ("ours", 2, "sleep:2", 0),
+    "4 events per write, 2 ms a token": ("ours", 4, "sleep:2", 0),
 }
 
 

@@ -22,7 +22,7 @@ def test_the_openai_client_reads_every_event_the_fake_server_sends(per_write):
     port, steps = free_port(), 8
 
     async def both() -> tuple[int, float]:
-        server = asyncio.create_task(serve(port, "ours", per_write, "sleep", 0, steps=steps))
+        server = asyncio.create_task(serve(port, "ours", per_write, "sleep:2", 0, steps=steps))
         await asyncio.sleep(0.2)
         events, us_per_event = await asyncio.wait_for(read_all(port), timeout=60)
         await asyncio.wait_for(server, timeout=10)
