@@ -111,17 +111,9 @@ class ImageServer(HostileServer):
         return handler
 
     def _oversized(self, *, chunked: bool):
-        async def handler(writer: asyncio.StreamWriter) -> None:
-            extra = {"Transfer-Encoding": "chunked"} if chunked else {}
-            writer.write(_head("200 OK", {"Content-Type": "image/png", **extra}))
-            block = IMAGES["/ok.png"][0][:8] + b"\x00" * (16384 - 8)
-            for _ in range(128):  # 2 MiB at most: twice the server's MAX_IMAGE_BYTES
-                writer.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
-                await writer.drain()
-            if chunked:
-                writer.write(b"0\r\n\r\n")
-
-        return handler
+        # A PNG signature, then 2 MiB in all: twice the server's MAX_IMAGE_BYTES.
+        block = IMAGES["/ok.png"][0][:8] + b"\x00" * (16384 - 8)
+        return self._big(chunked=chunked, block=block, blocks=128)
 
     async def _lying_length(self, writer: asyncio.StreamWriter) -> None:
         # Claims 1000 bytes, then sends 2 MiB: the client must stop at 1000 (a truncated PNG).

@@ -158,12 +158,13 @@ class HostileServer:
 
         return handler
 
-    def _big(self, *, chunked: bool) -> Handler:
+    def _big(self, *, chunked: bool, block: bytes = b"\x89" * 16384, blocks: int = 64) -> Handler:
+        """A body of `blocks` times `block` (1 MiB by default), with or without a length."""
+
         async def handler(writer: asyncio.StreamWriter) -> None:
             extra = {"Transfer-Encoding": "chunked"} if chunked else {}
             writer.write(_head("200 OK", {"Content-Type": "image/png", **extra}))
-            block = b"\x89" * 16384
-            for _ in range(64):  # 1 MiB at most
+            for _ in range(blocks):
                 writer.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
                 await writer.drain()
             if chunked:
