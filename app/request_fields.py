@@ -26,41 +26,35 @@ log = logging.getLogger(__name__)
 # Field -> (values that change nothing besides null and empty containers, why it is refused).
 REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_beam_search": ((False,), "beam search is not implemented"),
-    "length_penalty": ((1, 1.0), "length_penalty applies to beam search, which is not implemented"),
-    "best_of": ((1,), "best_of is supported on /v1/completions only"),
-    "echo": ((False,), "echo is supported on /v1/completions only"),
+    "length_penalty": ((1, 1.0), "it applies to beam search, which is not implemented"),
+    "best_of": ((1,), "it is a /v1/completions parameter"),
+    "echo": ((False,), "it is a /v1/completions parameter"),
     "include_stop_str_in_output": ((False,), "stop strings are always left out of the output"),
     "spaces_between_special_tokens": ((True,), "special tokens are always decoded with spaces between them"),
     "truncate_prompt_tokens": ((), "prompts are truncated by the server's MAX_INPUT_TOKENS only"),
-    "allowed_token_ids": (
-        (),
-        "allowed_token_ids is not implemented; use logit_bias or a guided_* constraint",
-    ),
-    "bad_words": ((), "bad_words is not implemented; use logit_bias"),
-    "logits_processors": ((), "custom logits processors are not supported"),
-    "vllm_xargs": ((), "vllm_xargs (custom logits processor arguments) is not supported"),
-    "typical_p": ((1, 1.0), "typical_p sampling is not implemented"),
-    "continue_final_message": ((False,), "continue_final_message is not implemented"),
-    "add_special_tokens": (
-        (False,),
-        "add_special_tokens on chat is not implemented (the template writes them)",
-    ),
+    "allowed_token_ids": ((), "use logit_bias or a guided_* constraint"),
+    "bad_words": ((), "use logit_bias"),
+    "logits_processors": ((), "custom logits processors are not accepted"),
+    "vllm_xargs": ((), "custom logits processor arguments are not accepted"),
+    "typical_p": ((1, 1.0), "typical sampling is not implemented"),
+    "continue_final_message": ((False,), "continuing the last assistant message is not implemented"),
+    "add_special_tokens": ((False,), "the chat template writes the special tokens"),
     "chat_template": (
         (),
         "per-request chat templates are not accepted; start the server with --chat-template",
     ),
-    "documents": ((), "documents are not implemented; put them in the messages"),
-    "mm_processor_kwargs": ((), "mm_processor_kwargs is not supported"),
-    "return_tokens_as_token_ids": ((False,), "return_tokens_as_token_ids is not implemented"),
-    "return_token_ids": ((False,), "return_token_ids is not implemented"),
-    "functions": ((), "functions is deprecated and not supported; use tools"),
-    "function_call": ((), "function_call is deprecated and not supported; use tool_choice"),
-    "audio": ((), "audio output is not supported"),
-    "modalities": ((["text"],), "only text output is supported"),
-    "web_search_options": ((), "web search is not supported"),
-    "verbosity": ((), "verbosity is not supported"),
-    "structural_tag": ((), "structural tags are not supported"),
-    "max_new_tokens": ((), "max_new_tokens belongs to /generate's parameters; use max_tokens"),
+    "documents": ((), "put the documents in the messages"),
+    "mm_processor_kwargs": ((), "per-request processor arguments are not accepted"),
+    "return_tokens_as_token_ids": ((False,), "tokens are returned as text"),
+    "return_token_ids": ((False,), "token ids are not returned"),
+    "functions": ((), "it is deprecated; use tools"),
+    "function_call": ((), "it is deprecated; use tool_choice"),
+    "audio": ((), "only text output is generated"),
+    "modalities": ((["text"],), "only text output is generated"),
+    "web_search_options": ((), "web search is not available"),
+    "verbosity": (("medium",), "only 'medium', the default, is accepted"),
+    "structural_tag": ((), "structural tags are not implemented; use response_format"),
+    "max_new_tokens": ((), "it belongs to /generate's parameters; use max_tokens"),
 }
 
 # Field -> what it is for; none of them changes a token of the answer.
@@ -93,7 +87,7 @@ def check_undeclared(body: object, declared: tuple[str, ...] | frozenset[str], p
         if name in REFUSED:
             noop, why = REFUSED[name]
             if not _changes_nothing(value, noop):
-                raise InvalidRequestError(f"{name} is not supported by this server: {why}", param=name)
+                raise InvalidRequestError(f"{name} is not supported on {path}: {why}", param=name)
             ignored.append(name)
         elif name in IGNORED:
             ignored.append(name)

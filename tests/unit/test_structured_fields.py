@@ -145,12 +145,14 @@ DECLARED = tuple(ChatCompletionRequest.__struct_fields__)
         ("include_stop_str_in_output", True),
         ("best_of", 2),
         ("use_beam_search", 1),
+        ("verbosity", "low"),
     ],
 )
 def test_unimplemented_fields_that_change_the_output_are_refused(field, value) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         check_undeclared({field: value}, DECLARED, "/v1/chat/completions")
     assert caught.value.param == field and "not supported" in caught.value.message
+    assert caught.value.message.count(field) == 1  # the reason does not repeat the field's name
 
 
 @pytest.mark.parametrize(
@@ -163,6 +165,7 @@ def test_unimplemented_fields_that_change_the_output_are_refused(field, value) -
         ("spaces_between_special_tokens", True),
         ("allowed_token_ids", None),
         ("best_of", 1),
+        ("verbosity", "medium"),  # OpenAI's default
     ],
 )
 def test_values_that_change_nothing_pass(field, value) -> None:
