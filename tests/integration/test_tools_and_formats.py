@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 from pydantic import BaseModel, Field
 
@@ -98,6 +99,46 @@ def test_json_schema_with_the_parse_helper(text_server: Server) -> None:
         assert choice.finish_reason == "stop"
         assert isinstance(choice.message.parsed, Person)
         assert Person.model_validate_json(choice.message.content) == choice.message.parsed
+
+
+def test_the_sdk_stream_helper_parses_what_it_reassembles(text_server: Server) -> None:
+    """`chat.completions.stream` rebuilds the completion from the deltas and parses it with the
+    SDK's own checks (a length stop or a bad JSON raises there)."""
+    client = text_server.openai()
+    with client.chat.completions.stream(
+        model=text_server.model_name,
+        messages=user("Who are you?"),
+        response_format=Person,
+        max_tokens=64,
+        temperature=0.7,
+        seed=5,
+    ) as stream:
+        kinds = {event.type for event in stream}
+        final = stream.get_final_completion()
+    assert {"content.delta", "content.done"} <= kinds
+    choice = final.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(choice.message.parsed, Person)
+
+
+class Lookup(BaseModel):
+    city: str = Field(max_length=10)
+    days: int = Field(ge=1, le=7)
+
+
+def test_pydantic_function_tools_come_back_parsed(text_server: Server) -> None:
+    completion = text_server.openai().chat.completions.parse(
+        model=text_server.model_name,
+        messages=user("Weather for the week?"),
+        tools=[openai.pydantic_function_tool(Lookup)],
+        tool_choice="required",
+        max_tokens=64,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "Lookup"
+    assert isinstance(call.function.parsed_arguments, Lookup)
 
 
 @pytest.mark.parametrize("parallel", [False, None])
