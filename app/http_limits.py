@@ -1,6 +1,7 @@
-"""Limits on how a client may hold a connection: a request body that stops arriving is answered
-408 and its connection closed, so stalled uploads cannot pile up. (Headers and idle keep-alive
-connections are timed out by granian itself; see entrypoint.py.)"""
+"""Limits on how a client may send a request: a request body that stops arriving is answered 408
+and its connection closed, so stalled uploads cannot pile up; a compressed body is answered 415
+instead of being parsed as JSON it is not. (Headers and idle keep-alive connections are timed out
+by granian itself; see entrypoint.py.)"""
 
 from __future__ import annotations
 
@@ -8,12 +9,32 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
+from litestar.handlers import BaseRouteHandler
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 
 class RequestBodyTimeout(HTTPException):
     status_code = 408
+
+
+class UnsupportedContentEncoding(HTTPException):
+    status_code = 415
+
+
+def require_identity_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard (after the API key's): a body with a `Content-Encoding` other than `identity` (gzip,
+    deflate, br: clients that compress uploads) gets a 415 that says so. Without it, the
+    compressed bytes would reach the JSON decoder and come back as "not valid JSON", which points
+    the client at the wrong fault; decompressing instead would let a small body expand without
+    bound before the size limit sees it."""
+    encoding = connection.headers.get("content-encoding", "").strip()
+    if encoding.lower() not in ("", "identity"):
+        raise UnsupportedContentEncoding(
+            detail=f"request bodies with Content-Encoding {encoding[:32]!r} are not accepted: "
+            "send the JSON uncompressed"
+        )
 
 
 def body_timeout(timeout_s: float) -> Callable[[ASGIApp], ASGIApp]:

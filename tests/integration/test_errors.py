@@ -3,6 +3,9 @@ a Litestar default body, an HTML page or a stack trace."""
 
 from __future__ import annotations
 
+import gzip
+import json
+import zlib
 from typing import Any, NamedTuple
 
 import httpx
@@ -245,6 +248,26 @@ def test_chunked_body_over_limit_is_413(text_server: Server) -> None:
             "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}
         )
     assert_openai_error(response, 413, code="request_too_large")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_compressed_bodies_are_415_after_the_key_check(text_server: Server, encoding: str) -> None:
+    body = json.dumps({"messages": user(), "max_tokens": 2}).encode()
+    packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+    with text_server.http() as client:
+        error = assert_openai_error(
+            client.post("/v1/chat/completions", content=packed, headers=headers), 415, param=None
+        )
+        assert encoding in error["message"] and "uncompressed" in error["message"]
+        # identity, spelled out, is an uncompressed body
+        plain = client.post(
+            "/v1/chat/completions", content=body, headers=headers | {"Content-Encoding": "identity"}
+        )
+        assert plain.status_code == 200, plain.text
+    with text_server.http(authenticated=False) as anonymous:
+        refused = anonymous.post("/v1/chat/completions", content=packed, headers=headers)
+    assert refused.status_code == 401  # the key is checked first: a stranger learns nothing
 
 
 def test_openai_client_maps_errors(text_server: Server) -> None:
