@@ -322,10 +322,11 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
                     params.append(f"messages[{i}].content[{j}].image_url")
                     parts.append({"type": "image"})
                 else:
-                    kind = type(part).__name__.removesuffix("Part")
+                    kind = part.__struct_config__.tag  # the `type` the client sent
                     raise InvalidRequestError(
-                        f"content parts of type '{kind}' are not supported by this server",
-                        param=f"messages[{i}].content",
+                        f"content parts of type '{kind}' are not supported by this server "
+                        "(text and image_url are)",
+                        param=f"messages[{i}].content[{j}]",
                     )
             item["content"] = parts
         else:

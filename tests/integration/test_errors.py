@@ -32,6 +32,7 @@ class Case(NamedTuple):
     param: Any = ANY
     path: str = "/v1/chat/completions"
     method: str = "POST"
+    in_message: str = ""
 
 
 def _chat(**extra: Any) -> dict[str, Any]:
@@ -67,12 +68,16 @@ CASES = [
             "messages": [
                 {
                     "role": "user",
-                    "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+                    "content": [
+                        {"type": "text", "text": "listen"},
+                        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+                    ],
                 }
             ]
         },
         400,
-        param="messages[0].content",
+        param="messages[0].content[1]",
+        in_message="'input_audio'",  # the type as the client sent it
     ),
     Case("logit_bias non-numeric key", _chat(logit_bias={"abc": 1}), 400, param="logit_bias"),
     Case("logit_bias out of vocabulary", _chat(logit_bias={"99999999": 1}), 400, param="logit_bias"),
@@ -199,7 +204,8 @@ def _send(client: httpx.Client, case: Case) -> httpx.Response:
 def test_malformed_request(text_server: Server, case: Case) -> None:
     with text_server.http() as client:
         response = _send(client, case)
-    assert_openai_error(response, case.status, code=case.code, param=case.param)
+    error = assert_openai_error(response, case.status, code=case.code, param=case.param)
+    assert case.in_message in error["message"]
 
 
 @pytest.mark.parametrize("path", ["/health", "/health/live", "/health/ready", "/v1/models", "/metrics"])
