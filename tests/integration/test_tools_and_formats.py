@@ -85,15 +85,18 @@ def test_json_object(text_server: Server) -> None:
     assert choice.message.tool_calls is None
 
 
+# A sampled answer the schema constrains, for the SDK's parsing helpers.
+PERSON_REQUEST = {
+    "messages": user("Who are you?"),
+    "response_format": Person,
+    "max_tokens": 64,
+    "temperature": 0.7,
+}
+
+
 def test_json_schema_with_the_parse_helper(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.parse(
-        model=text_server.model_name,
-        messages=user("Who are you?"),
-        response_format=Person,
-        max_tokens=64,
-        temperature=0.7,
-        seed=1,
-        n=2,
+        model=text_server.model_name, **PERSON_REQUEST, seed=1, n=2
     )
     for choice in completion.choices:
         assert choice.finish_reason == "stop"
@@ -105,14 +108,7 @@ def test_the_sdk_stream_helper_parses_what_it_reassembles(text_server: Server) -
     """`chat.completions.stream` rebuilds the completion from the deltas and parses it with the
     SDK's own checks (a length stop or a bad JSON raises there)."""
     client = text_server.openai()
-    with client.chat.completions.stream(
-        model=text_server.model_name,
-        messages=user("Who are you?"),
-        response_format=Person,
-        max_tokens=64,
-        temperature=0.7,
-        seed=5,
-    ) as stream:
+    with client.chat.completions.stream(model=text_server.model_name, **PERSON_REQUEST, seed=5) as stream:
         kinds = {event.type for event in stream}
         final = stream.get_final_completion()
     assert {"content.delta", "content.done"} <= kinds
