@@ -16,7 +16,14 @@ import httpx
 
 from app.errors import ModelNotFoundError
 from app.media import ImageFetchPolicy, load_image_bytes
-from app.schemas.chat import ChatCompletionRequest, ChatMessage, ImageUrlPart, NamedToolChoice, TextPart
+from app.schemas.chat import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ImageUrlPart,
+    NamedToolChoice,
+    RefusalPart,
+    TextPart,
+)
 from app.schemas.completions import CompletionRequest, PromptElement
 from app.schemas.generate import GenerateRequest
 from app.schemas.templates import ApplyTemplateRequest
@@ -317,6 +324,9 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
             for j, part in enumerate(content):
                 if isinstance(part, TextPart):
                     parts.append({"type": "text", "text": part.text})
+                elif isinstance(part, RefusalPart) and message.role == "assistant":
+                    # What the assistant said, as OpenAI's answers carry it; the template reads text.
+                    parts.append({"type": "text", "text": part.refusal})
                 elif isinstance(part, ImageUrlPart):
                     urls.append(part.image_url.url)
                     params.append(f"messages[{i}].content[{j}].image_url")
@@ -329,6 +339,8 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
                         param=f"messages[{i}].content[{j}]",
                     )
             item["content"] = parts
+        elif not content and message.role == "assistant" and message.refusal:
+            item["content"] = message.refusal  # a replayed refusal: what the assistant said
         else:
             item["content"] = content if content is not None else ""
         if message.name is not None:

@@ -242,6 +242,24 @@ def test_tokenize_messages_matches_apply_template(text_server: Server) -> None:
     assert tokenized["tokens"] == expected["tokens"] and tokenized["count"] == expected["count"]
 
 
+def test_an_assistant_refusal_replayed_reaches_the_template(text_server: Server) -> None:
+    """OpenAI answers a refusal as `refusal` (content null) or as a refusal part; a client that
+    sends the conversation back must not lose that turn."""
+    turns = [
+        user("First?")[0],
+        {"role": "assistant", "content": None, "refusal": "I cannot say."},
+        user("Second?")[0],
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "Nor that."}]},
+        user("Third?")[0],
+    ]
+    rendered = _post(text_server, "/v1/apply_template", {"messages": turns}).json()["prompt"]
+    assert "I cannot say." in rendered and "Nor that." in rendered
+    as_user = [{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}]
+    assert_openai_error(
+        _post(text_server, "/v1/apply_template", {"messages": as_user}), 400, param="messages[0].content[0]"
+    )
+
+
 def test_tokenize_and_detokenize_errors(text_server: Server) -> None:
     assert_openai_error(_post(text_server, "/detokenize", {"tokens": [1, 10**6]}), 400, param="tokens")
     assert_openai_error(_post(text_server, "/tokenize", {}), 400, param="prompt")
