@@ -13,7 +13,7 @@ class IncrementalDetokenizer:
     """Turns one token at a time into text, never splitting a multi-byte character.
 
     Uses the `tokenizers` DecodeStream for fast tokenizers; falls back to the prefix/read offset
-    method (as in TGI and vLLM) for Python tokenizers.
+    method (as in TGI and vLLM) for Python tokenizers, and for a sequence DecodeStream refuses.
     """
 
     def __init__(self, tokenizer, prompt_ids: Sequence[int], *, skip_special_tokens: bool = True) -> None:
@@ -32,9 +32,18 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
 
     def push(self, token_id: int) -> str:
-        if self._stream is not None:
-            return self._stream.step(self._backend, token_id) or ""
         self._ids.append(token_id)
+        if self._stream is not None:
+            try:
+                return self._stream.step(self._backend, token_id) or ""
+            except Exception:
+                # DecodeStream refuses some byte-fallback sequences ("Invalid prefix encountered":
+                # byte tokens that are not valid UTF-8 change how the text before them decodes).
+                # The rest of this sequence goes by offsets, from the tokens already emitted;
+                # `flush` still reconciles against a full decode at the end.
+                self._stream = None
+                self._read_offset = len(self._ids) - 1
+                self._prefix_offset = max(0, self._read_offset - _CONTEXT_TOKENS)
         decode = self._tokenizer.decode
         prefix = decode(
             self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip_special

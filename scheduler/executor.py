@@ -394,7 +394,12 @@ class Executor:
             if sample.token_id is None:
                 self._finish(seq, "error", _sampling_failure(seq, sample))
                 continue
-            generation.append(sample.token_id, sample.logprob)
+            try:
+                generation.append(sample.token_id, sample.logprob)
+            except Exception:  # its detokenizer or stop rules: this choice fails, not the replica
+                log.exception("request row %d failed after sampling on replica %s", seq.seq_id, self.name)
+                self._finish(seq, "error", GenerationError(GENERIC_FAILURE))
+                continue
             if generation.is_finished:
                 batch.finish(seq)
         if failed:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models.generation import Generation
 from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt, PromptBuilder
@@ -270,6 +271,34 @@ def test_a_request_that_breaks_the_step_fails_alone(text_replica, monkeypatch, f
     monkeypatch.undo()
     assert driver.outputs(first)[0] == run(text_replica, [(0, decoding, params)])[0]
     assert driver.outputs(neighbour)[0] == run(text_replica, [(0, same_step, params)])[0]
+    assert not driver.executor.batch.running and driver.executor.batch.blocks.num_used == 0
+
+
+def test_a_request_whose_text_cannot_be_decoded_fails_alone(text_replica, monkeypatch):
+    """Work after sampling (detokenization, stop strings) that raises for one choice ends that
+    choice with an error; the replica thread and the neighbours carry on (a DecodeStream error
+    once stopped the whole replica)."""
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    marked = SamplingParams(max_tokens=7, **GREEDY)  # the choice whose detokenizer breaks
+    real_append = Generation.append
+
+    def append(self, token_id, logprob):
+        if self.max_tokens == 7 and len(self.output_ids) == 2:
+            raise RuntimeError("Invalid prefix encountered while decoding stream")
+        return real_append(self, token_id, logprob)
+
+    monkeypatch.setattr(Generation, "append", append)
+    neighbour_prompt = prepared_text(text_replica, "a neighbour that decodes as usual")
+    driver = EngineDriver(text_replica)
+    neighbour = driver.submit(neighbour_prompt, params)
+    broken = driver.submit(prepared_text(text_replica, "this one breaks"), marked)
+    driver.run([neighbour, broken])
+    assert driver.finished[(broken.request_id, 0)][0] == "error"
+    assert driver.finished[(neighbour.request_id, 0)][0] == "length"
+    assert driver.outputs(neighbour)[0] == hf_greedy(text_replica, neighbour_prompt, 8)
+    after = driver.submit(neighbour_prompt, params)  # the same executor serves on
+    driver.run([after])
+    assert driver.outputs(after)[0] == driver.outputs(neighbour)[0]
     assert not driver.executor.batch.running and driver.executor.batch.blocks.num_used == 0
 
 

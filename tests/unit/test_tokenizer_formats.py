@@ -1,0 +1,114 @@
+"""Checkpoints whose tokenizer is not a tokenizer.json: a SentencePiece `tokenizer.model` only (as
+many Llama-2-era and Mistral fine-tunes ship), loaded through the real loading path and served
+greedily, equal to transformers' own generate()."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import sentencepiece
+import torch
+from tokenizers.decoders import DecodeStream
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from models.detokenize import IncrementalDetokenizer
+from models.loader import LoadSpec
+from models.params import SamplingParams
+from models.prompt import PreparedPrompt
+from models.replica import build_replica
+from tests.unit.configs import replica_config
+from tests.unit.engine_driver import EngineDriver, hf_greedy
+
+TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+CORPUS = ["hello world, this is a tiny corpus for a tokenizer"] * 20 + [
+    f"the quick brown fox jumps over the lazy dog {i}" for i in range(100)
+]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("sentencepiece-only")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,  # any text encodes, as in Llama's tokenizer
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+    )
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "chat_template": TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    llama = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,
+    )
+    LlamaForCausalLM(llama).save_pretrained(out)
+    assert not (out / "tokenizer.json").exists()
+    return out
+
+
+def test_a_sentencepiece_only_tokenizer_is_served_like_generate(sentencepiece_checkpoint) -> None:
+    replica = build_replica(
+        LoadSpec(source=str(sentencepiece_checkpoint), dtype="fp32", attn_impl="sdpa"),
+        replica_config(max_batch_size=2),
+    )
+    tokenizer = replica.loaded.tokenizer
+    reference = AutoTokenizer.from_pretrained(sentencepiece_checkpoint)
+    text = "hello world, the fox — ünïcödé 🙂"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == reference(text)["input_ids"] and ids[0] == 1  # BOS, as the SentencePiece model says
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text  # byte fallback: nothing lost
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "[user] hi\n[assistant] "
+
+    prompts = [PreparedPrompt(tokenizer(t)["input_ids"]) for t in ("the quick brown", "hello " * 12)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    driver = EngineDriver(replica)
+    streams = [driver.submit(prompt, params) for prompt in prompts]
+    driver.run(streams)
+    for prompt, stream in zip(prompts, streams, strict=True):
+        assert driver.outputs(stream)[0] == hf_greedy(replica, prompt, 8)
+
+
+def test_byte_tokens_that_are_not_utf8_keep_the_text_flowing(sentencepiece_checkpoint) -> None:
+    """A byte that cannot start a character after one that decoded on its own ("0", then 0x80)
+    makes the byte-fallback decoder redo the run as U+FFFD: tokenizers' DecodeStream then raises.
+    The detokenizer goes on by offsets, and the text after the bad byte still comes out."""
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_checkpoint)
+    prompt = tokenizer("hello world")["input_ids"]
+    after = tokenizer("the quick brown", add_special_tokens=False)["input_ids"]
+    bad = tokenizer.convert_tokens_to_ids(["<0x30>", "<0x80>"]) + after
+    stream = DecodeStream(ids=prompt[-6:], skip_special_tokens=True)
+    with pytest.raises(Exception, match="Invalid prefix"):
+        for token_id in bad:
+            stream.step(tokenizer.backend_tokenizer, token_id)
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    text = "".join(detokenizer.push(token_id) for token_id in bad)
+    assert text.startswith("0") and text.endswith(" the quick brown")
