@@ -126,6 +126,11 @@ class Scheduler:
         return "loading"
 
     @property
+    def crashed(self) -> bool:
+        """A replica's step loop died after serving (liveness fails, so the container restarts)."""
+        return any(e.crashed for e in self.executors)
+
+    @property
     def ready_replica(self):
         for executor in self.executors:
             if executor.state == "ready" and executor.replica is not None:
@@ -240,6 +245,8 @@ class Scheduler:
         if not ready:
             if any(e.state == "loading" for e in self.executors):
                 raise ModelNotReadyError("the model is still loading; retry shortly")
+            if self.crashed:
+                raise ModelNotReadyError("the model stopped after an internal error; see the server log")
             raise ModelNotReadyError("the model failed to load; see the server log")
 
     def _resolve_lengths(

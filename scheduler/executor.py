@@ -41,6 +41,7 @@ GENERIC_FAILURE = "generation failed"
 NON_FINITE = "the model produced invalid (non-finite) scores for this request"
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 CACHE_FULL = "the request does not fit this replica's KV cache memory"
+STEP_LOOP_CRASHED = "the replica's step loop crashed"
 
 
 def _sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:
@@ -99,6 +100,11 @@ class Executor:
     @property
     def is_ready(self) -> bool:
         return self.state == "ready" and not self._stopping
+
+    @property
+    def crashed(self) -> bool:
+        """It served, then its step loop died: only a restart brings it back."""
+        return self.state == "failed" and self.error == STEP_LOOP_CRASHED
 
     @property
     def queue_depth(self) -> int:
@@ -171,7 +177,7 @@ class Executor:
         except BaseException:
             log.exception("replica %s stopped unexpectedly", self.name)
             self.state = "failed"
-            self.error = "the replica's step loop crashed"
+            self.error = STEP_LOOP_CRASHED
             self._fail_everything(GenerationError(GENERIC_FAILURE))
             raise
         finally:

@@ -41,9 +41,20 @@ async def health(request: Request) -> Response[HealthResponse]:
     return _health(request)
 
 
-@get_or_head("/health/live", tags=["Health"], summary="Liveness: 200 while the process answers", cache=False)
-async def live() -> dict[str, str]:
-    return {"status": "alive"}
+@get_or_head(
+    "/health/live",
+    tags=["Health"],
+    summary="Liveness: 200 while the process answers, 503 once a replica's step loop has died",
+    cache=False,
+)
+async def live(request: Request) -> Response[dict[str, str]]:
+    # A replica that crashed after serving never comes back by itself; readiness alone would keep
+    # the pod unready but running forever, so liveness fails and the kubelet restarts it. Loading,
+    # a failed load and draining stay live: a restart would not help those.
+    scheduler = services(request).scheduler
+    if scheduler is not None and scheduler.crashed:
+        return Response({"status": "replica crashed"}, status_code=503)
+    return Response({"status": "alive"}, status_code=200)
 
 
 @get_or_head(

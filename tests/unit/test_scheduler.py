@@ -174,6 +174,27 @@ async def test_a_model_that_fails_to_load_makes_the_server_degraded(tmp_path):
     await scheduler.drain(1)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash itself
+async def test_a_crashed_step_loop_answers_its_requests_and_says_so(tiny_text_path, monkeypatch):
+    """A replica whose step loop dies ends its requests with an error, and the scheduler says it
+    crashed (liveness fails on that, so the container restarts): not that the model failed to load."""
+    async with running_scheduler(tiny_text_path) as scheduler:
+        executor = scheduler.executors[0]
+        assert not scheduler.crashed
+
+        def broken_step():
+            raise RuntimeError("a bug in the step loop")
+
+        monkeypatch.setattr(executor, "step", broken_step)
+        stream = await scheduler.submit(request(0))
+        with anyio.fail_after(30):
+            failed = [update async for update in stream]
+        assert any(choice.finish_reason == "error" for update in failed for choice in update.choices)
+        assert scheduler.crashed and scheduler.status == "degraded"
+        with pytest.raises(ModelNotReadyError, match="stopped after an internal error"):
+            await scheduler.submit(request(1))
+
+
 class FakeReplica:
     def __init__(self, name, load, ready=True, room=True, depth=0):
         self.name, self.outstanding_tokens, self._ready, self._room, self._depth = (
