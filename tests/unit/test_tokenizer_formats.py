@@ -1,9 +1,10 @@
 """Checkpoints whose tokenizer is not a tokenizer.json: a SentencePiece `tokenizer.model` only (as
-many Llama-2-era and Mistral fine-tunes ship), loaded through the real loading path and served
-greedily, equal to transformers' own generate()."""
+many Llama-2-era and Mistral fine-tunes ship) or a tiktoken one, loaded through the real loading
+path and served greedily, equal to transformers' own generate()."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -55,28 +56,67 @@ def sentencepiece_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         "chat_template": TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config))
+    _tiny_llama(out, vocab_size=300, bos=1, eos=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiktoken_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """A tiktoken `tokenizer.model` (base64 token, rank per line: the 256 bytes, then merges), as
+    Llama 3's original checkpoints and several remote-code tokenizers ship."""
+    out = tmp_path_factory.mktemp("tiktoken-only")
+    merges = [
+        b"he",
+        b"ll",
+        b"hell",
+        b"hello",
+        b" w",
+        b"or",
+        b" wor",
+        b"ld",
+        b" world",
+        b" t",
+        b" th",
+        b" the",
+    ]
+    ranks = [bytes([i]) for i in range(256)] + merges
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for rank, token in enumerate(ranks)]
+    (out / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    bos, eos = len(ranks), len(ranks) + 1
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>",
+        "added_tokens_decoder": {
+            str(bos): {"content": "<|begin_of_text|>", "special": True},
+            str(eos): {"content": "<|end_of_text|>", "special": True},
+        },
+        "chat_template": TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    _tiny_llama(out, vocab_size=eos + 1, bos=bos, eos=eos)
+    return out
+
+
+def _tiny_llama(out, *, vocab_size: int, bos: int, eos: int) -> None:
     torch.manual_seed(0)
     llama = LlamaConfig(
-        vocab_size=300,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
+        bos_token_id=bos,
+        eos_token_id=eos,
         initializer_range=0.2,
     )
     LlamaForCausalLM(llama).save_pretrained(out)
     assert not (out / "tokenizer.json").exists()
-    return out
 
 
 def test_a_sentencepiece_only_tokenizer_is_served_like_generate(sentencepiece_checkpoint) -> None:
-    replica = build_replica(
-        LoadSpec(source=str(sentencepiece_checkpoint), dtype="fp32", attn_impl="sdpa"),
-        replica_config(max_batch_size=2),
-    )
+    replica = _served(sentencepiece_checkpoint)
     tokenizer = replica.loaded.tokenizer
     reference = AutoTokenizer.from_pretrained(sentencepiece_checkpoint)
     text = "hello world, the fox — ünïcödé 🙂"
@@ -88,7 +128,28 @@ def test_a_sentencepiece_only_tokenizer_is_served_like_generate(sentencepiece_ch
     )
     assert rendered == "[user] hi\n[assistant] "
 
-    prompts = [PreparedPrompt(tokenizer(t)["input_ids"]) for t in ("the quick brown", "hello " * 12)]
+    _greedy_equals_generate(replica, ["the quick brown", "hello " * 12])
+
+
+def test_a_tiktoken_only_tokenizer_is_served_like_generate(tiktoken_checkpoint) -> None:
+    replica = _served(tiktoken_checkpoint)
+    tokenizer = replica.loaded.tokenizer
+    ids = tokenizer("hello world the", add_special_tokens=False)["input_ids"]
+    assert ids == [256 + 3, 256 + 8, 256 + 11]  # the merges' ranks: "hello", " world", " the"
+    assert tokenizer.decode(ids) == "hello world the"
+    assert "<|end_of_text|>" in tokenizer.convert_ids_to_tokens(sorted(replica.loaded.eos_token_ids))
+    _greedy_equals_generate(replica, ["hello world", "the world " * 10])
+
+
+def _served(checkpoint):
+    return build_replica(
+        LoadSpec(source=str(checkpoint), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=2)
+    )
+
+
+def _greedy_equals_generate(replica, texts: list[str]) -> None:
+    tokenizer = replica.loaded.tokenizer
+    prompts = [PreparedPrompt(tokenizer(text)["input_ids"]) for text in texts]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     driver = EngineDriver(replica)
     streams = [driver.submit(prompt, params) for prompt in prompts]
