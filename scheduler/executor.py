@@ -351,6 +351,17 @@ class Executor:
                 seq.output.abort("error", ContextLengthExceededError(CACHE_FULL, param="max_tokens"))
             batch.finish(parent)
 
+    def _postprocess(self, seq: Sequence, work, *args) -> bool:
+        """Run one choice's tokenizer work (detokenization, stop rules, logprob texts). Whatever it
+        raises fails that choice alone, never the replica thread. False when it failed."""
+        try:
+            work(*args)
+        except Exception:
+            log.exception("request row %d failed after sampling on replica %s", seq.seq_id, self.name)
+            self._finish(seq, "error", GenerationError(GENERIC_FAILURE))
+            return False
+        return True
+
     def _finish(self, seq: Sequence, reason: str, error: EngineError | None = None) -> None:
         """End `seq` (and choices waiting to fork from it) with `reason` and leave the batch."""
         for gone in self.batch.finish(seq):
@@ -390,9 +401,9 @@ class Executor:
         batch = self.batch
         scored = {row.seq_id: row.scoring.results for row in plan.rows if row.scoring is not None}
         if scored:
-            for seq in batch.running:
+            for seq in list(batch.running):
                 if scored.get(seq.seq_id):
-                    seq.output.add_prompt_logprobs(scored[seq.seq_id])
+                    self._postprocess(seq, seq.output.add_prompt_logprobs, scored[seq.seq_id])
         for seq, sample in batch.advance(plan, results):
             if seq.is_finished:
                 continue
@@ -400,13 +411,10 @@ class Executor:
             if sample.token_id is None:
                 self._finish(seq, "error", _sampling_failure(seq, sample))
                 continue
-            try:
-                generation.append(sample.token_id, sample.logprob)
-            except Exception:  # its detokenizer or stop rules: this choice fails, not the replica
-                log.exception("request row %d failed after sampling on replica %s", seq.seq_id, self.name)
-                self._finish(seq, "error", GenerationError(GENERIC_FAILURE))
-                continue
-            if generation.is_finished:
+            if (
+                self._postprocess(seq, generation.append, sample.token_id, sample.logprob)
+                and generation.is_finished
+            ):
                 batch.finish(seq)
         if failed:
             for seq in list(batch.running):
