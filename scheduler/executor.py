@@ -351,17 +351,6 @@ class Executor:
                 seq.output.abort("error", ContextLengthExceededError(CACHE_FULL, param="max_tokens"))
             batch.finish(parent)
 
-    def _postprocess(self, seq: Sequence, work, *args) -> bool:
-        """Run one choice's tokenizer work (detokenization, stop rules, logprob texts). Whatever it
-        raises fails that choice alone, never the replica thread. False when it failed."""
-        try:
-            work(*args)
-        except Exception:
-            log.exception("request row %d failed after sampling on replica %s", seq.seq_id, self.name)
-            self._finish(seq, "error", GenerationError(GENERIC_FAILURE))
-            return False
-        return True
-
     def _finish(self, seq: Sequence, reason: str, error: EngineError | None = None) -> None:
         """End `seq` (and choices waiting to fork from it) with `reason` and leave the batch."""
         for gone in self.batch.finish(seq):
@@ -400,22 +389,32 @@ class Executor:
     def _advance(self, plan: StepPlan, results: list[SampledToken], failed: dict[int, str]) -> None:
         batch = self.batch
         scored = {row.seq_id: row.scoring.results for row in plan.rows if row.scoring is not None}
+        unnamed: set[int] = set()  # prompt logprobs whose texts failed: ended once the step is recorded
         if scored:
-            for seq in list(batch.running):
+            for seq in batch.running:
                 if scored.get(seq.seq_id):
-                    self._postprocess(seq, seq.output.add_prompt_logprobs, scored[seq.seq_id])
+                    try:
+                        seq.output.add_prompt_logprobs(scored[seq.seq_id])
+                    except Exception:
+                        log.exception("request row %d failed naming its prompt logprobs", seq.seq_id)
+                        unnamed.add(seq.seq_id)
         for seq, sample in batch.advance(plan, results):
-            if seq.is_finished:
+            if seq.is_finished or seq.seq_id in unnamed:
                 continue
             generation = seq.output
             if sample.token_id is None:
                 self._finish(seq, "error", _sampling_failure(seq, sample))
                 continue
-            if (
-                self._postprocess(seq, generation.append, sample.token_id, sample.logprob)
-                and generation.is_finished
-            ):
+            try:
+                generation.append(sample.token_id, sample.logprob)
+            except Exception:  # its detokenizer or stop rules: this choice fails, not the replica
+                log.exception("request row %d failed after sampling on replica %s", seq.seq_id, self.name)
+                self._finish(seq, "error", GenerationError(GENERIC_FAILURE))
+                continue
+            if generation.is_finished:
                 batch.finish(seq)
+        if unnamed:
+            failed = failed | dict.fromkeys(unnamed, GENERIC_FAILURE)
         if failed:
             for seq in list(batch.running):
                 if seq.seq_id in failed:

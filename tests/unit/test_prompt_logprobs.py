@@ -12,6 +12,7 @@ import anyio
 import pytest
 import torch
 
+from models.generation import Generation
 from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
 from models.prompt import PreparedPrompt
@@ -118,6 +119,27 @@ def test_rows_that_do_not_ask_are_unchanged_and_plan_no_scoring(replica):
     assert driver.outputs(scored) == expected  # scoring changes no token
     assert driver.prompt_logprobs[plain.request_id] == []
     assert all(entry.top == [] for entry in driver.prompt_logprobs[scored.request_id])
+
+
+def test_prompt_logprobs_that_cannot_be_named_fail_their_request_alone(replica, monkeypatch):
+    real = Generation.add_prompt_logprobs
+
+    def add_prompt_logprobs(self, entries):
+        if self.max_tokens == 5:  # the one request whose tokenizer work breaks
+            raise RuntimeError("a tokenizer that cannot name these ids")
+        return real(self, entries)
+
+    monkeypatch.setattr(Generation, "add_prompt_logprobs", add_prompt_logprobs)
+    driver = EngineDriver(replica)
+    prompt = prepared(replica, TEXT)
+    fine = driver.submit(prompt, SamplingParams(max_tokens=6, prompt_logprobs=TOP, **GREEDY))
+    broken = driver.submit(prompt, SamplingParams(max_tokens=5, prompt_logprobs=TOP, **GREEDY))
+    driver.run([fine, broken])
+    assert driver.finished[(broken.request_id, 0)][0] == "error"
+    assert driver.tokens[(broken.request_id, 0)] == []  # nothing after the failed step
+    assert driver.finished[(fine.request_id, 0)][0] == "length"
+    assert len(driver.outputs(fine)[0]) == 6 and driver.prompt_logprobs[fine.request_id]
+    assert not driver.executor.batch.running and driver.executor.batch.blocks.num_used == 0
 
 
 def test_max_tokens_zero_scores_the_prompt_and_generates_nothing(replica):
