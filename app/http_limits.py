@@ -23,14 +23,19 @@ class UnsupportedContentEncoding(HTTPException):
     status_code = 415
 
 
-def require_identity_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Guard (after the API key's): a body with a `Content-Encoding` other than `identity` (gzip,
-    deflate, br: clients that compress uploads) gets a 415 that says so. Without it, the
-    compressed bytes would reach the JSON decoder and come back as "not valid JSON", which points
-    the client at the wrong fault; decompressing instead would let a small body expand without
-    bound before the size limit sees it."""
+# Codings that compress (RFC 9110's registry and common aliases). Anything else is let through:
+# careless clients put a charset there ("Content-Encoding: utf-8") over a plain JSON body.
+_COMPRESSIONS = frozenset({"gzip", "x-gzip", "deflate", "br", "zstd", "compress", "x-compress"})
+
+
+def refuse_compressed_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard (after the API key's): a compressed body (`Content-Encoding` gzip, deflate, br, zstd:
+    clients that compress uploads) gets a 415 that says so. Without it, the compressed bytes would
+    reach the JSON decoder and come back as "not valid JSON", which points the client at the wrong
+    fault; decompressing instead would let a small body expand without bound before the size limit
+    sees it."""
     encoding = connection.headers.get("content-encoding", "").strip()
-    if encoding.lower() not in ("", "identity"):
+    if any(coding.strip() in _COMPRESSIONS for coding in encoding.lower().split(",")):
         raise UnsupportedContentEncoding(
             detail=f"request bodies with Content-Encoding {encoding[:32]!r} are not accepted: "
             "send the JSON uncompressed"

@@ -10,7 +10,7 @@ from litestar import HttpMethod, post, route
 from litestar.openapi import ResponseSpec
 
 from app.auth import SECURITY_REQUIREMENT, require_api_key
-from app.http_limits import require_identity_body
+from app.http_limits import refuse_compressed_body
 from app.schemas.common import ErrorResponse
 
 get_or_head = partial(route, http_method=[HttpMethod.GET, HttpMethod.HEAD])
@@ -35,7 +35,7 @@ def protected(method: Any, path: str, *, summary: str, tag: str = "OpenAI") -> A
     """A route behind the API key, its errors documented: `protected(post, "/v1/...", summary=...)`."""
     return method(
         path,
-        guards=[require_api_key, require_identity_body] if method is post else [require_api_key],
+        guards=[require_api_key, refuse_compressed_body] if method is post else [require_api_key],
         security=SECURITY_REQUIREMENT,
         responses=ERROR_RESPONSES,
         tags=[tag],
