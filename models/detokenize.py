@@ -39,8 +39,8 @@ class IncrementalDetokenizer:
             except Exception:
                 # DecodeStream refuses some byte-fallback sequences ("Invalid prefix encountered":
                 # byte tokens that are not valid UTF-8 change how the text before them decodes).
-                # The rest of this sequence goes by offsets, from the tokens already emitted;
-                # `flush` still reconciles against a full decode at the end.
+                # The rest of this sequence goes by offsets, from the tokens already emitted (text
+                # DecodeStream was holding back for an unfinished character is not sent).
                 self._stream = None
                 self._read_offset = len(self._ids) - 1
                 self._prefix_offset = max(0, self._read_offset - _CONTEXT_TOKENS)
