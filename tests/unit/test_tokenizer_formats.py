@@ -21,6 +21,7 @@ from models.prompt import PreparedPrompt
 from models.replica import build_replica
 from tests.unit.configs import replica_config
 from tests.unit.engine_driver import EngineDriver, hf_greedy
+from tests.unit.vlm_builder_parts import text_kwargs
 
 TEMPLATE = (
     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -56,7 +57,7 @@ def sentencepiece_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         "chat_template": TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config))
-    _tiny_llama(out, vocab_size=300, bos=1, eos=2)
+    _tiny_llama(out, bos=1, eos=2)
     return out
 
 
@@ -94,24 +95,16 @@ def tiktoken_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         "chat_template": TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config))
-    _tiny_llama(out, vocab_size=eos + 1, bos=bos, eos=eos)
+    _tiny_llama(out, bos=bos, eos=eos)
     return out
 
 
-def _tiny_llama(out, *, vocab_size: int, bos: int, eos: int) -> None:
+def _tiny_llama(out, *, bos: int, eos: int) -> None:
+    """The suite's smallest text model over the tokenizer already written to `out`."""
+    tokenizer = AutoTokenizer.from_pretrained(out)
     torch.manual_seed(0)
-    llama = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        initializer_range=0.2,
-    )
-    LlamaForCausalLM(llama).save_pretrained(out)
+    config = LlamaConfig(**text_kwargs(tokenizer, bos_token_id=bos, eos_token_id=eos, pad_token_id=None))
+    LlamaForCausalLM(config).save_pretrained(out)
     assert not (out / "tokenizer.json").exists()
 
 
