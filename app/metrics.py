@@ -21,6 +21,9 @@ from app.vllm_metrics import VllmRequestMetrics
 if TYPE_CHECKING:
     from scheduler.request import RequestStream
 
+# The `method` label takes these and "other": the request line's method is the client's to choose,
+# and a label value per invented method would let anyone, without a key, grow /metrics without end.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -128,6 +131,7 @@ class Metrics:
         return generate_latest(self.registry)
 
     def count_http(self, method: str, route: str, status: int) -> None:
+        method = method if method in HTTP_METHODS else "other"
         self.http_requests.labels(method, route, str(status)).inc()
 
     def observe(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 import uuid
+from urllib.parse import urlsplit
 
 from tests.integration.conftest import EDGE_CORS_ORIGIN, TEXT_DEFAULT_MAX_TOKENS, Server
 from tests.integration.helpers import chat_body
@@ -148,6 +150,26 @@ def test_unknown_paths_and_methods_are_logged_and_counted_under_one_label(text_s
         r'^docoserve_http_requests_total\{method="GET",route="unmatched",status="404"\} (\S+)$', metrics, re.M
     )
     assert counted and float(counted.group(1)) >= 1
+
+
+def test_methods_the_client_invents_are_counted_under_one_label(text_server: Server) -> None:
+    """The request line's method is the client's to choose, and no key is needed to send one: a
+    label value per invented method would grow /metrics without bound."""
+    host, port = urlsplit(text_server.base_url).hostname, urlsplit(text_server.base_url).port
+    invented = [f"X{uuid.uuid4().hex[:11].upper()}" for _ in range(3)]
+    for method in invented:
+        with socket.create_connection((host, port), timeout=10) as raw:
+            raw.sendall(f"{method} /health HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert raw.recv(200).startswith(b"HTTP/1.1 405")
+    with text_server.http() as client:
+        metrics = client.get("/metrics").text
+    assert not any(method in metrics for method in invented)
+    counted = re.search(
+        r'^docoserve_http_requests_total\{method="other",route="unmatched",status="405"\} (\S+)$',
+        metrics,
+        re.M,
+    )
+    assert counted and float(counted.group(1)) >= len(invented)
 
 
 def test_with_log_format_json_every_line_is_a_json_object(edge_server: Server) -> None:
