@@ -12,7 +12,12 @@ from typing import Any
 
 import msgspec
 from litestar import MediaType, Request, Response
-from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.exceptions import (
+    HTTPException,
+    InternalServerException,
+    NotAuthorizedException,
+    ValidationException,
+)
 
 from app.schemas.common import ErrorBody, ErrorResponse
 from scheduler.errors import (
@@ -107,7 +112,19 @@ def handle_validation_error(request: Request, exc: ValidationException) -> Respo
     return error_response(400, error_body(400, message, param=param, code="invalid_request"))
 
 
+# Litestar's words when the body stream ends in `http.disconnect`: granian ends it so both when the
+# client closes the connection mid-body and when its chunked encoding is malformed (a chunk size
+# that is not hex, a chunk longer than it said). The client's fault either way, not a 500 for
+# alerts on the 5xx rate to fire on.
+_BODY_CUT_SHORT = "client disconnected prematurely"
+
+
 def handle_http_exception(request: Request, exc: HTTPException) -> Response[bytes]:
+    if isinstance(exc, InternalServerException) and exc.detail == _BODY_CUT_SHORT:
+        message = (
+            "the request body ended before it was complete (connection closed, or chunked encoding malformed)"
+        )
+        return error_response(400, error_body(400, message, code="incomplete_body"))
     status = exc.status_code
     type_, code, default_message = HTTP_CODES.get(
         status, ("server_error" if status >= 500 else "invalid_request_error", "http_error", "error")

@@ -111,6 +111,35 @@ def test_a_slow_but_steady_body_is_accepted(edge_server: Server) -> None:
     assert answer is not None and answer.startswith(b"HTTP/1.1 200")
 
 
+def test_a_malformed_or_cut_body_is_the_clients_error_not_a_500(edge_server: Server) -> None:
+    """granian ends a body whose chunked encoding is broken as if the client had gone: that is a
+    400 for the client, and neither it nor a client that hangs up mid-body counts as a 5xx."""
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in edge_server.auth_headers.items()).encode()
+    )
+    answers = []
+    for body in (b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}xxxx\r\n0\r\n\r\n"):  # size not hex; chunk too long
+        with socket.create_connection(_address(edge_server), timeout=10) as sock:
+            sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + body)
+            answers.append(_closed(sock, 10))
+    for answer in answers:
+        assert answer is not None and answer.startswith(b"HTTP/1.1 400"), answer
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "incomplete_body" and error["type"] == "invalid_request_error"
+    full = json.dumps(chat_body(max_tokens=2)).encode()
+    for _ in range(2):  # hangs up with the body half sent
+        with socket.create_connection(_address(edge_server), timeout=10) as sock:
+            sock.sendall(head + b"Content-Length: " + str(len(full)).encode() + b"\r\n\r\n" + full[:-10])
+            time.sleep(0.3)
+    time.sleep(0.5)
+    with edge_server.http() as client:
+        metrics = client.get("/metrics").text
+        assert client.post("/v1/chat/completions", json=chat_body(max_tokens=2)).status_code == 200
+    counted = [line for line in metrics.splitlines() if 'route="/v1/chat/completions"' in line]
+    assert counted and not [line for line in counted if 'status="5' in line], counted
+
+
 @pytest.mark.slow
 def test_sigterm_drains_then_ends_every_request_with_an_answer(tmp_path) -> None:
     spec = ServerSpec(
