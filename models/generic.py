@@ -38,9 +38,14 @@ log = logging.getLogger(__name__)
 _STOP = object()
 _NO_LIMIT = 1 << 30  # generate() stops when the sequence leaves the batch, never by length
 GENERATION_FAILED = "generation failed"
-# Per-sequence state some models keep on their modules between forward passes (Qwen2-VL and kin
-# cache the M-RoPE offset of the prompt they prefilled last): saved and restored per sequence.
-_MODULE_STATE = ("rope_deltas",)
+# Per-sequence state some models keep on their modules between forward passes, saved and restored
+# per sequence. Qwen2-VL and kin cache the M-RoPE offset of the prompt they prefilled last, which a
+# forward given its positions does not read; RecurrentGemma keeps each layer's recurrent and
+# convolution state there, which every decode forward reads and writes for its whole batch, so its
+# decode calls are never merged.
+_POSITION_STATE = ("rope_deltas",)
+_RECURRENT_STATE = ("recurrent_states", "conv1d_state")
+_MODULE_STATE = _POSITION_STATE + _RECURRENT_STATE
 _JOIN_TIMEOUT_S = 60.0
 _local = threading.local()
 
@@ -209,6 +214,7 @@ class GenericRunner:
         self.pad_token_id = pad_token_id
         self.scope = scope
         self.stateful = [(m, name) for m in model.modules() for name in _MODULE_STATE if hasattr(m, name)]
+        self.recurrent_on_modules = any(name in _RECURRENT_STATE for _, name in self.stateful)
         self._threads: dict[int, _SequenceThread] = {}
         # Forked choices of an n > 1 request: the parent's context, until their first decode row.
         self._forked: dict[int, tuple[list[int], dict | None]] = {}
@@ -296,14 +302,30 @@ class GenericRunner:
             tokens, mm_inputs = row.token_ids, row.inputs.mm_inputs if row.inputs is not None else None
             if row.start:  # a forked choice: its first decode row recomputes the shared prompt
                 context, mm_inputs = self._forked.pop(row.seq_id)
-                tokens = context + row.token_ids
-                mm_inputs = _token_types_to(mm_inputs, len(tokens))
+                mm_inputs = _token_types_to(mm_inputs, len(context))
+                thread = self._threads[row.seq_id] = _SequenceThread(self, context, mm_inputs)
+                self._prefill_alone(thread)
+                thread.feed(row.token_ids[0])
+                return thread
             thread = self._threads[row.seq_id] = _SequenceThread(self, tokens, mm_inputs)
             return thread
         if len(row.token_ids) != 1:
             raise RuntimeError("the generic path continues a sequence one token at a time")
         thread.feed(row.token_ids[0])
         return thread
+
+    def _prefill_alone(self, thread: _SequenceThread) -> None:
+        """The prompt's forward, its scores dropped: a forked choice then decodes its first token
+        as its parent did, prompt then token. Prompt and token as one prefill would be one call
+        less, but not the same numbers on every model (DeepSeek-V3.2's sparse indexer picks other
+        keys for a prefill than for a decode), and greedy choices of one request would differ."""
+        call = thread.next_event()
+        if not isinstance(call, _Call):
+            raise call if isinstance(call, BaseException) else RuntimeError("unexpected event")
+        self._compute({0: call}, {0: thread})
+        scores = thread.next_event()
+        if not isinstance(scores, torch.Tensor):
+            raise scores if isinstance(scores, BaseException) else RuntimeError("unexpected event")
 
     def _compute(self, calls: dict[int, _Call], threads: dict[int, _SequenceThread]) -> None:
         """Run the step's forward calls in this thread: mergeable decode calls together, the rest
@@ -313,10 +335,12 @@ class GenericRunner:
             self._compute_calls(calls, threads)
 
     def _may_merge(self, kwargs: dict) -> bool:
-        """Module state (Qwen-VL's rope_deltas) is one per model, put in place for each call run
-        alone. A merged forward never sets it, so it takes only calls that carry their own
-        positions, from which those models' forwards compute without reading it."""
-        return self.batch_decode and (not self.stateful or kwargs.get("position_ids") is not None)
+        """Module state is one per model, put in place for each call run alone. A merged forward
+        never sets it, so it takes only calls that carry their own positions, from which Qwen-VL's
+        forwards compute without reading rope_deltas; recurrent state on the modules, never."""
+        if not self.batch_decode or self.recurrent_on_modules:
+            return False
+        return not self.stateful or kwargs.get("position_ids") is not None
 
     def _compute_calls(self, calls: dict[int, _Call], threads: dict[int, _SequenceThread]) -> None:
         candidates = [i for i in calls if self._may_merge(calls[i].kwargs)]

@@ -152,6 +152,18 @@ ARCHS = {
     "bamba": ({"attn_layer_indices": [1], "mamba_d_head": 16, "mamba_n_heads": 8}, "generic"),
     # Short convolutions beside attention, as LFM2.
     "lfm2": ({"layer_types": ["conv", "full_attention"]}, "generic"),
+    # Griffin: its recurrent and convolution states live on the modules, not in a cache object,
+    # so the generic runner swaps them per sequence and never merges its decode calls.
+    "recurrent_gemma": (
+        {
+            "head_dim": 16,
+            "block_types": ["recurrent", "attention"],
+            "attention_window_size": 8,
+            "lru_width": 64,
+            "num_key_value_heads": 4,
+        },
+        "generic",
+    ),
 }
 MAX_NEW = 12
 # Their decoder layers are the Llama template: on CPU, decode-only steps take the lean step.
@@ -235,6 +247,8 @@ def check_architecture(
     assert driver.outputs(again)[0] == expected[id(long)]
     if replica.path == "fast":
         assert driver.executor.batch.blocks.hit_tokens >= replica.block_size
+    elif replica.runner.recurrent_on_modules:  # one batch of state per model: never merged
+        assert replica.runner.merged_calls == 0
     else:  # the generic path computed the concurrent decode steps together
         assert replica.runner.merged_calls > 0
     if decode_graphs != "off" and replica.path == "fast" and replica.runner.long_rope_after is None:
@@ -262,3 +276,37 @@ def test_the_self_test_refuses_a_fast_path_blind_to_windows_chunks_or_long_rope(
     runner = runner_module.PagedRunner(loaded.model, num_blocks=64, block_size=16, device=loaded.device)
     reason = replica_module._self_test(runner, loaded)
     assert reason is not None and "differ" in reason, reason
+
+
+def test_forked_choices_on_the_generic_path_decode_as_their_parent(tokenizer, tmp_path):
+    """n = 2 at temperature 0 on the generic path: both choices are generate()'s. A forked choice
+    prefills the prompt and then decodes its first token, as its parent did; prompt and token as
+    one prefill send DeepSeek-V3.2's sparse indexer to other keys, and the choices would differ."""
+    sparse = {
+        **_MLA,
+        "v_head_dim": 16,
+        "q_lora_rank": 24,
+        "n_group": 1,
+        "topk_group": 1,
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_topk": 8,
+        "pad_token_id": 0,
+    }
+    build("deepseek_v32", sparse, tokenizer, tmp_path)
+    replica = build_replica(
+        LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa", device="cpu"),
+        replica_config(max_batch_size=4),
+    )
+    assert replica.path == "generic", replica.path_reason
+    messages = [{"role": "user", "content": "Tell me about the weather in the city."}]
+    prompt = PreparedPrompt(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
+    expected = hf_greedy(replica, prompt, MAX_NEW)
+    driver = EngineDriver(replica)
+    request = driver.submit(prompt, SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True), n=2)
+    driver.run([request])
+    assert driver.outputs(request) == [expected, expected]
