@@ -6,10 +6,12 @@ import time
 
 from litestar import Request, Response, post
 
+from app.request_fields import check_undeclared
 from app.routes import protected
-from app.schemas.generate import GenerateRequest, GenerateResponse
+from app.schemas.generate import GenerateParameters, GenerateRequest, GenerateResponse
 from app.services import begin, warning_headers
 from app.streaming import collect_answer
+from scheduler.errors import InvalidRequestError
 
 
 @protected(post, "/generate", summary="Generate a continuation of raw text (no chat template)", tag="Simple")
@@ -17,11 +19,16 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
     call = await begin(request, GenerateRequest, endpoint="generate", id_prefix="gen")
     svc, tracker = call.svc, call.tracker
     with tracker.failures():
+        body = await request.json()  # cached by Litestar: no second parse
+        _check_undeclared_parameters(body.get("parameters") if isinstance(body, dict) else None)
         stream = await svc.require_scheduler().submit(svc.translator.generate(call.data, call.request_id))
     collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
+    text = choice.text
+    if call.data.parameters.return_full_text:
+        text = call.data.inputs + text  # TGI's semantics: the prompt as sent, then the answer
     body = GenerateResponse(
-        generated_text=choice.text,
+        generated_text=text,
         finish_reason=choice.finish_reason,
         generated_tokens=stream.completion_tokens,
         prompt_tokens=stream.prompt_tokens,
@@ -29,3 +36,13 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
         warnings=stream.warnings or None,
     )
     return Response(body, headers=warning_headers(stream.warnings))
+
+
+def _check_undeclared_parameters(parameters: object) -> None:
+    """Members of `parameters` that are not TGI's (those are all declared) get the policy of the
+    other routes' unknown fields (`app.request_fields`): a known field that would change the
+    answer is refused, naming it as `parameters.<name>`; anything else is accepted and logged."""
+    try:
+        check_undeclared(parameters, GenerateParameters.__struct_fields__, "/generate")
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"parameters.{exc.message}", param=f"parameters.{exc.param}") from None
