@@ -99,15 +99,18 @@ class HermesParser:
             self._close_call(body, out)
 
     def finish(self) -> list[Delta]:
-        """The output ended: settle what was held back. A call cut short (max_tokens) stays a
-        call once its header went out; otherwise its text is content."""
+        """The output ended: settle what was held back. A call cut short (max_tokens, a stop
+        string) stays a call once its header went out. Cut before that, its text is content, unless
+        a grammar forced the calls: then everything generated is their markup, and a call without
+        its name yet is nothing a client could use."""
         out: list[Delta] = []
-        if self._in_call:
-            if self._args_start is not None:
-                self._end_call()
-            else:
-                out.append(self._call_lead + self.fmt.open_tag + self._buffer)
-                self._in_call = False
+        if self._in_call and self._args_start is not None:
+            self._end_call()
+        elif self.stream_arguments:
+            self._in_call = False
+        elif self._in_call:
+            out.append(self._call_lead + self.fmt.open_tag + self._buffer)
+            self._in_call = False
         else:
             self._text(self._buffer, out, then="end")
         self._buffer = ""

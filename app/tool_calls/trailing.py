@@ -91,9 +91,8 @@ class TrailingParser:
             self._scan(out)
             if self._open:  # cut short: still a call
                 self.num_calls += 1
-            elif self.num_calls == 0:
-                out.append(self._opening + calls)
-            # else: what follows the last call is markup, or the next one cut before its name
+            # else: what follows the last call is markup, or the next one cut before its name;
+            # a grammar forced the calls, so the marker and all after it are markup, never content
         else:
             parsed = self.fmt.parse_calls(calls)
             if not parsed:

@@ -163,6 +163,21 @@ def test_tool_choice_required(text_server: Server, parallel) -> None:
         check_call(call)
 
 
+@pytest.mark.parametrize("cut", [{"max_tokens": 3}, {"max_tokens": 40, "stop": ['"']}])
+def test_a_forced_call_cut_before_its_name_leaks_no_markup(text_server: Server, cut) -> None:
+    """Cut by max_tokens or a stop string inside `<tool_call>\n{"`, the answer holds neither a call
+    nor the markup as content, streamed or not."""
+    kwargs = dict(
+        model=text_server.model_name, messages=user("hi"), tools=[WEATHER], tool_choice="required", **cut
+    )
+    client = text_server.openai()
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert not choice.message.content and not choice.message.tool_calls
+    assert choice.finish_reason == ("length" if "stop" not in cut else "stop")
+    deltas = [c.choices[0].delta for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    assert not "".join(d.content or "" for d in deltas) and not any(d.tool_calls for d in deltas)
+
+
 def test_named_tool_choice(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.create(
         model=text_server.model_name,

@@ -133,6 +133,16 @@ def test_a_forced_call_cut_by_max_tokens_stays_a_call():
     assert parsed.content is None and calls_of(parsed) == [("get_weather", '{"city": "Pa')]
 
 
+@pytest.mark.parametrize("cut", ["<tool", "<tool_call>", "<tool_call>\n{", '<tool_call>\n{"name": "get_w'])
+def test_a_forced_call_cut_before_its_name_is_neither_content_nor_a_call(cut):
+    """A grammar forced the calls, so what was generated is their markup: cut (max_tokens, a stop
+    string) before the name, the client gets no call and none of the markup as content."""
+    parsed = parse_message(cut, HERMES.parser(stream_arguments=True))
+    assert parsed.content is None and parsed.tool_calls == []
+    unforced = parse_message(cut, HERMES.parser())  # free text may just have looked like a tag
+    assert unforced.content == cut
+
+
 def test_stream_chunks_end_with_tool_calls():
     request = EngineRequest("r1", PromptInput(text="hi"), SamplingParams(max_tokens=64))
     stream = RequestStream(request, PreparedPrompt([1, 2, 3]))
