@@ -169,7 +169,40 @@ def _json_source(spec: GrammarSpec, what: str) -> dict:
         raise InvalidRequestError(f"the {what} is not valid JSON", param=spec.param) from None
     if not isinstance(value, dict):
         raise InvalidRequestError(f"the {what} must be a JSON object", param=spec.param)
+    bound = _unrepresentable_bound(value)
+    if bound is not None:
+        raise InvalidRequestError(
+            f"the {what} has a bound ({bound[0]}: {bound[1]}) beyond what constrained decoding can "
+            f"represent (magnitudes below 2**63)",
+            param=spec.param,
+        )
     return value
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+_LARGEST_BOUND = 2**63
+
+
+def _unrepresentable_bound(node: object, depth: int = 0) -> tuple[str, object] | None:
+    """A numeric bound llguidance cannot hold: it would clamp an integer bound of 1e30 to 2**63 - 1
+    and generate numbers the schema forbids. Nesting past what any grammar compiles is left to its
+    own depth limit."""
+    if depth > 200:
+        return None
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _BOUNDS and isinstance(value, int | float) and not isinstance(value, bool):
+                if not abs(value) < _LARGEST_BOUND:
+                    return key, value
+            found = _unrepresentable_bound(value, depth + 1)
+            if found is not None:
+                return found
+    elif isinstance(node, list):
+        for item in node:
+            found = _unrepresentable_bound(item, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 def tool_calls_lark(config: dict, special: dict[str, int]) -> str:

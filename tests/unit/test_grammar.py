@@ -309,6 +309,21 @@ def test_whitespace_pattern_is_the_only_whitespace_between_json_tokens(replica):
         ),
         (GrammarSpec("json_object", whitespace_pattern="[", param="guided_json"), "guided_json"),
         (HERMES.grammar([{"function": {"name": "f", "parameters": {"type": "nonsense"}}}]), "tools"),
+        # Integer bounds llguidance would clamp to 2**63 - 1, generating numbers the schema forbids.
+        (
+            GrammarSpec("json_schema", '{"type": "integer", "minimum": 1e30}', param="guided_json"),
+            "guided_json",
+        ),
+        (
+            GrammarSpec("json_schema", '{"items": {"type": "integer", "maximum": -9223372036854775808}}'),
+            "response_format",
+        ),
+        (
+            HERMES.grammar(
+                [{"function": {"name": "f", "parameters": {"properties": {"n": {"minimum": 2**64}}}}}]
+            ),
+            "tools",
+        ),
     ],
 )
 def test_invalid_grammars_are_request_errors(replica, spec, param):
