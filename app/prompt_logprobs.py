@@ -3,6 +3,8 @@ vLLM's `prompt_logprobs` and the legacy completions `logprobs` of an echoed prom
 
 from __future__ import annotations
 
+import codecs
+
 from app.schemas.common import PromptLogprob, PromptLogprobs
 from app.schemas.completions import CompletionLogprobs
 from scheduler.request import TokenLogprob
@@ -25,12 +27,65 @@ def vllm_prompt_logprobs(entries: list[TokenLogprob], top: int) -> PromptLogprob
     return out
 
 
-def echo_logprobs(entries: list[TokenLogprob], top: int) -> CompletionLogprobs:
+class TextOffsets:
+    """`text_offset`s: where each token starts in the text a choice returns, fed token by token
+    (and, streamed, text by text).
+
+    A token's bytes are decoded as a run, so a token that holds part of a character adds no text of
+    its own: it starts at that character, as does the token that completes it, and the next token
+    starts after it. A token whose text is not where the text goes on (a special token the text
+    skips, a SentencePiece prefix space, text a stop string cut, or text a stream has not sent yet)
+    is looked for a little further on, and otherwise starts where the text is. Offsets therefore
+    never decrease and never pass the end of the text.
+    """
+
+    # How far ahead a token's text is looked for: beyond what a stream may hold back.
+    _WINDOW = 1024
+
+    def __init__(self, text: str = "", base: int = 0) -> None:
+        self._text = text  # the choice's text from `base` on; what lies before `_pos` is dropped
+        self._base = base
+        self._pos = base
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def extend(self, text: str) -> None:
+        self._text += text
+
+    def place(self, entry: TokenLogprob) -> int:
+        raw = entry.token_bytes if entry.token_bytes is not None else entry.token.encode("utf-8")
+        chars = self._decoder.decode(raw)
+        start = self._pos - self._base
+        if not chars:
+            return self._pos
+        text = self._text
+        for candidate in dict.fromkeys((chars, chars.lstrip())):
+            if candidate and text.startswith(candidate, start):
+                return self._advance(start, start + len(candidate))
+        # Looked for further on only with more than spaces: a SentencePiece "▁" that the text does
+        # not show would otherwise take the next space's place.
+        for candidate in dict.fromkeys((chars, chars.lstrip())):
+            if candidate.strip():
+                found = text.find(candidate, start, start + len(candidate) + self._WINDOW)
+                if found >= 0:
+                    return self._advance(found, found + len(candidate))
+        return self._pos
+
+    def _advance(self, begin: int, end: int) -> int:
+        offset = self._base + begin
+        if end > 4 * self._WINDOW:  # a long stream keeps only the text not yet placed
+            self._text = self._text[end:]
+            self._base += end
+            end = 0
+        self._pos = self._base + end
+        return offset
+
+
+def echo_logprobs(entries: list[TokenLogprob], top: int, text: str) -> CompletionLogprobs:
     """The prompt's part of an echoed completion's `logprobs`: its first token has neither
-    logprob nor alternatives (null, as OpenAI and vLLM write it); offsets count from 0 over the
-    tokens' texts."""
+    logprob nor alternatives (null, as OpenAI and vLLM write it); offsets index `text`, the echoed
+    prompt."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    offset = 0
+    offsets = TextOffsets(text)
     for entry in entries:
         tokens.append(entry.token)
         token_logprobs.append(entry.logprob)
@@ -40,8 +95,7 @@ def echo_logprobs(entries: list[TokenLogprob], top: int) -> CompletionLogprobs:
             alternatives = {name: lp for (_, lp), name in zip(entry.top[:top], names, strict=False)}
             alternatives.setdefault(entry.token, entry.logprob)  # the prompt's token always included
         top_logprobs.append(alternatives)
-        text_offset.append(offset)
-        offset += len(entry.token)
+        text_offset.append(offsets.place(entry))
     return CompletionLogprobs(tokens, token_logprobs, top_logprobs, text_offset)
 
 

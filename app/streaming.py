@@ -46,21 +46,26 @@ def end_of_stream(error: EngineError | None, usage_chunk: msgspec.Struct | None)
 
 
 def choice_logprobs(entries: list[TokenLogprob]) -> ChoiceLogprobs:
-    """Chat's logprobs object (the chat endpoint's shape; completions have their own)."""
-    return ChoiceLogprobs(
-        content=[
+    """Chat's logprobs object (the chat endpoint's shape; completions have their own). `bytes` are
+    each token's own, which join into the content's UTF-8 even where a token holds part of a
+    character (its `token` is then U+FFFD)."""
+    content = []
+    for entry in entries:
+        names = entry.top_tokens or []
+        raw = entry.top_token_bytes if entry.top_token_bytes is not None else [n.encode() for n in names]
+        own = entry.token_bytes if entry.token_bytes is not None else entry.token.encode()
+        content.append(
             TokenLogprobEntry(
                 token=entry.token,
                 logprob=entry.logprob,
-                bytes=list(entry.token.encode("utf-8")),
+                bytes=list(own),
                 top_logprobs=[
-                    TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
-                    for text, (_, logprob) in zip(entry.top_tokens or [], entry.top, strict=False)
+                    TopLogprob(token=text, logprob=logprob, bytes=list(data))
+                    for text, data, (_, logprob) in zip(names, raw, entry.top, strict=False)
                 ],
             )
-            for entry in entries
-        ]
-    )
+        )
+    return ChoiceLogprobs(content=content)
 
 
 def usage_of(streams: Sequence[RequestStream]) -> Usage:
@@ -74,6 +79,20 @@ def usage_of(streams: Sequence[RequestStream]) -> Usage:
         total_tokens=prompt + completion,
         prompt_tokens_details=PromptTokensDetails(image_tokens=image_tokens) if image_tokens else None,
     )
+
+
+def with_usage_so_far(
+    chunk: Callable[..., msgspec.Struct], streams: Sequence[RequestStream]
+) -> Callable[..., msgspec.Struct]:
+    """vLLM's `stream_options.continuous_usage_stats` (with `include_usage`): every chunk carries
+    the usage so far, counted when the chunk is made, so it covers the tokens the chunk holds."""
+
+    def with_usage(choices):
+        made = chunk(choices)
+        made.usage = usage_of(streams)
+        return made
+
+    return with_usage
 
 
 def stream_failure(update: StreamUpdate) -> EngineError:

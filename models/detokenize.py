@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import threading
+import weakref
 from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
 
 # Prompt tokens fed to the decoder as context, so that the first generated token decodes with the
 # spacing it has in context (SentencePiece "▁" prefixes, byte-level merges).
@@ -30,6 +37,7 @@ class IncrementalDetokenizer:
         self._ids = context
         self._prefix_offset = 0
         self._read_offset = len(context)
+        self._token_bytes: TokenBytes | None = None
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
@@ -57,6 +65,16 @@ class IncrementalDetokenizer:
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token decoded on its own (for logprobs), special tokens included."""
         return [self._tokenizer.decode([token_id], skip_special_tokens=False) for token_id in ids]
+
+    def token_texts_and_bytes(self, ids: Sequence[int]) -> tuple[list[str], list[bytes]]:
+        """Each token decoded on its own, and its own UTF-8 bytes (for logprobs' `bytes`): a token
+        that holds part of a character decodes to U+FFFD, but its bytes are the real ones, so that
+        the bytes of consecutive tokens join into the text's UTF-8."""
+        texts = self.token_texts(ids)
+        if self._token_bytes is None:
+            self._token_bytes = token_bytes_for(self._tokenizer)
+        names, tokenizer = self._token_bytes, self._tokenizer
+        return texts, [names.of(tokenizer, token_id, text) for token_id, text in zip(ids, texts, strict=True)]
 
     def flush(self, output_ids: Sequence[int], emitted: str) -> str:
         """Text still owed at the end: bytes held back waiting for a character that never completed."""
@@ -102,3 +120,104 @@ class StopStringMatcher:
             if any(stop.startswith(tail) for stop in self._stops):
                 return size
         return 0
+
+
+# Byte-fallback pieces (SentencePiece, Llama): one raw byte each.
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_METASPACE = "\u2581"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies are written in."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {char: byte for byte, char in _bytes_to_unicode().items()}
+
+
+class TokenBytes:
+    """The raw bytes of single tokens of one tokenizer, cached per token id (the tokenizer is
+    passed in, not kept: this is the value of a cache keyed weakly by the tokenizer).
+
+    A token decoded alone is its bytes unless it holds part of a character (it then decodes to
+    U+FFFD) or is a SentencePiece piece (decoding alone drops the space its "▁" stands for); those
+    are read from the token's vocabulary piece. Never raises: logprobs are built on the replica
+    thread, where an exception would take the replica down.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self._style = _decoder_style(tokenizer)
+        self._cache: dict[int, bytes] = {}
+
+    def of(self, tokenizer, token_id: int, text: str) -> bytes:
+        if "\ufffd" not in text and self._style != "metaspace":
+            return text.encode("utf-8", errors="replace")
+        cached = self._cache.get(token_id)
+        if cached is None:
+            cached = self._cache[token_id] = self._from_piece(tokenizer, token_id, text)
+        return cached
+
+    def _from_piece(self, tokenizer, token_id: int, text: str) -> bytes:
+        fallback = text.encode("utf-8", errors="replace")
+        try:
+            piece = tokenizer.convert_ids_to_tokens(token_id)
+            if not isinstance(piece, str) or not piece:
+                return fallback
+            if match := _BYTE_PIECE.fullmatch(piece):
+                return bytes([int(match.group(1), 16)])
+            if self._style == "byte_level":
+                raw = [_UNICODE_TO_BYTE.get(char) for char in piece]
+                # An added token is stored as its text, not in the byte alphabet.
+                return bytes(raw) if None not in raw else fallback  # type: ignore[arg-type]
+            if self._style == "metaspace":
+                return piece.replace(_METASPACE, " ").encode("utf-8")
+        except Exception:
+            log.debug("no vocabulary piece for token %d", token_id, exc_info=True)
+        return fallback
+
+
+def _decoder_style(tokenizer) -> str:
+    """Which vocabulary a tokenizer's pieces are written in: "byte_level" (GPT-2-style, tiktoken
+    conversions), "metaspace" (SentencePiece) or "" (a token's decoded text taken as its bytes)."""
+    try:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None) if backend is not None else None
+        if decoder is not None:
+            spec = json.dumps(json.loads(decoder.__getstate__()), ensure_ascii=False)
+            if '"ByteLevel"' in spec:
+                return "byte_level"
+            if '"Metaspace"' in spec or _METASPACE in spec:
+                return "metaspace"
+            return ""
+        if getattr(tokenizer, "sp_model", None) is not None:
+            return "metaspace"
+    except Exception:
+        log.debug("tokenizer decoder not recognised", exc_info=True)
+    return ""
+
+
+_TOKEN_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKEN_BYTES_LOCK = threading.Lock()
+
+
+def token_bytes_for(tokenizer) -> TokenBytes:
+    """One cache per tokenizer, shared by the detokenizers of all its sequences."""
+    with _TOKEN_BYTES_LOCK:
+        try:
+            names = _TOKEN_BYTES.get(tokenizer)
+            if names is None:
+                names = _TOKEN_BYTES[tokenizer] = TokenBytes(tokenizer)
+            return names
+        except TypeError:  # not weakly referenceable: a cache of its own
+            return TokenBytes(tokenizer)

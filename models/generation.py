@@ -58,8 +58,9 @@ class Generation:
         """Logprobs of prompt tokens, in order (the first token's is None: nothing predicts it),
         named like the generated tokens' so that the HTTP layer needs no tokenizer."""
         for entry in entries:
-            texts = self._detok.token_texts([entry.token_id, *(t for t, _ in entry.top)])
+            texts, raw = self._detok.token_texts_and_bytes([entry.token_id, *(t for t, _ in entry.top)])
             entry.token, entry.top_tokens = texts[0], texts[1:]
+            entry.token_bytes, entry.top_token_bytes = raw[0], raw[1:]
         self._delta.prompt_logprobs.extend(entries)
 
     def append(self, token_id: int, logprob: TokenLogprob | None) -> None:
@@ -72,8 +73,9 @@ class Generation:
         delta = self._delta
         delta.token_ids.append(token_id)
         if logprob is not None:
-            texts = self._detok.token_texts([token_id, *(t for t, _ in logprob.top)])
+            texts, raw = self._detok.token_texts_and_bytes([token_id, *(t for t, _ in logprob.top)])
             logprob.token, logprob.top_tokens = texts[0], texts[1:]
+            logprob.token_bytes, logprob.top_token_bytes = raw[0], raw[1:]
             delta.logprobs.append(logprob)
         if token_id in self.sampler.stop_ids and self.sampler.num_generated >= self.sampler.params.min_tokens:
             # Stop tokens end the text; their own text is never part of the answer.

@@ -31,6 +31,9 @@ class TokenLogprob:
     # Filled in by the sequence's detokenizer (replica thread), so the HTTP layer needs no tokenizer.
     token: str = ""
     top_tokens: list[str] | None = None
+    # Each token's own UTF-8 bytes: not `token.encode()` for a token that holds part of a character.
+    token_bytes: bytes | None = None
+    top_token_bytes: list[bytes] | None = None
     rank: int | None = None  # prompt logprobs only: 1 + how many tokens were more likely
 
 

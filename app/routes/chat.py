@@ -27,6 +27,7 @@ from app.streaming import (
     now,
     sse_response,
     usage_of,
+    with_usage_so_far,
 )
 from app.tool_calls import ToolCallParser, finish_reason_for, parse_message, parser_factory
 
@@ -57,6 +58,8 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
             tracker.finish(status, finished_stream, error.message if error else None)
 
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        if include_usage and data.stream_options.continuous_usage_stats:
+            chunk = with_usage_so_far(chunk, [stream])
         events = chat_event_stream(
             stream, chunk=chunk, include_usage=include_usage, on_done=on_done, tool_parser=tool_parser
         )

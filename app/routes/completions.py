@@ -3,10 +3,11 @@
 Each prompt of a batch is its own engine request with the same parameters; choice `i` of prompt
 `p` is reported as index `p * n + i`. Echo prepends the prompt text; with `logprobs` too, the
 engine computes the prompt tokens' logprobs during prefill and they come before the generated
-tokens' (the first prompt token's null). The prompt's `text_offset`s count its tokens' texts from
-0; the generated tokens' index into the returned text. Streamed, the echo is the first event of
-each choice and carries the prompt's logprobs (it waits for the prefill). vLLM's `prompt_logprobs`
-is a field of each choice (not with stream, as in vLLM).
+tokens' (the first prompt token's null). `text_offset`s index into the returned text
+(`app.prompt_logprobs.TextOffsets`). A prompt cut to MAX_INPUT_TOKENS is echoed as the tokens kept,
+which its logprobs and usage count. Streamed, the echo is the first event of each choice and
+carries the prompt's logprobs (it waits for the prefill). vLLM's `prompt_logprobs` is a field of
+each choice (not with stream, as in vLLM).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from functools import partial
 from litestar import Request, Response, post
 
 from app.errors import status_of
-from app.prompt_logprobs import echo_logprobs, joined, vllm_prompt_logprobs
+from app.prompt_logprobs import TextOffsets, echo_logprobs, joined, vllm_prompt_logprobs
 from app.routes import protected
 from app.schemas.completions import (
     CompletionChoice,
@@ -28,7 +29,16 @@ from app.schemas.completions import (
     CompletionResponse,
 )
 from app.services import SYSTEM_FINGERPRINT, Services, begin, warning_headers
-from app.streaming import collect, end_of_stream, now, sse, sse_response, stream_failure, usage_of
+from app.streaming import (
+    collect,
+    end_of_stream,
+    now,
+    sse,
+    sse_response,
+    stream_failure,
+    usage_of,
+    with_usage_so_far,
+)
 from scheduler.errors import EngineError
 from scheduler.request import EngineRequest, RequestStream, StreamUpdate, TokenLogprob
 
@@ -46,7 +56,10 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
         engine_requests = svc.translator.completion(data, call.request_id)
         streams = await _submit_all(scheduler, engine_requests)
         try:
-            echoes = [await _prompt_text(scheduler, r) if data.echo else "" for r in engine_requests]
+            echoes = [
+                await _prompt_text(scheduler, r, s) if data.echo else ""
+                for r, s in zip(engine_requests, streams, strict=True)
+            ]
         except BaseException:
             _cancel(streams)
             raise
@@ -72,6 +85,8 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
     if data.stream:
         chunk = partial(CompletionChunk, call.request_id, now(), model, system_fingerprint=SYSTEM_FINGERPRINT)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        if include_usage and data.stream_options.continuous_usage_stats:
+            chunk = with_usage_so_far(chunk, streams)
         events = _event_stream(
             streams,
             echoes,
@@ -98,10 +113,12 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
             if data.prompt_logprobs is not None:
                 prompt_logprobs = vllm_prompt_logprobs(stream.prompt_logprobs, data.prompt_logprobs)
             for i, choice in enumerate(collected.choices):
-                logprobs = _logprobs(choice.logprobs, len(echo))[0] if want_logprobs else None
-                if logprobs is not None and data.echo:
-                    logprobs = joined(echo_logprobs(stream.prompt_logprobs, data.logprobs), logprobs)
                 text = echo + choice.text
+                logprobs = None
+                if want_logprobs:
+                    logprobs = _logprobs(choice.logprobs, TextOffsets(choice.text, base=len(echo)))
+                if logprobs is not None and data.echo:
+                    logprobs = joined(echo_logprobs(stream.prompt_logprobs, data.logprobs, echo), logprobs)
                 choices.append(
                     CompletionChoice(p * data.n + i, text, logprobs, choice.finish_reason, prompt_logprobs)
                 )
@@ -134,11 +151,19 @@ async def _submit_all(scheduler, engine_requests: list[EngineRequest]) -> list[R
     return streams
 
 
-async def _prompt_text(scheduler, engine_request: EngineRequest) -> str:
+async def _prompt_text(scheduler, engine_request: EngineRequest, stream: RequestStream) -> str:
+    """The prompt the model saw: one cut to MAX_INPUT_TOKENS is echoed from the tokens kept."""
     prompt = engine_request.prompt
     if prompt.token_ids is not None:
-        return await scheduler.detokenize(list(prompt.token_ids))
-    return prompt.text or ""
+        ids = list(prompt.token_ids)
+        return await scheduler.detokenize(ids[max(0, len(ids) - stream.prompt_tokens) :])
+    text = prompt.text or ""
+    if stream.warnings:  # maybe cut: only then is the prompt tokenized again
+        prepared = await scheduler.tokenize(prompt)
+        cut = prepared.truncated_tokens or prepared.warnings
+        if cut and len(prepared.token_ids) == stream.prompt_tokens:
+            return await scheduler.detokenize(list(prepared.token_ids))
+    return text
 
 
 def _cancel(streams: list[RequestStream]) -> None:
@@ -152,9 +177,9 @@ def _count_tokens(svc: Services, streams: list[RequestStream]) -> None:
         svc.metrics.completion_tokens.inc(stream.completion_tokens)
 
 
-def _logprobs(entries: list[TokenLogprob], offset: int) -> tuple[CompletionLogprobs, int]:
-    """OpenAI's completions logprobs; `offset` is where the first token's text starts in the
-    choice's text. Returns the offset after the last token, for the next stream chunk."""
+def _logprobs(entries: list[TokenLogprob], offsets: TextOffsets) -> CompletionLogprobs:
+    """OpenAI's completions logprobs; `offsets` places the tokens in the choice's text (and goes on
+    with the next stream chunk's)."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for entry in entries:
         top = {text: logprob for text, (_, logprob) in zip(entry.top_tokens or [], entry.top, strict=False)}
@@ -162,9 +187,8 @@ def _logprobs(entries: list[TokenLogprob], offset: int) -> tuple[CompletionLogpr
         tokens.append(entry.token)
         token_logprobs.append(entry.logprob)
         top_logprobs.append(top)
-        text_offset.append(offset)
-        offset += len(entry.token)
-    return CompletionLogprobs(tokens, token_logprobs, top_logprobs, text_offset), offset
+        text_offset.append(offsets.place(entry))
+    return CompletionLogprobs(tokens, token_logprobs, top_logprobs, text_offset)
 
 
 async def _chained(
@@ -198,12 +222,12 @@ async def _event_stream(
     try:
         last: list[bytes] = []
         for p, (stream, echo) in enumerate(zip(streams, echoes, strict=True)):
-            offsets = [len(echo)] * n
+            offsets = [TextOffsets(base=len(echo)) for _ in range(n)]
             updates = aiter(stream)
             # The prompt's logprobs are known once the prefill is done: with the first update.
             first = await anext(updates, None) if echo and want_logprobs else None
             if echo:
-                prompt = echo_logprobs(stream.prompt_logprobs, top) if want_logprobs else None
+                prompt = echo_logprobs(stream.prompt_logprobs, top, echo) if want_logprobs else None
                 yield b"".join(event(p * n + i, echo, prompt, None) for i in range(n))
             async for update in _chained(first, updates):
                 events = []
@@ -216,7 +240,8 @@ async def _event_stream(
                         continue
                     logprobs = None
                     if want_logprobs:
-                        logprobs, offsets[choice.index] = _logprobs(choice.logprobs, offsets[choice.index])
+                        offsets[choice.index].extend(choice.text)
+                        logprobs = _logprobs(choice.logprobs, offsets[choice.index])
                     events.append(event(p * n + choice.index, choice.text, logprobs, finish_reason))
                 if error or (p == len(streams) - 1 and stream.finished):
                     last = events  # sent with the end of the stream

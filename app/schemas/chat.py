@@ -197,8 +197,8 @@ class ChatChunkChoice(msgspec.Struct):
 class ChatCompletionChunk(
     msgspec.Struct, omit_defaults=True, tag_field="object", tag="chat.completion.chunk"
 ):
-    """One `data:` event of a streamed chat completion (`usage` only on the final usage chunk; `object` is
-    the tag, always written)."""
+    """One `data:` event of a streamed chat completion (`usage` on the final usage chunk, or on
+    every chunk with `continuous_usage_stats`; `object` is the tag, always written)."""
 
     id: str
     created: int

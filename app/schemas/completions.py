@@ -54,8 +54,8 @@ class CompletionResponse(msgspec.Struct):
 
 
 class CompletionChunk(msgspec.Struct, omit_defaults=True, tag_field="object", tag="text_completion"):
-    """One `data:` event of a streamed completion (`usage` only on the final usage chunk; `object` is
-    the tag, always written)."""
+    """One `data:` event of a streamed completion (`usage` on the final usage chunk, or on every
+    chunk with `continuous_usage_stats`; `object` is the tag, always written)."""
 
     id: str
     created: int

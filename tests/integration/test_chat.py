@@ -95,6 +95,24 @@ def test_stream_include_usage(text_server: Server) -> None:
     assert plain.usage.prompt_tokens == last.usage.prompt_tokens
 
 
+def test_stream_continuous_usage_stats(text_server: Server) -> None:
+    """vLLM's option: with include_usage, every chunk carries the usage so far; the final usage
+    chunk is still last. Without include_usage it changes nothing, as in vLLM."""
+    client = text_server.openai()
+    ask = dict(model=text_server.model_name, messages=user("Count to ten"), max_tokens=7, stream=True)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.chat.completions.create(**ask, stream_options=options))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 7
+    prompt_tokens = chunks[-1].usage.prompt_tokens
+    assert all(c.usage.prompt_tokens == prompt_tokens for c in chunks)
+    assert all(c.usage.total_tokens == prompt_tokens + c.usage.completion_tokens for c in chunks)
+    alone = list(client.chat.completions.create(**ask, stream_options={"continuous_usage_stats": True}))
+    assert all(c.usage is None for c in alone)
+
+
 def test_raw_sse_ends_with_done(text_server: Server) -> None:
     body = chat_body("Hi there", max_tokens=6, stream=True, stream_options={"include_usage": True})
     with text_server.http() as client, client.stream("POST", "/v1/chat/completions", json=body) as response:

@@ -154,6 +154,20 @@ def test_stream_with_usage_matches_non_stream(text_server: Server) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
 
 
+def test_stream_continuous_usage_stats_counts_every_prompt(text_server: Server) -> None:
+    client = text_server.openai()
+    kwargs = {"model": text_server.model_name, "prompt": ["one", "two"], "max_tokens": 5, **GREEDY}
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(stream=True, stream_options=options, **kwargs))
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 10  # both prompts' tokens
+    assert (
+        chunks[-1].choices == []
+        and chunks[-1].usage.total_tokens == client.completions.create(**kwargs).usage.total_tokens
+    )
+
+
 def test_stream_raw_sse_with_prompts_and_logprobs(text_server: Server) -> None:
     body = {"prompt": ["one", "two"], "n": 2, "max_tokens": 3, "stream": True, "logprobs": 1, "echo": True}
     with text_server.http() as client:

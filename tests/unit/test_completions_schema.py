@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from app.media import ImageFetchPolicy
+from app.prompt_logprobs import TextOffsets
 from app.routes.completions import _event_stream, _logprobs
 from app.schemas.completions import CompletionChunk, CompletionRequest
 from app.settings import Settings
@@ -95,12 +96,62 @@ def test_logprobs_payload_offsets_continue() -> None:
         TokenLogprob(5, -0.5, [(5, -0.5), (6, -1.0)], token="ab", top_tokens=["ab", "c"]),
         TokenLogprob(7, -2.0, [(8, -0.1)], token="d", top_tokens=["e"]),
     ]
-    payload, end = _logprobs(entries, 3)
+    offsets = TextOffsets("ab", base=3)
+    payload = _logprobs(entries, offsets)
     assert payload.tokens == ["ab", "d"]
     assert payload.token_logprobs == [-0.5, -2.0]
     # The sampled token is always among the top entries, as in OpenAI's answers.
     assert payload.top_logprobs == [{"ab": -0.5, "c": -1.0}, {"e": -0.1, "d": -2.0}]
-    assert payload.text_offset == [3, 5] and end == 6
+    # "d" has not come yet (a stream may hold text back): it starts where the text is so far.
+    assert payload.text_offset == [3, 5]
+    # It comes with the next token's text, which is then placed after it.
+    offsets.extend("df")
+    assert _logprobs([TokenLogprob(9, -1.0, [], token="f")], offsets).text_offset == [6]
+
+
+def _entry(token: str, raw: bytes | None = None) -> TokenLogprob:
+    return TokenLogprob(1, -1.0, [], token=token, token_bytes=raw if raw is not None else token.encode())
+
+
+def test_text_offsets_of_tokens_that_split_characters() -> None:
+    """ "𝔘ok" in byte tokens (each decodes alone to U+FFFD): the pieces of the character start at
+    it, the next token after it; offsets never go back nor past the text."""
+    text = "𝔘ok"
+    raw = text.encode()
+    entries = [
+        _entry("\ufffd", raw[:1]),
+        _entry("\ufffd", raw[1:3]),
+        _entry("\ufffd", raw[3:4]),
+        _entry("ok"),
+    ]
+    assert [TextOffsets(text).place(e) for e in entries[:1]] == [0]
+    offsets = TextOffsets(text)
+    assert [offsets.place(e) for e in entries] == [0, 0, 0, 1]
+    # A character completed by a token that also holds more text: that token starts at the character.
+    offsets = TextOffsets(text + "!")
+    assert [offsets.place(e) for e in [_entry("\ufffd", raw[:2]), _entry("\ufffdok!", raw[2:] + b"!")]] == [
+        0,
+        0,
+    ]
+
+
+def test_text_offsets_skip_tokens_the_text_does_not_show() -> None:
+    # A BOS the echoed prompt does not show, a SentencePiece token with its prefix space at the very
+    # start, a stop token at the end.
+    offsets = TextOffsets("hello world")
+    entries = [_entry("<s>"), _entry("hello", b" hello"), _entry(" world"), _entry("</s>")]
+    assert [offsets.place(e) for e in entries] == [0, 0, 5, 11]
+    # SentencePiece with "▁" a token of its own: the first one is the prefix space decode() drops.
+    offsets = TextOffsets("hello world")
+    entries = [
+        _entry("<s>"),
+        _entry("", b" "),
+        _entry("he"),
+        _entry("llo"),
+        _entry("", b" "),
+        _entry("world"),
+    ]
+    assert [offsets.place(e) for e in entries] == [0, 0, 0, 2, 5, 6]
 
 
 def test_stream_failure_is_a_final_error_event() -> None:

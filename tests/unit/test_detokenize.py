@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from models.detokenize import IncrementalDetokenizer, StopStringMatcher
+from models.detokenize import IncrementalDetokenizer, StopStringMatcher, TokenBytes, token_bytes_for
 
 TEXT = "naïve café — 中文字符 and emoji 😀🦀 done."
 
@@ -64,3 +64,32 @@ def test_stop_strings_are_held_back_and_never_emitted(chunks, stops, emitted, hi
     if not stopped:
         out += matcher.flush()
     assert (out, stopped) == (emitted, hit)
+
+
+PARTIAL = "𝔘ok🫠 naïve 中文"
+
+
+def test_token_bytes_join_into_the_texts_utf8_where_tokens_split_characters(tokenizer):
+    ids = tokenizer(PARTIAL, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, [])
+    texts, raw = detok.token_texts_and_bytes(ids)
+    assert "\ufffd" in texts  # some tokens hold part of a character: their text alone is U+FFFD
+    assert b"".join(raw) == PARTIAL.encode()
+    assert all(data == text.encode() for text, data in zip(texts, raw, strict=True) if "\ufffd" not in text)
+
+
+def test_token_bytes_fall_back_to_the_text_when_the_piece_is_unknown(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer, [])
+    names = token_bytes_for(tokenizer)
+    assert names is token_bytes_for(tokenizer)  # one cache per tokenizer, not per sequence
+
+    class Broken:
+        backend_tokenizer = None
+
+        def convert_ids_to_tokens(self, token_id):
+            raise RuntimeError("no vocabulary")
+
+    broken = Broken()
+    assert TokenBytes(broken).of(broken, 7, "a\ufffd") == "a\ufffd".encode()
+    texts, raw = detok.token_texts_and_bytes([tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    assert raw == [texts[0].encode()] == [b"<|im_end|>"]  # an added token is its text

@@ -166,3 +166,17 @@ def test_byte_tokens_that_are_not_utf8_keep_the_text_flowing(sentencepiece_check
     detokenizer = IncrementalDetokenizer(tokenizer, prompt)
     text = "".join(detokenizer.push(token_id) for token_id in bad)
     assert text.startswith("0") and text.endswith(" the quick brown")
+
+
+@pytest.mark.parametrize("checkpoint", ["sentencepiece_checkpoint", "tiktoken_checkpoint"])
+def test_logprob_bytes_of_split_characters_are_the_real_bytes(checkpoint, request) -> None:
+    """Byte-fallback pieces (`<0xF0>`) and byte-level ones (tiktoken's, converted) alike: a token
+    that holds part of a character decodes alone to U+FFFD, but its bytes are its own."""
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(checkpoint))
+    text = "hello 𝔘ok🫠 world"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    texts, raw = IncrementalDetokenizer(tokenizer, []).token_texts_and_bytes(ids)
+    assert "\ufffd" in texts
+    # SentencePiece writes the space before the first word too ("▁hello"): the one decode() drops.
+    expected = (" " + text if checkpoint == "sentencepiece_checkpoint" else text).encode()
+    assert b"".join(raw) == expected
