@@ -19,6 +19,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 
+from app.http_limits import StoppingDuringUpload
 from app.schemas.common import ErrorBody, ErrorResponse
 from scheduler.errors import (
     ContextLengthExceededError,
@@ -120,6 +121,9 @@ _BODY_CUT_SHORT = "client disconnected prematurely"
 
 
 def handle_http_exception(request: Request, exc: HTTPException) -> Response[bytes]:
+    if isinstance(exc, StoppingDuringUpload):
+        body = error_body(503, exc.detail, type_="server_error", code="server_shutting_down")
+        return error_response(503, body, dict(exc.headers or {}))
     if isinstance(exc, InternalServerException) and exc.detail == _BODY_CUT_SHORT:
         message = (
             "the request body ended before it was complete (connection closed, or chunked encoding malformed)"

@@ -1,10 +1,12 @@
 """Limits on how a client may send a request: a request body that stops arriving is answered 408
-and its connection closed, so stalled uploads cannot pile up; a compressed body is answered 415
-instead of being parsed as JSON it is not. (Headers and idle keep-alive connections are timed out
-by granian itself; see entrypoint.py.)"""
+and its connection closed, so stalled uploads cannot pile up; one still arriving when the server
+is told to stop is answered 503 at once, so that it cannot hold the shutdown up; a compressed body
+is answered 415 instead of being parsed as JSON it is not. (Headers and idle keep-alive
+connections are timed out by granian itself; see entrypoint.py.)"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,14 @@ class RequestBodyTimeout(HTTPException):
 
 class UnsupportedContentEncoding(HTTPException):
     status_code = 415
+
+
+class StoppingDuringUpload(HTTPException):
+    status_code = 503
+
+
+# How often a body read checks whether the server was told to stop.
+_STOP_POLL_S = 0.25
 
 
 # Codings that compress (RFC 9110's registry and common aliases). Anything else is let through:
@@ -42,9 +52,11 @@ def refuse_compressed_body(connection: ASGIConnection, _: BaseRouteHandler) -> N
         )
 
 
-def body_timeout(timeout_s: float) -> Callable[[ASGIApp], ASGIApp]:
+def body_timeout(timeout_s: float, stopping: threading.Event) -> Callable[[ASGIApp], ASGIApp]:
     """Litestar middleware: while a request's body is incomplete, each read must make progress
-    within `timeout_s`. After the body, reads only watch for a disconnect and never time out."""
+    within `timeout_s`, and ends with a 503 once `stopping` is set (the server drains: granian
+    waits for every open connection before it exits, and a slow upload would keep it past the
+    orchestrator's grace period). After the body, reads only watch for a disconnect."""
 
     def middleware(app: ASGIApp) -> ASGIApp:
         async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
@@ -59,7 +71,15 @@ def body_timeout(timeout_s: float) -> Callable[[ASGIApp], ASGIApp]:
                     return await receive()
                 message = None
                 with anyio.move_on_after(timeout_s):
-                    message = await receive()
+                    async with anyio.create_task_group() as reading:
+                        reading.start_soon(_cancel_when_set, stopping, reading.cancel_scope)
+                        message = await receive()
+                        reading.cancel_scope.cancel()
+                if message is None and stopping.is_set():
+                    raise StoppingDuringUpload(
+                        detail="the server is shutting down; the request body had not all arrived",
+                        headers={"Connection": "close", "Retry-After": "1"},
+                    )
                 if message is None:
                     raise RequestBodyTimeout(
                         detail=f"the request body stopped arriving for {timeout_s:g} s",
@@ -74,3 +94,9 @@ def body_timeout(timeout_s: float) -> Callable[[ASGIApp], ASGIApp]:
         return wrapped
 
     return middleware
+
+
+async def _cancel_when_set(event: threading.Event, scope: anyio.CancelScope) -> None:
+    while not event.is_set():
+        await anyio.sleep(_STOP_POLL_S)
+    scope.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         metrics=metrics_registry,
     )
     holder["services"] = services
+    stopping = threading.Event()  # set by the lifespan's SIGTERM drain: uploads still arriving end
     cors = None
     if settings.cors_allow_origins:
         # Browser clients send the key as a bearer token: allow the header, never cookies.
@@ -136,7 +138,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Logging is configured once, by configure_logging (Litestar's own config would replace
         # the root handler with its format at startup).
         logging_config=None,
-        middleware=[access_log(metrics_registry.count_http), body_timeout(settings.http_body_timeout_s)],
+        middleware=[
+            access_log(metrics_registry.count_http),
+            body_timeout(settings.http_body_timeout_s, stopping),
+        ],
         before_send=[unrouted_logger(metrics_registry.count_http)],
         lifespan=[serve_model],
         exception_handlers=EXCEPTION_HANDLERS,
@@ -153,6 +158,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
     )
     app.state.services = services
+    app.state.stopping = stopping
     app.state.api_key_bytes = settings.api_key.encode() if settings.api_key else None
     app.state.metrics_public = settings.metrics_public
     document_streams(app)

@@ -202,3 +202,43 @@ def test_sigterm_drains_then_ends_every_request_with_an_answer(tmp_path) -> None
     assert_openai_error(plain_response, 503, code="server_shutting_down")
     assert "Retry-After" in plain_response.headers
     assert "Traceback" not in server.log_path.read_text()
+
+
+@pytest.mark.slow
+def test_uploads_still_arriving_at_sigterm_end_with_503_and_do_not_hold_the_shutdown(tmp_path) -> None:
+    """granian waits for every open connection before it exits: a body that trickles in (here
+    one that stopped, with a body timeout far off) would keep the pod past its grace period."""
+    spec = ServerSpec(
+        model_path="builtin:tiny",
+        model_name="uploads",
+        api_key=None,
+        env={"MODEL_NAME": "uploads", "DTYPE": "fp32", "SHUTDOWN_GRACE_S": "2", "HTTP_BODY_TIMEOUT_S": "120"},
+    )
+    server = launch("uploads_server", spec, tmp_path / "cache", tmp_path)
+    uploads: list[socket.socket] = []
+    try:
+        wait_ready(server)
+        for _ in range(2):
+            sock = socket.create_connection(_address(server), timeout=10)
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 4096\r\n\r\n{"messages": [{"role": "user", "content": "hi"}]'
+            )
+            uploads.append(sock)
+        time.sleep(0.5)  # the reads are waiting for the rest
+        signalled = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        answers = [_closed(sock, 10) for sock in uploads]
+        assert server.process.wait(timeout=30) == 0
+        took = time.monotonic() - signalled
+    finally:
+        for sock in uploads:
+            sock.close()
+        stop(server)
+    for answer in answers:
+        assert answer is not None and answer.startswith(b"HTTP/1.1 503"), answer
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert b"retry-after" in head.lower()
+        assert json.loads(payload)["error"]["code"] == "server_shutting_down"
+    assert took < 10, f"the shutdown took {took:.1f} s with uploads open"
+    assert "Traceback" not in server.log_path.read_text()
