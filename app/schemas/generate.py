@@ -3,7 +3,7 @@
 Every parameter of TGI's `GenerateParameters` is declared, so that none is dropped silently:
 those this server implements act as in TGI (`return_full_text`, `frequency_penalty`, `grammar`),
 the others are accepted only at a value that changes nothing (`details: false`, `best_of: 1`,
-`typical_p: 1.0`, ...) and otherwise refused by `app.translate` with a 400 naming them (clients
+`typical_p: 1.0`, ...) and otherwise refused by `app.generate_params` with a 400 naming them (clients
 such as huggingface_hub's `InferenceClient.text_generation` send several of them at their
 defaults). Other unknown members of `parameters` get the policy of `app.request_fields`.
 """
