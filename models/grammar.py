@@ -64,6 +64,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._lltokenizer: llguidance.LLTokenizer | None = None
         self._special: dict[str, int] = {}  # text -> id of tokens llguidance treats as special
+        self._plain_spelling: PlainSpelling | None = None
         self._compiled: OrderedDict[GrammarSpec, llguidance.LLMatcher] = OrderedDict()
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
 
@@ -75,7 +76,7 @@ class GrammarCompiler:
         pristine = self._pristine(spec)
         with self._lock:
             matcher = pristine.deep_copy()
-        return GrammarConstraint(matcher, spec.param, self._num_ids)
+        return GrammarConstraint(matcher, spec.param, self._num_ids, self._plain_spelling)
 
     # -- compilation ---------------------------------------------------------------------------
     def _pristine(self, spec: GrammarSpec) -> llguidance.LLMatcher:
@@ -125,6 +126,7 @@ class GrammarCompiler:
             self._special = {
                 t.content: i for i, t in added.items() if t.content and lltokenizer.is_special_token(i)
             }
+            self._plain_spelling = PlainSpelling(lltokenizer, self._special, self._eos)
             self._lltokenizer = lltokenizer
         return self._lltokenizer
 
@@ -296,13 +298,59 @@ def _invalid(spec: GrammarSpec, error: str) -> str:
     return f"the {what} cannot be used for constrained decoding: {error}"
 
 
+class PlainSpelling:
+    """llguidance treats every added token written `<...>` as special: only a grammar's explicit
+    special-token syntax matches it. Yet when a grammar forces plain text such as `<tool_call>x`
+    (a client's regex), llguidance tokenizes that text with the model's tokenizer, which writes the
+    added token, and the mask allows a token the parser then refuses once sampled (seen with
+    llguidance 1.9.1 on Qwen's `<tool_call>` and `<think>`). Such a token is swapped, in the mask,
+    for the first token of its text spelled in ordinary tokens, which the parser accepts."""
+
+    def __init__(
+        self, lltokenizer: llguidance.LLTokenizer, special: dict[str, int], eos: Iterable[int]
+    ) -> None:
+        ids = sorted(set(special.values()) - set(eos))
+        self._ids = torch.tensor(ids, dtype=torch.long)
+        self._text = {token: text for text, token in special.items()}
+        self._lltokenizer = lltokenizer
+        self._first_plain: dict[int, int | None] = {}
+
+    def fix(self, matcher: llguidance.LLMatcher, words: torch.Tensor, allowed: torch.Tensor) -> None:
+        """`words`: the packed mask on the CPU; `allowed`: the same unpacked, changed in place."""
+        if not len(self._ids):
+            return
+        bits = (words[self._ids >> 5] >> (self._ids & 31)) & 1
+        if not bool(bits.any()):
+            return
+        for token in self._ids[bits.bool()].tolist():
+            if matcher.validate_tokens([token]) == 1:
+                continue  # the grammar asks for the special token itself (a tool call's tag)
+            allowed[token] = False
+            plain = self._plain(token)
+            if plain is not None and matcher.validate_tokens([plain]) == 1:
+                allowed[plain] = True
+
+    def _plain(self, token: int) -> int | None:
+        if token not in self._first_plain:
+            spelled = self._lltokenizer.greedy_tokenize(self._text[token])
+            self._first_plain[token] = spelled[0] if spelled else None
+        return self._first_plain[token]
+
+
 class GrammarConstraint:
     """One sequence's position in its grammar; lives on the replica thread."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, param: str, num_ids: int) -> None:
+    def __init__(
+        self,
+        matcher: llguidance.LLMatcher,
+        param: str,
+        num_ids: int,
+        plain_spelling: PlainSpelling | None = None,
+    ) -> None:
         self._matcher = matcher
         self.param = param  # the request field the grammar came from, for errors
         self._num_ids = num_ids
+        self._plain_spelling = plain_spelling
         # One bit per token id, packed in int32 words: [1, ceil(ids / 32)]; llguidance fills it.
         self._bitmask = allocate_token_bitmask(1, num_ids)
         self._shifts: torch.Tensor | None = None  # [32] on the logits' device
@@ -320,6 +368,8 @@ class GrammarConstraint:
         if self._shifts is None or self._shifts.device != logits.device:
             self._shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
         allowed = ((words.unsqueeze(-1) >> self._shifts) & 1).flatten().bool()  # [words * 32]
+        if self._plain_spelling is not None:
+            self._plain_spelling.fix(self._matcher, self._bitmask[0], allowed)
         vocab = logits.shape[-1]
         if allowed.shape[0] < vocab:
             allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[0]), value=False)
@@ -340,4 +390,4 @@ class GrammarConstraint:
         return self._matcher.get_error() or "constrained decoding failed"
 
     def fork(self) -> GrammarConstraint:
-        return GrammarConstraint(self._matcher.deep_copy(), self.param, self._num_ids)
+        return GrammarConstraint(self._matcher.deep_copy(), self.param, self._num_ids, self._plain_spelling)

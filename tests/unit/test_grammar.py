@@ -259,6 +259,16 @@ def test_regex_and_lark_outputs_match(replica):
             assert re.fullmatch(r"yes|no [0-9]", text), text
 
 
+@pytest.mark.parametrize("pattern", [r"<tool_call>x", r"(<tool_call>)?[ab]</tool_call>"])
+def test_a_grammar_that_spells_an_added_tokens_text_generates_it(replica, pattern):
+    """The tiny tokenizer has `<tool_call>` as an added, non-special token, as Qwen's: llguidance
+    treats it as special, yet offered it for the plain text a regex forces, then refused it once
+    sampled, and the request failed. The text comes out, spelled in ordinary tokens."""
+    params = SamplingParams(max_tokens=24, temperature=1.0, seed=3, grammar=GrammarSpec("regex", pattern))
+    for text, finish_reason in generate(replica, params, n=3):
+        assert re.fullmatch(pattern, text) and finish_reason == "stop", (text, finish_reason)
+
+
 def test_whitespace_pattern_is_the_only_whitespace_between_json_tokens(replica):
     schema = {
         "type": "object",
