@@ -89,7 +89,9 @@ class PromptBuilder:
         self._special_pattern = _special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = _max_token_chars(tokenizer)
         iterates = bool(_ITERATES_CONTENT.search(chat_template or ""))
-        self.content_as_parts = iterates and not _CHECKS_STRING.search(chat_template or "") and self.is_vision
+        # A template that loops over content and never checks for a string reads a string
+        # character by character: such a template gets parts, text model or not.
+        self.content_as_parts = iterates and not _CHECKS_STRING.search(chat_template or "")
         self.accepts_parts = iterates
 
     @classmethod
@@ -201,7 +203,7 @@ class PromptBuilder:
             raise InvalidRequestError(
                 "this model does not accept images (it is a text-only model)", param="messages"
             )
-        if self.is_vision and self.accepts_parts:
+        if self.content_as_parts or (self.is_vision and self.accepts_parts):
             return [dict(p) for p in parts]
         # String-content templates: text parts joined, images as the processor's placeholder.
         pieces = []

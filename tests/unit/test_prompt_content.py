@@ -1,0 +1,67 @@
+"""How message content reaches a text model's chat template: as the template reads it."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerFast
+
+from models.images import ImageLimits
+from models.params import PromptInput
+from models.prompt import PromptBuilder
+from models.tiny import build_tokenizer
+
+# Llama 3.2 Vision's way (its template on a text checkpoint): content is always a list of parts.
+PARTS_ONLY = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'][0]['text'] | trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "<|system|>{{ system_message }}<|end|>"
+    "{%- for message in messages %}<|{{ message['role'] }}|>"
+    "{%- for content in message['content'] %}{%- if content['type'] == 'text' %}{{ content['text'] }}{%- endif %}"
+    "{%- endfor %}<|end|>{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
+)
+# Strings or parts, as most templates that loop over content.
+EITHER = (
+    "{%- for message in messages %}<|{{ message['role'] }}|>{%- if message['content'] is string %}"
+    "{{ message['content'] }}{%- else %}{%- for part in message['content'] %}{{ part['text'] }}|{%- endfor %}"
+    "{%- endif %}<|end|>{%- endfor %}"
+)
+MESSAGES = (
+    {"role": "system", "content": "You are terse."},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "the weather?"}],
+    },
+    {"role": "assistant", "content": None},
+    {"role": "user", "content": "And tomorrow?"},
+)
+
+
+def _builder(template: str) -> PromptBuilder:
+    base = build_tokenizer(512, extra_special=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, eos_token="<|end|>", bos_token=None
+    )
+    return PromptBuilder(
+        tokenizer,
+        chat_template=template,
+        image_token_id=None,
+        max_input_tokens=4096,
+        image_limits=ImageLimits(),
+    )
+
+
+def test_a_template_that_reads_parts_gets_parts_on_a_text_model():
+    """A string looped over would render one character per 'part' (none of type text): the
+    words would vanish from the prompt without an error."""
+    builder = _builder(PARTS_ONLY)
+    rendered = builder.render(PromptInput(messages=MESSAGES, add_generation_prompt=True))
+    assert rendered == (
+        "<|system|>You are terse.<|end|><|user|>What isthe weather?<|end|><|assistant|><|end|>"
+        "<|user|>And tomorrow?<|end|><|assistant|>"
+    )
+
+
+def test_a_template_that_takes_strings_too_gets_text_joined_as_before():
+    builder = _builder(EITHER)
+    rendered = builder.render(PromptInput(messages=MESSAGES[1:2], add_generation_prompt=False))
+    assert rendered == "<|user|>What is\nthe weather?<|end|>"
