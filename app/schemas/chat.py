@@ -79,7 +79,10 @@ class ChatMessage(msgspec.Struct):
     refusal: str | None = None
 
 
-class FunctionDefinition(msgspec.Struct):
+# Tools reach the chat template as the client sent them (`tojson` in Qwen's and Llama 3's, a loop
+# over keys in Mistral's), as transformers renders them: fields left out stay out (no nulls), and
+# `type` comes before `function`, as OpenAI's clients write them.
+class FunctionDefinition(msgspec.Struct, omit_defaults=True):
     name: str
     description: str | None = None
     parameters: JSONObject | None = None
@@ -88,9 +91,9 @@ class FunctionDefinition(msgspec.Struct):
     strict: bool | None = None
 
 
-class Tool(msgspec.Struct):
-    function: FunctionDefinition
+class Tool(msgspec.Struct, kw_only=True):
     type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class NamedFunction(msgspec.Struct):

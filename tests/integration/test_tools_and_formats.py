@@ -178,6 +178,19 @@ def test_a_forced_call_cut_before_its_name_leaks_no_markup(text_server: Server, 
     assert not "".join(d.content or "" for d in deltas) and not any(d.tool_calls for d in deltas)
 
 
+def test_tools_reach_the_template_as_sent(text_server: Server) -> None:
+    """Templates print tools with `tojson` (Qwen, Llama 3) or loop over their keys (Mistral): they
+    get what the client sent, as transformers renders it, with no nulls for fields left out."""
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {}}}},
+    }
+    with text_server.http() as client:
+        response = client.post("/v1/apply_template", json={"messages": user("hi"), "tools": [tool]})
+    assert response.status_code == 200, response.text
+    assert json.dumps(tool) in response.json()["prompt"]
+
+
 def test_named_tool_choice(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.create(
         model=text_server.model_name,
