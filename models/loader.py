@@ -93,6 +93,9 @@ class LoadedModel:
     image_token_id: int | None
     decisions: tuple[str, ...]
     devices: tuple[torch.device, ...] = ()  # every device holding weights; `device` is the first
+    # The checkpoint's named "tool_use" template, for conversations with tools (None: there is none,
+    # or --chat-template replaced the checkpoint's templates).
+    tool_chat_template: str | None = None
 
 
 def logit_count(model: PreTrainedModel) -> int:
@@ -243,6 +246,9 @@ def _load_model(spec: LoadSpec) -> LoadedModel:
         max_context=max_context,
         eos_token_ids=eos_token_ids,
         chat_template=chat_template,
+        tool_chat_template=None
+        if spec.chat_template
+        else model_facts.chat_template(tokenizer, processor, "tool_use"),
         image_token_id=model_facts.image_token_id(config, processor, tokenizer) if is_vision else None,
         decisions=tuple(decisions),
         devices=devices,

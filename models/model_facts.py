@@ -40,11 +40,18 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     return frozenset(ids)
 
 
-def chat_template(tokenizer: PreTrainedTokenizerBase, processor: ProcessorMixin | None) -> str | None:
+def chat_template(
+    tokenizer: PreTrainedTokenizerBase, processor: ProcessorMixin | None, name: str = "default"
+) -> str | None:
+    """The checkpoint's chat template. Checkpoints with named templates (Hermes-2-Pro, Command-R)
+    ship "default" and "tool_use": transformers renders a conversation with tools through the
+    latter, and `name="tool_use"` finds it (None when there is no such template)."""
     for owner in (processor, tokenizer):
         template = getattr(owner, "chat_template", None)
-        if isinstance(template, dict):  # named templates: the unnamed one is "default"
-            template = template.get("default")
+        if isinstance(template, dict):
+            template = template.get(name)
+        elif name != "default":
+            template = None
         if isinstance(template, str) and template:
             return template
     return None

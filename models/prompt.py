@@ -61,6 +61,7 @@ class PromptBuilder:
         *,
         processor=None,
         chat_template: str | None,
+        tool_chat_template: str | None = None,
         image_token_id: int | None,
         max_input_tokens: int,
         image_limits: ImageLimits,
@@ -86,6 +87,7 @@ class PromptBuilder:
         self.prompt_format = traits.prompt_format if chat_template is None else None
         # A base model's chat is refused rather than rendered in a guessed format it never saw.
         self.chat_template = chat_template
+        self.tool_chat_template = tool_chat_template  # a checkpoint's named "tool_use" template
         self._special_pattern = _special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = _max_token_chars(tokenizer)
         iterates = bool(_ITERATES_CONTENT.search(chat_template or ""))
@@ -111,6 +113,7 @@ class PromptBuilder:
             tokenizer if tokenizer is not None else loaded.tokenizer,
             processor=processor,
             chat_template=loaded.chat_template,
+            tool_chat_template=loaded.tool_chat_template,
             image_token_id=loaded.image_token_id,
             max_input_tokens=max_input_tokens,
             image_limits=image_limits or ImageLimits(),
@@ -144,7 +147,9 @@ class PromptBuilder:
                 tools=list(prompt.tools) if prompt.tools else None,
                 add_generation_prompt=prompt.add_generation_prompt,
                 tokenize=False,
-                chat_template=self.chat_template,
+                # With tools, the checkpoint's "tool_use" template where it has one, as transformers
+                # picks it.
+                chat_template=(self.tool_chat_template if prompt.tools else None) or self.chat_template,
                 **kwargs,
             )
         except InvalidRequestError:

@@ -358,9 +358,13 @@ class Scheduler:
 
     @property
     def chat_template(self) -> str | None:
-        """The model's chat template ("" when it has none); None until a replica has loaded."""
+        """The model's chat template ("" when it has none); None until a replica has loaded. A
+        checkpoint's named "tool_use" template where it has one: calls are rendered, and so written
+        by the model, in its format."""
         replica = self.ready_replica
-        return (replica.loaded.chat_template or "") if replica is not None else None
+        if replica is None:
+            return None
+        return replica.loaded.tool_chat_template or replica.loaded.chat_template or ""
 
     @property
     def is_vision(self) -> bool | None:

@@ -65,3 +65,39 @@ def test_a_template_that_takes_strings_too_gets_text_joined_as_before():
     builder = _builder(EITHER)
     rendered = builder.render(PromptInput(messages=MESSAGES[1:2], add_generation_prompt=False))
     assert rendered == "<|user|>What is\nthe weather?<|end|>"
+
+
+NAMED = {
+    "default": "{%- for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{%- endfor %}",
+    "tool_use": (
+        "{%- for tool in tools %}<tool>{{ tool['function']['name'] }}</tool>{%- endfor %}"
+        "{%- for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{%- endfor %}"
+    ),
+}
+
+
+def test_named_templates_render_tools_through_tool_use(tiny_text_path, tmp_path):
+    """Hermes-2-Pro and Command-R ship "default" and "tool_use" templates: transformers renders a
+    conversation with tools through the latter, and so does the server (loaded from the
+    checkpoint as the server loads it)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from models.loader import LoadSpec, load_model
+
+    checkpoint = tmp_path / "named"
+    shutil.copytree(tiny_text_path, checkpoint)
+    (checkpoint / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.chat_template = dict(NAMED)
+    tokenizer.save_pretrained(checkpoint)
+    loaded = load_model(LoadSpec(source=str(checkpoint), dtype="fp32", attn_impl="sdpa"))
+    assert loaded.chat_template == NAMED["default"] and loaded.tool_chat_template == NAMED["tool_use"]
+    builder = PromptBuilder.for_model(loaded)
+    tool = {"type": "function", "function": {"name": "get_weather"}}
+    messages = ({"role": "user", "content": "hi"},)
+    with_tools = builder.render(PromptInput(messages=messages, tools=(tool,), add_generation_prompt=False))
+    assert with_tools == "<tool>get_weather</tool>[user] hi"
+    assert with_tools == loaded.tokenizer.apply_chat_template(list(messages), tools=[tool], tokenize=False)
+    assert builder.render(PromptInput(messages=messages, add_generation_prompt=False)) == "[user] hi"
