@@ -353,6 +353,9 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
             item["tool_calls"] = [_to_builtins(c) for c in message.tool_calls]
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
+        reasoning = message.reasoning_content if message.reasoning_content is not None else message.reasoning
+        if reasoning is not None:
+            item["reasoning_content"] = reasoning
         converted.append(item)
     return converted, urls, params
 

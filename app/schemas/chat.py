@@ -77,6 +77,11 @@ class ChatMessage(msgspec.Struct):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    # An earlier answer's reasoning sent back (vLLM's `reasoning_content`, or `reasoning`): reaches
+    # the template as `reasoning_content`, which reasoning models' templates render (Qwen3: in
+    # <think> for the turns after the last user message).
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 # Tools reach the chat template as the client sent them (`tojson` in Qwen's and Llama 3's, a loop
