@@ -108,6 +108,14 @@ class HermesParser:
             self._end_call()
         elif self.stream_arguments:
             self._in_call = False
+        elif self._in_call and (call := _whole_call(self._buffer)) is not None:
+            # A whole call whose end tag never came (the model stopped first): a call, as vLLM's
+            # Hermes parser takes it too.
+            name, arguments = call
+            out.append(ToolCallDelta(self.num_calls, id=openai_call_id(), name=name))
+            if arguments:
+                out.append(ToolCallDelta(self.num_calls, arguments))
+            self._end_call()
         elif self._in_call:
             out.append(self._call_lead + self.fmt.open_tag + self._buffer)
             self._in_call = False

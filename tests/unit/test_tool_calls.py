@@ -143,6 +143,16 @@ def test_a_forced_call_cut_before_its_name_is_neither_content_nor_a_call(cut):
     assert unforced.content == cut
 
 
+def test_a_whole_call_without_its_end_tag_is_still_a_call():
+    """The model stopped (EOS) after the call's JSON, before `</tool_call>`."""
+    parsed = parse_message(
+        'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n', HERMES.parser()
+    )
+    assert parsed.content == "Sure." and calls_of(parsed) == [("get_weather", '{"city": "Paris"}')]
+    cut = parse_message('<tool_call>\n{"name": "get_weather", "argu', HERMES.parser())
+    assert cut.content == '<tool_call>\n{"name": "get_weather", "argu' and cut.tool_calls == []
+
+
 def test_stream_chunks_end_with_tool_calls():
     request = EngineRequest("r1", PromptInput(text="hi"), SamplingParams(max_tokens=64))
     stream = RequestStream(request, PreparedPrompt([1, 2, 3]))
