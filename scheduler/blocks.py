@@ -89,8 +89,10 @@ class BlockManager:
         # The last prompt token is always computed: its logits give the first new token.
         limit = (seq.num_tokens - 1) // self.block_size
         span = seq.span
-        if span is not None and span.first < len(hits) * self.block_size <= span.last:
-            # A hit may not end inside the span: it is computed in one chunk.
+        if span is not None and span.first < min(len(hits), limit) * self.block_size <= span.last:
+            # A hit may not end inside the span: it is computed in one chunk. Checked where the
+            # hit ends once cut to `limit`: a prompt of whole blocks whose span reaches into its
+            # last block would otherwise pass with every block and be cut inside the span.
             limit = min(limit, span.first // self.block_size)
         hits = hits[:limit]
         in_flight = 0
@@ -98,6 +100,8 @@ class BlockManager:
             if self._pending.get(key, 0) <= 0:
                 break
             in_flight += 1
+        if span is not None and span.first < (len(hits) + in_flight) * self.block_size <= span.last:
+            in_flight = max(0, span.first // self.block_size - len(hits))  # nor a hit still to come
         return hits, in_flight
 
     # -- allocation ----------------------------------------------------------------------------

@@ -93,6 +93,24 @@ def test_a_hit_never_ends_inside_an_image():
     assert blocks.lookup(shorter)[0] == []
 
 
+def test_a_prompt_of_whole_blocks_is_not_cut_inside_its_image():
+    """16 tokens, an image up to token 13: every block is cached, the last one is recomputed for
+    its logits, and the hit that is left (12 tokens) would end inside the image."""
+    blocks = BlockManager(32, 4)
+    first = seq(range(16), image=PromptSpan(6, 13, b"x"))
+    blocks.allocate(first, [])
+    computed(blocks, first)
+    again = seq(range(16), image=PromptSpan(6, 13, b"x"))
+    assert len(blocks.lookup(again)[0]) == 1  # tokens 0..3, before the image
+    blocks.allocate(again, blocks.lookup(again)[0])
+    assert again.num_cached == 4
+    text_only = seq(range(16))
+    text_first = seq(range(16))
+    blocks.allocate(text_first, [])
+    computed(blocks, text_first)
+    assert len(blocks.lookup(text_only)[0]) == 3  # no span: every block but the last
+
+
 def test_cached_blocks_are_evicted_least_recently_used_and_only_when_needed():
     blocks = BlockManager(4, 2)
     old = seq(range(4))
