@@ -31,6 +31,7 @@ from app.schemas.responses import (
     ContentPartEvent,
     FunctionCallItem,
     IncompleteDetails,
+    InputTokensDetails,
     LifecycleEvent,
     MessageItem,
     OutputItemEvent,
@@ -242,6 +243,7 @@ def final_response(
         input_tokens=stream.prompt_tokens,
         output_tokens=stream.completion_tokens,
         total_tokens=stream.prompt_tokens + stream.completion_tokens,
+        input_tokens_details=InputTokensDetails(cached_tokens=stream.cached_tokens),
     )
     return msgspec.structs.replace(initial, status=status, output=list(builder.output), usage=usage, **fields)
 

@@ -73,11 +73,13 @@ def usage_of(streams: Sequence[RequestStream]) -> Usage:
     prompt = sum(s.prompt_tokens for s in streams)
     completion = sum(s.completion_tokens for s in streams)
     image_tokens = sum(s.num_image_tokens for s in streams)
+    cached = sum(s.cached_tokens for s in streams)
+    details = PromptTokensDetails(cached_tokens=cached, image_tokens=image_tokens)
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(image_tokens=image_tokens) if image_tokens else None,
+        prompt_tokens_details=details if image_tokens or cached else None,
     )
 
 

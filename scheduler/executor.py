@@ -270,8 +270,11 @@ class Executor:
         now = time.monotonic()
         waiting = []
         for job in self._unscheduled:
-            if any(seq.is_running for seq in job.seqs):
+            running = [seq for seq in job.seqs if seq.is_running]
+            if running:
                 job.stream.scheduled_at = now
+                # Admitted this step, nothing computed yet: what it holds came from the prefix cache.
+                job.stream.cached_tokens = running[0].num_cached
             elif not all(seq.is_finished for seq in job.seqs):  # ended unscheduled: no queue time
                 waiting.append(job)
         self._unscheduled = waiting

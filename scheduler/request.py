@@ -74,6 +74,7 @@ class RequestStream:
         self.completion_tokens = 0
         self.created = time.time()
         self.scheduled_at: float | None = None  # first in a step's plan (set by the replica thread)
+        self.cached_tokens = 0  # prompt tokens the prefix cache held when it was first scheduled
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._last_token_at: float | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import anyio
 import pytest
@@ -111,6 +112,32 @@ def test_stream_continuous_usage_stats(text_server: Server) -> None:
     assert all(c.usage.total_tokens == prompt_tokens + c.usage.completion_tokens for c in chunks)
     alone = list(client.chat.completions.create(**ask, stream_options={"continuous_usage_stats": True}))
     assert all(c.usage is None for c in alone)
+
+
+def test_usage_counts_prompt_tokens_from_the_prefix_cache(text_server: Server) -> None:
+    """OpenAI's `prompt_tokens_details.cached_tokens`: the first time a prompt is seen, at most the
+    template's opening that other requests share; when it comes again, all of it in whole KV
+    blocks (16 tokens) but the last token's."""
+    client = text_server.openai()
+    ask = dict(
+        model=text_server.model_name,
+        messages=user(f"{uuid.uuid4().hex} " + "a long shared prefix of words " * 12),
+        max_tokens=2,
+    )
+    first = client.chat.completions.create(**ask).usage
+    again = client.chat.completions.create(**ask).usage
+    before = first.prompt_tokens_details.cached_tokens if first.prompt_tokens_details else 0
+    cached = again.prompt_tokens_details.cached_tokens
+    assert before < cached < again.prompt_tokens == first.prompt_tokens
+    assert cached % 16 == 0 and cached > again.prompt_tokens - 2 * 16
+    streamed = list(
+        client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
+    )
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == cached
+    response = client.responses.create(
+        model=text_server.model_name, input=ask["messages"], max_output_tokens=2
+    )
+    assert response.usage.input_tokens_details.cached_tokens == cached
 
 
 def test_raw_sse_ends_with_done(text_server: Server) -> None:
