@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 
 from models.arch import RopeIndex, Traits, bidirectional_spans, mrope_positions, rope_index_of, traits_of
 from models.errors import ContextLengthExceededError, InvalidRequestError
@@ -69,6 +70,7 @@ class PromptBuilder:
         token_id_limit: int | None = None,
         traits: Traits = Traits(),
         rope_index: RopeIndex | None = None,
+        min_image_side: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
         self.token_id_limit = token_id_limit if token_id_limit is not None else len(tokenizer)
@@ -88,6 +90,7 @@ class PromptBuilder:
         # A base model's chat is refused rather than rendered in a guessed format it never saw.
         self.chat_template = chat_template
         self.tool_chat_template = tool_chat_template  # a checkpoint's named "tool_use" template
+        self.min_image_side = min_image_side  # smaller sides are enlarged before the processor
         self._special_pattern = _special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = _max_token_chars(tokenizer)
         iterates = bool(_ITERATES_CONTENT.search(chat_template or ""))
@@ -119,6 +122,7 @@ class PromptBuilder:
             image_limits=image_limits or ImageLimits(),
             image_cache=image_cache,
             token_id_limit=token_id_limit(loaded),
+            min_image_side=_min_image_side(loaded.model.config, processor),
             traits=traits_of(loaded.model.config),
             rope_index=rope_index_of(loaded.model),
         )
@@ -304,6 +308,8 @@ class PromptBuilder:
             except InvalidRequestError as exc:
                 exc.param = params[index] if index < len(params) else exc.param
                 raise
+        if self.min_image_side:
+            decoded = [_at_least(image, self.min_image_side) for image in decoded]
         try:
             batch = self._process(text, decoded, special)
         except Exception as exc:
@@ -380,6 +386,30 @@ class PromptBuilder:
             raise InvalidRequestError(
                 f"token id {bad} is outside the vocabulary (0..{limit - 1})", param=param
             )
+
+
+def _min_image_side(config, processor) -> int:
+    """Mistral 3's patch merger (spatial_merge_size x spatial_merge_size patches into one token)
+    breaks in transformers' own code on an image of at most that many pixels a side (a 1x1 pixel
+    failed the request with a 500); its Pixtral processor keeps small images small. Such sides are
+    enlarged to one pixel more, which the merger takes."""
+    merge = getattr(config, "spatial_merge_size", None)
+    image_processor = getattr(processor, "image_processor", None)
+    if not isinstance(merge, int) or merge < 2 or not type(image_processor).__name__.startswith("Pixtral"):
+        return 0
+    patch = getattr(image_processor, "patch_size", None)
+    if isinstance(patch, Mapping):
+        patch = max(patch.get("height") or 0, patch.get("width") or 0)
+    elif patch is not None and not isinstance(patch, int):  # transformers' SizeDict
+        patch = max(getattr(patch, "height", None) or 0, getattr(patch, "width", None) or 0)
+    return patch * merge + 1 if isinstance(patch, int) and patch > 0 else 0
+
+
+def _at_least(image, side: int):
+    width, height = image.size
+    if width >= side and height >= side:
+        return image
+    return image.resize((max(width, side), max(height, side)), Image.Resampling.BICUBIC)
 
 
 def _tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:

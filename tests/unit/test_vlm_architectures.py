@@ -96,6 +96,16 @@ def test_image_prompt_matches_generate(arch_replica):
     assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
 
 
+def test_a_one_pixel_image_is_answered_as_generate_answers_it(arch_replica):
+    """Careless clients send tracking pixels. Mistral 3's patch merger broke on an image of at
+    most two patches a side, in transformers' own code (a 500): such sides are enlarged first."""
+    arch, replica = arch_replica
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
+    prepared = _builder(replica).prepare(PromptInput(messages=(message,), images=(png(5, size=(1, 1)),)))
+    assert prepared.num_image_tokens > 0
+    assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
+
+
 def test_every_choice_of_an_image_prompt_matches_generate(arch_replica):
     """n=2 greedy: the second choice forks from the first after the prompt (on the generic path
     it computes the prompt again, plus the token sampled since, with the image's inputs)."""
