@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerFast
-
-from models.images import ImageLimits
 from models.params import PromptInput
 from models.prompt import PromptBuilder
-from models.tiny import build_tokenizer
+from tests.unit.test_prompt_injection import text_prompt_builder
 
 # Llama 3.2 Vision's way (its template on a text checkpoint): content is always a list of parts.
 PARTS_ONLY = (
@@ -37,16 +34,8 @@ MESSAGES = (
 
 
 def _builder(template: str) -> PromptBuilder:
-    base = build_tokenizer(512, extra_special=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=base.backend_tokenizer, eos_token="<|end|>", bos_token=None
-    )
-    return PromptBuilder(
-        tokenizer,
-        chat_template=template,
-        image_token_id=None,
-        max_input_tokens=4096,
-        image_limits=ImageLimits(),
+    return text_prompt_builder(
+        template, ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), None, eos="<|end|>"
     )
 
 
