@@ -6,7 +6,6 @@ connections are timed out by granian itself; see entrypoint.py.)"""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +28,31 @@ class StoppingDuringUpload(HTTPException):
     status_code = 503
 
 
-# How often a body read checks whether the server was told to stop.
-_STOP_POLL_S = 0.25
+class BodyReads:
+    """The request bodies being read now. `stop()` (on SIGTERM, on the event loop) ends the reads
+    still waiting for bytes, and any read after it, with a 503."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._waiting: set[anyio.CancelScope] = set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        for scope in list(self._waiting):
+            scope.cancel()
+
+    async def receive(self, receive: Receive, timeout_s: float) -> Any:
+        """The next message, or None after `timeout_s` without one or once stopped."""
+        if self.stopping:
+            return None
+        message = None
+        with anyio.move_on_after(timeout_s) as scope:
+            self._waiting.add(scope)
+            try:
+                message = await receive()
+            finally:
+                self._waiting.discard(scope)
+        return message
 
 
 # Codings that compress (RFC 9110's registry and common aliases). Anything else is let through:
@@ -52,9 +74,9 @@ def refuse_compressed_body(connection: ASGIConnection, _: BaseRouteHandler) -> N
         )
 
 
-def body_timeout(timeout_s: float, stopping: threading.Event) -> Callable[[ASGIApp], ASGIApp]:
+def body_timeout(timeout_s: float, reads: BodyReads) -> Callable[[ASGIApp], ASGIApp]:
     """Litestar middleware: while a request's body is incomplete, each read must make progress
-    within `timeout_s`, and ends with a 503 once `stopping` is set (the server drains: granian
+    within `timeout_s`, and ends with a 503 once `reads` is stopped (the server drains: granian
     waits for every open connection before it exits, and a slow upload would keep it past the
     orchestrator's grace period). After the body, reads only watch for a disconnect."""
 
@@ -69,13 +91,8 @@ def body_timeout(timeout_s: float, stopping: threading.Event) -> Callable[[ASGIA
                 nonlocal complete
                 if complete:
                     return await receive()
-                message = None
-                with anyio.move_on_after(timeout_s):
-                    async with anyio.create_task_group() as reading:
-                        reading.start_soon(_cancel_when_set, stopping, reading.cancel_scope)
-                        message = await receive()
-                        reading.cancel_scope.cancel()
-                if message is None and stopping.is_set():
+                message = await reads.receive(receive, timeout_s)
+                if message is None and reads.stopping:
                     raise StoppingDuringUpload(
                         detail="the server is shutting down; the request body had not all arrived",
                         headers={"Connection": "close", "Retry-After": "1"},
@@ -94,9 +111,3 @@ def body_timeout(timeout_s: float, stopping: threading.Event) -> Callable[[ASGIA
         return wrapped
 
     return middleware
-
-
-async def _cancel_when_set(event: threading.Event, scope: anyio.CancelScope) -> None:
-    while not event.is_set():
-        await anyio.sleep(_STOP_POLL_S)
-    scope.cancel()

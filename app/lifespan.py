@@ -9,7 +9,6 @@ import gc
 import logging
 import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import anyio
 from litestar import Litestar
 
+from app.http_limits import BodyReads
 from app.media import new_image_client
 from app.services import Services
 from app.settings import Settings
@@ -104,7 +104,7 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
         await scheduler.start()
         services.scheduler = scheduler
         task_group.start_soon(_announce_readiness, scheduler, services)
-        _drain_before_granian_stops(scheduler, settings, app.state.stopping)
+        _drain_before_granian_stops(scheduler, settings, app.state.body_reads)
         try:
             yield
         finally:
@@ -112,7 +112,7 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
             task_group.cancel_scope.cancel()
 
 
-def _drain_before_granian_stops(scheduler: Scheduler, settings: Settings, stopping: threading.Event) -> None:
+def _drain_before_granian_stops(scheduler: Scheduler, settings: Settings, body_reads: BodyReads) -> None:
     """On SIGTERM/SIGINT, granian stops accepting connections at once, waits for the open ones,
     and only then runs the lifespan's shutdown; a stream still open at its kill timeout was cut
     with no error event. So the signal is taken here first: readiness turns false and new
@@ -138,7 +138,7 @@ def _drain_before_granian_stops(scheduler: Scheduler, settings: Settings, stoppi
                 signal.Signals(sig).name,
                 settings.shutdown_grace_s,
             )
-            stopping.set()  # uploads still arriving end now: they would be refused as new work
+            body_reads.stop()  # uploads still arriving end now: they would be refused as new work
             # A signal handler runs outside any task: start the drain as a task of its own.
             task = loop.create_task(_drain_then_stop(scheduler, settings.shutdown_grace_s, granian_handler))
             draining.add(task)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
@@ -13,7 +12,7 @@ from litestar.openapi import OpenAPIConfig
 from app.access_log import access_log, unrouted_logger
 from app.auth import BEARER_COMPONENTS
 from app.errors import EXCEPTION_HANDLERS
-from app.http_limits import body_timeout
+from app.http_limits import BodyReads, body_timeout
 from app.lifespan import serve_model
 from app.log_format import Redactor, formatter
 from app.media import ImageFetchPolicy
@@ -121,7 +120,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         metrics=metrics_registry,
     )
     holder["services"] = services
-    stopping = threading.Event()  # set by the lifespan's SIGTERM drain: uploads still arriving end
+    body_reads = BodyReads()  # stopped by the lifespan's SIGTERM drain: uploads still arriving end
     cors = None
     if settings.cors_allow_origins:
         # Browser clients send the key as a bearer token: allow the header, never cookies.
@@ -140,7 +139,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         logging_config=None,
         middleware=[
             access_log(metrics_registry.count_http),
-            body_timeout(settings.http_body_timeout_s, stopping),
+            body_timeout(settings.http_body_timeout_s, body_reads),
         ],
         before_send=[unrouted_logger(metrics_registry.count_http)],
         lifespan=[serve_model],
@@ -158,7 +157,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
     )
     app.state.services = services
-    app.state.stopping = stopping
+    app.state.body_reads = body_reads
     app.state.api_key_bytes = settings.api_key.encode() if settings.api_key else None
     app.state.metrics_public = settings.metrics_public
     document_streams(app)
