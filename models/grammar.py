@@ -311,6 +311,7 @@ class PlainSpelling:
     ) -> None:
         ids = sorted(set(special.values()) - set(eos))
         self._ids = torch.tensor(ids, dtype=torch.long)
+        self._word, self._bit = self._ids >> 5, self._ids & 31  # where each id sits in the packed mask
         self._text = {token: text for text, token in special.items()}
         self._lltokenizer = lltokenizer
         self._first_plain: dict[int, int | None] = {}
@@ -319,7 +320,7 @@ class PlainSpelling:
         """`words`: the packed mask on the CPU; `allowed`: the same unpacked, changed in place."""
         if not len(self._ids):
             return
-        bits = (words[self._ids >> 5] >> (self._ids & 31)) & 1
+        bits = (words[self._word] >> self._bit) & 1
         if not bool(bits.any()):
             return
         for token in self._ids[bits.bool()].tolist():
