@@ -7,6 +7,7 @@ policy, from most to least specific:
 - `REFUSED`: known OpenAI and vLLM fields that change what is generated or returned, which this
   server does not implement: a 400 naming the field, unless the value is one that changes nothing
   (null, an empty list or object, or the listed no-op value such as `use_beam_search: false`).
+  On /v1/responses, the Chat Completions fields it has no place for (`RESPONSES_REFUSED`) too.
 - `IGNORED`: known fields that change nothing in the output (bookkeeping, routing, caching hints):
   accepted, logged at debug.
 - Anything else: accepted as OpenAI-compatible clients (LangChain, LiteLLM) expect of servers with
@@ -57,6 +58,48 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "max_new_tokens": ((), "it belongs to /generate's parameters; use max_tokens"),
 }
 
+# Chat Completions and vLLM fields sent to /v1/responses (a client moved from one API to the
+# other): the Responses API has them elsewhere or not at all, so they would be ignored there.
+RESPONSES_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "messages": ((), "use input"),
+    "max_tokens": ((), "use max_output_tokens"),
+    "max_completion_tokens": ((), "use max_output_tokens"),
+    "response_format": ((), "use text.format"),
+    "structured_outputs": ((), "use text.format"),
+    "guided_json": ((), "use text.format with a json_schema"),
+    "guided_choice": ((), "use text.format with a json_schema"),
+    "guided_regex": ((), "the Responses API has no regular-expression constraint"),
+    "guided_grammar": ((), "the Responses API has no grammar constraint"),
+    "guided_whitespace_pattern": ((), "the Responses API has no such constraint"),
+    "n": ((1,), "the Responses API returns one answer"),
+    "best_of": ((1,), "the Responses API returns one answer"),
+    "logprobs": ((False,), "use top_logprobs"),
+    "prompt_logprobs": ((), "prompt logprobs are a chat and completions field"),
+    "reasoning_effort": ((), "use reasoning.effort"),
+    "chat_template_kwargs": ((), "template arguments are a /v1/chat/completions field"),
+    "add_generation_prompt": ((True,), "the generation prompt is always added"),
+    "echo": ((False,), "it is a /v1/completions parameter"),
+    "suffix": ((), "it is a /v1/completions parameter"),
+    **{
+        name: ((), "the Responses API has no such sampling parameter (temperature and top_p only)")
+        for name in (
+            "stop",
+            "stop_token_ids",
+            "seed",
+            "logit_bias",
+            "frequency_penalty",
+            "presence_penalty",
+            "repetition_penalty",
+            "top_k",
+            "min_p",
+            "min_tokens",
+        )
+    },
+    "ignore_eos": ((False,), "the Responses API has no such sampling parameter"),
+    "skip_special_tokens": ((True,), "special tokens are always left out of the text"),
+}
+RESPONSES_PATH = "/v1/responses"
+
 # Field -> what it is for; none of them changes a token of the answer.
 IGNORED: dict[str, str] = {
     "metadata": "stored-completion tags (nothing is stored)",
@@ -81,11 +124,12 @@ def check_undeclared(body: object, declared: tuple[str, ...] | frozenset[str], p
     if not isinstance(body, dict):
         return
     extra = sorted(set(body) - set(declared))
+    refused = {**REFUSED, **RESPONSES_REFUSED} if path == RESPONSES_PATH else REFUSED
     ignored = []
     for name in extra:
         value = body[name]
-        if name in REFUSED:
-            noop, why = REFUSED[name]
+        if name in refused:
+            noop, why = refused[name]
             if not _changes_nothing(value, noop):
                 raise InvalidRequestError(f"{name} is not supported on {path}: {why}", param=name)
             ignored.append(name)

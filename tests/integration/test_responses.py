@@ -346,6 +346,16 @@ REFUSED = [
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"max_output_tokens": 10**6}, "max_output_tokens"),
     ({"temperature": 3}, "temperature"),
+    # Chat Completions fields the Responses API has elsewhere or not at all: ignored, they would
+    # change nothing a client expects them to.
+    ({"stop": ["if"]}, "stop"),
+    ({"n": 2}, "n"),
+    ({"max_tokens": 2}, "max_tokens"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_choice": ["yes", "no"]}, "guided_choice"),
+    ({"seed": 1}, "seed"),
+    ({"logit_bias": {"0": 100}}, "logit_bias"),
+    ({"top_k": 1}, "top_k"),
 ]
 
 
@@ -369,6 +379,9 @@ def test_neutral_fields_are_accepted(text_server: Server) -> None:
     body = {
         "input": "hi",
         "max_output_tokens": 2,
+        "n": 1,
+        "logprobs": False,
+        "stop": None,
         "store": False,
         "user": "u1",
         "safety_identifier": "s1",
