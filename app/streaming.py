@@ -187,10 +187,12 @@ async def chat_event_stream(
     include_usage: bool,
     on_done: Callable[[RequestStream, EngineError | None], None],
     tool_parser: Callable[[], ToolCallParser] | None = None,
+    calls_only: bool = False,
 ) -> AsyncIterator[bytes]:
     """`chat.completion.chunk` events (`chunk` fills in the request's id, model and time), then
     `end_of_stream`. With `tool_parser`, each choice's text goes through its own parser: content
-    and `tool_calls` deltas.
+    and `tool_calls` deltas. With `calls_only` (a forced tool call: no text can come) the first
+    chunk says so with no content, as OpenAI's do, not an empty string.
 
     Each engine update becomes one write, however many events it holds (the choices of n > 1, a
     last token with its finish, usage and `[DONE]`): every write costs a send on the event loop, a
@@ -202,9 +204,8 @@ async def chat_event_stream(
         return sse(chunk([ChatChunkChoice(index, delta, logprobs, finish_reason)]))
 
     try:
-        yield b"".join(
-            event(index, ChoiceDelta(role="assistant", content="")) for index in range(stream.request.n)
-        )
+        opening = ChoiceDelta(role="assistant", content=None if calls_only else "")
+        yield b"".join(event(index, opening) for index in range(stream.request.n))
         last: list[bytes] = []
         async for update in stream:
             events, error = _chat_events(update, parsers, event)

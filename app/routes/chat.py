@@ -29,7 +29,7 @@ from app.streaming import (
     usage_of,
     with_usage_so_far,
 )
-from app.tool_calls import ToolCallParser, finish_reason_for, parse_message, parser_factory
+from app.tool_calls import ToolCallParser, finish_reason_for, forces_tool_calls, parse_message, parser_factory
 
 
 @protected(
@@ -61,7 +61,12 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         if include_usage and data.stream_options.continuous_usage_stats:
             chunk = with_usage_so_far(chunk, [stream])
         events = chat_event_stream(
-            stream, chunk=chunk, include_usage=include_usage, on_done=on_done, tool_parser=tool_parser
+            stream,
+            chunk=chunk,
+            include_usage=include_usage,
+            on_done=on_done,
+            tool_parser=tool_parser,
+            calls_only=tool_parser is not None and forces_tool_calls(data),
         )
         return sse_response(events, headers)
 

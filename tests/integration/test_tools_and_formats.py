@@ -273,7 +273,7 @@ def test_stream_chunks_for_tool_calls_are_openai_shaped(text_server: Server) -> 
     assert response.status_code == 200
     chunks = sse_chunks(response.text)
     deltas = [c["choices"][0]["delta"] for c in chunks]
-    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert deltas[0] == {"role": "assistant"}  # a forced call: no content, not even ""
     header = deltas[1]["tool_calls"][0]
     assert header["index"] == 0 and header["type"] == "function" and header["id"].startswith("call_")
     assert header["function"] == {"name": "get_weather", "arguments": ""}
