@@ -2,8 +2,11 @@
 
 `sample()` takes the logits of the rows that produce a token this step (`[B, vocab]`) and one
 `RowSampler` per row. Greedy rows take the argmax of the processed logits; sampled rows draw from
-their own seeded `torch.Generator`, so a seeded request is reproducible whatever else is batched
-with it. Log-probabilities are those of the model's distribution before any sampling transform.
+their own seeded `torch.Generator`, so a seeded row's draws do not depend on what else is batched
+with it. The logits it draws from can (their last bits: logprobs differing in the third decimal were
+seen on CPU under load), so a seeded sample repeats exactly under the same load and may part from its
+solo run where tokens are nearly equally likely; greedy rows are batch-invariant (tested).
+Log-probabilities are those of the model's distribution before any sampling transform.
 """
 
 from __future__ import annotations
