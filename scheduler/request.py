@@ -71,6 +71,8 @@ class RequestStream:
         self.num_images = prepared.num_images
         self.num_image_tokens = prepared.num_image_tokens
         self.warnings = list(prepared.warnings)
+        # The tokens kept of a prompt cut to max_input_tokens: an echo repeats what the model saw.
+        self.kept_prompt_ids = list(prepared.token_ids) if prepared.truncated_tokens else None
         self.completion_tokens = 0
         self.created = time.time()
         self.scheduled_at: float | None = None  # first in a step's plan (set by the replica thread)

@@ -154,16 +154,11 @@ async def _submit_all(scheduler, engine_requests: list[EngineRequest]) -> list[R
 async def _prompt_text(scheduler, engine_request: EngineRequest, stream: RequestStream) -> str:
     """The prompt the model saw: one cut to MAX_INPUT_TOKENS is echoed from the tokens kept."""
     prompt = engine_request.prompt
+    if stream.kept_prompt_ids is not None:
+        return await scheduler.detokenize(stream.kept_prompt_ids)
     if prompt.token_ids is not None:
-        ids = list(prompt.token_ids)
-        return await scheduler.detokenize(ids[max(0, len(ids) - stream.prompt_tokens) :])
-    text = prompt.text or ""
-    if stream.warnings:  # maybe cut: only then is the prompt tokenized again
-        prepared = await scheduler.tokenize(prompt)
-        cut = prepared.truncated_tokens or prepared.warnings
-        if cut and len(prepared.token_ids) == stream.prompt_tokens:
-            return await scheduler.detokenize(list(prepared.token_ids))
-    return text
+        return await scheduler.detokenize(list(prompt.token_ids))
+    return prompt.text or ""
 
 
 def _cancel(streams: list[RequestStream]) -> None:
