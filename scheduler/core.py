@@ -252,8 +252,8 @@ class Scheduler:
     def _resolve_lengths(
         self, request: EngineRequest, prepared: PreparedPrompt, builder: PromptBuilder
     ) -> EngineRequest:
-        """Prompt plus completion must fit the context; then the server's max-tokens cap applies
-        (reported in the request's warnings, never silent)."""
+        """The server's max-tokens cap applies first (the seed clamps larger requests to it; reported
+        in the request's warnings, never silent); then prompt plus completion must fit the context."""
         replica = self.ready_replica
         context = replica.loaded.max_context
         prompt_len = len(prepared.token_ids)
@@ -270,23 +270,24 @@ class Scheduler:
                 )
             max_tokens = min(cap, room)
         else:
-            if prompt_len + params.max_tokens > context:
-                raise ContextLengthExceededError(
-                    f"This model's maximum context length is {context} tokens. However, you requested "
-                    f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, {params.max_tokens} for the "
-                    "completion). Please reduce the prompt or max_tokens.",
-                    param="max_tokens",
-                )
             max_tokens = params.max_tokens
             if max_tokens > cap:
                 prepared.warnings.append(
                     f"max_tokens {max_tokens} was lowered to this server's limit of {cap} (MAX_NEW_TOKENS_DEFAULT)"
                 )
                 max_tokens = cap
+            lowered = "" if max_tokens == params.max_tokens else f" (lowered from {params.max_tokens})"
+            if prompt_len + max_tokens > context:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {context} tokens. However, you requested "
+                    f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens}{lowered} for the "
+                    "completion). Please reduce the prompt or max_tokens.",
+                    param="max_tokens",
+                )
             if max_tokens > room:
                 raise ContextLengthExceededError(
-                    f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the {replica.max_seq_len} "
-                    "tokens a sequence may hold on this server",
+                    f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}{lowered}) exceeds the "
+                    f"{replica.max_seq_len} tokens a sequence may hold on this server",
                     param="max_tokens",
                 )
         builder.check_ids(params.logit_bias or (), param="logit_bias")

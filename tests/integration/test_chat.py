@@ -214,6 +214,18 @@ def test_max_tokens_is_clamped_to_server_default(text_server: Server) -> None:
     assert body["choices"][0]["finish_reason"] == "length"
 
 
+def test_max_tokens_past_the_context_is_clamped_not_refused(text_server: Server) -> None:
+    """The seed clamps a larger request to the cap: 100,000 (past the 4,096-token context) is lowered to
+    it and answered, with the lowering in the warnings, not refused for a context it no longer exceeds."""
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", json=chat_body(max_tokens=100_000, ignore_eos=True))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["usage"]["completion_tokens"] == TEXT_DEFAULT_MAX_TOKENS
+    assert any("100000 was lowered" in warning for warning in body["warnings"])
+    assert "lowered" in response.headers["X-Request-Warnings"]
+
+
 def test_stop_string_truncates_output(text_server: Server) -> None:
     client = text_server.openai()
     kwargs = dict(

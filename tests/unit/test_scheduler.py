@@ -86,13 +86,21 @@ async def test_concurrent_requests_complete_with_their_own_lengths(tiny_text_pat
 
 async def test_lengths_are_checked_and_the_cap_is_reported(tiny_text_path):
     async with running_scheduler(tiny_text_path, max_new_tokens=16) as scheduler:
-        with pytest.raises(ContextLengthExceededError) as info:
-            await scheduler.submit(request(0, max_tokens=10_000))
-        assert info.value.param == "max_tokens" and "4096" in info.value.message
+        # Past the 4,096-token context but lowered to the cap first (the seed clamps): answered.
+        stream = await scheduler.submit(request(0, max_tokens=10_000))
+        await consume(stream)
+        assert stream.completion_tokens == 16
+        assert any("10000 was lowered" in w for w in stream.warnings)
         stream = await scheduler.submit(request(1, max_tokens=40))
         await consume(stream)
         assert stream.completion_tokens == 16
         assert any("lowered" in w for w in stream.warnings)
+    async with running_scheduler(tiny_text_path, max_new_tokens=8_000) as scheduler:
+        # A cap above the context: what is left after it still has to fit, and the 400 says both numbers.
+        with pytest.raises(ContextLengthExceededError) as info:
+            await scheduler.submit(request(2, max_tokens=10_000))
+        assert info.value.param == "max_tokens" and "4096" in info.value.message
+        assert "8000 (lowered from 10000)" in info.value.message
         with pytest.raises(InvalidRequestError):
             await scheduler.submit(request(2, logit_bias={10**6: 1.0}))
 
