@@ -186,11 +186,19 @@ async def _announce_readiness(scheduler: Scheduler, services: Services) -> None:
     last_line = started
     while scheduler.status == "loading":
         await anyio.sleep(0.5)
-        if settings.progress_logs:
+        if not settings.progress_logs:
+            continue
+        # The seed's dots are for a terminal; with LOG_FORMAT=json every line must stay one JSON
+        # object, so only the periodic line is written there, as a log record.
+        plain = settings.log_format == "plain"
+        if plain:
             print(".", end="", flush=True)
-            if time.monotonic() - last_line >= 5:
-                last_line = time.monotonic()
+        if time.monotonic() - last_line >= 5:
+            last_line = time.monotonic()
+            if plain:
                 print(f"\n[startup] loading… {last_line - started:.0f}s", flush=True)
+            else:
+                log.info("[startup] loading… %.0fs", last_line - started)
     # Everything loaded so far lives for the whole process: move it out of the cyclic GC's view so
     # collections stay short while serving (they pause every thread, the event loop included).
     gc.collect()

@@ -76,8 +76,11 @@ def configure_logging(settings: Settings) -> None:
     if not settings.debug:
         for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    # One line per request, whatever LOG_LEVEL says about the rest (PROGRESS_LOGS adds sampling fields).
-    logging.getLogger("docoserve.requests").setLevel(logging.INFO)
+    # The seed keeps per-request lines off by default (PROGRESS_LOGS=0, for latency); a request the
+    # server failed (5xx) or turned away for load (503) is logged whatever it says.
+    logging.getLogger("docoserve.requests").setLevel(
+        logging.INFO if settings.progress_logs or settings.debug else logging.WARNING
+    )
 
 
 def source_secrets(settings: Settings) -> list[str]:

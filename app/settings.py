@@ -218,7 +218,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "LOG_FORMAT", P.choice("plain", "json"), "Every log line as plain text, or as one JSON object", "--log-format",
     )] = "plain"
     progress_logs: Annotated[bool, _s(
-        "PROGRESS_LOGS", P.boolean, "Startup heartbeat and [startup][device] step lines, and sampling parameters on each request's log line", "--progress",
+        "PROGRESS_LOGS", P.boolean, "Startup heartbeat and [startup][device] step lines, and one log line per request (the seed's per-request metrics, with sampling parameters); off, only failed (5xx) and overloaded (503) requests are logged", "--progress",
     )] = False
     fast_usage: Annotated[bool, _s(
         "FAST_USAGE", P.boolean,

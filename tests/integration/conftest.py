@@ -123,6 +123,7 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             "HTTP_BODY_TIMEOUT_S": "2",
             "CORS_ALLOW_ORIGINS": EDGE_CORS_ORIGIN,
             "LOG_FORMAT": "json",
+            "PROGRESS_LOGS": "1",
         },
     ),
     "vlm_fetch_server": ServerSpec(

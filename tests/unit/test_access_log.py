@@ -70,3 +70,30 @@ def test_the_access_line_level_says_whether_the_server_failed(route, status, lev
     with caplog.at_level("INFO", logger="docoserve.requests"):
         log_line("GET", route, status, 0.001, "req-1", None)
     assert [record.levelname for record in caplog.records] == [level]
+
+
+@pytest.mark.parametrize(
+    ("flags", "logged"),
+    [
+        ({}, {"WARNING", "ERROR"}),  # the seed's default: per-request lines off, failures still shown
+        ({"progress_logs": True}, {"INFO", "WARNING", "ERROR"}),
+        ({"debug": True}, {"INFO", "WARNING", "ERROR"}),
+    ],
+)
+def test_request_lines_follow_progress_logs(flags, logged) -> None:
+    import logging
+
+    from app.main import configure_logging
+    from app.settings import Settings
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers), logging.getLogger("docoserve.requests").level)
+    try:
+        configure_logging(Settings(model_path="builtin:tiny", **flags))
+        requests = logging.getLogger("docoserve.requests")
+        enabled = {name for name in ("INFO", "WARNING", "ERROR") if requests.isEnabledFor(getattr(logging, name))}
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+        logging.getLogger("docoserve.requests").setLevel(saved[2])
+    assert enabled == logged
