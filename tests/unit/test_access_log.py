@@ -91,7 +91,9 @@ def test_request_lines_follow_progress_logs(flags, logged) -> None:
     try:
         configure_logging(Settings(model_path="builtin:tiny", **flags))
         requests = logging.getLogger("docoserve.requests")
-        enabled = {name for name in ("INFO", "WARNING", "ERROR") if requests.isEnabledFor(getattr(logging, name))}
+        enabled = {
+            name for name in ("INFO", "WARNING", "ERROR") if requests.isEnabledFor(getattr(logging, name))
+        }
     finally:
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
