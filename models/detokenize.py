@@ -27,6 +27,16 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         context = list(prompt_ids[-_CONTEXT_TOKENS:])
+
+        # A token-id prompt may end inside a character. Such a context decodes to a trailing U+FFFD,
+        # and once generated tokens complete the character, DecodeStream's text no longer extends
+        # it and it answers with the whole context, prompt included: keep whole characters only.
+        def ends_inside_a_character(ids: list[int]) -> bool:
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).endswith("\ufffd")
+
+        while context and ends_inside_a_character(context):
+            context.pop()
+        self._context = list(context)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = None
         if backend is not None:
@@ -37,21 +47,28 @@ class IncrementalDetokenizer:
         self._ids = context
         self._prefix_offset = 0
         self._read_offset = len(context)
+        # Tokens whose text has been returned (DecodeStream holds back an unfinished character).
+        self._sent = len(context)
         self._token_bytes: TokenBytes | None = None
+        self._metaspace: bool | None = None
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
         if self._stream is not None:
             try:
-                return self._stream.step(self._backend, token_id) or ""
+                text = self._stream.step(self._backend, token_id)
             except Exception:
                 # DecodeStream refuses some byte-fallback sequences ("Invalid prefix encountered":
                 # byte tokens that are not valid UTF-8 change how the text before them decodes).
-                # The rest of this sequence goes by offsets, from the tokens already emitted (text
-                # DecodeStream was holding back for an unfinished character is not sent).
+                # The rest of this sequence goes by offsets, from the last token whose text was
+                # sent, so that bytes DecodeStream held back come out too (as U+FFFD if invalid).
                 self._stream = None
-                self._read_offset = len(self._ids) - 1
+                self._read_offset = self._sent
                 self._prefix_offset = max(0, self._read_offset - _CONTEXT_TOKENS)
+            else:
+                if text:
+                    self._sent = len(self._ids)
+                return text or ""
         decode = self._tokenizer.decode
         prefix = decode(
             self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip_special
@@ -59,6 +76,7 @@ class IncrementalDetokenizer:
         full = decode(self._ids[self._prefix_offset :], skip_special_tokens=self._skip_special)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            self._sent = len(self._ids)
             return full[len(prefix) :]
         return ""
 
@@ -73,15 +91,31 @@ class IncrementalDetokenizer:
         texts = self.token_texts(ids)
         if self._token_bytes is None:
             self._token_bytes = token_bytes_for(self._tokenizer)
+            self._metaspace = self._token_bytes.style == "metaspace"
         names, tokenizer = self._token_bytes, self._tokenizer
-        return texts, [names.of(tokenizer, token_id, text) for token_id, text in zip(ids, texts, strict=True)]
+        raw = [names.of(tokenizer, token_id, text) for token_id, text in zip(ids, texts, strict=True)]
+        if self._metaspace:
+            # A SentencePiece token decoded alone loses the space its "▁" stands for, which the
+            # answer's text keeps: the token's text is its bytes, as for byte-level vocabularies.
+            texts = [piece.decode("utf-8", errors="replace") for piece in raw]
+        return texts, raw
 
-    def flush(self, output_ids: Sequence[int], emitted: str) -> str:
-        """Text still owed at the end: bytes held back waiting for a character that never completed."""
-        full = self._tokenizer.decode(list(output_ids), skip_special_tokens=self._skip_special)
-        if len(full) > len(emitted) and full.startswith(emitted):
-            return full[len(emitted) :]
-        return ""
+    def flush(self) -> str:
+        """Text still owed at the end: bytes held back for a character that never completed (as
+        U+FFFD, as `decode` writes them). Taken from the tokens after the last one whose text was
+        sent, decoded after a few before it: comparing with the whole output decoded afresh fails
+        where a byte-fallback decoder rewrites a whole run of bytes, or drops a first "▁" space."""
+        ids, sent = self._ids, self._sent
+        if sent >= len(ids):
+            return ""
+        decode, skip = self._tokenizer.decode, self._skip_special
+        start = max(0, sent - _CONTEXT_TOKENS)
+        before = decode(ids[start:sent], skip_special_tokens=skip)
+        full = decode(ids[start:], skip_special_tokens=skip)
+        self._sent = len(ids)
+        if full.startswith(before):
+            return full[len(before) :]
+        return decode(ids[sent:], skip_special_tokens=skip)
 
 
 class StopStringMatcher:
@@ -159,6 +193,10 @@ class TokenBytes:
     def __init__(self, tokenizer) -> None:
         self._style = _decoder_style(tokenizer)
         self._cache: dict[int, bytes] = {}
+
+    @property
+    def style(self) -> str:
+        return self._style
 
     def of(self, tokenizer, token_id: int, text: str) -> bytes:
         if "\ufffd" not in text and self._style != "metaspace":

@@ -35,7 +35,6 @@ class Generation:
         self.error: EngineError | None = None
         self._detok = detokenizer
         self._stops = StopStringMatcher(sampler.params.stop)
-        self._emitted = ""
         self._delta = Delta()
 
     @property
@@ -104,15 +103,11 @@ class Generation:
 
     def _emit(self, text: str) -> None:
         if text:
-            self._emitted += text
             self._delta.text += text
 
     def _finish(self, reason: str, *, flush_text: bool) -> None:
         if flush_text:
-            ids = self.output_ids
-            if reason == "stop" and ids and ids[-1] in self.sampler.stop_ids:
-                ids = ids[:-1]
-            tail = self._detok.flush(ids, self._emitted + self._stops.pending)
+            tail = self._detok.flush()  # a stop token was never pushed: its text is not owed
             text, hit = self._stops.feed(tail)
             self._emit(text)
             if not hit:

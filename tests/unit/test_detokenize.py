@@ -40,7 +40,8 @@ def test_flush_returns_bytes_of_an_unfinished_character(tokenizer):
     assert len(ids) > 1
     pieces, detok = stream(tokenizer, ids[:-1])
     assert "".join(pieces) == ""
-    assert detok.flush(ids[:-1], "") == tokenizer.decode(ids[:-1])
+    assert detok.flush() == tokenizer.decode(ids[:-1])
+    assert detok.flush() == ""  # owed once
 
 
 @pytest.mark.parametrize(
@@ -93,3 +94,20 @@ def test_token_bytes_fall_back_to_the_text_when_the_piece_is_unknown(tokenizer):
     assert TokenBytes(broken).of(broken, 7, "a\ufffd") == "a\ufffd".encode()
     texts, raw = detok.token_texts_and_bytes([tokenizer.convert_tokens_to_ids("<|im_end|>")])
     assert raw == [texts[0].encode()] == [b"<|im_end|>"]  # an added token is its text
+
+
+def test_a_prompt_that_ends_inside_a_character_is_never_repeated(tokenizer):
+    """A token-id prompt may stop partway through a character, the generated tokens finishing it.
+    Fed the prompt's tokens as context, DecodeStream answers the whole context once the character
+    completes; the answer must hold the generated tokens' text only."""
+    ids = tokenizer("Say 🦀 done", add_special_tokens=False)["input_ids"]
+    crab = tokenizer("🦀", add_special_tokens=False)["input_ids"]
+    assert len(crab) > 1
+    # Where the crab's bytes start in "Say 🦀 done" (after "Say" and a space token or " " merged in).
+    split = next(i for i in range(1, len(ids)) if "\ufffd" in tokenizer.decode(ids[:i]))
+    prompt, generated = ids[:split], ids[split:]
+    pieces, detok = stream(tokenizer, generated, prompt=prompt)
+    text = "".join(pieces) + detok.flush()
+    assert "Say" not in text
+    assert text == tokenizer.decode(generated)
+    assert text.endswith(" done")

@@ -180,3 +180,37 @@ def test_logprob_bytes_of_split_characters_are_the_real_bytes(checkpoint, reques
     # SentencePiece writes the space before the first word too ("▁hello"): the one decode() drops.
     expected = (" " + text if checkpoint == "sentencepiece_checkpoint" else text).encode()
     assert b"".join(raw) == expected
+
+
+def test_sentencepiece_logprob_tokens_keep_the_space_their_bytes_and_the_text_have(
+    sentencepiece_checkpoint,
+) -> None:
+    """Decoded alone, "▁the" is "the": the token string must be " the", as its bytes and the
+    answer's text have it, so that the tokens of a choice join into its text."""
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_checkpoint)
+    ids = tokenizer("hello the quick fox", add_special_tokens=False)["input_ids"]
+    texts, raw = IncrementalDetokenizer(tokenizer, []).token_texts_and_bytes(ids)
+    assert texts == [piece.decode() for piece in raw]
+    assert "".join(texts) == " hello the quick fox"
+    assert " the" in texts or " quick" in texts  # a word piece after the first keeps its space
+
+
+def test_byte_fallback_bytes_held_back_or_invalid_come_out_as_replacement(sentencepiece_checkpoint) -> None:
+    """Bytes that never make a character are written as U+FFFD, as decode() writes them, not
+    dropped: a stray continuation byte mid-text, and an unfinished character the output ends on
+    (a length cut) that only the final flush can give."""
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_checkpoint)
+    prompt = tokenizer("hello world")["input_ids"]
+    pieces = ["<0x48>", "<0xA9>", "<0x6C>", "<0x6F>"]
+    word = tokenizer("the", add_special_tokens=False)["input_ids"]
+    ids = tokenizer.convert_tokens_to_ids(pieces) + word + tokenizer.convert_tokens_to_ids(["<0xC3>"])
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    text = "".join(detokenizer.push(token_id) for token_id in ids)
+    assert "\ufffd" in text and text.endswith(" the")
+    assert detokenizer.flush() == "\ufffd"
+    cut = IncrementalDetokenizer(tokenizer, prompt)
+    first = tokenizer("hi", add_special_tokens=False)["input_ids"] + tokenizer.convert_tokens_to_ids(
+        ["<0xE4>"]
+    )
+    streamed = "".join(cut.push(token_id) for token_id in first)
+    assert not streamed.endswith("\ufffd") and cut.flush() == "\ufffd"
