@@ -36,7 +36,6 @@ class IncrementalDetokenizer:
 
         while context and ends_inside_a_character(context):
             context.pop()
-        self._context = list(context)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = None
         if backend is not None:
