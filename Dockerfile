@@ -14,13 +14,17 @@ FROM python:3.11-slim-bookworm
 
 # The kernel compile caches (Triton, CUDA JIT, anything following XDG) go to /tmp, the one
 # scratch path a read-only root filesystem keeps writable; the model cache is CACHE_DIR.
+# HOME=/root (the app user's home, traversable, not writable apart from ~/.cache): the default
+# CACHE_DIR is ~/.cache/usinc/models, i.e. /root/.cache/usinc/models as the spec documents. HOME,
+# not CACHE_DIR, so HF_HUB_CACHE and HF_HOME set at run time still move it (app/settings.py
+# resolves CACHE_DIR > HF_HUB_CACHE > HF_HOME/hub > ~/.cache/usinc/models).
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
-    HOME=/home/app \
+    HOME=/root \
     TRITON_CACHE_DIR=/tmp/triton \
     CUDA_CACHE_PATH=/tmp/nv-compute-cache \
     XDG_CACHE_HOME=/tmp/cache
@@ -29,7 +33,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # gcc + libc6-dev: Triton (fused kernels, torch.compile) compiles a small launcher at first use,
 # and a CPU replica its kernels (models/csrc: attention, linears, norms, rotary; cached under XDG_CACHE_HOME).
-# git: --transformers-path accepts git+https URLs (only usable when the container runs as root).
+# git: --transformers-path accepts git+https URLs (pip installs them into /opt/venv at start).
 # Versions are Debian 12's (`apt-cache policy gcc libc6-dev git ca-certificates`); a Debian
 # security update retires the old version, so a failing build here means: update the pin.
 RUN apt-get update \
@@ -40,10 +44,22 @@ RUN apt-get update \
       git=1:2.39.5-0+deb12u3 \
  && rm -rf /var/lib/apt/lists/*
 
-# A fixed uid/gid that Kubernetes' runAsUser/fsGroup and `docker run --user` can name; no login shell.
+# A fixed uid/gid that Kubernetes' runAsUser/fsGroup and `docker run --user` can name; no login
+# shell. The one step that needs root: everything after it is installed as uid 10001.
+# - /opt/venv belongs to uid 10001, so --transformers-path / TRANSFORMERS_INSTALL_PATH (pip install -U
+#   at start) works in a plain `docker run`; with a read-only root filesystem it still cannot.
+# - /root/.cache/usinc/models (the default cache, the VOLUME below) belongs to uid 10001, so a named
+#   volume mounted there starts out writable by it; /root itself stays root's, mode 0711 (traversable,
+#   not listable or writable).
+# - /app (the code) stays root's: the server cannot rewrite its own code.
 RUN groupadd --system --gid 10001 app \
- && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
- && python -m venv /opt/venv \
+ && useradd --system --uid 10001 --gid app --home-dir /root --no-create-home --shell /usr/sbin/nologin app \
+ && install -d -o 10001 -g 10001 -m 0755 /opt/venv /root/.cache /root/.cache/usinc /root/.cache/usinc/models \
+ && install -d -m 0755 /app \
+ && chmod 0711 /root
+
+USER 10001:10001
+RUN python -m venv /opt/venv \
  && pip install pip==26.3 setuptools==84.2.1 wheel==0.46.3 packaging==26.4
 
 # The largest layer first and on its own, so a change to requirements.txt does not download the
@@ -78,18 +94,15 @@ RUN if [ -z "${FLASH_ATTN_WHEEL}" ]; then \
       pip uninstall -y flash-attn; \
     fi
 
-# Code last: it changes most often. Owned by root and not writable by the server's user.
+# Code last: it changes most often. COPY writes it as root (0:0, whatever USER is), so it is not
+# writable by the server's user.
 COPY entrypoint.py ./
 COPY app/ app/
 COPY scheduler/ scheduler/
 COPY models/ models/
 
-# The default cache (~/.cache/usinc/models) belongs to the server's user, so a named volume
-# mounted there starts out writable by it.
-RUN mkdir -p /home/app/.cache/usinc/models && chown -R app:app /home/app/.cache
-VOLUME ["/home/app/.cache/usinc/models"]
-
-USER 10001:10001
+# The default cache (created above, owned by uid 10001): mount a volume here to keep downloads.
+VOLUME ["/root/.cache/usinc/models"]
 EXPOSE 8000
 
 # Model loading can take minutes; the start period keeps Docker from calling that unhealthy.
@@ -97,4 +110,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % (os.environ.get('PORT') or '8000'), timeout=4)"]
 
+# Flags go to the server (`IMAGE --model-path ...`); anything else runs as a command instead
+# (`IMAGE python3 -c "import flash_attn"`), the docker-entrypoint convention.
 ENTRYPOINT ["python", "entrypoint.py"]

@@ -297,7 +297,18 @@ def serve(settings: Settings) -> None:
     server.serve()
 
 
+def exec_if_command(argv: list[str]) -> None:
+    """The docker-entrypoint convention: a first argument that is not a flag is a command to run
+    instead of the server (`docker run IMAGE python3 -c "import flash_attn"`); flags stay ours."""
+    if argv and argv[0] and not argv[0].startswith("-"):
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as err:
+            _fail(f"cannot run {argv[0]!r}: {err.strerror}", 127)
+
+
 def main(argv: list[str] | None = None) -> None:
+    exec_if_command(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     apply_cli_to_env(args, os.environ)
     settings = load_settings()

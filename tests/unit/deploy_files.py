@@ -19,6 +19,8 @@ DEPLOY = ROOT / "deploy"
 SCHEMAS = ROOT / "tests" / "data" / "deploy_schemas"
 MAIN_MANIFEST = DEPLOY / "aks-omega-vlm.yaml"
 COMPOSE = DEPLOY / "compose.yaml"
+# Optional: the /v1-only Ingress, for those who make the main manifest's Service ClusterIP.
+INGRESS = DEPLOY / "ingress.yaml"
 
 # Every manifest must pass each of these, strictly (unknown fields rejected): the newest six minors
 # kubernetes-validate bundles, a range that holds AKS's supported minors (three GA ones plus LTS)

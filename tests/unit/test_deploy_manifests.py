@@ -1,12 +1,17 @@
 """The Kubernetes manifests and the compose file under deploy/, checked offline: yamllint,
 schemas (Kubernetes' own for built-in kinds, the vendored CRD schemas for custom resources, the
 compose spec), and what the schemas cannot know: the pod runs hardened, probes hit routes the app
-has and that need no key, metric and env names are the server's, the image comes from $REGISTRY."""
+has and that need no key, metric and env names are the server's, and the spec's own commands
+("Operate on AKS", its compose example, its cache path) work against these files as written."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -20,6 +25,7 @@ from tests.unit.deploy_files import (
     DEPLOY,
     EPP_VLLM_METRICS,
     HELM_VALUES,
+    INGRESS,
     KUBERNETES_VERSIONS,
     MAIN_MANIFEST,
     ROOT,
@@ -38,6 +44,17 @@ from tests.unit.deploy_files import (
 
 SCALE_OUT = DEPLOY / "scale-out"
 
+# The spec's "Operate on AKS (quick commands)", which the README runbook keeps as written.
+SPEC_AKS_COMMANDS = (
+    "kubectl create secret generic omega-llm-secret --from-literal=apiKey=",
+    "kubectl apply -f deploy/aks-omega-vlm.yaml",
+    "kubectl rollout status deployment/omega-llm",
+    "kubectl get svc omega-llm -w",
+    "kubectl set env deployment/omega-llm PROGRESS_LOGS=1 DEBUG=1",
+    "kubectl get pods -l app=omega-llm",
+    "kubectl port-forward deploy/omega-llm 8000:8000",
+)
+
 
 def _ids(paths: list[Path]) -> list[str]:
     return [str(p.relative_to(ROOT)) for p in paths]
@@ -53,7 +70,7 @@ def test_yamllint_clean(path):
 def test_every_deploy_yaml_is_checked_by_some_schema_or_values_test():
     checked = set(manifest_files()) | set(HELM_VALUES.values()) | {COMPOSE}
     assert set(DEPLOY.rglob("*.yaml")) == checked
-    assert MAIN_MANIFEST in checked and len(manifest_files()) == 5
+    assert MAIN_MANIFEST in checked and INGRESS in checked and len(manifest_files()) == 6
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -69,7 +86,7 @@ def test_built_in_kinds_match_the_kubernetes_schema(version):
                 f"{path.name} {doc['kind']}/{doc['metadata']['name']} on {version}: {e.message} at {list(e.path)}"
             )
         checked += 1
-    assert checked >= 8
+    assert checked >= 7
 
 
 def test_custom_resources_match_their_vendored_crd_schema():
@@ -109,8 +126,9 @@ def test_compose_file_matches_the_compose_spec():
 
 
 def test_pod_runs_as_non_root_under_the_restricted_profile():
-    namespace = one("Namespace")
-    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # The namespace that enforces it is the runbook's optional step, not an object in a manifest.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "kubectl label namespace omega-llm pod-security.kubernetes.io/enforce=restricted" in readme
     spec = pod_spec(one("Deployment"))
     pod = spec["securityContext"]
     assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0 and pod["runAsGroup"] != 0
@@ -159,6 +177,79 @@ def test_manifest_settings_are_values_the_server_accepts():
         for k, v in compose["services"]["llm"]["environment"].items()
     }
     Settings.from_env(values | {"API_KEY": "set-by-the-operator"})
+    # Without API_KEY in the shell, compose passes "": no key, not a refusal to start.
+    assert Settings.from_env(values).api_key is None
+
+
+def test_compose_follows_the_specs_example():
+    """API_KEY optional, the model named "model" by flag, built from the repository root."""
+    from app.settings import Settings
+    from entrypoint import apply_cli_to_env, build_parser
+
+    (doc,) = load_docs(COMPOSE)
+    service = doc["services"]["llm"]
+    assert service["environment"]["API_KEY"] == "${API_KEY:-}"
+    env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in service["environment"].items()}
+    apply_cli_to_env(build_parser().parse_args(service["command"]), env)
+    settings = Settings.from_env(env)
+    assert (settings.model_name, settings.gpu_count, settings.api_key) == ("model", 1, None)
+    build = service["build"] if isinstance(service["build"], str) else service["build"]["context"]
+    context = (COMPOSE.parent / build).resolve()
+    assert context == ROOT and (context / "Dockerfile").is_file()
+
+
+def _dockerfile_instructions() -> list[str]:
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text(encoding="utf-8"))
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+SPEC_CACHE_DIR = "/root/.cache/usinc/models"
+
+
+def _image_config(**env: str) -> dict:
+    """--print-config under the image's HOME, nothing else from this machine's environment."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "entrypoint.py"), "--print-config", "--redact-source", "false"],
+        cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": "/root", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_images_default_cache_is_the_specs_and_the_hf_variables_still_move_it():
+    ops = _dockerfile_instructions()
+    env = " ".join(op for op in ops if op.startswith("ENV "))
+    assert "HOME=/root " in env + " "
+    # Set through HOME, not CACHE_DIR/HF_*: those would outrank what an operator sets at run time.
+    assert not re.search(r"\b(CACHE_DIR|HF_HUB_CACHE|HF_HOME)=", env)
+    assert f'VOLUME ["{SPEC_CACHE_DIR}"]' in ops
+    (compose,) = load_docs(COMPOSE)
+    assert any(v.split(":")[1] == SPEC_CACHE_DIR for v in compose["services"]["llm"]["volumes"])
+    assert _image_config()["cache_dir"] == SPEC_CACHE_DIR
+    assert _image_config(HF_HOME="/hf")["cache_dir"] == "/hf/hub"
+    assert _image_config(HF_HOME="/hf", HF_HUB_CACHE="/hub")["cache_dir"] == "/hub"
+    assert _image_config(HF_HUB_CACHE="/hub", CACHE_DIR="/models-cache")["cache_dir"] == "/models-cache"
+
+
+def test_the_image_user_owns_the_venv_and_the_cache_but_not_the_code():
+    """--transformers-path runs pip install -U into the venv as uid 10001; the cache volume starts
+    out writable by it; /root is traversable to reach it; root keeps the code."""
+    ops = _dockerfile_instructions()
+    setup = next(op for op in ops if "useradd" in op)
+    owned = re.search(r"install -d -o 10001 -g 10001 -m 0755 ([^&]+)", setup).group(1).split()
+    assert {"/opt/venv", SPEC_CACHE_DIR} <= set(owned)
+    assert "chmod 0711 /root" in setup and "--home-dir /root" in setup
+    user = ops.index("USER 10001:10001")
+    assert [op for op in ops if op.startswith("USER ")] == ["USER 10001:10001"]
+    assert ops.index(setup) < user
+    pip_runs = [i for i, op in enumerate(ops) if op.startswith("RUN") and ("pip " in op or "-m venv" in op)]
+    assert pip_runs and min(pip_runs) > user, "pip runs as root: the venv would not be 10001's"
+    assert not any(op.startswith("COPY --chown") for op in ops), "the code must stay root's"
 
 
 def test_compose_service_runs_hardened_too():
@@ -221,22 +312,111 @@ def test_secret_refs_name_the_one_secret_of_the_runbook():
     assert (monitor["name"], monitor["key"]) == (api_key["name"], api_key["key"])
 
 
-def test_image_comes_from_the_registry_variable():
+def test_image_is_a_concrete_reference_a_plain_apply_can_pull():
+    """`kubectl apply -f deploy/aks-omega-vlm.yaml` sends the file as is: a ${...} placeholder
+    there would be an InvalidImageName, not a substitution."""
     text = MAIN_MANIFEST.read_text(encoding="utf-8")
+    assert "${" not in text and "$(" not in text
     (container,) = pod_spec(one("Deployment"))["containers"]
-    assert container["image"] == "${REGISTRY}/docoserve:${IMAGE_TAG}"
-    # The runbook runs envsubst on exactly these two names; any other $ would be left as is.
-    assert set(re.findall(r"\$\{?(\w+)", text)) == {"REGISTRY", "IMAGE_TAG"}
-    (compose,) = load_docs(COMPOSE)
-    assert compose["services"]["llm"]["image"].startswith("${REGISTRY")
+    image = container["image"]
+    # This repository's build (never someone else's image under our probes and uid), by a pinned
+    # tag: IfNotPresent would keep a stale :latest forever.
+    assert re.fullmatch(r"docoserve:[\w.-]+", image), image
+    assert not image.endswith(":latest") and container["imagePullPolicy"] == "IfNotPresent"
+    # The runbook's way to run your own build names this container.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f'kubectl set image deployment/omega-llm {container["name"]}="$IMAGE"' in readme
+    assert image in readme and image in (DEPLOY / "README.md").read_text(encoding="utf-8")
 
 
-def test_only_the_openai_api_is_published():
-    assert one("Service")["spec"]["type"] == "ClusterIP"
-    ingress_paths = [p["path"] for r in one("Ingress")["spec"]["rules"] for p in r["http"]["paths"]]
+def test_no_manifest_names_a_namespace():
+    """Everything lands in the current namespace, where the spec's commands (secret, apply,
+    rollout, svc, set env, pods, port-forward) look for it, all without -n."""
+    for path, doc in manifests():
+        where = f"{path.relative_to(ROOT)} {doc['kind']}/{doc['metadata']['name']}"
+        assert doc["kind"] != "Namespace", f"{where}: a Namespace object"
+        assert "namespace" not in doc["metadata"], f"{where}: metadata.namespace"
+        assert "namespaceSelector" not in doc.get("spec", {}), f"{where}: selects another namespace"
+        for ref in doc.get("spec", {}).get("parentRefs", []):
+            assert "namespace" not in ref, f"{where}: a parentRef in another namespace"
+    texts = {p: p.read_text(encoding="utf-8") for p in sorted(DEPLOY.rglob("*")) if p.is_file()}
+    texts[ROOT / "README.md"] = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path, text in texts.items():
+        for pattern in (
+            r"-n omega-llm\b",
+            r"namespace: omega-llm",
+            r'namespace="omega-llm"',
+            r"namespaces/omega-llm",
+        ):
+            hits = [line for line in text.splitlines() if re.search(pattern, line)]
+            assert not hits, f"{path.relative_to(ROOT)} pins the namespace: {hits}"
+
+
+def test_the_specs_aks_commands_find_what_they_name():
+    """The spec's "Operate on AKS (quick commands)", checked against the objects they act on."""
+    deployment, service = one("Deployment", MAIN_MANIFEST), one("Service", MAIN_MANIFEST)
+    # kubectl rollout status / set env / port-forward deployment/omega-llm
+    assert deployment["metadata"]["name"] == service["metadata"]["name"] == "omega-llm"
+    # kubectl get svc omega-llm -w: an EXTERNAL-IP to wait for
+    assert service["spec"]["type"] == "LoadBalancer"
+    # kubectl get pods -l app=omega-llm
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels["app"] == "omega-llm"
+    assert deployment["spec"]["selector"]["matchLabels"] == {"app": "omega-llm"}
+    assert service["spec"]["selector"] == {"app": "omega-llm"}
+    # kubectl create secret generic omega-llm-secret --from-literal=apiKey=...
+    (container,) = pod_spec(deployment)["containers"]
+    api_key = next(e for e in container["env"] if e["name"] == "API_KEY")["valueFrom"]["secretKeyRef"]
+    assert (api_key["name"], api_key["key"]) == ("omega-llm-secret", "apiKey") and not api_key.get("optional")
+    # kubectl port-forward deploy/omega-llm 8000:8000
+    assert container["ports"][0]["containerPort"] == 8000
+    # kubectl set env deployment/omega-llm PROGRESS_LOGS=1 DEBUG=1
+    assert {"PROGRESS_LOGS", "DEBUG"} <= setting_env_names()
+    # Server flags (set args / the runbook's patch): appended to the image's ENTRYPOINT, so the
+    # container must not replace it or carry flags of its own that the patch would drop silently.
+    assert "command" not in container and "args" not in container
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert re.search(r'^ENTRYPOINT \["python", "entrypoint.py"\]$', dockerfile, re.M)
+    # A first rollout may take the startup probe's whole window: rollout status must not give up first.
+    startup = container["startupProbe"]
+    window = startup["periodSeconds"] * startup["failureThreshold"]
+    assert deployment["spec"]["progressDeadlineSeconds"] > window
+
+
+def test_the_specs_server_flags_parse():
+    from entrypoint import build_parser
+
+    flags = (
+        "--model-name omega --gpu-count 8 --model-path /models/model_path --dtype bf16 "
+        "--attn-impl flash_attention_2 --max-batch-size 8 --batch-timeout-ms 6 --host 0.0.0.0 "
+        "--port 8000 --default-temperature 0.8 --default-top-p 0.95 --default-seed 42"
+    )
+    args = build_parser().parse_args(flags.split())
+    assert (args.model_name, args.gpu_count, args.port) == ("omega", "8", "8000")
+
+
+def test_the_service_publishes_everything_and_the_optional_ingress_only_v1():
+    assert one("Service", MAIN_MANIFEST)["spec"]["type"] == "LoadBalancer"
+    assert [d["kind"] for d in load_docs(INGRESS)] == ["Ingress"]
+    ingress = one("Ingress", INGRESS)
+    ingress_paths = [p["path"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
     route_paths = [m["path"]["value"] for r in one("HTTPRoute")["spec"]["rules"] for m in r["matches"]]
     assert ingress_paths == route_paths == ["/v1"]
     assert all(path.startswith("/v1/") for path in app_routes() if path.startswith("/v1"))
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    service = one("Service", MAIN_MANIFEST)
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    # The runbook says what the LoadBalancer publishes and how to take it back to /v1 only.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "kubectl apply -f deploy/ingress.yaml" in readme
+    assert """kubectl patch svc omega-llm -p '{"spec":{"type":"ClusterIP"}}'""" in readme
+    routes = app_routes()
+    public = sorted(p for p, h in routes.items() if not h.guards)
+    assert public == ["/health", "/health/live", "/health/ready", "/version"]
+    what_is_public = readme.split("**What is public.**", 1)[1].split("```", 1)[0]
+    for path in public + ["/docs", "/metrics", "/generate", "/v1/*"]:
+        assert f"`{path}`" in what_is_public, f"the runbook does not say whether {path} is public"
 
 
 def test_cache_volume_does_not_tie_replicas_to_one_node():
@@ -316,7 +496,8 @@ def test_runbooks_name_files_that_exist_and_substitute_what_the_manifest_uses():
     }
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"the runbooks name files that do not exist: {missing}"
-    assert "envsubst '${REGISTRY} ${IMAGE_TAG}' < deploy/aks-omega-vlm.yaml | kubectl apply -f -" in readme
+    for command in SPEC_AKS_COMMANDS:
+        assert command in readme, f"the runbook lacks the spec's `{command}`"
     secret = one("Deployment")["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"][
         "secretKeyRef"
     ]
