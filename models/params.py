@@ -95,3 +95,20 @@ class PromptInput:
     images: tuple[bytes, ...] = ()
     image_params: tuple[str, ...] = ()
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed choice `index` of a request seeded `seed` samples with. Choice 0 keeps the
+    request's seed (an n=1 request is the same with n > 1); the others get SplitMix64's mix of the
+    pair, so that requests with neighbouring seeds share no choices (with seed + index, choices
+    1..n-1 of seed 7 were choices 0..n-2 of seed 8, and a client trying seeds 0, 1, 2... for
+    best-of-n got duplicates)."""
+    if index == 0:
+        return seed % (1 << 64)
+    z = (seed + index * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)

@@ -29,7 +29,7 @@ from models.generic_batch import batching_problem
 from models.grammar import GrammarCompiler
 from models.kv_cache import kv_bytes_per_token
 from models.loader import LoadedModel, LoadSpec, ModelLoadError, load_model, logit_count, startup_step
-from models.params import PromptInput, SamplingParams
+from models.params import PromptInput, SamplingParams, choice_seed
 from models.plan import SequenceInputs
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.runner import PagedRunner
@@ -104,11 +104,11 @@ class ModelReplica:
     def generations(
         self, prepared: PreparedPrompt, params: SamplingParams, *, n: int = 1
     ) -> list[Generation]:
-        """The output state of each of a request's n choices; choice i draws from seed + i so
-        choices differ but a seeded request is reproducible."""
+        """The output state of each of a request's n choices, each drawing from its own seed
+        (`choice_seed`): choices differ, and a seeded request is reproducible."""
         out = []
         for index in range(n):
-            seed = None if params.seed is None else (params.seed + index) % 2**64
+            seed = None if params.seed is None else choice_seed(params.seed, index)
             sampler = RowSampler(
                 params,
                 vocab_size=self.vocab_size,

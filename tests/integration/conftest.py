@@ -107,7 +107,7 @@ SERVER_SPECS: dict[str, ServerSpec] = {
             "DTYPE": "fp32",
             # Room for long generations: the disconnect tests need requests that outlive their client.
             "MAX_NEW_TOKENS_DEFAULT": "2048",
-            # The largest seed Settings accepts; choice i of a request samples with seed + i.
+            # The largest seed Settings accepts; every choice of an n > 1 request still gets a seed of its own.
             "SEED_DEFAULT": str(VLM_DEFAULT_SEED),
         },
     ),

@@ -282,11 +282,14 @@ def test_n_choices(text_server: Server) -> None:
     assert [c.index for c in completion.choices] == [0, 1, 2]
     texts = [c.message.content for c in completion.choices]
     assert len(set(texts)) > 1  # independent draws, not one answer copied
-    # One prefill: the prompt is counted once, and choice i is the request seeded with seed + i.
-    single = client.chat.completions.create(**ask, seed=8, extra_body=extra)
+    # One prefill: the prompt is counted once; choice 0 is the request with the same seed alone.
+    single = client.chat.completions.create(**ask, seed=7, extra_body=extra)
     assert completion.usage.prompt_tokens == single.usage.prompt_tokens
     assert completion.usage.completion_tokens == 3 * 8
-    assert texts[1] == single.choices[0].message.content
+    assert texts[0] == single.choices[0].message.content
+    # The next seed draws choices of its own, not this request's shifted by one.
+    neighbour = client.chat.completions.create(**ask, n=3, seed=8, extra_body=extra)
+    assert not set(texts) & {c.message.content for c in neighbour.choices}
 
 
 def test_unknown_fields_are_accepted(text_server: Server) -> None:

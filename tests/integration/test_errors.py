@@ -354,8 +354,8 @@ def test_server_errors_never_carry_a_trace(text_server: Server) -> None:
 
 
 # -- seeds at the edge of the range -------------------------------------------------------------
-# SEED_DEFAULT accepts seeds < 2**64 and choice i samples with seed + i (wrapping), so the VLM
-# server's SEED_DEFAULT = 2**64 - 1 must still serve n > 1.
+# SEED_DEFAULT accepts seeds < 2**64 and every choice derives a 64-bit seed of its own from it, so
+# the VLM server's SEED_DEFAULT = 2**64 - 1 must still serve n > 1.
 SEED_EDGE_BODY = {"messages": user(), "max_tokens": 2, "n": 2, "temperature": 1.0}
 
 

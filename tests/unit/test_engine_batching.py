@@ -12,7 +12,7 @@ from PIL import Image
 
 from models.generation import Generation
 from models.loader import LoadSpec
-from models.params import PromptInput, SamplingParams
+from models.params import PromptInput, SamplingParams, choice_seed
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import build_replica
 from tests.unit.configs import replica_config
@@ -139,8 +139,9 @@ def test_n_choices_share_one_prefill(text_replica):
     driver.run([stream])
     outputs = [tuple(o) for o in driver.outputs(stream)]
     assert all(len(o) == 6 for o in outputs) and len(set(outputs)) > 1  # independent samples
-    # Choice i samples with seed + i: the second choice equals a single request seeded with 6.
-    single = driver.submit(prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=6, ignore_eos=True))
+    # Choice i samples with choice_seed(seed, i): the second equals a single request seeded so.
+    seed = choice_seed(5, 1)
+    single = driver.submit(prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=seed, ignore_eos=True))
     driver.run([single])
     assert tuple(driver.outputs(single)[0]) == outputs[1]
     assert not batch.running and batch.blocks.num_used == 0
