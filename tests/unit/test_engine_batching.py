@@ -141,7 +141,9 @@ def test_n_choices_share_one_prefill(text_replica):
     assert all(len(o) == 6 for o in outputs) and len(set(outputs)) > 1  # independent samples
     # Choice i samples with choice_seed(seed, i): the second equals a single request seeded so.
     seed = choice_seed(5, 1)
-    single = driver.submit(prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=seed, ignore_eos=True))
+    single = driver.submit(
+        prepared, SamplingParams(max_tokens=6, temperature=1.0, seed=seed, ignore_eos=True)
+    )
     driver.run([single])
     assert tuple(driver.outputs(single)[0]) == outputs[1]
     assert not batch.running and batch.blocks.num_used == 0
