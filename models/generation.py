@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.detokenize import IncrementalDetokenizer, StopStringMatcher
-from models.errors import EngineError, GenerationError
+from models.errors import EngineError, GenerationError, InvalidRequestError
+from models.grammar import clean_error
 from models.sampling import RowSampler, TokenLogprob
 
 
@@ -88,8 +89,7 @@ class Generation:
             # Checked before the length: output that completes its grammar on the last allowed
             # token is whole, not cut.
             if self.sampler.constraint.error:
-                # The grammar rejected a token it had allowed: the output is no longer guaranteed.
-                self.abort("error", GenerationError("constrained decoding failed"))
+                self.abort("error", _constraint_failure(self.sampler.constraint))
             else:
                 self._finish("stop", flush_text=True)
         elif len(self.output_ids) >= self.max_tokens:
@@ -114,3 +114,19 @@ class Generation:
                 self._emit(self._stops.flush())
         self.finish_reason = reason
         self._delta.finish_reason = reason
+
+
+def _constraint_failure(constraint) -> EngineError:
+    """Why a constrained row stopped. llguidance's limits (Earley items, lexer fuel) are hit by
+    grammars that cannot end (a schema whose required property contains itself, a rule with no
+    base case) where validation's look at the first tokens did not reach: the request's grammar
+    is at fault, a 400 naming its field. Anything else (a token the mask allowed and the
+    grammar then rejected) is the server's failure: the output is no longer guaranteed."""
+    error = clean_error(constraint.error or "")
+    if "limit" in error:
+        return InvalidRequestError(
+            f"the grammar from {constraint.param} could not be followed: {error} (a schema that requires "
+            "itself, or a grammar with no end, exceeds the grammar engine's limits)",
+            param=constraint.param,
+        )
+    return GenerationError("constrained decoding failed")

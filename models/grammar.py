@@ -99,8 +99,19 @@ class GrammarCompiler:
             # exceed its limits fail. Better a 400 now than a failure mid-generation.
             probe = matcher.deep_copy()
             probe.compute_bitmask()
+            # Then as generation goes on: its first token consumed, and the run of tokens the
+            # grammar forces after it computed. A grammar that cannot end (a required property that
+            # contains itself) forces output without end and exceeds the parser's limits there.
             if probe.is_error():
                 matcher = probe
+            else:
+                forced = probe.compute_ff_tokens()
+                if forced and not probe.is_error():
+                    probe.consume_token(forced[0])
+                # Only the limits count here: a forced token may be an added token's id that the
+                # grammar takes spelled out (PlainSpelling), which this bare probe would refuse.
+                if probe.is_error() and "limit" in (probe.get_error() or ""):
+                    matcher = probe
         if matcher.is_error():
             raise InvalidRequestError(_invalid(spec, matcher.get_error()), param=spec.param)
         with self._lock:
@@ -292,10 +303,17 @@ def _reroot(schema, root: str):
 
 def _invalid(spec: GrammarSpec, error: str) -> str:
     what = _WHAT[spec.kind]
-    error = " ".join(error.split())
-    if len(error) > MAX_ERROR_CHARS:
-        error = error[:MAX_ERROR_CHARS] + "..."
+    error = clean_error(error)
+    if "Too many items" in error:
+        error += " (a grammar with no end, such as a schema whose required property contains itself, has no finite output)"
     return f"the {what} cannot be used for constrained decoding: {error}"
+
+
+def clean_error(error: str) -> str:
+    """llguidance's message on one line, without the marker it adds when verbose errors are off
+    (it means nothing to an API client), cut short."""
+    error = " ".join(error.replace("<non-verbose/>", " ").split())
+    return error[:MAX_ERROR_CHARS] + "..." if len(error) > MAX_ERROR_CHARS else error
 
 
 class PlainSpelling:

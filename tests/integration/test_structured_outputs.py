@@ -255,3 +255,31 @@ def test_a_streamed_request_with_an_invalid_constraint_is_a_400_before_any_event
     body.update({"messages": user()} if path == "/v1/chat/completions" else {"prompt": "hi"})
     with text_server.http() as http:
         assert_openai_error(http.post(path, json=body), 400, param="structured_outputs.regex")
+
+
+NO_END = {
+    "$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}},
+    "$ref": "#/$defs/n",
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        (
+            "/v1/chat/completions",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": NO_END}}},
+            "response_format",
+        ),
+        ("/v1/chat/completions", {"guided_grammar": 'start: "a" start'}, "guided_grammar"),
+        ("/generate", {"parameters": {"grammar": {"type": "json", "value": NO_END}}}, "parameters.grammar"),
+    ],
+    ids=["schema-requires-itself", "lark-without-base-case", "generate"],
+)
+def test_a_grammar_that_cannot_end_is_a_400_naming_its_field(text_server: Server, path, body, param) -> None:
+    """They passed validation and failed on the first generated token with a 500."""
+    payload = {"inputs": "hi"} if path == "/generate" else {"messages": user("hi"), "max_tokens": 8}
+    with text_server.http() as client:
+        response = client.post(path, json={**payload, **body})
+    error = assert_openai_error(response, 400, param=param)
+    assert "no finite output" in error["message"]

@@ -386,3 +386,50 @@ def test_a_grammar_past_the_engine_limits_is_a_400_before_generation(replica):
         tight.validate(spec)
     assert caught.value.param == "response_format"
     assert caught.value.message.startswith("the JSON schema cannot be used for constrained decoding")
+
+
+_SELF = {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}}}
+_SELF_ARRAY = {"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1}}}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        GrammarSpec("json_schema", json.dumps({**_SELF, "$ref": "#/$defs/n"})),
+        GrammarSpec("json_schema", json.dumps({**_SELF_ARRAY, "$ref": "#/$defs/n"})),
+        GrammarSpec("lark", 'start: "a" start', param="guided_grammar"),
+    ],
+    ids=["required-property-contains-itself", "non-empty-array-of-itself", "rule-without-base-case"],
+)
+def test_a_grammar_with_no_end_is_a_400_before_generation(replica, spec):
+    """Such grammars pass the first mask; generation then hit llguidance's item limit on its first
+    token (the run of forced tokens has no end) and the request failed with a 500."""
+    with pytest.raises(InvalidRequestError) as caught:
+        replica.grammars.validate(spec)
+    assert caught.value.param == spec.param
+    assert "no finite output" in caught.value.message and "<non-verbose/>" not in caught.value.message
+    # A recursive schema that can end is fine.
+    replica.grammars.validate(
+        GrammarSpec(
+            "json_schema", json.dumps({**_SELF, "$ref": "#/$defs/n"}).replace(', "required": ["c"]', "")
+        )
+    )
+
+
+class _BrokenConstraint:
+    param = "tools"
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def test_a_grammar_failing_mid_generation_on_a_limit_is_the_requests_400():
+    from models.errors import GenerationError
+    from models.generation import _constraint_failure
+
+    limit = _constraint_failure(
+        _BrokenConstraint("parser error: Too many items (limit 50000; ff_tokens) <non-verbose/>")
+    )
+    assert isinstance(limit, InvalidRequestError) and limit.param == "tools"
+    assert "<non-verbose/>" not in limit.message
+    assert isinstance(_constraint_failure(_BrokenConstraint("token 5 not allowed")), GenerationError)
