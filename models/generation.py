@@ -81,7 +81,12 @@ class Generation:
             # Stop tokens end the text; their own text is never part of the answer.
             self._finish("stop", flush_text=True)
             return
-        text, hit_stop = self._stops.feed(self._detok.push(token_id))
+        text = self._detok.push(token_id)
+        if self.sampler.num_generated < self.sampler.params.min_tokens:
+            # As in vLLM, min_tokens holds stop strings off too, not only stop tokens and EOS.
+            hit_stop = False
+        else:
+            text, hit_stop = self._stops.feed(text)
         self._emit(text)
         if hit_stop:
             self._finish("stop", flush_text=False)

@@ -242,6 +242,23 @@ def test_stop_string_truncates_output(text_server: Server) -> None:
     assert stopped.message.content == full[:at]
 
 
+def test_min_tokens_holds_stop_strings_off(text_server: Server) -> None:
+    """As in vLLM: before min_tokens tokens, a stop string ends nothing (it used to end the answer
+    after two tokens, min_tokens or not)."""
+    client = text_server.openai()
+    kwargs = dict(
+        model=text_server.model_name, messages=user("Say something long"), max_tokens=24, temperature=0
+    )
+    whole = client.chat.completions.create(**kwargs, extra_body={"ignore_eos": True})
+    full = whole.choices[0].message.content
+    at, stop = first_new_substring(full)
+    held = client.chat.completions.create(
+        stop=[stop], **kwargs, extra_body={"ignore_eos": True, "min_tokens": 24}
+    )
+    assert held.choices[0].finish_reason == "length" and held.usage.completion_tokens == 24
+    assert held.choices[0].message.content == full  # the stop string stays in: it came too early
+
+
 def first_new_substring(text: str, size: int = 3) -> tuple[int, str]:
     """The first `size` characters after the start that occur nowhere earlier: a stop string that
     cuts `text` exactly there (24 tokens of output always have one)."""
