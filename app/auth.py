@@ -27,7 +27,10 @@ def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     expected: bytes | None = connection.app.state.api_key_bytes
     if expected is None:
         return
-    header = connection.headers.get("authorization", "")
+    # Two Authorization headers are refused whatever their order: taking either one would let a
+    # proxy that appends its own header, or a client that sends both, get a different answer.
+    headers = connection.headers.getall("authorization", [])
+    header = headers[0] if len(headers) == 1 else ""
     scheme, _, token = header.partition(" ")
     # compare_digest on bytes of any length: no early exit that would leak the key's prefix.
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):

@@ -139,3 +139,24 @@ def test_vlm_server_without_key_is_open(vlm_server: Server) -> None:
         assert client.get("/docs").status_code == 200
         # A key sent to a server without one is ignored.
         assert client.get("/v1/models", headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+@pytest.mark.parametrize("order", ["good-first", "bad-first"])
+def test_two_authorization_headers_are_refused_whatever_their_order(text_server: Server, order: str) -> None:
+    """The first header used to win: good then bad got 200, bad then good 401."""
+    good, bad = (
+        (b"authorization", f"Bearer {text_server.api_key}".encode()),
+        (b"authorization", b"Bearer bad"),
+    )
+    pair = [good, bad] if order == "good-first" else [bad, good]
+    with httpx.Client(base_url=text_server.base_url, timeout=30) as client:
+        request = client.build_request("GET", "/v1/models")
+        request.headers = httpx.Headers(
+            [(k, v) for k, v in request.headers.raw if k.lower() != b"authorization"] + pair
+        )
+        response = client.send(request)
+        assert_openai_error(response, 401)
+        assert (
+            client.get("/v1/models", headers={"Authorization": f"Bearer {text_server.api_key}"}).status_code
+            == 200
+        )
