@@ -115,6 +115,7 @@ class Translator:
         self, req: ChatCompletionRequest, request_id: str, tool_format: ToolCallFormat = HERMES
     ) -> EngineRequest:
         self.check_model(req.model)
+        _check_stream_options(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         grammar = _chat_grammar(req, tool_format)
@@ -166,6 +167,7 @@ class Translator:
     def completion(self, req: CompletionRequest, request_id: str) -> list[EngineRequest]:
         """One engine request per prompt, all with the same parameters."""
         self.check_model(req.model)
+        _check_stream_options(req)
         if req.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
@@ -402,6 +404,12 @@ def _chat_grammar(req: ChatCompletionRequest, tool_format: ToolCallFormat = HERM
         tools = [_to_builtins(tool) for tool in req.tools]
         return tool_format.grammar(tools, only=named, parallel=req.parallel_tool_calls is not False)
     return None
+
+
+def _check_stream_options(req: ChatCompletionRequest | CompletionRequest) -> None:
+    # As OpenAI and vLLM answer it: options for a stream that is not asked for are a mistake.
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
 
 
 def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any] | None:

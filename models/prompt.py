@@ -145,11 +145,21 @@ class PromptBuilder:
             raise InvalidRequestError(NO_TEMPLATE, param="messages")
         messages = [self._normalise_message(_tail(m, content_chars)) for m in prompt.messages]
         kwargs = dict(prompt.chat_template_kwargs)
+        # chat_template_kwargs may set the generation prompt, as in vLLM; what the server itself
+        # passes (the messages, tools, which template, how to tokenize) it may not.
+        add_generation_prompt = bool(kwargs.pop("add_generation_prompt", prompt.add_generation_prompt))
+        reserved = sorted(kwargs.keys() & _SERVER_TEMPLATE_ARGUMENTS)
+        if reserved:
+            raise InvalidRequestError(
+                f"chat_template_kwargs cannot set {', '.join(reserved)}: the server passes "
+                f"{'it' if len(reserved) == 1 else 'them'} to the chat template itself (send tools in `tools`)",
+                param="chat_template_kwargs",
+            )
         try:
             return self.tokenizer.apply_chat_template(
                 messages,
                 tools=list(prompt.tools) if prompt.tools else None,
-                add_generation_prompt=prompt.add_generation_prompt,
+                add_generation_prompt=add_generation_prompt,
                 tokenize=False,
                 # With tools, the checkpoint's "tool_use" template where it has one, as transformers
                 # picks it.
@@ -438,6 +448,25 @@ def _tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
         parts = [{**p, "text": p["text"][-chars:]} if isinstance(p.get("text"), str) else p for p in content]
         return {**message, "content": parts}
     return message
+
+
+# apply_chat_template's own arguments that the server sets (passing one again in
+# chat_template_kwargs was a TypeError, reported with transformers' internals in the message).
+_SERVER_TEMPLATE_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "chat_template",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 def _max_token_chars(tokenizer) -> int:

@@ -56,6 +56,9 @@ def is_heavy(prompt: PromptInput) -> bool:
     return size > HEAVY_CHARS
 
 
+# The request field that holds the prompt, by kind of request: where a prompt too long is the fault.
+_PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "generate": "inputs"}
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -266,7 +269,7 @@ class Scheduler:
             if room < 1:
                 raise ContextLengthExceededError(
                     f"This model's maximum context length is {context} tokens; the prompt alone is {prompt_len} tokens.",
-                    param="messages",
+                    param=_PROMPT_PARAM.get(request.kind, "messages"),
                 )
             max_tokens = min(cap, room)
         else:
@@ -277,6 +280,11 @@ class Scheduler:
                 )
                 max_tokens = cap
             lowered = "" if max_tokens == params.max_tokens else f" (lowered from {params.max_tokens})"
+            if room < 1:
+                raise ContextLengthExceededError(
+                    f"This model's maximum context length is {context} tokens; the prompt alone is {prompt_len} tokens.",
+                    param=_PROMPT_PARAM.get(request.kind, "messages"),
+                )
             if prompt_len + max_tokens > context:
                 raise ContextLengthExceededError(
                     f"This model's maximum context length is {context} tokens. However, you requested "

@@ -35,6 +35,22 @@ def test_chat_template_kwargs_reach_the_supplied_template(template_server: Serve
     )
 
 
+def test_chat_template_kwargs_may_set_the_generation_prompt_but_not_the_servers_arguments(
+    template_server: Server,
+) -> None:
+    """As in vLLM, chat_template_kwargs may set add_generation_prompt (it was a 400 quoting
+    transformers' "got multiple values for keyword argument"); the arguments the server passes
+    itself are a 400 naming the field."""
+    unprompted = render(template_server, chat_template_kwargs={"add_generation_prompt": False})
+    assert unprompted.status_code == 200, unprompted.text
+    assert unprompted.json()["prompt"] == RENDERED.removesuffix("[ASSISTANT]")
+    for reserved in ({"tools": []}, {"tokenize": True}, {"chat_template": "{{ 'x' }}"}):
+        error = assert_openai_error(
+            render(template_server, chat_template_kwargs=reserved), 400, param="chat_template_kwargs"
+        )
+        assert next(iter(reserved)) in error["message"] and "multiple values" not in error["message"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_uses_the_supplied_template(template_server: Server, stream: bool) -> None:
     with template_server.http() as http:

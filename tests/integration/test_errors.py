@@ -85,8 +85,28 @@ CASES = [
     Case("min_tokens above max_tokens", _chat(min_tokens=100, max_tokens=2), 400, param="min_tokens"),
     Case("seed wider than 64 bits", _chat(seed=2**70), 400, param="seed"),
     Case(
+        "stream_options without stream",
+        _chat(stream_options={"include_usage": True}),
+        400,
+        param="stream_options",
+    ),
+    Case(
+        "completions stream_options without stream",
+        {"prompt": "hi", "max_tokens": 2, "stream_options": {"include_usage": True}},
+        400,
+        param="stream_options",
+        path="/v1/completions",
+    ),
+    Case(
+        "a prompt longer than the context with max_tokens set",
+        _chat(messages=user("word " * 5000), max_tokens=4),
+        400,
+        code="context_length_exceeded",
+        param="messages",
+    ),
+    Case(
         "max_tokens beyond what the context leaves after a long prompt",
-        _chat(messages=user("word " * 4060), max_tokens=64),
+        _chat(messages=user("word " * 4000), max_tokens=64),
         400,
         code="context_length_exceeded",
         param="max_tokens",
@@ -284,13 +304,13 @@ def test_openai_client_maps_errors(text_server: Server) -> None:
     assert caught.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(
-            model=text_server.model_name, messages=user("word " * 4060), max_tokens=64
+            model=text_server.model_name, messages=user("word " * 4000), max_tokens=64
         )
     assert caught.value.code == "context_length_exceeded"
 
 
 def test_streaming_request_errors_before_the_stream_are_plain_json(text_server: Server) -> None:
-    body = _chat(messages=user("word " * 4060), stream=True, max_tokens=64)
+    body = _chat(messages=user("word " * 4000), stream=True, max_tokens=64)
     with text_server.http() as client:
         response = client.post("/v1/chat/completions", json=body)
     assert_openai_error(response, 400, code="context_length_exceeded")

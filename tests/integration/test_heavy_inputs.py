@@ -39,7 +39,7 @@ def test_megabyte_prompts_are_refused_and_do_not_block_a_short_request(text_serv
         # Cut to MAX_INPUT_TOKENS (16,384) before tokenizing, which still exceeds the 4,096 context.
         # (How fast: bench.hostile, docs/BENCHMARKS.md.)
         error = assert_openai_error(response, 400, code="context_length_exceeded")
-        assert "16384 in the prompt" in error["message"]
+        assert "the prompt alone is 16384 tokens" in error["message"] and error["param"] == "messages"
 
 
 def test_a_long_prompt_is_cut_from_the_left_and_says_so(text_server: Server) -> None:
