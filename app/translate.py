@@ -24,6 +24,7 @@ from app.schemas.chat import (
     NamedToolChoice,
     RefusalPart,
     TextPart,
+    ToolCall,
 )
 from app.schemas.completions import CompletionRequest, PromptElement
 from app.schemas.generate import GenerateRequest
@@ -353,6 +354,8 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
             item["name"] = message.name
         if message.tool_calls:
             item["tool_calls"] = [_to_builtins(c) for c in message.tool_calls]
+        elif message.function_call is not None and message.role == "assistant":
+            item["tool_calls"] = [_to_builtins(ToolCall(function=message.function_call))]
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
         reasoning = message.reasoning_content if message.reasoning_content is not None else message.reasoning
@@ -409,7 +412,9 @@ def _chat_grammar(req: ChatCompletionRequest, tool_format: ToolCallFormat = HERM
 def _check_stream_options(req: ChatCompletionRequest | CompletionRequest) -> None:
     # As OpenAI and vLLM answer it: options for a stream that is not asked for are a mistake.
     if req.stream_options is not None and not req.stream:
-        raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+        raise InvalidRequestError(
+            "stream_options is only allowed when stream is true", param="stream_options"
+        )
 
 
 def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any] | None:

@@ -75,6 +75,9 @@ class ChatMessage(msgspec.Struct):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
+    # The legacy functions API's single call on an assistant turn (its result comes back in a
+    # `function` message): it reaches the template as a tool call.
+    function_call: FunctionCall | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
     # An earlier answer's reasoning sent back (vLLM's `reasoning_content`, or `reasoning`): reaches

@@ -27,3 +27,18 @@ def test_reasoning_sent_back_reaches_the_template_as_reasoning_content():
     }
     assert converted[2]["reasoning_content"] == "Check the forecast."
     assert "reasoning_content" not in converted[0]
+
+
+def test_a_legacy_function_call_reaches_the_template_as_a_tool_call():
+    """The functions API's assistant `function_call` used to be dropped (an empty assistant turn)
+    while the `function` result that answers it was kept."""
+    user, call, result = _convert(
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_w", "arguments": '{"c": 1}'}},
+        {"role": "function", "name": "get_w", "content": "RESULT"},
+    )
+    assert call["role"] == "assistant" and call["content"] == ""
+    [tool_call] = call["tool_calls"]
+    assert tool_call["type"] == "function"
+    assert tool_call["function"] == {"name": "get_w", "arguments": '{"c": 1}'}
+    assert result == {"role": "tool", "name": "get_w", "content": "RESULT"}
