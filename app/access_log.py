@@ -126,6 +126,7 @@ def log_line(
         "request_id": request_id,
     }
     if generation:
+        status = generation.get("status", status)  # 499 when the client left before the end
         fields.update(generation)
         message = _seed_line(status, latency, fields)
     else:

@@ -121,7 +121,7 @@ class RequestTracker:
             return
         self._done = True
         self.svc.metrics.observe(self.endpoint, status, self.started, stream)
-        self._state[GENERATION_KEY] = generation_fields(
+        fields = self._state[GENERATION_KEY] = generation_fields(
             self.endpoint,
             self.request_id,
             self.started,
@@ -130,6 +130,9 @@ class RequestTracker:
             model=self.svc.settings.model_name,
             sampling=self.svc.settings.progress_logs,
         )
+        if status == 499:
+            # The client left: the wire may still show the 200 that was started, or nothing.
+            fields["status"] = status
 
     @contextlib.contextmanager
     def failures(self) -> Iterator[None]:
@@ -169,14 +172,17 @@ def generation_fields(
         first = stream.first_token_at
         end = stream.finished_at or now
         completion = stream.completion_tokens
+        # The seed's gen time is the generation's, prompt included: from the request's first step
+        # (a rate from the first token on was absurd for one token: microseconds between them).
+        began = stream.scheduled_at if stream.scheduled_at is not None else first
         fields.update(
             prompt_tokens=stream.prompt_tokens,
             completion_tokens=completion,
             images=stream.num_images,
             image_tokens=stream.num_image_tokens,
             ttft_s=round(first - started, 4) if first is not None else None,
-            gen_s=round(end - first, 4) if first is not None else None,
-            tps=round(completion / max(end - first, 1e-9), 1) if first is not None and completion else None,
+            gen_s=round(end - began, 4) if first is not None else None,
+            tps=round(completion / max(end - began, 1e-9), 1) if first is not None and completion else None,
             replica=stream.replica_name,
             finish_reason=",".join(sorted({r for r in stream.finish_reasons if r})) or None,
         )

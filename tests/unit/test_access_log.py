@@ -99,3 +99,38 @@ def test_request_lines_follow_progress_logs(flags, logged) -> None:
         root.setLevel(saved[0])
         logging.getLogger("docoserve.requests").setLevel(saved[2])
     assert enabled == logged
+
+
+def test_a_client_that_left_is_logged_499_not_the_200_on_the_wire(caplog) -> None:
+    from app.access_log import log_line
+
+    generation = {"endpoint": "chat", "id": "chatcmpl-1", "model": "m", "status": 499}
+    with caplog.at_level("INFO", logger="docoserve.requests"):
+        log_line("POST", "/v1/chat/completions", 200, 0.5, "req-1", generation)
+    [record] = caplog.records
+    assert record.getMessage().startswith("[req] chat 499 id=chatcmpl-1")
+    assert record.fields["status"] == 499
+
+
+def test_one_token_has_a_rate_over_its_generation_not_over_nothing() -> None:
+    """tps was completion tokens over the time from the first token to the last: 1264225.0 for
+    a one-token answer. The seed's rate is over the generation, from its first step."""
+    import time
+    from types import SimpleNamespace
+
+    from app.services import generation_fields
+
+    now = time.monotonic()
+    stream = SimpleNamespace(
+        first_token_at=now - 0.05,
+        finished_at=now - 0.05 + 1e-6,
+        scheduled_at=now - 0.1,
+        completion_tokens=1,
+        prompt_tokens=3,
+        num_images=0,
+        num_image_tokens=0,
+        replica_name="cpu",
+        finish_reasons=["length"],
+    )
+    fields = generation_fields("chat", "chatcmpl-1", now - 0.2, stream, None, model="m", sampling=False)
+    assert 19 < fields["tps"] < 21 and 0.04 < fields["gen_s"] < 0.06  # 1 token in 0.05 s
