@@ -11,7 +11,8 @@ the address actually connected to.
 
 Decided behaviours:
 - data URLs: ASCII whitespace inside the payload is removed (clients wrap base64 at 76 columns),
-  then the standard alphabet with padding is decoded with `validate=True`. Percent-encoded or
+  then the standard alphabet is decoded with `validate=True`, its "=" padding added where it is
+  missing altogether (as the web's forgiving base64, `atob`, takes it). Percent-encoded or
   non-base64 data URLs are refused. The size is checked from the encoded length first.
 - `allowed_private_networks` lets an operator (or a test) reach given CIDRs, e.g. an internal
   image store, while every other private address stays refused; `allow_private` turns the address
@@ -219,6 +220,11 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
         encoded = payload.encode("ascii").translate(None, _ASCII_WHITESPACE)
     except UnicodeEncodeError:
         raise InvalidImageError("data URL payload is not valid base64") from None
+    missing = -len(encoded) % 4
+    if missing and not encoded.endswith(b"="):
+        # Base64 without its "=" padding (base64url-style encoders drop it): the length says how
+        # much is missing, so it is added rather than the image refused.
+        encoded += b"=" * missing
     padding = min(2, len(encoded) - len(encoded.rstrip(b"=")))
     if (len(encoded) - padding) * 3 // 4 > max_bytes:
         raise InvalidImageError(f"image is larger than the {max_bytes}-byte limit")

@@ -81,7 +81,9 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InvalidImageError(f"image exceeds the {_pixel_limit(limits)}-pixel limit") from None
     except Image.UnidentifiedImageError:
         accepted = ", ".join(sorted(limits.allowed_formats))
-        raise InvalidImageError(f"image format is not supported (accepted: {accepted})") from None
+        raise InvalidImageError(
+            f"image format is not supported (accepted: {accepted}), or the image is truncated or corrupt"
+        ) from None
     except Exception:  # PIL raises OSError, SyntaxError, ValueError, struct.error, EOFError...
         logger.debug("decoding %s failed", fmt, exc_info=True)
         raise InvalidImageError(f"image could not be decoded (truncated or malformed {fmt} data)") from None

@@ -59,6 +59,7 @@ def is_heavy(prompt: PromptInput) -> bool:
 # The request field that holds the prompt, by kind of request: where a prompt too long is the fault.
 _PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "generate": "inputs"}
 
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config

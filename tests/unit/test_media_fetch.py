@@ -391,11 +391,19 @@ async def test_data_url(png, net):
     assert net.connects == [] and net.lookups == []
 
 
+async def test_base64_without_its_padding_is_mended_as_browsers_do():
+    # The forgiving base64 of the web platform (atob) takes it; so does this server now.
+    assert (
+        await load_image_bytes("data:image/png;base64,iVBORw0KGgo", ImageFetchPolicy())
+        == b"\x89PNG\r\n\x1a\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
         ("data:image/png;base64,iVBORw0KGgo*", "not valid base64"),
-        ("data:image/png;base64,iVBORw0KGgo", "not valid base64"),  # missing padding
+        ("data:image/png;base64,iVBORw0KG", "not valid base64"),  # a length no padding can mend
         ("data:image/png;base64,-_-_", "not valid base64"),  # url-safe alphabet
         ("data:image/png;base64,aGVsbG8=é", "not valid base64"),
         ("data:image/png;base64,", "empty"),
