@@ -374,13 +374,15 @@ def test_redacted_dict_of_defaults() -> None:
 def test_metrics_guard_opens_only_with_metrics_public() -> None:
     from types import SimpleNamespace
 
+    from litestar.datastructures import Headers
     from litestar.exceptions import NotAuthorizedException
 
     from app.auth import require_api_key_for_metrics
 
     def connection(public: bool, header: str = "") -> SimpleNamespace:
         state = SimpleNamespace(metrics_public=public, api_key_bytes=b"secret")
-        return SimpleNamespace(app=SimpleNamespace(state=state), headers={"authorization": header})
+        headers = Headers([(b"authorization", header.encode())] if header else [])
+        return SimpleNamespace(app=SimpleNamespace(state=state), headers=headers)
 
     require_api_key_for_metrics(connection(True), None)  # open
     require_api_key_for_metrics(connection(False, "Bearer secret"), None)
