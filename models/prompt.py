@@ -263,6 +263,13 @@ class PromptBuilder:
         cut = max(0, len(text) - bound)
         split = {"split_special_tokens": True} if prompt.split_special_tokens else {}
         ids = self.tokenizer(text[cut:], add_special_tokens=special and not cut, **split)["input_ids"]
+        if cut and len(ids) <= self.max_input_tokens:
+            # Fewer tokens than the limit in the kept end: the tokenizer's normaliser drops
+            # whitespace (BERT's, SentencePiece's runs of spaces), which the bound counted. Kept
+            # instead: the end holding `bound` characters that are not whitespace (as many tokens
+            # at most as before, however much whitespace lies between them).
+            cut = _dense_cut(text, bound)
+            ids = self.tokenizer(text[cut:], add_special_tokens=special and not cut, **split)["input_ids"]
         prepared = self._truncate(PreparedPrompt(list(ids)))
         if cut:
             prepared.warnings[-1:] = [
@@ -448,6 +455,28 @@ def _tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
         parts = [{**p, "text": p["text"][-chars:]} if isinstance(p.get("text"), str) else p for p in content]
         return {**message, "content": parts}
     return message
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _dense_cut(text: str, chars: int) -> int:
+    """Where the last `chars` characters of `text` that are not whitespace begin (0 when it has
+    fewer). Counted a chunk at a time from the end, in C, then within the chunk that holds the cut."""
+    end, seen, step = len(text), 0, 1 << 16
+    while end > 0:
+        start = max(0, end - step)
+        dense = len(_WHITESPACE.sub("", text[start:end]))
+        if seen + dense >= chars:
+            counted = seen
+            for i in range(end - 1, start - 1, -1):
+                if not text[i].isspace():
+                    counted += 1
+                    if counted >= chars:
+                        return i
+        seen += dense
+        end = start
+    return 0
 
 
 # apply_chat_template's own arguments that the server sets (passing one again in

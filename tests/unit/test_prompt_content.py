@@ -90,3 +90,32 @@ def test_named_templates_render_tools_through_tool_use(tiny_text_path, tmp_path)
     assert with_tools == "<tool>get_weather</tool>[user] hi"
     assert with_tools == loaded.tokenizer.apply_chat_template(list(messages), tools=[tool], tokenize=False)
     assert builder.render(PromptInput(messages=messages, add_generation_prompt=False)) == "[user] hi"
+
+
+def test_a_tokenizer_that_drops_whitespace_is_not_cut_short_by_the_character_bound():
+    """The kept end of a long prompt is sized by the longest token's characters; BERT-style
+    normalisers drop whitespace, so 3,000 spaces held 8 tokens and the prompt was cut to 4."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from models.images import ImageLimits
+    from models.params import PromptInput
+    from models.prompt import PromptBuilder
+
+    words = ["[UNK]", "hello", "world", "the", "quick", "say", ":"]
+    backend = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    builder = PromptBuilder(
+        tokenizer, chat_template=None, image_token_id=None, max_input_tokens=16, image_limits=ImageLimits()
+    )
+    text = "hello world the quick" + " " * 3000 + "say :"
+    prepared = builder.prepare(PromptInput(text=text, add_special_tokens=False))
+    assert prepared.token_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(prepared.token_ids) == 6 and not prepared.warnings
+    # Past the limit, it is still cut to exactly the limit, and says so.
+    longer = builder.prepare(
+        PromptInput(text=" ".join(["hello"] * 40) + " " * 3000, add_special_tokens=False)
+    )
+    assert len(longer.token_ids) == 16 and longer.warnings
