@@ -56,6 +56,9 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "verbosity": (("medium",), "only 'medium', the default, is accepted"),
     "structural_tag": ((), "structural tags are not implemented; use response_format"),
     "max_new_tokens": ((), "it belongs to /generate's parameters; use max_tokens"),
+    # OpenAI's moderation blocks flagged input or output ("block" mode) or scores it: no
+    # moderation model runs here, so neither would happen.
+    "moderation": ((), "no moderation model runs on this server"),
 }
 
 # Chat Completions and vLLM fields sent to /v1/responses (a client moved from one API to the
@@ -73,7 +76,10 @@ RESPONSES_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "guided_whitespace_pattern": ((), "the Responses API has no such constraint"),
     "n": ((1,), "the Responses API returns one answer"),
     "best_of": ((1,), "the Responses API returns one answer"),
-    "logprobs": ((False,), "use top_logprobs"),
+    "logprobs": (
+        (False,),
+        'use include: ["message.output_text.logprobs"] (with top_logprobs for the alternatives)',
+    ),
     "prompt_logprobs": ((), "prompt logprobs are a chat and completions field"),
     "reasoning_effort": ((), "use reasoning.effort"),
     "chat_template_kwargs": ((), "template arguments are a /v1/chat/completions field"),
@@ -97,6 +103,9 @@ RESPONSES_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     },
     "ignore_eos": ((False,), "the Responses API has no such sampling parameter"),
     "skip_special_tokens": ((True,), "special tokens are always left out of the text"),
+    # OpenAI compacts a long conversation into a `compaction` item past the threshold; this
+    # server never rewrites the input (prompts over MAX_INPUT_TOKENS are cut from the left).
+    "context_management": ((), "conversations are not compacted on this server"),
 }
 RESPONSES_PATH = "/v1/responses"
 
@@ -106,6 +115,8 @@ IGNORED: dict[str, str] = {
     "store": "OpenAI's completion storage (nothing is stored)",
     "service_tier": "OpenAI's processing tier",
     "prompt_cache_key": "OpenAI's cache routing hint (the prefix cache is automatic)",
+    "prompt_cache_retention": "OpenAI's prompt-cache lifetime (the prefix cache keeps blocks while memory allows)",
+    "prompt_cache_options": "OpenAI's cache breakpoints and lifetime (the prefix cache is automatic)",
     "safety_identifier": "an end-user id for abuse tracking",
     "prediction": "predicted output, a latency optimisation only",
     "priority": "vLLM's scheduling priority (requests are served first come, first served)",

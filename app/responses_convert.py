@@ -50,6 +50,41 @@ _STATELESS = "this server keeps no responses; send the whole conversation in `in
 # Chat-side names of the fields whose Responses names differ.
 _RENAMED = {"response_format": "text.format", "max_tokens": "max_output_tokens", "messages": "input"}
 _MESSAGE_PARAM = re.compile(r"messages\[(\d+)\]\.content(.*)")
+_MAX_TOKENS = re.compile(r"\bmax_tokens\b")
+
+LOGPROBS = "message.output_text.logprobs"
+# OpenAI's other `include` values name outputs this server never makes (built-in tool calls,
+# reasoning items) or input it never returns (stored input images): accepted, nothing to add.
+INCLUDE_NOTHING = frozenset(
+    {
+        "file_search_call.results",
+        "web_search_call.results",
+        "web_search_call.action.sources",
+        "message.input_image.image_url",
+        "computer_call_output.output.image_url",
+        "code_interpreter_call.outputs",
+        "reasoning.encrypted_content",
+    }
+)
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    """OpenAI returns the output text's logprobs when `include` asks for them; `top_logprobs`
+    alone only says how many alternatives each would carry."""
+    return bool(req.include) and LOGPROBS in req.include
+
+
+def responses_text(message: str) -> str:
+    """A warning or error the chat path wrote, with the Responses name of the length field."""
+    return _MAX_TOKENS.sub("max_output_tokens", message)
+
+
+def responses_warnings(req: ResponsesRequest, warnings: list[str]) -> list[str]:
+    """The engine's warnings in Responses terms, and what the request asked that did nothing."""
+    out = [responses_text(w) for w in warnings]
+    if req.top_logprobs and not wants_logprobs(req):
+        out.append(f'top_logprobs has no effect without include: ["{LOGPROBS}"] (no logprobs are returned)')
+    return out
 
 
 @dataclass
@@ -75,6 +110,8 @@ class ChatForm:
             yield
         except EngineError as exc:
             exc.param = self.param(exc.param)
+            exc.message = responses_text(exc.message)
+            exc.args = (exc.message,)
             raise
 
 
@@ -104,6 +141,8 @@ def chat_form(req: ResponsesRequest) -> ChatForm:
         response_format=_response_format(req),
         user=req.user,
         stream=req.stream,
+        logprobs=wants_logprobs(req),
+        top_logprobs=(req.top_logprobs or 0) if wants_logprobs(req) else None,
     )
     return form
 
@@ -132,9 +171,19 @@ def _refuse_unsupported(req: ResponsesRequest) -> None:
         raise InvalidRequestError(
             "text.verbosity other than 'medium' is not supported", param="text.verbosity"
         )
-    if req.include and "message.output_text.logprobs" in req.include:
+    for i, value in enumerate(req.include or ()):
+        if value != LOGPROBS and value not in INCLUDE_NOTHING:
+            raise InvalidRequestError(
+                f"include value '{value[:64]}' is not known: OpenAI's are "
+                + ", ".join(sorted({LOGPROBS, *INCLUDE_NOTHING})),
+                param=f"include[{i}]",
+            )
+    cache = req.prompt_cache_options
+    if cache is not None and cache.get("prewarm") is True:
         raise InvalidRequestError(
-            "message.output_text.logprobs is not supported by this server", param="include"
+            "prompt_cache_options.prewarm: true (fill the cache without generating) is not supported: "
+            "the prefix cache fills itself as requests are served",
+            param="prompt_cache_options.prewarm",
         )
 
 

@@ -7,6 +7,15 @@ call. It records the stream events each step makes; a non-streamed response is t
 fed the whole text with its events dropped, so both answers agree by construction (what
 `responses.stream()` accumulates equals what `responses.create` returns).
 
+Logprobs (`include: ["message.output_text.logprobs"]`) follow the text they were generated with:
+an `output_text.delta` carries the logprobs of the tokens it holds, and of earlier tokens whose
+text was held back (a tool-call tag may have been starting); tokens with no text of their own (a
+stop token) go out on an empty delta before the part closes; the tokens that wrote a function
+call have none (function_call items have no logprobs), nor those closing its tag before text
+goes on. With a tool-call parser, text is fed token
+by token, so that where each token's logprob lands does not depend on how the engine's updates
+were cut (stream and create agree).
+
 Events, each SSE `event: <type>` + `data: <json>` with a `sequence_number` from 0:
 response.created, response.in_progress; per item output_item.added, then for a message
 content_part.added, output_text.delta..., output_text.done, content_part.done, for a call
@@ -19,12 +28,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import msgspec
 
 from app.errors import engine_error_to_response
+from app.schemas.common import TokenLogprobEntry
 from app.schemas.responses import (
     ArgumentsDeltaEvent,
     ArgumentsDoneEvent,
@@ -42,10 +52,10 @@ from app.schemas.responses import (
     TextDeltaEvent,
     TextDoneEvent,
 )
-from app.streaming import stream_failure
+from app.streaming import choice_logprobs, stream_failure
 from app.tool_calls import Delta, ToolCallDelta, ToolCallParser
 from scheduler.errors import EngineError
-from scheduler.request import RequestStream
+from scheduler.request import RequestStream, TokenLogprob
 
 _encode = msgspec.json.encode
 
@@ -61,6 +71,8 @@ class OutputBuilder:
         self._sequence = 0
         self._message: MessageItem | None = None  # open items: at most one of the two
         self._call: FunctionCallItem | None = None
+        self._logprobs: list[TokenLogprob] = []  # of tokens whose text has not been emitted yet
+        self._fed = 0  # how many of them the current feed brought
 
     # -- events --------------------------------------------------------------------------------
     def _next(self) -> int:
@@ -84,7 +96,10 @@ class OutputBuilder:
         return data
 
     # -- output --------------------------------------------------------------------------------
-    def feed(self, deltas: list[Delta]) -> None:
+    def feed(self, deltas: list[Delta], logprobs: Sequence[TokenLogprob] = ()) -> None:
+        """Output deltas, and the logprobs of the tokens they came from (when asked for)."""
+        self._logprobs.extend(logprobs)
+        self._fed = len(logprobs)
         for delta in deltas:
             if isinstance(delta, str):
                 self._text(delta)
@@ -95,16 +110,32 @@ class OutputBuilder:
         """Close what is open with `status`; an answer with no item at all is one empty message."""
         if not self.output:
             self._open_message()
+        if self._message is not None and self._logprobs:
+            self._text("", force=True)  # tokens without text of their own (a stop token)
+        self._logprobs, self._fed = [], 0
         self._close(status)
 
-    def _text(self, text: str) -> None:
-        if not text:
+    def _take_logprobs(self) -> list[TokenLogprobEntry]:
+        if not self._logprobs:
+            return []
+        entries = choice_logprobs(self._logprobs).content or []
+        self._logprobs, self._fed = [], 0
+        return entries
+
+    def _text(self, text: str, force: bool = False) -> None:
+        if not text and not force:
             return
         if self._message is None:
+            if self._call is not None:
+                # Text after a call: the tokens before this feed closed the call's tag.
+                del self._logprobs[: len(self._logprobs) - self._fed]
             self._close("completed")
             self._open_message()
         message = self._message
-        message.content[0].text += text
+        part = message.content[0]
+        part.text += text
+        logprobs = self._take_logprobs()
+        part.logprobs.extend(logprobs)
         index = len(self.output) - 1
         self._emit(
             "response.output_text.delta",
@@ -114,10 +145,12 @@ class OutputBuilder:
                 output_index=index,
                 content_index=0,
                 delta=text,
+                logprobs=logprobs,
             ),
         )
 
     def _call_delta(self, delta: ToolCallDelta) -> None:
+        self._logprobs, self._fed = [], 0  # the tokens that wrote the call (a tag held back included)
         if delta.id is not None:  # a new call's header
             self._close("completed")
             self._call = FunctionCallItem(
@@ -177,17 +210,18 @@ class OutputBuilder:
         index = len(self.output) - 1
         if self._message is not None:
             message, self._message = self._message, None
-            text = message.content[0].text
+            text, logprobs = message.content[0].text, message.content[0].logprobs
             common = {"item_id": message.id, "output_index": index, "content_index": 0}
             self._emit(
-                "response.output_text.done", TextDoneEvent(sequence_number=self._next(), text=text, **common)
+                "response.output_text.done",
+                TextDoneEvent(sequence_number=self._next(), text=text, logprobs=list(logprobs), **common),
             )
             self._emit(
                 "response.content_part.done",
                 ContentPartEvent(
                     type="response.content_part.done",
                     sequence_number=self._next(),
-                    part=OutputText(text=text),
+                    part=OutputText(text=text, logprobs=list(logprobs)),
                     **common,
                 ),
             )
@@ -248,15 +282,50 @@ def final_response(
     return msgspec.structs.replace(initial, status=status, output=list(builder.output), usage=usage, **fields)
 
 
-def feed_choice(builder: OutputBuilder, parser: ToolCallParser | None, text: str, finished: bool) -> None:
-    """Generated text -> the builder, through the tool-call parser when there is one."""
+def feed_choice(
+    builder: OutputBuilder,
+    parser: ToolCallParser | None,
+    text: str,
+    finished: bool,
+    logprobs: list[TokenLogprob] | None = None,
+) -> None:
+    """Generated text (and its tokens' logprobs, when asked for) -> the builder, through the
+    tool-call parser when there is one."""
     if parser is None:
-        builder.feed([text])
+        builder.feed([text], logprobs or ())
         return
-    deltas = parser.feed(text) if text else []
+    for piece, entries in token_pieces(text, logprobs or []):
+        builder.feed(parser.feed(piece) if piece else [], entries)
     if finished:
-        deltas += parser.finish()
-    builder.feed(deltas)
+        builder.feed(parser.finish())
+
+
+def token_pieces(text: str, logprobs: list[TokenLogprob]) -> list[tuple[str, list[TokenLogprob]]]:
+    """`text` cut at its tokens' boundaries, each piece with its token's logprob, so that the
+    parser sees the same pieces whether the text came in one update or many. A token whose own
+    text is not where the text goes on (part of a character held back, text a stop string cut)
+    ends the cutting: the rest goes as one piece with the remaining logprobs. Tokens past the end
+    of the text (a stop token) get empty pieces. Only the pieces are cut: the logprobs keep their
+    tokens' own text."""
+    if not logprobs:
+        return [(text, [])] if text else []
+    pieces: list[tuple[str, list[TokenLogprob]]] = []
+    at = 0
+    for i, entry in enumerate(logprobs):
+        token = entry.token
+        if at == 0 and token.startswith(" ") and not text.startswith(token):
+            token = token[1:]  # SentencePiece: the answer's first "▁" is no space in its text
+        if token and text.startswith(token, at):
+            pieces.append((token, [entry]))
+            at += len(token)
+        elif at == len(text):
+            pieces.append(("", [entry]))
+        else:
+            pieces.append((text[at:], list(logprobs[i:])))
+            return pieces
+    if at < len(text):
+        pieces.append((text[at:], []))
+    return pieces
 
 
 async def response_event_stream(
@@ -280,7 +349,9 @@ async def response_event_stream(
                     # Text that arrived with the failure is still sent; response.failed follows.
                     error = stream_failure(update)
                     reason = None
-                feed_choice(builder, parser, choice.text, reason is not None or error is not None)
+                feed_choice(
+                    builder, parser, choice.text, reason is not None or error is not None, choice.logprobs
+                )
                 finish_reason = reason or finish_reason
             if error is None and update.error is not None:
                 error = update.error

@@ -13,14 +13,14 @@ import msgspec
 from litestar import Request, Response, post
 
 from app.errors import status_of
-from app.responses_convert import chat_form
+from app.responses_convert import chat_form, responses_warnings
 from app.responses_stream import OutputBuilder, feed_choice, final_response, response_event_stream
 from app.routes import protected
 from app.schemas.responses import ResponseObject, ResponsesRequest
 from app.services import begin, warning_headers
 from app.streaming import collect_answer, sse_response
 from app.tool_calls import parser_factory
-from scheduler.request import EngineRequest
+from scheduler.request import RequestStream
 
 
 @protected(
@@ -35,11 +35,13 @@ async def create_response(request: Request, data: ResponsesRequest) -> Response:
         form = chat_form(data)
         with form.responses_params():
             scheduler = svc.require_scheduler()
-            engine_request = await svc.translator.chat(form.request, call.request_id)
+            tool_format = svc.tool_format()
+            engine_request = await svc.translator.chat(form.request, call.request_id, tool_format)
             stream = await scheduler.submit(engine_request)
-    headers = warning_headers(stream.warnings)
-    tool_parser = parser_factory(form.request)
-    initial = _initial(data, call.request_id, svc.settings.model_name, int(stream.created), engine_request)
+    warnings = responses_warnings(data, stream.warnings)
+    headers = warning_headers(warnings)
+    tool_parser = parser_factory(form.request, tool_format)
+    initial = _initial(data, call.request_id, svc.settings.model_name, stream, warnings)
 
     if data.stream:
 
@@ -53,19 +55,20 @@ async def create_response(request: Request, data: ResponsesRequest) -> Response:
     collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
     builder = OutputBuilder()
-    feed_choice(builder, tool_parser() if tool_parser else None, choice.text, finished=True)
+    feed_choice(builder, tool_parser() if tool_parser else None, choice.text, True, choice.logprobs)
     body = final_response(initial, builder, stream, choice.finish_reason, None)
     return Response(body, headers=headers)
 
 
 def _initial(
-    data: ResponsesRequest, response_id: str, model: str, created: int, engine_request: EngineRequest
+    data: ResponsesRequest, response_id: str, model: str, stream: RequestStream, warnings: list[str]
 ) -> ResponseObject:
-    """The response as it starts: the request's settings echoed (sampling as resolved), no output."""
-    params = engine_request.params
+    """The response as it starts: the request's settings echoed as the server resolved them
+    (sampling defaults filled in, max_output_tokens as lowered to the server's cap), no output."""
+    params = stream.request.params
     return ResponseObject(
         id=response_id,
-        created_at=created,
+        created_at=int(stream.created),
         status="in_progress",
         model=model,
         output=[],
@@ -76,11 +79,14 @@ def _initial(
         temperature=params.temperature,
         top_p=params.top_p,
         instructions=data.instructions,
-        max_output_tokens=data.max_output_tokens,
+        # The limit the answer was generated under: the request's, or MAX_NEW_TOKENS_DEFAULT
+        # (lowered to it, or the default when absent), or the room left in the context.
+        max_output_tokens=params.max_tokens,
         metadata=data.metadata or {},
         truncation=data.truncation or "disabled",
         top_logprobs=data.top_logprobs or 0,
         user=data.user,
+        warnings=warnings or None,
     )
 
 

@@ -112,6 +112,12 @@ class ReasoningConfig(msgspec.Struct, kw_only=True):
     generate_summary: str | None = None
 
 
+class StreamOptions(msgspec.Struct, kw_only=True):
+    # OpenAI pads stream deltas with an `obfuscation` field against network side channels; this
+    # server sends none, whatever the value.
+    include_obfuscation: bool | None = None
+
+
 class ResponsesRequest(msgspec.Struct, kw_only=True):
     input: str | Annotated[list[InputItem], msgspec.Meta(max_length=MAX_INPUT_ITEMS)]
     model: str | None = None
@@ -125,15 +131,18 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     text: TextConfig | None = None
     stream: bool = False
     metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA_KEYS)] | None = None
-    # Accepted, without effect on the output.
-    stream_options: JSONObject | None = None
+    # "message.output_text.logprobs" returns the output text's logprobs (top_logprobs: how many
+    # alternatives each); the other values name outputs this server never makes (accepted).
+    include: Annotated[list[str], msgspec.Meta(max_length=16)] | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    # Accepted, without effect on the output (echoed where the response has them).
+    stream_options: StreamOptions | None = None
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+    prompt_cache_options: JSONObject | None = None  # but `prewarm: true` (no output) is refused
     service_tier: str | None = None
-    include: list[str] | None = None
-    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     # Need state or abilities this server lacks: refused unless absent or neutral.
     store: bool | None = None
@@ -220,6 +229,9 @@ class ResponseObject(msgspec.Struct, kw_only=True):
     service_tier: str = "default"
     user: str | None = None
     usage: ResponseUsage | None = None
+    # What the server changed in the request (as chat's `warnings`): a max_output_tokens lowered
+    # to MAX_NEW_TOKENS_DEFAULT, a prompt cut to MAX_INPUT_TOKENS. Not an OpenAI field.
+    warnings: list[str] | None = None
 
 
 # -- stream events (each one SSE `event:` + `data:`, see app.responses_stream) ----------------------

@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any, Literal
 
+import openai
 import pytest
 from pydantic import BaseModel, Field
 
@@ -45,15 +46,22 @@ class Person(BaseModel):
 
 
 def comparable(response: Any) -> dict[str, Any]:
-    """A response without what differs between two identical requests: ids and times."""
+    """A response without what differs between two identical requests: ids, times, the prompt
+    tokens the prefix cache held (the second finds the first's), logprobs' last bits."""
     body = json.loads(json.dumps(response if isinstance(response, dict) else response.model_dump()))
     for key in ("id", "created_at", "completed_at"):
         body.pop(key, None)
+    if body.get("usage"):
+        body["usage"]["input_tokens_details"].pop("cached_tokens", None)
     for item in body["output"]:
         for key in ("id", "call_id", "parsed_arguments"):
             item.pop(key, None)
         for part in item.get("content", []):
             part.pop("parsed", None)
+            for entry in part.get("logprobs") or []:
+                entry["logprob"] = round(entry["logprob"], 3)
+                for top in entry["top_logprobs"]:
+                    top["logprob"] = round(top["logprob"], 3)
     return body
 
 
@@ -325,7 +333,14 @@ REFUSED = [
     ({"max_tool_calls": 1}, "max_tool_calls"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"text": {"verbosity": "low"}}, "text.verbosity"),
-    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["message.output_text.logprobs", "message.output_text.nope"]}, "include[1]"),
+    ({"logprobs": True}, "logprobs"),
+    (
+        {"moderation": {"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}}}},
+        "moderation",
+    ),
+    ({"context_management": [{"type": "compaction", "compact_threshold": 1000}]}, "context_management"),
+    ({"prompt_cache_options": {"prewarm": True}}, "prompt_cache_options.prewarm"),
     ({"input": [{"type": "item_reference", "id": "msg_0"}]}, "input[0].type"),
     (
         {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
@@ -390,15 +405,173 @@ def test_neutral_fields_are_accepted(text_server: Server) -> None:
         "service_tier": "auto",
         "truncation": "auto",
         "stream_options": {"include_obfuscation": False},
-        "include": ["reasoning.encrypted_content"],
+        "include": [
+            "reasoning.encrypted_content",
+            "message.input_image.image_url",
+            "file_search_call.results",
+        ],
         "reasoning": {"effort": None},
         "text": {"format": {"type": "text"}, "verbosity": "medium"},
         "top_logprobs": 0,
+        "prompt_cache_retention": "24h",
+        "prompt_cache_options": {"mode": "explicit", "ttl": "30m", "prewarm": False},
+        "moderation": None,
+        "context_management": [],
     }
     with text_server.http() as http:
         response = http.post("/v1/responses", json=body)
+        breakpoint_part = {"type": "input_text", "text": "hi", "prompt_cache_breakpoint": {"ttl": "30m"}}
+        marked = http.post(
+            "/v1/responses",
+            json={"input": [{"role": "user", "content": [breakpoint_part]}], "max_output_tokens": 2},
+        )
     assert response.status_code == 200, response.text
-    assert response.json()["user"] == "u1" and response.json()["truncation"] == "auto"
+    body = response.json()
+    assert body["user"] == "u1" and body["truncation"] == "auto" and body["warnings"] is None
+    assert body["output"][0]["content"][0]["logprobs"] == []
+    assert marked.status_code == 200, marked.text
+
+
+def test_chat_refuses_moderation_and_ignores_cache_hints(text_server: Server) -> None:
+    """The same fields on /v1/chat/completions (the SDK sends them there too)."""
+    part = {"type": "text", "text": "hi", "prompt_cache_breakpoint": {"ttl": "30m"}}
+    body = {"messages": [{"role": "user", "content": [part]}], "max_tokens": 2}
+    hints = {"prompt_cache_options": {"mode": "implicit", "ttl": "30m"}, "prompt_cache_retention": "24h"}
+    with text_server.http() as http:
+        refused = http.post(
+            "/v1/chat/completions", json={**body, "moderation": {"model": "omni-moderation-latest"}}
+        )
+        accepted = http.post("/v1/chat/completions", json={**body, **hints, "moderation": None})
+    assert_openai_error(refused, 400, param="moderation")
+    assert accepted.status_code == 200, accepted.text
+
+
+# -- logprobs ---------------------------------------------------------------------------------------
+def test_logprobs_with_the_include_streamed_or_not(text_server: Server) -> None:
+    client = text_server.openai()
+    kwargs = {
+        "model": text_server.model_name,
+        "input": "hello",
+        "max_output_tokens": 6,
+        "temperature": 0,
+        "include": ["message.output_text.logprobs"],
+        "top_logprobs": 3,
+    }
+    created = client.responses.create(**kwargs)
+    [part] = created.output[0].content
+    assert created.top_logprobs == 3 and len(part.logprobs) == created.usage.output_tokens
+    for entry in part.logprobs:
+        assert len(entry.top_logprobs) == 3 and all(0 <= b < 256 for b in entry.bytes)
+        # Greedy: each token is its position's most likely one.
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert entry.logprob <= 0 and entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+    final = events[-1].response
+    assert comparable(final)["output"][0]["content"][0]["text"] == part.text
+    streamed = final.output[0].content[0].logprobs
+    assert [e.token for e in streamed] == [e.token for e in part.logprobs]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in part.logprobs], abs=1e-3)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert [lp.token for e in deltas for lp in e.logprobs] == [e.token for e in streamed]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert [lp.token for lp in done.logprobs] == [e.token for e in streamed]
+
+    parsed = client.responses.parse(**kwargs)
+    assert len(parsed.output[0].content[0].logprobs) == parsed.usage.output_tokens
+
+
+def test_logprobs_over_http_have_openai_shape(text_server: Server) -> None:
+    body = {"input": "hi", "max_output_tokens": 2, "include": ["message.output_text.logprobs"]}
+    with text_server.http() as http:
+        response = http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    [entry, *_] = response.json()["output"][0]["content"][0]["logprobs"]
+    assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"} and entry["top_logprobs"] == []
+
+
+def test_top_logprobs_without_the_include_returns_none_and_says_so(text_server: Server) -> None:
+    with text_server.http() as http:
+        response = http.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2, "top_logprobs": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["output"][0]["content"][0]["logprobs"] == [] and body["top_logprobs"] == 5
+    [warning] = body["warnings"]
+    assert (
+        "message.output_text.logprobs" in warning and "top_logprobs" in response.headers["x-request-warnings"]
+    )
+
+
+def test_logprobs_true_is_refused_with_the_way_that_works(text_server: Server) -> None:
+    client = text_server.openai()
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.responses.create(
+            model=text_server.model_name, input="hi", max_output_tokens=2, extra_body={"logprobs": True}
+        )
+    assert raised.value.body["param"] == "logprobs"
+    assert 'include: ["message.output_text.logprobs"]' in raised.value.body["message"]
+
+
+# -- the server's cap on max_output_tokens ---------------------------------------------------------
+def test_a_lowered_max_output_tokens_is_echoed_and_reported(text_server: Server) -> None:
+    client = text_server.openai()
+    raw = client.responses.with_raw_response.create(
+        model=text_server.model_name, input="hello", max_output_tokens=1000, temperature=0
+    )
+    response = raw.parse()
+    lowered = "max_output_tokens 1000 was lowered to this server's limit of 64 (MAX_NEW_TOKENS_DEFAULT)"
+    assert raw.headers["x-request-warnings"] == lowered
+    assert response.max_output_tokens == 64 and response.model_extra["warnings"] == [lowered]
+    assert response.usage.output_tokens <= 64
+    if response.status == "incomplete":
+        assert (
+            response.incomplete_details.reason == "max_output_tokens" and response.usage.output_tokens == 64
+        )
+    with client.responses.stream(
+        model=text_server.model_name, input="hello", max_output_tokens=1000, temperature=0
+    ) as stream:
+        events = list(stream)
+    assert events[0].response.max_output_tokens == 64
+    assert events[0].response.model_extra["warnings"] == [lowered]
+    assert comparable(events[-1].response) == comparable(response)
+    # Absent, the limit used is the server's, echoed too.
+    default = client.responses.create(model=text_server.model_name, input="hello")
+    assert default.max_output_tokens == 64 and default.model_extra["warnings"] is None
+
+
+def test_errors_name_max_output_tokens(text_server: Server) -> None:
+    with text_server.http() as http:
+        response = http.post("/v1/responses", json={"max_output_tokens": 10**6, "input": "word " * 4000})
+    error = assert_openai_error(response, 400, code="context_length_exceeded", param="max_output_tokens")
+    assert "max_output_tokens" in error["message"] and "max_tokens" not in error["message"]
+
+
+# -- the model's tool-call format ------------------------------------------------------------------
+def test_calls_follow_the_model_tool_call_format(mistral_server: Server) -> None:
+    """Mistral's template: 9-character call ids, which its template requires when they come back."""
+    client = mistral_server.openai()
+    first = client.responses.create(
+        model=mistral_server.model_name,
+        input="Weather in Paris?",
+        parallel_tool_calls=False,
+        max_output_tokens=60,
+        **FORCED,
+    )
+    [call] = first.output
+    assert call.type == "function_call" and re.fullmatch(r"[A-Za-z0-9]{9}", call.call_id), call.call_id
+    answer = client.responses.create(
+        model=mistral_server.model_name,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            call.model_dump(exclude_none=True),
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+        ],
+        tools=[WEATHER],
+        max_output_tokens=2,
+    )
+    assert answer.usage.input_tokens > first.usage.input_tokens
 
 
 def test_counted_in_metrics_and_documented(text_server: Server) -> None:
