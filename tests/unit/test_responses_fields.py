@@ -214,16 +214,22 @@ async def test_without_logprobs_the_parts_have_none() -> None:
     assert events[-1][1]["response"]["output"][0]["content"][0]["logprobs"] == []
 
 
-@pytest.mark.parametrize("cuts", [[1] * 10, [2, 3, 5], [10], [4, 6], [5, 5]])
-async def test_with_a_call_the_message_has_its_own_tokens_however_the_updates_were_cut(cuts) -> None:
-    texts = ["Let", " me", " check", ".", *CALL_TOKENS, ""]
-    entries = tokens(*texts)
-    assert sum(cuts) == len(texts)
+def _cut(texts: list[str], entries: list, cuts: list[int]) -> list[tuple]:
+    """The engine's updates for these tokens, `cuts[i]` tokens in update i, the last one finished."""
     pushes, at = [], 0
     for n in cuts:
         finish = "stop" if at + n == len(texts) else None
         pushes.append(("".join(texts[at : at + n]), [0] * n, entries[at : at + n], finish, None))
         at += n
+    return pushes
+
+
+@pytest.mark.parametrize("cuts", [[1] * 10, [2, 3, 5], [10], [4, 6], [5, 5]])
+async def test_with_a_call_the_message_has_its_own_tokens_however_the_updates_were_cut(cuts) -> None:
+    texts = ["Let", " me", " check", ".", *CALL_TOKENS, ""]
+    entries = tokens(*texts)
+    assert sum(cuts) == len(texts)
+    pushes = _cut(texts, entries, cuts)
     events = await updates_of(pushes, HERMES.parser)
     assert len([name for name, _ in events if name == "response.output_text.delta"]) >= 2
     final = events[-1][1]["response"]
@@ -255,11 +261,7 @@ async def test_text_after_a_call_has_its_own_tokens_not_the_closing_tag(cuts) ->
     texts = [*CALL_TOKENS, "\n", " Done", ".", ""]  # the newline after the tag is no text
     entries = tokens(*texts)
     assert sum(cuts) == len(texts)
-    pushes, at = [], 0
-    for n in cuts:
-        finish = "stop" if at + n == len(texts) else None
-        pushes.append(("".join(texts[at : at + n]), [0] * n, entries[at : at + n], finish, None))
-        at += n
+    pushes = _cut(texts, entries, cuts)
     events = await updates_of(pushes, HERMES.parser)
     final = events[-1][1]["response"]
     assert [item["type"] for item in final["output"]] == ["function_call", "message"]
