@@ -22,6 +22,7 @@ from models.errors import ContextLengthExceededError, InvalidRequestError
 from models.images import DecodedImageCache, ImageLimits
 from models.loader import token_id_limit
 from models.params import PromptInput
+from models.prompt_bounds import dense_cut, max_token_chars
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class PromptBuilder:
         self.tool_chat_template = tool_chat_template  # a checkpoint's named "tool_use" template
         self.min_image_side = min_image_side  # smaller sides are enlarged before the processor
         self._special_pattern = _special_tokens_pattern(tokenizer, self.image_token)
-        self._max_token_chars = _max_token_chars(tokenizer)
+        self._max_token_chars = max_token_chars(tokenizer)
         iterates = bool(_ITERATES_CONTENT.search(chat_template or ""))
         # A template that loops over content and never checks for a string reads a string
         # character by character: such a template gets parts, text model or not.
@@ -268,7 +269,7 @@ class PromptBuilder:
             # whitespace (BERT's, SentencePiece's runs of spaces), which the bound counted. Kept
             # instead: the end holding `bound` characters that are not whitespace (as many tokens
             # at most as before, however much whitespace lies between them).
-            cut = _dense_cut(text, bound)
+            cut = dense_cut(text, bound)
             ids = self.tokenizer(text[cut:], add_special_tokens=special and not cut, **split)["input_ids"]
         prepared = self._truncate(PreparedPrompt(list(ids)))
         if cut:
@@ -457,28 +458,6 @@ def _tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
     return message
 
 
-_WHITESPACE = re.compile(r"\s+")
-
-
-def _dense_cut(text: str, chars: int) -> int:
-    """Where the last `chars` characters of `text` that are not whitespace begin (0 when it has
-    fewer). Counted a chunk at a time from the end, in C, then within the chunk that holds the cut."""
-    end, seen, step = len(text), 0, 1 << 16
-    while end > 0:
-        start = max(0, end - step)
-        dense = len(_WHITESPACE.sub("", text[start:end]))
-        if seen + dense >= chars:
-            counted = seen
-            for i in range(end - 1, start - 1, -1):
-                if not text[i].isspace():
-                    counted += 1
-                    if counted >= chars:
-                        return i
-        seen += dense
-        end = start
-    return 0
-
-
 # apply_chat_template's own arguments that the server sets (passing one again in
 # chat_template_kwargs was a TypeError, reported with transformers' internals in the message).
 _SERVER_TEMPLATE_ARGUMENTS = frozenset(
@@ -496,16 +475,6 @@ _SERVER_TEMPLATE_ARGUMENTS = frozenset(
         "tokenizer_kwargs",
     }
 )
-
-
-def _max_token_chars(tokenizer) -> int:
-    """The longest spelling in the vocabulary: no token stands for more characters than this
-    (byte-level vocabularies spell each byte as one character, so it is an upper bound)."""
-    try:
-        vocab = tokenizer.get_vocab()
-    except Exception:  # remote-code tokenizers without get_vocab: assume generous tokens
-        return 64
-    return max((len(piece) for piece in vocab), default=1) or 1
 
 
 def _special_tokens_pattern(tokenizer, image_token: str | None) -> re.Pattern | None:
