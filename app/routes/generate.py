@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
+from collections.abc import Iterator
 
 from litestar import Request, Response, post
 
@@ -11,17 +14,18 @@ from app.routes import protected
 from app.schemas.generate import GenerateParameters, GenerateRequest, GenerateResponse
 from app.services import begin, warning_headers
 from app.streaming import collect_answer
-from scheduler.errors import InvalidRequestError
+from scheduler.errors import EngineError, InvalidRequestError
 
 
 @protected(post, "/generate", summary="Generate a continuation of raw text (no chat template)", tag="Simple")
 async def generate(request: Request, data: GenerateRequest) -> Response:
     call = await begin(request, GenerateRequest, endpoint="generate", id_prefix="gen")
     svc, tracker = call.svc, call.tracker
-    with tracker.failures():
+    with tracker.failures(), _tgi_names():
         body = await request.json()  # cached by Litestar: no second parse
         _check_undeclared_parameters(body.get("parameters") if isinstance(body, dict) else None)
         stream = await svc.require_scheduler().submit(svc.translator.generate(call.data, call.request_id))
+    warnings = [_tgi_text(w) for w in stream.warnings]
     collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
     text = choice.text
@@ -33,9 +37,31 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
         generated_tokens=stream.completion_tokens,
         prompt_tokens=stream.prompt_tokens,
         latency_seconds=round(time.monotonic() - tracker.started, 4),
-        warnings=stream.warnings or None,
+        warnings=warnings or None,
     )
-    return Response(body, headers=warning_headers(stream.warnings))
+    return Response(body, headers=warning_headers(warnings))
+
+
+# The engine names the length fields as chat does; /generate's are parameters.max_new_tokens and
+# parameters.min_new_tokens.
+_LENGTH_FIELD = re.compile(r"\b(max|min)_tokens\b")
+_PARAMS = {"max_tokens": "parameters.max_new_tokens", "min_tokens": "parameters.min_new_tokens"}
+
+
+def _tgi_text(message: str) -> str:
+    return _LENGTH_FIELD.sub(r"\1_new_tokens", message)
+
+
+@contextlib.contextmanager
+def _tgi_names() -> Iterator[None]:
+    """Errors from the shared path name /generate's own fields."""
+    try:
+        yield
+    except EngineError as exc:
+        exc.param = _PARAMS.get(exc.param or "", exc.param)
+        exc.message = _tgi_text(exc.message)
+        exc.args = (exc.message,)
+        raise
 
 
 def _check_undeclared_parameters(parameters: object) -> None:

@@ -213,3 +213,25 @@ def test_huggingface_hub_text_generation(text_server: Server) -> None:
     assert re.fullmatch(REGEX, client.text_generation(INPUTS, max_new_tokens=32, grammar=grammar))
     with pytest.raises(HfHubHTTPError, match="parameters.details"):
         client.text_generation(INPUTS, max_new_tokens=8, details=True)
+
+
+def test_lengths_are_reported_under_generates_own_names(text_server: Server) -> None:
+    """The shared path wrote chat's field names: a lowered max_new_tokens was reported as
+    "max_tokens ...", and its errors named param "max_tokens"."""
+    with text_server.http() as client:
+        lowered = client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 5000}})
+        assert lowered.status_code == 200, lowered.text
+        assert lowered.json()["warnings"][0].startswith("max_new_tokens 5000 was lowered")
+        assert "max_new_tokens 5000" in lowered.headers["X-Request-Warnings"]
+        too_long = client.post(
+            "/generate", json={"inputs": "word " * 4060, "parameters": {"max_new_tokens": 100}}
+        )
+        error = assert_openai_error(
+            too_long, 400, code="context_length_exceeded", param="parameters.max_new_tokens"
+        )
+        assert "max_new_tokens" in error["message"] and "max_tokens" not in error["message"]
+        too_few = client.post(
+            "/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "min_new_tokens": 5}}
+        )
+        error = assert_openai_error(too_few, 400, param="parameters.min_new_tokens")
+        assert "min_new_tokens (5) is larger than max_new_tokens (2)" in error["message"]
