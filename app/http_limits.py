@@ -42,17 +42,23 @@ class BodyReads:
             scope.cancel()
 
     async def receive(self, receive: Receive, timeout_s: float) -> Any:
-        """The next message, or None after `timeout_s` without one or once stopped."""
-        if self.stopping:
-            return None
+        """The next message, or None after `timeout_s` without one or when stopped. Once stopped,
+        only a body that has already arrived is read (its request then gets the route's own
+        "shutting down" answer, not one that blames its upload)."""
+        stopping = self.stopping
         message = None
-        with anyio.move_on_after(timeout_s) as scope:
-            self._waiting.add(scope)
+        with anyio.move_on_after(_ARRIVED_S if stopping else timeout_s) as scope:
+            if not stopping:
+                self._waiting.add(scope)
             try:
                 message = await receive()
             finally:
                 self._waiting.discard(scope)
         return message
+
+
+# After SIGTERM, how long a read may wait for bytes that the server has in fact already received.
+_ARRIVED_S = 0.05
 
 
 # Codings that compress (RFC 9110's registry and common aliases). Anything else is let through:
