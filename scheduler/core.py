@@ -216,21 +216,33 @@ class Scheduler:
         self._inflight[stream] = (executor, cost)
         return stream
 
-    def check_room(self, sequences: int = 1) -> None:
-        """Refuse at once what cannot be queued now: `sequences` more (n, times the prompts of a
-        multi-prompt completion) must fit one replica's queue. More than a queue holds is a 400."""
+    def check_room(self, n: int = 1, prompts: int = 1) -> None:
+        """Refuse at once what cannot be queued now: `prompts` requests of `n` sequences each (a
+        multi-prompt completion's prompts go to replicas one by one, each prompt's n choices to
+        one) must find queue room now. What no queue could ever hold is a 400."""
         self._check_can_accept()
         limit = self.config.executor.max_queue_size
-        if sequences > limit:
+        ready = [e for e in self.executors if e.is_ready]
+        if n > limit:
             raise InvalidRequestError(
-                f"this request needs {sequences} sequences (prompts x n); at most {limit} can wait on this server "
-                "(MAX_QUEUE_SIZE): send fewer prompts or a lower n",
+                f"n={n} choices of one prompt must wait on one replica, whose queue holds {limit} "
+                "(MAX_QUEUE_SIZE): ask for fewer",
+                param="n",
+            )
+        if n * prompts > limit * max(1, len(ready)):
+            raise InvalidRequestError(
+                f"this request needs {n * prompts} sequences (prompts x n); at most {limit * max(1, len(ready))} "
+                f"can wait on this server ({limit} per replica, MAX_QUEUE_SIZE): send fewer prompts or a lower n",
                 param="prompt",
             )
-        if not any(e.has_room(sequences) for e in self.executors if e.is_ready):
-            raise OverloadedError(
-                "every replica queue is full; retry shortly", retry_after_s=self.retry_after_s()
-            )
+        free = sorted((limit - e.queue_depth for e in ready), reverse=True)
+        for _ in range(prompts):
+            if not free or free[0] < n:
+                raise OverloadedError(
+                    "every replica queue is full; retry shortly", retry_after_s=self.retry_after_s()
+                )
+            free[0] -= n
+            free.sort(reverse=True)
 
     def retry_after_s(self) -> int:
         """When to come back: the work already accepted (prompt tokens to compute and tokens to

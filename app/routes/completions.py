@@ -140,7 +140,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
 
 async def _submit_all(scheduler, engine_requests: list[EngineRequest]) -> list[RequestStream]:
     """All or nothing: when a later prompt is refused, the ones already admitted are cancelled."""
-    scheduler.check_room(sum(r.n for r in engine_requests))  # all of them, or none
+    scheduler.check_room(engine_requests[0].n, len(engine_requests))  # all of them, or none
     streams: list[RequestStream] = []
     try:
         for engine_request in engine_requests:

@@ -366,3 +366,19 @@ def test_retry_after_comes_from_the_backlog_and_the_recent_rate():
     assert scheduler.retry_after_s() == 60  # capped
     Busy.work_per_s = 0.0
     assert scheduler.retry_after_s() == 1  # no rate measured yet
+
+
+async def test_a_multi_prompt_request_is_checked_against_every_replica_queue(tiny_text_path):
+    """A completion's prompts go to replicas one by one: their sequences had to fit one replica's
+    queue (3 prompts were refused on two replicas holding 2 each), yet a prompt's n choices must."""
+    async with running_scheduler(tiny_text_path, cpu_replicas=2, max_queue_size=3) as scheduler:
+        scheduler.check_room(1, 5)  # 5 of 6 places, 3 + 2
+        scheduler.check_room(2, 2)  # one prompt's pair per replica
+        with pytest.raises(OverloadedError):
+            scheduler.check_room(2, 3)  # 6 places, but pairs fit only two of them now
+        with pytest.raises(InvalidRequestError) as too_many:
+            scheduler.check_room(1, 7)
+        assert too_many.value.param == "prompt" and "at most 6" in too_many.value.message
+        with pytest.raises(InvalidRequestError) as wide:
+            scheduler.check_room(4, 1)
+        assert wide.value.param == "n"
