@@ -79,7 +79,8 @@ def usage_of(streams: Sequence[RequestStream]) -> Usage:
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=prompt + completion,
-        prompt_tokens_details=details if image_tokens or cached else None,
+        # Always there, as OpenAI sends it (`cached_tokens: 0` when the prefix cache held nothing).
+        prompt_tokens_details=details,
     )
 
 

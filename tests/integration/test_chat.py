@@ -126,7 +126,7 @@ def test_usage_counts_prompt_tokens_from_the_prefix_cache(text_server: Server) -
     )
     first = client.chat.completions.create(**ask).usage
     again = client.chat.completions.create(**ask).usage
-    before = first.prompt_tokens_details.cached_tokens if first.prompt_tokens_details else 0
+    before = first.prompt_tokens_details.cached_tokens  # present even when 0, as OpenAI sends it
     cached = again.prompt_tokens_details.cached_tokens
     assert before < cached < again.prompt_tokens == first.prompt_tokens
     assert cached % 16 == 0 and cached > again.prompt_tokens - 2 * 16
