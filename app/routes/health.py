@@ -53,7 +53,10 @@ async def live(request: Request) -> Response[dict[str, str]]:
     # a failed load and draining stay live: a restart would not help those.
     scheduler = services(request).scheduler
     if scheduler is not None and scheduler.crashed:
-        return Response({"status": "replica crashed"}, status_code=503)
+        # Which one, so that the kubelet's probe log (it keeps the body) says it without /health.
+        crashed = ",".join(e.name for e in getattr(scheduler, "executors", ()) if e.crashed)
+        body = {"status": "replica crashed"} | ({"replicas": crashed} if crashed else {})
+        return Response(body, status_code=503)
     return Response({"status": "alive"}, status_code=200)
 
 

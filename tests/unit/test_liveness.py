@@ -24,3 +24,14 @@ def test_liveness_fails_only_when_a_replica_crashed(scheduler, status) -> None:
         response = client.get("/health/live")
     assert response.status_code == status
     assert response.json()["status"] == ("replica crashed" if status == 503 else "alive")
+
+
+def test_a_failed_liveness_names_the_replica() -> None:
+    executors = [SimpleNamespace(name="cuda:0", crashed=False), SimpleNamespace(name="cuda:1", crashed=True)]
+    with create_test_client(route_handlers=[live]) as client:
+        client.app.state.services = SimpleNamespace(
+            scheduler=SimpleNamespace(crashed=True, executors=executors)
+        )
+        response = client.get("/health/live")
+    assert response.status_code == 503
+    assert response.json() == {"status": "replica crashed", "replicas": "cuda:1"}
