@@ -306,6 +306,9 @@ def _invalid(spec: GrammarSpec, error: str) -> str:
     error = clean_error(error)
     if "Too many items" in error:
         error += " (a grammar with no end, such as a schema whose required property contains itself, has no finite output)"
+    elif "NoExtensionBias" in error:
+        # llguidance's name for a grammar that can produce nothing at all.
+        error += " (the grammar matches no output at all: for example a $ref that only leads to itself)"
     return f"the {what} cannot be used for constrained decoding: {error}"
 
 

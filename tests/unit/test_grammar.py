@@ -433,3 +433,10 @@ def test_a_grammar_failing_mid_generation_on_a_limit_is_the_requests_400():
     assert isinstance(limit, InvalidRequestError) and limit.param == "tools"
     assert "<non-verbose/>" not in limit.message
     assert isinstance(_constraint_failure(_BrokenConstraint("token 5 not allowed")), GenerationError)
+
+
+def test_a_schema_that_matches_nothing_says_so(replica):
+    """A $ref that only leads to itself: llguidance says "NoExtensionBias", which tells a client nothing."""
+    with pytest.raises(InvalidRequestError) as caught:
+        replica.grammars.validate(GrammarSpec("json_schema", json.dumps({"$ref": "#"})))
+    assert "matches no output at all" in caught.value.message
