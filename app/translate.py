@@ -323,6 +323,7 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
     converted: list[dict[str, Any]] = []
     urls: list[str] = []
     params: list[str] = []
+    legacy_id: str | None = None  # the last legacy function_call's id, for its `function` result
     for i, message in enumerate(messages):
         item: dict[str, Any] = {"role": _ROLE_ALIASES.get(message.role, message.role)}
         content = message.content
@@ -355,7 +356,12 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
         if message.tool_calls:
             item["tool_calls"] = [_to_builtins(c) for c in message.tool_calls]
         elif message.function_call is not None and message.role == "assistant":
-            item["tool_calls"] = [_to_builtins(ToolCall(function=message.function_call))]
+            # The functions API has no call ids; templates that pair calls with results by id
+            # (Mistral's: 9 letters and digits) get one, and the `function` result after it too.
+            legacy_id = f"fn{i:07d}"
+            item["tool_calls"] = [_to_builtins(ToolCall(function=message.function_call, id=legacy_id))]
+        if message.role == "function" and message.tool_call_id is None and legacy_id is not None:
+            item["tool_call_id"] = legacy_id
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
         reasoning = message.reasoning_content if message.reasoning_content is not None else message.reasoning

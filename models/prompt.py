@@ -148,7 +148,12 @@ class PromptBuilder:
         kwargs = dict(prompt.chat_template_kwargs)
         # chat_template_kwargs may set the generation prompt, as in vLLM; what the server itself
         # passes (the messages, tools, which template, how to tokenize) it may not.
-        add_generation_prompt = bool(kwargs.pop("add_generation_prompt", prompt.add_generation_prompt))
+        add_generation_prompt = kwargs.pop("add_generation_prompt", prompt.add_generation_prompt)
+        if not isinstance(add_generation_prompt, bool):
+            raise InvalidRequestError(
+                "chat_template_kwargs.add_generation_prompt must be true or false",
+                param="chat_template_kwargs",
+            )
         reserved = sorted(kwargs.keys() & _SERVER_TEMPLATE_ARGUMENTS)
         if reserved:
             raise InvalidRequestError(
@@ -463,6 +468,7 @@ def _tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
 _SERVER_TEMPLATE_ARGUMENTS = frozenset(
     {
         "conversation",
+        "messages",
         "tools",
         "chat_template",
         "tokenize",

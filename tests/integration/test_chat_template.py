@@ -44,11 +44,18 @@ def test_chat_template_kwargs_may_set_the_generation_prompt_but_not_the_servers_
     unprompted = render(template_server, chat_template_kwargs={"add_generation_prompt": False})
     assert unprompted.status_code == 200, unprompted.text
     assert unprompted.json()["prompt"] == RENDERED.removesuffix("[ASSISTANT]")
-    for reserved in ({"tools": []}, {"tokenize": True}, {"chat_template": "{{ 'x' }}"}):
+    for reserved in ({"tools": []}, {"tokenize": True}, {"chat_template": "{{ 'x' }}"}, {"messages": []}):
         error = assert_openai_error(
             render(template_server, chat_template_kwargs=reserved), 400, param="chat_template_kwargs"
         )
         assert next(iter(reserved)) in error["message"] and "multiple values" not in error["message"]
+    # "false" as a string is not false: refused rather than taken as true.
+    error = assert_openai_error(
+        render(template_server, chat_template_kwargs={"add_generation_prompt": "false"}),
+        400,
+        param="chat_template_kwargs",
+    )
+    assert "true or false" in error["message"]
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -122,3 +122,18 @@ def test_langchain_bound_tools_and_the_next_turn(mistral_server: Server, tool_ch
     results = [ToolMessage("sunny", tool_call_id=c["id"]) for c in message.tool_calls]
     follow_up = llm.invoke([question, message, *results])
     assert follow_up.response_metadata["finish_reason"] in {"tool_calls", "length"}
+
+
+def test_a_legacy_function_call_renders_on_mistrals_template(mistral_server: Server) -> None:
+    """The functions API sends a call without an id; Mistral's template refuses any id but 9 letters
+    and digits, so the call got a 400 ("Tool call IDs should be alphanumeric strings with length 9")."""
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}},
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+    ]
+    with mistral_server.http() as http:
+        response = http.post("/v1/apply_template", json={"messages": messages})
+    assert response.status_code == 200, response.text
+    prompt = response.json()["prompt"]
+    assert "[TOOL_CALLS]" in prompt and "get_weather" in prompt and "sunny" in prompt

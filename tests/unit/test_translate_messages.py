@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 from app.schemas.chat import ChatMessage
@@ -41,4 +43,6 @@ def test_a_legacy_function_call_reaches_the_template_as_a_tool_call():
     [tool_call] = call["tool_calls"]
     assert tool_call["type"] == "function"
     assert tool_call["function"] == {"name": "get_w", "arguments": '{"c": 1}'}
-    assert result == {"role": "tool", "name": "get_w", "content": "RESULT"}
+    # An id of 9 letters and digits (Mistral's templates refuse any other), and its result paired.
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", tool_call["id"])
+    assert result == {"role": "tool", "name": "get_w", "content": "RESULT", "tool_call_id": tool_call["id"]}
