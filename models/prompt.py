@@ -7,7 +7,6 @@ token ids and the extra model inputs (pixel values and friends) of one request.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -23,6 +22,12 @@ from models.images import DecodedImageCache, ImageLimits
 from models.loader import token_id_limit
 from models.params import PromptInput
 from models.prompt_bounds import dense_cut, max_token_chars
+from models.template_messages import (
+    NINE_CHARACTER_IDS,
+    SERVER_TEMPLATE_ARGUMENTS,
+    nine_character_id,
+    tool_call_for_template,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,11 @@ class PromptBuilder:
         # A template that loops over content and never checks for a string reads a string
         # character by character: such a template gets parts, text model or not.
         self.content_as_parts = iterates and not _CHECKS_STRING.search(chat_template or "")
+        # Ids a client got elsewhere (OpenAI's `call_...`) are mapped to ones such a template takes,
+        # the same way for a call and its result, as vLLM shortens them for Mistral.
+        self.nine_character_ids = bool(
+            NINE_CHARACTER_IDS.search((chat_template or "") + (tool_chat_template or ""))
+        )
         self.accepts_parts = iterates
 
     @classmethod
@@ -154,7 +164,7 @@ class PromptBuilder:
                 "chat_template_kwargs.add_generation_prompt must be true or false",
                 param="chat_template_kwargs",
             )
-        reserved = sorted(kwargs.keys() & _SERVER_TEMPLATE_ARGUMENTS)
+        reserved = sorted(kwargs.keys() & SERVER_TEMPLATE_ARGUMENTS)
         if reserved:
             raise InvalidRequestError(
                 f"chat_template_kwargs cannot set {', '.join(reserved)}: the server passes "
@@ -210,7 +220,13 @@ class PromptBuilder:
             out["content"] = "" if not self.content_as_parts else []
         calls = out.get("tool_calls")
         if calls:
-            out["tool_calls"] = [_tool_call_for_template(c) for c in calls]
+            out["tool_calls"] = [tool_call_for_template(c) for c in calls]
+        if self.nine_character_ids:
+            for call in out.get("tool_calls") or ():
+                if isinstance(call.get("id"), str):
+                    call["id"] = nine_character_id(call["id"])
+            if isinstance(out.get("tool_call_id"), str):
+                out["tool_call_id"] = nine_character_id(out["tool_call_id"])
         return out
 
     def _as_text(self, text: str) -> str:
@@ -435,20 +451,6 @@ def _at_least(image, side: int):
     return image.resize((max(width, side), max(height, side)), Image.Resampling.BICUBIC)
 
 
-def _tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:
-    """Templates read `arguments` as a mapping (Qwen, Hermes, Llama 3); OpenAI sends a JSON string."""
-    call = dict(call)
-    function = dict(call.get("function") or {})
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            function["arguments"] = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            pass
-    call["function"] = function
-    return call
-
-
 def _tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
     content = message.get("content")
     if chars is None:
@@ -461,26 +463,6 @@ def _tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
         parts = [{**p, "text": p["text"][-chars:]} if isinstance(p.get("text"), str) else p for p in content]
         return {**message, "content": parts}
     return message
-
-
-# apply_chat_template's own arguments that the server sets (passing one again in
-# chat_template_kwargs was a TypeError, reported with transformers' internals in the message).
-_SERVER_TEMPLATE_ARGUMENTS = frozenset(
-    {
-        "conversation",
-        "messages",
-        "tools",
-        "chat_template",
-        "tokenize",
-        "padding",
-        "truncation",
-        "max_length",
-        "return_tensors",
-        "return_dict",
-        "return_assistant_tokens_mask",
-        "tokenizer_kwargs",
-    }
-)
 
 
 def _special_tokens_pattern(tokenizer, image_token: str | None) -> re.Pattern | None:

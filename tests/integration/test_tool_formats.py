@@ -137,3 +137,32 @@ def test_a_legacy_function_call_renders_on_mistrals_template(mistral_server: Ser
     assert response.status_code == 200, response.text
     prompt = response.json()["prompt"]
     assert "[TOOL_CALLS]" in prompt and "get_weather" in prompt and "sunny" in prompt
+
+
+def test_openai_call_ids_are_mapped_for_mistrals_template(mistral_server: Server) -> None:
+    """An id the client got from OpenAI (`call_...`) sent back in the history: Mistral's template
+    refused it with a 400. It is mapped to 9 letters and digits, alike for the call and its result."""
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_abc123",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{}"},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_abc123", "content": "sunny"},
+    ]
+    with mistral_server.http() as http:
+        response = http.post("/v1/apply_template", json={"messages": messages})
+        assert response.status_code == 200, response.text
+        assert "call_abc123" not in response.json()["prompt"]
+        kept = [
+            {**m, "tool_calls": [{**m["tool_calls"][0], "id": "abcDEF123"}]} if m.get("tool_calls") else m
+            for m in messages[:2]
+        ] + [{"role": "tool", "tool_call_id": "abcDEF123", "content": "sunny"}]
+        assert "abcDEF123" in http.post("/v1/apply_template", json={"messages": kept}).json()["prompt"]

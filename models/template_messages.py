@@ -1,0 +1,58 @@
+"""What the server hands a chat template besides the messages' text: tool calls in the shape
+templates read, call ids a template accepts, and the arguments the server passes itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+# Mistral's templates refuse tool call ids that are not 9 letters and digits (`id|length != 9`).
+NINE_CHARACTER_IDS = re.compile(r"\|\s*length\s*(?:!=|==)\s*9\b")
+_NINE_ALNUM = re.compile(r"[A-Za-z0-9]{9}")
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+# apply_chat_template's own arguments that the server sets (passing one again in
+# chat_template_kwargs was a TypeError, reported with transformers' internals in the message).
+SERVER_TEMPLATE_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "chat_template",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+
+
+def nine_character_id(call_id: str) -> str:
+    """The id as is when it is 9 letters and digits, else 9 drawn from its hash: a call and the
+    result that names it map alike."""
+    if _NINE_ALNUM.fullmatch(call_id):
+        return call_id
+    value = int.from_bytes(hashlib.sha256(call_id.encode()).digest()[:8], "big")
+    return "".join(_BASE62[(value // 62**i) % 62] for i in range(9))
+
+
+def tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:
+    """Templates read `arguments` as a mapping (Qwen, Hermes, Llama 3); OpenAI sends a JSON string."""
+    call = dict(call)
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            pass
+    call["function"] = function
+    return call
