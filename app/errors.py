@@ -6,8 +6,10 @@ become a generic 500; their details go to the log only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -214,3 +216,16 @@ EXCEPTION_HANDLERS = {
     RecursionError: handle_undecodable_body,
     Exception: handle_unexpected,
 }
+
+
+@contextlib.contextmanager
+def renamed_fields(param: Callable[[str | None], str | None], text: Callable[[str], str]) -> Iterator[None]:
+    """Engine errors raised inside name a route's own fields: the shared path writes chat's
+    (`max_tokens`, `messages`), where /v1/responses and /generate have others."""
+    try:
+        yield
+    except EngineError as exc:
+        exc.param = param(exc.param)
+        exc.message = text(exc.message)
+        exc.args = (exc.message,)
+        raise

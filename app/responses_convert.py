@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from app.errors import renamed_fields
 from app.schemas.chat import (
     ChatCompletionRequest,
     ChatMessage,
@@ -44,7 +44,7 @@ from app.schemas.responses import (
     RefusalPart,
     ResponsesRequest,
 )
-from scheduler.errors import EngineError, InvalidRequestError
+from scheduler.errors import InvalidRequestError
 
 _STATELESS = "this server keeps no responses; send the whole conversation in `input`"
 # Chat-side names of the fields whose Responses names differ.
@@ -103,16 +103,9 @@ class ChatForm:
             return self.origins[int(match.group(1))] + match.group(2)
         return _RENAMED.get(chat_param, chat_param)
 
-    @contextlib.contextmanager
-    def responses_params(self) -> Iterator[None]:
+    def responses_params(self) -> contextlib.AbstractContextManager[None]:
         """Errors raised inside name the Responses field instead of the chat one."""
-        try:
-            yield
-        except EngineError as exc:
-            exc.param = self.param(exc.param)
-            exc.message = responses_text(exc.message)
-            exc.args = (exc.message,)
-            raise
+        return renamed_fields(self.param, responses_text)
 
 
 def chat_form(req: ResponsesRequest) -> ChatForm:

@@ -49,7 +49,6 @@ class IncrementalDetokenizer:
         # Tokens whose text has been returned (DecodeStream holds back an unfinished character).
         self._sent = len(context)
         self._token_bytes: TokenBytes | None = None
-        self._metaspace: bool | None = None
 
     def push(self, token_id: int) -> str:
         self._ids.append(token_id)
@@ -90,10 +89,9 @@ class IncrementalDetokenizer:
         texts = self.token_texts(ids)
         if self._token_bytes is None:
             self._token_bytes = token_bytes_for(self._tokenizer)
-            self._metaspace = self._token_bytes.style == "metaspace"
         names, tokenizer = self._token_bytes, self._tokenizer
         raw = [names.of(tokenizer, token_id, text) for token_id, text in zip(ids, texts, strict=True)]
-        if self._metaspace:
+        if names.style == "metaspace":
             # A SentencePiece token decoded alone loses the space its "▁" stands for, which the
             # answer's text keeps: the token's text is its bytes, as for byte-level vocabularies.
             texts = [piece.decode("utf-8", errors="replace") for piece in raw]

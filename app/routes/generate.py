@@ -5,16 +5,16 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
 
 from litestar import Request, Response, post
 
+from app.errors import renamed_fields
 from app.request_fields import check_undeclared
 from app.routes import protected
 from app.schemas.generate import GenerateParameters, GenerateRequest, GenerateResponse
 from app.services import begin, warning_headers
 from app.streaming import collect_answer
-from scheduler.errors import EngineError, InvalidRequestError
+from scheduler.errors import InvalidRequestError
 
 
 @protected(post, "/generate", summary="Generate a continuation of raw text (no chat template)", tag="Simple")
@@ -52,16 +52,9 @@ def _tgi_text(message: str) -> str:
     return _LENGTH_FIELD.sub(r"\1_new_tokens", message)
 
 
-@contextlib.contextmanager
-def _tgi_names() -> Iterator[None]:
+def _tgi_names() -> contextlib.AbstractContextManager[None]:
     """Errors from the shared path name /generate's own fields."""
-    try:
-        yield
-    except EngineError as exc:
-        exc.param = _PARAMS.get(exc.param or "", exc.param)
-        exc.message = _tgi_text(exc.message)
-        exc.args = (exc.message,)
-        raise
+    return renamed_fields(lambda param: _PARAMS.get(param or "", param), _tgi_text)
 
 
 def _check_undeclared_parameters(parameters: object) -> None:

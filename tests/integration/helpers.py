@@ -107,3 +107,23 @@ def sse_chunks(raw: str) -> list[dict[str, Any]]:
     assert payloads and payloads[-1] == "[DONE]", payloads[-3:]
     assert payloads.count("[DONE]") == 1
     return [json.loads(p) for p in payloads[:-1]]
+
+
+def comparable_response(response: Any) -> dict[str, Any]:
+    """A response without what differs between two identical requests: ids, times, the prompt
+    tokens the prefix cache held (the second finds the first's), logprobs' last bits."""
+    body = json.loads(json.dumps(response if isinstance(response, dict) else response.model_dump()))
+    for key in ("id", "created_at", "completed_at"):
+        body.pop(key, None)
+    if body.get("usage"):
+        body["usage"]["input_tokens_details"].pop("cached_tokens", None)
+    for item in body["output"]:
+        for key in ("id", "call_id", "parsed_arguments"):
+            item.pop(key, None)
+        for part in item.get("content", []):
+            part.pop("parsed", None)
+            for entry in part.get("logprobs") or []:
+                entry["logprob"] = round(entry["logprob"], 3)
+                for top in entry["top_logprobs"]:
+                    top["logprob"] = round(top["logprob"], 3)
+    return body

@@ -13,12 +13,11 @@ import json
 import re
 from typing import Any, Literal
 
-import openai
 import pytest
 from pydantic import BaseModel, Field
 
 from tests.integration.conftest import Server
-from tests.integration.helpers import assert_openai_error, png_data_url
+from tests.integration.helpers import assert_openai_error, comparable_response, png_data_url
 
 WEATHER = {
     "type": "function",
@@ -43,26 +42,6 @@ PERSON = {
 class Person(BaseModel):
     name: str = Field(max_length=8)
     age: int = Field(ge=0, le=150)
-
-
-def comparable(response: Any) -> dict[str, Any]:
-    """A response without what differs between two identical requests: ids, times, the prompt
-    tokens the prefix cache held (the second finds the first's), logprobs' last bits."""
-    body = json.loads(json.dumps(response if isinstance(response, dict) else response.model_dump()))
-    for key in ("id", "created_at", "completed_at"):
-        body.pop(key, None)
-    if body.get("usage"):
-        body["usage"]["input_tokens_details"].pop("cached_tokens", None)
-    for item in body["output"]:
-        for key in ("id", "call_id", "parsed_arguments"):
-            item.pop(key, None)
-        for part in item.get("content", []):
-            part.pop("parsed", None)
-            for entry in part.get("logprobs") or []:
-                entry["logprob"] = round(entry["logprob"], 3)
-                for top in entry["top_logprobs"]:
-                    top["logprob"] = round(top["logprob"], 3)
-    return body
 
 
 def sse_events(raw: str) -> list[tuple[str, dict[str, Any]]]:
@@ -282,7 +261,7 @@ def test_stream_event_sequence_over_http(text_server: Server) -> None:
     assert "".join(deltas) == done_text == created["output"][0]["content"][0]["text"]
     final = events[-1][1]["response"]
     assert final["output"][0]["id"] == events[2][1]["item"]["id"] == events[-2][1]["item"]["id"]
-    assert comparable(final) == comparable(created)
+    assert comparable_response(final) == comparable_response(created)
 
 
 def test_stream_function_call_accumulates_to_create(text_server: Server) -> None:
@@ -308,7 +287,7 @@ def test_stream_function_call_accumulates_to_create(text_server: Server) -> None
     ]
     argument_deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
     assert argument_deltas and "".join(argument_deltas) == final.output[0].arguments
-    assert comparable(final) == comparable(created)
+    assert comparable_response(final) == comparable_response(created)
 
 
 def test_stream_incomplete_carries_the_create_response(text_server: Server) -> None:
@@ -320,7 +299,7 @@ def test_stream_incomplete_carries_the_create_response(text_server: Server) -> N
     if created.status == "incomplete":
         assert last.type == "response.incomplete"
         assert last.response.incomplete_details.reason == "max_output_tokens"
-    assert comparable(last.response) == comparable(created)
+    assert comparable_response(last.response) == comparable_response(created)
 
 
 # -- what is refused, what is accepted --------------------------------------------------------------
@@ -444,108 +423,6 @@ def test_chat_refuses_moderation_and_ignores_cache_hints(text_server: Server) ->
         accepted = http.post("/v1/chat/completions", json={**body, **hints, "moderation": None})
     assert_openai_error(refused, 400, param="moderation")
     assert accepted.status_code == 200, accepted.text
-
-
-# -- logprobs ---------------------------------------------------------------------------------------
-def test_logprobs_with_the_include_streamed_or_not(text_server: Server) -> None:
-    client = text_server.openai()
-    kwargs = {
-        "model": text_server.model_name,
-        "input": "hello",
-        "max_output_tokens": 6,
-        "temperature": 0,
-        "include": ["message.output_text.logprobs"],
-        "top_logprobs": 3,
-    }
-    created = client.responses.create(**kwargs)
-    [part] = created.output[0].content
-    assert created.top_logprobs == 3 and len(part.logprobs) == created.usage.output_tokens
-    for entry in part.logprobs:
-        assert len(entry.top_logprobs) == 3 and all(0 <= b < 256 for b in entry.bytes)
-        # Greedy: each token is its position's most likely one.
-        assert entry.top_logprobs[0].token == entry.token
-        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
-        assert entry.logprob <= 0 and entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
-
-    with client.responses.stream(**kwargs) as stream:
-        events = list(stream)
-    final = events[-1].response
-    assert comparable(final)["output"][0]["content"][0]["text"] == part.text
-    streamed = final.output[0].content[0].logprobs
-    assert [e.token for e in streamed] == [e.token for e in part.logprobs]
-    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in part.logprobs], abs=1e-3)
-    deltas = [e for e in events if e.type == "response.output_text.delta"]
-    assert [lp.token for e in deltas for lp in e.logprobs] == [e.token for e in streamed]
-    [done] = [e for e in events if e.type == "response.output_text.done"]
-    assert [lp.token for lp in done.logprobs] == [e.token for e in streamed]
-
-    parsed = client.responses.parse(**kwargs)
-    assert len(parsed.output[0].content[0].logprobs) == parsed.usage.output_tokens
-
-
-def test_logprobs_over_http_have_openai_shape(text_server: Server) -> None:
-    body = {"input": "hi", "max_output_tokens": 2, "include": ["message.output_text.logprobs"]}
-    with text_server.http() as http:
-        response = http.post("/v1/responses", json=body)
-    assert response.status_code == 200, response.text
-    [entry, *_] = response.json()["output"][0]["content"][0]["logprobs"]
-    assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"} and entry["top_logprobs"] == []
-
-
-def test_top_logprobs_without_the_include_returns_none_and_says_so(text_server: Server) -> None:
-    with text_server.http() as http:
-        response = http.post("/v1/responses", json={"input": "hi", "max_output_tokens": 2, "top_logprobs": 5})
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["output"][0]["content"][0]["logprobs"] == [] and body["top_logprobs"] == 5
-    [warning] = body["warnings"]
-    assert (
-        "message.output_text.logprobs" in warning and "top_logprobs" in response.headers["x-request-warnings"]
-    )
-
-
-def test_logprobs_true_is_refused_with_the_way_that_works(text_server: Server) -> None:
-    client = text_server.openai()
-    with pytest.raises(openai.BadRequestError) as raised:
-        client.responses.create(
-            model=text_server.model_name, input="hi", max_output_tokens=2, extra_body={"logprobs": True}
-        )
-    assert raised.value.body["param"] == "logprobs"
-    assert 'include: ["message.output_text.logprobs"]' in raised.value.body["message"]
-
-
-# -- the server's cap on max_output_tokens ---------------------------------------------------------
-def test_a_lowered_max_output_tokens_is_echoed_and_reported(text_server: Server) -> None:
-    client = text_server.openai()
-    raw = client.responses.with_raw_response.create(
-        model=text_server.model_name, input="hello", max_output_tokens=1000, temperature=0
-    )
-    response = raw.parse()
-    lowered = "max_output_tokens 1000 was lowered to this server's limit of 64 (MAX_NEW_TOKENS_DEFAULT)"
-    assert raw.headers["x-request-warnings"] == lowered
-    assert response.max_output_tokens == 64 and response.model_extra["warnings"] == [lowered]
-    assert response.usage.output_tokens <= 64
-    if response.status == "incomplete":
-        assert (
-            response.incomplete_details.reason == "max_output_tokens" and response.usage.output_tokens == 64
-        )
-    with client.responses.stream(
-        model=text_server.model_name, input="hello", max_output_tokens=1000, temperature=0
-    ) as stream:
-        events = list(stream)
-    assert events[0].response.max_output_tokens == 64
-    assert events[0].response.model_extra["warnings"] == [lowered]
-    assert comparable(events[-1].response) == comparable(response)
-    # Absent, the limit used is the server's, echoed too.
-    default = client.responses.create(model=text_server.model_name, input="hello")
-    assert default.max_output_tokens == 64 and default.model_extra["warnings"] is None
-
-
-def test_errors_name_max_output_tokens(text_server: Server) -> None:
-    with text_server.http() as http:
-        response = http.post("/v1/responses", json={"max_output_tokens": 10**6, "input": "word " * 4000})
-    error = assert_openai_error(response, 400, code="context_length_exceeded", param="max_output_tokens")
-    assert "max_output_tokens" in error["message"] and "max_tokens" not in error["message"]
 
 
 # -- the model's tool-call format ------------------------------------------------------------------
