@@ -80,6 +80,7 @@ class Translator:
         prompt_logprobs: int | None = None,
         logit_bias: dict[str, float] | None = None,
         skip_special_tokens: bool = True,
+        keep_special_tokens: tuple[str, ...] = (),
         grammar: Any = None,
     ) -> SamplingParams:
         s = self.settings
@@ -108,6 +109,7 @@ class Translator:
             prompt_logprobs=prompt_logprobs,
             logit_bias=_logit_bias(logit_bias),
             skip_special_tokens=skip_special_tokens,
+            keep_special_tokens=keep_special_tokens,
             grammar=grammar,
         )
 
@@ -132,8 +134,9 @@ class Translator:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             prompt_logprobs=_prompt_logprobs(req),
             logit_bias=req.logit_bias,
-            # Some chat formats mark their tool-call tags special; the parser must see them.
-            skip_special_tokens=req.skip_special_tokens and parser_factory(req) is None,
+            skip_special_tokens=req.skip_special_tokens,
+            # Some vocabularies mark their tool-call tags special; the parser must see them.
+            keep_special_tokens=tool_format.markers if parser_factory(req) is not None else (),
             grammar=grammar,
         )
         return EngineRequest(request_id, prompt, params, n=req.n, kind="chat", streamed=req.stream)
@@ -250,7 +253,7 @@ class Translator:
         return PromptInput(
             messages=tuple(converted),
             image_params=tuple(params),
-            tools=tuple(_to_builtins(t) for t in tools) if tools else None,
+            tools=tuple(_tool_for_template(t) for t in tools) if tools else None,
             add_generation_prompt=add_generation_prompt,
             images=images,
             chat_template_kwargs=dict(chat_template_kwargs or {}),
@@ -455,6 +458,19 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
             ) from None
         parsed[token] = float(value)
     return parsed
+
+
+# What OpenAI means by a function without `parameters`: it takes none. Templates read the field
+# (Hermes' `tool.parameters`, a Jinja error when it is missing), so it is sent spelled out.
+_NO_PARAMETERS = {"type": "object", "properties": {}}
+
+
+def _tool_for_template(tool: Any) -> dict[str, Any]:
+    out = _to_builtins(tool)
+    function = out.get("function")
+    if isinstance(function, dict) and "parameters" not in function:
+        out["function"] = {**function, "parameters": dict(_NO_PARAMETERS)}
+    return out
 
 
 def _to_builtins(value: Any) -> Any:

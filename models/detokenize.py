@@ -23,10 +23,25 @@ class IncrementalDetokenizer:
     method (as in TGI and vLLM) for Python tokenizers, and for a sequence DecodeStream refuses.
     """
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], *, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        prompt_ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        keep_special_tokens: Sequence[str] = (),
+    ) -> None:
         self._tokenizer = tokenizer
+        # Special tokens to keep while the others are skipped (a tool-call format's markers, which
+        # some vocabularies mark special): the decoder keeps every special token, and the others
+        # are dropped by id before they reach it, as skipping would.
+        self._dropped: frozenset[int] = frozenset()
+        if skip_special_tokens and keep_special_tokens:
+            self._dropped = special_ids_except(tokenizer, tuple(keep_special_tokens))
+            skip_special_tokens = False
         self._skip_special = skip_special_tokens
-        context = list(prompt_ids[-_CONTEXT_TOKENS:])
+        dropped = self._dropped
+        context = [token_id for token_id in prompt_ids if token_id not in dropped][-_CONTEXT_TOKENS:]
 
         # A token-id prompt may end inside a character. Such a context decodes to a trailing U+FFFD,
         # and once generated tokens complete the character, DecodeStream's text no longer extends
@@ -51,6 +66,8 @@ class IncrementalDetokenizer:
         self._token_bytes: TokenBytes | None = None
 
     def push(self, token_id: int) -> str:
+        if token_id in self._dropped:
+            return ""
         self._ids.append(token_id)
         if self._stream is not None:
             try:
@@ -242,13 +259,31 @@ def _decoder_style(tokenizer) -> str:
     return ""
 
 
+_SPECIAL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TOKEN_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_TOKEN_BYTES_LOCK = threading.Lock()
+_CACHES_LOCK = threading.Lock()
+
+
+def special_ids_except(tokenizer, keep: tuple[str, ...]) -> frozenset[int]:
+    """The ids `decode(skip_special_tokens=True)` leaves out, except those of the tokens `keep`."""
+    with _CACHES_LOCK:
+        try:
+            cache = _SPECIAL_IDS.setdefault(tokenizer, {})
+        except TypeError:  # not weakly referenceable: computed each time
+            cache = {}
+        found = cache.get(keep)
+        if found is None:
+            added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+            special = {i for i, token in added.items() if getattr(token, "special", False)}
+            special.update(getattr(tokenizer, "all_special_ids", ()) or ())
+            kept = {i for i in special if tokenizer.convert_ids_to_tokens(i) in keep}
+            found = cache[keep] = frozenset(special - kept)
+        return found
 
 
 def token_bytes_for(tokenizer) -> TokenBytes:
     """One cache per tokenizer, shared by the detokenizers of all its sequences."""
-    with _TOKEN_BYTES_LOCK:
+    with _CACHES_LOCK:
         try:
             names = _TOKEN_BYTES.get(tokenizer)
             if names is None:

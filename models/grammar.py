@@ -267,7 +267,10 @@ def tool_calls_lark(config: dict, special: dict[str, int]) -> str:
 
 
 def _arguments_schema(tool: dict) -> dict:
-    return tool.get("parameters") or {"type": "object"}
+    # A function sent without `parameters` takes none, as OpenAI reads it: its arguments are `{}`.
+    if tool.get("parameters") is None:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return tool["parameters"] or {"type": "object"}
 
 
 def _lark_literal(text: str, special: dict[str, int]) -> str:

@@ -62,6 +62,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: Mapping[int, float] | None = None
     skip_special_tokens: bool = True
+    # Special tokens kept in the text while the others are skipped: a tool-call format's markers.
+    keep_special_tokens: tuple[str, ...] = ()
     # Constrained decoding: the output must match this grammar (models.grammar).
     grammar: GrammarSpec | None = None
 

@@ -96,6 +96,8 @@ class PromptBuilder:
         # A base model's chat is refused rather than rendered in a guessed format it never saw.
         self.chat_template = chat_template
         self.tool_chat_template = tool_chat_template  # a checkpoint's named "tool_use" template
+        # Set once the template is seen to join tool-call arguments into the text as a string.
+        self._arguments_as_text = False
         self.min_image_side = min_image_side  # smaller sides are enlarged before the processor
         self._special_pattern = _special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = max_token_chars(tokenizer)
@@ -154,7 +156,6 @@ class PromptBuilder:
             return self._paligemma_prefix(prompt, content_chars)
         if self.chat_template is None:
             raise InvalidRequestError(NO_TEMPLATE, param="messages")
-        messages = [self._normalise_message(_tail(m, content_chars)) for m in prompt.messages]
         kwargs = dict(prompt.chat_template_kwargs)
         # chat_template_kwargs may set the generation prompt, as in vLLM; what the server itself
         # passes (the messages, tools, which template, how to tokenize) it may not.
@@ -171,7 +172,12 @@ class PromptBuilder:
                 f"{'it' if len(reserved) == 1 else 'them'} to the chat template itself (send tools in `tools`)",
                 param="chat_template_kwargs",
             )
-        try:
+
+        def apply(arguments_as_text: bool) -> str:
+            messages = [
+                self._normalise_message(_tail(m, content_chars), arguments_as_text=arguments_as_text)
+                for m in prompt.messages or ()
+            ]
             return self.tokenizer.apply_chat_template(
                 messages,
                 tools=list(prompt.tools) if prompt.tools else None,
@@ -182,13 +188,28 @@ class PromptBuilder:
                 chat_template=(self.tool_chat_template if prompt.tools else None) or self.chat_template,
                 **kwargs,
             )
+
+        try:
+            return apply(self._arguments_as_text)
         except InvalidRequestError:
             raise
         except Exception as exc:  # template errors (raise_exception in Jinja, bad roles) are the client's
             log.debug("chat template failed", exc_info=True)
-            raise InvalidRequestError(
+            rejected = InvalidRequestError(
                 f"the chat template rejected the messages: {_short(exc)}", param="messages"
-            ) from None
+            )
+        # Most templates read a call's arguments as a mapping (`| tojson`); some join them into the
+        # text as the JSON string OpenAI sends (DeepSeek-R1's `+ tool['function']['arguments'] +`).
+        # Such a template is known by failing on the mapping and rendering the string.
+        if not self._arguments_as_text and any(m.get("tool_calls") for m in prompt.messages):
+            try:
+                text = apply(True)
+            except Exception:
+                log.debug("chat template failed with arguments as text too", exc_info=True)
+            else:
+                self._arguments_as_text = True
+                return text
+        raise rejected
 
     def _paligemma_prefix(self, prompt: PromptInput, content_chars: int | None) -> str:
         """PaliGemma takes a task prefix, not a conversation: the text of every message, one per
@@ -202,7 +223,9 @@ class PromptBuilder:
                 lines.extend(self._as_text(str(p["text"])) for p in content if p.get("type") == "text")
         return "\n".join(line for line in lines if line)
 
-    def _normalise_message(self, message: Mapping[str, Any]) -> dict[str, Any]:
+    def _normalise_message(
+        self, message: Mapping[str, Any], *, arguments_as_text: bool = False
+    ) -> dict[str, Any]:
         out = dict(message)
         content = out.get("content")
         if isinstance(content, str):
@@ -220,7 +243,9 @@ class PromptBuilder:
             out["content"] = "" if not self.content_as_parts else []
         calls = out.get("tool_calls")
         if calls:
-            out["tool_calls"] = [tool_call_for_template(c) for c in calls]
+            out["tool_calls"] = [
+                tool_call_for_template(c, arguments_as_text=arguments_as_text) for c in calls
+            ]
         if self.nine_character_ids:
             for call in out.get("tool_calls") or ():
                 if isinstance(call.get("id"), str):

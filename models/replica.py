@@ -121,7 +121,10 @@ class ModelReplica:
                 # Compiled and validated before admission (Scheduler.submit); here it is a cache hit.
                 sampler.constraint = self.grammars.constraint(params.grammar)
             detok = IncrementalDetokenizer(
-                self.loaded.tokenizer, prepared.token_ids, skip_special_tokens=params.skip_special_tokens
+                self.loaded.tokenizer,
+                prepared.token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                keep_special_tokens=params.keep_special_tokens,
             )
             out.append(Generation(sampler, detok, max_tokens=params.max_tokens))
         return out

@@ -44,12 +44,13 @@ def nine_character_id(call_id: str) -> str:
     return "".join(_BASE62[(value // 62**i) % 62] for i in range(9))
 
 
-def tool_call_for_template(call: Mapping[str, Any]) -> dict[str, Any]:
-    """Templates read `arguments` as a mapping (Qwen, Hermes, Llama 3); OpenAI sends a JSON string."""
+def tool_call_for_template(call: Mapping[str, Any], *, arguments_as_text: bool = False) -> dict[str, Any]:
+    """Templates read `arguments` as a mapping (Qwen, Hermes, Llama 3); OpenAI sends a JSON string,
+    which `arguments_as_text` keeps (for templates that join it into the text)."""
     call = dict(call)
     function = dict(call.get("function") or {})
     arguments = function.get("arguments")
-    if isinstance(arguments, str):
+    if isinstance(arguments, str) and not arguments_as_text:
         try:
             function["arguments"] = json.loads(arguments) if arguments.strip() else {}
         except ValueError:

@@ -54,6 +54,8 @@ class ToolCallFormat(Protocol):
     "required" or named) and the parser that reads them back."""
 
     name: str
+    # The format's tags; kept in the text for the parser where the vocabulary marks them special.
+    markers: tuple[str, ...]
 
     def grammar(
         self, tools: list[dict[str, Any]], *, only: str | None = None, parallel: bool = True

@@ -39,6 +39,10 @@ class HermesFormat:
     open_tag: str = "<tool_call>"
     close_tag: str = "</tool_call>"
 
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return (self.open_tag, self.close_tag)
+
     def grammar(
         self, tools: list[dict[str, Any]], *, only: str | None = None, parallel: bool = True
     ) -> GrammarSpec:

@@ -24,6 +24,7 @@ _DECODER = json.JSONDecoder()
 class Llama3JsonFormat:
     name: str = "llama3_json"
     layout: str = " \t\r\n;"
+    markers: tuple[str, ...] = (PYTHON_TAG,)
 
     @staticmethod
     def call_id() -> str:

@@ -30,6 +30,7 @@ class MistralFormat:
     name: str = "mistral"
     args_layout: bool = False
     layout: str = " \t\r\n,]"
+    markers: tuple[str, ...] = (TOOL_CALLS, ARGS)
 
     @staticmethod
     def call_id() -> str:

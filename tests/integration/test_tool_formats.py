@@ -166,3 +166,32 @@ def test_openai_call_ids_are_mapped_for_mistrals_template(mistral_server: Server
             for m in messages[:2]
         ] + [{"role": "tool", "tool_call_id": "abcDEF123", "content": "sunny"}]
         assert "abcDEF123" in http.post("/v1/apply_template", json={"messages": kept}).json()["prompt"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_offered_leave_other_special_tokens_out_of_the_text(mistral_server: Server, stream) -> None:
+    """With tools offered and tool_choice auto, the output used to be decoded with every special
+    token kept (so that the parser sees `[TOOL_CALLS]`): `[INST]` and the like reached `content`.
+    Only the format's markers are kept now; the rest are skipped, as without tools."""
+    with mistral_server.http() as http:
+        inst = http.post("/tokenize", json={"prompt": "[INST]", "add_special_tokens": False}).json()["tokens"]
+        assert len(inst) == 1
+        body = {
+            "model": mistral_server.model_name,
+            "messages": user("hi"),
+            "tools": TOOLS,
+            "tool_choice": "auto",
+            "max_tokens": 4,
+            "logit_bias": {str(inst[0]): 100},
+            "stream": stream,
+        }
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        if stream:
+            chunks = sse_chunks(response.text)
+            content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        else:
+            message = response.json()["choices"][0]["message"]
+            content = message["content"] or ""
+            assert response.json()["usage"]["completion_tokens"] == 4
+    assert "[INST]" not in content and content == ""

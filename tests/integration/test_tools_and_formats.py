@@ -191,6 +191,31 @@ def test_tools_reach_the_template_as_sent(text_server: Server) -> None:
     assert json.dumps(tool) in response.json()["prompt"]
 
 
+def test_a_function_without_parameters_takes_none(text_server: Server) -> None:
+    """OpenAI lets a function leave `parameters` out (it takes no arguments). Templates that read
+    the field (Hermes' `tool.parameters`) failed on it with a 400: it reaches them spelled out, and
+    a forced call to it has empty arguments."""
+    tool = {"type": "function", "function": {"name": "ping"}}
+    with text_server.http() as client:
+        prompt = client.post("/v1/apply_template", json={"messages": user("hi"), "tools": [tool]}).json()[
+            "prompt"
+        ]
+    spelled = {
+        "type": "function",
+        "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}},
+    }
+    assert json.dumps(spelled) in prompt
+    completion = text_server.openai().chat.completions.create(
+        model=text_server.model_name,
+        messages=user("ping"),
+        tools=[tool],
+        tool_choice="required",
+        max_tokens=32,
+    )
+    call = completion.choices[0].message.tool_calls[0]
+    assert call.function.name == "ping" and json.loads(call.function.arguments) == {}
+
+
 def test_named_tool_choice(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.create(
         model=text_server.model_name,

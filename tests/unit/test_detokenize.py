@@ -28,6 +28,20 @@ def test_streamed_text_equals_full_decode_and_pieces_are_valid(tokenizer):
     assert all("\ufffd" not in p for p in pieces)
 
 
+@pytest.mark.parametrize("offsets_path", [False, True])
+def test_kept_special_tokens_stay_and_the_others_are_skipped(tokenizer, offsets_path):
+    """A tool-call format's markers may be special tokens: kept for the parser, while every other
+    special token is skipped as `skip_special_tokens` would (the tiny vocabulary marks <|im_start|>
+    and <|im_end|> special)."""
+    ids = tokenizer("<|im_start|>naïve<|im_end|> café<|im_start|>", add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, [], keep_special_tokens=("<|im_end|>",))
+    if offsets_path:
+        detok._stream = None
+    assert "".join(detok.push(t) for t in ids) + detok.flush() == "naïve<|im_end|> café"
+    plain = IncrementalDetokenizer(tokenizer, [])
+    assert "".join(plain.push(t) for t in ids) == "naïve café"
+
+
 def test_python_fallback_matches(tokenizer):
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     detok = IncrementalDetokenizer(tokenizer, [])

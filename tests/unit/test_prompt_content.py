@@ -56,6 +56,39 @@ def test_a_template_that_takes_strings_too_gets_text_joined_as_before():
     assert rendered == "<|user|>What is\nthe weather?<|end|>"
 
 
+# DeepSeek-R1's way: a call's arguments joined into the text as the JSON string OpenAI sends.
+JOINS_ARGUMENTS = (
+    "{%- for message in messages %}<|{{ message['role'] }}|>"
+    "{%- for tool in message['tool_calls'] or [] %}{{ tool['function']['name'] + '\\n' + "
+    "tool['function']['arguments'] }}{%- endfor %}{{ message['content'] }}<|end|>{%- endfor %}"
+)
+# Most templates' way: the arguments as a mapping, written out with tojson.
+MAPS_ARGUMENTS = (
+    "{%- for message in messages %}<|{{ message['role'] }}|>"
+    "{%- for tool in message['tool_calls'] or [] %}{{ tool['function']['arguments'] | tojson }}{%- endfor %}"
+    "{{ message['content'] }}<|end|>{%- endfor %}"
+)
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}
+WITH_A_CALL = (
+    {"role": "user", "content": "weather?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+)
+
+
+def test_a_template_that_joins_arguments_as_text_gets_the_string():
+    """Given the mapping, such a template failed ("can only concatenate str (not dict)"): every
+    request replaying a call was a 400."""
+    builder = _builder(JOINS_ARGUMENTS)
+    for _ in range(2):  # the second render goes straight to the string
+        rendered = builder.render(PromptInput(messages=WITH_A_CALL, add_generation_prompt=False))
+        assert (
+            rendered == '<|user|>weather?<|end|><|assistant|>f\n{"city": "Paris"}<|end|><|tool|>sunny<|end|>'
+        )
+    mapping = _builder(MAPS_ARGUMENTS).render(PromptInput(messages=WITH_A_CALL, add_generation_prompt=False))
+    assert '<|assistant|>{"city": "Paris"}<|end|>' in mapping
+
+
 NAMED = {
     "default": "{%- for message in messages %}[{{ message['role'] }}] {{ message['content'] }}\n{%- endfor %}",
     "tool_use": (
