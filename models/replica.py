@@ -267,10 +267,27 @@ def _generic(
     if pad is None and loaded.eos_token_ids:
         pad = min(loaded.eos_token_ids)
     scope = DeviceScope(str(loaded.device))
+    token_ids = PromptBuilder.for_model(loaded).tokenize(_SELF_TEST_TEXT)
     with scope(), torch.inference_mode():
-        problem = batching_problem(
-            loaded.model, loaded.model.forward, PromptBuilder.for_model(loaded).tokenize(_SELF_TEST_TEXT)
-        )
+        # The generic path is the model's own generate(): where that fails on a short text prompt,
+        # every request would fail, so the replica does not come up (the server reports degraded
+        # with the cause) instead of reporting ready.
+        try:
+            ids = torch.tensor([token_ids[:16]], device=loaded.device)
+            loaded.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=2,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        except Exception as exc:
+            log.debug("the model's own generate() failed", exc_info=True)
+            raise ModelLoadError(
+                f"the model's own generate() fails on a short text prompt ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); after: {reason}"
+            ) from exc
+        problem = batching_problem(loaded.model, loaded.model.forward, token_ids)
     if problem is not None:
         log.warning("generic path: decode steps computed one sequence per forward (%s)", problem)
     runner = GenericRunner(

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from models.generation import Generation
-from models.loader import LoadSpec
+from models.loader import LoadSpec, ModelLoadError
 from models.params import PromptInput, SamplingParams, choice_seed
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import build_replica
@@ -162,6 +162,23 @@ def test_generic_path_gives_the_same_greedy_tokens_batched(tiny_text_path, text_
     together = run(generic, [(0, prepared, params), (2, neighbour, SamplingParams(max_tokens=14, **GREEDY))])
     assert together[0] == fast
     assert together[1] == run(text_replica, [(0, neighbour, SamplingParams(max_tokens=14, **GREEDY))])[0]
+
+
+def test_a_model_whose_own_generate_fails_does_not_come_up(tiny_text_path, monkeypatch):
+    """The generic path is the model's own generate(). Where that raises (a model transformers
+    cannot run, as xLSTM with some configs), the replica reported ready and every request was a
+    500: it fails to load instead, with the cause, so the server reports degraded."""
+    import transformers
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("matC_old has wrong shape")
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", broken)
+    with pytest.raises(ModelLoadError, match=r"own generate\(\) fails.*ValueError: matC_old has wrong shape"):
+        build_replica(
+            LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="sdpa"),
+            replica_config(force_generic=True),
+        )
 
 
 def test_vlm_takes_the_fast_path_and_matches_generate(vlm_replica):
