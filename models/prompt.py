@@ -25,7 +25,10 @@ from models.prompt_bounds import dense_cut, max_token_chars
 from models.template_messages import (
     NINE_CHARACTER_IDS,
     SERVER_TEMPLATE_ARGUMENTS,
+    message_tail,
     nine_character_id,
+    short_error,
+    special_tokens_pattern,
     tool_call_for_template,
 )
 
@@ -99,7 +102,7 @@ class PromptBuilder:
         # Set once the template is seen to join tool-call arguments into the text as a string.
         self._arguments_as_text = False
         self.min_image_side = min_image_side  # smaller sides are enlarged before the processor
-        self._special_pattern = _special_tokens_pattern(tokenizer, self.image_token)
+        self._special_pattern = special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = max_token_chars(tokenizer)
         iterates = bool(_ITERATES_CONTENT.search(chat_template or ""))
         # A template that loops over content and never checks for a string reads a string
@@ -175,7 +178,7 @@ class PromptBuilder:
 
         def apply(arguments_as_text: bool) -> str:
             messages = [
-                self._normalise_message(_tail(m, content_chars), arguments_as_text=arguments_as_text)
+                self._normalise_message(message_tail(m, content_chars), arguments_as_text=arguments_as_text)
                 for m in prompt.messages or ()
             ]
             return self.tokenizer.apply_chat_template(
@@ -196,7 +199,7 @@ class PromptBuilder:
         except Exception as exc:  # template errors (raise_exception in Jinja, bad roles) are the client's
             log.debug("chat template failed", exc_info=True)
             rejected = InvalidRequestError(
-                f"the chat template rejected the messages: {_short(exc)}", param="messages"
+                f"the chat template rejected the messages: {short_error(exc)}", param="messages"
             )
         # Most templates read a call's arguments as a mapping (`| tojson`); some join them into the
         # text as the JSON string OpenAI sends (DeepSeek-R1's `+ tool['function']['arguments'] +`).
@@ -216,7 +219,7 @@ class PromptBuilder:
         line (its processor puts the images and <bos> before it and a newline after)."""
         lines = []
         for message in prompt.messages or ():
-            content = _tail(message, content_chars).get("content")
+            content = message_tail(message, content_chars).get("content")
             if isinstance(content, str):
                 lines.append(self._as_text(content))
             elif isinstance(content, list):
@@ -284,6 +287,21 @@ class PromptBuilder:
     def prepare(self, prompt: PromptInput) -> PreparedPrompt:
         """Token ids and model inputs for one request. Text prompts longer than max_input_tokens
         are left-truncated and the result says so; image prompts cannot be cut and are refused."""
+        prepared = self._prepare(prompt)
+        if prompt.tools and prompt.messages is not None and not self._template_shows_tools:
+            prepared.warnings.append(
+                "this model's chat template does not show tools to the model, so it was not told of "
+                "them; calls are still read from its output, and tool_choice required or a named "
+                "function forces them"
+            )
+        return prepared
+
+    @property
+    def _template_shows_tools(self) -> bool:
+        # A template that never names `tools` drops them (Gemma's, Phi-3's): the client is told.
+        return "tools" in (self.tool_chat_template or self.chat_template or "")
+
+    def _prepare(self, prompt: PromptInput) -> PreparedPrompt:
         if prompt.token_ids is not None:
             self.check_ids(prompt.token_ids, param="prompt")
             return self._as_prefix(self._truncate(PreparedPrompt(list(prompt.token_ids))))
@@ -379,7 +397,7 @@ class PromptBuilder:
         except Exception as exc:
             log.debug("processor failed", exc_info=True)
             raise InvalidRequestError(
-                f"the images could not be prepared for this model: {_short(exc)}", param="messages"
+                f"the images could not be prepared for this model: {short_error(exc)}", param="messages"
             ) from None
         ids = batch["input_ids"][0].tolist()
         mm = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
@@ -476,34 +494,6 @@ def _at_least(image, side: int):
     return image.resize((max(width, side), max(height, side)), Image.Resampling.BICUBIC)
 
 
-def _tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
-    content = message.get("content")
-    if chars is None:
-        return message
-    if isinstance(content, str) and len(content) > chars:
-        return {**message, "content": content[-chars:]}
-    if isinstance(content, list) and any(
-        len(p.get("text") or "") > chars for p in content if isinstance(p, Mapping)
-    ):
-        parts = [{**p, "text": p["text"][-chars:]} if isinstance(p.get("text"), str) else p for p in content]
-        return {**message, "content": parts}
-    return message
-
-
-def _special_tokens_pattern(tokenizer, image_token: str | None) -> re.Pattern | None:
-    """Every spelling the tokenizer would turn into a special (control) token, longest first."""
-    spellings = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
-        if getattr(token, "special", False) and token.content:
-            spellings.add(token.content)
-    if image_token:
-        spellings.add(image_token)
-    spellings = {s for s in spellings if len(s) > 1}
-    if not spellings:
-        return None
-    return re.compile("|".join(re.escape(s) for s in sorted(spellings, key=len, reverse=True)))
-
-
 def _digest(inputs: Mapping[str, Any]) -> bytes:
     """What the model sees of the images (pixel values, sizes, grids), hashed: equal digests mean
     equal image inputs, so their keys and values can be shared."""
@@ -518,8 +508,3 @@ def _digest(inputs: Mapping[str, Any]) -> bytes:
         else:
             digest.update(repr(value).encode())
     return digest.digest()
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]

@@ -1,5 +1,6 @@
 """What the server hands a chat template besides the messages' text: tool calls in the shape
-templates read, call ids a template accepts, and the arguments the server passes itself."""
+templates read, call ids a template accepts, the arguments the server passes itself; and the
+spellings of special tokens that typed text must not become."""
 
 from __future__ import annotations
 
@@ -57,3 +58,36 @@ def tool_call_for_template(call: Mapping[str, Any], *, arguments_as_text: bool =
             pass
     call["function"] = function
     return call
+
+
+def message_tail(message: Mapping[str, Any], chars: int | None) -> Mapping[str, Any]:
+    content = message.get("content")
+    if chars is None:
+        return message
+    if isinstance(content, str) and len(content) > chars:
+        return {**message, "content": content[-chars:]}
+    if isinstance(content, list) and any(
+        len(p.get("text") or "") > chars for p in content if isinstance(p, Mapping)
+    ):
+        parts = [{**p, "text": p["text"][-chars:]} if isinstance(p.get("text"), str) else p for p in content]
+        return {**message, "content": parts}
+    return message
+
+
+def special_tokens_pattern(tokenizer, image_token: str | None) -> re.Pattern | None:
+    """Every spelling the tokenizer would turn into a special (control) token, longest first."""
+    spellings = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False) and token.content:
+            spellings.add(token.content)
+    if image_token:
+        spellings.add(image_token)
+    spellings = {s for s in spellings if len(s) > 1}
+    if not spellings:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(spellings, key=len, reverse=True)))
+
+
+def short_error(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]

@@ -278,10 +278,17 @@ class Scheduler:
         params = request.params
         cap = self.config.replica.max_new_tokens
         room = min(context, replica.max_seq_len) - prompt_len
+        # A prompt already cut to MAX_INPUT_TOKENS was longer than the figure the error gives.
+        cut = (
+            f" after MAX_INPUT_TOKENS={builder.max_input_tokens} cut a longer prompt to its end"
+            if any("MAX_INPUT_TOKENS" in warning for warning in prepared.warnings)
+            else ""
+        )
         if params.max_tokens is None:
             if room < 1:
                 raise ContextLengthExceededError(
-                    f"This model's maximum context length is {context} tokens; the prompt alone is {prompt_len} tokens.",
+                    f"This model's maximum context length is {context} tokens; the prompt alone is "
+                    f"{prompt_len} tokens{cut}.",
                     param=_PROMPT_PARAM.get(request.kind, "messages"),
                 )
             max_tokens = min(cap, room)
@@ -295,7 +302,8 @@ class Scheduler:
             lowered = "" if max_tokens == params.max_tokens else f" (lowered from {params.max_tokens})"
             if room < 1:
                 raise ContextLengthExceededError(
-                    f"This model's maximum context length is {context} tokens; the prompt alone is {prompt_len} tokens.",
+                    f"This model's maximum context length is {context} tokens; the prompt alone is "
+                    f"{prompt_len} tokens{cut}.",
                     param=_PROMPT_PARAM.get(request.kind, "messages"),
                 )
             if prompt_len + max_tokens > context:

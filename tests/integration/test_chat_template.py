@@ -81,6 +81,21 @@ def test_chat_uses_the_supplied_template(template_server: Server, stream: bool) 
     assert usage.prompt_tokens == expected["count"] and usage.completion_tokens == 3
 
 
+def test_tools_a_template_never_shows_are_not_dropped_silently(
+    template_server: Server, text_server: Server
+) -> None:
+    """This template never names `tools` (as Gemma's and Phi-3's): the model is not told of them,
+    and the answer says so in its warnings header (nothing a client sent is dropped silently)."""
+    tool = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object"}}}
+    ask = {"messages": user("hi"), "tools": [tool], "max_tokens": 2}
+    for server, shown in ((template_server, False), (text_server, True)):
+        with server.http() as http:
+            response = http.post("/v1/chat/completions", json=ask)
+        assert response.status_code == 200, response.text
+        warning = response.headers.get("X-Request-Warnings", "")
+        assert ("does not show tools" in warning) is not shown, warning
+
+
 def test_reasoning_effort_reaches_the_template(template_server: Server) -> None:
     """As vLLM passes it: a template variable (gpt-oss's template reads it), so the prompt changes
     exactly as the template says; an explicit chat_template_kwargs entry wins."""

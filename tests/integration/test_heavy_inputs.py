@@ -39,7 +39,11 @@ def test_megabyte_prompts_are_refused_and_do_not_block_a_short_request(text_serv
         # Cut to MAX_INPUT_TOKENS (16,384) before tokenizing, which still exceeds the 4,096 context.
         # (How fast: bench.hostile, docs/BENCHMARKS.md.)
         error = assert_openai_error(response, 400, code="context_length_exceeded")
-        assert "the prompt alone is 16384 tokens" in error["message"] and error["param"] == "messages"
+        assert (
+            "the prompt alone is 16384 tokens after MAX_INPUT_TOKENS=16384 cut a longer prompt"
+            in error["message"]
+        )
+        assert error["param"] == "messages"
 
 
 def test_a_long_prompt_is_cut_from_the_left_and_says_so(text_server: Server) -> None:
