@@ -64,6 +64,7 @@ class RowSampler:
         self.stop_ids = frozenset(stops)
         # Tokens to forbid while min_tokens is not reached (end-of-sequence and stop tokens).
         self._min_tokens_banned = sorted(set(eos_token_ids) | set(params.stop_token_ids))
+        self._eos_ids = sorted(eos_token_ids)
         self._bias_ids = self._bias_values = None
         if params.logit_bias:
             self._bias_ids = torch.tensor(list(params.logit_bias.keys()), dtype=torch.long, device=device)
@@ -86,6 +87,7 @@ class RowSampler:
             "constraint",
             "stop_ids",
             "_min_tokens_banned",
+            "_eos_ids",
             "_bias_ids",
             "_bias_values",
         ):
@@ -123,10 +125,22 @@ class RowSampler:
                 logits = logits - params.presence_penalty * (self._counts > 0).to(logits.dtype)
         if self._bias_ids is not None:
             logits = logits.index_add(0, self._bias_ids, self._bias_values)
-        if self.num_generated < params.min_tokens and self._min_tokens_banned:
-            logits[self._min_tokens_banned] = float("-inf")
-        if self.constraint is not None:
-            logits = self.constraint.mask_logits(logits)
+        banned = self._min_tokens_banned if self.num_generated < params.min_tokens else None
+        if self.constraint is None:
+            if banned:
+                logits[banned] = float("-inf")
+            return logits
+        if params.ignore_eos and not banned:
+            banned = self._eos_ids  # with a grammar an end token would end it: kept out instead
+        logits = self.constraint.mask_logits(logits)
+        if banned:
+            # Where the grammar allows nothing but an end (it is complete, or matches only ""),
+            # the answer ends there: min_tokens and ignore_eos yield to it rather than leave no
+            # token to sample (which failed the request with a 500).
+            kept = logits.clone()
+            kept[banned] = float("-inf")
+            if bool(torch.isfinite(kept).any()):
+                logits = kept
         return logits
 
     def accept(self, token_id: int) -> None:

@@ -119,6 +119,27 @@ def test_lark_grammar(text_server: Server, endpoint: str, stream: bool, fields: 
         assert re.fullmatch(LARK_OUTPUT, text), text
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_min_tokens_and_ignore_eos_yield_to_a_grammar_that_must_end(text_server: Server, temperature) -> None:
+    """min_tokens and ignore_eos keep the end token out; where the grammar allows nothing else
+    (it matches only "", or it is complete) no token was left to sample and the request was a
+    500. The grammar wins: the answer ends there. Where it may go on, ignore_eos keeps it going."""
+    with text_server.http() as http:
+
+        def ask(**fields: Any) -> dict[str, Any]:
+            body = {"messages": user("go"), "max_tokens": 8, "temperature": temperature, "seed": 3, **fields}
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]
+
+        for fields in ({"min_tokens": 1}, {"ignore_eos": True}):
+            empty = ask(guided_regex="^$", **fields)
+            assert empty["message"]["content"] == "" and empty["finish_reason"] == "stop"
+        assert ask(guided_choice=["yes"], min_tokens=6)["message"]["content"] == "yes"
+        going = ask(guided_regex="(ab)+", ignore_eos=True)
+        assert going["finish_reason"] == "length" and re.fullmatch("(ab)+a?", going["message"]["content"])
+
+
 @pytest.mark.parametrize(
     "fields",
     [
