@@ -120,8 +120,9 @@ class SamplingFields(StructuredFields, kw_only=True):
     model: str | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
-    stream: bool = False
+    # OpenAI's reference marks these nullable: null is the default, as the field left out.
+    n: Annotated[int, msgspec.Meta(ge=1, le=16)] | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_STRINGS)] | None = None
     seed: Seed | None = None
@@ -146,12 +147,18 @@ class SamplingFields(StructuredFields, kw_only=True):
     # vLLM: logprobs of the prompt's tokens with this many alternatives (at most 20, as vLLM's default).
     prompt_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
 
+    def __post_init__(self) -> None:
+        if self.n is None:
+            self.n = 1
+        if self.stream is None:
+            self.stream = False
+
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
-    logprobs: bool = False
+    logprobs: bool | None = False  # null: false, as OpenAI's reference allows
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -161,6 +168,11 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     # templates read it; a template that does not ignores it, as vLLM does).
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
     add_generation_prompt: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.logprobs is None:
+            self.logprobs = False
 
 
 class AssistantMessage(msgspec.Struct):

@@ -21,9 +21,14 @@ class CompletionRequest(SamplingFields, kw_only=True):
     best_of: PositiveInt | None = None
     # OpenAI allows 0..5; vLLM (and this server) up to 20.
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-    echo: bool = False
+    echo: bool | None = False  # null: false, as OpenAI's reference allows
     suffix: str | None = None
     add_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.echo is None:
+            self.echo = False
 
 
 class CompletionLogprobs(msgspec.Struct):

@@ -129,7 +129,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceObject | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
-    stream: bool = False
+    stream: bool | None = False  # null: false, as OpenAI's reference allows
     metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA_KEYS)] | None = None
     # "message.output_text.logprobs" returns the output text's logprobs (top_logprobs: how many
     # alternatives each); the other values name outputs this server never makes (accepted).
@@ -152,6 +152,10 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     prompt: JSONObject | None = None
     max_tool_calls: PositiveInt | None = None
     reasoning: ReasoningConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream is None:
+            self.stream = False
 
 
 # -- response --------------------------------------------------------------------------------------

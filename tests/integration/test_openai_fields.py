@@ -225,3 +225,25 @@ def test_langchain_tool_binding(text_server: Server) -> None:
     message = llm.invoke("What is the weather in Paris?")
     assert [call["name"] for call in message.tool_calls] == ["get_weather"]
     assert message.tool_calls[0]["args"]["city"] in {"Paris", "Rome"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": user("hi"), "n": None, "stream": None, "logprobs": None}),
+        ("/v1/completions", {"prompt": "hi", "n": None, "stream": None, "echo": None}),
+        ("/v1/responses", {"input": "hi", "stream": None}),
+    ],
+    ids=["chat", "completions", "responses"],
+)
+def test_null_is_the_default_where_openai_allows_it(text_server: Server, path: str, body: dict) -> None:
+    """OpenAI's reference marks n, stream, logprobs and echo nullable; null was a 400 here."""
+    limit = {"max_output_tokens": 2} if path == "/v1/responses" else {"max_tokens": 2}
+    with text_server.http() as client:
+        response = client.post(path, json={**body, **limit})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    if path != "/v1/responses":
+        assert len(answer["choices"]) == 1 and answer["choices"][0]["logprobs"] is None
+    else:
+        assert answer["status"] in ("completed", "incomplete")
