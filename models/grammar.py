@@ -137,7 +137,7 @@ class GrammarCompiler:
             self._special = {
                 t.content: i for i, t in added.items() if t.content and lltokenizer.is_special_token(i)
             }
-            self._plain_spelling = PlainSpelling(lltokenizer, self._special, self._eos)
+            self._plain_spelling = PlainSpelling(lltokenizer, self._special)
             self._lltokenizer = lltokenizer
         return self._lltokenizer
 
@@ -330,10 +330,10 @@ class PlainSpelling:
     llguidance 1.9.1 on Qwen's `<tool_call>` and `<think>`). Such a token is swapped, in the mask,
     for the first token of its text spelled in ordinary tokens, which the parser accepts."""
 
-    def __init__(
-        self, lltokenizer: llguidance.LLTokenizer, special: dict[str, int], eos: Iterable[int]
-    ) -> None:
-        ids = sorted(set(special.values()) - set(eos))
+    def __init__(self, lltokenizer: llguidance.LLTokenizer, special: dict[str, int]) -> None:
+        # End tokens too: a regex spelling `<|im_end|>` was offered the end token, which ended the
+        # answer (empty, the regex unmatched); where the grammar may end, the parser accepts it.
+        ids = sorted(special.values())
         self._ids = torch.tensor(ids, dtype=torch.long)
         self._word, self._bit = self._ids >> 5, self._ids & 31  # where each id sits in the packed mask
         self._text = {token: text for text, token in special.items()}

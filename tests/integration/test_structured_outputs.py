@@ -119,6 +119,19 @@ def test_lark_grammar(text_server: Server, endpoint: str, stream: bool, fields: 
         assert re.fullmatch(LARK_OUTPUT, text), text
 
 
+def test_a_regex_spelling_the_end_token_gets_its_text(text_server: Server) -> None:
+    """The mask offered the end token itself for the text `<|im_end|>`: the answer ended empty,
+    the regex unmatched, with no error. It gets the text, spelled in ordinary tokens."""
+    reply = text_server.openai().chat.completions.create(
+        model=text_server.model_name,
+        messages=user("go"),
+        max_tokens=16,
+        temperature=0,
+        extra_body={"guided_regex": r"<\|im_end\|>"},
+    )
+    assert reply.choices[0].message.content == "<|im_end|>" and reply.choices[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_min_tokens_and_ignore_eos_yield_to_a_grammar_that_must_end(text_server: Server, temperature) -> None:
     """min_tokens and ignore_eos keep the end token out; where the grammar allows nothing else
