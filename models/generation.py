@@ -78,6 +78,12 @@ class Generation:
             logprob.token_bytes, logprob.top_token_bytes = raw[0], raw[1:]
             delta.logprobs.append(logprob)
         if token_id in self.sampler.stop_ids and self.sampler.num_generated >= self.sampler.params.min_tokens:
+            constraint = self.sampler.constraint
+            if constraint is not None and constraint.error:
+                # The grammar refused the end token: the text does not match it, and is not
+                # returned as if it did.
+                self.abort("error", _constraint_failure(constraint))
+                return
             # Stop tokens end the text; their own text is never part of the answer.
             self._finish("stop", flush_text=True)
             return

@@ -208,6 +208,17 @@ def test_eos_is_allowed_only_where_the_grammar_may_end(replica):
     assert not constraint.is_finished()  # more digits may follow: the model decides
 
 
+def test_an_end_token_the_grammar_refuses_fails_the_choice_instead_of_ending_it(replica):
+    """Were an end token ever offered where the grammar may not end (the mask and the parser
+    disagreeing, as with `<|im_end|>` spelled by a regex before), the choice ended as a success
+    with text that does not match. It fails with the grammar's error instead."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, grammar=GrammarSpec("regex", "[0-9]+"))
+    generation = replica.generations(PreparedPrompt([1, 2, 3]), params, n=1)[0]
+    generation.sampler.constraint = replica.grammars.constraint(params.grammar)
+    generation.append(min(replica.loaded.eos_token_ids), None)
+    assert generation.finish_reason == "error" and generation.error is not None
+
+
 def test_mask_covers_a_model_vocabulary_wider_than_the_tokenizer(replica):
     tokenizer = replica.loaded.tokenizer
     wide = len(tokenizer) + 45
