@@ -146,6 +146,13 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
         message = default_message or "internal server error"
     else:
         message = exc.detail if isinstance(exc.detail, str) and exc.detail else default_message
+        if message == "Input data was truncated":
+            # msgspec's words for JSON that ends early, and also for a string ending in a lone
+            # surrogate escape ("\ud800"), which no valid JSON text may hold.
+            message = (
+                "the request body is not valid JSON: it ends early, or a string holds a lone UTF-16 "
+                "surrogate escape (\\uD800-\\uDFFF not part of a pair)"
+            )
     return error_response(status, error_body(status, message, type_=type_, code=code), headers or None)
 
 

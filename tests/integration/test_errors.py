@@ -143,6 +143,13 @@ CASES = [
         param=None,
     ),
     Case(
+        "a lone surrogate escape ending a string",  # msgspec: "Input data was truncated"
+        b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud800"}',
+        400,
+        param=None,
+        in_message="lone UTF-16 surrogate",
+    ),
+    Case(
         "JSON nested 1000 deep",
         b'{"messages": [{"role": "user", "content": "hi"}], "tools": ' + b"[" * 1000 + b"]" * 1000 + b"}",
         400,
