@@ -49,7 +49,7 @@ from scheduler.errors import InvalidRequestError
 _STATELESS = "this server keeps no responses; send the whole conversation in `input`"
 # Chat-side names of the fields whose Responses names differ.
 _RENAMED = {"response_format": "text.format", "max_tokens": "max_output_tokens", "messages": "input"}
-_MESSAGE_PARAM = re.compile(r"messages\[(\d+)\]\.content(.*)")
+_MESSAGE_PARAM = re.compile(r"messages\[(\d+)\](?:\.content)?(.*)")
 _MAX_TOKENS = re.compile(r"\bmax_tokens\b")
 
 LOGPROBS = "message.output_text.logprobs"

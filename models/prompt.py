@@ -199,7 +199,8 @@ class PromptBuilder:
         except Exception as exc:  # template errors (raise_exception in Jinja, bad roles) are the client's
             log.debug("chat template failed", exc_info=True)
             rejected = InvalidRequestError(
-                f"the chat template rejected the messages: {short_error(exc)}", param="messages"
+                f"the chat template rejected the messages: {short_error(exc)}",
+                param=_blamed_message(prompt.messages, str(exc)),
             )
         # Most templates read a call's arguments as a mapping (`| tojson`); some join them into the
         # text as the JSON string OpenAI sends (DeepSeek-R1's `+ tool['function']['arguments'] +`).
@@ -508,3 +509,13 @@ def _digest(inputs: Mapping[str, Any]) -> bytes:
         else:
             digest.update(repr(value).encode())
     return digest.digest()
+
+
+def _blamed_message(messages, error: str) -> str:
+    """`messages[i]` for a template that refuses the system role (Gemma's "System role not
+    supported"), naming the system message (on /v1/responses, `instructions`); else `messages`."""
+    if "system" in error.lower():
+        for index, message in enumerate(messages or ()):
+            if message.get("role") == "system":
+                return f"messages[{index}]"
+    return "messages"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from models.errors import InvalidRequestError
 from models.params import PromptInput
 from models.prompt import PromptBuilder
 from tests.unit.test_prompt_injection import text_prompt_builder
@@ -87,6 +90,17 @@ def test_a_template_that_joins_arguments_as_text_gets_the_string():
         )
     mapping = _builder(MAPS_ARGUMENTS).render(PromptInput(messages=WITH_A_CALL, add_generation_prompt=False))
     assert '<|assistant|>{"city": "Paris"}<|end|>' in mapping
+
+
+def test_a_template_refusing_the_system_role_names_the_system_message():
+    refuses = (
+        "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
+        "{%- for message in messages %}{{ message['content'] }}{%- endfor %}"
+    )
+    builder = _builder(refuses)
+    with pytest.raises(InvalidRequestError, match="System role not supported") as raised:
+        builder.render(PromptInput(messages=MESSAGES, add_generation_prompt=True))
+    assert raised.value.param == "messages[0]"
 
 
 NAMED = {

@@ -121,6 +121,16 @@ def test_the_lowered_max_tokens_is_named_max_output_tokens() -> None:
     assert raised.value.message == str(raised.value) == "Please reduce the prompt or max_output_tokens."
 
 
+def test_a_template_refusing_the_system_role_names_instructions() -> None:
+    """Gemma's template raises "System role not supported": the chat side names the system
+    message (`messages[0]`), which on /v1/responses is `instructions` (it said `input`)."""
+    form = chat_form(request(instructions="Be brief."))
+    with pytest.raises(InvalidRequestError) as raised, form.responses_params():
+        raise InvalidRequestError("the chat template rejected the messages: System role", param="messages[0]")
+    assert raised.value.param == "instructions"
+    assert form.param("messages") == "input"
+
+
 # -- fields no Struct declares ----------------------------------------------------------------------
 DECLARED = tuple(ResponsesRequest.__struct_fields__)
 
