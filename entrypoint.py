@@ -11,10 +11,12 @@ Imports only `app.settings` and the standard library; granian is imported just b
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -257,6 +259,23 @@ def connection_limit(settings: Settings, open_files: int) -> int:
     return max(1024, min(open_files - _RESERVED_FILES, _MAX_CONNECTIONS))
 
 
+def check_port_free(host: str, port: int) -> None:
+    """granian listens with SO_REUSEPORT, so a second server started on a port already served
+    came up beside the first and the kernel split connections between them (two models behind
+    one address). Bound once without it: a port someone listens on fails here, clearly."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a previous run's TIME_WAIT is fine
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                _fail(f"port {port} on {host} is already in use (another server is listening there)", 98)
+            # Anything else (an address this host lacks, ...) is granian's to report.
+
+
 def serve(settings: Settings) -> None:
     from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
@@ -268,6 +287,7 @@ def serve(settings: Settings) -> None:
     # granian has no "trace" level; the app still sees LOG_LEVEL=trace for its own loggers.
     level = "debug" if settings.log_level == "trace" else settings.log_level
     connections = connection_limit(settings, raise_open_files_limit())
+    check_port_free(settings.host, settings.port)
     server = Server(
         APP_TARGET,
         address=settings.host,

@@ -359,3 +359,20 @@ def test_cpu_when_nothing_was_asked_for_says_so(capsys, monkeypatch) -> None:
     assert "no CUDA device is visible: serving on CPU" in capsys.readouterr().err
     entrypoint.main(["--device", "cpu"])  # asked for: no warning
     assert "serving on CPU" not in capsys.readouterr().err
+
+
+def test_a_port_someone_listens_on_fails_clearly(capsys) -> None:
+    """granian binds with SO_REUSEPORT: a second server on a served port came up beside the first
+    and the kernel split connections between them. The entrypoint refuses it before granian."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as granian's own
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(SystemExit) as exited:
+            entrypoint.check_port_free("0.0.0.0", port)
+        assert exited.value.code == 98
+        assert f"port {port} on 0.0.0.0 is already in use" in capsys.readouterr().err
+    entrypoint.check_port_free("127.0.0.1", port)  # free again once it closed
