@@ -202,10 +202,12 @@ class Scheduler:
                 executor.replica.grammars.validate, grammar, heavy=len(grammar.source) > HEAVY_CHARS
             )
         if not executor.fits(len(prepared.token_ids), request.params.max_tokens, request.n):
+            # The prompt is at fault where it would not fit even with one token to generate.
+            prompt_alone = not executor.fits(len(prepared.token_ids), 1, 1)
             raise ContextLengthExceededError(
                 f"the prompt ({len(prepared.token_ids)} tokens) plus max_tokens ({request.params.max_tokens}) for "
                 f"{request.n} choice(s) does not fit this server's KV cache memory; reduce the prompt, max_tokens or n",
-                param="max_tokens",
+                param=_PROMPT_PARAM.get(request.kind, "messages") if prompt_alone else "max_tokens",
             )
         stream = RequestStream(request, prepared)
         stream.replica_name = executor.name

@@ -34,11 +34,16 @@ def anyio_backend():
 async def running_scheduler(
     model_path, *, cpu_replicas=1, max_new_tokens=64, kv_budget=None, executor=None, **settings
 ):
-    settings = {"max_queue_size": 64, "max_batch_size": 8, "max_prefill_tokens": 64, **settings}
+    settings = {
+        "max_queue_size": 64,
+        "max_batch_size": 8,
+        "max_prefill_tokens": 64,
+        "max_input_tokens": 200,
+        **settings,
+    }
     config = engine_config(
         model_path,
         cpu_replicas=cpu_replicas,
-        max_input_tokens=200,
         default_max_tokens=max_new_tokens,
         kv_cache_max_gib=(kv_budget or 0) / 2**30,
         **settings,
@@ -248,7 +253,7 @@ async def test_a_small_kv_pool_pages_and_preempts_instead_of_overflowing(tiny_te
         executor = scheduler.executors[0]
         with pytest.raises(ContextLengthExceededError) as info:
             await scheduler.submit(request(0, max_tokens=400, text="word " * 150))
-        assert "KV cache" in info.value.message
+        assert "KV cache" in info.value.message and info.value.param == "max_tokens"
         streams = [await scheduler.submit(request(i, max_tokens=300)) for i in range(6)]
         texts = {}
 
@@ -270,6 +275,15 @@ async def test_a_small_kv_pool_pages_and_preempts_instead_of_overflowing(tiny_te
         assert executor.replica.kv_pool_bytes <= budget + 2 * block_bytes
         for i in (0, 5):  # the first and the most preempted, alone
             assert await consume(await scheduler.submit(request(i, max_tokens=300))) == texts[i]
+
+
+async def test_a_prompt_larger_than_the_kv_pool_is_named_as_the_cause(tiny_text_path):
+    # 256 tokens of pool (512 bytes per token); the prompt alone needs more: the prompt is at
+    # fault, not max_tokens (which the 400 named).
+    async with running_scheduler(tiny_text_path, kv_budget=512 * 256, max_input_tokens=1000) as scheduler:
+        with pytest.raises(ContextLengthExceededError) as info:
+            await scheduler.submit(request(0, max_tokens=1, text="word " * 300))
+        assert "KV cache" in info.value.message and info.value.param == "messages"
 
 
 async def test_short_jobs_are_prefilled_before_long_ones_that_arrived_with_them(tiny_text_path):
