@@ -6,6 +6,7 @@ token ids and the extra model inputs (pixel values and friends) of one request.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -29,6 +30,7 @@ from models.template_messages import (
     nine_character_id,
     short_error,
     special_tokens_pattern,
+    template_reads,
     tool_call_for_template,
 )
 
@@ -40,7 +42,7 @@ NO_TEMPLATE = (
 )
 # A template that loops over message content expects OpenAI-style part lists.
 _ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+(?:\w+\[['\"]content['\"]\]|\w+\.content)")
-_CHECKS_STRING = re.compile(r"content['\"]?\]?\s+is\s+string|content\s+is\s+string")
+_CHECKS_STRING = re.compile(r"content['\"]?\]?\s+is\s+(?:not\s+)?string")
 _WORD_JOINER = "\u2060"
 # Processor outputs that are not inputs of a forward pass: ids and mask are rebuilt per step, and
 # `labels` (PaliGemma's processor returns them with token_type_ids) would make the model compute a loss.
@@ -99,8 +101,8 @@ class PromptBuilder:
         # A base model's chat is refused rather than rendered in a guessed format it never saw.
         self.chat_template = chat_template
         self.tool_chat_template = tool_chat_template  # a checkpoint's named "tool_use" template
-        # Set once the template is seen to join tool-call arguments into the text as a string.
-        self._arguments_as_text = False
+        # The templates seen to join tool-call arguments into the text as a string.
+        self._arguments_as_text: set[str] = set()
         self.min_image_side = min_image_side  # smaller sides are enlarged before the processor
         self._special_pattern = special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = max_token_chars(tokenizer)
@@ -176,6 +178,9 @@ class PromptBuilder:
                 param="chat_template_kwargs",
             )
 
+        # With tools, the checkpoint's "tool_use" template where it has one, as transformers picks it.
+        template = (self.tool_chat_template if prompt.tools else None) or self.chat_template
+
         def apply(arguments_as_text: bool) -> str:
             messages = [
                 self._normalise_message(message_tail(m, content_chars), arguments_as_text=arguments_as_text)
@@ -186,34 +191,37 @@ class PromptBuilder:
                 tools=list(prompt.tools) if prompt.tools else None,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
-                # With tools, the checkpoint's "tool_use" template where it has one, as transformers
-                # picks it.
-                chat_template=(self.tool_chat_template if prompt.tools else None) or self.chat_template,
+                chat_template=template,
                 **kwargs,
             )
 
+        def rejected(exc: Exception) -> InvalidRequestError:
+            return InvalidRequestError(
+                f"the chat template rejected the messages: {short_error(exc)}",
+                param=_blamed_message(prompt.messages, str(exc)),
+            )
+
+        as_text = template in self._arguments_as_text
         try:
-            return apply(self._arguments_as_text)
+            return apply(as_text)
         except InvalidRequestError:
             raise
         except Exception as exc:  # template errors (raise_exception in Jinja, bad roles) are the client's
             log.debug("chat template failed", exc_info=True)
-            rejected = InvalidRequestError(
-                f"the chat template rejected the messages: {short_error(exc)}",
-                param=_blamed_message(prompt.messages, str(exc)),
-            )
+            first = exc
         # Most templates read a call's arguments as a mapping (`| tojson`); some join them into the
         # text as the JSON string OpenAI sends (DeepSeek-R1's `+ tool['function']['arguments'] +`).
         # Such a template is known by failing on the mapping and rendering the string.
-        if not self._arguments_as_text and any(m.get("tool_calls") for m in prompt.messages):
-            try:
-                text = apply(True)
-            except Exception:
-                log.debug("chat template failed with arguments as text too", exc_info=True)
-            else:
-                self._arguments_as_text = True
-                return text
-        raise rejected
+        if as_text or not any(m.get("tool_calls") for m in prompt.messages):
+            raise rejected(first) from None
+        try:
+            text = apply(True)
+        except Exception as retried:
+            log.debug("chat template failed with arguments as text too", exc_info=True)
+            # A TypeError was the mapping's doing (str + dict): the retry's error is the real one.
+            raise rejected(retried if isinstance(first, TypeError) else first) from None
+        self._arguments_as_text.add(template)
+        return text
 
     def _paligemma_prefix(self, prompt: PromptInput, content_chars: int | None) -> str:
         """PaliGemma takes a task prefix, not a conversation: the text of every message, one per
@@ -289,18 +297,24 @@ class PromptBuilder:
         """Token ids and model inputs for one request. Text prompts longer than max_input_tokens
         are left-truncated and the result says so; image prompts cannot be cut and are refused."""
         prepared = self._prepare(prompt)
+        prepared.warnings.extend(self.template_warnings(prompt))
+        return prepared
+
+    def template_warnings(self, prompt: PromptInput) -> list[str]:
+        """What rendering `prompt` leaves out without an error: tools a template never reads."""
         if prompt.tools and prompt.messages is not None and not self._template_shows_tools:
-            prepared.warnings.append(
+            return [
                 "this model's chat template does not show tools to the model, so it was not told of "
                 "them; calls are still read from its output, and tool_choice required or a named "
                 "function forces them"
-            )
-        return prepared
+            ]
+        return []
 
-    @property
+    @functools.cached_property
     def _template_shows_tools(self) -> bool:
-        # A template that never names `tools` drops them (Gemma's, Phi-3's): the client is told.
-        return "tools" in (self.tool_chat_template or self.chat_template or "")
+        # A template that never reads `tools` drops them (Gemma's, Phi-3's, SmolLM3's, which reads
+        # `xml_tools`): the client is told.
+        return template_reads(self.tool_chat_template or self.chat_template or "", "tools")
 
     def _prepare(self, prompt: PromptInput) -> PreparedPrompt:
         if prompt.token_ids is not None:

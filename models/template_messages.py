@@ -91,3 +91,17 @@ def special_tokens_pattern(tokenizer, image_token: str | None) -> re.Pattern | N
 def short_error(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]
+
+
+def template_reads(template: str, name: str) -> bool:
+    """Whether a chat template reads the variable `name` (`tools`): Jinja's own list of the
+    variables it takes from its caller, so that `xml_tools` (SmolLM3) or `message['tools']`
+    (Phi-4-mini) do not count. A template transformers' Jinja cannot parse: its text is searched."""
+    try:
+        import jinja2.meta
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        environment = _compile_jinja_template(template).environment
+        return name in jinja2.meta.find_undeclared_variables(environment.parse(template))
+    except Exception:
+        return re.search(rf"(?<![\w.'\"\[]){re.escape(name)}\b", template) is not None

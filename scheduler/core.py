@@ -202,12 +202,18 @@ class Scheduler:
                 executor.replica.grammars.validate, grammar, heavy=len(grammar.source) > HEAVY_CHARS
             )
         if not executor.fits(len(prepared.token_ids), request.params.max_tokens, request.n):
-            # The prompt is at fault where it would not fit even with one token to generate.
-            prompt_alone = not executor.fits(len(prepared.token_ids), 1, 1)
+            # The field at fault: the prompt where it would not fit with one token to generate, n
+            # where one choice would fit, else max_tokens.
+            if not executor.fits(len(prepared.token_ids), 1, 1):
+                param = _PROMPT_PARAM.get(request.kind, "messages")
+            elif request.n > 1 and executor.fits(len(prepared.token_ids), request.params.max_tokens, 1):
+                param = "n"
+            else:
+                param = "max_tokens"
             raise ContextLengthExceededError(
                 f"the prompt ({len(prepared.token_ids)} tokens) plus max_tokens ({request.params.max_tokens}) for "
                 f"{request.n} choice(s) does not fit this server's KV cache memory; reduce the prompt, max_tokens or n",
-                param=_PROMPT_PARAM.get(request.kind, "messages") if prompt_alone else "max_tokens",
+                param=param,
             )
         stream = RequestStream(request, prepared)
         stream.replica_name = executor.name
@@ -355,10 +361,12 @@ class Scheduler:
             image_cache=self.image_cache,
         )
 
-    async def render(self, prompt: PromptInput) -> str:
+    async def render(self, prompt: PromptInput) -> tuple[str, list[str]]:
+        """The rendered prompt, and what rendering left out (the request's warnings)."""
         self._check_loaded()
         builder = await self._builder()
-        return await self._prepare(builder.render, prompt, heavy=is_heavy(prompt))
+        text = await self._prepare(builder.render, prompt, heavy=is_heavy(prompt))
+        return text, builder.template_warnings(prompt)
 
     async def tokenize(self, prompt: PromptInput) -> PreparedPrompt:
         self._check_loaded()

@@ -94,6 +94,10 @@ def test_tools_a_template_never_shows_are_not_dropped_silently(
         assert response.status_code == 200, response.text
         warning = response.headers.get("X-Request-Warnings", "")
         assert ("does not show tools" in warning) is not shown, warning
+        with server.http() as http:  # the preview says so too
+            preview = http.post("/v1/apply_template", json={"messages": user("hi"), "tools": [tool]})
+        assert preview.status_code == 200, preview.text
+        assert ("does not show tools" in preview.headers.get("X-Request-Warnings", "")) is not shown
 
 
 def test_reasoning_effort_reaches_the_template(template_server: Server) -> None:

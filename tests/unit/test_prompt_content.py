@@ -7,6 +7,7 @@ import pytest
 from models.errors import InvalidRequestError
 from models.params import PromptInput
 from models.prompt import PromptBuilder
+from models.template_messages import template_reads
 from tests.unit.test_prompt_injection import text_prompt_builder
 
 # Llama 3.2 Vision's way (its template on a text checkpoint): content is always a list of parts.
@@ -92,6 +93,25 @@ def test_a_template_that_joins_arguments_as_text_gets_the_string():
     assert '<|assistant|>{"city": "Paris"}<|end|>' in mapping
 
 
+def test_arguments_as_text_is_learnt_per_template_and_hides_no_other_error():
+    """One model, two templates (a tools-only one reading the mapping, a default one joining the
+    string): what the default needs did not carry over to the other, which then printed a JSON
+    string inside the call. And a request the joining template refuses for another reason (roles
+    that do not alternate) was told about the mapping's TypeError instead."""
+    builder = _builder(
+        JOINS_ARGUMENTS + "{%- if messages[-1]['role'] == messages[-2]['role'] %}"
+        "{{ raise_exception('roles must alternate') }}{%- endif %}"
+    )
+    builder.tool_chat_template = MAPS_ARGUMENTS
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    twice = (*WITH_A_CALL, {"role": "user", "content": "a"}, {"role": "user", "content": "b"})
+    with pytest.raises(InvalidRequestError, match="roles must alternate"):
+        builder.render(PromptInput(messages=twice, add_generation_prompt=False))
+    builder.render(PromptInput(messages=WITH_A_CALL, add_generation_prompt=False))  # learns the default's way
+    with_tools = builder.render(PromptInput(messages=WITH_A_CALL, tools=(tool,), add_generation_prompt=False))
+    assert '<|assistant|>{"city": "Paris"}<|end|>' in with_tools
+
+
 def test_a_template_refusing_the_system_role_names_the_system_message():
     refuses = (
         "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
@@ -101,6 +121,39 @@ def test_a_template_refusing_the_system_role_names_the_system_message():
     with pytest.raises(InvalidRequestError, match="System role not supported") as raised:
         builder.render(PromptInput(messages=MESSAGES, add_generation_prompt=True))
     assert raised.value.param == "messages[0]"
+
+
+# Pixtral's way: parts looped over, strings let through with `is not string`.
+IS_NOT_STRING = (
+    "{%- for message in messages %}<|{{ message['role'] }}|>{%- if message[\"content\"] is not string %}"
+    "{%- for part in message['content'] %}{{ part['text'] }}{%- endfor %}"
+    "{%- else %}{{ message['content'] }}{%- endif %}<|end|>{%- endfor %}"
+)
+
+
+def test_a_template_testing_is_not_string_keeps_strings():
+    """The test for templates that take strings missed `is not string`: every string became
+    parts, and a template joining `[INST]` + content failed, or printed a list's repr."""
+    builder = _builder(IS_NOT_STRING)
+    messages = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"})
+    assert builder.render(PromptInput(messages=messages, add_generation_prompt=False)) == (
+        "<|user|>hi<|end|><|assistant|>hello<|end|>"
+    )
+    assert not builder.content_as_parts
+
+
+@pytest.mark.parametrize(
+    ("template", "reads"),
+    [
+        ("{%- if tools %}{{ tools | tojson }}{%- endif %}", True),
+        ("{%- for tool in tools %}{{ tool }}{%- endfor %}", True),
+        ("{%- if xml_tools %}{{ xml_tools }}{%- endif %} You may call tools.", False),  # SmolLM3
+        ("{%- for m in messages %}{%- if m['tools'] %}{{ m['tools'] }}{%- endif %}{%- endfor %}", False),
+        ("{%- set tools = [] %}{{ tools }}", False),  # assigned inside, not read from the caller
+    ],
+)
+def test_whether_a_template_reads_tools(template, reads):
+    assert template_reads(template, "tools") is reads
 
 
 NAMED = {

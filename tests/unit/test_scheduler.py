@@ -284,6 +284,9 @@ async def test_a_prompt_larger_than_the_kv_pool_is_named_as_the_cause(tiny_text_
         with pytest.raises(ContextLengthExceededError) as info:
             await scheduler.submit(request(0, max_tokens=1, text="word " * 300))
         assert "KV cache" in info.value.message and info.value.param == "messages"
+        with pytest.raises(ContextLengthExceededError) as info:  # one choice fits; 8 do not
+            await scheduler.submit(request(0, max_tokens=64, text="word " * 100, n=4))
+        assert info.value.param == "n"
 
 
 async def test_short_jobs_are_prefilled_before_long_ones_that_arrived_with_them(tiny_text_path):
