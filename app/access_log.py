@@ -73,10 +73,11 @@ def access_log(count: Callable[[str, str, int], None]) -> Callable[[ASGIApp], AS
             finally:
                 method = scope.get("method", "")
                 route = scope.get("path_template") or scope.get("path", "")
-                count(method, route, status)
-                log_line(
-                    method, route, status, time.monotonic() - started, request_id, state.get(GENERATION_KEY)
-                )
+                generation = state.get(GENERATION_KEY)
+                # A client that left mid-stream got its 200 headers, but not the answer: 499, as in
+                # the request log line and the generation metrics.
+                count(method, route, generation.get("status", status) if generation else status)
+                log_line(method, route, status, time.monotonic() - started, request_id, generation)
 
         return wrapped
 

@@ -32,6 +32,7 @@ from models.loader import LoadedModel, LoadSpec, ModelLoadError, load_model, log
 from models.params import PromptInput, SamplingParams, choice_seed
 from models.plan import SequenceInputs
 from models.prompt import PreparedPrompt, PromptBuilder
+from models.rope import rescales_with_length
 from models.runner import PagedRunner
 from models.sampling import RowSampler
 from models.self_test import DECODE_TOKENS, ProbePrompt, run_self_test
@@ -288,6 +289,9 @@ def _generic(
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); after: {reason}"
             ) from exc
         problem = batching_problem(loaded.model, loaded.model.forward, token_ids)
+    if problem is None and rescales_with_length(loaded.model):
+        # The startup check's short prompts never pass the original length, where it would show.
+        problem = "dynamic NTK RoPE scales with the longest sequence of a merged forward"
     if problem is not None:
         log.warning("generic path: decode steps computed one sequence per forward (%s)", problem)
     runner = GenericRunner(

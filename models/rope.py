@@ -35,12 +35,18 @@ def _rope_types(module) -> list[str]:
     return [str(kind)] if kind else []
 
 
+def rescales_with_length(model) -> bool:
+    """Dynamic NTK RoPE: past the original length the frequencies follow the longest sequence
+    of the forward, so sequences computed together would rotate by one another's lengths."""
+    return any("dynamic" in kind for module in model.modules() for kind in _rope_types(module))
+
+
 def rope_problem(model) -> str | None:
     """Why the fast path cannot reproduce the model's rotary embedding, or None."""
+    if rescales_with_length(model):
+        return "dynamic NTK RoPE rescales keys with each forward's length (not reproducible per row)"
     for module in model.modules():
         kinds = _rope_types(module)
-        if any("dynamic" in kind for kind in kinds):
-            return "dynamic NTK RoPE rescales keys with each forward's length (not reproducible per row)"
         if "longrope" in kinds:
             if isinstance(module.rope_type, dict):
                 return "LongRoPE per layer type is not reproduced per row"

@@ -22,11 +22,15 @@ def _busy(client: httpx.Client) -> int:
     return sum(r["running"] + r["queued"] for r in replicas)
 
 
-def _count_499(client: httpx.Client) -> float:
-    match = re.search(
-        r'^docoserve_requests_total\{endpoint="chat",status="499"\} (\S+)$', client.get("/metrics").text, re.M
-    )
+def _count_499(client: httpx.Client, metric: str = 'docoserve_requests_total{endpoint="chat"') -> float:
+    pattern = re.escape(metric) + r',\s*status="499"\} (\S+)$'
+    if "route" in metric:  # the HTTP counter's labels: method, route, status
+        pattern = re.escape(metric) + r'[^}]*status="499"\} (\S+)$'
+    match = re.search("^" + pattern, client.get("/metrics").text, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+HTTP_CHAT = 'docoserve_http_requests_total{method="POST",route="/v1/chat/completions"'
 
 
 def _wait_until(predicate, timeout_s: float = SETTLE_S) -> bool:
@@ -49,7 +53,7 @@ def idle_vlm(vlm_server: Server) -> Server:
 def test_stream_disconnect_frees_the_slot(idle_vlm: Server) -> None:
     body = chat_body(max_tokens=2000, ignore_eos=True, stream=True)
     with idle_vlm.http() as client:
-        before = _count_499(client)
+        before, http_before = _count_499(client), _count_499(client, HTTP_CHAT)
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             lines = response.iter_lines()
@@ -61,6 +65,8 @@ def test_stream_disconnect_frees_the_slot(idle_vlm: Server) -> None:
         assert _wait_until(lambda: _count_499(client) >= before + 1), (
             "a cancelled stream was not counted as 499"
         )
+        # The HTTP counter too, though its 200 headers had gone out.
+        assert _wait_until(lambda: _count_499(client, HTTP_CHAT) >= http_before + 1)
 
 
 def test_non_streamed_disconnect_frees_the_slot(idle_vlm: Server) -> None:

@@ -310,3 +310,22 @@ def test_forked_choices_on_the_generic_path_decode_as_their_parent(tokenizer, tm
     request = driver.submit(prompt, SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True), n=2)
     driver.run([request])
     assert driver.outputs(request) == [expected, expected]
+
+
+def test_dynamic_ntk_rope_decodes_each_sequence_alone_on_the_generic_path(tokenizer, tmp_path):
+    """Past its original length, dynamic NTK RoPE rotates by the longest sequence of the forward:
+    merged decode steps would give a short sequence its neighbour's frequencies (tokens that
+    differed from generate()'s, found beside a 100-token neighbour). The startup check's short
+    prompts cannot see it, so such models are never merged."""
+    build(
+        "llama",
+        {"max_position_embeddings": 64, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+        tokenizer,
+        tmp_path,
+    )
+    replica = build_replica(
+        LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa", device="cpu"),
+        replica_config(max_batch_size=4),
+    )
+    assert replica.path == "generic" and "dynamic" in replica.path_reason
+    assert not replica.runner.batch_decode
