@@ -181,6 +181,7 @@ class Scheduler:
             )
         builder = await self._builder()
         prepared = await self._prepare(builder.prepare, request.prompt, heavy=is_heavy(request.prompt))
+        defaulted = request.params.max_tokens is None
         request = self._resolve_lengths(request, prepared, builder)
         executor = pick_replica(self.executors, request.n)
         if executor is None:
@@ -210,9 +211,10 @@ class Scheduler:
                 param = "n"
             else:
                 param = "max_tokens"
+            limit = f"max_tokens ({request.params.max_tokens}{', the default' if defaulted else ''})"
             raise ContextLengthExceededError(
-                f"the prompt ({len(prepared.token_ids)} tokens) plus max_tokens ({request.params.max_tokens}) for "
-                f"{request.n} choice(s) does not fit this server's KV cache memory; reduce the prompt, max_tokens or n",
+                f"the prompt ({len(prepared.token_ids)} tokens) plus {limit} for {request.n} choice(s) does not "
+                "fit this server's KV cache memory; reduce the prompt, max_tokens or n",
                 param=param,
             )
         stream = RequestStream(request, prepared)

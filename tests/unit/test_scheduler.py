@@ -282,8 +282,9 @@ async def test_a_prompt_larger_than_the_kv_pool_is_named_as_the_cause(tiny_text_
     # fault, not max_tokens (which the 400 named).
     async with running_scheduler(tiny_text_path, kv_budget=512 * 256, max_input_tokens=1000) as scheduler:
         with pytest.raises(ContextLengthExceededError) as info:
-            await scheduler.submit(request(0, max_tokens=1, text="word " * 300))
+            await scheduler.submit(request(0, max_tokens=None, text="word " * 300))
         assert "KV cache" in info.value.message and info.value.param == "messages"
+        assert "max_tokens (64, the default)" in info.value.message  # the client sent none
         with pytest.raises(ContextLengthExceededError) as info:  # one choice fits; 8 do not
             await scheduler.submit(request(0, max_tokens=64, text="word " * 100, n=4))
         assert info.value.param == "n"
