@@ -220,7 +220,14 @@ class GenericRunner:
         self._forked: dict[int, tuple[list[int], dict | None]] = {}
         # generate() fills unset fields from the checkpoint's generation_config (repetition
         # penalty, suppressed tokens, ...). Sampling is the server's, so neutralise it.
-        model.generation_config = GenerationConfig(pad_token_id=pad_token_id)
+        # An encoder-decoder's decoder starts from its own token (Florence-2): kept, or every
+        # generate() fails.
+        starts = {
+            name: value
+            for name in ("decoder_start_token_id", "bos_token_id")
+            if (value := getattr(model.generation_config, name, None)) is not None
+        }
+        model.generation_config = GenerationConfig(pad_token_id=pad_token_id, **starts)
         self.merged_calls = 0  # decode forwards computed as part of a merged batch
         self._forward = model.forward
         self._with_positions = accepts_positions(self._forward)

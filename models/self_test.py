@@ -220,6 +220,11 @@ def _reference_logits(runner, prompt: ProbePrompt, extra: list[int]) -> tuple[to
     fast = config._attn_implementation
     config._attn_implementation = runner.original_attn
     device = runner.device
+    # M-RoPE models (GLM-4V, Qwen2-VL) keep the last prefill's position offset on their modules
+    # and some read it on the next forward: a probe's reference must not start from another's.
+    for module in model.modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
     try:
         out = model(
             input_ids=torch.tensor([prompt.ids], device=device), use_cache=True, **(prompt.model_inputs or {})

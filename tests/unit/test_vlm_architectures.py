@@ -399,3 +399,24 @@ def test_cross_attention_states_survive_preemption_and_are_shared_by_choices(tmp
     assert driver.executor.batch.blocks.num_free == replica.runner.num_blocks
     driver.executor.step()  # the step after the last finish hands the runner the released sequences
     assert not kept
+
+
+def test_an_encoder_decoder_vlm_generates_from_its_decoder_start_token(tmp_path_factory):
+    """Florence-2 (BART behind a vision tower) takes the generic path. Its generation_config was
+    replaced by one without `decoder_start_token_id`: every request was a 500 while /health said
+    ready. Its decoder tokens now equal generate()'s, image and text alike."""
+    from tests.unit.vlm_builders_glm import build_florence2
+
+    path = tmp_path_factory.mktemp("florence2")
+    build_florence2(path)
+    replica = build_replica(LoadSpec(source=str(path), dtype="fp32", attn_impl="sdpa"), replica_config())
+    assert replica.path == "generic"
+    model, start = replica.loaded.model, replica.loaded.model.config.decoder_start_token_id
+    for prepared in (_image_prompt(replica, "What is this?", seed=3), _text_prompt(replica, "Hello there")):
+        ours = run_jobs(replica, [(0, prepared, SamplingParams(max_tokens=6, **GREEDY))])[0]
+        inputs = {"input_ids": torch.tensor([prepared.token_ids]), **(prepared.mm_inputs or {})}
+        with torch.inference_mode():
+            reference = model.generate(
+                **inputs, max_new_tokens=6, do_sample=False, decoder_start_token_id=start, eos_token_id=None
+            )
+        assert ours == reference[0, 1:].tolist()  # after the decoder's start token
