@@ -15,6 +15,9 @@ Decided limits:
 - Aspect ratios beyond `max_aspect_ratio` (200:1, Qwen2-VL's `smart_resize` limit, the strictest
   common processor) are refused from the header; within it, resizing keeps >= 1 px per side.
 - `ImageFile.LOAD_TRUNCATED_IMAGES` must stay False: a truncated file is an error, not a grey tail.
+
+Also here: the smallest side a model's processor can take (`min_image_side`, `enlarged_to`) and the
+digest of processed image inputs that keys their blocks in the prefix cache.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ import io
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from PIL import Image, ImageFile, ImageOps
 
 from models.errors import InvalidImageError
@@ -232,3 +238,43 @@ class DecodedImageCache:
 def _image_bytes(image: Image.Image) -> int:
     width, height = image.size
     return width * height * len(image.getbands())
+
+
+def min_image_side(config, processor) -> int:
+    """Mistral 3's patch merger (spatial_merge_size x spatial_merge_size patches into one token)
+    breaks in transformers' own code on an image of at most that many pixels a side (a 1x1 pixel
+    failed the request with a 500); its Pixtral processor keeps small images small. Such sides are
+    enlarged to one pixel more, which the merger takes."""
+    merge = getattr(config, "spatial_merge_size", None)
+    image_processor = getattr(processor, "image_processor", None)
+    if not isinstance(merge, int) or merge < 2 or not type(image_processor).__name__.startswith("Pixtral"):
+        return 0
+    patch = getattr(image_processor, "patch_size", None)
+    if isinstance(patch, Mapping):
+        patch = max(patch.get("height") or 0, patch.get("width") or 0)
+    elif patch is not None and not isinstance(patch, int):  # transformers' SizeDict
+        patch = max(getattr(patch, "height", None) or 0, getattr(patch, "width", None) or 0)
+    return patch * merge + 1 if isinstance(patch, int) and patch > 0 else 0
+
+
+def enlarged_to(image, side: int):
+    width, height = image.size
+    if width >= side and height >= side:
+        return image
+    return image.resize((max(width, side), max(height, side)), Image.Resampling.BICUBIC)
+
+
+def image_inputs_digest(inputs: Mapping[str, Any]) -> bytes:
+    """What the model sees of the images (pixel values, sizes, grids), hashed: equal digests mean
+    equal image inputs, so their keys and values can be shared."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(inputs):
+        value = inputs[name]
+        digest.update(name.encode())
+        if hasattr(value, "detach"):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        else:
+            digest.update(repr(value).encode())
+    return digest.digest()

@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
 
 from models.arch import RopeIndex, Traits, bidirectional_spans, mrope_positions, rope_index_of, traits_of
 from models.errors import ContextLengthExceededError, InvalidRequestError
-from models.images import DecodedImageCache, ImageLimits
+from models.images import DecodedImageCache, ImageLimits, enlarged_to, image_inputs_digest, min_image_side
 from models.loader import token_id_limit
 from models.params import PromptInput
 from models.prompt_bounds import dense_cut, max_token_chars
 from models.template_messages import (
     NINE_CHARACTER_IDS,
     SERVER_TEMPLATE_ARGUMENTS,
+    blamed_message,
     message_tail,
     nine_character_id,
     short_error,
@@ -140,7 +140,7 @@ class PromptBuilder:
             image_limits=image_limits or ImageLimits(),
             image_cache=image_cache,
             token_id_limit=token_id_limit(loaded),
-            min_image_side=_min_image_side(loaded.model.config, processor),
+            min_image_side=min_image_side(loaded.model.config, processor),
             traits=traits_of(loaded.model.config),
             rope_index=rope_index_of(loaded.model),
         )
@@ -198,7 +198,7 @@ class PromptBuilder:
         def rejected(exc: Exception) -> InvalidRequestError:
             return InvalidRequestError(
                 f"the chat template rejected the messages: {short_error(exc)}",
-                param=_blamed_message(prompt.messages, str(exc)),
+                param=blamed_message(prompt.messages, str(exc)),
             )
 
         as_text = template in self._arguments_as_text
@@ -406,7 +406,7 @@ class PromptBuilder:
                 exc.param = params[index] if index < len(params) else exc.param
                 raise
         if self.min_image_side:
-            decoded = [_at_least(image, self.min_image_side) for image in decoded]
+            decoded = [enlarged_to(image, self.min_image_side) for image in decoded]
         try:
             batch = self._process(text, decoded, special)
         except Exception as exc:
@@ -425,7 +425,7 @@ class PromptBuilder:
             num_images=len(decoded),
             num_image_tokens=image_tokens,
             unsplit_span=self._image_span(ids),
-            span_digest=_digest(mm),
+            span_digest=image_inputs_digest(mm),
         )
         self._add_spans(prepared, mm)
         if self.rope_index is not None and mm.get("mm_token_type_ids") is not None:
@@ -483,53 +483,3 @@ class PromptBuilder:
             raise InvalidRequestError(
                 f"token id {bad} is outside the vocabulary (0..{limit - 1})", param=param
             )
-
-
-def _min_image_side(config, processor) -> int:
-    """Mistral 3's patch merger (spatial_merge_size x spatial_merge_size patches into one token)
-    breaks in transformers' own code on an image of at most that many pixels a side (a 1x1 pixel
-    failed the request with a 500); its Pixtral processor keeps small images small. Such sides are
-    enlarged to one pixel more, which the merger takes."""
-    merge = getattr(config, "spatial_merge_size", None)
-    image_processor = getattr(processor, "image_processor", None)
-    if not isinstance(merge, int) or merge < 2 or not type(image_processor).__name__.startswith("Pixtral"):
-        return 0
-    patch = getattr(image_processor, "patch_size", None)
-    if isinstance(patch, Mapping):
-        patch = max(patch.get("height") or 0, patch.get("width") or 0)
-    elif patch is not None and not isinstance(patch, int):  # transformers' SizeDict
-        patch = max(getattr(patch, "height", None) or 0, getattr(patch, "width", None) or 0)
-    return patch * merge + 1 if isinstance(patch, int) and patch > 0 else 0
-
-
-def _at_least(image, side: int):
-    width, height = image.size
-    if width >= side and height >= side:
-        return image
-    return image.resize((max(width, side), max(height, side)), Image.Resampling.BICUBIC)
-
-
-def _digest(inputs: Mapping[str, Any]) -> bytes:
-    """What the model sees of the images (pixel values, sizes, grids), hashed: equal digests mean
-    equal image inputs, so their keys and values can be shared."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(inputs):
-        value = inputs[name]
-        digest.update(name.encode())
-        if hasattr(value, "detach"):
-            tensor = value.detach().cpu().contiguous()
-            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        else:
-            digest.update(repr(value).encode())
-    return digest.digest()
-
-
-def _blamed_message(messages, error: str) -> str:
-    """`messages[i]` for a template that refuses the system role (Gemma's "System role not
-    supported"), naming the system message (on /v1/responses, `instructions`); else `messages`."""
-    if "system" in error.lower():
-        for index, message in enumerate(messages or ()):
-            if message.get("role") == "system":
-                return f"messages[{index}]"
-    return "messages"

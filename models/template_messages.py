@@ -105,3 +105,13 @@ def template_reads(template: str, name: str) -> bool:
         return name in jinja2.meta.find_undeclared_variables(environment.parse(template))
     except Exception:
         return re.search(rf"(?<![\w.'\"\[]){re.escape(name)}\b", template) is not None
+
+
+def blamed_message(messages, error: str) -> str:
+    """`messages[i]` for a template that refuses the system role (Gemma's "System role not
+    supported"), naming the system message (on /v1/responses, `instructions`); else `messages`."""
+    if "system" in error.lower():
+        for index, message in enumerate(messages or ()):
+            if message.get("role") == "system":
+                return f"messages[{index}]"
+    return "messages"
