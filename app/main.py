@@ -79,7 +79,7 @@ def configure_logging(settings: Settings) -> None:
     # The seed keeps per-request lines off by default (PROGRESS_LOGS=0, for latency); a request the
     # server failed (5xx) or turned away for load (503) is logged whatever it says.
     logging.getLogger("docoserve.requests").setLevel(
-        logging.INFO if settings.progress_logs or settings.debug else logging.WARNING
+        logging.INFO if settings.progress_logs else logging.WARNING
     )
 
 

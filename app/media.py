@@ -46,6 +46,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
+from app.setting_parsers import host_rule
 from scheduler.errors import InvalidImageError
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class ImageFetchPolicy:
     def __post_init__(self) -> None:
         if self.max_bytes < 1 or self.timeout_s <= 0 or self.max_redirects < 0:
             raise ValueError("image fetch limits must be positive")
-        rules = tuple(_host_rule(entry) for entry in self.allowed_hosts)
+        rules = tuple(host_rule(entry) for entry in self.allowed_hosts)
         networks = tuple(ipaddress.ip_network(n.strip(), strict=False) for n in self.allowed_private_networks)
         object.__setattr__(self, "_host_rules", rules)
         object.__setattr__(self, "_networks", networks)
@@ -109,19 +110,6 @@ class ImageFetchPolicy:
         if self.allow_private or any(address in network for network in self._networks):
             return True
         return is_public_address(address)
-
-
-def _host_rule(entry: str) -> tuple[str, bool]:
-    text = entry.strip().lower()
-    wildcard = text.startswith("*.")
-    base = text[2:] if wildcard else text
-    try:
-        host = httpx.URL(f"http://{base}/").raw_host.decode("ascii").rstrip(".")
-    except httpx.InvalidURL:
-        host = ""
-    if not host or "*" in host:
-        raise ValueError(f"invalid allowed image host: {entry!r}")
-    return host, wildcard
 
 
 def is_public_address(address: IPAddress) -> bool:

@@ -8,9 +8,12 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import httpx
 
 
 def show(raw: str) -> str:
@@ -171,12 +174,59 @@ def _gpu_ids(raw: str) -> tuple[int, ...]:
 gpu_ids = Parser(_gpu_ids, "comma-separated ids, e.g. 0,1")
 
 
+def host_rule(entry: str) -> tuple[str, bool]:
+    """An allowlist entry as (normalised host, whether it covers subdomains): a bare host name or
+    IP, or `*.` and a domain. A URL, a port, a path or a `*` elsewhere is refused: such an entry
+    would never match a host and would refuse every image URL without saying why."""
+    text = entry.strip().lower()
+    wildcard = text.startswith("*.")
+    base = text[2:] if wildcard else text
+    if "://" in base:
+        raise ValueError(f"{show(entry)} is a URL: give its host alone (e.g. cdn.example.com)")
+    try:
+        url = httpx.URL(f"http://{base}/")
+        host = url.raw_host.decode("ascii").rstrip(".")
+        plain = (
+            url.port is None and url.path == "/" and not url.userinfo and not url.query and not url.fragment
+        )
+    except (httpx.InvalidURL, UnicodeError):
+        host, plain = "", False
+    if not host or not plain or "*" in host:
+        raise ValueError(
+            f"{show(entry)} is not a host (e.g. cdn.example.com, or *.example.com for its subdomains)"
+        )
+    return host, wildcard
+
+
 def _hosts(raw: str) -> tuple[str, ...]:
-    hosts = (part.strip().lower().rstrip(".") for part in raw.split(","))
-    return tuple(dict.fromkeys(host for host in hosts if host))
+    entries = (part.strip().lower().rstrip(".") for part in raw.split(","))
+    hosts = tuple(dict.fromkeys(entry for entry in entries if entry))
+    for entry in hosts:
+        host_rule(entry)
+    return hosts
 
 
 hosts = Parser(_hosts, "comma-separated hosts, `*.example.com` for subdomains")
+
+
+def _bind_address(raw: str) -> str:
+    """An IP to bind, or a name resolved to one here (granian binds IP literals only; `localhost`
+    is what uvicorn, the seed's server, accepts)."""
+    try:
+        return str(ipaddress.ip_address(raw.strip("[]")))
+    except ValueError:
+        pass
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            infos = socket.getaddrinfo(raw, None, family, socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            continue
+        if infos:
+            return str(infos[0][4][0])
+    raise ValueError(f"{show(raw)} is neither an IP address nor a name that resolves to one")
+
+
+bind_address = Parser(_bind_address, "an IP address (0.0.0.0, ::, 127.0.0.1) or a name that resolves to one")
 
 
 def _origins(raw: str) -> tuple[str, ...]:

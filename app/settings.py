@@ -10,7 +10,8 @@ Rules worth knowing:
 - Aliases: MODEL_ID for MODEL_PATH, MAX_CONTEXT_TOKENS for MAX_INPUT_TOKENS, HUGGING_FACE_HUB_TOKEN
   for HF_TOKEN. The first name listed wins when both are set.
 - GPU_IDS overrides GPU_COUNT; both are kept so the device layer can say what it ignored.
-- DEBUG=true implies LOG_LEVEL=debug unless LOG_LEVEL is set explicitly.
+- DEBUG=true implies LOG_LEVEL=debug and PROGRESS_LOGS=1 unless either is set explicitly (the
+  spec: in DEBUG mode progress logs stay on, and `--progress false` still turns them off).
 - CACHE_DIR falls back to HF_HUB_CACHE, then HF_HOME/hub, so the HF variables the spec documents
   keep working; the entrypoint then points HF_HUB_CACHE at the result.
 """
@@ -204,7 +205,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     )] = 1.0
 
     # Server process
-    host: Annotated[str, _s("HOST", P.text, "Address to bind", "--host")] = "0.0.0.0"
+    host: Annotated[str, _s("HOST", P.bind_address, "Address to bind", "--host")] = "0.0.0.0"
     port: Annotated[int, _s("PORT", P.integer(1, 65535), "Port to bind", "--port")] = 8000
     log_level: Annotated[LogLevel, _s(
         "LOG_LEVEL", P.choice("critical", "error", "warning", "info", "debug", "trace", aliases={"warn": "warning"}),
@@ -230,7 +231,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "REDACT_SOURCE", P.boolean, "Hide model path/revision/cache and download progress", "--redact-source",
     )] = True
     debug: Annotated[bool, _s(
-        "DEBUG", P.boolean, "Debug logging and tracebacks; implies --log-level debug unless given", "--debug",
+        "DEBUG", P.boolean, "Debug logging and tracebacks; implies --log-level debug and --progress true unless given",
+        "--debug",
     )] = False
     api_key: Annotated[str | None, _s(
         "API_KEY", P.api_key, "Bearer key for /v1/* and docs; prefer the env var from a secret", "--api-key",
@@ -313,8 +315,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
         if "cache_dir" not in values:
             values["cache_dir"] = _hf_cache_dir(env)
-        if values.get("debug") and "log_level" not in values:
-            values["log_level"] = "debug"
+        if values.get("debug"):
+            values.setdefault("log_level", "debug")
+            values.setdefault("progress_logs", True)
         return cls(**values)
 
     def device_selection(self) -> dict[str, Any]:

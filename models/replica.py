@@ -235,19 +235,23 @@ def _pool_blocks(
     per_token = kv_bytes_per_token(loaded.model.config.get_text_config(decoder=True), loaded.dtype)
     per_block = per_token * block_size
     blocks_per_sequence = -(-max_seq_len // block_size)
+    minimum = -(-MIN_POOL_TOKENS // block_size)
     if config.kv_cache_budget_bytes:
         num_blocks, sizing = config.kv_cache_budget_bytes // per_block, "KV_CACHE_MAX_GIB"
     else:
         budget = kv_cache_budget(
             loaded.devices or (loaded.device,), gpu_fraction=config.kv_cache_gpu_fraction
         )
-        num_blocks = min(budget // per_block, config.max_batch_size * blocks_per_sequence)
+        # Never below the minimum: a small batch of short sequences (MAX_BATCH_SIZE=1, the spec's
+        # low-latency setting, with a short context) would otherwise ask for less than it.
+        wanted = max(minimum, config.max_batch_size * blocks_per_sequence)
+        num_blocks = min(budget // per_block, wanted)
         sizing = "auto from free memory"
-    minimum = -(-MIN_POOL_TOKENS // block_size)
     if num_blocks < minimum:
+        remedy = "raise KV_CACHE_MAX_GIB" if config.kv_cache_budget_bytes else "free memory on the device"
         raise ModelLoadError(
-            f"the KV cache budget holds {num_blocks * block_size} tokens; at least {MIN_POOL_TOKENS} are needed "
-            f"({per_token} bytes per token): raise KV_CACHE_MAX_GIB"
+            f"the KV cache budget ({sizing}) holds {num_blocks * block_size} tokens; at least "
+            f"{MIN_POOL_TOKENS} are needed ({per_token} bytes per token): {remedy}"
         )
     if num_blocks < blocks_per_sequence:
         log.warning(

@@ -3,9 +3,13 @@ by whole blocks, with a zero block for padding and a scratch block for the paddi
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.kv_cache import PagedKVCache, kv_bytes_per_token
+from models.loader import LoadSpec, ModelLoadError
+from models.replica import MIN_POOL_TOKENS, build_replica
+from tests.unit.configs import replica_config
 
 
 def test_pools_take_the_layer_shape_and_keep_a_zero_padding_block():
@@ -56,3 +60,16 @@ def test_bytes_per_token_of_falcon_count_one_kv_head_or_its_groups():
     # Falcon-40B's config says multi_query too, but keeps a key and value head per group.
     forty_b = FalconConfig(**sizes, multi_query=True, new_decoder_architecture=True, num_kv_heads=2)
     assert kv_bytes_per_token(forty_b, torch.float32) == 2 * 2 * 2 * 16 * 4
+
+
+def test_the_automatic_pool_is_never_below_the_minimum():
+    """MAX_BATCH_SIZE=1 (the spec's low-latency setting) with a short context used to ask free
+    memory for fewer tokens than the pool's minimum and leave the server degraded for good."""
+    spec = LoadSpec(source="builtin:tiny", dtype="fp32")
+    small = replica_config(max_batch_size=1, max_input_tokens=100, max_new_tokens=16, kv_cache_budget_bytes=None)
+    replica = build_replica(spec, small)
+    assert replica.runner.num_blocks * replica.runner.block_size >= MIN_POOL_TOKENS
+    # An explicit budget that small is still refused, and the message names the setting.
+    per_token = kv_bytes_per_token(replica.loaded.model.config.get_text_config(decoder=True), torch.float32)
+    with pytest.raises(ModelLoadError, match="KV_CACHE_MAX_GIB"):
+        build_replica(spec, replica_config(kv_cache_budget_bytes=64 * per_token))

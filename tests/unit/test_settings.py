@@ -272,6 +272,14 @@ def test_error_names_the_alias_that_carried_the_value() -> None:
         ("MAX_IMAGE_PIXELS", "0"),
         ("IMAGE_FETCH_TIMEOUT_S", "0"),
         ("CORS_ALLOW_ORIGINS", "chat.example.com"),
+        # Entries that would never match a host: found at startup, not when the app is built.
+        ("IMAGE_URL_ALLOWED_HOSTS", "*"),
+        ("IMAGE_URL_ALLOWED_HOSTS", "https://cdn.example.com"),
+        ("IMAGE_URL_ALLOWED_HOSTS", "cdn.example.com:443"),
+        ("IMAGE_URL_ALLOWED_HOSTS", "cdn.example.com/images"),
+        ("IMAGE_URL_ALLOWED_HOSTS", "bad*host"),
+        ("HOST", "999.1.1.1"),
+        ("HOST", "no-such-host.invalid"),
         ("LOG_FORMAT", "xml"),
         ("CHAT_TEMPLATE", "/no/such/template.jinja"),
         ("CHAT_TEMPLATE", "{% for m in messages %}"),
@@ -284,6 +292,12 @@ def test_invalid_values_raise_settings_error_naming_the_var(name: str, raw: str)
     assert err.name == name
     assert name in str(err) and repr(raw) in str(err)
     assert "\n" not in str(err)
+
+
+@pytest.mark.parametrize(("raw", "bound"), [("localhost", "127.0.0.1"), ("[::1]", "::1"), ("0.0.0.0", "0.0.0.0")])
+def test_host_names_resolve_to_the_address_granian_binds(raw: str, bound: str) -> None:
+    # granian takes IP literals only; uvicorn (the seed's server) took `localhost` too.
+    assert Settings.from_env({"HOST": raw}).host == bound
 
 
 def test_error_message_lists_choices() -> None:
@@ -319,6 +333,12 @@ def test_gpu_ids_and_gpu_count_are_both_kept() -> None:
 
 def test_debug_implies_debug_log_level() -> None:
     assert Settings.from_env({"DEBUG": "1"}).log_level == "debug"
+
+
+def test_debug_turns_progress_logs_on_unless_they_are_set() -> None:
+    assert Settings.from_env({"DEBUG": "1"}).progress_logs is True
+    assert Settings.from_env({"DEBUG": "1", "PROGRESS_LOGS": "false"}).progress_logs is False
+    assert Settings.from_env({}).progress_logs is False
 
 
 def test_explicit_log_level_beats_debug() -> None:
