@@ -39,6 +39,9 @@ from scheduler.request import EngineRequest, GrammarSpec, PromptInput, SamplingP
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+# OpenAI's `detail: "low"`: the model gets a 512 px version of the image (longest side here, aspect
+# kept), fewer image tokens on models whose processors take any size.
+LOW_DETAIL_SIDE = 512
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}
 
 
@@ -243,7 +246,7 @@ class Translator:
         chat_template_kwargs: dict[str, Any] | None,
         fetch_images: bool = True,
     ) -> PromptInput:
-        converted, urls, params = _messages(messages)
+        converted, urls, params, max_sides = _messages(messages)
         limit = self.settings.max_images_per_request
         if len(urls) > limit:  # the one check of the count, before any image is fetched
             raise InvalidRequestError(
@@ -256,6 +259,7 @@ class Translator:
             tools=tuple(_tool_for_template(t) for t in tools) if tools else None,
             add_generation_prompt=add_generation_prompt,
             images=images,
+            image_max_sides=tuple(max_sides) if any(max_sides) else (),
             chat_template_kwargs=dict(chat_template_kwargs or {}),
         )
 
@@ -320,12 +324,16 @@ def _prompt_logprobs(req: Any, echoed: int | None = None) -> int | None:
     return max(asked) if asked else None
 
 
-def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+def _messages(
+    messages: list[ChatMessage],
+) -> tuple[list[dict[str, Any]], list[str], list[str], list[int | None]]:
     """OpenAI messages -> template-ready dicts; image parts become `{"type": "image"}` placeholders
-    and their URLs are returned in order, with the request field each came from."""
+    and their URLs are returned in order, with the request field each came from and the longest
+    side its `detail` allows (None: the server's MAX_IMAGE_SIZE)."""
     converted: list[dict[str, Any]] = []
     urls: list[str] = []
     params: list[str] = []
+    max_sides: list[int | None] = []  # per image: `detail: "low"` caps its longest side
     legacy_id: str | None = None  # the last legacy function_call's id, for its `function` result
     for i, message in enumerate(messages):
         item: dict[str, Any] = {"role": _ROLE_ALIASES.get(message.role, message.role)}
@@ -341,6 +349,7 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
                 elif isinstance(part, ImageUrlPart):
                     urls.append(part.image_url.url)
                     params.append(f"messages[{i}].content[{j}].image_url")
+                    max_sides.append(LOW_DETAIL_SIDE if part.image_url.detail == "low" else None)
                     parts.append({"type": "image"})
                 else:
                     kind = part.__struct_config__.tag  # the `type` the client sent
@@ -371,7 +380,7 @@ def _messages(messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[s
         if reasoning is not None:
             item["reasoning_content"] = reasoning
         converted.append(item)
-    return converted, urls, params
+    return converted, urls, params, max_sides
 
 
 def _completion_prompts(prompt: str | list[PromptElement], add_special_tokens: bool) -> list[PromptInput]:

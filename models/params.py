@@ -96,6 +96,8 @@ class PromptInput:
     # field each came from (for errors: "messages[0].content[1].image_url").
     images: tuple[bytes, ...] = ()
     image_params: tuple[str, ...] = ()
+    # Per image, a longest side below the server's (`detail: "low"`); None or missing: the server's.
+    image_max_sides: tuple[int | None, ...] = ()
     chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 

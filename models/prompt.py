@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -337,7 +337,7 @@ class PromptBuilder:
                     "server accepts; prompts with images cannot be truncated",
                     param="messages",
                 )
-            return self._prepare_multimodal(text, prompt.images, special, prompt.image_params)
+            return self._prepare_multimodal(text, prompt, special)
         if self.prompt_format == "paligemma" and prompt.messages is not None:
             return self._paligemma_text_only(text)
         cut = max(0, len(text) - bound)
@@ -391,17 +391,20 @@ class PromptBuilder:
         digest.update(repr(prepared.token_ids[first : last + 1]).encode())
         prepared.span_digest = digest.digest()
 
-    def _prepare_multimodal(
-        self, text: str, images: tuple[bytes, ...], special: bool, params: tuple[str, ...] = ()
-    ) -> PreparedPrompt:
+    def _prepare_multimodal(self, text: str, prompt: PromptInput, special: bool) -> PreparedPrompt:
         if not self.is_vision:
             raise InvalidRequestError(
                 "this model does not accept images (it is a text-only model)", param="messages"
             )
         decoded = []
-        for index, data in enumerate(images):
+        params, sides = prompt.image_params, prompt.image_max_sides
+        for index, data in enumerate(prompt.images):
+            limits = self.image_limits
+            side = sides[index] if index < len(sides) else None
+            if side is not None and side < limits.max_side:
+                limits = replace(limits, max_side=side)
             try:
-                decoded.append(self.image_cache.get_or_decode(data, self.image_limits))
+                decoded.append(self.image_cache.get_or_decode(data, limits))
             except InvalidRequestError as exc:
                 exc.param = params[index] if index < len(params) else exc.param
                 raise

@@ -46,3 +46,20 @@ def test_a_legacy_function_call_reaches_the_template_as_a_tool_call():
     # An id of 9 letters and digits (Mistral's templates refuse any other), and its result paired.
     assert re.fullmatch(r"[A-Za-z0-9]{9}", tool_call["id"])
     assert result == {"role": "tool", "name": "get_w", "content": "RESULT", "tool_call_id": tool_call["id"]}
+
+
+def test_low_detail_caps_an_images_side_and_other_details_do_not():
+    """`detail` used to be validated and then dropped: "low" now reaches the prompt builder as a
+    512-pixel cap on the image's longest side (OpenAI's low-resolution version)."""
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    message = {
+        "role": "user",
+        "content": [
+            {**part, "image_url": {**part["image_url"], "detail": "low"}},
+            {**part, "image_url": {**part["image_url"], "detail": "high"}},
+            part,
+        ],
+    }
+    converted, urls, params, max_sides = _messages([msgspec.convert(message, ChatMessage)])
+    assert len(urls) == 3 and params[0] == "messages[0].content[0].image_url"
+    assert max_sides == [512, None, None]

@@ -420,3 +420,19 @@ def test_an_encoder_decoder_vlm_generates_from_its_decoder_start_token(tmp_path_
                 **inputs, max_new_tokens=6, do_sample=False, decoder_start_token_id=start, eos_token_id=None
             )
         assert ours == reference[0, 1:].tolist()  # after the decoder's start token
+
+
+def test_low_detail_images_are_shrunk_first(tmp_path_factory):
+    """OpenAI's `detail: "low"` (PromptInput.image_max_sides): the image reaches the processor
+    with its longest side capped, so a dynamic-resolution model gets fewer image tokens, and the
+    same bytes at full detail stay a separate prefix-cache entry."""
+    arch = next(a for a in ARCHS if a.name == "qwen2_vl")
+    replica = _replica(arch, tmp_path_factory)
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}
+    image = png(6, size=(56, 56))  # the tiny processor takes at most 56 x 56 pixels: 4 image tokens
+    builder = _builder(replica)
+    full = builder.prepare(PromptInput(messages=(message,), images=(image,)))
+    low = builder.prepare(PromptInput(messages=(message,), images=(image,), image_max_sides=(28,)))
+    assert 0 < low.num_image_tokens < full.num_image_tokens
+    assert low.span_digest != full.span_digest
+    assert _engine_greedy(replica, low) == hf_greedy(replica, low, MAX_NEW)
