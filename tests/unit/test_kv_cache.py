@@ -66,7 +66,9 @@ def test_the_automatic_pool_is_never_below_the_minimum():
     """MAX_BATCH_SIZE=1 (the spec's low-latency setting) with a short context used to ask free
     memory for fewer tokens than the pool's minimum and leave the server degraded for good."""
     spec = LoadSpec(source="builtin:tiny", dtype="fp32")
-    small = replica_config(max_batch_size=1, max_input_tokens=100, max_new_tokens=16, kv_cache_budget_bytes=None)
+    small = replica_config(
+        max_batch_size=1, max_input_tokens=100, max_new_tokens=16, kv_cache_budget_bytes=None
+    )
     replica = build_replica(spec, small)
     assert replica.runner.num_blocks * replica.runner.block_size >= MIN_POOL_TOKENS
     # An explicit budget that small is still refused, and the message names the setting.

@@ -294,7 +294,9 @@ def test_invalid_values_raise_settings_error_naming_the_var(name: str, raw: str)
     assert "\n" not in str(err)
 
 
-@pytest.mark.parametrize(("raw", "bound"), [("localhost", "127.0.0.1"), ("[::1]", "::1"), ("0.0.0.0", "0.0.0.0")])
+@pytest.mark.parametrize(
+    ("raw", "bound"), [("localhost", "127.0.0.1"), ("[::1]", "::1"), ("0.0.0.0", "0.0.0.0")]
+)
 def test_host_names_resolve_to_the_address_granian_binds(raw: str, bound: str) -> None:
     # granian takes IP literals only; uvicorn (the seed's server) took `localhost` too.
     assert Settings.from_env({"HOST": raw}).host == bound
