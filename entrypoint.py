@@ -228,6 +228,19 @@ def check_devices(settings: Settings) -> None:
         devices = resolve_devices(**settings.device_selection())
     except ValueError as exc:
         _fail(str(exc))
+    if settings.attn_strict:
+        # The spec: strict mode has no fallback and startup fails. What the machine lacks is known
+        # now; a model that does not support the kernel is found at load (the server then stays
+        # up degraded, /health saying why, as for any load failure).
+        from models.devices import placement_devices
+        from models.loader import strict_attention_problem
+
+        for device in (d for placement in devices for d in placement_devices(placement)):
+            problem = strict_attention_problem(settings.attn_impl, device, settings.dtype)
+            if problem:
+                _fail(
+                    f"ATTN_STRICT is set and attention {settings.attn_impl} cannot run on {device}: {problem}"
+                )
     if settings.device == "auto" and devices[0] == "cpu" and cuda_device_count() == 0:
         _say(
             "entrypoint: warning: no CUDA device is visible: serving on CPU",

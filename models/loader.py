@@ -177,6 +177,9 @@ def _load_model(spec: LoadSpec) -> LoadedModel:
     path = resolve_source(spec)
     if _looks_local(path) and not Path(path).expanduser().is_dir():
         raise ModelLoadError(f"model folder {display} does not exist or is not a directory")
+    if spec.revision and Path(path).expanduser().is_dir():
+        # A revision picks a commit of a hub repository; a folder has only what is in it.
+        decide("MODEL_REVISION ignored: the model is a local folder, not a hub id", level=logging.WARNING)
     hub_kwargs = dict(
         revision=spec.revision,
         token=spec.token,
@@ -385,6 +388,15 @@ def _pick_dtype(requested: torch.dtype, device: torch.device) -> tuple[torch.dty
     if requested == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
         return torch.float16, "bf16 requested; GPU has no bf16 support"
     return requested, "requested"
+
+
+def strict_attention_problem(impl: str, device: str, dtype: str) -> str | None:
+    """Why `impl` cannot load on `device` ("cpu", "cuda:0") at `dtype` ("bf16"...), known before
+    loading anything (the entrypoint fails startup on it under ATTN_STRICT); None when only
+    loading the model can tell."""
+    where = torch.device(device)
+    picked, _ = _pick_dtype(DTYPES[dtype], where)
+    return _attention_unavailable(impl, where, picked)
 
 
 def _attention_unavailable(impl: str, device: torch.device, dtype: torch.dtype) -> str | None:

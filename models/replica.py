@@ -99,6 +99,15 @@ class ModelReplica:
         return self.runner.kind
 
     @property
+    def attention(self) -> str:
+        """The attention that runs: on the fast path the paged attention's kernel, whatever the
+        layers were loaded with (ATTN_IMPL=eager still loads eager layers, which the fast path
+        replaces; `kernels` in /health has the detail); on the generic path the loaded one."""
+        if isinstance(self.runner, PagedRunner):
+            return "flash_attention_2" if self.runner.use_flash else "sdpa"
+        return self.loaded.attn_impl
+
+    @property
     def kv_pool_bytes(self) -> int:
         return self.runner.cache.nbytes if isinstance(self.runner, PagedRunner) else 0
 

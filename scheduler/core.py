@@ -155,7 +155,7 @@ class Scheduler:
             if replica is not None:
                 item["path"] = replica.path
                 item["path_reason"] = replica.path_reason
-                item["attention"] = replica.loaded.attn_impl
+                item["attention"] = replica.attention
                 item["kernels"] = replica.runner.backend
                 item["cuda_graphs"] = getattr(replica.runner, "graphs_status", "off")
                 item["dtype"] = str(replica.loaded.dtype).removeprefix("torch.")

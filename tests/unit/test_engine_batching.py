@@ -61,6 +61,22 @@ def test_text_model_takes_the_fast_path(text_replica):
     assert text_replica.path == "fast"
 
 
+def test_the_attention_reported_is_the_one_that_runs(tiny_text_path):
+    """ATTN_IMPL=eager loads eager layers; the fast path replaces their attention with its paged
+    one, and /health (`attention`) used to say "eager" all the same."""
+    replica = build_replica(
+        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="eager"),
+        replica_config(max_batch_size=2),
+    )
+    assert replica.path == "fast" and replica.loaded.attn_impl == "eager"
+    assert replica.attention == "sdpa"
+    generic = build_replica(
+        LoadSpec(source=str(tiny_text_path), dtype="fp32", attn_impl="eager"),
+        replica_config(max_batch_size=2, force_generic=True),
+    )
+    assert generic.attention == "eager"
+
+
 def test_greedy_tokens_match_transformers_generate(text_replica):
     prepared = prepared_text(text_replica, "Hello there, how are you today?")
     alone = run(text_replica, [(0, prepared, SamplingParams(max_tokens=24, **GREEDY))])[0]

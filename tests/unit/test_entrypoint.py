@@ -361,6 +361,26 @@ def test_cpu_when_nothing_was_asked_for_says_so(capsys, monkeypatch) -> None:
     assert "serving on CPU" not in capsys.readouterr().err
 
 
+def test_strict_attention_the_machine_cannot_run_fails_before_serving(capsys, monkeypatch) -> None:
+    """The spec's ATTN_STRICT: no fallback, startup fails (FlashAttention 2 needs a CUDA device);
+    a kernel every machine has is left to the load, which reports a model that lacks it."""
+    served = []
+    monkeypatch.setattr(entrypoint, "serve", served.append)
+    monkeypatch.setattr(entrypoint, "prepare_runtime_env", lambda settings: None)
+    for name in ("ATTN_IMPL", "ATTN_STRICT", "DEVICE", "GPU_COUNT", "GPU_IDS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        entrypoint.main(["--attn-strict", "true", "--attn-impl", "flash_attention_2"])
+    assert exit_info.value.code == 2 and not served
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "entrypoint: ATTN_STRICT is set and attention flash_attention_2 cannot run on cpu: needs a CUDA device"
+    )
+    entrypoint.main(["--attn-strict", "true", "--attn-impl", "eager"])
+    assert len(served) == 1
+    entrypoint.main(["--attn-strict", "false", "--attn-impl", "flash_attention_2"])  # falls back at load
+    assert len(served) == 2
+
+
 def test_a_port_someone_listens_on_fails_clearly(capsys) -> None:
     """granian binds with SO_REUSEPORT: a second server on a served port came up beside the first
     and the kernel split connections between them. The entrypoint refuses it before granian."""

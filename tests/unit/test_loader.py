@@ -45,6 +45,13 @@ def test_resolve_source(builtin_cache: str) -> None:
         resolve_source(LoadSpec(source="builtin:nope", cache_dir=builtin_cache))
 
 
+def test_a_revision_for_a_local_folder_is_said_to_be_ignored(tiny_text_path) -> None:
+    loaded = load_model(LoadSpec(source=str(tiny_text_path), dtype="fp32", revision="v2"))
+    assert "MODEL_REVISION ignored: the model is a local folder, not a hub id" in loaded.decisions
+    plain = load_model(LoadSpec(source=str(tiny_text_path), dtype="fp32"))
+    assert not any("MODEL_REVISION" in line for line in plain.decisions)
+
+
 def test_builtin_text_model(text_model) -> None:
     loaded = text_model
     assert not loaded.is_vision and loaded.processor is None
