@@ -130,12 +130,17 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
         message = (
             "the request body ended before it was complete (connection closed, or chunked encoding malformed)"
         )
-        return error_response(400, error_body(400, message, code="incomplete_body"))
+        # The connection cannot carry another request: say so, or a client that pools it sends
+        # its next request into a socket granian is closing.
+        return error_response(400, error_body(400, message, code="incomplete_body"), {"Connection": "close"})
     status = exc.status_code
     type_, code, default_message = HTTP_CODES.get(
         status, ("server_error" if status >= 500 else "invalid_request_error", "http_error", "error")
     )
     headers = dict(exc.headers or {})
+    if status == 413:
+        # The rest of the body is never read, so granian closes the connection after this answer.
+        headers.setdefault("Connection", "close")
     if isinstance(exc, NotAuthorizedException):
         headers.setdefault("WWW-Authenticate", "Bearer")
     if status == 404:

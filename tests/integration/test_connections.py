@@ -125,6 +125,7 @@ def test_a_malformed_or_cut_body_is_the_clients_error_not_a_500(edge_server: Ser
             answers.append(_closed(sock, 10))
     for answer in answers:
         assert answer is not None and answer.startswith(b"HTTP/1.1 400"), answer
+        assert b"\r\nconnection: close\r\n" in answer.partition(b"\r\n\r\n")[0].lower()
         error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
         assert error["code"] == "incomplete_body" and error["type"] == "invalid_request_error"
     full = json.dumps(chat_body(max_tokens=2)).encode()

@@ -259,12 +259,27 @@ def test_context_length_exceeded_by_prompt(text_server: Server) -> None:
 
 
 def test_body_over_limit_is_413(text_server: Server) -> None:
+    """The rest of the body is never read, so the connection closes after the 413, and says so:
+    without `Connection: close` a pooling client sent its next request into the closing socket
+    ("Server disconnected without sending a response")."""
     body = b'{"messages": [{"role": "user", "content": "' + b"a" * (MAX_BODY_BYTES + 1) + b'"}]}'
     with text_server.http() as client:
-        response = client.post(
-            "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
-        )
-    assert_openai_error(response, 413, code="request_too_large")
+        for _ in range(3):
+            response = client.post(
+                "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert_openai_error(response, 413, code="request_too_large")
+            assert response.headers["connection"] == "close"
+            after = client.post("/v1/chat/completions", json=_chat(max_tokens=2))
+            assert after.status_code == 200, after.text
+    openai_client = text_server.openai()  # max_retries=0: a retry would hide the failure
+    for _ in range(3):
+        with pytest.raises(openai.APIStatusError) as caught:
+            openai_client.chat.completions.create(
+                model=text_server.model_name, messages=user("a" * (MAX_BODY_BYTES + 1))
+            )
+        assert caught.value.status_code == 413
+        openai_client.chat.completions.create(model=text_server.model_name, messages=user(), max_tokens=2)
 
 
 def test_chunked_body_over_limit_is_413(text_server: Server) -> None:
