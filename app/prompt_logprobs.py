@@ -52,22 +52,57 @@ class TextOffsets:
         self._text += text
 
     def place(self, entry: TokenLogprob) -> int:
+        """Where `entry` starts, the text being complete (or as complete as it will get)."""
+        offset = self._place(entry, final=True)
+        assert offset is not None
+        return offset
+
+    def place_settled(
+        self, pending: list[TokenLogprob], *, final: bool
+    ) -> tuple[list[TokenLogprob], list[int]]:
+        """The leading entries of `pending` whose place the text extended so far settles (all of
+        them when `final`), removed from it, and their offsets. A stream
+        sends a token's logprob once its place cannot change: with the text that shows it, or
+        once enough text has come to show it is not there. Placed earlier (the text a detokenizer
+        holds back for a split character or a possible stop string not yet sent), a token took the
+        current position and streamed offsets differed from the whole answer's."""
+        settled: list[TokenLogprob] = []
+        offsets: list[int] = []
+        while len(settled) < len(pending):
+            offset = self._place(pending[len(settled)], final=final)
+            if offset is None:
+                break
+            settled.append(pending[len(settled)])
+            offsets.append(offset)
+        del pending[: len(settled)]
+        return settled, offsets
+
+    def _place(self, entry: TokenLogprob, *, final: bool) -> int | None:
         raw = entry.token_bytes if entry.token_bytes is not None else entry.token.encode("utf-8")
+        state = self._decoder.getstate()
         chars = self._decoder.decode(raw)
         start = self._pos - self._base
         if not chars:
             return self._pos
         text = self._text
-        for candidate in dict.fromkeys((chars, chars.lstrip())):
+        candidates = tuple(dict.fromkeys((chars, chars.lstrip())))
+        for candidate in candidates:
             if candidate and text.startswith(candidate, start):
                 return self._advance(start, start + len(candidate))
+            if not final and candidate and candidate.startswith(text[start:]):
+                self._decoder.setstate(state)  # the rest of it may still come
+                return None
         # Looked for further on only with more than spaces: a SentencePiece "▁" that the text does
         # not show would otherwise take the next space's place.
-        for candidate in dict.fromkeys((chars, chars.lstrip())):
+        for candidate in candidates:
             if candidate.strip():
-                found = text.find(candidate, start, start + len(candidate) + self._WINDOW)
+                limit = start + len(candidate) + self._WINDOW
+                found = text.find(candidate, start, limit)
                 if found >= 0:
                     return self._advance(found, found + len(candidate))
+                if not final and len(text) < limit:
+                    self._decoder.setstate(state)
+                    return None
         return self._pos
 
     def _advance(self, begin: int, end: int) -> int:

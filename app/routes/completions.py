@@ -172,17 +172,19 @@ def _count_tokens(svc: Services, streams: list[RequestStream]) -> None:
         svc.metrics.completion_tokens.inc(stream.completion_tokens)
 
 
-def _logprobs(entries: list[TokenLogprob], offsets: TextOffsets) -> CompletionLogprobs:
-    """OpenAI's completions logprobs; `offsets` places the tokens in the choice's text (and goes on
-    with the next stream chunk's)."""
+def _logprobs(
+    entries: list[TokenLogprob], offsets: TextOffsets, placed: list[int] | None = None
+) -> CompletionLogprobs:
+    """OpenAI's completions logprobs; `offsets` places the tokens in the choice's text, unless
+    `placed` has their offsets already (a stream's, `TextOffsets.place_settled`)."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    for entry in entries:
+    for position, entry in enumerate(entries):
         top = {text: logprob for text, (_, logprob) in zip(entry.top_tokens or [], entry.top, strict=False)}
         top.setdefault(entry.token, entry.logprob)  # OpenAI always includes the sampled token
         tokens.append(entry.token)
         token_logprobs.append(entry.logprob)
         top_logprobs.append(top)
-        text_offset.append(offsets.place(entry))
+        text_offset.append(placed[position] if placed is not None else offsets.place(entry))
     return CompletionLogprobs(tokens, token_logprobs, top_logprobs, text_offset)
 
 
@@ -218,6 +220,7 @@ async def _event_stream(
         last: list[bytes] = []
         for p, (stream, echo) in enumerate(zip(streams, echoes, strict=True)):
             offsets = [TextOffsets(base=len(echo)) for _ in range(n)]
+            pending: list[list[TokenLogprob]] = [[] for _ in range(n)]  # not placed yet
             updates = aiter(stream)
             # The prompt's logprobs are known once the prefill is done: with the first update.
             first = await anext(updates, None) if echo and want_logprobs else None
@@ -235,8 +238,13 @@ async def _event_stream(
                         continue
                     logprobs = None
                     if want_logprobs:
-                        offsets[choice.index].extend(choice.text)
-                        logprobs = _logprobs(choice.logprobs, offsets[choice.index])
+                        placer = offsets[choice.index]
+                        placer.extend(choice.text)
+                        pending[choice.index].extend(choice.logprobs)
+                        ready, placed = placer.place_settled(
+                            pending[choice.index], final=finish_reason is not None or error is not None
+                        )
+                        logprobs = _logprobs(ready, placer, placed)
                     events.append(event(p * n + choice.index, choice.text, logprobs, finish_reason))
                 if error or (p == len(streams) - 1 and stream.finished):
                     last = events  # sent with the end of the stream

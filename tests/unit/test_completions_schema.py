@@ -154,6 +154,50 @@ def test_text_offsets_skip_tokens_the_text_does_not_show() -> None:
     assert [offsets.place(e) for e in entries] == [0, 0, 0, 2, 5, 6]
 
 
+def _streamed_offsets(entries: list[TokenLogprob], text: str, arrivals: list[tuple[int, int]]) -> list[int]:
+    """Offsets as a stream places them: each update brings `arrivals[i]` = (entries so far, text
+    so far), the text lagging the tokens as a detokenizer's held-back bytes make it."""
+    offsets, pending, placed = TextOffsets(), [], []
+    sent_entries = sent_text = 0
+    for number, (upto_entries, upto_text) in enumerate(arrivals):
+        offsets.extend(text[sent_text:upto_text])
+        pending.extend(entries[sent_entries:upto_entries])
+        sent_entries, sent_text = upto_entries, upto_text
+        _, settled = offsets.place_settled(pending, final=number == len(arrivals) - 1)
+        placed.extend(settled)
+    return placed
+
+
+def test_streamed_offsets_equal_the_whole_answers() -> None:
+    """Offsets were placed as each update came, before the text of a split character (or of a
+    possible stop string) had been sent: they took the current position and differed from the
+    non-streamed answer's."""
+    cjk = "世".encode()
+    cases = [
+        # A split character, its text sent with the token after it.
+        ("a世b", [_entry("a"), _entry("\ufffd", cjk[:2]), _entry("\ufffd", cjk[2:]), _entry("b")]),
+        # Two bytes that never make a character (U+FFFD each), then ASCII.
+        (
+            "x\ufffd\ufffdwn",
+            [_entry("x"), _entry("\ufffd\ufffd", b"\xb3\xa1"), _entry("\ufffd", b"\xe4"), _entry("wn")],
+        ),
+        # A special token the text skips, mid-stream.
+        ("hi there", [_entry("hi"), _entry("<|sep|>"), _entry(" there")]),
+    ]
+    for text, entries in cases:
+        whole_offsets = TextOffsets(text)
+        whole = [whole_offsets.place(e) for e in entries]
+        n = len(entries)
+        # Text lagging the tokens by one update, all at the end, or arriving with them.
+        arrivals = [
+            [(k, len(text) * max(0, k - 1) // n) for k in range(1, n + 1)] + [(n, len(text))],
+            [(k, 0) for k in range(1, n + 1)] + [(n, len(text))],
+            [(n, len(text))],
+        ]
+        for arrival in arrivals:
+            assert _streamed_offsets(entries, text, arrival) == whole, (text, arrival)
+
+
 def test_stream_failure_is_a_final_error_event() -> None:
     """Prompt 0 finishes; prompt 1 fails mid-way: its text so far, then the error, then [DONE]."""
 
