@@ -32,6 +32,7 @@ _MAX_OPEN_FILES = 1 << 20
 _RESERVED_FILES = 512
 _MAX_CONNECTIONS = 65536
 _BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+_LAST_WRITES_S = 5  # after SHUTDOWN_GRACE_S, for the drained requests' last events (see workers_kill_timeout)
 
 # Spec "Advanced runtime" defaults; set before torch/transformers are imported by the worker.
 RUNTIME_ENV_DEFAULTS = {
@@ -321,8 +322,11 @@ def serve(settings: Settings) -> None:
         backlog=_BACKLOG,
         # The app's SIGTERM drain reads asyncio's signal handlers (app/lifespan.py).
         loop=Loops.asyncio,
-        # Backstop only: the app drains within SHUTDOWN_GRACE_S; a worker stuck past that is killed.
-        workers_kill_timeout=max(1, math.ceil(settings.shutdown_grace_s) + 15),
+        # The app drains within SHUTDOWN_GRACE_S and ends what is left with an error event; its last
+        # writes take well under a second. A connection whose client stopped reading never takes
+        # them, and granian waits for it (closing it from the app does not free hyper's write), so
+        # the worker is killed this soon after the grace: the process exits within grace + 5 s.
+        workers_kill_timeout=math.ceil(settings.shutdown_grace_s) + _LAST_WRITES_S,
     )
     _say(
         f"[entrypoint] serving {APP_TARGET} on {settings.host}:{settings.port} (1 worker, up to {connections} connections)"
