@@ -24,6 +24,11 @@ class UnsupportedContentEncoding(HTTPException):
     status_code = 415
 
 
+class UnsupportedTransferCoding(HTTPException):
+    # RFC 9112 says 501; the fault is the client's, and a 5xx would page whoever watches the rate.
+    status_code = 400
+
+
 class StoppingDuringUpload(HTTPException):
     status_code = 503
 
@@ -77,6 +82,15 @@ def refuse_compressed_body(connection: ASGIConnection, _: BaseRouteHandler) -> N
         raise UnsupportedContentEncoding(
             detail=f"request bodies with Content-Encoding {encoding[:32]!r} are not accepted: "
             "send the JSON uncompressed"
+        )
+    # granian undoes `chunked` and nothing else: the body of "gzip, chunked" would reach the JSON
+    # decoder still compressed, to come back as "not valid JSON".
+    transfer = connection.headers.get("transfer-encoding", "").strip()
+    codings = [coding.strip() for coding in transfer.lower().split(",") if coding.strip()]
+    if any(coding not in ("chunked", "identity") for coding in codings):
+        raise UnsupportedTransferCoding(
+            detail=f"request bodies with Transfer-Encoding {transfer[:32]!r} are not accepted: "
+            "send them chunked or with a Content-Length, uncompressed"
         )
 
 

@@ -141,6 +141,30 @@ def test_a_malformed_or_cut_body_is_the_clients_error_not_a_500(edge_server: Ser
     assert counted and not [line for line in counted if 'status="5' in line], counted
 
 
+def test_a_transfer_coding_besides_chunked_is_refused_not_parsed(edge_server: Server) -> None:
+    """granian undoes `chunked` only: "gzip, chunked" used to hand the compressed bytes on, and
+    a body that happened to be plain JSON was answered 200 as if the coding were not there."""
+    body = json.dumps(chat_body(max_tokens=2)).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in edge_server.auth_headers.items()).encode()
+    )
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    answers = {}
+    for coding in ("gzip, chunked", "chunked"):
+        with socket.create_connection(_address(edge_server), timeout=10) as sock:
+            sock.sendall(
+                head + f"Transfer-Encoding: {coding}\r\nConnection: close\r\n\r\n".encode() + chunked
+            )
+            answers[coding] = _closed(sock, 10)
+    refused = answers["gzip, chunked"]
+    assert refused is not None and refused.startswith(b"HTTP/1.1 400"), refused
+    payload = refused.partition(b"\r\n\r\n")[2]
+    error = json.loads(payload[payload.index(b"{") : payload.rindex(b"}") + 1])["error"]
+    assert "Transfer-Encoding" in error["message"]
+    assert answers["chunked"] is not None and answers["chunked"].startswith(b"HTTP/1.1 200")
+
+
 @pytest.mark.slow
 def test_sigterm_drains_then_ends_every_request_with_an_answer(tmp_path) -> None:
     spec = ServerSpec(
