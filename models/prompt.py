@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +25,8 @@ from models.template_messages import (
     NINE_CHARACTER_IDS,
     SERVER_TEMPLATE_ARGUMENTS,
     blamed_message,
+    content_handling,
+    described_tool,
     message_tail,
     nine_character_id,
     short_error,
@@ -40,9 +41,6 @@ NO_TEMPLATE = (
     "this model has no chat template, so chat messages cannot be turned into a prompt; start the server "
     "with --chat-template, or send a raw prompt to /v1/completions"
 )
-# A template that loops over message content expects OpenAI-style part lists.
-_ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+(?:\w+\[['\"]content['\"]\]|\w+\.content)")
-_CHECKS_STRING = re.compile(r"content['\"]?\]?\s+is\s+(?:not\s+)?string")
 _WORD_JOINER = "\u2060"
 # Processor outputs that are not inputs of a forward pass: ids and mask are rebuilt per step, and
 # `labels` (PaliGemma's processor returns them with token_type_ids) would make the model compute a loss.
@@ -106,16 +104,13 @@ class PromptBuilder:
         self.min_image_side = min_image_side  # smaller sides are enlarged before the processor
         self._special_pattern = special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = max_token_chars(tokenizer)
-        iterates = bool(_ITERATES_CONTENT.search(chat_template or ""))
-        # A template that loops over content and never checks for a string reads a string
-        # character by character: such a template gets parts, text model or not.
-        self.content_as_parts = iterates and not _CHECKS_STRING.search(chat_template or "")
+        # Whether the template takes OpenAI parts, and whether it must get them (`content_handling`).
+        self.accepts_parts, self.content_as_parts = content_handling(tokenizer, chat_template)
         # Ids a client got elsewhere (OpenAI's `call_...`) are mapped to ones such a template takes,
         # the same way for a call and its result, as vLLM shortens them for Mistral.
         self.nine_character_ids = bool(
             NINE_CHARACTER_IDS.search((chat_template or "") + (tool_chat_template or ""))
         )
-        self.accepts_parts = iterates
 
     @classmethod
     def for_model(
@@ -181,6 +176,8 @@ class PromptBuilder:
         # With tools, the checkpoint's "tool_use" template where it has one, as transformers picks it.
         template = (self.tool_chat_template if prompt.tools else None) or self.chat_template
 
+        tools = list(prompt.tools) if prompt.tools else None
+
         def apply(arguments_as_text: bool) -> str:
             messages = [
                 self._normalise_message(message_tail(m, content_chars), arguments_as_text=arguments_as_text)
@@ -188,7 +185,7 @@ class PromptBuilder:
             ]
             return self.tokenizer.apply_chat_template(
                 messages,
-                tools=list(prompt.tools) if prompt.tools else None,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=False,
                 chat_template=template,
@@ -209,6 +206,17 @@ class PromptBuilder:
         except Exception as exc:  # template errors (raise_exception in Jinja, bad roles) are the client's
             log.debug("chat template failed", exc_info=True)
             first = exc
+        # OpenAI makes a function's `description` optional; templates that print it unguarded
+        # (Hermes') fail without it. Only then is it given, empty: spelled out always, it would
+        # change the prompt of templates that show the tools as JSON.
+        undescribed = [t for t in tools or () if "description" not in (t.get("function") or {})]
+        if undescribed and "description" in str(first):
+            tools = [described_tool(t) for t in tools]
+            try:
+                return apply(as_text)
+            except Exception as exc:
+                log.debug("chat template failed with descriptions too", exc_info=True)
+                first = exc
         # Most templates read a call's arguments as a mapping (`| tojson`); some join them into the
         # text as the JSON string OpenAI sends (DeepSeek-R1's `+ tool['function']['arguments'] +`).
         # Such a template is known by failing on the mapping and rendering the string.

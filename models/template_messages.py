@@ -115,3 +115,49 @@ def blamed_message(messages, error: str) -> str:
             if message.get("role") == "system":
                 return f"messages[{index}]"
     return "messages"
+
+
+def described_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    """`tool` with an empty `description` where its function has none (for templates that print
+    it unguarded; OpenAI makes it optional)."""
+    function = tool.get("function")
+    if not isinstance(function, Mapping) or "description" in function:
+        return dict(tool)
+    return {**tool, "function": {**function, "description": ""}}
+
+
+# A template that loops over message content expects OpenAI-style part lists.
+_ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+(?:\w+\[['\"]content['\"]\]|\w+\.content)")
+_CHECKS_STRING = re.compile(r"content['\"]?\]?\s+is\s+(?:not\s+)?string")
+_PROBE_TEXT = "zq7probe"
+
+
+def content_handling(tokenizer, template: str | None) -> tuple[bool, bool]:
+    """Whether `template` takes message content as OpenAI parts, and whether it must get parts
+    (a template that loops over content and never checks for a string reads a string character
+    by character). Loops the pattern misses (a macro's `for part in content`: Qwen3-VL's, the
+    built-in demo's) are found by rendering; missed, such a template got strings, and an image
+    became the bare image token instead of the template's own markup."""
+    iterates = bool(_ITERATES_CONTENT.search(template or ""))
+    if iterates or not template:
+        return iterates, iterates and not _CHECKS_STRING.search(template or "")
+    takes_parts, takes_strings = (
+        _shown(tokenizer, template, [{"type": "text", "text": _PROBE_TEXT}]),
+        _shown(tokenizer, template, _PROBE_TEXT),
+    )
+    return takes_parts, takes_parts and not takes_strings
+
+
+def _shown(tokenizer, template: str, content: Any) -> bool:
+    """A user message's `content` rendered as its text: the text appears, and no Python or JSON
+    rendering of a part does."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            tokenize=False,
+            add_generation_prompt=True,
+            chat_template=template,
+        )
+    except Exception:  # noqa: BLE001 - a template that fails on this form does not take it
+        return False
+    return isinstance(text, str) and _PROBE_TEXT in text and "'type'" not in text and '"type"' not in text

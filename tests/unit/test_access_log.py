@@ -77,7 +77,9 @@ def test_the_access_line_level_says_whether_the_server_failed(route, status, lev
     [
         ({}, {"WARNING", "ERROR"}),  # the seed's default: per-request lines off, failures still shown
         ({"progress_logs": True}, {"INFO", "WARNING", "ERROR"}),
-        ({"debug": True}, {"INFO", "WARNING", "ERROR"}),
+        # DEBUG turns PROGRESS_LOGS on when it is not set (Settings.from_env); set off, it stays off.
+        ({"debug": True, "progress_logs": True}, {"INFO", "WARNING", "ERROR"}),
+        ({"debug": True, "progress_logs": False}, {"WARNING", "ERROR"}),
     ],
 )
 def test_request_lines_follow_progress_logs(flags, logged) -> None:

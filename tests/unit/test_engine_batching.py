@@ -57,6 +57,26 @@ def prepared_image(replica, text: str, seed: int) -> PreparedPrompt:
     return builder(replica).prepare(PromptInput(messages=(message,), images=(png(seed),)))
 
 
+def test_image_prompts_are_the_processors_own(vlm_replica):
+    """The demo's template reads parts in a macro (`for part in content`), which the source
+    pattern missed: it got strings, each image became the bare image token plus a newline, and
+    every image prompt was a token longer than transformers' (answers differed from the start)."""
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}],
+        },
+    ]
+    images = (png(1), png(2))
+    prepared = builder(vlm_replica).prepare(PromptInput(messages=tuple(messages), images=images))
+    processor = vlm_replica.loaded.processor
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+    reference = processor(text=text, images=decoded, return_tensors="pt")["input_ids"][0].tolist()
+    assert prepared.token_ids == reference
+
+
 def test_text_model_takes_the_fast_path(text_replica):
     assert text_replica.path == "fast"
 

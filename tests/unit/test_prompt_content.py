@@ -112,6 +112,26 @@ def test_arguments_as_text_is_learnt_per_template_and_hides_no_other_error():
     assert '<|assistant|>{"city": "Paris"}<|end|>' in with_tools
 
 
+def test_a_tool_without_a_description_reaches_a_template_that_prints_it():
+    """Hermes' template prints `tool.function.description` unguarded: a tool without one (OpenAI
+    makes it optional) was a 400 "'dict object' has no attribute 'description'". Templates that
+    show the tools as JSON still get them as sent."""
+    prints = (
+        "{%- for tool in tools %}{{ tool.function.name }}: {{ tool.function.description }};{%- endfor %}"
+        "{%- for message in messages %}{{ message['content'] }}{%- endfor %}"
+    )
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    rendered = _builder(prints).render(
+        PromptInput(messages=MESSAGES, tools=(tool,), add_generation_prompt=False)
+    )
+    assert rendered.startswith("f: ;")
+    as_json = "{{ tools | tojson }}{%- for message in messages %}{{ message['content'] }}{%- endfor %}"
+    shown = _builder(as_json).render(
+        PromptInput(messages=MESSAGES, tools=(tool,), add_generation_prompt=False)
+    )
+    assert "description" not in shown
+
+
 def test_a_template_refusing_the_system_role_names_the_system_message():
     refuses = (
         "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
