@@ -125,6 +125,15 @@ class Translator:
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         grammar = _chat_grammar(req, tool_format)
+        warnings: list[str] = []
+        sampling_fields = _openai_sampling_fields(req)
+        if sampling_fields["stop"] and forces_tool_calls(req):
+            # The grammar ends a forced call when its arguments are complete; a stop string
+            # matching inside them cut the call and still answered "tool_calls".
+            sampling_fields["stop"] = None
+            warnings.append(
+                "stop ignored: a forced tool call (tool_choice) ends when its arguments are complete"
+            )
         prompt = await self.chat_prompt(
             req.messages,
             tools=req.tools if req.tool_choice != "none" else None,
@@ -133,7 +142,7 @@ class Translator:
         )
         params = self.sampling(
             max_tokens=req.max_completion_tokens or req.max_tokens,
-            **_openai_sampling_fields(req),
+            **sampling_fields,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             prompt_logprobs=_prompt_logprobs(req),
             logit_bias=req.logit_bias,
@@ -142,7 +151,9 @@ class Translator:
             keep_special_tokens=tool_format.markers if parser_factory(req) is not None else (),
             grammar=grammar,
         )
-        return EngineRequest(request_id, prompt, params, n=req.n, kind="chat", streamed=req.stream)
+        return EngineRequest(
+            request_id, prompt, params, n=req.n, kind="chat", streamed=req.stream, warnings=tuple(warnings)
+        )
 
     def generate(self, req: GenerateRequest, request_id: str) -> EngineRequest:
         if req.stream:

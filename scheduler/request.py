@@ -44,6 +44,9 @@ class EngineRequest:
     # tokens (time to first token stays exact), then each choice's rest when that choice ends,
     # instead of waking the event loop at every step for text nobody reads before the end.
     streamed: bool = True
+    # What the app layer changed in or ignored of the request, said with the answer
+    # (X-Request-Warnings, `warnings`), before what the prompt builder and the scheduler add.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -70,7 +73,7 @@ class RequestStream:
         self.prompt_tokens = len(prepared.token_ids)
         self.num_images = prepared.num_images
         self.num_image_tokens = prepared.num_image_tokens
-        self.warnings = list(prepared.warnings)
+        self.warnings = [*request.warnings, *prepared.warnings]
         # The tokens kept of a prompt cut to max_input_tokens: an echo repeats what the model saw.
         self.kept_prompt_ids = list(prepared.token_ids) if prepared.truncated_tokens else None
         self.completion_tokens = 0

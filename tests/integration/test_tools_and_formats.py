@@ -216,6 +216,44 @@ def test_a_function_without_parameters_takes_none(text_server: Server) -> None:
     assert call.function.name == "ping" and json.loads(call.function.arguments) == {}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_does_not_cut_a_forced_call(text_server: Server, stream: bool) -> None:
+    """`stop: ["}"]` ended a forced call inside its arguments, and the answer still said
+    "tool_calls" with arguments that were not JSON. The grammar ends a forced call; the stop
+    strings are set aside, and the answer says so."""
+    body = chat_body(
+        messages=user("Weather in Paris?"),
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        stop=["}", '"city"'],
+        max_tokens=60,
+        temperature=0,
+        stream=stream,
+    )
+    with text_server.http() as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert "stop ignored" in response.headers["x-request-warnings"]
+    if stream:
+        chunks = sse_chunks(response.text)
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+        arguments = "".join(
+            call["function"].get("arguments", "")
+            for c in chunks
+            if c["choices"]
+            for call in c["choices"][0]["delta"].get("tool_calls") or []
+        )
+    else:
+        choice = response.json()["choices"][0]
+        finish, arguments = (
+            choice["finish_reason"],
+            choice["message"]["tool_calls"][0]["function"]["arguments"],
+        )
+    assert finish == "tool_calls"
+    assert set(json.loads(arguments)) == {"city", "unit"}
+
+
 def test_named_tool_choice(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.create(
         model=text_server.model_name,
