@@ -11,8 +11,10 @@ policy, from most to least specific:
 - `IGNORED`: known fields that change nothing in the output (bookkeeping, routing, caching hints):
   accepted, logged at debug.
 - Anything else: accepted as OpenAI-compatible clients (LangChain, LiteLLM) expect of servers with
-  extensions, and logged at info the first time each name is seen, so an operator learns what
-  clients send that has no effect here.
+  extensions, named in the answer's warnings (X-Request-Warnings, `warnings`: other APIs' names
+  such as `num_predict` or `stop_sequences` would change the answer where they come from), and
+  logged at info the first time each name is seen, so an operator learns what clients send that
+  has no effect here.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "verbosity": (("medium",), "only 'medium', the default, is accepted"),
     "structural_tag": ((), "structural tags are not implemented; use response_format"),
     "max_new_tokens": ((), "it belongs to /generate's parameters; use max_tokens"),
+    # The Responses API's names sent to Chat Completions or completions (a client moved the other
+    # way): they would change the answer there, and nothing would happen here.
+    "max_output_tokens": ((), "it is a /v1/responses field; use max_tokens (or max_completion_tokens)"),
+    "instructions": ((), "it is a /v1/responses field; put the instructions in a system message"),
+    "input": ((), "it is a /v1/responses field; use messages (prompt on /v1/completions)"),
+    "text": ((), "it is a /v1/responses field; use response_format"),
     # OpenAI's moderation blocks flagged input or output ("block" mode) or scores it: no
     # moderation model runs here, so neither would happen.
     "moderation": ((), "no moderation model runs on this server"),
@@ -127,14 +135,17 @@ IGNORED: dict[str, str] = {
 }
 
 _MAX_REMEMBERED = 256  # unknown names logged once each, up to this many (clients choose the names)
+_MAX_WARNED = 8  # unknown names named in one answer's warnings (a header has a size limit)
 _seen_unknown: set[str] = set()
 
 
-def check_undeclared(body: object, declared: tuple[str, ...] | frozenset[str], path: str) -> None:
-    """Raise InvalidRequestError for a refused field with an effective value; log the rest."""
+def check_undeclared(body: object, declared: tuple[str, ...] | frozenset[str], path: str) -> list[str]:
+    """Raise InvalidRequestError for a refused field with an effective value; log the rest, and
+    return a warning for each unknown one."""
     if not isinstance(body, dict):
-        return
+        return []
     extra = sorted(set(body) - set(declared))
+    warnings = []
     refused = {**REFUSED, **RESPONSES_REFUSED} if path == RESPONSES_PATH else REFUSED
     ignored = []
     for name in extra:
@@ -146,13 +157,20 @@ def check_undeclared(body: object, declared: tuple[str, ...] | frozenset[str], p
             ignored.append(name)
         elif name in IGNORED:
             ignored.append(name)
-        elif name not in _seen_unknown and len(_seen_unknown) < _MAX_REMEMBERED:
-            _seen_unknown.add(name)
-            log.info(
-                "%s: unknown request field %r accepted and ignored (logged once per name)", path, name[:64]
-            )
+        else:
+            warnings.append(f"unknown field {name[:64]!r} ignored")
+            if name not in _seen_unknown and len(_seen_unknown) < _MAX_REMEMBERED:
+                _seen_unknown.add(name)
+                log.info(
+                    "%s: unknown request field %r accepted and ignored (logged once per name)",
+                    path,
+                    name[:64],
+                )
     if ignored:
         log.debug("%s: ignored fields that change nothing: %s", path, ", ".join(ignored))
+    return warnings[:_MAX_WARNED] + (
+        [f"{len(warnings) - _MAX_WARNED} more unknown fields ignored"] if len(warnings) > _MAX_WARNED else []
+    )
 
 
 def _changes_nothing(value: Any, noop: tuple[Any, ...]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -24,7 +25,7 @@ from scheduler.errors import EngineError, ModelNotReadyError
 
 if TYPE_CHECKING:
     from scheduler.core import Scheduler
-    from scheduler.request import RequestStream
+    from scheduler.request import EngineRequest, RequestStream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,6 +82,13 @@ class Call(Generic[T]):
     svc: Services
     request_id: str
     tracker: RequestTracker
+    warnings: tuple[str, ...] = ()  # the body's fields ignored (`check_undeclared`)
+
+    def warned(self, engine_request: EngineRequest) -> EngineRequest:
+        """`engine_request` carrying the body's warnings, ahead of its own."""
+        if not self.warnings:
+            return engine_request
+        return dataclasses.replace(engine_request, warnings=self.warnings + engine_request.warnings)
 
 
 async def begin(
@@ -94,8 +102,8 @@ async def begin(
     with tracker.failures():
         data = await strict_body(request, data_type)
         # Litestar caches the parsed body: no second parse.
-        check_undeclared(await request.json(), type(data).__struct_fields__, request.url.path)
-    return Call(data, svc, request_id, tracker)
+        ignored = check_undeclared(await request.json(), type(data).__struct_fields__, request.url.path)
+    return Call(data, svc, request_id, tracker, tuple(ignored))
 
 
 def new_request_id(prefix: str, request: Request, separator: str = "-") -> str:

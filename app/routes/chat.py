@@ -42,7 +42,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         scheduler = svc.require_scheduler()
         tool_format = svc.tool_format()
         engine_request = await svc.translator.chat(data, call.request_id, tool_format)
-        stream = await scheduler.submit(engine_request)
+        stream = await scheduler.submit(call.warned(engine_request))
     model = svc.settings.model_name
     headers = warning_headers(stream.warnings)
     tool_parser = parser_factory(data, tool_format)

@@ -54,6 +54,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
     with tracker.failures():
         scheduler = svc.require_scheduler()
         engine_requests = svc.translator.completion(data, call.request_id)
+        engine_requests[0] = call.warned(engine_requests[0])  # the request's warnings are said once
         streams = await _submit_all(scheduler, engine_requests)
         try:
             echoes = [

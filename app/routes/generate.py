@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import time
 
@@ -23,8 +24,13 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
     svc, tracker = call.svc, call.tracker
     with tracker.failures(), _tgi_names():
         body = await request.json()  # cached by Litestar: no second parse
-        _check_undeclared_parameters(body.get("parameters") if isinstance(body, dict) else None)
-        stream = await svc.require_scheduler().submit(svc.translator.generate(call.data, call.request_id))
+        ignored = _check_undeclared_parameters(body.get("parameters") if isinstance(body, dict) else None)
+        engine_request = call.warned(svc.translator.generate(call.data, call.request_id))
+        if ignored:
+            engine_request = dataclasses.replace(
+                engine_request, warnings=(*engine_request.warnings, *ignored)
+            )
+        stream = await svc.require_scheduler().submit(engine_request)
     warnings = [_tgi_text(w) for w in stream.warnings]
     collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
@@ -57,11 +63,15 @@ def _tgi_names() -> contextlib.AbstractContextManager[None]:
     return renamed_fields(lambda param: _PARAMS.get(param or "", param), _tgi_text)
 
 
-def _check_undeclared_parameters(parameters: object) -> None:
+def _check_undeclared_parameters(parameters: object) -> list[str]:
     """Members of `parameters` that are not TGI's (those are all declared) get the policy of the
     other routes' unknown fields (`app.request_fields`): a known field that would change the
-    answer is refused, naming it as `parameters.<name>`; anything else is accepted and logged."""
+    answer is refused, naming it as `parameters.<name>`; anything else is accepted, logged, and
+    named in the answer's warnings."""
     try:
-        check_undeclared(parameters, GenerateParameters.__struct_fields__, "/generate")
+        return [
+            warning.replace("unknown field '", "unknown field 'parameters.", 1)
+            for warning in check_undeclared(parameters, GenerateParameters.__struct_fields__, "/generate")
+        ]
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"parameters.{exc.message}", param=f"parameters.{exc.param}") from None

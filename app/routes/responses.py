@@ -37,7 +37,7 @@ async def create_response(request: Request, data: ResponsesRequest) -> Response:
             scheduler = svc.require_scheduler()
             tool_format = svc.tool_format()
             engine_request = await svc.translator.chat(form.request, call.request_id, tool_format)
-            stream = await scheduler.submit(engine_request)
+            stream = await scheduler.submit(call.warned(engine_request))
     warnings = responses_warnings(data, stream.warnings)
     headers = warning_headers(warnings)
     tool_parser = parser_factory(form.request, tool_format)

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from tests.integration.conftest import TEXT_DEFAULT_MAX_TOKENS, Server
-from tests.integration.helpers import chat_body, sse_chunks, user
+from tests.integration.helpers import assert_openai_error, chat_body, sse_chunks, user
 
 FINISH_REASONS = {"stop", "length"}
 
@@ -309,13 +309,42 @@ def test_n_choices(text_server: Server) -> None:
     assert not set(texts) & {c.message.content for c in neighbour.choices}
 
 
-def test_unknown_fields_are_accepted(text_server: Server) -> None:
-    body = chat_body(max_tokens=2, foo=1, metadata={"x": "y"}, store=False)
+def test_unknown_fields_are_accepted_and_named(text_server: Server) -> None:
+    """Accepted, as clients with extensions expect, but said: other APIs' names (Ollama's
+    `num_predict`, Anthropic's `stop_sequences`) would change the answer where they come from.
+    Fields known to change nothing (`metadata`, `store`) are not named."""
+    body = chat_body(max_tokens=2, foo=1, num_predict=3, metadata={"x": "y"}, store=False)
     body["messages"][0]["not_a_field"] = True
     with text_server.http() as client:
         response = client.post("/v1/chat/completions", json=body)
-    assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["finish_reason"] in FINISH_REASONS
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["finish_reason"] in FINISH_REASONS
+        assert response.json()["warnings"] == [
+            "unknown field 'foo' ignored",
+            "unknown field 'num_predict' ignored",
+        ]
+        assert "unknown field 'num_predict' ignored" in response.headers["x-request-warnings"]
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+        assert "unknown field 'foo' ignored" in streamed.headers["x-request-warnings"]
+        plain = client.post("/v1/chat/completions", json=chat_body(max_tokens=2, metadata={"x": "y"}))
+        assert "x-request-warnings" not in plain.headers
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_output_tokens", 3),
+        ("instructions", "Answer in French"),
+        ("input", "hi"),
+        ("text", {"format": {}}),
+    ],
+)
+def test_responses_api_names_are_refused_on_chat(text_server: Server, field: str, value: object) -> None:
+    """The Responses API's names would change the answer there and did nothing here, silently."""
+    with text_server.http() as client:
+        response = client.post("/v1/chat/completions", json={**chat_body(max_tokens=2), field: value})
+    error = assert_openai_error(response, 400, param=field)
+    assert "/v1/responses" in error["message"]
 
 
 def test_openai_client_extra_body_is_accepted(text_server: Server) -> None:

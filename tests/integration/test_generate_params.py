@@ -179,6 +179,8 @@ def test_unknown_parameters_follow_the_other_routes_policy(text_server: Server) 
     with text_server.http() as http:
         plain = generated_text(http, **GREEDY)
         assert generated_text(http, **GREEDY, some_client_extension={"x": 1}) == plain
+        named = generate(http, **GREEDY, some_client_extension={"x": 1}).json()["warnings"]
+        assert named == ["unknown field 'parameters.some_client_extension' ignored"]
         response = generate(http, **GREEDY, use_beam_search=True)
         assert_openai_error(response, 400, param="parameters.use_beam_search")
         assert generated_text(http, **GREEDY, use_beam_search=False) == plain
