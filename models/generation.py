@@ -134,10 +134,13 @@ def _constraint_failure(constraint) -> EngineError:
     is at fault, a 400 naming its field. Anything else (a token the mask allowed and the
     grammar then rejected) is the server's failure: the output is no longer guaranteed."""
     error = clean_error(constraint.error or "")
-    if "limit" in error:
+    # "... limit ...", "Too many items (limit N)", and the Earley row's "Current row has N items;
+    # max is 2000" (an object of some 500 optional properties reaches it at its first key).
+    if "limit" in error or "max is" in error:
         return InvalidRequestError(
-            f"the grammar from {constraint.param} could not be followed: {error} (a schema that requires "
-            "itself, or a grammar with no end, exceeds the grammar engine's limits)",
+            f"the grammar from {constraint.param} could not be followed: {error} (it exceeds the grammar "
+            "engine's limits: a schema that requires itself, a grammar with no end, or an object with "
+            "hundreds of optional properties)",
             param=constraint.param,
         )
     return GenerationError("constrained decoding failed")

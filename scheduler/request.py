@@ -151,8 +151,9 @@ class RequestStream:
             await self._wakeup.wait()
         choices = [self._pending[i] for i in sorted(self._pending)]
         self._pending = {}
-        error = self._error if not self._open_choices else None
-        return StreamUpdate(choices, error)
+        # A choice's failure is the request's (a stream ends at it): its own error goes with the
+        # update that reports it, not a generic one while the other choices are still open.
+        return StreamUpdate(choices, self._error)
 
     def cancel(self) -> None:
         """The client is gone (disconnect, timeout): free the batch slot at the next step."""

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.integration.conftest import Server
-from tests.integration.helpers import assert_openai_error, user
+from tests.integration.helpers import assert_openai_error, parse_sse, user
 
 CHOICES = ["Paris", "a|b (c)", "café"]
 CITY = {
@@ -317,3 +317,24 @@ def test_a_grammar_that_cannot_end_is_a_400_naming_its_field(text_server: Server
         response = client.post(path, json={**payload, **body})
     error = assert_openai_error(response, 400, param=param)
     assert "no finite output" in error["message"]
+
+
+def test_an_object_with_hundreds_of_optional_properties_is_a_400_not_a_500(text_server: Server) -> None:
+    """Accepted, then failed at the first key with a 500: the Earley row of some 500 optional
+    properties passes llguidance's limit (2,000 items) only once a key has started, beyond what
+    validation looks at. The grammar is the request's: a 400 naming its field, streamed or not."""
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}}
+    body = {
+        "messages": user("hi"),
+        "max_tokens": 16,
+        "temperature": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "wide", "schema": wide}},
+    }
+    with text_server.http() as client:
+        error = assert_openai_error(
+            client.post("/v1/chat/completions", json=body), 400, param="response_format"
+        )
+        assert "limits" in error["message"]
+        streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+    failure = json.loads(parse_sse(streamed.text)[-2])["error"]
+    assert failure["type"] == "invalid_request_error" and failure["param"] == "response_format"

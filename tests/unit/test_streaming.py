@@ -13,7 +13,7 @@ from app.schemas.chat import ChatCompletionChunk
 from app.streaming import DONE, chat_event_stream
 from app.tool_calls import HERMES
 from models.prompt import PreparedPrompt
-from scheduler.errors import GenerationError
+from scheduler.errors import GenerationError, InvalidRequestError
 from scheduler.request import EngineRequest, PromptInput, RequestStream, SamplingParams
 from tests.unit.sse import sse_events
 
@@ -56,6 +56,20 @@ async def test_a_failure_mid_stream_ends_with_an_error_event_then_done():
     assert b'"content":"Hel"' in events[1]
     assert not any(b'"usage"' in e for e in events)  # no usage chunk after a failure
     assert [e.message for e in finished] == ["generation failed"]
+
+
+async def test_one_choice_failing_ends_the_stream_with_its_own_error():
+    """With n > 1, the failing choice's error (a grammar the request made impossible: a 400)
+    was reported as a generic "generation failed" while the other choices were still open."""
+    stream = make_stream(n=3)
+    stream.push(1, "{", [5], [], None, None)
+    stream.push(
+        0, "", [], [], "error", InvalidRequestError("the grammar could not be followed", param="guided_json")
+    )
+    events, finished = await drain(stream, include_usage=False)
+    error = json.loads(events[-2].removeprefix(b"data: "))["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "guided_json"
+    assert [e.message for e in finished] == ["the grammar could not be followed"]
 
 
 async def test_a_normal_stream_has_role_content_finish_usage_done():
