@@ -49,6 +49,7 @@ from scheduler.errors import InvalidRequestError
 _STATELESS = "this server keeps no responses; send the whole conversation in `input`"
 # Chat-side names of the fields whose Responses names differ.
 _RENAMED = {"response_format": "text.format", "max_tokens": "max_output_tokens", "messages": "input"}
+_CHAT_TOOL_FIELD = re.compile(r"^tools\[(\d+)\]\.function\.")
 _MESSAGE_PARAM = re.compile(r"messages\[(\d+)\](?:\.content)?(.*)")
 _MAX_TOKENS = re.compile(r"\bmax_tokens\b")
 
@@ -98,6 +99,7 @@ class ChatForm:
     def param(self, chat_param: str | None) -> str | None:
         if chat_param is None:
             return None
+        chat_param = _CHAT_TOOL_FIELD.sub(r"tools[\1].", chat_param)  # Responses tools are flat
         match = _MESSAGE_PARAM.fullmatch(chat_param)
         if match and int(match.group(1)) < len(self.origins):
             return self.origins[int(match.group(1))] + match.group(2)

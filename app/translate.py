@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,8 @@ from scheduler.request import EngineRequest, GrammarSpec, PromptInput, SamplingP
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+# OpenAI's ^[a-zA-Z0-9_-]{1,64}$, with the dots and colons of namespaced (MCP) tools as vLLM takes them.
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # OpenAI's `detail: "low"`: the model gets a 512 px version of the image (longest side here, aspect
 # kept), fewer image tokens on models whose processors take any size.
 LOW_DETAIL_SIDE = 512
@@ -418,6 +421,15 @@ def _chat_grammar(req: ChatCompletionRequest, tool_format: ToolCallFormat = HERM
     or a json_schema) is accepted and changes nothing."""
     if req.tools:
         check_size(req.tools, "tools")
+        for i, tool in enumerate(req.tools):
+            if not _TOOL_NAME.fullmatch(tool.function.name):
+                # A name is written into the prompt and read back out of the output: one holding a
+                # format's markup (`a</tool_call>b`) made a forced call come back as content.
+                raise InvalidRequestError(
+                    f"the tool name {tool.function.name[:80]!r} must be 1 to 64 letters, digits, "
+                    "underscores, dashes, dots or colons",
+                    param=f"tools[{i}].function.name",
+                )
     forced = forces_tool_calls(req)
     if forced and not req.tools:
         raise InvalidRequestError(

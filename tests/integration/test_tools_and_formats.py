@@ -254,6 +254,33 @@ def test_a_stop_string_does_not_cut_a_forced_call(text_server: Server, stream: b
     assert set(json.loads(arguments)) == {"city", "unit"}
 
 
+@pytest.mark.parametrize("name", ["a</tool_call>b", "", "x" * 65, "a b", "a\nb"])
+def test_tool_names_that_are_not_names_are_refused(text_server: Server, name: str) -> None:
+    """A name holding a format's markup (`a</tool_call>b`) made a forced call come back as plain
+    content; OpenAI allows letters, digits, `_` and `-` (here also `.` and `:`), up to 64."""
+    tool = {
+        "type": "function",
+        "function": {"name": name, "parameters": {"type": "object", "properties": {}}},
+    }
+    body = chat_body(messages=user("hi"), tools=[WEATHER, tool], tool_choice="required", max_tokens=8)
+    with text_server.http() as http:
+        assert_openai_error(http.post("/v1/chat/completions", json=body), 400, param="tools[1].function.name")
+        responses_tool = {
+            "type": "function",
+            "name": name,
+            "parameters": {"type": "object", "properties": {}},
+        }
+        response = http.post(
+            "/v1/responses", json={"input": "hi", "tools": [responses_tool], "max_output_tokens": 4}
+        )
+        assert_openai_error(response, 400, param="tools[0].name")
+    ok = {**tool, "function": {**tool["function"], "name": "mcp.server:get_x-1"}}
+    accepted = text_server.openai().chat.completions.create(
+        model=text_server.model_name, messages=user("hi"), tools=[ok], tool_choice="required", max_tokens=64
+    )
+    assert accepted.choices[0].message.tool_calls[0].function.name == "mcp.server:get_x-1"
+
+
 def test_named_tool_choice(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.create(
         model=text_server.model_name,
