@@ -22,7 +22,13 @@ from typing import Any
 import anyio
 
 from models.devices import trim_host_memory
-from models.errors import ContextLengthExceededError, InvalidRequestError, ModelNotReadyError, OverloadedError
+from models.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    ModelNotReadyError,
+    OverloadedError,
+    ShuttingDownError,
+)
 from models.images import DecodedImageCache
 from models.params import PromptInput
 from models.prompt import PreparedPrompt, PromptBuilder
@@ -266,7 +272,11 @@ class Scheduler:
 
     def _check_can_accept(self) -> None:
         if self.draining:
-            raise OverloadedError("the server is shutting down", retry_after_s=self.config.retry_after_s)
+            # The same code as the requests the drain stops: one thing for a client to retry on.
+            raise ShuttingDownError(
+                "the server is shutting down; retry on another replica",
+                retry_after_s=self.config.retry_after_s,
+            )
         ready = [e for e in self.executors if e.is_ready]
         if not ready:
             if any(e.state == "loading" for e in self.executors):

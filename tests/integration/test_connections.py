@@ -212,7 +212,9 @@ def test_sigterm_drains_then_ends_every_request_with_an_answer(tmp_path) -> None
             while (health := client.get("/health")).status_code == 200 and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert health.status_code == 503 and health.json()["status"] == "draining"
-            late = assert_openai_error(client.post("/v1/chat/completions", json=chat_body()), 503)
+            late = assert_openai_error(
+                client.post("/v1/chat/completions", json=chat_body()), 503, code="server_shutting_down"
+            )
             # Its whole body had arrived: the answer says the server stops, not that it was cut.
             assert "shutting down" in late["message"] and "had not all arrived" not in late["message"]
         for t in threads:
