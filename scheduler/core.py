@@ -237,21 +237,23 @@ class Scheduler:
         multi-prompt completion's prompts go to replicas one by one, each prompt's n choices to
         one) must find queue room now. What no queue could ever hold is a 400."""
         self._check_can_accept()
-        limit = self.config.executor.max_queue_size
+        # A replica takes its free rows' worth, then MAX_QUEUE_SIZE waiting (`Executor.room`).
+        limit = self.config.executor.max_queue_size + self.config.executor.max_batch_size
         ready = [e for e in self.executors if e.is_ready]
         if n > limit:
             raise InvalidRequestError(
-                f"n={n} choices of one prompt must wait on one replica, whose queue holds {limit} "
-                "(MAX_QUEUE_SIZE): ask for fewer",
+                f"n={n} choices of one prompt must go to one replica, which takes {limit} at most "
+                "(MAX_BATCH_SIZE rows plus MAX_QUEUE_SIZE waiting): ask for fewer",
                 param="n",
             )
         if n * prompts > limit * max(1, len(ready)):
             raise InvalidRequestError(
                 f"this request needs {n * prompts} sequences (prompts x n); at most {limit * max(1, len(ready))} "
-                f"can wait on this server ({limit} per replica, MAX_QUEUE_SIZE): send fewer prompts or a lower n",
+                f"fit on this server ({limit} per replica: MAX_BATCH_SIZE rows plus MAX_QUEUE_SIZE waiting): "
+                "send fewer prompts or a lower n",
                 param="prompt",
             )
-        free = sorted((limit - e.queue_depth for e in ready), reverse=True)
+        free = sorted((e.room for e in ready), reverse=True)
         for _ in range(prompts):
             if not free or free[0] < n:
                 raise OverloadedError(

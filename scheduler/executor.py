@@ -112,8 +112,20 @@ class Executor:
         blocks. A request with n = 16 or 16 prompts counts 16."""
         return self._inbox_sequences + self.num_waiting
 
+    @property
+    def room(self) -> int:
+        """Sequences this replica takes now: its free rows, which the next step fills, then
+        MAX_QUEUE_SIZE waiting ones. Counting a burst's first arrivals as queued while rows sat
+        free refused requests with 503 on an idle server whose queue was small."""
+        free_rows = max(0, self.config.max_batch_size - self.num_running)
+        return self.config.max_queue_size + free_rows - self.queue_depth
+
     def has_room(self, sequences: int = 1) -> bool:
-        return self.queue_depth + sequences <= self.config.max_queue_size
+        return sequences <= self.room
+
+    def waits(self, sequences: int = 1) -> bool:
+        """Whether `sequences` more would have to wait for rows (the batch as of the last step)."""
+        return self.queue_depth + sequences > max(0, self.config.max_batch_size - self.num_running)
 
     def submit(self, job: Job) -> None:
         with self._cond:

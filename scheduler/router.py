@@ -1,4 +1,4 @@
-"""Pick the replica with the least outstanding work."""
+"""Pick the replica that starts a request soonest: one with free rows, then the least outstanding work."""
 
 from __future__ import annotations
 
@@ -18,12 +18,16 @@ class Routable(Protocol):
 
     def has_room(self, sequences: int = 1) -> bool: ...
 
+    def waits(self, sequences: int = 1) -> bool: ...
+
 
 def pick_replica(replicas: Sequence[Routable], sequences: int = 1) -> Routable | None:
-    """The ready replica with room in its queue for `sequences` more and the fewest outstanding tokens (queued plus
-    running: prompt tokens still to prefill plus tokens still to generate), ties broken by queue
-    depth. None when no replica can take the request."""
+    """Among the ready replicas with room for `sequences` more: one whose free rows take them at
+    its next step before one where they would wait (a full batch of long answers holds a short
+    request back for as long as its rows stay taken, however little work it has left), then the
+    fewest outstanding tokens (queued plus running: prompt tokens still to prefill plus tokens
+    still to generate), then the shallowest queue. None when no replica can take the request."""
     candidates = [r for r in replicas if r.is_ready and r.has_room(sequences)]
     if not candidates:
         return None
-    return min(candidates, key=lambda r: (r.outstanding_tokens, r.queue_depth))
+    return min(candidates, key=lambda r: (r.waits(sequences), r.outstanding_tokens, r.queue_depth))

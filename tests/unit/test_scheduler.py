@@ -146,6 +146,9 @@ async def test_full_queues_refuse_at_once(tiny_text_path):
         with anyio.fail_after(10):
             while scheduler.executors[0].queue_depth:
                 await anyio.sleep(0.01)
+        with anyio.fail_after(10):
+            while scheduler.executors[0].num_running < 1:  # its row is seen taken
+                await anyio.sleep(0.01)
         queued = await scheduler.submit(request(1, max_tokens=400))
         # It waits (one row, taken), whether still in the inbox or in the batch's queue.
         assert scheduler.executors[0].queue_depth == 1
@@ -154,6 +157,19 @@ async def test_full_queues_refuse_at_once(tiny_text_path):
         assert info.value.retry_after_s >= 1
         busy.cancel()
         queued.cancel()
+
+
+async def test_a_burst_into_free_rows_is_not_refused_by_a_small_queue(tiny_text_path):
+    """With MAX_QUEUE_SIZE 2, an idle replica of 8 rows refused some of 8 requests sent at once
+    (503 "every replica queue is full") because those not yet picked up counted as queued."""
+    async with running_scheduler(tiny_text_path, max_queue_size=2, max_batch_size=8) as scheduler:
+        streams = [await scheduler.submit(request(i, max_tokens=4)) for i in range(10)]  # 8 rows + 2 waiting
+        with pytest.raises(OverloadedError):
+            await scheduler.submit(request(10, max_tokens=4))
+        with anyio.fail_after(30):
+            for stream in streams:
+                await consume(stream)
+        assert all(stream.completion_tokens == 4 for stream in streams)
 
 
 async def test_draining_refuses_new_work(tiny_text_path):
@@ -209,7 +225,7 @@ async def test_a_crashed_step_loop_answers_its_requests_and_says_so(tiny_text_pa
 
 
 class FakeReplica:
-    def __init__(self, name, load, ready=True, room=True, depth=0):
+    def __init__(self, name, load, ready=True, room=True, depth=0, free_rows=0):
         self.name, self.outstanding_tokens, self._ready, self._room, self._depth = (
             name,
             load,
@@ -217,6 +233,7 @@ class FakeReplica:
             room,
             depth,
         )
+        self._free_rows = free_rows
 
     @property
     def is_ready(self):
@@ -228,6 +245,9 @@ class FakeReplica:
 
     def has_room(self, sequences=1):
         return self._room
+
+    def waits(self, sequences=1):
+        return self._depth + sequences > self._free_rows
 
 
 def test_router_picks_the_least_loaded_ready_replica_with_room():
@@ -241,6 +261,10 @@ def test_router_picks_the_least_loaded_ready_replica_with_room():
     assert pick_replica([FakeReplica("x", 0, ready=False)]) is None
     tie = [FakeReplica("a", 10, depth=3), FakeReplica("b", 10, depth=1)]
     assert pick_replica(tie).name == "b"
+    # A free row now beats less work behind a full batch: the request starts at the next step.
+    rows = [FakeReplica("long", 1900, free_rows=1), FakeReplica("full", 1400, depth=2)]
+    assert pick_replica(rows).name == "long"
+    assert pick_replica(rows, sequences=2).name == "full"  # neither starts two at once: less work
 
 
 async def test_a_small_kv_pool_pages_and_preempts_instead_of_overflowing(tiny_text_path):
@@ -389,14 +413,17 @@ def test_retry_after_comes_from_the_backlog_and_the_recent_rate():
 async def test_a_multi_prompt_request_is_checked_against_every_replica_queue(tiny_text_path):
     """A completion's prompts go to replicas one by one: their sequences had to fit one replica's
     queue (3 prompts were refused on two replicas holding 2 each), yet a prompt's n choices must."""
-    async with running_scheduler(tiny_text_path, cpu_replicas=2, max_queue_size=3) as scheduler:
-        scheduler.check_room(1, 5)  # 5 of 6 places, 3 + 2
-        scheduler.check_room(2, 2)  # one prompt's pair per replica
+    # Each idle replica takes 5: its one free row and 4 waiting.
+    async with running_scheduler(
+        tiny_text_path, cpu_replicas=2, max_queue_size=4, max_batch_size=1
+    ) as scheduler:
+        scheduler.check_room(1, 9)  # 9 of 10 places, 5 + 4
+        scheduler.check_room(2, 4)  # two pairs per replica
         with pytest.raises(OverloadedError):
-            scheduler.check_room(2, 3)  # 6 places, but pairs fit only two of them now
+            scheduler.check_room(3, 3)  # 9 of 10 places, but triples fit only two of them now
         with pytest.raises(InvalidRequestError) as too_many:
-            scheduler.check_room(1, 7)
-        assert too_many.value.param == "prompt" and "at most 6" in too_many.value.message
+            scheduler.check_room(1, 11)
+        assert too_many.value.param == "prompt" and "at most 10" in too_many.value.message
         with pytest.raises(InvalidRequestError) as wide:
-            scheduler.check_room(4, 1)
+            scheduler.check_room(6, 1)
         assert wide.value.param == "n"
