@@ -129,6 +129,10 @@ class Translator:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         grammar = _chat_grammar(req, tool_format)
         warnings: list[str] = []
+        if req.max_tokens is not None and req.max_completion_tokens not in (None, req.max_tokens):
+            warnings.append(
+                f"max_tokens ignored: max_completion_tokens ({req.max_completion_tokens}) is given"
+            )
         sampling_fields = _openai_sampling_fields(req)
         if sampling_fields["stop"] and forces_tool_calls(req):
             # The grammar ends a forced call when its arguments are complete; a stop string

@@ -36,6 +36,8 @@ def greedy_text(server: Server, **kwargs: Any) -> str:
 def test_max_completion_tokens_wins_over_max_tokens(text_server: Server) -> None:
     reply = create(text_server, max_completion_tokens=5, max_tokens=20, extra_body={"ignore_eos": True})
     assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
+    # ... and says so (the ignored max_tokens was a silent choice).
+    assert reply.model_extra["warnings"] == ["max_tokens ignored: max_completion_tokens (5) is given"]
 
 
 def test_logit_bias_decides_the_token(text_server: Server) -> None:
