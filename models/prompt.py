@@ -26,12 +26,12 @@ from models.template_messages import (
     SERVER_TEMPLATE_ARGUMENTS,
     blamed_message,
     content_handling,
-    described_tool,
     message_tail,
     nine_character_id,
     short_error,
     special_tokens_pattern,
     template_reads,
+    template_repairs,
     tool_call_for_template,
 )
 
@@ -178,10 +178,12 @@ class PromptBuilder:
 
         tools = list(prompt.tools) if prompt.tools else None
 
+        history = list(prompt.messages or ())
+
         def apply(arguments_as_text: bool) -> str:
             messages = [
                 self._normalise_message(message_tail(m, content_chars), arguments_as_text=arguments_as_text)
-                for m in prompt.messages or ()
+                for m in history
             ]
             return self.tokenizer.apply_chat_template(
                 messages,
@@ -206,16 +208,14 @@ class PromptBuilder:
         except Exception as exc:  # template errors (raise_exception in Jinja, bad roles) are the client's
             log.debug("chat template failed", exc_info=True)
             first = exc
-        # OpenAI makes a function's `description` optional; templates that print it unguarded
-        # (Hermes') fail without it. Only then is it given, empty: spelled out always, it would
-        # change the prompt of templates that show the tools as JSON.
-        undescribed = [t for t in tools or () if "description" not in (t.get("function") or {})]
-        if undescribed and "description" in str(first):
-            tools = [described_tool(t) for t in tools]
+        # Templates stricter than OpenAI's messages get what they take, only once they failed
+        # (done always, it would change the prompt of templates that take the messages as sent).
+        for repaired_tools, repaired_history in template_repairs(tools, history, str(first)):
+            tools, history = repaired_tools, repaired_history  # what `apply` renders
             try:
                 return apply(as_text)
             except Exception as exc:
-                log.debug("chat template failed with descriptions too", exc_info=True)
+                log.debug("chat template failed on the repaired messages too", exc_info=True)
                 first = exc
         # Most templates read a call's arguments as a mapping (`| tojson`); some join them into the
         # text as the JSON string OpenAI sends (DeepSeek-R1's `+ tool['function']['arguments'] +`).

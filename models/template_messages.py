@@ -117,6 +117,58 @@ def blamed_message(messages, error: str) -> str:
     return "messages"
 
 
+def template_repairs(
+    tools: list[Mapping[str, Any]] | None, messages: list[Mapping[str, Any]], error: str
+) -> list[tuple[list[Mapping[str, Any]] | None, list[Mapping[str, Any]]]]:
+    """What to render again, in order, after a template failed on a request OpenAI accepts:
+    - tools without `description` (optional in OpenAI's API) given an empty one, for templates
+      that print it unguarded (Hermes'), when the error names it;
+    - an assistant turn with several calls split into one turn per call, each followed by its
+      result, for templates that take one call a turn (Llama 3.1's "only supports single
+      tool-calls at once", while the same model wrote several when asked)."""
+    variants = []
+    if (
+        tools
+        and "description" in error
+        and any("description" not in (t.get("function") or {}) for t in tools)
+    ):
+        tools = [described_tool(t) for t in tools]
+        variants.append((tools, messages))
+    if any(m.get("role") == "assistant" and len(m.get("tool_calls") or ()) > 1 for m in messages):
+        variants.append((tools, one_call_per_turn(messages)))
+    return variants
+
+
+def one_call_per_turn(messages: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """[assistant(c1, c2), tool(r1), tool(r2)] -> [assistant(c1), tool(r1), assistant(c2), tool(r2)]:
+    results paired with their call by `tool_call_id`, else in order; the content stays on the first."""
+    out: list[Mapping[str, Any]] = []
+    i = 0
+    while i < len(messages):
+        message, i = messages[i], i + 1
+        calls = list(message.get("tool_calls") or ()) if message.get("role") == "assistant" else []
+        if len(calls) < 2:
+            out.append(message)
+            continue
+        results = []
+        while i < len(messages) and messages[i].get("role") == "tool":
+            results.append(messages[i])
+            i += 1
+        ids = [call.get("id") for call in calls]
+        by_id = all(r.get("tool_call_id") in ids for r in results)
+        for k, call in enumerate(calls):
+            out.append({**message, "tool_calls": [call], **({"content": ""} if k else {})})
+            mine = (
+                [r for r in results if r.get("tool_call_id") == call.get("id")]
+                if by_id
+                else results[k : k + 1]
+            )
+            out.extend(mine)
+        if not by_id:
+            out.extend(results[len(calls) :])
+    return out
+
+
 def described_tool(tool: Mapping[str, Any]) -> dict[str, Any]:
     """`tool` with an empty `description` where its function has none (for templates that print
     it unguarded; OpenAI makes it optional)."""

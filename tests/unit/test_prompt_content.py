@@ -132,6 +132,32 @@ def test_a_tool_without_a_description_reaches_a_template_that_prints_it():
     assert "description" not in shown
 
 
+def test_several_calls_in_one_turn_reach_a_template_that_takes_one_a_turn():
+    """Llama 3.1's template raises "only supports single tool-calls at once" while the model
+    writes several when asked: the next request, replaying them, was a 400. Each call becomes a
+    turn of its own, followed by its result; a template taking several gets them as sent."""
+    single = (
+        "{%- for message in messages %}{%- if message['tool_calls'] and message['tool_calls'] | length > 1 %}"
+        "{{ raise_exception('This model only supports single tool-calls at once!') }}{%- endif %}"
+        "<|{{ message['role'] }}|>{%- for tool in message['tool_calls'] or [] %}"
+        "{{ tool['function']['arguments'] | tojson }}{%- endfor %}{{ message['content'] }}<|end|>{%- endfor %}"
+    )
+    second = {**CALL, "id": "call_2", "function": {"name": "f", "arguments": '{"city": "Rome"}'}}
+    messages = (
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL, second]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "rain"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    )
+    rendered = _builder(single).render(PromptInput(messages=messages, add_generation_prompt=False))
+    assert rendered == (
+        '<|user|>weather?<|end|><|assistant|>{"city": "Paris"}<|end|><|tool|>sunny<|end|>'
+        '<|assistant|>{"city": "Rome"}<|end|><|tool|>rain<|end|>'
+    )
+    together = _builder(MAPS_ARGUMENTS).render(PromptInput(messages=messages, add_generation_prompt=False))
+    assert '<|assistant|>{"city": "Paris"}{"city": "Rome"}<|end|><|tool|>rain' in together
+
+
 def test_a_template_refusing_the_system_role_names_the_system_message():
     refuses = (
         "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
