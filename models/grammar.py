@@ -91,6 +91,7 @@ class GrammarCompiler:
         except InvalidRequestError:
             raise
         except Exception as exc:  # llguidance's converters raise ValueError (e.g. nesting too deep)
+            self._blame_a_tool(spec)
             raise InvalidRequestError(_invalid(spec, str(exc)), param=spec.param) from None
         # Outside the lock: compiling a large schema takes a while and releases the GIL.
         matcher = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=self._limits)
@@ -113,12 +114,27 @@ class GrammarCompiler:
                 if probe.is_error() and "limit" in (probe.get_error() or ""):
                     matcher = probe
         if matcher.is_error():
+            self._blame_a_tool(spec)
             raise InvalidRequestError(_invalid(spec, matcher.get_error()), param=spec.param)
         with self._lock:
             self._compiled[spec] = matcher
             while len(self._compiled) > self._max_cached:
                 self._compiled.popitem(last=False)
         return matcher
+
+    def _blame_a_tool(self, spec: GrammarSpec) -> None:
+        """A forced call's grammar that fails: the first tool whose parameters fail alone as a
+        JSON schema is the one to name (`tools[i].function.parameters`), with that schema's own
+        error rather than one quoting the whole generated grammar."""
+        if spec.kind != "tool_calls":
+            return
+        for position, tool in enumerate(json.loads(spec.source).get("tools", [])):
+            parameters = tool.get("parameters")
+            if isinstance(parameters, dict):
+                index = tool.get("index", position)
+                self._pristine(
+                    GrammarSpec("json_schema", json.dumps(parameters), f"tools[{index}].function.parameters")
+                )
 
     def _tokenizer(self, param: str) -> llguidance.LLTokenizer:
         if self._lltokenizer is None:

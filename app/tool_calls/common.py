@@ -93,8 +93,9 @@ def finish_reason_for(engine_reason: str | None, num_calls: int) -> str | None:
 def grammar_spec(tools: list[dict[str, Any]], only: str | None, parallel: bool, **layout: Any) -> GrammarSpec:
     """The `tool_calls` grammar (models.grammar.tool_calls_lark) for the chosen tools in `layout`."""
     chosen = [
-        {"name": f["name"], "parameters": f.get("parameters")}
-        for f in (tool["function"] for tool in tools)
+        # `index`: where the tool is in the request, for an error that names its parameters.
+        {"name": f["name"], "parameters": f.get("parameters"), "index": i}
+        for i, f in enumerate(tool["function"] for tool in tools)
         if only is None or f["name"] == only
     ]
     config = {**layout, "tools": chosen, "parallel": parallel and only is None}

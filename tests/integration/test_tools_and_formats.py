@@ -281,6 +281,22 @@ def test_tool_names_that_are_not_names_are_refused(text_server: Server, name: st
     assert accepted.choices[0].message.tool_calls[0].function.name == "mcp.server:get_x-1"
 
 
+@pytest.mark.parametrize(
+    "parameters", [{"type": "objekt"}, {"type": "object", "properties": {"a": {"minLength": "x"}}}]
+)
+def test_a_forced_call_to_tools_with_an_invalid_schema_names_the_tool(
+    text_server: Server, parameters
+) -> None:
+    """The 400 named `tools` and quoted the generated Lark grammar of every tool."""
+    bad = {"type": "function", "function": {"name": "bad", "parameters": parameters}}
+    body = chat_body(messages=user("hi"), tools=[WEATHER, bad], tool_choice="required", max_tokens=8)
+    with text_server.http() as http:
+        error = assert_openai_error(
+            http.post("/v1/chat/completions", json=body), 400, param="tools[1].function.parameters"
+        )
+    assert "%json" not in error["message"] and "start:" not in error["message"]
+
+
 def test_named_tool_choice(text_server: Server) -> None:
     completion = text_server.openai().chat.completions.create(
         model=text_server.model_name,

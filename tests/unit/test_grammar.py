@@ -329,7 +329,10 @@ def test_whitespace_pattern_is_the_only_whitespace_between_json_tokens(replica):
             "guided_json",
         ),
         (GrammarSpec("json_object", whitespace_pattern="[", param="guided_json"), "guided_json"),
-        (HERMES.grammar([{"function": {"name": "f", "parameters": {"type": "nonsense"}}}]), "tools"),
+        (
+            HERMES.grammar([{"function": {"name": "f", "parameters": {"type": "nonsense"}}}]),
+            "tools[0].function.parameters",
+        ),
         # Integer bounds llguidance would clamp to 2**63 - 1, generating numbers the schema forbids.
         (
             GrammarSpec("json_schema", '{"type": "integer", "minimum": 1e30}', param="guided_json"),
