@@ -196,9 +196,6 @@ def prepare_runtime_env(settings: Settings) -> None:
         # Bars name the files and, in a log file, are carriage-return noise: the loader logs
         # periodic download lines instead (models/download.py).
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if settings.debug:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "debug")
-        os.environ.setdefault("HF_HUB_VERBOSITY", "debug")
 
 
 def install_transformers(spec: str) -> None:
@@ -312,7 +309,9 @@ def serve(settings: Settings) -> None:
         working_dir=ROOT,
         log_level=LogLevels(level),
         log_dictconfig=granian_log_config(settings.log_format, level),
-        log_access=settings.debug,
+        # The app writes one line per request (app/access_log.py); granian's own access line
+        # doubled it under DEBUG and printed the decoded path raw (a %0A forged a log line).
+        log_access=False,
         # HTTP/1.1 only: with protocol detection (auto), a connection that never sends a byte is
         # never timed out, and 1,024 of them stopped every request, /health included. HTTP/1.1's
         # header timeout closes them, and keep-alive connections left idle, after HTTP_HEADER_TIMEOUT_S.

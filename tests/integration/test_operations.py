@@ -10,7 +10,17 @@ import time
 import uuid
 from urllib.parse import urlsplit
 
-from tests.integration.conftest import EDGE_CORS_ORIGIN, TEXT_DEFAULT_MAX_TOKENS, Server
+import pytest
+
+from tests.integration.conftest import (
+    EDGE_CORS_ORIGIN,
+    TEXT_DEFAULT_MAX_TOKENS,
+    Server,
+    ServerSpec,
+    launch,
+    stop,
+    wait_ready,
+)
 from tests.integration.helpers import chat_body
 
 
@@ -213,3 +223,33 @@ def test_metrics_need_the_key_and_speak_vllms_names(text_server: Server) -> None
         match = re.search(rf"^vllm:{histogram}_count\{{{model}\}} (\S+)$", text, re.M)
         assert match and float(match.group(1)) >= 1, histogram
     assert "process_cpu_seconds_total" in text and "python_info" in text
+
+
+@pytest.mark.slow
+def test_debug_with_json_logs_keeps_every_line_json_and_one_per_request(tmp_path) -> None:
+    """DEBUG set TRANSFORMERS_VERBOSITY, and transformers printed its import-time lines with a
+    handler of its own (plain text in a JSON log); granian's access log added a second line per
+    request and wrote the decoded path raw, so `%0A` in a URL forged a log line."""
+    spec = ServerSpec(
+        model_path="builtin:tiny",
+        model_name="debug",
+        api_key=None,
+        env={"MODEL_NAME": "debug", "DTYPE": "fp32", "DEBUG": "1", "LOG_FORMAT": "json"},
+    )
+    server = launch("debug_json_server", spec, tmp_path / "cache", tmp_path)
+    mine = f"debug-{uuid.uuid4().hex[:12]}"
+    try:
+        wait_ready(server)
+        with server.http() as client:
+            client.get("/x%0A2026-12-05 00:00:00,000 INFO docoserve.requests: FORGED")
+            answer = client.post(
+                "/v1/chat/completions", json=chat_body("hi", max_tokens=2), headers={"X-Request-Id": mine}
+            )
+            assert answer.status_code == 200
+        lines = [line for line in _log(server, waiting_for=mine) if line.strip()]
+    finally:
+        stop(server)
+    records = [json.loads(line) for line in lines]  # raises on any line that is not JSON
+    assert any(r["logger"].startswith("transformers") for r in records)  # the libraries' lines, as JSON
+    assert [r["logger"] for r in records if mine in json.dumps(r)] == ["docoserve.requests"]
+    assert not any(r["message"].startswith("FORGED") or "\nFORGED" in r["message"] for r in records)

@@ -146,3 +146,14 @@ async def test_an_update_a_tool_call_parser_holds_back_writes_nothing():
     stream.push(0, "call>oops", [6], [], "stop", None)
     text = b"".join(payloads(await pending))
     assert b"<tool_call>oops" in text and b"[DONE]" in text
+
+
+async def test_inter_token_intervals_are_per_choice():
+    """n choices stepping together: each choice's tokens are timed against its own last one, so
+    a request of n choices of T tokens records n * (T - 1) intervals (vLLM's histogram count),
+    not n * T - 1 with most of them ~0."""
+    stream = make_stream(n=3)
+    for _ in range(4):  # four steps, one token per choice each
+        for index in range(3):
+            stream.push(index, "x", [5], [], None, None)
+    assert sum(stream.token_intervals.values()) == 3 * (4 - 1)
