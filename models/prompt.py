@@ -105,7 +105,9 @@ class PromptBuilder:
         self._special_pattern = special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = max_token_chars(tokenizer)
         # Whether the template takes OpenAI parts, and whether it must get them (`content_handling`).
-        self.accepts_parts, self.content_as_parts = content_handling(tokenizer, chat_template)
+        self.accepts_parts, self.content_as_parts, self.part_roles = content_handling(
+            tokenizer, chat_template
+        )
         # Ids a client got elsewhere (OpenAI's `call_...`) are mapped to ones such a template takes,
         # the same way for a call and its result, as vLLM shortens them for Mistral.
         self.nine_character_ids = bool(
@@ -256,7 +258,7 @@ class PromptBuilder:
                 for p in content
             ]
         if isinstance(content, list):
-            out["content"] = self._normalise_parts(content)
+            out["content"] = self._normalise_parts(content, out.get("role"))
         elif isinstance(content, str) and self.content_as_parts:
             out["content"] = [{"type": "text", "text": content}]
         elif content is None:
@@ -283,13 +285,15 @@ class PromptBuilder:
             return text
         return self._special_pattern.sub(lambda m: m.group(0)[0] + _WORD_JOINER + m.group(0)[1:], text)
 
-    def _normalise_parts(self, parts: list[Mapping[str, Any]]) -> str | list[dict[str, Any]]:
+    def _normalise_parts(
+        self, parts: list[Mapping[str, Any]], role: Any = "user"
+    ) -> str | list[dict[str, Any]]:
         has_image = any(p.get("type") == "image" for p in parts)
         if has_image and not self.is_vision:
             raise InvalidRequestError(
                 "this model does not accept images (it is a text-only model)", param="messages"
             )
-        if self.content_as_parts or (self.is_vision and self.accepts_parts):
+        if self.content_as_parts or (self.is_vision and role in self.part_roles):
             return [dict(p) for p in parts]
         # String-content templates: text parts joined, images as the processor's placeholder.
         pieces = []

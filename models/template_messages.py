@@ -184,31 +184,51 @@ _CHECKS_STRING = re.compile(r"content['\"]?\]?\s+is\s+(?:not\s+)?string")
 _PROBE_TEXT = "zq7probe"
 
 
-def content_handling(tokenizer, template: str | None) -> tuple[bool, bool]:
-    """Whether `template` takes message content as OpenAI parts, and whether it must get parts
-    (a template that loops over content and never checks for a string reads a string character
-    by character). Loops the pattern misses (a macro's `for part in content`: Qwen3-VL's, the
-    built-in demo's) are found by rendering; missed, such a template got strings, and an image
-    became the bare image token instead of the template's own markup."""
+def content_handling(tokenizer, template: str | None) -> tuple[bool, bool, frozenset[str]]:
+    """Whether `template` takes message content as OpenAI parts, whether it must get parts (a
+    template that loops over content and never checks for a string reads a string character by
+    character), and the roles whose parts it shows. Loops the pattern misses (a macro's `for part
+    in content`: Qwen3-VL's, the built-in demo's) are found by rendering; missed, such a template
+    got strings, and an image became the bare image token instead of the template's own markup.
+    Roles too are found by rendering: Llama 3.2 Vision's and Pixtral's templates read parts in
+    user turns only, and printed a system or assistant turn's parts as a Python list."""
     iterates = bool(_ITERATES_CONTENT.search(template or ""))
-    if iterates or not template:
-        return iterates, iterates and not _CHECKS_STRING.search(template or "")
-    takes_parts, takes_strings = (
-        _shown(tokenizer, template, [{"type": "text", "text": _PROBE_TEXT}]),
-        _shown(tokenizer, template, _PROBE_TEXT),
-    )
-    return takes_parts, takes_parts and not takes_strings
+    if not template:
+        return False, False, frozenset()
+    if iterates:
+        must = not _CHECKS_STRING.search(template)
+    else:
+        iterates = _shown(tokenizer, template, "user", _PARTS)
+        must = iterates and not _shown(tokenizer, template, "user", _PROBE_TEXT)
+    if not iterates:
+        return False, False, frozenset()
+    # User turns keep their parts whatever the probe says: images go there.
+    others = (r for r in ("system", "assistant", "tool") if _shown(tokenizer, template, r, _PARTS))
+    return True, must, frozenset(("user", *others))
 
 
-def _shown(tokenizer, template: str, content: Any) -> bool:
-    """A user message's `content` rendered as its text: the text appears, and no Python or JSON
-    rendering of a part does."""
+_PARTS = [{"type": "text", "text": _PROBE_TEXT}]
+_PROBE_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {}}}
+
+
+def _shown(tokenizer, template: str, role: str, content: Any) -> bool:
+    """`content` in a turn of `role` rendered as its text: the text appears, and no Python or
+    JSON rendering of a part does."""
+    hello = {"role": "user", "content": "hello"}
+    turn = {"role": role, "content": content}
+    conversation = {
+        "system": [turn, hello],
+        "user": [turn],
+        "assistant": [hello, turn],
+        "tool": [
+            hello,
+            {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]},
+            {**turn, "tool_call_id": "call_1"},
+        ],
+    }[role]
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}],
-            tokenize=False,
-            add_generation_prompt=True,
-            chat_template=template,
+            conversation, tokenize=False, add_generation_prompt=role != "assistant", chat_template=template
         )
     except Exception:  # noqa: BLE001 - a template that fails on this form does not take it
         return False

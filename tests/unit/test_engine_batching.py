@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from models.generation import Generation
+from models.images import ImageLimits
 from models.loader import LoadSpec, ModelLoadError
 from models.params import PromptInput, SamplingParams, choice_seed
 from models.prompt import PreparedPrompt, PromptBuilder
@@ -75,6 +76,36 @@ def test_image_prompts_are_the_processors_own(vlm_replica):
     decoded = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
     reference = processor(text=text, images=decoded, return_tensors="pt")["input_ids"][0].tolist()
     assert prepared.token_ids == reference
+
+
+def test_a_vlm_template_reading_parts_in_user_turns_only_gets_text_elsewhere(vlm_replica):
+    """Llama 3.2 Vision's and Pixtral's templates loop over parts in user turns and print other
+    turns' content as is: a system or assistant turn sent as text parts (valid OpenAI) reached
+    the prompt as a Python list."""
+    user_parts_only = (
+        "{%- for message in messages %}<|{{ message['role'] }}|>"
+        "{%- if message['role'] == 'user' and message['content'] is not string %}"
+        "{%- for part in message['content'] %}{%- if part['type'] == 'image' %}<image>{%- else %}"
+        "{{ part['text'] }}{%- endif %}{%- endfor %}{%- else %}{{ message['content'] }}{%- endif %}"
+        "<|end|>{%- endfor %}"
+    )
+    loaded = vlm_replica.loaded
+    picky = PromptBuilder(
+        loaded.tokenizer,
+        processor=loaded.processor,
+        chat_template=user_parts_only,
+        image_token_id=None,
+        max_input_tokens=4096,
+        image_limits=ImageLimits(),
+    )
+    assert picky.part_roles == {"user"}
+    messages = (
+        {"role": "system", "content": [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
+    )
+    rendered = picky.render(PromptInput(messages=messages, add_generation_prompt=False))
+    assert rendered == "<|system|>Be\nbrief.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|>"
 
 
 def test_text_model_takes_the_fast_path(text_replica):
