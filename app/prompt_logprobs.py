@@ -39,8 +39,11 @@ class TextOffsets:
     never decrease and never pass the end of the text.
     """
 
-    # How far ahead a token's text is looked for: beyond what a stream may hold back.
-    _WINDOW = 1024
+    # How far past where the text goes on a token's text is looked for (a SentencePiece prefix
+    # space, a character a cleanup rewrote). Small: a stream holds a token's offset back until
+    # this much text follows its place, and a special token the text skips never shows (with 1,024
+    # every logprob after one came with the stream's end).
+    _WINDOW = 32
 
     def __init__(self, text: str = "", base: int = 0) -> None:
         self._text = text  # the choice's text from `base` on; what lies before `_pos` is dropped

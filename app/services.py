@@ -157,9 +157,12 @@ class RequestTracker:
 
 
 def warning_headers(warnings: list[str]) -> dict[str, str] | None:
+    """The warnings as one header: on one line, and in ASCII (a header is Latin-1 at most; a
+    warning quoting a client's non-Latin field name, `名前`, made the answer a 500)."""
     if not warnings:
         return None
-    return {"X-Request-Warnings": " | ".join(w.replace("\n", " ") for w in warnings)}
+    text = " | ".join(" ".join(w.split()) for w in warnings)
+    return {"X-Request-Warnings": text.encode("ascii", "backslashreplace").decode("ascii")}
 
 
 def generation_fields(

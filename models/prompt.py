@@ -210,8 +210,20 @@ class PromptBuilder:
         except Exception as exc:  # template errors (raise_exception in Jinja, bad roles) are the client's
             log.debug("chat template failed", exc_info=True)
             first = exc
-        # Templates stricter than OpenAI's messages get what they take, only once they failed
-        # (done always, it would change the prompt of templates that take the messages as sent).
+        # Most templates read a call's arguments as a mapping (`| tojson`); some join them into the
+        # text as the JSON string OpenAI sends (DeepSeek-R1's `+ tool['function']['arguments'] +`).
+        # Such a template is known by failing on the mapping and rendering the string.
+        if not as_text and any(m.get("tool_calls") for m in prompt.messages):
+            try:
+                text = apply(True)
+            except Exception as retried:
+                log.debug("chat template failed with arguments as text too", exc_info=True)
+                # A TypeError was the mapping's doing (str + dict): the retry's error is the real one.
+                first = retried if isinstance(first, TypeError) else first
+            else:
+                self._arguments_as_text.add(template)
+                return text
+        # Templates stricter than OpenAI's messages get what they take, only once they failed.
         for repaired_tools, repaired_history in template_repairs(tools, history, str(first)):
             tools, history = repaired_tools, repaired_history  # what `apply` renders
             try:
@@ -219,19 +231,7 @@ class PromptBuilder:
             except Exception as exc:
                 log.debug("chat template failed on the repaired messages too", exc_info=True)
                 first = exc
-        # Most templates read a call's arguments as a mapping (`| tojson`); some join them into the
-        # text as the JSON string OpenAI sends (DeepSeek-R1's `+ tool['function']['arguments'] +`).
-        # Such a template is known by failing on the mapping and rendering the string.
-        if as_text or not any(m.get("tool_calls") for m in prompt.messages):
-            raise rejected(first) from None
-        try:
-            text = apply(True)
-        except Exception as retried:
-            log.debug("chat template failed with arguments as text too", exc_info=True)
-            # A TypeError was the mapping's doing (str + dict): the retry's error is the real one.
-            raise rejected(retried if isinstance(first, TypeError) else first) from None
-        self._arguments_as_text.add(template)
-        return text
+        raise rejected(first) from None
 
     def _paligemma_prefix(self, prompt: PromptInput, content_chars: int | None) -> str:
         """PaliGemma takes a task prefix, not a conversation: the text of every message, one per

@@ -176,15 +176,6 @@ class Scheduler:
     # -- requests ------------------------------------------------------------------------------
     async def submit(self, request: EngineRequest) -> RequestStream:
         self.check_room(request.n)
-        rows = self.config.executor.max_batch_size
-        if request.n > rows:
-            # All choices of a request run together, sharing one prefill; more than the batch holds
-            # could never be admitted.
-            raise InvalidRequestError(
-                f"n={request.n} choices cannot run together on this server: at most {rows} sequences are batched "
-                "(MAX_BATCH_SIZE); send several requests or lower n",
-                param="n",
-            )
         builder = await self._builder()
         prepared = await self._prepare(builder.prepare, request.prompt, heavy=is_heavy(request.prompt))
         defaulted = request.params.max_tokens is None
@@ -237,15 +228,18 @@ class Scheduler:
         multi-prompt completion's prompts go to replicas one by one, each prompt's n choices to
         one) must find queue room now. What no queue could ever hold is a 400."""
         self._check_can_accept()
-        # A replica takes its free rows' worth, then MAX_QUEUE_SIZE waiting (`Executor.room`).
-        limit = self.config.executor.max_queue_size + self.config.executor.max_batch_size
-        ready = [e for e in self.executors if e.is_ready]
-        if n > limit:
+        rows = self.config.executor.max_batch_size
+        if n > rows:
+            # All choices of a request run together, sharing one prefill; more than the batch holds
+            # could never be admitted.
             raise InvalidRequestError(
-                f"n={n} choices of one prompt must go to one replica, which takes {limit} at most "
-                "(MAX_BATCH_SIZE rows plus MAX_QUEUE_SIZE waiting): ask for fewer",
+                f"n={n} choices cannot run together on this server: at most {rows} sequences are batched "
+                "(MAX_BATCH_SIZE); send several requests or lower n",
                 param="n",
             )
+        # A replica takes its free rows' worth, then MAX_QUEUE_SIZE waiting (`Executor.room`).
+        limit = self.config.executor.max_queue_size + rows
+        ready = [e for e in self.executors if e.is_ready]
         if n * prompts > limit * max(1, len(ready)):
             raise InvalidRequestError(
                 f"this request needs {n * prompts} sequences (prompts x n); at most {limit * max(1, len(ready))} "

@@ -328,6 +328,11 @@ def test_unknown_fields_are_accepted_and_named(text_server: Server) -> None:
         assert "unknown field 'foo' ignored" in streamed.headers["x-request-warnings"]
         plain = client.post("/v1/chat/completions", json=chat_body(max_tokens=2, metadata={"x": "y"}))
         assert "x-request-warnings" not in plain.headers
+        # A name a header cannot carry (headers are Latin-1) was a 500: escaped there, as is in the body.
+        named = client.post("/v1/chat/completions", json={**chat_body(max_tokens=2), "名前": 1})
+        assert named.status_code == 200, named.text
+        assert named.json()["warnings"] == ["unknown field '名前' ignored"]
+        assert named.headers["x-request-warnings"] == "unknown field '\\u540d\\u524d' ignored"
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,22 @@ def test_streamed_offsets_equal_the_whole_answers() -> None:
             assert _streamed_offsets(entries, text, arrival) == whole, (text, arrival)
 
 
+def test_a_skipped_special_token_holds_a_streams_logprobs_back_briefly() -> None:
+    """A special token the text never shows (mistral's `<｜end▁of▁sentence｜>` mid-output) kept
+    every later logprob until the stream's end: its place was only settled by 1,024 more
+    characters. It is settled once a little text follows its place."""
+    entries = [_entry("a"), _entry("<|sep|>")] + [_entry("b") for _ in range(60)]
+    offsets, pending, sent = TextOffsets(), [], []
+    for number, entry in enumerate(entries):
+        offsets.extend("" if entry.token == "<|sep|>" else entry.token)
+        pending.append(entry)
+        sent.extend(offsets.place_settled(pending, final=False)[1])
+        if number == 50:
+            assert len(sent) >= 10, sent  # the special token and the tokens after it went out
+    whole = TextOffsets("a" + "b" * 60)
+    assert sent == [whole.place(e) for e in entries][: len(sent)]
+
+
 def test_stream_failure_is_a_final_error_event() -> None:
     """Prompt 0 finishes; prompt 1 fails mid-way: its text so far, then the error, then [DONE]."""
 

@@ -158,6 +158,22 @@ def test_several_calls_in_one_turn_reach_a_template_that_takes_one_a_turn():
     assert '<|assistant|>{"city": "Paris"}{"city": "Rome"}<|end|><|tool|>rain' in together
 
 
+def test_several_calls_reach_a_template_joining_arguments_in_one_turn_from_the_first_request():
+    """The split into one call a turn was tried before the arguments as text, so the first such
+    request to a DeepSeek-R1-like template rendered split turns (later ones did not)."""
+    second = {**CALL, "id": "call_2", "function": {"name": "g", "arguments": '{"city": "Rome"}'}}
+    messages = (
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL, second]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "rain"},
+    )
+    builder = _builder(JOINS_ARGUMENTS)
+    first = builder.render(PromptInput(messages=messages, add_generation_prompt=False))
+    assert first == builder.render(PromptInput(messages=messages, add_generation_prompt=False))
+    assert '<|assistant|>f\n{"city": "Paris"}g\n{"city": "Rome"}<|end|>' in first
+
+
 def test_a_template_refusing_the_system_role_names_the_system_message():
     refuses = (
         "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"

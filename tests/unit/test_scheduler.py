@@ -413,17 +413,17 @@ def test_retry_after_comes_from_the_backlog_and_the_recent_rate():
 async def test_a_multi_prompt_request_is_checked_against_every_replica_queue(tiny_text_path):
     """A completion's prompts go to replicas one by one: their sequences had to fit one replica's
     queue (3 prompts were refused on two replicas holding 2 each), yet a prompt's n choices must."""
-    # Each idle replica takes 5: its one free row and 4 waiting.
+    # Each idle replica takes 5: its two free rows and 3 waiting.
     async with running_scheduler(
-        tiny_text_path, cpu_replicas=2, max_queue_size=4, max_batch_size=1
+        tiny_text_path, cpu_replicas=2, max_queue_size=3, max_batch_size=2
     ) as scheduler:
         scheduler.check_room(1, 9)  # 9 of 10 places, 5 + 4
         scheduler.check_room(2, 4)  # two pairs per replica
         with pytest.raises(OverloadedError):
-            scheduler.check_room(3, 3)  # 9 of 10 places, but triples fit only two of them now
+            scheduler.check_room(2, 5)  # 10 places, but pairs fit only eight of them now
         with pytest.raises(InvalidRequestError) as too_many:
             scheduler.check_room(1, 11)
         assert too_many.value.param == "prompt" and "at most 10" in too_many.value.message
         with pytest.raises(InvalidRequestError) as wide:
-            scheduler.check_room(6, 1)
-        assert wide.value.param == "n"
+            scheduler.check_room(3, 1)  # the batch, not the queue, is the limit named
+        assert wide.value.param == "n" and "at most 2 sequences are batched" in wide.value.message
