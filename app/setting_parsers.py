@@ -183,6 +183,10 @@ def host_rule(entry: str) -> tuple[str, bool]:
     base = text[2:] if wildcard else text
     if "://" in base:
         raise ValueError(f"{show(entry)} is a URL: give its host alone (e.g. cdn.example.com)")
+    try:  # a bare IPv6 address (`::1`), which a URL would need in brackets
+        return str(ipaddress.IPv6Address(base)), False
+    except ValueError:
+        pass
     try:
         url = httpx.URL(f"http://{base}/")
         host = url.raw_host.decode("ascii").rstrip(".")

@@ -302,6 +302,15 @@ def test_host_names_resolve_to_the_address_granian_binds(raw: str, bound: str) -
     assert Settings.from_env({"HOST": raw}).host == bound
 
 
+def test_an_ipv6_address_is_an_allowed_image_host_with_or_without_brackets() -> None:
+    from app.media import ImageFetchPolicy
+
+    hosts = Settings.from_env({"IMAGE_URL_ALLOWED_HOSTS": "::1,[2001:db8::1]"}).image_url_allowed_hosts
+    policy = ImageFetchPolicy(allowed_hosts=hosts)
+    assert policy.host_allowed("::1") and policy.host_allowed("2001:db8::1")
+    assert not policy.host_allowed("2001:db8::2")
+
+
 def test_error_message_lists_choices() -> None:
     with pytest.raises(SettingsError, match=r"invalid DTYPE: 'fp8' \(choose bf16, fp16, fp32\)"):
         Settings.from_env({"DTYPE": "fp8"})
