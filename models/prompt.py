@@ -6,7 +6,6 @@ token ids and the extra model inputs (pixel values and friends) of one request.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
@@ -30,7 +29,7 @@ from models.template_messages import (
     nine_character_id,
     short_error,
     special_tokens_pattern,
-    template_reads,
+    template_omissions,
     template_repairs,
     tool_call_for_template,
 )
@@ -313,20 +312,11 @@ class PromptBuilder:
         return prepared
 
     def template_warnings(self, prompt: PromptInput) -> list[str]:
-        """What rendering `prompt` leaves out without an error: tools a template never reads."""
-        if prompt.tools and prompt.messages is not None and not self._template_shows_tools:
-            return [
-                "this model's chat template does not show tools to the model, so it was not told of "
-                "them; calls are still read from its output, and tool_choice required or a named "
-                "function forces them"
-            ]
-        return []
-
-    @functools.cached_property
-    def _template_shows_tools(self) -> bool:
-        # A template that never reads `tools` drops them (Gemma's, Phi-3's, SmolLM3's, which reads
-        # `xml_tools`): the client is told.
-        return template_reads(self.tool_chat_template or self.chat_template or "", "tools")
+        """What rendering `prompt` leaves out without an error (`template_omissions`)."""
+        template = (self.tool_chat_template if prompt.tools else None) or self.chat_template
+        if prompt.messages is None or not template:
+            return []
+        return template_omissions(self.tokenizer, template, prompt.messages, prompt.tools)
 
     def _prepare(self, prompt: PromptInput) -> PreparedPrompt:
         if prompt.token_ids is not None:

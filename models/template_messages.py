@@ -233,3 +233,65 @@ def _shown(tokenizer, template: str, role: str, content: Any) -> bool:
     except Exception:  # noqa: BLE001 - a template that fails on this form does not take it
         return False
     return isinstance(text, str) and _PROBE_TEXT in text and "'type'" not in text and '"type"' not in text
+
+
+_NO_TOOLS_SHOWN = (
+    "this model's chat template does not show tools to the model, so it was not told of them; calls "
+    "are still read from its output, and tool_choice required or a named function forces them"
+)
+_NO_RESULTS_SHOWN = (
+    "this model's chat template does not show tool results (role tool) to the model: they were left out"
+)
+_NO_CALLS_SHOWN = (
+    "this model's chat template does not show an assistant turn's tool_calls to the model: they were left out"
+)
+
+
+def template_omissions(tokenizer, template: str, messages, tools) -> list[str]:
+    """What rendering leaves out without an error, said to the client: tools a template never
+    reads (Gemma's, Phi-3's, SmolLM3's `xml_tools`), tool results and calls it never prints
+    (Phi-3's template knows system, user and assistant turns only)."""
+    reads_tools, shows_results, shows_calls = _tool_handling(tokenizer, template)
+    warnings = [_NO_TOOLS_SHOWN] if tools and not reads_tools else []
+    if not shows_results and any(m.get("role") in ("tool", "function") for m in messages):
+        warnings.append(_NO_RESULTS_SHOWN)
+    if not shows_calls and any(m.get("role") == "assistant" and m.get("tool_calls") for m in messages):
+        warnings.append(_NO_CALLS_SHOWN)
+    return warnings
+
+
+_TOOL_HANDLING: dict[str, tuple[bool, bool, bool]] = {}  # by template: a server has one or two
+
+
+def _tool_handling(tokenizer, template: str) -> tuple[bool, bool, bool]:
+    """Whether `template` reads `tools`, shows a tool result's text, and shows a call (its name
+    or its arguments):
+    found once per template by rendering (a result or call it fails on counts as shown: the
+    client then gets the template's own error)."""
+    key = template
+    if key not in _TOOL_HANDLING:
+        if len(_TOOL_HANDLING) >= 64:
+            _TOOL_HANDLING.clear()
+        call = {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": _PROBE_TEXT, "arguments": {"q": "zq7arg"}},
+        }
+        turns = [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": _PROBE_TEXT + "result"},
+        ]
+        try:
+            text = tokenizer.apply_chat_template(
+                turns, tokenize=False, add_generation_prompt=True, chat_template=template
+            )
+        except Exception:  # noqa: BLE001 - see above
+            text = None
+        shown = text is None or not isinstance(text, str)
+        _TOOL_HANDLING[key] = (
+            template_reads(template, "tools"),
+            shown or _PROBE_TEXT + "result" in text,
+            shown or _PROBE_TEXT in text.replace(_PROBE_TEXT + "result", "") or "zq7arg" in text,
+        )
+    return _TOOL_HANDLING[key]

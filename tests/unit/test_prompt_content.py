@@ -174,6 +174,19 @@ def test_several_calls_reach_a_template_joining_arguments_in_one_turn_from_the_f
     assert '<|assistant|>f\n{"city": "Paris"}g\n{"city": "Rome"}<|end|>' in first
 
 
+def test_tool_turns_a_template_never_prints_are_named_in_the_warnings():
+    """Phi-3's template knows system, user and assistant turns only: a tool result (and the call
+    it answers) vanished from the prompt without a word."""
+    phi3_like = (
+        "{%- for message in messages %}{%- if message['role'] in ('system', 'user', 'assistant') %}"
+        "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{%- endif %}{%- endfor %}"
+    )
+    history = PromptInput(messages=WITH_A_CALL, add_generation_prompt=False)
+    warnings = _builder(phi3_like).template_warnings(history)
+    assert any("tool results" in w for w in warnings) and any("tool_calls" in w for w in warnings)
+    assert _builder(MAPS_ARGUMENTS).template_warnings(history) == []  # it prints both
+
+
 def test_a_template_refusing_the_system_role_names_the_system_message():
     refuses = (
         "{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{%- endif %}"
