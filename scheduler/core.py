@@ -175,6 +175,28 @@ class Scheduler:
 
     # -- requests ------------------------------------------------------------------------------
     async def submit(self, request: EngineRequest) -> RequestStream:
+        return self._enqueue(*await self._admit(request))
+
+    async def submit_all(self, requests: list[EngineRequest]) -> list[RequestStream]:
+        """A multi-prompt request's prompts, admitted all or none: each prepared first, then all
+        queued with no await between, so that concurrent requests cannot each take part of the
+        room and all be refused (three 4-prompt requests on room for 8 were each refused)."""
+        self.check_room(requests[0].n, len(requests))
+        admitted = [await self._admit(request) for request in requests]
+        self.check_room(requests[0].n, len(requests))
+        streams: list[RequestStream] = []
+        try:
+            for request, prepared in admitted:
+                streams.append(self._enqueue(request, prepared))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return streams
+
+    async def _admit(self, request: EngineRequest) -> tuple[EngineRequest, PreparedPrompt]:
+        """Everything a request must pass before it is queued: room now, its prompt prepared,
+        its lengths, its grammar compiled, its worst case in the KV pool."""
         self.check_room(request.n)
         builder = await self._builder()
         prepared = await self._prepare(builder.prepare, request.prompt, heavy=is_heavy(request.prompt))
@@ -213,6 +235,18 @@ class Scheduler:
                 f"the prompt ({len(prepared.token_ids)} tokens) plus {limit} for {request.n} choice(s) does not "
                 "fit this server's KV cache memory; reduce the prompt, max_tokens or n",
                 param=param,
+            )
+        return request, prepared
+
+    def _enqueue(self, request: EngineRequest, prepared: PreparedPrompt) -> RequestStream:
+        """Queue an admitted request on the replica the router picks now (no await: what the
+        room check saw is what the queue gets)."""
+        self._check_can_accept()
+        executor = pick_replica(self.executors, request.n)
+        if executor is None:
+            self.check_room(request.n)
+            raise OverloadedError(
+                "every replica queue is full; retry shortly", retry_after_s=self.retry_after_s()
             )
         stream = RequestStream(request, prepared)
         stream.replica_name = executor.name

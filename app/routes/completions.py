@@ -55,7 +55,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
         scheduler = svc.require_scheduler()
         engine_requests = svc.translator.completion(data, call.request_id)
         engine_requests[0] = call.warned(engine_requests[0])  # the request's warnings are said once
-        streams = await _submit_all(scheduler, engine_requests)
+        streams = await scheduler.submit_all(engine_requests)  # all of them, or none
         try:
             echoes = [
                 await _prompt_text(scheduler, r, s) if data.echo else ""
@@ -139,19 +139,6 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
     return Response(body, headers=headers)
 
 
-async def _submit_all(scheduler, engine_requests: list[EngineRequest]) -> list[RequestStream]:
-    """All or nothing: when a later prompt is refused, the ones already admitted are cancelled."""
-    scheduler.check_room(engine_requests[0].n, len(engine_requests))  # all of them, or none
-    streams: list[RequestStream] = []
-    try:
-        for engine_request in engine_requests:
-            streams.append(await scheduler.submit(engine_request))
-    except BaseException:
-        _cancel(streams)
-        raise
-    return streams
-
-
 async def _prompt_text(scheduler, engine_request: EngineRequest, stream: RequestStream) -> str:
     """The prompt the model saw: one cut to MAX_INPUT_TOKENS is echoed from the tokens kept."""
     prompt = engine_request.prompt
@@ -189,11 +176,21 @@ def _logprobs(
     return CompletionLogprobs(tokens, token_logprobs, top_logprobs, text_offset)
 
 
+async def _until_first_token(updates: AsyncIterator[StreamUpdate]) -> list[StreamUpdate]:
+    """The updates up to the one with the first token (or an end): the prefill is then done."""
+    early: list[StreamUpdate] = []
+    while (update := await anext(updates, None)) is not None:
+        early.append(update)
+        if update.error or any(c.token_ids or c.finish_reason for c in update.choices):
+            break
+    return early
+
+
 async def _chained(
-    first: StreamUpdate | None, rest: AsyncIterator[StreamUpdate]
+    early: list[StreamUpdate], rest: AsyncIterator[StreamUpdate]
 ) -> AsyncIterator[StreamUpdate]:
-    if first is not None:
-        yield first
+    for update in early:
+        yield update
     async for update in rest:
         yield update
 
@@ -223,12 +220,14 @@ async def _event_stream(
             offsets = [TextOffsets(base=len(echo)) for _ in range(n)]
             pending: list[list[TokenLogprob]] = [[] for _ in range(n)]  # not placed yet
             updates = aiter(stream)
-            # The prompt's logprobs are known once the prefill is done: with the first update.
-            first = await anext(updates, None) if echo and want_logprobs else None
+            # The prompt's logprobs are all known once the prefill is done: with the first token.
+            # A chunked prefill hands them over chunk by chunk, and the echo built from the first
+            # update had only the first chunk's (a 200-token prompt streamed 129 of them).
+            early = await _until_first_token(updates) if echo and want_logprobs else []
             if echo:
                 prompt = echo_logprobs(stream.prompt_logprobs, top, echo) if want_logprobs else None
                 yield b"".join(event(p * n + i, echo, prompt, None) for i in range(n))
-            async for update in _chained(first, updates):
+            async for update in _chained(early, updates):
                 events = []
                 for choice in update.choices:
                     finish_reason = choice.finish_reason

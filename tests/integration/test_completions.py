@@ -137,6 +137,23 @@ def test_logprobs_shape(text_server: Server, echo: bool) -> None:
     assert steps == [len(t) for t in tokens[:-1]]
 
 
+def test_streamed_echo_carries_the_logprobs_of_a_prompt_prefilled_in_chunks(text_server: Server) -> None:
+    """A prompt longer than one prefill chunk (128 tokens on CPU): the streamed echo was built
+    from the first chunk's logprobs only (129 of 204 tokens); it now waits for the first token."""
+    body = {"prompt": "word " * 200, "echo": True, "logprobs": 1, "max_tokens": 3, **GREEDY}
+    whole = _post(text_server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    streamed = {"tokens": [], "text_offset": [], "token_logprobs": []}
+    with text_server.http() as client:
+        raw = client.post("/v1/completions", json={**body, "stream": True}).text
+    for chunk in sse_chunks(raw):
+        for choice in chunk["choices"]:
+            for key in streamed:
+                streamed[key] += (choice["logprobs"] or {}).get(key) or []
+    assert len(whole["tokens"]) > 200
+    assert streamed["tokens"] == whole["tokens"] and streamed["text_offset"] == whole["text_offset"]
+    assert streamed["token_logprobs"][1:] == pytest.approx(whole["token_logprobs"][1:], abs=1e-4)
+
+
 def test_logprobs_limit(text_server: Server) -> None:
     response = _post(text_server, "/v1/completions", {"prompt": "x", "logprobs": 21})
     assert_openai_error(response, 400, param="logprobs")

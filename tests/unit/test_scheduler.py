@@ -172,6 +172,32 @@ async def test_a_burst_into_free_rows_is_not_refused_by_a_small_queue(tiny_text_
         assert all(stream.completion_tokens == 4 for stream in streams)
 
 
+async def test_concurrent_multi_prompt_requests_take_the_room_whole(tiny_text_path):
+    """Three 4-prompt requests at once on room for 8 (2 replicas x (2 rows + 2 waiting)): each
+    used to place its prompts one await at a time, take part of both replicas, then find no room
+    for its last prompt and cancel the rest, so all three could be refused. Two fit, one not."""
+    async with running_scheduler(
+        tiny_text_path, cpu_replicas=2, max_batch_size=2, max_queue_size=2
+    ) as scheduler:
+        outcomes: list = []
+
+        async def one(k: int) -> None:
+            try:
+                streams = await scheduler.submit_all([request(10 * k + i, max_tokens=30) for i in range(4)])
+            except OverloadedError:
+                outcomes.append("refused")
+                return
+            outcomes.append("admitted")
+            for stream in streams:
+                await consume(stream)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as group:
+                for k in range(3):
+                    group.start_soon(one, k)
+        assert sorted(outcomes) == ["admitted", "admitted", "refused"]
+
+
 async def test_draining_refuses_new_work(tiny_text_path):
     async with running_scheduler(tiny_text_path) as scheduler:
         scheduler.draining = True
