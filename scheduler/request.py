@@ -127,6 +127,11 @@ class RequestStream:
             if last is not None:
                 interval = round((now - last) / len(token_ids), 4)
                 self.token_intervals[interval] = self.token_intervals.get(interval, 0) + len(token_ids)
+            elif len(token_ids) > 1 and self.first_token_at < now:
+                # A choice held back from its first token (a non-streamed n > 1 answer arrives
+                # whole) got that token with the request's first: one prefill samples every choice.
+                interval = round((now - self.first_token_at) / (len(token_ids) - 1), 4)
+                self.token_intervals[interval] = self.token_intervals.get(interval, 0) + len(token_ids) - 1
             self._last_token_at[index] = now
         if finish_reason is not None:
             update.finish_reason = finish_reason

@@ -77,7 +77,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
         if not recorded:
             recorded = True
             tracker.finish(status, streams[0], error.message if error else None)
-            _count_tokens(svc, streams[1:])
+            _count_other_prompts(svc, streams[1:], tracker.started)
 
     def on_done(error: EngineError | None) -> None:
         # `cancelled` is set when the client left before the end (499, as for chat).
@@ -154,10 +154,13 @@ def _cancel(streams: list[RequestStream]) -> None:
         stream.cancel()  # no-op for a finished stream
 
 
-def _count_tokens(svc: Services, streams: list[RequestStream]) -> None:
+def _count_other_prompts(svc: Services, streams: list[RequestStream], started: float) -> None:
+    """The prompts after the first: their tokens in the server's counters, and each a request of
+    its own in vLLM's series, as vLLM counts a multi-prompt completion (only the first was)."""
     for stream in streams:
         svc.metrics.prompt_tokens.inc(stream.prompt_tokens)
         svc.metrics.completion_tokens.inc(stream.completion_tokens)
+        svc.metrics.vllm.observe(stream, started, time.monotonic())
 
 
 def _logprobs(

@@ -225,6 +225,41 @@ def test_metrics_need_the_key_and_speak_vllms_names(text_server: Server) -> None
     assert "process_cpu_seconds_total" in text and "python_info" in text
 
 
+def _vllm_figures(client, model: str) -> dict[str, float]:
+    text = client.get("/metrics").text
+    figures = {}
+    for name in (
+        "vllm:generation_tokens_total",
+        "vllm:inter_token_latency_seconds_count",
+        "vllm:e2e_request_latency_seconds_count",
+    ):
+        match = re.search(rf'^{name}\{{model_name="{model}"\}} (\S+)$', text, re.M)
+        figures[name] = float(match.group(1)) if match else 0.0
+    figures["success"] = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total{") and f'model_name="{model}"' in line
+    )
+    return figures
+
+
+def test_vllm_series_count_every_prompt_and_choice(text_server: Server) -> None:
+    """A multi-prompt completion fed vLLM's series with its first prompt only, and a non-streamed
+    n > 1 answer counted the inter-token intervals of its first choice only."""
+    body = {"prompt": ["one", "two"], "n": 2, "max_tokens": 5, "ignore_eos": True, "temperature": 1.0}
+    with text_server.http() as client:
+        before = _vllm_figures(client, text_server.model_name)
+        answer = client.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        after = _vllm_figures(client, text_server.model_name)
+    delta = {name: after[name] - before[name] for name in after}
+    assert delta["vllm:generation_tokens_total"] == answer.json()["usage"]["completion_tokens"] == 20
+    assert (
+        delta["success"] == 4 and delta["vllm:e2e_request_latency_seconds_count"] == 2
+    )  # a request per prompt
+    assert delta["vllm:inter_token_latency_seconds_count"] == 2 * 2 * (5 - 1)
+
+
 @pytest.mark.slow
 def test_debug_with_json_logs_keeps_every_line_json_and_one_per_request(tmp_path) -> None:
     """DEBUG set TRANSFORMERS_VERBOSITY, and transformers printed its import-time lines with a

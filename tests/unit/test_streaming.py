@@ -157,3 +157,17 @@ async def test_inter_token_intervals_are_per_choice():
         for index in range(3):
             stream.push(index, "x", [5], [], None, None)
     assert sum(stream.token_intervals.values()) == 3 * (4 - 1)
+
+
+async def test_a_choice_arriving_whole_still_counts_its_intervals():
+    """A non-streamed n > 1 answer hands over the first choice's first token, then each choice
+    whole: the others' intervals went uncounted (19 of 57 for n=3, 20 tokens)."""
+    import time as clock
+
+    stream = make_stream(n=3)
+    stream.push(0, "x", [5], [], None, None)  # the request's first token (every choice has one)
+    clock.sleep(0.01)
+    stream.push(0, "x" * 19, [5] * 19, [], "length", None)
+    stream.push(1, "x" * 20, [5] * 20, [], "length", None)
+    stream.push(2, "x" * 20, [5] * 20, [], "length", None)
+    assert sum(stream.token_intervals.values()) == 3 * 19
