@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -161,7 +162,11 @@ def _fitted_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     if longest <= max_side:
         return size
     scale = max_side / longest
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    # The short side rounded up: rounded, a 1900 x 10 image became 1024 x 5, past the 200:1
+    # aspect ratio the server (and Qwen2-VL's processor) accepts, and the processor refused it.
+    if width >= height:
+        return max_side, max(1, math.ceil(height * scale))
+    return max(1, math.ceil(width * scale)), max_side
 
 
 def _fit(img: Image.Image, max_side: int) -> Image.Image:

@@ -25,6 +25,7 @@ from models.template_messages import (
     SERVER_TEMPLATE_ARGUMENTS,
     blamed_message,
     content_handling,
+    each_string,
     message_tail,
     nine_character_id,
     short_error,
@@ -177,7 +178,8 @@ class PromptBuilder:
         # With tools, the checkpoint's "tool_use" template where it has one, as transformers picks it.
         template = (self.tool_chat_template if prompt.tools else None) or self.chat_template
 
-        tools = list(prompt.tools) if prompt.tools else None
+        # A tool's descriptions are text too (an `<image>` there made image requests a 400).
+        tools = [each_string(tool, self._as_text) for tool in prompt.tools] if prompt.tools else None
 
         history = list(prompt.messages or ())
 
@@ -263,9 +265,10 @@ class PromptBuilder:
         elif content is None:
             out["content"] = "" if not self.content_as_parts else []
         calls = out.get("tool_calls")
-        if calls:
+        if calls:  # text, as content is: `<image>` or `<|im_end|>` in arguments is not a control token
             out["tool_calls"] = [
-                tool_call_for_template(c, arguments_as_text=arguments_as_text) for c in calls
+                each_string(tool_call_for_template(c, arguments_as_text=arguments_as_text), self._as_text)
+                for c in calls
             ]
         if self.nine_character_ids:
             for call in out.get("tool_calls") or ():

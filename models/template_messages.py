@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 # Mistral's templates refuse tool call ids that are not 9 letters and digits (`id|length != 9`).
-NINE_CHARACTER_IDS = re.compile(r"\|\s*length\s*(?:!=|==)\s*9\b")
+# Mistral's templates: "length != 9" (Mistral v0.3, Nemo), "length < 9" (Mistral Small 3.1).
+NINE_CHARACTER_IDS = re.compile(r"\|\s*length\s*(?:!=|==|<|>=)\s*9\b")
 _NINE_ALNUM = re.compile(r"[A-Za-z0-9]{9}")
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -295,3 +296,14 @@ def _tool_handling(tokenizer, template: str) -> tuple[bool, bool, bool]:
             shown or _PROBE_TEXT in text.replace(_PROBE_TEXT + "result", "") or "zq7arg" in text,
         )
     return _TOOL_HANDLING[key]
+
+
+def each_string(value: Any, change) -> Any:
+    """`value` (JSON-like) with `change` applied to every string in it, keys left as they are."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, Mapping):
+        return {key: each_string(item, change) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [each_string(item, change) for item in value]
+    return value

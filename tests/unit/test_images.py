@@ -78,7 +78,9 @@ def test_extreme_aspect_ratio_refused_from_header(monkeypatch):
 
 def test_thin_image_keeps_at_least_one_pixel():
     out = decode_image(encode(Image.new("RGB", (4000, 20), RED), "PNG"), LIMITS)
-    assert out.size == (1024, 5)
+    assert out.size == (1024, 6)  # the short side rounded up: the aspect ratio never grows
+    # 1900 x 10 (190:1, accepted) became 1024 x 5 (204.8:1), which Qwen2-VL's processor refused.
+    assert decode_image(encode(Image.new("RGB", (1900, 10), RED), "PNG"), LIMITS).size == (1024, 6)
     wide = ImageLimits(max_aspect_ratio=float("inf"))
     assert decode_image(encode(Image.new("L", (20000, 1)), "PNG"), wide).size == (1024, 1)
 
@@ -86,7 +88,7 @@ def test_thin_image_keeps_at_least_one_pixel():
 def test_resize_keeps_aspect_ratio():
     assert decode_image(encode(Image.new("RGB", (3000, 1500), RED), "PNG"), LIMITS).size == (1024, 512)
     tall = decode_image(encode(Image.new("RGB", (1200, 4000), RED), "JPEG"), LIMITS)  # JPEG: draft path
-    assert tall.size == (307, 1024) and close(tall.getpixel((100, 500)), RED)
+    assert tall.size == (308, 1024) and close(tall.getpixel((100, 500)), RED)
     assert decode_image(encode(Image.new("RGB", (1024, 10), RED), "PNG"), LIMITS).size == (1024, 10)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from models.errors import InvalidRequestError
@@ -185,6 +187,45 @@ def test_tool_turns_a_template_never_prints_are_named_in_the_warnings():
     warnings = _builder(phi3_like).template_warnings(history)
     assert any("tool results" in w for w in warnings) and any("tool_calls" in w for w in warnings)
     assert _builder(MAPS_ARGUMENTS).template_warnings(history) == []  # it prints both
+
+
+def test_control_tokens_typed_in_tools_and_call_arguments_stay_text():
+    """Message content was tokenized as text, a tool's description and a call's arguments were
+    not: `<|end|>` there became the control token (a forged turn), and on a VLM `<image>` in a
+    tool description made every image request a 400 (one image token too many)."""
+    shows_all = (
+        "{{ tools | tojson }}{%- for message in messages %}<|{{ message['role'] }}|>"
+        "{%- for call in message['tool_calls'] or [] %}{{ call['function']['arguments'] | tojson }}{%- endfor %}"
+        "{{ message['content'] }}<|end|>{%- endfor %}"
+    )
+    builder = _builder(shows_all)
+    end = builder.tokenizer.convert_tokens_to_ids("<|end|>")
+    typed = {**CALL, "function": {"name": "f", "arguments": '{"city": "<|end|>"}'}}
+    messages = (
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [typed]},
+    )
+    tool = {"type": "function", "function": {"name": "f", "description": "<|end|>", "parameters": {}}}
+    prompt = PromptInput(messages=messages, tools=(tool,), add_generation_prompt=False)
+    ids = builder.prepare(prompt).token_ids
+    assert ids.count(end) == 2  # the template's own two, one per turn
+
+
+def test_short_call_ids_reach_a_template_asking_for_at_least_nine():
+    """Mistral Small 3.1's template checks `length < 9` (v0.3's `!= 9`): only the second was
+    recognised, and a client's id `c1` was a 400 there."""
+    at_least_nine = (
+        "{%- for message in messages %}{%- for call in message['tool_calls'] or [] %}"
+        "{%- if call['id'] | length < 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings "
+        "with length >= 9!') }}{%- endif %}[{{ call['id'] }}]{%- endfor %}{{ message['content'] }}{%- endfor %}"
+    )
+    short = {**CALL, "id": "c1"}
+    messages = (
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [short]},
+    )
+    rendered = _builder(at_least_nine).render(PromptInput(messages=messages, add_generation_prompt=False))
+    assert re.search(r"\[[A-Za-z0-9]{9}\]", rendered), rendered
 
 
 def test_a_template_refusing_the_system_role_names_the_system_message():
