@@ -73,6 +73,11 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
+def tiny_spec(name: str, *, flags: tuple[str, ...] = (), **env: str) -> ServerSpec:
+    """A builtin:tiny server of a test's own (no key, fp32), named `name`, with `env` on top."""
+    return ServerSpec("builtin:tiny", name, None, flags, {"MODEL_NAME": name, "DTYPE": "fp32", **env})
+
+
 EDGE_CORS_ORIGIN = "https://chat.example.test"
 SERVER_SPECS: dict[str, ServerSpec] = {
     "text_server": ServerSpec(

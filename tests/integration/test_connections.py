@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import Server, ServerSpec, launch, stop, wait_ready
+from tests.integration.conftest import Server, launch, stop, tiny_spec, wait_ready
 from tests.integration.helpers import assert_openai_error, chat_body
 
 IDLE_CONNECTIONS = 5000
@@ -167,17 +167,7 @@ def test_a_transfer_coding_besides_chunked_is_refused_not_parsed(edge_server: Se
 
 @pytest.mark.slow
 def test_sigterm_drains_then_ends_every_request_with_an_answer(tmp_path) -> None:
-    spec = ServerSpec(
-        model_path="builtin:tiny",
-        model_name="drain",
-        api_key=None,
-        env={
-            "MODEL_NAME": "drain",
-            "DTYPE": "fp32",
-            "SHUTDOWN_GRACE_S": "1",
-            "MAX_NEW_TOKENS_DEFAULT": "4000",
-        },
-    )
+    spec = tiny_spec("drain", SHUTDOWN_GRACE_S="1", MAX_NEW_TOKENS_DEFAULT="4000")
     server = launch("drain_server", spec, tmp_path / "cache", tmp_path)
     results: dict[str, object] = {}
     try:
@@ -237,12 +227,7 @@ def test_sigterm_drains_then_ends_every_request_with_an_answer(tmp_path) -> None
 def test_uploads_still_arriving_at_sigterm_end_with_503_and_do_not_hold_the_shutdown(tmp_path) -> None:
     """granian waits for every open connection before it exits: a body that trickles in (here
     one that stopped, with a body timeout far off) would keep the pod past its grace period."""
-    spec = ServerSpec(
-        model_path="builtin:tiny",
-        model_name="uploads",
-        api_key=None,
-        env={"MODEL_NAME": "uploads", "DTYPE": "fp32", "SHUTDOWN_GRACE_S": "2", "HTTP_BODY_TIMEOUT_S": "120"},
-    )
+    spec = tiny_spec("uploads", SHUTDOWN_GRACE_S="2", HTTP_BODY_TIMEOUT_S="120")
     server = launch("uploads_server", spec, tmp_path / "cache", tmp_path)
     uploads: list[socket.socket] = []
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Server, ServerSpec, launch, stop, wait_ready
+from tests.integration.conftest import Server, launch, stop, tiny_spec, wait_ready
 from tests.integration.helpers import sse_chunks
 
 SPLIT = "𝔘ok🫠"
@@ -98,13 +98,7 @@ def test_echo_text_offsets_index_the_returned_text(text_server: Server, prompt: 
 
 @pytest.fixture(scope="module")
 def short_input_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    spec = ServerSpec(
-        model_path="builtin:tiny",
-        model_name="short-input",
-        api_key=None,
-        flags=("--max-input-tokens", str(MAX_INPUT_TOKENS)),
-        env={"MODEL_NAME": "short-input", "DTYPE": "fp32"},
-    )
+    spec = tiny_spec("short-input", flags=("--max-input-tokens", str(MAX_INPUT_TOKENS)))
     logs: Path = tmp_path_factory.mktemp("short-input-logs")
     server = launch("short_input_server", spec, tmp_path_factory.mktemp("short-input-cache"), logs)
     try:

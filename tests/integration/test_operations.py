@@ -16,9 +16,9 @@ from tests.integration.conftest import (
     EDGE_CORS_ORIGIN,
     TEXT_DEFAULT_MAX_TOKENS,
     Server,
-    ServerSpec,
     launch,
     stop,
+    tiny_spec,
     wait_ready,
 )
 from tests.integration.helpers import chat_body
@@ -265,12 +265,7 @@ def test_debug_with_json_logs_keeps_every_line_json_and_one_per_request(tmp_path
     """DEBUG set TRANSFORMERS_VERBOSITY, and transformers printed its import-time lines with a
     handler of its own (plain text in a JSON log); granian's access log added a second line per
     request and wrote the decoded path raw, so `%0A` in a URL forged a log line."""
-    spec = ServerSpec(
-        model_path="builtin:tiny",
-        model_name="debug",
-        api_key=None,
-        env={"MODEL_NAME": "debug", "DTYPE": "fp32", "DEBUG": "1", "LOG_FORMAT": "json"},
-    )
+    spec = tiny_spec("debug", DEBUG="1", LOG_FORMAT="json")
     server = launch("debug_json_server", spec, tmp_path / "cache", tmp_path)
     mine = f"debug-{uuid.uuid4().hex[:12]}"
     try:
