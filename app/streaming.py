@@ -210,7 +210,7 @@ async def chat_event_stream(
         last: list[bytes] = []
         async for update in stream:
             events, error = _chat_events(update, parsers, event)
-            if error or stream.finished:
+            if error or stream.exhausted:
                 last = events  # sent with the end of the stream
                 break
             if events:  # text a tool-call parser holds back makes none

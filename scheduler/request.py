@@ -147,6 +147,13 @@ class RequestStream:
     def finished(self) -> bool:
         return not self._open_choices
 
+    @property
+    def exhausted(self) -> bool:
+        """Finished, and every update read: what a reader may stop at. (Finished alone is not:
+        the last update can arrive while the reader is at an await between two reads, as a
+        completions stream is while it sends the echo, which then lost the answer's tail.)"""
+        return not self._open_choices and not self._pending
+
     # -- reader --------------------------------------------------------------------------------
     def __aiter__(self) -> RequestStream:
         return self

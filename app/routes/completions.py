@@ -230,10 +230,13 @@ async def _event_stream(
             if echo:
                 prompt = echo_logprobs(stream.prompt_logprobs, top, echo) if want_logprobs else None
                 yield b"".join(event(p * n + i, echo, prompt, None) for i in range(n))
+            ended: set[int] = set()  # choices whose end this loop has sent
             async for update in _chained(early, updates):
                 events = []
                 for choice in update.choices:
                     finish_reason = choice.finish_reason
+                    if finish_reason is not None:
+                        ended.add(choice.index)
                     if finish_reason == "error":
                         # Text that arrived with the failure is still sent; the error event follows.
                         error, finish_reason = stream_failure(update), None
@@ -249,7 +252,10 @@ async def _event_stream(
                         )
                         logprobs = _logprobs(ready, placer, placed)
                     events.append(event(p * n + choice.index, choice.text, logprobs, finish_reason))
-                if error or (p == len(streams) - 1 and stream.finished):
+                # The updates read, not the stream's state, say where the end is: the whole answer
+                # can arrive while the echo goes out, and a stream already finished then stopped
+                # at the first of the updates held back for it (the answer was lost).
+                if error or (p == len(streams) - 1 and len(ended) == n):
                     last = events  # sent with the end of the stream
                     break
                 if events:

@@ -31,14 +31,14 @@ def _translate(**body):
     return translator.completion(_request(model=settings.model_name, **body), "cmpl-1")
 
 
-def _completion_events(streams, *, n: int, on_done):
+def _completion_events(streams, *, n: int, on_done, echoes=None, want_logprobs=False):
     """The completions route's SSE writes for `streams` (one per prompt), usage included."""
     return _event_stream(
         streams,
-        [""] * len(streams),
+        echoes or [""] * len(streams),
         chunk=partial(CompletionChunk, "c", 0, "m"),
         n=n,
-        want_logprobs=False,
+        want_logprobs=want_logprobs,
         top=0,
         include_usage=True,
         on_done=on_done,
@@ -252,3 +252,69 @@ def test_a_streamed_update_is_one_write_and_the_last_prompt_ends_in_its_last_wri
     first = [json.loads(e.removeprefix(b"data: ")) for e in sse_events(writes[:1])]
     assert [(c["choices"][0]["index"], c["choices"][0]["text"]) for c in first] == [(0, "p0c0"), (1, "p0c1")]
     assert writes[1].endswith(b"data: [DONE]\n\n") and b'"usage"' in writes[1]
+
+
+def test_an_answer_finished_during_the_echo_still_streams_its_tail() -> None:
+    """The echo waits for the first token, then is sent (an await): the rest of the answer and
+    its end could arrive meanwhile, and the stream, seeing the request finished, stopped after
+    the update it held and never read them (a streamed echo lost its last tokens' logprobs)."""
+
+    async def main() -> list[bytes]:
+        engine_request = EngineRequest("c", PromptInput(text="x"), SamplingParams(logprobs=0), n=1)
+        stream = RequestStream(engine_request, PreparedPrompt([1]))
+        stream.push(0, "a", [5], [TokenLogprob(5, -0.5, [], token="a")], None, None)
+        events = _completion_events(
+            [stream], n=1, on_done=lambda error: None, echoes=["x"], want_logprobs=True
+        )
+        sent = [await anext(events)]  # the echo: the answer ends while it goes out
+        stream.push(
+            0,
+            "bc",
+            [6, 7],
+            [TokenLogprob(6, -1.0, [], token="b"), TokenLogprob(7, -1.0, [], token="c")],
+            "length",
+            None,
+        )
+        sent += [event async for event in events]
+        return sse_events(sent)
+
+    events = anyio.run(main)
+    payloads = [json.loads(e.removeprefix(b"data: ")) for e in events if e != b"data: [DONE]\n\n"]
+    tokens = [
+        t for p in payloads for c in p["choices"] for t in (c.get("logprobs") or {}).get("tokens") or []
+    ]
+    finishes = [c["finish_reason"] for p in payloads for c in p["choices"] if c["finish_reason"]]
+    assert tokens[-3:] == ["a", "b", "c"] and finishes == ["length"]
+
+
+def test_an_answer_whole_before_the_echo_is_streamed_whole() -> None:
+    """A prompt the prefix cache held is prefilled at once, and the whole answer can be in before
+    the echo goes out: the stream, already finished, stopped at the first update it had held for
+    the echo (the prefill's), and sent the echo and [DONE] without the answer."""
+
+    async def main() -> list[bytes]:
+        engine_request = EngineRequest("c", PromptInput(text="x"), SamplingParams(logprobs=0), n=1)
+        stream = RequestStream(engine_request, PreparedPrompt([1, 2]))
+        events = _completion_events(
+            [stream], n=1, on_done=lambda error: None, echoes=["x"], want_logprobs=True
+        )
+        sent: list[bytes] = []
+
+        async def read() -> None:
+            sent.extend([event async for event in events])
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(read)
+            await anyio.sleep(0.01)  # the reader waits for the prefill
+            stream.push(0, "", [], [], None, None, prompt_logprobs=[TokenLogprob(1, None, [], token="x")])
+            await anyio.sleep(0.01)  # ... reads it, and waits for the first token
+            answer = [TokenLogprob(5, -0.5, [], token="a"), TokenLogprob(6, -1.0, [], token="b")]
+            stream.push(0, "ab", [5, 6], answer, "length", None)  # the whole answer at once
+        return sse_events(sent)
+
+    payloads = [json.loads(e.removeprefix(b"data: ")) for e in anyio.run(main) if e != b"data: [DONE]\n\n"]
+    text = "".join(c["text"] for p in payloads for c in p["choices"])
+    tokens = [
+        t for p in payloads for c in p["choices"] for t in (c.get("logprobs") or {}).get("tokens") or []
+    ]
+    assert text == "xab" and tokens[-2:] == ["a", "b"]
