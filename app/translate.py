@@ -15,18 +15,11 @@ from typing import Any
 import anyio
 import httpx
 
+from app.chat_messages import chat_messages
 from app.errors import ModelNotFoundError
 from app.generate_params import refuse_unsupported, tgi_grammar
 from app.media import ImageFetchPolicy, load_image_bytes
-from app.schemas.chat import (
-    ChatCompletionRequest,
-    ChatMessage,
-    ImageUrlPart,
-    NamedToolChoice,
-    RefusalPart,
-    TextPart,
-    ToolCall,
-)
+from app.schemas.chat import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from app.schemas.completions import CompletionRequest, PromptElement
 from app.schemas.generate import GenerateRequest
 from app.schemas.templates import ApplyTemplateRequest
@@ -42,10 +35,6 @@ log = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 4
 # OpenAI's ^[a-zA-Z0-9_-]{1,64}$, with the dots and colons of namespaced (MCP) tools as vLLM takes them.
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-# OpenAI's `detail: "low"`: the model gets a 512 px version of the image (longest side here, aspect
-# kept), fewer image tokens on models whose processors take any size.
-LOW_DETAIL_SIDE = 512
-_ROLE_ALIASES = {"developer": "system", "function": "tool"}
 
 
 class Translator:
@@ -264,7 +253,7 @@ class Translator:
         chat_template_kwargs: dict[str, Any] | None,
         fetch_images: bool = True,
     ) -> PromptInput:
-        converted, urls, params, max_sides = _messages(messages)
+        converted, urls, params, max_sides = chat_messages(messages)
         limit = self.settings.max_images_per_request
         if len(urls) > limit:  # the one check of the count, before any image is fetched
             raise InvalidRequestError(
@@ -340,65 +329,6 @@ def _prompt_logprobs(req: Any, echoed: int | None = None) -> int | None:
         )
     asked = [k for k in (req.prompt_logprobs, echoed) if k is not None]
     return max(asked) if asked else None
-
-
-def _messages(
-    messages: list[ChatMessage],
-) -> tuple[list[dict[str, Any]], list[str], list[str], list[int | None]]:
-    """OpenAI messages -> template-ready dicts; image parts become `{"type": "image"}` placeholders
-    and their URLs are returned in order, with the request field each came from and the longest
-    side its `detail` allows (None: the server's MAX_IMAGE_SIZE)."""
-    converted: list[dict[str, Any]] = []
-    urls: list[str] = []
-    params: list[str] = []
-    max_sides: list[int | None] = []  # per image: `detail: "low"` caps its longest side
-    legacy_id: str | None = None  # the last legacy function_call's id, for its `function` result
-    for i, message in enumerate(messages):
-        item: dict[str, Any] = {"role": _ROLE_ALIASES.get(message.role, message.role)}
-        content = message.content
-        if isinstance(content, list):
-            parts: list[dict[str, Any]] = []
-            for j, part in enumerate(content):
-                if isinstance(part, TextPart):
-                    parts.append({"type": "text", "text": part.text})
-                elif isinstance(part, RefusalPart) and message.role == "assistant":
-                    # What the assistant said, as OpenAI's answers carry it; the template reads text.
-                    parts.append({"type": "text", "text": part.refusal})
-                elif isinstance(part, ImageUrlPart):
-                    urls.append(part.image_url.url)
-                    params.append(f"messages[{i}].content[{j}].image_url")
-                    max_sides.append(LOW_DETAIL_SIDE if part.image_url.detail == "low" else None)
-                    parts.append({"type": "image"})
-                else:
-                    kind = part.__struct_config__.tag  # the `type` the client sent
-                    raise InvalidRequestError(
-                        f"content parts of type '{kind}' are not supported by this server "
-                        "(text and image_url are)",
-                        param=f"messages[{i}].content[{j}]",
-                    )
-            item["content"] = parts
-        elif not content and message.role == "assistant" and message.refusal:
-            item["content"] = message.refusal  # a replayed refusal: what the assistant said
-        else:
-            item["content"] = content if content is not None else ""
-        if message.name is not None:
-            item["name"] = message.name
-        if message.tool_calls:
-            item["tool_calls"] = [_to_builtins(c) for c in message.tool_calls]
-        elif message.function_call is not None and message.role == "assistant":
-            # The functions API has no call ids; templates that pair calls with results by id
-            # (Mistral's: 9 letters and digits) get one, and the `function` result after it too.
-            legacy_id = f"fn{i:07d}"
-            item["tool_calls"] = [_to_builtins(ToolCall(function=message.function_call, id=legacy_id))]
-        if message.role == "function" and message.tool_call_id is None and legacy_id is not None:
-            item["tool_call_id"] = legacy_id
-        if message.tool_call_id is not None:
-            item["tool_call_id"] = message.tool_call_id
-        reasoning = message.reasoning_content if message.reasoning_content is not None else message.reasoning
-        if reasoning is not None:
-            item["reasoning_content"] = reasoning
-        converted.append(item)
-    return converted, urls, params, max_sides
 
 
 def _completion_prompts(prompt: str | list[PromptElement], add_special_tokens: bool) -> list[PromptInput]:

@@ -19,7 +19,6 @@ from models.errors import (
     ContextLengthExceededError,
     EngineError,
     GenerationError,
-    InvalidRequestError,
     ModelNotReadyError,
     OverloadedError,
     ShuttingDownError,
@@ -29,6 +28,13 @@ from models.plan import SampledToken, StepPlan
 from models.replica import ModelReplica
 from scheduler.batch import Batch, BatchConfig
 from scheduler.blocks import BlockManager
+from scheduler.failures import (
+    CACHE_FULL,
+    GENERIC_FAILURE,
+    SHUTTING_DOWN,
+    STEP_LOOP_CRASHED,
+    sampling_failure,
+)
 from scheduler.job import Delivery, ExecutorConfig, Job
 from scheduler.request import TokenLogprob
 from scheduler.sequence import PromptSpan, Sequence
@@ -36,26 +42,6 @@ from scheduler.threads import name_os_thread
 from scheduler.timings import StepTimings
 
 log = logging.getLogger(__name__)
-
-GENERIC_FAILURE = "generation failed"
-NON_FINITE = "the model produced invalid (non-finite) scores for this request"
-SHUTTING_DOWN = "the server is shutting down; retry on another replica"
-CACHE_FULL = "the request does not fit this replica's KV cache memory"
-STEP_LOOP_CRASHED = "the replica's step loop crashed"
-
-
-def _sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:
-    """Why a row got no token: its grammar gave up (the request's fault: 400), the runner said
-    why, or the logits were not finite."""
-    constraint = seq.sampler.constraint
-    if constraint is not None and constraint.error:
-        return InvalidRequestError(
-            f"constrained decoding stopped: the grammar exceeded the engine's limits ({constraint.error[:300]})",
-            param=constraint.param,
-        )
-    if sample.error is None:
-        log.warning("sequence %d produced non-finite logits; failing it alone", seq.seq_id)
-    return GenerationError(sample.error or NON_FINITE)
 
 
 class Executor:
@@ -114,18 +100,20 @@ class Executor:
 
     @property
     def room(self) -> int:
-        """Sequences this replica takes now: its free rows, which the next step fills, then
-        MAX_QUEUE_SIZE waiting ones. Counting a burst's first arrivals as queued while rows sat
-        free refused requests with 503 on an idle server whose queue was small."""
-        free_rows = max(0, self.config.max_batch_size - self.num_running)
-        return self.config.max_queue_size + free_rows - self.queue_depth
+        """Sequences this replica takes now: its free rows (the next step fills them), then
+        MAX_QUEUE_SIZE waiting (a burst into free rows was refused by a small queue)."""
+        return self.config.max_queue_size + self._free_rows - self.queue_depth
 
     def has_room(self, sequences: int = 1) -> bool:
         return sequences <= self.room
 
     def waits(self, sequences: int = 1) -> bool:
         """Whether `sequences` more would have to wait for rows (the batch as of the last step)."""
-        return self.queue_depth + sequences > max(0, self.config.max_batch_size - self.num_running)
+        return self.queue_depth + sequences > self._free_rows
+
+    @property
+    def _free_rows(self) -> int:
+        return max(0, self.config.max_batch_size - self.num_running)
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -418,7 +406,7 @@ class Executor:
                 continue
             generation = seq.output
             if sample.token_id is None:
-                self._finish(seq, "error", _sampling_failure(seq, sample))
+                self._finish(seq, "error", sampling_failure(seq, sample))
                 continue
             try:
                 generation.append(sample.token_id, sample.logprob)

@@ -6,8 +6,8 @@ import re
 
 import msgspec
 
+from app.chat_messages import chat_messages as _messages
 from app.schemas.chat import ChatMessage
-from app.translate import _messages
 
 
 def _convert(*messages: dict) -> list[dict]:

@@ -1,0 +1,32 @@
+"""Why a replica fails a request or itself: the messages clients and /health see, and how a row
+that got no token is told apart (the request's grammar, the runner's reason, non-finite logits)."""
+
+from __future__ import annotations
+
+import logging
+
+from models.errors import EngineError, GenerationError, InvalidRequestError
+from models.plan import SampledToken
+from scheduler.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+GENERIC_FAILURE = "generation failed"
+NON_FINITE = "the model produced invalid (non-finite) scores for this request"
+SHUTTING_DOWN = "the server is shutting down; retry on another replica"
+CACHE_FULL = "the request does not fit this replica's KV cache memory"
+STEP_LOOP_CRASHED = "the replica's step loop crashed"
+
+
+def sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:
+    """Why a row got no token: its grammar gave up (the request's fault: 400), the runner said
+    why, or the logits were not finite."""
+    constraint = seq.sampler.constraint
+    if constraint is not None and constraint.error:
+        return InvalidRequestError(
+            f"constrained decoding stopped: the grammar exceeded the engine's limits ({constraint.error[:300]})",
+            param=constraint.param,
+        )
+    if sample.error is None:
+        log.warning("sequence %d produced non-finite logits; failing it alone", seq.seq_id)
+    return GenerationError(sample.error or NON_FINITE)
