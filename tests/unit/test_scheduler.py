@@ -184,24 +184,30 @@ async def test_concurrent_multi_prompt_requests_take_the_room_whole(tiny_text_pa
     used to place its prompts one await at a time, take part of both replicas, then find no room
     for its last prompt and cancel the rest, so all three could be refused. Two fit, one not."""
     async with running_scheduler(
-        tiny_text_path, cpu_replicas=2, max_batch_size=2, max_queue_size=2
+        tiny_text_path, cpu_replicas=2, max_batch_size=2, max_queue_size=2, max_new_tokens=512
     ) as scheduler:
         outcomes: list = []
+        admitted: list = []
 
         async def one(k: int) -> None:
+            # Long answers: none ends (and frees room) while the three arrive.
             try:
-                streams = await scheduler.submit_all([request(10 * k + i, max_tokens=30) for i in range(4)])
+                admitted.extend(
+                    await scheduler.submit_all([request(10 * k + i, max_tokens=500) for i in range(4)])
+                )
             except OverloadedError:
                 outcomes.append("refused")
                 return
             outcomes.append("admitted")
-            for stream in streams:
-                await consume(stream)
 
         with anyio.fail_after(60):
             async with anyio.create_task_group() as group:
                 for k in range(3):
                     group.start_soon(one, k)
+            for stream in admitted:
+                stream.cancel()
+            for stream in admitted:
+                await consume(stream)
         assert sorted(outcomes) == ["admitted", "admitted", "refused"]
 
 
