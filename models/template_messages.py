@@ -227,13 +227,21 @@ def _shown(tokenizer, template: str, role: str, content: Any) -> bool:
             {**turn, "tool_call_id": "call_1"},
         ],
     }[role]
+    text = _probe_render(tokenizer, template, conversation, generation_prompt=role != "assistant")
+    return text is not None and _PROBE_TEXT in text and "'type'" not in text and '"type"' not in text
+
+
+def _probe_render(
+    tokenizer, template: str, conversation: list, *, generation_prompt: bool = True
+) -> str | None:
+    """A probe conversation rendered by `template`; None when the template refuses it."""
     try:
         text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=role != "assistant", chat_template=template
+            conversation, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
         )
-    except Exception:  # noqa: BLE001 - a template that fails on this form does not take it
-        return False
-    return isinstance(text, str) and _PROBE_TEXT in text and "'type'" not in text and '"type"' not in text
+    except Exception:  # noqa: BLE001 - any template error means the form is not taken
+        return None
+    return text if isinstance(text, str) else None
 
 
 _NO_TOOLS_SHOWN = (
@@ -269,8 +277,7 @@ def _tool_handling(tokenizer, template: str) -> tuple[bool, bool, bool]:
     or its arguments):
     found once per template by rendering (a result or call it fails on counts as shown: the
     client then gets the template's own error)."""
-    key = template
-    if key not in _TOOL_HANDLING:
+    if template not in _TOOL_HANDLING:
         if len(_TOOL_HANDLING) >= 64:
             _TOOL_HANDLING.clear()
         call = {
@@ -283,19 +290,16 @@ def _tool_handling(tokenizer, template: str) -> tuple[bool, bool, bool]:
             {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "tool_call_id": "call_1", "content": _PROBE_TEXT + "result"},
         ]
-        try:
-            text = tokenizer.apply_chat_template(
-                turns, tokenize=False, add_generation_prompt=True, chat_template=template
-            )
-        except Exception:  # noqa: BLE001 - see above
-            text = None
-        shown = text is None or not isinstance(text, str)
-        _TOOL_HANDLING[key] = (
-            template_reads(template, "tools"),
-            shown or _PROBE_TEXT + "result" in text,
-            shown or _PROBE_TEXT in text.replace(_PROBE_TEXT + "result", "") or "zq7arg" in text,
+        text = _probe_render(tokenizer, template, turns)
+        calls_shown = (
+            text is None or "zq7arg" in text or _PROBE_TEXT in text.replace(_PROBE_TEXT + "result", "")
         )
-    return _TOOL_HANDLING[key]
+        _TOOL_HANDLING[template] = (
+            template_reads(template, "tools"),
+            text is None or _PROBE_TEXT + "result" in text,
+            calls_shown,
+        )
+    return _TOOL_HANDLING[template]
 
 
 def each_string(value: Any, change) -> Any:

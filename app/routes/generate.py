@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 import time
 
@@ -24,13 +23,11 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
     svc, tracker = call.svc, call.tracker
     with tracker.failures(), _tgi_names():
         body = await request.json()  # cached by Litestar: no second parse
-        ignored = _check_undeclared_parameters(body.get("parameters") if isinstance(body, dict) else None)
-        engine_request = call.warned(svc.translator.generate(call.data, call.request_id))
-        if ignored:
-            engine_request = dataclasses.replace(
-                engine_request, warnings=(*engine_request.warnings, *ignored)
-            )
-        stream = await svc.require_scheduler().submit(engine_request)
+        parameters = body.get("parameters") if isinstance(body, dict) else None
+        call.warnings += tuple(_check_undeclared_parameters(parameters))
+        stream = await svc.require_scheduler().submit(
+            call.warned(svc.translator.generate(call.data, call.request_id))
+        )
     warnings = [_tgi_text(w) for w in stream.warnings]
     collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
