@@ -81,6 +81,11 @@ class _ReplicaCollector:
         hits = CounterMetricFamily(
             "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels=labels
         )
+        # A climbing count says the KV pool is too small for the load: raise KV_CACHE_MAX_GIB (CPU) or
+        # KV_CACHE_GPU_FRACTION before users notice the recomputed prompts' latency.
+        preemptions = CounterMetricFamily(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels=labels
+        )
         stats = [e.stats() for e in scheduler.executors] if scheduler is not None else []
         stats = [s for s in stats if "kv_blocks_total" in s]
         if stats:
@@ -88,7 +93,8 @@ class _ReplicaCollector:
             usage.add_metric([self._model_name], sum(s["kv_blocks_used"] for s in stats) / total)
             queries.add_metric([self._model_name], sum(s["prefix_cache_queries"] for s in stats))
             hits.add_metric([self._model_name], sum(s["prefix_cache_hits"] for s in stats))
-        yield from (usage, queries, hits)
+            preemptions.add_metric([self._model_name], sum(s["preemptions"] for s in stats))
+        yield from (usage, queries, hits, preemptions)
 
 
 class Metrics:

@@ -210,7 +210,10 @@ def test_metrics_need_the_key_and_speak_vllms_names(text_server: Server) -> None
             == 200
         )
         text = client.get("/metrics").text
+        preemptions = sum(replica["preemptions"] for replica in client.get("/health").json()["replicas"])
     model = f'model_name="{text_server.model_name}"'
+    counted = re.search(rf"^vllm:num_preemptions_total\{{{model}\}} (\S+)$", text, re.M)
+    assert counted and float(counted.group(1)) == preemptions
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         assert re.search(rf"^{gauge}\{{{model}\}} \S+$", text, re.M), gauge
     for counter in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
