@@ -83,6 +83,7 @@ class TextOffsets:
     def _place(self, entry: TokenLogprob, *, final: bool) -> int | None:
         raw = entry.token_bytes if entry.token_bytes is not None else entry.token.encode("utf-8")
         state = self._decoder.getstate()
+        held = len(state[0])  # bytes of an unfinished character, from the tokens before
         chars = self._decoder.decode(raw)
         start = self._pos - self._base
         if not chars:
@@ -91,10 +92,20 @@ class TextOffsets:
         candidates = tuple(dict.fromkeys((chars, chars.lstrip())))
         for candidate in candidates:
             if candidate and text.startswith(candidate, start):
-                return self._advance(start, start + len(candidate))
+                # Held bytes this token shows cannot finish a character are one U+FFFD, theirs:
+                # the token starts after it.
+                shift = 1 if held and candidate.startswith("\ufffd") else 0
+                return self._advance(start + shift, start + len(candidate))
             if not final and candidate and candidate.startswith(text[start:]):
                 self._decoder.setstate(state)  # the rest of it may still come
                 return None
+        # A byte-fallback decoder writes a whole run of byte tokens as U+FFFD, one a byte, once
+        # one byte in it is invalid, valid ones included (0xB6 then "e" is two): the token takes
+        # its bytes' share of the run rather than the next look-alike further on.
+        replaced = len(text) - start - len(text[start:].lstrip("\ufffd"))
+        if replaced:
+            taken = min(replaced, held + len(raw))
+            return self._advance(start + min(held, taken - 1), start + taken)
         # Looked for further on only with more than spaces: a SentencePiece "▁" that the text does
         # not show would otherwise take the next space's place.
         for candidate in candidates:

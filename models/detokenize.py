@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -64,6 +65,10 @@ class IncrementalDetokenizer:
         # Tokens whose text has been returned (DecodeStream holds back an unfinished character).
         self._sent = len(context)
         self._token_bytes: TokenBytes | None = None
+        # After DecodeStream gave up: the tokens' own bytes through one UTF-8 decoder, where the
+        # vocabulary's pieces spell bytes (byte-level or byte-fallback), as vLLM's restarted stream
+        # does: an invalid byte is one U+FFFD, and text already sent is never written again.
+        self._utf8: codecs.IncrementalDecoder | None = None
 
     def push(self, token_id: int) -> str:
         if token_id in self._dropped:
@@ -74,16 +79,23 @@ class IncrementalDetokenizer:
                 text = self._stream.step(self._backend, token_id)
             except Exception:
                 # DecodeStream refuses some byte-fallback sequences ("Invalid prefix encountered":
-                # byte tokens that are not valid UTF-8 change how the text before them decodes).
-                # The rest of this sequence goes by offsets, from the last token whose text was
-                # sent, so that bytes DecodeStream held back come out too (as U+FFFD if invalid).
+                # byte tokens that are not valid UTF-8 make the decoder redo the whole run of bytes
+                # as U+FFFD, the text it already sent included). The rest of this sequence goes
+                # from the last token whose text was sent, so that bytes DecodeStream held back
+                # come out too (as U+FFFD if invalid).
                 self._stream = None
+                if self._names().style in ("byte_level", "metaspace"):
+                    return self._bytes_from_the_unsent()
+                # Pieces that do not spell bytes: the offsets method, decoded text compared before
+                # and after.
                 self._read_offset = self._sent
                 self._prefix_offset = max(0, self._read_offset - _CONTEXT_TOKENS)
             else:
                 if text:
                     self._sent = len(self._ids)
                 return text or ""
+        if self._utf8 is not None:
+            return self._utf8.decode(self._raw_bytes(token_id))
         decode = self._tokenizer.decode
         prefix = decode(
             self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=self._skip_special
@@ -95,6 +107,22 @@ class IncrementalDetokenizer:
             return full[len(prefix) :]
         return ""
 
+    def _bytes_from_the_unsent(self) -> str:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        unsent, self._sent = self._ids[self._sent :], len(self._ids)
+        return "".join(self._utf8.decode(self._raw_bytes(token_id)) for token_id in unsent)
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        if self._skip_special and token_id in special_ids_except(self._tokenizer, ()):
+            return b""
+        text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return self._names().of(self._tokenizer, token_id, text)
+
+    def _names(self) -> TokenBytes:
+        if self._token_bytes is None:
+            self._token_bytes = token_bytes_for(self._tokenizer)
+        return self._token_bytes
+
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token decoded on its own (for logprobs), special tokens included."""
         return [self._tokenizer.decode([token_id], skip_special_tokens=False) for token_id in ids]
@@ -104,9 +132,7 @@ class IncrementalDetokenizer:
         that holds part of a character decodes to U+FFFD, but its bytes are the real ones, so that
         the bytes of consecutive tokens join into the text's UTF-8."""
         texts = self.token_texts(ids)
-        if self._token_bytes is None:
-            self._token_bytes = token_bytes_for(self._tokenizer)
-        names, tokenizer = self._token_bytes, self._tokenizer
+        names, tokenizer = self._names(), self._tokenizer
         raw = [names.of(tokenizer, token_id, text) for token_id, text in zip(ids, texts, strict=True)]
         if names.style == "metaspace":
             # A SentencePiece token decoded alone loses the space its "▁" stands for, which the
@@ -119,6 +145,8 @@ class IncrementalDetokenizer:
         U+FFFD, as `decode` writes them). Taken from the tokens after the last one whose text was
         sent, decoded after a few before it: comparing with the whole output decoded afresh fails
         where a byte-fallback decoder rewrites a whole run of bytes, or drops a first "▁" space."""
+        if self._utf8 is not None:
+            return self._utf8.decode(b"", final=True)
         ids, sent = self._ids, self._sent
         if sent >= len(ids):
             return ""

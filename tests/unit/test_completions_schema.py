@@ -318,3 +318,36 @@ def test_an_answer_whole_before_the_echo_is_streamed_whole() -> None:
         t for p in payloads for c in p["choices"] for t in (c.get("logprobs") or {}).get("tokens") or []
     ]
     assert text == "xab" and tokens[-2:] == ["a", "b"]
+
+
+def test_text_offsets_after_bytes_that_never_made_a_character() -> None:
+    """Byte-level: held bytes the next token shows to be no character are one U+FFFD, and that
+    token starts after it. Byte fallback: a run of byte tokens with one invalid byte is written as
+    one U+FFFD a byte, "e" (0x65) included, so each token takes its bytes' share of the run instead
+    of an "e" further on; offsets stay equal streamed and whole."""
+    emoji = "😀".encode()
+    cases = [
+        ("\ufffd rest", [_entry("\ufffd", emoji[:2]), _entry(" rest")], [0, 1]),
+        (
+            "a\ufffd\ufffd hello e",
+            [_entry("a"), _entry("\ufffd", b"\xb6"), _entry("e"), _entry(" hello"), _entry(" e")],
+            [0, 1, 2, 3, 9],
+        ),
+        (
+            "\ufffd\ufffd\ufffdhello e",
+            [
+                _entry("\ufffd", b"\xe4"),
+                _entry("\ufffd", b"\xbd"),
+                _entry("e"),
+                _entry("hello"),
+                _entry(" e"),
+            ],
+            [0, 0, 2, 3, 8],
+        ),
+    ]
+    for text, entries, expected in cases:
+        whole = TextOffsets(text)
+        assert [whole.place(e) for e in entries] == expected, text
+        n = len(entries)
+        for arrival in ([(k, 0) for k in range(1, n + 1)] + [(n, len(text))], [(n, len(text))]):
+            assert _streamed_offsets(entries, text, arrival) == expected, (text, arrival)

@@ -168,6 +168,29 @@ def test_byte_tokens_that_are_not_utf8_keep_the_text_flowing(sentencepiece_check
     assert text.startswith("0") and text.endswith(" the quick brown")
 
 
+@pytest.mark.parametrize(
+    ("spelled", "stray"), [("你", 0xCD), ("😀", 0x80), ("é", 0xFF)], ids=["cjk", "emoji", "latin"]
+)
+def test_a_stray_byte_after_a_character_spelled_in_bytes_is_one_replacement(
+    sentencepiece_checkpoint, spelled, stray
+) -> None:
+    """The byte-fallback decoder redoes a whole run of bytes as U+FFFD once one is invalid, the
+    character already sent included: the text goes on with one U+FFFD for the stray byte, never
+    with the character written again as replacements (decode() of the whole would lose it)."""
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_checkpoint)
+    spelled_ids = tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in spelled.encode()])
+    after = tokenizer("the quick brown", add_special_tokens=False)["input_ids"]
+    ids = [*tokenizer("hello", add_special_tokens=False)["input_ids"], *spelled_ids]
+    ids += [tokenizer.convert_tokens_to_ids(f"<0x{stray:02X}>"), *after]
+    detokenizer = IncrementalDetokenizer(tokenizer, tokenizer("world")["input_ids"])
+    text = "".join(detokenizer.push(token_id) for token_id in ids) + detokenizer.flush()
+    assert text == f" hello{spelled}\ufffd the quick brown"
+    # A stray byte the output ends on comes out once, at the end.
+    ending = IncrementalDetokenizer(tokenizer, [])
+    text = "".join(ending.push(t) for t in [*spelled_ids, tokenizer.convert_tokens_to_ids("<0xE4>")])
+    assert text + ending.flush() == f"{spelled}\ufffd"
+
+
 @pytest.mark.parametrize("checkpoint", ["sentencepiece_checkpoint", "tiktoken_checkpoint"])
 def test_logprob_bytes_of_split_characters_are_the_real_bytes(checkpoint, request) -> None:
     """Byte-fallback pieces (`<0xF0>`) and byte-level ones (tiktoken's, converted) alike: a token
