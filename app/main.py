@@ -137,11 +137,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
     body_reads = BodyReads()  # stopped by the lifespan's SIGTERM drain: uploads still arriving end
     cors = None
     if settings.cors_allow_origins:
-        # Browser clients send the key as a bearer token: allow the header, never cookies.
+        # Browser clients send the key as a bearer token: allow the header, never cookies. Any
+        # header an allowed origin asks for is allowed (the preflight names them back, so that
+        # Authorization is covered, which a bare `*` is not): the OpenAI and Anthropic JS SDKs add
+        # X-Stainless-* headers to every request, and a fixed list refused their preflight.
         cors = CORSConfig(
             allow_origins=list(settings.cors_allow_origins),
             allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+            allow_headers=["*"],
             expose_headers=["X-Request-Id", "Retry-After"],
             allow_credentials=False,
         )

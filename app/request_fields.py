@@ -117,6 +117,34 @@ RESPONSES_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 RESPONSES_PATH = "/v1/responses"
 
+# OpenAI and vLLM sampling fields sent to /generate (in `parameters` or beside it): TGI's
+# parameters spell some differently and have no place for the others, so they would be ignored.
+GENERATE_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "max_tokens": ((), "use parameters.max_new_tokens"),
+    "max_completion_tokens": ((), "use parameters.max_new_tokens"),
+    "max_new_tokens": ((), "put it in parameters"),
+    "min_tokens": ((0,), "use parameters.min_new_tokens"),
+    "response_format": ((), "use parameters.grammar"),
+    "structured_outputs": ((), "use parameters.grammar"),
+    **{
+        name: ((), "use parameters.grammar")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    },
+    "n": ((1,), "/generate returns one sequence; use /v1/completions"),
+    "logprobs": ((False,), "/generate returns no logprobs; use /v1/completions"),
+    "top_logprobs": ((0,), "/generate returns no logprobs; use /v1/completions"),
+    "ignore_eos": ((False,), "use /v1/completions"),
+    **{
+        name: ((0, 0.0), "it is not a /generate parameter; use /v1/completions")
+        for name in ("presence_penalty", "min_p")
+    },
+    **{
+        name: ((), "it is not a /generate parameter; use /v1/completions")
+        for name in ("logit_bias", "stop_token_ids", "bad_words", "allowed_token_ids")
+    },
+}
+GENERATE_PATH = "/generate"
+
 # Field -> what it is for; none of them changes a token of the answer.
 IGNORED: dict[str, str] = {
     "metadata": "stored-completion tags (nothing is stored)",
@@ -146,7 +174,10 @@ def check_undeclared(body: object, declared: tuple[str, ...] | frozenset[str], p
         return []
     extra = sorted(set(body) - set(declared))
     warnings = []
-    refused = {**REFUSED, **RESPONSES_REFUSED} if path == RESPONSES_PATH else REFUSED
+    refused = {
+        RESPONSES_PATH: {**REFUSED, **RESPONSES_REFUSED},
+        GENERATE_PATH: {**REFUSED, **GENERATE_REFUSED},
+    }.get(path, REFUSED)
     ignored = []
     for name in extra:
         value = body[name]

@@ -416,12 +416,14 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         return None
     parsed: dict[int, float] = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
+        # Digits only: int() also takes "1_0", " 5", "+5" and other scripts' digits ("٥").
+        if not (key.isascii() and key.isdigit()):
             raise InvalidRequestError(
-                f"logit_bias keys must be token ids, got '{key[:32]}'", param="logit_bias"
-            ) from None
+                f"logit_bias keys must be token ids (decimal digits), got {key[:32]!r}", param="logit_bias"
+            )
+        token = int(key)
+        if token in parsed:  # "05" and "5": which bias would win is the order of the keys
+            raise InvalidRequestError(f"logit_bias names token {token} twice", param="logit_bias")
         parsed[token] = float(value)
     return parsed
 

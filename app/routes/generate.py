@@ -28,7 +28,8 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
         stream = await svc.require_scheduler().submit(
             call.warned(svc.translator.generate(call.data, call.request_id))
         )
-    warnings = [_tgi_text(w) for w in stream.warnings]
+    # The body's own warnings quote the client's field names: only the engine's are renamed.
+    warnings = [w if w in call.warnings else _tgi_text(w) for w in stream.warnings]
     collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
     text = choice.text
@@ -47,7 +48,8 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
 
 # The engine names the length fields as chat does; /generate's are parameters.max_new_tokens and
 # parameters.min_new_tokens.
-_LENGTH_FIELD = re.compile(r"\b(max|min)_tokens\b")
+# A field the client named (quoted, or after "parameters.") keeps its name.
+_LENGTH_FIELD = re.compile(r"(?<!['.])\b(max|min)_tokens\b")
 _PARAMS = {"max_tokens": "parameters.max_new_tokens", "min_tokens": "parameters.min_new_tokens"}
 
 

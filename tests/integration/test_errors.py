@@ -80,6 +80,12 @@ CASES = [
         in_message="'input_audio'",  # the type as the client sent it
     ),
     Case("logit_bias non-numeric key", _chat(logit_bias={"abc": 1}), 400, param="logit_bias"),
+    # int() would read all of these as token ids: " 5" and "+5" as 5, "1_0" as 10, "٥" (Arabic-Indic) as 5.
+    *(
+        Case(f"logit_bias key {key!r}", _chat(logit_bias={key: 1}), 400, param="logit_bias")
+        for key in (" 5", "+5", "1_0", "\u0665", "-1")
+    ),  # fmt: skip
+    Case("logit_bias one token twice", _chat(logit_bias={"05": 100, "5": -100}), 400, param="logit_bias"),
     Case("logit_bias out of vocabulary", _chat(logit_bias={"99999999": 1}), 400, param="logit_bias"),
     Case("stop_token_ids out of vocabulary", _chat(stop_token_ids=[-1]), 400, param="stop_token_ids"),
     Case("min_tokens above max_tokens", _chat(min_tokens=100, max_tokens=2), 400, param="min_tokens"),

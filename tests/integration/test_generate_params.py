@@ -186,6 +186,35 @@ def test_unknown_parameters_follow_the_other_routes_policy(text_server: Server) 
         assert generated_text(http, **GREEDY, use_beam_search=False) == plain
 
 
+@pytest.mark.parametrize(
+    "field, value, advice",
+    [
+        ("max_tokens", 2, "parameters.max_new_tokens"),
+        ("min_tokens", 2, "parameters.min_new_tokens"),
+        ("response_format", {"type": "json_object"}, "parameters.grammar"),
+        ("guided_json", {"type": "integer"}, "parameters.grammar"),
+        ("n", 2, "/v1/completions"),
+        ("logit_bias", {"5": 10}, "/v1/completions"),
+        ("presence_penalty", 1.0, "/v1/completions"),
+    ],
+)
+def test_openai_names_in_parameters_are_400s_saying_what_to_use(
+    text_server: Server, field: str, value: Any, advice: str
+) -> None:
+    """Clients moving from /v1/completions send its names: `parameters.max_tokens: 2` was answered
+    with 128 tokens and a warning that named `parameters.max_new_tokens` (the field it has)."""
+    with text_server.http() as http:
+        error = assert_openai_error(generate(http, **{field: value}), 400, param=f"parameters.{field}")
+        assert f"parameters.{field}" in error["message"] and advice in error["message"]
+        beside = http.post("/generate", json={"inputs": INPUTS, field: value})
+        error = assert_openai_error(beside, 400, param=field)
+        assert advice in error["message"]
+        # Values that change nothing stay accepted, as on the other routes.
+        assert generate(http, **GREEDY, n=1, min_tokens=0, presence_penalty=0).status_code == 200
+        unknown = generate(http, **GREEDY, **{"limit-max_tokens": 3}).json()["warnings"]
+        assert unknown == ["unknown field 'parameters.limit-max_tokens' ignored"]
+
+
 def test_stream_follows_the_same_rules(text_server: Server) -> None:
     """/generate does not stream (stream: true is refused as a whole, TGI streams on another
     route); stream: false with the neutral values is answered, an effective refused field is not."""
