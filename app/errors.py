@@ -158,6 +158,13 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
                 "the request body is not valid JSON: it ends early, or a string holds a lone UTF-16 "
                 "surrogate escape (\\uD800-\\uDFFF not part of a pair)"
             )
+        # The JSON decoder's own refusals ("Number out of range - at `$[...]`": it decodes without
+        # the route's types, so it cannot say where) read as the validation errors do.
+        if match := _PATH_IN_MESSAGE.search(message):
+            param = match.group(1) if match.group(1) not in ("", "[...]") else None
+            message = f"invalid request: {message[: match.start()]}" + (f" (at {param})" if param else "")
+            body = error_body(status, message, type_=type_, param=param, code=code)
+            return error_response(status, body, headers or None)
     return error_response(status, error_body(status, message, type_=type_, code=code), headers or None)
 
 

@@ -168,6 +168,22 @@ CASES = [
         + b"}" * 1001,
         400,
     ),
+    # The JSON decoder refuses these before validation, without the route's types: it cannot
+    # name the field, and the message must not hold its placeholder path ("$[...]").
+    Case(
+        "a number beyond float range",
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}',
+        400,
+        param=None,
+        in_message="invalid request: Number out of range",
+    ),
+    Case(
+        "an integer of 5000 digits",
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}",
+        400,
+        param=None,
+        in_message="invalid request: Integer value out of range",
+    ),
     Case("max_tokens as a string", _chat(max_tokens="10"), 400, param="max_tokens"),
     Case("stream as a string", _chat(stream="true"), 400, param="stream"),
     Case("n as a float", _chat(n=2.0), 400, param="n"),
