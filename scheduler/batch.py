@@ -172,19 +172,50 @@ class Batch:
             by_origin.setdefault(seq.origin, deque()).append(seq)
         running = Counter(seq.origin for seq in self.running)
         taken: set[int] = set()
+        # Set when a request with several choices finds too few free rows: the steps within which
+        # the rows it lacks are free at the latest. Others may use the free rows meanwhile only if
+        # they end within that many steps (backfilling): a wide request no longer holds every
+        # later one back, and is never delayed past the time it could have started anyway.
+        horizon: int | None = None
         while by_origin:
             origin = min(by_origin, key=lambda o: (running[o], by_origin[o][0].arrival))
             seq = by_origin[origin].popleft()
             if not by_origin[origin]:
                 del by_origin[origin]
+            if horizon is not None and self._steps_to_finish(seq) > horizon:
+                continue
             outcome = self._try_admit(seq)
             if outcome == "full":
+                if horizon is None and self._short_of_rows_only(seq):
+                    horizon = self._steps_until_rows(1 + len(seq.pending_children))
+                    continue
                 break
             if outcome in ("admitted", "rejected"):
                 taken.add(seq.seq_id)
                 running[origin] += 1 + len(seq.pending_children)
         if taken:
             self.waiting = deque(seq for seq in self.waiting if seq.seq_id not in taken)
+
+    def _short_of_rows_only(self, seq: Sequence) -> bool:
+        """`seq`'s choices need more rows than are free, while some are free for others."""
+        free = self.config.max_rows - self.num_rows
+        return 0 < free < 1 + len(seq.pending_children)
+
+    def _steps_until_rows(self, needed: int) -> int:
+        """Decode steps after which `needed` rows are free at the latest: the running sequences
+        that end soonest end by their max_tokens (any may end sooner, at an end token)."""
+        lacking = needed - (self.config.max_rows - self.num_rows)
+        for steps, rows in sorted(
+            (self._steps_to_finish(seq), 1 + len(seq.pending_children)) for seq in self.running
+        ):
+            lacking -= rows
+            if lacking <= 0:
+                return steps
+        return 0
+
+    def _steps_to_finish(self, seq: Sequence) -> int:
+        prefill_steps = -(-seq.num_uncomputed // max(1, self.config.max_prefill_tokens))
+        return prefill_steps + seq.max_tokens - seq.num_generated
 
     def _try_admit(self, seq: Sequence, *, wait_for_prefix: bool = True) -> str:
         """admitted | postponed (its prefix is being computed) | rejected (cannot fit even alone,

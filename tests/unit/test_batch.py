@@ -151,10 +151,37 @@ def test_n_above_the_free_rows_waits_for_rows_instead_of_hanging_the_queue():
     batch.add(behind)
     driver = Driver(batch)
     driver.step()
-    assert batch.num_rows == 1  # the 4 choices do not fit beside the running request yet
+    # The 4 choices do not fit beside the running request yet; the short one behind them takes a
+    # free row meanwhile (it ends before the running request frees the rows the 4 need).
+    assert batch.num_rows == 2 and behind[0].is_running and not wide[0].is_running
     driver.run()
     assert all(s.is_finished for s in [*busy, *wide, *behind])
     assert [len(o) for o in outputs(wide)] == [3, 3, 3, 3]
+
+
+def test_a_wide_request_waiting_for_rows_is_passed_only_by_requests_that_end_before_it_could_start():
+    """An n=4 request short of rows blocked every later request, free rows idle, until the
+    running ones ended. Now a later request may take a free row if it ends within the steps the
+    running ones need at most, so the wide request still starts when it could have."""
+    batch = make(max_rows=4)
+    busy = [request(range(i, i + 5), max_tokens=20, arrival=0, origin="x") for i in (0, 10)]
+    for seqs in busy:
+        batch.add(seqs)
+    wide = request(range(30, 34), n=4, max_tokens=3, arrival=1, origin="a")
+    short = request(range(40, 44), max_tokens=5, arrival=2, origin="b")
+    long = request(range(50, 54), max_tokens=60, arrival=3, origin="c")
+    for seqs in (wide, short, long):
+        batch.add(seqs)
+    driver = Driver(batch)
+    driver.step()
+    assert short[0].is_running and not long[0].is_running and not wide[0].is_running
+    while not wide[0].is_running:
+        assert not long[0].is_running  # never ahead of the wide request: it would end after it
+        driver.step()
+    assert all(s.is_finished for seqs in busy for s in seqs) and short[0].is_finished
+    assert driver.steps <= 21  # admitted once the busy ones ended by their max_tokens
+    driver.run()
+    assert [len(o) for o in outputs(wide)] == [3, 3, 3, 3] and len(outputs(long)[0]) == 60
 
 
 def test_more_choices_than_rows_is_refused():
