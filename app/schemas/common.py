@@ -63,8 +63,9 @@ PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=False):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    # null as the default (false), as the SDKs' optional fields send it.
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
 JSONObject = dict[str, Any]

@@ -94,6 +94,15 @@ def test_stream_include_usage(text_server: Server) -> None:
         model=text_server.model_name, messages=user("Count to ten"), max_tokens=1
     )
     assert plain.usage.prompt_tokens == last.usage.prompt_tokens
+    # null is the default, as for the other optional fields (it was a 400).
+    nulls = client.chat.completions.create(
+        model=text_server.model_name,
+        messages=user("Count to ten"),
+        max_tokens=2,
+        stream=True,
+        stream_options={"include_usage": None, "continuous_usage_stats": None},
+    )
+    assert all(c.usage is None for c in nulls)
 
 
 def test_stream_continuous_usage_stats(text_server: Server) -> None:
