@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 
+import anyio.lowlevel
 from litestar import Request, Response, post
 
 from app.errors import status_of
@@ -123,6 +124,10 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
                 choices.append(
                     CompletionChoice(p * data.n + i, text, logprobs, choice.finish_reason, prompt_logprobs)
                 )
+            # A prompt's logprobs can be a few MB of objects (4,000 echoed tokens, 20 alternatives
+            # each: about 40 ms to build): other requests' events go out between prompts, not
+            # after all 64 of them.
+            await anyio.lowlevel.checkpoint()
     finally:
         _cancel(streams)  # the other prompts' rows when this one failed or the client left
     on_done(None)
