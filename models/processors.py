@@ -47,17 +47,40 @@ def images_only_processor_class(processor_class: type) -> type:
         )
         copy_.__kwdefaults__ = init.__kwdefaults__
         namespace["__init__"] = copy_
+    arguments = list(positional[1:])  # without self
+    if "video_processor" in arguments:
+        slot = arguments.index("video_processor")
+        if any(arguments.index(name) > slot for name in attributes if name in arguments):
+            namespace["_video_slot"] = slot
     return type(processor_class.__name__, (processor_class, _WithoutVideoKeyword), namespace)
 
 
 class _WithoutVideoKeyword(ProcessorMixin):
     """Sits between a processor class and ProcessorMixin in the images-only class's MRO: Gemma 4's
     __init__ hands `video_processor=None` on to ProcessorMixin by keyword, which refuses a keyword
-    that is not one of the (now video-less) attributes."""
+    that is not one of the (now video-less) attributes.
+
+    Where __init__ takes the video processor before the other halves (LLaVA-NeXT-Video,
+    InstructBLIP-Video, PerceptionLM: `(video_processor, image_processor, tokenizer)`),
+    transformers passes the halves positionally in attribute order, so without the video one the
+    image processor landed in its slot and the tokenizer was None: a None is put in the slot on
+    the way in, and taken out again on the way to ProcessorMixin."""
+
+    _video_slot: int | None = None  # __init__'s positional index of video_processor, when it comes first
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        slot = cls._video_slot
+        if slot is not None and len(args) >= slot:
+            args = [*args[:slot], None, *args[slot:]]
+        return super().from_args_and_dict(args, processor_dict, **kwargs)
 
     def __init__(self, *args, **kwargs):
         if kwargs.get("video_processor", False) is None:
             del kwargs["video_processor"]
+        slot = self._video_slot
+        if slot is not None and len(args) > slot and args[slot] is None:
+            args = args[:slot] + args[slot + 1 :]
         super().__init__(*args, **kwargs)
 
 

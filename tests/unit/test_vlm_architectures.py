@@ -335,6 +335,41 @@ def test_images_only_processor_defaults_a_required_video_processor():
 @pytest.mark.skipif(
     importlib.util.find_spec("torchvision") is not None, reason="the fallback is for no torchvision"
 )
+def test_an_images_only_processor_whose_video_half_comes_first_gets_its_halves_in_place(tmp_path):
+    """LLaVA-NeXT-Video's processor takes (video_processor, image_processor, tokenizer): loaded
+    without the video half, the image processor landed in its slot and the tokenizer was None, so
+    the checkpoint did not load ("maximum recursion depth exceeded" from AutoProcessor first)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from models.processors import images_only_processor
+    from tests.unit.vlm_builder_parts import text_kwargs
+    from tests.unit.vlm_builders import TINY_VISION, tiny_tokenizer
+
+    tok = tiny_tokenizer({"image_token": "<image>", "video_token": "<video>"})
+    LlavaNextVideoConfig(
+        vision_config=CLIPVisionConfig(**TINY_VISION),
+        text_config=LlamaConfig(**text_kwargs(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+    ).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    image_processor.save_pretrained(tmp_path)
+    saved = {"processor_class": "LlavaNextVideoProcessor", "patch_size": 8, "image_token": "<image>"}
+    (tmp_path / "processor_config.json").write_text(json.dumps(saved))
+    processor = images_only_processor(str(tmp_path), AutoConfig.from_pretrained(tmp_path), {})
+    assert type(processor).__name__ == "LlavaNextVideoProcessor"
+    assert processor.video_processor is None and processor.patch_size == 8
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == processor.image_token_id
+    assert type(processor.image_processor).__name__ == "LlavaNextImageProcessorPil"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="the fallback is for no torchvision"
+)
 def test_the_images_only_fallback_takes_the_model_types_processor_when_the_named_one_is_unknown(tmp_path):
     """The class a checkpoint names comes first (pixtral-12b: a `llava` model with a
     PixtralProcessor); one this transformers does not know leaves the model type's."""
