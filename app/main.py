@@ -73,19 +73,27 @@ def configure_logging(settings: Settings) -> None:
         handler.setFormatter(formatter(settings.log_format))
         if redactor is not None:
             handler.addFilter(redactor)
+    # transformers and huggingface_hub each put a stderr handler of their own on their loggers:
+    # their records (a hub download's retry warning names the repo and revision) were printed
+    # unredacted and as plain text in a LOG_FORMAT=json log, and the hub's twice (its handler,
+    # then the root's). They go through the process's handlers only.
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    hub_root = logging.getLogger("huggingface_hub")
+    for own in list(hub_root.handlers):
+        hub_root.removeHandler(own)
+    hub_root.propagate = True
     if not settings.debug:
         for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     else:
-        # The spec's DEBUG: transformers and huggingface_hub at debug level, through the process's
-        # handlers (set here, not by TRANSFORMERS_VERBOSITY, which made transformers print its
-        # import-time lines with a handler of its own: plain text in a LOG_FORMAT=json log).
-        from huggingface_hub.utils import logging as hub_logging
-        from transformers.utils import logging as transformers_logging
-
+        # The spec's DEBUG: transformers and huggingface_hub at debug level (set here, not by
+        # TRANSFORMERS_VERBOSITY, which made transformers print its import-time lines with its
+        # own handler).
         transformers_logging.set_verbosity_debug()
-        transformers_logging.disable_default_handler()
-        transformers_logging.enable_propagation()
         hub_logging.set_verbosity_debug()
     # The seed keeps per-request lines off by default (PROGRESS_LOGS=0, for latency); a request the
     # server failed (5xx) or turned away for load (503) is logged whatever it says.

@@ -136,3 +136,31 @@ def test_one_token_has_a_rate_over_its_generation_not_over_nothing() -> None:
     )
     fields = generation_fields("chat", "chatcmpl-1", now - 0.2, stream, None, model="m", sampling=False)
     assert 19 < fields["tps"] < 21 and 0.04 < fields["gen_s"] < 0.06  # 1 token in 0.05 s
+
+
+def test_transformers_and_hub_records_go_through_the_redacting_handlers_once() -> None:
+    """huggingface_hub's own stderr handler printed its retry warnings (repo id and revision in the
+    URL) unredacted, as plain text in a JSON log, and twice; transformers' did the same for its
+    records. A fresh process: configure_logging changes the process's logging."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import logging
+from app.main import configure_logging
+from app.settings import Settings
+configure_logging(Settings(model_path="org/secret-model", model_revision="branch7", log_format="json"))
+logging.getLogger("huggingface_hub.utils._http").warning(
+    "retrying HEAD https://huggingface.co/org/secret-model/resolve/branch7/config.json")
+logging.getLogger("transformers.modeling_utils").warning("weights of org/secret-model not used")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line JSON: none printed by a library's own handler
+    messages = [record["message"] for record in records]
+    assert len(messages) == 2, messages
+    assert "secret-model" not in done.stderr and "branch7" not in done.stderr
+    assert any("retrying HEAD" in m for m in messages) and any("weights of" in m for m in messages)
