@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 from litestar import Litestar
 
+from app import early_signals
 from app.http_limits import BodyReads
 from app.media import new_image_client
 from app.services import Services
@@ -145,6 +146,8 @@ def _drain_before_granian_stops(scheduler: Scheduler, settings: Settings, body_r
             task.add_done_callback(draining.discard)
 
         loop.add_signal_handler(sig, on_signal)
+        if early_signals.received() == sig:  # it came while the worker was importing the app
+            loop.call_soon(on_signal)
 
 
 async def _drain_then_stop(scheduler: Scheduler, grace_s: float, granian_handler) -> None:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+# First, before the imports that take seconds (torch): a stop signal granian's worker receives
+# while importing is remembered, not lost (app/early_signals.py).
+import app.early_signals  # noqa: F401
+
+# isort: split
+
 import logging
 import os
 

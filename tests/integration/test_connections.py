@@ -224,6 +224,32 @@ def test_sigterm_drains_then_ends_every_request_with_an_answer(tmp_path) -> None
 
 
 @pytest.mark.slow
+def test_sigterm_while_the_worker_imports_the_app_stops_the_server_soon(tmp_path) -> None:
+    """granian's worker is forked with the main process's signal handlers: a SIGTERM while it
+    imported the app (a pod deleted as it started) was lost, the worker came up and served, and
+    granian killed it SHUTDOWN_GRACE_S + 5 s later (26.6 s here, against 4.4 with the fix)."""
+    spec = tiny_spec("early_stop", SHUTDOWN_GRACE_S="20")
+    server = launch("early_stop_server", spec, tmp_path / "cache", tmp_path)
+    try:
+        children = f"/proc/{server.process.pid}/task/{server.process.pid}/children"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with open(children) as listed:
+                if listed.read().split():
+                    break
+            time.sleep(0.01)
+        time.sleep(0.3)  # the worker is importing the app (torch takes seconds), not yet serving
+        signalled = time.monotonic()
+        os.kill(server.process.pid, signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+        assert time.monotonic() - signalled < 15
+    finally:
+        stop(server)
+    log = server.log_path.read_text()
+    assert "refused to gracefully stop" not in log and "Traceback" not in log
+
+
+@pytest.mark.slow
 def test_uploads_still_arriving_at_sigterm_end_with_503_and_do_not_hold_the_shutdown(tmp_path) -> None:
     """granian waits for every open connection before it exits: a body that trickles in (here
     one that stopped, with a body timeout far off) would keep the pod past its grace period."""
