@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from app.schemas.structured import MAX_GRAMMAR_CHARS, ResponseFormat, StructuredFields
+from app.strict_schema import closed_objects
 from scheduler.errors import InvalidRequestError
 from scheduler.request import GrammarSpec
 
@@ -97,8 +98,10 @@ def _response_format(response_format: ResponseFormat | None) -> GrammarSpec | No
         raise InvalidRequestError(
             "response_format of type json_schema needs json_schema.schema", param="response_format"
         )
-    # `strict` changes nothing: the output always matches the schema.
-    return _json_schema(response_format.json_schema.schema, "response_format")
+    schema = response_format.json_schema.schema
+    if response_format.json_schema.strict:
+        schema = closed_objects(schema)  # objects admit only the properties they list, as at OpenAI
+    return _json_schema(schema, "response_format")
 
 
 def _json_schema(schema: dict[str, Any] | str | None, param: str) -> GrammarSpec | None:

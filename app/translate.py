@@ -351,8 +351,8 @@ def _completion_prompts(prompt: str | list[PromptElement], add_special_tokens: b
 
 def _chat_grammar(req: ChatCompletionRequest, tool_format: ToolCallFormat = HERMES) -> GrammarSpec | None:
     """The output constraint (`app.structured`) or forced tool calls in the model's format -> what
-    the output must match; None: free text. A schema always constrains: `strict` (on a function
-    or a json_schema) is accepted and changes nothing."""
+    the output must match; None: free text. A schema always constrains; `strict` (on a function
+    or a json_schema) also closes its objects to the properties they list (`app.strict_schema`)."""
     if req.tools:
         check_size(req.tools, "tools")
         for i, tool in enumerate(req.tools):

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from app.strict_schema import closed_objects
 from scheduler.request import GrammarSpec
 
 # `{"name": "...", "arguments": ` (or "parameters") with the arguments value right behind it: where a
@@ -94,7 +95,11 @@ def grammar_spec(tools: list[dict[str, Any]], only: str | None, parallel: bool, 
     """The `tool_calls` grammar (models.grammar.tool_calls_lark) for the chosen tools in `layout`."""
     chosen = [
         # `index`: where the tool is in the request, for an error that names its parameters.
-        {"name": f["name"], "parameters": f.get("parameters"), "index": i}
+        {
+            "name": f["name"],
+            "parameters": closed_objects(f.get("parameters")) if f.get("strict") else f.get("parameters"),
+            "index": i,
+        }
         for i, f in enumerate(tool["function"] for tool in tools)
         if only is None or f["name"] == only
     ]

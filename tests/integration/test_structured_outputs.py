@@ -184,6 +184,42 @@ def test_json_schema_response_format_is_always_strict(text_server: Server, stric
         )
 
 
+OPEN = {  # no additionalProperties: plain JSON Schema lets the object take any other key
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["ok"],
+}
+
+
+def test_strict_closes_objects_to_their_properties(text_server: Server) -> None:
+    """OpenAI's strict mode admits only the listed properties. Taken as plain JSON Schema, the
+    random model wrote `{"ok": true, "<invented key>": ...` until max_tokens, for a response format
+    and for a forced strict tool call alike."""
+    client = text_server.openai()
+    fmt = {"type": "json_schema", "json_schema": {"name": "flag", "schema": OPEN, "strict": True}}
+    reply = client.chat.completions.create(
+        model=text_server.model_name, messages=user("Flag?"), response_format=fmt, max_tokens=48, seed=3, n=3
+    )
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop", choice
+        assert set(json.loads(choice.message.content)) <= {"ok", "n"}
+    tool = {"type": "function", "function": {"name": "flag", "parameters": OPEN, "strict": True}}
+    reply = client.chat.completions.create(
+        model=text_server.model_name,
+        messages=user("Flag?"),
+        tools=[tool],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=48,
+        seed=3,
+        n=3,
+    )
+    for choice in reply.choices:
+        assert choice.finish_reason == "tool_calls", choice
+        [call] = choice.message.tool_calls
+        assert set(json.loads(call.function.arguments)) <= {"ok", "n"}
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_response_format_on_completions(text_server: Server, stream: bool) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}
