@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
 from collections.abc import Callable
 from functools import partial
 
 from litestar import Request, Response, post
 
-from app.errors import status_of
+from app.errors import renamed_fields, status_of
 from app.prompt_logprobs import vllm_prompt_logprobs
 from app.routes import protected
 from app.schemas.chat import (
@@ -38,11 +40,17 @@ from app.tool_calls import ToolCallParser, finish_reason_for, forces_tool_calls,
 async def chat_completions(request: Request, data: ChatCompletionRequest) -> Response:
     call = await begin(request, ChatCompletionRequest, endpoint="chat", id_prefix="chatcmpl")
     data, svc, tracker = call.data, call.svc, call.tracker
-    with tracker.failures():
+    with tracker.failures(), _length_field_named(data):
         scheduler = svc.require_scheduler()
         tool_format = svc.tool_format()
         engine_request = await svc.translator.chat(data, call.request_id, tool_format)
         stream = await scheduler.submit(call.warned(engine_request))
+    if data.max_completion_tokens is not None:
+        stream.warnings = [
+            # The body's own warnings, and the one about both fields, already say what was sent.
+            w if w in call.warnings or "max_completion_tokens" in w else _completion_length(w)
+            for w in stream.warnings
+        ]
     model = svc.settings.model_name
     headers = warning_headers(stream.warnings)
     tool_parser = parser_factory(data, tool_format)
@@ -100,3 +108,20 @@ def _message(
     parsed = parse_message(choice.text, tool_parser())
     message = AssistantMessage(content=parsed.content, tool_calls=parsed.tool_calls or None)
     return message, finish_reason_for(choice.finish_reason, len(parsed.tool_calls))
+
+
+# The engine names the length field `max_tokens`; a request that sent max_completion_tokens (the
+# one that wins) reads its name in the warning that lowered it and in a context-length error.
+_MAX_TOKENS = re.compile(r"(?<!['.])\bmax_tokens\b")
+
+
+def _completion_length(message: str) -> str:
+    return _MAX_TOKENS.sub("max_completion_tokens", message)
+
+
+def _length_field_named(data: ChatCompletionRequest) -> contextlib.AbstractContextManager[None]:
+    if data.max_completion_tokens is None:
+        return contextlib.nullcontext()
+    return renamed_fields(
+        lambda param: "max_completion_tokens" if param == "max_tokens" else param, _completion_length
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import openai
 import pytest
 
 from tests.integration.conftest import Server
@@ -38,6 +39,22 @@ def test_max_completion_tokens_wins_over_max_tokens(text_server: Server) -> None
     assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
     # ... and says so (the ignored max_tokens was a silent choice).
     assert reply.model_extra["warnings"] == ["max_tokens ignored: max_completion_tokens (5) is given"]
+
+
+def test_a_lowered_or_refused_max_completion_tokens_is_named_as_sent(text_server: Server) -> None:
+    """The engine's words are max_tokens': a client that sent only max_completion_tokens read
+    "max_tokens 1000 was lowered" and, past the context, an error with param max_tokens."""
+    lowered = create(text_server, max_completion_tokens=1000)
+    assert lowered.model_extra["warnings"][0].startswith("max_completion_tokens 1000 was lowered to")
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(text_server, max_completion_tokens=100, messages=user("word " * 4000))
+    assert refused.value.body["param"] == "max_completion_tokens"
+    assert (
+        "max_completion_tokens" in refused.value.message
+        and "max_tokens" not in refused.value.message.replace("max_completion_tokens", "")
+    )
+    plain = create(text_server, max_tokens=1000)
+    assert plain.model_extra["warnings"][0].startswith("max_tokens 1000 was lowered to")
 
 
 def test_logit_bias_decides_the_token(text_server: Server) -> None:
