@@ -143,7 +143,15 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
         headers.setdefault("Connection", "close")
     if isinstance(exc, NotAuthorizedException):
         headers.setdefault("WWW-Authenticate", "Bearer")
-    if status == 404:
+    if status == 413:
+        limit = request.app.request_max_body_size
+        message = (
+            f"the request body is larger than this server's limit of {limit} bytes (MAX_REQUEST_BODY_BYTES); "
+            "send images by URL or fewer at a time, or split the prompts over several requests"
+            if limit
+            else default_message
+        )
+    elif status == 404:
         message = f"no route for {request.method} {request.url.path}"
     elif status == 405:
         message = f"method {request.method} is not allowed for {request.url.path}"

@@ -290,7 +290,10 @@ def test_body_over_limit_is_413(text_server: Server) -> None:
             response = client.post(
                 "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
             )
-            assert_openai_error(response, 413, code="request_too_large")
+            error = assert_openai_error(response, 413, code="request_too_large")
+            assert (
+                f"limit of {MAX_BODY_BYTES} bytes" in error["message"]
+            )  # it said "Request Entity Too Large"
             assert response.headers["connection"] == "close"
             after = client.post("/v1/chat/completions", json=_chat(max_tokens=2))
             assert after.status_code == 200, after.text
