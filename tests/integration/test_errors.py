@@ -291,9 +291,8 @@ def test_body_over_limit_is_413(text_server: Server) -> None:
                 "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
             )
             error = assert_openai_error(response, 413, code="request_too_large")
-            assert (
-                f"limit of {MAX_BODY_BYTES} bytes" in error["message"]
-            )  # it said "Request Entity Too Large"
+            # It said "Request Entity Too Large".
+            assert f"limit of {MAX_BODY_BYTES} bytes" in error["message"]
             assert response.headers["connection"] == "close"
             after = client.post("/v1/chat/completions", json=_chat(max_tokens=2))
             assert after.status_code == 200, after.text
