@@ -52,9 +52,15 @@ def completion(**fields) -> CompletionRequest:
         ({"structured_outputs": {"json_object": True}}, "json_object", "", "structured_outputs.json_object"),
         ({"response_format": {"type": "json_object"}}, "json_object", "", "response_format"),
         (
-            {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA, "strict": True}}},
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
             "json_schema",
             json.dumps(SCHEMA),
+            "response_format",
+        ),
+        (  # strict: the object admits only the properties it lists (app.strict_schema)
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA, "strict": True}}},
+            "json_schema",
+            json.dumps({**SCHEMA, "additionalProperties": False}),
             "response_format",
         ),
     ],
