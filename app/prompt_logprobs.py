@@ -99,12 +99,17 @@ class TextOffsets:
             if not final and candidate and candidate.startswith(text[start:]):
                 self._decoder.setstate(state)  # the rest of it may still come
                 return None
-        # A byte-fallback decoder writes a whole run of byte tokens as U+FFFD, one a byte, once
-        # one byte in it is invalid, valid ones included (0xB6 then "e" is two): the token takes
-        # its bytes' share of the run rather than the next look-alike further on.
+        # A byte-fallback decoder writes a whole run of byte tokens (one byte each) as U+FFFD, one
+        # a byte, once one byte in it is invalid, valid ones included (0xB6 then "e" is two): such
+        # a token takes its bytes' share of the run rather than the next look-alike further on.
+        # Other tokens (a special token the text skips) take none of it.
         replaced = len(text) - start - len(text[start:].lstrip("\ufffd"))
-        if replaced:
-            taken = min(replaced, held + len(raw))
+        if replaced and len(raw) == 1:
+            taken = held + 1
+            if taken > replaced and not final and start + replaced == len(text):
+                self._decoder.setstate(state)  # the rest of the run may still come
+                return None
+            taken = min(replaced, taken)
             return self._advance(start + min(held, taken - 1), start + taken)
         # Looked for further on only with more than spaces: a SentencePiece "▁" that the text does
         # not show would otherwise take the next space's place.

@@ -351,3 +351,26 @@ def test_text_offsets_after_bytes_that_never_made_a_character() -> None:
         n = len(entries)
         for arrival in ([(k, 0) for k in range(1, n + 1)] + [(n, len(text))], [(n, len(text))]):
             assert _streamed_offsets(entries, text, arrival) == expected, (text, arrival)
+
+
+def test_a_skipped_special_token_takes_no_share_of_a_replaced_run() -> None:
+    """`</s>` (not in the text) before a stray byte took the byte's U+FFFD, and the byte was placed
+    after its own character; streamed and whole differed."""
+    cases = [
+        ("\ufffd the", [_entry("</s>"), _entry("\ufffd", b"\x80"), _entry(" the")], [0, 0, 1]),
+        (
+            "\ufffd\ufffd\ufffd",
+            [_entry("</s>"), _entry("\ufffd", b"\x80"), _entry("\ufffd", b"\x81"), _entry("\ufffd", b"\x82")],
+            [0, 0, 1, 2],
+        ),
+    ]
+    for text, entries, expected in cases:
+        whole = TextOffsets(text)
+        assert [whole.place(e) for e in entries] == expected, text
+        n = len(entries)
+        for arrival in (
+            [(k, 0) for k in range(1, n + 1)] + [(n, len(text))],
+            [(n, 1), (n, len(text))],
+            [(n, len(text))],
+        ):
+            assert _streamed_offsets(entries, text, arrival) == expected, (text, arrival)

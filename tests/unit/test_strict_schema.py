@@ -54,3 +54,37 @@ def test_a_schema_as_json_text_and_anything_else() -> None:
     assert json.loads(closed_objects(text))["additionalProperties"] is False
     assert closed_objects("{not json") == "{not json"
     assert closed_objects(None) is None and closed_objects(True) is True
+
+
+def test_objects_whose_keys_come_from_elsewhere_stay_open() -> None:
+    """Closing these made ordinary strict schemas unsatisfiable (a 400) or looser: an object whose
+    properties come from allOf/anyOf branches or a $ref, a union's branches under an object that
+    lists its own properties, and anything under not/if."""
+    branch = {"properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    composed = {"type": "object", "allOf": [branch, {"properties": {"b": {"type": "string"}}}]}
+    assert closed_objects(composed) == composed
+    assert closed_objects({"type": "object", "anyOf": [branch]}) == {
+        "type": "object",
+        "anyOf": [{**branch, "additionalProperties": False}],  # a whole object: its own keys only
+    }
+    union = {
+        "type": "object",
+        "properties": {"kind": {"enum": ["a", "b"]}},
+        "oneOf": [{"properties": {"kind": {"const": "a"}, "x": {"type": "integer"}}}],
+    }
+    closed_union = closed_objects(union)
+    assert (
+        "additionalProperties" not in closed_union and "additionalProperties" not in closed_union["oneOf"][0]
+    )
+    with_ref = {"$ref": "#/$defs/A", "properties": {"extra": {}}}
+    assert "additionalProperties" not in closed_objects(with_ref)
+    conditional = {
+        "type": "object",
+        "properties": {"kind": {}},
+        "if": {"properties": {"kind": {"const": "a"}}},
+        "then": {"properties": {"y": {}}},
+        "not": {"properties": {"z": {}}},
+    }
+    assert closed_objects(conditional) == conditional
+    free = {"type": "object", "properties": {"meta": {"type": "object"}}}
+    assert closed_objects(free)["properties"]["meta"] == {"type": "object"}  # free-form stays free
