@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from app.schemas.generate import GenerateParameters
 from scheduler.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,18 @@ GENERATE_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     },
     **{
         name: ((), "it is not a /generate parameter; use /v1/completions")
-        for name in ("logit_bias", "stop_token_ids", "bad_words", "allowed_token_ids")
+        for name in ("logit_bias", "stop_token_ids", "bad_words", "allowed_token_ids", "add_special_tokens")
     },
+    # The other APIs' names for the input, and the advice REFUSED gives for them elsewhere.
+    "max_output_tokens": ((), "use parameters.max_new_tokens"),
+    "prompt": ((), "use inputs"),
+    "input": ((), "use inputs"),
+    "instructions": ((), "put them in inputs"),
+    "messages": ((), "/generate takes raw text in inputs; send messages to /v1/chat/completions"),
+    "text": ((), "use parameters.grammar"),
+    # TGI's own parameters beside `parameters` instead of in it (`temperature: 0` at the top level
+    # was ignored with a warning, and the answer sampled).
+    **{name: ((), "put it in parameters") for name in GenerateParameters.__struct_fields__},
 }
 GENERATE_PATH = "/generate"
 

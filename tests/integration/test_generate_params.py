@@ -196,6 +196,10 @@ def test_unknown_parameters_follow_the_other_routes_policy(text_server: Server) 
         ("n", 2, "/v1/completions"),
         ("logit_bias", {"5": 10}, "/v1/completions"),
         ("presence_penalty", 1.0, "/v1/completions"),
+        # REFUSED's advice for the OpenAI routes was given here, renamed halfway by the TGI rewording.
+        ("max_output_tokens", 5, "parameters.max_new_tokens"),
+        ("text", {"format": {"type": "json_object"}}, "parameters.grammar"),
+        ("input", "hi", "use inputs"),
     ],
 )
 def test_openai_names_in_parameters_are_400s_saying_what_to_use(
@@ -211,6 +215,9 @@ def test_openai_names_in_parameters_are_400s_saying_what_to_use(
         assert advice in error["message"]
         # Values that change nothing stay accepted, as on the other routes.
         assert generate(http, **GREEDY, n=1, min_tokens=0, presence_penalty=0).status_code == 200
+        # TGI's parameters beside `parameters`: `temperature: 0` there was ignored, and the answer sampled.
+        misplaced = http.post("/generate", json={"inputs": INPUTS, "temperature": 0})
+        assert "put it in parameters" in assert_openai_error(misplaced, 400, param="temperature")["message"]
         unknown = generate(http, **GREEDY, **{"limit-max_tokens": 3}).json()["warnings"]
         assert unknown == ["unknown field 'parameters.limit-max_tokens' ignored"]
 
