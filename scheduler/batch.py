@@ -35,6 +35,10 @@ class BatchConfig:
     chunked_prefill: bool = True  # False: a prompt is computed in one step (runners that cannot chunk)
     prefill_aging_s: float = 2.0
     watermark_blocks: int = 0  # free blocks admission leaves for running sequences to grow into
+    # A request with several choices short of rows lets later requests use the free rows only if
+    # they end within this many steps: running sequences may end early (an end token), and then
+    # the wide request waits for these, at most this long (about a second on a CPU).
+    backfill_steps: int = 32
     # LongRoPE (Phi-3 and kin): a sequence longer than this many tokens uses the long scaling, and
     # one that grows past it is computed again from its first token, as transformers does.
     long_rope_after: int | None = None
@@ -172,24 +176,33 @@ class Batch:
             by_origin.setdefault(seq.origin, deque()).append(seq)
         running = Counter(seq.origin for seq in self.running)
         taken: set[int] = set()
-        # Set when a request with several choices finds too few free rows: the steps within which
-        # the rows it lacks are free at the latest. Others may use the free rows meanwhile only if
-        # they end within that many steps (backfilling): a wide request no longer holds every
-        # later one back, and is never delayed past the time it could have started anyway.
+        # Set when a request with several choices finds too few free rows: how many steps later
+        # requests may take to end if they use the free rows meanwhile (backfilling): no more than
+        # the running sequences take at most to free the rows it lacks, nor `backfill_steps`, their
+        # prompts counted together against the prefill budget they share. A wide request no
+        # longer holds every later one back, and waits for them at most `backfill_steps` longer
+        # (when the running ones end early; preempted, a backfilled one comes back first).
         horizon: int | None = None
+        backfill_prompts = 0
         while by_origin:
             origin = min(by_origin, key=lambda o: (running[o], by_origin[o][0].arrival))
             seq = by_origin[origin].popleft()
             if not by_origin[origin]:
                 del by_origin[origin]
-            if horizon is not None and self._steps_to_finish(seq) > horizon:
+            if horizon is not None and self._steps_to_finish(seq, backfill_prompts) > horizon:
                 continue
             outcome = self._try_admit(seq)
             if outcome == "full":
                 if horizon is None and self._short_of_rows_only(seq):
-                    horizon = self._steps_until_rows(1 + len(seq.pending_children))
+                    horizon = min(
+                        self.config.backfill_steps, self._steps_until_rows(1 + len(seq.pending_children))
+                    )
+                    # The prompts still being computed share the budget with a backfilled one's.
+                    backfill_prompts = sum(running_seq.num_uncomputed for running_seq in self.running)
                     continue
                 break
+            if horizon is not None and outcome == "admitted":
+                backfill_prompts += seq.num_uncomputed
             if outcome in ("admitted", "rejected"):
                 taken.add(seq.seq_id)
                 running[origin] += 1 + len(seq.pending_children)
@@ -213,8 +226,9 @@ class Batch:
                 return steps
         return 0
 
-    def _steps_to_finish(self, seq: Sequence) -> int:
-        prefill_steps = -(-seq.num_uncomputed // max(1, self.config.max_prefill_tokens))
+    def _steps_to_finish(self, seq: Sequence, prompts_before: int = 0) -> int:
+        """Steps `seq` takes at most, its prompt computed after `prompts_before` other tokens."""
+        prefill_steps = -(-(prompts_before + seq.num_uncomputed) // max(1, self.config.max_prefill_tokens))
         return prefill_steps + seq.max_tokens - seq.num_generated
 
     def _try_admit(self, seq: Sequence, *, wait_for_prefix: bool = True) -> str:

@@ -439,3 +439,38 @@ def test_side_slots_count_against_admission():
     batch.add([seq])  # 2 blocks of prompt and 3 of side slots: more than the pool
     assert batch.schedule() is None
     assert batch.rejected == [seq]
+
+
+def test_a_wide_request_waits_for_backfilled_ones_at_most_backfill_steps_when_the_running_one_ends_early():
+    """The running request may stop at an end token long before its max_tokens: a backfilled
+    request as long as that max_tokens held the rows the wide one needed (admitted at step 152
+    instead of 6). Backfills end within `backfill_steps`, so the wait past the early end is bounded."""
+    batch = make(max_rows=4, num_blocks=256, backfill_steps=8)
+    running = request(range(5), max_tokens=200, arrival=0, origin="x")
+    batch.add(running)
+    driver = Driver(batch)
+    driver.step()
+    wide = request(range(30, 34), n=4, max_tokens=3, arrival=1, origin="a")
+    batch.add(wide)
+    long_ones, short_ones = [], []
+    for step in range(40):
+        if step % 4 == 0:
+            long_ones.append(
+                request(range(100 + step, 104 + step), max_tokens=150, arrival=2 + step, origin=f"l{step}")
+            )
+            short_ones.append(
+                request(range(200 + step, 204 + step), max_tokens=4, arrival=2 + step, origin=f"s{step}")
+            )
+            batch.add(long_ones[-1])
+            batch.add(short_ones[-1])
+        if step == 5:
+            batch.finish(running[0])  # an end token, 195 tokens early
+        driver.step()
+        assert not any(
+            seqs[0].is_running for seqs in long_ones if not wide[0].is_finished and not wide[0].is_running
+        )
+        if wide[0].is_running or wide[0].is_finished:
+            break
+    assert wide[0].is_running or wide[0].is_finished
+    assert driver.steps <= 6 + 8 + 2  # the early end, then at most backfill_steps (and a prefill step)
+    assert any(seqs[0].is_running or seqs[0].is_finished for seqs in short_ones)  # short ones did pass
