@@ -269,12 +269,25 @@ def enlarged_to(image, side: int):
     return image.resize((max(width, side), max(height, side)), Image.Resampling.BICUBIC)
 
 
-def image_inputs_digest(inputs: Mapping[str, Any]) -> bytes:
+def image_inputs_digest(inputs: Mapping[str, Any], num_tokens: int | None = None) -> bytes:
     """What the model sees of the images (pixel values, sizes, grids), hashed: equal digests mean
-    equal image inputs, so their keys and values can be shared."""
+    equal image inputs, so their keys and values can be shared.
+
+    Integer tensors with one entry per prompt token (`mm_token_type_ids` of Qwen2-VL and GLM-4V,
+    Gemma 3's `token_type_ids`, Mllama's `cross_attention_mask`) are left out: they follow from the token ids, which the cache keys
+    hold already, and hashing them made the digest change with every word after the image, so no
+    later turn of a chat found the blocks from its image on."""
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(inputs):
         value = inputs[name]
+        if (
+            num_tokens is not None
+            and hasattr(value, "detach")
+            and value.ndim >= 2
+            and tuple(value.shape[:2]) == (1, num_tokens)
+            and not value.is_floating_point()
+        ):
+            continue
         digest.update(name.encode())
         if hasattr(value, "detach"):
             tensor = value.detach().cpu().contiguous()

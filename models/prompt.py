@@ -433,7 +433,7 @@ class PromptBuilder:
             num_images=len(decoded),
             num_image_tokens=image_tokens,
             unsplit_span=self._image_span(ids),
-            span_digest=image_inputs_digest(mm),
+            span_digest=image_inputs_digest(mm, len(ids)),
         )
         self._add_spans(prepared, mm)
         if self.rope_index is not None and mm.get("mm_token_type_ids") is not None:

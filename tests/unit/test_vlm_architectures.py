@@ -457,6 +457,29 @@ def test_an_encoder_decoder_vlm_generates_from_its_decoder_start_token(tmp_path_
         assert ours == reference[0, 1:].tolist()  # after the decoder's start token
 
 
+def test_a_later_turn_of_a_chat_keys_its_image_as_the_first_turn_did(arch_replica):
+    """The image's digest is mixed into the cache keys of every block from its first token on:
+    hashing per-token inputs (Qwen2-VL's mm_token_type_ids, Gemma 3's token_type_ids) made it
+    change with every word after the image, so no later turn found those blocks cached."""
+    _, replica = arch_replica
+    image = png(6)
+    asked = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}
+    first = _builder(replica).prepare(PromptInput(messages=(asked,), images=(image,)))
+    follow_up = (
+        asked,
+        {"role": "assistant", "content": "A square."},
+        {"role": "user", "content": "And then?"},
+    )
+    later = _builder(replica).prepare(PromptInput(messages=follow_up, images=(image,)))
+    assert later.token_ids[: first.unsplit_span[1] + 1] == first.token_ids[: first.unsplit_span[1] + 1]
+    if later.unsplit_span == first.unsplit_span:
+        assert later.span_digest == first.span_digest
+    else:  # PaliGemma: the whole prompt attends both ways, so a later turn shares no block of it
+        assert later.span_digest != first.span_digest
+    other = _builder(replica).prepare(PromptInput(messages=follow_up, images=(png(7),)))
+    assert other.span_digest != first.span_digest
+
+
 def test_low_detail_images_are_shrunk_first(tmp_path_factory):
     """OpenAI's `detail: "low"` (PromptInput.image_max_sides): the image reaches the processor
     with its longest side capped, so a dynamic-resolution model gets fewer image tokens, and the
