@@ -88,6 +88,7 @@ class PagedRunner:
         text_config._paged_fallback_attn = self.original_attn
         # Mllama: cross-attention layers read each request's vision states from its side blocks.
         self.cross = CrossAttention(model, self.cache) if has_cross_attention(model) else None
+        self._placeholders = _placeholder_ids(model.config) if self.cross is None else frozenset()
         text_config._attn_implementation = attention.ATTENTION_NAME
         # "capture": CUDA graphs for decode steps; "static": their padded buffers without capture
         # (what CPU tests check); "off": every step eager.
@@ -157,7 +158,34 @@ class PagedRunner:
         logprobs) when it asked. The self-test drives this same code with probes."""
         if self.graphs is not None and self.graphs.applicable(rows):
             return self.graphs.forward(rows)
+        if self._placeholders and (apart := self._image_rows_apart(rows)) is not None:
+            return apart
         return self.forward_eager(rows)
+
+    def _image_rows_apart(self, rows: list[PlanRow]) -> torch.Tensor | None:
+        """A model puts image features where the step's input ids hold its image placeholder, and
+        checks that their counts agree over the whole packed step: a row without images holding
+        that token (typed into a raw prompt, or generated) beside a row with images made the step
+        fail, and every row was computed again alone. Such a step runs as two forwards, the rows
+        with images and the others; the logits come back in row order."""
+        with_images = [i for i, row in enumerate(rows) if row.mm_inputs]
+        if not with_images or len(with_images) == len(rows):
+            return None
+        placeholders = self._placeholders
+        others = [i for i, row in enumerate(rows) if not row.mm_inputs]
+        if not any(token in placeholders for i in others for token in rows[i].token_ids):
+            return None
+        by_row: dict[int, torch.Tensor] = {}
+        for group in (with_images, others):
+            logits = self.forward([rows[i] for i in group])
+            offset = 0
+            for i in group:
+                kept = (len(rows[i].scoring.targets) if rows[i].scoring is not None else 0) + bool(
+                    rows[i].samplers
+                )
+                by_row[i] = logits[offset : offset + kept]
+                offset += kept
+        return torch.cat([by_row[i] for i in range(len(rows))])
 
     def forward_eager(self, rows: list[PlanRow]) -> torch.Tensor:
         """One packed forward over `rows`, built for this step's shapes."""
@@ -367,3 +395,13 @@ def _merge_model_inputs(inputs: list[dict]) -> dict:
         values = [each[name] for each in inputs]
         merged[name] = torch.cat(values) if isinstance(values[0], torch.Tensor) else values[0]
     return merged
+
+
+def _placeholder_ids(config) -> frozenset[int]:
+    """The token ids a vision-language model replaces with image or video features."""
+    found: set[int] = set()
+    for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value >= 0:
+            found.add(value)
+    return frozenset(found)

@@ -480,6 +480,29 @@ def test_a_later_turn_of_a_chat_keys_its_image_as_the_first_turn_did(arch_replic
     assert other.span_digest != first.span_digest
 
 
+def test_image_placeholders_typed_into_a_text_prompt_beside_an_image_request(arch_replica, caplog):
+    """A raw prompt holding the image placeholder token (no image) computed in the same step as
+    an image prompt: the model counted placeholders over the packed step against the one image's
+    features, the step failed (an ERROR with a traceback) and every row ran again alone."""
+    arch, replica = arch_replica
+    if replica.path != "fast" or replica.runner.cross is not None:
+        pytest.skip(
+            "the packed step is the fast path's; cross-attention models have no placeholders to count"
+        )
+    [placeholder] = sorted(replica.runner._placeholders)[:1]
+    image = _image_prompt(replica, "Describe it.", seed=3)
+    typed = _text_prompt(replica, "look here")
+    typed = PreparedPrompt(
+        [*typed.token_ids[:-1], placeholder, placeholder, placeholder, typed.token_ids[-1]]
+    )
+    params = SamplingParams(max_tokens=MAX_NEW, **GREEDY)
+    with caplog.at_level("ERROR", logger="scheduler.executor"):
+        outputs = run_jobs(replica, [(0, image, params), (0, typed, params)])
+    assert not [r for r in caplog.records if "retrying each row alone" in r.getMessage()]
+    assert outputs[0] == hf_greedy(replica, image, MAX_NEW)
+    assert outputs[1] == run_jobs(replica, [(0, typed, params)])[0]  # as alone
+
+
 def test_low_detail_images_are_shrunk_first(tmp_path_factory):
     """OpenAI's `detail: "low"` (PromptInput.image_max_sides): the image reaches the processor
     with its longest side capped, so a dynamic-resolution model gets fewer image tokens, and the
