@@ -294,11 +294,14 @@ def _tool_handling(tokenizer, template: str) -> tuple[bool, bool, bool]:
         calls_shown = (
             text is None or "zq7arg" in text or _PROBE_TEXT in text.replace(_PROBE_TEXT + "result", "")
         )
-        _TOOL_HANDLING[template] = (
-            template_reads(template, "tools"),
-            text is None or _PROBE_TEXT + "result" in text,
-            calls_shown,
-        )
+        result_shown = text is None or _PROBE_TEXT + "result" in text
+        if not result_shown:
+            # A template that reads content as parts only gets the result as parts (content_handling):
+            # probed as a string alone, it was said to leave out results it shows.
+            turns[-1] = {**turns[-1], "content": [{"type": "text", "text": _PROBE_TEXT + "result"}]}
+            as_parts = _probe_render(tokenizer, template, turns)
+            result_shown = as_parts is None or _PROBE_TEXT + "result" in as_parts
+        _TOOL_HANDLING[template] = (template_reads(template, "tools"), result_shown, calls_shown)
     return _TOOL_HANDLING[template]
 
 

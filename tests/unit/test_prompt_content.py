@@ -335,3 +335,32 @@ def test_a_tokenizer_that_drops_whitespace_is_not_cut_short_by_the_character_bou
         PromptInput(text=" ".join(["hello"] * 40) + " " * 3000, add_special_tokens=False)
     )
     assert len(longer.token_ids) == 16 and longer.warnings
+
+
+def test_a_template_that_reads_parts_only_is_not_said_to_leave_out_tool_results() -> None:
+    """LLaVA-NeXT's kind of template loops over content parts and never checks for a string: the
+    server sends it the tool result as parts, and it shows it; the probe sent the result as a
+    string, and the answer warned that results were left out."""
+    from models.template_messages import template_omissions
+    from tests.unit.vlm_builder_parts import tiny_tokenizer
+
+    parts_only = (
+        "{%- for message in messages -%}{{- message['role'].upper() + ': ' -}}"
+        "{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+        "{%- endif -%}{%- endfor -%}{{- ' ' -}}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+    )
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [], "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "RESULT 42"}]},
+    ]
+    warnings = template_omissions(tiny_tokenizer(), parts_only, messages, None)
+    assert not any("tool results" in warning for warning in warnings), warnings
+    # A template that shows no result in either shape still says so.
+    no_tools = parts_only.replace(
+        "{%- for message in messages -%}", "{%- for message in messages if message['role'] != 'tool' -%}"
+    )
+    warnings = template_omissions(tiny_tokenizer(), no_tools, messages, None)
+    assert any("tool results" in warning for warning in warnings), warnings
