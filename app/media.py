@@ -151,6 +151,9 @@ async def load_image_bytes(
     url: str, policy: ImageFetchPolicy, *, client: httpx.AsyncClient | None = None
 ) -> bytes:
     """The encoded bytes behind an `image_url.url`; raises `InvalidImageError` for anything refused."""
+    # Whitespace around the URL (a data URL pasted with its line break) is no part of it: kept,
+    # a data URL was taken for a remote one and refused as too long.
+    url = url.strip()
     if url[:5].lower() == "data:":
         if len(url) <= _INLINE_DATA_URL_CHARS:
             return _decode_data_url(url, policy.max_bytes)

@@ -95,6 +95,16 @@ async def refused(url: str, policy: ImageFetchPolicy = LOOPBACK, **kwargs) -> st
 # --- happy paths ---------------------------------------------------------------------------------
 
 
+async def test_a_data_url_with_whitespace_around_it_is_a_data_url(png):
+    """Pasted with a line break (or indented), a data URL was taken for a remote URL and refused
+    as longer than a URL may be."""
+    import base64
+
+    inline = "data:image/png;base64," + base64.b64encode(png + b"\0" * 9000).decode()
+    assert len(inline) > 8192
+    assert await load_image_bytes(f"  {inline}\n", LOOPBACK) == png + b"\0" * 9000
+
+
 async def test_fetches_png_from_the_checked_address(server, png, net):
     assert await load_image_bytes(server.url("/png"), LOOPBACK) == png
     assert set(net.connects) == {"127.0.0.1"}
