@@ -213,6 +213,8 @@ async def _announce_readiness(scheduler: Scheduler, services: Services) -> None:
         for line in startup_banner(settings, base, time.monotonic() - started):
             log.log(logging.WARNING if line.startswith("warning:") else logging.INFO, "[server] %s", line)
         services.tool_format()  # settled now (it logs which), if no request settled it first
+    elif scheduler.draining:  # stopped while starting (SIGTERM): not a failure
+        log.info("[server] stopped before it was ready (shutting down)")
     else:
         errors = "; ".join(f"replica {e.name}: {e.error}" for e in scheduler.executors if e.error)
         log.error("[server] Not ready (degraded). Health: %s Error: %s", url, errors or scheduler.status)
