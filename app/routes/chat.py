@@ -78,7 +78,8 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         )
         return sse_response(events, headers)
 
-    collected = await collect_answer(request, stream, tracker)
+    with _length_field_named(data):  # a request the KV cache cannot hold fails after submit
+        collected = await collect_answer(request, stream, tracker)
     choices = []
     for i, choice in enumerate(collected.choices):
         message, finish_reason = _message(choice, tool_parser)
