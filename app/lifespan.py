@@ -104,6 +104,7 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
         scheduler = Scheduler(config)
         await scheduler.start()
         services.scheduler = scheduler
+        translator.accepts_images = lambda: scheduler.is_vision
         task_group.start_soon(_announce_readiness, scheduler, services)
         _drain_before_granian_stops(scheduler, settings, app.state.body_reads)
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -44,6 +44,9 @@ class Translator:
         self.settings = settings
         self.image_policy = image_policy
         self.image_client = image_client
+        # Whether the served model takes images (None until a replica is ready): set by the
+        # lifespan once the scheduler exists.
+        self.accepts_images: Callable[[], bool | None] = lambda: None
 
     # -- contract ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -258,6 +261,12 @@ class Translator:
         if len(urls) > limit:  # the one check of the count, before any image is fetched
             raise InvalidRequestError(
                 f"{len(urls)} images sent; this server accepts at most {limit} per request", param="messages"
+            )
+        if urls and fetch_images and self.accepts_images() is False:
+            # Refused before fetching: a text-only server would otherwise download what clients
+            # point it at (up to MAX_IMAGES_PER_REQUEST URLs a request) only to refuse it.
+            raise InvalidRequestError(
+                "this model does not accept images (it is a text-only model)", param=params[0]
             )
         images = await self._fetch_all(urls, params) if fetch_images else ()
         return PromptInput(

@@ -73,6 +73,21 @@ def test_text_server_refuses_images(text_server: Server) -> None:
     assert "does not accept images" in error["message"]
     with pytest.raises(openai.BadRequestError):
         text_server.openai().chat.completions.create(model=text_server.model_name, **body)
+    # Refused before anything is fetched: the text-only server downloaded client URLs first (and
+    # here, a loopback address, answered that one instead), on chat, /tokenize and /v1/responses.
+    remote = "http://127.0.0.1:9/never-fetched.png"
+    with text_server.http() as client:
+        for path, request in (
+            ("/v1/chat/completions", {"messages": image_message("What?", remote), "max_tokens": 4}),
+            ("/tokenize", {"messages": image_message("What?", remote)}),
+            (
+                "/v1/responses",
+                {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": remote}]}]},
+            ),
+        ):
+            error = assert_openai_error(client.post(path, json=request), 400)
+            assert "does not accept images" in error["message"], (path, error)
+            assert error["param"] and error["param"] != "messages", (path, error)
 
 
 @pytest.mark.parametrize(
