@@ -74,6 +74,14 @@ async def strict_body(request: Request, data_type: type[T]) -> T:
         raise invalid_body(exc) from None
 
 
+async def undeclared_fields(request: Request, data_type: type) -> list[str]:
+    """For routes that do not `begin` a generation (/tokenize, /detokenize, /v1/apply_template):
+    the same policy for fields the body does not declare (app.request_fields): a known one that
+    would change the answer (`chat_template`, `continue_final_message`) is a 400, an unknown one
+    comes back as a warning; they were dropped without a word."""
+    return check_undeclared(await request.json(), data_type.__struct_fields__, request.url.path)
+
+
 @dataclass
 class Call(Generic[T]):
     """One generation request as a route sees it, once `begin` has checked the body."""

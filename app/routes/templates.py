@@ -6,7 +6,7 @@ from litestar import Request, Response, post
 
 from app.routes import protected
 from app.schemas.templates import ApplyTemplateRequest, ApplyTemplateResponse
-from app.services import services, strict_body, warning_headers
+from app.services import services, strict_body, undeclared_fields, warning_headers
 
 
 @protected(
@@ -14,7 +14,8 @@ from app.services import services, strict_body, warning_headers
 )
 async def apply_template(request: Request, data: ApplyTemplateRequest) -> Response[ApplyTemplateResponse]:
     data = await strict_body(request, ApplyTemplateRequest)
+    ignored = await undeclared_fields(request, ApplyTemplateRequest)
     svc = services(request)
     prompt = await svc.translator.template_prompt(data)
     text, warnings = await svc.require_scheduler().render(prompt)
-    return Response(ApplyTemplateResponse(prompt=text), headers=warning_headers(warnings))
+    return Response(ApplyTemplateResponse(prompt=text), headers=warning_headers([*ignored, *warnings]))

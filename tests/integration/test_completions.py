@@ -296,3 +296,23 @@ def test_tokenize_and_detokenize_errors(text_server: Server) -> None:
     assert_openai_error(_post(text_server, "/tokenize", {}), 400, param="prompt")
     both = _post(text_server, "/tokenize", {"prompt": "x", "messages": user()})
     assert_openai_error(both, 400, param="prompt")
+
+
+def test_fields_the_tokenizer_routes_do_not_declare_follow_the_generation_routes_policy(
+    text_server: Server,
+) -> None:
+    """`chat_template` and `continue_final_message` change a rendering: a 400, as on chat; an
+    unknown field is named in X-Request-Warnings. Both were dropped without a word."""
+    messages = user("hi")
+    for path, body in (
+        ("/tokenize", {"messages": messages}),
+        ("/v1/apply_template", {"messages": messages}),
+    ):
+        for field, value in (("chat_template", "{{ 'X' }}"), ("continue_final_message", True)):
+            assert_openai_error(_post(text_server, path, {**body, field: value}), 400, param=field)
+        response = _post(text_server, path, {**body, "return_token_strs": True})
+        assert response.status_code == 200
+        assert "return_token_strs" in response.headers["X-Request-Warnings"], path
+    response = _post(text_server, "/detokenize", {"tokens": [5, 6], "skip_special_tokens": False})
+    assert response.status_code == 200 and "skip_special_tokens" in response.headers["X-Request-Warnings"]
+    assert "X-Request-Warnings" not in _post(text_server, "/detokenize", {"tokens": [5, 6]}).headers
