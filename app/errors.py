@@ -176,13 +176,18 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
     return error_response(status, error_body(status, message, type_=type_, code=code), headers or None)
 
 
+def _without_mapping_keys(path: str) -> str | None:
+    """msgspec writes a key of a mapping as `[...]` (`metadata[...]`): the param is the mapping."""
+    return path.replace("[...]", "") or None
+
+
 def invalid_body(exc: msgspec.ValidationError) -> InvalidRequestError:
     """msgspec's "Expected `int`, got `str` - at `$.max_tokens`" as a 400 naming the field."""
     text = str(exc)
     param = None
     match = _PATH_IN_MESSAGE.search(text)
     if match:
-        param = match.group(1) or None
+        param = _without_mapping_keys(match.group(1))
         text = text[: match.start()]
     unknown = _UNKNOWN_FIELD.search(text)
     if unknown:  # the refused field itself, not the object holding it
@@ -221,10 +226,10 @@ def _describe_validation(exc: ValidationException) -> tuple[str, str | None]:
         # Litestar's KeyError for a handler whose body never arrived.
         return "the request body is empty: send a JSON object", None
     # Litestar strips msgspec's " - at `$.x`" suffix and reports the path as `key` ("data" = the body).
-    param = key if isinstance(key, str) and key != "data" else None
+    param = _without_mapping_keys(key) if isinstance(key, str) and key != "data" else None
     match = _PATH_IN_MESSAGE.search(text)
     if match:
-        param = match.group(1) or param
+        param = _without_mapping_keys(match.group(1)) or param
         text = text[: match.start()]
     field = _MISSING_FIELD.search(text) or _UNKNOWN_FIELD.search(text)
     if field:

@@ -130,7 +130,15 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     stream: bool | None = False  # null: false, as OpenAI's reference allows
-    metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA_KEYS)] | None = None
+    # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512 (echoed in every
+    # streamed response object, an unbounded value multiplied the answer's size).
+    metadata: (
+        Annotated[
+            dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
+            msgspec.Meta(max_length=MAX_METADATA_KEYS),
+        ]
+        | None
+    ) = None
     # "message.output_text.logprobs" returns the output text's logprobs (top_logprobs: how many
     # alternatives each); the other values name outputs this server never makes (accepted).
     include: Annotated[list[str], msgspec.Meta(max_length=16)] | None = None

@@ -337,6 +337,10 @@ REFUSED = [
     ({"tool_choice": "required"}, "tool_choice"),
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "text.format"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
+    # OpenAI's metadata limits (a value is echoed in every streamed response object).
+    ({"metadata": {"k": "v" * 513}}, "metadata"),
+    ({"metadata": {"k" * 65: "v"}}, "metadata"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     # Lowered to the server's cap (64) first, as the seed clamps; that still does not fit after this prompt.
     ({"max_output_tokens": 10**6, "input": "word " * 4000}, "max_output_tokens"),
     ({"temperature": 3}, "temperature"),
