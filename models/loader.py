@@ -203,14 +203,25 @@ def _load_model(spec: LoadSpec) -> LoadedModel:
     def load(impl: str) -> PreTrainedModel:
         # On a GPU the weights stream straight to the device (a 70 GB model must not need 70 GB of
         # host RAM first); on CPU there is nowhere else to put them.
-        model = model_class.from_pretrained(
-            path,
-            config=copy.deepcopy(config),
-            dtype=dtype,
-            attn_implementation=impl,
-            **weight_placement(devices),
-            **hub_kwargs,
-        )
+        try:
+            model, loading = model_class.from_pretrained(
+                path,
+                config=copy.deepcopy(config),
+                dtype=dtype,
+                attn_implementation=impl,
+                output_loading_info=True,
+                **weight_placement(devices),
+                **hub_kwargs,
+            )
+        except ValueError as exc:
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+            raise ModelLoadError(
+                f"{_display(spec)} is not a model this server can generate with: transformers has no "
+                f"{model_class.__name__} for its {type(config).__name__}"
+            ) from None
+        if (unfit := model_facts.weights_not_loaded(model, loading)) is not None:
+            raise ModelLoadError(f"{_display(spec)}: {unfit}")
         if len(devices) == 1:
             model = model.to(device)
         model = model.eval().requires_grad_(False)
@@ -431,6 +442,8 @@ def _load_with_attention_fallback(
             startup_step(spec, f"Loading model (attn={impl}, dtype={_DTYPE_NAMES[dtype]})")
             try:
                 model = load(impl)
+            except ModelLoadError:
+                raise  # the model itself, not the attention kernel: no other one would load it
             except Exception as exc:  # noqa: BLE001 - a kernel may fail at load or at first forward
                 reason = f"{type(exc).__name__}: {_scrub(exc, spec, path)}"
                 _release_memory(device)

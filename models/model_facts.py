@@ -1,12 +1,16 @@
 """Facts read off a loaded checkpoint's config, tokenizer and processor: the context length, the
-end-of-sequence ids, the chat template and the image placeholder token."""
+end-of-sequence ids, the chat template and the image placeholder token; and whether the
+checkpoint's weights fit the class it was loaded as."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONTEXT = 2048
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -72,4 +76,36 @@ def image_token_id(
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             return token_id
+    return None
+
+
+def weights_not_loaded(model: PreTrainedModel, loading: dict) -> str | None:
+    """Why `model` cannot be served as loaded, when the checkpoint's weights do not fit its class
+    (a sequence or image classifier, ShieldGemma 2, loaded as a causal LM): transformers fills
+    what is missing with random values, and the server answered from a random head as if ready.
+    Its embeddings or output head missing, or most of its parameters, is that; fewer missing
+    parameters are logged (randomly initialised, as transformers leaves them)."""
+    missing = set(loading.get("missing_keys") or ())
+    if not missing:
+        return None
+    names = {id(param): name for name, param in model.named_parameters(remove_duplicate=False)}
+    core = [
+        names[id(param)]
+        for module in (model.get_input_embeddings(), model.get_output_embeddings())
+        if module is not None
+        for param in module.parameters()
+        if names.get(id(param)) in missing
+    ]
+    total = sum(param.numel() for param in model.parameters()) or 1
+    absent = sum(param.numel() for name, param in model.named_parameters() if name in missing)
+    if core or absent > total // 2:
+        examples = ", ".join(sorted(core or missing)[:3])
+        return (
+            f"the checkpoint's weights do not fit {type(model).__name__} ({len(missing)} of its parameters "
+            f"are not in it, {examples} among them): it is not a checkpoint of a generative model (a "
+            "classifier, or one that needs trust_remote_code)"
+        )
+    log.warning(
+        "parameters missing from the checkpoint (randomly initialised): %s", ", ".join(sorted(missing)[:8])
+    )
     return None

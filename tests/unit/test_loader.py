@@ -202,3 +202,35 @@ def test_a_configured_chat_template_replaces_the_checkpoints(builtin_cache: str)
     loaded = load_model(LoadSpec(source="builtin:tiny", cache_dir=builtin_cache, chat_template="{{ 'X' }}"))
     assert loaded.chat_template == "{{ 'X' }}"
     assert "chat_template=from --chat-template" in loaded.decisions
+
+
+def test_a_classifier_checkpoint_is_refused_not_served_with_a_random_head(tiny_text_path, tmp_path) -> None:
+    """A sequence classifier loaded as a causal LM gets a random lm_head from transformers: it was
+    served as ready, answering from random weights. A config transformers has no causal LM for
+    is said to be that, not an attention failure (it was retried with every kernel)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(tiny_text_path)
+    config.num_labels = 2
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_config(config)
+    classifier.config.architectures = [type(classifier).__name__]
+    out = tmp_path / "classifier"
+    classifier.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_text_path / name).exists():
+            shutil.copy(tiny_text_path / name, out / name)
+    with pytest.raises(ModelLoadError, match="do not fit") as refused:
+        load_model(LoadSpec(source=str(out), dtype="fp32", attn_impl="sdpa"))
+    assert "attention" not in str(refused.value)
+
+    colpali = tmp_path / "colpali"
+    shutil.copytree(out, colpali)
+    (colpali / "config.json").write_text(
+        '{"model_type": "colpali", "vlm_config": {"model_type": "paligemma"}}'
+    )
+    with pytest.raises(ModelLoadError) as unsupported:
+        load_model(LoadSpec(source=str(colpali), dtype="fp32", attn_impl="sdpa"))
+    assert "any attention implementation" not in str(unsupported.value)
