@@ -75,6 +75,7 @@ class _Lockstep(LogitsProcessor):
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.tokens: queue.SimpleQueue = queue.SimpleQueue()  # token ids to force, or _STOP
         self.stopped = False
+        self.pending: _Call | None = None  # the forward this thread waits for, if any
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         forced = torch.full_like(scores, float("-inf"))
@@ -93,9 +94,12 @@ class _Lockstep(LogitsProcessor):
         """In the generate() thread: hand the forward to the runner and wait for its result."""
         if self.stopped:
             raise _Stopped
-        call = _Call(kwargs)
+        call = self.pending = _Call(kwargs)
+        if self.stopped:  # stop() may have looked for a pending call just before it was set
+            raise _Stopped
         self.events.put(call)
         call.done.wait()
+        self.pending = None
         if call.error is not None:
             raise call.error
         return call.result
@@ -167,8 +171,17 @@ class _SequenceThread:
         return self.hooks.events.get()
 
     def stop(self) -> None:
-        """End the call and wait for its thread, so no forward pass of it overlaps the next one."""
-        self.hooks.tokens.put(_STOP)
+        """End the call and wait for its thread, so no forward pass of it overlaps the next one.
+        A thread waiting for a forward the runner will not compute (its model's generate() asked
+        for one where scores were due: Janus's drops the logits processor) is woken with
+        _Stopped; it waited out the join's timeout, a minute of the step loop, and never ended."""
+        hooks = self.hooks
+        hooks.stopped = True
+        hooks.tokens.put(_STOP)
+        call = hooks.pending
+        if call is not None and not call.done.is_set():
+            call.error = _Stopped()
+            call.done.set()
         self._thread.join(_JOIN_TIMEOUT_S)
 
 
@@ -320,6 +333,18 @@ class GenericRunner:
             raise RuntimeError("the generic path continues a sequence one token at a time")
         thread.feed(row.token_ids[0])
         return thread
+
+    def check_lockstep(self, token_ids: list[int]) -> str | None:
+        """None when generate() on `token_ids` asks for a forward and then hands over its scores
+        through the hooks, as every step relies on; else what it did instead."""
+        thread = _SequenceThread(self, token_ids, None)
+        try:
+            self._prefill_alone(thread)
+        except Exception as exc:  # noqa: BLE001 - any way of not stepping is the answer
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            thread.stop()
+        return None
 
     def _prefill_alone(self, thread: _SequenceThread) -> None:
         """The prompt's forward, its scores dropped: a forked choice then decodes its first token

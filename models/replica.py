@@ -310,6 +310,15 @@ def _generic(
     runner = GenericRunner(
         loaded.model, device=loaded.device, pad_token_id=pad, scope=scope, batch_decode=problem is None
     )
+    with scope(), torch.inference_mode():
+        bypassed = runner.check_lockstep(token_ids[:16])
+    if bypassed is not None:
+        # Janus's generate() drops the logits processor the runner steps it with: every request
+        # failed (after a minute's stall, before stop() woke the thread) while /health said ready.
+        runner.restore_forward()
+        raise ModelLoadError(
+            f"the model's generate() does not step through the server's hooks ({bypassed}); after: {reason}"
+        )
     return ModelReplica(
         loaded,
         runner,

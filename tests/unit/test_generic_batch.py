@@ -81,3 +81,36 @@ def test_the_startup_check_accepts_a_model_whose_merged_decoding_matches(model):
         return model.forward(input_ids=input_ids, **kwargs)
 
     assert "position ids" in batching_problem(model, positionless, list(range(3, 30)))
+
+
+def test_a_generate_that_drops_the_logits_processor_is_caught_at_startup_and_its_thread_ends(model):
+    """Janus's generate() takes logits_processor and never passes it on: the runner got a second
+    forward where scores were due, its stop() waited a minute for a thread blocked on a forward it
+    would never compute (the step loop frozen, the thread leaked), and every request failed that
+    way while /health said ready. Now the startup check names it and the thread is woken."""
+    import contextlib
+    import threading
+    import time
+
+    from models.generic import GenericRunner
+
+    class DropsProcessors(type(model)):
+        def generate(self, *args, logits_processor=None, **kwargs):
+            return super().generate(*args, **kwargs)
+
+    dropping = copy.deepcopy(model)
+    dropping.__class__ = DropsProcessors
+    runner = GenericRunner(dropping, device=torch.device("cpu"), pad_token_id=0, scope=contextlib.nullcontext)
+    threads_before = threading.active_count()
+    started = time.monotonic()
+    with torch.inference_mode():
+        reason = runner.check_lockstep([1, 2, 3, 4])
+    assert reason is not None and "unexpected event" in reason
+    assert time.monotonic() - started < 10  # not the 60 s join
+    assert threading.active_count() == threads_before  # the sequence's thread ended
+    runner.restore_forward()
+    plain = GenericRunner(
+        copy.deepcopy(model), device=torch.device("cpu"), pad_token_id=0, scope=contextlib.nullcontext
+    )
+    with torch.inference_mode():
+        assert plain.check_lockstep([1, 2, 3, 4]) is None
