@@ -153,6 +153,18 @@ GENERATE_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     # TGI's own parameters beside `parameters` instead of in it (`temperature: 0` at the top level
     # was ignored with a warning, and the answer sampled).
     **{name: ((), "put it in parameters") for name in GenerateParameters.__struct_fields__},
+    # ... except at the values that change nothing there either (huggingface_hub's defaults).
+    **{
+        name: (neutral, "put it in parameters")
+        for name, neutral in (
+            ("details", (False,)),
+            ("decoder_input_details", (False,)),
+            ("top_n_tokens", (0,)),
+            ("best_of", (1,)),
+            ("typical_p", (1, 1.0)),
+            ("watermark", (False,)),
+        )
+    },
 }
 GENERATE_PATH = "/generate"
 

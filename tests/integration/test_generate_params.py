@@ -218,6 +218,9 @@ def test_openai_names_in_parameters_are_400s_saying_what_to_use(
         # TGI's parameters beside `parameters`: `temperature: 0` there was ignored, and the answer sampled.
         misplaced = http.post("/generate", json={"inputs": INPUTS, "temperature": 0})
         assert "put it in parameters" in assert_openai_error(misplaced, 400, param="temperature")["message"]
+        # At the values that change nothing (a careless client's `details: false`), accepted.
+        careless = http.post("/generate", json={"inputs": INPUTS, "details": False, "parameters": GREEDY})
+        assert careless.status_code == 200, careless.text
         unknown = generate(http, **GREEDY, **{"limit-max_tokens": 3}).json()["warnings"]
         assert unknown == ["unknown field 'parameters.limit-max_tokens' ignored"]
 
