@@ -176,6 +176,12 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
     return error_response(status, error_body(status, message, type_=type_, code=code), headers or None)
 
 
+# The engine's names for the length fields in its messages, where routes with other names for them
+# (/generate, max_completion_tokens) write their own; not where a client's own field name is quoted
+# or follows "parameters.".
+ENGINE_LENGTH_FIELD = re.compile(r"(?<!['.])\b(max|min)_tokens\b")
+
+
 def _without_mapping_keys(path: str) -> str | None:
     """msgspec writes a key of a mapping as `[...]` (`metadata[...]`): the param is the mapping."""
     return path.replace("[...]", "") or None

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -78,7 +78,8 @@ async def undeclared_fields(request: Request, data_type: type) -> list[str]:
     """For routes that do not `begin` a generation (/tokenize, /detokenize, /v1/apply_template):
     the same policy for fields the body does not declare (app.request_fields): a known one that
     would change the answer (`chat_template`, `continue_final_message`) is a 400, an unknown one
-    comes back as a warning; they were dropped without a word."""
+    comes back as a warning; they were dropped without a word. Litestar caches the parsed body:
+    no second parse."""
     return check_undeclared(await request.json(), data_type.__struct_fields__, request.url.path)
 
 
@@ -98,6 +99,11 @@ class Call(Generic[T]):
             return engine_request
         return dataclasses.replace(engine_request, warnings=self.warnings + engine_request.warnings)
 
+    def renamed_warnings(self, warnings: list[str], rename: Callable[[str], str]) -> list[str]:
+        """A stream's warnings with the engine's field names in the route's own words; the body's
+        warnings quote what the client sent and stay as they are."""
+        return [w if w in self.warnings else rename(w) for w in warnings]
+
 
 async def begin(
     request: Request, data_type: type[T], *, endpoint: str, id_prefix: str, separator: str = "-"
@@ -109,8 +115,7 @@ async def begin(
     tracker = RequestTracker(svc, endpoint, request_id, request.scope.setdefault("state", {}))
     with tracker.failures():
         data = await strict_body(request, data_type)
-        # Litestar caches the parsed body: no second parse.
-        ignored = check_undeclared(await request.json(), type(data).__struct_fields__, request.url.path)
+        ignored = await undeclared_fields(request, data_type)
     return Call(data, svc, request_id, tracker, tuple(ignored))
 
 

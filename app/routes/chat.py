@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Callable
 from functools import partial
 
 from litestar import Request, Response, post
 
-from app.errors import renamed_fields, status_of
+from app.errors import ENGINE_LENGTH_FIELD, renamed_fields, status_of
 from app.prompt_logprobs import vllm_prompt_logprobs
 from app.routes import protected
 from app.schemas.chat import (
@@ -46,11 +45,7 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         engine_request = await svc.translator.chat(data, call.request_id, tool_format)
         stream = await scheduler.submit(call.warned(engine_request))
     if data.max_completion_tokens is not None:
-        stream.warnings = [
-            # The body's own warnings, and the one about both fields, already say what was sent.
-            w if w in call.warnings or "max_completion_tokens" in w else _completion_length(w)
-            for w in stream.warnings
-        ]
+        stream.warnings = call.renamed_warnings(stream.warnings, _completion_length)
     model = svc.settings.model_name
     headers = warning_headers(stream.warnings)
     tool_parser = parser_factory(data, tool_format)
@@ -111,13 +106,13 @@ def _message(
     return message, finish_reason_for(choice.finish_reason, len(parsed.tool_calls))
 
 
-# The engine names the length field `max_tokens`; a request that sent max_completion_tokens (the
-# one that wins) reads its name in the warning that lowered it and in a context-length error.
-_MAX_TOKENS = re.compile(r"(?<!['.])\bmax_tokens\b")
-
-
 def _completion_length(message: str) -> str:
-    return _MAX_TOKENS.sub("max_completion_tokens", message)
+    """The engine names the length field `max_tokens`; a request that sent max_completion_tokens
+    (the one that wins) reads its name in the warning that lowered it and in a context-length
+    error. The warning about both fields says what was sent already."""
+    if "max_completion_tokens" in message:
+        return message
+    return ENGINE_LENGTH_FIELD.sub(lambda m: "max_completion_tokens" if m[1] == "max" else m[0], message)
 
 
 def _length_field_named(data: ChatCompletionRequest) -> contextlib.AbstractContextManager[None]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 
 from litestar import Request, Response, post
 
-from app.errors import renamed_fields
+from app.errors import ENGINE_LENGTH_FIELD, renamed_fields
 from app.request_fields import check_undeclared
 from app.routes import protected
 from app.schemas.generate import GenerateParameters, GenerateRequest, GenerateResponse
@@ -28,8 +27,7 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
         stream = await svc.require_scheduler().submit(
             call.warned(svc.translator.generate(call.data, call.request_id))
         )
-    # The body's own warnings quote the client's field names: only the engine's are renamed.
-    warnings = [w if w in call.warnings else _tgi_text(w) for w in stream.warnings]
+    warnings = call.renamed_warnings(stream.warnings, _tgi_text)
     collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
     text = choice.text
@@ -48,13 +46,11 @@ async def generate(request: Request, data: GenerateRequest) -> Response:
 
 # The engine names the length fields as chat does; /generate's are parameters.max_new_tokens and
 # parameters.min_new_tokens.
-# A field the client named (quoted, or after "parameters.") keeps its name.
-_LENGTH_FIELD = re.compile(r"(?<!['.])\b(max|min)_tokens\b")
 _PARAMS = {"max_tokens": "parameters.max_new_tokens", "min_tokens": "parameters.min_new_tokens"}
 
 
 def _tgi_text(message: str) -> str:
-    return _LENGTH_FIELD.sub(r"\1_new_tokens", message)
+    return ENGINE_LENGTH_FIELD.sub(r"\1_new_tokens", message)
 
 
 def _tgi_names() -> contextlib.AbstractContextManager[None]:
