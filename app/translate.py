@@ -133,9 +133,11 @@ class Translator:
             warnings.append(
                 "stop ignored: a forced tool call (tool_choice) ends when its arguments are complete"
             )
+        # tool_choice "none" still shows the model its tools, as OpenAI and vLLM do (a history's
+        # calls render as the template shows them with tools); only calls are not parsed.
         prompt = await self.chat_prompt(
             req.messages,
-            tools=req.tools if req.tool_choice != "none" else None,
+            tools=req.tools,
             add_generation_prompt=req.add_generation_prompt,
             chat_template_kwargs=_template_kwargs(req),
         )

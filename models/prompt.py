@@ -22,7 +22,9 @@ from models.params import PromptInput
 from models.prompt_bounds import dense_cut, max_token_chars
 from models.template_messages import (
     NINE_CHARACTER_IDS,
+    REFUSED_TEMPLATE_ARGUMENTS,
     SERVER_TEMPLATE_ARGUMENTS,
+    SPECIAL_TOKEN_ARGUMENTS,
     blamed_message,
     content_handling,
     each_string,
@@ -174,6 +176,23 @@ class PromptBuilder:
                 f"{'it' if len(reserved) == 1 else 'them'} to the chat template itself (send tools in `tools`)",
                 param="chat_template_kwargs",
             )
+        special = sorted(kwargs.keys() & SPECIAL_TOKEN_ARGUMENTS)
+        if special:
+            raise InvalidRequestError(
+                f"chat_template_kwargs cannot set {', '.join(special)}: the template reads the "
+                "tokenizer's own special tokens",
+                param=f"chat_template_kwargs.{special[0]}",
+            )
+        for name, (unchanged, why) in REFUSED_TEMPLATE_ARGUMENTS.items():
+            if name in kwargs and kwargs[name] not in unchanged:
+                raise InvalidRequestError(
+                    f"chat_template_kwargs.{name} is not accepted: {why}",
+                    param=f"chat_template_kwargs.{name}",
+                )
+            kwargs.pop(name, None)
+        # Strings a client passes are text, as message content is (a `date_string` of `<|eot_id|>`
+        # closed the system turn).
+        kwargs = each_string(kwargs, self._as_text)
 
         # With tools, the checkpoint's "tool_use" template where it has one, as transformers picks it.
         template = (self.tool_chat_template if prompt.tools else None) or self.chat_template

@@ -36,6 +36,28 @@ SERVER_TEMPLATE_ARGUMENTS = frozenset(
     }
 )
 
+# The special tokens transformers hands a template (a client's value would replace the tokenizer's
+# own and could forge a turn).
+SPECIAL_TOKEN_ARGUMENTS = frozenset(
+    {
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "sep_token",
+        "pad_token",
+        "cls_token",
+        "mask_token",
+        "additional_special_tokens",
+    }
+)
+
+# Template arguments the server refuses as top-level fields too: through chat_template_kwargs they
+# reached the template and did what the refusal says is not done. Values that change nothing pass.
+REFUSED_TEMPLATE_ARGUMENTS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "continue_final_message": ((False, None), "continuing the last assistant message is not implemented"),
+    "documents": ((None, (), []), "put the documents in the messages"),
+}
+
 
 def nine_character_id(call_id: str) -> str:
     """The id as is when it is 9 letters and digits, else 9 drawn from its hash: a call and the
