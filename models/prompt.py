@@ -39,6 +39,9 @@ from models.template_messages import (
 
 log = logging.getLogger(__name__)
 
+# The side an image is enlarged to when its processor failed on it and a side was shorter.
+_RETRY_MIN_SIDE = 32
+
 NO_TEMPLATE = (
     "this model has no chat template, so chat messages cannot be turned into a prompt; start the server "
     "with --chat-template, or send a raw prompt to /v1/completions"
@@ -434,13 +437,37 @@ class PromptBuilder:
                 raise
         if self.min_image_side:
             decoded = [enlarged_to(image, self.min_image_side) for image in decoded]
+        warnings = []
         try:
             batch = self._process(text, decoded, special)
         except Exception as exc:
             log.debug("processor failed", exc_info=True)
-            raise InvalidRequestError(
-                f"the images could not be prepared for this model: {short_error(exc)}", param="messages"
-            ) from None
+            # Some processors divide by an image's scaled height (Idefics2's splitting fails on a
+            # 1-pixel-high line or a tracking pixel): such images are answered enlarged, and said so.
+            small = [i for i, image in enumerate(decoded) if min(image.size) < _RETRY_MIN_SIDE]
+            batch = None
+            if small:
+                try:
+                    batch = self._process(text, [enlarged_to(im, _RETRY_MIN_SIDE) for im in decoded], special)
+                except Exception:
+                    log.debug("processor failed on the enlarged images too", exc_info=True)
+                else:
+                    warnings.append(
+                        f"{len(small)} image(s) narrower than {_RETRY_MIN_SIDE} pixels were enlarged to "
+                        f"{_RETRY_MIN_SIDE} pixels a side: this model's image processor could not take them"
+                    )
+            if batch is None:
+                # The processor's own words are transformers' internals (SizeDict reprs, a bare
+                # "division by zero"): the operator's log gets them, the client a plain account.
+                log.info("image processor failed: %s", short_error(exc))
+                blamed = small if small else range(len(decoded))
+                param = params[blamed[0]] if len(blamed) == 1 and blamed[0] < len(params) else "messages"
+                sizes = ", ".join(f"{w}x{h}" for w, h in (image.size for image in decoded))
+                raise InvalidRequestError(
+                    f"the images could not be prepared for this model: its image processor failed on "
+                    f"them (sizes after decoding: {sizes}); an extreme size or aspect ratio is the usual cause",
+                    param=param,
+                ) from None
         ids = batch["input_ids"][0].tolist()
         mm = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
         image_tokens = (
@@ -454,6 +481,7 @@ class PromptBuilder:
             unsplit_span=self._image_span(ids),
             span_digest=image_inputs_digest(mm, len(ids)),
         )
+        prepared.warnings.extend(warnings)
         self._add_spans(prepared, mm)
         if self.rope_index is not None and mm.get("mm_token_type_ids") is not None:
             prepared.mrope = mrope_positions(self.rope_index, ids, mm)
@@ -473,8 +501,10 @@ class PromptBuilder:
         return 0, len(ids) - 1
 
     def _process(self, text: str, images: list, special: bool):
-        if self.prompt_format == "paligemma":
-            # Its processor places the images itself, and takes a prompt's images as one list.
+        if self.prompt_format == "paligemma" or _nests_images(self.processor):
+            # A prompt's images as one list, as transformers' apply_chat_template hands them:
+            # LLaVA-OneVision reads a flat list as one image per prompt and tiles each at full
+            # resolution, where a prompt of several images takes each at base resolution only.
             images = [images]
         try:
             return self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=special)
@@ -510,3 +540,9 @@ class PromptBuilder:
             raise InvalidRequestError(
                 f"token id {bad} is outside the vocabulary (0..{limit - 1})", param=param
             )
+
+
+def _nests_images(processor) -> bool:
+    """transformers' own processors take images nested per prompt; remote-code ones keep the flat
+    list their model cards pass (Phi-3-vision's reads every item as an image)."""
+    return any(cls.__module__.startswith("transformers.models.") for cls in type(processor).__mro__)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig
 
+from models.errors import InvalidRequestError
 from models.images import ImageLimits
 from models.loader import LoadSpec
 from models.params import PromptInput, SamplingParams
@@ -103,6 +104,8 @@ def test_a_one_pixel_image_is_answered_as_generate_answers_it(arch_replica):
     message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
     prepared = _builder(replica).prepare(PromptInput(messages=(message,), images=(png(5, size=(1, 1)),)))
     assert prepared.num_image_tokens > 0
+    if arch.name == "idefics2":  # its processor divides by zero on it: answered enlarged, and said so
+        assert any("enlarged to 32 pixels" in warning for warning in prepared.warnings)
     assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
 
 
@@ -139,6 +142,32 @@ def test_prompt_tokens_match_the_processors_own_format(arch_replica):
         tokenize=False,
     )
     theirs = processor(text=rendered, images=[image], return_tensors="pt", add_special_tokens=False)
+    assert ours.token_ids == theirs["input_ids"][0].tolist()
+    for key, value in ours.mm_inputs.items():
+        assert torch.equal(value, theirs[key]), key
+
+
+def test_two_image_prompt_matches_the_processors_own_format(arch_replica):
+    """Images reach the processor nested per prompt, as its apply_chat_template hands them:
+    LLaVA-OneVision took a flat list as two one-image prompts and tiled each at full resolution
+    (twice the image tokens of its multi-image format)."""
+    arch, replica = arch_replica
+    processor = replica.loaded.processor
+    if processor.chat_template is None:
+        pytest.skip("no chat template: the processor's own prefix format, covered above")
+    images = [png(4), png(5, size=(40, 64))]
+    parts = [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}]
+    ours = _builder(replica).prepare(
+        PromptInput(messages=({"role": "user", "content": parts},), images=tuple(images))
+    )
+    rendered = processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": parts}],
+        chat_template=processor.chat_template,
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+    theirs = processor(text=[rendered], images=[pictures], return_tensors="pt", add_special_tokens=False)
     assert ours.token_ids == theirs["input_ids"][0].tolist()
     for key, value in ours.mm_inputs.items():
         assert torch.equal(value, theirs[key]), key
@@ -471,3 +500,19 @@ def test_low_detail_images_are_shrunk_first(tmp_path_factory):
     assert 0 < low.num_image_tokens < full.num_image_tokens
     assert low.span_digest != full.span_digest
     assert _engine_greedy(replica, low) == hf_greedy(replica, low, MAX_NEW)
+
+
+def test_an_image_its_processor_cannot_take_is_a_400_naming_it(tmp_path_factory):
+    """Mistral 3's tiny processor (longest edge 64) scales a 3000x20 image (kept whole under
+    MAX_IMAGE_SIZE=4096) to 0 pixels high and fails in transformers' code: the client gets a 400
+    naming the image in its own words, not the processor's internals (a SizeDict repr)."""
+    replica = _replica(next(a for a in ARCHS if a.name == "mistral3"), tmp_path_factory)
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
+    where = "messages[0].content[0].image_url"
+    builder = PromptBuilder.for_model(replica.loaded, image_limits=ImageLimits(max_side=4096))
+    with pytest.raises(InvalidRequestError) as refused:
+        builder.prepare(
+            PromptInput(messages=(message,), images=(png(6, size=(3000, 20)),), image_params=(where,))
+        )
+    assert refused.value.param == where
+    assert "3000x20" in str(refused.value) and "SizeDict" not in str(refused.value)

@@ -23,6 +23,7 @@ from tests.unit.vlm_builder_parts import (
 from tests.unit.vlm_builders_gemma import build_gemma4
 from tests.unit.vlm_builders_glm import build_glm4v
 from tests.unit.vlm_builders_mistral import build_llava_pixtral, build_mistral3
+from tests.unit.vlm_builders_more import build_deepseek_vl, build_idefics2, build_ovis2, build_vipllava
 from tests.unit.vlm_builders_qwen import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_5, build_qwen3_vl
 
 __all__ = ["ARCHS", "GREEDY", "MAX_NEW", "NOT_BUILT", "VOCAB", "Arch", "tiny_tokenizer"]
@@ -410,6 +411,14 @@ ARCHS = [
     # M-RoPE kept on the model between forwards (`rope_deltas`): each self-test probe's reference
     # starts without the last one's (the second self-test, after the CPU kernels, failed on it).
     Arch("glm4v", build_glm4v, "fast"),
+    # Image splitting through a perceiver resampler; its processor fails on 1-pixel-high images,
+    # which are enlarged and answered (with a warning).
+    Arch("idefics2", build_idefics2, "fast"),
+    Arch("deepseek_vl", build_deepseek_vl, "fast"),
+    Arch("vipllava", build_vipllava, "fast"),
+    # Visual indicator tokens embedded from the vision side: the fast path's self-test sees
+    # different logits, and it runs on the generic path.
+    Arch("ovis2", build_ovis2, "generic", "logits differ"),
 ]
 
 
