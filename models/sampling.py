@@ -159,29 +159,82 @@ _CANDIDATES = 1024
 
 def _sampling_distributions(
     logits: torch.Tensor, params: list[SamplingParams]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Temperature, top-k, top-p and min-p for the sampled rows `[S, vocab]`, batched. Returns
-    unnormalised probabilities and the vocabulary ids their columns stand for (None: all of the
-    vocabulary in natural order)."""
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor | None]], torch.Tensor]:
+    """Temperature, top-k, top-p and min-p for the sampled rows `[S, vocab]`, batched where the
+    result cannot depend on the batch. Per row: unnormalised probabilities and the vocabulary ids
+    their entries stand for (None: the whole vocabulary in natural order); and `[S]` flags, true
+    where a row's probabilities are finite and not all 0 (read in one transfer by the caller).
+
+    What a row draws from depends on its own logits and parameters only (its width, its order),
+    so that a seeded row draws the same tokens beside any neighbours: an unfiltered row took the
+    sorted path whenever a neighbour filtered, and the same generator state picked another token."""
     vocab = logits.shape[-1]
     device = logits.device
     logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
-    if not any(0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-        return torch.softmax(logits, dim=-1), None
-    width = min(vocab, max(_CANDIDATES, *(p.top_k for p in params if 0 < p.top_k < vocab), 1))
-    top_logits, order = torch.topk(logits, width, dim=-1)  # sorted, most likely first
+    out: list[tuple[torch.Tensor, torch.Tensor | None]] = [None] * len(params)  # type: ignore[list-item]
+    usable = torch.ones(len(params), dtype=torch.bool, device=device)
+    filters = [0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0 for p in params]
+    filtered = [j for j, f in enumerate(filters) if f]
+    plain = [j for j, f in enumerate(filters) if not f]
+    if plain:
+        probs = torch.softmax(logits[plain], dim=-1)
+        usable[plain] = _usable(probs)
+        for j, probs_row in zip(plain, probs, strict=True):
+            out[j] = (probs_row, None)
+    if not filtered:
+        return out, usable
+    # Each row's candidates: its _CANDIDATES (or top_k) most likely tokens, when its kept tokens
+    # all lie among them; sorting all 150k entries of a large vocabulary costs 10x more.
+    widths = [min(vocab, max(_CANDIDATES, params[j].top_k)) for j in filtered]
+    sub = logits[filtered]
+    top_logits, order = torch.topk(sub, max(widths), dim=-1)  # sorted, most likely first
     # True probabilities of the candidates (over the whole vocabulary) tell whether the filters
-    # can be decided among them; rows where they cannot fall back to the full vocabulary.
-    full = torch.exp(top_logits - torch.logsumexp(logits, dim=-1, keepdim=True))
-    if width < vocab and not _candidates_suffice(full, params, vocab):
-        top_logits, order = torch.sort(logits, dim=-1, descending=True)
-        full = torch.softmax(top_logits, dim=-1)
-        width = vocab
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < width else width for p in params], device=device)
+    # can be decided among them; rows where they cannot take the full vocabulary.
+    full = torch.exp(top_logits - torch.logsumexp(sub, dim=-1, keepdim=True))
+    suffice = _candidates_suffice(full, widths, [params[j] for j in filtered])
+    whole = [k for k, width in enumerate(widths) if width < vocab and not suffice[k]]
+    candidates = [k for k in range(len(filtered)) if k not in whole]
+    if candidates:
+        probs = _filtered(
+            top_logits[candidates], full[candidates], [params[filtered[k]] for k in candidates], vocab
+        )
+        beyond = (
+            torch.arange(probs.shape[-1], device=device)[None, :]
+            >= torch.tensor([widths[k] for k in candidates], device=device)[:, None]
+        )
+        usable[[filtered[k] for k in candidates]] = _usable(probs.masked_fill(beyond, 0.0))
+        for probs_row, k in zip(probs, candidates, strict=True):
+            out[filtered[k]] = (probs_row[: widths[k]], order[k, : widths[k]])
+    if whole:
+        rows = sub[whole]
+        sorted_logits, sorted_order = torch.sort(rows, dim=-1, descending=True)
+        probs = _filtered(
+            sorted_logits, torch.softmax(sorted_logits, dim=-1), [params[filtered[k]] for k in whole], vocab
+        )
+        usable[[filtered[k] for k in whole]] = _usable(probs)
+        for index, k in enumerate(whole):
+            out[filtered[k]] = (probs[index], sorted_order[index])
+    return out, usable
+
+
+def _usable(probs: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+
+
+def _filtered(
+    top_logits: torch.Tensor, full: torch.Tensor, params: list[SamplingParams], vocab: int
+) -> torch.Tensor:
+    """`full` (true probabilities of the most likely tokens, `top_logits` theirs, first first)
+    with each row's top-k, top-p and min-p applied; entries filtered out are 0."""
+    device = top_logits.device
+    width = top_logits.shape[-1]
     ranks = torch.arange(width, device=device)[None, :]
-    # Rows with top_k renormalise over their k best (as `top_k` then `top_p` do elsewhere).
+    has_k = [0 < p.top_k < vocab for p in params]
+    top_k = torch.tensor([p.top_k if k else width for p, k in zip(params, has_k, strict=True)], device=device)
+    # Rows with top_k renormalise over their k best (as `top_k` then `top_p` do elsewhere),
+    # whatever width their neighbours needed.
     probs = torch.where(
-        (top_k < width)[:, None],
+        torch.tensor(has_k, device=device)[:, None],
         torch.softmax(top_logits.masked_fill(ranks >= top_k[:, None], float("-inf")), dim=-1),
         full,
     )
@@ -192,25 +245,23 @@ def _sampling_distributions(
     drop[:, 0] = False  # the most likely token is always kept, whatever the filters say
     min_p = torch.tensor([p.min_p for p in params], device=device)
     drop |= probs < (min_p * probs[:, 0])[:, None]
-    return probs.masked_fill(drop, 0.0), order
+    return probs.masked_fill(drop, 0.0)
 
 
-def _candidates_suffice(full: torch.Tensor, params: list[SamplingParams], vocab: int) -> bool:
-    """Whether every row's kept tokens lie among the candidates `full` `[S, width]` (true
-    probabilities, most likely first)."""
-    width = full.shape[-1]
-    mass = full.sum(dim=-1).tolist()
-    last = full[:, -1].tolist()
-    top = full[:, 0].tolist()
-    for i, p in enumerate(params):
-        if 0 < p.top_k <= width:
-            continue
-        if p.top_p < 1.0 and mass[i] >= p.top_p:
-            continue
-        if p.min_p > 0.0 and last[i] < p.min_p * top[i]:
-            continue
-        return False
-    return True
+def _candidates_suffice(full: torch.Tensor, widths: list[int], params: list[SamplingParams]) -> list[bool]:
+    """For each row, whether its kept tokens lie among its first `widths[k]` candidates in `full`
+    `[F, >= max(widths)]` (true probabilities, most likely first); one transfer for all rows."""
+    device = full.device
+    ends = torch.tensor(widths, device=device)[:, None] - 1
+    mass = torch.cumsum(full, dim=-1).gather(1, ends)[:, 0]
+    last = full.gather(1, ends)[:, 0]
+    mass, last, top = torch.stack([mass, last, full[:, 0]]).tolist()
+    return [
+        (0 < p.top_k <= width)
+        or (p.top_p < 1.0 and mass[k] >= p.top_p)
+        or (p.min_p > 0.0 and last[k] < p.min_p * top[k])
+        for k, (p, width) in enumerate(zip(params, widths, strict=True))
+    ]
 
 
 def sample(
@@ -242,19 +293,16 @@ def sample(
     sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     invalid: set[int] = set()
     if sampled:
-        probs, order = _sampling_distributions(processed[sampled], [rows[i].params for i in sampled])
-        ok = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
+        distributions, usable = _sampling_distributions(processed[sampled], [rows[i].params for i in sampled])
         picks = []
-        for j, i in enumerate(sampled):
-            if not ok[j]:
+        for (probs, order), i, ok in zip(distributions, sampled, usable.tolist(), strict=True):
+            if not ok:
                 invalid.add(i)
                 picks.append(torch.zeros(1, dtype=torch.long, device=probs.device))
-            else:
-                picks.append(torch.multinomial(probs[j], 1, generator=rows[i].generator))
-        picked = torch.cat(picks)
-        if order is not None:
-            picked = order.gather(1, picked[:, None])[:, 0]
-        chosen[sampled] = picked
+                continue
+            pick = torch.multinomial(probs, 1, generator=rows[i].generator)
+            picks.append(pick if order is None else order[pick])
+        chosen[sampled] = torch.cat(picks)
     # The tokens and the suspect flags in one transfer from the device (they were two).
     fetched = torch.cat([chosen, suspect.to(chosen.dtype)]).tolist()
     tokens: list[int | None] = fetched[: len(rows)]

@@ -14,10 +14,10 @@ CPU = torch.device("cpu")
 
 def _filter_sampled(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One row `[vocab]` through the batched filter, back in vocabulary order."""
-    probs, order = _sampling_distributions(logits[None], [params])
+    [(probs, order)], _ = _sampling_distributions(logits[None], [params])
     if order is None:
-        return probs[0]
-    return torch.zeros_like(logits).scatter(0, order[0], probs[0] / probs[0].sum())
+        return probs
+    return torch.zeros_like(logits).scatter(0, order, probs / probs.sum())
 
 
 def row(params: SamplingParams, prompt=(), eos=frozenset({9})) -> RowSampler:
@@ -69,6 +69,43 @@ def test_seeded_rows_are_reproducible_and_independent_of_neighbours():
     batched = [sample(torch.zeros(2, 10), [neighbour, target])[0][1] for _ in range(20)]
     assert batched == first
     assert len(set(first)) > 3
+
+
+def test_seeded_draws_do_not_depend_on_what_neighbours_filter(monkeypatch):
+    """A seeded row draws the same tokens whatever its neighbours' top_k/top_p/min_p: a row with
+    no filter drew from the sorted candidates whenever a neighbour filtered, and a row's width
+    (and top_k's renormalisation) followed the widest neighbour's."""
+    import models.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_CANDIDATES", 8)
+    vocab = 64
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(vocab, generator=gen) * 2
+    flat = torch.randn(vocab, generator=gen) * 0.01  # no candidate prefix decides its top_p
+    neighbours = [
+        SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5),
+        SamplingParams(max_tokens=1, temperature=1.0, top_k=20),
+        SamplingParams(max_tokens=1, temperature=1.0, min_p=0.2),
+    ]
+    targets = [
+        SamplingParams(max_tokens=1, temperature=1.0, seed=5),  # top_p 1: no filter
+        SamplingParams(max_tokens=1, temperature=1.0, seed=5, top_k=8, top_p=0.9),
+        SamplingParams(max_tokens=1, temperature=0.7, seed=5, top_p=0.95),
+    ]
+
+    def sampler(params):
+        return RowSampler(
+            params, vocab_size=vocab, device=CPU, prompt_ids=[], eos_token_ids=set(), seed=params.seed
+        )
+
+    for target in targets:
+        alone = sampler(target)
+        expected = [sample(logits[None], [alone])[0][0] for _ in range(30)]
+        for neighbour, neighbour_logits in [(n, logits) for n in neighbours] + [(neighbours[0], flat)]:
+            beside = sampler(target)
+            other = sampler(neighbour)
+            batch = torch.stack([neighbour_logits, logits])
+            assert [sample(batch, [other, beside])[0][1] for _ in range(30)] == expected, (target, neighbour)
 
 
 def test_repetition_presence_and_frequency_penalties():
