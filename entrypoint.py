@@ -11,6 +11,7 @@ Imports only `app.settings` and the standard library; granian is imported just b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -126,6 +127,15 @@ def _epilog(defaults: Settings) -> str:
 def apply_cli_to_env(args: argparse.Namespace, environ: MutableMapping[str, str]) -> None:
     for field, setting in SETTINGS.items():
         value = getattr(args, field, None) if setting.flags else None
+        if isinstance(value, str) and not value.strip():
+            # Empty counts as unset, for flags as for variables: a templated `--api-key "$KEY"`
+            # with KEY empty wrote "" over API_KEY and served without authentication.
+            _say(
+                f"entrypoint: warning: {setting.flags[0]} is empty: ignored (an empty value counts as unset)",
+                level="warning",
+                stream=sys.stderr,
+            )
+            continue
         if value is not None:
             environ[setting.env[0]] = value
     if args.no_enable_prefix_caching:
@@ -327,10 +337,25 @@ def serve(settings: Settings) -> None:
         # the worker is killed this soon after the grace: the process exits within grace + 5 s.
         workers_kill_timeout=math.ceil(settings.shutdown_grace_s) + _LAST_WRITES_S,
     )
+    note_health_url(settings.host, settings.port)
     _say(
         f"[entrypoint] serving {APP_TARGET} on {settings.host}:{settings.port} (1 worker, up to {connections} connections)"
     )
     server.serve()
+
+
+# Where the image's HEALTHCHECK finds the address the server listens on: it runs as a process of
+# its own, which sees the image's environment but not the flags (`--port 9000` left it probing 8000).
+HEALTH_URL_FILE = Path(os.environ.get("TMPDIR") or "/tmp") / "docoserve-health-url"
+
+
+def note_health_url(host: str, port: int) -> None:
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    with contextlib.suppress(OSError):  # a read-only /tmp: Kubernetes uses its own probes anyway
+        HEALTH_URL_FILE.write_text(f"http://{host}:{port}/health\n")
 
 
 def exec_if_command(argv: list[str]) -> None:

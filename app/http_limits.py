@@ -94,6 +94,20 @@ def refuse_compressed_body(connection: ASGIConnection, _: BaseRouteHandler) -> N
         )
 
 
+def refuse_non_json_body(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard: a body declared as something other than JSON (`text/plain`, a form, multipart) gets
+    a 415. Those are the types a browser sends cross-site without a CORS preflight, so without
+    this any web page a user visits could start generations on a server that runs without an
+    API key. No Content-Type at all is read as JSON (curl users forget it; FastAPI does the same)."""
+    declared = connection.headers.get("content-type", "")
+    media_type = declared.split(";", 1)[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedContentEncoding(
+            detail=f"request bodies of Content-Type {declared[:48]!r} are not accepted: "
+            "send JSON with Content-Type: application/json"
+        )
+
+
 def body_timeout(timeout_s: float, reads: BodyReads) -> Callable[[ASGIApp], ASGIApp]:
     """Litestar middleware: while a request's body is incomplete, each read must make progress
     within `timeout_s`, and ends with a 503 once `reads` is stopped (the server drains: granian

@@ -14,6 +14,7 @@ import msgspec
 
 PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _encoder = msgspec.json.Encoder()
+_TRACEBACKS = logging.Formatter()
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,8 +29,12 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line.update((k, v) for k, v in fields.items() if k not in line)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # a Redactor may have set it, redacted
+            line["exception"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
         return _encoder.encode(line).decode()
 
 
@@ -45,12 +50,23 @@ class Redactor(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        redacted = message
-        for secret in self.secrets:
-            redacted = redacted.replace(secret, "<redacted>")
+        redacted = self._redact(message)
         if redacted != message:
             record.msg, record.args = redacted, ()
+        # A traceback names the files and repo ids its frames held (DEBUG prints them): formatted
+        # here, redacted, and kept where formatters look for it first.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self._redact(record.stack_info)
         return True
+
+    def _redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "<redacted>")
+        return text
 
 
 def formatter(log_format: str) -> logging.Formatter:

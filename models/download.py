@@ -20,6 +20,15 @@ from pathlib import Path
 logger = logging.getLogger("docoserve.model")
 INTERVAL_S = 10.0
 
+# Bounds on each hub request's phases where huggingface_hub sets none: its model_info (which
+# transformers' from_pretrained calls first) passes `timeout=None`, and a hub or proxy that
+# accepted the connection and never answered kept the server loading forever, with no log line.
+# A read bound is per socket read, not per file: downloads keep streaming. (The hub retries a
+# file's metadata request five times, so a silent hub fails the load within about 3 minutes.)
+HUB_TIMEOUTS_S = {"connect": 10.0, "read": 20.0, "write": 20.0, "pool": 20.0}
+STILL_LOADING_S = 60.0
+_hub_bounded = False
+
 
 def hub_folder(repo_id: str, cache_dir: str | None) -> Path:
     """Where huggingface_hub keeps `repo_id` (its `models--org--name` layout)."""
@@ -70,3 +79,54 @@ def download_progress(folder: Path, label: str, *, interval: float = INTERVAL_S)
     finally:
         stop.set()
         thread.join(timeout=interval)
+
+
+def bound_hub_requests() -> None:
+    """Give every request huggingface_hub sends a bound on each phase it left unbounded (once per
+    process; its shared client is built with this hook from then on)."""
+    global _hub_bounded
+    if _hub_bounded:
+        return
+    from huggingface_hub.utils import _http
+
+    def bounded_client():
+        client = _http.default_client_factory()
+        client.event_hooks = {
+            **client.event_hooks,
+            "request": [*client.event_hooks["request"], _bound_timeouts],
+        }
+        return client
+
+    _http.set_client_factory(bounded_client)
+    _hub_bounded = True
+
+
+def _bound_timeouts(request) -> None:
+    # Capped too, not only filled in: the hub's retries of a file's metadata wait 60 s a try.
+    asked = request.extensions.get("timeout") or {}
+    request.extensions["timeout"] = {
+        phase: bound if asked.get(phase) is None else min(asked[phase], bound)
+        for phase, bound in HUB_TIMEOUTS_S.items()
+    }
+
+
+@contextlib.contextmanager
+def still_loading(label: str, *, interval: float = STILL_LOADING_S) -> Iterator[None]:
+    """A line every `interval` seconds while the block runs: a load that waits on a slow hub, a
+    proxy or a large checkpoint otherwise logs nothing between "Loading model" and its end (the
+    line names no model, so it is kept when the source is redacted)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        started = time.monotonic()
+        while not stop.wait(interval):
+            logger.info(
+                "[startup][%s] still loading the model (%.0f s so far)", label, time.monotonic() - started
+            )
+
+    thread = threading.Thread(target=beat, name="still-loading", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()

@@ -37,7 +37,7 @@ from transformers.models.auto.modeling_auto import (
 
 from models import model_facts
 from models.devices import placement_devices, weight_placement
-from models.download import download_progress, hub_folder
+from models.download import bound_hub_requests, download_progress, hub_folder, still_loading
 from models.processors import images_only_processor
 from models.tiny import BUILTIN_MODELS, ensure_builtin
 
@@ -140,10 +140,12 @@ def load_model(spec: LoadSpec) -> LoadedModel:
     """Load, place and warm up the model; raises ModelLoadError with a one-line reason. A hub id
     may be downloaded first: its progress is logged every few seconds (`models.download`) unless
     the source is redacted (`REDACT_SOURCE` hides download progress too)."""
-    if spec.source.startswith(BUILTIN_PREFIX) or _looks_local(spec.source) or spec.redact_source:
-        return _load_model(spec)
-    with download_progress(hub_folder(spec.source, spec.cache_dir), spec.device):
-        return _load_model(spec)
+    bound_hub_requests()
+    with still_loading(spec.device):
+        if spec.source.startswith(BUILTIN_PREFIX) or _looks_local(spec.source) or spec.redact_source:
+            return _load_model(spec)
+        with download_progress(hub_folder(spec.source, spec.cache_dir), spec.device):
+            return _load_model(spec)
 
 
 def _library_logs_to_root() -> None:
@@ -445,6 +447,13 @@ def _load_with_attention_fallback(
             except ModelLoadError:
                 raise  # the model itself, not the attention kernel: no other one would load it
             except Exception as exc:  # noqa: BLE001 - a kernel may fail at load or at first forward
+                if _checkpoint_fault(exc):
+                    # Missing, truncated or corrupt weight files: every kernel would read them again
+                    # (minutes each for a large model) and fail alike.
+                    raise ModelLoadError(
+                        f"the checkpoint's weights could not be read: {type(exc).__name__}: "
+                        f"{_scrub(exc, spec, path)}"
+                    ) from None
                 reason = f"{type(exc).__name__}: {_scrub(exc, spec, path)}"
                 _release_memory(device)
             else:
@@ -463,6 +472,16 @@ def _load_with_attention_fallback(
             startup_step(spec, f"Falling back to {candidates[position + 1]} attention")
     raise ModelLoadError(
         f"could not load {_display(spec)} with any attention implementation: {'; '.join(failures)}"
+    )
+
+
+def _checkpoint_fault(exc: Exception) -> bool:
+    """Whether loading failed on the weight files themselves (no kernel would read them better):
+    none found (OSError), a damaged safetensors file, or tensors of other shapes than the config's."""
+    return (
+        isinstance(exc, OSError)
+        or type(exc).__name__ == "SafetensorError"
+        or (isinstance(exc, RuntimeError) and "size mismatch" in str(exc))
     )
 
 

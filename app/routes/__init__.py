@@ -10,7 +10,7 @@ from litestar import HttpMethod, post, route
 from litestar.openapi import ResponseSpec
 
 from app.auth import SECURITY_REQUIREMENT, require_api_key
-from app.http_limits import refuse_compressed_body
+from app.http_limits import refuse_compressed_body, refuse_non_json_body
 from app.schemas.common import ErrorResponse
 
 get_or_head = partial(route, http_method=[HttpMethod.GET, HttpMethod.HEAD])
@@ -21,7 +21,7 @@ _ERRORS = {
     404: "Unknown model",
     408: "The request body stopped arriving",
     413: "Request body too large",
-    415: "Compressed request body (send it uncompressed)",
+    415: "Compressed or non-JSON request body (send JSON, uncompressed)",
     503: "Loading, overloaded (see Retry-After) or shutting down",
     500: "Generation failed",
 }
@@ -35,7 +35,9 @@ def protected(method: Any, path: str, *, summary: str, tag: str = "OpenAI") -> A
     """A route behind the API key, its errors documented: `protected(post, "/v1/...", summary=...)`."""
     return method(
         path,
-        guards=[require_api_key, refuse_compressed_body] if method is post else [require_api_key],
+        guards=[require_api_key, refuse_compressed_body, refuse_non_json_body]
+        if method is post
+        else [require_api_key],
         security=SECURITY_REQUIREMENT,
         responses=ERROR_RESPONSES,
         tags=[tag],

@@ -322,6 +322,31 @@ def test_chunked_body_over_limit_is_413(text_server: Server) -> None:
     assert_openai_error(response, 413, code="request_too_large")
 
 
+def test_bodies_declared_as_other_than_json_are_415(text_server: Server) -> None:
+    """text/plain, forms and multipart are what a browser sends cross-site without a preflight:
+    read as JSON, any web page could start generations on a server without an API key."""
+    body = json.dumps({"messages": user(), "max_tokens": 2}).encode()
+    with text_server.http() as client:
+        for declared in (
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+        ):
+            error = assert_openai_error(
+                client.post("/v1/chat/completions", content=body, headers={"Content-Type": declared}),
+                415,
+                param=None,
+            )
+            assert "application/json" in error["message"]
+        for fine in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"):
+            answered = client.post("/v1/chat/completions", content=body, headers={"Content-Type": fine})
+            assert answered.status_code == 200, (fine, answered.text)
+        # No Content-Type at all is read as JSON (curl -d users forget it).
+        request = client.build_request("POST", "/v1/chat/completions", content=body)
+        assert "content-type" not in request.headers
+        assert client.send(request).status_code == 200
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
 def test_compressed_bodies_are_415_after_the_key_check(text_server: Server, encoding: str) -> None:
     body = json.dumps({"messages": user(), "max_tokens": 2}).encode()

@@ -54,6 +54,39 @@ def test_the_model_source_is_cut_out_of_every_line_when_redacted(tmp_path) -> No
     assert "main" not in source_secrets(Settings(model_path="/m/x", model_revision="main"))
 
 
+@pytest.mark.parametrize("log_format", ["plain", "json"])
+def test_tracebacks_and_stacks_are_redacted_too(log_format) -> None:
+    """With DEBUG, transformers logs failures with exc_info: the traceback named the repo id and
+    its cache folder while the message above it said <redacted>."""
+    import io
+    import logging
+
+    from app.log_format import Redactor, formatter
+    from app.main import source_secrets
+    from app.settings import Settings
+
+    settings = Settings(model_path="org/private-model", cache_dir="/c/hub")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter(log_format))
+    handler.addFilter(Redactor(source_secrets(settings)))
+    logger = logging.getLogger("transformers.test_traceback_redaction")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        try:
+            raise OSError("org/private-model is not in /c/hub/models--org--private-model")
+        except OSError:
+            logger.debug("could not load org/private-model", exc_info=True)
+            logger.warning("stack of org/private-model", stack_info=True)
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "OSError" in text and "Traceback" in text
+    assert "private-model" not in text and "/c/hub" not in text
+
+
 @pytest.mark.parametrize(
     ("route", "status", "level"),
     [

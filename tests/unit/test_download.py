@@ -7,6 +7,8 @@ import os
 import re
 import time
 
+import pytest
+
 from models.download import download_progress, folder_bytes, hub_folder
 
 
@@ -40,3 +42,42 @@ def test_progress_is_logged_while_the_folder_grows(tmp_path, caplog):
     sizes = [float(pattern.fullmatch(line).group(1)) for line in lines]
     assert sizes == sorted(sizes) and 0 < sizes[-1] <= 3.9
     assert all("secret" not in line for line in lines)
+
+
+def test_a_hub_that_never_answers_fails_the_request_in_bounded_time(monkeypatch):
+    """transformers' from_pretrained first asks the hub for the model's info with no timeout: a
+    hub (or proxy) that accepted the connection and never answered held startup forever."""
+    import socket
+    import threading
+    import time
+
+    from huggingface_hub import HfApi
+
+    from models import download
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    monkeypatch.setitem(download.HUB_TIMEOUTS_S, "read", 1.0)
+    download.bound_hub_requests()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="(?i)timed? ?out"):
+            HfApi(endpoint=f"http://127.0.0.1:{listener.getsockname()[1]}").model_info("org/model")
+    finally:
+        listener.close()
+    assert time.monotonic() - started < 10
+    assert accepted, "the request reached the silent hub"
+
+
+def test_a_long_load_says_it_is_still_loading_without_naming_the_model(caplog):
+    from models.download import still_loading
+
+    with caplog.at_level(logging.INFO, logger="docoserve.model"), still_loading("cpu", interval=0.05):
+        time.sleep(0.3)
+    beats = [r.getMessage() for r in caplog.records if "still loading" in r.getMessage()]
+    assert len(beats) >= 2 and all(
+        line.startswith("[startup][cpu] still loading the model") for line in beats
+    )

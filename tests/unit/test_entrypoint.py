@@ -6,11 +6,13 @@ runtime environment and the granian call are checked in-process with fakes (no s
 
 from __future__ import annotations
 
+import http.server
 import inspect
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,6 +67,15 @@ def test_flag_beats_env() -> None:
     env = {"DTYPE": "fp16", "MAX_BATCH_SIZE": "8", "PORT": "9000"}
     data = config("--dtype", "fp32", "--max-batch-size", "4", "--port", "9001", **env)
     assert (data["dtype"], data["max_batch_size"], data["port"]) == ("fp32", 4, 9001)
+
+
+def test_an_empty_flag_counts_as_unset_and_leaves_the_variable_in_force() -> None:
+    """A templated `--api-key "$KEY"` with KEY empty served without authentication."""
+    result = run("--print-config", "--api-key", "", "--port", " ", API_KEY="sk-env", PORT="9005")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["auth_enabled"] is True and data["port"] == 9005
+    assert "--api-key is empty: ignored" in result.stderr
 
 
 def test_env_beats_default() -> None:
@@ -398,3 +409,35 @@ def test_a_port_someone_listens_on_fails_clearly(capsys) -> None:
         assert exited.value.code == 98
         assert f"port {port} on 0.0.0.0 is already in use" in capsys.readouterr().err
     entrypoint.check_port_free("127.0.0.1", port)  # free again once it closed
+
+
+def test_the_health_url_for_the_images_healthcheck_follows_the_flags(tmp_path, monkeypatch) -> None:
+    """The image's HEALTHCHECK runs apart from the server and sees no flags: `--port 9000` left it
+    probing 8000, and the container was reported unhealthy."""
+    import re
+
+    monkeypatch.setattr(entrypoint, "HEALTH_URL_FILE", tmp_path / "url")
+    for host, url in [
+        ("0.0.0.0", "http://127.0.0.1:9000/health"),
+        ("10.1.2.3", "http://10.1.2.3:9000/health"),
+        ("::1", "http://[::1]:9000/health"),
+    ]:
+        entrypoint.note_health_url(host, 9000)
+        assert (tmp_path / "url").read_text().strip() == url
+    healthcheck = re.search(r"HEALTHCHECK .*\n\s+CMD (\[.*\])", (ROOT / "Dockerfile").read_text()).group(1)
+    script = json.loads(healthcheck)[2]
+    # A server answering /health on a port only the noted file names; PORT points nowhere.
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.RequestHandlerClass.do_GET = lambda handler: (handler.send_response(200), handler.end_headers())
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    (tmp_path / "docoserve-health-url").write_text(f"http://127.0.0.1:{server.server_port}/health\n")
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", script],
+            env={"TMPDIR": str(tmp_path), "PORT": "1"},
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        server.server_close()
+    assert probe.returncode == 0, probe.stderr

@@ -234,3 +234,25 @@ def test_a_classifier_checkpoint_is_refused_not_served_with_a_random_head(tiny_t
     with pytest.raises(ModelLoadError) as unsupported:
         load_model(LoadSpec(source=str(colpali), dtype="fp32", attn_impl="sdpa"))
     assert "any attention implementation" not in str(unsupported.value)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_damaged_weights_are_one_clear_error_not_a_retry_per_attention_kernel(
+    damage: str, tiny_text_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing or truncated model.safetensors was reported as "Attention sdpa unavailable" and
+    read again with every other kernel (minutes each for a large model)."""
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(tiny_text_path, out)
+    weights = out / "model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with caplog.at_level(logging.INFO), pytest.raises(ModelLoadError, match="weights could not be read"):
+        load_model(LoadSpec(source=str(out), dtype="fp32", attn_impl="sdpa"))
+    attempts = [r for r in caplog.records if r.getMessage().startswith("Loading model (attn=")]
+    assert len(attempts) == 1
+    assert not any("unavailable" in r.getMessage() for r in caplog.records)
