@@ -337,11 +337,21 @@ def serve(settings: Settings) -> None:
         # the worker is killed this soon after the grace: the process exits within grace + 5 s.
         workers_kill_timeout=math.ceil(settings.shutdown_grace_s) + _LAST_WRITES_S,
     )
+    # granian respawns its workers on SIGHUP: the new worker loaded the model while the old one
+    # still held it (twice the memory on a GPU) and the server answered nothing for the load.
+    server.signal_handler_reload = _ignore_reload
     note_health_url(settings.host, settings.port)
     _say(
         f"[entrypoint] serving {APP_TARGET} on {settings.host}:{settings.port} (1 worker, up to {connections} connections)"
     )
     server.serve()
+
+
+def _ignore_reload(*_: object) -> None:
+    _say(
+        "entrypoint: SIGHUP ignored: a reload would load the model twice; restart the server instead",
+        level="warning",
+    )
 
 
 # Where the image's HEALTHCHECK finds the address the server listens on: it runs as a process of

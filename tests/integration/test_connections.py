@@ -251,6 +251,26 @@ def test_sigterm_while_the_worker_imports_the_app_stops_the_server_soon(tmp_path
 
 
 @pytest.mark.slow
+def test_sighup_is_ignored_rather_than_reloading_the_model(tmp_path) -> None:
+    """granian respawned its worker on SIGHUP: a second copy of the model loaded beside the first,
+    and nothing was answered until it had."""
+    server = launch("sighup_server", tiny_spec("sighup"), tmp_path / "cache", tmp_path)
+    try:
+        wait_ready(server)
+        os.kill(server.process.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        with server.http() as client:
+            assert client.get("/health").status_code == 200
+            answer = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert answer.status_code == 200
+        assert server.process.poll() is None
+    finally:
+        stop(server)
+    log = server.log_path.read_text()
+    assert "SIGHUP ignored" in log
+    assert log.count("Spawning worker-") == 1 and log.count("Loading model (attn=") == 1
+
+
 def test_uploads_still_arriving_at_sigterm_end_with_503_and_do_not_hold_the_shutdown(tmp_path) -> None:
     """granian waits for every open connection before it exits: a body that trickles in (here
     one that stopped, with a body timeout far off) would keep the pod past its grace period."""
