@@ -302,6 +302,14 @@ def _generic(
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); after: {reason}"
             ) from exc
         problem = batching_problem(loaded.model, loaded.model.forward, token_ids)
+        image_failure = _image_generate_failure(loaded, pad)
+        if image_failure is not None:
+            # Every image request would fail with a 500 while /health said ready (a processor
+            # that writes more placeholders than the model makes image features, for one).
+            raise ModelLoadError(
+                f"the model's own generate() fails on an image prompt its processor prepared "
+                f"({image_failure}); after: {reason}"
+            )
     if problem is None and rescales_with_length(loaded.model):
         # The startup check's short prompts never pass the original length, where it would show.
         problem = "dynamic NTK RoPE scales with the longest sequence of a merged forward"
@@ -328,6 +336,38 @@ def _generic(
         block_size=block_size,
         prefix_caching=False,
     )
+
+
+def _image_generate_failure(loaded: LoadedModel, pad: int | None) -> str | None:
+    """For a vision model that chats: why its generate() fails on a small image prompt built as
+    requests build theirs, or None (also when no such prompt can be built: requests will say)."""
+    builder = PromptBuilder.for_model(loaded)
+    if not (builder.is_vision and builder.can_chat):
+        return None
+    try:
+        prepared = builder.prepare(
+            PromptInput(
+                messages=({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},),
+                images=(_synthetic_png(64, 48),),
+            )
+        )
+    except Exception:
+        log.debug("no image prompt for the generic path's check", exc_info=True)
+        return None
+    ids = torch.tensor([prepared.token_ids], device=loaded.device)
+    try:
+        loaded.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=2,
+            do_sample=False,
+            pad_token_id=pad,
+            **(_to_device(prepared.mm_inputs, loaded.device, loaded.dtype) or {}),
+        )
+    except Exception as exc:
+        log.debug("the model's own generate() failed on an image prompt", exc_info=True)
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
 def _self_test(runner: PagedRunner, loaded: LoadedModel) -> str | None:

@@ -516,3 +516,21 @@ def test_an_image_its_processor_cannot_take_is_a_400_naming_it(tmp_path_factory)
         )
     assert refused.value.param == where
     assert "3000x20" in str(refused.value) and "SizeDict" not in str(refused.value)
+
+
+def test_a_processor_that_disagrees_with_its_model_is_refused_at_startup(tmp_path):
+    """A processor that writes 17 placeholders per image for a model that makes 16 features: the
+    fast path's self-test failed, the generic path came up ready, and every image request got a
+    500. Its own generate() fails on an image prompt, so the replica does not come up."""
+    from models.loader import ModelLoadError
+    from tests.unit.vlm_builders_more import build_vipllava
+
+    build_vipllava(tmp_path)
+    saved = tmp_path / "processor_config.json"
+    processor_config = json.loads(saved.read_text())
+    processor_config["vision_feature_select_strategy"] = "full"
+    saved.write_text(json.dumps(processor_config))
+    with pytest.raises(ModelLoadError, match="fails on an image prompt its processor prepared"):
+        build_replica(
+            LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=4)
+        )
