@@ -62,6 +62,8 @@ class BodyReads:
         return message
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
 # After SIGTERM, how long a read may wait for bytes that the server has in fact already received.
 _ARRIVED_S = 0.05
 
@@ -120,9 +122,10 @@ def body_timeout(timeout_s: float, reads: BodyReads) -> Callable[[ASGIApp], ASGI
                 await app(scope, receive, send)
                 return
             complete = False
+            first = True
 
             async def timed_receive() -> Any:
-                nonlocal complete
+                nonlocal complete, first
                 if complete:
                     return await receive()
                 message = await reads.receive(receive, timeout_s)
@@ -138,6 +141,12 @@ def body_timeout(timeout_s: float, reads: BodyReads) -> Callable[[ASGIApp], ASGI
                     )
                 if message["type"] != "http.request" or not message.get("more_body", False):
                     complete = True
+                if first and message["type"] == "http.request":
+                    first = False
+                    body = message.get("body", b"")
+                    if body.startswith(_UTF8_BOM):
+                        # RFC 8259 lets a parser ignore it; PowerShell 5.1 and .NET clients send it.
+                        message = {**message, "body": body[len(_UTF8_BOM) :]}
                 return message
 
             await app(scope, timed_receive, send)

@@ -322,6 +322,17 @@ def test_chunked_body_over_limit_is_413(text_server: Server) -> None:
     assert_openai_error(response, 413, code="request_too_large")
 
 
+def test_a_utf8_byte_order_mark_before_the_json_is_ignored(text_server: Server) -> None:
+    """PowerShell 5.1 and .NET clients start bodies with a BOM, which RFC 8259 lets parsers skip:
+    it was a 400 saying the JSON was malformed at byte 0."""
+    body = b"\xef\xbb\xbf" + json.dumps({"messages": user(), "max_tokens": 2}).encode()
+    with text_server.http() as client:
+        answered = client.post(
+            "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert answered.status_code == 200, answered.text
+
+
 def test_bodies_declared_as_other_than_json_are_415(text_server: Server) -> None:
     """text/plain, forms and multipart are what a browser sends cross-site without a preflight:
     read as JSON, any web page could start generations on a server without an API key."""
