@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 
 from app.chat_messages import chat_messages
 from app.errors import ModelNotFoundError
@@ -33,6 +34,8 @@ from scheduler.request import EngineRequest, GrammarSpec, PromptInput, SamplingP
 log = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
+# OpenAI's max_tokens when a /v1/completions request sends none.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 # OpenAI's ^[a-zA-Z0-9_-]{1,64}$, with the dots and colons of namespaced (MCP) tools as vLLM takes them.
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -62,6 +65,7 @@ class Translator:
         *,
         max_tokens: int | None,
         temperature: float | None,
+        default_max_tokens: int | None = None,
         top_p: float | None,
         top_k: int | None = None,
         min_p: float | None = None,
@@ -89,6 +93,7 @@ class Translator:
             resolved_temperature = s.default_temperature if temperature is None else temperature
         return SamplingParams(
             max_tokens=max_tokens,
+            default_max_tokens=default_max_tokens,
             temperature=resolved_temperature,
             top_p=s.default_top_p if top_p is None else top_p,
             top_k=max(0, s.default_top_k if top_k is None else top_k),
@@ -194,12 +199,15 @@ class Translator:
             raise InvalidRequestError(
                 f"best_of ({req.best_of}) must equal n ({req.n}) on this server", param="best_of"
             )
-        if req.max_tokens == 0 and not req.echo:
+        absent = req.max_tokens is msgspec.UNSET
+        max_tokens = None if absent else req.max_tokens
+        if max_tokens == 0 and not req.echo:
             raise InvalidRequestError(
                 "max_tokens 0 is allowed only with echo (scoring the prompt)", param="max_tokens"
             )
         params = self.sampling(
-            max_tokens=req.max_tokens,
+            max_tokens=max_tokens,
+            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS if absent else None,
             **_openai_sampling_fields(req),
             logprobs=req.logprobs,
             prompt_logprobs=_prompt_logprobs(req, req.logprobs if req.echo else None),

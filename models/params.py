@@ -42,6 +42,9 @@ class SamplingParams:
     """
 
     max_tokens: int | None = None  # None: the server decides (its default, within the context)
+    # What an absent max_tokens stands for on this endpoint (OpenAI's 16 on /v1/completions),
+    # treated as a default: lowered to the room left, never warned about. None: the server's cap.
+    default_max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -221,6 +221,9 @@ class Scheduler:
             await self._prepare(
                 executor.replica.grammars.validate, grammar, heavy=len(grammar.source) > HEAVY_CHARS
             )
+        if defaulted and not executor.fits(len(prepared.token_ids), request.params.max_tokens, request.n):
+            # A default is lowered to what the KV pool holds, as it is to the context's room.
+            request = _lowered_to_fit(request, len(prepared.token_ids), executor)
         if not executor.fits(len(prepared.token_ids), request.params.max_tokens, request.n):
             # The field at fault: the prompt where it would not fit with one token to generate, n
             # where one choice would fit, else max_tokens.
@@ -341,7 +344,7 @@ class Scheduler:
                     f"{prompt_len} tokens{cut}.",
                     param=_PROMPT_PARAM.get(request.kind, "messages"),
                 )
-            max_tokens = min(cap, room)
+            max_tokens = min(cap, room, params.default_max_tokens or cap)
         else:
             max_tokens = params.max_tokens
             if max_tokens > cap:
@@ -350,7 +353,7 @@ class Scheduler:
                 )
                 max_tokens = cap
             lowered = "" if max_tokens == params.max_tokens else f" (lowered from {params.max_tokens})"
-            if room < 1:
+            if room < min(1, max_tokens):  # scoring (max_tokens 0) may fill the context
                 raise ContextLengthExceededError(
                     f"This model's maximum context length is {context} tokens; the prompt alone is "
                     f"{prompt_len} tokens{cut}.",
@@ -484,3 +487,18 @@ class Scheduler:
             return
         executor, cost = entry
         executor.outstanding_tokens -= cost
+
+
+def _lowered_to_fit(request: EngineRequest, prompt_tokens: int, executor) -> EngineRequest:
+    """`request` with the largest max_tokens (at most its own, at least 1) whose worst case the
+    executor's KV pool holds; as it was when even 1 does not fit."""
+    low, high = 0, request.params.max_tokens
+    while low < high:
+        middle = (low + high + 1) // 2
+        if executor.fits(prompt_tokens, middle, request.n):
+            low = middle
+        else:
+            high = middle - 1
+    if low < 1:
+        return request
+    return dataclasses.replace(request, params=dataclasses.replace(request.params, max_tokens=low))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from app.schemas.chat import PositiveInt, SamplingFields
 from app.schemas.common import NonNegativeInt, PromptLogprobs, Usage
@@ -16,8 +17,9 @@ PromptElement = str | int | list[int]
 
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | list[PromptElement]
-    # OpenAI's default for this endpoint; null: the server's; 0 (with echo): score the prompt only.
-    max_tokens: NonNegativeInt | None = 16
+    # Absent: OpenAI's default for this endpoint (16), as a default (lowered to the room left, not
+    # warned about); null: the server's; 0 (with echo): score the prompt only.
+    max_tokens: NonNegativeInt | None | UnsetType = UNSET
     best_of: PositiveInt | None = None
     # OpenAI allows 0..5; vLLM (and this server) up to 20.
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None

@@ -49,6 +49,10 @@ def test_default_max_tokens_is_16(text_server: Server) -> None:
     response = _post(text_server, "/v1/completions", body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 16
+    assert "x-request-warnings" not in response.headers  # a default is not the client's to be told about
+    # null: the server's default (MAX_NEW_TOKENS_DEFAULT, 64 here)
+    response = _post(text_server, "/v1/completions", {**body, "max_tokens": None})
+    assert response.json()["usage"]["completion_tokens"] == 64
 
 
 def test_prompt_list_with_n_indexes_prompt_major(text_server: Server) -> None:

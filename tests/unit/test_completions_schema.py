@@ -46,8 +46,14 @@ def _completion_events(streams, *, n: int, on_done, echoes=None, want_logprobs=F
 
 
 def test_defaults_follow_openai() -> None:
+    import msgspec
+
+    from app.translate import COMPLETIONS_DEFAULT_MAX_TOKENS
+
     request = _request(prompt="x")
-    assert request.max_tokens == 16 and request.n == 1 and request.logprobs is None and not request.echo
+    # Absent: OpenAI's 16, applied as a default by translate (not as if the client had sent it).
+    assert request.max_tokens is msgspec.UNSET and COMPLETIONS_DEFAULT_MAX_TOKENS == 16
+    assert request.n == 1 and request.logprobs is None and not request.echo
 
 
 @pytest.mark.parametrize(

@@ -353,6 +353,46 @@ async def test_a_prompt_larger_than_the_kv_pool_is_named_as_the_cause(tiny_text_
         assert info.value.param == "n"
 
 
+async def test_defaults_are_lowered_to_what_the_kv_pool_holds_and_scoring_may_fill_the_context(
+    tiny_text_path,
+):
+    """A default max_tokens is the server's choice: lowered to the pool's room as it is to the
+    context's (it was a 400 telling the client to reduce a max_tokens it never sent). A
+    completion's own default (16) is one too."""
+    async with running_scheduler(tiny_text_path, kv_budget=512 * 256, max_input_tokens=1000) as scheduler:
+        stream = await scheduler.submit(request(0, max_tokens=None, text="word " * 200))
+        await consume(stream)
+        assert 0 < stream.completion_tokens < 64
+        explicit = request(1, max_tokens=64, text="word " * 200)
+        with pytest.raises(ContextLengthExceededError):
+            await scheduler.submit(explicit)
+        completion = request(2, max_tokens=None, text="word " * 20)
+        completion = dataclasses.replace(
+            completion, params=dataclasses.replace(completion.params, default_max_tokens=16)
+        )
+        stream = await scheduler.submit(completion)
+        await consume(stream)
+        assert stream.completion_tokens == 16 and not stream.warnings
+
+
+async def test_scoring_may_fill_the_context(tiny_text_path):
+    """max_tokens 0 (scoring the prompt, as lm-eval does at its max_length) needs no room after
+    the prompt: a prompt of exactly the context's length was a 400."""
+    async with running_scheduler(tiny_text_path, max_input_tokens=4096, max_prefill_tokens=4096) as scheduler:
+        context = scheduler.ready_replica.loaded.max_context
+        ids = tuple(10 + i % 500 for i in range(context))
+        scoring = EngineRequest(
+            "score",
+            PromptInput(token_ids=ids),
+            SamplingParams(max_tokens=0, temperature=0.0, prompt_logprobs=0),
+        )
+        stream = await scheduler.submit(scoring)
+        await consume(stream)
+        assert stream.finished and stream.completion_tokens == 0
+        with pytest.raises(ContextLengthExceededError):
+            await scheduler.submit(dataclasses.replace(scoring, params=SamplingParams(max_tokens=1)))
+
+
 async def test_short_jobs_are_prefilled_before_long_ones_that_arrived_with_them(tiny_text_path):
     gather = {"max_prefill_tokens": 48, "batch_timeout_s": 0.5}
     async with running_scheduler(tiny_text_path, executor=gather, max_new_tokens=200) as scheduler:
