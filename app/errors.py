@@ -169,7 +169,8 @@ def handle_http_exception(request: Request, exc: HTTPException) -> Response[byte
         # The JSON decoder's own refusals ("Number out of range - at `$[...]`": it decodes without
         # the route's types, so it cannot say where) read as the validation errors do.
         if match := _PATH_IN_MESSAGE.search(message):
-            param = match.group(1) if match.group(1) not in ("", "[...]") else None
+            # It knows no key names: a path through objects (`[...]`) names nothing a client sent.
+            param = match.group(1) if match.group(1) and "[...]" not in match.group(1) else None
             message = f"invalid request: {message[: match.start()]}" + (f" (at {param})" if param else "")
             body = error_body(status, message, type_=type_, param=param, code=code)
             return error_response(status, body, headers or None)

@@ -349,10 +349,10 @@ class Scheduler:
             max_tokens = params.max_tokens
             if max_tokens > cap:
                 prepared.warnings.append(
-                    f"max_tokens {max_tokens} was lowered to this server's limit of {cap} (MAX_NEW_TOKENS_DEFAULT)"
+                    f"max_tokens {_shown(max_tokens)} was lowered to this server's limit of {cap} (MAX_NEW_TOKENS_DEFAULT)"
                 )
                 max_tokens = cap
-            lowered = "" if max_tokens == params.max_tokens else f" (lowered from {params.max_tokens})"
+            lowered = "" if max_tokens == params.max_tokens else f" (lowered from {_shown(params.max_tokens)})"
             if room < min(1, max_tokens):  # scoring (max_tokens 0) may fill the context
                 raise ContextLengthExceededError(
                     f"This model's maximum context length is {context} tokens; the prompt alone is "
@@ -502,3 +502,10 @@ def _lowered_to_fit(request: EngineRequest, prompt_tokens: int, executor) -> Eng
     if low < 1:
         return request
     return dataclasses.replace(request, params=dataclasses.replace(request.params, max_tokens=low))
+
+
+def _shown(number: int) -> str:
+    """A client's number as a message quotes it: Python takes integers of 4,300 digits, and one
+    echoed whole made a 4.5 KB X-Request-Warnings header (past some proxies' buffers)."""
+    text = str(number)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"

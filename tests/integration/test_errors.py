@@ -184,6 +184,13 @@ CASES = [
         param=None,
         in_message="invalid request: Integer value out of range",
     ),
+    Case(
+        "an integer of 5000 digits inside an object",
+        b'{"prompt": "hi", "logit_bias": {"5": ' + b"9" * 5000 + b"}}",
+        400,
+        param=None,  # the decoder knows no key names: "[...][...]" named nothing
+        in_message="invalid request: Integer value out of range",
+    ),
     Case("max_tokens as a string", _chat(max_tokens="10"), 400, param="max_tokens"),
     Case("stream as a string", _chat(stream="true"), 400, param="stream"),
     Case("n as a float", _chat(n=2.0), 400, param="n"),
@@ -320,6 +327,19 @@ def test_chunked_body_over_limit_is_413(text_server: Server) -> None:
             "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}
         )
     assert_openai_error(response, 413, code="request_too_large")
+
+
+def test_a_huge_max_tokens_is_quoted_short_in_its_warning(text_server: Server) -> None:
+    """An integer of up to 4,300 digits is a valid max_tokens (lowered to the cap); quoted whole,
+    it made a 4.5 KB X-Request-Warnings header."""
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 4000 + b"}"
+    with text_server.http() as client:
+        answered = client.post(
+            "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
+    assert answered.status_code == 200, answered.text
+    warning = answered.headers["x-request-warnings"]
+    assert "(4000 digits)" in warning and len(warning) < 300
 
 
 def test_a_utf8_byte_order_mark_before_the_json_is_ignored(text_server: Server) -> None:
