@@ -304,6 +304,16 @@ class Batch:
                 take = span.first - start  # the tokens before the span now, the span later
             elif take < through_span:
                 take = through_span
+            if (
+                self.config.chunked_prefill
+                and self._covers_images(seq, start, start + take)
+                and start + take > seq.num_prompt_tokens
+            ):
+                # A preempted sequence computed again from its image on: the chunk with the pixels
+                # ends with the prompt. Its generated tokens may hold the image placeholder, and the
+                # model counts every placeholder in a pixel row against the image's features (one
+                # too many: a 500 after the answer had half arrived).
+                take = seq.num_prompt_tokens - start
         if take > budget and not first:
             return 0
         return take

@@ -352,7 +352,9 @@ class Scheduler:
                     f"max_tokens {_shown(max_tokens)} was lowered to this server's limit of {cap} (MAX_NEW_TOKENS_DEFAULT)"
                 )
                 max_tokens = cap
-            lowered = "" if max_tokens == params.max_tokens else f" (lowered from {_shown(params.max_tokens)})"
+            lowered = (
+                "" if max_tokens == params.max_tokens else f" (lowered from {_shown(params.max_tokens)})"
+            )
             if room < min(1, max_tokens):  # scoring (max_tokens 0) may fill the context
                 raise ContextLengthExceededError(
                     f"This model's maximum context length is {context} tokens; the prompt alone is "

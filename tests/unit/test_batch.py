@@ -294,6 +294,27 @@ def test_an_image_is_computed_in_one_chunk_and_alone_in_its_step():
         assert row.start <= span.first and row.end > span.last
 
 
+def test_a_preempted_image_sequence_computes_its_generated_tokens_apart_from_the_pixels():
+    """Recomputed after a preemption, the chunk with the image's pixels ends with the prompt: its
+    generated tokens may hold the image placeholder, which the model counts against the image's
+    features when pixels come with the row (a 500 after half the answer had streamed)."""
+    batch = make(num_blocks=12, block_size=4, max_rows=4, max_prefill_tokens=64, prefix_caching=False)
+    reqs = [
+        request(range(10 * i, 10 * i + 8), max_tokens=16, arrival=i, image=PromptSpan(1, 4, b"p%d" % i))
+        for i in range(4)
+    ]
+    for r in reqs:
+        batch.add(r)
+    driver = Driver(batch)
+    driver.run()
+    assert batch.num_preemptions > 0
+    pixel_rows = [row for plan in driver.plans for row in plan.rows if row.mm_inputs is not None]
+    assert len(pixel_rows) > len(reqs)  # computed again after preemptions
+    assert all(row.end <= 8 for row in pixel_rows)  # never past the 8-token prompts
+    for r in reqs:
+        assert outputs(r) == [expected_output(r[0].token_ids[:8], 16)]
+
+
 def test_cancelled_waiting_and_running_requests_leave_cleanly():
     batch = make(max_rows=2)
     running = request(range(5), max_tokens=50, arrival=0)
