@@ -48,6 +48,39 @@ _WHAT = {
 }
 
 
+# llguidance's converters and compiler recurse once per level of a chain of references (`$ref`
+# a0 -> a1 -> ..., Lark rules r0: r1 ...), which the body's nesting limit does not see: a chain
+# of 2,500 overflowed a worker thread's 8 MiB stack and the process died (SIGSEGV) with every
+# request in it. Compiles run on a thread with this much stack (address space, touched only as
+# deep as a grammar goes): 20,000 $refs, more than the 256 KiB schema cap can hold, take ~0.2 s.
+_COMPILE_STACK_BYTES = 256 * 2**20
+_stack_size_lock = threading.Lock()
+
+
+def _on_a_large_stack(compile_it):
+    """`compile_it()` on a thread of its own with `_COMPILE_STACK_BYTES` of stack; its result, or
+    its exception raised here."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = compile_it()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
+
+    with _stack_size_lock:  # the size applies to threads created while it is set
+        previous = threading.stack_size(_COMPILE_STACK_BYTES)
+        try:
+            thread = threading.Thread(target=run, name="grammar-compile", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 class GrammarCompiler:
     """Compiled grammars of one replica. Thread-safe: the scheduler validates specs in a worker
     thread while the replica thread builds constraints from the same cache."""
@@ -86,6 +119,14 @@ class GrammarCompiler:
                 self._compiled.move_to_end(spec)
                 return matcher
             tokenizer = self._tokenizer(spec.param)
+        matcher = _on_a_large_stack(lambda: self._compile(spec, tokenizer))
+        with self._lock:
+            self._compiled[spec] = matcher
+            while len(self._compiled) > self._max_cached:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def _compile(self, spec: GrammarSpec, tokenizer) -> llguidance.LLMatcher:
         try:
             text = _grammar_text(spec, self._special)
         except InvalidRequestError:
@@ -116,10 +157,6 @@ class GrammarCompiler:
         if matcher.is_error():
             self._blame_a_tool(spec)
             raise InvalidRequestError(_invalid(spec, matcher.get_error()), param=spec.param)
-        with self._lock:
-            self._compiled[spec] = matcher
-            while len(self._compiled) > self._max_cached:
-                self._compiled.popitem(last=False)
         return matcher
 
     def _blame_a_tool(self, spec: GrammarSpec) -> None:

@@ -454,3 +454,46 @@ def test_a_schema_that_matches_nothing_says_so(replica):
     with pytest.raises(InvalidRequestError) as caught:
         replica.grammars.validate(GrammarSpec("json_schema", json.dumps({"$ref": "#"})))
     assert "matches no output at all" in caught.value.message
+
+
+_CHAIN_COMPILE = """
+import json, sys
+from models.errors import InvalidRequestError
+from models.grammar import GrammarCompiler
+from models.params import GrammarSpec
+from models.tiny import build_tokenizer
+
+compiler = GrammarCompiler(build_tokenizer(512), vocab_size=512, eos_token_ids=[0])
+n = 5000
+defs = {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(n)}
+defs[f"a{n}"] = {"type": "string", "maxLength": 3}
+rules = "start: r0\\n" + "".join(f"r{i}: r{i + 1}\\n" for i in range(n)) + f'r{n}: "a"\\n'
+for spec in (
+    GrammarSpec("json_schema", json.dumps({"$defs": defs, "$ref": "#/$defs/a0"})),
+    GrammarSpec("lark", rules),
+):
+    try:
+        compiler.validate(spec)
+        compiler.constraint(spec)
+    except InvalidRequestError:
+        pass
+print("alive")
+"""
+
+
+def test_a_long_chain_of_references_compiles_without_killing_the_process():
+    """A $ref chain a0 -> a1 -> ... (no nesting for the body's limit to see) or a chain of Lark
+    rules made llguidance recurse past a worker thread's stack: the server died of SIGSEGV with
+    every request in it. Run apart, so that a crash fails this test and not the session."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-c", _CHAIN_COMPILE],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "alive" in done.stdout, (done.returncode, done.stderr[-500:])
