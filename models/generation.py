@@ -136,7 +136,7 @@ def _constraint_failure(constraint) -> EngineError:
     error = clean_error(constraint.error or "")
     # "... limit ...", "Too many items (limit N)", and the Earley row's "Current row has N items;
     # max is 2000" (an object of some 500 optional properties reaches it at its first key).
-    if "limit" in error or "max is" in error:
+    if "limit" in error or "max is" in error or "too many" in error.lower():
         return InvalidRequestError(
             f"the grammar from {constraint.param} could not be followed: {error} (it exceeds the grammar "
             "engine's limits: a schema that requires itself, a grammar with no end, or an object with "

@@ -56,6 +56,8 @@ class RowSampler:
         self.params = params
         self.num_generated = 0
         self.constraint = None  # a models.grammar matcher when the request is constrained
+        # Set when the grammar (with bans and bias) left no token: the row failed by its request.
+        self.nothing_allowed = False
         self.generator: torch.Generator | None = None
         if not params.is_greedy:
             self.generator = torch.Generator(device=device)
@@ -92,6 +94,7 @@ class RowSampler:
             "_bias_values",
         ):
             setattr(twin, name, getattr(self, name))
+        twin.nothing_allowed = False
         twin._seen = None if self._seen is None else self._seen.clone()
         twin._counts = None if self._counts is None else self._counts.clone()
         twin.generator = None
@@ -288,7 +291,9 @@ def sample(
         # An extreme penalty (repetition 1e-100 divides by almost nothing) must not overflow a
         # row into infinities that no filter can rank: cap far below the float32 maximum, so that
         # dividing by the smallest sampling temperature (GREEDY_BELOW) still stays finite.
-        processed = torch.nan_to_num(processed, nan=float("-inf"), posinf=_LOGIT_CAP)
+        # Masked tokens stay at -inf (nan_to_num's default turned them into the lowest finite
+        # float, and a row whose grammar allowed nothing had an argmax, token 0, to fail on).
+        processed = torch.nan_to_num(processed, nan=float("-inf"), posinf=_LOGIT_CAP, neginf=float("-inf"))
     chosen = torch.argmax(processed, dim=-1)  # [B]; sampled rows are overwritten below
     sampled = [i for i, r in enumerate(rows) if not r.params.is_greedy]
     invalid: set[int] = set()
@@ -304,9 +309,22 @@ def sample(
             picks.append(pick if order is None else order[pick])
         chosen[sampled] = torch.cat(picks)
     # The tokens and the suspect flags in one transfer from the device (they were two).
-    fetched = torch.cat([chosen, suspect.to(chosen.dtype)]).tolist()
+    # A constrained row whose grammar allows no token at all (one that names the end-of-text
+    # token in its text, one that cannot go on): argmax picked token 0, the grammar refused it,
+    # and a greedy request failed as the server's fault (500) where a sampled one was a 400.
+    constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+    blocked = torch.zeros(len(rows), dtype=chosen.dtype, device=chosen.device)
+    if constrained:
+        blocked[constrained] = torch.isneginf(processed[constrained]).all(dim=-1).to(chosen.dtype)
+    fetched = torch.cat([chosen, suspect.to(chosen.dtype), blocked]).tolist()
     tokens: list[int | None] = fetched[: len(rows)]
-    broken = {i for i, flag in enumerate(fetched[len(rows) :]) if flag and _not_finite(logits[i])}
+    broken = {
+        i for i, flag in enumerate(fetched[len(rows) : 2 * len(rows)]) if flag and _not_finite(logits[i])
+    }
+    for i, flag in enumerate(fetched[2 * len(rows) :]):
+        if flag:
+            rows[i].nothing_allowed = True
+            invalid.add(i)
     for i in invalid | broken:
         tokens[i] = None
 

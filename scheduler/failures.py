@@ -27,6 +27,14 @@ def sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:
             f"constrained decoding stopped: the grammar exceeded the engine's limits ({constraint.error[:300]})",
             param=constraint.param,
         )
+    if constraint is not None and seq.sampler.nothing_allowed:
+        # The grammar's mask left no token (with the request's logit_bias and filters): its fault,
+        # not the model's (these logits were finite).
+        return InvalidRequestError(
+            f"constrained decoding stopped: the grammar from {constraint.param} allows no token here "
+            "(a grammar that spells out an end-of-text token, or one that cannot go on)",
+            param=constraint.param,
+        )
     if sample.error is None:
         log.warning("sequence %d produced non-finite logits; failing it alone", seq.seq_id)
     return GenerationError(sample.error or NON_FINITE)

@@ -132,6 +132,24 @@ def test_a_regex_spelling_the_end_token_gets_its_text(text_server: Server) -> No
     assert reply.choices[0].message.content == "<|im_end|>" and reply.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.5])
+def test_a_grammar_that_leaves_no_token_is_a_400_naming_it(text_server: Server, temperature: float) -> None:
+    """A Lark grammar naming the end-of-text token as a token leaves no token after "ok": greedy
+    picked token 0 anyway (masked tokens had become the lowest finite float), the grammar refused
+    it, and the client got a 500; sampled, a 400. Both are the request's grammar's doing."""
+    body = {
+        "messages": user("go"),
+        "max_tokens": 10,
+        "temperature": temperature,
+        "guided_grammar": 'start: "ok" <|im_end|>',
+    }
+    with text_server.http() as client:
+        error = assert_openai_error(
+            client.post("/v1/chat/completions", json=body), 400, param="guided_grammar"
+        )
+    assert "allows no token" in error["message"]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_min_tokens_and_ignore_eos_yield_to_a_grammar_that_must_end(text_server: Server, temperature) -> None:
     """min_tokens and ignore_eos keep the end token out; where the grammar allows nothing else
