@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     apply_cli_to_env(args, os.environ)
     settings = load_settings()
-    if args.api_key is not None:
+    if args.api_key is not None and args.api_key.strip():
         _say(
             "entrypoint: warning: --api-key is visible in the process list and pod spec; prefer API_KEY from a secret",
             level="warning",

@@ -100,12 +100,18 @@ def refuse_non_json_body(connection: ASGIConnection, _: BaseRouteHandler) -> Non
     """Guard: a body declared as something other than JSON (`text/plain`, a form, multipart) gets
     a 415. Those are the types a browser sends cross-site without a CORS preflight, so without
     this any web page a user visits could start generations on a server that runs without an
-    API key. No Content-Type at all is read as JSON (curl users forget it; FastAPI does the same)."""
+    API key. No Content-Type at all is read as JSON (scripts that post a string body send none;
+    FastAPI does the same), unless the request comes from a web page (it has an `Origin`): a
+    browser sends a bodies without a type cross-site without a preflight too (a typeless Blob,
+    sendBeacon)."""
     declared = connection.headers.get("content-type", "")
     media_type = declared.split(";", 1)[0].strip().lower()
-    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return
+    if media_type or connection.headers.get("origin"):
+        shown = repr(declared[:48]) if declared else "none"
         raise UnsupportedContentEncoding(
-            detail=f"request bodies of Content-Type {declared[:48]!r} are not accepted: "
+            detail=f"request bodies of Content-Type {shown} are not accepted: "
             "send JSON with Content-Type: application/json"
         )
 

@@ -102,12 +102,21 @@ def bound_hub_requests() -> None:
 
 
 def _bound_timeouts(request) -> None:
-    # Capped too, not only filled in: the hub's retries of a file's metadata wait 60 s a try.
+    # Capped too, not only filled in: the hub's retries of a file's metadata wait 60 s a try. An
+    # operator's HF_HUB_DOWNLOAD_TIMEOUT / HF_HUB_ETAG_TIMEOUT (a slow mirror) raises the cap.
     asked = request.extensions.get("timeout") or {}
+    raised = max(_seconds("HF_HUB_DOWNLOAD_TIMEOUT"), _seconds("HF_HUB_ETAG_TIMEOUT"))
     request.extensions["timeout"] = {
-        phase: bound if asked.get(phase) is None else min(asked[phase], bound)
+        phase: max(bound, raised) if asked.get(phase) is None else min(asked[phase], max(bound, raised))
         for phase, bound in HUB_TIMEOUTS_S.items()
     }
+
+
+def _seconds(name: str) -> float:
+    try:
+        return float(os.environ.get(name) or 0)
+    except ValueError:
+        return 0.0
 
 
 @contextlib.contextmanager

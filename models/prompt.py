@@ -179,7 +179,9 @@ class PromptBuilder:
                 f"{'it' if len(reserved) == 1 else 'them'} to the chat template itself (send tools in `tools`)",
                 param="chat_template_kwargs",
             )
-        special = sorted(kwargs.keys() & SPECIAL_TOKEN_ARGUMENTS)
+        # Named extras count too (`image_token`, `boi_token`): transformers passes them as well.
+        named = getattr(self.tokenizer, "special_tokens_map", None) or {}
+        special = sorted(kwargs.keys() & (SPECIAL_TOKEN_ARGUMENTS | set(named)))
         if special:
             raise InvalidRequestError(
                 f"chat_template_kwargs cannot set {', '.join(special)}: the template reads the "
@@ -453,19 +455,21 @@ class PromptBuilder:
                     log.debug("processor failed on the enlarged images too", exc_info=True)
                 else:
                     warnings.append(
-                        f"{len(small)} image(s) narrower than {_RETRY_MIN_SIDE} pixels were enlarged to "
-                        f"{_RETRY_MIN_SIDE} pixels a side: this model's image processor could not take them"
+                        f"{len(small)} image(s) with a side under {_RETRY_MIN_SIDE} pixels were enlarged to "
+                        f"at least {_RETRY_MIN_SIDE} pixels a side: this model's image processor could not take them"
                     )
             if batch is None:
-                # The processor's own words are transformers' internals (SizeDict reprs, a bare
-                # "division by zero"): the operator's log gets them, the client a plain account.
+                # The processor's own words are often transformers' internals (a SizeDict repr, a
+                # bare "division by zero"): the client gets a plain account first, and them clipped.
                 log.info("image processor failed: %s", short_error(exc))
                 blamed = small if small else range(len(decoded))
                 param = params[blamed[0]] if len(blamed) == 1 and blamed[0] < len(params) else "messages"
                 sizes = ", ".join(f"{w}x{h}" for w, h in (image.size for image in decoded))
+                said = short_error(exc)[:160]
                 raise InvalidRequestError(
                     f"the images could not be prepared for this model: its image processor failed on "
-                    f"them (sizes after decoding: {sizes}); an extreme size or aspect ratio is the usual cause",
+                    f"them (sizes after decoding: {sizes}; an extreme size or aspect ratio is a common "
+                    f"cause); the processor said: {said}",
                     param=param,
                 ) from None
         ids = batch["input_ids"][0].tolist()
@@ -501,11 +505,23 @@ class PromptBuilder:
         return 0, len(ids) - 1
 
     def _process(self, text: str, images: list, special: bool):
-        if self.prompt_format == "paligemma" or _nests_images(self.processor):
-            # A prompt's images as one list, as transformers' apply_chat_template hands them:
-            # LLaVA-OneVision reads a flat list as one image per prompt and tiles each at full
-            # resolution, where a prompt of several images takes each at base resolution only.
-            images = [images]
+        if self.prompt_format == "paligemma":
+            return self._call_processor(text, [images], special)  # it takes a prompt's images as one list
+        if not _nests_images(self.processor):
+            return self._call_processor(text, images, special)
+        # A prompt's images as one list, as transformers' apply_chat_template hands them:
+        # LLaVA-OneVision reads a flat list as one image per prompt and tiles each at full
+        # resolution, where a prompt of several images takes each at base resolution only. A few
+        # processors refuse nested lists (GOT-OCR2 outside its multi-page mode): flat for them.
+        try:
+            return self._call_processor(text, [images], special)
+        except Exception as nested:
+            try:
+                return self._call_processor(text, images, special)
+            except Exception:
+                raise nested from None
+
+    def _call_processor(self, text: str, images: list, special: bool):
         try:
             return self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=special)
         except TypeError as exc:

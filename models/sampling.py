@@ -180,7 +180,7 @@ def _sampling_distributions(
     filtered = [j for j, f in enumerate(filters) if f]
     plain = [j for j, f in enumerate(filters) if not f]
     if plain:
-        probs = torch.softmax(logits[plain], dim=-1)
+        probs = torch.softmax(logits if len(plain) == len(params) else logits[plain], dim=-1)
         usable[plain] = _usable(probs)
         for j, probs_row in zip(plain, probs, strict=True):
             out[j] = (probs_row, None)
@@ -188,9 +188,22 @@ def _sampling_distributions(
         return out, usable
     # Each row's candidates: its _CANDIDATES (or top_k) most likely tokens, when its kept tokens
     # all lie among them; sorting all 150k entries of a large vocabulary costs 10x more.
-    widths = [min(vocab, max(_CANDIDATES, params[j].top_k)) for j in filtered]
-    sub = logits[filtered]
-    top_logits, order = torch.topk(sub, max(widths), dim=-1)  # sorted, most likely first
+    widths = [
+        min(vocab, max(_CANDIDATES, params[j].top_k if params[j].top_k < vocab else 0)) for j in filtered
+    ]
+    sub = logits if len(filtered) == len(params) else logits[filtered]
+    # One topk per width: the order of tied logits depends on k, and a row's draw must not depend
+    # on the width a neighbour asked for (ties are common in bf16 logits).
+    top_logits = torch.full((len(filtered), max(widths)), float("-inf"), device=device)
+    order = torch.zeros(len(filtered), max(widths), dtype=torch.long, device=device)
+    for width in set(widths):
+        members = [k for k, w in enumerate(widths) if w == width]
+        rows_logits = sub if len(members) == len(filtered) else sub[members]
+        values, indices = torch.topk(rows_logits, width, dim=-1)  # sorted, most likely first
+        if len(members) == len(filtered):
+            top_logits[:, :width], order[:, :width] = values, indices
+        else:
+            top_logits[members, :width], order[members, :width] = values, indices
     # True probabilities of the candidates (over the whole vocabulary) tell whether the filters
     # can be decided among them; rows where they cannot take the full vocabulary.
     full = torch.exp(top_logits - torch.logsumexp(sub, dim=-1, keepdim=True))

@@ -48,6 +48,7 @@ SPECIAL_TOKEN_ARGUMENTS = frozenset(
         "cls_token",
         "mask_token",
         "additional_special_tokens",
+        "extra_special_tokens",
     }
 )
 

@@ -376,6 +376,11 @@ def test_bodies_declared_as_other_than_json_are_415(text_server: Server) -> None
         request = client.build_request("POST", "/v1/chat/completions", content=body)
         assert "content-type" not in request.headers
         assert client.send(request).status_code == 200
+        # ... except from a web page: a typeless Blob or sendBeacon body goes cross-site unasked.
+        request = client.build_request(
+            "POST", "/v1/chat/completions", content=body, headers={"Origin": "https://elsewhere.example"}
+        )
+        assert_openai_error(client.send(request), 415, param=None)
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])

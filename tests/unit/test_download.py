@@ -81,3 +81,22 @@ def test_a_long_load_says_it_is_still_loading_without_naming_the_model(caplog):
     assert len(beats) >= 2 and all(
         line.startswith("[startup][cpu] still loading the model") for line in beats
     )
+
+
+def test_an_operators_hub_timeout_raises_the_bound(monkeypatch):
+    """A mirror that takes 25 s to start a file (HF_HUB_DOWNLOAD_TIMEOUT=60) was cut at 20 s."""
+    import httpx
+
+    from models import download
+
+    request = httpx.Request(
+        "GET", "http://127.0.0.1/x", extensions={"timeout": {"connect": None, "read": 60.0}}
+    )
+    download._bound_timeouts(request)
+    assert request.extensions["timeout"]["read"] == download.HUB_TIMEOUTS_S["read"]
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "60")
+    request = httpx.Request(
+        "GET", "http://127.0.0.1/x", extensions={"timeout": {"connect": None, "read": 60.0}}
+    )
+    download._bound_timeouts(request)
+    assert request.extensions["timeout"]["read"] == 60.0

@@ -76,6 +76,7 @@ def test_an_empty_flag_counts_as_unset_and_leaves_the_variable_in_force() -> Non
     data = json.loads(result.stdout)
     assert data["auth_enabled"] is True and data["port"] == 9005
     assert "--api-key is empty: ignored" in result.stderr
+    assert "visible in the process list" not in result.stderr  # nothing of it was used
 
 
 def test_env_beats_default() -> None:

@@ -80,12 +80,15 @@ def test_seeded_draws_do_not_depend_on_what_neighbours_filter(monkeypatch):
     monkeypatch.setattr(sampling, "_CANDIDATES", 8)
     vocab = 64
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(vocab, generator=gen) * 2
+    # Rounded as bf16 logits are: ties, whose order in topk depends on k.
+    logits = (torch.randn(vocab, generator=gen) * 2).to(torch.bfloat16).float()
     flat = torch.randn(vocab, generator=gen) * 0.01  # no candidate prefix decides its top_p
     neighbours = [
         SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5),
         SamplingParams(max_tokens=1, temperature=1.0, top_k=20),
         SamplingParams(max_tokens=1, temperature=1.0, min_p=0.2),
+        SamplingParams(max_tokens=1, temperature=1.0, top_k=40, top_p=0.9),  # wider than 8
+        SamplingParams(max_tokens=1, temperature=1.0, top_k=10**6, top_p=0.9),  # top_k >= vocab: none
     ]
     targets = [
         SamplingParams(max_tokens=1, temperature=1.0, seed=5),  # top_p 1: no filter
