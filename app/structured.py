@@ -11,6 +11,8 @@ constraint of their own (`app.translate`) and combine with none of these.
 from __future__ import annotations
 
 import json
+import re
+import string
 from typing import Any
 
 import msgspec
@@ -47,8 +49,26 @@ def output_grammar(req: StructuredFields, *, forced_tool_calls: bool = False) ->
             raise InvalidRequestError(
                 f"{pattern_param} applies to JSON output only, not to {param}", param=pattern_param
             )
+        _check_whitespace_only(pattern, pattern_param)
         spec = GrammarSpec(spec.kind, spec.source, param=spec.param, whitespace_pattern=pattern)
     return spec
+
+
+def _check_whitespace_only(pattern: str, param: str) -> None:
+    """A whitespace pattern that matches other characters (`[a-z]{0,3}`, `.*`) put them between
+    JSON tokens: the output no longer parsed, and still finished with "stop". Checked on single
+    characters with Python's regex engine (llguidance's is Rust's: a pattern Python cannot read
+    is left to it)."""
+    try:
+        compiled = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return
+    stray = next((c for c in string.printable if not c.isspace() and compiled.fullmatch(c)), None)
+    if stray is not None:
+        raise InvalidRequestError(
+            f"{param} matches {stray!r}, which is not whitespace: the output would not be JSON",
+            param=param,
+        )
 
 
 def _constraints(req: StructuredFields) -> list[tuple[str, GrammarSpec | None]]:
@@ -90,6 +110,13 @@ def _whitespace_pattern(req: StructuredFields) -> tuple[str | None, str]:
 
 
 def _response_format(response_format: ResponseFormat | None) -> GrammarSpec | None:
+    if response_format is not None and response_format.type != "json_schema" and response_format.json_schema:
+        # The client believes its schema is enforced; with this type it would be dropped.
+        raise InvalidRequestError(
+            f"response_format.json_schema is set but type is '{response_format.type}': "
+            "use type 'json_schema' for the schema to apply",
+            param="response_format.type",
+        )
     if response_format is None or response_format.type == "text":
         return None
     if response_format.type == "json_object":

@@ -26,7 +26,8 @@ JsonSchemaValue = JSONObject | GrammarText
 
 
 class JsonSchemaFormat(msgspec.Struct):
-    name: str = "response"
+    # OpenAI's rule for the name: 1-64 of a-z, A-Z, 0-9, _ and -.
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "response"
     schema: JSONObject | None = None
     description: str | None = None
     # Accepted either way: the output is always constrained to the schema.

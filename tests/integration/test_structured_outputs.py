@@ -270,6 +270,29 @@ def test_a_constraint_leaves_no_room_for_tool_calls(text_server: Server) -> None
         ({"guided_choice": []}, "guided_choice"),
         ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
         ({"guided_regex": "a", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+        # Whitespace patterns that match other characters made output that was not JSON.
+        (
+            {"guided_json": {"type": "object"}, "guided_whitespace_pattern": "[a-z]{0,3}"},
+            "guided_whitespace_pattern",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "guided_whitespace_pattern": ".*"},
+            "guided_whitespace_pattern",
+        ),
+        # A schema under another type was dropped without a word; a name outside OpenAI's rule.
+        (
+            {
+                "response_format": {
+                    "type": "json_object",
+                    "json_schema": {"name": "x", "schema": {"type": "object"}},
+                }
+            },
+            "response_format.type",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}},
+            "response_format.json_schema.name",
+        ),
         ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
         ({"use_beam_search": True}, "use_beam_search"),
         ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
