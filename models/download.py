@@ -55,9 +55,8 @@ def _human(size: int) -> str:
 @contextlib.contextmanager
 def download_progress(folder: Path, label: str, *, interval: float = INTERVAL_S) -> Iterator[None]:
     """Log progress while `folder` grows, from a daemon thread, until the block exits."""
-    stop = threading.Event()
 
-    def watch() -> None:
+    def watch(stop: threading.Event) -> None:
         started, before = time.monotonic(), folder_bytes(folder)
         last = before
         while not stop.wait(interval):
@@ -72,13 +71,8 @@ def download_progress(folder: Path, label: str, *, interval: float = INTERVAL_S)
                 )
             last = size
 
-    thread = threading.Thread(target=watch, name="download-progress", daemon=True)
-    thread.start()
-    try:
+    with _in_background(watch, "download-progress", join_s=interval):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=interval)
 
 
 def bound_hub_requests() -> None:
@@ -124,18 +118,27 @@ def still_loading(label: str, *, interval: float = STILL_LOADING_S) -> Iterator[
     """A line every `interval` seconds while the block runs: a load that waits on a slow hub, a
     proxy or a large checkpoint otherwise logs nothing between "Loading model" and its end (the
     line names no model, so it is kept when the source is redacted)."""
-    stop = threading.Event()
 
-    def beat() -> None:
+    def beat(stop: threading.Event) -> None:
         started = time.monotonic()
         while not stop.wait(interval):
             logger.info(
                 "[startup][%s] still loading the model (%.0f s so far)", label, time.monotonic() - started
             )
 
-    thread = threading.Thread(target=beat, name="still-loading", daemon=True)
+    with _in_background(beat, "still-loading"):
+        yield
+
+
+@contextlib.contextmanager
+def _in_background(loop, name: str, *, join_s: float = 0.0) -> Iterator[None]:
+    """`loop(stop)` on a daemon thread while the block runs; `stop` is set when it ends."""
+    stop = threading.Event()
+    thread = threading.Thread(target=loop, args=(stop,), name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
+        if join_s:
+            thread.join(timeout=join_s)

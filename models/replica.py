@@ -286,21 +286,11 @@ def _generic(
         # The generic path is the model's own generate(): where that fails on a short text prompt,
         # every request would fail, so the replica does not come up (the server reports degraded
         # with the cause) instead of reporting ready.
-        try:
-            ids = torch.tensor([token_ids[:16]], device=loaded.device)
-            loaded.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=2,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        except Exception as exc:
-            log.debug("the model's own generate() failed", exc_info=True)
+        text_failure = _generate_failure(loaded, token_ids[:16], pad)
+        if text_failure is not None:
             raise ModelLoadError(
-                f"the model's own generate() fails on a short text prompt ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); after: {reason}"
-            ) from exc
+                f"the model's own generate() fails on a short text prompt ({text_failure}); after: {reason}"
+            )
         problem = batching_problem(loaded.model, loaded.model.forward, token_ids)
         image_failure = _image_generate_failure(loaded, pad)
         if image_failure is not None:
@@ -354,7 +344,16 @@ def _image_generate_failure(loaded: LoadedModel, pad: int | None) -> str | None:
     except Exception:
         log.debug("no image prompt for the generic path's check", exc_info=True)
         return None
-    ids = torch.tensor([prepared.token_ids], device=loaded.device)
+    return _generate_failure(
+        loaded, prepared.token_ids, pad, _to_device(prepared.mm_inputs, loaded.device, loaded.dtype)
+    )
+
+
+def _generate_failure(
+    loaded: LoadedModel, token_ids, pad: int | None, mm_inputs: dict | None = None
+) -> str | None:
+    """Why the model's own generate() fails on a short greedy run from `token_ids`, or None."""
+    ids = torch.tensor([list(token_ids)], device=loaded.device)
     try:
         loaded.model.generate(
             input_ids=ids,
@@ -362,10 +361,10 @@ def _image_generate_failure(loaded: LoadedModel, pad: int | None) -> str | None:
             max_new_tokens=2,
             do_sample=False,
             pad_token_id=pad,
-            **(_to_device(prepared.mm_inputs, loaded.device, loaded.dtype) or {}),
+            **(mm_inputs or {}),
         )
     except Exception as exc:
-        log.debug("the model's own generate() failed on an image prompt", exc_info=True)
+        log.debug("the model's own generate() failed", exc_info=True)
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return None
 
