@@ -16,6 +16,7 @@ import torch
 
 from models.arch import RopeIndex, Traits, bidirectional_spans, mrope_positions, rope_index_of, traits_of
 from models.errors import ContextLengthExceededError, InvalidRequestError
+from models.image_processing import process_images
 from models.images import DecodedImageCache, ImageLimits, enlarged_to, image_inputs_digest, min_image_side
 from models.loader import token_id_limit
 from models.params import PromptInput
@@ -38,9 +39,6 @@ from models.template_messages import (
 )
 
 log = logging.getLogger(__name__)
-
-# The side an image is enlarged to when its processor failed on it and a side was shorter.
-_RETRY_MIN_SIDE = 32
 
 NO_TEMPLATE = (
     "this model has no chat template, so chat messages cannot be turned into a prompt; start the server "
@@ -439,39 +437,14 @@ class PromptBuilder:
                 raise
         if self.min_image_side:
             decoded = [enlarged_to(image, self.min_image_side) for image in decoded]
-        warnings = []
-        try:
-            batch = self._process(text, decoded, special)
-        except Exception as exc:
-            log.debug("processor failed", exc_info=True)
-            # Some processors divide by an image's scaled height (Idefics2's splitting fails on a
-            # 1-pixel-high line or a tracking pixel): such images are answered enlarged, and said so.
-            small = [i for i, image in enumerate(decoded) if min(image.size) < _RETRY_MIN_SIDE]
-            batch = None
-            if small:
-                try:
-                    batch = self._process(text, [enlarged_to(im, _RETRY_MIN_SIDE) for im in decoded], special)
-                except Exception:
-                    log.debug("processor failed on the enlarged images too", exc_info=True)
-                else:
-                    warnings.append(
-                        f"{len(small)} image(s) with a side under {_RETRY_MIN_SIDE} pixels were enlarged to "
-                        f"at least {_RETRY_MIN_SIDE} pixels a side: this model's image processor could not take them"
-                    )
-            if batch is None:
-                # The processor's own words are often transformers' internals (a SizeDict repr, a
-                # bare "division by zero"): the client gets a plain account first, and them clipped.
-                log.info("image processor failed: %s", short_error(exc))
-                blamed = small if small else range(len(decoded))
-                param = params[blamed[0]] if len(blamed) == 1 and blamed[0] < len(params) else "messages"
-                sizes = ", ".join(f"{w}x{h}" for w, h in (image.size for image in decoded))
-                said = short_error(exc)[:160]
-                raise InvalidRequestError(
-                    f"the images could not be prepared for this model: its image processor failed on "
-                    f"them (sizes after decoding: {sizes}; an extreme size or aspect ratio is a common "
-                    f"cause); the processor said: {said}",
-                    param=param,
-                ) from None
+        batch, warnings = process_images(
+            self.processor,
+            text,
+            decoded,
+            special=special,
+            one_list=self.prompt_format == "paligemma",
+            params=params,
+        )
         ids = batch["input_ids"][0].tolist()
         mm = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
         image_tokens = (
@@ -504,32 +477,6 @@ class PromptBuilder:
                 return 0 if self.traits.images_reach_whole_prompt else positions[0], positions[-1]
         return 0, len(ids) - 1
 
-    def _process(self, text: str, images: list, special: bool):
-        if self.prompt_format == "paligemma":
-            return self._call_processor(text, [images], special)  # it takes a prompt's images as one list
-        if not _nests_images(self.processor):
-            return self._call_processor(text, images, special)
-        # A prompt's images as one list, as transformers' apply_chat_template hands them:
-        # LLaVA-OneVision reads a flat list as one image per prompt and tiles each at full
-        # resolution, where a prompt of several images takes each at base resolution only. A few
-        # processors refuse nested lists (GOT-OCR2 outside its multi-page mode): flat for them.
-        try:
-            return self._call_processor(text, [images], special)
-        except Exception as nested:
-            try:
-                return self._call_processor(text, images, special)
-            except Exception:
-                raise nested from None
-
-    def _call_processor(self, text: str, images: list, special: bool):
-        try:
-            return self.processor(text=[text], images=images, return_tensors="pt", add_special_tokens=special)
-        except TypeError as exc:
-            # Some remote-code processors take no tokenizer options at all (Phi-3-vision's, for one).
-            if "add_special_tokens" not in str(exc):
-                raise
-            return self.processor(text=[text], images=images, return_tensors="pt")
-
     def _truncate(self, prepared: PreparedPrompt) -> PreparedPrompt:
         excess = len(prepared.token_ids) - self.max_input_tokens
         if excess > 0:
@@ -556,9 +503,3 @@ class PromptBuilder:
             raise InvalidRequestError(
                 f"token id {bad} is outside the vocabulary (0..{limit - 1})", param=param
             )
-
-
-def _nests_images(processor) -> bool:
-    """transformers' own processors take images nested per prompt; remote-code ones keep the flat
-    list their model cards pass (Phi-3-vision's reads every item as an image)."""
-    return any(cls.__module__.startswith("transformers.models.") for cls in type(processor).__mro__)
