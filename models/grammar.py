@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -415,6 +416,14 @@ class PlainSpelling:
         return self._first_plain[token]
 
 
+# A grammar's mask is computed on the replica thread, row by row, inside every step: a grammar
+# whose masks cost more CPU than this, `_SLOW_MASKS` tokens running, would slow every request in
+# the batch (`guided_regex: "b{100000}"` takes ~17 ms a token where a JSON schema takes under
+# 0.1 ms: a neighbour's inter-token gaps went from 6 to 380 ms), so it fails its own request.
+MASK_BUDGET_S = 0.005
+_SLOW_MASKS = 3
+
+
 class GrammarConstraint:
     """One sequence's position in its grammar; lives on the replica thread."""
 
@@ -432,11 +441,21 @@ class GrammarConstraint:
         # One bit per token id, packed in int32 words: [1, ceil(ids / 32)]; llguidance fills it.
         self._bitmask = allocate_token_bitmask(1, num_ids)
         self._shifts: torch.Tensor | None = None  # [32] on the logits' device
+        self._slow_masks = 0  # masks over MASK_BUDGET_S in a row
+        self._too_slow: str | None = None
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [vocab] -> the same with forbidden tokens at -inf."""
+        started = time.thread_time()  # CPU, not wall: a thread descheduled by a neighbour is not slow
         fill_next_token_bitmask(self._matcher, self._bitmask, 0)
-        if self._matcher.is_error():
+        spent = time.thread_time() - started
+        self._slow_masks = self._slow_masks + 1 if spent > MASK_BUDGET_S else 0
+        if self._slow_masks >= _SLOW_MASKS and self._too_slow is None:
+            self._too_slow = (
+                f"the grammar takes {spent * 1e3:.0f} ms of CPU per token to follow, more than the "
+                f"{MASK_BUDGET_S * 1e3:.0f} ms allowed (it would slow every request beside it)"
+            )
+        if self._too_slow is not None or self._matcher.is_error():
             # A limit hit mid-generation (lexer fuel, Earley items): nothing may be sampled; the
             # row fails alone and `error` says why.
             return torch.full_like(logits, float("-inf"))
@@ -462,7 +481,10 @@ class GrammarConstraint:
 
     @property
     def error(self) -> str | None:
-        """Set when the matcher broke (a token outside the mask); its output cannot be trusted."""
+        """Set when the matcher broke (a token outside the mask; its output cannot be trusted) or
+        when following the grammar costs too much per token."""
+        if self._too_slow is not None:
+            return self._too_slow
         if not self._matcher.is_error():
             return None
         return self._matcher.get_error() or "constrained decoding failed"

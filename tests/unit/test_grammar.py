@@ -497,3 +497,33 @@ def test_a_long_chain_of_references_compiles_without_killing_the_process():
         timeout=120,
     )
     assert done.returncode == 0 and "alive" in done.stdout, (done.returncode, done.stderr[-500:])
+
+
+def test_a_grammar_too_costly_per_token_fails_its_own_request(replica):
+    """`b{100000}` compiles in a millisecond but costs ~17 ms of CPU per mask, on the replica
+    thread, inside every step: a neighbour's inter-token gaps went from 6 to 380 ms. After a few
+    such masks the row gets none (its request fails with a 400 saying why); cheap grammars never
+    come near the budget."""
+    from models.sampling import RowSampler, sample
+
+    costly = replica.grammars.constraint(GrammarSpec("regex", "b{100000}", param="guided_regex"))
+    cheap = replica.grammars.constraint(
+        GrammarSpec("json_schema", json.dumps(PERSON), param="response_format")
+    )
+    vocab = len(replica.loaded.tokenizer)
+    for _ in range(6):
+        costly_logits = costly.mask_logits(torch.zeros(vocab))
+        cheap.mask_logits(torch.zeros(vocab))
+    assert costly.error is not None and "ms of CPU per token" in costly.error
+    assert not torch.isfinite(costly_logits).any()
+    assert cheap.error is None
+    row = RowSampler(
+        SamplingParams(max_tokens=4, temperature=0.0),
+        vocab_size=vocab,
+        device=torch.device("cpu"),
+        prompt_ids=[],
+        eos_token_ids=frozenset(),
+        seed=None,
+    )
+    row.constraint = costly
+    assert sample(torch.zeros(1, vocab), [row])[0] == [None]
