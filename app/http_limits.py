@@ -102,7 +102,7 @@ def refuse_non_json_body(connection: ASGIConnection, _: BaseRouteHandler) -> Non
     this any web page a user visits could start generations on a server that runs without an
     API key. No Content-Type at all is read as JSON (scripts that post a string body send none;
     FastAPI does the same), unless the request comes from a web page (it has an `Origin`): a
-    browser sends a bodies without a type cross-site without a preflight too (a typeless Blob,
+    browser sends bodies without a type cross-site without a preflight too (a typeless Blob,
     sendBeacon)."""
     declared = connection.headers.get("content-type", "")
     media_type = declared.split(";", 1)[0].strip().lower()
