@@ -56,7 +56,7 @@ class RowSampler:
         self.params = params
         self.num_generated = 0
         self.constraint = None  # a models.grammar matcher when the request is constrained
-        # Set when the grammar (with bans and bias) left no token: the row failed by its request.
+        # Set when the grammar or the bans left no token: the row failed by its request.
         self.nothing_allowed = False
         self.generator: torch.Generator | None = None
         if not params.is_greedy:
@@ -322,13 +322,13 @@ def sample(
             picks.append(pick if order is None else order[pick])
         chosen[sampled] = torch.cat(picks)
     # The tokens and the suspect flags in one transfer from the device (they were two).
-    # A constrained row whose grammar allows no token at all (one that names the end-of-text
-    # token in its text, one that cannot go on): argmax picked token 0, the grammar refused it,
-    # and a greedy request failed as the server's fault (500) where a sampled one was a 400.
-    constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+    # A row whose grammar allows no token at all (one that names the end-of-text token in its
+    # text, one that cannot go on): argmax picked token 0, the grammar refused it, and a greedy
+    # request failed as the server's fault (500) where a sampled one was a 400.
+    # Bans alone can do it too: min_tokens with stop_token_ids covering a small vocabulary.
     blocked = torch.zeros(len(rows), dtype=chosen.dtype, device=chosen.device)
-    if constrained:
-        blocked[constrained] = torch.isneginf(processed[constrained]).all(dim=-1).to(chosen.dtype)
+    if to_process:
+        blocked[to_process] = torch.isneginf(processed[to_process]).all(dim=-1).to(chosen.dtype)
     fetched = torch.cat([chosen, suspect.to(chosen.dtype), blocked]).tolist()
     tokens: list[int | None] = fetched[: len(rows)]
     broken = {

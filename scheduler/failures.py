@@ -35,6 +35,12 @@ def sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:
             "(a grammar that spells out an end-of-text token, or one that cannot go on)",
             param=constraint.param,
         )
+    if seq.sampler.nothing_allowed:
+        return InvalidRequestError(
+            "min_tokens bans the end and stop tokens, and stop_token_ids with the end tokens cover the "
+            "whole vocabulary: no token is left to generate",
+            param="stop_token_ids",
+        )
     if sample.error is None:
         log.warning("sequence %d produced non-finite logits; failing it alone", seq.seq_id)
     return GenerationError(sample.error or NON_FINITE)

@@ -175,7 +175,11 @@ def _logprobs(
     `placed` has their offsets already (a stream's, `TextOffsets.place_settled`)."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for position, entry in enumerate(entries):
-        top = {text: logprob for text, (_, logprob) in zip(entry.top_tokens or [], entry.top, strict=False)}
+        top: dict[str, float] = {}
+        for text, (_, logprob) in zip(entry.top_tokens or [], entry.top, strict=False):
+            # Tokens that decode alike (byte pieces as "\ufffd") share a key: the most likely
+            # one keeps it (a later, less likely one overwrote it, out of order).
+            top.setdefault(text, logprob)
         top.setdefault(entry.token, entry.logprob)  # OpenAI always includes the sampled token
         tokens.append(entry.token)
         token_logprobs.append(entry.logprob)

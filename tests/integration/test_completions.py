@@ -320,3 +320,17 @@ def test_fields_the_tokenizer_routes_do_not_declare_follow_the_generation_routes
     response = _post(text_server, "/detokenize", {"tokens": [5, 6], "skip_special_tokens": False})
     assert response.status_code == 200 and "skip_special_tokens" in response.headers["X-Request-Warnings"]
     assert "X-Request-Warnings" not in _post(text_server, "/detokenize", {"tokens": [5, 6]}).headers
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_bans_that_leave_no_token_are_a_400(text_server: Server, temperature: float) -> None:
+    """min_tokens bans the end and stop tokens; stop_token_ids covering the tiny model's whole
+    vocabulary left nothing: sampled, a 500 blaming the model; greedy, a banned token emitted."""
+    body = {
+        "prompt": "The quick brown fox",
+        "max_tokens": 5,
+        "min_tokens": 3,
+        "temperature": temperature,
+        "stop_token_ids": list(range(1024)),
+    }
+    assert_openai_error(_post(text_server, "/v1/completions", body), 400, param="stop_token_ids")

@@ -115,6 +115,16 @@ def test_logprobs_payload_offsets_continue() -> None:
     assert _logprobs([TokenLogprob(9, -1.0, [], token="f")], offsets).text_offset == [6]
 
 
+def test_alternatives_that_decode_alike_keep_the_most_likely_value() -> None:
+    """Byte pieces decode to the same "\ufffd": the later, less likely one overwrote the key."""
+    entry = TokenLogprob(
+        3, -7.5, [(1, -4.9), (2, -5.0), (3, -5.2)], token="\ufffd", top_tokens=["\ufffd", " w", "\ufffd"]
+    )
+    top = _logprobs([entry], TextOffsets("\ufffd", base=0)).top_logprobs[0]
+    assert top == {"\ufffd": -4.9, " w": -5.0}
+    assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
 def _entry(token: str, raw: bytes | None = None) -> TokenLogprob:
     return TokenLogprob(1, -1.0, [], token=token, token_bytes=raw if raw is not None else token.encode())
 
