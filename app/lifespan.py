@@ -136,7 +136,7 @@ def _drain_before_granian_stops(scheduler: Scheduler, settings: Settings, body_r
                 # SIGTERM twice (theirs and granian's main process's). Its kill timeout is the backstop.
                 return
             log.info(
-                "[server] %s: draining (up to %.0fs), then stopping",
+                "[server] %s: draining (up to %gs), then stopping",
                 signal.Signals(sig).name,
                 settings.shutdown_grace_s,
             )

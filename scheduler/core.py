@@ -104,7 +104,7 @@ class Scheduler:
             return
         self.draining = True
         log.info(
-            "shutting down: draining %d in-flight request(s) (up to %.0fs)", len(self._inflight), grace_s
+            "shutting down: draining %d in-flight request(s) (up to %gs)", len(self._inflight), grace_s
         )
         with anyio.move_on_after(grace_s):
             while self._inflight:
