@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import warnings
 from typing import Any
 
 import msgspec
@@ -60,8 +61,11 @@ def _check_whitespace_only(pattern: str, param: str) -> None:
     characters with Python's regex engine (llguidance's is Rust's: a pattern Python cannot read
     is left to it)."""
     try:
-        compiled = re.compile(pattern)
-    except (re.error, RecursionError, OverflowError):
+        with warnings.catch_warnings():
+            # "Possible nested set": POSIX classes and set operations, which Rust reads otherwise.
+            warnings.simplefilter("error")
+            compiled = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError, Warning):
         return
     stray = next((c for c in string.printable if not c.isspace() and compiled.fullmatch(c)), None)
     if stray is not None:

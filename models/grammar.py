@@ -417,11 +417,13 @@ class PlainSpelling:
 
 
 # A grammar's mask is computed on the replica thread, row by row, inside every step: a grammar
-# whose masks cost more CPU than this, `_SLOW_MASKS` tokens running, would slow every request in
-# the batch (`guided_regex: "b{100000}"` takes ~17 ms a token where a JSON schema takes under
-# 0.1 ms: a neighbour's inter-token gaps went from 6 to 380 ms), so it fails its own request.
-MASK_BUDGET_S = 0.005
-_SLOW_MASKS = 3
+# whose masks cost more CPU than this on average (a moving mean, from its `_MASKS_BEFORE_JUDGING`th
+# mask on) would slow every request in the batch (`guided_regex: "b{100000}"` takes ~17 ms a token
+# where a JSON schema takes under 0.1 ms: a neighbour's inter-token gaps went from 6 to 380 ms), so
+# it fails its own request. Free-text regexes on 150k-258k vocabularies take 2-3 ms a token; the
+# mean keeps one mask slowed by a neighbour's CPU from failing them.
+MASK_BUDGET_S = 0.010
+_MASKS_BEFORE_JUDGING = 4
 
 
 class GrammarConstraint:
@@ -441,7 +443,8 @@ class GrammarConstraint:
         # One bit per token id, packed in int32 words: [1, ceil(ids / 32)]; llguidance fills it.
         self._bitmask = allocate_token_bitmask(1, num_ids)
         self._shifts: torch.Tensor | None = None  # [32] on the logits' device
-        self._slow_masks = 0  # masks over MASK_BUDGET_S in a row
+        self._masks = 0
+        self._mean_mask_s = 0.0  # moving mean of the CPU each mask took
         self._too_slow: str | None = None
 
     def mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -449,11 +452,16 @@ class GrammarConstraint:
         started = time.thread_time()  # CPU, not wall: a thread descheduled by a neighbour is not slow
         fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         spent = time.thread_time() - started
-        self._slow_masks = self._slow_masks + 1 if spent > MASK_BUDGET_S else 0
-        if self._slow_masks >= _SLOW_MASKS and self._too_slow is None:
+        self._masks += 1
+        self._mean_mask_s = spent if self._masks == 1 else 0.75 * self._mean_mask_s + 0.25 * spent
+        if (
+            self._masks >= _MASKS_BEFORE_JUDGING
+            and self._mean_mask_s > MASK_BUDGET_S
+            and self._too_slow is None
+        ):
             self._too_slow = (
-                f"the grammar takes {spent * 1e3:.0f} ms of CPU per token to follow, more than the "
-                f"{MASK_BUDGET_S * 1e3:.0f} ms allowed (it would slow every request beside it)"
+                f"the grammar takes {self._mean_mask_s * 1e3:.0f} ms of CPU per token to follow, more than "
+                f"the {MASK_BUDGET_S * 1e3:.0f} ms allowed (it would slow every request beside it)"
             )
         if self._too_slow is not None or self._matcher.is_error():
             # A limit hit mid-generation (lexer fuel, Earley items): nothing may be sampled; the

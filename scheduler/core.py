@@ -103,9 +103,7 @@ class Scheduler:
         if self.draining:
             return
         self.draining = True
-        log.info(
-            "shutting down: draining %d in-flight request(s) (up to %gs)", len(self._inflight), grace_s
-        )
+        log.info("shutting down: draining %d in-flight request(s) (up to %gs)", len(self._inflight), grace_s)
         with anyio.move_on_after(grace_s):
             while self._inflight:
                 await anyio.sleep(0.05)

@@ -26,8 +26,9 @@ JsonSchemaValue = JSONObject | GrammarText
 
 
 class JsonSchemaFormat(msgspec.Struct):
-    # OpenAI's rule for the name: 1-64 of a-z, A-Z, 0-9, _ and -.
-    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "response"
+    # Any name, as vLLM takes it (OpenAI's 1-64 of A-Z a-z 0-9 _ - would refuse the openai SDK's
+    # `parse()` of a generic pydantic model, "Page[Item]"): it changes nothing in the output.
+    name: str = "response"
     schema: JSONObject | None = None
     description: str | None = None
     # Accepted either way: the output is always constrained to the schema.

@@ -289,10 +289,6 @@ def test_a_constraint_leaves_no_room_for_tool_calls(text_server: Server) -> None
             },
             "response_format.type",
         ),
-        (
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}},
-            "response_format.json_schema.name",
-        ),
         ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
         ({"use_beam_search": True}, "use_beam_search"),
         ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),

@@ -198,3 +198,15 @@ def test_the_lists_do_not_overlap_the_declared_fields() -> None:
     declared = set(DECLARED) | set(CompletionRequest.__struct_fields__)
     assert not (set(REFUSED) | set(IGNORED)) & (declared - {"best_of", "echo", "add_special_tokens"})
     assert not set(REFUSED) & set(IGNORED)
+
+
+def test_whitespace_patterns_python_reads_otherwise_are_left_to_llguidance() -> None:
+    """POSIX classes and set operations are Rust regex syntax: Python read `[[:space:]]*` as a
+    class of `[ : s p a c e` followed by `]*`, matched "a", and refused a whitespace-only pattern."""
+    from app.structured import _check_whitespace_only
+
+    for fine in (r"[[:space:]]*", r"[[:blank:]]*", r"[\s&&[^\n]]*", r"[ \t\n]*", r"\s*", r"[\n ]{0,2}"):
+        _check_whitespace_only(fine, "guided_whitespace_pattern")
+    for stray in (r"[a-z]{0,3}", r".*", r"x*"):
+        with pytest.raises(InvalidRequestError):
+            _check_whitespace_only(stray, "guided_whitespace_pattern")
