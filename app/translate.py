@@ -122,7 +122,7 @@ class Translator:
     ) -> EngineRequest:
         self.check_model(req.model)
         _check_stream_options(req)
-        if req.top_logprobs is not None and not req.logprobs:
+        if req.top_logprobs and not req.logprobs:  # 0 without logprobs changes nothing
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         grammar = _chat_grammar(req, tool_format)
         warnings: list[str] = []

@@ -166,7 +166,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     chat_template_kwargs: JSONObject | None = None
     # Passed to the chat template as `reasoning_effort` (gpt-oss's and other reasoning models'
     # templates read it; a template that does not ignores it, as vLLM does).
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # The openai SDK's values ("none" is GPT-5.1's default; "xhigh" and "max" came later).
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     add_generation_prompt: bool = True
 
     def __post_init__(self) -> None:

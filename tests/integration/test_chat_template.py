@@ -111,6 +111,8 @@ def test_reasoning_effort_reaches_the_template(template_server: Server) -> None:
             ]
 
         expected, low, plain = (count(RENDERED + s) for s in ("(effort=high)", "(effort=low)", ""))
+        after = {effort: count(f"{RENDERED}(effort={effort})") for effort in ("none", "xhigh", "max")}
+
     assert len({expected, low, plain}) > 1
     client = template_server.openai()
     ask = dict(model=template_server.model_name, messages=MESSAGES, max_tokens=1)
@@ -120,6 +122,9 @@ def test_reasoning_effort_reaches_the_template(template_server: Server) -> None:
     )
     assert overridden.usage.prompt_tokens == low
     assert client.chat.completions.create(**ask).usage.prompt_tokens == plain
+    # The openai SDK's newer values reach the template too ("none" was a 400).
+    for effort, tokens in after.items():
+        assert client.chat.completions.create(**ask, reasoning_effort=effort).usage.prompt_tokens == tokens
     with template_server.http() as http:
         bad = http.post("/v1/chat/completions", json={**ask, "reasoning_effort": "extreme"})
     assert_openai_error(bad, 400, param="reasoning_effort")

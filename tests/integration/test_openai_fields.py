@@ -266,3 +266,13 @@ def test_null_is_the_default_where_openai_allows_it(text_server: Server, path: s
         assert len(answer["choices"]) == 1 and answer["choices"][0]["logprobs"] is None
     else:
         assert answer["status"] in ("completed", "incomplete")
+
+
+def test_top_logprobs_zero_without_logprobs_changes_nothing(text_server: Server) -> None:
+    """Clients that always send top_logprobs (0 by default) with logprobs off got a 400; a value
+    that asks for something without logprobs still does."""
+    reply = create(text_server, temperature=0, max_tokens=2, logprobs=False, top_logprobs=0)
+    assert reply.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(text_server, temperature=0, max_tokens=2, logprobs=False, top_logprobs=2)
+    assert refused.value.body["param"] == "top_logprobs"
