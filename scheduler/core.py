@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -293,13 +294,16 @@ class Scheduler:
 
     def retry_after_s(self) -> int:
         """When to come back: the work already accepted (prompt tokens to compute and tokens to
-        generate) over the recent rate of the ready replicas, between 1 s and 60 s."""
+        generate) over the recent rate of the ready replicas, plus up to a quarter more at random,
+        between 1 s and 60 s. The openai client waits exactly Retry-After: refused clients given
+        one value came back in the same 10 ms, and were refused together again."""
         ready = [e for e in self.executors if e.is_ready]
         rate = sum(e.work_per_s for e in ready)
         if not ready or rate <= 0:
             return self.config.retry_after_s
         backlog = sum(e.outstanding_tokens for e in ready)
-        return max(1, min(60, math.ceil(backlog / rate)))
+        base = math.ceil(backlog / rate)
+        return max(1, min(60, base + random.randint(0, max(1, base // 4))))
 
     def _check_can_accept(self) -> None:
         if self.draining:
