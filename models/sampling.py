@@ -321,14 +321,14 @@ def sample(
             pick = torch.multinomial(probs, 1, generator=rows[i].generator)
             picks.append(pick if order is None else order[pick])
         chosen[sampled] = torch.cat(picks)
-    # The tokens and the suspect flags in one transfer from the device (they were two).
-    # A row whose grammar allows no token at all (one that names the end-of-text token in its
-    # text, one that cannot go on): argmax picked token 0, the grammar refused it, and a greedy
-    # request failed as the server's fault (500) where a sampled one was a 400.
-    # Bans alone can do it too: min_tokens with stop_token_ids covering a small vocabulary.
+    # Rows where nothing may be sampled: a grammar that allows no token (one that names the
+    # end-of-text token in its text, one that cannot go on), or bans alone (min_tokens with
+    # stop_token_ids covering a small vocabulary). Their argmax, token 0, failed a greedy request
+    # as the server's fault (500) where a sampled one was a 400.
     blocked = torch.zeros(len(rows), dtype=chosen.dtype, device=chosen.device)
     if to_process:
         blocked[to_process] = torch.isneginf(processed[to_process]).all(dim=-1).to(chosen.dtype)
+    # The tokens, the suspect flags and the blocked rows in one transfer from the device.
     fetched = torch.cat([chosen, suspect.to(chosen.dtype), blocked]).tolist()
     tokens: list[int | None] = fetched[: len(rows)]
     broken = {

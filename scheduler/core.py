@@ -220,9 +220,12 @@ class Scheduler:
             await self._prepare(
                 executor.replica.grammars.validate, grammar, heavy=len(grammar.source) > HEAVY_CHARS
             )
-        if defaulted and not executor.fits(len(prepared.token_ids), request.params.max_tokens, request.n):
+        room = executor.max_tokens_that_fit(len(prepared.token_ids), request.n)
+        if defaulted and 0 < room < request.params.max_tokens:
             # A default is lowered to what the KV pool holds, as it is to the context's room.
-            request = _lowered_to_fit(request, len(prepared.token_ids), executor)
+            request = dataclasses.replace(
+                request, params=dataclasses.replace(request.params, max_tokens=room)
+            )
         if not executor.fits(len(prepared.token_ids), request.params.max_tokens, request.n):
             # The field at fault: the prompt where it would not fit with one token to generate, n
             # where one choice would fit, else max_tokens.
@@ -491,21 +494,6 @@ class Scheduler:
             return
         executor, cost = entry
         executor.outstanding_tokens -= cost
-
-
-def _lowered_to_fit(request: EngineRequest, prompt_tokens: int, executor) -> EngineRequest:
-    """`request` with the largest max_tokens (at most its own, at least 1) whose worst case the
-    executor's KV pool holds; as it was when even 1 does not fit."""
-    low, high = 0, request.params.max_tokens
-    while low < high:
-        middle = (low + high + 1) // 2
-        if executor.fits(prompt_tokens, middle, request.n):
-            low = middle
-        else:
-            high = middle - 1
-    if low < 1:
-        return request
-    return dataclasses.replace(request, params=dataclasses.replace(request.params, max_tokens=low))
 
 
 def _shown(number: int) -> str:

@@ -145,6 +145,14 @@ class Executor:
         whole = -(-(prompt_tokens + max_tokens) // size)
         return whole + (n - 1) * (whole - prompt_tokens // size) <= replica.num_blocks
 
+    def max_tokens_that_fit(self, prompt_tokens: int, n: int) -> int:
+        """The largest max_tokens whose worst case `fits` (0 or less: not even one token)."""
+        replica = self.replica
+        size = replica.block_size
+        shared = prompt_tokens // size  # the prompt's full blocks, shared by the choices
+        whole = (replica.num_blocks + (n - 1) * shared) // n  # each choice's blocks, at most
+        return whole * size - prompt_tokens
+
     def stats(self) -> dict:
         """For /health and /metrics (event loop): the batch as of the last step."""
         return {

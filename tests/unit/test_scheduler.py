@@ -353,13 +353,16 @@ async def test_a_prompt_larger_than_the_kv_pool_is_named_as_the_cause(tiny_text_
         assert info.value.param == "n"
 
 
-async def test_defaults_are_lowered_to_what_the_kv_pool_holds_and_scoring_may_fill_the_context(
-    tiny_text_path,
-):
+async def test_defaults_are_lowered_to_what_the_kv_pool_holds(tiny_text_path):
     """A default max_tokens is the server's choice: lowered to the pool's room as it is to the
     context's (it was a 400 telling the client to reduce a max_tokens it never sent). A
     completion's own default (16) is one too."""
     async with running_scheduler(tiny_text_path, kv_budget=512 * 256, max_input_tokens=1000) as scheduler:
+        executor = scheduler.executors[0]
+        for prompt_tokens, n in [(1, 1), (15, 1), (16, 3), (100, 2), (255, 1), (256, 1), (300, 1)]:
+            room = executor.max_tokens_that_fit(prompt_tokens, n)
+            assert room < 1 or executor.fits(prompt_tokens, room, n)
+            assert not executor.fits(prompt_tokens, max(room, 0) + 1, n)
         stream = await scheduler.submit(request(0, max_tokens=None, text="word " * 200))
         await consume(stream)
         assert 0 < stream.completion_tokens < 64
