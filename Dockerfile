@@ -107,9 +107,10 @@ EXPOSE 8000
 
 # Model loading can take minutes; the start period keeps Docker from calling that unhealthy.
 # /health is readiness (200 once the model serves), at the address entrypoint.py writes to a file
-# (the flags' port and host), else at PORT.
+# (the flags' port and host), else at PORT; never through HTTP_PROXY, which a cluster may set
+# without NO_PROXY for 127.0.0.1.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-  CMD ["python", "-c", "import os, pathlib, urllib.request; noted = pathlib.Path(os.environ.get('TMPDIR') or '/tmp', 'docoserve-health-url'); url = noted.read_text().strip() if noted.exists() else 'http://127.0.0.1:%s/health' % (os.environ.get('PORT') or '8000'); urllib.request.urlopen(url, timeout=4)"]
+  CMD ["python", "-c", "import os, pathlib, urllib.request; noted = pathlib.Path(os.environ.get('TMPDIR') or '/tmp', 'docoserve-health-url'); url = noted.read_text().strip() if noted.exists() else 'http://127.0.0.1:%s/health' % (os.environ.get('PORT') or '8000'); urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=4)"]
 
 # Flags go to the server (`IMAGE --model-path ...`); anything else runs as a command instead
 # (`IMAGE python3 -c "import flash_attn"`), the docker-entrypoint convention.

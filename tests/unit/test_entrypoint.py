@@ -435,7 +435,13 @@ def test_the_health_url_for_the_images_healthcheck_follows_the_flags(tmp_path, m
     try:
         probe = subprocess.run(
             [sys.executable, "-c", script],
-            env={"TMPDIR": str(tmp_path), "PORT": "1"},
+            # A cluster-wide proxy without NO_PROXY must not take the probe of our own port.
+            env={
+                "TMPDIR": str(tmp_path),
+                "PORT": "1",
+                "HTTP_PROXY": "http://127.0.0.1:1",
+                "http_proxy": "http://127.0.0.1:1",
+            },
             capture_output=True,
             timeout=30,
         )
