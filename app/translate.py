@@ -180,7 +180,7 @@ class Translator:
             frequency_penalty=p.frequency_penalty,
             do_sample=p.do_sample,
             seed=p.seed,
-            stop=p.stop,
+            stop=_stops(p.stop, param="parameters.stop"),
             min_tokens=p.min_new_tokens,
             grammar=tgi_grammar(p.grammar),
         )
@@ -419,15 +419,19 @@ def _template_kwargs(req: ChatCompletionRequest) -> dict[str, Any] | None:
     return {"reasoning_effort": req.reasoning_effort, **(req.chat_template_kwargs or {})}
 
 
-def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+def _stops(stop: str | Sequence[str] | None, param: str = "stop") -> tuple[str, ...]:
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > MAX_STOP_SEQUENCES:
         raise InvalidRequestError(
-            f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}", param="stop"
+            f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}", param=param
         )
-    return tuple(s for s in stops if s)
+    if "" in stops:
+        # An empty string matches at every position: the answer would end before its first
+        # character. Refused as vLLM does rather than dropped without a word.
+        raise InvalidRequestError("stop cannot contain an empty string", param=param)
+    return tuple(stops)
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:

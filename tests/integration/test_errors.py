@@ -196,6 +196,22 @@ CASES = [
     Case("n as a float", _chat(n=2.0), 400, param="n"),
     Case("too many stop_token_ids", _chat(stop_token_ids=list(range(5000))), 400, param="stop_token_ids"),
     Case("a stop string too long", _chat(stop="x" * 5000), 400, param="stop"),
+    # It would match before the first character; it was dropped without a word.
+    Case("an empty stop string", _chat(stop=["\n", ""]), 400, param="stop", in_message="empty string"),
+    Case(
+        "an empty completions stop string",
+        {"prompt": "hi", "max_tokens": 2, "stop": ""},
+        400,
+        param="stop",
+        path="/v1/completions",
+    ),
+    Case(
+        "an empty TGI stop string",
+        {"inputs": "hi", "parameters": {"stop": [""]}},
+        400,
+        param="parameters.stop",
+        path="/generate",
+    ),
     Case(
         "too many logit_bias entries",
         _chat(logit_bias={str(i): 1 for i in range(2000)}),
