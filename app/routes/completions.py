@@ -66,7 +66,7 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
             _cancel(streams)
             raise
     model = svc.settings.model_name
-    warnings = [w for s in streams for w in s.warnings]
+    warnings = _warnings_by_prompt(streams)
     headers = warning_headers(warnings)
     want_logprobs = data.logprobs is not None
     recorded = False
@@ -278,3 +278,14 @@ async def _event_stream(
     finally:
         _cancel(streams)  # frees the slots when the client went away
         on_done(error)
+
+
+def _warnings_by_prompt(streams: list[RequestStream]) -> list[str]:
+    """The request's warnings once, then each prompt's own (its truncation, a lowered max_tokens)
+    named by its index when there are several: "the first 12 were dropped" said which prompt
+    only by its place among the warnings."""
+    said = list(streams[0].request.warnings)
+    for i, stream in enumerate(streams):
+        own = stream.warnings[len(stream.request.warnings) :]
+        said += [f"prompt[{i}]: {w}" for w in own] if len(streams) > 1 else own
+    return said

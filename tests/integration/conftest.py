@@ -165,7 +165,8 @@ SERVER_SPECS: dict[str, ServerSpec] = {
         model_path="builtin:tiny-base",
         model_name="base",
         api_key=None,
-        env={"MODEL_NAME": "base", "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "16"},
+        # A small MAX_INPUT_TOKENS: test_completions cuts prompts of a multi-prompt request.
+        env={"MODEL_NAME": "base", "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "16", "MAX_INPUT_TOKENS": "64"},
     ),
     "template_server": ServerSpec(
         model_path="builtin:tiny-base",

@@ -334,3 +334,18 @@ def test_bans_that_leave_no_token_are_a_400(text_server: Server, temperature: fl
         "stop_token_ids": list(range(1024)),
     }
     assert_openai_error(_post(text_server, "/v1/completions", body), 400, param="stop_token_ids")
+
+
+def test_each_cut_prompt_of_several_is_named_by_its_index(base_server: Server) -> None:
+    """`the first N were dropped` said which prompt only by its place among the warnings."""
+    with base_server.http() as http:
+        response = http.post(
+            "/v1/completions",
+            json={"prompt": ["short", "zebra " * 100, "zebra " * 200], "max_tokens": 1, "bogus": 1},
+        )
+    assert response.status_code == 200, response.text
+    warnings = response.json()["warnings"]
+    assert warnings[0].startswith("unknown field"), warnings  # the request's own, once, unprefixed
+    cuts = [w for w in warnings[1:] if "MAX_INPUT_TOKENS=64" in w]
+    assert [w.split(":")[0] for w in cuts] == ["prompt[1]", "prompt[2]"], warnings
+    assert response.headers["x-request-warnings"].count("prompt[") == 2
