@@ -444,9 +444,14 @@ class Scheduler:
             self._check_can_accept()
 
     @property
-    def max_context(self) -> int | None:
+    def max_model_len(self) -> int | None:
+        """The most tokens one sequence may hold here (vLLM's max_model_len): the context, or less
+        where MAX_INPUT_TOKENS + MAX_NEW_TOKENS_DEFAULT or the KV pool hold less."""
         replica = self.ready_replica
-        return replica.loaded.max_context if replica is not None else None
+        if replica is None:
+            return None
+        pool = replica.num_blocks * replica.block_size
+        return min(replica.loaded.max_context, replica.max_seq_len, pool)
 
     @property
     def chat_template(self) -> str | None:

@@ -11,7 +11,7 @@ from app.services import services
 
 def _card(request: Request) -> ModelCard:
     svc = services(request)
-    context = svc.scheduler.max_context if svc.scheduler is not None else None
+    context = svc.scheduler.max_model_len if svc.scheduler is not None else None
     return ModelCard(id=svc.settings.model_name, created=svc.created, max_model_len=context)
 
 

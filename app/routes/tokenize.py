@@ -22,7 +22,7 @@ async def tokenize(request: Request, data: TokenizeRequest) -> Response[Tokenize
     scheduler = svc.require_scheduler()
     prepared = await scheduler.tokenize(await svc.translator.tokenize_prompt(data))
     tokens = prepared.token_ids
-    body = TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=scheduler.max_context)
+    body = TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=scheduler.max_model_len)
     # A prompt over MAX_INPUT_TOKENS comes back left-truncated, as generation would see it; the
     # header says so.
     return Response(body, headers=warning_headers([*ignored, *prepared.warnings]))

@@ -125,3 +125,15 @@ def test_metrics_count_requests(text_server: Server) -> None:
     assert "# TYPE docoserve_requests_total counter" in response.text
     assert _requests_total(response.text, "chat", "200") >= before + 1
     assert re.search(r'^docoserve_replica_ready\{replica="0"\} 1\.0$', response.text, re.MULTILINE)
+
+
+def test_max_model_len_is_what_one_sequence_may_hold_here(base_server: Server) -> None:
+    """MAX_INPUT_TOKENS=64 plus MAX_NEW_TOKENS_DEFAULT=16 hold 80 tokens of the model's 4,096; the
+    card said 4,096, and a client sizing a request by it had its prompt cut."""
+    with base_server.http() as http:
+        card = http.get(f"/v1/models/{base_server.model_name}").json()
+        tokenized = http.post("/tokenize", json={"prompt": "hello"}).json()
+        fits = http.post("/v1/completions", json={"prompt": [1] * 64, "max_tokens": 16, "ignore_eos": True})
+    assert card["max_model_len"] == tokenized["max_model_len"] == 80
+    assert fits.status_code == 200, fits.text
+    assert fits.json()["usage"]["total_tokens"] == 80

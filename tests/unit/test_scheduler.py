@@ -351,6 +351,8 @@ async def test_a_prompt_larger_than_the_kv_pool_is_named_as_the_cause(tiny_text_
         with pytest.raises(ContextLengthExceededError) as info:  # one choice fits; 8 do not
             await scheduler.submit(request(0, max_tokens=64, text="word " * 100, n=4))
         assert info.value.param == "n"
+        # What /v1/models reports: the pool's 256 tokens, not the model's context.
+        assert scheduler.max_model_len == 256 < scheduler.ready_replica.loaded.max_context
 
 
 async def test_defaults_are_lowered_to_what_the_kv_pool_holds(tiny_text_path):
