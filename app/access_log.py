@@ -146,7 +146,12 @@ def _level(route: str, status: int) -> int:
 def _seed_line(status: int, latency: float, fields: dict[str, Any]) -> str:
     """The seed's vLLM-like line, e.g. `[req] chat 200 id=chatcmpl-... latency=0.532s gen=0.471s
     model=m tokens: prompt=45 completion=128 total=173 tps=271.7 do_sample=true temp=0.8 top_p=0.9
-    seed=42`, then what this server adds (request id, route, TTFT, images, replica, finish reason)."""
+    seed=42`, then what this server adds (request id, route, TTFT, images, replica, finish reason).
+    `/generate` has the seed's shorter line first: `[req] generate 200 id=... gen=0.095s tokens:
+    completion=64 tps=673.2 do_sample=false`, a parser of it reading the same fields in the same
+    order; the chat line's other fields follow it."""
+    if fields["endpoint"] == "generate":
+        return _seed_generate_line(status, latency, fields)
     parts = [f"[req] {fields['endpoint']} {status} id={fields['id']} latency={latency:.3f}s"]
     if fields.get("gen_s") is not None:
         parts.append(f"gen={fields['gen_s']:.3f}s")
@@ -162,6 +167,26 @@ def _seed_line(status: int, latency: float, fields: dict[str, Any]) -> str:
             f"top_p={fields['top_p']} seed={fields['seed']}"
         )
     extra = ("request_id", "path", "ttft_s", "images", "image_tokens", "replica", "finish_reason", "error")
+    parts.extend(f"{name}={_plain(fields[name])}" for name in extra if fields.get(name) not in (None, 0))
+    return " ".join(parts)
+
+
+def _seed_generate_line(status: int, latency: float, fields: dict[str, Any]) -> str:
+    parts = [f"[req] generate {status} id={fields['id']}"]
+    if fields.get("gen_s") is not None:
+        parts.append(f"gen={fields['gen_s']:.3f}s")
+    if "prompt_tokens" in fields:
+        parts.append(f"tokens: completion={fields['completion_tokens']}")
+        if fields.get("tps") is not None:
+            parts.append(f"tps={fields['tps']}")
+    if "do_sample" in fields:
+        parts.append(f"do_sample={str(fields['do_sample']).lower()}")
+    parts.append(f"latency={latency:.3f}s model={_plain(fields.get('model', ''))}")
+    if "prompt_tokens" in fields:
+        parts.append(f"prompt_tokens={fields['prompt_tokens']}")
+    if "do_sample" in fields:
+        parts.append(f"temp={fields['temperature']} top_p={fields['top_p']} seed={fields['seed']}")
+    extra = ("request_id", "path", "ttft_s", "replica", "finish_reason", "error")
     parts.extend(f"{name}={_plain(fields[name])}" for name in extra if fields.get(name) not in (None, 0))
     return " ".join(parts)
 

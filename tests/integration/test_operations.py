@@ -126,6 +126,19 @@ def test_every_request_gets_one_log_line_and_its_request_id_back(text_server: Se
     seed += r"tokens: prompt=\d+ completion=3 total=\d+ tps=[\d.]+ do_sample=(true|false) temp=[\d.]+ top_p=[\d.]+ seed=\S+"
     assert re.search(seed, line), line
     assert "path=/v1/chat/completions" in line and "finish_reason=length" in line and "ttft_s=" in line
+    # /generate's is the seed's shorter line: a parser of `tokens: completion=` read none of ours.
+    with text_server.http() as client:
+        generated = client.post(
+            "/generate",
+            json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "do_sample": False}},
+            headers={"X-Request-Id": f"{mine}-gen"},
+        )
+    assert generated.status_code == 200, generated.text
+    lines = _log(text_server, waiting_for=f"{mine}-gen")
+    [line] = [line for line in lines if f"request_id={mine}-gen" in line]
+    assert re.search(
+        r"\[req\] generate 200 id=\S+ gen=[\d.]+s tokens: completion=2 tps=[\d.]+ do_sample=false ", line
+    ), line
     assert any(
         "[req] POST /v1/chat/completions 400" in x and invalid.headers["x-request-id"] in x for x in lines
     )
