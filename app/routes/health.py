@@ -11,6 +11,7 @@ from app.auth import require_api_key_for_metrics
 from app.routes import SECURITY_REQUIREMENT, get_or_head
 from app.schemas.models import HealthResponse
 from app.services import services
+from app.settings import Settings
 from app.version import VERSION
 
 
@@ -25,10 +26,20 @@ def _health(request: Request) -> Response[HealthResponse]:
         ready=status == "ready",
         uptime_s=round(time.monotonic() - scheduler.started_at, 3) if scheduler is not None else 0.0,
         replicas=scheduler.replica_stats() if scheduler is not None else [],
-        source=None if svc.settings.redact_source else svc.settings.model_path,
+        **_source(svc.settings),
         tool_call_parser=tool_format.name if tool_format is not None else None,
     )
     return Response(body, status_code=200 if status == "ready" else 503)
+
+
+def _source(settings: Settings) -> dict[str, str | None]:
+    if settings.redact_source:
+        return {}
+    return {
+        "source": settings.model_path,
+        "revision": settings.model_revision,
+        "cache_dir": settings.cache_dir,
+    }
 
 
 @get_or_head(

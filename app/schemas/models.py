@@ -26,5 +26,8 @@ class HealthResponse(msgspec.Struct):
     ready: bool
     uptime_s: float
     replicas: list[dict[str, Any]]
+    # Where the model came from, unless REDACT_SOURCE hides it (the seed redacts these three).
     source: str | None = None
+    revision: str | None = None
+    cache_dir: str | None = None
     tool_call_parser: str | None = None  # known once the model has loaded

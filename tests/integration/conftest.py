@@ -165,6 +165,7 @@ SERVER_SPECS: dict[str, ServerSpec] = {
         model_path="builtin:tiny-base",
         model_name="base",
         api_key=None,
+        flags=("--redact-source", "false", "--revision", "0123abcd"),
         # A small MAX_INPUT_TOKENS: test_completions cuts prompts of a multi-prompt request.
         env={"MODEL_NAME": "base", "DTYPE": "fp32", "MAX_NEW_TOKENS_DEFAULT": "16", "MAX_INPUT_TOKENS": "64"},
     ),

@@ -57,7 +57,8 @@ def test_health_is_ready_with_replica_info(vlm_server: Server, path: str) -> Non
     assert body["ready"] is True
     assert body["model"] == vlm_server.model_name
     assert body["uptime_s"] >= 0
-    assert body["source"] is None  # REDACT_SOURCE defaults to on: no model path in /health
+    # REDACT_SOURCE defaults to on: no model path, revision or cache folder in /health
+    assert body["source"] is body["revision"] is body["cache_dir"] is None
     replicas = body["replicas"]
     assert len(replicas) >= 1
     for replica in replicas:
@@ -137,3 +138,10 @@ def test_max_model_len_is_what_one_sequence_may_hold_here(base_server: Server) -
     assert card["max_model_len"] == tokenized["max_model_len"] == 80
     assert fits.status_code == 200, fits.text
     assert fits.json()["usage"]["total_tokens"] == 80
+
+
+def test_health_names_the_source_revision_and_cache_when_redaction_is_off(base_server: Server) -> None:
+    with base_server.http() as http:
+        body = http.get("/health").json()
+    assert body["source"] == "builtin:tiny-base" and body["revision"] == "0123abcd"
+    assert isinstance(body["cache_dir"], str) and body["cache_dir"]
