@@ -135,6 +135,37 @@ def log_line(
     request_log.log(_level(route, status), "%s", message, extra={"fields": fields})
 
 
+class RefusalSampler(logging.Filter):
+    """With per-request lines off, one line per route every `every_s` for the 503s turned away
+    for load, counting the ones left out: in a burst every refused request wrote its own line,
+    on the event loop, at the moment the server has the least time to spare. The count rides on
+    the route's next such line; the metrics count every one."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = getattr(record, "fields", None)
+        if record.levelno != logging.WARNING or not fields or fields.get("status") != 503:
+            return True
+        route, now = fields.get("path", ""), time.monotonic()
+        last = self._last.get(route)
+        if last is not None and now - last < self.every_s:
+            self._held[route] = self._held.get(route, 0) + 1
+            return False
+        held = self._held.pop(route, 0)
+        if held:
+            record.msg, record.args = (
+                f"{record.getMessage()} (and {held} more 503s on {route} in {now - last:.0f} s)",
+                (),
+            )
+        self._last[route] = now
+        return True
+
+
 def _level(route: str, status: int) -> int:
     """A probe answered 503 while the model loads or drains is the answer it asked for, and a
     503 elsewhere is backpressure the client may retry: neither is the server failing."""

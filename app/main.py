@@ -15,7 +15,7 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
-from app.access_log import access_log, unrouted_logger
+from app.access_log import RefusalSampler, access_log, unrouted_logger
 from app.auth import BEARER_COMPONENTS
 from app.errors import EXCEPTION_HANDLERS
 from app.http_limits import BodyReads, body_timeout
@@ -103,9 +103,12 @@ def configure_logging(settings: Settings) -> None:
         hub_logging.set_verbosity_debug()
     # The seed keeps per-request lines off by default (PROGRESS_LOGS=0, for latency); a request the
     # server failed (5xx) or turned away for load (503) is logged whatever it says.
-    logging.getLogger("docoserve.requests").setLevel(
-        logging.INFO if settings.progress_logs else logging.WARNING
-    )
+    requests_log = logging.getLogger("docoserve.requests")
+    requests_log.setLevel(logging.INFO if settings.progress_logs else logging.WARNING)
+    for sampler in [f for f in requests_log.filters if isinstance(f, RefusalSampler)]:
+        requests_log.removeFilter(sampler)
+    if not settings.progress_logs:
+        requests_log.addFilter(RefusalSampler())
 
 
 def source_secrets(settings: Settings) -> list[str]:

@@ -197,3 +197,48 @@ logging.getLogger("transformers.modeling_utils").warning("weights of org/secret-
     assert len(messages) == 2, messages
     assert "secret-model" not in done.stderr and "branch7" not in done.stderr
     assert any("retrying HEAD" in m for m in messages) and any("weights of" in m for m in messages)
+
+
+def test_refusals_for_load_are_one_line_per_route_while_per_request_lines_are_off() -> None:
+    """A burst of 503s wrote a line each, on the event loop, when it was busiest."""
+    import logging
+    import time
+
+    from app.access_log import RefusalSampler, log_line, request_log
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    kept, sampler = Keep(), RefusalSampler(every_s=0.3)
+    configured = [f for f in request_log.filters if isinstance(f, RefusalSampler)]  # an app's
+    for other in configured:
+        request_log.removeFilter(other)
+    request_log.addHandler(kept)
+    request_log.addFilter(sampler)
+    try:
+        for i in range(5):
+            log_line("POST", "/v1/chat/completions", 503, 0.001, f"req-{i}", None)
+        log_line("POST", "/v1/completions", 503, 0.001, "req-other", None)
+        log_line("POST", "/v1/chat/completions", 500, 0.001, "req-failed", None)
+        time.sleep(0.35)
+        log_line("POST", "/v1/chat/completions", 503, 0.001, "req-later", None)
+    finally:
+        request_log.removeFilter(sampler)
+        request_log.removeHandler(kept)
+        for other in configured:
+            request_log.addFilter(other)
+    assert [line.split("request_id=")[1].split()[0] for line in kept.lines] == [
+        "req-0",
+        "req-other",
+        "req-failed",  # a failure is never sampled
+        "req-later",
+    ]
+    assert (
+        kept.lines[-1].endswith("(and 4 more 503s on /v1/chat/completions in 0 s)")
+        or "and 4 more 503s" in kept.lines[-1]
+    )
