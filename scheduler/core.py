@@ -77,11 +77,14 @@ class Scheduler:
         self.started_at = time.monotonic()
         self.draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._prompt_builder: PromptBuilder | None = None
+        self._prompt_builders: tuple[PromptBuilder, PromptBuilder] | None = None  # light, heavy lane
         self._builder_lock = anyio.Lock()
         # Preparing prompts (templates, tokenization, image decoding, grammar compilation) is CPU
         # work off the event loop, in two lanes: heavy inputs (images, long texts, big grammars)
-        # take turns in one, so they can never hold back the light ones in the other.
+        # take turns in one, so they can never hold back the light ones in the other. Each lane
+        # has a prompt builder (a tokenizer) of its own: transformers sets `split_special_tokens`
+        # on the shared Rust tokenizer for the length of one call, and a prompt tokenized in the
+        # other lane meanwhile had its special tokens split into text.
         self._light_lane = anyio.CapacityLimiter(1)
         self._heavy_lane = anyio.CapacityLimiter(1)
         self.image_cache = DecodedImageCache()
@@ -197,8 +200,9 @@ class Scheduler:
         """Everything a request must pass before it is queued: room now, its prompt prepared,
         its lengths, its grammar compiled, its worst case in the KV pool."""
         self.check_room(request.n)
-        builder = await self._builder()
-        prepared = await self._prepare(builder.prepare, request.prompt, heavy=is_heavy(request.prompt))
+        heavy = is_heavy(request.prompt)
+        builder = await self._builder(heavy)
+        prepared = await self._prepare(builder.prepare, request.prompt, heavy=heavy)
         defaulted = request.params.max_tokens is None
         request = self._resolve_lengths(request, prepared, builder)
         executor = pick_replica(self.executors, request.n)
@@ -389,15 +393,18 @@ class Scheduler:
         return dataclasses.replace(request, params=dataclasses.replace(params, max_tokens=max_tokens))
 
     # -- prompt utilities (apply_template, tokenize, detokenize) ---------------------------------
-    async def _builder(self) -> PromptBuilder:
-        if self._prompt_builder is None:
+    async def _builder(self, heavy: bool) -> PromptBuilder:
+        """The prompt builder of the lane that `heavy` work runs in (`_prepare`)."""
+        if self._prompt_builders is None:
             async with self._builder_lock:
-                if self._prompt_builder is None:
+                if self._prompt_builders is None:
                     replica = self.ready_replica
                     if replica is None:
                         self._check_can_accept()
-                    self._prompt_builder = await anyio.to_thread.run_sync(self._make_builder, replica)
-        return self._prompt_builder
+                    light = await anyio.to_thread.run_sync(self._make_builder, replica)
+                    heavy_builder = await anyio.to_thread.run_sync(self._make_builder, replica)
+                    self._prompt_builders = (light, heavy_builder)
+        return self._prompt_builders[heavy]
 
     def _make_builder(self, replica) -> PromptBuilder:
         loaded = replica.loaded
@@ -416,19 +423,20 @@ class Scheduler:
     async def render(self, prompt: PromptInput) -> tuple[str, list[str]]:
         """The rendered prompt, and what rendering left out (the request's warnings)."""
         self._check_loaded()
-        builder = await self._builder()
-        text = await self._prepare(builder.render, prompt, heavy=is_heavy(prompt))
+        heavy = is_heavy(prompt)
+        builder = await self._builder(heavy)
+        text = await self._prepare(builder.render, prompt, heavy=heavy)
         return text, builder.template_warnings(prompt)
 
     async def tokenize(self, prompt: PromptInput) -> PreparedPrompt:
         self._check_loaded()
-        builder = await self._builder()
-        return await self._prepare(builder.prepare, prompt, heavy=is_heavy(prompt))
+        heavy = is_heavy(prompt)
+        return await self._prepare((await self._builder(heavy)).prepare, prompt, heavy=heavy)
 
     async def detokenize(self, token_ids: list[int]) -> str:
         self._check_loaded()
-        builder = await self._builder()
-        return await self._prepare(builder.detokenize, token_ids, heavy=len(token_ids) > HEAVY_CHARS // 4)
+        heavy = len(token_ids) > HEAVY_CHARS // 4
+        return await self._prepare((await self._builder(heavy)).detokenize, token_ids, heavy=heavy)
 
     async def _prepare(self, work: Callable, argument: Any, *, heavy: bool) -> Any:
         if not heavy:

@@ -514,3 +514,30 @@ async def test_a_multi_prompt_request_is_checked_against_every_replica_queue(tin
         with pytest.raises(InvalidRequestError) as wide:
             scheduler.check_room(3, 1)  # the batch, not the queue, is the limit named
         assert wide.value.param == "n" and "at most 2 sequences are batched" in wide.value.message
+
+
+async def test_each_preparation_lane_tokenizes_with_a_tokenizer_of_its_own(tiny_text_path):
+    """transformers sets `split_special_tokens` on the Rust tokenizer for one call: with one
+    tokenizer for both lanes, a light prompt tokenized meanwhile had `<|im_end|>` split into
+    text (22 of 1,600 served completions had 8 prompt tokens instead of 1, without a word)."""
+    async with running_scheduler(tiny_text_path, max_input_tokens=20_000) as scheduler:
+        light, heavy = await scheduler._builder(False), await scheduler._builder(True)
+        assert light.tokenizer is not heavy.tokenizer
+        special = PromptInput(text="<|im_end|>", add_special_tokens=False)
+        [expected] = (await scheduler.tokenize(special)).token_ids
+        split = PromptInput(text="abc def " * 5_000 + "<|im_end|>", split_special_tokens=True)
+        seen: collections.Counter = collections.Counter()
+
+        async def tokenize_light() -> None:
+            for _ in range(400):
+                seen[tuple((await scheduler.tokenize(special)).token_ids)] += 1
+
+        async def tokenize_split() -> None:
+            for _ in range(6):
+                assert len((await scheduler.tokenize(split)).token_ids) > 1000
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tokenize_light)
+                tg.start_soon(tokenize_split)
+        assert seen == {(expected,): 400}
