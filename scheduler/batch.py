@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from models.plan import PlanRow, PromptScoring, SampledToken, StepPlan
@@ -358,10 +358,14 @@ class Batch:
         return row
 
     # -- advance -------------------------------------------------------------------------------
-    def advance(self, plan: StepPlan, results: list[SampledToken]) -> list[tuple[Sequence, SampledToken]]:
+    def advance(
+        self, plan: StepPlan, results: list[SampledToken], failed: Collection[int] = ()
+    ) -> list[tuple[Sequence, SampledToken]]:
         """Record the executed `plan`: cached lengths, filled blocks, forks and sampled tokens.
         `results` has one entry per sampler of the plan, in order. Returns each sampling sequence
-        with its draw (a None token means its logits were not finite: the caller fails it)."""
+        with its draw (a None token means its logits were not finite: the caller fails it). The
+        blocks of `failed` rows (ids) are never offered to prefix hits: their keys and values
+        may never have been written, and a later prompt sharing the prefix would read them."""
         samples = iter(results)
         drawn: list[tuple[Sequence, SampledToken]] = []
         for row, seq in zip(plan.rows, self._rows, strict=True):
@@ -370,7 +374,8 @@ class Batch:
             seq.side_filled = True
             if row.scoring is not None:
                 seq.scored_until = row.start + row.scoring.offset + 1 + len(row.scoring.targets)
-            self.blocks.register(seq)
+            if seq.seq_id not in failed:
+                self.blocks.register(seq)
             if not row.samplers:
                 continue
             children = self._forks.pop(seq.seq_id, [])

@@ -409,7 +409,7 @@ class Executor:
                     except Exception:
                         log.exception("request row %d failed naming its prompt logprobs", seq.seq_id)
                         unnamed.add(seq.seq_id)
-        for seq, sample in batch.advance(plan, results):
+        for seq, sample in batch.advance(plan, results, failed):
             if seq.is_finished or seq.seq_id in unnamed:
                 continue
             generation = seq.output

@@ -260,6 +260,29 @@ def test_a_later_request_reuses_the_cached_prefix():
     assert batch.blocks.hit_tokens == 16
 
 
+def test_a_failed_prefill_offers_no_blocks_to_prefix_hits():
+    """A row that failed (its request answered with an error) still registered the blocks of its
+    chunk, whose keys and values were never written: every later prompt sharing the prefix read
+    them and answered wrong, without an error."""
+    batch = make(max_prefill_tokens=64)
+    system = list(range(100, 116))  # four full blocks
+    [first] = request(system + [1, 2], max_tokens=2, arrival=0)
+    batch.add([first])
+    plan = batch.schedule()
+    driver = Driver(batch)
+    for seq, _sample in batch.advance(plan, driver.execute(plan), failed={first.seq_id}):
+        assert seq is first
+    batch.finish(first)
+    driver.check()
+    second = request(system + [7, 8, 9], max_tokens=2, arrival=1)
+    batch.add(second)
+    plan = driver.step()
+    assert plan.rows[0].start == 0  # computed from the first token, not from the failed blocks
+    driver.run()
+    assert outputs(second) == [expected_output(system + [7, 8, 9], 2)]
+    assert batch.blocks.hit_tokens == 0
+
+
 def test_a_request_waits_for_a_prefix_another_is_computing():
     batch = make(max_prefill_tokens=8)
     system = list(range(100, 124))  # 6 blocks, computed in 3 chunks of 8
