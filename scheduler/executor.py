@@ -437,7 +437,6 @@ class Executor:
         GIL for its whole burst of work (one wake-up and write per stream) while this thread waits."""
         delivery: Delivery = []
         still: list[Job] = []
-        waiting = 0
         interval = self.config.stream_interval
         for job in self._jobs:
             for seq in job.seqs:
@@ -449,13 +448,12 @@ class Executor:
                     job.first_tokens_sent = job.first_tokens_sent or bool(delta.token_ids)
             if not job.finished:
                 still.append(job)
-                waiting += sum(
-                    1
-                    for seq in job.seqs
-                    if not seq.is_running and not seq.is_finished and not seq.num_generated
-                )
         self._jobs = still
-        self.num_waiting = waiting
+        # The batch's own books: counted from the jobs, a preempted sequence that had generated
+        # was in neither figure (a replica short of blocks looked free, and MAX_QUEUE_SIZE was
+        # passed), and an n > 1 request's choices reserved for its fork were in both (a 503 for
+        # a request that fit).
+        self.num_waiting = self.batch.num_waiting
         self.num_running = self.batch.num_rows
         self._snapshot = self._batch_figures()
         if not delivery:

@@ -323,14 +323,20 @@ async def test_a_small_kv_pool_pages_and_preempts_instead_of_overflowing(tiny_te
         async def collect(i, stream):
             texts[i] = await consume(stream)
 
-        peak_used = 0
+        peak_used, counted = 0, []
         async with anyio.create_task_group() as tg:
             for i, s in enumerate(streams):
                 tg.start_soon(collect, i, s)
             while not all(s.finished for s in streams):
                 peak_used = max(peak_used, executor.batch.blocks.num_used)
+                counted.append(
+                    (executor.num_running + executor.queue_depth, sum(not s.finished for s in streams))
+                )
                 await anyio.sleep(0.005)
         assert all(s.completion_tokens == 300 for s in streams)
+        # Preempted sequences that had generated were in neither figure: a replica short of
+        # blocks looked free to admission and the router. (A stream ends a step before its row.)
+        assert all(held >= unfinished - 1 for held, unfinished in counted), counted
         assert executor.batch.num_preemptions > 0
         assert peak_used <= executor.batch.blocks.num_blocks == 32
         # Plus the null (padding) block and the scratch block of graph steps.
@@ -541,3 +547,20 @@ async def test_each_preparation_lane_tokenizes_with_a_tokenizer_of_its_own(tiny_
                 tg.start_soon(tokenize_light)
                 tg.start_soon(tokenize_split)
         assert seen == {(expected,): 400}
+
+
+async def test_the_choices_reserved_for_a_fork_are_counted_once(tiny_text_path):
+    """While an n = 4 request's prompt was computed, its 3 reserved choices counted as running
+    and as waiting (4 + 3): with MAX_QUEUE_SIZE 1 and 4 rows, a 1-choice request was a 503."""
+    async with running_scheduler(
+        tiny_text_path, max_batch_size=4, max_queue_size=1, max_prefill_tokens=16, max_input_tokens=1000
+    ) as scheduler:
+        executor = scheduler.executors[0]
+        wide = await scheduler.submit(request(0, max_tokens=4, text="word " * 300, n=4))
+        figures = set()
+        with anyio.fail_after(60):
+            while not wide.first_token_at:
+                figures.add((executor.num_running, executor.queue_depth))
+                await anyio.sleep(0.002)
+        await consume(wide)
+        assert all(running + queued <= 4 for running, queued in figures), figures
