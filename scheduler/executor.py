@@ -72,6 +72,9 @@ class Executor:
         self._deliver = deliver
         self._inbox: deque[Job] = deque()
         self._inbox_sequences = 0
+        # Set once the thread will never collect again: a job submitted after its inbox was failed
+        # would wait in it forever (the loop checks readiness first, but a crash can fall between).
+        self._closed: Callable[[], EngineError] | None = None
         self._jobs: list[Job] = []  # requests on the replica thread (waiting or running)
         self._unscheduled: list[Job] = []  # of those, the ones no step has included yet
         self._cond = threading.Condition()
@@ -117,6 +120,8 @@ class Executor:
 
     def submit(self, job: Job) -> None:
         with self._cond:
+            if self._closed is not None:
+                raise self._closed()
             if not self.has_room(job.n):
                 raise OverloadedError("the server is at capacity; retry shortly")
             self._inbox.append(job)
@@ -174,19 +179,25 @@ class Executor:
             log.error("replica %s failed to load: %s", self.name, exc, exc_info=debug)
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.state = "failed"
-            self._fail_inbox(ModelNotReadyError("the model failed to load; see the server log"))
+            self._fail_inbox(
+                ModelNotReadyError("the model failed to load; see the server log"),
+                lambda: ModelNotReadyError("the model failed to load; see the server log"),
+            )
             return
         self.attach(self.replica)
         log.info("replica %s ready on %s (%s path)", self.name, self.device, self.replica.path)
         try:
             while self._wait_for_work():
                 self.step()
-            self._fail_everything(ShuttingDownError(SHUTTING_DOWN))
+            self._fail_everything(ShuttingDownError(SHUTTING_DOWN), lambda: ShuttingDownError(SHUTTING_DOWN))
         except BaseException:
             log.exception("replica %s stopped unexpectedly", self.name)
             self.state = "failed"
             self.error = STEP_LOOP_CRASHED
-            self._fail_everything(GenerationError(GENERIC_FAILURE))
+            self._fail_everything(
+                GenerationError(GENERIC_FAILURE),
+                lambda: ModelNotReadyError("the model stopped after an internal error; see the server log"),
+            )
             raise
         finally:
             if self.state == "ready":
@@ -479,19 +490,35 @@ class Executor:
             "preemptions": batch.num_preemptions,
         }
 
-    def _fail_everything(self, error: EngineError) -> None:
+    def _fail_everything(self, error: EngineError, refusal: Callable[[], EngineError]) -> None:
         batch = self.batch
-        if batch is not None:
-            for job in self._jobs:
-                for seq in job.seqs:
-                    if not seq.is_finished:
-                        self._finish(seq, "error", error)
-            self._emit()
-            self.replica.runner.release(batch.take_released())
-        self._fail_inbox(error)
+        try:
+            if batch is not None:
+                for job in self._jobs:
+                    for seq in job.seqs:
+                        if not seq.is_finished:
+                            self._finish(seq, "error", error)
+                self._emit()
+                self.replica.runner.release(batch.take_released())
+        except Exception:
+            # The batch's books may be what broke the loop: every request still gets its answer.
+            log.exception(
+                "replica %s could not wind its batch down; answering its requests directly", self.name
+            )
+            ended = [
+                (job.stream, seq.index, Delta(finish_reason="error", error=error))
+                for job in self._jobs
+                for seq in job.seqs
+                if not seq.is_finished
+            ]
+            self._deliver(ended)
+        finally:
+            self._fail_inbox(error, refusal)
 
-    def _fail_inbox(self, error: EngineError) -> None:
+    def _fail_inbox(self, error: EngineError, refusal: Callable[[], EngineError]) -> None:
+        """Fail what waits in the inbox with `error`; later submissions get `refusal()`."""
         with self._cond:
+            self._closed = refusal
             jobs = list(self._inbox)
             self._inbox.clear()
             self._inbox_sequences = 0

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from models.params import PromptInput, SamplingParams
+from models.prompt import PreparedPrompt
 from scheduler.core import Scheduler
 from scheduler.errors import (
     ContextLengthExceededError,
@@ -18,7 +19,8 @@ from scheduler.errors import (
     ModelNotReadyError,
     OverloadedError,
 )
-from scheduler.request import EngineRequest
+from scheduler.job import Job
+from scheduler.request import EngineRequest, RequestStream
 from scheduler.router import pick_replica
 from tests.unit.configs import engine_config
 
@@ -261,6 +263,31 @@ async def test_a_crashed_step_loop_answers_its_requests_and_says_so(tiny_text_pa
         assert scheduler.crashed and scheduler.status == "degraded"
         with pytest.raises(ModelNotReadyError, match="stopped after an internal error"):
             await scheduler.submit(request(1))
+        # A job that reached the replica after its inbox was failed (the crash fell between the
+        # scheduler's readiness check and the hand-over) is refused, not left there forever.
+        prepared = PreparedPrompt([1, 2, 3])
+        with pytest.raises(ModelNotReadyError, match="stopped after an internal error"):
+            executor.submit(Job(RequestStream(request(2), prepared), prepared, cost=3))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash itself
+async def test_a_crash_that_breaks_the_wind_down_still_answers_every_request(tiny_text_path, monkeypatch):
+    async with running_scheduler(tiny_text_path) as scheduler:
+        executor = scheduler.executors[0]
+        streams = [await scheduler.submit(request(i, max_tokens=40)) for i in range(3)]
+        with anyio.fail_after(30):
+            while not all(s.first_token_at for s in streams):
+                await anyio.sleep(0.01)
+
+        def broken(*_args, **_kwargs):
+            raise RuntimeError("the batch's books are broken")
+
+        monkeypatch.setattr(executor, "_finish", broken)
+        monkeypatch.setattr(executor, "step", broken)
+        with anyio.fail_after(30):
+            for stream in streams:
+                updates = [update async for update in stream]
+                assert updates[-1].choices[-1].finish_reason == "error"
 
 
 class FakeReplica:
