@@ -17,6 +17,30 @@ log = logging.getLogger(__name__)
 _CONTEXT_TOKENS = 6
 
 
+def _whole_characters(tokenizer, ids: list[int], skip_special_tokens: bool) -> list[int]:
+    """The last `_CONTEXT_TOKENS` or so of `ids`, starting and ending on whole characters.
+
+    A window that starts inside a character (two emoji are eight byte-fallback tokens) decodes as
+    U+FFFD: a byte-fallback decoder turns its whole run of bytes into U+FFFD, and the first
+    generated token then decoded as the start of a text, its leading space dropped. The start
+    moves back (or on) by up to three tokens, the most a UTF-8 character continues for.
+    A token-id prompt may also end inside a character: its context decodes to a trailing U+FFFD,
+    and once generated tokens complete the character, DecodeStream's text no longer extends it
+    and it answers with the whole context, prompt included: its end is dropped instead."""
+
+    def decode(window: list[int]) -> str:
+        return tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
+
+    first = max(0, len(ids) - _CONTEXT_TOKENS)
+    if decode(ids[first:]).startswith("\ufffd"):
+        candidates = [*range(first - 1, max(-1, first - 4), -1), *range(first + 1, min(len(ids), first + 4))]
+        first = next((start for start in candidates if not decode(ids[start:]).startswith("\ufffd")), first)
+    context = ids[first:]
+    while context and decode(context).endswith("\ufffd"):
+        context.pop()
+    return context
+
+
 class IncrementalDetokenizer:
     """Turns one token at a time into text, never splitting a multi-byte character.
 
@@ -42,16 +66,8 @@ class IncrementalDetokenizer:
             skip_special_tokens = False
         self._skip_special = skip_special_tokens
         dropped = self._dropped
-        context = [token_id for token_id in prompt_ids if token_id not in dropped][-_CONTEXT_TOKENS:]
-
-        # A token-id prompt may end inside a character. Such a context decodes to a trailing U+FFFD,
-        # and once generated tokens complete the character, DecodeStream's text no longer extends
-        # it and it answers with the whole context, prompt included: keep whole characters only.
-        def ends_inside_a_character(ids: list[int]) -> bool:
-            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).endswith("\ufffd")
-
-        while context and ends_inside_a_character(context):
-            context.pop()
+        kept = [token_id for token_id in prompt_ids if token_id not in dropped]
+        context = _whole_characters(tokenizer, kept, skip_special_tokens)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._stream = None
         if backend is not None:

@@ -168,6 +168,22 @@ def test_byte_tokens_that_are_not_utf8_keep_the_text_flowing(sentencepiece_check
     assert text.startswith("0") and text.endswith(" the quick brown")
 
 
+@pytest.mark.parametrize("ending", ["🚀🚀", "x 👨\u200d👩\u200d👧", "你好世界", "🚀"])
+def test_the_first_token_after_a_prompt_ending_in_bytes_keeps_its_space(
+    sentencepiece_checkpoint, ending
+) -> None:
+    """Two emoji are eight byte tokens: the six-token context started inside the first one, the
+    byte-fallback decoder made the whole run U+FFFD, the context was dropped, and the first
+    generated token decoded as the start of a text: " the" came out as "the", a lone "▁" as ""."""
+    tokenizer = AutoTokenizer.from_pretrained(sentencepiece_checkpoint)
+    prompt = tokenizer(f"Hi {ending}")["input_ids"]
+    generated = tokenizer.convert_tokens_to_ids(["▁the", "▁", "▁the"])
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    text = "".join(detokenizer.push(token_id) for token_id in generated) + detokenizer.flush()
+    whole, alone = tokenizer.decode(prompt + generated), tokenizer.decode(prompt)
+    assert text == whole[len(alone) :] == " the  the"
+
+
 @pytest.mark.parametrize(
     ("spelled", "stray"), [("你", 0xCD), ("😀", 0x80), ("é", 0xFF)], ids=["cjk", "emoji", "latin"]
 )
