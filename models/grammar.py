@@ -151,9 +151,14 @@ class GrammarCompiler:
                 forced = probe.compute_ff_tokens()
                 if forced and not probe.is_error():
                     probe.consume_token(forced[0])
+                    if not probe.is_error():
+                        probe.compute_bitmask()  # the next lexer states, built lazily too
                 # Only the limits count here: a forced token may be an added token's id that the
                 # grammar takes spelled out (PlainSpelling), which this bare probe would refuse.
-                if probe.is_error() and "limit" in (probe.get_error() or ""):
+                # ("b{1000000}" passes the first mask and fails at its first token with "lexer
+                # error: too many expressions constructed": a 200 then an error mid-stream.)
+                error = (probe.get_error() or "") if probe.is_error() else ""
+                if any(word in error for word in ("limit", "too many")):
                     matcher = probe
         if matcher.is_error():
             self._blame_a_tool(spec)

@@ -402,6 +402,14 @@ def test_a_grammar_past_the_engine_limits_is_a_400_before_generation(replica):
     assert caught.value.message.startswith("the JSON schema cannot be used for constrained decoding")
 
 
+def test_a_pattern_past_the_lexers_limits_at_its_first_token_is_a_400_before_generation(replica):
+    """`b{1000000}` passes the first mask and fails at the first token ("too many expressions
+    constructed"): the client had a 200, then an error event, and the SDK's generic APIError."""
+    with pytest.raises(InvalidRequestError) as caught:
+        replica.grammars.validate(GrammarSpec("regex", "b{1000000}", param="guided_regex"))
+    assert caught.value.param == "guided_regex" and "too many expressions" in caught.value.message
+
+
 _SELF = {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}}}
 _SELF_ARRAY = {"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1}}}
 
