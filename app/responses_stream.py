@@ -263,8 +263,9 @@ def final_response(
     if error is not None:
         http_status, body, _ = engine_error_to_response(error)
         status, item_status = "failed", "incomplete"
-        # OpenAI's codes here name the failure's kind; every engine failure is "server_error".
-        code = "server_error" if http_status >= 500 else body.error.code or "invalid_request"
+        # OpenAI's codes here name the failure's kind: every engine failure is "server_error",
+        # the request's own (a grammar that fails mid-way) "invalid_prompt", the nearest on its list.
+        code = "server_error" if http_status >= 500 else "invalid_prompt"
         fields["error"] = ResponseError(code=code, message=body.error.message)
     elif finish_reason == "length":
         status = item_status = "incomplete"

@@ -122,6 +122,20 @@ async def test_a_failure_mid_stream_ends_with_response_failed():
     assert [e.message for e in finished] == ["generation failed"]
 
 
+async def test_a_failure_of_the_requests_own_mid_stream_keeps_to_openais_codes():
+    """A grammar that failed mid-way said `invalid_request`, which the SDK's ResponseError refuses."""
+    from openai.types.responses import ResponseFailedEvent
+
+    stream = make_stream()
+    stream.push(0, "{", [5], [], None, None)
+    failure = InvalidRequestError("constrained decoding stopped", param="response_format")
+    stream.push(0, "", [], [], "error", failure)
+    events, _ = await events_of(stream)
+    name, data = events[-1]
+    assert name == "response.failed" and data["response"]["error"]["code"] == "invalid_prompt"
+    ResponseFailedEvent.model_validate(data, strict=True)
+
+
 async def test_an_empty_answer_is_one_empty_message():
     stream = make_stream()
     stream.push(0, "", [], [], "stop", None)
