@@ -52,7 +52,8 @@ async def create_response(request: Request, data: ResponsesRequest) -> Response:
         events = response_event_stream(stream, initial=initial, tool_parser=tool_parser, on_done=on_done)
         return sse_response(events, headers)
 
-    collected = await collect_answer(request, stream, tracker)
+    with form.responses_params():  # a failure during generation names the Responses field too
+        collected = await collect_answer(request, stream, tracker)
     choice = collected.choices[0]
     builder = OutputBuilder()
     feed_choice(builder, tool_parser() if tool_parser else None, choice.text, True, choice.logprobs)

@@ -364,6 +364,18 @@ def test_refused_fields_name_the_param(text_server: Server, fields: dict[str, An
     assert_openai_error(response, 400, param=param)
 
 
+def test_a_failure_during_generation_names_the_responses_field(text_server: Server) -> None:
+    """A grammar that costs too much CPU per token fails its request after it started; answered
+    whole, its 400 named `response_format`, a field /v1/responses does not have."""
+    costly = {"type": "json_schema", "name": "b", "schema": {"type": "string", "pattern": "^b{100000}$"}}
+    with text_server.http() as http:
+        response = http.post(
+            "/v1/responses", json={"input": "hi", "max_output_tokens": 40, "text": {"format": costly}}
+        )
+    assert_openai_error(response, 400, param="text.format")
+    assert "CPU per token" in response.json()["error"]["message"]
+
+
 def test_missing_input_wrong_model_and_no_key(text_server: Server) -> None:
     with text_server.http() as http:
         assert_openai_error(http.post("/v1/responses", json={}), 400, param="input")
