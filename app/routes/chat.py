@@ -63,6 +63,8 @@ async def chat_completions(request: Request, data: ChatCompletionRequest) -> Res
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         if include_usage and data.stream_options.continuous_usage_stats:
             chunk = with_usage_so_far(chunk, [stream])
+        elif include_usage:
+            chunk = partial(chunk, usage=None)
         events = chat_event_stream(
             stream,
             chunk=chunk,

@@ -89,6 +89,8 @@ async def completions(request: Request, data: CompletionRequest) -> Response:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         if include_usage and data.stream_options.continuous_usage_stats:
             chunk = with_usage_so_far(chunk, streams)
+        elif include_usage:
+            chunk = partial(chunk, usage=None)
         events = _event_stream(
             streams,
             echoes,

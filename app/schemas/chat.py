@@ -229,4 +229,6 @@ class ChatCompletionChunk(
     model: str
     choices: list[ChatChunkChoice]
     system_fingerprint: str | None = None
-    usage: Usage | None = None
+    # Left out unless asked for; with `include_usage`, null on every chunk but the last, as
+    # OpenAI sends it (the SDK's documentation says so; clients test `usage === null`).
+    usage: Usage | None | msgspec.UnsetType = msgspec.UNSET

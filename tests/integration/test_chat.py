@@ -161,6 +161,8 @@ def test_raw_sse_ends_with_done(text_server: Server) -> None:
     assert len({c["id"] for c in chunks}) == 1
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == []
+    # With include_usage, every other chunk says `usage: null`, as OpenAI sends them (it was absent).
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     content_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
     assert len(content_chunks) <= usage["completion_tokens"]

@@ -173,6 +173,9 @@ def test_stream_with_usage_matches_non_stream(text_server: Server) -> None:
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])  # null, as OpenAI
+    plain = client.completions.create(stream=True, **kwargs)
+    assert all("usage" not in c.model_fields_set for c in plain)  # not asked for: left out
 
 
 def test_stream_continuous_usage_stats_counts_every_prompt(text_server: Server) -> None:
