@@ -15,6 +15,9 @@ from scheduler.errors import InvalidRequestError
 # kept), fewer image tokens on models whose processors take any size.
 LOW_DETAIL_SIDE = 512
 _ROLE_ALIASES = {"developer": "system", "function": "tool"}
+# Roles whose content OpenAI requires (an assistant turn may carry only calls or a refusal, and a
+# legacy `function` result may be null).
+_CONTENT_REQUIRED = frozenset({"system", "developer", "user", "tool"})
 
 
 def chat_messages(
@@ -31,6 +34,14 @@ def chat_messages(
     for i, message in enumerate(messages):
         item: dict[str, Any] = {"role": _ROLE_ALIASES.get(message.role, message.role)}
         content = message.content
+        if message.role in _CONTENT_REQUIRED and not (content or isinstance(content, str)):
+            # As OpenAI answers them: the template rendered an empty turn in their place.
+            missing = "an empty array" if isinstance(content, list) else "missing or null"
+            raise InvalidRequestError(
+                f"content is required for a {message.role} message ({missing}); send a string "
+                "(it may be empty) or a list of content parts",
+                param=f"messages[{i}].content",
+            )
         if isinstance(content, list):
             parts: list[dict[str, Any]] = []
             for j, part in enumerate(content):

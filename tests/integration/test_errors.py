@@ -56,6 +56,20 @@ CASES = [
     Case("top_logprobs without logprobs", _chat(top_logprobs=2), 400, param="top_logprobs"),
     Case("five stop strings", _chat(stop=["a", "b", "c", "d", "e"]), 400, param="stop"),
     Case("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, param="messages[0].role"),
+    # Rendered as an empty turn without a word; OpenAI refuses them.
+    Case("user without content", {"messages": [{"role": "user"}]}, 400, param="messages[0].content"),
+    Case(
+        "system content null",
+        {"messages": [{"role": "system", "content": None}, *user()]},
+        400,
+        param="messages[0].content",
+    ),
+    Case(
+        "user content empty list",
+        {"messages": [{"role": "user", "content": []}]},
+        400,
+        param="messages[0].content",
+    ),
     Case(
         "unknown content part",
         {"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]},
