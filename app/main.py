@@ -162,7 +162,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             allow_origins=list(settings.cors_allow_origins),
             allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["X-Request-Id", "Retry-After"],
+            # Streams say their warnings (a lowered max_tokens, an ignored field) only in a header.
+            expose_headers=["X-Request-Id", "Retry-After", "X-Request-Warnings"],
             allow_credentials=False,
         )
     app = Litestar(

@@ -93,6 +93,9 @@ def test_cors_answers_the_allowed_origin_only(edge_server: Server) -> None:
     )
     assert other.headers.get("access-control-allow-origin") is None
     assert simple.headers["access-control-allow-origin"] == EDGE_CORS_ORIGIN
+    # A stream's warnings come only in X-Request-Warnings: a web page must be able to read it.
+    exposed = simple.headers["access-control-expose-headers"].lower().replace(" ", "").split(",")
+    assert {"x-request-id", "retry-after", "x-request-warnings"} <= set(exposed)
 
 
 def test_no_cors_headers_unless_configured(text_server: Server) -> None:
