@@ -79,6 +79,23 @@ class Batch:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting or self.preempted)
 
+    def figures(self) -> dict:
+        """The pool's and the prefix cache's figures, for /health and the metrics."""
+        blocks = self.blocks
+        return {
+            "kv_blocks_total": blocks.num_blocks,
+            "kv_blocks_used": blocks.num_used,
+            "kv_cache_usage": round(blocks.usage, 4),
+            # Tokens the running sequences hold blocks for (whole prompts are allocated at admission),
+            # and the same rounded up to whole blocks: what the blocks in use can be at most.
+            "kv_tokens_live": sum(seq.num_tokens for seq in self.running),
+            "kv_tokens_live_in_blocks": sum(blocks.blocks_for(seq.num_tokens) for seq in self.running)
+            * blocks.block_size,
+            "prefix_cache_queries": blocks.query_tokens,
+            "prefix_cache_hits": blocks.hit_tokens,
+            "preemptions": self.num_preemptions,
+        }
+
     def take_released(self) -> list[int]:
         """Sequences that left since the last plan (for runners that keep state per sequence)."""
         released, self._released = self._released, []

@@ -220,7 +220,7 @@ class Executor:
                 replica.num_blocks, replica.block_size, enable_prefix_caching=replica.prefix_caching
             ),
         )
-        self._snapshot = self._batch_figures()
+        self._snapshot = self.batch.figures()
         self.state = "ready"
 
     def _wait_for_work(self) -> bool:
@@ -466,29 +466,12 @@ class Executor:
         # a request that fit).
         self.num_waiting = self.batch.num_waiting
         self.num_running = self.batch.num_rows
-        self._snapshot = self._batch_figures()
+        self._snapshot = self.batch.figures()
         if not delivery:
             return 0.0
         began = time.perf_counter()
         self._deliver(delivery)
         return time.perf_counter() - began
-
-    def _batch_figures(self) -> dict:
-        batch = self.batch
-        blocks = batch.blocks
-        return {
-            "kv_blocks_total": blocks.num_blocks,
-            "kv_blocks_used": blocks.num_used,
-            "kv_cache_usage": round(blocks.usage, 4),
-            # Tokens the running sequences hold blocks for (whole prompts are allocated at admission),
-            # and the same rounded up to whole blocks: what the blocks in use can be at most.
-            "kv_tokens_live": sum(seq.num_tokens for seq in batch.running),
-            "kv_tokens_live_in_blocks": sum(blocks.blocks_for(seq.num_tokens) for seq in batch.running)
-            * blocks.block_size,
-            "prefix_cache_queries": blocks.query_tokens,
-            "prefix_cache_hits": blocks.hit_tokens,
-            "preemptions": batch.num_preemptions,
-        }
 
     def _fail_everything(self, error: EngineError, refusal: Callable[[], EngineError]) -> None:
         batch = self.batch
