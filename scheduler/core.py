@@ -156,7 +156,7 @@ class Scheduler:
                 "name": e.name,
                 "device": e.device,
                 "state": e.state,
-                "outstanding_tokens": e.outstanding_tokens,
+                "outstanding_tokens": e.remaining_tokens,
                 **e.stats(),
             }
             replica = e.replica
@@ -308,7 +308,7 @@ class Scheduler:
         rate = sum(e.work_per_s for e in ready)
         if not ready or rate <= 0:
             return self.config.retry_after_s
-        backlog = sum(e.outstanding_tokens for e in ready)
+        backlog = sum(e.remaining_tokens for e in ready)
         base = math.ceil(backlog / rate)
         return max(1, min(60, base + random.randint(0, max(1, base // 4))))
 

@@ -60,7 +60,11 @@ class Executor:
         self.error: str | None = None
         self.replica: ModelReplica | None = None
         self.batch: Batch | None = None
-        self.outstanding_tokens = 0  # maintained by the scheduler on the event loop
+        # The work of the requests queued here as admitted (prompt plus every choice's max_tokens,
+        # maintained by the scheduler on the event loop), and how much of it the replica has done
+        # (its running requests' computed prompts and generated tokens, each step).
+        self.outstanding_tokens = 0
+        self.work_done = 0
         self.num_running = 0  # sequences in the batch (rows taken), updated once per step
         self.num_waiting = 0  # sequences on the replica thread not admitted yet (n per request)
         self.work_per_s = 0.0  # tokens computed per second (prompt and generated), smoothed: Retry-After
@@ -94,6 +98,11 @@ class Executor:
     def crashed(self) -> bool:
         """It served, then its step loop died: only a restart brings it back."""
         return self.state == "failed" and self.error == STEP_LOOP_CRASHED
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Tokens of work left in the requests queued here: what the router ranks replicas by."""
+        return max(0, self.outstanding_tokens - self.work_done)
 
     @property
     def queue_depth(self) -> int:
@@ -449,6 +458,7 @@ class Executor:
         delivery: Delivery = []
         still: list[Job] = []
         interval = self.config.stream_interval
+        done = 0
         for job in self._jobs:
             for seq in job.seqs:
                 if job.keeps_back(seq, interval):
@@ -459,7 +469,12 @@ class Executor:
                     job.first_tokens_sent = job.first_tokens_sent or bool(delta.token_ids)
             if not job.finished:
                 still.append(job)
+                seqs = job.seqs
+                done += min(seqs[0].num_cached, len(job.prepared.token_ids)) + sum(
+                    s.num_generated for s in seqs
+                )
         self._jobs = still
+        self.work_done = done
         # The batch's own books: counted from the jobs, a preempted sequence that had generated
         # was in neither figure (a replica short of blocks looked free, and MAX_QUEUE_SIZE was
         # passed), and an n > 1 request's choices reserved for its fork were in both (a 503 for

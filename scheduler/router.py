@@ -8,10 +8,12 @@ from typing import Protocol
 
 class Routable(Protocol):
     name: str
-    outstanding_tokens: int
 
     @property
     def is_ready(self) -> bool: ...
+
+    @property
+    def remaining_tokens(self) -> int: ...
 
     @property
     def queue_depth(self) -> int: ...
@@ -25,9 +27,10 @@ def pick_replica(replicas: Sequence[Routable], sequences: int = 1) -> Routable |
     """Among the ready replicas with room for `sequences` more: one whose free rows take them at
     its next step before one where they would wait (a full batch of long answers holds a short
     request back for as long as its rows stay taken, however little work it has left), then the
-    fewest outstanding tokens (queued plus running: prompt tokens still to prefill plus tokens
-    still to generate), then the shallowest queue. None when no replica can take the request."""
+    fewest tokens of work left (queued plus running: prompt tokens still to prefill plus tokens
+    still to generate; a replica near the end of a long answer is nearly free), then the
+    shallowest queue. None when no replica can take the request."""
     candidates = [r for r in replicas if r.is_ready and r.has_room(sequences)]
     if not candidates:
         return None
-    return min(candidates, key=lambda r: (r.waits(sequences), r.outstanding_tokens, r.queue_depth))
+    return min(candidates, key=lambda r: (r.waits(sequences), r.remaining_tokens, r.queue_depth))

@@ -231,6 +231,28 @@ async def test_two_cpu_replicas_share_the_load(tiny_text_path):
         assert all(e.steps > 0 for e in scheduler.executors)
 
 
+async def test_the_router_ranks_replicas_by_the_work_they_have_left(tiny_text_path):
+    """Ranked by the work requests were admitted with, a replica near the end of a long answer
+    looked busier than one just starting a shorter one, and a short request waited behind it."""
+    async with running_scheduler(
+        tiny_text_path, cpu_replicas=2, max_batch_size=1, max_new_tokens=400
+    ) as scheduler:
+        nearly_done = await scheduler.submit(request(0, max_tokens=300))
+        with anyio.fail_after(60):
+            while nearly_done.completion_tokens < 250:
+                await anyio.sleep(0.005)
+        starting = await scheduler.submit(request(1, max_tokens=280))
+        with anyio.fail_after(60):
+            while not starting.completion_tokens:
+                await anyio.sleep(0.005)
+        short = await scheduler.submit(request(2, max_tokens=4))
+        assert (nearly_done.replica_name, starting.replica_name) == ("0", "1")
+        assert short.replica_name == "0"
+        for stream in (nearly_done, starting, short):
+            await consume(stream)
+        assert all(e.remaining_tokens == 0 for e in scheduler.executors)
+
+
 async def test_a_model_that_fails_to_load_makes_the_server_degraded(tmp_path):
     config = engine_config(tmp_path / "missing")
     scheduler = Scheduler(config)
@@ -292,7 +314,7 @@ async def test_a_crash_that_breaks_the_wind_down_still_answers_every_request(tin
 
 class FakeReplica:
     def __init__(self, name, load, ready=True, room=True, depth=0, free_rows=0):
-        self.name, self.outstanding_tokens, self._ready, self._room, self._depth = (
+        self.name, self.remaining_tokens, self._ready, self._room, self._depth = (
             name,
             load,
             ready,
