@@ -539,14 +539,14 @@ def test_retry_after_comes_from_the_backlog_and_the_recent_rate():
     scheduler = Scheduler(engine_config("builtin:tiny"))
 
     class Busy:
-        is_ready, outstanding_tokens, work_per_s = True, 9000, 300.0
+        is_ready, remaining_tokens, work_per_s = True, 9000, 300.0
 
     scheduler.executors = [Busy(), Busy()]
     # 18,000 tokens of work at 600 tokens/s, plus up to a quarter at random, so that refused
     # clients (the openai client waits exactly Retry-After) do not all come back at once.
     values = {scheduler.retry_after_s() for _ in range(200)}
     assert values <= set(range(30, 38)) and len(values) > 1
-    Busy.outstanding_tokens = 10**9
+    Busy.remaining_tokens = 10**9
     assert scheduler.retry_after_s() == 60  # capped
     Busy.work_per_s = 0.0
     assert scheduler.retry_after_s() == 1  # no rate measured yet
