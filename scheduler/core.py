@@ -280,16 +280,21 @@ class Scheduler:
                 "(MAX_BATCH_SIZE); send several requests or lower n",
                 param="n",
             )
-        # A replica takes its free rows' worth, then MAX_QUEUE_SIZE waiting (`Executor.room`).
+        # A replica takes its free rows' worth, then MAX_QUEUE_SIZE waiting (`Executor.room`), and
+        # a prompt's n choices go to one replica: what the replicas serving or loading could never
+        # hold is the request's fault (counted in sequences alone, 5 prompts of n=3 on two
+        # replicas of 8 were "retry shortly" forever).
         limit = self.config.executor.max_queue_size + rows
-        ready = [e for e in self.executors if e.is_ready]
-        if n * prompts > limit * max(1, len(ready)):
+        replicas = max(1, sum(e.is_ready or e.state == "loading" for e in self.executors))
+        if prompts > (limit // n) * replicas:
             raise InvalidRequestError(
-                f"this request needs {n * prompts} sequences (prompts x n); at most {limit * max(1, len(ready))} "
-                f"fit on this server ({limit} per replica: MAX_BATCH_SIZE rows plus MAX_QUEUE_SIZE waiting): "
-                "send fewer prompts or a lower n",
+                f"this request's {prompts} prompts of n={n} choices cannot all be queued: at most "
+                f"{(limit // n) * replicas} fit on this server ({limit} sequences per replica, MAX_BATCH_SIZE "
+                "rows plus MAX_QUEUE_SIZE waiting, each prompt's choices on one replica): send fewer prompts "
+                "or a lower n",
                 param="prompt",
             )
+        ready = [e for e in self.executors if e.is_ready]
         free = sorted((e.room for e in ready), reverse=True)
         for _ in range(prompts):
             if not free or free[0] < n:

@@ -561,11 +561,19 @@ async def test_a_multi_prompt_request_is_checked_against_every_replica_queue(tin
     ) as scheduler:
         scheduler.check_room(1, 9)  # 9 of 10 places, 5 + 4
         scheduler.check_room(2, 4)  # two pairs per replica
-        with pytest.raises(OverloadedError):
-            scheduler.check_room(2, 5)  # 10 places, but pairs fit only eight of them now
+        with pytest.raises(InvalidRequestError) as pairs:
+            # 10 places, but a prompt's pair goes to one replica: two pairs each, ever (it was a
+            # 503, and clients that honour Retry-After came back forever).
+            scheduler.check_room(2, 5)
+        assert pairs.value.param == "prompt" and "at most 4 fit" in pairs.value.message
         with pytest.raises(InvalidRequestError) as too_many:
             scheduler.check_room(1, 11)
         assert too_many.value.param == "prompt" and "at most 10" in too_many.value.message
+        # A replica still loading will take its share: until then it is "retry", not a 400.
+        scheduler.executors[1].state = "loading"
+        with pytest.raises(OverloadedError):
+            scheduler.check_room(1, 9)
+        scheduler.executors[1].state = "ready"
         with pytest.raises(InvalidRequestError) as wide:
             scheduler.check_room(3, 1)  # the batch, not the queue, is the limit named
         assert wide.value.param == "n" and "at most 2 sequences are batched" in wide.value.message
