@@ -188,17 +188,18 @@ class Scheduler:
         self.check_room(requests[0].n, len(requests))
         streams: list[RequestStream] = []
         try:
-            for request, prepared in admitted:
-                streams.append(self._enqueue(request, prepared))
+            for request, prepared, compiled_on in admitted:
+                streams.append(self._enqueue(request, prepared, compiled_on))
         except BaseException:
             for stream in streams:
                 stream.cancel()
             raise
         return streams
 
-    async def _admit(self, request: EngineRequest) -> tuple[EngineRequest, PreparedPrompt]:
+    async def _admit(self, request: EngineRequest) -> tuple[EngineRequest, PreparedPrompt, Executor | None]:
         """Everything a request must pass before it is queued: room now, its prompt prepared,
-        its lengths, its grammar compiled, its worst case in the KV pool."""
+        its lengths, its grammar compiled (and the replica that compiled it), its worst case in
+        the KV pool."""
         self.check_room(request.n)
         heavy = is_heavy(request.prompt)
         builder = await self._builder(heavy)
@@ -245,13 +246,20 @@ class Scheduler:
                 "fit this server's KV cache memory; reduce the prompt, max_tokens or n",
                 param=param,
             )
-        return request, prepared
+        return request, prepared, executor if request.params.grammar is not None else None
 
-    def _enqueue(self, request: EngineRequest, prepared: PreparedPrompt) -> RequestStream:
+    def _enqueue(
+        self, request: EngineRequest, prepared: PreparedPrompt, compiled_on: Executor | None = None
+    ) -> RequestStream:
         """Queue an admitted request on the replica the router picks now (no await: what the
-        room check saw is what the queue gets)."""
+        room check saw is what the queue gets); one with a grammar on the replica that compiled
+        it while it has room (another would compile it again inside its step loop, its rows
+        waiting meanwhile)."""
         self._check_can_accept()
-        executor = pick_replica(self.executors, request.n)
+        if compiled_on is not None and compiled_on.is_ready and compiled_on.has_room(request.n):
+            executor = compiled_on
+        else:
+            executor = pick_replica(self.executors, request.n)
         if executor is None:
             self.check_room(request.n)
             raise OverloadedError(

@@ -621,3 +621,32 @@ async def test_the_choices_reserved_for_a_fork_are_counted_once(tiny_text_path):
                 await anyio.sleep(0.002)
         await consume(wide)
         assert all(running + queued <= 4 for running, queued in figures), figures
+
+
+async def test_a_request_with_a_grammar_runs_on_the_replica_that_compiled_it(tiny_text_path):
+    """Admission compiled the grammar on one replica, and the router, asked again at the queue,
+    could pick another, which compiled it again inside its step loop while its rows waited."""
+    from models.params import GrammarSpec
+
+    async with running_scheduler(
+        tiny_text_path, cpu_replicas=2, max_batch_size=1, max_new_tokens=400
+    ) as scheduler:
+        busy = await scheduler.submit(request(0, max_tokens=200))  # replica 0's one row
+        spec = GrammarSpec("regex", "[a-z]{1,6}", param="guided_regex")
+        constrained = request(1, max_tokens=6, grammar=spec)
+        async with anyio.create_task_group() as tg:
+
+            async def submit_constrained() -> None:
+                streams.append(await scheduler.submit(constrained))
+
+            streams = []
+            tg.start_soon(submit_constrained)
+            await anyio.sleep(0)
+            # A long answer takes replica 1's row while the grammar compiles: replica 0 then has
+            # less work left, and the router alone would send the constrained request there.
+            streams.append(await scheduler.submit(request(2, max_tokens=390)))
+        constrained_stream = streams[0] if streams[0].request is constrained else streams[1]
+        assert constrained_stream.replica_name == "1"
+        assert spec not in scheduler.executors[0].replica.grammars._compiled
+        for stream in (busy, *streams):
+            await consume(stream)
