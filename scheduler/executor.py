@@ -31,6 +31,7 @@ from scheduler.blocks import BlockManager
 from scheduler.failures import (
     CACHE_FULL,
     GENERIC_FAILURE,
+    REPLICA_STOPPED,
     SHUTTING_DOWN,
     STEP_LOOP_CRASHED,
     sampling_failure,
@@ -188,10 +189,7 @@ class Executor:
             log.error("replica %s failed to load: %s", self.name, exc, exc_info=debug)
             self.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.state = "failed"
-            self._fail_inbox(
-                ModelNotReadyError("the model failed to load; see the server log"),
-                lambda: ModelNotReadyError("the model failed to load; see the server log"),
-            )
+            self._fail_inbox(lambda: ModelNotReadyError("the model failed to load; see the server log"))
             return
         self.attach(self.replica)
         log.info("replica %s ready on %s (%s path)", self.name, self.device, self.replica.path)
@@ -203,11 +201,8 @@ class Executor:
             log.exception("replica %s stopped unexpectedly", self.name)
             self.state = "failed"
             self.error = STEP_LOOP_CRASHED
-            self._fail_everything(
-                GenerationError(GENERIC_FAILURE),
-                lambda: ModelNotReadyError("the model stopped after an internal error; see the server log"),
-            )
-            raise
+            # Requests that got nothing yet are 503s to retry: the other replicas still serve.
+            self._fail_everything(GenerationError(GENERIC_FAILURE), lambda: OverloadedError(REPLICA_STOPPED))
         finally:
             if self.state == "ready":
                 self.state = "stopped"
@@ -488,37 +483,41 @@ class Executor:
         self._deliver(delivery)
         return time.perf_counter() - began
 
-    def _fail_everything(self, error: EngineError, refusal: Callable[[], EngineError]) -> None:
-        batch = self.batch
+    def _fail_everything(self, error: EngineError, unstarted: Callable[[], EngineError]) -> None:
+        """End every request here: those with tokens out with `error`, the others (nothing sent
+        yet: a client may simply retry) with `unstarted()`, as the inbox and later submissions."""
+        endings: list[tuple[Job, Sequence, EngineError]] = []
+        for job in self._jobs:
+            started = job.first_tokens_sent or any(seq.num_generated for seq in job.seqs)
+            reason = error if started else unstarted()
+            endings += [(job, seq, reason) for seq in job.seqs if not seq.is_finished]
         try:
-            if batch is not None:
-                for job in self._jobs:
-                    for seq in job.seqs:
-                        if not seq.is_finished:
-                            self._finish(seq, "error", error)
+            if self.batch is not None:
+                for _job, seq, reason in endings:
+                    self._finish(seq, "error", reason)
                 self._emit()
-                self.replica.runner.release(batch.take_released())
+                self.replica.runner.release(self.batch.take_released())
         except Exception:
             # The batch's books may be what broke the loop: every request still gets its answer.
             log.exception(
                 "replica %s could not wind its batch down; answering its requests directly", self.name
             )
-            ended = [
-                (job.stream, seq.index, Delta(finish_reason="error", error=error))
-                for job in self._jobs
-                for seq in job.seqs
-                if not seq.is_finished
-            ]
-            self._deliver(ended)
+            self._deliver(
+                [
+                    (job.stream, seq.index, Delta(finish_reason="error", error=reason))
+                    for job, seq, reason in endings
+                ]
+            )
         finally:
-            self._fail_inbox(error, refusal)
+            self._fail_inbox(unstarted)
 
-    def _fail_inbox(self, error: EngineError, refusal: Callable[[], EngineError]) -> None:
-        """Fail what waits in the inbox with `error`; later submissions get `refusal()`."""
+    def _fail_inbox(self, refusal: Callable[[], EngineError]) -> None:
+        """Fail what waits in the inbox with `refusal()`, and every later submission."""
         with self._cond:
             self._closed = refusal
             jobs = list(self._inbox)
             self._inbox.clear()
             self._inbox_sequences = 0
         for job in jobs:
+            error = refusal()
             self._deliver([(job.stream, i, Delta(finish_reason="error", error=error)) for i in range(job.n)])

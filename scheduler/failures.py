@@ -16,6 +16,9 @@ NON_FINITE = "the model produced invalid (non-finite) scores for this request"
 SHUTTING_DOWN = "the server is shutting down; retry on another replica"
 CACHE_FULL = "the request does not fit this replica's KV cache memory"
 STEP_LOOP_CRASHED = "the replica's step loop crashed"
+REPLICA_STOPPED = (
+    "the replica this request was queued on stopped after an internal error before starting it; retry"
+)
 
 
 def sampling_failure(seq: Sequence, sample: SampledToken) -> EngineError:

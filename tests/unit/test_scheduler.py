@@ -15,6 +15,7 @@ from models.prompt import PreparedPrompt
 from scheduler.core import Scheduler
 from scheduler.errors import (
     ContextLengthExceededError,
+    GenerationError,
     InvalidRequestError,
     ModelNotReadyError,
     OverloadedError,
@@ -282,13 +283,15 @@ async def test_a_crashed_step_loop_answers_its_requests_and_says_so(tiny_text_pa
         with anyio.fail_after(30):
             failed = [update async for update in stream]
         assert any(choice.finish_reason == "error" for update in failed for choice in update.choices)
+        # It never started: a 503 to retry (other replicas may serve it), not a 500.
+        assert isinstance(failed[-1].error, OverloadedError) and "retry" in failed[-1].error.message
         assert scheduler.crashed and scheduler.status == "degraded"
         with pytest.raises(ModelNotReadyError, match="stopped after an internal error"):
             await scheduler.submit(request(1))
         # A job that reached the replica after its inbox was failed (the crash fell between the
         # scheduler's readiness check and the hand-over) is refused, not left there forever.
         prepared = PreparedPrompt([1, 2, 3])
-        with pytest.raises(ModelNotReadyError, match="stopped after an internal error"):
+        with pytest.raises(OverloadedError, match="stopped after an internal error"):
             executor.submit(Job(RequestStream(request(2), prepared), prepared, cost=3))
 
 
@@ -310,6 +313,7 @@ async def test_a_crash_that_breaks_the_wind_down_still_answers_every_request(tin
             for stream in streams:
                 updates = [update async for update in stream]
                 assert updates[-1].choices[-1].finish_reason == "error"
+                assert isinstance(updates[-1].error, GenerationError)  # tokens were out: a 500
 
 
 class FakeReplica:
