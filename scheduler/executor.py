@@ -37,8 +37,7 @@ from scheduler.failures import (
     sampling_failure,
 )
 from scheduler.job import Delivery, ExecutorConfig, Job
-from scheduler.request import TokenLogprob
-from scheduler.sequence import PromptSpan, Sequence
+from scheduler.sequence import Sequence
 from scheduler.threads import name_os_thread
 from scheduler.timings import StepTimings
 
@@ -315,7 +314,7 @@ class Executor:
                 self.num_waiting -= job.n
                 continue
             try:
-                job.seqs = self._sequences(job)
+                job.seqs = job.make_sequences(self.replica)
                 self.batch.add(job.seqs)
             except Exception:
                 log.exception("could not start request %s", job.stream.request_id)
@@ -329,37 +328,6 @@ class Executor:
                 continue
             self._jobs.append(job)
             self._unscheduled.append(job)
-
-    def _sequences(self, job: Job) -> list[Sequence]:
-        replica, prepared = self.replica, job.prepared
-        params = job.stream.request.params
-        generations = replica.generations(prepared, params, n=job.n)
-        inputs = replica.sequence_inputs(prepared)
-        span = None
-        if prepared.unsplit_span is not None:
-            first, last = prepared.unsplit_span
-            span = PromptSpan(first, last, prepared.span_digest, has_images=prepared.num_images > 0)
-        if params.prompt_logprobs is not None:
-            # Nothing predicts the first prompt token: its entry has no logprob, only its text.
-            generations[0].add_prompt_logprobs([TokenLogprob(prepared.token_ids[0], None, [])])
-        return [
-            Sequence(
-                prepared.token_ids,
-                max_tokens=params.max_tokens,
-                arrival=job.enqueued_at,
-                group=job,
-                index=index,
-                origin=job.stream.request_id,
-                sampler=generation.sampler,
-                output=generation,
-                span=span,
-                inputs=inputs,
-                side_tokens=inputs.side_tokens if inputs is not None else 0,
-                # The first choice computes the prompt; the others fork from it once it is done.
-                prompt_top=params.prompt_logprobs if index == 0 else None,
-            )
-            for index, generation in enumerate(generations)
-        ]
 
     def _drop_cancelled(self) -> None:
         for job in self._jobs:

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 from models.generation import Delta
 from models.prompt import PreparedPrompt
-from scheduler.request import RequestStream
-from scheduler.sequence import Sequence
+from models.replica import ModelReplica
+from scheduler.request import RequestStream, TokenLogprob
+from scheduler.sequence import PromptSpan, Sequence
 
 # (stream, choice index, delta) for every choice that produced something this step.
 Delivery = list[tuple[RequestStream, int, Delta]]
@@ -22,6 +23,37 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     first_tokens_sent: bool = False
+
+    def make_sequences(self, replica: ModelReplica) -> list[Sequence]:
+        """One sequence per choice, each with its own sampler and output, for `replica`."""
+        prepared, params = self.prepared, self.stream.request.params
+        generations = replica.generations(prepared, params, n=self.n)
+        inputs = replica.sequence_inputs(prepared)
+        span = None
+        if prepared.unsplit_span is not None:
+            first, last = prepared.unsplit_span
+            span = PromptSpan(first, last, prepared.span_digest, has_images=prepared.num_images > 0)
+        if params.prompt_logprobs is not None:
+            # Nothing predicts the first prompt token: its entry has no logprob, only its text.
+            generations[0].add_prompt_logprobs([TokenLogprob(prepared.token_ids[0], None, [])])
+        return [
+            Sequence(
+                prepared.token_ids,
+                max_tokens=params.max_tokens,
+                arrival=self.enqueued_at,
+                group=self,
+                index=index,
+                origin=self.stream.request_id,
+                sampler=generation.sampler,
+                output=generation,
+                span=span,
+                inputs=inputs,
+                side_tokens=inputs.side_tokens if inputs is not None else 0,
+                # The first choice computes the prompt; the others fork from it once it is done.
+                prompt_top=params.prompt_logprobs if index == 0 else None,
+            )
+            for index, generation in enumerate(generations)
+        ]
 
     @property
     def holds_deltas(self) -> bool:
