@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from models.detokenize import IncrementalDetokenizer, StopStringMatcher
 from models.errors import EngineError, GenerationError, InvalidRequestError
-from models.grammar import clean_error
+from models.grammar_errors import clean_error
 from models.sampling import RowSampler, TokenLogprob
 
 

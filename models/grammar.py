@@ -31,6 +31,7 @@ from llguidance.gbnf_to_lark import any_to_lark
 from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
 from models.errors import InvalidRequestError
+from models.grammar_errors import invalid_message, probe_limits
 from models.params import GrammarSpec
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,6 @@ log = logging.getLogger(__name__)
 # JSON as models usually write it (json.dumps' separators) and no free whitespace: a model that
 # drifts into newlines or spaces could otherwise fill max_tokens without ever closing the object.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-MAX_ERROR_CHARS = 500
-_WHAT = {
-    "json_object": "JSON",
-    "json_schema": "JSON schema",
-    "regex": "regular expression",
-    "lark": "grammar",
-    "choice": "choice list",
-    "tool_calls": "tool definitions",
-}
 
 
 # llguidance's converters and compiler recurse once per level of a chain of references (`$ref`
@@ -134,35 +126,16 @@ class GrammarCompiler:
             raise
         except Exception as exc:  # llguidance's converters raise ValueError (e.g. nesting too deep)
             self._blame_a_tool(spec)
-            raise InvalidRequestError(_invalid(spec, str(exc)), param=spec.param) from None
+            raise InvalidRequestError(invalid_message(spec, str(exc)), param=spec.param) from None
         # Outside the lock: compiling a large schema takes a while and releases the GIL.
         matcher = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=self._limits)
         if not matcher.is_error():
-            # llguidance builds lexer states lazily: the first mask is where most grammars that
-            # exceed its limits fail. Better a 400 now than a failure mid-generation.
-            probe = matcher.deep_copy()
-            probe.compute_bitmask()
-            # Then as generation goes on: its first token consumed, and the run of tokens the
-            # grammar forces after it computed. A grammar that cannot end (a required property that
-            # contains itself) forces output without end and exceeds the parser's limits there.
-            if probe.is_error():
+            probe = probe_limits(matcher)
+            if probe is not None:
                 matcher = probe
-            else:
-                forced = probe.compute_ff_tokens()
-                if forced and not probe.is_error():
-                    probe.consume_token(forced[0])
-                    if not probe.is_error():
-                        probe.compute_bitmask()  # the next lexer states, built lazily too
-                # Only the limits count here: a forced token may be an added token's id that the
-                # grammar takes spelled out (PlainSpelling), which this bare probe would refuse.
-                # ("b{1000000}" passes the first mask and fails at its first token with "lexer
-                # error: too many expressions constructed": a 200 then an error mid-stream.)
-                error = (probe.get_error() or "") if probe.is_error() else ""
-                if any(word in error for word in ("limit", "too many")):
-                    matcher = probe
         if matcher.is_error():
             self._blame_a_tool(spec)
-            raise InvalidRequestError(_invalid(spec, matcher.get_error()), param=spec.param)
+            raise InvalidRequestError(invalid_message(spec, matcher.get_error()), param=spec.param)
         return matcher
 
     def _blame_a_tool(self, spec: GrammarSpec) -> None:
@@ -231,7 +204,7 @@ def _as_lark(spec: GrammarSpec) -> str:
     try:
         return any_to_lark(spec.source)
     except Exception as exc:  # the converter raises bare Exceptions for unknown rules
-        raise InvalidRequestError(_invalid(spec, str(exc)), param=spec.param) from None
+        raise InvalidRequestError(invalid_message(spec, str(exc)), param=spec.param) from None
 
 
 def _json_source(spec: GrammarSpec, what: str) -> dict:
@@ -361,24 +334,6 @@ def _reroot(schema, root: str):
     if isinstance(schema, list):
         return [_reroot(v, root) for v in schema]
     return schema
-
-
-def _invalid(spec: GrammarSpec, error: str) -> str:
-    what = _WHAT[spec.kind]
-    error = clean_error(error)
-    if "Too many items" in error:
-        error += " (a grammar with no end, such as a schema whose required property contains itself, has no finite output)"
-    elif "NoExtensionBias" in error:
-        # llguidance's name for a grammar that can produce nothing at all.
-        error += " (the grammar matches no output at all: for example a $ref that only leads to itself)"
-    return f"the {what} cannot be used for constrained decoding: {error}"
-
-
-def clean_error(error: str) -> str:
-    """llguidance's message on one line, without the marker it adds when verbose errors are off
-    (it means nothing to an API client), cut short."""
-    error = " ".join(error.replace("<non-verbose/>", " ").split())
-    return error[:MAX_ERROR_CHARS] + "..." if len(error) > MAX_ERROR_CHARS else error
 
 
 class PlainSpelling:

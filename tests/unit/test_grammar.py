@@ -402,12 +402,15 @@ def test_a_grammar_past_the_engine_limits_is_a_400_before_generation(replica):
     assert caught.value.message.startswith("the JSON schema cannot be used for constrained decoding")
 
 
-def test_a_pattern_past_the_lexers_limits_at_its_first_token_is_a_400_before_generation(replica):
+@pytest.mark.parametrize("pattern", ["b{1000000}", "(a|c)b{999999}", "[ac]b{888888}"])
+def test_a_pattern_past_the_lexers_limits_a_few_tokens_in_is_a_400_before_generation(replica, pattern):
     """`b{1000000}` passes the first mask and fails at the first token ("too many expressions
-    constructed"): the client had a 200, then an error event, and the SDK's generic APIError."""
+    constructed"), `(a|c)b{999999}` at the second: the client had a 200, then an error event,
+    and the SDK's generic APIError."""
     with pytest.raises(InvalidRequestError) as caught:
-        replica.grammars.validate(GrammarSpec("regex", "b{1000000}", param="guided_regex"))
+        replica.grammars.validate(GrammarSpec("regex", pattern, param="guided_regex"))
     assert caught.value.param == "guided_regex" and "too many expressions" in caught.value.message
+    assert "<state>" not in caught.value.message  # llguidance's parser dump is not the client's
 
 
 _SELF = {"$defs": {"n": {"type": "object", "properties": {"c": {"$ref": "#/$defs/n"}}, "required": ["c"]}}}
