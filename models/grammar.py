@@ -98,6 +98,11 @@ class GrammarCompiler:
         """Compile `spec` (or find it cached); raise InvalidRequestError when it cannot be used."""
         self._pristine(spec)
 
+    def is_compiled(self, spec: GrammarSpec) -> bool:
+        """Whether `spec` is in the cache (using it costs a copy, not a compile)."""
+        with self._lock:
+            return spec in self._compiled
+
     def constraint(self, spec: GrammarSpec) -> GrammarConstraint:
         pristine = self._pristine(spec)
         with self._lock:

@@ -37,6 +37,7 @@ from models.replica import build_replica
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.job import Delivery, Job
+from scheduler.lengths import PROMPT_PARAM, resolve_lengths
 from scheduler.request import EngineRequest, RequestStream
 from scheduler.router import pick_replica
 
@@ -61,10 +62,6 @@ def is_heavy(prompt: PromptInput) -> bool:
         elif isinstance(content, list):
             size += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
     return size > HEAVY_CHARS
-
-
-# The request field that holds the prompt, by kind of request: where a prompt too long is the fault.
-_PROMPT_PARAM = {"chat": "messages", "completion": "prompt", "generate": "inputs"}
 
 
 class Scheduler:
@@ -205,7 +202,9 @@ class Scheduler:
         builder = await self._builder(heavy)
         prepared = await self._prepare(builder.prepare, request.prompt, heavy=heavy)
         defaulted = request.params.max_tokens is None
-        request = self._resolve_lengths(request, prepared, builder)
+        request = resolve_lengths(
+            request, prepared, builder, self.ready_replica, self.config.replica.max_new_tokens
+        )
         executor = pick_replica(self.executors, request.n)
         if executor is None:
             self.check_room(request.n)
@@ -235,7 +234,7 @@ class Scheduler:
             # The field at fault: the prompt where it would not fit with one token to generate, n
             # where one choice would fit, else max_tokens.
             if not executor.fits(len(prepared.token_ids), 1, 1):
-                param = _PROMPT_PARAM.get(request.kind, "messages")
+                param = PROMPT_PARAM.get(request.kind, "messages")
             elif request.n > 1 and executor.fits(len(prepared.token_ids), request.params.max_tokens, 1):
                 param = "n"
             else:
@@ -252,14 +251,22 @@ class Scheduler:
         self, request: EngineRequest, prepared: PreparedPrompt, compiled_on: Executor | None = None
     ) -> RequestStream:
         """Queue an admitted request on the replica the router picks now (no await: what the
-        room check saw is what the queue gets); one with a grammar on the replica that compiled
-        it while it has room (another would compile it again inside its step loop, its rows
-        waiting meanwhile)."""
+        room check saw is what the queue gets). One with a grammar stays on the replica that
+        compiled it, unless the router's pick has it compiled too or would start it sooner
+        (free rows where the other has none): another replica compiles it again inside its step
+        loop, its rows waiting meanwhile; yet a burst kept there queued behind full rows."""
         self._check_can_accept()
-        if compiled_on is not None and compiled_on.is_ready and compiled_on.has_room(request.n):
+        n = request.n
+        executor = pick_replica(self.executors, n)
+        if (
+            compiled_on is not None
+            and executor is not compiled_on
+            and compiled_on.is_ready
+            and compiled_on.has_room(n)
+            and (executor is None or compiled_on.waits(n) <= executor.waits(n))
+            and (executor is None or not executor.replica.grammars.is_compiled(request.params.grammar))
+        ):
             executor = compiled_on
-        else:
-            executor = pick_replica(self.executors, request.n)
         if executor is None:
             self.check_room(request.n)
             raise OverloadedError(
@@ -339,71 +346,6 @@ class Scheduler:
             if self.crashed:
                 raise ModelNotReadyError("the model stopped after an internal error; see the server log")
             raise ModelNotReadyError("the model failed to load; see the server log")
-
-    def _resolve_lengths(
-        self, request: EngineRequest, prepared: PreparedPrompt, builder: PromptBuilder
-    ) -> EngineRequest:
-        """The server's max-tokens cap applies first (the seed clamps larger requests to it; reported
-        in the request's warnings, never silent); then prompt plus completion must fit the context."""
-        replica = self.ready_replica
-        context = replica.loaded.max_context
-        prompt_len = len(prepared.token_ids)
-        if prompt_len == 0:
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        params = request.params
-        cap = self.config.replica.max_new_tokens
-        room = min(context, replica.max_seq_len) - prompt_len
-        # A prompt already cut to MAX_INPUT_TOKENS was longer than the figure the error gives.
-        cut = (
-            f" after MAX_INPUT_TOKENS={builder.max_input_tokens} cut a longer prompt to its end"
-            if any("MAX_INPUT_TOKENS" in warning for warning in prepared.warnings)
-            else ""
-        )
-        if params.max_tokens is None:
-            if room < 1:
-                raise ContextLengthExceededError(
-                    f"This model's maximum context length is {context} tokens; the prompt alone is "
-                    f"{prompt_len} tokens{cut}.",
-                    param=_PROMPT_PARAM.get(request.kind, "messages"),
-                )
-            max_tokens = min(cap, room, params.default_max_tokens or cap)
-        else:
-            max_tokens = params.max_tokens
-            if max_tokens > cap:
-                prepared.warnings.append(
-                    f"max_tokens {_shown(max_tokens)} was lowered to this server's limit of {cap} (MAX_NEW_TOKENS_DEFAULT)"
-                )
-                max_tokens = cap
-            lowered = (
-                "" if max_tokens == params.max_tokens else f" (lowered from {_shown(params.max_tokens)})"
-            )
-            if room < min(1, max_tokens):  # scoring (max_tokens 0) may fill the context
-                raise ContextLengthExceededError(
-                    f"This model's maximum context length is {context} tokens; the prompt alone is "
-                    f"{prompt_len} tokens{cut}.",
-                    param=_PROMPT_PARAM.get(request.kind, "messages"),
-                )
-            if prompt_len + max_tokens > context:
-                raise ContextLengthExceededError(
-                    f"This model's maximum context length is {context} tokens. However, you requested "
-                    f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens}{lowered} for the "
-                    "completion). Please reduce the prompt or max_tokens.",
-                    param="max_tokens",
-                )
-            if max_tokens > room:
-                raise ContextLengthExceededError(
-                    f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}{lowered}) exceeds the "
-                    f"{replica.max_seq_len} tokens a sequence may hold on this server",
-                    param="max_tokens",
-                )
-        builder.check_ids(params.logit_bias or (), param="logit_bias")
-        builder.check_ids(params.stop_token_ids, param="stop_token_ids")
-        if params.min_tokens > max_tokens:
-            raise InvalidRequestError(
-                f"min_tokens ({params.min_tokens}) is larger than max_tokens ({max_tokens})",
-                param="min_tokens",
-            )
-        return dataclasses.replace(request, params=dataclasses.replace(params, max_tokens=max_tokens))
 
     # -- prompt utilities (apply_template, tokenize, detokenize) ---------------------------------
     async def _builder(self, heavy: bool) -> PromptBuilder:
@@ -520,10 +462,3 @@ class Scheduler:
             return
         executor, cost = entry
         executor.outstanding_tokens -= cost
-
-
-def _shown(number: int) -> str:
-    """A client's number as a message quotes it: Python takes integers of 4,300 digits, and one
-    echoed whole made a 4.5 KB X-Request-Warnings header (past some proxies' buffers)."""
-    text = str(number)
-    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"

@@ -654,3 +654,25 @@ async def test_a_request_with_a_grammar_runs_on_the_replica_that_compiled_it(tin
         assert spec not in scheduler.executors[0].replica.grammars._compiled
         for stream in (busy, *streams):
             await consume(stream)
+
+
+async def test_a_burst_with_grammars_spreads_over_the_replicas_free_rows(tiny_text_path):
+    """Kept on the replica that compiled their grammar, a burst of 8 queued there behind 4 rows
+    while the other replica's 4 rows stood free."""
+    from models.params import GrammarSpec
+
+    spec = GrammarSpec("regex", "[a-z]{1,6}", param="guided_regex")
+    async with running_scheduler(
+        tiny_text_path, cpu_replicas=2, max_batch_size=4, max_queue_size=8
+    ) as scheduler:
+        streams = []
+
+        async def submit(i: int) -> None:
+            streams.append(await scheduler.submit(request(i, max_tokens=6, grammar=spec)))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(submit, i)
+        assert collections.Counter(s.replica_name for s in streams) == {"0": 4, "1": 4}
+        for stream in streams:
+            await consume(stream)
