@@ -217,7 +217,8 @@ def _items(items: list[InputItem], messages: list[ChatMessage], origins: list[st
                 )
             if item.output is None:
                 raise InvalidRequestError("a function_call_output item needs output", param=f"{where}.output")
-            content = _content(item.output, "tool", f"{where}.output")
+            # An empty list of parts is a function that returned nothing: its result is empty text.
+            content = _content(item.output, "tool", f"{where}.output") or ""
             name = item.name or call_names.get(item.call_id)
             messages.append(ChatMessage(role="tool", content=content, tool_call_id=item.call_id, name=name))
             origins.append(f"{where}.output")

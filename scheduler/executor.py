@@ -456,7 +456,9 @@ class Executor:
         yet: a client may simply retry) with `unstarted()`, as the inbox and later submissions."""
         endings: list[tuple[Job, Sequence, EngineError]] = []
         for job in self._jobs:
-            started = job.first_tokens_sent or any(seq.num_generated for seq in job.seqs)
+            # A client reading the answer whole has had nothing yet, whatever was generated.
+            generated = job.first_tokens_sent or any(seq.num_generated for seq in job.seqs)
+            started = generated and job.stream.request.streamed
             reason = error if started else unstarted()
             endings += [(job, seq, reason) for seq in job.seqs if not seq.is_finished]
         try:

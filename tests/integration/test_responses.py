@@ -188,6 +188,8 @@ def test_function_results_come_back_statelessly(text_server: Server) -> None:
     short, long = follow_up("sunny"), follow_up("sunny and warm, 24 degrees, light wind from the west")
     assert short.output[-1].type in ("message", "function_call")
     assert long.usage.input_tokens > short.usage.input_tokens  # the result is in the prompt
+    # A function that returned nothing, as an empty list of parts: an empty result, not a 400.
+    assert follow_up([]).usage.input_tokens == follow_up("").usage.input_tokens
 
 
 def test_assistant_turns_and_roles_as_items(text_server: Server) -> None:

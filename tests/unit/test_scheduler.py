@@ -300,8 +300,9 @@ async def test_a_crash_that_breaks_the_wind_down_still_answers_every_request(tin
     async with running_scheduler(tiny_text_path) as scheduler:
         executor = scheduler.executors[0]
         streams = [await scheduler.submit(request(i, max_tokens=40)) for i in range(3)]
+        whole = await scheduler.submit(dataclasses.replace(request(3, max_tokens=40), streamed=False))
         with anyio.fail_after(30):
-            while not all(s.first_token_at for s in streams):
+            while not all(s.first_token_at for s in [*streams, whole]):
                 await anyio.sleep(0.01)
 
         def broken(*_args, **_kwargs):
@@ -314,6 +315,9 @@ async def test_a_crash_that_breaks_the_wind_down_still_answers_every_request(tin
                 updates = [update async for update in stream]
                 assert updates[-1].choices[-1].finish_reason == "error"
                 assert isinstance(updates[-1].error, GenerationError)  # tokens were out: a 500
+            # Read whole, the answer had reached no one: a 503 to retry on another replica.
+            updates = [update async for update in whole]
+            assert isinstance(updates[-1].error, OverloadedError)
 
 
 class FakeReplica:
