@@ -472,10 +472,13 @@ class Executor:
             log.exception(
                 "replica %s could not wind its batch down; answering its requests directly", self.name
             )
+            # Every choice of every job: one finished by the last step may not have been handed over.
+            reasons = {id(job): reason for job, _seq, reason in endings}
             self._deliver(
                 [
-                    (job.stream, seq.index, Delta(finish_reason="error", error=reason))
-                    for job, seq, reason in endings
+                    (job.stream, seq.index, Delta(finish_reason="error", error=reasons.get(id(job), error)))
+                    for job in self._jobs
+                    for seq in job.seqs
                 ]
             )
         finally:
