@@ -287,7 +287,12 @@ def _warnings_by_prompt(streams: list[RequestStream]) -> list[str]:
     named by its index when there are several: "the first 12 were dropped" said which prompt
     only by its place among the warnings."""
     said = list(streams[0].request.warnings)
-    for i, stream in enumerate(streams):
-        own = stream.warnings[len(stream.request.warnings) :]
-        said += [f"prompt[{i}]: {w}" for w in own] if len(streams) > 1 else own
+    owns = [stream.warnings[len(stream.request.warnings) :] for stream in streams]
+    if len(owns) == 1:
+        return said + owns[0]
+    # What every prompt was told alike (a max_tokens lowered to the cap) is said once.
+    common = [w for w in owns[0] if all(w in own for own in owns[1:])]
+    said += common
+    for i, own in enumerate(owns):
+        said += [f"prompt[{i}]: {w}" for w in own if w not in common]
     return said

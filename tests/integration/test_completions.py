@@ -352,3 +352,8 @@ def test_each_cut_prompt_of_several_is_named_by_its_index(base_server: Server) -
     cuts = [w for w in warnings[1:] if "MAX_INPUT_TOKENS=64" in w]
     assert [w.split(":")[0] for w in cuts] == ["prompt[1]", "prompt[2]"], warnings
     assert response.headers["x-request-warnings"].count("prompt[") == 2
+    # What every prompt is told alike is said once, without an index.
+    with base_server.http() as http:
+        capped = http.post("/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 500})
+    lowered = [w for w in capped.json()["warnings"] if "was lowered" in w]
+    assert len(lowered) == 1 and not lowered[0].startswith("prompt["), capped.json()["warnings"]
