@@ -54,13 +54,19 @@ def is_heavy(prompt: PromptInput) -> bool:
         return len(prompt.text) > HEAVY_CHARS
     if prompt.token_ids is not None:
         return len(prompt.token_ids) > HEAVY_CHARS // 4
-    size = 0
+    # Not only the text: thousands of messages or parts, big template variables and tools cost
+    # time too (a light lane held for 13 s by 1.9 million empty messages, every light request
+    # waiting behind it), counted here at a flat cost per item.
+    size = len(prompt.tools or ()) * 256
+    for value in (prompt.chat_template_kwargs or {}).values():
+        size += 64 + (len(value) if isinstance(value, (str, list, dict)) else 0)
     for message in prompt.messages or ():
+        size += 16
         content = message.get("content")
         if isinstance(content, str):
             size += len(content)
         elif isinstance(content, list):
-            size += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+            size += sum(16 + len(p.get("text") or "") for p in content if isinstance(p, dict))
     return size > HEAVY_CHARS
 
 

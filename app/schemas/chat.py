@@ -22,6 +22,13 @@ MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024
 MAX_TOOLS = 128
+# Bounds on what one body may hold in number of objects (each one becomes Python objects, more
+# than once: a 64 MiB body of 1.9 million one-word messages took 2 GiB and 27 s of the event
+# loop). Well above what a conversation sends; OpenAI's own cap on messages is lower.
+MAX_MESSAGES = 4096
+MAX_CONTENT_PARTS = 1024
+MAX_TEMPLATE_KWARGS = 256
+TemplateKwargs = Annotated[dict[str, Any], msgspec.Meta(max_length=MAX_TEMPLATE_KWARGS)]
 StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_STRING_CHARS)]
 # 0 would keep no token at all (vLLM rejects it too); greedy decoding is temperature 0.
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
@@ -72,7 +79,7 @@ class ToolCall(msgspec.Struct):
 
 class ChatMessage(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     # The legacy functions API's single call on an assistant turn (its result comes back in a
@@ -155,7 +162,7 @@ class SamplingFields(StructuredFields, kw_only=True):
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = False  # null: false, as OpenAI's reference allows
@@ -163,7 +170,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    chat_template_kwargs: JSONObject | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     # Passed to the chat template as `reasoning_effort` (gpt-oss's and other reasoning models'
     # templates read it; a template that does not ignores it, as vLLM does).
     # The openai SDK's values ("none" is GPT-5.1's default; "xhigh" and "max" came later).

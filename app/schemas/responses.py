@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from app.schemas.chat import MAX_TOOLS, PositiveInt, Temperature, TopP
+from app.schemas.chat import MAX_CONTENT_PARTS, MAX_TOOLS, PositiveInt, Temperature, TopP
 from app.schemas.common import JSONObject
 
 MAX_INPUT_ITEMS = 4096
@@ -57,11 +57,11 @@ class InputItem(msgspec.Struct, kw_only=True):
 
     type: str = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
-    content: str | list[InputContent] | None = None
+    content: str | Annotated[list[InputContent], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = None
     call_id: str | None = None
     name: str | None = None
     arguments: str | None = None
-    output: str | list[InputContent] | None = None
+    output: str | Annotated[list[InputContent], msgspec.Meta(max_length=MAX_CONTENT_PARTS)] | None = None
     id: str | None = None
     status: str | None = None
 

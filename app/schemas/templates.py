@@ -6,15 +6,14 @@ from typing import Annotated
 
 import msgspec
 
-from app.schemas.chat import ChatMessage, Tool
-from app.schemas.common import JSONObject
+from app.schemas.chat import MAX_MESSAGES, ChatMessage, TemplateKwargs, Tool
 
 
 class ApplyTemplateRequest(msgspec.Struct, kw_only=True):
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)]
     tools: list[Tool] | None = None
     add_generation_prompt: bool = True
-    chat_template_kwargs: JSONObject | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     model: str | None = None
 
 

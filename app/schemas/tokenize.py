@@ -6,15 +6,14 @@ from typing import Annotated
 
 import msgspec
 
-from app.schemas.chat import ChatMessage, Tool
-from app.schemas.common import JSONObject
+from app.schemas.chat import MAX_MESSAGES, ChatMessage, TemplateKwargs, Tool
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
     """Either `prompt` (raw text) or `messages` (rendered with the chat template), not both."""
 
     prompt: str | None = None
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)] | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1, max_length=MAX_MESSAGES)] | None = None
     model: str | None = None
     # null: true for `prompt`, false for `messages` (the template already wrote them).
     add_special_tokens: bool | None = None
@@ -23,7 +22,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     split_special_tokens: bool = False
     add_generation_prompt: bool = True
     tools: list[Tool] | None = None
-    chat_template_kwargs: JSONObject | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
 
 
 class TokenizeResponse(msgspec.Struct):

@@ -70,6 +70,20 @@ CASES = [
         400,
         param="messages[0].content",
     ),
+    # Object counts a body may hold: 1.9 million one-word messages took gigabytes and the event loop.
+    Case("too many messages", {"messages": user() * 4097, "max_tokens": 1}, 400, param="messages"),
+    Case(
+        "too many content parts",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 1025}], "max_tokens": 1},
+        400,
+        param="messages[0].content",
+    ),
+    Case(
+        "too many chat_template_kwargs",
+        _chat(chat_template_kwargs={f"k{i}": 1 for i in range(257)}),
+        400,
+        param="chat_template_kwargs",
+    ),
     Case(
         "unknown content part",
         {"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]},
