@@ -85,6 +85,33 @@ def test_idle_connections_and_stalled_bodies_never_wedge_the_server(edge_server:
         assert client.get("/health/live").status_code == 200
 
 
+def test_a_stream_the_client_stops_reading_is_dropped_after_the_body_timeout(edge_server: Server) -> None:
+    """granian makes a send wait once a few MiB are buffered: a client that never read kept its
+    answer in the server's memory for as long as it kept the connection open."""
+    body = json.dumps(
+        {"prompt": "zebra " * 500, "max_tokens": 64, "n": 8, "stream": True, "echo": True, "logprobs": 20,
+         "ignore_eos": True}
+    ).encode()  # fmt: skip
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.settimeout(5)
+    sock.connect(_address(edge_server))
+    try:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        time.sleep(8)  # never reading: HTTP_BODY_TIMEOUT_S is 2 s here
+        with edge_server.http() as client:
+            replicas = client.get("/health").json()["replicas"]
+        assert all(r["running"] == 0 and r["queued"] == 0 for r in replicas), replicas
+        assert _closed(sock, 20) is not None  # the server ended the connection
+    finally:
+        sock.close()
+    log = edge_server.log_path.read_text(errors="replace")
+    assert "its response was dropped" in log and "Traceback" not in log
+
+
 def test_partial_headers_are_dropped(edge_server: Server) -> None:
     sock = socket.create_connection(_address(edge_server), timeout=5)
     try:
