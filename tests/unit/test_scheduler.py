@@ -671,8 +671,8 @@ async def test_a_burst_with_grammars_spreads_over_the_replicas_free_rows(tiny_te
     ) as scheduler:
         streams = []
 
-        async def submit(i: int) -> None:
-            streams.append(await scheduler.submit(request(i, max_tokens=6, grammar=spec)))
+        async def submit(i: int) -> None:  # answers long enough to hold their rows through the burst
+            streams.append(await scheduler.submit(request(i, max_tokens=60, grammar=spec)))
 
         async with anyio.create_task_group() as tg:
             for i in range(8):
