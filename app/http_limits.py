@@ -166,12 +166,15 @@ def body_timeout(timeout_s: float, reads: BodyReads) -> Callable[[ASGIApp], ASGI
 
             async def timed_send(message: Message) -> None:
                 nonlocal stalled
-                if message["type"] != "http.response.body" or not message.get("more_body", False):
+                if message["type"] != "http.response.body":
                     await send(message)
                     return
-                # granian holds a few MiB per connection and then makes this wait: a client that
-                # stops reading a stream kept its request's answer in memory for as long as it
-                # kept the connection (81 such streams held 4 GiB).
+                # granian buffers about a hundred KiB per connection and then makes a write wait
+                # until the client has taken most of them: a client that stops reading kept its
+                # request's answer in memory for as long as it kept the connection (81 such
+                # streams held 4 GiB). So a write left waiting this long drops the response: a
+                # client reading nothing, or one reading slower than about a buffer per timeout
+                # (3-4 KB/s at 30 s) while its answer comes faster.
                 with anyio.move_on_after(timeout_s) as waited:
                     await send(message)
                 if waited.cancelled_caught:

@@ -250,7 +250,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     )] = 10.0
     http_body_timeout_s: Annotated[float, _s(
         "HTTP_BODY_TIMEOUT_S", P.number(1, 3600),
-        "A request body that makes no progress for this long gets 408 and its connection is closed; a response the client reads nothing of for this long is dropped",
+        "A request body that makes no progress for this long gets 408 and its connection is closed; a response write the client leaves waiting this long drops the response",
     )] = 30.0
     http_max_connections: Annotated[int, _s(
         "HTTP_MAX_CONNECTIONS", P.integer(16, zero="auto: from the open-files limit"),

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from app.schemas.chat import MAX_MESSAGES, ChatMessage, TemplateKwargs, Tool
+from app.schemas.chat import MAX_MESSAGES, MAX_TOOLS, ChatMessage, TemplateKwargs, Tool
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -21,7 +21,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     # have their content tokenized as text (a client cannot type a control token into a turn).
     split_special_tokens: bool = False
     add_generation_prompt: bool = True
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     chat_template_kwargs: TemplateKwargs | None = None
 
 

@@ -162,6 +162,16 @@ CASES = [
         path="/generate",
     ),
     Case("apply_template empty messages", {"messages": []}, 400, param="messages", path="/v1/apply_template"),
+    Case(
+        "apply_template too many tools",
+        {
+            "messages": user(),
+            "tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)],
+        },
+        400,
+        param="tools",
+        path="/v1/apply_template",
+    ),
     Case("unknown route", None, 404, code="not_found", path="/v1/completions-nope", method="GET"),
     Case("unknown POST route", {"x": 1}, 404, code="not_found", path="/v2/chat/completions"),
     Case("wrong method (GET)", None, 405, code="method_not_allowed", method="GET"),
