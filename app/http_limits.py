@@ -1,7 +1,8 @@
-"""Limits on how a client may send a request: a request body that stops arriving is answered 408
-and its connection closed, so stalled uploads cannot pile up; one still arriving when the server
-is told to stop is answered 503 at once, so that it cannot hold the shutdown up; a compressed body
-is answered 415 instead of being parsed as JSON it is not. (Headers and idle keep-alive
+"""Limits on how a client may send a request and take its answer: a request body that stops
+arriving is answered 408 and its connection closed, so stalled uploads cannot pile up; one still
+arriving when the server is told to stop is answered 503 at once, so that it cannot hold the
+shutdown up; a compressed body is answered 415 instead of being parsed as JSON it is not; a
+response write the client leaves waiting drops the response. (Headers and idle keep-alive
 connections are timed out by granian itself; see entrypoint.py.)"""
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class StoppingDuringUpload(HTTPException):
 
 
 class StoppedReading(Exception):
-    """The client took none of the response's bytes for the body timeout: its answer is dropped."""
+    """A response write waited the body timeout for the client: its answer is dropped."""
 
 
 class BodyReads:
@@ -188,7 +189,7 @@ def body_timeout(timeout_s: float, reads: BodyReads) -> Callable[[ASGIApp], ASGI
                 if not stalled:
                     raise
                 log.info(
-                    "%s %s: the client read nothing for %g s; its response was dropped",
+                    "%s %s: a write waited %g s for the client to read; its response was dropped",
                     scope.get("method", ""),
                     scope.get("path", "")[:200],
                     timeout_s,

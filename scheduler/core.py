@@ -147,10 +147,12 @@ class Scheduler:
 
     @property
     def ready_replica(self):
-        for executor in self.executors:
-            if executor.state == "ready" and executor.replica is not None:
-                return executor.replica
-        return None
+        executor = self._ready_executor
+        return executor.replica if executor is not None else None
+
+    @property
+    def _ready_executor(self) -> Executor | None:
+        return next((e for e in self.executors if e.state == "ready" and e.replica is not None), None)
 
     def replica_stats(self) -> list[dict[str, Any]]:
         stats = []
@@ -416,11 +418,11 @@ class Scheduler:
     def max_model_len(self) -> int | None:
         """The most tokens one sequence may hold here (vLLM's max_model_len): the context, or less
         where MAX_INPUT_TOKENS + MAX_NEW_TOKENS_DEFAULT or the KV pool hold less."""
-        replica = self.ready_replica
-        if replica is None:
+        executor = self._ready_executor
+        if executor is None:
             return None
-        pool = replica.num_blocks * replica.block_size
-        return min(replica.loaded.max_context, replica.max_seq_len, pool)
+        replica = executor.replica
+        return min(replica.loaded.max_context, replica.max_seq_len, executor.max_tokens_that_fit(0, 1))
 
     @property
     def chat_template(self) -> str | None:
