@@ -33,7 +33,7 @@ lint: install
 
 # The inner loop (under 2 minutes): unit tests not marked slow, and the core end-to-end files.
 test-quick: install
-	$(PY) -O -m pytest -m "not slow" tests/unit tests/integration/test_chat.py tests/integration/test_errors.py $(PYTEST_ARGS)
+	$(PY) -O -m pytest -m "not slow" tests/unit tests/integration/test_chat.py tests/integration/test_errors.py tests/integration/test_request_bodies.py $(PYTEST_ARGS)
 
 # A longer schemathesis run against a real server (make test runs 15 examples per operation).
 fuzz: install

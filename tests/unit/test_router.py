@@ -12,7 +12,7 @@ from scheduler.core import Scheduler
 from scheduler.errors import InvalidRequestError, OverloadedError
 from scheduler.router import pick_replica
 from tests.unit.configs import engine_config
-from tests.unit.test_scheduler import consume, request, running_scheduler
+from tests.unit.scheduler_harness import consume, request, running_scheduler
 
 pytestmark = pytest.mark.anyio
 
@@ -175,18 +175,22 @@ async def test_a_burst_with_grammars_spreads_over_the_replicas_free_rows(tiny_te
     while the other replica's 4 rows stood free."""
     from models.params import GrammarSpec
 
-    spec = GrammarSpec("regex", "[a-z]{1,6}", param="guided_regex")
+    # Never complete (EOS ignored): no answer may end, and free its row, before the burst is routed
+    # however slowly a loaded machine prepares the last requests.
+    spec = GrammarSpec("regex", "[a-z]+", param="guided_regex")
     async with running_scheduler(
-        tiny_text_path, cpu_replicas=2, max_batch_size=4, max_queue_size=8
+        tiny_text_path, cpu_replicas=2, max_batch_size=4, max_queue_size=8, max_new_tokens=4000
     ) as scheduler:
         streams = []
 
-        async def submit(i: int) -> None:  # answers long enough to hold their rows through the burst
-            streams.append(await scheduler.submit(request(i, max_tokens=60, grammar=spec)))
+        async def submit(i: int) -> None:
+            streams.append(await scheduler.submit(request(i, max_tokens=4000, grammar=spec)))
 
         async with anyio.create_task_group() as tg:
             for i in range(8):
                 tg.start_soon(submit, i)
         assert collections.Counter(s.replica_name for s in streams) == {"0": 4, "1": 4}
+        assert not any(s.finished for s in streams)
         for stream in streams:
+            stream.cancel()
             await consume(stream)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import time
 
@@ -11,18 +10,13 @@ import anyio
 import pytest
 
 from models.params import PromptInput, SamplingParams
-from models.prompt import PreparedPrompt
-from scheduler.core import Scheduler
 from scheduler.errors import (
     ContextLengthExceededError,
-    GenerationError,
     InvalidRequestError,
-    ModelNotReadyError,
     OverloadedError,
 )
-from scheduler.job import Job
-from scheduler.request import EngineRequest, RequestStream
-from tests.unit.configs import engine_config
+from scheduler.request import EngineRequest
+from tests.unit.scheduler_harness import consume, request, running_scheduler
 
 pytestmark = pytest.mark.anyio
 
@@ -30,54 +24,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
-
-
-@contextlib.asynccontextmanager
-async def running_scheduler(
-    model_path, *, cpu_replicas=1, max_new_tokens=64, kv_budget=None, executor=None, **settings
-):
-    settings = {
-        "max_queue_size": 64,
-        "max_batch_size": 8,
-        "max_prefill_tokens": 64,
-        "max_input_tokens": 200,
-        **settings,
-    }
-    config = engine_config(
-        model_path,
-        cpu_replicas=cpu_replicas,
-        default_max_tokens=max_new_tokens,
-        kv_cache_max_gib=(kv_budget or 0) / 2**30,
-        **settings,
-    )
-    if executor:
-        config = dataclasses.replace(config, executor=dataclasses.replace(config.executor, **executor))
-    scheduler = Scheduler(config)
-    await scheduler.start()
-    with anyio.fail_after(120):
-        while scheduler.status == "loading":
-            await anyio.sleep(0.05)
-    assert scheduler.status == "ready", scheduler.replica_stats()
-    try:
-        yield scheduler
-    finally:
-        await scheduler.drain(5)
-
-
-def request(i: int, max_tokens: int | None = 8, text: str = "hello", n: int = 1, **params) -> EngineRequest:
-    params.setdefault("temperature", 0.0)
-    params.setdefault("ignore_eos", True)
-    messages = ({"role": "user", "content": f"{text} {i}"},)
-    return EngineRequest(
-        f"r{i}", PromptInput(messages=messages), SamplingParams(max_tokens=max_tokens, **params), n=n
-    )
-
-
-async def consume(stream) -> str:
-    text = ""
-    async for update in stream:
-        text += "".join(c.text for c in update.choices)
-    return text
 
 
 async def test_concurrent_requests_complete_with_their_own_lengths(tiny_text_path):
@@ -211,80 +157,6 @@ async def test_concurrent_multi_prompt_requests_take_the_room_whole(tiny_text_pa
             for stream in admitted:
                 await consume(stream)
         assert sorted(outcomes) == ["admitted", "admitted", "refused"]
-
-
-async def test_draining_refuses_new_work(tiny_text_path):
-    async with running_scheduler(tiny_text_path) as scheduler:
-        scheduler.draining = True
-        with pytest.raises(OverloadedError):
-            await scheduler.submit(request(0))
-        scheduler.draining = False
-
-
-async def test_a_model_that_fails_to_load_makes_the_server_degraded(tmp_path):
-    config = engine_config(tmp_path / "missing")
-    scheduler = Scheduler(config)
-    await scheduler.start()
-    with anyio.fail_after(30):
-        while scheduler.status == "loading":
-            await anyio.sleep(0.05)
-    assert scheduler.status == "degraded"
-    with pytest.raises(ModelNotReadyError):
-        await scheduler.submit(request(0))
-    await scheduler.drain(1)
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash itself
-async def test_a_crashed_step_loop_answers_its_requests_and_says_so(tiny_text_path, monkeypatch):
-    """A replica whose step loop dies ends its requests with an error, and the scheduler says it
-    crashed (liveness fails on that, so the container restarts): not that the model failed to load."""
-    async with running_scheduler(tiny_text_path) as scheduler:
-        executor = scheduler.executors[0]
-        assert not scheduler.crashed
-
-        def broken_step():
-            raise RuntimeError("a bug in the step loop")
-
-        monkeypatch.setattr(executor, "step", broken_step)
-        stream = await scheduler.submit(request(0))
-        with anyio.fail_after(30):
-            failed = [update async for update in stream]
-        assert any(choice.finish_reason == "error" for update in failed for choice in update.choices)
-        # It never started: a 503 to retry (other replicas may serve it), not a 500.
-        assert isinstance(failed[-1].error, OverloadedError) and "retry" in failed[-1].error.message
-        assert scheduler.crashed and scheduler.status == "degraded"
-        with pytest.raises(ModelNotReadyError, match="stopped after an internal error"):
-            await scheduler.submit(request(1))
-        # A job that reached the replica after its inbox was failed (the crash fell between the
-        # scheduler's readiness check and the hand-over) is refused, not left there forever.
-        prepared = PreparedPrompt([1, 2, 3])
-        with pytest.raises(OverloadedError, match="stopped after an internal error"):
-            executor.submit(Job(RequestStream(request(2), prepared), prepared, cost=3))
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the crash itself
-async def test_a_crash_that_breaks_the_wind_down_still_answers_every_request(tiny_text_path, monkeypatch):
-    async with running_scheduler(tiny_text_path) as scheduler:
-        executor = scheduler.executors[0]
-        streams = [await scheduler.submit(request(i, max_tokens=40)) for i in range(3)]
-        whole = await scheduler.submit(dataclasses.replace(request(3, max_tokens=40), streamed=False))
-        with anyio.fail_after(30):
-            while not all(s.first_token_at for s in [*streams, whole]):
-                await anyio.sleep(0.01)
-
-        def broken(*_args, **_kwargs):
-            raise RuntimeError("the batch's books are broken")
-
-        monkeypatch.setattr(executor, "_finish", broken)
-        monkeypatch.setattr(executor, "step", broken)
-        with anyio.fail_after(30):
-            for stream in streams:
-                updates = [update async for update in stream]
-                assert updates[-1].choices[-1].finish_reason == "error"
-                assert isinstance(updates[-1].error, GenerationError)  # tokens were out: a 500
-            # Read whole, the answer had reached no one: a 503 to retry on another replica.
-            updates = [update async for update in whole]
-            assert isinstance(updates[-1].error, OverloadedError)
 
 
 async def test_a_small_kv_pool_pages_and_preempts_instead_of_overflowing(tiny_text_path):
