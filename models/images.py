@@ -16,7 +16,7 @@ Decided limits:
   common processor) are refused from the header; within it, resizing keeps >= 1 px per side.
 - `ImageFile.LOAD_TRUNCATED_IMAGES` must stay False: a truncated file is an error, not a grey tail.
 
-Also here: the smallest side a model's processor can take (`min_image_side`, `enlarged_to`) and the
+Also here: the smallest sides a Pixtral patch merger can take (`MergerFit`, `enlarged_to`) and the
 digest of processed image inputs that keys their blocks in the prefix cache.
 """
 
@@ -245,21 +245,64 @@ def _image_bytes(image: Image.Image) -> int:
     return width * height * len(image.getbands())
 
 
-def min_image_side(config, processor) -> int:
-    """Mistral 3's patch merger (spatial_merge_size x spatial_merge_size patches into one token)
-    breaks in transformers' own code on an image of at most that many pixels a side (a 1x1 pixel
-    failed the request with a 500); its Pixtral processor keeps small images small. Such sides are
-    enlarged to one pixel more, which the merger takes."""
+@dataclass(frozen=True)
+class MergerFit:
+    """What a Pixtral-processed image needs for a patch merger (spatial_merge_size x
+    spatial_merge_size patches into one token), which breaks in transformers' own code on a grid
+    under that many patches a side (a 1x1 pixel, or a 200x20 line, failed the request with a
+    500). `min_side`: pixels a side before the processor, which keeps small images small.
+    `longest_edge`: the processor scales longer images down to it and rounds each side up to whole
+    patches (LightOnOCR's to patches, not merged ones), so a long thin image's short side must stay
+    above `scaled_side` pixels after that scaling."""
+
+    min_side: int
+    scaled_side: int
+    longest_edge: int | None
+
+    def fit(self, image):
+        """`image`, its short side stretched just enough for the merger, or as it was."""
+        width, height = image.size
+        side = self.min_side
+        if self.longest_edge and max(width, height) > self.longest_edge:
+            # The processor's scaled side is floor(side * longest_edge / long side).
+            side = max(side, -(-self.scaled_side * max(width, height) // self.longest_edge))
+        return enlarged_to(image, side)
+
+    def fit_all(self, images: list) -> tuple[list, list[str]]:
+        """The images fitted, and a warning for each one stretched."""
+        fitted = [self.fit(image) for image in images]
+        warnings = [
+            f"image {i + 1} ({a.width}x{a.height}) was stretched to {b.width}x{b.height}: this "
+            f"model's patch merger cannot take a thinner image"
+            for i, (a, b) in enumerate(zip(images, fitted, strict=True))
+            if a is not b
+        ]
+        return fitted, warnings
+
+
+def merger_fit(config, processor) -> MergerFit | None:
     merge = getattr(config, "spatial_merge_size", None)
     image_processor = getattr(processor, "image_processor", None)
     if not isinstance(merge, int) or merge < 2 or not type(image_processor).__name__.startswith("Pixtral"):
-        return 0
-    patch = getattr(image_processor, "patch_size", None)
-    if isinstance(patch, Mapping):
-        patch = max(patch.get("height") or 0, patch.get("width") or 0)
-    elif patch is not None and not isinstance(patch, int):  # transformers' SizeDict
-        patch = max(getattr(patch, "height", None) or 0, getattr(patch, "width", None) or 0)
-    return patch * merge + 1 if isinstance(patch, int) and patch > 0 else 0
+        return None
+    patch = _largest_side(getattr(image_processor, "patch_size", None))
+    if not isinstance(patch, int) or patch <= 0:
+        return None
+    size = getattr(image_processor, "size", None)
+    longest = size.get("longest_edge") if isinstance(size, Mapping) else getattr(size, "longest_edge", None)
+    return MergerFit(
+        min_side=patch * merge + 1,
+        scaled_side=(merge - 1) * patch + 1,
+        longest_edge=longest if isinstance(longest, int) and longest > 0 else None,
+    )
+
+
+def _largest_side(size):
+    if isinstance(size, Mapping):
+        return max(size.get("height") or 0, size.get("width") or 0)
+    if size is not None and not isinstance(size, int):  # transformers' SizeDict
+        return max(getattr(size, "height", None) or 0, getattr(size, "width", None) or 0)
+    return size
 
 
 def enlarged_to(image, side: int):

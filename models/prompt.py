@@ -17,7 +17,7 @@ import torch
 from models.arch import RopeIndex, Traits, bidirectional_spans, mrope_positions, rope_index_of, traits_of
 from models.errors import ContextLengthExceededError, InvalidRequestError
 from models.image_processing import process_images
-from models.images import DecodedImageCache, ImageLimits, enlarged_to, image_inputs_digest, min_image_side
+from models.images import DecodedImageCache, ImageLimits, MergerFit, image_inputs_digest, merger_fit
 from models.loader import token_id_limit
 from models.params import PromptInput
 from models.prompt_bounds import dense_cut, max_token_chars
@@ -82,7 +82,7 @@ class PromptBuilder:
         token_id_limit: int | None = None,
         traits: Traits = Traits(),
         rope_index: RopeIndex | None = None,
-        min_image_side: int = 0,
+        merger: MergerFit | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.token_id_limit = token_id_limit if token_id_limit is not None else len(tokenizer)
@@ -104,7 +104,7 @@ class PromptBuilder:
         self.tool_chat_template = tool_chat_template  # a checkpoint's named "tool_use" template
         # The templates seen to join tool-call arguments into the text as a string.
         self._arguments_as_text: set[str] = set()
-        self.min_image_side = min_image_side  # smaller sides are enlarged before the processor
+        self.merger = merger  # images too thin for the model's patch merger are stretched first
         self._special_pattern = special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = max_token_chars(tokenizer)
         # Whether the template takes OpenAI parts, and whether it must get them (`content_handling`).
@@ -140,7 +140,7 @@ class PromptBuilder:
             image_limits=image_limits or ImageLimits(),
             image_cache=image_cache,
             token_id_limit=token_id_limit(loaded),
-            min_image_side=min_image_side(loaded.model.config, processor),
+            merger=merger_fit(loaded.model.config, processor),
             traits=traits_of(loaded.model.config),
             rope_index=rope_index_of(loaded.model),
         )
@@ -435,8 +435,9 @@ class PromptBuilder:
             except InvalidRequestError as exc:
                 exc.param = params[index] if index < len(params) else exc.param
                 raise
-        if self.min_image_side:
-            decoded = [enlarged_to(image, self.min_image_side) for image in decoded]
+        stretched: list[str] = []
+        if self.merger is not None:
+            decoded, stretched = self.merger.fit_all(decoded)
         batch, warnings = process_images(
             self.processor,
             text,
@@ -458,7 +459,7 @@ class PromptBuilder:
             unsplit_span=self._image_span(ids),
             span_digest=image_inputs_digest(mm, len(ids)),
         )
-        prepared.warnings.extend(warnings)
+        prepared.warnings.extend([*stretched, *warnings])
         self._add_spans(prepared, mm)
         if self.rope_index is not None and mm.get("mm_token_type_ids") is not None:
             prepared.mrope = mrope_positions(self.rope_index, ids, mm)

@@ -309,3 +309,43 @@ def test_cache_byte_budget():
     for i in range(3):
         cache.get_or_decode(encode(Image.new("RGB", (64, 64), (i, 0, 0)), "PNG"), LIMITS)
     assert len(cache) == 2
+
+
+@pytest.mark.parametrize(
+    "longest_edge, patch, sizes, untouched",
+    [
+        (
+            64,
+            8,
+            [(200, 20), (20, 200), (65, 1), (1000, 5), (64, 8), (129, 16), (1, 1)],
+            [(100, 40), (64, 17)],
+        ),
+        # LightOnOCR's own numbers: scanned text lines of 100:1 and more
+        (1540, 14, [(3000, 20), (3079, 15), (15000, 75), (1541, 14)], [(2000, 600), (3000, 40)]),
+    ],
+)
+def test_a_thin_image_is_stretched_just_enough_for_a_pixtral_patch_merger(
+    longest_edge, patch, sizes, untouched
+):
+    """Pixtral's processor scales to `longest_edge` and rounds each side up to whole patches; a
+    merger of 2x2 patches needs two a side. LightOnOCR answered a 200x20 line with a 500."""
+    from types import SimpleNamespace
+
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    processor = SimpleNamespace(
+        image_processor=PixtralImageProcessorPil(
+            size={"longest_edge": longest_edge}, patch_size={"height": patch, "width": patch}
+        )
+    )
+    fit = images.merger_fit(SimpleNamespace(spatial_merge_size=2), processor)
+    assert fit is not None
+    for size in sizes + untouched:
+        image = Image.new("RGB", size)
+        fitted = fit.fit(image)
+        sizes_out = processor.image_processor(images=[fitted], return_tensors="pt")["image_sizes"]
+        height, width = sizes_out[0].tolist()
+        assert min(height, width) >= 2 * patch, (size, fitted.size, (width, height))
+        assert (fitted is image) == (size in untouched), (size, fitted.size)  # what works is left alone
+        assert fitted.size[0] >= size[0] and fitted.size[1] >= size[1]
+    assert images.merger_fit(SimpleNamespace(spatial_merge_size=1), processor) is None

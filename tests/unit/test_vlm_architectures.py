@@ -96,15 +96,19 @@ def test_image_prompt_matches_generate(arch_replica):
     assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
 
 
-def test_a_one_pixel_image_is_answered_as_generate_answers_it(arch_replica):
+@pytest.mark.parametrize("size", [(1, 1), (200, 20)], ids=["tracking-pixel", "thin-line"])
+def test_a_tracking_pixel_or_a_thin_line_is_answered_as_generate_answers_it(arch_replica, size):
     """Careless clients send tracking pixels. Mistral 3's patch merger broke on an image of at
-    most two patches a side, in transformers' own code (a 500): such sides are enlarged first."""
+    most two patches a side, in transformers' own code (a 500): such sides are enlarged first.
+    LightOnOCR's broke on a 200x20 line scaled to one patch high (a 500): stretched, and said so."""
     arch, replica = arch_replica
     message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}
-    prepared = _builder(replica).prepare(PromptInput(messages=(message,), images=(png(5, size=(1, 1)),)))
+    prepared = _builder(replica).prepare(PromptInput(messages=(message,), images=(png(5, size=size),)))
     assert prepared.num_image_tokens > 0
-    if arch.name == "idefics2":  # its processor divides by zero on it: answered enlarged, and said so
+    if arch.name == "idefics2" and size == (1, 1):  # its processor divides by zero on it: enlarged, said so
         assert any("enlarged to at least 32 pixels" in warning for warning in prepared.warnings)
+    if arch.name == "lighton_ocr" and size == (200, 20):
+        assert any("image 1 (200x20) was stretched to 200x" in warning for warning in prepared.warnings)
     assert _engine_greedy(replica, prepared) == hf_greedy(replica, prepared, MAX_NEW)
 
 

@@ -22,7 +22,7 @@ from tests.unit.vlm_builder_parts import (
 )
 from tests.unit.vlm_builders_gemma import build_gemma4
 from tests.unit.vlm_builders_glm import build_glm4v
-from tests.unit.vlm_builders_mistral import build_llava_pixtral, build_mistral3
+from tests.unit.vlm_builders_mistral import build_lighton_ocr, build_llava_pixtral, build_mistral3
 from tests.unit.vlm_builders_more import build_deepseek_vl, build_idefics2, build_ovis2, build_vipllava
 from tests.unit.vlm_builders_qwen import build_qwen2_5_vl, build_qwen2_vl, build_qwen3_5, build_qwen3_vl
 
@@ -407,6 +407,9 @@ ARCHS = [
     Arch("mistral3", build_mistral3, "fast"),
     # A `llava` model whose checkpoint names PixtralProcessor: the processor it names is loaded.
     Arch("llava-pixtral", build_llava_pixtral, "fast"),
+    # Pixtral's merger behind a processor that rounds to whole patches: long thin images are
+    # stretched until the scaled short side holds two patches (models.images.MergerFit).
+    Arch("lighton_ocr", build_lighton_ocr, "fast"),
     Arch("llava_onevision", build_llava_onevision, "fast"),
     # M-RoPE kept on the model between forwards (`rope_deltas`): each self-test probe's reference
     # starts without the last one's (the second self-test, after the CPU kernels, failed on it).

@@ -7,7 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.processors import processor_class
-from tests.unit.vlm_builder_parts import TINY_VISION, save_checkpoint, text_kwargs, tiny_tokenizer
+from tests.unit.vlm_builder_parts import (
+    TINY_VISION,
+    parts_template,
+    save_checkpoint,
+    text_kwargs,
+    tiny_tokenizer,
+)
 
 _MISTRAL3_TEMPLATE = (
     "{{ bos_token }}{%- for message in messages -%}"
@@ -69,5 +75,39 @@ def build_llava_pixtral(out: Path) -> None:
     )
     processor = processor_class("PixtralProcessor")(
         image_processor=image_processor, tokenizer=tok, patch_size=8, chat_template=_MISTRAL3_TEMPLATE
+    )
+    save_checkpoint(out, config, processor)
+
+
+def build_lighton_ocr(out: Path) -> None:
+    """LightOnOCR: Pixtral's tower and merger under a Qwen3 text model; its processor rounds sides
+    to whole patches, not merged ones, so a long thin image scaled to `longest_edge` can come out
+    one patch high, which the merger cannot take."""
+    from transformers import LightOnOcrConfig, PixtralVisionConfig, Qwen3Config
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tok = tiny_tokenizer(
+        {
+            "image_token": "<|image_pad|>",
+            "image_break_token": "<|vision_pad|>",
+            "image_end_token": "<|vision_end|>",
+        }
+    )
+    config = LightOnOcrConfig(
+        vision_config=PixtralVisionConfig(**{**TINY_VISION, "image_size": 64, "head_dim": 8}),
+        text_config=Qwen3Config(**text_kwargs(tok)),
+        image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    image_processor = PixtralImageProcessorPil(
+        size={"longest_edge": 64}, patch_size={"height": 8, "width": 8}
+    )
+    processor = processor_class("LightOnOcrProcessor")(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        spatial_merge_size=2,
+        chat_template=parts_template("<|image_pad|>"),
     )
     save_checkpoint(out, config, processor)
