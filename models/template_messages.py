@@ -131,13 +131,32 @@ def template_reads(template: str, name: str) -> bool:
         return re.search(rf"(?<![\w.'\"\[]){re.escape(name)}\b", template) is not None
 
 
+_NO_SYSTEM_ROLE = re.compile(
+    r"system (role|message|prompt)s? (is |are )?not (supported|allowed)|(do|does|is) not support\w* (a |the )?system",
+    re.IGNORECASE,
+)
+
+
 def blamed_message(messages, error: str) -> str:
     """`messages[i]` for a template that refuses the system role (Gemma's "System role not
-    supported"), naming the system message (on /v1/responses, `instructions`); else `messages`."""
-    if "system" in error.lower():
-        for index, message in enumerate(messages or ()):
+    supported"), naming the system message (on /v1/responses, `instructions`); for one that says
+    roles must alternate (Mistral's, Gemma's), the first message that repeats the role before it;
+    else `messages`. (Mistral's alternation error mentions "the optional system message": that
+    message was blamed for a valid system turn.)"""
+    messages = list(messages or ())
+    if _NO_SYSTEM_ROLE.search(error):
+        for index, message in enumerate(messages):
             if message.get("role") == "system":
                 return f"messages[{index}]"
+    if "alternat" in error.lower():
+        previous = None
+        for index, message in enumerate(messages):
+            role = message.get("role")
+            if role == "system" and previous is None:
+                continue
+            if role == previous:
+                return f"messages[{index}]"
+            previous = role
     return "messages"
 
 

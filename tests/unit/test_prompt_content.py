@@ -239,6 +239,29 @@ def test_a_template_refusing_the_system_role_names_the_system_message():
     assert raised.value.param == "messages[0]"
 
 
+def test_an_alternation_error_names_the_message_that_repeats_a_role_not_the_system_one():
+    """Mistral's error reads "After the optional system message, conversation roles must
+    alternate user/assistant/...": the valid system message was named as the fault."""
+    mistral_like = (
+        "{%- set loop_messages = messages[1:] if messages[0]['role'] == 'system' else messages %}"
+        "{%- for message in loop_messages %}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('After the optional system message, conversation roles must alternate "
+        "user/assistant/user/assistant/...') }}{%- endif %}{{ message['content'] }}{%- endfor %}"
+    )
+    builder = _builder(mistral_like)
+    system = {"role": "system", "content": "s"}
+    user, assistant = {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}
+    for messages, blamed in (
+        ((system, user, user), "messages[2]"),
+        ((system, user, assistant, assistant), "messages[3]"),
+        ((user, user), "messages[1]"),
+        ((system, assistant), "messages"),  # no role repeats: the order as a whole
+    ):
+        with pytest.raises(InvalidRequestError, match="must alternate") as raised:
+            builder.render(PromptInput(messages=messages, add_generation_prompt=True))
+        assert raised.value.param == blamed, messages
+
+
 # Pixtral's way: parts looped over, strings let through with `is not string`.
 IS_NOT_STRING = (
     "{%- for message in messages %}<|{{ message['role'] }}|>{%- if message[\"content\"] is not string %}"
