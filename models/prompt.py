@@ -317,9 +317,11 @@ class PromptBuilder:
             raise InvalidRequestError(
                 "this model does not accept images (it is a text-only model)", param="messages"
             )
-        if self.content_as_parts or (self.is_vision and role in self.part_roles):
+        if self.content_as_parts or role in self.part_roles:
             return [dict(p) for p in parts]
-        # String-content templates: text parts joined, images as the processor's placeholder.
+        # String-content templates (and roles a template shows no parts of): text parts joined,
+        # images as the processor's placeholder. A template that shows parts gets them as sent, as
+        # transformers renders them (Gemma 3 trims each and joins them with nothing between).
         pieces = []
         for part in parts:
             if part.get("type") == "image":

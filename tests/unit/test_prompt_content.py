@@ -56,10 +56,21 @@ def test_a_template_that_reads_parts_gets_parts_on_a_text_model():
     )
 
 
-def test_a_template_that_takes_strings_too_gets_text_joined_as_before():
+def test_a_template_that_takes_strings_too_gets_parts_as_sent_as_transformers_renders_them():
+    """Gemma 3's template trims each text part and joins them with nothing between: the server
+    joined them with newlines first, so its prompt was not the one transformers (or vLLM) renders."""
     builder = _builder(EITHER)
     rendered = builder.render(PromptInput(messages=MESSAGES[1:2], add_generation_prompt=False))
-    assert rendered == "<|user|>What is\nthe weather?<|end|>"
+    assert rendered == "<|user|>What is|the weather?|<|end|>"
+    assert rendered == builder.tokenizer.apply_chat_template(
+        [dict(m) for m in MESSAGES[1:2]], tokenize=False, chat_template=EITHER
+    )
+    as_string = builder.render(
+        PromptInput(
+            messages=({"role": "user", "content": "What is the weather?"},), add_generation_prompt=False
+        )
+    )
+    assert as_string == "<|user|>What is the weather?<|end|>"
 
 
 # DeepSeek-R1's way: a call's arguments joined into the text as the JSON string OpenAI sends.
