@@ -102,11 +102,14 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
         translator.image_client = await stack.enter_async_context(new_image_client(translator.image_policy))
         task_group = await stack.enter_async_context(anyio.create_task_group())
         scheduler = Scheduler(config)
-        await scheduler.start()
         services.scheduler = scheduler
         translator.accepts_images = lambda: scheduler.is_vision
-        task_group.start_soon(_announce_readiness, scheduler, services)
         _drain_before_granian_stops(scheduler, settings, app.state.body_reads)
+        # A stop signal that came while the worker was importing: the model is not loaded at all
+        # (the load went on in the drain's shadow and outlasted granian's kill timeout).
+        if early_signals.received() is None:
+            await scheduler.start()
+        task_group.start_soon(_announce_readiness, scheduler, services)
         try:
             yield
         finally:

@@ -125,8 +125,12 @@ class Scheduler:
         await anyio.to_thread.run_sync(self._join_all)
 
     def _join_all(self) -> None:
+        # A replica still loading holds no request and cannot be interrupted inside
+        # from_pretrained; its thread is a daemon, so the process need not wait for it (waiting
+        # outlasted granian's kill timeout when a SIGTERM came during a slow load).
         for executor in self.executors:
-            executor.join(timeout=10)
+            if executor.state != "loading":
+                executor.join(timeout=10)
 
     # -- readiness -----------------------------------------------------------------------------
     @property

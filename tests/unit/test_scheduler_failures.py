@@ -96,3 +96,27 @@ async def test_a_crash_that_breaks_the_wind_down_still_answers_every_request(tin
             # Read whole, the answer had reached no one: a 503 to retry on another replica.
             updates = [update async for update in whole]
             assert isinstance(updates[-1].error, OverloadedError)
+
+
+async def test_a_drain_during_a_load_does_not_wait_for_the_load(tiny_text_path, monkeypatch):
+    """A SIGTERM while a slow model loads: the drain waited up to 10 s for the loading thread
+    (which holds no request and cannot be interrupted), past granian's kill timeout."""
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(60)
+        raise RuntimeError("load abandoned by the test")
+
+    monkeypatch.setattr(Scheduler, "_builder_for", lambda self, device: slow_load)
+    scheduler = Scheduler(engine_config(tiny_text_path))
+    await scheduler.start()
+    try:
+        assert scheduler.status == "loading"
+        started = time.monotonic()
+        await scheduler.drain(0)
+        assert time.monotonic() - started < 2 and scheduler.status == "draining"
+    finally:
+        release.set()
