@@ -437,6 +437,7 @@ def _load_with_attention_fallback(
     requested = spec.attn_impl
     candidates = (requested,) if spec.attn_strict else ATTN_IMPLS[ATTN_IMPLS.index(requested) :]
     failures: list[str] = []
+    raised: list[str] = []  # what the loads that ran raised (not the kernels ruled out beforehand)
     for position, impl in enumerate(candidates):
         reason = _attention_unavailable(impl, device, dtype)
         if reason is None:
@@ -455,6 +456,7 @@ def _load_with_attention_fallback(
                         f"{_scrub(exc, spec, path)}"
                     ) from None
                 reason = f"{type(exc).__name__}: {_scrub(exc, spec, path)}"
+                raised.append(reason)
                 _release_memory(device)
             else:
                 actual = getattr(model.config, "_attn_implementation", None) or impl
@@ -470,6 +472,10 @@ def _load_with_attention_fallback(
         logger.warning("Attention %s unavailable (%s); falling back", impl, reason)
         if position + 1 < len(candidates):
             startup_step(spec, f"Falling back to {candidates[position + 1]} attention")
+    if len(raised) > 1 and len(set(raised)) == 1:  # the model's own forward, whatever the kernel
+        raise ModelLoadError(
+            f"the model's own forward fails (with every attention implementation): {raised[0]}"
+        )
     raise ModelLoadError(
         f"could not load {_display(spec)} with any attention implementation: {'; '.join(failures)}"
     )

@@ -256,3 +256,29 @@ def test_damaged_weights_are_one_clear_error_not_a_retry_per_attention_kernel(
     attempts = [r for r in caplog.records if r.getMessage().startswith("Loading model (attn=")]
     assert len(attempts) == 1
     assert not any("unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_whose_own_forward_fails_is_not_blamed_on_the_attention_kernels(tmp_path: Path) -> None:
+    """DBRX without `clip_qkv` fails in transformers' own forward (torch.clamp with no bounds),
+    whatever the attention: the error said "could not load ... with any attention implementation"."""
+    from transformers import DbrxConfig, DbrxForCausalLM
+
+    from models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(512)
+    config = DbrxConfig(
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=512,
+        vocab_size=512,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0},
+        ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+    )
+    torch.manual_seed(0)
+    DbrxForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError) as raised:
+        load_model(LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"))
+    assert str(raised.value).startswith("the model's own forward fails"), raised.value
+    assert "clamp" in str(raised.value)
