@@ -152,6 +152,11 @@ ARCHS = {
     "bamba": ({"attn_layer_indices": [1], "mamba_d_head": 16, "mamba_n_heads": 8}, "generic"),
     # Short convolutions beside attention, as LFM2.
     "lfm2": ({"layer_types": ["conv", "full_attention"]}, "generic"),
+    # No attention at all: its output carries no past_key_values for the paged step's self-test.
+    "mamba": (
+        {"_drop": ["num_attention_heads", "num_key_value_heads"], "state_size": 8, "use_mambapy": False},
+        "generic",
+    ),
     # Griffin: its recurrent and convolution states live on the modules, not in a cache object,
     # so the generic runner swaps them per sequence and never merges its decode calls.
     "recurrent_gemma": (
@@ -179,10 +184,17 @@ def tokenizer():
     return tok
 
 
+# Generic-path models whose decode calls are never merged: recurrent state on the modules (one
+# batch of it per model), or kept in `cache_params` (Mamba's), which is no past_key_values to stack.
+UNMERGED = {"mamba"}
+
+
 def build(model_type: str, extra: dict, tokenizer, out) -> None:
     extra = dict(extra)
     model_type = extra.pop("_model_type", model_type)
     sizes = {} if extra.pop("_replace", False) else dict(COMMON)
+    for name in extra.pop("_drop", ()):  # settings the architecture does not have
+        sizes.pop(name, None)
     # None: the architecture has no such setting (num_key_value_heads of GPT-NeoX, OPT), or the
     # setting is really None (DeepSeek-V2-Lite's q_lora_rank: no query compression; leaving it out
     # would give the config's default rank of 1536, a model several times the Llama's size).
@@ -193,6 +205,17 @@ def build(model_type: str, extra: dict, tokenizer, out) -> None:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def test_a_model_the_paged_step_cannot_run_says_why_without_reading_like_a_crash(tokenizer, tmp_path):
+    """The reason was a bare "AttributeError: 'MambaCausalLMOutput' object has no attribute
+    'past_key_values'" in /health and the log."""
+    build("mamba", ARCHS["mamba"][0], tokenizer, tmp_path)
+    replica = build_replica(
+        LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=2)
+    )
+    assert replica.path == "generic"
+    assert "the model's code does not run on the paged step (AttributeError" in replica.path_reason
 
 
 def _prompt(tokenizer, length: int) -> PreparedPrompt:
@@ -247,7 +270,7 @@ def check_architecture(
     assert driver.outputs(again)[0] == expected[id(long)]
     if replica.path == "fast":
         assert driver.executor.batch.blocks.hit_tokens >= replica.block_size
-    elif replica.runner.recurrent_on_modules:  # one batch of state per model: never merged
+    elif replica.runner.recurrent_on_modules or model_type in UNMERGED:
         assert replica.runner.merged_calls == 0
     else:  # the generic path computed the concurrent decode steps together
         assert replica.runner.merged_calls > 0
