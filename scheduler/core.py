@@ -34,6 +34,7 @@ from models.images import DecodedImageCache
 from models.params import PromptInput
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import build_replica
+from scheduler.affinity import cached_prompt_tokens
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.job import Delivery, Job
@@ -217,7 +218,7 @@ class Scheduler:
         request = resolve_lengths(
             request, prepared, builder, self.ready_replica, self.config.replica.max_new_tokens
         )
-        executor = pick_replica(self.executors, request.n)
+        executor = pick_replica(self.executors, request.n, cached_prompt_tokens(prepared, self.executors))
         if executor is None:
             self.check_room(request.n)
             raise OverloadedError(
@@ -269,7 +270,7 @@ class Scheduler:
         loop, its rows waiting meanwhile; yet a burst kept there queued behind full rows."""
         self._check_can_accept()
         n = request.n
-        executor = pick_replica(self.executors, n)
+        executor = pick_replica(self.executors, n, cached_prompt_tokens(prepared, self.executors))
         if (
             compiled_on is not None
             and executor is not compiled_on

@@ -100,6 +100,11 @@ class Executor:
         return self.state == "failed" and self.error == STEP_LOOP_CRASHED
 
     @property
+    def block_manager(self) -> BlockManager | None:
+        """The KV block books once serving (the router reads its prefix cache), else None."""
+        return self.batch.blocks if self.batch is not None and self.state == "ready" else None
+
+    @property
     def remaining_tokens(self) -> int:
         """Tokens of work left in the requests queued here: what the router ranks replicas by."""
         return max(0, self.outstanding_tokens - self.work_done)

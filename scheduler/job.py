@@ -15,6 +15,14 @@ from scheduler.sequence import PromptSpan, Sequence
 Delivery = list[tuple[RequestStream, int, Delta]]
 
 
+def prompt_span(prepared: PreparedPrompt) -> PromptSpan | None:
+    """The positions of `prepared` computed in one chunk (its images), as its sequences carry them."""
+    if prepared.unsplit_span is None:
+        return None
+    first, last = prepared.unsplit_span
+    return PromptSpan(first, last, prepared.span_digest, has_images=prepared.num_images > 0)
+
+
 @dataclass(eq=False)
 class Job:
     stream: RequestStream
@@ -29,10 +37,7 @@ class Job:
         prepared, params = self.prepared, self.stream.request.params
         generations = replica.generations(prepared, params, n=self.n)
         inputs = replica.sequence_inputs(prepared)
-        span = None
-        if prepared.unsplit_span is not None:
-            first, last = prepared.unsplit_span
-            span = PromptSpan(first, last, prepared.span_digest, has_images=prepared.num_images > 0)
+        span = prompt_span(prepared)
         if params.prompt_logprobs is not None:
             # Nothing predicts the first prompt token: its entry has no logprob, only its text.
             generations[0].add_prompt_logprobs([TokenLogprob(prepared.token_ids[0], None, [])])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 
@@ -23,14 +23,22 @@ class Routable(Protocol):
     def waits(self, sequences: int = 1) -> bool: ...
 
 
-def pick_replica(replicas: Sequence[Routable], sequences: int = 1) -> Routable | None:
+def pick_replica(
+    replicas: Sequence[Routable], sequences: int = 1, cached: Mapping[Routable, int] | None = None
+) -> Routable | None:
     """Among the ready replicas with room for `sequences` more: one whose free rows take them at
     its next step before one where they would wait (a full batch of long answers holds a short
     request back for as long as its rows stay taken, however little work it has left), then the
-    fewest tokens of work left (queued plus running: prompt tokens still to prefill plus tokens
-    still to generate; a replica near the end of a long answer is nearly free), then the
-    shallowest queue. None when no replica can take the request."""
+    fewest tokens of work left once the request is added (queued plus running: prompt tokens
+    still to prefill plus tokens still to generate, a replica near the end of a long answer
+    being nearly free; less the request's prompt tokens a replica holds in its prefix cache,
+    `cached`, which it need not compute), then the shallowest queue. None when no replica can
+    take the request."""
     candidates = [r for r in replicas if r.is_ready and r.has_room(sequences)]
     if not candidates:
         return None
-    return min(candidates, key=lambda r: (r.waits(sequences), r.remaining_tokens, r.queue_depth))
+    held = cached or {}
+    return min(
+        candidates,
+        key=lambda r: (r.waits(sequences), r.remaining_tokens - held.get(r, 0), r.queue_depth),
+    )

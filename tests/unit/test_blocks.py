@@ -194,3 +194,37 @@ def test_prefix_caching_off_never_hits():
     assert blocks.lookup(seq(range(6))) == ([], 0)
     blocks.free(a)
     assert blocks.num_free == 8
+
+
+def test_the_routers_view_of_a_prompt_finds_the_blocks_its_replica_computed_images_included():
+    """`affinity.cached_prompt_tokens` keys a prepared prompt as the block manager keys its
+    sequence (the image's digest in every block from the image on): a key built otherwise would
+    find nothing, silently, and every turn would go by load alone."""
+    from models.prompt import PreparedPrompt
+    from scheduler.affinity import cached_prompt_tokens
+
+    holder, other = BlockManager(32, 4), BlockManager(32, 4)
+    tokens = list(range(30))
+    image = PromptSpan(9, 14, b"pixels-a")
+    sequence = seq(tokens, image=image)
+    holder.allocate(sequence, [])
+    computed(holder, sequence)
+
+    class Replica:
+        def __init__(self, manager: BlockManager) -> None:
+            self.block_manager = manager
+
+    replicas = [Replica(holder), Replica(other)]
+
+    def prepared(pixels: bytes, ids=tokens) -> PreparedPrompt:
+        prompt = PreparedPrompt(list(ids), num_images=1)
+        prompt.unsplit_span, prompt.span_digest = (9, 14), pixels
+        return prompt
+
+    held = cached_prompt_tokens(prepared(b"pixels-a"), replicas)
+    assert held == {replicas[0]: 28}  # every full block but the one holding the last token
+    # Another image in the same place: only the blocks before it.
+    assert cached_prompt_tokens(prepared(b"pixels-b"), replicas) == {replicas[0]: 8}
+    # A different first block: nothing, and one replica alone is not ranked at all.
+    assert cached_prompt_tokens(prepared(b"pixels-a", [99, *tokens[1:]]), replicas) == {}
+    assert cached_prompt_tokens(prepared(b"pixels-a"), replicas[:1]) == {}

@@ -97,6 +97,45 @@ def test_router_picks_the_least_loaded_ready_replica_with_room():
     assert pick_replica(rows, sequences=2).name == "full"  # neither starts two at once: less work
 
 
+def test_a_cached_prompt_counts_as_work_a_replica_need_not_do_but_never_outranks_a_free_row():
+    busy, idle = FakeReplica("holds-history", 300, free_rows=4), FakeReplica("idle", 0, free_rows=4)
+    assert pick_replica([busy, idle]).name == "idle"
+    assert pick_replica([busy, idle], cached={busy: 512}).name == "holds-history"
+    assert pick_replica([busy, idle], cached={busy: 256}).name == "idle"  # more queued than it saves
+    full = FakeReplica("holds-history", 0, depth=1, free_rows=1)
+    assert pick_replica([full, idle], cached={full: 4096}).name == "idle"
+
+
+LONG_HISTORY = " ".join(f"turn{i} said something" for i in range(60))
+
+
+async def test_a_conversation_goes_back_to_the_replica_that_holds_its_history(tiny_text_path):
+    """Ranked by load alone, the next turn went to the idle replica and its whole history was
+    computed again there: with R replicas a conversation found its prefix about 1 in R turns."""
+    async with running_scheduler(
+        tiny_text_path, cpu_replicas=2, max_input_tokens=600, max_new_tokens=400
+    ) as scheduler:
+        first = await scheduler.submit(request(0, text=LONG_HISTORY, max_tokens=2))
+        await consume(first)
+        assert first.replica_name == "0"
+        # Work on the history's replica, less than the history saves, none on the other.
+        busy = await scheduler.submit(request(1, text="x", max_tokens=200))
+        assert busy.replica_name == "0"
+        next_turn = await scheduler.submit(request(2, text=LONG_HISTORY, max_tokens=2))
+        assert next_turn.replica_name == "0"
+        await consume(next_turn)
+        assert next_turn.cached_tokens >= first.prompt_tokens - 2 * scheduler.executors[0].replica.block_size
+        busy.cancel()
+        await consume(busy)
+        # A prompt neither holds goes by load: the idle replica.
+        other = await scheduler.submit(request(3, text="something else entirely", max_tokens=390))
+        elsewhere = await scheduler.submit(request(4, text="and another thing", max_tokens=2))
+        assert (other.replica_name, elsewhere.replica_name) == ("0", "1")
+        other.cancel()
+        for stream in (other, elsewhere):
+            await consume(stream)
+
+
 def test_retry_after_comes_from_the_backlog_and_the_recent_rate():
     scheduler = Scheduler(engine_config("builtin:tiny"))
 
@@ -149,7 +188,8 @@ async def test_a_request_with_a_grammar_runs_on_the_replica_that_compiled_it(tin
     async with running_scheduler(
         tiny_text_path, cpu_replicas=2, max_batch_size=1, max_new_tokens=400
     ) as scheduler:
-        busy = await scheduler.submit(request(0, max_tokens=200))  # replica 0's one row
+        # Replica 0's one row, held past the compile however slowly a loaded machine runs it.
+        busy = await scheduler.submit(request(0, max_tokens=390))
         spec = GrammarSpec("regex", "[a-z]{1,6}", param="guided_regex")
         constrained = request(1, max_tokens=6, grammar=spec)
         async with anyio.create_task_group() as tg:
@@ -167,6 +207,8 @@ async def test_a_request_with_a_grammar_runs_on_the_replica_that_compiled_it(tin
         assert constrained_stream.replica_name == "1"
         assert spec not in scheduler.executors[0].replica.grammars._compiled
         for stream in (busy, *streams):
+            if stream is not constrained_stream:
+                stream.cancel()
             await consume(stream)
 
 
