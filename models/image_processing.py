@@ -4,10 +4,11 @@ with a retry for images too small for it, and a 400 that names the image when it
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from models.errors import InvalidRequestError
-from models.images import enlarged_to
+from models.images import DecodedImageCache, ImageLimits, MergerFit, enlarged_to
 from models.template_messages import short_error
 
 log = logging.getLogger(__name__)
@@ -86,3 +87,52 @@ def _nests_images(processor) -> bool:
     """transformers' own processors take images nested per prompt; remote-code ones keep the flat
     list their model cards pass (Phi-3-vision's reads every item as an image)."""
     return any(cls.__module__.startswith("transformers.models.") for cls in type(processor).__mro__)
+
+
+def process_fitted(
+    merger: MergerFit | None,
+    images: list,
+    process: Callable[[list], tuple[dict, list[str]]],
+    params: Sequence[str],
+) -> tuple[dict, list[str], list]:
+    """`process(images)` for a model with a patch merger: small images enlarged first, and images
+    whose processed grid came out too thin for the merger stretched and processed again (a 400
+    naming the image if even that fails). The outputs, the warnings (stretches first) and the
+    images as processed."""
+    if merger is None:
+        return *process(images), images
+    images, stretched = merger.fit_small(images)
+    batch, warnings = process(images)
+    thin = merger.too_thin(batch)
+    if thin:
+        images, more = merger.stretch(images, thin)
+        batch, warnings = process(images)
+        stretched += more
+        if merger.too_thin(batch):
+            raise InvalidRequestError(
+                "an image is too thin for this model's patch merger even stretched; send it with a "
+                "less extreme aspect ratio",
+                param=params[thin[0]] if thin[0] < len(params) else "messages",
+            )
+    return batch, [*stretched, *warnings], images
+
+
+def decode_images(
+    cache: DecodedImageCache,
+    images: Sequence[bytes],
+    params: Sequence[str],
+    max_sides: Sequence[int | None],
+    limits: ImageLimits,
+) -> list:
+    """Each image decoded (through the cache) within `limits`, a request's own smaller side limit
+    where it set one (`detail: low`); a failure names the image's field."""
+    decoded = []
+    for index, data in enumerate(images):
+        side = max_sides[index] if index < len(max_sides) else None
+        own = replace(limits, max_side=side) if side is not None and side < limits.max_side else limits
+        try:
+            decoded.append(cache.get_or_decode(data, own))
+        except InvalidRequestError as exc:
+            exc.param = params[index] if index < len(params) else exc.param
+            raise
+    return decoded

@@ -249,31 +249,46 @@ def _image_bytes(image: Image.Image) -> int:
 class MergerFit:
     """What a Pixtral-processed image needs for a patch merger (spatial_merge_size x
     spatial_merge_size patches into one token), which breaks in transformers' own code on a grid
-    under that many patches a side (a 1x1 pixel, or a 200x20 line, failed the request with a
-    500). `min_side`: pixels a side before the processor, which keeps small images small.
-    `longest_edge`: the processor scales longer images down to it and rounds each side up to whole
-    patches (LightOnOCR's to patches, not merged ones), so a long thin image's short side must stay
-    above `scaled_side` pixels after that scaling."""
+    under that many patches a side (a 500 for the request). `min_side`: pixels a side before the
+    processor, which keeps small images small (Mistral 3 failed on a 1x1 pixel). Long thin images:
+    a processor that scales to `longest_edge` and rounds each side up to whole patches, not merged
+    ones (LightOnOCR's, unlike Mistral 3's), can leave a grid one patch high; such images are found
+    in the processor's own output sizes and stretched just enough (`stretch`)."""
 
     min_side: int
-    scaled_side: int
+    merged_patch: int  # pixels a side of the processed grid the merger needs
+    scaled_side: int  # pixels a side must keep after the processor's scaling
     longest_edge: int | None
 
-    def fit(self, image):
-        """`image`, its short side stretched just enough for the merger, or as it was."""
-        width, height = image.size
-        side = self.min_side
-        if self.longest_edge and max(width, height) > self.longest_edge:
-            # The processor's scaled side is floor(side * longest_edge / long side).
-            side = max(side, -(-self.scaled_side * max(width, height) // self.longest_edge))
-        return enlarged_to(image, side)
+    def fit_small(self, images: list) -> tuple[list, list[str]]:
+        return self._fitted(images, [self.min_side] * len(images))
 
-    def fit_all(self, images: list) -> tuple[list, list[str]]:
-        """The images fitted, and a warning for each one stretched."""
-        fitted = [self.fit(image) for image in images]
+    def too_thin(self, processed: Mapping[str, Any]) -> list[int]:
+        """Indices of the images whose processed grid (`image_sizes`, height and width) is under
+        the merger's two patches a side."""
+        sizes = processed.get("image_sizes")
+        if sizes is None or not hasattr(sizes, "tolist"):
+            return []
+        return [i for i, size in enumerate(sizes.tolist()) if min(size) < self.merged_patch]
+
+    def stretch(self, images: list, indices: list[int]) -> tuple[list, list[str]]:
+        """The images at `indices` with their short side stretched so that the processor's
+        scaling to `longest_edge` (floor(side / (long side / longest_edge)), in floating point)
+        leaves more than `scaled_side` pixels: one pixel over the exact bound absorbs the
+        rounding, which at exact multiples landed one below."""
+        sides = [0] * len(images)
+        for i in indices:
+            long = max(images[i].size)
+            edge = self.longest_edge if self.longest_edge and long > self.longest_edge else long
+            sides[i] = math.ceil(self.scaled_side * long / edge) + 1
+        return self._fitted(images, sides)
+
+    @staticmethod
+    def _fitted(images: list, sides: list[int]) -> tuple[list, list[str]]:
+        fitted = [enlarged_to(image, side) for image, side in zip(images, sides, strict=True)]
         warnings = [
-            f"image {i + 1} ({a.width}x{a.height}) was stretched to {b.width}x{b.height}: this "
-            f"model's patch merger cannot take a thinner image"
+            f"image {i + 1} ({a.width}x{a.height} after decoding) was stretched to {b.width}x{b.height}: "
+            "this model's patch merger cannot take a thinner image"
             for i, (a, b) in enumerate(zip(images, fitted, strict=True))
             if a is not b
         ]
@@ -292,6 +307,7 @@ def merger_fit(config, processor) -> MergerFit | None:
     longest = size.get("longest_edge") if isinstance(size, Mapping) else getattr(size, "longest_edge", None)
     return MergerFit(
         min_side=patch * merge + 1,
+        merged_patch=patch * merge,
         scaled_side=(merge - 1) * patch + 1,
         longest_edge=longest if isinstance(longest, int) and longest > 0 else None,
     )

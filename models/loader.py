@@ -472,10 +472,8 @@ def _load_with_attention_fallback(
         logger.warning("Attention %s unavailable (%s); falling back", impl, reason)
         if position + 1 < len(candidates):
             startup_step(spec, f"Falling back to {candidates[position + 1]} attention")
-    if len(raised) > 1 and len(set(raised)) == 1:  # the model's own forward, whatever the kernel
-        raise ModelLoadError(
-            f"the model's own forward fails (with every attention implementation): {raised[0]}"
-        )
+    if len(raised) > 1 and len(set(raised)) == 1:  # not the kernel's doing: the model, or its code
+        raise ModelLoadError(f"the model fails alike with every attention implementation tried: {raised[0]}")
     raise ModelLoadError(
         f"could not load {_display(spec)} with any attention implementation: {'; '.join(failures)}"
     )

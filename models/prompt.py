@@ -9,23 +9,25 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from models.arch import RopeIndex, Traits, bidirectional_spans, mrope_positions, rope_index_of, traits_of
 from models.errors import ContextLengthExceededError, InvalidRequestError
-from models.image_processing import process_images
+from models.image_processing import decode_images, process_fitted, process_images
 from models.images import DecodedImageCache, ImageLimits, MergerFit, image_inputs_digest, merger_fit
 from models.loader import token_id_limit
 from models.params import PromptInput
 from models.prompt_bounds import dense_cut, max_token_chars
 from models.template_messages import (
     NINE_CHARACTER_IDS,
+    NO_PARTS,
     REFUSED_TEMPLATE_ARGUMENTS,
     SERVER_TEMPLATE_ARGUMENTS,
     SPECIAL_TOKEN_ARGUMENTS,
+    ContentHandling,
     blamed_message,
     content_handling,
     each_string,
@@ -107,10 +109,9 @@ class PromptBuilder:
         self.merger = merger  # images too thin for the model's patch merger are stretched first
         self._special_pattern = special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = max_token_chars(tokenizer)
-        # Whether the template takes OpenAI parts, and whether it must get them (`content_handling`).
-        self.accepts_parts, self.content_as_parts, self.part_roles = content_handling(
-            tokenizer, chat_template
-        )
+        # Whether each template takes OpenAI parts, must get them, and in which roles it shows them.
+        self._handling = {t: content_handling(tokenizer, t) for t in {chat_template, tool_chat_template}}
+        self.accepts_parts, self.content_as_parts, self.part_roles = self._handling[chat_template]
         # Ids a client got elsewhere (OpenAI's `call_...`) are mapped to ones such a template takes,
         # the same way for a call and its result, as vLLM shortens them for Mistral.
         self.nine_character_ids = bool(
@@ -205,9 +206,11 @@ class PromptBuilder:
 
         history = list(prompt.messages or ())
 
+        handling = self._handling.get(template, NO_PARTS)
+
         def apply(arguments_as_text: bool) -> str:
             messages = [
-                self._normalise_message(message_tail(m, content_chars), arguments_as_text=arguments_as_text)
+                self._normalise_message(message_tail(m, content_chars), handling, arguments_as_text)
                 for m in history
             ]
             return self.tokenizer.apply_chat_template(
@@ -269,7 +272,7 @@ class PromptBuilder:
         return "\n".join(line for line in lines if line)
 
     def _normalise_message(
-        self, message: Mapping[str, Any], *, arguments_as_text: bool = False
+        self, message: Mapping[str, Any], handling: ContentHandling, arguments_as_text: bool = False
     ) -> dict[str, Any]:
         out = dict(message)
         content = out.get("content")
@@ -281,11 +284,11 @@ class PromptBuilder:
                 for p in content
             ]
         if isinstance(content, list):
-            out["content"] = self._normalise_parts(content, out.get("role"))
-        elif isinstance(content, str) and self.content_as_parts:
+            out["content"] = self._normalise_parts(content, out.get("role"), handling)
+        elif isinstance(content, str) and handling.must:
             out["content"] = [{"type": "text", "text": content}]
         elif content is None:
-            out["content"] = "" if not self.content_as_parts else []
+            out["content"] = [] if handling.must else ""
         calls = out.get("tool_calls")
         if calls:  # text, as content is: `<image>` or `<|im_end|>` in arguments is not a control token
             out["tool_calls"] = [
@@ -310,25 +313,25 @@ class PromptBuilder:
         return self._special_pattern.sub(lambda m: m.group(0)[0] + _WORD_JOINER + m.group(0)[1:], text)
 
     def _normalise_parts(
-        self, parts: list[Mapping[str, Any]], role: Any = "user"
+        self, parts: list[Mapping[str, Any]], role: Any, handling: ContentHandling
     ) -> str | list[dict[str, Any]]:
+        """Parts as sent where the template shows every part of this role's (the prompt is the one
+        transformers renders); else their text joined with newlines, images as the processor's
+        placeholder: a string, or one text part for a template that must get parts."""
         has_image = any(p.get("type") == "image" for p in parts)
         if has_image and not self.is_vision:
             raise InvalidRequestError(
                 "this model does not accept images (it is a text-only model)", param="messages"
             )
-        if self.content_as_parts or role in self.part_roles:
+        # User turns of a vision model keep their parts whatever the probe says: images go there.
+        if role in handling.roles or (handling.accepts_parts and self.is_vision and role == "user"):
             return [dict(p) for p in parts]
-        # String-content templates (and roles a template shows no parts of): text parts joined,
-        # images as the processor's placeholder. A template that shows parts gets them as sent, as
-        # transformers renders them (Gemma 3 trims each and joins them with nothing between).
-        pieces = []
-        for part in parts:
-            if part.get("type") == "image":
-                pieces.append(self.image_token or "")
-            else:
-                pieces.append(str(part.get("text", "")))
-        return "\n".join(pieces)
+        if handling.must and has_image:
+            return [dict(p) for p in parts]
+        joined = "\n".join(
+            (self.image_token or "") if p.get("type") == "image" else str(p.get("text", "")) for p in parts
+        )
+        return [{"type": "text", "text": joined}] if handling.must else joined
 
     # -- tokenization ----------------------------------------------------------------------------
     def prepare(self, prompt: PromptInput) -> PreparedPrompt:
@@ -425,28 +428,22 @@ class PromptBuilder:
             raise InvalidRequestError(
                 "this model does not accept images (it is a text-only model)", param="messages"
             )
-        decoded = []
-        params, sides = prompt.image_params, prompt.image_max_sides
-        for index, data in enumerate(prompt.images):
-            limits = self.image_limits
-            side = sides[index] if index < len(sides) else None
-            if side is not None and side < limits.max_side:
-                limits = replace(limits, max_side=side)
-            try:
-                decoded.append(self.image_cache.get_or_decode(data, limits))
-            except InvalidRequestError as exc:
-                exc.param = params[index] if index < len(params) else exc.param
-                raise
-        stretched: list[str] = []
-        if self.merger is not None:
-            decoded, stretched = self.merger.fit_all(decoded)
-        batch, warnings = process_images(
-            self.processor,
-            text,
+        params = prompt.image_params
+        decoded = decode_images(
+            self.image_cache, prompt.images, params, prompt.image_max_sides, self.image_limits
+        )
+        batch, warnings, decoded = process_fitted(
+            self.merger,
             decoded,
-            special=special,
-            one_list=self.prompt_format == "paligemma",
-            params=params,
+            lambda images: process_images(
+                self.processor,
+                text,
+                images,
+                special=special,
+                one_list=self.prompt_format == "paligemma",
+                params=params,
+            ),
+            params,
         )
         ids = batch["input_ids"][0].tolist()
         mm = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
@@ -461,7 +458,7 @@ class PromptBuilder:
             unsplit_span=self._image_span(ids),
             span_digest=image_inputs_digest(mm, len(ids)),
         )
-        prepared.warnings.extend([*stretched, *warnings])
+        prepared.warnings.extend(warnings)
         self._add_spans(prepared, mm)
         if self.rope_index is not None and mm.get("mm_token_type_ids") is not None:
             prepared.mrope = mrope_positions(self.rope_index, ids, mm)

@@ -177,9 +177,11 @@ def run_self_test(runner, prompts: list[ProbePrompt], *, dtype: torch.dtype) -> 
         return str(exc)
     except Exception as exc:  # any model that cannot run packed steps takes the generic path
         log.debug("fast path self-test raised", exc_info=True)
-        # Said as what it is (the model's code does not run on the paged step), not as a crash:
-        # Mamba's output has no past_key_values, GLM-DSA's indexer needs a mask tensor.
-        return f"the model's code does not run on the paged step ({type(exc).__name__}: {str(exc)[:200]})"
+        # Said as a finding about the fast path, not as a bare exception that reads like a crash
+        # (Mamba's output has no past_key_values; GLM-DSA's indexer needs a mask tensor).
+        return (
+            f"the self-test could not run the model on the fast path ({type(exc).__name__}: {str(exc)[:200]})"
+        )
     finally:
         runner.release([id(probe) for probe in probes])
     expected = torch.cat(references)

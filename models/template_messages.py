@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 # Mistral's templates refuse tool call ids that are not 9 letters and digits (`id|length != 9`).
 # Mistral's templates: "length != 9" (Mistral v0.3, Nemo), "length < 9" (Mistral Small 3.1).
@@ -139,15 +139,22 @@ _NO_SYSTEM_ROLE = re.compile(
 
 def blamed_message(messages, error: str) -> str:
     """`messages[i]` for a template that refuses the system role (Gemma's "System role not
-    supported"), naming the system message (on /v1/responses, `instructions`); for one that says
-    roles must alternate (Mistral's, Gemma's), the first message that repeats the role before it;
-    else `messages`. (Mistral's alternation error mentions "the optional system message": that
+    supported"), naming the system message (on /v1/responses, `instructions`); for an error about
+    the system message where one follows another turn, that one; for one that says roles must
+    alternate (Mistral's, Gemma's), the first message that repeats the role before it; else
+    `messages`. (Mistral's alternation error mentions "the optional system message": that
     message was blamed for a valid system turn.)"""
     messages = list(messages or ())
-    if _NO_SYSTEM_ROLE.search(error):
-        for index, message in enumerate(messages):
-            if message.get("role") == "system":
-                return f"messages[{index}]"
+    roles = [message.get("role") for message in messages]
+    if _NO_SYSTEM_ROLE.search(error) and "system" in roles:
+        return f"messages[{roles.index('system')}]"
+    # "System message must be at the beginning" (Qwen3.5), "... an initial optional system
+    # message" (Mistral): a system message after another turn is the one at fault.
+    misplaced = [
+        i for i, role in enumerate(roles) if role == "system" and any(r != "system" for r in roles[:i])
+    ]
+    if misplaced and "system" in error.lower():
+        return f"messages[{misplaced[0]}]"
     if "alternat" in error.lower():
         previous = None
         for index, message in enumerate(messages):
@@ -227,30 +234,40 @@ _CHECKS_STRING = re.compile(r"content['\"]?\]?\s+is\s+(?:not\s+)?string")
 _PROBE_TEXT = "zq7probe"
 
 
-def content_handling(tokenizer, template: str | None) -> tuple[bool, bool, frozenset[str]]:
+class ContentHandling(NamedTuple):
+    accepts_parts: bool  # the template reads message content as OpenAI parts
+    must: bool  # ... and only as parts (a string would be read character by character)
+    roles: frozenset[str]  # the roles whose every text part it shows
+
+
+NO_PARTS = ContentHandling(False, False, frozenset())
+
+
+def content_handling(tokenizer, template: str | None) -> ContentHandling:
     """Whether `template` takes message content as OpenAI parts, whether it must get parts (a
     template that loops over content and never checks for a string reads a string character by
-    character), and the roles whose parts it shows. Loops the pattern misses (a macro's `for part
-    in content`: Qwen3-VL's, the built-in demo's) are found by rendering; missed, such a template
-    got strings, and an image became the bare image token instead of the template's own markup.
-    Roles too are found by rendering: Llama 3.2 Vision's and Pixtral's templates read parts in
-    user turns only, and printed a system or assistant turn's parts as a Python list."""
+    character), and the roles whose parts it shows, every one of them. Loops the pattern misses
+    (a macro's `for part in content`: Qwen3-VL's, the built-in demo's) are found by rendering;
+    missed, such a template got strings, and an image became the bare image token instead of the
+    template's own markup. Roles too are found by rendering, with two parts: Llama 3.2 Vision's
+    and Pixtral's templates read parts in user turns only, and printed a system or assistant
+    turn's parts as a Python list; Gemma 3's reads only the first part of a system message, and
+    the others vanished."""
     iterates = bool(_ITERATES_CONTENT.search(template or ""))
     if not template:
-        return False, False, frozenset()
+        return NO_PARTS
     if iterates:
         must = not _CHECKS_STRING.search(template)
     else:
-        iterates = _shown(tokenizer, template, "user", _PARTS)
+        iterates = _shown(tokenizer, template, "user", _PARTS[:1])
         must = iterates and not _shown(tokenizer, template, "user", _PROBE_TEXT)
     if not iterates:
-        return False, False, frozenset()
-    # User turns keep their parts whatever the probe says: images go there.
-    others = (r for r in ("system", "assistant", "tool") if _shown(tokenizer, template, r, _PARTS))
-    return True, must, frozenset(("user", *others))
+        return NO_PARTS
+    roles = (r for r in ("user", "system", "assistant", "tool") if _shown(tokenizer, template, r, _PARTS))
+    return ContentHandling(True, must, frozenset(roles))
 
 
-_PARTS = [{"type": "text", "text": _PROBE_TEXT}]
+_PARTS = [{"type": "text", "text": _PROBE_TEXT}, {"type": "text", "text": _PROBE_TEXT[::-1]}]
 _PROBE_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {}}}
 
 
@@ -270,7 +287,11 @@ def _shown(tokenizer, template: str, role: str, content: Any) -> bool:
         ],
     }[role]
     text = _probe_render(tokenizer, template, conversation, generation_prompt=role != "assistant")
-    return text is not None and _PROBE_TEXT in text and "'type'" not in text and '"type"' not in text
+    if text is None or "'type'" in text or '"type"' in text:
+        return False
+    if isinstance(content, str):
+        return content in text
+    return all(part["text"] in text for part in content)
 
 
 def _probe_render(

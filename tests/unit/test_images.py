@@ -314,38 +314,51 @@ def test_cache_byte_budget():
 @pytest.mark.parametrize(
     "longest_edge, patch, sizes, untouched",
     [
-        (
-            64,
-            8,
-            [(200, 20), (20, 200), (65, 1), (1000, 5), (64, 8), (129, 16), (1, 1)],
-            [(100, 40), (64, 17)],
-        ),
-        # LightOnOCR's own numbers: scanned text lines of 100:1 and more
-        (1540, 14, [(3000, 20), (3079, 15), (15000, 75), (1541, 14)], [(2000, 600), (3000, 40)]),
+        (64, 8, [(200, 20), (20, 200), (65, 1), (1000, 5), (129, 16), (1, 1)], [(100, 40), (64, 17)]),
+        # LightOnOCR's own numbers; 3388x33 scales to 14.999... and floors to 14 in floating point
+        (1540, 14, [(3000, 20), (3079, 15), (3388, 33), (33, 3388), (6776, 66), (15000, 75)], [(2000, 600)]),
     ],
 )
 def test_a_thin_image_is_stretched_just_enough_for_a_pixtral_patch_merger(
     longest_edge, patch, sizes, untouched
 ):
-    """Pixtral's processor scales to `longest_edge` and rounds each side up to whole patches; a
-    merger of 2x2 patches needs two a side. LightOnOCR answered a 200x20 line with a 500."""
+    """Pixtral's image processor scales to `longest_edge` and rounds each side up to whole
+    patches; a merger of 2x2 patches needs two a side. LightOnOCR's processor rounds to single
+    patches (a 200x20 line on the tiny checkpoint was a 500); Mistral 3's passes it merged
+    patches, so its grids always take the merger and nothing is stretched."""
     from types import SimpleNamespace
 
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
-    processor = SimpleNamespace(
-        image_processor=PixtralImageProcessorPil(
-            size={"longest_edge": longest_edge}, patch_size={"height": patch, "width": patch}
-        )
+    from models.image_processing import process_fitted
+
+    image_processor = PixtralImageProcessorPil(
+        size={"longest_edge": longest_edge}, patch_size={"height": patch, "width": patch}
     )
-    fit = images.merger_fit(SimpleNamespace(spatial_merge_size=2), processor)
+    fit = images.merger_fit(
+        SimpleNamespace(spatial_merge_size=2), SimpleNamespace(image_processor=image_processor)
+    )
     assert fit is not None
+
+    def lighton(batch_images):
+        return image_processor(images=batch_images, return_tensors="pt"), []
+
+    def mistral3(batch_images):
+        merged = {"height": 2 * patch, "width": 2 * patch}
+        return image_processor(images=batch_images, patch_size=merged, return_tensors="pt"), []
+
     for size in sizes + untouched:
         image = Image.new("RGB", size)
-        fitted = fit.fit(image)
-        sizes_out = processor.image_processor(images=[fitted], return_tensors="pt")["image_sizes"]
-        height, width = sizes_out[0].tolist()
-        assert min(height, width) >= 2 * patch, (size, fitted.size, (width, height))
-        assert (fitted is image) == (size in untouched), (size, fitted.size)  # what works is left alone
-        assert fitted.size[0] >= size[0] and fitted.size[1] >= size[1]
-    assert images.merger_fit(SimpleNamespace(spatial_merge_size=1), processor) is None
+        batch, warnings, [fitted] = process_fitted(fit, [image], lighton, ["messages[0].content[0]"])
+        assert min(batch["image_sizes"][0].tolist()) >= 2 * patch, (size, fitted.size)
+        assert (fitted is image) == (size in untouched or min(size) > 2 * patch and max(size) <= longest_edge)
+        assert bool(warnings) == (fitted is not image)
+        if min(size) > 2 * patch:
+            _, warnings, [as_sent] = process_fitted(fit, [image], mistral3, ["messages[0].content[0]"])
+            assert as_sent is image and not warnings, size
+    assert (
+        images.merger_fit(
+            SimpleNamespace(spatial_merge_size=1), SimpleNamespace(image_processor=image_processor)
+        )
+        is None
+    )

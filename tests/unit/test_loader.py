@@ -258,7 +258,9 @@ def test_damaged_weights_are_one_clear_error_not_a_retry_per_attention_kernel(
     assert not any("unavailable" in r.getMessage() for r in caplog.records)
 
 
-def test_a_model_whose_own_forward_fails_is_not_blamed_on_the_attention_kernels(tmp_path: Path) -> None:
+def test_a_model_that_fails_alike_under_every_kernel_is_not_blamed_on_the_attention_kernels(
+    tmp_path: Path,
+) -> None:
     """DBRX without `clip_qkv` fails in transformers' own forward (torch.clamp with no bounds),
     whatever the attention: the error said "could not load ... with any attention implementation"."""
     from transformers import DbrxConfig, DbrxForCausalLM
@@ -280,5 +282,7 @@ def test_a_model_whose_own_forward_fails_is_not_blamed_on_the_attention_kernels(
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError) as raised:
         load_model(LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"))
-    assert str(raised.value).startswith("the model's own forward fails"), raised.value
+    assert str(raised.value).startswith("the model fails alike with every attention implementation"), (
+        raised.value
+    )
     assert "clamp" in str(raised.value)

@@ -73,6 +73,64 @@ def test_a_template_that_takes_strings_too_gets_parts_as_sent_as_transformers_re
     assert as_string == "<|user|>What is the weather?<|end|>"
 
 
+# Gemma 3's way: a system message's first text part only, folded into the first user turn.
+FIRST_SYSTEM_PART = (
+    "{%- if messages[0]['role'] == 'system' -%}{%- if messages[0]['content'] is string -%}"
+    "{%- set prefix = messages[0]['content'] + '\\n\\n' -%}{%- else -%}"
+    "{%- set prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set prefix = '' -%}"
+    "{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}<|{{ message['role'] }}|>{%- if loop.first %}{{ prefix }}{% endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}{%- else -%}"
+    "{%- for item in message['content'] -%}{{ item['text'] | trim }}{%- endfor -%}{%- endif -%}<|end|>"
+    "{%- endfor -%}"
+)
+
+
+def test_a_role_whose_parts_the_template_shows_only_the_first_of_gets_them_joined():
+    """Gemma 3's template reads `content[0]['text']` of a system message: given parts, every
+    part after the first vanished from the prompt without a word."""
+    builder = _builder(FIRST_SYSTEM_PART)
+    system = {
+        "role": "system",
+        "content": [
+            {"type": "text", "text": "Answer in French."},
+            {"type": "text", "text": "Never mention cats."},
+        ],
+    }
+    user = {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}
+    rendered = builder.render(PromptInput(messages=(system, user), add_generation_prompt=False))
+    assert rendered == "<|user|>Answer in French.\nNever mention cats.\n\nHelloworld<|end|>"
+    assert "system" not in builder.part_roles and "user" in builder.part_roles
+
+
+def test_a_tool_template_that_reads_strings_gets_strings_when_the_default_reads_parts():
+    """The checkpoint's "tool_use" template renders when tools are sent: probed for the default
+    template only, it was handed parts it printed as a Python list."""
+    strings_only = (
+        "{%- for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{%- endfor %}"
+    )
+    builder = text_prompt_builder_with_tool_template(EITHER, strings_only)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    parts = {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}
+    with_tools = builder.render(PromptInput(messages=(parts,), tools=(tool,), add_generation_prompt=False))
+    assert with_tools == "<|user|>Hi\nthere<|end|>"
+    without = builder.render(PromptInput(messages=(parts,), add_generation_prompt=False))
+    assert without == "<|user|>Hi|there|<|end|>"
+
+
+def text_prompt_builder_with_tool_template(template: str, tool_template: str) -> PromptBuilder:
+    base = _builder(template)
+    return PromptBuilder(
+        base.tokenizer,
+        chat_template=template,
+        tool_chat_template=tool_template,
+        image_token_id=None,
+        max_input_tokens=4096,
+        image_limits=base.image_limits,
+    )
+
+
 # DeepSeek-R1's way: a call's arguments joined into the text as the JSON string OpenAI sends.
 JOINS_ARGUMENTS = (
     "{%- for message in messages %}<|{{ message['role'] }}|>"
@@ -271,6 +329,15 @@ def test_an_alternation_error_names_the_message_that_repeats_a_role_not_the_syst
         with pytest.raises(InvalidRequestError, match="must alternate") as raised:
             builder.render(PromptInput(messages=messages, add_generation_prompt=True))
         assert raised.value.param == blamed, messages
+    # Qwen3.5's wording: the system message after another turn is the one at fault.
+    first_only = (
+        "{%- for message in messages %}{%- if message['role'] == 'system' and not loop.first %}"
+        "{{ raise_exception('System message must be at the beginning.') }}{%- endif %}"
+        "{{ message['content'] }}{%- endfor %}"
+    )
+    with pytest.raises(InvalidRequestError, match="at the beginning") as raised:
+        _builder(first_only).render(PromptInput(messages=(user, system, user), add_generation_prompt=True))
+    assert raised.value.param == "messages[1]"
 
 
 # Pixtral's way: parts looped over, strings let through with `is not string`.

@@ -152,7 +152,7 @@ ARCHS = {
     "bamba": ({"attn_layer_indices": [1], "mamba_d_head": 16, "mamba_n_heads": 8}, "generic"),
     # Short convolutions beside attention, as LFM2.
     "lfm2": ({"layer_types": ["conv", "full_attention"]}, "generic"),
-    # No attention at all: its output carries no past_key_values for the paged step's self-test.
+    # No attention at all: its output carries no past_key_values for the fast path's self-test.
     "mamba": (
         {"_drop": ["num_attention_heads", "num_key_value_heads"], "state_size": 8, "use_mambapy": False},
         "generic",
@@ -207,7 +207,7 @@ def build(model_type: str, extra: dict, tokenizer, out) -> None:
     tokenizer.save_pretrained(out)
 
 
-def test_a_model_the_paged_step_cannot_run_says_why_without_reading_like_a_crash(tokenizer, tmp_path):
+def test_a_model_the_fast_path_cannot_run_says_so_without_reading_like_a_crash(tokenizer, tmp_path):
     """The reason was a bare "AttributeError: 'MambaCausalLMOutput' object has no attribute
     'past_key_values'" in /health and the log."""
     build("mamba", ARCHS["mamba"][0], tokenizer, tmp_path)
@@ -215,7 +215,7 @@ def test_a_model_the_paged_step_cannot_run_says_why_without_reading_like_a_crash
         LoadSpec(source=str(tmp_path), dtype="fp32", attn_impl="sdpa"), replica_config(max_batch_size=2)
     )
     assert replica.path == "generic"
-    assert "the model's code does not run on the paged step (AttributeError" in replica.path_reason
+    assert "the self-test could not run the model on the fast path (AttributeError" in replica.path_reason
 
 
 def _prompt(tokenizer, length: int) -> PreparedPrompt:
