@@ -90,7 +90,10 @@ async def serve_model(app: Litestar) -> AsyncIterator[None]:
     settings: Settings = services.settings
     config = scheduler_config(settings)
     if all(d == "cpu" for d in config.devices):
-        set_cpu_threads(len(config.devices))
+        threads = set_cpu_threads(len(config.devices))
+        log.info(
+            "[server] CPU threads per replica: %d (OMP_NUM_THREADS, else usable cores / replicas)", threads
+        )
     # Replica threads hold the GIL between torch ops; a 1 ms switch interval (default 5 ms) lets
     # the event loop answer /health and flush streams promptly (measured: lower /health max, same
     # throughput; docs/BENCHMARKS.md).

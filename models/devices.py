@@ -6,7 +6,9 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -117,12 +119,54 @@ class DeviceScope:
             yield
 
 
-def set_cpu_threads(num_replicas: int) -> None:
-    """Share the cores between CPU replicas instead of letting each claim all of them."""
-    import os
+def set_cpu_threads(num_replicas: int) -> int:
+    """Share the cores between CPU replicas instead of letting each claim all of them; the
+    threads each replica's kernels use, which it returns."""
+    threads = cpu_threads_per_replica(num_replicas)
+    torch.set_num_threads(threads)
+    return threads
 
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // max(1, num_replicas)))
+
+def cpu_threads_per_replica(num_replicas: int, environ: Mapping[str, str] | None = None) -> int:
+    """An explicit OMP_NUM_THREADS (a team's size, so per replica), else the usable cores split
+    between the replicas. os.cpu_count() counted the node's cores, not the pod's: under a
+    Kubernetes CPU limit of 4 on a 64-core node each replica ran 64 threads, and an operator's
+    OMP_NUM_THREADS was overwritten."""
+    explicit = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
+    if explicit.isdigit() and int(explicit) > 0:
+        return int(explicit)
+    return max(1, usable_cores() // max(1, num_replicas))
+
+
+def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may run on (its affinity mask), capped by a cgroup CPU quota (what a
+    Kubernetes CPU limit sets), rounded down: threads beyond the quota are throttled together."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(Path(cgroup_root))
+    if quota is not None:
+        cores = min(cores, int(quota))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs' worth of time per period the cgroup allows (cgroup v2 `cpu.max`, v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None when unlimited or unreadable."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in ("cpu", "cpu,cpuacct"):
+        try:
+            quota_us = int((root / folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
 
 
 def weight_placement(devices: Sequence[torch.device]) -> dict:

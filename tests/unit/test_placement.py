@@ -68,3 +68,35 @@ def test_the_settings_pick_the_placements(four_gpus):
 
     settings = Settings(gpu_count=4, gpus_per_replica=2, device="cuda")
     assert resolve_devices(**settings.device_selection()) == ["cuda:0+cuda:1", "cuda:2+cuda:3"]
+
+
+def test_cpu_threads_come_from_the_pods_cores_and_an_explicit_omp_num_threads(tmp_path, monkeypatch):
+    """os.cpu_count() is the node's: under a Kubernetes CPU limit of 4 on a 64-core node each
+    replica ran 64 threads; and an operator's OMP_NUM_THREADS was overwritten."""
+    import os
+
+    from models import devices
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("400000 100000\n")
+    assert devices.usable_cores(str(v2)) == 4
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1500m: one thread, not two throttled ones
+    assert devices.usable_cores(str(v2)) == 1
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert devices.usable_cores(str(v2)) == 64
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    assert devices.usable_cores(str(v1)) == 2
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert devices.usable_cores(str(v1)) == 64
+    assert devices.usable_cores(str(tmp_path / "none")) == 64
+    monkeypatch.setattr(devices, "usable_cores", lambda: 4)
+    assert devices.cpu_threads_per_replica(2, {}) == 2
+    assert devices.cpu_threads_per_replica(8, {}) == 1
+    assert devices.cpu_threads_per_replica(2, {"OMP_NUM_THREADS": "3"}) == 3  # a team's size: per replica
+    assert devices.cpu_threads_per_replica(1, {"OMP_NUM_THREADS": "0"}) == 4
+    assert devices.cpu_threads_per_replica(1, {"OMP_NUM_THREADS": "lots"}) == 4
