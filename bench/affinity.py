@@ -124,4 +124,4 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2)
     arguments = parser.parse_args()
     results = anyio.run(main, arguments)
-    write_results("affinity", {"args": vars(arguments), "runs": results})
+    print(write_results("affinity", [{"args": vars(arguments)}, *results]))
