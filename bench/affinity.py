@@ -39,13 +39,14 @@ def user_message(conversation: int, turn: int, round_: int) -> str:
 
 async def run_round(scheduler: Scheduler, args, round_: int) -> dict:
     limiter = anyio.Semaphore(args.concurrency)
-    prompt_tokens = cached_tokens = 0
+    prompt_tokens = cached_tokens = earlier_turns = 0
     ttfts: list[float] = []
     counter = 0
 
     async def conversation(index: int) -> None:
-        nonlocal prompt_tokens, cached_tokens, counter
+        nonlocal prompt_tokens, cached_tokens, earlier_turns, counter
         history: list[dict] = []
+        before = 0  # the previous turn's prompt and answer: what this turn's prompt starts with
         for turn in range(args.turns):
             history.append({"role": "user", "content": user_message(index, turn, round_)})
             counter += 1
@@ -65,6 +66,8 @@ async def run_round(scheduler: Scheduler, args, round_: int) -> dict:
             ttfts.append((first or time.monotonic()) - started)
             prompt_tokens += stream.prompt_tokens
             cached_tokens += stream.cached_tokens
+            earlier_turns += before
+            before = stream.prompt_tokens + stream.completion_tokens
             history.append({"role": "assistant", "content": text})
 
     started = time.monotonic()
@@ -75,6 +78,8 @@ async def run_round(scheduler: Scheduler, args, round_: int) -> dict:
         "prompt_tokens": prompt_tokens,
         "cached_tokens": cached_tokens,
         "hit_rate": round(cached_tokens / max(1, prompt_tokens), 4),
+        # The most a cache could hold: each turn's prompt starts with the turn before and its answer.
+        "earlier_turns_share": round(earlier_turns / max(1, prompt_tokens), 4),
         "mean_ttft_ms": round(1000 * statistics.mean(ttfts), 2),
         "wall_s": round(time.monotonic() - started, 3),
     }
