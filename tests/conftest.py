@@ -10,7 +10,9 @@ import pytest
 # pytest keeps the asserts of test modules and conftests, and these helpers' ones with them.
 pytest.register_assert_rewrite(
     "tests.integration.helpers",
+    "tests.unit.batch_driver",
     "tests.unit.engine_driver",
+    "tests.unit.scheduler_harness",
     "tests.unit.configs",
     "tests.unit.vlm_builders",
     "tests.unit.vlm_builder_parts",
