@@ -16,18 +16,9 @@ from models.loader import LoadSpec
 from models.params import GrammarSpec, SamplingParams
 from models.replica import build_replica
 from tests.unit.configs import replica_config
+from tests.unit.test_grammar import PERSON
 
-# A realistic schema (a bounded string, an integer range, an enum array): cheap per token.
-CHEAP = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
+CHEAP = PERSON  # a realistic schema (a bounded string, an integer range, an enum array)
 
 
 @pytest.fixture(scope="module")
