@@ -132,41 +132,72 @@ def cpu_threads_per_replica(num_replicas: int, environ: Mapping[str, str] | None
     between the replicas. os.cpu_count() counted the node's cores, not the pod's: under a
     Kubernetes CPU limit of 4 on a 64-core node each replica ran 64 threads, and an operator's
     OMP_NUM_THREADS was overwritten."""
-    explicit = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").strip()
-    if explicit.isdigit() and int(explicit) > 0:
-        return int(explicit)
+    explicit = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "")
+    outermost = explicit.split(",")[0].strip()  # "4,2": nested levels, the first is the team's
+    if outermost.isascii() and outermost.isdecimal() and int(outermost) > 0:
+        return int(outermost)
     return max(1, usable_cores() // max(1, num_replicas))
 
 
-def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """The CPUs this process may run on (its affinity mask), capped by a cgroup CPU quota (what a
-    Kubernetes CPU limit sets), rounded down: threads beyond the quota are throttled together."""
+def usable_cores(cgroup_root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """The CPUs this process may run on (its affinity mask), capped by the CPU quota of its cgroup
+    and the cgroups above it (what a Kubernetes CPU limit or a systemd CPUQuota sets), rounded
+    down: threads beyond the quota are throttled together."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    quota = _cgroup_cpu_quota(Path(cgroup_root))
-    if quota is not None:
-        cores = min(cores, int(quota))
+    quotas = [
+        q for folder in _cgroup_cpu_folders(Path(cgroup_root), proc_cgroup) if (q := _cpu_quota(folder))
+    ]
+    if quotas:
+        cores = min(cores, int(min(quotas)))
     return max(1, cores)
 
 
-def _cgroup_cpu_quota(root: Path) -> float | None:
-    """CPUs' worth of time per period the cgroup allows (cgroup v2 `cpu.max`, v1
+def _cgroup_cpu_folders(root: Path, proc_cgroup: str) -> list[Path]:
+    """The folders of this process's CPU cgroup and of those above it, up to the mount: the
+    paths /proc/self/cgroup names (cgroup v2's `0::/path`, v1's `N:cpu,cpuacct:/path`) under the
+    mount of their controller, which a private cgroup namespace shows as `/`."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    mounts: list[tuple[Path, str]] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if not controllers:
+            mounts.append((root, path))
+        elif "cpu" in controllers.split(","):
+            for name in dict.fromkeys((controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu")):
+                mounts.append((root / name, path))
+    if not mounts:
+        mounts = [(root, "/"), (root / "cpu", "/"), (root / "cpu,cpuacct", "/")]
+    folders: list[Path] = []
+    for mount, path in mounts:
+        folder = mount / path.strip("/")
+        while True:
+            folders.append(folder)
+            if folder == mount:
+                break
+            folder = folder.parent
+    return folders
+
+
+def _cpu_quota(folder: Path) -> float | None:
+    """CPUs' worth of time per period `folder`'s cgroup allows (v2 `cpu.max`, v1
     `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None when unlimited or unreadable."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
+        quota, period = (folder / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
-    for folder in ("cpu", "cpu,cpuacct"):
-        try:
-            quota_us = int((root / folder / "cpu.cfs_quota_us").read_text())
-            period_us = int((root / folder / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            continue
-        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
-    return None
+    try:
+        quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+        period_us = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
 
 
 def weight_placement(devices: Sequence[torch.device]) -> dict:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from models.errors import InvalidRequestError
-from models.images import DecodedImageCache, ImageLimits, MergerFit, enlarged_to
+from models.images import DecodedImageCache, ImageLimits, MergerFit, enlarged_to, stretch_warnings
 from models.template_messages import short_error
 
 log = logging.getLogger(__name__)
@@ -101,20 +101,20 @@ def process_fitted(
     images as processed."""
     if merger is None:
         return *process(images), images
-    images, stretched = merger.fit_small(images)
-    batch, warnings = process(images)
+    used = merger.fit_small(images)
+    batch, warnings = process(used)
     thin = merger.too_thin(batch)
     if thin:
-        images, more = merger.stretch(images, thin)
-        batch, warnings = process(images)
-        stretched += more
-        if merger.too_thin(batch):
+        used = merger.stretch(used, thin)
+        batch, warnings = process(used)
+        still = merger.too_thin(batch)
+        if still:
             raise InvalidRequestError(
                 "an image is too thin for this model's patch merger even stretched; send it with a "
                 "less extreme aspect ratio",
-                param=params[thin[0]] if thin[0] < len(params) else "messages",
+                param=params[still[0]] if still[0] < len(params) else "messages",
             )
-    return batch, [*stretched, *warnings], images
+    return batch, [*stretch_warnings(images, used), *warnings], used
 
 
 def decode_images(

@@ -260,8 +260,8 @@ class MergerFit:
     scaled_side: int  # pixels a side must keep after the processor's scaling
     longest_edge: int | None
 
-    def fit_small(self, images: list) -> tuple[list, list[str]]:
-        return self._fitted(images, [self.min_side] * len(images))
+    def fit_small(self, images: list) -> list:
+        return [enlarged_to(image, self.min_side) for image in images]
 
     def too_thin(self, processed: Mapping[str, Any]) -> list[int]:
         """Indices of the images whose processed grid (`image_sizes`, height and width) is under
@@ -271,28 +271,27 @@ class MergerFit:
             return []
         return [i for i, size in enumerate(sizes.tolist()) if min(size) < self.merged_patch]
 
-    def stretch(self, images: list, indices: list[int]) -> tuple[list, list[str]]:
+    def stretch(self, images: list, indices: list[int]) -> list:
         """The images at `indices` with their short side stretched so that the processor's
         scaling to `longest_edge` (floor(side / (long side / longest_edge)), in floating point)
         leaves more than `scaled_side` pixels: one pixel over the exact bound absorbs the
         rounding, which at exact multiples landed one below."""
-        sides = [0] * len(images)
+        stretched = list(images)
         for i in indices:
             long = max(images[i].size)
             edge = self.longest_edge if self.longest_edge and long > self.longest_edge else long
-            sides[i] = math.ceil(self.scaled_side * long / edge) + 1
-        return self._fitted(images, sides)
+            stretched[i] = enlarged_to(images[i], math.ceil(self.scaled_side * long / edge) + 1)
+        return stretched
 
-    @staticmethod
-    def _fitted(images: list, sides: list[int]) -> tuple[list, list[str]]:
-        fitted = [enlarged_to(image, side) for image, side in zip(images, sides, strict=True)]
-        warnings = [
-            f"image {i + 1} ({a.width}x{a.height} after decoding) was stretched to {b.width}x{b.height}: "
-            "this model's patch merger cannot take a thinner image"
-            for i, (a, b) in enumerate(zip(images, fitted, strict=True))
-            if a is not b
-        ]
-        return fitted, warnings
+
+def stretch_warnings(sent: list, used: list) -> list[str]:
+    """One warning per image the model got in another size than decoded."""
+    return [
+        f"image {i + 1} ({a.width}x{a.height} after decoding) was stretched to {b.width}x{b.height}: "
+        "this model's patch merger cannot take a thinner image"
+        for i, (a, b) in enumerate(zip(sent, used, strict=True))
+        if a.size != b.size
+    ]
 
 
 def merger_fit(config, processor) -> MergerFit | None:

@@ -137,33 +137,35 @@ _NO_SYSTEM_ROLE = re.compile(
 )
 
 
+_POSITION = re.compile(r"\b(beginning|first|initial|start)")
+
+
 def blamed_message(messages, error: str) -> str:
     """`messages[i]` for a template that refuses the system role (Gemma's "System role not
-    supported"), naming the system message (on /v1/responses, `instructions`); for an error about
-    the system message where one follows another turn, that one; for one that says roles must
-    alternate (Mistral's, Gemma's), the first message that repeats the role before it; else
-    `messages`. (Mistral's alternation error mentions "the optional system message": that
+    supported"), naming the system message (on /v1/responses, `instructions`); for one that says
+    roles must alternate (Mistral's, Gemma's), the first message that repeats the role before it;
+    for one about where the system message goes, a system message that follows another turn;
+    else `messages`. (Mistral's alternation error mentions "the optional system message": that
     message was blamed for a valid system turn.)"""
     messages = list(messages or ())
     roles = [message.get("role") for message in messages]
+    lowered = error.lower()
     if _NO_SYSTEM_ROLE.search(error) and "system" in roles:
         return f"messages[{roles.index('system')}]"
-    # "System message must be at the beginning" (Qwen3.5), "... an initial optional system
-    # message" (Mistral): a system message after another turn is the one at fault.
-    misplaced = [
-        i for i, role in enumerate(roles) if role == "system" and any(r != "system" for r in roles[:i])
-    ]
-    if misplaced and "system" in error.lower():
-        return f"messages[{misplaced[0]}]"
-    if "alternat" in error.lower():
+    if "alternat" in lowered:
         previous = None
-        for index, message in enumerate(messages):
-            role = message.get("role")
+        for index, role in enumerate(roles):
             if role == "system" and previous is None:
                 continue
             if role == previous:
                 return f"messages[{index}]"
             previous = role
+    # "System message must be at the beginning" (Qwen3.5), "... an initial optional system
+    # message" (Mistral): a system message after another turn is the one at fault.
+    if "system" in lowered and _POSITION.search(lowered):
+        for index, role in enumerate(roles):
+            if role == "system" and any(r != "system" for r in roles[:index]):
+                return f"messages[{index}]"
     return "messages"
 
 

@@ -9,6 +9,8 @@ history saves, or has no free rows where another has (`router.pick_replica`).
 
 The keys are the block manager's own (`blocks.block_key`) without a salt: a sequence past a
 LongRoPE threshold is keyed with one, and its prefix is then not found here (it ranks as a miss).
+Blocks another request is computing right now count for nothing yet: a burst of requests sharing a
+new prefix goes by load.
 """
 
 from __future__ import annotations
@@ -49,4 +51,10 @@ def cached_prompt_tokens(prepared: PreparedPrompt, executors: Sequence[Any]) -> 
             for executor, _ in matching:
                 held[executor] = (index + 1) * size
             previous = key
-    return held
+    if span is not None:
+        # As the block manager's lookup: a hit may not end inside the span (computed in one chunk).
+        sizes = {executor: manager.block_size for executor, manager in managers}
+        for executor, tokens in held.items():
+            if span.first < tokens <= span.last:
+                held[executor] = span.first // sizes[executor] * sizes[executor]
+    return {executor: tokens for executor, tokens in held.items() if tokens}

@@ -198,18 +198,21 @@ class Scheduler:
         self.check_room(requests[0].n, len(requests))
         streams: list[RequestStream] = []
         try:
-            for request, prepared, compiled_on in admitted:
-                streams.append(self._enqueue(request, prepared, compiled_on))
+            for request, prepared, compiled_on, held in admitted:
+                streams.append(self._enqueue(request, prepared, compiled_on, held))
         except BaseException:
             for stream in streams:
                 stream.cancel()
             raise
         return streams
 
-    async def _admit(self, request: EngineRequest) -> tuple[EngineRequest, PreparedPrompt, Executor | None]:
+    async def _admit(
+        self, request: EngineRequest
+    ) -> tuple[EngineRequest, PreparedPrompt, Executor | None, dict[Executor, int]]:
         """Everything a request must pass before it is queued: room now, its prompt prepared,
         its lengths, its grammar compiled (and the replica that compiled it), its worst case in
-        the KV pool."""
+        the KV pool; and how much of its prompt each replica's prefix cache holds (walked once:
+        a long prompt's walk is milliseconds on the event loop)."""
         self.check_room(request.n)
         heavy = is_heavy(request.prompt)
         builder = await self._builder(heavy)
@@ -218,7 +221,8 @@ class Scheduler:
         request = resolve_lengths(
             request, prepared, builder, self.ready_replica, self.config.replica.max_new_tokens
         )
-        executor = pick_replica(self.executors, request.n, cached_prompt_tokens(prepared, self.executors))
+        held = cached_prompt_tokens(prepared, self.executors)
+        executor = pick_replica(self.executors, request.n, held)
         if executor is None:
             self.check_room(request.n)
             raise OverloadedError(
@@ -258,10 +262,14 @@ class Scheduler:
                 "fit this server's KV cache memory; reduce the prompt, max_tokens or n",
                 param=param,
             )
-        return request, prepared, executor if request.params.grammar is not None else None
+        return request, prepared, executor if request.params.grammar is not None else None, held
 
     def _enqueue(
-        self, request: EngineRequest, prepared: PreparedPrompt, compiled_on: Executor | None = None
+        self,
+        request: EngineRequest,
+        prepared: PreparedPrompt,
+        compiled_on: Executor | None = None,
+        held: dict[Executor, int] | None = None,
     ) -> RequestStream:
         """Queue an admitted request on the replica the router picks now (no await: what the
         room check saw is what the queue gets). One with a grammar stays on the replica that
@@ -270,7 +278,8 @@ class Scheduler:
         loop, its rows waiting meanwhile; yet a burst kept there queued behind full rows."""
         self._check_can_accept()
         n = request.n
-        executor = pick_replica(self.executors, n, cached_prompt_tokens(prepared, self.executors))
+        held = held or {}
+        executor = pick_replica(self.executors, n, held)
         if (
             compiled_on is not None
             and executor is not compiled_on
@@ -288,8 +297,12 @@ class Scheduler:
         stream = RequestStream(request, prepared)
         stream.replica_name = executor.name
         stream._on_cancel = lambda _stream: executor.wake()
-        cost = len(prepared.token_ids) + request.params.max_tokens * request.n
-        executor.submit(Job(stream, prepared, cost))
+        # The prompt tokens the replica's cache holds are no work for it, from the start: counted
+        # until scheduled, a replica holding several conversations' histories looked busy by
+        # them, and their next turns went elsewhere.
+        credit = held.get(executor, 0)
+        cost = len(prepared.token_ids) - credit + request.params.max_tokens * request.n
+        executor.submit(Job(stream, prepared, cost, credit=credit))
         executor.outstanding_tokens += cost
         self._inflight[stream] = (executor, cost)
         return stream

@@ -438,9 +438,8 @@ class Executor:
             if not job.finished:
                 still.append(job)
                 seqs = job.seqs
-                done += min(seqs[0].num_cached, len(job.prepared.token_ids)) + sum(
-                    s.num_generated for s in seqs
-                )
+                computed = min(seqs[0].num_cached, len(job.prepared.token_ids)) - job.credit
+                done += max(0, computed) + sum(s.num_generated for s in seqs)
         self._jobs = still
         self.work_done = done
         # The batch's own books: counted from the jobs, a preempted sequence that had generated

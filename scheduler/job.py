@@ -28,6 +28,7 @@ class Job:
     stream: RequestStream
     prepared: PreparedPrompt
     cost: int  # tokens of work, for routing
+    credit: int = 0  # prompt tokens the replica's prefix cache held when it was routed (not in cost)
     enqueued_at: float = field(default_factory=time.monotonic)
     seqs: list[Sequence] = field(default_factory=list)
     first_tokens_sent: bool = False

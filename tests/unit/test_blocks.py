@@ -225,6 +225,11 @@ def test_the_routers_view_of_a_prompt_finds_the_blocks_its_replica_computed_imag
     assert held == {replicas[0]: 28}  # every full block but the one holding the last token
     # Another image in the same place: only the blocks before it.
     assert cached_prompt_tokens(prepared(b"pixels-b"), replicas) == {replicas[0]: 8}
+    # A hit ending inside the image's span is cut back to its start, as the replica's lookup cuts
+    # it (the span is computed in one chunk).
+    assert cached_prompt_tokens(prepared(b"pixels-a", [*tokens[:12], *[999] * 18]), replicas) == {
+        replicas[0]: 8
+    }
     # A different first block: nothing, and one replica alone is not ranked at all.
     assert cached_prompt_tokens(prepared(b"pixels-a", [99, *tokens[1:]]), replicas) == {}
     assert cached_prompt_tokens(prepared(b"pixels-a"), replicas[:1]) == {}

@@ -78,25 +78,38 @@ def test_cpu_threads_come_from_the_pods_cores_and_an_explicit_omp_num_threads(tm
     from models import devices
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    v2_namespaced = tmp_path / "v2-proc"
+    v2_namespaced.write_text("0::/\n")
     v2 = tmp_path / "v2"
     v2.mkdir()
     (v2 / "cpu.max").write_text("400000 100000\n")
-    assert devices.usable_cores(str(v2)) == 4
+    assert devices.usable_cores(str(v2), str(v2_namespaced)) == 4
     (v2 / "cpu.max").write_text("150000 100000\n")  # 1500m: one thread, not two throttled ones
-    assert devices.usable_cores(str(v2)) == 1
+    assert devices.usable_cores(str(v2), str(v2_namespaced)) == 1
     (v2 / "cpu.max").write_text("max 100000\n")
-    assert devices.usable_cores(str(v2)) == 64
+    assert devices.usable_cores(str(v2), str(v2_namespaced)) == 64
+    # No private cgroup namespace (docker --cgroupns=host, a systemd unit): the process's own
+    # cgroup, and a limit set on a parent (the pod's) counts.
+    host_view = tmp_path / "v2-host-proc"
+    host_view.write_text("0::/kubepods/pod1/container\n")
+    (v2 / "kubepods" / "pod1" / "container").mkdir(parents=True)
+    (v2 / "kubepods" / "pod1" / "cpu.max").write_text("200000 100000\n")
+    (v2 / "kubepods" / "pod1" / "container" / "cpu.max").write_text("max 100000\n")
+    assert devices.usable_cores(str(v2), str(host_view)) == 2
+    v1_proc = tmp_path / "v1-proc"
+    v1_proc.write_text("4:memory:/x\n3:cpuacct,cpu:/\n")
     v1 = tmp_path / "v1"
-    (v1 / "cpu,cpuacct").mkdir(parents=True)
-    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("200000\n")
-    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
-    assert devices.usable_cores(str(v1)) == 2
-    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert devices.usable_cores(str(v1)) == 64
-    assert devices.usable_cores(str(tmp_path / "none")) == 64
+    (v1 / "cpuacct,cpu").mkdir(parents=True)
+    (v1 / "cpuacct,cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpuacct,cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert devices.usable_cores(str(v1), str(v1_proc)) == 2
+    (v1 / "cpuacct,cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert devices.usable_cores(str(v1), str(v1_proc)) == 64
+    assert devices.usable_cores(str(tmp_path / "none"), str(tmp_path / "no-proc")) == 64
     monkeypatch.setattr(devices, "usable_cores", lambda: 4)
     assert devices.cpu_threads_per_replica(2, {}) == 2
     assert devices.cpu_threads_per_replica(8, {}) == 1
     assert devices.cpu_threads_per_replica(2, {"OMP_NUM_THREADS": "3"}) == 3  # a team's size: per replica
-    assert devices.cpu_threads_per_replica(1, {"OMP_NUM_THREADS": "0"}) == 4
-    assert devices.cpu_threads_per_replica(1, {"OMP_NUM_THREADS": "lots"}) == 4
+    assert devices.cpu_threads_per_replica(2, {"OMP_NUM_THREADS": " 4,2 "}) == 4  # nested: the outer team
+    for careless in ("0", "lots", "\u00b2", "-1", ""):
+        assert devices.cpu_threads_per_replica(1, {"OMP_NUM_THREADS": careless}) == 4, careless

@@ -465,3 +465,22 @@ def test_a_template_that_reads_parts_only_is_not_said_to_leave_out_tool_results(
     )
     warnings = template_omissions(tiny_tokenizer(), no_tools, messages, None)
     assert any("tool results" in warning for warning in warnings), warnings
+
+
+def test_the_message_blamed_for_a_template_error_is_the_one_the_error_is_about():
+    from models.template_messages import blamed_message
+
+    def roles(*names):
+        return [{"role": name, "content": "x"} for name in names]
+
+    alternate = "After the optional system message, conversation roles must alternate user/assistant/..."
+    assert blamed_message(roles("system", "user", "user"), alternate) == "messages[2]"
+    assert blamed_message(roles("user", "user", "system"), alternate) == "messages[1]"
+    assert (
+        blamed_message(roles("user", "system", "user"), "System message must be at the beginning.")
+        == "messages[1]"
+    )
+    assert blamed_message(roles("system", "user"), "System role not supported") == "messages[0]"
+    # An error about another role: not the system message that happens to follow a turn.
+    only = "Only user, assistant and system roles are supported!"
+    assert blamed_message(roles("user", "assistant", "system", "user", "tool"), only) == "messages"

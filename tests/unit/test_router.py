@@ -121,10 +121,15 @@ async def test_a_conversation_goes_back_to_the_replica_that_holds_its_history(ti
         # Work on the history's replica, less than the history saves, none on the other.
         busy = await scheduler.submit(request(1, text="x", max_tokens=200))
         assert busy.replica_name == "0"
+        queued_before = scheduler.executors[0].outstanding_tokens
         next_turn = await scheduler.submit(request(2, text=LONG_HISTORY, max_tokens=2))
         assert next_turn.replica_name == "0"
+        added = scheduler.executors[0].outstanding_tokens - queued_before
         await consume(next_turn)
         assert next_turn.cached_tokens >= first.prompt_tokens - 2 * scheduler.executors[0].replica.block_size
+        # The history it holds is no work for it, even while the turn waits to be scheduled: counted
+        # until then, a replica holding several histories looked busy by them.
+        assert added == next_turn.prompt_tokens - next_turn.cached_tokens + 2
         busy.cancel()
         await consume(busy)
         # A prompt neither holds goes by load: the idle replica.
