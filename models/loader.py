@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -38,6 +37,14 @@ from transformers.models.auto.modeling_auto import (
 from models import model_facts
 from models.devices import placement_devices, weight_placement
 from models.download import bound_hub_requests, download_progress, hub_folder, still_loading
+from models.load_choices import (  # noqa: F401 - strict_attention_problem is the entrypoint's
+    ATTN_IMPLS,
+    DTYPE_NAMES,
+    DTYPES,
+    attention_unavailable,
+    pick_dtype,
+    strict_attention_problem,
+)
 from models.processors import images_only_processor
 from models.tiny import BUILTIN_MODELS, ensure_builtin
 
@@ -46,9 +53,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-ATTN_IMPLS = ("flash_attention_2", "sdpa", "eager")
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -197,8 +201,8 @@ def _load_model(spec: LoadSpec) -> LoadedModel:
     tokenizer, processor = _load_tokenizer(path, is_vision, hub_kwargs, spec, config, decide)
     startup_step(spec, "Tokenizer ready")
 
-    dtype, dtype_reason = _pick_dtype(requested_dtype, device)
-    decide(f"dtype={_DTYPE_NAMES[dtype]} ({dtype_reason})")
+    dtype, dtype_reason = pick_dtype(requested_dtype, device)
+    decide(f"dtype={DTYPE_NAMES[dtype]} ({dtype_reason})")
 
     model_class = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
 
@@ -392,39 +396,6 @@ def _load_tokenizer(
 # --- dtype and attention -----------------------------------------------------------------------
 
 
-def _pick_dtype(requested: torch.dtype, device: torch.device) -> tuple[torch.dtype, str]:
-    name = _DTYPE_NAMES[requested]
-    if device.type == "cpu":
-        if requested == torch.float32:
-            return requested, "requested"
-        return torch.float32, f"{name} requested; forced on CPU"
-    if requested == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] < 8:
-        return torch.float16, "bf16 requested; GPU has no bf16 support"
-    return requested, "requested"
-
-
-def strict_attention_problem(impl: str, device: str, dtype: str) -> str | None:
-    """Why `impl` cannot load on `device` ("cpu", "cuda:0") at `dtype` ("bf16"...), known before
-    loading anything (the entrypoint fails startup on it under ATTN_STRICT); None when only
-    loading the model can tell."""
-    where = torch.device(device)
-    picked, _ = _pick_dtype(DTYPES[dtype], where)
-    return _attention_unavailable(impl, where, picked)
-
-
-def _attention_unavailable(impl: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why `impl` cannot work here before even trying, or None; model support is checked by loading."""
-    if impl != "flash_attention_2":
-        return None
-    if device.type != "cuda":
-        return "needs a CUDA device"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return "needs fp16 or bf16"
-    if importlib.util.find_spec("flash_attn") is None:
-        return "flash_attn not installed"
-    return None
-
-
 def _load_with_attention_fallback(
     load: Callable[[str], PreTrainedModel],
     dtype: torch.dtype,
@@ -439,10 +410,10 @@ def _load_with_attention_fallback(
     failures: list[str] = []
     raised: list[str] = []  # what the loads that ran raised (not the kernels ruled out beforehand)
     for position, impl in enumerate(candidates):
-        reason = _attention_unavailable(impl, device, dtype)
+        reason = attention_unavailable(impl, device, dtype)
         if reason is None:
-            logger.info("Loading model (attn=%s, dtype=%s, device=%s)", impl, _DTYPE_NAMES[dtype], device)
-            startup_step(spec, f"Loading model (attn={impl}, dtype={_DTYPE_NAMES[dtype]})")
+            logger.info("Loading model (attn=%s, dtype=%s, device=%s)", impl, DTYPE_NAMES[dtype], device)
+            startup_step(spec, f"Loading model (attn={impl}, dtype={DTYPE_NAMES[dtype]})")
             try:
                 model = load(impl)
             except ModelLoadError:

@@ -33,6 +33,7 @@ from models.template_messages import (
     each_string,
     message_tail,
     nine_character_id,
+    paligemma_prefix,
     short_error,
     special_tokens_pattern,
     template_omissions,
@@ -159,7 +160,7 @@ class PromptBuilder:
         if prompt.messages is None:
             raise InvalidRequestError("messages are required", param="messages")
         if self.prompt_format == "paligemma":
-            return self._paligemma_prefix(prompt, content_chars)
+            return paligemma_prefix(prompt.messages, content_chars, self._as_text)
         if self.chat_template is None:
             raise InvalidRequestError(NO_TEMPLATE, param="messages")
         kwargs = dict(prompt.chat_template_kwargs)
@@ -258,18 +259,6 @@ class PromptBuilder:
                 log.debug("chat template failed on the repaired messages too", exc_info=True)
                 first = exc
         raise rejected(first) from None
-
-    def _paligemma_prefix(self, prompt: PromptInput, content_chars: int | None) -> str:
-        """PaliGemma takes a task prefix, not a conversation: the text of every message, one per
-        line (its processor puts the images and <bos> before it and a newline after)."""
-        lines = []
-        for message in prompt.messages or ():
-            content = message_tail(message, content_chars).get("content")
-            if isinstance(content, str):
-                lines.append(self._as_text(content))
-            elif isinstance(content, list):
-                lines.extend(self._as_text(str(p["text"])) for p in content if p.get("type") == "text")
-        return "\n".join(line for line in lines if line)
 
     def _normalise_message(
         self, message: Mapping[str, Any], handling: ContentHandling, arguments_as_text: bool = False

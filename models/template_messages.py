@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 # Mistral's templates refuse tool call ids that are not 9 letters and digits (`id|length != 9`).
@@ -379,3 +379,16 @@ def each_string(value: Any, change) -> Any:
     if isinstance(value, list | tuple):
         return [each_string(item, change) for item in value]
     return value
+
+
+def paligemma_prefix(messages, content_chars: int | None, as_text: Callable[[str], str]) -> str:
+    """PaliGemma takes a task prefix, not a conversation: the text of every message, one per
+    line (its processor puts the images and <bos> before it and a newline after)."""
+    lines = []
+    for message in messages or ():
+        content = message_tail(message, content_chars).get("content")
+        if isinstance(content, str):
+            lines.append(as_text(content))
+        elif isinstance(content, list):
+            lines.extend(as_text(str(p["text"])) for p in content if p.get("type") == "text")
+    return "\n".join(line for line in lines if line)

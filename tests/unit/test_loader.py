@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlavaProcessor
 
-from models import loader
+from models import load_choices, loader
 from models.loader import LoadSpec, ModelLoadError, load_model, resolve_source
 from models.tiny import BUILD_VERSION, IM_END, IMAGE_TOKEN
 
@@ -96,11 +96,11 @@ def test_strict_attention_raises_instead_of_falling_back(tiny_text_path: Path) -
 
 def test_flash_attn_missing_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     # The CUDA branch cannot run here; the availability check itself is pure.
-    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
-    reason = loader._attention_unavailable("flash_attention_2", torch.device("cuda", 0), torch.bfloat16)
+    monkeypatch.setattr(load_choices.importlib.util, "find_spec", lambda name: None)
+    reason = load_choices.attention_unavailable("flash_attention_2", torch.device("cuda", 0), torch.bfloat16)
     assert reason == "flash_attn not installed"
-    assert loader._attention_unavailable("flash_attention_2", torch.device("cuda", 0), torch.float32)
-    assert loader._attention_unavailable("sdpa", torch.device("cpu"), torch.float32) is None
+    assert load_choices.attention_unavailable("flash_attention_2", torch.device("cuda", 0), torch.float32)
+    assert load_choices.attention_unavailable("sdpa", torch.device("cpu"), torch.float32) is None
 
 
 def _sdpa_breaks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
