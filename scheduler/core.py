@@ -34,7 +34,7 @@ from models.images import DecodedImageCache
 from models.params import PromptInput
 from models.prompt import PreparedPrompt, PromptBuilder
 from models.replica import build_replica
-from scheduler.affinity import cached_prompt_tokens
+from scheduler.affinity import cached_prompt_tokens, routing_credit
 from scheduler.config import SchedulerConfig
 from scheduler.executor import Executor
 from scheduler.job import Delivery, Job
@@ -222,7 +222,8 @@ class Scheduler:
             request, prepared, builder, self.ready_replica, self.config.replica.max_new_tokens
         )
         held = cached_prompt_tokens(prepared, self.executors)
-        executor = pick_replica(self.executors, request.n, held)
+        credit = routing_credit(held, len(prepared.token_ids), (request.params.max_tokens or 0) * request.n)
+        executor = pick_replica(self.executors, request.n, credit)
         if executor is None:
             self.check_room(request.n)
             raise OverloadedError(
@@ -279,7 +280,9 @@ class Scheduler:
         self._check_can_accept()
         n = request.n
         held = held or {}
-        executor = pick_replica(self.executors, n, held)
+        executor = pick_replica(
+            self.executors, n, routing_credit(held, len(prepared.token_ids), request.params.max_tokens * n)
+        )
         if (
             compiled_on is not None
             and executor is not compiled_on

@@ -118,20 +118,24 @@ async def test_a_conversation_goes_back_to_the_replica_that_holds_its_history(ti
         first = await scheduler.submit(request(0, text=LONG_HISTORY, max_tokens=2))
         await consume(first)
         assert first.replica_name == "0"
-        # Work on the history's replica, less than the history saves, none on the other.
+        # Work on the history's replica, less than the history saves and than the turn brings
+        # (its answer may be 300 tokens), none on the other.
         busy = await scheduler.submit(request(1, text="x", max_tokens=200))
         assert busy.replica_name == "0"
         queued_before = scheduler.executors[0].outstanding_tokens
-        next_turn = await scheduler.submit(request(2, text=LONG_HISTORY, max_tokens=2))
+        next_turn = await scheduler.submit(request(2, text=LONG_HISTORY, max_tokens=300))
         assert next_turn.replica_name == "0"
         added = scheduler.executors[0].outstanding_tokens - queued_before
-        await consume(next_turn)
+        with anyio.fail_after(60):
+            while not next_turn.first_token_at:
+                await anyio.sleep(0.005)
         assert next_turn.cached_tokens >= first.prompt_tokens - 2 * scheduler.executors[0].replica.block_size
         # The history it holds is no work for it, even while the turn waits to be scheduled: counted
         # until then, a replica holding several histories looked busy by them.
-        assert added == next_turn.prompt_tokens - next_turn.cached_tokens + 2
-        busy.cancel()
-        await consume(busy)
+        assert added == next_turn.prompt_tokens - next_turn.cached_tokens + 300
+        for stream in (busy, next_turn):
+            stream.cancel()
+            await consume(stream)
         # A prompt neither holds goes by load: the idle replica.
         other = await scheduler.submit(request(3, text="something else entirely", max_tokens=390))
         elsewhere = await scheduler.submit(request(4, text="and another thing", max_tokens=2))
@@ -139,6 +143,31 @@ async def test_a_conversation_goes_back_to_the_replica_that_holds_its_history(ti
         other.cancel()
         for stream in (other, elsewhere):
             await consume(stream)
+
+
+async def test_a_long_prefix_cached_on_one_replica_does_not_pull_every_short_request_there(tiny_text_path):
+    """Counted whole, a shared system prompt cached on one replica outweighed any load: with
+    short answers every request went there while the other replica idled, never computing the
+    prefix itself. The credit is at most the request's own work."""
+    async with running_scheduler(
+        tiny_text_path, cpu_replicas=2, max_input_tokens=600, max_new_tokens=400
+    ) as scheduler:
+        warm = await scheduler.submit(request(0, text=LONG_HISTORY, max_tokens=2))
+        await consume(warm)
+        assert warm.replica_name == "0"
+        # Submitted back to back: none has finished (40 tokens each) before the next is routed.
+        streams = [await scheduler.submit(request(i, text=LONG_HISTORY, max_tokens=40)) for i in range(1, 7)]
+        assert {s.replica_name for s in streams} == {"0", "1"}
+        for stream in streams:
+            stream.cancel()
+            await consume(stream)
+
+
+def test_routing_credit_is_at_most_the_requests_own_work():
+    from scheduler.affinity import routing_credit
+
+    assert routing_credit({"a": 1500, "b": 0}, prompt_tokens=1520, new_tokens=8) == {"a": 28, "b": 0}
+    assert routing_credit({"a": 300}, prompt_tokens=340, new_tokens=400) == {"a": 300}
 
 
 def test_retry_after_comes_from_the_backlog_and_the_recent_rate():
