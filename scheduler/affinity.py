@@ -2,10 +2,11 @@
 
 With several replicas, ranking by load alone spreads a conversation's turns over them, and each
 turn's history is computed again wherever it lands: the hit rate falls to about one in the number
-of replicas. The router counts a replica's cached prefix as work it need not do (the request's
-cost counts its prompt tokens, and the executor counts cached ones as done once scheduled), so a
-turn goes back to the replica holding its history unless that one has more work queued than the
-history saves, or has no free rows where another has (`router.pick_replica`).
+of replicas. The router takes a replica's cached prefix of the prompt off that replica's load, up
+to the request's own work (`routing_credit`), and the request's cost there leaves it out (the
+executor does not count it as done either): a turn goes back to the replica holding its history
+unless that one has more work queued than the turn brings, or has no free rows where another has
+(`router.pick_replica`).
 
 The keys are the block manager's own (`blocks.block_key`) without a salt: a sequence past a
 LongRoPE threshold is keyed with one, and its prefix is then not found here (it ranks as a miss).
