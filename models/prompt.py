@@ -111,8 +111,12 @@ class PromptBuilder:
         self._special_pattern = special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = max_token_chars(tokenizer)
         # Whether each template takes OpenAI parts, must get them, and in which roles it shows them.
-        self._handling = {t: content_handling(tokenizer, t) for t in {chat_template, tool_chat_template}}
-        self.accepts_parts, self.content_as_parts, self.part_roles = self._handling[chat_template]
+        self._handling = {
+            (t, tools): content_handling(tokenizer, t, with_tools=tools)
+            for t in {chat_template, tool_chat_template}
+            for tools in (False, True)
+        }
+        self.accepts_parts, self.content_as_parts, self.part_roles, _ = self._handling[(chat_template, False)]
         # Ids a client got elsewhere (OpenAI's `call_...`) are mapped to ones such a template takes,
         # the same way for a call and its result, as vLLM shortens them for Mistral.
         self.nine_character_ids = bool(
@@ -207,7 +211,7 @@ class PromptBuilder:
 
         history = list(prompt.messages or ())
 
-        handling = self._handling.get(template, NO_PARTS)
+        handling = self._handling.get((template, bool(tools)), NO_PARTS)
 
         def apply(arguments_as_text: bool) -> str:
             messages = [
@@ -312,8 +316,12 @@ class PromptBuilder:
             raise InvalidRequestError(
                 "this model does not accept images (it is a text-only model)", param="messages"
             )
-        # User turns of a vision model keep their parts whatever the probe says: images go there.
-        if role in handling.roles or (handling.accepts_parts and self.is_vision and role == "user"):
+        # User turns of a vision model keep their parts unless the probe saw parts lost there (with
+        # tools, Llama 3.2 Vision's template writes the first user message as a Python list).
+        vision_user = (
+            handling.accepts_parts and self.is_vision and role == "user" and role not in handling.lossy
+        )
+        if role in handling.roles or vision_user:
             return [dict(p) for p in parts]
         if handling.must and has_image:
             return [dict(p) for p in parts]

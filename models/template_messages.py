@@ -240,12 +240,13 @@ class ContentHandling(NamedTuple):
     accepts_parts: bool  # the template reads message content as OpenAI parts
     must: bool  # ... and only as parts (a string would be read character by character)
     roles: frozenset[str]  # the roles whose every text part it shows
+    lossy: frozenset[str] = frozenset()  # roles it rendered with a part lost or as a Python list
 
 
 NO_PARTS = ContentHandling(False, False, frozenset())
 
 
-def content_handling(tokenizer, template: str | None) -> ContentHandling:
+def content_handling(tokenizer, template: str | None, *, with_tools: bool = False) -> ContentHandling:
     """Whether `template` takes message content as OpenAI parts, whether it must get parts (a
     template that loops over content and never checks for a string reads a string character by
     character), and the roles whose parts it shows, every one of them. Loops the pattern misses
@@ -254,28 +255,42 @@ def content_handling(tokenizer, template: str | None) -> ContentHandling:
     template's own markup. Roles too are found by rendering, with two parts: Llama 3.2 Vision's
     and Pixtral's templates read parts in user turns only, and printed a system or assistant
     turn's parts as a Python list; Gemma 3's reads only the first part of a system message, and
-    the others vanished."""
+    the others vanished. `with_tools`: rendered with a tool, as requests with tools are (Llama
+    3.2 Vision's template then writes the first user message with `| trim`, a Python list)."""
     iterates = bool(_ITERATES_CONTENT.search(template or ""))
     if not template:
         return NO_PARTS
+    tools = [_PROBE_TOOL] if with_tools else None
     if iterates:
         must = not _CHECKS_STRING.search(template)
     else:
-        iterates = _shown(tokenizer, template, "user", _PARTS[:1])
-        must = iterates and not _shown(tokenizer, template, "user", _PROBE_TEXT)
+        iterates = _shown(tokenizer, template, "user", _PARTS[:1], tools) is True
+        must = iterates and _shown(tokenizer, template, "user", _PROBE_TEXT, tools) is not True
     if not iterates:
         return NO_PARTS
-    roles = (r for r in ("user", "system", "assistant", "tool") if _shown(tokenizer, template, r, _PARTS))
-    return ContentHandling(True, must, frozenset(roles))
+    shown = {
+        r: _shown(tokenizer, template, r, _PARTS, tools) for r in ("user", "system", "assistant", "tool")
+    }
+    return ContentHandling(
+        True,
+        must,
+        frozenset(r for r, seen in shown.items() if seen is True),
+        frozenset(r for r, seen in shown.items() if seen is False),
+    )
 
 
 _PARTS = [{"type": "text", "text": _PROBE_TEXT}, {"type": "text", "text": _PROBE_TEXT[::-1]}]
 _PROBE_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {}}}
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "f", "description": "", "parameters": {"type": "object"}},
+}
 
 
-def _shown(tokenizer, template: str, role: str, content: Any) -> bool:
-    """`content` in a turn of `role` rendered as its text: the text appears, and no Python or
-    JSON rendering of a part does."""
+def _shown(tokenizer, template: str, role: str, content: Any, tools: list | None = None) -> bool | None:
+    """Whether `content` in a turn of `role` renders as its text: True when all of it appears and
+    no Python or JSON rendering of a part does, False when the turn renders otherwise, None when
+    the template refuses the probe conversation (nothing learnt)."""
     hello = {"role": "user", "content": "hello"}
     turn = {"role": role, "content": content}
     conversation = {
@@ -288,21 +303,29 @@ def _shown(tokenizer, template: str, role: str, content: Any) -> bool:
             {**turn, "tool_call_id": "call_1"},
         ],
     }[role]
-    text = _probe_render(tokenizer, template, conversation, generation_prompt=role != "assistant")
-    if text is None or "'type'" in text or '"type"' in text:
+    text = _probe_render(
+        tokenizer, template, conversation, generation_prompt=role != "assistant", tools=tools
+    )
+    if text is None:
+        return None
+    if "'type'" in text or '"type"' in text and not tools:
         return False
     if isinstance(content, str):
         return content in text
-    return all(part["text"] in text for part in content)
+    return all(part["text"] in text for part in content) and "'type'" not in text
 
 
 def _probe_render(
-    tokenizer, template: str, conversation: list, *, generation_prompt: bool = True
+    tokenizer, template: str, conversation: list, *, generation_prompt: bool = True, tools: list | None = None
 ) -> str | None:
     """A probe conversation rendered by `template`; None when the template refuses it."""
     try:
         text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=generation_prompt, chat_template=template
+            conversation,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            chat_template=template,
         )
     except Exception:  # noqa: BLE001 - any template error means the form is not taken
         return None

@@ -484,3 +484,24 @@ def test_the_message_blamed_for_a_template_error_is_the_one_the_error_is_about()
     # An error about another role: not the system message that happens to follow a turn.
     only = "Only user, assistant and system roles are supported!"
     assert blamed_message(roles("user", "assistant", "system", "user", "tool"), only) == "messages"
+
+
+# Llama 3.2 Vision's way: with tools, the first user message is written with `| trim`.
+TRIMS_FIRST_WITH_TOOLS = (
+    "{%- if tools %}<|user|>{{ messages[0]['content'] | trim }}<|end|>{%- else %}"
+    "{%- for message in messages %}<|{{ message['role'] }}|>{%- if message['content'] is string %}"
+    "{{ message['content'] }}{%- else %}{%- for part in message['content'] %}{{ part['text'] }}"
+    "{%- endfor %}{%- endif %}<|end|>{%- endfor %}{%- endif %}"
+)
+
+
+def test_parts_a_template_prints_as_a_list_when_tools_are_sent_reach_it_joined():
+    """The probe rendered without tools: with tools, Llama 3.2 Vision's template wrote the first
+    user message's parts as a Python list, and the model got `[{'type': 'text', ...}]`."""
+    builder = _builder(TRIMS_FIRST_WITH_TOOLS)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    parts = {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}
+    with_tools = builder.render(PromptInput(messages=(parts,), tools=(tool,), add_generation_prompt=False))
+    assert with_tools == "<|user|>Hi\nthere<|end|>"
+    without = builder.render(PromptInput(messages=(parts,), add_generation_prompt=False))
+    assert without == "<|user|>Hithere<|end|>"
