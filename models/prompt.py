@@ -111,10 +111,9 @@ class PromptBuilder:
         self._special_pattern = special_tokens_pattern(tokenizer, self.image_token)
         self._max_token_chars = max_token_chars(tokenizer)
         # Whether each template takes OpenAI parts, must get them, and in which roles it shows them.
+        templates = [(t, tools) for t in {chat_template, tool_chat_template} for tools in (False, True)]
         self._handling = {
-            (t, tools): content_handling(tokenizer, t, with_tools=tools)
-            for t in {chat_template, tool_chat_template}
-            for tools in (False, True)
+            (t, tools): content_handling(tokenizer, t, with_tools=tools) for t, tools in templates
         }
         self.accepts_parts, self.content_as_parts, self.part_roles, _ = self._handling[(chat_template, False)]
         # Ids a client got elsewhere (OpenAI's `call_...`) are mapped to ones such a template takes,
@@ -321,9 +320,7 @@ class PromptBuilder:
         vision_user = (
             handling.accepts_parts and self.is_vision and role == "user" and role not in handling.lossy
         )
-        if role in handling.roles or vision_user:
-            return [dict(p) for p in parts]
-        if handling.must and has_image:
+        if role in handling.roles or vision_user or (handling.must and has_image):
             return [dict(p) for p in parts]
         joined = "\n".join(
             (self.image_token or "") if p.get("type") == "image" else str(p.get("text", "")) for p in parts
