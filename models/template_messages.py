@@ -308,11 +308,12 @@ def _shown(tokenizer, template: str, role: str, content: Any, tools: list | None
     )
     if text is None:
         return None
-    if "'type'" in text or '"type"' in text and not tools:
+    # A part printed as a Python dict, or as JSON (which a tool's own schema also is, with tools).
+    if "'type'" in text or ('"type"' in text and not tools):
         return False
     if isinstance(content, str):
         return content in text
-    return all(part["text"] in text for part in content) and "'type'" not in text
+    return all(part["text"] in text for part in content)
 
 
 def _probe_render(

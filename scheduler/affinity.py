@@ -8,8 +8,10 @@ executor does not count it as done either): a turn goes back to the replica hold
 unless that one has more work queued than the turn brings, or has no free rows where another has
 (`router.pick_replica`).
 
-The keys are the block manager's own (`blocks.block_key`) without a salt: a sequence past a
-LongRoPE threshold is keyed with one, and its prefix is then not found here (it ranks as a miss).
+The lookup is the block manager's own, on a sequence without a salt: a sequence past a LongRoPE
+threshold is keyed with one, and its prefix is then not found here (it ranks as a miss). The
+lookup reads the replica's table from the event loop while the replica thread changes it: each
+dict lookup is atomic under the GIL, and a stale answer only ranks a replica differently.
 Blocks another request is computing right now count for nothing yet: a burst of requests sharing a
 new prefix goes by load.
 """
@@ -20,45 +22,31 @@ from collections.abc import Sequence
 from typing import Any
 
 from models.prompt import PreparedPrompt
-from scheduler.blocks import BlockKey, BlockManager, block_key
 from scheduler.job import prompt_span
+from scheduler.sequence import Sequence as Seq
 
 
 def cached_prompt_tokens(prepared: PreparedPrompt, executors: Sequence[Any]) -> dict[Any, int]:
     """Executor -> prompt tokens of `prepared` its prefix cache holds now (those holding none are
-    left out); empty with fewer than two replicas to choose between. Walks the prompt's blocks
-    only as far as some replica still holds them."""
-    managers: list[tuple[Any, BlockManager]] = []
-    for executor in executors:
-        manager = executor.block_manager
-        if manager is not None and manager.enable_prefix_caching:
-            managers.append((executor, manager))
+    left out); empty with fewer than two replicas to choose between. Each replica's own lookup
+    decides (the last prompt token always computed, a hit never ending inside an image span), on
+    a throwaway sequence per block size that keys the prompt once for replicas of that size."""
+    managers = [(e, e.block_manager) for e in executors]
+    managers = [(e, m) for e, m in managers if m is not None and m.enable_prefix_caching]
     if len(managers) < 2:
         return {}
-    ids = prepared.token_ids
-    span = prompt_span(prepared)
+    probes: dict[int, Seq] = {}
     held: dict[Any, int] = {}
-    for size in {manager.block_size for _, manager in managers}:
-        matching = [(e, m) for e, m in managers if m.block_size == size]
-        previous: BlockKey | None = None
-        # The last prompt token is always computed (its logits give the first new token).
-        for index in range((len(ids) - 1) // size):
-            tokens = tuple(ids[index * size : (index + 1) * size])
-            digest = span.digest if span is not None and (index + 1) * size > span.first else None
-            key = block_key(previous, None, tokens, digest)
-            matching = [(e, m) for e, m in matching if m.holds(key)]
-            if not matching:
-                break
-            for executor, _ in matching:
-                held[executor] = (index + 1) * size
-            previous = key
-    if span is not None:
-        # As the block manager's lookup: a hit may not end inside the span (computed in one chunk).
-        sizes = {executor: manager.block_size for executor, manager in managers}
-        for executor, tokens in held.items():
-            if span.first < tokens <= span.last:
-                held[executor] = span.first // sizes[executor] * sizes[executor]
-    return {executor: tokens for executor, tokens in held.items() if tokens}
+    for executor, manager in managers:
+        probe = probes.get(manager.block_size)
+        if probe is None:
+            probe = probes[manager.block_size] = Seq(
+                list(prepared.token_ids), max_tokens=1, arrival=0.0, span=prompt_span(prepared)
+            )
+        hits, _ = manager.lookup(probe)
+        if hits:
+            held[executor] = len(hits) * manager.block_size
+    return held
 
 
 def routing_credit(held: dict[Any, int], prompt_tokens: int, new_tokens: int) -> dict[Any, int]:

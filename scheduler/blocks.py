@@ -20,10 +20,6 @@ from scheduler.sequence import Sequence
 BlockKey = tuple  # (hash of the previous block's key, or the salt; token ids; span digest or None)
 
 
-def block_key(previous: BlockKey | None, salt: str | None, tokens: tuple, digest: bytes | None) -> BlockKey:
-    return (salt if previous is None else hash(previous), tokens, digest)
-
-
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True) -> None:
         if num_blocks < 1 or block_size < 1:
@@ -65,7 +61,7 @@ class BlockManager:
         tokens = tuple(seq.token_ids[index * size : (index + 1) * size])
         span = seq.span
         digest = span.digest if span is not None and (index + 1) * size > span.first else None
-        return block_key(previous, seq.cache_salt, tokens, digest)
+        return (seq.cache_salt if previous is None else hash(previous), tokens, digest)
 
     def keys_of(self, seq: Sequence) -> list[BlockKey]:
         """Keys of every full block of the sequence's tokens (cached on the sequence)."""
@@ -107,12 +103,6 @@ class BlockManager:
         if span is not None and span.first < (len(hits) + in_flight) * self.block_size <= span.last:
             in_flight = max(0, span.first // self.block_size - len(hits))  # nor a hit still to come
         return hits, in_flight
-
-    def holds(self, key: BlockKey) -> bool:
-        """Whether a block with `key` is cached. Read by the router from the event loop while
-        this replica's thread changes the table: a dict lookup is atomic under the GIL, and a
-        stale answer only ranks a replica differently."""
-        return self.enable_prefix_caching and key in self._cached
 
     # -- allocation ----------------------------------------------------------------------------
     def cost(self, seq: Sequence, hits: list[int]) -> int:

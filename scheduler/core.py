@@ -222,8 +222,7 @@ class Scheduler:
             request, prepared, builder, self.ready_replica, self.config.replica.max_new_tokens
         )
         held = cached_prompt_tokens(prepared, self.executors)
-        credit = routing_credit(held, len(prepared.token_ids), (request.params.max_tokens or 0) * request.n)
-        executor = pick_replica(self.executors, request.n, credit)
+        executor = self._pick(request, prepared, held)
         if executor is None:
             self.check_room(request.n)
             raise OverloadedError(
@@ -265,6 +264,14 @@ class Scheduler:
             )
         return request, prepared, executor if request.params.grammar is not None else None, held
 
+    def _pick(
+        self, request: EngineRequest, prepared: PreparedPrompt, held: dict[Executor, int]
+    ) -> Executor | None:
+        """The router's replica for `request`, each replica's cached prefix of its prompt taken
+        off that replica's load up to the request's own work (`affinity.routing_credit`)."""
+        work = request.params.max_tokens * request.n
+        return pick_replica(self.executors, request.n, routing_credit(held, len(prepared.token_ids), work))
+
     def _enqueue(
         self,
         request: EngineRequest,
@@ -280,9 +287,7 @@ class Scheduler:
         self._check_can_accept()
         n = request.n
         held = held or {}
-        executor = pick_replica(
-            self.executors, n, routing_credit(held, len(prepared.token_ids), request.params.max_tokens * n)
-        )
+        executor = self._pick(request, prepared, held)
         if (
             compiled_on is not None
             and executor is not compiled_on
